@@ -1,0 +1,108 @@
+"""Write and update an artifact's ``manifest.json`` in the format ``server.artifact`` reads.
+
+Every file in the artifact directory (the manifest itself aside) is listed
+with its sha256 and size, so the server can refuse a missing or altered file.
+The version defaults to a digest of those hashes: the server keys its
+prediction cache by version, so a different model must never share one.
+
+    python -m models.manifest models/default     # verify hashes and print the summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from server.artifact import MANIFEST, ArtifactError, load_artifact, sha256_file
+
+
+def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for path in sorted(directory.iterdir())
+        if path.is_file() and path.name != MANIFEST
+    }
+
+
+def content_version(files: dict[str, dict[str, Any]]) -> str:
+    digest = hashlib.sha256("".join(f"{name}:{info['sha256']}\n" for name, info in files.items()).encode())
+    return digest.hexdigest()[:12]
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    name: str,
+    architecture: str,
+    labels: list[str],
+    max_sequence_length: int,
+    source: str,
+    opset: int,
+    variants: dict[str, dict[str, Any]],
+    parity: dict[str, Any],
+    evaluation: dict[str, Any],
+    version: str | None = None,
+) -> dict[str, Any]:
+    """Hash the directory's files and write ``manifest.json``; returns the manifest."""
+    files = file_entries(directory)
+    manifest = {
+        "name": name,
+        "version": version or content_version(files),
+        "architecture": architecture,
+        "labels": list(labels),
+        "max_sequence_length": max_sequence_length,
+        "source": source,
+        "opset": opset,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+        "variants": variants,
+        "parity": parity,
+        "evaluation": evaluation,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def record_evaluation(directory: Path, variant: str, result: dict[str, Any], data_file: Path) -> dict[str, Any]:
+    """Store one variant's evaluation (and its accuracy on the variant entry) in an existing manifest."""
+    path = directory / MANIFEST
+    manifest = json.loads(path.read_text())
+    evaluation = manifest.setdefault("evaluation", {})
+    evaluation["data"] = str(data_file)
+    evaluation.setdefault("results", {})[variant] = result
+    if variant in manifest["variants"]:
+        manifest["variants"][variant]["accuracy"] = result["accuracy"]
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": manifest["name"],
+        "version": manifest["version"],
+        "labels": manifest["labels"],
+        "variants": {
+            v: {"file": info["file"], "accuracy": info.get("accuracy"), "parity": info.get("parity")}
+            for v, info in manifest["variants"].items()
+        },
+        "megabytes": round(sum(f["bytes"] for f in manifest["files"].values()) / 1e6, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path, help="artifact directory")
+    args = parser.parse_args(argv)
+    try:
+        artifact = load_artifact(args.artifact)
+    except ArtifactError as exc:
+        raise SystemExit(str(exc)) from None
+    print(json.dumps(summary(artifact.manifest), indent=2))
+
+
+if __name__ == "__main__":
+    main()

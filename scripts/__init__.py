@@ -1,0 +1,1 @@
+"""Operator scripts: thin command-line entry points over ``scripts.benchlib``."""

@@ -1,0 +1,137 @@
+"""Server overhead benchmark (issue 3): the HTTP server against the raw ONNX engine on the same machine.
+
+Prints, for the default artifact on this machine's CPU:
+  (a) saturation throughput of the server vs the raw engine at the same batch size,
+  (b) p50 latency of a lone short request vs one raw engine call,
+  (c) texts/s at saturation on SST-2 sentences.
+
+    python scripts/bench_server.py --artifact models/default --data ../shared/data/sst2/dev.tsv
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.data import load_labeled  # noqa: E402
+from scripts.benchlib.envinfo import environment, header  # noqa: E402
+from scripts.benchlib.loadgen import Client  # noqa: E402
+from scripts.benchlib.serverproc import start_server, stop_server  # noqa: E402
+from scripts.benchlib.workload import Draw  # noqa: E402
+from server.artifact import load_artifact  # noqa: E402
+from server.config import load_settings  # noqa: E402
+from server.engine import create_engine  # noqa: E402
+from server.tokenizer import TextEncoder, pad_batch  # noqa: E402
+
+SHORT = "a charming film"
+
+
+def raw_engine(artifact_dir: Path, texts: list[str], batch: int, seconds: float) -> dict:
+    """Texts/s of back-to-back engine calls (arrival order and length-sorted) and one lone call's latency."""
+    artifact = load_artifact(artifact_dir)
+    engine = create_engine(artifact, load_settings(device="cpu", model_path=artifact_dir))
+    encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
+    encoded = encoder.encode(texts)
+
+    def rate(order: list) -> float:
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for i in range(0, len(order), batch):
+                engine.run(*pad_batch(order[i:i + batch]))
+                done += len(order[i:i + batch])
+        return done / (time.perf_counter() - started)
+
+    lone = pad_batch(encoder.encode([SHORT]))
+    for _ in range(20):
+        engine.run(*lone)
+    lone_ms = []
+    for _ in range(300):
+        started = time.perf_counter()
+        engine.run(*lone)
+        lone_ms.append((time.perf_counter() - started) * 1000)
+    return {
+        "variant": engine.variant,
+        "arrival_order_texts_per_s": rate(encoded),
+        "length_sorted_texts_per_s": rate(sorted(encoded, key=len)),
+        "lone_call_p50_ms": statistics.median(lone_ms),
+    }
+
+
+async def server_side(url: str, texts: list[str], labels: list[int], concurrency: int, seconds: float) -> dict:
+    client = Client(url, max_connections=concurrency + 4)
+    try:
+        for _ in range(20):
+            await client.request("/predict", Draw([SHORT], [1], 0), time.perf_counter())
+        lone = []
+        for _ in range(300):
+            sample = await client.request("/predict", Draw([SHORT], [1], 0), time.perf_counter())
+            lone.append((sample.done - sample.due) * 1000)
+        cursor = iter(range(10**9))
+        end = time.perf_counter() + seconds
+        statuses: dict[int | None, int] = {}
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                i = next(cursor) % len(texts)
+                sample = await client.request("/predict", Draw([texts[i]], [labels[i]], 0), time.perf_counter())
+                statuses[sample.status] = statuses.get(sample.status, 0) + 1
+                done += sample.status == 200
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    finally:
+        await client.close()
+    return {"lone_request_p50_ms": statistics.median(lone), "saturation_texts_per_s": done / elapsed,
+            "statuses": {str(k): v for k, v in statuses.items()}, "concurrency": concurrency}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifact", type=Path, default=Path("models/default"))
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/sst2/dev.tsv"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, default=Path("bench_results/server"))
+    args = parser.parse_args(argv)
+    data = load_labeled(args.data)
+    print(header(environment()))
+    raw = raw_engine(args.artifact, data.texts, args.batch, args.seconds)
+    print("raw engine:", json.dumps(raw))
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server({"MODEL_PATH": str(args.artifact.resolve()), "ENABLE_MODEL_CACHING": "false",
+                               "MAX_BATCH_SIZE": str(args.batch), "INTRA_OP_THREADS": "0"}, Path(tmp))
+        try:
+            served = asyncio.run(server_side(server.url, data.texts, data.labels, args.concurrency, args.seconds))
+        finally:
+            stop_server(server)
+    print("server:", json.dumps(served))
+    report = {
+        "raw": raw, "server": served,
+        "a_server_vs_raw_arrival_order": served["saturation_texts_per_s"] / raw["arrival_order_texts_per_s"],
+        "a_server_vs_raw_length_sorted": served["saturation_texts_per_s"] / raw["length_sorted_texts_per_s"],
+        "b_lone_overhead_ms": served["lone_request_p50_ms"] - raw["lone_call_p50_ms"],
+        "c_saturation_texts_per_s": served["saturation_texts_per_s"],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_server.json").write_text(json.dumps(report, indent=2))
+    print(f"(a) server / raw engine at batch {args.batch}: {report['a_server_vs_raw_arrival_order']:.2f} "
+          f"(arrival order), {report['a_server_vs_raw_length_sorted']:.2f} (length-sorted)")
+    print(f"(b) lone short request p50 {served['lone_request_p50_ms']:.2f} ms vs raw call "
+          f"{raw['lone_call_p50_ms']:.2f} ms: overhead {report['b_lone_overhead_ms']:.2f} ms")
+    print(f"(c) saturation: {served['saturation_texts_per_s']:.1f} texts/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The FastAPI application: ``create_app(settings)`` builds it; the lifespan owns start-up and drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.cache import PredictionCache
+from server.config import Settings
+from server.engine import Engine
+from server.gpu import GpuMonitor
+from server.http import ObservedASGI, install_error_handlers
+from server.memory import MemoryGuard
+from server.metrics import Metrics
+from server.predictor import Predictor
+from server.routes import router
+from server.routes_store import router as store_router
+from server.runtime import ModelRuntime
+from server.services import Services
+from server.store import KeyStore, PredictionStore
+
+log = logging.getLogger(__name__)
+
+
+async def build_services(settings: Settings, metrics: Metrics,
+                         wrap_engine: Callable[[Engine], Engine] | None = None) -> Services:
+    loop = asyncio.get_running_loop()
+
+    def load() -> ModelRuntime:
+        runtime = ModelRuntime.load(settings, metrics, wrap_engine=wrap_engine)
+        if settings.warmup:
+            runtime.warm_up()
+        else:
+            runtime.smoke_test()
+            runtime.warm = True
+        return runtime
+
+    runtime = await loop.run_in_executor(None, load)
+    cache_bytes = settings.cache_max_bytes if settings.enable_model_caching else 0
+    cache = PredictionCache(cache_bytes, metrics)
+    store = PredictionStore(settings, metrics)
+    await store.start()
+    keys = KeyStore(store.engine)
+    if settings.auth_mode == "open":
+        log.warning("AUTH_MODE=open: /predict accepts requests without an API key")
+    return Services(
+        settings=settings,
+        metrics=metrics,
+        predictor=Predictor(runtime, cache, metrics, settings.low_confidence_threshold),
+        cache=cache,
+        store=store,
+        keys=keys,
+        memory_guard=MemoryGuard(settings, metrics, cache, runtime.budget),
+        gpu=GpuMonitor(metrics),
+    )
+
+
+def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | None = None) -> FastAPI:
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services = await build_services(settings, metrics, wrap_engine)
+        app.state.services = services
+        services.start_background()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(services.reload()))
+        log.info("ready: %s %s on %s, listening on %s:%d", services.runtime.identity.name,
+                 services.runtime.identity.version, services.runtime.identity.provider, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await services.close()
+            log.info("shutdown complete: every accepted request answered")
+
+    app = FastAPI(
+        title="Sentiment Analyzer Pro",
+        version=__version__,
+        description="Sentiment analysis on ONNX Runtime with dynamic batching. See the README for configuration.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.include_router(store_router)
+    install_error_handlers(app, metrics)
+    app.state.metrics = metrics
+    app.add_middleware(ObservedASGI, metrics=metrics, max_body_bytes=settings.max_request_bytes)
+    return app

@@ -1,0 +1,208 @@
+"""PredictionCache: a byte-bounded LRU of predictions keyed by (model version, text), plus single-flight.
+
+Why bytes and not entries: texts range from a word to ``MAX_TEXT_CHARS``, so an entry count says
+nothing about memory, and the cache must never be what pushes the pod into OOMKilled. Each entry is
+charged what it really holds (measured with ``sys.getsizeof``): the key tuple, the text, the stored
+value and its packed numbers. The charge is packed with the entry (no side table to pay for) and
+refunded on eviction, so the figure cannot drift. The ``OrderedDict``'s own tables are charged live
+(``sys.getsizeof``): they swing between ~70 and ~170 bytes per entry as the hash table fills, doubles
+and collects deleted slots under LRU churn, too much to fold into a per-entry constant. Objects
+shared by every entry (the version string, label strings, the labels tuple) are kept once and not
+charged. ``tests/test_cache.py`` checks the figure against ``tracemalloc``.
+
+Single-flight: concurrent misses for one (version, text) share one computation, so a burst of the
+same text costs one engine slot. The computation runs as its own task, so a client that disconnects
+does not cancel it for the others waiting on it.
+
+Not thread-safe: use it from the event loop (the batcher's worker thread never touches it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import sys
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TypeVar
+
+from server.metrics import Metrics
+from server.primitives import Prediction
+
+_EMPTY_TABLE = sys.getsizeof(OrderedDict())  # the container itself, charged to no one
+
+Key = tuple[str, str]
+Compute = Callable[[list[str]], Awaitable[list[Prediction]]]
+_Shared = TypeVar("_Shared", bound=Hashable)
+
+
+def _pack(size: int, prediction: Prediction) -> bytes:
+    """The entry's charge, score and probabilities as one bytes object (one small allocation, exact size)."""
+    probabilities = prediction.probabilities.values()
+    return struct.pack(f"Q{len(probabilities) + 1}d", size, prediction.score, *probabilities)
+
+
+def entry_size(text: str, prediction: Prediction) -> int:
+    """Bytes one entry's objects hold, its slot in the table aside (see the module docstring)."""
+    key = ("", text)
+    value = (prediction.label, (), _pack(0, prediction))
+    return sys.getsizeof(key) + sys.getsizeof(text) + sys.getsizeof(value) + sys.getsizeof(value[2])
+
+
+class PredictionCache:
+    def __init__(self, max_bytes: int, metrics: Metrics) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self._max_bytes = max_bytes
+        self._metrics = metrics
+        # value: (label, labels in probability order, _pack(charge, prediction)); see entry_size
+        self._entries: OrderedDict[Key, tuple[str, tuple[str, ...], bytes]] = OrderedDict()
+        self._payload = 0  # sum of entry_size over the entries
+        self._shared: dict[Hashable, Hashable] = {}
+        self._inflight: dict[Key, asyncio.Future[Prediction]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._generation = 0  # bumped by clear(): computations started before it are not stored
+        metrics.cache_limit.set(max_bytes)
+        self._export()
+
+    @property
+    def bytes(self) -> int:
+        return self._payload + sys.getsizeof(self._entries) - _EMPTY_TABLE
+
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
+
+    def get(self, version: str, text: str) -> Prediction | None:
+        """The cached prediction (``cached=True``) or None; counts a hit or a miss."""
+        key = (version, text)
+        value = self._entries.get(key)
+        if value is None:
+            self._metrics.cache_misses.inc()
+            return None
+        self._entries.move_to_end(key)
+        self._metrics.cache_hits.inc()
+        label, labels, packed = value
+        _, score, *probabilities = struct.unpack(f"Q{len(labels) + 1}d", packed)
+        probabilities_by_label = dict(zip(labels, probabilities, strict=True))
+        return Prediction(label=label, score=score, probabilities=probabilities_by_label, cached=True)
+
+    def put(self, version: str, text: str, prediction: Prediction) -> None:
+        """Store, evicting least recently used entries to stay within max_bytes; too large an entry is not kept."""
+        key = (self._share(version), text)
+        if key in self._entries:
+            self._remove(key)
+        size = entry_size(text, prediction)
+        if size > self._max_bytes:
+            self._export()
+            return
+        labels = self._share(tuple(self._share(label) for label in prediction.probabilities))
+        self._entries[key] = (self._share(prediction.label), labels, _pack(size, prediction))
+        self._payload += size
+        evicted = 0
+        while self._entries and self.bytes > self._max_bytes:  # the insert may also have grown the table
+            oldest = next(iter(self._entries))
+            self._remove(oldest)
+            evicted += oldest is not key
+        if not self._entries:
+            self._entries = OrderedDict()  # a bound this small cannot carry even the empty table
+        if evicted:
+            self._metrics.cache_evictions.inc(evicted)
+        self._export()
+
+    def shed(self, fraction: float) -> int:
+        """Evict the least recently used ``fraction`` of the entries' bytes; returns the bytes freed.
+
+        The table is rebuilt afterwards (a dict never shrinks on deletion, and shedding exists to give memory
+        back), so it shrinks in proportion.
+        """
+        before = self.bytes
+        keep = self._payload * (1 - min(max(fraction, 0.0), 1.0))
+        evicted = 0
+        while self._entries and self._payload > keep:
+            self._remove(next(iter(self._entries)))
+            evicted += 1
+        if evicted:
+            self._entries = OrderedDict(self._entries)
+            self._metrics.cache_evictions.inc(evicted)
+            self._export()
+        return before - self.bytes
+
+    def clear(self) -> None:
+        """Drop every entry (the model changed); computations in flight still answer their waiters."""
+        self._entries = OrderedDict()
+        self._shared.clear()
+        self._payload = 0
+        self._generation += 1
+        self._export()
+
+    async def get_or_compute(self, version: str, texts: list[str], compute: Compute) -> list[Prediction]:
+        """Predictions in input order: hits at once, misses via one ``compute`` call shared with concurrent callers.
+
+        ``compute`` gets the distinct texts that no one is computing yet and must return one prediction each,
+        in order. Its exception reaches every caller waiting on those texts, and nothing is cached.
+        """
+        results: list[Prediction | None] = [None] * len(texts)
+        waiting: list[tuple[int, asyncio.Future[Prediction]]] = []
+        started: dict[Key, asyncio.Future[Prediction]] = {}
+        for index, text in enumerate(texts):
+            hit = self.get(version, text)
+            if hit is not None:
+                results[index] = hit
+                continue
+            key = (version, text)
+            future = self._inflight.get(key)
+            if future is None:
+                future = self._inflight[key] = started[key] = asyncio.get_running_loop().create_future()
+                # Mark the exception retrieved: a waiter that stopped at an earlier failure never awaits this one.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            waiting.append((index, future))
+        if started:
+            task = asyncio.create_task(self._fill(version, started, compute))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        for index, future in waiting:
+            results[index] = await asyncio.shield(future)  # a cancelled caller must not cancel the shared future
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    async def _fill(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
+        generation = self._generation
+        try:
+            predictions = await compute([text for _, text in started])
+            if len(predictions) != len(started):
+                raise RuntimeError(f"compute returned {len(predictions)} predictions for {len(started)} texts")
+        except Exception as exc:
+            self._settle(started, exc)
+            return
+        except BaseException:  # cancelled (loop shutdown): waiters must not hang either
+            self._settle(started, None)
+            raise
+        for (key, future), prediction in zip(started.items(), predictions, strict=True):
+            del self._inflight[key]
+            if self._max_bytes and generation == self._generation:
+                self.put(version, key[1], prediction)
+            future.set_result(prediction)
+
+    def _settle(self, started: dict[Key, asyncio.Future[Prediction]], exc: Exception | None) -> None:
+        """Fail (or, with no exception, cancel) every future of a computation that produced nothing."""
+        for key, future in started.items():
+            del self._inflight[key]
+            if exc is None:
+                future.cancel()
+            else:
+                future.set_exception(exc)
+
+    def _remove(self, key: Key) -> None:
+        (size,) = struct.unpack_from("Q", self._entries.pop(key)[2])
+        self._payload -= size
+
+    def _share(self, value: _Shared) -> _Shared:
+        return self._shared.setdefault(value, value)  # type: ignore[return-value]
+
+    def _export(self) -> None:
+        self._metrics.cache_bytes.set(self.bytes)
+        self._metrics.cache_entries.set(len(self._entries))

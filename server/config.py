@@ -1,0 +1,107 @@
+"""All settings in one place, read once from the environment (and CLI flags).
+
+Every other module receives a ``Settings`` object; nothing else reads the
+environment. An invalid value stops start-up with one line naming the
+variable, the value and what is allowed (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "default"
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot run with."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+
+    # model and runtime
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="model artifact directory")
+    model_variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto", description="artifact variant; auto = fp16 on CUDA, int8 on CPU when present, else fp32"
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto uses CUDA when usable, else CPU")
+    cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal")
+    cuda_mem_limit: int = Field(0, ge=0, description="ONNX Runtime CUDA arena limit in bytes (0 = no limit)")
+    intra_op_threads: int = Field(0, ge=0, description="CPU threads per inference (0 = the cores available)")
+    strict_truncation: bool = Field(False, description="reject (422) texts longer than the model's max length")
+    warmup: bool = Field(True, description="run every batch shape bucket once before reporting ready")
+
+    # HTTP
+    host: str = Field("0.0.0.0", description="bind address")
+    port: int = Field(8000, ge=1, le=65535, description="bind port")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
+    max_texts_per_request: int = Field(256, ge=1, description="largest 'texts' list accepted")
+    max_text_chars: int = Field(20_000, ge=1, description="longest single text accepted (413 beyond)")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline inside the server")
+
+    # batching
+    max_batch_size: int = Field(32, ge=1, le=4096, description="texts per engine call")
+    max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per engine call")
+    max_wait_ms: float = Field(2.0, ge=0, description="longest wait to fill a batch under load")
+    max_queue: int = Field(2048, ge=1, description="texts waiting for the engine before 503 + Retry-After")
+
+    # cache and memory
+    enable_model_caching: bool = Field(True, description="cache predictions by (model version, text)")
+    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=0, description="prediction cache bound in bytes (0 disables)")
+    memory_high_water: float = Field(0.85, gt=0, le=1, description="RSS/limit ratio where the cache sheds")
+    memory_low_water: float = Field(0.75, gt=0, le=1, description="RSS/limit ratio where shedding stops")
+    low_confidence_threshold: float = Field(
+        0.6, ge=0.5, le=1, description="score below which a prediction counts as low-confidence"
+    )
+
+    # store and auth
+    database_url: str = Field("sqlite:///./predictions.db", description="SQLAlchemy URL of the prediction store")
+    db_pool_size: int = Field(5, ge=1, description="connection pool size (PostgreSQL)")
+    db_pool_timeout_s: float = Field(5.0, gt=0, description="wait for a pooled connection")
+    db_auto_migrate: bool = Field(False, description="apply pending migrations on PostgreSQL at start")
+    store_predictions: bool = Field(True, description="record every prediction in the store")
+    store_text: bool = Field(True, description="store the text itself (false: only its sha256)")
+    spool_dir: Path = Field(Path("./spool"), description="where records wait while the database is down")
+    auth_mode: Literal["open", "required"] = Field("open", description="required: /predict needs an API key")
+
+    # logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="log level")
+    log_format: Literal["json", "text"] = Field("text", description="json for containers, text for humans")
+    log_file: Path | None = Field(None, description="also write logs to this file")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line: the variable, the value it had, and what is allowed."""
+    first = error.errors()[0]
+    name = str(first["loc"][0]).upper() if first["loc"] else "?"
+    value = first.get("input")
+    return f"invalid configuration: {name}={value!r}: {first['msg']}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (CLI flags) on top."""
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
+    if settings.memory_low_water >= settings.memory_high_water:
+        raise ConfigError(
+            f"invalid configuration: MEMORY_LOW_WATER={settings.memory_low_water!r}: "
+            f"must be below MEMORY_HIGH_WATER={settings.memory_high_water!r}"
+        )
+    return settings

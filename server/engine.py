@@ -1,0 +1,154 @@
+"""ONNX Runtime inference session: provider selection, CUDA options, IO binding.
+
+``DEVICE=auto`` uses CUDA when the CUDA execution provider is installed and a
+session actually starts on it, else CPU with one WARNING. ``DEVICE=cuda``
+without a usable GPU is a start-up error. The variant follows the device
+(fp16 on CUDA, int8 on CPU) unless ``MODEL_VARIANT`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from server.artifact import Artifact
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class EngineStartError(RuntimeError):
+    """The engine cannot start with the configured device/variant."""
+
+
+class Engine(Protocol):
+    device: str
+    provider: str
+    variant: str
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cuda_provider_options(settings: Settings) -> dict[str, str]:
+    """Deliberate CUDA EP options: the device, a memory cap, and arena growth by request.
+
+    ``kSameAsRequested`` grows the arena by what a batch needs instead of
+    doubling, so memory follows the largest batch seen rather than twice it.
+    """
+    options = {
+        "device_id": str(settings.cuda_device_id),
+        "arena_extend_strategy": "kSameAsRequested",
+        "do_copy_in_default_stream": "1",
+        "cudnn_conv_algo_search": "HEURISTIC",
+    }
+    if settings.cuda_mem_limit:
+        options["gpu_mem_limit"] = str(settings.cuda_mem_limit)
+    return options
+
+
+class OnnxEngine:
+    """One ONNX Runtime session. ``run`` is blocking; the batcher calls it from one worker thread."""
+
+    def __init__(self, artifact: Artifact, variant: str, device: str, settings: Settings) -> None:
+        self.variant = variant
+        self.device = device
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = settings.intra_op_threads or available_cores()
+        if device == "cuda":
+            providers: list = [(CUDA, cuda_provider_options(settings)), CPU]
+        else:
+            providers = [CPU]
+        path = artifact.variant_path(variant)
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises several unrelated types for a bad file
+            raise EngineStartError(f"cannot load model file {path}: {exc}") from None
+        self.provider = self._session.get_providers()[0]
+        if device == "cuda" and self.provider != CUDA:
+            raise EngineStartError(
+                f"ONNX Runtime did not start {path} on CUDA (providers: {self._session.get_providers()})"
+            )
+        self._output = self._session.get_outputs()[0].name
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if self.device == "cuda":
+            return self._run_bound(input_ids, attention_mask)
+        return self._session.run([self._output], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def _run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """IO binding: inputs copied to the GPU once, output allocated by ORT on the device."""
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_output(self._output, "cuda", self._session_device_id())
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+
+    def _session_device_id(self) -> int:
+        return int(self._session.get_provider_options().get(CUDA, {}).get("device_id", 0))
+
+
+def cuda_available() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def resolve_device(settings: Settings) -> str:
+    """The device to use, or ``EngineStartError`` when DEVICE=cuda cannot be honoured."""
+    if settings.device == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if settings.device == "cuda":
+        raise EngineStartError(
+            "DEVICE=cuda but ONNX Runtime has no CUDA execution provider "
+            f"(available: {ort.get_available_providers()}); install the gpu extra (onnxruntime-gpu) "
+            "and check `nvidia-smi`, or set DEVICE=auto to fall back to CPU"
+        )
+    return "cpu"
+
+
+def create_engine(artifact: Artifact, settings: Settings) -> OnnxEngine:
+    """The primary engine: CUDA when asked for or usable, CPU otherwise (one WARNING on fallback)."""
+    device = resolve_device(settings)
+    variant = artifact.choose_variant(settings.model_variant, device)
+    if device == "cuda":
+        try:
+            return OnnxEngine(artifact, variant, "cuda", settings)
+        except EngineStartError as exc:
+            if settings.device == "cuda":
+                raise
+            log.warning("CUDA unusable, falling back to CPU: %s", exc)
+            variant = artifact.choose_variant(settings.model_variant, "cpu")
+    elif settings.device == "auto":
+        log.warning("no CUDA execution provider available; running on CPU")
+    return OnnxEngine(artifact, variant, "cpu", settings)
+
+
+def create_cpu_engine(artifact: Artifact, settings: Settings) -> OnnxEngine:
+    """A CPU session for per-example fallback after GPU out-of-memory: fp32 when shipped (closest to the GPU's
+    results), else what the CPU would serve."""
+    variant = "fp32" if "fp32" in artifact.variants() else artifact.choose_variant("auto", "cpu")
+    return OnnxEngine(artifact, variant, "cpu", settings)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)

@@ -1,0 +1,111 @@
+"""Memory limit, RSS, and MemoryGuard: give memory back before the kernel's OOM killer takes the pod.
+
+The limit that matters in a container is the cgroup's, not the host's: v2 ``memory.max`` or v1
+``memory.limit_in_bytes``. "max", or a number above physical RAM (v1 writes ~2**63 for "unlimited"),
+means no cgroup limit, and physical RAM is the limit then.
+
+Above the high-water ratio the guard sheds half the prediction cache and halves the token budget (smaller
+batches, smaller activation peaks); below the low-water ratio it lifts the budget cut. The gap between the
+two keeps it from flapping. Freed cache entries lower RSS only partly (the allocator keeps some arenas), so
+shedding continues on every check while RSS stays above high water.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from server.budget import TokenBudget
+from server.cache import PredictionCache
+from server.config import Settings
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The container's memory limit in bytes (cgroup v2, then v1), or physical RAM when there is none."""
+    physical = psutil.virtual_memory().total
+    for path in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
+        limit = _read_limit(path)
+        if limit is not None and 0 < limit < physical:
+            return limit
+    return physical
+
+
+def process_rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+class MemoryGuard:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        cache: PredictionCache,
+        budget: TokenBudget,
+        rss_reader: Callable[[], int] = process_rss_bytes,
+        limit_reader: Callable[[], int] = memory_limit_bytes,
+    ) -> None:
+        self._high = settings.memory_high_water
+        self._low = settings.memory_low_water
+        self._metrics = metrics
+        self._cache = cache
+        self._budget = budget
+        self._rss_reader = rss_reader
+        self._limit_reader = limit_reader
+        self.under_pressure = False
+        metrics.memory_pressure.set(0)
+
+    def check(self) -> bool:
+        """One step: export RSS and limit, shed or recover; returns whether memory is under pressure."""
+        rss, limit = self._rss_reader(), self._limit_reader()
+        self._metrics.rss.set(rss)
+        self._metrics.memory_limit.set(limit)
+        ratio = rss / limit
+        if ratio >= self._high:
+            freed = self._cache.shed(0.5)
+            if not self.under_pressure:
+                log.warning(
+                    "memory pressure: RSS %d of %d bytes (%.0f%%, high water %.0f%%): shedding the cache "
+                    "(%d bytes freed) and halving the batch token budget",
+                    rss, limit, ratio * 100, self._high * 100, freed,
+                )
+                self._set_pressure(True)
+        elif ratio < self._low and self.under_pressure:
+            log.info("memory pressure over: RSS %d of %d bytes (%.0f%%)", rss, limit, ratio * 100)
+            self._set_pressure(False)
+        return self.under_pressure
+
+    async def run(self, interval_s: float) -> None:
+        """Check every ``interval_s`` until cancelled; a failed check is logged, never fatal."""
+        while True:
+            try:
+                self.check()
+            except Exception:
+                log.exception("memory check failed")
+            await asyncio.sleep(interval_s)
+
+    def _set_pressure(self, on: bool) -> None:
+        self.under_pressure = on
+        self._budget.set_memory_pressure(on)
+        self._metrics.memory_pressure.set(1 if on else 0)

@@ -1,0 +1,103 @@
+"""Prometheus metric families of the server, in one registry owned by the app.
+
+The ``Metrics`` object is created once per app and handed to the components
+that record into it (no module-level globals). Every family is prefixed
+``sentiment_`` and documented in the README with the question it answers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=r)
+
+        # traffic
+        self.requests = Counter("sentiment_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.request_latency = Histogram("sentiment_request_latency_seconds", "HTTP request latency",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.rejected = Counter("sentiment_rejected_requests", "Requests refused, by reason "
+                                "(queue_full, deadline, draining, too_large, invalid, unauthorized, forbidden)",
+                                ["reason"], registry=r)
+
+        # batching and inference
+        self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the engine", registry=r)
+        self.queue_wait = Histogram("sentiment_queue_wait_seconds", "Time a text waited before its batch ran",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_latency = Histogram("sentiment_inference_latency_seconds", "Engine time per batch",
+                                           ["device"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("sentiment_batch_size", "Texts per engine batch",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.batch_tokens = Histogram("sentiment_batch_tokens", "Padded tokens per engine batch",
+                                      buckets=BATCH_TOKEN_BUCKETS, registry=r)
+        self.padded_tokens = Counter("sentiment_padded_tokens", "Tokens computed by the engine, padding included",
+                                     registry=r)
+        self.real_tokens = Counter("sentiment_real_tokens", "Tokens of real text computed by the engine",
+                                   registry=r)
+        self.token_budget = Gauge("sentiment_batch_token_budget", "Current padded-token budget per batch "
+                                  "(lowered under memory pressure or after OOM)", registry=r)
+
+        # cache
+        self.cache_hits = Counter("sentiment_cache_hits", "Prediction cache hits", registry=r)
+        self.cache_misses = Counter("sentiment_cache_misses", "Prediction cache misses", registry=r)
+        self.cache_evictions = Counter("sentiment_cache_evictions", "Entries evicted (size bound or memory shed)",
+                                       registry=r)
+        self.cache_bytes = Gauge("sentiment_cache_bytes", "Bytes held by the prediction cache", registry=r)
+        self.cache_entries = Gauge("sentiment_cache_entries", "Entries in the prediction cache", registry=r)
+        self.cache_limit = Gauge("sentiment_cache_limit_bytes", "Configured cache bound in bytes", registry=r)
+
+        # memory and OOM
+        self.rss = Gauge("sentiment_process_resident_memory_bytes", "Resident memory of the server process",
+                         registry=r)
+        self.memory_limit = Gauge("sentiment_memory_limit_bytes",
+                                  "Memory limit of the container (cgroup) or the host", registry=r)
+        self.memory_pressure = Gauge("sentiment_memory_pressure", "1 while RSS is above the high-water mark",
+                                     registry=r)
+        self.oom_events = Counter("sentiment_oom_events", "Out-of-memory errors from the engine", ["device"],
+                                  registry=r)
+        self.batch_splits = Counter("sentiment_batch_splits", "Batches split in two after an OOM", ["device"],
+                                    registry=r)
+        self.cpu_fallbacks = Counter("sentiment_cpu_fallbacks", "Texts run on the CPU after GPU OOM", registry=r)
+        self.inference_errors = Counter("sentiment_inference_errors", "Engine failures answered with 503",
+                                        ["device"], registry=r)
+        self.gpu_memory_used = Gauge("sentiment_gpu_memory_used_bytes", "GPU memory in use (NVML)", ["gpu"],
+                                     registry=r)
+        self.gpu_memory_total = Gauge("sentiment_gpu_memory_total_bytes", "GPU memory in total (NVML)", ["gpu"],
+                                      registry=r)
+        self.gpu_utilization = Gauge("sentiment_gpu_utilization_ratio", "GPU busy fraction (NVML)", ["gpu"],
+                                     registry=r)
+
+        # model
+        self.model_info = Gauge("sentiment_model_info", "The model serving (value 1)",
+                                ["name", "version", "variant", "provider", "device"], registry=r)
+        self.ready = Gauge("sentiment_ready", "1 when the model is loaded and warm and not draining", registry=r)
+        self.predictions = Counter("sentiment_predictions", "Predictions by label", ["label"], registry=r)
+        self.confidence = Histogram("sentiment_prediction_confidence", "Probability of the predicted label",
+                                    buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.low_confidence = Counter("sentiment_low_confidence_predictions",
+                                      "Predictions whose score is below LOW_CONFIDENCE_THRESHOLD (drift signal)",
+                                      registry=r)
+        self.model_reloads = Counter("sentiment_model_reloads", "Model reload attempts by result", ["result"],
+                                     registry=r)
+
+        # store
+        self.store_up = Gauge("sentiment_store_up", "1 when the prediction database accepts writes", registry=r)
+        self.store_queue_depth = Gauge("sentiment_store_queue_depth", "Records waiting to be written", registry=r)
+        self.store_spool_rows = Gauge("sentiment_store_spool_rows", "Records spooled to disk awaiting replay",
+                                      registry=r)
+        self.store_written = Counter("sentiment_store_written_rows", "Records written to the database", registry=r)
+        self.store_write_errors = Counter("sentiment_store_write_errors", "Failed database writes", registry=r)
+        self.store_replayed = Counter("sentiment_store_replayed_rows", "Spooled records replayed into the database",
+                                      registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

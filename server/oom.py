@@ -1,0 +1,178 @@
+"""Out-of-memory handling around an engine: recognise ORT's OOM errors, split and retry, fall back to the CPU.
+
+ONNX Runtime reports an allocation failure as a plain ``RuntimeException`` (or ``Fail``) whose message names
+the allocator, so recognising one means reading the message. A batch that ran out of memory is split in
+two and each half retried (recursively) while the token budget is lowered, so every accepted text is still
+answered and later batches are formed smaller. A single text that still does not fit on the GPU runs on a
+CPU engine, built on first need and then kept. Any other failure becomes ``InferenceFailed`` (503) at once:
+retrying a broken model or input would only add latency.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+from server.budget import TokenBudget
+from server.metrics import Metrics
+from server.primitives import InferenceFailed
+
+if TYPE_CHECKING:
+    from server.engine import Engine
+
+# Lower-case fragments of ORT / CUDA / cuBLAS / cuDNN / C++ allocation failure messages.
+OOM_MARKERS = (
+    "failed to allocate memory",  # BFCArena::AllocateRawInternal, CPU and CUDA arenas
+    "bfcarena",
+    "bfc_arena",
+    "out of memory",  # "CUDA failure 2: out of memory", "CUDA out of memory"
+    "out_of_memory",  # CUDA_ERROR_OUT_OF_MEMORY
+    "cudaerrormemoryallocation",
+    "alloc_failed",  # CUBLAS_STATUS_ALLOC_FAILED, CUDNN_STATUS_ALLOC_FAILED
+    "bad_alloc",  # std::bad_alloc
+    "bad allocation",  # std::bad_alloc's what() on MSVC
+)
+
+# What ORT 1.17+ raises when the CUDA arena cannot grow (node name and size are illustrative).
+BFC_ARENA_OOM = (
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running MatMul node. "
+    "Name:'/distilbert/transformer/layer.0/attention/MatMul' Status Message: "
+    "/onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* onnxruntime::BFCArena::AllocateRawInternal"
+    "(size_t, bool, onnxruntime::Stream*, bool, onnxruntime::WaitNotificationFn) "
+    "Failed to allocate memory for requested buffer of size 2147483648"
+)
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it was raised from) is a memory allocation failure."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):
+            return True
+        message = str(current).lower()
+        if any(marker in message for marker in OOM_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _summary(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ResilientEngine:
+    """An Engine that survives OOM: split and retry, lower the budget, run single texts on the CPU if need be.
+
+    It also reports each clean run to the budget (``record_success``), so the batcher only reads
+    ``budget.current``. Results are the primary's (or the CPU engine's) logits, in input order.
+    """
+
+    def __init__(
+        self,
+        primary: Engine,
+        cpu_engine_factory: Callable[[], Engine],
+        budget: TokenBudget,
+        metrics: Metrics,
+    ) -> None:
+        self.primary = primary
+        self._cpu_engine_factory = cpu_engine_factory
+        self._cpu_engine: Engine | None = None
+        self._cpu_lock = threading.Lock()
+        self._budget = budget
+        self._metrics = metrics
+
+    @property
+    def device(self) -> str:
+        return self.primary.device
+
+    @property
+    def provider(self) -> str:
+        return self.primary.provider
+
+    @property
+    def variant(self) -> str:
+        return self.primary.variant
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        try:
+            logits = self.primary.run(input_ids, attention_mask)
+        except Exception as exc:
+            failure = exc
+        else:
+            self._budget.record_success()
+            return logits
+        return self._recover(input_ids, attention_mask, failure)
+
+    def _attempt(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        try:
+            return self.primary.run(input_ids, attention_mask)
+        except Exception as exc:
+            failure = exc
+        return self._recover(input_ids, attention_mask, failure)  # outside the handler: no nested catching
+
+    def _recover(self, input_ids: np.ndarray, attention_mask: np.ndarray, failure: Exception) -> np.ndarray:
+        device = self.primary.device
+        if not is_oom_error(failure):
+            raise InferenceFailed(f"inference failed on {device}: {_summary(failure)}") from failure
+        self._metrics.oom_events.labels(device=device).inc()
+        self._budget.reduce_after_oom(int(input_ids.size))
+        if len(input_ids) > 1:
+            self._metrics.batch_splits.labels(device=device).inc()
+            half = len(input_ids) // 2
+            first = self._attempt(input_ids[:half], attention_mask[:half])
+            second = self._attempt(input_ids[half:], attention_mask[half:])
+            return np.concatenate([first, second])
+        if device == "cpu":
+            raise InferenceFailed(
+                f"out of memory on the CPU for one text of {input_ids.shape[1]} tokens: {_summary(failure)}"
+            ) from failure
+        return self._run_on_cpu(input_ids, attention_mask)
+
+    def _run_on_cpu(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        try:
+            with self._cpu_lock:
+                if self._cpu_engine is None:
+                    self._cpu_engine = self._cpu_engine_factory()
+            logits = self._cpu_engine.run(input_ids, attention_mask)
+        except Exception as exc:
+            raise InferenceFailed(
+                f"{self.primary.device} ran out of memory for one text of {input_ids.shape[1]} tokens "
+                f"and the CPU fallback failed: {_summary(exc)}"
+            ) from exc
+        self._metrics.cpu_fallbacks.inc()
+        return logits
+
+
+class FaultInjectingEngine:
+    """Wraps an engine and raises ORT's own OOM error whenever ``fail_when(batch_size, seq_len)`` is true.
+
+    For tests and drills: it exercises the same path a real CUDA arena failure takes.
+    """
+
+    def __init__(
+        self,
+        inner: Engine,
+        fail_when: Callable[[int, int], bool],
+        message: str = BFC_ARENA_OOM,
+    ) -> None:
+        self.inner = inner
+        self.device = inner.device
+        self.provider = inner.provider
+        self.variant = inner.variant
+        self._fail_when = fail_when
+        self._message = message
+        self.injected = 0  # failures raised so far
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        batch_size, seq_len = input_ids.shape
+        if self._fail_when(batch_size, seq_len):
+            self.injected += 1
+            raise RuntimeException(self._message)
+        return self.inner.run(input_ids, attention_mask)

@@ -1,0 +1,93 @@
+"""Small types that cross layers (HTTP, batcher, engine, cache, store)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's result: the top label, its probability, and every label's probability."""
+
+    label: str
+    score: float
+    probabilities: dict[str, float]
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    name: str
+    version: str
+    variant: str
+    provider: str
+    device: str
+
+
+@dataclass
+class PredictionRecord:
+    """A prediction as the store keeps it. ``id`` is generated here so inserts are idempotent."""
+
+    request_id: str
+    text: str | None
+    text_sha256: str
+    label: str
+    score: float
+    probabilities: dict[str, float]
+    model_name: str
+    model_version: str
+    device: str
+    latency_ms: float
+    cached: bool
+    api_key_id: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class ServerError(Exception):
+    """An error with an HTTP status and a message a person can act on."""
+
+    status_code = 500
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+class Overloaded(ServerError):
+    """The queue is full: shed with 503 and Retry-After."""
+
+    status_code = 503
+    retry_after = 1.0
+
+
+class DeadlineExceeded(ServerError):
+    """A request waited past its deadline; answered with 503 and Retry-After."""
+
+    status_code = 503
+    retry_after = 1.0
+
+
+class Draining(ServerError):
+    """The server is shutting down and accepts no new work."""
+
+    status_code = 503
+    retry_after = 5.0
+
+
+class InferenceFailed(ServerError):
+    """The engine failed in a way the server could not recover from."""
+
+    status_code = 503
+    retry_after = 1.0
+
+
+class InputTooLong(ServerError):
+    """Strict truncation mode: a text is longer than the model accepts."""
+
+    status_code = 422

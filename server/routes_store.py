@@ -1,0 +1,109 @@
+"""Store endpoints: reading predictions, feedback and its export, API key management.
+
+Everything here needs an admin key except ``POST /feedback`` (role predict,
+open in AUTH_MODE=open). An unreachable database answers 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
+
+from server.auth import require_role
+from server.primitives import ServerError
+from server.store import feedback, queries
+from server.store.db import run_db
+from server.store.queries import MAX_PAGE, PredictionFilter
+
+router = APIRouter()
+ADMIN = Depends(require_role("admin"))
+PREDICT = Depends(require_role("predict"))
+
+
+class NotFound(ServerError):
+    status_code = 404
+
+
+class FeedbackIn(BaseModel):
+    prediction_id: str = Field(..., min_length=1, max_length=32, description="the id a prediction was stored under")
+    label: Literal["POSITIVE", "NEGATIVE"] = Field(..., description="the correct label")
+
+
+class KeyIn(BaseModel):
+    name: str = Field(..., min_length=1, max_length=128, description="who or what uses the key")
+    role: Literal["predict", "admin"] = "predict"
+
+
+@router.get("/predictions", summary="Stored predictions, newest first (admin)")
+async def list_predictions(
+    request: Request,
+    label: str | None = None,
+    model_version: str | None = None,
+    since: datetime | None = Query(None, description="ISO 8601, inclusive; no offset means UTC"),
+    until: datetime | None = Query(None, description="ISO 8601, exclusive; no offset means UTC"),
+    limit: int = Query(100, ge=1, le=MAX_PAGE),
+    offset: int = Query(0, ge=0),
+    _: str | None = ADMIN,
+):
+    where = PredictionFilter(label=label, model_version=model_version, since=since, until=until)
+    return await run_db(queries.list_predictions, _engine(request), where, limit, offset)
+
+
+@router.get("/predictions/{prediction_id}", summary="One stored prediction and its feedback (admin)")
+async def get_prediction(prediction_id: str, request: Request, _: str | None = ADMIN):
+    found = await run_db(queries.get_prediction, _engine(request), prediction_id)
+    if found is None:
+        raise NotFound(f"no prediction {prediction_id!r}; a new one is written within a second or so, "
+                       "longer while the database is down (see /health)")
+    return found
+
+
+@router.post("/feedback", status_code=201, summary="Record the correct label of a prediction")
+async def post_feedback(body: FeedbackIn, request: Request, _: str | None = PREDICT):
+    try:
+        saved = await run_db(feedback.add_feedback, _engine(request), body.prediction_id, body.label)
+    except feedback.UnknownPrediction:
+        raise NotFound(f"no prediction {body.prediction_id!r}; if it was just made, retry in a few seconds") from None
+    return saved
+
+
+@router.get("/feedback/export", summary="Corrected predictions as a training TSV: text<TAB>label, 1 = POSITIVE "
+                                        "(admin)")
+async def export_feedback(request: Request, _: str | None = ADMIN):
+    buffer = io.StringIO()
+    written, skipped = await run_db(feedback.export_feedback, _engine(request), buffer)
+    return PlainTextResponse(buffer.getvalue(), media_type="text/tab-separated-values", headers={
+        "Content-Disposition": 'attachment; filename="feedback.tsv"',
+        "X-Rows": str(written), "X-Rows-Skipped": str(skipped)})
+
+
+@router.post("/admin/keys", status_code=201, summary="Create an API key; the key is in this response only (admin)")
+async def create_key(body: KeyIn, request: Request, _: str | None = ADMIN):
+    record, key = await run_db(_keys(request).create, body.name, body.role)
+    return {**record.as_dict(), "key": key, "note": "store this key now: it is not kept and cannot be shown again"}
+
+
+@router.get("/admin/keys", summary="API keys, without the keys themselves (admin)")
+async def list_keys(request: Request, _: str | None = ADMIN):
+    return {"keys": [k.as_dict() for k in await run_db(_keys(request).list)]}
+
+
+@router.delete("/admin/keys/{key_id}", summary="Revoke an API key, effective at once (admin)")
+async def revoke_key(key_id: str, request: Request, _: str | None = ADMIN):
+    revoked = await run_db(_keys(request).revoke, key_id)
+    if revoked is None:
+        raise NotFound(f"no API key with id {key_id!r}; GET /admin/keys lists them")
+    return revoked.as_dict()
+
+
+def _engine(request: Request):
+    return request.app.state.services.store.engine
+
+
+def _keys(request: Request):
+    return request.app.state.services.keys

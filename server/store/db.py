@@ -1,0 +1,101 @@
+"""Engine factory: the one place that knows how SQLite and PostgreSQL differ.
+
+Blocking SQLAlchemy calls run in threads (``run_db``) rather than through an
+async driver: SQLite has none worth the dependency, and the writer batches
+anyway. Every PostgreSQL call is bounded in time (connect timeout, statement
+timeout, TCP keepalives), so a hung network turns into an error the writer can
+spool around instead of a stalled thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event, exc, make_url
+from sqlalchemy.engine import URL
+
+from server.config import ConfigError, Settings
+from server.primitives import ServerError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+STATEMENT_TIMEOUT_MS = 30_000
+# Errors that mean "the database is not answering", as opposed to a bug in a statement.
+UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
+
+
+class StoreUnavailable(ServerError):
+    """The database cannot be reached; answered with 503 and Retry-After."""
+
+    status_code = 503
+    retry_after = 5.0
+
+
+def database_url(raw: str) -> URL:
+    """Parse DATABASE_URL; bare ``postgresql://`` / ``postgres://`` mean the psycopg 3 driver."""
+    try:
+        url = make_url(raw.replace("postgres://", "postgresql://", 1) if raw.startswith("postgres://") else raw)
+    except exc.ArgumentError:
+        url = None
+    if url is None or url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r}: use sqlite:///path/to/file.db "
+                          "or postgresql://user:password@host:5432/dbname")
+    if url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def redact(raw: str) -> str:
+    """DATABASE_URL without its password, for messages."""
+    try:
+        return make_url(raw).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return "<unparseable>"
+
+
+def make_engine(settings: Settings) -> Engine:
+    """An engine with the pool settings; SQLite in WAL mode with foreign keys and a busy timeout."""
+    url = database_url(settings.database_url)
+    pool = {"pool_size": settings.db_pool_size, "pool_timeout": settings.db_pool_timeout_s, "pool_pre_ping": True}
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": settings.db_pool_timeout_s,
+                                                  "check_same_thread": False}, **pool)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {
+        "connect_timeout": max(2, math.ceil(settings.db_pool_timeout_s)),
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+    }
+    return create_engine(url, connect_args=connect_args, **pool)
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def describe(error: BaseException) -> str:
+    """The first line of a database error, short enough for /health and a log line."""
+    inner = getattr(error, "orig", None) or error
+    first = (str(inner).strip().splitlines() or [""])[0]
+    return f"{type(inner).__name__}: {first}"[:300]
+
+
+async def run_db(fn: Callable[..., T], *args: Any) -> T:
+    """Run a blocking store call in a thread; an unreachable database becomes ``StoreUnavailable`` (503)."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except UNAVAILABLE as error:
+        log.error("database unavailable: %s", describe(error))
+        raise StoreUnavailable("the prediction database is unavailable; retry shortly (see /health)") from error

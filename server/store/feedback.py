@@ -1,0 +1,62 @@
+"""Feedback: the correct label for a stored prediction, exported as training data.
+
+The export is what ``models.data.load_labeled`` reads: a header ``text\\tlabel``
+and one row per corrected prediction with label 1 = POSITIVE, 0 = NEGATIVE, read
+verbatim (no quoting), so tabs and line breaks inside a text become spaces.
+Predictions stored without their text (STORE_TEXT=false) cannot be exported
+and are counted as skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, TextIO
+
+from sqlalchemy import Engine, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from server.store.tables import FEEDBACK, PREDICTIONS
+
+LABEL_VALUES = {"NEGATIVE": 0, "POSITIVE": 1}
+_BREAKS = re.compile(r"[\t\r\n]+")
+
+
+class UnknownPrediction(LookupError):
+    """Feedback names a prediction the database does not hold (yet)."""
+
+
+def add_feedback(engine: Engine, prediction_id: str, label: str) -> dict[str, Any]:
+    """Record (or replace) the correct label of a prediction."""
+    if label not in LABEL_VALUES:
+        raise ValueError(f"label must be one of {', '.join(LABEL_VALUES)}, not {label!r}")
+    values = {"prediction_id": prediction_id, "label": label, "created_at": datetime.now(timezone.utc)}
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    upsert = dialect.insert(FEEDBACK).values(values)
+    upsert = upsert.on_conflict_do_update(index_elements=["prediction_id"],
+                                          set_={"label": upsert.excluded.label,
+                                                "created_at": upsert.excluded.created_at})
+    with engine.begin() as connection:
+        exists = connection.execute(select(PREDICTIONS.c.id).where(PREDICTIONS.c.id == prediction_id)).first()
+        if exists is None:
+            raise UnknownPrediction(prediction_id)
+        connection.execute(upsert)
+    return {**values, "created_at": values["created_at"].isoformat()}
+
+
+def export_feedback(engine: Engine, out: TextIO) -> tuple[int, int]:
+    """Write the TSV to ``out``; returns (rows written, rows skipped for want of text)."""
+    query = (select(PREDICTIONS.c.text, FEEDBACK.c.label)
+             .join(PREDICTIONS, PREDICTIONS.c.id == FEEDBACK.c.prediction_id)
+             .order_by(FEEDBACK.c.created_at, FEEDBACK.c.prediction_id))
+    written = skipped = 0
+    out.write("text\tlabel\n")
+    with engine.connect() as connection:
+        for text, label in connection.execute(query):
+            clean = _BREAKS.sub(" ", text or "").strip()
+            if not clean:
+                skipped += 1
+                continue
+            out.write(f"{clean}\t{LABEL_VALUES[label]}\n")
+            written += 1
+    return written, skipped

@@ -1,0 +1,86 @@
+"""Schema migrations: ``sentiment-analyzer db upgrade`` and the check the server makes at start.
+
+SQLite (the embedded default) is migrated at start. PostgreSQL is shared by
+replicas and owned by operators, so a server refuses to start on a schema that
+is behind unless DB_AUTO_MIGRATE=true; concurrent upgrades serialize on an
+advisory lock. A schema *newer* than this server (after ``kubectl rollout
+undo``) only logs a warning: migrations are kept backward compatible so that
+rollbacks work.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import Connection, Engine, text
+
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+UPGRADE_LOCK_KEY = 0x5E47  # pg_advisory_xact_lock key held while upgrading
+
+
+class SchemaBehind(RuntimeError):
+    """The database schema is older than this server needs."""
+
+
+def _config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine) -> str:
+    """Apply pending migrations in one transaction; returns the revision the database is at."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
+        current = MigrationContext.configure(connection).get_current_revision()
+        if current is not None and not _known(current):
+            log.warning("database schema is at revision %s, newer than this server's %s; leaving it as it is",
+                        current, head_revision())
+            return current
+        command.upgrade(_config(connection), "head")
+    return head_revision()
+
+
+def prepare_schema(engine: Engine, settings: Settings) -> None:
+    """Migrate (SQLite, or DB_AUTO_MIGRATE=true) or check that the schema is current; raises ``SchemaBehind``."""
+    if engine.dialect.name == "sqlite" or settings.db_auto_migrate:
+        upgrade(engine)
+        return
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return
+    if current is not None and not _known(current):
+        log.warning("database schema is at revision %s, newer than this server's %s; continuing", current, head)
+        return
+    raise SchemaBehind(
+        f"database schema is at revision {current or 'none (empty database)'} but this server needs {head}: "
+        "run `sentiment-analyzer db upgrade` with the same DATABASE_URL, or start with DB_AUTO_MIGRATE=true"
+    )
+
+
+def _known(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(_config()).get_revision(revision) is not None
+    except CommandError:
+        return False

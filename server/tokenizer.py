@@ -1,0 +1,51 @@
+"""Tokenization with the artifact's Hugging Face fast tokenizer (``tokenizers``).
+
+Texts are encoded without padding (the batcher pads each batch to its own
+longest text) and truncated to the model's maximum length, or refused in
+strict mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from server.primitives import InputTooLong
+
+
+class TextEncoder:
+    def __init__(self, tokenizer_file: Path, max_length: int, strict: bool = False) -> None:
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self._tokenizer.no_padding()
+        self.max_length = max_length
+        self.strict = strict
+        if strict:
+            self._tokenizer.no_truncation()
+        else:
+            self._tokenizer.enable_truncation(max_length=max_length)
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids per text (int64, unpadded, special tokens included)."""
+        encodings = self._tokenizer.encode_batch(texts)
+        ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        if self.strict:
+            for index, row in enumerate(ids):
+                if len(row) > self.max_length:
+                    raise InputTooLong(
+                        f"texts[{index}] has {len(row)} tokens; the model accepts at most {self.max_length} "
+                        "(shorten it, or run the server with STRICT_TRUNCATION=false to truncate)"
+                    )
+        return ids
+
+
+def pad_batch(rows: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) padded on the right to the longest row."""
+    width = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,243 @@
+"""Store fixtures: each store test runs on SQLite and on a real PostgreSQL.
+
+Load them with ``pytest_plugins = ["tests.store_fixtures"]`` in tests/conftest.py.
+
+PostgreSQL is started once per session with pytest-postgresql's executor.
+PostgreSQL refuses to run as root, so when the tests run as root (CI
+containers) the server runs as the ``postgres`` system user: the executor is
+pointed at ``tests/pg_ctl_nonroot.sh`` (pg_ctl run through ``runuser``) and
+the data directory is a ``postgres``-owned temp directory. That directory is
+why the executor is used directly rather than through the ``postgresql_proc``
+factory: the factory puts it under pytest's root-only (0700) temp root, which
+the ``postgres`` user cannot traverse and which every new pytest process
+locks again. Each test gets a database of its own. Without PostgreSQL
+binaries the ``postgres``-marked half fails with instructions; deselect it
+with ``pytest -m "not postgres"``.
+
+``store_db`` (both backends) and ``pg_store_db`` (PostgreSQL only) give a URL
+and an outage switch: ``down()`` stops the PostgreSQL server (or, on SQLite,
+holds an exclusive lock so writes fail), ``up()`` undoes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import os
+import shutil
+import socket
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from pytest_postgresql.executors import PostgreSQLExecutor
+from sqlalchemy import create_engine, select
+
+from server.config import Settings, load_settings
+from server.metrics import Metrics
+from server.primitives import PredictionRecord
+from server.store import PredictionStore
+from server.store.tables import PREDICTIONS
+
+PG_CTL_WRAPPER = Path(__file__).with_name("pg_ctl_nonroot.sh")
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+
+def real_pg_ctl() -> str | None:
+    """The pg_ctl the wrapper runs: SAP_PG_CTL, else the newest /usr/lib/postgresql/*/bin/pg_ctl."""
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
+    return os.environ.get("SAP_PG_CTL") or (candidates[-1] if candidates else None)
+
+
+@dataclass
+class PgServer:
+    """The session's PostgreSQL server: fresh databases, and stop/start for outage tests."""
+
+    executor: PostgreSQLExecutor
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql+psycopg://{self.executor.user}@{self.executor.host}:{self.executor.port}/{dbname}"
+
+    def create_database(self) -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        self._admin(f'CREATE DATABASE "{name}"')
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        self.executor.stop()
+
+    def start(self) -> None:
+        """Start (unless running) and wait until it accepts connections, not just until its port is open."""
+        if not self.executor.running():
+            self.executor.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self._admin("SELECT 1")
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _admin(self, sql: str) -> None:
+        with psycopg.connect(host=self.executor.host, port=self.executor.port, user=self.executor.user,
+                             dbname="postgres", autocommit=True) as connection:
+            connection.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def store_pg_server() -> Iterator[PgServer]:
+    if real_pg_ctl() is None:
+        pytest.fail("PostgreSQL server binaries not found: apt-get install postgresql (or set SAP_PG_CTL to "
+                    "pg_ctl); to skip these tests run pytest -m 'not postgres'", pytrace=False)
+    workdir = Path(tempfile.mkdtemp(prefix="sentiment-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres", "postgres")
+    executor = PostgreSQLExecutor(
+        executable=str(PG_CTL_WRAPPER), host="127.0.0.1", port=_free_port(), datadir=str(workdir / "data"),
+        unixsocketdir=str(workdir), logfile=str(workdir / "postgresql.log"), startparams="-w",
+        dbname="postgres", user="postgres",
+    )
+    try:
+        server = PgServer(executor)
+        server.start()
+        yield server
+    finally:
+        if executor.running():
+            executor.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class StoreDatabase:
+    """A fresh, empty database for one test, and a switch to make it fail (blocking calls)."""
+
+    backend: str
+    url: str
+    down: Callable[[], None]
+    up: Callable[[], None]
+
+
+@pytest.fixture(params=BACKENDS)
+def store_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreDatabase]:
+    """A fresh database on each backend in turn (the PostgreSQL half is marked ``postgres``)."""
+    if request.param == "sqlite":
+        yield from _sqlite_database(tmp_path)
+    else:
+        yield from _postgres_database(request.getfixturevalue("store_pg_server"))
+
+
+@pytest.fixture
+def pg_store_db(store_pg_server: PgServer) -> Iterator[StoreDatabase]:
+    """A fresh PostgreSQL database only (mark the test ``@pytest.mark.postgres``), e.g. for a live-server test."""
+    yield from _postgres_database(store_pg_server)
+
+
+def _sqlite_database(tmp_path: Path) -> Iterator[StoreDatabase]:
+    path = tmp_path / "store.db"
+    lock = SqliteLock(path)
+    yield StoreDatabase("sqlite", f"sqlite:///{path}", lock.acquire, lock.release)
+    lock.release()
+
+
+def _postgres_database(server: PgServer) -> Iterator[StoreDatabase]:
+    server.start()  # in case an earlier test stopped it and failed before starting it again
+    name = server.create_database()
+    yield StoreDatabase("postgresql", server.url(name), server.stop, server.start)
+    server.start()
+    server.drop_database(name)
+
+
+class SqliteLock:
+    """An outage for SQLite: another connection holds an exclusive lock, so writes time out as 'locked'."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._connection: sqlite3.Connection | None = None
+
+    def acquire(self) -> None:
+        self._connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._connection.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        if self._connection is not None:
+            self._connection.rollback()
+            self._connection.close()
+            self._connection = None
+
+
+@pytest.fixture
+def store_settings(store_db: StoreDatabase, tmp_path: Path) -> Callable[..., Settings]:
+    """Settings for the store on ``store_db`` with a spool in tmp_path; keyword arguments override."""
+
+    def make(**overrides: object) -> Settings:
+        values: dict[str, object] = {"database_url": store_db.url, "spool_dir": tmp_path / "spool",
+                                     "db_pool_timeout_s": 1.0, "db_auto_migrate": True}
+        values.update(overrides)
+        return load_settings(**values)
+
+    return make
+
+
+FAST = {"flush_interval_s": 0.05, "retry_interval_s": 0.2}
+
+
+@pytest.fixture
+async def open_store(store_settings) -> AsyncIterator[Callable[..., Awaitable[PredictionStore]]]:
+    """Start a PredictionStore (fast flush and retry); every one opened is closed at teardown."""
+    opened: list[PredictionStore] = []
+
+    async def open_(settings: Settings | None = None, metrics: Metrics | None = None, **kwargs) -> PredictionStore:
+        store = PredictionStore(settings or store_settings(), metrics or Metrics(), **{**FAST, **kwargs})
+        opened.append(store)
+        await store.start()
+        return store
+
+    yield open_
+    for store in opened:
+        await store.close()
+
+
+def make_record(text: str = "a fine film", **overrides) -> PredictionRecord:
+    values: dict[str, object] = {
+        "request_id": "req-1", "text": text, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "label": "POSITIVE", "score": 0.9, "probabilities": {"NEGATIVE": 0.1, "POSITIVE": 0.9},
+        "model_name": "tiny", "model_version": "1", "device": "cpu", "latency_ms": 3.5, "cached": False,
+    }
+    values.update(overrides)
+    return PredictionRecord(**values)
+
+
+def stored_ids(url: str) -> list[str]:
+    """Every prediction id in the database, duplicates included (there can be none: id is the key)."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(select(PREDICTIONS.c.id)).scalars())
+    finally:
+        engine.dispose()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)

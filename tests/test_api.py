@@ -1,0 +1,135 @@
+"""The HTTP contract in-process (FastAPI TestClient runs the real lifespan): bodies, errors, order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.artifact import load_artifact
+from server.engine import create_engine, softmax
+from server.oom import FaultInjectingEngine
+from server.tokenizer import TextEncoder, pad_batch
+
+TEXTS = ["an utterly charming film", "boring", "the plot is thin but the acting is superb and moving",
+         "i hated every minute of it", "fine"]
+
+
+@pytest.fixture
+def client(make_settings):
+    with TestClient(create_app(make_settings())) as c:
+        yield c
+
+
+def unbatched(tiny_artifact, settings, texts):
+    """One engine call per text, no padding: the reference the server must match."""
+    artifact = load_artifact(tiny_artifact)
+    engine = create_engine(artifact, settings)
+    encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
+    return [softmax(engine.run(*pad_batch([ids])))[0] for ids in encoder.encode(texts)]
+
+
+def test_predict_one_text(client):
+    response = client.post("/predict", json={"text": "a wonderful film"})
+    assert response.status_code == 200
+    body = response.json()
+    (prediction,) = body["predictions"]
+    assert prediction["label"] in {"NEGATIVE", "POSITIVE"}
+    assert prediction["score"] == pytest.approx(max(prediction["probabilities"].values()))
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["model"]["name"] == "tiny-test" and body["model"]["device"] == "cpu"
+    assert response.headers["x-request-id"] == body["request_id"]
+
+
+def test_many_texts_come_back_in_input_order_equal_to_unbatched(tiny_artifact, make_settings):
+    """fp32 is batch-invariant; int8's dynamic activation scales are not (see the README)."""
+    with TestClient(create_app(make_settings(model_variant="fp32"))) as client:
+        body = client.post("/predict", json={"texts": TEXTS}).json()
+    reference = unbatched(tiny_artifact, make_settings(model_variant="fp32"), TEXTS)
+    for prediction, expected in zip(body["predictions"], reference, strict=True):
+        got = [prediction["probabilities"][label] for label in ("NEGATIVE", "POSITIVE")]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_repeated_text_is_served_from_the_cache(client):
+    first = client.post("/predict", json={"text": "cache me"}).json()["predictions"][0]
+    second = client.post("/predict", json={"text": "  cache me  "}).json()["predictions"][0]
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert first["probabilities"] == second["probabilities"]
+
+
+@pytest.mark.parametrize("payload, fragment", [
+    ({}, 'exactly one of "text"'),
+    ({"text": "a", "texts": ["b"]}, 'exactly one of "text"'),
+    ({"texts": []}, "at least one"),
+    ({"text": "   "}, "empty"),
+    ({"text": 5}, "text"),
+    ({"txt": "typo"}, "txt"),
+])
+def test_malformed_input_is_422_with_a_message(client, payload, fragment):
+    response = client.post("/predict", json=payload)
+    assert response.status_code == 422
+    assert fragment in response.json()["error"]
+
+
+def test_invalid_json_is_422(client):
+    response = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and "invalid request" in response.json()["error"]
+
+
+def test_oversized_inputs_are_413(make_settings):
+    settings = make_settings(max_texts_per_request=3, max_text_chars=50, max_request_bytes=2048)
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/predict", json={"texts": ["a"] * 4}).status_code == 413
+        assert "MAX_TEXT_CHARS" in c.post("/predict", json={"text": "x" * 51}).json()["error"]
+        big = c.post("/predict", content=b'{"text": "' + b"y" * 4000 + b'"}',
+                     headers={"content-type": "application/json"})
+        assert big.status_code == 413 and "MAX_REQUEST_BYTES" in big.json()["error"]
+
+
+def test_strict_truncation_rejects_texts_longer_than_the_model(make_settings):
+    with TestClient(create_app(make_settings(strict_truncation=True))) as c:
+        response = c.post("/predict", json={"text": "word " * 300})
+        assert response.status_code == 422 and "at most 128" in response.json()["error"]
+        assert c.post("/predict", json={"text": "short"}).status_code == 200
+
+
+def test_long_text_is_truncated_by_default(client):
+    assert client.post("/predict", json={"text": "word " * 300}).status_code == 200
+
+
+def test_health_ready_metrics_docs(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["provider"] == "CPUExecutionProvider"
+    assert health["model"]["warm"] is True and health["database"]["status"] == "ok"
+    assert client.get("/ready").status_code == 200
+    client.post("/predict", json={"texts": ["one", "two"]})
+    metrics = client.get("/metrics").text
+    assert 'sentiment_requests_total{endpoint="/predict",status="200"} 1.0' in metrics
+    assert 'sentiment_model_info{device="cpu",name="tiny-test"' in metrics
+    assert "sentiment_batch_size_count" in metrics
+    assert client.get("/docs").status_code == 200
+
+
+def test_unrecoverable_engine_failure_is_503_never_a_hang(make_settings):
+    def broken(engine):
+        return FaultInjectingEngine(engine, fail_when=lambda batch, length: length > 20, message="CUDA driver exploded")
+
+    with TestClient(create_app(make_settings(warmup=False), wrap_engine=broken)) as c:
+        response = c.post("/predict", json={"text": "word " * 30})
+        assert response.status_code == 503 and "inference failed" in response.json()["error"]
+        assert response.headers["retry-after"]
+        assert c.post("/predict", json={"text": "short"}).status_code == 200
+
+
+def test_oom_on_batches_splits_and_answers_every_text(make_settings):
+    def oom_above_one(engine):
+        return FaultInjectingEngine(engine, fail_when=lambda batch, length: batch > 1)
+
+    with TestClient(create_app(make_settings(warmup=False), wrap_engine=oom_above_one)) as c:
+        response = c.post("/predict", json={"texts": TEXTS})
+        assert response.status_code == 200 and len(response.json()["predictions"]) == len(TEXTS)
+        metrics = c.get("/metrics").text
+    assert 'sentiment_batch_splits_total{device="cpu"}' in metrics
+    assert 'sentiment_oom_events_total{device="cpu"} 0.0' not in metrics

@@ -1,0 +1,184 @@
+"""API keys on the store's routes: the auth matrix, open mode, security events, revocation, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from server.http import install_error_handlers
+from server.metrics import Metrics
+from server.routes_store import router
+from server.store import KeyStore
+from tests.store_fixtures import make_record, stored_ids, wait_until
+
+ENDPOINTS = [  # method, path, body, role it needs
+    ("GET", "/predictions", None, "admin"),
+    ("GET", "/predictions/{prediction}", None, "admin"),
+    ("POST", "/feedback", {"prediction_id": "{prediction}", "label": "NEGATIVE"}, "predict"),
+    ("GET", "/feedback/export", None, "admin"),
+    ("POST", "/admin/keys", {"name": "new", "role": "predict"}, "admin"),
+    ("GET", "/admin/keys", None, "admin"),
+    ("DELETE", "/admin/keys/{spare}", None, "admin"),
+]
+CALLERS = ["no key", "wrong key", "predict key", "admin key", "revoked key"]
+
+
+class Api:
+    """A FastAPI app with the store routes on a started store, its keys, and an HTTP client."""
+
+    def __init__(self, app: FastAPI, services: SimpleNamespace, keys: dict[str, str], ids: dict[str, str]) -> None:
+        self.services = services
+        self.keys = keys
+        self.ids = ids
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+    async def call(self, method: str, path: str, body: dict | None = None, key: str | None = None,
+                   header: str = "bearer") -> httpx.Response:
+        headers = {}
+        if key is not None:
+            headers = {"Authorization": f"Bearer {key}"} if header == "bearer" else {"X-API-Key": key}
+        fill = {k: v.format(**self.ids) if isinstance(v, str) else v for k, v in (body or {}).items()}
+        return await self.client.request(method, path.format(**self.ids), json=body and fill, headers=headers)
+
+    def rejected(self, reason: str) -> float:
+        return self.services.metrics.rejected.labels(reason)._value.get()
+
+
+@pytest.fixture
+async def make_api(store_db, store_settings, open_store):
+    clients: list[httpx.AsyncClient] = []
+
+    async def make(auth_mode: str = "required") -> Api:
+        settings = store_settings(auth_mode=auth_mode)
+        metrics = Metrics()
+        store = await open_store(settings, metrics)
+        keys = KeyStore(store.engine, last_used_interval_s=0)
+        record = make_record()
+        store.submit(record)
+        await wait_until(lambda: stored_ids(store_db.url) == [record.id], what="the seed prediction")
+        secrets, ids = {"wrong key": "sap_not-a-key"}, {"prediction": record.id}
+        for caller, role in (("predict key", "predict"), ("admin key", "admin"), ("revoked key", "admin"),
+                             ("spare", "predict")):
+            created, secrets[caller] = keys.create(caller, role)
+            ids[caller.split()[0]] = created.id
+        keys.revoke(ids["revoked"])
+        app = FastAPI()
+        app.include_router(router)
+        install_error_handlers(app, metrics)
+        services = SimpleNamespace(settings=settings, metrics=metrics, store=store, keys=keys)
+        app.state.services = services
+        api = Api(app, services, secrets, ids)
+        clients.append(api.client)
+        return api
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+def expected_status(role: str, caller: str, auth_mode: str = "required") -> int | None:
+    """None: allowed (the endpoint's own success status)."""
+    if caller == "no key":
+        return None if role == "predict" and auth_mode == "open" else 401
+    if caller in ("wrong key", "revoked key"):
+        return 401
+    if caller == "predict key" and role == "admin":
+        return 403
+    return None
+
+
+async def test_auth_matrix(make_api):
+    """Every endpoint with every kind of caller, in AUTH_MODE=required."""
+    api = await make_api()
+    wrong = []
+    for method, path, body, role in ENDPOINTS:
+        for caller in CALLERS:
+            response = await api.call(method, path, body, api.keys.get(caller))
+            want = expected_status(role, caller)
+            allowed = want is None and response.status_code in (200, 201)
+            refused = response.status_code == want and bool(response.json().get("error"))
+            if not (allowed or refused):
+                wrong.append(f"{method} {path} with {caller}: {response.status_code} {response.text[:120]}")
+    assert wrong == []
+    admin_endpoints = sum(role == "admin" for *_, role in ENDPOINTS)
+    assert api.rejected("unauthorized") == 3 * len(ENDPOINTS)
+    assert api.rejected("forbidden") == admin_endpoints
+
+
+async def test_open_mode_lets_keyless_feedback_through_but_not_admin_or_bad_keys(make_api):
+    api = await make_api(auth_mode="open")
+    feedback = {"prediction_id": "{prediction}", "label": "POSITIVE"}
+    assert (await api.call("POST", "/feedback", feedback)).status_code == 201
+    assert (await api.call("POST", "/feedback", feedback, "sap_wrong")).status_code == 401
+    assert (await api.call("GET", "/admin/keys")).status_code == 401
+    assert (await api.call("GET", "/admin/keys", key=api.keys["admin key"])).status_code == 200
+
+
+async def test_either_header_carries_the_key_and_other_schemes_are_refused(make_api):
+    api = await make_api()
+    admin = api.keys["admin key"]
+    assert (await api.call("GET", "/admin/keys", key=admin, header="x-api-key")).status_code == 200
+    assert (await api.call("GET", "/admin/keys", key=admin, header="bearer")).status_code == 200
+    basic = await api.client.get("/admin/keys", headers={"Authorization": f"Basic {admin}"})
+    assert basic.status_code == 401
+
+
+async def test_refusals_are_security_log_events_that_never_show_the_key(make_api, caplog):
+    api = await make_api()
+    with caplog.at_level(logging.WARNING, logger="server.auth"):
+        await api.call("GET", "/admin/keys", key="sap_guessed-key-123")
+        await api.call("GET", "/admin/keys", key=api.keys["predict key"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.auth"]
+    assert len(lines) == 2
+    assert lines[0].startswith("security: 401 invalid API key") and "/admin/keys" in lines[0]
+    assert lines[1].startswith("security: 403") and api.ids["predict"] in lines[1]
+    assert "sap_guessed-key-123" not in caplog.text and api.keys["predict key"] not in caplog.text
+
+
+async def test_a_revoked_key_is_refused_on_its_next_request(make_api):
+    api = await make_api()
+    admin = api.keys["admin key"]
+    created = (await api.call("POST", "/admin/keys", {"name": "temp", "role": "predict"}, admin)).json()
+    assert "shown again" in created["note"]
+    feedback = {"prediction_id": "{prediction}", "label": "POSITIVE"}
+    assert (await api.call("POST", "/feedback", feedback, created["key"])).status_code == 201
+    listed = (await api.call("GET", "/admin/keys", key=admin)).json()["keys"]
+    assert created["key"] not in str(listed) and created["id"] in [k["id"] for k in listed]
+    assert (await api.call("DELETE", f"/admin/keys/{created['id']}", key=admin)).json()["revoked_at"]
+    refused = await api.call("POST", "/feedback", feedback, created["key"])
+    assert refused.status_code == 401 and "revoked" in refused.json()["error"]
+    assert (await api.call("DELETE", "/admin/keys/nope", key=admin)).status_code == 404
+
+
+async def test_store_routes_answer_data_and_actionable_errors(make_api):
+    api = await make_api()
+    admin = api.keys["admin key"]
+    page = (await api.call("GET", "/predictions?label=POSITIVE&limit=1", key=admin)).json()
+    assert [p["id"] for p in page["items"]] == [api.ids["prediction"]] and page["next_offset"] is None
+    assert (await api.call("GET", "/predictions?label=NEGATIVE", key=admin)).json()["items"] == []
+    missing = await api.call("GET", "/predictions/nope", key=admin)
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]
+    unknown = await api.call("POST", "/feedback", {"prediction_id": "nope", "label": "POSITIVE"}, admin)
+    assert unknown.status_code == 404 and "retry" in unknown.json()["error"]
+    assert (await api.call("POST", "/feedback", {"prediction_id": "{prediction}", "label": "NEGATIVE"},
+                           admin)).status_code == 201
+    export = await api.call("GET", "/feedback/export", key=admin)
+    assert export.text == "text\tlabel\na fine film\t0\n"
+    assert export.headers["content-type"].startswith("text/tab-separated-values")
+
+
+async def test_key_checks_while_the_database_is_down(make_api, store_db):
+    api = await make_api()
+    await asyncio.to_thread(store_db.down)
+    response = await api.call("GET", "/admin/keys", key=api.keys["admin key"])
+    if store_db.backend == "postgresql":
+        assert response.status_code == 503
+        assert int(response.headers["Retry-After"]) >= 1
+        assert "retry" in response.json()["error"]
+    else:  # a locked SQLite still answers reads: keys keep working
+        assert response.status_code == 200

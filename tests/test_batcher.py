@@ -1,0 +1,167 @@
+"""Batch formation (size, padded tokens, time, length grouping), queue bounds, deadlines, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.batcher import Batcher, WorkItem, select_batch
+from server.config import load_settings
+from server.metrics import Metrics
+from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded
+
+
+class RecordingEngine:
+    """Logits are a deterministic function of each row's real tokens, so batching cannot change them."""
+
+    device = "cpu"
+    provider = "CPUExecutionProvider"
+    variant = "fp32"
+
+    def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.shapes: list[tuple[int, int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.gate.wait(10)
+        self.shapes.append(input_ids.shape)
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail:
+            raise self.fail
+        total = (input_ids * attention_mask).sum(axis=1).astype(np.float32)
+        return np.stack([np.sin(total), np.cos(total)], axis=1)
+
+
+def expected_probabilities(ids: np.ndarray) -> np.ndarray:
+    total = float(ids.sum())
+    logits = np.array([np.sin(total), np.cos(total)], dtype=np.float32)
+    exp = np.exp(logits - logits.max())
+    return exp / exp.sum()
+
+
+def item(length: int, seq: int) -> WorkItem:
+    return WorkItem(np.arange(1, length + 1, dtype=np.int64), deadline=1e18, future=None, seq=seq)  # type: ignore[arg-type]
+
+
+def settings(**overrides):
+    values = dict(max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=0, max_queue=100, request_timeout_s=5)
+    values.update(overrides)
+    return load_settings(**values)
+
+
+def test_select_batch_takes_everything_that_fits_in_arrival_order():
+    waiting = [item(5, i) for i in range(3)]
+    assert select_batch(waiting, max_size=4, max_tokens=100) == sorted(waiting, key=lambda w: w.length)
+
+
+def test_select_batch_respects_size_and_padded_token_bounds():
+    waiting = [item(10, i) for i in range(10)]
+    assert len(select_batch(waiting, max_size=4, max_tokens=1000)) == 4
+    assert len(select_batch(waiting, max_size=8, max_tokens=35)) == 3  # 3 * 10 <= 35 < 4 * 10
+
+
+def test_select_batch_always_serves_the_oldest_even_when_it_exceeds_the_budget():
+    waiting = [item(50, 0), item(3, 1), item(3, 2)]
+    batch = select_batch(waiting, max_size=4, max_tokens=20)
+    assert batch == [waiting[0]]
+
+
+def test_length_grouping_picks_neighbours_of_the_oldest_and_cuts_padding():
+    lengths = [40, 5, 41, 6, 39, 7, 42, 5]
+    waiting = [item(n, i) for i, n in enumerate(lengths)]
+    batch = select_batch(waiting, max_size=4, max_tokens=10_000)
+    assert waiting[0] in batch
+    assert sorted(w.length for w in batch) == [39, 40, 41, 42]
+    arrival_order_padding = 4 * max(lengths[:4]) - sum(lengths[:4])
+    grouped_padding = 4 * max(w.length for w in batch) - sum(w.length for w in batch)
+    assert grouped_padding < arrival_order_padding
+
+
+async def test_results_equal_unbatched_and_in_input_order():
+    engine = RecordingEngine()
+    batcher = Batcher(engine, settings(), Metrics())
+    batcher.start()
+    encodings = [np.arange(1, n + 1, dtype=np.int64) * 7 for n in (3, 9, 1, 5, 12, 2)]
+    results = await batcher.submit(encodings)
+    for ids, probabilities in zip(encodings, results, strict=True):
+        np.testing.assert_allclose(probabilities, expected_probabilities(ids), rtol=1e-6)
+    await batcher.drain()
+
+
+async def test_lone_request_runs_at_once_and_load_forms_batches():
+    engine = RecordingEngine(delay=0.05)
+    batcher = Batcher(engine, settings(max_wait_ms=1000), Metrics())
+    batcher.start()
+    started = time.monotonic()
+    await batcher.submit([np.array([1, 2, 3])])
+    assert time.monotonic() - started < 0.5  # MAX_WAIT_MS=1000 does not apply to a lone request
+    engine.gate.clear()  # hold the engine: submissions pile up
+    first = asyncio.ensure_future(batcher.submit([np.array([1])]))
+    await asyncio.sleep(0.05)
+    rest = [asyncio.ensure_future(batcher.submit([np.array([i, i])])) for i in range(2, 6)]
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await asyncio.gather(first, *rest)
+    assert engine.shapes[-1][0] == 4  # the four waiting texts ran as one batch
+    await batcher.drain()
+
+
+async def test_full_queue_sheds_with_overloaded():
+    engine = RecordingEngine()
+    engine.gate.clear()
+    metrics = Metrics()
+    batcher = Batcher(engine, settings(max_queue=3), metrics)
+    batcher.start()
+    held = asyncio.ensure_future(batcher.submit([np.array([1])]))
+    await asyncio.sleep(0.05)  # now running, queue empty
+    queued = asyncio.ensure_future(batcher.submit([np.array([1])] * 3))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded) as info:
+        await batcher.submit([np.array([2])])
+    assert info.value.status_code == 503 and info.value.retry_after
+    assert metrics.registry.get_sample_value("sentiment_rejected_requests_total", {"reason": "queue_full"}) == 1
+    engine.gate.set()
+    await asyncio.gather(held, queued)
+    await batcher.drain()
+
+
+async def test_text_still_queued_at_its_deadline_fails_with_deadline_exceeded():
+    engine = RecordingEngine(delay=0.3)
+    batcher = Batcher(engine, settings(max_batch_size=1), Metrics())
+    batcher.start()
+    slow = asyncio.ensure_future(batcher.submit([np.array([1])]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(DeadlineExceeded):
+        await batcher.submit([np.array([2])], timeout=0.1)
+    await slow
+    await batcher.drain()
+    assert len(engine.shapes) == 1  # the expired text never reached the engine
+
+
+async def test_engine_error_reaches_every_caller_as_inference_failed():
+    batcher = Batcher(RecordingEngine(fail=RuntimeError("kaboom")), settings(), Metrics())
+    batcher.start()
+    with pytest.raises(InferenceFailed, match="kaboom"):
+        await batcher.submit([np.array([1]), np.array([2])])
+    await batcher.drain()
+
+
+async def test_drain_answers_everything_accepted_then_refuses_new_work():
+    engine = RecordingEngine(delay=0.02)
+    batcher = Batcher(engine, settings(max_batch_size=2), Metrics())
+    batcher.start()
+    pending = [asyncio.ensure_future(batcher.submit([np.array([i])])) for i in range(1, 8)]
+    await asyncio.sleep(0)
+    await batcher.drain()
+    assert sum(batch for batch, _ in engine.shapes) == 7  # every accepted text ran before drain returned
+    assert len(await asyncio.wait_for(asyncio.gather(*pending), 1)) == 7
+    with pytest.raises(Draining):
+        await batcher.submit([np.array([1])])

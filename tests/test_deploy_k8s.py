@@ -1,0 +1,317 @@
+"""Kubernetes manifests (docker/k8s): schema-valid, overlays consistent, and the runbook's settings in place.
+
+Offline: every manifest is validated against the Kubernetes OpenAPI schemas
+shipped by ``kubernetes-validate`` (strict: unknown fields fail). Each
+overlay is rendered with ``kubectl kustomize`` / ``kustomize build`` when one
+is installed, otherwise with the small renderer below (resources, images,
+labels, strategic-merge patches keyed by container name), and the rendered
+objects are validated and checked for what the runbook relies on.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from server.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "docker" / "k8s"
+BASE = K8S / "base"
+OVERLAYS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
+# oldest still-common cluster version, and the newest the package knows
+K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+NAME = "sentiment-analyzer"
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+
+
+def load_docs(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def validate(doc: dict, where: str) -> None:
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where}: {doc['kind']}/{doc['metadata']['name']} invalid for Kubernetes {version}: "
+                        f"{exc.message} at {'/'.join(map(str, exc.path))}")
+
+
+def key(doc: dict) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+# ------------------------------------------------------------ fallback renderer
+
+def strategic_merge(base: object, patch: object) -> object:
+    """Enough of kustomize's strategic merge for these patches: maps merge, lists of named maps merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for k, v in patch.items():
+            merged[k] = strategic_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return merged
+    if (isinstance(base, list) and isinstance(patch, list) and patch
+            and all(isinstance(i, dict) and "name" in i for i in base + patch)):
+        merged = [copy.deepcopy(i) for i in base]
+        for item in patch:
+            for n, existing in enumerate(merged):
+                if existing["name"] == item["name"]:
+                    merged[n] = strategic_merge(existing, item)
+                    break
+            else:
+                merged.append(copy.deepcopy(item))
+        return merged
+    return copy.deepcopy(patch)
+
+
+def kustomization(directory: Path) -> dict:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
+
+
+def resource_docs(directory: Path) -> list[dict]:
+    """The objects a kustomization's `resources` produce (recursively), before its own transformations."""
+    out: list[dict] = []
+    for entry in kustomization(directory).get("resources", []):
+        path = (directory / entry).resolve()
+        out.extend(python_render(path) if path.is_dir() else load_docs(path))
+    return out
+
+
+def patch_files(directory: Path) -> list[tuple[Path, dict]]:
+    k = kustomization(directory)
+    entries = [p if isinstance(p, dict) else {"path": p} for p in k.get("patches", [])]
+    entries += [{"path": p} for p in k.get("patchesStrategicMerge", [])]
+    return [(directory / e["path"], e) for e in entries if "path" in e]
+
+
+def python_render(directory: Path) -> list[dict]:
+    docs = resource_docs(directory)
+    k = kustomization(directory)
+    by_key = {key(d): d for d in docs}
+    for path, entry in patch_files(directory):
+        for patch in load_docs(path):
+            target = entry.get("target") or {"kind": patch["kind"], "name": patch["metadata"]["name"]}
+            by_key[(target["kind"], target["name"])] = strategic_merge(by_key[(target["kind"], target["name"])], patch)
+    docs = list(by_key.values())
+    for label_set in k.get("labels", []):
+        for doc in docs:
+            doc.setdefault("metadata", {}).setdefault("labels", {}).update(label_set["pairs"])
+    images = {i["name"]: i for i in k.get("images", [])}
+    for doc in docs:
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            name = container["image"].split(":")[0]
+            if name in images:
+                image = images[name]
+                container["image"] = f"{image.get('newName', name)}:{image.get('newTag', 'latest')}"
+    return docs
+
+
+def kustomize_command() -> list[str] | None:
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+def render(directory: Path) -> list[dict]:
+    command = kustomize_command()
+    if command is None:
+        return python_render(directory)
+    result = subprocess.run([*command, str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"{' '.join(command)} {directory} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def overlay(request) -> tuple[str, dict[tuple[str, str], dict]]:
+    docs = render(OVERLAYS[request.param])
+    return request.param, {key(d): d for d in docs}
+
+
+# ------------------------------------------------------------------- per file
+
+def manifest_files() -> list[Path]:
+    files = sorted(BASE.glob("*.yaml")) + sorted((K8S / "jobs").glob("*.yaml"))
+    return [f for f in files if f.name != "kustomization.yaml"]
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_file_is_valid_kubernetes(path: Path) -> None:
+    docs = load_docs(path)
+    assert docs, f"{path} holds no object"
+    for doc in docs:
+        validate(doc, str(path.relative_to(ROOT)))
+
+
+def test_validator_rejects_unknown_fields() -> None:
+    """The strict schema check is live: a misspelt probe field fails."""
+    (deployment,) = load_docs(BASE / "deployment.yaml")
+    broken = copy.deepcopy(deployment)
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {"httpGet": {"path": "/health"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("directory", [BASE, *OVERLAYS.values(), K8S / "monitoring"],
+                         ids=lambda p: str(p.relative_to(K8S)))
+def test_kustomization_references_existing_files(directory: Path) -> None:
+    k = kustomization(directory)
+    assert k["apiVersion"] == "kustomize.config.k8s.io/v1beta1" and k["kind"] == "Kustomization"
+    for entry in k.get("resources", []):
+        assert (directory / entry).exists(), f"{directory}: resource {entry} does not exist"
+    for path, _ in patch_files(directory):
+        assert path.is_file(), f"{directory}: patch {path.name} does not exist"
+
+
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_overlay_patches_target_base_resources(name: str) -> None:
+    directory = OVERLAYS[name]
+    base = {key(d): d for d in resource_docs(directory)}
+    patches = patch_files(directory)
+    assert patches, f"overlay {name} patches nothing"
+    for path, entry in patches:
+        for patch in load_docs(path):
+            target = entry.get("target") or {"kind": patch["kind"], "name": patch["metadata"]["name"]}
+            assert (target["kind"], target["name"]) in base, (
+                f"{path.relative_to(ROOT)} patches {target['kind']}/{target['name']}, which the base does not define"
+            )
+            original = base[(target["kind"], target["name"])]
+            assert patch["apiVersion"] == original["apiVersion"], f"{path.name}: apiVersion differs from the base"
+            # a container name that is not in the base would silently add a second container
+            containers = patch.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+            base_names = {c["name"] for c in original.get("spec", {}).get("template", {}).get("spec", {})
+                          .get("containers", [])}
+            for container in containers:
+                assert container["name"] in base_names, f"{path.name}: container {container['name']!r} not in base"
+            if patch["kind"] == "ConfigMap":
+                unknown = set(patch.get("data", {})) - SETTING_NAMES
+                assert not unknown, f"{path.name}: {sorted(unknown)} are not settings of server/config.py"
+
+
+# ------------------------------------------------------------------- rendered
+
+def test_rendered_overlay_is_valid_kubernetes(overlay) -> None:
+    name, docs = overlay
+    kinds = {kind for kind, _ in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+            "Secret"} <= kinds
+    for doc in docs.values():
+        validate(doc, f"overlay {name}")
+
+
+def server_container(docs) -> dict:
+    deployment = docs[("Deployment", NAME)]
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
+    return container
+
+
+def configmap(docs) -> dict:
+    refs = [e["configMapRef"]["name"] for e in server_container(docs).get("envFrom", []) if "configMapRef" in e]
+    assert len(refs) == 1
+    return docs[("ConfigMap", refs[0])]["data"]
+
+
+def test_probes_and_graceful_shutdown(overlay) -> None:
+    _, docs = overlay
+    pod = docs[("Deployment", NAME)]["spec"]["template"]["spec"]
+    container = server_container(docs)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "startupProbe must allow for model load"
+    port_names = {p["name"] for p in container["ports"]}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in port_names | {8000}
+    drain_s = float(configmap(docs).get("REQUEST_TIMEOUT_S", Settings.model_fields["request_timeout_s"].default))
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    pre_stop_s = float(pre_stop[-1]) if pre_stop[:1] == ["sleep"] else 0.0
+    assert pod["terminationGracePeriodSeconds"] > drain_s + pre_stop_s, "grace period shorter than the drain"
+
+
+def test_resources_security_and_scrape_annotations(overlay) -> None:
+    name, docs = overlay
+    template = docs[("Deployment", NAME)]["spec"]["template"]
+    container = server_container(docs)
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{kind} must set cpu and memory"
+    gpu = container["resources"]["limits"].get("nvidia.com/gpu")
+    assert (gpu is not None) == (name == "gpu"), "only the gpu overlay asks for nvidia.com/gpu"
+    if name == "gpu":
+        assert container["resources"]["requests"].get("nvidia.com/gpu") == gpu
+        assert container["image"].endswith(":cuda")
+    else:
+        assert container["image"].endswith(":cpu")
+    assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert template["spec"]["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == int(configmap(docs).get("PORT", 8000))
+    # a read-only root needs writable mounts where the server writes
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    config = configmap(docs)
+    assert {"/tmp", str(Path(config["LOG_FILE"]).parent), config["SPOOL_DIR"]} <= mounts
+
+
+def test_selectors_and_references(overlay) -> None:
+    _, docs = overlay
+    deployment = docs[("Deployment", NAME)]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = docs[("Service", NAME)]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert any(p["targetPort"] in ("http", 8000) for p in service["spec"]["ports"])
+    assert docs[("PodDisruptionBudget", NAME)]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    hpa = docs[("HorizontalPodAutoscaler", NAME)]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME}
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    for source in server_container(docs)["envFrom"]:
+        if "secretRef" in source:
+            secret = docs[("Secret", source["secretRef"]["name"])]
+            assert "DATABASE_URL" in {**secret.get("stringData", {}), **secret.get("data", {})}
+        else:
+            assert ("ConfigMap", source["configMapRef"]["name"]) in docs
+
+
+def test_configmap_holds_valid_settings(overlay) -> None:
+    name, docs = overlay
+    data = configmap(docs)
+    unknown = set(data) - SETTING_NAMES
+    assert not unknown, f"overlay {name}: {sorted(unknown)} are not settings of server/config.py"
+    settings = Settings(**{k.lower(): v for k, v in data.items()})  # raises on an invalid value
+    assert settings.log_format == "json"
+    assert settings.device == ("cuda" if name == "gpu" else "cpu")
+
+
+def test_servicemonitor_and_migration_job() -> None:
+    (monitor,) = load_docs(K8S / "monitoring" / "servicemonitor.yaml")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor"
+    (service,) = load_docs(BASE / "service.yaml")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= {p["name"] for p in service["spec"]["ports"]}
+    assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    (job,) = load_docs(K8S / "jobs" / "db-migrate.yaml")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["db", "upgrade"]
+
+
+@pytest.mark.skipif(kustomize_command() is None, reason="no kustomize or kubectl: only the Python renderer runs")
+@pytest.mark.parametrize("name", sorted(OVERLAYS))
+def test_python_renderer_matches_kustomize(name: str) -> None:
+    """The fallback renderer (used where no kustomize binary exists) agrees with kustomize on the pod spec."""
+    ours = {key(d): d for d in python_render(OVERLAYS[name])}
+    theirs = {key(d): d for d in render(OVERLAYS[name])}
+    assert set(ours) == set(theirs)
+    assert server_container(ours) == server_container(theirs)
+    config = ("ConfigMap", "sentiment-analyzer-config")
+    assert ours[config]["data"] == theirs[config]["data"]

@@ -1,0 +1,74 @@
+"""Provider selection and CUDA -> CPU fallback, variant choice, real inference on the tiny artifact."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from server import engine as engine_module
+from server.artifact import load_artifact
+from server.engine import EngineStartError, create_engine, cuda_provider_options, resolve_device
+from server.runtime import warmup_shapes
+from server.tokenizer import TextEncoder, pad_batch
+
+
+def test_cpu_engine_runs_the_tiny_artifact(tiny_artifact, make_settings):
+    artifact = load_artifact(tiny_artifact)
+    engine = create_engine(artifact, make_settings(device="cpu"))
+    assert (engine.device, engine.provider, engine.variant) == ("cpu", "CPUExecutionProvider", "int8")
+    ids, mask = pad_batch(TextEncoder(artifact.tokenizer_path, artifact.max_length).encode(["good", "bad film"]))
+    logits = engine.run(ids, mask)
+    assert logits.shape == (2, 2) and logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_variant_override_is_honoured_and_unknown_variant_is_refused(tiny_artifact, make_settings):
+    artifact = load_artifact(tiny_artifact)
+    assert create_engine(artifact, make_settings(model_variant="fp32")).variant == "fp32"
+    with pytest.raises(Exception, match="variant 'fp16' is not in"):
+        create_engine(artifact, make_settings(model_variant="fp16"))
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_start_up_error(make_settings, monkeypatch):
+    monkeypatch.setattr(engine_module.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(EngineStartError, match="DEVICE=cuda but ONNX Runtime has no CUDA execution provider"):
+        resolve_device(make_settings(device="cuda"))
+
+
+def test_auto_falls_back_to_cpu_with_one_warning(tiny_artifact, make_settings, monkeypatch, caplog):
+    monkeypatch.setattr(engine_module.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level(logging.WARNING, logger="server.engine"):
+        engine = create_engine(load_artifact(tiny_artifact), make_settings(device="auto"))
+    assert engine.device == "cpu"
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+def test_cuda_provider_listed_but_unusable_falls_back_on_auto_and_fails_on_cuda(
+    tiny_artifact, make_settings, monkeypatch, caplog
+):
+    """onnxruntime-gpu installed but no driver: the session silently runs on CPU, which we detect."""
+    monkeypatch.setattr(engine_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    artifact = load_artifact(tiny_artifact)
+    with caplog.at_level(logging.WARNING, logger="server.engine"):
+        engine = create_engine(artifact, make_settings(device="auto"))
+    assert engine.device == "cpu" and engine.provider == "CPUExecutionProvider"
+    assert any("CUDA unusable" in r.getMessage() for r in caplog.records)
+    with pytest.raises(EngineStartError):
+        create_engine(artifact, make_settings(device="cuda"))
+
+
+def test_cuda_provider_options_are_deliberate(make_settings):
+    options = cuda_provider_options(make_settings(cuda_device_id=1, cuda_mem_limit=2**30))
+    assert options["device_id"] == "1"
+    assert options["gpu_mem_limit"] == str(2**30)
+    assert options["arena_extend_strategy"] == "kSameAsRequested"
+
+
+def test_warmup_covers_every_cuda_bucket_within_the_budget_and_few_cpu_shapes():
+    cuda = warmup_shapes("cuda", max_batch=32, max_tokens=8192, max_length=512)
+    assert (1, 8) in cuda and (32, 256) in cuda and (16, 512) in cuda
+    assert all(b * n <= 8192 for b, n in cuda)
+    cpu = warmup_shapes("cpu", max_batch=32, max_tokens=8192, max_length=512)
+    assert 1 <= len(cpu) <= 3 and max(b * n for b, n in cpu) == 8192

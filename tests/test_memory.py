@@ -1,0 +1,131 @@
+"""Memory limit discovery (cgroup v2 / v1 / host) and MemoryGuard transitions with injected readers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psutil
+import pytest
+
+from server.budget import TokenBudget
+from server.cache import PredictionCache
+from server.config import Settings
+from server.memory import MemoryGuard, memory_limit_bytes, process_rss_bytes
+from server.metrics import Metrics
+from server.primitives import Prediction
+
+PHYSICAL = psutil.virtual_memory().total
+GIB = 1 << 30
+
+
+def cgroup(tmp_path: Path, v2: str | None = None, v1: str | None = None) -> Path:
+    if v2 is not None:
+        (tmp_path / "memory.max").write_text(v2)
+    if v1 is not None:
+        (tmp_path / "memory").mkdir()
+        (tmp_path / "memory" / "memory.limit_in_bytes").write_text(v1)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("v2", "v1", "expected"),
+    [
+        ("536870912\n", None, 536870912),
+        ("max\n", None, PHYSICAL),
+        (None, "1073741824\n", 1073741824),
+        (None, "9223372036854771712\n", PHYSICAL),  # v1's "unlimited"
+        ("268435456\n", "1073741824\n", 268435456),  # v2 first
+        ("max\n", "1073741824\n", 1073741824),  # hybrid hierarchy: v2 unlimited, v1 set
+        (None, None, PHYSICAL),
+        ("garbage", None, PHYSICAL),
+        (str(PHYSICAL * 4), None, PHYSICAL),  # a limit above the RAM there is cannot be reached
+    ],
+    ids=["v2", "v2-max", "v1", "v1-unlimited", "v2-wins", "hybrid", "none", "unparsable", "above-ram"],
+)
+def test_memory_limit(tmp_path: Path, v2: str | None, v1: str | None, expected: int) -> None:
+    assert memory_limit_bytes(cgroup(tmp_path, v2, v1)) == expected
+
+
+def test_real_readers_return_plausible_numbers() -> None:
+    assert 0 < process_rss_bytes() < memory_limit_bytes()
+
+
+class Readers:
+    def __init__(self, rss: int, limit: int = 10 * GIB) -> None:
+        self.rss, self.limit, self.calls = rss, limit, 0
+        self.fail_next = False
+
+    def read_rss(self) -> int:
+        self.calls += 1
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("/proc is gone")
+        return self.rss
+
+    def read_limit(self) -> int:
+        return self.limit
+
+
+def guard_with(readers: Readers) -> tuple[MemoryGuard, PredictionCache, TokenBudget, Metrics]:
+    metrics = Metrics()
+    cache = PredictionCache(1_000_000, metrics)
+    for i in range(400):
+        cache.put("v1", f"text {i}", Prediction("POSITIVE", 0.9, {"NEGATIVE": 0.1, "POSITIVE": 0.9}))
+    budget = TokenBudget(8192, metrics)
+    settings = Settings(memory_high_water=0.8, memory_low_water=0.6)
+    guard = MemoryGuard(settings, metrics, cache, budget, rss_reader=readers.read_rss, limit_reader=readers.read_limit)
+    return guard, cache, budget, metrics
+
+
+def gauge(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name)
+
+
+def test_guard_sheds_above_high_water_and_recovers_below_low_water() -> None:
+    readers = Readers(rss=5 * GIB)
+    guard, cache, budget, metrics = guard_with(readers)
+    full = cache.entries
+
+    assert guard.check() is False
+    assert gauge(metrics, "sentiment_process_resident_memory_bytes") == 5 * GIB
+    assert gauge(metrics, "sentiment_memory_limit_bytes") == 10 * GIB
+    assert gauge(metrics, "sentiment_memory_pressure") == 0
+    assert (cache.entries, budget.current) == (full, 8192)
+
+    readers.rss = 9 * GIB  # 90% > 80%
+    assert guard.check() is True
+    assert gauge(metrics, "sentiment_memory_pressure") == 1
+    assert budget.current == 4096
+    after_first_shed = cache.entries
+    assert full * 0.4 <= after_first_shed <= full * 0.6
+
+    readers.rss = 7 * GIB  # between the marks: still under pressure, nothing more shed
+    assert guard.check() is True
+    assert cache.entries == after_first_shed
+    assert budget.current == 4096
+
+    readers.rss = 8 * GIB  # at high water again: shed again
+    assert guard.check() is True
+    assert cache.entries < after_first_shed
+
+    readers.rss = 5 * GIB  # below low water: recovered
+    assert guard.check() is False
+    assert gauge(metrics, "sentiment_memory_pressure") == 0
+    assert budget.current == 8192
+
+
+async def test_run_keeps_checking_through_a_failed_read() -> None:
+    readers = Readers(rss=GIB)
+    readers.fail_next = True
+    guard, _, _, metrics = guard_with(readers)
+    task = asyncio.create_task(guard.run(0.001))
+    for _ in range(500):
+        await asyncio.sleep(0.001)
+        if readers.calls >= 3:
+            break
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert readers.calls >= 3
+    assert gauge(metrics, "sentiment_process_resident_memory_bytes") == GIB

@@ -1,0 +1,222 @@
+"""The model pipeline end to end on a tiny model: fine-tune, export, parity, quantize, evaluate, manifest."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import models.export
+from models.build import build
+from models.evaluate import evaluate_checkpoint, evaluate_onnx
+from models.evaluate import main as evaluate_main
+from models.export import ExportError, export
+from models.finetune import TrainConfig, fine_tune
+from models.quantize import INT8_RECIPES, NODE_GROUPS, Int8Recipe, excluded_nodes, quantize_int8
+from server.artifact import MANIFEST, TOKENIZER, VARIANT_FILES, ArtifactError, load_artifact, sha256_file
+from server.tokenizer import TextEncoder, pad_batch
+from tests.model_fixtures import TINY_MAX_LENGTH, build_tiny_artifact, save_tiny_checkpoint
+
+ROWS = [
+    ("a gorgeous , witty , seductive movie .", 1),
+    ("the movie fails to live up to the sum of its parts .", 0),
+    ("it 's a charming and often affecting journey .", 1),
+    ("an absolute waste of two hours .", 0),
+    ("one of the year 's best films", 1),
+    ("unflinchingly bleak and desperate", 0),
+    ("warm , funny and beautifully acted", 1),
+    ("the plot is nothing but boilerplate clichés", 0),
+    ("great", 1),
+    ("dull , lifeless and far too long", 0),
+    ("a triumph", 1),
+    ("I want my money back", 0),
+]
+SAMPLE = ["fine", "a very long and winding review " * 30, "not good , not bad ."]
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "labeled.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in ROWS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("initial"))
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, initial, labeled) -> Path:
+    out = tmp_path_factory.mktemp("finetune")
+    cfg = TrainConfig(base=str(initial), train=str(labeled), dev=str(labeled), out=str(out), epochs=1.0,
+                      batch_size=4, eval_every=2, train_limit=8, lr=1e-3, max_length=TINY_MAX_LENGTH)
+    fine_tune(cfg)
+    return out / "best"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tuned, labeled) -> Path:
+    out = tmp_path_factory.mktemp("artifact") / "model"
+    build(tuned, out, ("fp32", "int8", "fp16"), eval_file=labeled, max_length=TINY_MAX_LENGTH)
+    return out
+
+
+@pytest.fixture
+def artifact_copy(artifact, tmp_path) -> Path:
+    return Path(shutil.copytree(artifact, tmp_path / "copy"))
+
+
+def test_fine_tune_trains_and_keeps_best(initial, tuned):
+    result = json.loads((tuned / "dev_result.json").read_text())
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["step"] in (2,)
+    before = AutoModelForSequenceClassification.from_pretrained(initial).classifier.weight
+    after = AutoModelForSequenceClassification.from_pretrained(tuned).classifier.weight
+    assert not torch.equal(before, after)
+
+
+def test_every_variant_has_the_server_io_contract(artifact):
+    for variant, name in VARIANT_FILES.items():
+        model = onnx.load(str(artifact / name))
+        assert max(op.version for op in model.opset_import if op.domain in ("", "ai.onnx")) >= 17
+        inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+        assert set(inputs) == {"input_ids", "attention_mask"}, variant
+        for tensor in inputs.values():
+            assert tensor.elem_type == onnx.TensorProto.INT64
+            assert [d.dim_param for d in tensor.shape.dim] and all(d.dim_param for d in tensor.shape.dim)
+        (output,) = model.graph.output
+        assert output.name == "logits" and output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT, variant
+
+
+def test_onnx_matches_pytorch_on_server_style_batches(artifact, tuned):
+    """Independent of the build's own check: the server's encoder and padding, PyTorch with HF's tokenizer."""
+    session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask = pad_batch(TextEncoder(artifact / TOKENIZER, TINY_MAX_LENGTH).encode(SAMPLE))
+    hf = AutoTokenizer.from_pretrained(tuned)(SAMPLE, padding=True, truncation=True, max_length=TINY_MAX_LENGTH,
+                                              return_tensors="pt")
+    model = AutoModelForSequenceClassification.from_pretrained(tuned).eval()
+    with torch.no_grad():
+        expected = model(input_ids=hf["input_ids"], attention_mask=hf["attention_mask"]).logits.numpy()
+    got = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+    assert np.array_equal(ids, hf["input_ids"].numpy())
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_tokenizer_json_is_configured_for_the_server(artifact):
+    tokenizer = Tokenizer.from_file(str(artifact / TOKENIZER))
+    assert tokenizer.padding is None
+    assert tokenizer.truncation["max_length"] == TINY_MAX_LENGTH
+    assert len(tokenizer.encode(SAMPLE[1]).ids) == TINY_MAX_LENGTH
+
+
+def test_manifest_lists_every_file_with_its_hash(artifact):
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    on_disk = {p.name for p in artifact.iterdir()} - {MANIFEST}
+    assert set(manifest["files"]) == on_disk == {TOKENIZER, *VARIANT_FILES.values()}
+    for name, info in manifest["files"].items():
+        assert info == {"sha256": sha256_file(artifact / name), "bytes": (artifact / name).stat().st_size}
+    assert manifest["labels"] == ["NEGATIVE", "POSITIVE"]
+    assert manifest["max_sequence_length"] == TINY_MAX_LENGTH
+    assert manifest["architecture"] == "DistilBertForSequenceClassification"
+    assert manifest["parity"]["fp32"]["max_abs_diff"] <= 1e-4
+    loaded = load_artifact(artifact)
+    assert loaded.variants() == ["fp16", "int8", "fp32"]
+    assert loaded.choose_variant("auto", "cpu") == "int8"
+
+
+def test_manifest_records_evaluation_of_every_variant(artifact):
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    results = manifest["evaluation"]["results"]
+    assert set(results) == {"fp32", "int8", "fp16"}
+    for variant, result in results.items():
+        assert np.sum(result["confusion_matrix"]) == len(ROWS)
+        assert manifest["variants"][variant]["accuracy"] == result["accuracy"]
+        assert manifest["variants"][variant]["parity"]["texts"] > 0
+    assert results["int8"]["vs_fp32"]["argmax_agreement"] > 0.5
+
+
+def test_onnx_evaluation_agrees_with_pytorch(artifact, tuned, labeled):
+    onnx_result, onnx_logits = evaluate_onnx(artifact / "model.onnx", labeled)
+    torch_result, torch_logits = evaluate_checkpoint(str(tuned), labeled, TINY_MAX_LENGTH)
+    assert np.abs(onnx_logits - torch_logits).max() <= 1e-4
+    expected = float(np.mean(torch_logits.argmax(-1) == np.array([label for _, label in ROWS])))
+    assert onnx_result["accuracy"] == torch_result["accuracy"] == pytest.approx(expected)
+    assert onnx_result["confusion_matrix"] == torch_result["confusion_matrix"]
+
+
+def test_evaluate_cli_records_results_in_the_manifest(artifact_copy, labeled):
+    manifest = json.loads((artifact_copy / MANIFEST).read_text())
+    manifest["variants"]["int8"]["accuracy"] = None
+    manifest["evaluation"] = {}
+    (artifact_copy / MANIFEST).write_text(json.dumps(manifest))
+    evaluate_main(["--artifact", str(artifact_copy), "--variant", "int8", "--data", str(labeled)])
+    updated = load_artifact(artifact_copy).manifest
+    assert updated["variants"]["int8"]["accuracy"] == updated["evaluation"]["results"]["int8"]["accuracy"]
+
+
+def test_corrupted_file_is_refused_naming_it(artifact_copy):
+    path = artifact_copy / "model.int8.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.int8\.onnx.*sha256"):
+        load_artifact(artifact_copy)
+
+
+def test_missing_file_is_refused_naming_it(artifact_copy):
+    (artifact_copy / TOKENIZER).unlink()
+    with pytest.raises(ArtifactError, match=r"missing: .*tokenizer\.json"):
+        load_artifact(artifact_copy)
+
+
+def test_shipped_artifact_drops_fp32_but_records_it(tmp_path):
+    out = build_tiny_artifact(tmp_path / "shipped", variants=("int8",))
+    assert {p.name for p in out.iterdir()} == {"model.int8.onnx", TOKENIZER, MANIFEST}
+    manifest = load_artifact(out).manifest
+    assert list(manifest["variants"]) == ["int8"]
+    assert manifest["parity"]["fp32"]["max_abs_diff"] <= 1e-4
+    assert manifest["variants"]["int8"]["recipe"]["name"] in INT8_RECIPES
+
+
+def test_failed_build_names_the_step_and_keeps_the_previous_artifact(artifact_copy, tuned, monkeypatch):
+    version = load_artifact(artifact_copy).version
+    real_export = models.export.export_onnx
+
+    def export_a_different_model(model, path, opset=17):
+        other = copy.deepcopy(model)
+        other.classifier.bias.data += 1.0
+        return real_export(other, path, opset)
+
+    monkeypatch.setattr(models.export, "export_onnx", export_a_different_model)
+    with pytest.raises(ExportError, match="max |Δlogit|") as failure:
+        build(tuned, artifact_copy, ("int8",), max_length=TINY_MAX_LENGTH)
+    assert failure.value.step == "parity"
+    assert load_artifact(artifact_copy).version == version
+    assert [p.name for p in artifact_copy.parent.iterdir()] == ["copy"]
+
+
+def test_unloadable_checkpoint_fails_at_the_load_step(tmp_path):
+    with pytest.raises(ExportError, match="step 'load'") as failure:
+        export(tmp_path / "no-such-checkpoint", tmp_path / "out")
+    assert failure.value.step == "load"
+
+
+def test_int8_node_groups_match_the_exported_graph(artifact, tmp_path):
+    """Renamed exporter nodes would make exclusions silently do nothing."""
+    graph = onnx.load(str(artifact / "model.onnx"))
+    for group in NODE_GROUPS:
+        assert excluded_nodes(graph, (group,)), group
+    recipe = Int8Recipe(per_channel=True, exclude=("classifier", "first_layer"))
+    quantized = onnx.load(str(quantize_int8(artifact / "model.onnx", tmp_path / "q.onnx", recipe)))
+    integer = {node.name for node in quantized.graph.node if node.op_type == "MatMulInteger"}
+    assert not [name for name in integer if "classifier/" in name or "/layer.0/" in name]
+    assert [name for name in integer if "/layer.1/ffn/lin2/" in name]

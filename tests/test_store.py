@@ -1,0 +1,261 @@
+"""The prediction store on SQLite and PostgreSQL: migrations, writer, queries, feedback, keys, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, select, text
+
+from models.data import load_labeled
+from server import cli_store
+from server.config import ConfigError
+from server.metrics import Metrics
+from server.store import KeyStore, PredictionStore, migrate
+from server.store.db import database_url, make_engine
+from server.store.feedback import UnknownPrediction, add_feedback, export_feedback
+from server.store.queries import PredictionFilter, get_prediction, list_predictions
+from server.store.tables import API_KEYS, PREDICTIONS, Base
+from server.store.writer import record_row
+from tests.store_fixtures import make_record, stored_ids, wait_until
+
+
+@pytest.fixture
+def engine(store_settings):
+    engine = make_engine(store_settings())
+    migrate.upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+def test_database_url_names_the_psycopg_driver_and_rejects_other_backends():
+    assert database_url("postgresql://u:p@db/x").drivername == "postgresql+psycopg"
+    assert database_url("postgres://u:p@db/x").drivername == "postgresql+psycopg"
+    assert database_url("sqlite:///./p.db").drivername == "sqlite"
+    with pytest.raises(ConfigError, match="DATABASE_URL='mysql://u:\\*\\*\\*@db/x'"):
+        database_url("mysql://u:secret@db/x")
+
+
+# migrations
+
+
+def test_migrations_build_exactly_the_models(engine):
+    assert migrate.current_revision(engine) == migrate.head_revision()
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert {"predictions", "api_keys", "feedback"} <= set(inspect(engine).get_table_names())
+
+
+async def test_start_migrates_sqlite_and_refuses_a_stale_postgresql_schema(store_db, store_settings, open_store):
+    settings = store_settings(db_auto_migrate=False)
+    if store_db.backend == "sqlite":
+        await open_store(settings)
+        engine = make_engine(settings)
+        assert migrate.current_revision(engine) == migrate.head_revision()
+        engine.dispose()
+        return
+    with pytest.raises(migrate.SchemaBehind, match="sentiment-analyzer db upgrade.*DB_AUTO_MIGRATE=true"):
+        await PredictionStore(settings, Metrics()).start()
+    store = await open_store(store_settings(db_auto_migrate=True))
+    assert store.health()["status"] == "ok"
+
+
+def test_a_schema_newer_than_this_release_is_tolerated_for_rollbacks(engine, store_settings, caplog):
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
+    with caplog.at_level(logging.WARNING):
+        migrate.prepare_schema(engine, store_settings(db_auto_migrate=False))
+        assert migrate.upgrade(engine) == "f00dcafe"
+    assert "newer than this server" in caplog.text
+
+
+# writer
+
+
+async def test_a_full_batch_is_written_without_waiting_for_the_interval(store_db, open_store):
+    store = await open_store(batch_rows=5, flush_interval_s=30)
+    records = [make_record(f"t{i}") for i in range(5)]
+    for record in records:
+        store.submit(record)
+    await wait_until(lambda: len(stored_ids(store_db.url)) == 5, timeout=5, what="a full batch")
+
+
+async def test_a_partial_batch_is_written_after_the_interval(store_db, open_store):
+    metrics = Metrics()
+    store = await open_store(metrics=metrics, batch_rows=1000, flush_interval_s=0.2)
+    store.submit(make_record("only one"))
+    await wait_until(lambda: len(stored_ids(store_db.url)) == 1, timeout=5, what="the interval flush")
+    assert metrics.store_written._value.get() == 1
+    assert metrics.store_queue_depth._value.get() == 0
+
+
+async def test_submit_never_raises_and_takes_numpy_scalars(store_db, open_store):
+    metrics = Metrics()
+    store = await open_store(metrics=metrics)
+    store.submit(make_record(probabilities=None))  # a broken record is counted and logged, not raised
+    assert metrics.store_write_errors._value.get() == 1
+    record = make_record(score=np.float32(0.75), latency_ms=np.float64(2.0),
+                         probabilities={"NEGATIVE": np.float32(0.25), "POSITIVE": np.float32(0.75)})
+    store.submit(record)
+    await wait_until(lambda: stored_ids(store_db.url) == [record.id], what="the numpy record")
+    assert get_prediction(store.engine, record.id)["probabilities"] == {"NEGATIVE": 0.25, "POSITIVE": 0.75}
+
+
+async def test_store_text_false_keeps_only_the_hash(store_db, store_settings, open_store):
+    store = await open_store(store_settings(store_text=False))
+    record = make_record("private words")
+    store.submit(record)
+    await store.close()
+    engine = make_engine(store_settings())
+    found = get_prediction(engine, record.id)
+    engine.dispose()
+    assert found["text"] is None
+    assert found["text_sha256"] == record.text_sha256
+
+
+async def test_health_reports_backend_and_status(store_db, open_store):
+    store = await open_store()
+    assert store.health() == {"status": "ok", "reason": None, "backend": store_db.backend,
+                              "queue_depth": 0, "spool_rows": 0}
+
+
+# queries
+
+
+def test_list_predictions_filters_orders_and_pages(engine):
+    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    rows = [make_record(f"t{i}", label="POSITIVE" if i % 2 else "NEGATIVE", model_version=str(1 + i // 5),
+                        created_at=start + timedelta(minutes=i)) for i in range(10)]
+    with engine.begin() as connection:
+        connection.execute(PREDICTIONS.insert(), [{**record_row(r, True), "created_at": r.created_at} for r in rows])
+
+    everything = list_predictions(engine, PredictionFilter(), limit=4)
+    assert [p["text"] for p in everything["items"]] == ["t9", "t8", "t7", "t6"]
+    assert everything["next_offset"] == 4
+    last = list_predictions(engine, PredictionFilter(), limit=4, offset=8)
+    assert [p["text"] for p in last["items"]] == ["t1", "t0"] and last["next_offset"] is None
+
+    picked = list_predictions(engine, PredictionFilter(label="POSITIVE", model_version="2",
+                                                       since=start + timedelta(minutes=6),
+                                                       until=(start + timedelta(minutes=9)).replace(tzinfo=None)))
+    assert [p["text"] for p in picked["items"]] == ["t7"]
+    assert picked["items"][0]["probabilities"] == {"NEGATIVE": 0.1, "POSITIVE": 0.9}
+    assert picked["items"][0]["created_at"] == (start + timedelta(minutes=7)).isoformat()
+    assert get_prediction(engine, "missing") is None
+
+
+# feedback
+
+
+async def test_feedback_exports_a_tsv_the_trainer_reads(store_db, store_settings, open_store, tmp_path):
+    store = await open_store()
+    liked, disliked, tabbed = make_record("liked it"), make_record("hated it"), make_record("a\ttab\nand lines")
+    hidden = make_record("not stored")
+    for record in (liked, disliked, tabbed):
+        store.submit(record)
+    await store.close()
+    hidden_store = await open_store(store_settings(store_text=False))
+    hidden_store.submit(hidden)
+    await hidden_store.close()
+
+    engine = make_engine(store_settings())
+    add_feedback(engine, liked.id, "NEGATIVE")
+    add_feedback(engine, liked.id, "POSITIVE")  # a later correction replaces the earlier one
+    add_feedback(engine, disliked.id, "NEGATIVE")
+    add_feedback(engine, tabbed.id, "POSITIVE")
+    add_feedback(engine, hidden.id, "POSITIVE")
+    with pytest.raises(UnknownPrediction):
+        add_feedback(engine, "no-such-id", "POSITIVE")
+    with pytest.raises(ValueError, match="POSITIVE"):
+        add_feedback(engine, liked.id, "positive")
+    assert get_prediction(engine, liked.id)["feedback_label"] == "POSITIVE"
+
+    out = tmp_path / "feedback.tsv"
+    with out.open("w", newline="") as handle:
+        assert export_feedback(engine, handle) == (3, 1)
+    engine.dispose()
+    data = load_labeled(out)
+    assert sorted(zip(data.texts, data.labels, strict=True)) == [("a tab and lines", 1), ("hated it", 0),
+                                                                   ("liked it", 1)]
+
+
+# API keys
+
+
+def test_keys_are_stored_hashed_revoked_at_once_and_last_use_recorded(engine):
+    keys = KeyStore(engine, last_used_interval_s=0)
+    record, key = keys.create("ci bot", "predict")
+    assert key.startswith("sap_") and len(key) > 40
+    with engine.connect() as connection:
+        stored = connection.execute(select(API_KEYS)).one()
+    assert key not in [str(v) for v in stored]
+    assert stored.key_sha256 != key
+
+    assert keys.lookup(key).id == record.id
+    assert keys.lookup(key + "x") is None
+    assert keys.list()[0].last_used_at is not None
+
+    revoked = keys.revoke(record.id)
+    assert revoked.revoked_at is not None
+    assert keys.lookup(key).revoked_at == revoked.revoked_at
+    assert keys.revoke(record.id).revoked_at == revoked.revoked_at
+    assert keys.revoke("nope") is None
+    with pytest.raises(ValueError, match="role"):
+        keys.create("x", "root")
+
+
+def test_last_use_is_written_at_most_once_per_interval(engine):
+    keys = KeyStore(engine, last_used_interval_s=3600)
+    _, key = keys.create("busy", "predict")
+    keys.lookup(key)
+    first = keys.list()[0].last_used_at
+    keys.lookup(key)
+    assert keys.list()[0].last_used_at == first
+
+
+# CLI
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cli_store.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_cli_migrates_manages_keys_and_exports_feedback(store_db, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", store_db.url)
+    assert run_cli("db", "current") == 1
+    assert "none" in capsys.readouterr().out
+    assert run_cli("db", "upgrade") == 0
+    assert run_cli("db", "current") == 0
+    assert "up to date" in capsys.readouterr().out
+
+    assert run_cli("keys", "create", "--name", "ops", "--role", "admin") == 0
+    created = capsys.readouterr()
+    key = created.out.strip().splitlines()[-1]
+    assert "shown again" in created.err
+    key_id = created.out.split("id=")[1].split()[0]
+    assert run_cli("keys", "list") == 0
+    listing = capsys.readouterr().out
+    assert key_id in listing and "admin" in listing and key not in listing
+    assert run_cli("keys", "revoke", key_id) == 0
+    assert run_cli("keys", "revoke", "nope") == 1
+    assert "keys list" in capsys.readouterr().err
+
+    out = tmp_path / "fb.tsv"
+    assert run_cli("feedback", "export", "--out", str(out)) == 0
+    assert out.read_text() == "text\tlabel\n"
+
+
+def test_cli_says_when_the_database_cannot_be_reached(capsys, tmp_path):
+    assert run_cli("db", "upgrade", "--database-url", "postgresql://nobody@127.0.0.1:1/none") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR cannot reach the database postgresql://nobody@127.0.0.1:1/none")
+    assert run_cli("db", "current", "--database-url", "oracle://x") == 1
+    assert "DATABASE_URL" in capsys.readouterr().err
