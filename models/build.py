@@ -31,10 +31,10 @@ from models.export import (
     OPSET,
     PARITY_TOLERANCE,
     ExportError,
-    cpu_session,
     export,
     labels_of,
     measure_parity,
+    ort_session,
     parity_batches,
 )
 from models.manifest import summary, write_manifest
@@ -53,6 +53,7 @@ def build(
     int8_recipe: str = DEFAULT_INT8_RECIPE,
     name: str = DEFAULT_NAME,
     version: str | None = None,
+    threads: int = 0,
 ) -> dict:
     """Write the artifact to ``out`` (replacing it) and return its manifest."""
     unknown = sorted(set(variants) - set(VARIANT_FILES))
@@ -63,14 +64,14 @@ def build(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
     try:
-        manifest = _assemble(checkpoint, work, variants, eval_file, max_length, int8_recipe, name, version)
+        manifest = _assemble(checkpoint, work, variants, eval_file, max_length, int8_recipe, name, version, threads)
         _replace(out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 
-def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_recipe, name, version) -> dict:
+def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_recipe, name, version, threads) -> dict:
     reduced = [v for v in ("int8", "fp16") if v in variants]
     with tqdm(total=2 + len(reduced) + bool(eval_file), desc="build", unit="step") as steps:
         steps.set_postfix_str("export fp32")
@@ -81,12 +82,12 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
         for variant in reduced:
             steps.set_postfix_str(variant)
             built[variant] = make_variant(variant, built["fp32"], work, int8_recipe)
-            parity[variant] = measure_parity(model, cpu_session(built[variant]), batches).as_dict()
+            parity[variant] = measure_parity(model, ort_session(built[variant], threads), batches).as_dict()
             steps.update()
         results = {}
         if eval_file:
             steps.set_postfix_str(f"evaluate on {Path(eval_file).name}")
-            results = _evaluate(built, Path(eval_file))
+            results = _evaluate(built, Path(eval_file), threads)
             steps.update()
         if "fp32" not in variants:
             built.pop("fp32").unlink()
@@ -108,9 +109,9 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
     return manifest
 
 
-def _evaluate(built: dict[str, Path], eval_file: Path) -> dict[str, dict]:
+def _evaluate(built: dict[str, Path], eval_file: Path, threads: int) -> dict[str, dict]:
     """Every built variant on ``eval_file``; reduced precisions also as agreement with fp32 on the same texts."""
-    evaluated = {v: evaluate_onnx(path, eval_file) for v, path in built.items()}
+    evaluated = {v: evaluate_onnx(path, eval_file, threads=threads) for v, path in built.items()}
     results = {v: result for v, (result, _) in evaluated.items()}
     for v in results.keys() - {"fp32"}:
         results[v]["vs_fp32"] = agreement(evaluated[v][1], evaluated["fp32"][1])
@@ -145,12 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--int8-recipe", default=DEFAULT_INT8_RECIPE, choices=sorted(INT8_RECIPES))
     parser.add_argument("--name", default=DEFAULT_NAME)
     parser.add_argument("--version", help="default: a digest of the artifact's files")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] + (["fp32"] if args.keep_fp32 else [])
     try:
         manifest = build(
             args.checkpoint, args.out, variants, args.eval_file, args.max_length, args.int8_recipe, args.name,
-            args.version,
+            args.version, args.threads,
         )
     except ExportError as exc:
         raise SystemExit(str(exc)) from None

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceC
 
 from models.data import load_labeled
 from models.evaluate import length_sorted_batches, texts_per_second
-from models.export import DEFAULT_MAX_LENGTH, cpu_session, export_onnx, load_checkpoint
+from models.export import DEFAULT_MAX_LENGTH, export_onnx, load_checkpoint, ort_session
 from models.minilm import build_classifier_from_bert_dir, minilm_dir
 from models.quantize import quantize_int8
 
@@ -50,7 +50,7 @@ def compare(checkpoint: str | None, data: Path, batch_size: int, threads: int, p
             path = export_onnx(model, Path(tmp) / f"{name}.onnx")
             if precision == "int8":
                 path = quantize_int8(path, Path(tmp) / f"{name}.int8.onnx")
-            sessions[name] = cpu_session(path, threads)
+            sessions[name] = ort_session(path, threads)
         speed = texts_per_second(sessions, batches, rounds)
     return {
         "precision": precision,

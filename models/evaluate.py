@@ -26,6 +26,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from models.data import LabeledData, load_labeled
+from models.export import DEFAULT_MAX_LENGTH, load_checkpoint, ort_session, torch_logits
+from models.manifest import record_evaluation
 from server.artifact import TOKENIZER, load_artifact
 from server.tokenizer import TextEncoder, pad_batch
 
@@ -95,15 +97,6 @@ def agreement(logits: np.ndarray, reference: np.ndarray) -> dict:
     }
 
 
-def onnx_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    """CUDA when onnxruntime has it (fp16's home), else CPU."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), options, providers=providers)
-
-
 def session_predict(session: ort.InferenceSession) -> Predict:
     return lambda ids, mask: session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
 
@@ -124,7 +117,7 @@ def evaluate_onnx(
     tokenizer: Path | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Evaluate one ONNX file with ``tokenizer`` (default: the ``tokenizer.json`` beside it)."""
-    session = onnx_session(path, threads)
+    session = ort_session(path, threads, cuda=True)  # fp16's home is CUDA
     encode = artifact_encoder(tokenizer or path.parent / TOKENIZER)
     result, logits = evaluate(session_predict(session), encode, load_labeled(data_file), batch_size)
     return {**result, "provider": session.get_providers()[0], "threads": threads or os.cpu_count()}, logits
@@ -134,8 +127,6 @@ def evaluate_checkpoint(
     checkpoint: str, data_file: Path, max_length: int, batch_size: int = BATCH_SIZE
 ) -> tuple[dict, np.ndarray]:
     """Evaluate an HF checkpoint (dir or Hub id) in PyTorch."""
-    from models.export import load_checkpoint, torch_logits
-
     model, tokenizer = load_checkpoint(checkpoint)
 
     def encode(texts: list[str]) -> list[np.ndarray]:
@@ -146,9 +137,6 @@ def evaluate_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from models.export import DEFAULT_MAX_LENGTH
-    from models.manifest import record_evaluation
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--artifact", type=Path, help="artifact directory (its manifest gets the results)")

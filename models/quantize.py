@@ -27,7 +27,9 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from models.export import ExportError
+from models.data import load_labeled
+from models.evaluate import agreement, artifact_encoder, evaluate_onnx, length_sorted_batches, texts_per_second
+from models.export import ExportError, ort_session
 from server.artifact import TOKENIZER
 
 INT8_FILE = "model.int8.onnx"
@@ -143,16 +145,6 @@ def make_variant(variant: str, fp32: Path, out_dir: Path, recipe: str = DEFAULT_
 def compare_recipes(fp32: Path, out_dir: Path, eval_file: Path, names: list[str]) -> list[dict]:
     """Quantize with each recipe; size, agreement with fp32 ONNX, accuracy on ``eval_file``, and
     throughput measured interleaved across all of them (fair on a busy machine)."""
-    from models.data import load_labeled
-    from models.evaluate import (
-        agreement,
-        artifact_encoder,
-        evaluate_onnx,
-        length_sorted_batches,
-        onnx_session,
-        texts_per_second,
-    )
-
     tokenizer = fp32.parent / TOKENIZER
     paths = {"fp32": fp32}
     paths.update({name: quantize_int8(fp32, out_dir / f"model.int8.{name}.onnx", INT8_RECIPES[name]) for name in names})
@@ -165,7 +157,7 @@ def compare_recipes(fp32: Path, out_dir: Path, eval_file: Path, names: list[str]
                       "vs_fp32": agreement(logits, reference)}
         print(json.dumps(rows[name]), flush=True)
     batches = length_sorted_batches(artifact_encoder(tokenizer)(load_labeled(eval_file).texts), 32)
-    speed = texts_per_second({name: onnx_session(path) for name, path in paths.items()}, batches)
+    speed = texts_per_second({name: ort_session(path) for name, path in paths.items()}, batches)
     for name, texts_per_s in speed.items():
         rows[name]["interleaved_texts_per_s"] = texts_per_s
     return list(rows.values())

@@ -24,6 +24,7 @@ from server.routes_store import router as store_router
 from server.runtime import ModelRuntime
 from server.services import Services
 from server.store import KeyStore, PredictionStore
+from server.store.migrate import SchemaBehind
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,11 @@ async def build_services(settings: Settings, metrics: Metrics,
     cache_bytes = settings.cache_max_bytes if settings.enable_model_caching else 0
     cache = PredictionCache(cache_bytes, metrics)
     store = PredictionStore(settings, metrics)
-    await store.start()
+    try:
+        await store.start()
+    except SchemaBehind as exc:
+        log.error("cannot start: %s", exc)
+        raise
     keys = KeyStore(store.engine)
     if settings.auth_mode == "open":
         log.warning("AUTH_MODE=open: /predict accepts requests without an API key")
@@ -71,7 +76,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
         services.start_background()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(services.reload()))
+            loop.add_signal_handler(signal.SIGHUP, services.reload_in_background)
         log.info("ready: %s %s on %s, listening on %s:%d", services.runtime.identity.name,
                  services.runtime.identity.version, services.runtime.identity.provider, settings.host, settings.port)
         try:

@@ -59,9 +59,9 @@ def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
             raise _refuse(request, Unauthorized("this API key has been revoked: ask an administrator for a new one"),
                           f"revoked API key id={found.id} name={found.name!r}")
         if not found.allows(role):
-            raise _refuse(request, Forbidden(f"this API key has role {found.role}; {request.url.path} needs role "
-                                             f"{role}"), f"API key id={found.id} name={found.name!r} "
-                                                         f"role={found.role} lacks role {role}")
+            message = f"this API key has role {found.role}; {request.url.path} needs role {role}"
+            detail = f"API key id={found.id} name={found.name!r} role={found.role} lacks role {role}"
+            raise _refuse(request, Forbidden(message), detail)
         return found.id
 
     return check

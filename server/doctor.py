@@ -70,18 +70,20 @@ def check_port(settings: Settings) -> Check:
 
 
 def check_database(settings: Settings) -> Check:
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text
+
+    from server.store.db import make_engine, redact
 
     try:
-        engine = create_engine(settings.database_url, pool_pre_ping=True)
+        engine = make_engine(settings)
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         engine.dispose()
     except Exception as exc:  # any driver error means "not reachable" here
-        return Check("database", False, f"{_redact(settings.database_url)}: {str(exc).splitlines()[0]}",
+        return Check("database", False, f"{redact(settings.database_url)}: {str(exc).splitlines()[0]}",
                      "check the server (`pg_isready -h HOST`), credentials and DATABASE_URL; predictions are "
                      "still served while it is down (records spool to SPOOL_DIR)")
-    return Check("database", True, f"{_redact(settings.database_url)} reachable")
+    return Check("database", True, f"{redact(settings.database_url)} reachable")
 
 
 def check_writable(settings: Settings) -> Check:
@@ -95,13 +97,6 @@ def check_writable(settings: Settings) -> Check:
     return Check("disk", True, "spool and log directories writable")
 
 
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 CHECKS: list[Callable[[Settings], Check]] = [check_model, check_device, check_port, check_database, check_writable]
 
 
@@ -113,7 +108,7 @@ def run_doctor(overrides: dict[str, object] | None = None, print_fn: Callable[[s
         print_fn(f"[FAIL] configuration: {exc}")
         print_fn("       fix: correct the variable named above (see the README's configuration table)")
         return 1
-    print_fn("[ok]   configuration: every environment value is valid")
+    print_fn("[ok  ] configuration: every environment value is valid")
     failed = 0
     for check in CHECKS:
         result = check(settings)

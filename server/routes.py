@@ -87,8 +87,8 @@ async def ready(request: Request):
     services = services_of(request)
     if services.is_ready():
         return json_response({"ready": True})
-    reason = "draining" if services.draining else "model warming up"
-    return error_response(503, f"not ready: {reason}", retry_after=5, ready=False)
+    # The port opens only after the model is loaded and warm, so "not ready" here means draining.
+    return error_response(503, "not ready: draining for shutdown", retry_after=5, ready=False)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

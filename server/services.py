@@ -103,6 +103,10 @@ class Services:
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 
+    def reload_in_background(self) -> None:
+        """SIGHUP: reload MODEL_PATH; the task is kept so it cannot be garbage-collected mid-way."""
+        self._tasks.append(asyncio.get_running_loop().create_task(self.reload(), name="reload"))
+
     async def reload(self, model_path: str | None = None) -> dict[str, Any]:
         """Load, verify, warm and smoke-test a new model; swap it in only if all of that succeeds."""
         path = Path(model_path) if model_path else self.settings.model_path

@@ -11,6 +11,8 @@ from scripts.benchlib.serverproc import LiveServer, free_port, start_server, sto
 from server.config import Settings, load_settings
 from tests.model_fixtures import build_tiny_artifact
 
+pytest_plugins = ["tests.store_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:

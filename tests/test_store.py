@@ -89,8 +89,8 @@ async def test_a_partial_batch_is_written_after_the_interval(store_db, open_stor
     metrics = Metrics()
     store = await open_store(metrics=metrics, batch_rows=1000, flush_interval_s=0.2)
     store.submit(make_record("only one"))
-    await wait_until(lambda: len(stored_ids(store_db.url)) == 1, timeout=5, what="the interval flush")
-    assert metrics.store_written._value.get() == 1
+    await wait_until(lambda: metrics.store_written._value.get() == 1, timeout=5, what="the interval flush")
+    assert len(stored_ids(store_db.url)) == 1
     assert metrics.store_queue_depth._value.get() == 0
 
 

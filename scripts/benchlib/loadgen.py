@@ -27,7 +27,6 @@ import orjson
 from scripts.benchlib.workload import Draw, Workload
 
 LABEL_VALUES = {"NEGATIVE": 0, "POSITIVE": 1}
-JSON = {"Content-Type": "application/json"}
 
 
 @dataclass
@@ -64,12 +63,31 @@ def score(payload: bytes, labels: list[int]) -> tuple[int, int]:
     return correct, sum(bool(p.get("cached")) for p in predictions)
 
 
+class PredictProtocol:
+    """How a request body is written and a 200 response scored: this project's ``POST /predict`` contract.
+
+    Other servers speak other protocols; the side-by-side benchmark passes a subclass per peer
+    (``scripts.benchlib.peers.adapters``) so that the same generator drives them all.
+    """
+
+    name = "ours"
+    content_type = "application/json"
+
+    def encode(self, draw: Draw) -> bytes:
+        return orjson.dumps(draw.body())
+
+    def score(self, payload: bytes, labels: list[int]) -> tuple[int, int]:
+        return score(payload, labels)
+
+
 class Client:
     """Keep-alive connections to one server; ``request`` never raises, it returns a ``Sample``."""
 
     def __init__(self, base_url: str, max_connections: int = 256, timeout: float = 30.0,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, protocol: PredictProtocol | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.protocol = protocol or PredictProtocol()
+        self._content_type = {"Content-Type": self.protocol.content_type}
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=60),
             timeout=aiohttp.ClientTimeout(total=timeout),
@@ -81,7 +99,7 @@ class Client:
         await self._session.close()
 
     async def request(self, path: str, draw: Draw | None, due: float) -> Sample:
-        """POST ``draw`` as JSON (GET when None); latency counts from ``due``."""
+        """POST ``draw`` in the protocol's encoding (GET when None); latency counts from ``due``."""
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         sample = Sample(due, due, time.perf_counter() - due, None)
@@ -91,16 +109,17 @@ class Client:
             if draw is None:
                 call = self._session.get(self.base_url + path)
             else:
-                call = self._session.post(self.base_url + path, data=orjson.dumps(draw.body()), headers=JSON)
+                call = self._session.post(self.base_url + path, data=self.protocol.encode(draw),
+                                          headers=self._content_type)
             async with call as response:
                 payload = await response.read()
                 sample.status, sample.retry_after = response.status, "Retry-After" in response.headers
             if sample.status == 200 and draw is not None:
-                sample.correct, sample.cached = score(payload, draw.labels)
+                sample.correct, sample.cached = self.protocol.score(payload, draw.labels)
                 sample.scored = len(draw.labels)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             sample.error = type(exc).__name__
-        except (ValueError, KeyError, TypeError):  # a 200 whose body is not the contract's
+        except (ValueError, KeyError, TypeError, IndexError):  # a 200 whose body is not the contract's
             sample.error = "bad_response"
         finally:
             self.in_flight -= 1

@@ -17,12 +17,12 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from models.data import load_labeled
 from scripts.benchlib.envinfo import environment, header
-from scripts.benchlib.loadgen import Client, Sample, closed_loop, open_loop
+from scripts.benchlib.loadgen import Client, PredictProtocol, Sample, closed_loop, open_loop
 from scripts.benchlib.stats import accuracy, latency_summary, throughput
 from scripts.benchlib.workload import Workload
 
@@ -49,6 +49,7 @@ class LoadTestConfig:
     timeout: float = 30.0
     headers: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    protocol: PredictProtocol | None = None  # how bodies are written and responses scored (None: /predict's)
 
 
 def summarize(samples: list[Sample], window_start: float, cpu_seconds: float, wall_seconds: float) -> dict:
@@ -135,7 +136,7 @@ async def run_loadtest_async(config: LoadTestConfig, log: Callable[[str], None] 
     workload = Workload(data, config.duplicate_ratio, config.texts_per_request, config.length_mix, config.seed)
     env = environment()
     log(header(env))
-    client = Client(config.url, config.max_connections, config.timeout, config.headers)
+    client = Client(config.url, config.max_connections, config.timeout, config.headers, config.protocol)
     baseline, phases = None, []
     try:
         if config.baseline_path and config.baseline_duration > 0:
@@ -146,8 +147,9 @@ async def run_loadtest_async(config: LoadTestConfig, log: Callable[[str], None] 
             log(_line(phases[-1]))
     finally:
         await client.close()
-    report = {"environment": env, "config": {k: str(v) if isinstance(v, Path) else v
-                                                       for k, v in asdict(config).items()},
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(replace(config, protocol=None)).items()}
+    settings["protocol"] = (config.protocol or PredictProtocol()).name
+    report = {"environment": env, "config": settings,
               "baseline": baseline, "phases": phases}
     report["headroom"] = headroom(report)
     if report["headroom"]:

@@ -52,6 +52,7 @@ class PredictionStore:
         self._insert = _idempotent_insert(self.engine)
         self._spool = Spool(settings.spool_dir)
         self._queue: deque[dict[str, Any]] = deque()  # rows, in submission order
+        self._in_flight = 0  # rows taken from the queue, not yet written or spooled
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -108,7 +109,7 @@ class PredictionStore:
         else:
             status, reason = "degraded", f"{self._reason}; {spooled} predictions spooled to {self._spool.path}"
         return {"status": status, "reason": reason, "backend": self.backend,
-                "queue_depth": len(self._queue), "spool_rows": spooled}
+                "queue_depth": len(self._queue) + self._in_flight, "spool_rows": spooled}
 
     async def close(self) -> None:
         """Write what is queued, or spool it when the database is down; then release the pool."""
@@ -142,11 +143,15 @@ class PredictionStore:
             await self._replay()
         while self._queue:
             rows = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch_rows))]
-            if not self._spool.rows and (self._up or self._due()) and await self._write(rows):
-                continue
-            if not await self._to_spool(rows):
-                self._queue.extendleft(reversed(rows))
-                break
+            self._in_flight = len(rows)
+            try:
+                if not self._spool.rows and (self._up or self._due()) and await self._write(rows):
+                    continue
+                if not await self._to_spool(rows):
+                    self._queue.extendleft(reversed(rows))
+                    break
+            finally:
+                self._in_flight = 0
         self.metrics.store_queue_depth.set(len(self._queue))
         self.metrics.store_spool_rows.set(self._spool.rows)
 

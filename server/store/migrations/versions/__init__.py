@@ -1,0 +1,1 @@
+"""The revisions, a package so that setuptools ships them with the server."""

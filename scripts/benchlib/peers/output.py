@@ -1,0 +1,124 @@
+"""Side-by-side outputs: ``side_by_side.json`` (everything), ``side_by_side.md`` (the tables) and
+``side_by_side.png`` (throughput, p50 and p99 against offered load, one line per server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scripts.benchlib.peers.compare import verdict_lines
+from scripts.benchlib.report import plt, save_figure, write_json
+
+KNOBS = ("max_batch_size", "max_wait_ms", "workers", "instances", "replicas", "threads")
+
+
+def _fmt(value, spec: str = ".1f", none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _phase_cell(phase: dict | None) -> str:
+    """``req/s · p50/p99 ms`` (and the non-200 count) of one phase."""
+    if phase is None:
+        return "-"
+    lat = phase["latency"]
+    failed = phase["requests"] - phase["ok"]
+    cell = f"{_fmt(phase['goodput_rps'])} · {_fmt(lat['p50_ms'])}/{_fmt(lat['p99_ms'])}"
+    return cell + (f" · {failed} failed" if failed else "")
+
+
+def _find(phases: list[dict], server: str, mode: str, level: float) -> dict | None:
+    for phase in phases:
+        if phase["server"] == server and phase["mode"] == mode and phase["level"] == level:
+            return phase
+    return None
+
+
+def settings_cell(settings: dict) -> str:
+    shown = [f"{k}={settings[k]}" for k in KNOBS if k in settings]
+    shown += [f"{k}={v}" for k, v in settings.items() if k not in KNOBS]
+    return ", ".join(shown)
+
+
+def markdown(report: dict) -> str:
+    """The comparison as markdown: verdicts, servers (versions, settings), then one table per mode."""
+    servers, phases = report["servers"], report["phases"]
+    names = [n for n, s in servers.items() if s.get("status") == "measured"]
+    sat = report["comparison"]["saturation"]
+    lines = ["# Side by side", "", f"{report['started']} · {report['environment']['cpu']} "
+             f"({report['environment']['usable_cpus']} CPUs usable) · data `{report['config']['data']}` · "
+             f"model `{report['config']['checkpoint']}` (max length {report['config']['max_length']})", ""]
+    lines += [f"- {line}" for line in verdict_lines(report["comparison"])]
+    lines += ["", "## Servers", "", "| server | status | versions | settings | saturation req/s (at c) | "
+              "idle CPU % | accuracy |", "|---|---|---|---|---|---|---|"]
+    for name, info in servers.items():
+        versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
+        s = sat.get(name)
+        saturated = f"{s['rps']:.1f} (c={s['level']:g})" if s else "-"
+        accs = [p["accuracy"] for p in phases if p["server"] == name and p["accuracy"] is not None]
+        accuracy = _fmt(min(accs) if accs else None, ".3f")
+        lines.append(f"| {name} | {info.get('status')} | {versions or '-'} | {settings_cell(info.get('settings', {}))} "
+                     f"| {saturated} | {_fmt(info.get('idle_cpu_percent'))} | {accuracy} |")
+    for mode, title, key in (("closed", "Closed loop: goodput req/s · p50/p99 ms, by concurrency", "concurrency"),
+                             ("open", "Open loop (Poisson): goodput req/s · p50/p99 ms, by offered rate", "rate")):
+        levels = sorted({p["level"] for p in phases if p["mode"] == mode})
+        if not levels:
+            continue
+        lines += ["", f"## {title}", "", "| server | " + " | ".join(f"{key} {lv:g}" for lv in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for name in names:
+            cells = [_phase_cell(_find(phases, name, mode, lv)) for lv in levels]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    failed = {n: s for n, s in servers.items() if s.get("status") != "measured"}
+    if failed:
+        lines += ["", "## Not measured", ""]
+        lines += [f"- {n}: {s.get('status')}: {s.get('error', '')}" for n, s in failed.items()]
+    gen = report.get("generator")
+    if gen and gen.get("throughput_rps"):
+        lines += ["", f"Generator ceiling: {gen['throughput_rps']:.0f} req/s on GET {gen['path']} "
+                  f"({gen['client_cpu_ms_per_request']:.2f} ms client CPU per request); the generator shares the CPUs."]
+    return "\n".join(lines) + "\n"
+
+
+def _series(phases: list[dict], server: str, mode: str) -> list[dict]:
+    return sorted((p for p in phases if p["server"] == server and p["mode"] == mode), key=lambda p: p["level"])
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Three panels: goodput, p50 and p99 against concurrency (closed loop); open-loop points as a fourth."""
+    phases = report["phases"]
+    names = [n for n, s in report["servers"].items() if s.get("status") == "measured"]
+    has_open = any(p["mode"] == "open" for p in phases)
+    fig, axes = plt.subplots(1, 4 if has_open else 3, figsize=(19 if has_open else 15, 4.3))
+    for index, name in enumerate(names):
+        color = f"C{index}"
+        closed = _series(phases, name, "closed")
+        levels = [p["level"] for p in closed]
+        axes[0].plot(levels, [p["goodput_rps"] or 0 for p in closed], marker="o", color=color, label=name)
+        axes[1].plot(levels, [p["latency"]["p50_ms"] for p in closed], marker="o", color=color, label=name)
+        axes[2].plot(levels, [p["latency"]["p99_ms"] for p in closed], marker="o", color=color, label=name)
+        if has_open:
+            opened = _series(phases, name, "open")
+            rates = [p["level"] for p in opened]
+            axes[3].plot(rates, [p["latency"]["p50_ms"] for p in opened], marker="o", color=color, label=f"{name} p50")
+            axes[3].plot(rates, [p["latency"]["p99_ms"] for p in opened], marker="x", linestyle="--", color=color,
+                         label=f"{name} p99")
+    axes[0].set(title="throughput (200s)", xlabel="concurrency (closed loop)", ylabel="requests / s")
+    axes[1].set(title="p50 latency", xlabel="concurrency (closed loop)", ylabel="ms")
+    axes[2].set(title="p99 latency", xlabel="concurrency (closed loop)", ylabel="ms")
+    if has_open:
+        axes[3].set(title="open loop latency", xlabel="offered rate, requests/s (Poisson)", ylabel="ms")
+    for ax in axes[:3]:
+        ax.set_xscale("log", base=2)
+    for ax in axes[1:]:
+        ax.set_yscale("log")
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="small")
+    fig.suptitle("side by side: same model, same load, same machine")
+    return save_figure(fig, path)
+
+
+def write_outputs(report: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / "side_by_side.md"
+    md.write_text(markdown(report))
+    return [write_json(report, out_dir / "side_by_side.json"), md, plot(report, out_dir / "side_by_side.png")]

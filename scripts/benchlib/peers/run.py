@@ -1,0 +1,277 @@
+"""The side-by-side run: prepare the model, install and start every server, warm up, measure round-robin, stop.
+
+Order of a run:
+  1. the peers' checkpoint: the HF checkpoint directory linked file by file into ``<out>/model``, with its
+     tokenizer capped at the artifact's max sequence length (so every server truncates alike) and asked
+     for ``input_ids`` and ``attention_mask`` only (DistilBERT takes no token types);
+  2. each peer's venv (``<peers-root>/<name>``), created and installed unless already done;
+  3. every server started (one at a time, each waiting until a real prediction comes back), then warmed
+     up with a short closed loop at the highest concurrency; then the idle CPU of each is recorded;
+  4. the generator's ceiling (closed loop on our ``GET /health``);
+  5. closed loop: for each concurrency, every server in turn (the order rotates by one per level), so
+     drift of the machine over the run hits all alike; after each phase the run waits until the server
+     is idle again (its backlog must not eat into the next server's phase);
+  6. open loop (Poisson) at fractions of our saturation throughput (0.5 always), every server in turn;
+  7. stop everything; compare; write JSON, markdown and PNG.
+All servers stay up during the whole sweep (each one's idle CPU is in the report).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from scripts.benchlib.envinfo import environment, header
+from scripts.benchlib.loadrun import LoadTestConfig, run_loadtest
+from scripts.benchlib.peers.compare import HALF, compare, saturation, verdict_lines
+from scripts.benchlib.peers.output import settings_cell, write_outputs
+from scripts.benchlib.peers.servers import SERVERS, Context, Running, start, stop
+from scripts.benchlib.peers.venvs import InstallError, ensure_venv, installed_versions
+from scripts.benchlib.serverproc import free_port
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+@dataclass
+class RunConfig:
+    checkpoint: Path
+    artifact: Path
+    data: Path
+    out: Path
+    servers: list[str]
+    concurrency: list[int]
+    duration: float = 15.0
+    warmup: float = 2.0
+    server_warmup: float = 5.0
+    open_fractions: list[float] = field(default_factory=lambda: [HALF])
+    peers_root: Path = Path("/work/peers")
+    python: str | None = None
+    reinstall: bool = False
+    install: bool = True
+    overrides: dict[str, dict] = field(default_factory=dict)
+    max_length: int | None = None
+    timeout: float = 30.0
+    max_connections: int = 512
+    seed: int = 0
+    settle_cpu_percent: float = 15.0
+    settle_timeout: float = 60.0
+
+
+def artifact_max_length(artifact: Path) -> int:
+    return int(json.loads((artifact / "manifest.json").read_text())["max_sequence_length"])
+
+
+def prepare_checkpoint(checkpoint: Path, dest: Path, max_length: int) -> Path:
+    """``dest`` links every file of ``checkpoint`` except the tokenizer config, rewritten for ``max_length``."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for item in checkpoint.resolve().iterdir():
+        if item.name != TOKENIZER_CONFIG:
+            (dest / item.name).symlink_to(item)
+    config_path = checkpoint / TOKENIZER_CONFIG
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config["model_max_length"] = max_length
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    (dest / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2))
+    return dest
+
+
+def settle(server: Running, threshold: float, timeout: float, window: float = 0.5) -> float:
+    """Wait until the server's process tree uses under ``threshold`` % of one CPU; returns seconds waited."""
+    began = time.perf_counter()
+    while time.perf_counter() - began < timeout:
+        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        time.sleep(window)
+        if 100.0 * (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0) < threshold:
+            break
+    return time.perf_counter() - began
+
+
+def idle_cpu(server: Running, seconds: float) -> float:
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+    time.sleep(seconds)
+    return 100.0 * (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+
+
+def phase_line(phase: dict) -> str:
+    lat = phase["latency"]
+    ms = f"p50 {lat['p50_ms']:.1f} p90 {lat['p90_ms']:.1f} p99 {lat['p99_ms']:.1f}" if lat["count"] else "-"
+    other = {k: v for k, v in phase["by_status"].items() if k != "200"} | phase["errors"]
+    acc = f"{phase['accuracy']:.3f}" if phase["accuracy"] is not None else "-"
+    return (f"{phase['server']:<10} {phase['mode']} {phase['level']:g}: {phase['goodput_rps'] or 0:.1f} req/s ok, "
+            f"ms {ms}, failed {other or 0}, accuracy {acc}, server CPU {phase['server_cpu_percent']:.0f}%, "
+            f"client CPU {phase['client_cpu_percent']:.0f}%")
+
+
+class SideBySide:
+    def __init__(self, config: RunConfig, log=print) -> None:
+        self.config, self.log = config, log
+        self.running: dict[str, Running] = {}
+        self.servers: dict[str, dict] = {}
+        self.phases: list[dict] = []
+
+    # -- setup -------------------------------------------------------------------------------------------
+    def settings_of(self, name: str) -> dict:
+        return {**SERVERS[name].settings, **self.config.overrides.get(name, {})}
+
+    def install(self, name: str) -> Path | None:
+        spec = SERVERS[name]
+        info = self.servers[name]
+        if not spec.requirements:
+            import sys
+
+            info["python"] = sys.executable
+            return Path(sys.executable)
+        venv = self.config.peers_root / name
+        try:
+            if self.config.install:
+                python = ensure_venv(venv, spec.requirements, self.config.python, self.config.reinstall, self.log)
+            else:
+                python = venv / "bin" / "python"
+                if not python.exists():
+                    raise InstallError(f"no venv at {venv} (run without --no-install)")
+        except InstallError as exc:
+            info.update(status="install failed", error=str(exc))
+            self.log(f"{name}: install failed: {exc}")
+            return None
+        info.update(python=str(python), venv=str(venv), requirements=spec.requirements)
+        return python
+
+    def start_one(self, name: str, python: Path, checkpoint: Path, max_length: int) -> None:
+        spec, info = SERVERS[name], self.servers[name]
+        ctx = Context(python=python, checkpoint=checkpoint, artifact=self.config.artifact.resolve(),
+                      max_length=max_length, port=free_port(),
+                      spare_ports=[free_port() for _ in range(spec.spare_ports)],
+                      workdir=(self.config.out / "servers" / name).resolve(), settings=info["settings"])
+        began = time.perf_counter()
+        try:
+            self.running[name] = start(spec, ctx, self.log)
+        except Exception as exc:  # noqa: BLE001 - one server failing must not stop the others
+            info.update(status="start failed", error=str(exc)[-2000:])
+            self.log(f"{name}: start failed: {str(exc)[-1500:]}")
+            return
+        info.update(status="started", start_seconds=time.perf_counter() - began, url=self.running[name].url,
+                    log=str(ctx.workdir / "server.log"))
+
+    # -- measuring ---------------------------------------------------------------------------------------
+    def loadtest(self, name: str, mode: str, level: float, duration: float, warmup: float) -> dict:
+        server = self.running[name]
+        adapter = server.adapter
+        config = LoadTestConfig(
+            url=server.url, data=self.config.data, mode=mode, levels=[level], duration=duration, warmup=warmup,
+            predict_path=adapter.path, baseline_path=None, max_connections=self.config.max_connections,
+            timeout=self.config.timeout, seed=self.config.seed, protocol=adapter)
+        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        report = run_loadtest(config, log=lambda _line: None)
+        phase = report["phases"][0]
+        phase["server"] = name
+        phase["server_cpu_percent"] = 100.0 * (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+        phase["settle_seconds"] = settle(server, self.config.settle_cpu_percent, self.config.settle_timeout)
+        return phase
+
+    def measure(self, name: str, mode: str, level: float) -> None:
+        try:
+            phase = self.loadtest(name, mode, level, self.config.duration, self.config.warmup)
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"{name}: {mode} {level:g} failed: {exc}")
+            self.servers[name].setdefault("phase_errors", []).append(f"{mode} {level:g}: {exc}")
+            return
+        self.phases.append(phase)
+        self.log(phase_line(phase))
+
+    def round_robin(self, mode: str, levels: list[float]) -> None:
+        names = list(self.running)
+        for index, level in enumerate(levels):
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                self.measure(name, mode, level)
+
+    def generator_ceiling(self) -> dict | None:
+        name = "ours" if "ours" in self.running else next(iter(self.running), None)
+        if name is None:
+            return None
+        server = self.running[name]
+        config = LoadTestConfig(url=server.url, data=self.config.data, levels=[], protocol=server.adapter,
+                                baseline_path=server.adapter.health_path, baseline_duration=3.0)
+        baseline = run_loadtest(config, log=lambda _line: None)["baseline"]
+        self.log(f"generator: {baseline['throughput_rps']:.0f} req/s on GET {baseline['path']} of {name} "
+                 f"({baseline['client_cpu_ms_per_request']:.2f} ms client CPU per request)")
+        return baseline
+
+    # -- the whole run -----------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.config
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        env = environment()
+        self.log(header(env))
+        max_length = cfg.max_length or artifact_max_length(cfg.artifact)
+        checkpoint = prepare_checkpoint(cfg.checkpoint, (cfg.out / "model").resolve(), max_length)
+        for name in cfg.servers:
+            self.servers[name] = {"title": SERVERS[name].title, "settings": self.settings_of(name), "status": "pending"}
+        pythons = {name: self.install(name) for name in cfg.servers}
+        for name, python in pythons.items():
+            if python is not None:
+                self.servers[name]["versions"] = installed_versions(python, SERVERS[name].packages)
+        comparison: dict = {}
+        generator = None
+        try:
+            for name, python in pythons.items():
+                if python is not None:
+                    self.start_one(name, python, checkpoint, max_length)
+            for name in list(self.running):
+                self.log(f"{name}: settings {settings_cell(self.servers[name]['settings'])}; "
+                         f"versions {self.servers[name].get('versions')}")
+                self.server_warmup(name)
+            for name, server in self.running.items():
+                self.servers[name]["idle_cpu_percent"] = idle_cpu(server, 2.0)
+            generator = self.generator_ceiling()
+            self.round_robin("closed", [float(c) for c in cfg.concurrency])
+            ours = saturation(self.phases, "ours")
+            anchor = ours or max(filter(None, (saturation(self.phases, n) for n in self.running)),
+                                 key=lambda s: s["rps"], default=None)
+            rates = sorted({round(f * anchor["rps"], 3) for f in {*cfg.open_fractions, HALF}}) if anchor else []
+            self.round_robin("open", rates)
+            half_rate = round(HALF * ours["rps"], 3) if ours else None
+            comparison = compare(self.phases, list(self.running), "ours", half_rate)
+        finally:
+            for name, server in list(self.running.items()):
+                code = stop(server)
+                if self.servers[name]["status"] == "started":
+                    self.servers[name]["status"] = "measured" if any(p["server"] == name for p in self.phases) \
+                        else "not measured"
+                self.servers[name]["exit_code"] = code
+        if not comparison:
+            comparison = compare(self.phases, [n for n in cfg.servers], "ours")
+        report = {
+            "started": started, "environment": env,
+            "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
+                       "max_length": max_length},
+            "servers": self.servers, "generator": generator, "phases": self.phases, "comparison": comparison,
+        }
+        for line in verdict_lines(comparison):
+            self.log(line)
+        for path in write_outputs(report, cfg.out):
+            self.log(f"wrote {path}")
+        return report
+
+    def server_warmup(self, name: str) -> None:
+        """A short closed loop at the highest concurrency (every batch size gets exercised), not recorded."""
+        if self.config.server_warmup <= 0:
+            return
+        try:
+            phase = self.loadtest(name, "closed", float(max(self.config.concurrency)), self.config.server_warmup, 0.0)
+            self.servers[name]["warmup"] = {"requests": phase["requests"], "ok": phase["ok"]}
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"{name}: warm-up failed: {exc}\n{traceback.format_exc()}")
+
+
+def run_side_by_side(config: RunConfig, log=print) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return SideBySide(config, log).run()

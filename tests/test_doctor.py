@@ -1,0 +1,71 @@
+"""`sentiment-analyzer doctor`: each runbook start-up check passes on a good setup and names the fix on a bad one."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+
+from server.cli import main
+from server.doctor import run_doctor
+
+
+def doctor(monkeypatch, env: dict[str, str]) -> tuple[int, list[str]]:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    lines: list[str] = []
+    return run_doctor(print_fn=lines.append), lines
+
+
+def good_env(tiny_artifact, tmp_path) -> dict[str, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"MODEL_PATH": str(tiny_artifact), "HOST": "127.0.0.1", "PORT": str(port), "DEVICE": "cpu",
+            "DATABASE_URL": f"sqlite:///{tmp_path}/doctor.db", "SPOOL_DIR": str(tmp_path / "spool")}
+
+
+def test_all_checks_pass_on_a_good_setup(monkeypatch, tiny_artifact, tmp_path):
+    code, lines = doctor(monkeypatch, good_env(tiny_artifact, tmp_path))
+    assert code == 0, lines
+    assert [line.split("]")[0] for line in lines] == ["[ok  "] * 6
+
+
+def test_missing_model_file_fails_with_the_file_and_a_fix(monkeypatch, tiny_artifact, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_artifact, broken)
+    (broken / "tokenizer.json").unlink()
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "MODEL_PATH": str(broken)})
+    assert code == 1
+    failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL] model"))
+    assert "tokenizer.json" in lines[failure] and "fix:" in lines[failure + 1]
+
+
+def test_port_in_use_fails(monkeypatch, tiny_artifact, tmp_path):
+    env = good_env(tiny_artifact, tmp_path)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(env["PORT"])))
+        holder.listen()
+        code, lines = doctor(monkeypatch, env)
+    assert code == 1
+    assert any(line.startswith("[FAIL] port") and "already in use" in line for line in lines)
+
+
+def test_unreachable_database_fails_without_leaking_the_password(monkeypatch, tiny_artifact, tmp_path):
+    env = {**good_env(tiny_artifact, tmp_path),
+           "DATABASE_URL": "postgresql+psycopg://app:s3cret@127.0.0.1:1/predictions?connect_timeout=2"}
+    code, lines = doctor(monkeypatch, env)
+    assert code == 1
+    (line,) = [line for line in lines if line.startswith("[FAIL] database")]
+    assert "s3cret" not in "\n".join(lines) and "pg_isready" in "\n".join(lines)
+
+
+def test_invalid_environment_value_is_named(monkeypatch, tiny_artifact, tmp_path):
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "MAX_QUEUE": "-3"})
+    assert code == 1 and "MAX_QUEUE='-3'" in lines[0]
+
+
+def test_cli_flag_overrides_the_environment(monkeypatch, tiny_artifact, tmp_path, capsys):
+    for name, value in good_env(tiny_artifact, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    assert main(["doctor", "--port", "not-a-port"]) == 1
+    assert "PORT='not-a-port'" in capsys.readouterr().out
