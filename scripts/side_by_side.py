@@ -16,6 +16,7 @@ writes side_by_side.{json,md,png} into --out. The logic lives in ``scripts/bench
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -123,8 +124,13 @@ def config_from(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the run's finally: every started server is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.smoke:
         args.checkpoint, args.artifact = smoke_model(args.out / "smoke-model")
     for path, what in ((args.checkpoint, "--checkpoint"), (args.artifact, "--artifact"), (args.data, "--data")):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.ticker import ScalarFormatter
+
 from scripts.benchlib.peers.compare import verdict_lines
 from scripts.benchlib.report import plt, save_figure, write_json
 
@@ -38,6 +40,14 @@ def settings_cell(settings: dict) -> str:
     return ", ".join(shown)
 
 
+def overall_accuracy(phases: list[dict], server: str) -> float | None:
+    """Accuracy over every text the server answered in all its phases."""
+    scored = [(p["accuracy"], p.get("scored_texts", 0)) for p in phases
+              if p["server"] == server and p["accuracy"] is not None]
+    total = sum(n for _, n in scored)
+    return sum(a * n for a, n in scored) / total if total else None
+
+
 def markdown(report: dict) -> str:
     """The comparison as markdown: verdicts, servers (versions, settings), then one table per mode."""
     servers, phases = report["servers"], report["phases"]
@@ -46,15 +56,16 @@ def markdown(report: dict) -> str:
     lines = ["# Side by side", "", f"{report['started']} · {report['environment']['cpu']} "
              f"({report['environment']['usable_cpus']} CPUs usable) · data `{report['config']['data']}` · "
              f"model `{report['config']['checkpoint']}` (max length {report['config']['max_length']})", ""]
+    if report.get("interrupted"):
+        lines += [f"**Interrupted** ({report['interrupted']}): partial results.", ""]
     lines += [f"- {line}" for line in verdict_lines(report["comparison"])]
     lines += ["", "## Servers", "", "| server | status | versions | settings | saturation req/s (at c) | "
-              "idle CPU % | accuracy |", "|---|---|---|---|---|---|---|"]
+              "idle CPU % | accuracy (all phases) |", "|---|---|---|---|---|---|---|"]
     for name, info in servers.items():
         versions = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items())
         s = sat.get(name)
         saturated = f"{s['rps']:.1f} (c={s['level']:g})" if s else "-"
-        accs = [p["accuracy"] for p in phases if p["server"] == name and p["accuracy"] is not None]
-        accuracy = _fmt(min(accs) if accs else None, ".3f")
+        accuracy = _fmt(overall_accuracy(phases, name), ".3f")
         lines.append(f"| {name} | {info.get('status')} | {versions or '-'} | {settings_cell(info.get('settings', {}))} "
                      f"| {saturated} | {_fmt(info.get('idle_cpu_percent'))} | {accuracy} |")
     for mode, title, key in (("closed", "Closed loop: goodput req/s · p50/p99 ms, by concurrency", "concurrency"),
@@ -108,6 +119,7 @@ def plot(report: dict, path: Path) -> Path:
         axes[3].set(title="open loop latency", xlabel="offered rate, requests/s (Poisson)", ylabel="ms")
     for ax in axes[:3]:
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
     for ax in axes[1:]:
         ax.set_yscale("log")
     for ax in axes:

@@ -31,7 +31,16 @@ from scripts.benchlib.envinfo import environment, header
 from scripts.benchlib.loadrun import LoadTestConfig, run_loadtest
 from scripts.benchlib.peers.compare import HALF, compare, saturation, verdict_lines
 from scripts.benchlib.peers.output import settings_cell, write_outputs
-from scripts.benchlib.peers.servers import SERVERS, Context, Running, start, stop
+from scripts.benchlib.peers.servers import (
+    SERVERS,
+    Context,
+    Running,
+    git_revision,
+    reported_versions,
+    server_info,
+    start,
+    stop,
+)
 from scripts.benchlib.peers.venvs import InstallError, ensure_venv, installed_versions
 from scripts.benchlib.serverproc import free_port
 
@@ -60,7 +69,7 @@ class RunConfig:
     max_connections: int = 512
     seed: int = 0
     settle_cpu_percent: float = 15.0
-    settle_timeout: float = 60.0
+    settle_timeout: float = 120.0
 
 
 def artifact_max_length(artifact: Path) -> int:
@@ -83,15 +92,18 @@ def prepare_checkpoint(checkpoint: Path, dest: Path, max_length: int) -> Path:
     return dest
 
 
-def settle(server: Running, threshold: float, timeout: float, window: float = 0.5) -> float:
-    """Wait until the server's process tree uses under ``threshold`` % of one CPU; returns seconds waited."""
+def settle(server: Running, threshold: float, timeout: float, window: float = 0.5) -> tuple[float, bool]:
+    """Wait until the server's process tree uses under ``threshold`` % of one CPU (its backlog is done).
+
+    Returns (seconds waited, whether it got there within ``timeout``).
+    """
     began = time.perf_counter()
     while time.perf_counter() - began < timeout:
         cpu0, t0 = server.cpu_seconds(), time.perf_counter()
         time.sleep(window)
         if 100.0 * (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0) < threshold:
-            break
-    return time.perf_counter() - began
+            return time.perf_counter() - began, True
+    return time.perf_counter() - began, False
 
 
 def idle_cpu(server: Running, seconds: float) -> float:
@@ -158,7 +170,8 @@ class SideBySide:
             self.log(f"{name}: start failed: {str(exc)[-1500:]}")
             return
         info.update(status="started", start_seconds=time.perf_counter() - began, url=self.running[name].url,
-                    log=str(ctx.workdir / "server.log"))
+                    log=str(ctx.workdir / "server.log"), server_info=server_info(self.running[name], spec.info_path))
+        info.setdefault("versions", {}).update(reported_versions(name, info["server_info"]))
 
     # -- measuring ---------------------------------------------------------------------------------------
     def loadtest(self, name: str, mode: str, level: float, duration: float, warmup: float) -> dict:
@@ -173,7 +186,11 @@ class SideBySide:
         phase = report["phases"][0]
         phase["server"] = name
         phase["server_cpu_percent"] = 100.0 * (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
-        phase["settle_seconds"] = settle(server, self.config.settle_cpu_percent, self.config.settle_timeout)
+        phase["settle_seconds"], phase["settled"] = settle(server, self.config.settle_cpu_percent,
+                                                           self.config.settle_timeout)
+        if not phase["settled"]:
+            self.log(f"{name}: still busy {phase['settle_seconds']:.0f} s after the phase (a backlog it keeps "
+                     "working on after the clients gave up); the next phase may be disturbed")
         return phase
 
     def measure(self, name: str, mode: str, level: float) -> None:
@@ -219,8 +236,9 @@ class SideBySide:
         for name, python in pythons.items():
             if python is not None:
                 self.servers[name]["versions"] = installed_versions(python, SERVERS[name].packages)
-        comparison: dict = {}
-        generator = None
+        if "ours" in self.servers:
+            self.servers["ours"]["versions"] = {"git": git_revision(), **self.servers["ours"].get("versions", {})}
+        generator, interrupted = None, None
         try:
             for name, python in pythons.items():
                 if python is not None:
@@ -233,13 +251,10 @@ class SideBySide:
                 self.servers[name]["idle_cpu_percent"] = idle_cpu(server, 2.0)
             generator = self.generator_ceiling()
             self.round_robin("closed", [float(c) for c in cfg.concurrency])
-            ours = saturation(self.phases, "ours")
-            anchor = ours or max(filter(None, (saturation(self.phases, n) for n in self.running)),
-                                 key=lambda s: s["rps"], default=None)
-            rates = sorted({round(f * anchor["rps"], 3) for f in {*cfg.open_fractions, HALF}}) if anchor else []
-            self.round_robin("open", rates)
-            half_rate = round(HALF * ours["rps"], 3) if ours else None
-            comparison = compare(self.phases, list(self.running), "ours", half_rate)
+            self.round_robin("open", self.open_rates())
+        except BaseException as exc:  # noqa: BLE001 - SIGTERM/Ctrl-C too: stop the servers, write what we have
+            interrupted = exc
+            self.log(f"interrupted: {type(exc).__name__}: {exc}")
         finally:
             for name, server in list(self.running.items()):
                 code = stop(server)
@@ -247,19 +262,31 @@ class SideBySide:
                     self.servers[name]["status"] = "measured" if any(p["server"] == name for p in self.phases) \
                         else "not measured"
                 self.servers[name]["exit_code"] = code
-        if not comparison:
-            comparison = compare(self.phases, [n for n in cfg.servers], "ours")
+        ours = saturation(self.phases, "ours")
+        comparison = compare(self.phases, list(cfg.servers), "ours", round(HALF * ours["rps"], 3) if ours else None)
         report = {
             "started": started, "environment": env,
             "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                        "max_length": max_length},
             "servers": self.servers, "generator": generator, "phases": self.phases, "comparison": comparison,
+            "interrupted": None if interrupted is None else f"{type(interrupted).__name__}: {interrupted}",
         }
         for line in verdict_lines(comparison):
             self.log(line)
         for path in write_outputs(report, cfg.out):
             self.log(f"wrote {path}")
+        if interrupted is not None and not isinstance(interrupted, Exception):
+            raise interrupted  # SystemExit / KeyboardInterrupt: exit as asked, after cleaning up
         return report
+
+    def open_rates(self) -> list[float]:
+        """Open-loop rates: the configured fractions (0.5 always) of our saturation (else the best server's)."""
+        ours = saturation(self.phases, "ours")
+        anchor = ours or max(filter(None, (saturation(self.phases, n) for n in self.running)),
+                             key=lambda s: s["rps"], default=None)
+        if not anchor:
+            return []
+        return sorted({round(f * anchor["rps"], 3) for f in {*self.config.open_fractions, HALF}})
 
     def server_warmup(self, name: str) -> None:
         """A short closed loop at the highest concurrency (every batch size gets exercised), not recorded."""

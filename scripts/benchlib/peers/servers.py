@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    cleanup: list[Path] = field(default_factory=list)  # removed after the server stops
 
 
 @dataclass
@@ -75,6 +77,7 @@ class ServerSpec:
     launch: Callable[[Context], Launch]
     spare_ports: int = 0
     ready_timeout: float = 300.0
+    info_path: str | None = None  # GET it once started: what the server says about itself (version, model)
 
 
 def _base_env(ctx: Context, venv_bin: Path | None) -> dict[str, str]:
@@ -110,12 +113,14 @@ def _triton(ctx: Context) -> Launch:
     lib = libdir(ctx.python)
     env["LD_LIBRARY_PATH"] = f"{lib}{os.pathsep}{env['LD_LIBRARY_PATH']}" if env.get("LD_LIBRARY_PATH") else lib
     grpc, metrics = ctx.spare_ports
+    workspace = ctx.workdir / "pytriton"  # PyTriton creates it and refuses one that exists (a killed run's)
+    shutil.rmtree(workspace, ignore_errors=True)
     argv = [str(ctx.python), str(HERE / "serve_triton.py"), "--model", str(ctx.checkpoint), "--port", str(ctx.port),
             "--grpc-port", str(grpc), "--metrics-port", str(metrics),
             "--max-batch-size", str(s["max_batch_size"]), "--max-wait-ms", str(s["max_wait_ms"]),
             "--threads", str(s["threads"]), "--instances", str(s["instances"]), "--max-length", str(ctx.max_length),
-            "--workspace", str(ctx.workdir / "pytriton")]
-    return Launch(argv, env, ctx.workdir)
+            "--workspace", str(workspace)]
+    return Launch(argv, env, ctx.workdir, cleanup=[workspace])
 
 
 def _infinity(ctx: Context) -> Launch:
@@ -179,8 +184,11 @@ def _ray(ctx: Context) -> Launch:
             "--max-ongoing-requests", str(s["max_ongoing_requests"]), "--max-length", str(ctx.max_length)]
     env = _base_env(ctx, ctx.python.parent)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_TMPDIR"] = str(ctx.workdir / "ray")  # Ray's session directory
-    return Launch(argv, env, ctx.workdir)
+    env["RAY_AUTH_MODE"] = "disabled"  # Ray 2.5x+ turns token auth on by default; a loopback benchmark needs none
+    # Ray's session directory holds AF_UNIX sockets, whose paths must stay under 108 bytes: a short one in /tmp.
+    tmp = Path(tempfile.mkdtemp(prefix="sbs-ray-"))
+    env["RAY_TMPDIR"] = str(tmp)
+    return Launch(argv, env, ctx.workdir, cleanup=[tmp])
 
 
 SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
@@ -189,19 +197,19 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
         ["sentiment-analyzer-pro", "onnxruntime", "tokenizers", "fastapi", "uvicorn"],
         {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "threads": 2, "variant": "auto",
          "cache": False, "store": False, "log_level": "INFO"},
-        OursAdapter, _ours),
+        OursAdapter, _ours, info_path="/health"),
     ServerSpec(
         "triton", "NVIDIA Triton via PyTriton (PyTorch)", [TORCH_PIN, TRANSFORMERS_PIN, "nvidia-pytriton==0.7.0"],
         ["nvidia-pytriton", "tritonclient", "torch", "transformers"],
         {"max_batch_size": 32, "max_wait_ms": 2.0, "instances": 1, "threads": 2},
-        TritonAdapter, _triton, spare_ports=2),
+        TritonAdapter, _triton, spare_ports=2, info_path="/v2"),
     ServerSpec(
         "infinity", "Infinity (PyTorch engine)",
         [TORCH_PIN, TRANSFORMERS_PIN, "infinity-emb[server,torch]==0.0.78"],
         ["infinity-emb", "torch", "transformers", "uvicorn"],
         {"max_batch_size": 32, "max_wait_ms": None, "workers": 1, "threads": 2, "compile": False,
          "bettertransformer": False},
-        InfinityAdapter, _infinity),
+        InfinityAdapter, _infinity, info_path="/models"),
     ServerSpec(
         "torchserve", "TorchServe (PyTorch, custom handler)",
         [TORCH_PIN, TRANSFORMERS_PIN, "torchserve==0.12.0", "torch-model-archiver==0.12.0"],
@@ -213,7 +221,7 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
         "ray", "Ray Serve (PyTorch, @serve.batch)", [TORCH_PIN, TRANSFORMERS_PIN, "ray[serve]==2.60.0"],
         ["ray", "torch", "transformers", "fastapi", "uvicorn"],
         {"max_batch_size": 32, "max_wait_ms": 2.0, "replicas": 1, "threads": 2, "max_ongoing_requests": 256},
-        RayAdapter, _ray),
+        RayAdapter, _ray, info_path="/-/routes"),
 )}
 
 
@@ -224,6 +232,7 @@ class Running:
     process: subprocess.Popen
     adapter: Adapter
     log_path: Path
+    cleanup: list[Path] = field(default_factory=list)
     procs: dict[int, psutil.Process] = field(default_factory=dict)  # every process seen in the tree
 
     def log_tail(self, lines: int = 30) -> str:
@@ -265,7 +274,7 @@ def start(spec: ServerSpec, ctx: Context, log=print) -> Running:
         out.flush()
         process = subprocess.Popen(launch.argv, env=launch.env, cwd=launch.cwd, stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    running = Running(spec.name, f"http://127.0.0.1:{ctx.port}", process, spec.adapter(), log_path)
+    running = Running(spec.name, f"http://127.0.0.1:{ctx.port}", process, spec.adapter(), log_path, launch.cleanup)
     try:
         wait_ready(running, spec.ready_timeout)
     except BaseException:
@@ -274,6 +283,45 @@ def start(spec: ServerSpec, ctx: Context, log=print) -> Running:
     running.tree()
     log(f"{spec.name}: ready at {running.url} (pid {process.pid})")
     return running
+
+
+def server_info(running: Running, path: str | None) -> object:
+    """The JSON the server answers on ``path`` (its own account of version and model); None if it does not."""
+    if not path:
+        return None
+    try:
+        response = httpx.get(running.url + path, timeout=10.0)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def reported_versions(name: str, info: object) -> dict[str, str]:
+    """Versions a server reports itself, beyond its Python packages: Triton's server build, TorchServe's JVM."""
+    versions: dict[str, str] = {}
+    if name == "triton" and isinstance(info, dict) and info.get("version"):
+        versions["tritonserver"] = str(info["version"])
+    if name == "torchserve" and shutil.which("java"):
+        try:
+            out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+            first = (out.stderr or out.stdout).splitlines()
+            if first:
+                versions["java"] = first[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return versions
+
+
+def git_revision() -> str | None:
+    """This checkout's commit (with ``+dirty`` for local changes): the version of ``ours``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def probe(running: Running, client: httpx.Client) -> list[str]:
@@ -322,6 +370,8 @@ def stop(running: Running, timeout: float = 30.0) -> int | None:
             proc.kill()  # psutil checks the pid still names the same process
         except psutil.Error:
             pass
+    for path in running.cleanup:
+        shutil.rmtree(path, ignore_errors=True)
     return running.process.returncode
 
 

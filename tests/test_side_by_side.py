@@ -1,0 +1,402 @@
+"""Side by side (issue 6): adapters, comparison arithmetic, writers, CLI and the server lifecycle; no peer installs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import psutil
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+
+from scripts import side_by_side
+from scripts.benchlib.loadrun import LoadTestConfig, run_loadtest
+from scripts.benchlib.peers import servers as servers_module
+from scripts.benchlib.peers.adapters import (
+    ADAPTERS,
+    InfinityAdapter,
+    OursAdapter,
+    RayAdapter,
+    TorchServeAdapter,
+    TritonAdapter,
+    correct_count,
+    normalize_label,
+)
+from scripts.benchlib.peers.compare import compare, saturation, verdict_lines
+from scripts.benchlib.peers.output import markdown, overall_accuracy, write_outputs
+from scripts.benchlib.peers.run import prepare_checkpoint
+from scripts.benchlib.peers.servers import SERVERS, Context, Launch, ServerSpec, start, stop
+from scripts.benchlib.peers.venvs import MARKER, ensure_venv
+from scripts.benchlib.serverproc import free_port
+from scripts.benchlib.workload import Draw
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BAD_BODY = (ValueError, KeyError, TypeError, IndexError)
+
+
+# -- adapters -----------------------------------------------------------------------------------------------
+
+def test_normalize_label():
+    assert normalize_label("positive") == "POSITIVE"
+    assert normalize_label(b"NEGATIVE") == "NEGATIVE"
+    assert normalize_label("LABEL_1") == "POSITIVE"
+    assert normalize_label(" label_0 ") == "NEGATIVE"
+    with pytest.raises(TypeError):
+        normalize_label(1)
+
+
+def test_correct_count_checks_length():
+    assert correct_count(["POSITIVE", "NEGATIVE", "POSITIVE"], [1, 0, 0]) == 2
+    with pytest.raises(ValueError):
+        correct_count(["POSITIVE"], [1, 0])
+
+
+def test_ours_adapter_counts_cached():
+    adapter = OursAdapter()
+    draw = Draw(["good", "bad"], [1, 0], 0)
+    assert orjson.loads(adapter.encode(draw)) == {"texts": ["good", "bad"]}
+    assert orjson.loads(adapter.encode(Draw(["good"], [1], 0))) == {"text": "good"}
+    payload = orjson.dumps({"predictions": [{"label": "POSITIVE", "cached": True}, {"label": "POSITIVE"}]})
+    assert adapter.score(payload, [1, 0]) == (1, 1)
+    assert adapter.path == "/predict" and adapter.health_path == "/ready"
+
+
+def test_triton_adapter_request_and_response():
+    adapter = TritonAdapter("sentiment")
+    assert adapter.path == "/v2/models/sentiment/infer"
+    body = orjson.loads(adapter.encode(Draw(["good", "bad"], [1, 0], 0)))
+    assert body["inputs"] == [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": ["good", "bad"]}]
+    assert body["outputs"][0]["name"] == "label"
+    flat = {"outputs": [{"name": "score", "data": [0.9, 0.8]},
+                        {"name": "label", "datatype": "BYTES", "shape": [2, 1], "data": ["POSITIVE", "NEGATIVE"]}]}
+    assert adapter.labels(orjson.dumps(flat)) == ["POSITIVE", "NEGATIVE"]
+    nested = {"outputs": [{"name": "label", "data": [["NEGATIVE"], ["NEGATIVE"]]}]}
+    assert adapter.score(orjson.dumps(nested), [1, 0]) == (1, 0)
+    with pytest.raises(KeyError):
+        adapter.labels(orjson.dumps({"outputs": [{"name": "score", "data": [1.0]}]}))
+    with pytest.raises(BAD_BODY):
+        adapter.labels(b'{"error": "Request for unknown model"}')
+
+
+def test_infinity_adapter_takes_the_top_label():
+    adapter = InfinityAdapter("sentiment")
+    assert adapter.path == "/classify"
+    assert orjson.loads(adapter.encode(Draw(["a", "b"], [1, 0], 0))) == {
+        "model": "sentiment", "input": ["a", "b"], "raw_scores": False}
+    payload = orjson.dumps({"object": "classify", "data": [
+        [{"label": "NEGATIVE", "score": 0.2}, {"label": "POSITIVE", "score": 0.8}],
+        [{"label": "POSITIVE", "score": 0.4}, {"label": "NEGATIVE", "score": 0.6}],
+    ]})
+    assert adapter.labels(payload) == ["POSITIVE", "NEGATIVE"]
+    assert adapter.score(payload, [1, 1]) == (1, 0)
+    with pytest.raises(ValueError):
+        adapter.score(payload, [1])
+    with pytest.raises(BAD_BODY):
+        adapter.labels(orjson.dumps({"data": [[]]}))
+
+
+@pytest.mark.parametrize("adapter, path, health", [
+    (TorchServeAdapter("sentiment"), "/predictions/sentiment", "/ping"),
+    (RayAdapter(), "/predict", "/-/healthz"),
+])
+def test_handler_peers_speak_our_body(adapter, path, health):
+    assert (adapter.path, adapter.health_path) == (path, health)
+    assert orjson.loads(adapter.encode(Draw(["x"], [1], 0))) == {"text": "x"}
+    assert adapter.score(orjson.dumps({"predictions": [{"label": "POSITIVE", "score": 0.7}]}), [1]) == (1, 0)
+
+
+def test_every_server_has_an_adapter_and_its_knobs():
+    assert set(ADAPTERS) == set(SERVERS)
+    for spec in SERVERS.values():
+        assert {"max_batch_size", "threads"} <= set(spec.settings)
+        if spec.requirements:  # a peer: torch pinned to the local CPU wheel, never unpinned
+            torch = [r for r in spec.requirements if re.split(r"[=<>!~\[ ]", r)[0] == "torch"]
+            assert torch == [servers_module.TORCH_PIN]
+
+
+def fake_triton() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v2/models/sentiment/infer")
+    async def infer(request: Request):
+        body = await request.json()
+        texts = body["inputs"][0]["data"]
+        return {"outputs": [{"name": "label", "datatype": "BYTES", "shape": [len(texts), 1],
+                             "data": ["POSITIVE" if "good" in t else "NEGATIVE" for t in texts]}]}
+
+    return app
+
+
+@pytest.fixture
+def triton_like():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    instance = uvicorn.Server(uvicorn.Config(fake_triton(), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not instance.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    instance.should_exit = True
+    thread.join(5)
+    sock.close()
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    rows = [(f"a {'good' if i % 2 else 'bad'} film number {i}", i % 2) for i in range(20)]
+    path = tmp_path / "labeled.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    return path
+
+
+def test_load_test_drives_a_peer_protocol(triton_like, data_file):
+    adapter = TritonAdapter()
+    report = run_loadtest(LoadTestConfig(url=triton_like, data=data_file, levels=[2], duration=0.5, warmup=0.0,
+                                         predict_path=adapter.path, baseline_path=None, protocol=adapter),
+                          log=lambda _: None)
+    phase = report["phases"][0]
+    assert phase["ok"] == phase["requests"] > 0
+    assert phase["accuracy"] == 1.0 and not phase["errors"]
+    assert report["config"]["protocol"] == "triton"
+
+
+# -- comparison arithmetic ------------------------------------------------------------------------------------
+
+def phase(server, mode, level, rps, p50=10.0, p99=20.0, requests=100, ok=None, accuracy=0.9):
+    ok = requests if ok is None else ok
+    return {"server": server, "mode": mode, "level": level, "goodput_rps": rps, "requests": requests, "ok": ok,
+            "by_status": {"200": ok}, "errors": {}, "accuracy": accuracy, "scored_texts": ok,
+            "latency": {"count": ok, "p50_ms": p50, "p90_ms": p50, "p99_ms": p99}}
+
+
+def sweep(ours_p99=8.0, triton_p50=9.0, ray_p50=12.0, triton_ok=100) -> list[dict]:
+    return [
+        phase("ours", "closed", 1, 100.0), phase("ours", "closed", 16, 300.0), phase("ours", "closed", 64, 290.0),
+        phase("triton", "closed", 1, 50.0), phase("triton", "closed", 16, 180.0),
+        phase("ray", "closed", 1, 40.0), phase("ray", "closed", 16, 150.0),
+        phase("ours", "open", 150.0, 150.0, p50=4.0, p99=ours_p99),
+        phase("triton", "open", 150.0, 149.0, p50=triton_p50, p99=40.0, ok=triton_ok),
+        phase("ray", "open", 150.0, 148.0, p50=ray_p50, p99=50.0),
+    ]
+
+
+def test_saturation_is_the_best_closed_loop_goodput():
+    phases = sweep()
+    assert saturation(phases, "ours") == {"rps": 300.0, "level": 16}
+    assert saturation(phases, "triton") == {"rps": 180.0, "level": 16}
+    assert saturation(phases, "nobody") is None
+
+
+def test_compare_throughput_and_latency_targets():
+    result = compare(sweep(), ["ours", "triton", "ray"])
+    t = result["throughput"]
+    assert t["best_peer"] == "triton" and t["ratio"] == pytest.approx(300 / 180) and t["passed"]
+    lat = result["latency"]
+    assert lat["rate_rps"] == 150.0
+    assert lat["best_peer"] == "triton" and lat["best_peer_p50_ms"] == 9.0
+    assert lat["ours_p99_ms"] == 8.0 and lat["passed"]
+    lines = verdict_lines(result)
+    assert "1.67x" in lines[0] and "PASS" in lines[0]
+    assert "ours p99 8.0 ms" in lines[1] and "triton p50 9.0 ms" in lines[1] and lines[1].endswith("PASS")
+
+
+def test_compare_fails_when_targets_are_missed():
+    phases = [p for p in sweep(ours_p99=10.0) if not (p["server"] == "triton" and p["mode"] == "closed")]
+    phases += [phase("triton", "closed", 16, 250.0)]
+    result = compare(phases, ["ours", "triton", "ray"])
+    assert result["throughput"]["ratio"] == pytest.approx(1.2) and not result["throughput"]["passed"]
+    assert not result["latency"]["passed"]
+    assert all("FAIL" in line for line in verdict_lines(result))
+
+
+def test_a_peer_that_drops_requests_is_not_the_latency_yardstick():
+    result = compare(sweep(triton_p50=3.0, triton_ok=80), ["ours", "triton", "ray"])
+    assert result["latency"]["best_peer"] == "ray" and result["latency"]["best_peer_kept_up"]
+    result = compare(sweep(triton_p50=3.0, triton_ok=80), ["ours", "triton"])
+    assert result["latency"]["best_peer"] == "triton" and not result["latency"]["best_peer_kept_up"]
+
+
+def test_compare_without_ours_or_peers_judges_nothing():
+    only_peers = [p for p in sweep() if p["server"] != "ours"]
+    assert compare(only_peers, ["triton", "ray"])["throughput"] is None
+    result = compare([p for p in sweep() if p["server"] == "ours"], ["ours"])
+    assert result["throughput"] is None and result["latency"] is None
+    assert all("not judged" in line for line in verdict_lines(result))
+
+
+# -- writers ---------------------------------------------------------------------------------------------------
+
+def report_for(phases: list[dict]) -> dict:
+    names = ["ours", "triton", "ray", "infinity"]
+    servers = {n: {"status": "measured", "settings": dict(SERVERS[n].settings), "versions": {"torch": "2.13.0"},
+                   "idle_cpu_percent": 0.5} for n in names[:3]}
+    servers["infinity"] = {"status": "start failed", "error": "boom", "settings": {}}
+    return {"started": "2026-01-01T00:00:00+00:00",
+            "environment": {"cpu": "test CPU", "usable_cpus": 2},
+            "config": {"data": "dev.tsv", "checkpoint": "ckpt", "max_length": 128},
+            "servers": servers, "phases": phases, "generator": None,
+            "comparison": compare(phases, names[:3])}
+
+
+def test_markdown_has_verdicts_servers_and_both_tables():
+    text = markdown(report_for(sweep(triton_ok=80)))
+    assert "throughput: ours 300.0 req/s" in text and "latency at 150.0 req/s" in text
+    assert "| ours | measured |" in text and "max_batch_size=32" in text and "300.0 (c=16)" in text
+    assert "## Closed loop" in text and "| concurrency 1 | concurrency 16 | concurrency 64 |" in text
+    assert "| triton | 50.0 · 10.0/20.0 | 180.0 · 10.0/20.0 | - |" in text
+    assert "## Open loop" in text and "20 failed" in text
+    assert "- infinity: start failed: boom" in text and "Interrupted" not in text
+
+
+def test_overall_accuracy_weights_by_texts():
+    phases = [phase("ours", "closed", 1, 10.0, accuracy=1.0, requests=10),
+              phase("ours", "closed", 4, 10.0, accuracy=0.5, requests=30), phase("ray", "closed", 1, 1.0)]
+    assert overall_accuracy(phases, "ours") == pytest.approx(0.625)
+    assert overall_accuracy(phases, "triton") is None
+    report = report_for(phases)
+    report["interrupted"] = "SystemExit: 143"
+    assert "**Interrupted** (SystemExit: 143): partial results." in markdown(report)
+
+
+def test_write_outputs_writes_json_markdown_and_png(tmp_path):
+    report = report_for(sweep())
+    paths = write_outputs(report, tmp_path / "out")
+    assert [p.name for p in paths] == ["side_by_side.json", "side_by_side.md", "side_by_side.png"]
+    assert json.loads(paths[0].read_text())["comparison"]["throughput"]["best_peer"] == "triton"
+    assert paths[2].read_bytes().startswith(PNG_MAGIC)
+
+
+def test_plot_without_open_loop_phases(tmp_path):
+    paths = write_outputs(report_for([p for p in sweep() if p["mode"] == "closed"]), tmp_path)
+    assert paths[2].read_bytes().startswith(PNG_MAGIC)
+
+
+# -- CLI, checkpoint, venvs --------------------------------------------------------------------------------------
+
+def test_parse_args_and_overrides():
+    args = side_by_side.parse_args(["--peers", "ours,ray", "--concurrency", "1,8", "--set", "ray.replicas=2",
+                                    "--set", "ours.cache=false", "--set", "triton.max_wait_ms=0.5"])
+    assert args.peers == ["ours", "ray"] and args.concurrency == [1, 8]
+    assert args.overrides == [("ray", "replicas", 2), ("ours", "cache", False), ("triton", "max_wait_ms", 0.5)]
+    config = side_by_side.config_from(args)
+    assert config.overrides == {"ray": {"replicas": 2}, "ours": {"cache": False}, "triton": {"max_wait_ms": 0.5}}
+    smoke = side_by_side.parse_args(["--smoke"])
+    assert smoke.concurrency == [1, 8] and smoke.duration == 2.0 and smoke.out.name == "side_by_side_smoke"
+
+
+@pytest.mark.parametrize("argv", [["--peers", "ours,vllm"], ["--set", "ray=2"], ["--set", "ray.nope=1"],
+                                  ["--set", "nope.threads=1"], ["--duration", "0"]])
+def test_parse_args_rejects(argv):
+    with pytest.raises(SystemExit):
+        side_by_side.parse_args(argv)
+
+
+def test_prepare_checkpoint_links_files_and_caps_the_tokenizer(tmp_path):
+    source = tmp_path / "ckpt"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"weights")
+    (source / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512, "do_lower_case": True}))
+    dest = prepare_checkpoint(source, tmp_path / "out" / "model", 128)
+    assert (dest / "model.safetensors").is_symlink() and (dest / "model.safetensors").read_bytes() == b"weights"
+    config = json.loads((dest / "tokenizer_config.json").read_text())
+    assert config == {"model_max_length": 128, "do_lower_case": True,
+                      "model_input_names": ["input_ids", "attention_mask"]}
+    assert json.loads((source / "tokenizer_config.json").read_text())["model_max_length"] == 512
+    prepare_checkpoint(source, dest, 64)  # again: replaced
+    assert json.loads((dest / "tokenizer_config.json").read_text())["model_max_length"] == 64
+
+
+def test_ensure_venv_is_a_no_op_when_the_marker_matches(tmp_path, monkeypatch):
+    venv = tmp_path / "peer"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    (venv / MARKER).write_text("torch==2.13.0\nx==1\n")
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("nothing should be installed"))
+    assert ensure_venv(venv, ["torch==2.13.0", "x==1"]) == venv / "bin" / "python"
+
+
+def context(tmp_path, settings, python=None) -> Context:
+    return Context(python=Path(python or sys.executable), checkpoint=tmp_path / "ckpt", artifact=tmp_path / "art",
+                   max_length=128, port=8001, spare_ports=[8002, 8003], workdir=tmp_path / "w", settings=settings)
+
+
+def test_launch_commands_carry_the_settings(tmp_path):
+    ours = SERVERS["ours"].launch(context(tmp_path, SERVERS["ours"].settings))
+    assert ours.env["MAX_BATCH_SIZE"] == "32" and ours.env["INTRA_OP_THREADS"] == "2"
+    assert ours.env["ENABLE_MODEL_CACHING"] == "false" and ours.env["PORT"] == "8001"
+    triton = SERVERS["triton"].launch(context(tmp_path, SERVERS["triton"].settings))
+    assert triton.argv[triton.argv.index("--max-wait-ms") + 1] == "2.0"
+    assert triton.argv[triton.argv.index("--grpc-port") + 1] == "8002"
+    assert triton.env["LD_LIBRARY_PATH"].split(os.pathsep)[0]  # this python's LIBDIR first
+    infinity = SERVERS["infinity"].launch(context(tmp_path, SERVERS["infinity"].settings, "/venv/bin/python"))
+    assert infinity.argv[0] == "/venv/bin/infinity_emb" and "--no-compile" in infinity.argv
+    assert infinity.argv[infinity.argv.index("--batch-size") + 1] == "32"
+    assert infinity.env["PATH"].startswith("/venv/bin")
+    ray = SERVERS["ray"].launch(context(tmp_path, {**SERVERS["ray"].settings, "replicas": 2}))
+    assert ray.argv[ray.argv.index("--replicas") + 1] == "2"
+    assert len(ray.env["RAY_TMPDIR"]) < 40 and ray.cleanup == [Path(ray.env["RAY_TMPDIR"])]
+    ray.cleanup[0].rmdir()
+
+
+# -- lifecycle: start waits for a real prediction, stop ends the whole process group -------------------------------
+
+FAKE_SERVER = r"""
+import json, subprocess, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+time.sleep(0.3)
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def _send(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data)
+    def do_GET(self): self._send({"status": "ok", "helper": helper.pid})
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._send({"predictions": [{"label": "POSITIVE", "score": 0.9}]})
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_start_probes_and_stop_ends_the_process_group(tmp_path):
+    def launch(ctx: Context) -> Launch:
+        return Launch([sys.executable, "-c", FAKE_SERVER, str(ctx.port)], dict(os.environ), ctx.workdir,
+                      cleanup=[ctx.workdir / "scratch"])
+
+    spec = ServerSpec("fake", "fake", [], [], {"threads": 1}, OursAdapter, launch, ready_timeout=20)
+    ctx = Context(python=Path(sys.executable), checkpoint=tmp_path, artifact=None, max_length=8, port=free_port(),
+                  spare_ports=[], workdir=tmp_path / "fake", settings={"threads": 1})
+    (ctx.workdir / "scratch").mkdir(parents=True)
+    running = start(spec, ctx, log=lambda _: None)
+    tree = running.tree()
+    assert len(tree) == 2 and running.cpu_seconds() >= 0
+    helper = tree[1]
+    stop(running, timeout=10)
+    assert running.process.returncode == -signal.SIGTERM
+    assert not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE
+    assert not (ctx.workdir / "scratch").exists()
+
+
+def test_start_reports_a_server_that_exits(tmp_path):
+    def launch(ctx: Context) -> Launch:
+        return Launch([sys.executable, "-c", "import sys; print('missing model file'); sys.exit(3)"],
+                      dict(os.environ), ctx.workdir)
+
+    spec = ServerSpec("broken", "broken", [], [], {}, OursAdapter, launch, ready_timeout=20)
+    ctx = Context(python=Path(sys.executable), checkpoint=tmp_path, artifact=None, max_length=8, port=free_port(),
+                  spare_ports=[], workdir=tmp_path / "broken", settings={})
+    with pytest.raises(RuntimeError, match="exited with 3(.|\n)*missing model file"):
+        start(spec, ctx, log=lambda _: None)
