@@ -100,7 +100,8 @@ def fine_tune(cfg: TrainConfig) -> dict:
 
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": cfg.weight_decay},
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -142,7 +143,8 @@ def fine_tune(cfg: TrainConfig) -> dict:
         epoch, skip = divmod(step, steps_per_epoch)
         order = list(range(len(train)))
         random.Random(cfg.seed + epoch).shuffle(order)
-        for ids, mask, labels in batches(train, order[skip * cfg.batch_size :], cfg.batch_size, tokenizer, cfg.max_length):
+        remaining = order[skip * cfg.batch_size :]
+        for ids, mask, labels in batches(train, remaining, cfg.batch_size, tokenizer, cfg.max_length):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
