@@ -7,7 +7,7 @@ Order of a run:
   2. each peer's venv (``<peers-root>/<name>``), created and installed unless already done;
   3. every server started (one at a time, each waiting until a real prediction comes back), then warmed
      up with a short closed loop at the highest concurrency; then the idle CPU of each is recorded;
-  4. the generator's ceiling (closed loop on our ``GET /health``);
+  4. the generator's ceiling (closed loop on our ``GET /ready``, a trivial endpoint);
   5. closed loop: for each concurrency, every server in turn (the order rotates by one per level), so
      drift of the machine over the run hits all alike; after each phase the run waits until the server
      is idle again (its backlog must not eat into the next server's phase);
@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -136,9 +137,7 @@ class SideBySide:
     def install(self, name: str) -> Path | None:
         spec = SERVERS[name]
         info = self.servers[name]
-        if not spec.requirements:
-            import sys
-
+        if not spec.requirements:  # ours: the project's own environment
             info["python"] = sys.executable
             return Path(sys.executable)
         venv = self.config.peers_root / name

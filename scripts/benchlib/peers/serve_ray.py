@@ -27,6 +27,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-ongoing-requests", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray schedules on")
+    parser.add_argument("--access-log", action="store_true", help="log every request (Serve's default; off here)")
     return parser.parse_args()
 
 
@@ -35,8 +36,10 @@ def main() -> None:
     import ray
     from ray import serve
 
+    logging_config = {"enable_access_log": args.access_log, "log_level": "INFO" if args.access_log else "WARNING"}
+
     @serve.deployment(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
-                      ray_actor_options={"num_cpus": args.num_cpus / args.replicas})
+                      ray_actor_options={"num_cpus": args.num_cpus / args.replicas}, logging_config=logging_config)
     class Sentiment:
         def __init__(self) -> None:
             import torch
@@ -66,7 +69,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=256 * 1024 * 1024,
              log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=logging_config)
     serve.run(Sentiment.bind(), name="sentiment", route_prefix="/predict")
     print(f"ray serve ready on 127.0.0.1:{args.port} (ray {ray.__version__})", flush=True)
 

@@ -4,9 +4,13 @@ Every server runs the same checkpoint (ours: the ONNX artifact built from it) on
 the same batching knobs where it has them (``max_batch_size``, ``max_wait_ms``, worker/instance count,
 intra-op ``threads``). Defaults are each one's best reasonable settings on 2 cores: one model worker
 with 2 intra-op threads (two single-threaded workers would each get one core but two copies of the
-model and no larger batches), batches of up to 32, 2 ms batch wait. ``--set name.key=value``
-overrides any of them. Every process is started in its own session (process group) so that its
-helpers (tritonserver, TorchServe's JVM and Python workers, Ray's daemons) stop with it.
+model and no larger batches), batches of up to 32, 2 ms batch wait (Infinity has no such knob: its
+batcher polls every 5 ms), per-request access logs off as ours has none (TorchServe: a WARN-only log4j2
+config and no system-metrics collector; Ray Serve: no access log; Infinity: log level warning), our
+prediction cache and store off (peers have neither). ``--set name.key=value`` overrides any of them.
+
+Every process is started in its own session (process group) so that its helpers (tritonserver,
+TorchServe's JVM and Python workers, Ray's daemons) stop with it.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def _infinity(ctx: Context) -> Launch:
     argv = [str(ctx.python.parent / "infinity_emb"), "v2", "--model-id", str(ctx.checkpoint),
             "--served-model-name", "sentiment", "--engine", "torch", "--device", "cpu",
             "--batch-size", str(s["max_batch_size"]), "--host", "127.0.0.1", "--port", str(ctx.port),
-            "--no-model-warmup"]
+            "--no-model-warmup", "--log-level", "info" if s["access_log"] else "warning"]
     if not s["compile"]:
         argv.append("--no-compile")
     if not s["bettertransformer"]:
@@ -165,15 +169,37 @@ def _torchserve(ctx: Context) -> Launch:
         "number_of_netty_threads": str(s["netty_threads"]), "netty_client_threads": str(s["netty_threads"]),
         "disable_token_authorization": "true", "enable_envvars_config": "false",
         "install_py_dep_per_model": "false", "vmargs": "-Xmx2g -XX:+UseContainerSupport",
+        "disable_system_metrics": "false" if s["access_log"] else "true",
     }
     config = ctx.workdir / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in properties.items()))
     argv = [str(venv_bin / "torchserve"), "--start", "--foreground", "--ncs", "--disable-token-auth",
             "--model-store", str(store), "--ts-config", str(config)]
+    if not s["access_log"]:  # TorchServe's default logs every request and every batch (DEBUG); keep warnings only
+        quiet = ctx.workdir / "log4j2.xml"
+        quiet.write_text(QUIET_LOG4J2)
+        argv += ["--log-config", str(quiet)]
     env = _base_env(ctx, venv_bin)
     env["LOG_LOCATION"] = str(ctx.workdir / "logs")
     env["METRICS_LOCATION"] = str(ctx.workdir / "logs")
     return Launch(argv, env, ctx.workdir)
+
+
+QUIET_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/></Console>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="off"/>
+    <Logger name="TS_METRICS" level="off"/>
+    <Logger name="MODEL_METRICS" level="off"/>
+    <Logger name="io.netty" level="error"/>
+    <Logger name="org.apache" level="off"/>
+    <Root level="warn"><AppenderRef ref="STDOUT"/></Root>
+  </Loggers>
+</Configuration>
+"""
 
 
 def _ray(ctx: Context) -> Launch:
@@ -182,6 +208,8 @@ def _ray(ctx: Context) -> Launch:
             "--max-batch-size", str(s["max_batch_size"]), "--max-wait-ms", str(s["max_wait_ms"]),
             "--threads", str(s["threads"]), "--replicas", str(s["replicas"]),
             "--max-ongoing-requests", str(s["max_ongoing_requests"]), "--max-length", str(ctx.max_length)]
+    if s["access_log"]:
+        argv.append("--access-log")
     env = _base_env(ctx, ctx.python.parent)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = "disabled"  # Ray 2.5x+ turns token auth on by default; a loopback benchmark needs none
@@ -208,19 +236,20 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
         [TORCH_PIN, TRANSFORMERS_PIN, "infinity-emb[server,torch]==0.0.78"],
         ["infinity-emb", "torch", "transformers", "uvicorn"],
         {"max_batch_size": 32, "max_wait_ms": None, "workers": 1, "threads": 2, "compile": False,
-         "bettertransformer": False},
+         "bettertransformer": False, "access_log": False},
         InfinityAdapter, _infinity, info_path="/models"),
     ServerSpec(
         "torchserve", "TorchServe (PyTorch, custom handler)",
         [TORCH_PIN, TRANSFORMERS_PIN, "torchserve==0.12.0", "torch-model-archiver==0.12.0"],
         ["torchserve", "torch-model-archiver", "torch", "transformers"],
         {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "threads": 2, "netty_threads": 2,
-         "job_queue_size": 2048},
+         "job_queue_size": 2048, "access_log": False},
         TorchServeAdapter, _torchserve, spare_ports=2),
     ServerSpec(
         "ray", "Ray Serve (PyTorch, @serve.batch)", [TORCH_PIN, TRANSFORMERS_PIN, "ray[serve]==2.60.0"],
         ["ray", "torch", "transformers", "fastapi", "uvicorn"],
-        {"max_batch_size": 32, "max_wait_ms": 2.0, "replicas": 1, "threads": 2, "max_ongoing_requests": 256},
+        {"max_batch_size": 32, "max_wait_ms": 2.0, "replicas": 1, "threads": 2, "max_ongoing_requests": 256,
+         "access_log": False},
         RayAdapter, _ray, info_path="/-/routes"),
 )}
 

@@ -1,0 +1,44 @@
+"""The shipped default artifact: hashes match, variants as documented, and it reads sentiment correctly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.artifact import load_artifact
+from server.config import DEFAULT_MODEL_PATH, load_settings
+from server.engine import OnnxEngine, softmax
+from server.tokenizer import TextEncoder, pad_batch
+
+CLEAR_CASES = [
+    ("This movie was absolutely wonderful, I loved every minute.", "POSITIVE"),
+    ("One of the best films of the year, moving and beautifully acted.", "POSITIVE"),
+    ("A warm, funny and clever delight.", "POSITIVE"),
+    ("A dull, tedious and boring mess.", "NEGATIVE"),
+    ("I hated this awful film; the plot is stupid and the acting is terrible.", "NEGATIVE"),
+    ("The worst movie I have seen in years.", "NEGATIVE"),
+]
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    return load_artifact(DEFAULT_MODEL_PATH)  # verifies every file's sha256
+
+
+def test_manifest_lists_shipped_variants_and_figures(artifact):
+    assert artifact.manifest["architecture"] == "DistilBertForSequenceClassification"
+    assert artifact.labels == ["NEGATIVE", "POSITIVE"]
+    assert set(artifact.variants()) == {"int8", "fp16"}
+    shipped = sum(info["bytes"] for info in artifact.manifest["files"].values())
+    assert shipped <= 100 * 10**6
+    results = artifact.manifest["evaluation"]["results"]
+    assert abs(results["int8"]["accuracy"] - results["fp32"]["accuracy"]) <= 0.005
+
+
+@pytest.mark.parametrize("variant", ["int8", "fp16"])
+def test_each_variant_labels_unambiguous_sentences_correctly(artifact, variant):
+    engine = OnnxEngine(artifact, variant, "cpu", load_settings(intra_op_threads=1))
+    encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
+    probabilities = softmax(engine.run(*pad_batch(encoder.encode([text for text, _ in CLEAR_CASES]))))
+    predicted = [artifact.labels[i] for i in np.argmax(probabilities, axis=1)]
+    assert predicted == [label for _, label in CLEAR_CASES]
