@@ -104,14 +104,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=Path("bench_results/server"))
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra server setting, e.g. --env STORE_PREDICTIONS=false (repeatable)")
+    parser.add_argument("--skip-raw", action="store_true", help="measure only the server")
     args = parser.parse_args(argv)
     data = load_labeled(args.data)
     print(header(environment()))
-    raw = raw_engine(args.artifact, data.texts, args.batch, args.seconds)
+    raw = ({"variant": "-", "arrival_order_texts_per_s": float("nan"), "length_sorted_texts_per_s": float("nan"),
+            "lone_call_p50_ms": float("nan")} if args.skip_raw else raw_engine(args.artifact, data.texts, args.batch,
+                                                                                 args.seconds))
     print("raw engine:", json.dumps(raw))
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server({"MODEL_PATH": str(args.artifact.resolve()), "ENABLE_MODEL_CACHING": "false",
-                               "MAX_BATCH_SIZE": str(args.batch), "INTRA_OP_THREADS": "0"}, Path(tmp))
+                               "MAX_BATCH_SIZE": str(args.batch), "INTRA_OP_THREADS": "0",
+                               **dict(item.split("=", 1) for item in args.env)}, Path(tmp))
         try:
             served = asyncio.run(server_side(server.url, data.texts, data.labels, args.concurrency, args.seconds))
         finally:
