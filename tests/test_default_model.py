@@ -42,3 +42,23 @@ def test_each_variant_labels_unambiguous_sentences_correctly(artifact, variant):
     probabilities = softmax(engine.run(*pad_batch(encoder.encode([text for text, _ in CLEAR_CASES]))))
     predicted = [artifact.labels[i] for i in np.argmax(probabilities, axis=1)]
     assert predicted == [label for _, label in CLEAR_CASES]
+
+
+def test_arena_shrinks_after_an_oversized_batch(artifact):
+    """Without shrinkage a 16 x 512 batch pins ~500 MiB of arena; with it, memory goes back (see engine.py)."""
+    import psutil
+
+    process = psutil.Process()
+
+    def growth(shrink_tokens: int) -> float:
+        engine = OnnxEngine(artifact, "int8", "cpu", load_settings(intra_op_threads=1,
+                                                                    arena_shrink_tokens=shrink_tokens))
+        ids = np.full((16, 512), 1000, dtype=np.int64)
+        engine.run(ids[:1, :8], np.ones_like(ids[:1, :8]))
+        before = process.memory_info().rss
+        engine.run(ids, np.ones_like(ids))
+        grown = (process.memory_info().rss - before) / 2**20
+        del engine
+        return grown
+
+    assert growth(2048) < 100 < 300 < growth(0)

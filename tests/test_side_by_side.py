@@ -33,7 +33,7 @@ from scripts.benchlib.peers.adapters import (
 )
 from scripts.benchlib.peers.compare import compare, saturation, verdict_lines
 from scripts.benchlib.peers.output import markdown, overall_accuracy, write_outputs
-from scripts.benchlib.peers.run import prepare_checkpoint
+from scripts.benchlib.peers.run import disturbance, prepare_checkpoint
 from scripts.benchlib.peers.servers import SERVERS, Context, Launch, ServerSpec, start, stop
 from scripts.benchlib.peers.venvs import MARKER, ensure_venv
 from scripts.benchlib.serverproc import free_port
@@ -257,6 +257,18 @@ def test_markdown_has_verdicts_servers_and_both_tables():
     assert "| triton | 50.0 · 10.0/20.0 | 180.0 · 10.0/20.0 | - |" in text
     assert "## Open loop" in text and "20 failed" in text
     assert "- infinity: start failed: boom" in text and "Interrupted" not in text
+
+
+def test_disturbed_phases_are_flagged():
+    calm = {"other_cpu_percent": 5.0, "send_lag": {"p99_ms": 0.5}}
+    assert disturbance(calm) is None
+    assert "other processes used 60%" in disturbance({**calm, "other_cpu_percent": 60.0})
+    assert "sent late (p99 250 ms)" in disturbance({**calm, "send_lag": {"p99_ms": 250.0}})
+    phases = sweep()
+    phases[3]["disturbed"] = "other processes used 60% of a CPU"
+    text = markdown(report_for(phases))
+    assert "| triton | 50.0 · 10.0/20.0 † |" in text
+    assert "- triton closed 1: other processes used 60% of a CPU" in text
 
 
 def test_overall_accuracy_weights_by_texts():

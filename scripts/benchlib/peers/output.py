@@ -24,7 +24,7 @@ def _phase_cell(phase: dict | None) -> str:
     lat = phase["latency"]
     failed = phase["requests"] - phase["ok"]
     cell = f"{_fmt(phase['goodput_rps'])} · {_fmt(lat['p50_ms'])}/{_fmt(lat['p99_ms'])}"
-    return cell + (f" · {failed} failed" if failed else "")
+    return cell + (f" · {failed} failed" if failed else "") + (" †" if phase.get("disturbed") else "")
 
 
 def _find(phases: list[dict], server: str, mode: str, level: float) -> dict | None:
@@ -78,6 +78,10 @@ def markdown(report: dict) -> str:
         for name in names:
             cells = [_phase_cell(_find(phases, name, mode, lv)) for lv in levels]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    disturbed = [p for p in phases if p.get("disturbed")]
+    if disturbed:
+        lines += ["", "† disturbed phases (their numbers are not the server's own; rerun on a quiet machine):", ""]
+        lines += [f"- {p['server']} {p['mode']} {p['level']:g}: {p['disturbed']}" for p in disturbed]
     failed = {n: s for n, s in servers.items() if s.get("status") != "measured"}
     if failed:
         lines += ["", "## Not measured", ""]

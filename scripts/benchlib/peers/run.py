@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
+
 from scripts.benchlib.envinfo import environment, header
 from scripts.benchlib.loadrun import LoadTestConfig, run_loadtest
 from scripts.benchlib.peers.compare import HALF, compare, saturation, verdict_lines
@@ -46,6 +48,8 @@ from scripts.benchlib.peers.venvs import InstallError, ensure_venv, installed_ve
 from scripts.benchlib.serverproc import free_port
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
+OTHER_CPU_LIMIT = 25.0  # % of one CPU used by processes other than the measured server and the generator
+SEND_LAG_LIMIT_MS = 10.0  # p99 lateness of the generator's sends
 
 
 @dataclass
@@ -107,6 +111,29 @@ def settle(server: Running, threshold: float, timeout: float, window: float = 0.
     return time.perf_counter() - began, False
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle, over all cores."""
+    times = psutil.cpu_times()  # guest time is already counted in user/nice on Linux
+    return sum(getattr(times, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def own_cpu_seconds() -> float:
+    """This process's CPU seconds (the load generator's)."""
+    times = os.times()
+    return times.user + times.system
+
+
+def disturbance(phase: dict) -> str | None:
+    """Why a phase's numbers may not be the server's own: other CPU load, or a generator that sent late."""
+    reasons = []
+    if phase.get("other_cpu_percent", 0.0) > OTHER_CPU_LIMIT:
+        reasons.append(f"other processes used {phase['other_cpu_percent']:.0f}% of a CPU")
+    lag = phase["send_lag"].get("p99_ms")
+    if lag is not None and lag > SEND_LAG_LIMIT_MS:
+        reasons.append(f"the generator sent late (p99 {lag:.0f} ms)")
+    return "; ".join(reasons) or None
+
+
 def idle_cpu(server: Running, seconds: float) -> float:
     cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     time.sleep(seconds)
@@ -118,9 +145,10 @@ def phase_line(phase: dict) -> str:
     ms = f"p50 {lat['p50_ms']:.1f} p90 {lat['p90_ms']:.1f} p99 {lat['p99_ms']:.1f}" if lat["count"] else "-"
     other = {k: v for k, v in phase["by_status"].items() if k != "200"} | phase["errors"]
     acc = f"{phase['accuracy']:.3f}" if phase["accuracy"] is not None else "-"
+    note = f" [DISTURBED: {phase['disturbed']}]" if phase.get("disturbed") else ""
     return (f"{phase['server']:<10} {phase['mode']} {phase['level']:g}: {phase['goodput_rps'] or 0:.1f} req/s ok, "
             f"ms {ms}, failed {other or 0}, accuracy {acc}, server CPU {phase['server_cpu_percent']:.0f}%, "
-            f"client CPU {phase['client_cpu_percent']:.0f}%")
+            f"client CPU {phase['client_cpu_percent']:.0f}%, other CPU {phase.get('other_cpu_percent', 0):.0f}%{note}")
 
 
 class SideBySide:
@@ -180,11 +208,16 @@ class SideBySide:
             url=server.url, data=self.config.data, mode=mode, levels=[level], duration=duration, warmup=warmup,
             predict_path=adapter.path, baseline_path=None, max_connections=self.config.max_connections,
             timeout=self.config.timeout, seed=self.config.seed, protocol=adapter)
-        cpu0, t0 = server.cpu_seconds(), time.perf_counter()
+        cpu0, own0, busy0, t0 = server.cpu_seconds(), own_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
         report = run_loadtest(config, log=lambda _line: None)
         phase = report["phases"][0]
+        wall = time.perf_counter() - t0
+        server_cpu, own_cpu = server.cpu_seconds() - cpu0, own_cpu_seconds() - own0
         phase["server"] = name
-        phase["server_cpu_percent"] = 100.0 * (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
+        phase["server_cpu_percent"] = 100.0 * server_cpu / wall
+        # Everything else the machine ran meanwhile (the other servers idling, anything not ours): interference.
+        phase["other_cpu_percent"] = max(0.0, 100.0 * (machine_busy_seconds() - busy0 - server_cpu - own_cpu) / wall)
+        phase["disturbed"] = disturbance(phase)
         phase["settle_seconds"], phase["settled"] = settle(server, self.config.settle_cpu_percent,
                                                            self.config.settle_timeout)
         if not phase["settled"]:
@@ -242,6 +275,11 @@ class SideBySide:
             for name, python in pythons.items():
                 if python is not None:
                     self.start_one(name, python, checkpoint, max_length)
+            for name, server in self.running.items():  # a server may go on initialising after its first answer
+                waited, quiet = settle(server, cfg.settle_cpu_percent, cfg.settle_timeout)
+                self.servers[name]["quiesce_seconds"] = waited
+                if not quiet:
+                    self.log(f"{name}: still busy {waited:.0f} s after start")
             for name in list(self.running):
                 self.log(f"{name}: settings {settings_cell(self.servers[name]['settings'])}; "
                          f"versions {self.servers[name].get('versions')}")
@@ -270,6 +308,10 @@ class SideBySide:
             "servers": self.servers, "generator": generator, "phases": self.phases, "comparison": comparison,
             "interrupted": None if interrupted is None else f"{type(interrupted).__name__}: {interrupted}",
         }
+        disturbed = [p for p in self.phases if p.get("disturbed")]
+        if disturbed:
+            self.log(f"WARNING: {len(disturbed)} of {len(self.phases)} phases were disturbed (other CPU load or a late "
+                     "generator); see the markdown's † notes")
         for line in verdict_lines(comparison):
             self.log(line)
         for path in write_outputs(report, cfg.out):
