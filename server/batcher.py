@@ -1,10 +1,11 @@
-"""Dynamic batching: a bounded queue of tokenized texts, one engine call at a time.
+"""Dynamic batching: a bounded queue of tokenized texts, ``ENGINE_WORKERS`` engine calls at a time.
 
 Policy:
 
-* The engine runs one batch at a time in a dedicated worker thread; while it
-  runs, new texts accumulate, and the next batch is formed the moment it ends.
-  A lone request at an idle engine runs at once (no artificial delay).
+* The engine runs at most ``ENGINE_WORKERS`` batches at once, each in its own
+  worker thread; while they run, new texts accumulate, and the next batch is
+  formed the moment a worker frees up (as late as possible, so it is as full
+  as possible). A lone request at an idle engine runs at once (no delay).
 * Under load (the previous batch held more than one text), formation waits up
   to ``MAX_WAIT_MS`` after the oldest text arrived, so batches fill.
 * A batch holds at most ``MAX_BATCH_SIZE`` texts and ``MAX_BATCH_TOKENS``
@@ -97,7 +98,10 @@ class Batcher:
         self._token_budget = token_budget or (lambda: settings.max_batch_tokens)
         self._waiting: list[WorkItem] = []
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._workers = settings.engine_workers
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="engine")
+        self._slots = asyncio.Semaphore(self._workers)
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._draining = False
         self._last_batch_size = 0
@@ -153,17 +157,26 @@ class Batcher:
         while True:
             if not self._waiting:
                 if self._draining:
+                    await asyncio.gather(*self._running)
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await self._slots.acquire()  # a free engine worker: form the next batch now, as late as possible
             await self._fill_under_load()
             self._expire()
             if not self._waiting:
+                self._slots.release()
                 continue
             batch = select_batch(self._waiting, self._settings.max_batch_size, self._token_budget())
             self._forget(batch)
-            await self._execute(batch)
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._slots.release()
 
     async def _fill_under_load(self) -> None:
         if self._last_batch_size <= 1 or len(self._waiting) >= self._settings.max_batch_size:

@@ -61,7 +61,8 @@ def cuda_provider_options(settings: Settings) -> dict[str, str]:
 
 
 class OnnxEngine:
-    """One ONNX Runtime session. ``run`` is blocking; the batcher calls it from one worker thread."""
+    """One ONNX Runtime session. ``run`` is blocking; the batcher calls it from its worker threads (ONNX Runtime
+    sessions accept concurrent runs)."""
 
     def __init__(self, artifact: Artifact, variant: str, device: str, settings: Settings) -> None:
         self.variant = variant

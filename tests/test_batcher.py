@@ -28,8 +28,20 @@ class RecordingEngine:
         self.shapes: list[tuple[int, int]] = []
         self.gate = threading.Event()
         self.gate.set()
+        self.running = self.most_running = 0
+        self._lock = threading.Lock()
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            return self._run(input_ids, attention_mask)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         self.gate.wait(10)
         self.shapes.append(input_ids.shape)
         if self.delay:
@@ -165,3 +177,16 @@ async def test_drain_answers_everything_accepted_then_refuses_new_work():
     assert len(await asyncio.wait_for(asyncio.gather(*pending), 1)) == 7
     with pytest.raises(Draining):
         await batcher.submit([np.array([1])])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_engine_workers_bound_the_batches_running_at_once(workers):
+    engine = RecordingEngine(delay=0.05)
+    batcher = Batcher(engine, settings(max_batch_size=1, engine_workers=workers), Metrics())
+    batcher.start()
+    encodings = [np.array([i]) for i in range(1, 7)]
+    results = await asyncio.gather(*(batcher.submit([ids]) for ids in encodings))
+    for ids, (probabilities,) in zip(encodings, results, strict=True):
+        np.testing.assert_allclose(probabilities, expected_probabilities(ids), rtol=1e-6)
+    await batcher.drain()
+    assert engine.most_running == workers
