@@ -33,7 +33,7 @@ from scripts.benchlib.peers.adapters import (
 )
 from scripts.benchlib.peers.compare import compare, saturation, verdict_lines
 from scripts.benchlib.peers.output import markdown, overall_accuracy, write_outputs
-from scripts.benchlib.peers.run import disturbance, prepare_checkpoint
+from scripts.benchlib.peers.run import disturbance, overloaded, prepare_checkpoint
 from scripts.benchlib.peers.servers import SERVERS, Context, Launch, ServerSpec, start, stop
 from scripts.benchlib.peers.venvs import MARKER, ensure_venv
 from scripts.benchlib.serverproc import free_port
@@ -260,10 +260,12 @@ def test_markdown_has_verdicts_servers_and_both_tables():
 
 
 def test_disturbed_phases_are_flagged():
-    calm = {"other_cpu_percent": 5.0, "send_lag": {"p99_ms": 0.5}}
-    assert disturbance(calm) is None
+    calm = {"mode": "open", "level": 100.0, "goodput_rps": 99.0, "other_cpu_percent": 5.0, "send_lag": {"p99_ms": 0.5}}
+    assert disturbance(calm) is None and not overloaded(calm)
     assert "other processes used 60%" in disturbance({**calm, "other_cpu_percent": 60.0})
     assert "sent late (p99 250 ms)" in disturbance({**calm, "send_lag": {"p99_ms": 250.0}})
+    swamped = {**calm, "goodput_rps": 40.0, "send_lag": {"p99_ms": 250.0}}
+    assert overloaded(swamped) and disturbance(swamped) is None  # its own load made the generator late
     phases = sweep()
     phases[3]["disturbed"] = "other processes used 60% of a CPU"
     text = markdown(report_for(phases))

@@ -50,6 +50,7 @@ from scripts.benchlib.serverproc import free_port
 TOKENIZER_CONFIG = "tokenizer_config.json"
 OTHER_CPU_LIMIT = 25.0  # % of one CPU used by processes other than the measured server and the generator
 SEND_LAG_LIMIT_MS = 10.0  # p99 lateness of the generator's sends
+OVERLOAD_SHARE = 0.9  # open loop: answering less than this share of the offered rate is overload
 
 
 @dataclass
@@ -123,13 +124,22 @@ def own_cpu_seconds() -> float:
     return times.user + times.system
 
 
+def overloaded(phase: dict) -> bool:
+    """An open-loop phase whose server answered clearly less than the offered rate."""
+    return phase["mode"] == "open" and (phase.get("goodput_rps") or 0.0) < OVERLOAD_SHARE * phase["level"]
+
+
 def disturbance(phase: dict) -> str | None:
-    """Why a phase's numbers may not be the server's own: other CPU load, or a generator that sent late."""
+    """Why a phase's numbers may not be the server's own: other CPU load, or a generator that sent late.
+
+    A late generator is not held against an overloaded phase: there the server itself takes the CPUs
+    the generator shares with it (the phase is overloaded either way).
+    """
     reasons = []
     if phase.get("other_cpu_percent", 0.0) > OTHER_CPU_LIMIT:
         reasons.append(f"other processes used {phase['other_cpu_percent']:.0f}% of a CPU")
     lag = phase["send_lag"].get("p99_ms")
-    if lag is not None and lag > SEND_LAG_LIMIT_MS:
+    if lag is not None and lag > SEND_LAG_LIMIT_MS and not overloaded(phase):
         reasons.append(f"the generator sent late (p99 {lag:.0f} ms)")
     return "; ".join(reasons) or None
 
@@ -145,7 +155,8 @@ def phase_line(phase: dict) -> str:
     ms = f"p50 {lat['p50_ms']:.1f} p90 {lat['p90_ms']:.1f} p99 {lat['p99_ms']:.1f}" if lat["count"] else "-"
     other = {k: v for k, v in phase["by_status"].items() if k != "200"} | phase["errors"]
     acc = f"{phase['accuracy']:.3f}" if phase["accuracy"] is not None else "-"
-    note = f" [DISTURBED: {phase['disturbed']}]" if phase.get("disturbed") else ""
+    note = " [OVERLOADED]" if phase.get("overloaded") else ""
+    note += f" [DISTURBED: {phase['disturbed']}]" if phase.get("disturbed") else ""
     return (f"{phase['server']:<10} {phase['mode']} {phase['level']:g}: {phase['goodput_rps'] or 0:.1f} req/s ok, "
             f"ms {ms}, failed {other or 0}, accuracy {acc}, server CPU {phase['server_cpu_percent']:.0f}%, "
             f"client CPU {phase['client_cpu_percent']:.0f}%, other CPU {phase.get('other_cpu_percent', 0):.0f}%{note}")
@@ -217,6 +228,7 @@ class SideBySide:
         phase["server_cpu_percent"] = 100.0 * server_cpu / wall
         # Everything else the machine ran meanwhile (the other servers idling, anything not ours): interference.
         phase["other_cpu_percent"] = max(0.0, 100.0 * (machine_busy_seconds() - busy0 - server_cpu - own_cpu) / wall)
+        phase["overloaded"] = overloaded(phase)
         phase["disturbed"] = disturbance(phase)
         phase["settle_seconds"], phase["settled"] = settle(server, self.config.settle_cpu_percent,
                                                            self.config.settle_timeout)

@@ -27,6 +27,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-ongoing-requests", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray schedules on")
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the Linear layers")
     parser.add_argument("--access-log", action="store_true", help="log every request (Serve's default; off here)")
     return parser.parse_args()
 
@@ -49,6 +50,8 @@ def main() -> None:
             self.torch = torch
             self.tokenizer = AutoTokenizer.from_pretrained(args.model)
             self.model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+            if args.int8:
+                self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
             self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
         @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.max_wait_ms / 1000.0)

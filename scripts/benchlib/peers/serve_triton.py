@@ -26,6 +26,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--instances", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--int8", action="store_true", help="dynamic int8 quantization of the Linear layers")
     parser.add_argument("--workspace", help="PyTriton's workspace (model store, sockets); default: a temporary one")
     return parser.parse_args()
 
@@ -42,6 +43,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSequenceClassification.from_pretrained(args.model).eval()
+    if args.int8:
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     labels = np.array([model.config.id2label[i].encode() for i in range(model.config.num_labels)], dtype=object)
 
     @batch

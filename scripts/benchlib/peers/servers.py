@@ -2,12 +2,20 @@
 
 Every server runs the same checkpoint (ours: the ONNX artifact built from it) on the same CPU with
 the same batching knobs where it has them (``max_batch_size``, ``max_wait_ms``, worker/instance count,
-intra-op ``threads``). Defaults are each one's best reasonable settings on 2 cores: one model worker
-with 2 intra-op threads (two single-threaded workers would each get one core but two copies of the
-model and no larger batches), batches of up to 32, 2 ms batch wait (Infinity has no such knob: its
-batcher polls every 5 ms), per-request access logs off as ours has none (TorchServe: a WARN-only log4j2
-config and no system-metrics collector; Ray Serve: no access log; Infinity: log level warning), our
-prediction cache and store off (peers have neither). ``--set name.key=value`` overrides any of them.
+intra-op ``threads``). Defaults are each one's best settings found on 2 cores (short runs of the
+fine-tuned model at concurrency 16, 2026-11-27; saturation req/s in brackets):
+- PyTorch peers run the checkpoint with dynamic int8 quantization of the Linear layers (``int8``,
+  ``torch.ao.quantization.quantize_dynamic``; Infinity's own ``--dtype int8`` does the same), as ours
+  runs its int8 ONNX variant: Triton 1x2 threads fp32 [107] -> int8 [152], at ~1-2 points of accuracy
+  (each server's accuracy is in the report); ``--set <peer>.int8=false`` serves fp32;
+- two single-threaded model workers where the server has them (Triton instances, TorchServe workers,
+  Ray replicas) rather than one with 2 threads: Triton [152 -> 203], TorchServe [145 -> 259], Ray
+  [78 -> 96]; Infinity runs one engine and keeps 2 threads [1 thread: 115, 2: 122];
+- batches of up to 32 and a 2 ms batch wait (Infinity has no wait knob: its batcher polls every 5 ms);
+- per-request access logs off, as ours has none (TorchServe: a WARN-only log4j2 config and no
+  system-metrics collector; Ray Serve: no access log; Infinity: log level warning);
+- our prediction cache and store off (peers have neither).
+``--set name.key=value`` overrides any of them.
 
 Every process is started in its own session (process group) so that its helpers (tritonserver,
 TorchServe's JVM and Python workers, Ray's daemons) stop with it.
@@ -123,7 +131,7 @@ def _triton(ctx: Context) -> Launch:
             "--grpc-port", str(grpc), "--metrics-port", str(metrics),
             "--max-batch-size", str(s["max_batch_size"]), "--max-wait-ms", str(s["max_wait_ms"]),
             "--threads", str(s["threads"]), "--instances", str(s["instances"]), "--max-length", str(ctx.max_length),
-            "--workspace", str(workspace)]
+            "--workspace", str(workspace)] + (["--int8"] if s["int8"] else [])
     return Launch(argv, env, ctx.workdir, cleanup=[workspace])
 
 
@@ -132,7 +140,8 @@ def _infinity(ctx: Context) -> Launch:
     argv = [str(ctx.python.parent / "infinity_emb"), "v2", "--model-id", str(ctx.checkpoint),
             "--served-model-name", "sentiment", "--engine", "torch", "--device", "cpu",
             "--batch-size", str(s["max_batch_size"]), "--host", "127.0.0.1", "--port", str(ctx.port),
-            "--no-model-warmup", "--log-level", "info" if s["access_log"] else "warning"]
+            "--no-model-warmup", "--log-level", "info" if s["access_log"] else "warning",
+            "--dtype", "int8" if s["int8"] else "float32"]
     if not s["compile"]:
         argv.append("--no-compile")
     if not s["bettertransformer"]:
@@ -151,7 +160,8 @@ def _torchserve(ctx: Context) -> Launch:
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
     (build / "settings.json").write_text(json.dumps(
-        {"checkpoint": str(ctx.checkpoint), "threads": s["threads"], "max_length": ctx.max_length}))
+        {"checkpoint": str(ctx.checkpoint), "threads": s["threads"], "max_length": ctx.max_length,
+         "int8": bool(s["int8"])}))
     subprocess.run([str(venv_bin / "torch-model-archiver"), "--model-name", "sentiment", "--version", "1.0",
                     "--handler", str(HERE / "torchserve_handler.py"), "--extra-files", str(build / "settings.json"),
                     "--export-path", str(store)], check=True, capture_output=True, timeout=300)
@@ -210,6 +220,8 @@ def _ray(ctx: Context) -> Launch:
             "--max-ongoing-requests", str(s["max_ongoing_requests"]), "--max-length", str(ctx.max_length)]
     if s["access_log"]:
         argv.append("--access-log")
+    if s["int8"]:
+        argv.append("--int8")
     env = _base_env(ctx, ctx.python.parent)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env["RAY_AUTH_MODE"] = "disabled"  # Ray 2.5x+ turns token auth on by default; a loopback benchmark needs none
@@ -229,27 +241,27 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
     ServerSpec(
         "triton", "NVIDIA Triton via PyTriton (PyTorch)", [TORCH_PIN, TRANSFORMERS_PIN, "nvidia-pytriton==0.7.0"],
         ["nvidia-pytriton", "tritonclient", "torch", "transformers"],
-        {"max_batch_size": 32, "max_wait_ms": 2.0, "instances": 1, "threads": 2},
+        {"max_batch_size": 32, "max_wait_ms": 2.0, "instances": 2, "threads": 1, "int8": True},
         TritonAdapter, _triton, spare_ports=2, info_path="/v2"),
     ServerSpec(
         "infinity", "Infinity (PyTorch engine)",
         [TORCH_PIN, TRANSFORMERS_PIN, "infinity-emb[server,torch]==0.0.78"],
         ["infinity-emb", "torch", "transformers", "uvicorn"],
-        {"max_batch_size": 32, "max_wait_ms": None, "workers": 1, "threads": 2, "compile": False,
+        {"max_batch_size": 32, "max_wait_ms": None, "workers": 1, "threads": 2, "int8": True, "compile": False,
          "bettertransformer": False, "access_log": False},
         InfinityAdapter, _infinity, info_path="/models"),
     ServerSpec(
         "torchserve", "TorchServe (PyTorch, custom handler)",
         [TORCH_PIN, TRANSFORMERS_PIN, "torchserve==0.12.0", "torch-model-archiver==0.12.0"],
         ["torchserve", "torch-model-archiver", "torch", "transformers"],
-        {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "threads": 2, "netty_threads": 2,
+        {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 2, "threads": 1, "int8": True, "netty_threads": 2,
          "job_queue_size": 2048, "access_log": False},
         TorchServeAdapter, _torchserve, spare_ports=2),
     ServerSpec(
         "ray", "Ray Serve (PyTorch, @serve.batch)", [TORCH_PIN, TRANSFORMERS_PIN, "ray[serve]==2.60.0"],
         ["ray", "torch", "transformers", "fastapi", "uvicorn"],
-        {"max_batch_size": 32, "max_wait_ms": 2.0, "replicas": 1, "threads": 2, "max_ongoing_requests": 256,
-         "access_log": False},
+        {"max_batch_size": 32, "max_wait_ms": 2.0, "replicas": 2, "threads": 1, "int8": True,
+         "max_ongoing_requests": 256, "access_log": False},
         RayAdapter, _ray, info_path="/-/routes"),
 )}
 

@@ -1,6 +1,6 @@
 """TorchServe handler for an HF sequence-classification checkpoint; runs in TorchServe's Python worker.
 
-The .mar carries this file and ``settings.json`` (checkpoint directory, threads, max length); the
+The .mar carries this file and ``settings.json`` (checkpoint directory, threads, max length, int8); the
 weights are loaded from the checkpoint directory. A request is ``{"text"}`` or ``{"texts"}`` (JSON);
 TorchServe's batcher hands ``handle`` up to ``batchSize`` requests, whose texts run as one batch; each
 request is answered ``{"predictions": [{"label", "score"}]}``.
@@ -25,6 +25,8 @@ class SentimentHandler(BaseHandler):
         self.max_length = int(settings["max_length"])
         self.tokenizer = AutoTokenizer.from_pretrained(settings["checkpoint"])
         self.model = AutoModelForSequenceClassification.from_pretrained(settings["checkpoint"]).eval()
+        if settings.get("int8"):
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
         self.initialized = True
 
