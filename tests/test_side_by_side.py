@@ -350,6 +350,7 @@ def test_launch_commands_carry_the_settings(tmp_path):
     ours = SERVERS["ours"].launch(context(tmp_path, SERVERS["ours"].settings))
     assert ours.env["MAX_BATCH_SIZE"] == "32" and ours.env["INTRA_OP_THREADS"] == "2"
     assert ours.env["ENABLE_MODEL_CACHING"] == "false" and ours.env["PORT"] == "8001"
+    assert ours.env["ENGINE_WORKERS"] == "1"
     triton = SERVERS["triton"].launch(context(tmp_path, SERVERS["triton"].settings))
     assert triton.argv[triton.argv.index("--max-wait-ms") + 1] == "2.0"
     assert triton.argv[triton.argv.index("--grpc-port") + 1] == "8002"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from matplotlib.ticker import ScalarFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from scripts.benchlib.peers.compare import verdict_lines
 from scripts.benchlib.report import plt, save_figure, write_json
 
-KNOBS = ("max_batch_size", "max_wait_ms", "workers", "instances", "replicas", "threads")
+KNOBS = ("max_batch_size", "max_wait_ms", "workers", "engine_workers", "instances", "replicas", "threads")
 
 
 def _fmt(value, spec: str = ".1f", none: str = "-") -> str:
@@ -121,9 +121,13 @@ def plot(report: dict, path: Path) -> Path:
     axes[2].set(title="p99 latency", xlabel="concurrency (closed loop)", ylabel="ms")
     if has_open:
         axes[3].set(title="open loop latency", xlabel="offered rate, requests/s (Poisson)", ylabel="ms")
+    concurrencies = sorted({p["level"] for p in phases if p["mode"] == "closed"})
     for ax in axes[:3]:
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
+        if concurrencies:
+            ax.set_xticks(concurrencies)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for ax in axes[1:]:
         ax.set_yscale("log")
     for ax in axes:

@@ -109,6 +109,7 @@ def _ours(ctx: Context) -> Launch:
     env.update({
         "HOST": "127.0.0.1", "PORT": str(ctx.port), "DEVICE": "cpu", "MODEL_PATH": str(ctx.artifact),
         "MODEL_VARIANT": str(s["variant"]), "INTRA_OP_THREADS": str(s["threads"]),
+        "ENGINE_WORKERS": str(s["engine_workers"]),
         "MAX_BATCH_SIZE": str(s["max_batch_size"]), "MAX_WAIT_MS": str(s["max_wait_ms"]),
         "ENABLE_MODEL_CACHING": "true" if s["cache"] else "false",
         "STORE_PREDICTIONS": "true" if s["store"] else "false",
@@ -235,7 +236,7 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
     ServerSpec(
         "ours", "Sentiment Analyzer Pro (ONNX Runtime)", [],
         ["sentiment-analyzer-pro", "onnxruntime", "tokenizers", "fastapi", "uvicorn"],
-        {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "threads": 2, "variant": "auto",
+        {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "engine_workers": 1, "threads": 2, "variant": "auto",
          "cache": False, "store": False, "log_level": "INFO"},
         OursAdapter, _ours, info_path="/health"),
     ServerSpec(
