@@ -175,3 +175,14 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_live_server_exports_every_family_the_registry_declares(live_server, exported) -> None:
+    """The names above come from ``Metrics``; a real server scraped over HTTP must declare the same families
+    (labelled families it has not used yet still carry HELP/TYPE lines)."""
+    import httpx
+
+    assert httpx.post(live_server.url + "/predict", json={"text": "a fine film"}).status_code == 200
+    scraped = text_string_to_metric_families(httpx.get(live_server.url + "/metrics").text)
+    live = {f.name for f in scraped if f.name.startswith("sentiment_")}
+    assert exported["families"] <= live, sorted(exported["families"] - live)
