@@ -26,7 +26,6 @@ import glob
 import hashlib
 import os
 import shutil
-import socket
 import sqlite3
 import tempfile
 import time
@@ -40,6 +39,7 @@ import pytest
 from pytest_postgresql.executors import PostgreSQLExecutor
 from sqlalchemy import create_engine, select
 
+from scripts.benchlib.serverproc import free_port
 from server.config import Settings, load_settings
 from server.metrics import Metrics
 from server.primitives import PredictionRecord
@@ -105,7 +105,7 @@ def store_pg_server() -> Iterator[PgServer]:
     if os.geteuid() == 0:
         shutil.chown(workdir, "postgres", "postgres")
     executor = PostgreSQLExecutor(
-        executable=str(PG_CTL_WRAPPER), host="127.0.0.1", port=_free_port(), datadir=str(workdir / "data"),
+        executable=str(PG_CTL_WRAPPER), host="127.0.0.1", port=free_port(), datadir=str(workdir / "data"),
         unixsocketdir=str(workdir), logfile=str(workdir / "postgresql.log"), startparams="-w",
         dbname="postgres", user="postgres",
     )
@@ -117,12 +117,6 @@ def store_pg_server() -> Iterator[PgServer]:
         if executor.running():
             executor.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
