@@ -6,14 +6,11 @@ import asyncio
 import json
 import random
 import socket
-import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import orjson
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -22,6 +19,7 @@ from scripts import loadtest
 from scripts.benchlib.loadgen import Sample, arrival_times, score
 from scripts.benchlib.loadrun import LoadTestConfig, run_loadtest, summarize
 from scripts.benchlib.workload import Workload
+from tests.asgi_thread import serve_in_thread
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,18 +62,8 @@ def fake_app() -> FastAPI:
 @pytest.fixture(scope="module")
 def server():
     app = fake_app()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    instance = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not instance.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield app, f"http://127.0.0.1:{sock.getsockname()[1]}"
-    instance.should_exit = True
-    thread.join(5)
-    sock.close()
+    with serve_in_thread(app) as url:
+        yield app, url
 
 
 @pytest.fixture

@@ -6,16 +6,12 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import orjson
 import psutil
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
 from scripts import side_by_side
@@ -38,6 +34,7 @@ from scripts.benchlib.peers.servers import SERVERS, Context, Launch, ServerSpec,
 from scripts.benchlib.peers.venvs import MARKER, ensure_venv
 from scripts.benchlib.serverproc import free_port
 from scripts.benchlib.workload import Draw
+from tests.asgi_thread import serve_in_thread
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BAD_BODY = (ValueError, KeyError, TypeError, IndexError)
@@ -138,18 +135,8 @@ def fake_triton() -> FastAPI:
 
 @pytest.fixture
 def triton_like():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    instance = uvicorn.Server(uvicorn.Config(fake_triton(), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not instance.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    instance.should_exit = True
-    thread.join(5)
-    sock.close()
+    with serve_in_thread(fake_triton()) as url:
+        yield url
 
 
 @pytest.fixture
