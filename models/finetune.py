@@ -6,6 +6,11 @@ optimizer, scheduler and step, so an interrupted run continues where it
 stopped. The best checkpoint by dev accuracy is kept as a normal Hugging Face
 checkpoint in ``<out>/best``.
 
+With ``--ema-decay`` (e.g. 0.999) an exponential moving average of the weights
+is kept beside the trained ones and evaluated too; either can become ``best``.
+Averaging smooths the last steps' noise, which on small encoders is worth a
+few tenths of a point of accuracy for the price of one extra evaluation.
+
     python -m models.finetune --base minilm --train ../shared/data/sst2/train.tsv \
         --dev ../shared/data/sst2/dev.tsv --out build/finetune
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -46,6 +52,7 @@ class TrainConfig:
     seed: int = 42
     threads: int = 0
     train_limit: int | None = None
+    ema_decay: float = 0.0
 
 
 def load_base(base: str, seed: int):
@@ -107,6 +114,8 @@ def fine_tune(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total_steps * cfg.warmup_ratio), total_steps)
 
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
+
     step, best = 0, {"accuracy": -1.0, "step": 0}
     state_file = out / "state.pt"
     if state_file.exists():
@@ -114,6 +123,8 @@ def fine_tune(cfg: TrainConfig) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema"):
+            ema.load_state_dict(state["ema"])
         step, best = state["step"], state["best"]
         print(f"resumed from step {step} (best dev accuracy so far {best['accuracy']:.4f})", flush=True)
     log = (out / "train_log.jsonl").open("a")
@@ -121,19 +132,23 @@ def fine_tune(cfg: TrainConfig) -> dict:
 
     def evaluate_and_checkpoint() -> None:
         nonlocal best
-        acc = accuracy(model, tokenizer, dev, cfg.max_length)
-        record = {"step": step, "epoch": step / steps_per_epoch, "dev_accuracy": acc, "time": time.time()}
+        candidates = {"trained": model} | ({"ema": ema.module} if ema is not None else {})
+        scores = {name: accuracy(m, tokenizer, dev, cfg.max_length) for name, m in candidates.items()}
+        record = {"step": step, "epoch": step / steps_per_epoch, "dev_accuracy": scores["trained"], "time": time.time()}
+        if ema is not None:
+            record["ema_dev_accuracy"] = scores["ema"]
         log.write(json.dumps(record) + "\n")
         log.flush()
         tqdm.write(json.dumps(record))
+        weights, acc = max(scores.items(), key=lambda item: item[1])
         if acc > best["accuracy"]:
-            best = {"accuracy": acc, "step": step}
-            model.save_pretrained(out / "best")
+            best = {"accuracy": acc, "step": step, "weights": weights}
+            candidates[weights].save_pretrained(out / "best")
             tokenizer.save_pretrained(out / "best")
             (out / "best" / "dev_result.json").write_text(json.dumps(best))
         torch.save(
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "step": step, "best": best},
+             "ema": ema.state_dict() if ema is not None else None, "step": step, "best": best},
             state_file,
         )
 
@@ -151,6 +166,8 @@ def fine_tune(cfg: TrainConfig) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=False)
+            if ema is not None:
+                ema.update_parameters(model)
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev", required=True)
     parser.add_argument("--out", required=True)
     for field in ("epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "max_length", "eval_every", "seed",
-                  "threads", "train_limit"):
+                  "threads", "train_limit", "ema_decay"):
         default = TrainConfig.__dataclass_fields__[field].default
         parser.add_argument(f"--{field.replace('_', '-')}", type=float if isinstance(default, float) else int,
                             default=default)

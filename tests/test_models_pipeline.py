@@ -84,6 +84,26 @@ def test_fine_tune_trains_and_keeps_best(initial, tuned):
     assert not torch.equal(before, after)
 
 
+def test_ema_weights_are_evaluated_and_survive_a_resume(initial, labeled, tmp_path):
+    def run(epochs: float) -> dict:
+        cfg = TrainConfig(base=str(initial), train=str(labeled), dev=str(labeled), out=str(tmp_path), epochs=epochs,
+                          batch_size=4, eval_every=1, train_limit=8, lr=1e-3, max_length=TINY_MAX_LENGTH,
+                          ema_decay=0.5)
+        fine_tune(cfg)
+        return torch.load(tmp_path / "state.pt", weights_only=False)
+
+    first = run(1.0)
+    assert int(first["ema"]["n_averaged"]) == 2
+    resumed = run(2.0)
+    assert int(resumed["ema"]["n_averaged"]) == 4  # continued from the saved average, not restarted
+    weight = "classifier.weight"
+    trained, averaged = resumed["model"][weight], resumed["ema"][f"module.{weight}"]
+    assert not torch.equal(trained, averaged)
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all("ema_dev_accuracy" in r for r in records)
+    assert json.loads((tmp_path / "best" / "dev_result.json").read_text())["weights"] in ("trained", "ema")
+
+
 def test_every_variant_has_the_server_io_contract(artifact):
     for variant, name in VARIANT_FILES.items():
         model = onnx.load(str(artifact / name))
