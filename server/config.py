@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal")
     cuda_mem_limit: int = Field(0, ge=0, description="ONNX Runtime CUDA arena limit in bytes (0 = no limit)")
     intra_op_threads: int = Field(0, ge=0, description="CPU threads per inference (0 = the cores available)")
+    intra_op_spinning: bool = Field(
+        False, description="let ONNX Runtime's CPU threads busy-wait between operators (burns the cores the server's "
+        "own event loop needs; worth it only when cores are otherwise idle)"
+    )
     engine_workers: int = Field(1, ge=1, le=64, description="batches the engine runs at once (each on its own thread)")
     arena_shrink_tokens: int = Field(
         2048, ge=0, description="give the memory arena back after batches above this many padded tokens (0 = never)"

@@ -60,6 +60,22 @@ def cuda_provider_options(settings: Settings) -> dict[str, str]:
     return options
 
 
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """Full graph optimization, one operator at a time, ``INTRA_OP_THREADS`` threads inside each.
+
+    Spinning is off unless ``INTRA_OP_SPINNING``: after each parallel operator ONNX Runtime's pool threads
+    otherwise busy-wait for the next one, and in a server those cycles are taken from the event loop that
+    parses, tokenizes and answers requests on the same cores.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = settings.intra_op_threads or available_cores()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
+    return options
+
+
 class OnnxEngine:
     """One ONNX Runtime session. ``run`` is blocking; the batcher calls it from its worker threads (ONNX Runtime
     sessions accept concurrent runs)."""
@@ -67,11 +83,7 @@ class OnnxEngine:
     def __init__(self, artifact: Artifact, variant: str, device: str, settings: Settings) -> None:
         self.variant = variant
         self.device = device
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.inter_op_num_threads = 1
-        options.intra_op_num_threads = settings.intra_op_threads or available_cores()
+        options = session_options(settings)
         if device == "cuda":
             providers: list = [(CUDA, cuda_provider_options(settings)), CPU]
         else:

@@ -9,7 +9,7 @@ import pytest
 
 from server import engine as engine_module
 from server.artifact import load_artifact
-from server.engine import EngineStartError, create_engine, cuda_provider_options, resolve_device
+from server.engine import EngineStartError, create_engine, cuda_provider_options, resolve_device, session_options
 from server.runtime import warmup_shapes
 from server.tokenizer import TextEncoder, pad_batch
 
@@ -57,6 +57,13 @@ def test_cuda_provider_listed_but_unusable_falls_back_on_auto_and_fails_on_cuda(
     assert any("CUDA unusable" in r.getMessage() for r in caplog.records)
     with pytest.raises(EngineStartError):
         create_engine(artifact, make_settings(device="cuda"))
+
+
+def test_cpu_threads_do_not_spin_unless_asked(make_settings):
+    spin = "session.intra_op.allow_spinning"
+    assert session_options(make_settings()).get_session_config_entry(spin) == "0"
+    assert session_options(make_settings(intra_op_spinning=True)).get_session_config_entry(spin) == "1"
+    assert session_options(make_settings(intra_op_threads=3)).intra_op_num_threads == 3
 
 
 def test_cuda_provider_options_are_deliberate(make_settings):
