@@ -39,8 +39,8 @@ SHORT = "a charming film"
 
 RAW_CONFIGS = {
     # name: (settings, concurrent callers) -- the engine's CPU set-ups a server could use
-    "1 caller x all cores, spinning": ({"intra_op_spinning": True}, 1),
-    "1 caller x all cores": ({}, 1),
+    "1 caller x all cores, spinning": ({"engine_workers": 1, "intra_op_spinning": True}, 1),
+    "1 caller x all cores": ({"engine_workers": 1}, 1),
     "callers = cores x 1 thread": ({"intra_op_threads": 1}, 0),
 }
 
@@ -69,7 +69,8 @@ def engine_rate(engine, encoded: list, batch: int, seconds: float, callers: int)
 
 
 def raw_engine(artifact_dir: Path, texts: list[str], batch: int, seconds: float) -> dict:
-    """Texts/s (arrival order, length-sorted) of each CPU set-up, and one lone call's latency (default set-up)."""
+    """Texts/s (arrival order, length-sorted) of each CPU set-up, and one lone call's latency (the server's
+    default set-up, so that (b) compares like with like)."""
     artifact = load_artifact(artifact_dir)
     encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
     encoded = encoder.encode(texts)

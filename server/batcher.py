@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.config import Settings
-from server.engine import Engine, softmax
+from server.engine import Engine, engine_workers, softmax
 from server.metrics import Metrics
 from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded, ServerError
 from server.tokenizer import pad_batch
@@ -98,7 +98,7 @@ class Batcher:
         self._token_budget = token_budget or (lambda: settings.max_batch_tokens)
         self._waiting: list[WorkItem] = []
         self._wakeup = asyncio.Event()
-        self._workers = settings.engine_workers
+        self._workers = engine_workers(settings, engine.device)
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="engine")
         self._slots = asyncio.Semaphore(self._workers)
         self._running: set[asyncio.Task] = set()

@@ -32,12 +32,18 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto uses CUDA when usable, else CPU")
     cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal")
     cuda_mem_limit: int = Field(0, ge=0, description="ONNX Runtime CUDA arena limit in bytes (0 = no limit)")
-    intra_op_threads: int = Field(0, ge=0, description="CPU threads per inference (0 = the cores available)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="CPU threads per inference (0 = auto: the cores available shared among ENGINE_WORKERS)"
+    )
     intra_op_spinning: bool = Field(
         False, description="let ONNX Runtime's CPU threads busy-wait between operators (burns the cores the server's "
         "own event loop needs; worth it only when cores are otherwise idle)"
     )
-    engine_workers: int = Field(1, ge=1, le=64, description="batches the engine runs at once (each on its own thread)")
+    engine_workers: int = Field(
+        0, ge=0, le=64,
+        description="batches the engine runs at once, each on its own thread "
+        "(0 = auto: 2 on a CPU with 2+ cores, 1 on CUDA)",
+    )
     arena_shrink_tokens: int = Field(
         2048, ge=0, description="give the memory arena back after batches above this many padded tokens (0 = never)"
     )

@@ -64,7 +64,8 @@ def item(length: int, seq: int) -> WorkItem:
 
 
 def settings(**overrides):
-    values = dict(max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=0, max_queue=100, request_timeout_s=5)
+    values = dict(max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=0, max_queue=100, request_timeout_s=5,
+                  engine_workers=1)
     values.update(overrides)
     return load_settings(**values)
 

@@ -9,7 +9,17 @@ import pytest
 
 from server import engine as engine_module
 from server.artifact import load_artifact
-from server.engine import EngineStartError, create_engine, cuda_provider_options, resolve_device, session_options
+from server.engine import (
+    EngineStartError,
+    available_cores,
+    cpu_quota_cores,
+    create_engine,
+    cuda_provider_options,
+    engine_workers,
+    intra_op_threads,
+    resolve_device,
+    session_options,
+)
 from server.runtime import warmup_shapes
 from server.tokenizer import TextEncoder, pad_batch
 
@@ -61,9 +71,35 @@ def test_cuda_provider_listed_but_unusable_falls_back_on_auto_and_fails_on_cuda(
 
 def test_cpu_threads_do_not_spin_unless_asked(make_settings):
     spin = "session.intra_op.allow_spinning"
-    assert session_options(make_settings()).get_session_config_entry(spin) == "0"
-    assert session_options(make_settings(intra_op_spinning=True)).get_session_config_entry(spin) == "1"
-    assert session_options(make_settings(intra_op_threads=3)).intra_op_num_threads == 3
+    assert session_options(make_settings(), "cpu").get_session_config_entry(spin) == "0"
+    assert session_options(make_settings(intra_op_spinning=True), "cpu").get_session_config_entry(spin) == "1"
+    assert session_options(make_settings(intra_op_threads=3), "cpu").intra_op_num_threads == 3
+
+
+@pytest.mark.parametrize(("cores", "device", "workers", "threads"), [
+    (1, "cpu", 1, 1), (2, "cpu", 2, 1), (8, "cpu", 2, 4), (16, "cuda", 1, 16),
+])
+def test_auto_workers_share_the_cores(make_settings, monkeypatch, cores, device, workers, threads):
+    monkeypatch.setattr(engine_module, "available_cores", lambda: cores)
+    settings = make_settings(engine_workers=0, intra_op_threads=0)
+    assert (engine_workers(settings, device), intra_op_threads(settings, device)) == (workers, threads)
+    explicit = make_settings(engine_workers=3, intra_op_threads=0)
+    assert (engine_workers(explicit, device), intra_op_threads(explicit, device)) == (3, max(1, cores // 3))
+
+
+@pytest.mark.parametrize(("files", "cores"), [
+    ({"cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 CPUs -> 2 threads
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_container_cpu_quota_caps_the_cores(tmp_path, files, cores):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota_cores(tmp_path) == cores
+    assert available_cores(tmp_path) == min(cores or 10**6, available_cores(tmp_path / "none"))
 
 
 def test_cuda_provider_options_are_deliberate(make_settings):
