@@ -14,6 +14,7 @@ from scripts import bench_onnx
 from scripts.benchlib.inputs import fixed_length_batch
 from scripts.benchlib.offline import BenchConfig, cell_result, run_benchmark, time_runner
 from scripts.benchlib.stats import accuracy, latency_summary, percentile, throughput
+from tests.labeled_files import write_labeled
 from tests.model_fixtures import save_tiny_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -29,9 +30,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "dev.tsv"
-    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in SENTENCES))
-    return path
+    return write_labeled(tmp_path_factory.mktemp("data") / "dev.tsv", SENTENCES)
 
 
 @pytest.fixture(scope="module")

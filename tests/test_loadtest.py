@@ -20,6 +20,7 @@ from scripts.benchlib.loadgen import Sample, arrival_times, score
 from scripts.benchlib.loadrun import LoadTestConfig, run_loadtest, summarize
 from scripts.benchlib.workload import Workload
 from tests.asgi_thread import serve_in_thread
+from tests.labeled_files import write_labeled
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,9 +70,7 @@ def server():
 @pytest.fixture
 def data_file(tmp_path) -> Path:
     rows = [(f"a {'good' if i % 2 else 'bad'} film{' indeed' * (i % 5)} number {i}", i % 2) for i in range(40)]
-    path = tmp_path / "labeled.tsv"
-    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
-    return path
+    return write_labeled(tmp_path / "labeled.tsv", rows)
 
 
 def labeled(n: int) -> LabeledData:

@@ -24,6 +24,7 @@ from models.finetune import TrainConfig, fine_tune
 from models.quantize import INT8_RECIPES, NODE_GROUPS, Int8Recipe, excluded_nodes, quantize_int8
 from server.artifact import MANIFEST, TOKENIZER, VARIANT_FILES, ArtifactError, load_artifact, sha256_file
 from server.tokenizer import TextEncoder, pad_batch
+from tests.labeled_files import write_labeled
 from tests.model_fixtures import TINY_MAX_LENGTH, build_tiny_artifact, save_tiny_checkpoint
 
 ROWS = [
@@ -45,9 +46,7 @@ SAMPLE = ["fine", "a very long and winding review " * 30, "not good , not bad ."
 
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "labeled.tsv"
-    path.write_text("text\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in ROWS))
-    return path
+    return write_labeled(tmp_path_factory.mktemp("data") / "labeled.tsv", ROWS)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from scripts.benchlib.peers.venvs import MARKER, ensure_venv
 from scripts.benchlib.serverproc import free_port
 from scripts.benchlib.workload import Draw
 from tests.asgi_thread import serve_in_thread
+from tests.labeled_files import write_labeled
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BAD_BODY = (ValueError, KeyError, TypeError, IndexError)
@@ -142,9 +143,7 @@ def triton_like():
 @pytest.fixture
 def data_file(tmp_path) -> Path:
     rows = [(f"a {'good' if i % 2 else 'bad'} film number {i}", i % 2) for i in range(20)]
-    path = tmp_path / "labeled.tsv"
-    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
-    return path
+    return write_labeled(tmp_path / "labeled.tsv", rows)
 
 
 def test_load_test_drives_a_peer_protocol(triton_like, data_file):
