@@ -19,17 +19,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.data import load_labeled  # noqa: E402
+from models.data import LabeledData, load_labeled  # noqa: E402
 from scripts.benchlib.envinfo import environment, header  # noqa: E402
-from scripts.benchlib.loadgen import Client  # noqa: E402
+from scripts.benchlib.loadgen import Client, closed_loop  # noqa: E402
 from scripts.benchlib.serverproc import start_server, stop_server  # noqa: E402
-from scripts.benchlib.workload import Draw  # noqa: E402
+from scripts.benchlib.workload import Draw, Workload  # noqa: E402
 from server.artifact import load_artifact  # noqa: E402
 from server.config import load_settings  # noqa: E402
 from server.engine import available_cores, create_engine  # noqa: E402
@@ -100,8 +101,8 @@ def lone_raw_call(artifact_dir: Path) -> Callable[[], None]:
     return lambda: engine.run(*lone)
 
 
-async def server_side(url: str, texts: list[str], labels: list[int], concurrency: list[int],
-                      seconds: float, raw_call: Callable[[], None] | None) -> dict:
+async def server_side(url: str, data: LabeledData, concurrency: list[int], seconds: float,
+                      raw_call: Callable[[], None] | None) -> dict:
     """Lone-request latency (alternating with lone raw engine calls), then closed-loop texts/s at each
     concurrency; saturation is the best of them.
 
@@ -125,7 +126,7 @@ async def server_side(url: str, texts: list[str], labels: list[int], concurrency
                 lone, raw = lone + block, raw + raw_block
         levels = {}
         for clients in concurrency:
-            levels[str(clients)] = await closed_loop_rate(client, texts, labels, clients, seconds)
+            levels[str(clients)] = await closed_loop_rate(client, data, clients, seconds)
             print(f"server at concurrency {clients}: {json.dumps(levels[str(clients)])}", flush=True)
     finally:
         await client.close()
@@ -136,25 +137,13 @@ async def server_side(url: str, texts: list[str], labels: list[int], concurrency
             "saturated_at_concurrency": int(best), "by_concurrency": levels}
 
 
-async def closed_loop_rate(client: Client, texts: list[str], labels: list[int], concurrency: int,
-                           seconds: float) -> dict:
-    """``concurrency`` clients, one SST-2 text per request, each sending again as soon as it is answered."""
-    cursor = iter(range(10**9))
-    end = time.perf_counter() + seconds
-    statuses: dict[str, int] = {}
-    done = 0
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < end:
-            i = next(cursor) % len(texts)
-            sample = await client.request("/predict", Draw([texts[i]], [labels[i]], 0), time.perf_counter())
-            statuses[str(sample.status)] = statuses.get(str(sample.status), 0) + 1
-            done += sample.status == 200
-
+async def closed_loop_rate(client: Client, data: LabeledData, concurrency: int, seconds: float) -> dict:
+    """``concurrency`` clients, one SST-2 text per request (a shuffled pass), each sending again when answered."""
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"texts_per_s": done / (time.perf_counter() - started), "statuses": statuses}
+    samples = await closed_loop(client, "/predict", Workload(data), concurrency, seconds)
+    elapsed = time.perf_counter() - started
+    statuses = Counter(str(sample.status) for sample in samples)
+    return {"texts_per_s": sum(sample.ok for sample in samples) / elapsed, "statuses": dict(statuses)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,8 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             concurrency = [int(c) for c in args.concurrency.split(",")]
             raw_call = None if args.skip_raw else lone_raw_call(args.artifact)
-            served = asyncio.run(server_side(server.url, data.texts, data.labels, concurrency, args.seconds,
-                                             raw_call))
+            served = asyncio.run(server_side(server.url, data, concurrency, args.seconds, raw_call))
         finally:
             stop_server(server)
     report = {
