@@ -9,7 +9,6 @@ without a usable GPU is a start-up error. The variant follows the device
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.artifact import Artifact
+from server.cgroup import CGROUP_ROOT, cpu_quota_cores
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -36,31 +36,6 @@ class Engine(Protocol):
     variant: str
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def cpu_quota_cores(cgroup_root: Path = CGROUP_ROOT) -> int | None:
-    """The container's CPU limit in whole cores (cgroup v2 ``cpu.max``, then v1 CFS quota), rounded up, or None.
-
-    A container limited to 2 CPUs still sees every host core in its affinity mask; sizing thread pools by
-    the mask would oversubscribe the quota and get the process throttled.
-    """
-    v1 = cgroup_root / "cpu"
-    for quota_file, period_file in ((cgroup_root / "cpu.max", None),
-                                    (v1 / "cpu.cfs_quota_us", v1 / "cpu.cfs_period_us")):
-        try:
-            fields = quota_file.read_text().split()
-            if period_file is not None:
-                fields.append(period_file.read_text().strip())
-            quota, period = fields[0], int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if quota in ("max", "-1") or period <= 0:
-            return None
-        return max(1, math.ceil(int(quota) / period))
-    return None
 
 
 def available_cores(cgroup_root: Path = CGROUP_ROOT) -> int:

@@ -1,8 +1,6 @@
 """Memory limit, RSS, and MemoryGuard: give memory back before the kernel's OOM killer takes the pod.
 
-The limit that matters in a container is the cgroup's, not the host's: v2 ``memory.max`` or v1
-``memory.limit_in_bytes``. "max", or a number above physical RAM (v1 writes ~2**63 for "unlimited"),
-means no cgroup limit, and physical RAM is the limit then.
+The limit that matters in a container is the cgroup's, not the host's (``server.cgroup``).
 
 Above the high-water ratio the guard sheds half the prediction cache and halves the token budget (smaller
 batches, smaller activation peaks); below the low-water ratio it lifts the budget cut. The gap between the
@@ -15,42 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import psutil
 
 from server.budget import TokenBudget
 from server.cache import PredictionCache
+from server.cgroup import memory_limit_bytes
 from server.config import Settings
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def _read_limit(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
-    """The container's memory limit in bytes (cgroup v2, then v1), or physical RAM when there is none."""
-    physical = psutil.virtual_memory().total
-    for path in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
-        limit = _read_limit(path)
-        if limit is not None and 0 < limit < physical:
-            return limit
-    return physical
-
 
 def process_rss_bytes() -> int:
     return psutil.Process().memory_info().rss

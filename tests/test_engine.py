@@ -9,10 +9,10 @@ import pytest
 
 from server import engine as engine_module
 from server.artifact import load_artifact
+from server.cgroup import cpu_quota_cores
 from server.engine import (
     EngineStartError,
     available_cores,
-    cpu_quota_cores,
     create_engine,
     cuda_provider_options,
     engine_workers,

@@ -10,8 +10,9 @@ import pytest
 
 from server.budget import TokenBudget
 from server.cache import PredictionCache
+from server.cgroup import memory_limit_bytes
 from server.config import Settings
-from server.memory import MemoryGuard, memory_limit_bytes, process_rss_bytes
+from server.memory import MemoryGuard, process_rss_bytes
 from server.metrics import Metrics
 from server.primitives import Prediction
 
