@@ -24,6 +24,20 @@ def stream(client: httpx.Client, start: int, count: int) -> list[str]:
     return ids
 
 
+def until(client: httpx.Client, done, seconds: float = 30.0) -> dict:
+    """/health once ``done(health)`` holds or ``seconds`` have passed, whichever comes first.
+
+    The writer notices an outage or a recovery on its next flush (every 0.25 s), not at the request that
+    queued the row: 60 requests to the tiny model can all be answered before that flush.
+    """
+    deadline = time.monotonic() + seconds
+    health = client.get("/health").json()
+    while not done(health) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        health = client.get("/health").json()
+    return health
+
+
 @pytest.mark.postgres
 def test_predictions_survive_a_postgres_outage(pg_store_db, tiny_artifact, tmp_path):
     server = start_server({"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": pg_store_db.url,
@@ -33,13 +47,10 @@ def test_predictions_survive_a_postgres_outage(pg_store_db, tiny_artifact, tmp_p
             served = stream(client, 0, 40)
             pg_store_db.down()
             served += stream(client, 40, 60)
-            degraded = client.get("/health").json()
+            degraded = until(client, lambda health: health["status"] == "degraded")
             pg_store_db.up()
             served += stream(client, 100, 40)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and client.get("/health").json()["database"]["spool_rows"]:
-                time.sleep(0.2)
-            healthy = client.get("/health").json()
+            healthy = until(client, lambda health: not health["database"]["spool_rows"])
     finally:
         assert stop_server(server) == 0
     assert degraded["status"] == "degraded" and degraded["database"]["status"] == "degraded"
