@@ -15,8 +15,16 @@ Policy:
   greedily to whichever side adds the least padding. The oldest text is
   always served next, so nothing starves, and padding stays small.
 * A full queue (``MAX_QUEUE`` texts) sheds with ``Overloaded`` (503 +
-  Retry-After); a text still queued at its deadline fails with
-  ``DeadlineExceeded``; every accepted text's future is resolved.
+  Retry-After); a request with texts still queued at its deadline fails with
+  ``DeadlineExceeded`` (one already running gets a grace period first); every
+  accepted request is answered.
+
+Mechanics: no batcher task. Batches are formed by callbacks on the event loop
+(after a submit, when a worker finishes, when the fill wait ends), softmax runs
+on the worker thread, each finished batch comes back through one
+``call_soon_threadsafe``, and a request awaits one future for all its texts.
+Against a task per batch and a future per text this takes 6 instead of 10
+event-loop turns per lone request and gave +2.5% texts/s at saturation.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,15 +47,40 @@ from server.tokenizer import pad_batch
 
 log = logging.getLogger(__name__)
 GROUPING_WINDOW = 16  # batches' worth of waiting texts considered when grouping by length
+RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are all running still waits
+
+
+class PendingRequest:
+    """One ``submit`` call: its texts' results in input order and the one future its caller awaits."""
+
+    def __init__(self, future: asyncio.Future, size: int, timeout: float) -> None:
+        self.future = future
+        self.timeout = timeout
+        self.results: list[np.ndarray | None] = [None] * size
+        self.remaining = size
+        self.timer: asyncio.TimerHandle | None = None
+
+    def deliver(self, index: int, row: np.ndarray) -> None:
+        if self.future.done():
+            return
+        self.results[index] = row
+        self.remaining -= 1
+        if not self.remaining:
+            self.future.set_result(self.results)
+
+    def fail(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 @dataclass(eq=False)
 class WorkItem:
     ids: np.ndarray
-    deadline: float
-    future: asyncio.Future
+    request: PendingRequest
+    index: int = 0  # position in its request
     enqueued: float = field(default_factory=time.monotonic)
     seq: int = 0
+    dispatched: bool = False
 
     @property
     def length(self) -> int:
@@ -97,12 +130,13 @@ class Batcher:
         self._metrics = metrics
         self._token_budget = token_budget or (lambda: settings.max_batch_tokens)
         self._waiting: list[WorkItem] = []
-        self._wakeup = asyncio.Event()
         self._workers = engine_workers(settings, engine.device)
+        self._free_workers = self._workers
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="engine")
-        self._slots = asyncio.Semaphore(self._workers)
-        self._running: set[asyncio.Task] = set()
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dispatch_scheduled = False
+        self._fill_timer: asyncio.TimerHandle | None = None
+        self._quiet = asyncio.Event()  # set when nothing waits and nothing runs
         self._draining = False
         self._last_batch_size = 0
         self._seq = itertools.count()
@@ -112,7 +146,8 @@ class Batcher:
         return len(self._waiting)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+        """Bind to the running event loop: finished batches are handed back to it."""
+        self._loop = asyncio.get_running_loop()
 
     async def submit(self, encodings: list[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
         """Label probabilities per encoded text, in input order."""
@@ -125,102 +160,119 @@ class Batcher:
                 f"server overloaded: {len(self._waiting)} texts already queued (MAX_QUEUE="
                 f"{self._settings.max_queue}); retry after the Retry-After delay"
             )
+        loop = self._loop
+        assert loop is not None, "Batcher.start() was not called"
         timeout = self._settings.request_timeout_s if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + timeout
-        items = [WorkItem(ids, deadline, loop.create_future(), seq=next(self._seq)) for ids in encodings]
+        request = PendingRequest(loop.create_future(), len(encodings), timeout)
+        now = time.monotonic()
+        items = [WorkItem(ids, request, index, now, next(self._seq)) for index, ids in enumerate(encodings)]
         self._waiting.extend(items)
-        self._metrics.queue_depth.set(len(self._waiting))
-        self._wakeup.set()
+        self._settle()
+        request.timer = loop.call_later(timeout, self._deadline_passed, request, items, True)
+        if not self._dispatch_scheduled:
+            # Formed on the next turn of the loop, so requests that arrived together batch together.
+            self._dispatch_scheduled = True
+            loop.call_soon(self._dispatch)
         try:
-            # The loop fails expired items itself; the grace covers a batch already running.
-            return list(await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout + 5.0))
-        except asyncio.TimeoutError:
-            self._forget(items)
-            self._metrics.rejected.labels("deadline").inc()
-            raise DeadlineExceeded(f"no result within the request deadline ({timeout:.1f} s)") from None
+            return await request.future
+        except asyncio.CancelledError:
+            self._forget(items)  # its caller is gone (client disconnected): its texts need not run
+            raise
+        finally:
+            request.timer.cancel()
 
     async def drain(self) -> None:
-        """Refuse new work, answer everything accepted, then stop the worker."""
+        """Refuse new work, answer everything accepted, then stop the workers."""
         self._draining = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        if self._loop is not None:
+            self._dispatch()
+            await self._quiet.wait()
         self._executor.shutdown(wait=True)
 
     def _forget(self, items: list[WorkItem]) -> None:
         gone = set(map(id, items))
         self._waiting = [i for i in self._waiting if id(i) not in gone]
-        self._metrics.queue_depth.set(len(self._waiting))
+        self._settle()
 
-    async def _loop(self) -> None:
-        while True:
-            if not self._waiting:
-                if self._draining:
-                    await asyncio.gather(*self._running)
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._slots.acquire()  # a free engine worker: form the next batch now, as late as possible
-            await self._fill_under_load()
-            self._expire()
-            if not self._waiting:
-                self._slots.release()
-                continue
+    def _settle(self) -> None:
+        """Export the queue depth; the batcher is quiet (drain waits for it) when nothing waits or runs."""
+        self._metrics.queue_depth.set(len(self._waiting))
+        if not self._waiting and self._free_workers == self._workers:
+            self._quiet.set()
+        else:
+            self._quiet.clear()
+
+    def _deadline_passed(self, request: PendingRequest, items: list[WorkItem], queued_only: bool) -> None:
+        if request.future.done():
+            return
+        if queued_only and all(item.dispatched for item in items):
+            # Every text is on the engine: give it a grace period rather than drop finished work.
+            request.timer = self._loop.call_later(RUNNING_GRACE_S, self._deadline_passed, request, items, False)
+            return
+        self._forget(items)
+        self._metrics.rejected.labels("deadline").inc()
+        request.fail(DeadlineExceeded(f"no result within the request deadline ({request.timeout:.1f} s); "
+                                      "retry later"))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Start batches while an engine worker is free and texts wait."""
+        self._dispatch_scheduled = False
+        self._waiting = [i for i in self._waiting if not i.request.future.done()]  # failed by a sibling batch
+        while self._free_workers and self._waiting and not self._wait_to_fill():
             batch = select_batch(self._waiting, self._settings.max_batch_size, self._token_budget())
             self._forget(batch)
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._finished)
+            self._start(batch)
+        self._settle()
 
-    def _finished(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
-        self._slots.release()
-
-    async def _fill_under_load(self) -> None:
+    def _wait_to_fill(self) -> bool:
+        """Under load, hold a part-full batch until ``MAX_WAIT_MS`` after its oldest text arrived."""
         if self._last_batch_size <= 1 or len(self._waiting) >= self._settings.max_batch_size:
-            return
+            return False
         remaining = self._waiting[0].enqueued + self._settings.max_wait_ms / 1000 - time.monotonic()
-        if remaining > 0:
-            await asyncio.sleep(remaining)
+        if remaining <= 0:
+            return False
+        if self._fill_timer is None:
+            self._fill_timer = self._loop.call_later(remaining, self._fill_wait_over)
+        return True
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        expired = [i for i in self._waiting if i.deadline <= now or i.future.done()]
-        if not expired:
-            return
-        self._forget(expired)
-        for item in expired:
-            if not item.future.done():
-                self._metrics.rejected.labels("deadline").inc()
-                item.future.set_exception(DeadlineExceeded("request deadline passed while queued; retry later"))
+    def _fill_wait_over(self) -> None:
+        self._fill_timer = None
+        self._dispatch()
 
-    async def _execute(self, batch: list[WorkItem]) -> None:
+    def _start(self, batch: list[WorkItem]) -> None:
+        self._free_workers -= 1
         self._last_batch_size = len(batch)
+        for item in batch:
+            item.dispatched = True
         input_ids, attention_mask = pad_batch([item.ids for item in batch])
         started = time.monotonic()
         self._observe_batch(batch, input_ids, attention_mask, started)
-        loop = asyncio.get_running_loop()
-        try:
-            logits = await loop.run_in_executor(self._executor, self.engine.run, input_ids, attention_mask)
-            probabilities = softmax(np.asarray(logits, dtype=np.float32))
-        except ServerError as exc:
-            if isinstance(exc, InferenceFailed):
-                log.error("inference failed on a batch of %d: %s", len(batch), exc)
+        loop = self._loop
+        job = self._executor.submit(self._infer, input_ids, attention_mask)
+        job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._finish, batch, done, started))
+
+    def _infer(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """On an engine worker thread: logits to probabilities, off the event loop."""
+        return softmax(np.asarray(self.engine.run(input_ids, attention_mask), dtype=np.float32))
+
+    def _finish(self, batch: list[WorkItem], job: Future, started: float) -> None:
+        self._free_workers += 1
+        self._metrics.inference_latency.labels(self.engine.device).observe(time.monotonic() - started)
+        error = job.exception()
+        if error is None:
+            for item, row in zip(batch, job.result(), strict=True):
+                item.request.deliver(item.index, row)
+        elif isinstance(error, ServerError):
+            if isinstance(error, InferenceFailed):
+                log.error("inference failed on a batch of %d: %s", len(batch), error)
                 self._metrics.inference_errors.labels(self.engine.device).inc()
-            self._fail(batch, exc)
-            return
-        except Exception as exc:  # engine errors must reach the callers, never hang them
-            log.error("inference failed on a batch of %d: %s", len(batch), exc)
+            self._fail(batch, error)
+        else:  # engine errors must reach the callers, never hang them
+            log.error("inference failed on a batch of %d: %s", len(batch), error)
             self._metrics.inference_errors.labels(self.engine.device).inc()
-            self._fail(batch, InferenceFailed(f"inference failed: {exc}"))
-            return
-        finally:
-            self._metrics.inference_latency.labels(self.engine.device).observe(time.monotonic() - started)
-        for item, row in zip(batch, probabilities, strict=True):
-            if not item.future.done():
-                item.future.set_result(row)
+            self._fail(batch, InferenceFailed(f"inference failed: {error}"))
+        self._dispatch()
 
     def _observe_batch(self, batch, input_ids, attention_mask, started: float) -> None:
         m = self._metrics
@@ -234,5 +286,4 @@ class Batcher:
     @staticmethod
     def _fail(batch: list[WorkItem], error: Exception) -> None:
         for item in batch:
-            if not item.future.done():
-                item.future.set_exception(error)
+            item.request.fail(error)

@@ -60,7 +60,7 @@ def expected_probabilities(ids: np.ndarray) -> np.ndarray:
 
 
 def item(length: int, seq: int) -> WorkItem:
-    return WorkItem(np.arange(1, length + 1, dtype=np.int64), deadline=1e18, future=None, seq=seq)  # type: ignore[arg-type]
+    return WorkItem(np.arange(1, length + 1, dtype=np.int64), request=None, seq=seq)  # type: ignore[arg-type]
 
 
 def settings(**overrides):
@@ -148,15 +148,68 @@ async def test_full_queue_sheds_with_overloaded():
 
 async def test_text_still_queued_at_its_deadline_fails_with_deadline_exceeded():
     engine = RecordingEngine(delay=0.3)
-    batcher = Batcher(engine, settings(max_batch_size=1), Metrics())
+    metrics = Metrics()
+    batcher = Batcher(engine, settings(max_batch_size=1), metrics)
     batcher.start()
     slow = asyncio.ensure_future(batcher.submit([np.array([1])]))
     await asyncio.sleep(0.01)
     with pytest.raises(DeadlineExceeded):
         await batcher.submit([np.array([2])], timeout=0.1)
+    assert not slow.done()  # it failed at its deadline, not when the busy engine freed up
     await slow
     await batcher.drain()
     assert len(engine.shapes) == 1  # the expired text never reached the engine
+    assert metrics.registry.get_sample_value("sentiment_rejected_requests_total", {"reason": "deadline"}) == 1
+
+
+async def test_request_already_running_at_its_deadline_gets_a_grace_period():
+    engine = RecordingEngine(delay=0.3)
+    batcher = Batcher(engine, settings(), Metrics())
+    batcher.start()
+    (probabilities,) = await batcher.submit([np.array([4, 2])], timeout=0.1)
+    np.testing.assert_allclose(probabilities, expected_probabilities(np.array([4, 2])), rtol=1e-6)
+    await batcher.drain()
+
+
+async def test_request_still_running_after_the_grace_period_fails(monkeypatch):
+    monkeypatch.setattr("server.batcher.RUNNING_GRACE_S", 0.05)
+    engine = RecordingEngine(delay=0.5)
+    batcher = Batcher(engine, settings(), Metrics())
+    batcher.start()
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        await batcher.submit([np.array([1])], timeout=0.05)
+    await batcher.drain()
+
+
+async def test_cancelled_request_leaves_the_queue_and_never_reaches_the_engine():
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, settings(), Metrics())
+    batcher.start()
+    held = asyncio.ensure_future(batcher.submit([np.array([1])]))
+    await asyncio.sleep(0.05)  # running
+    abandoned = asyncio.ensure_future(batcher.submit([np.array([7]), np.array([8])]))
+    await asyncio.sleep(0.01)
+    assert batcher.depth == 2
+    abandoned.cancel()
+    await asyncio.sleep(0)
+    assert batcher.depth == 0
+    engine.gate.set()
+    await held
+    await batcher.drain()
+    assert engine.shapes == [(1, 1)]
+
+
+async def test_under_load_a_part_full_batch_waits_max_wait_ms_then_runs():
+    engine = RecordingEngine()
+    batcher = Batcher(engine, settings(max_wait_ms=150), Metrics())
+    batcher.start()
+    await batcher.submit([np.array([1]), np.array([2])])  # a batch of two: the batcher is now "under load"
+    started = time.monotonic()
+    await batcher.submit([np.array([3])])  # nothing else comes: it runs when the fill wait ends
+    assert time.monotonic() - started >= 0.14
+    assert engine.shapes[-1] == (1, 1)
+    await batcher.drain()
 
 
 async def test_engine_error_reaches_every_caller_as_inference_failed():
@@ -191,3 +244,15 @@ async def test_engine_workers_bound_the_batches_running_at_once(workers):
         np.testing.assert_allclose(probabilities, expected_probabilities(ids), rtol=1e-6)
     await batcher.drain()
     assert engine.most_running == workers
+
+
+async def test_drain_waits_for_texts_held_back_to_fill_a_batch():
+    engine = RecordingEngine()
+    batcher = Batcher(engine, settings(max_wait_ms=200), Metrics())
+    batcher.start()
+    await batcher.submit([np.array([1]), np.array([2])])  # under load from now on
+    pending = asyncio.ensure_future(batcher.submit([np.array([3])]))
+    await asyncio.sleep(0.01)  # queued, waiting for company
+    await batcher.drain()
+    assert [rows for rows, _ in engine.shapes] == [2, 1]  # it ran before drain returned
+    assert len(await asyncio.wait_for(pending, 1)) == 1
