@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -92,6 +94,25 @@ async def test_a_partial_batch_is_written_after_the_interval(store_db, open_stor
     await wait_until(lambda: metrics.store_written._value.get() == 1, timeout=5, what="the interval flush")
     assert len(stored_ids(store_db.url)) == 1
     assert metrics.store_queue_depth._value.get() == 0
+
+
+async def test_steady_traffic_is_written_in_batches_not_row_by_row(store_db, open_store, monkeypatch):
+    metrics = Metrics()
+    store = await open_store(metrics=metrics, batch_rows=1000, flush_interval_s=0.1)
+    transactions = []
+    execute = store._execute
+
+    def slow_commit(rows):  # a database that takes 10 ms per transaction
+        transactions.append(len(rows))
+        execute(rows)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(store, "_execute", slow_commit)
+    for i in range(300):  # a row every ~2 ms for ~0.6 s, several arriving during each write
+        store.submit(make_record(f"steady {i}"))
+        await asyncio.sleep(0.002)
+    await wait_until(lambda: metrics.store_written._value.get() == 300, timeout=10, what="every row")
+    assert len(transactions) <= 15, transactions  # about one per flush interval, not one per arrival
 
 
 async def test_submit_never_raises_and_takes_numpy_scalars(store_db, open_store):
