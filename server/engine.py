@@ -83,8 +83,8 @@ def intra_op_threads(settings: Settings, device: str) -> int:
     return settings.intra_op_threads or max(1, available_cores() // engine_workers(settings, device))
 
 
-def session_options(settings: Settings, device: str) -> ort.SessionOptions:
-    """Full graph optimization, one operator at a time, ``intra_op_threads`` threads inside each.
+def session_options(settings: Settings, device: str, threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimization, one operator at a time, ``threads`` (default ``intra_op_threads``) inside each.
 
     Spinning is off unless ``INTRA_OP_SPINNING``: after each parallel operator ONNX Runtime's pool threads
     otherwise busy-wait for the next one, and in a server those cycles are taken from the event loop that
@@ -94,7 +94,7 @@ def session_options(settings: Settings, device: str) -> ort.SessionOptions:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
-    options.intra_op_num_threads = intra_op_threads(settings, device)
+    options.intra_op_num_threads = threads or intra_op_threads(settings, device)
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.intra_op_spinning else "0")
     return options
 
@@ -103,10 +103,11 @@ class OnnxEngine:
     """One ONNX Runtime session. ``run`` is blocking; the batcher calls it from its worker threads (ONNX Runtime
     sessions accept concurrent runs)."""
 
-    def __init__(self, artifact: Artifact, variant: str, device: str, settings: Settings) -> None:
+    def __init__(self, artifact: Artifact, variant: str, device: str, settings: Settings,
+                 threads: int | None = None) -> None:
         self.variant = variant
         self.device = device
-        options = session_options(settings, device)
+        options = session_options(settings, device, threads)
         if device == "cuda":
             providers: list = [(CUDA, cuda_provider_options(settings)), CPU]
         else:
@@ -192,9 +193,10 @@ def create_engine(artifact: Artifact, settings: Settings) -> OnnxEngine:
 
 def create_cpu_engine(artifact: Artifact, settings: Settings) -> OnnxEngine:
     """A CPU session for per-example fallback after GPU out-of-memory: fp32 when shipped (closest to the GPU's
-    results), else what the CPU would serve."""
+    results), else what the CPU would serve. It runs one text at a time for the GPU's single engine worker,
+    so it gets every core rather than a CPU worker's share."""
     variant = "fp32" if "fp32" in artifact.variants() else artifact.choose_variant("auto", "cpu")
-    return OnnxEngine(artifact, variant, "cpu", settings)
+    return OnnxEngine(artifact, variant, "cpu", settings, threads=settings.intra_op_threads or available_cores())
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from server.cgroup import cpu_quota_cores
 from server.engine import (
     EngineStartError,
     available_cores,
+    create_cpu_engine,
     create_engine,
     cuda_provider_options,
     engine_workers,
@@ -85,6 +86,13 @@ def test_auto_workers_share_the_cores(make_settings, monkeypatch, cores, device,
     assert (engine_workers(settings, device), intra_op_threads(settings, device)) == (workers, threads)
     explicit = make_settings(engine_workers=3, intra_op_threads=0)
     assert (engine_workers(explicit, device), intra_op_threads(explicit, device)) == (3, max(1, cores // 3))
+
+
+def test_gpu_oom_fallback_session_gets_every_core(tiny_artifact, make_settings, monkeypatch):
+    monkeypatch.setattr(engine_module, "available_cores", lambda: 6)
+    settings = make_settings(engine_workers=0, intra_op_threads=0)
+    engine = create_cpu_engine(load_artifact(tiny_artifact), settings)
+    assert engine._session.get_session_options().intra_op_num_threads == 6  # not 6 // 2 CPU workers
 
 
 @pytest.mark.parametrize(("files", "cores"), [
