@@ -32,6 +32,7 @@ HOW_TO_SEND = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 
 class Unauthorized(ServerError):
     status_code = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="sentiment-analyzer"'}  # RFC 9110: a 401 names its scheme
 
 
 class Forbidden(ServerError):

@@ -84,9 +84,12 @@ def json_response(content: object, status: int = 200, headers: dict[str, str] | 
     return Response(orjson.dumps(content), status_code=status, headers=headers, media_type="application/json")
 
 
-def error_response(status: int, message: str, retry_after: float | None = None, **extra) -> Response:
-    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after is not None else None
-    return json_response({"error": message, **extra}, status, headers)
+def error_response(status: int, message: str, retry_after: float | None = None,
+                   headers: dict[str, str] | None = None, **extra) -> Response:
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    return json_response({"error": message, **extra}, status, headers or None)
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
@@ -96,7 +99,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
             metrics.rejected.labels("too_large").inc()
         elif exc.status_code >= 500 and exc.retry_after is None:
             log.error("request failed: %s", exc.message)
-        return error_response(exc.status_code, exc.message, exc.retry_after)
+        return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

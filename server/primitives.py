@@ -51,6 +51,7 @@ class ServerError(Exception):
 
     status_code = 500
     retry_after: float | None = None
+    headers: dict[str, str] | None = None  # extra response headers the status calls for
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

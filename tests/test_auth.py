@@ -125,7 +125,9 @@ async def test_either_header_carries_the_key_and_other_schemes_are_refused(make_
     assert (await api.call("GET", "/admin/keys", key=admin, header="x-api-key")).status_code == 200
     assert (await api.call("GET", "/admin/keys", key=admin, header="bearer")).status_code == 200
     basic = await api.client.get("/admin/keys", headers={"Authorization": f"Basic {admin}"})
-    assert basic.status_code == 401
+    assert basic.status_code == 401 and basic.headers["www-authenticate"].startswith("Bearer")
+    forbidden = await api.call("GET", "/admin/keys", key=api.keys["predict key"])
+    assert forbidden.status_code == 403 and "www-authenticate" not in forbidden.headers
 
 
 async def test_refusals_are_security_log_events_that_never_show_the_key(make_api, caplog):
