@@ -9,7 +9,7 @@ SST2 ?= ../shared/data/sst2
 FINETUNE_DIR ?= build/finetune
 URL ?= http://127.0.0.1:8000
 
-.PHONY: install install-dev run test lint model model-finetune model-build bench loadtest soak docker doctor clean
+.PHONY: install install-dev run test lint model model-finetune model-build bench loadtest soak gpu-carry docker doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench: $(VENV)/.dev                ## offline ONNX benchmark of the default arti
 
 loadtest: $(VENV)/.dev             ## load test a running server at URL
 	$(BIN)/python scripts/loadtest.py --url $(URL) --data $(SST2)/dev.tsv --out bench_results/load
+
+gpu-carry: | $(BIN)/python       ## what scripts/gpu_check.sh needs carried to a lent GPU (Python 3.12, no network there)
+	rm -rf build/gpu_carry && mkdir -p build/gpu_carry
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		-d build/gpu_carry/wheels pydantic-settings
+	cp $(SST2)/dev.tsv build/gpu_carry/
 
 docker:
 	docker build -f docker/Dockerfile -t sentiment-analyzer:latest .
