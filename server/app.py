@@ -15,6 +15,7 @@ from server.cache import PredictionCache
 from server.config import Settings
 from server.engine import Engine
 from server.gpu import GpuMonitor
+from server.heap import freeze_long_lived, thaw
 from server.http import ObservedASGI, install_error_handlers
 from server.memory import MemoryGuard
 from server.metrics import Metrics
@@ -74,6 +75,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
         services = await build_services(settings, metrics, wrap_engine)
         app.state.services = services
         services.start_background()
+        freeze_long_lived()
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, services.reload_in_background)
@@ -85,6 +87,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGHUP)
             await services.close()
+            thaw()
             log.info("shutdown complete: every accepted request answered")
 
     app = FastAPI(

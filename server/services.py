@@ -19,6 +19,7 @@ from server.cache import PredictionCache
 from server.config import Settings
 from server.engine import EngineStartError
 from server.gpu import GpuMonitor
+from server.heap import refreeze
 from server.memory import MemoryGuard
 from server.metrics import Metrics
 from server.predictor import Predictor
@@ -122,11 +123,17 @@ class Services:
             fresh.batcher.start()
             previous = self.predictor.swap(fresh)
             self.publish_model_info()
-            self._tasks.append(loop.create_task(previous.batcher.drain(), name="drain-previous-model"))
+            self._tasks.append(loop.create_task(self._retire(previous), name="retire-previous-model"))
         self.metrics.model_reloads.labels("ok").inc()
         log.info("model reloaded from %s: %s %s -> %s %s", path, old.name, old.version,
                  fresh.identity.name, fresh.identity.version)
         return {"reloaded": True, "serving": vars(fresh.identity), "previous": vars(old)}
+
+    async def _retire(self, runtime: ModelRuntime) -> None:
+        """Answer everything the previous model accepted, then collect it (see server/heap.py)."""
+        await runtime.batcher.drain()
+        del runtime
+        refreeze()
 
     def _load_warm(self, path: Path) -> ModelRuntime:
         runtime = ModelRuntime.load(self.settings, self.metrics, model_path=path)
