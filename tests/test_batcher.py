@@ -59,8 +59,8 @@ def expected_probabilities(ids: np.ndarray) -> np.ndarray:
     return exp / exp.sum()
 
 
-def item(length: int, seq: int) -> WorkItem:
-    return WorkItem(np.arange(1, length + 1, dtype=np.int64), request=None, seq=seq)  # type: ignore[arg-type]
+def item(length: int) -> WorkItem:
+    return WorkItem(np.arange(1, length + 1, dtype=np.int64), request=None)  # type: ignore[arg-type]
 
 
 def settings(**overrides):
@@ -71,25 +71,25 @@ def settings(**overrides):
 
 
 def test_select_batch_takes_everything_that_fits_in_arrival_order():
-    waiting = [item(5, i) for i in range(3)]
+    waiting = [item(5) for _ in range(3)]
     assert select_batch(waiting, max_size=4, max_tokens=100) == sorted(waiting, key=lambda w: w.length)
 
 
 def test_select_batch_respects_size_and_padded_token_bounds():
-    waiting = [item(10, i) for i in range(10)]
+    waiting = [item(10) for _ in range(10)]
     assert len(select_batch(waiting, max_size=4, max_tokens=1000)) == 4
     assert len(select_batch(waiting, max_size=8, max_tokens=35)) == 3  # 3 * 10 <= 35 < 4 * 10
 
 
 def test_select_batch_always_serves_the_oldest_even_when_it_exceeds_the_budget():
-    waiting = [item(50, 0), item(3, 1), item(3, 2)]
+    waiting = [item(50), item(3), item(3)]
     batch = select_batch(waiting, max_size=4, max_tokens=20)
     assert batch == [waiting[0]]
 
 
 def test_length_grouping_picks_neighbours_of_the_oldest_and_cuts_padding():
     lengths = [40, 5, 41, 6, 39, 7, 42, 5]
-    waiting = [item(n, i) for i, n in enumerate(lengths)]
+    waiting = [item(n) for n in lengths]
     batch = select_batch(waiting, max_size=4, max_tokens=10_000)
     assert waiting[0] in batch
     assert sorted(w.length for w in batch) == [39, 40, 41, 42]
