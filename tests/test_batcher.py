@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from server.batcher import Batcher, WorkItem, select_batch
 from server.config import load_settings
@@ -256,3 +260,88 @@ async def test_drain_waits_for_texts_held_back_to_fill_a_batch():
     await batcher.drain()
     assert [rows for rows, _ in engine.shapes] == [2, 1]  # it ran before drain returned
     assert len(await asyncio.wait_for(pending, 1)) == 1
+
+
+POISON = 999  # a token the test engine refuses, failing its whole batch
+
+request_plans = st.lists(
+    st.fixed_dictionaries({
+        "lengths": st.lists(st.integers(1, 12), min_size=1, max_size=4),
+        "poison": st.sampled_from([False] * 5 + [True]),
+        "gap_ms": st.integers(0, 3),  # pause before submitting
+        "timeout": st.sampled_from([None, None, 0.002, 0.01]),
+        "cancel_after_ms": st.sampled_from([None, None, None, 0, 2]),
+    }),
+    min_size=1, max_size=14,
+)
+
+
+class RandomEngine(RecordingEngine):
+    """Sleeps a random few milliseconds per batch; refuses any batch holding the POISON token."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._random = random.Random(seed)
+        self.batches: list[np.ndarray] = []
+
+    def _run(self, input_ids, attention_mask):
+        self.batches.append(input_ids.copy())
+        time.sleep(self._random.uniform(0, 0.006))
+        if (input_ids == POISON).any():
+            raise RuntimeError("poisoned batch")
+        return super()._run(input_ids, attention_mask)
+
+
+@hypothesis_settings(max_examples=40, deadline=None)
+@given(plans=request_plans, seed=st.integers(0, 2**16), batch_size=st.integers(1, 6),
+       batch_tokens=st.integers(8, 40), wait_ms=st.sampled_from([0, 1, 3]), workers=st.integers(1, 3),
+       max_queue=st.integers(4, 30))
+def test_every_accepted_request_gets_exactly_its_answer_under_random_traffic(
+        plans, seed, batch_size, batch_tokens, wait_ms, workers, max_queue):
+    """Random arrivals, sizes, deadlines, cancellations and failing batches: nothing hangs, every caller gets
+    its own results in order or one of the documented errors, and no batch breaks the bounds."""
+    engine = RandomEngine(seed)
+    config = settings(max_batch_size=batch_size, max_batch_tokens=batch_tokens, max_wait_ms=wait_ms,
+                      engine_workers=workers, max_queue=max_queue, request_timeout_s=5)
+
+    async def scenario():
+        batcher = Batcher(engine, config, Metrics())
+        batcher.start()
+        calls = []
+        for number, plan in enumerate(plans):
+            await asyncio.sleep(plan["gap_ms"] / 1000)
+            encodings = [np.full(n, number + 1, dtype=np.int64) for n in plan["lengths"]]
+            if plan["poison"]:
+                encodings[-1][-1] = POISON
+            task = asyncio.ensure_future(batcher.submit(encodings, plan["timeout"]))
+            if plan["cancel_after_ms"] is not None:
+                asyncio.get_running_loop().call_later(plan["cancel_after_ms"] / 1000, task.cancel)
+            calls.append((plan, encodings, task))
+        await asyncio.wait_for(asyncio.gather(*(t for *_, t in calls), return_exceptions=True), 10)
+        await asyncio.wait_for(batcher.drain(), 10)
+        assert batcher.depth == 0
+        return calls
+
+    calls = asyncio.run(scenario())
+    any_poison = any(plan["poison"] for plan, _, _ in calls)
+    for plan, encodings, task in calls:
+        if task.cancelled():
+            assert plan["cancel_after_ms"] is not None
+            continue
+        error = task.exception()
+        if error is None:
+            assert not plan["poison"]
+            results = task.result()
+            assert len(results) == len(encodings)
+            for ids, probabilities in zip(encodings, results, strict=True):
+                np.testing.assert_allclose(probabilities, expected_probabilities(ids), rtol=1e-6)
+        elif isinstance(error, DeadlineExceeded):
+            assert plan["timeout"] is not None
+        elif isinstance(error, InferenceFailed):
+            assert any_poison  # its own poison, or a poisoned batch-mate's
+        else:
+            assert isinstance(error, Overloaded), error
+    for batch in engine.batches:
+        rows, width = batch.shape
+        assert rows <= batch_size
+        assert rows == 1 or rows * width <= batch_tokens
