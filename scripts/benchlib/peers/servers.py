@@ -14,7 +14,8 @@ fine-tuned model at concurrency 16, 2026-11-27; saturation req/s in brackets):
 - batches of up to 32 and a 2 ms batch wait (Infinity has no wait knob: its batcher polls every 5 ms);
 - per-request access logs off, as ours has none (TorchServe: a WARN-only log4j2 config and no
   system-metrics collector; Ray Serve: no access log; Infinity: log level warning);
-- our prediction cache and store off (peers have neither).
+- our prediction cache and store off (peers have neither); ours otherwise on its own defaults
+  (``engine_workers``/``threads`` 0 = auto: two single-threaded engine workers on 2 cores).
 ``--set name.key=value`` overrides any of them.
 
 Every process is started in its own session (process group) so that its helpers (tritonserver,
@@ -236,7 +237,7 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
     ServerSpec(
         "ours", "Sentiment Analyzer Pro (ONNX Runtime)", [],
         ["sentiment-analyzer-pro", "onnxruntime", "tokenizers", "fastapi", "uvicorn"],
-        {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "engine_workers": 1, "threads": 2, "variant": "auto",
+        {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "engine_workers": 0, "threads": 0, "variant": "auto",
          "cache": False, "store": False, "log_level": "INFO"},
         OursAdapter, _ours, info_path="/health"),
     ServerSpec(
