@@ -5,7 +5,7 @@ bindings, the model runtime) and afterwards churns small short-lived objects per
 collection scans all tracked objects: under open-loop load (440 requests/s on 2 cores) they stopped the
 event loop for 60-77 ms every few seconds. ``gc.freeze`` moves what exists into a generation the
 collector never scans; full collections then took 1-6 ms, and client p99 at that load went from
-117-153 ms (4 runs) to 42-102 ms (10 runs, median 62) with ``scripts/loadtest.py --mode open --rate 440``.
+117-153 ms (4 runs) to 40-102 ms (17 runs, median 57) with ``scripts/loadtest.py --mode open --rate 440``.
 
 Frozen objects are still freed by reference counting, but a frozen reference cycle never would be, so
 a model reload thaws, collects and freezes again once the previous model is retired, and shutdown
