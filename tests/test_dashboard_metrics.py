@@ -28,7 +28,7 @@ DASHBOARD = GRAFANA / "dashboards" / "sentiment-analyzer.json"
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 # series Prometheus makes itself rather than scraping them
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
-METRIC_NAME = re.compile(r"(?<![\w:.\-/])((?:sentiment|process)_[a-z0-9_]+)(?![\w:])")
+METRIC_NAME = re.compile(r"(?<![\w:.\-/])((?:sentiment|process|python)_[a-z0-9_]+)(?![\w:])")
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$instance": ".*"}
 
 
