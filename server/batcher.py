@@ -50,11 +50,12 @@ RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are al
 
 
 class PendingRequest:
-    """One ``submit`` call: its texts' results in input order and the one future its caller awaits."""
+    """One ``submit`` call: its texts' work items, their results in input order, the one future its caller awaits."""
 
     def __init__(self, future: asyncio.Future, size: int, timeout: float) -> None:
         self.future = future
         self.timeout = timeout
+        self.items: list[WorkItem] = []
         self.results: list[np.ndarray | None] = [None] * size
         self.remaining = size
         self.timer: asyncio.TimerHandle | None = None
@@ -162,10 +163,10 @@ class Batcher:
         timeout = self._settings.request_timeout_s if timeout is None else timeout
         request = PendingRequest(loop.create_future(), len(encodings), timeout)
         now = time.monotonic()
-        items = [WorkItem(ids, request, index, now) for index, ids in enumerate(encodings)]
-        self._waiting.extend(items)
+        request.items = [WorkItem(ids, request, index, now) for index, ids in enumerate(encodings)]
+        self._waiting.extend(request.items)
         self._settle()
-        request.timer = loop.call_later(timeout, self._deadline_passed, request, items, True)
+        request.timer = loop.call_later(timeout, self._deadline_passed, request, True)
         if not self._dispatch_scheduled:
             # Formed on the next turn of the loop, so requests that arrived together batch together.
             self._dispatch_scheduled = True
@@ -173,7 +174,7 @@ class Batcher:
         try:
             return await request.future
         except asyncio.CancelledError:
-            self._forget(items)  # its caller is gone (client disconnected): its texts need not run
+            self._forget(request.items)  # its caller is gone (client disconnected): its texts need not run
             raise
         finally:
             request.timer.cancel()
@@ -199,14 +200,14 @@ class Batcher:
         else:
             self._quiet.clear()
 
-    def _deadline_passed(self, request: PendingRequest, items: list[WorkItem], queued_only: bool) -> None:
+    def _deadline_passed(self, request: PendingRequest, queued_only: bool) -> None:
         if request.future.done():
             return
-        if queued_only and all(item.dispatched for item in items):
+        if queued_only and all(item.dispatched for item in request.items):
             # Every text is on the engine: give it a grace period rather than drop finished work.
-            request.timer = self._loop.call_later(RUNNING_GRACE_S, self._deadline_passed, request, items, False)
+            request.timer = self._loop.call_later(RUNNING_GRACE_S, self._deadline_passed, request, False)
             return
-        self._forget(items)
+        self._forget(request.items)
         self._metrics.rejected.labels("deadline").inc()
         request.fail(DeadlineExceeded(f"no result within the request deadline ({request.timeout:.1f} s); "
                                       "retry later"))
@@ -215,7 +216,6 @@ class Batcher:
     def _dispatch(self) -> None:
         """Start batches while an engine worker is free and texts wait."""
         self._dispatch_scheduled = False
-        self._waiting = [i for i in self._waiting if not i.request.future.done()]  # failed by a sibling batch
         while self._free_workers and self._waiting and not self._wait_to_fill():
             batch = select_batch(self._waiting, self._settings.max_batch_size, self._token_budget())
             self._forget(batch)
@@ -280,7 +280,9 @@ class Batcher:
         for item in batch:
             m.queue_wait.observe(started - item.enqueued)
 
-    @staticmethod
-    def _fail(batch: list[WorkItem], error: Exception) -> None:
-        for item in batch:
-            item.request.fail(error)
+    def _fail(self, batch: list[WorkItem], error: Exception) -> None:
+        """Fail every request with a text in ``batch``; their texts still queued need not run."""
+        requests = {id(item.request): item.request for item in batch}.values()
+        for request in requests:
+            request.fail(error)
+        self._forget([item for request in requests for item in request.items])

@@ -224,6 +224,16 @@ async def test_engine_error_reaches_every_caller_as_inference_failed():
     await batcher.drain()
 
 
+async def test_a_failed_request_s_other_texts_never_reach_the_engine():
+    engine = RecordingEngine(fail=RuntimeError("kaboom"))
+    batcher = Batcher(engine, settings(max_batch_size=1), Metrics())
+    batcher.start()
+    with pytest.raises(InferenceFailed):
+        await batcher.submit([np.array([1]), np.array([2]), np.array([3])])
+    await batcher.drain()
+    assert len(engine.shapes) == 1 and batcher.depth == 0
+
+
 async def test_drain_answers_everything_accepted_then_refuses_new_work():
     engine = RecordingEngine(delay=0.02)
     batcher = Batcher(engine, settings(max_batch_size=2), Metrics())
