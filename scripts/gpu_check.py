@@ -107,7 +107,6 @@ class EngineChecks:
             raise Skip(f"the server's dependencies are missing ({exc}): carry build/gpu_carry "
                        "(make gpu-carry)") from None
         self.artifact = load_artifact(artifact_dir)
-        self.load_settings = load_settings
         self.cuda = create_engine(self.artifact, load_settings(device="cuda", model_path=artifact_dir))
         self.cpu = create_engine(self.artifact, load_settings(device="cpu", model_path=artifact_dir))
         self.encoded = TextEncoder(self.artifact.tokenizer_path, self.artifact.max_length).encode(texts)
@@ -149,11 +148,12 @@ class EngineChecks:
 
     def oom_split(self, mem_limit: int = 256 * 2**20) -> Result:
         from server.budget import TokenBudget
+        from server.config import load_settings
         from server.engine import create_cpu_engine, create_engine
         from server.metrics import Metrics
         from server.oom import ResilientEngine
 
-        settings = self.load_settings(device="cuda", model_path=self.artifact.directory, cuda_mem_limit=mem_limit)
+        settings = load_settings(device="cuda", model_path=self.artifact.directory, cuda_mem_limit=mem_limit)
         metrics = Metrics()
         capped = ResilientEngine(create_engine(self.artifact, settings),
                                  lambda: create_cpu_engine(self.artifact, settings),
@@ -188,7 +188,7 @@ def run_check(name: str, check: Callable[[], Result]) -> Result:
 
 def load_texts(path: Path | None) -> list[str]:
     for candidate in ([path] if path else DATA_CANDIDATES):
-        if candidate and candidate.is_file():
+        if candidate.is_file():
             from models.data import load_labeled
 
             return load_labeled(candidate).texts
