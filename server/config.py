@@ -56,7 +56,17 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
     max_texts_per_request: int = Field(256, ge=1, description="largest 'texts' list accepted")
     max_text_chars: int = Field(20_000, ge=1, description="longest single text accepted (413 beyond)")
-    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline inside the server")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline inside the server (the body must "
+                                     "also arrive within it, else 408)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a client must send its request headers within this many "
+                                    "seconds of connecting (or of its previous request), else 408 and the connection "
+                                    "is closed")
+    max_connections: int = Field(1024, ge=1, description="open client connections at most; beyond it new "
+                                 "connections get 503 + Retry-After and are closed")
+    drain_grace_s: float = Field(3.0, ge=0, description="after SIGTERM, keep the listener open this long so /ready "
+                                 "answers 503 while load balancers notice")
+    drain_timeout_s: float = Field(20.0, gt=0, description="after SIGTERM, longest wait for accepted requests to be "
+                                   "answered before the rest are abandoned (and logged)")
 
     # batching
     max_batch_size: int = Field(32, ge=1, le=4096, description="texts per engine call")
@@ -81,12 +91,22 @@ class Settings(BaseSettings):
     store_predictions: bool = Field(True, description="record every prediction in the store")
     store_text: bool = Field(True, description="store the text itself (false: only its sha256)")
     spool_dir: Path = Field(Path("./spool"), description="where records wait while the database is down")
+    store_durability: Literal["ack", "async"] = Field(
+        "ack", description="ack: a prediction's record is fsynced to the local spool before its 200 is sent; "
+        "async: recorded in the background (a crash can lose the last ~0.25 s of records)")
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="cap on the spool's size on disk; when full, "
+                                 "ack mode answers /predict with 503 + Retry-After instead of serving unrecorded")
+    key_cache_ttl_s: float = Field(30.0, gt=0, description="API keys are checked against an in-process cache "
+                                   "refreshed this often; a revocation takes effect within it, and recently seen keys "
+                                   "keep working while the database is down")
     auth_mode: Literal["open", "required"] = Field("open", description="required: /predict needs an API key")
 
     # logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="log level")
     log_format: Literal["json", "text"] = Field("text", description="json for containers, text for humans")
     log_file: Path | None = Field(None, description="also write logs to this file")
+    log_max_bytes: int = Field(50 * 1024 * 1024, ge=0, description="rotate LOG_FILE at this size (0 = never)")
+    log_backups: int = Field(3, ge=0, description="rotated LOG_FILE copies kept")
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -107,6 +107,21 @@ class Metrics:
         self.store_write_errors = Counter("sentiment_store_write_errors", "Failed database writes", registry=r)
         self.store_replayed = Counter("sentiment_store_replayed_rows", "Spooled records replayed into the database",
                                       registry=r)
+        self.store_rejected = Counter("sentiment_store_rejected_rows", "Records the database refused for their "
+                                      "content, kept in SPOOL_DIR/rejected.jsonl for `sentiment-analyzer spool "
+                                      "replay-rejected`", registry=r)
+        self.store_replaying = Gauge("sentiment_store_replaying", "1 while spooled records are being replayed",
+                                     registry=r)
+        self.store_spool_bytes = Gauge("sentiment_store_spool_bytes", "Bytes of the spool file on disk", registry=r)
+        self.store_spool_limit = Gauge("sentiment_store_spool_limit_bytes", "SPOOL_MAX_BYTES", registry=r)
+        self.store_ack_latency = Histogram("sentiment_store_ack_seconds", "Wait for a request's records to be "
+                                           "fsynced before its answer (STORE_DURABILITY=ack)",
+                                           buckets=LATENCY_BUCKETS, registry=r)
+
+        # connections and auth
+        self.open_connections = Gauge("sentiment_open_connections", "Client connections open now", registry=r)
+        self.key_cache_fallbacks = Counter("sentiment_auth_key_cache_fallbacks", "Requests authorised from the "
+                                           "in-process key cache because the database was unavailable", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
