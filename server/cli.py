@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-
-import uvicorn
 
 from server.config import ConfigError, Settings, load_settings
 
@@ -31,43 +28,16 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def serve(settings: Settings) -> int:
-    from server.app import create_app
-    from server.artifact import ArtifactError, load_artifact
-    from server.doctor import port_problem
-    from server.engine import EngineStartError, resolve_device
+    """Check everything that can be checked before listening (one line and an exit code per failure), then run."""
+    from server.lifecycle import run_server
     from server.logging_setup import configure_logging
+    from server.preflight import preflight
 
     configure_logging(settings)
-    problem = port_problem(settings.host, settings.port)
-    if problem:
-        log.error("cannot start: %s; stop the other process or set PORT to a free port", problem)
-        return 2
-    try:  # fail fast with one line, before uvicorn wraps the error in a lifespan traceback
-        load_artifact(settings.model_path)
-        resolve_device(settings)
-    except (ArtifactError, EngineStartError) as exc:
-        log.error("cannot start: %s", exc)
-        return 3
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5, server_header=False,
-    )
-    server = DrainingServer(config)
-    # uvicorn re-raises the SIGTERM it drained on; a drained shutdown is a success, so exit 0 then.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0 if server.started else 1))
-    server.run()
-    return 0 if server.started else 1
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, with SIGTERM/SIGINT first turning /ready to 503 (then uvicorn's graceful stop)."""
-
-    def handle_exit(self, sig, frame) -> None:
-        services = getattr(self.config.app.state, "services", None)
-        if services is not None:
-            services.begin_drain()
-        super().handle_exit(sig, frame)
+    code = preflight(settings)
+    if code:
+        return code
+    return run_server(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

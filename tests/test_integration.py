@@ -15,6 +15,7 @@ import pytest
 from scripts.benchlib.serverproc import start_server, stop_server
 from server.artifact import load_artifact
 from server.engine import create_engine, softmax
+from server.exitcodes import ExitCode
 from server.tokenizer import TextEncoder, pad_batch
 
 
@@ -108,7 +109,7 @@ def test_port_in_use_is_a_clear_error(tiny_artifact, tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         server = start_server({"MODEL_PATH": str(tiny_artifact), "PORT": str(port)}, tmp_path, wait_ready=False)
-        assert wait_exit(server) == 2
+        assert wait_exit(server) == ExitCode.PORT
     assert f"port {port} is already in use" in server.log()
 
 
@@ -117,7 +118,7 @@ def test_missing_model_file_is_a_clear_error(tiny_artifact, tmp_path):
     shutil.copytree(tiny_artifact, broken)
     (broken / "model.int8.onnx").unlink()
     server = start_server({"MODEL_PATH": str(broken)}, tmp_path, wait_ready=False)
-    assert wait_exit(server) != 0
+    assert wait_exit(server) == ExitCode.MODEL
     assert "model file missing" in server.log() and "model.int8.onnx" in server.log()
 
 
@@ -128,7 +129,7 @@ def test_corrupt_model_file_is_refused_naming_the_file(tiny_artifact, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (broken / "model.int8.onnx").write_bytes(bytes(data))
     server = start_server({"MODEL_PATH": str(broken)}, tmp_path, wait_ready=False)
-    assert wait_exit(server) != 0
+    assert wait_exit(server) == ExitCode.MODEL
     assert "model file corrupt" in server.log() and "model.int8.onnx" in server.log()
 
 
@@ -136,6 +137,6 @@ def test_corrupt_model_file_is_refused_naming_the_file(tiny_artifact, tmp_path):
                                          ("LOG_FORMAT", "xml")])
 def test_invalid_environment_stops_start_up_with_one_line(tiny_artifact, tmp_path, name, value):
     server = start_server({"MODEL_PATH": str(tiny_artifact), name: value}, tmp_path, wait_ready=False)
-    assert wait_exit(server) == 2
+    assert wait_exit(server) == ExitCode.CONFIG
     errors = [line for line in server.log().splitlines() if "invalid configuration" in line]
     assert len(errors) == 1 and f"{name}={value!r}" in errors[0]
