@@ -2,6 +2,14 @@
 
 ERROR lines keep the literal level name in both formats so the runbook's
 ``docker logs sentiment-analyzer | grep ERROR`` finds them.
+
+``LOG_FILE`` is rotated by size: past ``LOG_MAX_BYTES`` it becomes
+``LOG_FILE.1`` (older copies shift to ``.2`` ... up to ``LOG_BACKUPS``, the
+oldest is deleted), so the file and its copies never hold more than about
+``LOG_MAX_BYTES × (LOG_BACKUPS + 1)``. ``LOG_BACKUPS=0`` starts the file
+afresh at the size (no copy kept); ``LOG_MAX_BYTES=0`` never rotates (for an
+external logrotate using ``copytruncate``). One process writes the file: the
+server runs its engine workers as threads, never as processes.
 """
 
 from __future__ import annotations
@@ -11,6 +19,8 @@ import json
 import logging
 import sys
 from datetime import datetime, timezone
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
 
 from server.config import Settings
 
@@ -50,16 +60,34 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class SizeRotatingFileHandler(RotatingFileHandler):
+    """The stdlib's size rotation, which also bounds the file with no backups (the stdlib then never rotates)."""
+
+    def doRollover(self) -> None:
+        if self.backupCount > 0:
+            super().doRollover()
+            return
+        if self.stream:
+            self.stream.close()
+        self.stream = open(self.baseFilename, "w", encoding=self.encoding, errors=self.errors)  # noqa: SIM115
+
+
+def file_handler(path: Path, max_bytes: int, backups: int) -> logging.Handler:
+    """LOG_FILE, rotated at LOG_MAX_BYTES keeping LOG_BACKUPS copies (0 bytes: never rotated)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SizeRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+
+
 def configure_logging(settings: Settings) -> None:
     """Route the root logger (and uvicorn's) to stdout (so `docker logs … | grep` sees it) and LOG_FILE."""
     formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if settings.log_file is not None:
-        settings.log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(settings.log_file, encoding="utf-8"))
+        handlers.append(file_handler(settings.log_file, settings.log_max_bytes, settings.log_backups))
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+        handler.close()
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(RequestIdFilter())

@@ -1,0 +1,69 @@
+"""LOG_FILE rotation by size (LOG_MAX_BYTES, LOG_BACKUPS) through the server's own logging set-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.config import load_settings
+from server.logging_setup import configure_logging
+
+LINE = "x" * 100
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """configure_logging replaces the root logger's handlers: put pytest's back afterwards."""
+    root = logging.getLogger()
+    saved = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+
+
+def log_lines(log_file: Path, count: int, **settings) -> None:
+    configure_logging(load_settings(log_file=log_file, log_format="text", **settings))
+    logger = logging.getLogger("test.rotation")
+    for n in range(count):
+        logger.warning("line %05d %s", n, LINE)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
+def numbers(path: Path) -> list[int]:
+    return [int(line.split("line ")[1].split()[0]) for line in path.read_text().splitlines()]
+
+
+def test_writing_past_the_size_rotates_and_keeps_log_backups_files(tmp_path, restore_logging) -> None:
+    log = tmp_path / "logs" / "server.log"
+    log_lines(log, 200, log_max_bytes=4096, log_backups=2)  # ~30 KB of lines: many rotations
+    files = sorted(p.name for p in log.parent.iterdir())
+    assert files == ["server.log", "server.log.1", "server.log.2"]
+    for path in log.parent.iterdir():
+        assert 0 < path.stat().st_size <= 4096, f"{path.name} is {path.stat().st_size} bytes"
+    # the newest lines are in the live file, the older ones in .1 then .2, none duplicated
+    kept = numbers(log.parent / "server.log.2") + numbers(log.parent / "server.log.1") + numbers(log)
+    assert kept == list(range(kept[0], 200))
+
+
+def test_no_backups_restarts_the_file_at_the_size(tmp_path, restore_logging) -> None:
+    """The stdlib never rotates with backupCount=0; LOG_BACKUPS=0 must still bound the file."""
+    log = tmp_path / "server.log"
+    log_lines(log, 200, log_max_bytes=4096, log_backups=0)
+    assert [p.name for p in tmp_path.iterdir()] == ["server.log"]
+    assert log.stat().st_size <= 4096
+    assert numbers(log)[-1] == 199
+
+
+def test_zero_max_bytes_never_rotates(tmp_path, restore_logging) -> None:
+    log = tmp_path / "server.log"
+    log_lines(log, 200, log_max_bytes=0, log_backups=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["server.log"]
+    assert numbers(log) == list(range(200))
