@@ -40,12 +40,32 @@ def serve(settings: Settings) -> int:
     return run_server(settings)
 
 
+def add_status_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("status", help="incident snapshot of a running server: health, traffic, latency, "
+                                 "memory, store, and a proposed P0-P3 severity")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between the two /metrics scrapes")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
+    parser.add_argument("--slo-p99-ms", type=float, default=250.0, help="the /predict p99 latency objective")
+    parser.add_argument("--template", choices=("alert", "update", "resolved"),
+                        help="print the runbook's communication template filled with the figures")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def handler(args: argparse.Namespace) -> int:
+        from server.status import run_status
+
+        return run_status(args.url, args.interval, args.timeout, args.slo_p99_ms, args.template, args.json)
+
+    parser.set_defaults(handler=handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sentiment-analyzer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     add_setting_flags(commands.add_parser("serve", help="run the HTTP server"))
     add_setting_flags(commands.add_parser("doctor", help="check model, configuration, port and database"))
+    add_status_command(commands)
     from server import cli_store
 
     cli_store.register(commands)
