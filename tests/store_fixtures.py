@@ -2,7 +2,8 @@
 
 Load them with ``pytest_plugins = ["tests.store_fixtures"]`` in tests/conftest.py.
 
-PostgreSQL is started once per session with pytest-postgresql's executor.
+PostgreSQL is started once per session with pytest-postgresql's executor
+(``scripts.benchlib.databases.PgServer``, shared with the chaos script).
 PostgreSQL refuses to run as root, so when the tests run as root (CI
 containers) the server runs as the ``postgres`` system user: the executor is
 pointed at ``tests/pg_ctl_nonroot.sh`` (pg_ctl run through ``runuser``) and
@@ -22,111 +23,40 @@ holds an exclusive lock so writes fail), ``up()`` undoes it.
 from __future__ import annotations
 
 import asyncio
-import glob
 import hashlib
-import os
-import shutil
-import sqlite3
-import tempfile
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
-from pytest_postgresql.executors import PostgreSQLExecutor
 from sqlalchemy import create_engine, select
 
-from scripts.benchlib.serverproc import free_port
+from scripts.benchlib.databases import (
+    PG_MISSING,
+    PgServer,
+    SqliteLock,  # noqa: F401 (tests import it from here)
+    postgres_database,
+    real_pg_ctl,
+    sqlite_database,
+)
+from scripts.benchlib.databases import Database as StoreDatabase
 from server.config import Settings, load_settings
 from server.metrics import Metrics
 from server.primitives import PredictionRecord
 from server.store import PredictionStore
 from server.store.tables import PREDICTIONS
 
-PG_CTL_WRAPPER = Path(__file__).with_name("pg_ctl_nonroot.sh")
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
-
-
-def real_pg_ctl() -> str | None:
-    """The pg_ctl the wrapper runs: SAP_PG_CTL, else the newest /usr/lib/postgresql/*/bin/pg_ctl."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
-    return os.environ.get("SAP_PG_CTL") or (candidates[-1] if candidates else None)
-
-
-@dataclass
-class PgServer:
-    """The session's PostgreSQL server: fresh databases, and stop/start for outage tests."""
-
-    executor: PostgreSQLExecutor
-
-    def url(self, dbname: str) -> str:
-        return f"postgresql+psycopg://{self.executor.user}@{self.executor.host}:{self.executor.port}/{dbname}"
-
-    def create_database(self) -> str:
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        self._admin(f'CREATE DATABASE "{name}"')
-        return name
-
-    def drop_database(self, name: str) -> None:
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    def stop(self) -> None:
-        self.executor.stop()
-
-    def start(self) -> None:
-        """Start (unless running) and wait until it accepts connections, not just until its port is open."""
-        if not self.executor.running():
-            self.executor.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self._admin("SELECT 1")
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def _admin(self, sql: str) -> None:
-        with psycopg.connect(host=self.executor.host, port=self.executor.port, user=self.executor.user,
-                             dbname="postgres", autocommit=True) as connection:
-            connection.execute(sql)
 
 
 @pytest.fixture(scope="session")
 def store_pg_server() -> Iterator[PgServer]:
     if real_pg_ctl() is None:
-        pytest.fail("PostgreSQL server binaries not found: apt-get install postgresql (or set SAP_PG_CTL to "
-                    "pg_ctl); to skip these tests run pytest -m 'not postgres'", pytrace=False)
-    workdir = Path(tempfile.mkdtemp(prefix="sentiment-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(workdir, "postgres", "postgres")
-    executor = PostgreSQLExecutor(
-        executable=str(PG_CTL_WRAPPER), host="127.0.0.1", port=free_port(), datadir=str(workdir / "data"),
-        unixsocketdir=str(workdir), logfile=str(workdir / "postgresql.log"), startparams="-w",
-        dbname="postgres", user="postgres",
-    )
+        pytest.fail(f"{PG_MISSING}; to skip these tests run pytest -m 'not postgres'", pytrace=False)
+    server = PgServer.launch()
     try:
-        server = PgServer(executor)
-        server.start()
         yield server
     finally:
-        if executor.running():
-            executor.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@dataclass
-class StoreDatabase:
-    """A fresh, empty database for one test, and a switch to make it fail (blocking calls)."""
-
-    backend: str
-    url: str
-    down: Callable[[], None]
-    up: Callable[[], None]
+        server.close()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -145,36 +75,13 @@ def pg_store_db(store_pg_server: PgServer) -> Iterator[StoreDatabase]:
 
 
 def _sqlite_database(tmp_path: Path) -> Iterator[StoreDatabase]:
-    path = tmp_path / "store.db"
-    lock = SqliteLock(path)
-    yield StoreDatabase("sqlite", f"sqlite:///{path}", lock.acquire, lock.release)
-    lock.release()
+    with sqlite_database(tmp_path) as database:
+        yield database
 
 
 def _postgres_database(server: PgServer) -> Iterator[StoreDatabase]:
-    server.start()  # in case an earlier test stopped it and failed before starting it again
-    name = server.create_database()
-    yield StoreDatabase("postgresql", server.url(name), server.stop, server.start)
-    server.start()
-    server.drop_database(name)
-
-
-class SqliteLock:
-    """An outage for SQLite: another connection holds an exclusive lock, so writes time out as 'locked'."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._connection: sqlite3.Connection | None = None
-
-    def acquire(self) -> None:
-        self._connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._connection.execute("BEGIN EXCLUSIVE")
-
-    def release(self) -> None:
-        if self._connection is not None:
-            self._connection.rollback()
-            self._connection.close()
-            self._connection = None
+    with postgres_database(server) as database:
+        yield database
 
 
 @pytest.fixture
