@@ -5,6 +5,10 @@ An artifact holds ONNX variants (``model.onnx`` fp32, ``model.int8.onnx``,
 ``manifest.json``. The manifest lists every file with its sha256; loading
 refuses a missing or altered file with one line naming it.
 
+The manifest is checked against ``ManifestSchema`` (types of every field the
+server reads, a sha256 for every file, known variant names, a sequence length
+within ``MAX_SEQUENCE_LENGTH_CAP``) before any file is opened.
+
 manifest.json (written by ``models.manifest``)::
 
     {"name", "version", "architecture", "labels": [...logit order...],
@@ -20,16 +24,69 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 VARIANT_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 REQUIRED_KEYS = ("name", "version", "architecture", "labels", "max_sequence_length", "files", "variants")
+# Longest sequence a manifest may declare. Start-up and reload run one text of the declared length through the
+# model (``ModelRuntime.smoke_test``), which proves the model accepts it; this cap keeps that probe from
+# allocating an absurd attention matrix first (BERT-family encoders stop at 512, long-context ones at 8192).
+MAX_SEQUENCE_LENGTH_CAP = 8192
 
 
 class ArtifactError(RuntimeError):
     """The artifact cannot be served; the message names the file and the fix."""
+
+
+class VariantNotShipped(ArtifactError):
+    """MODEL_VARIANT names a variant this artifact does not ship (a settings mistake, not a broken artifact)."""
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class FileEntry(_Entry):
+    sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: StrictInt | None = Field(None, ge=0)
+
+
+class VariantEntry(_Entry):
+    file: StrictStr = Field(min_length=1)
+
+
+class ManifestSchema(_Entry):
+    """The manifest's fields and their types; fields not named here (parity, evaluation, ...) are kept as is."""
+
+    name: StrictStr = Field(min_length=1)
+    version: StrictStr = Field(min_length=1)
+    architecture: StrictStr
+    labels: list[StrictStr] = Field(min_length=2)
+    max_sequence_length: StrictInt = Field(ge=2, le=MAX_SEQUENCE_LENGTH_CAP)
+    files: dict[str, FileEntry]
+    variants: dict[Literal["fp32", "int8", "fp16"], VariantEntry] = Field(min_length=1)
+    opset: StrictInt | None = None
+    source: StrictStr | dict[str, Any] | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str]) -> list[str]:
+        if len(set(labels)) != len(labels) or not all(labels):
+            raise ValueError("labels must be distinct, non-empty names in logit order")
+        return labels
+
+
+def describe_schema_error(error: ValidationError) -> str:
+    """The first problem as ``field.path: what is wrong (got value)``."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    value = repr(first.get("input"))
+    value = value if len(value) <= 60 else value[:57] + "..."
+    return f"{where}: {first['msg']} (got {value})"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -71,7 +128,7 @@ class Artifact:
     def variant_path(self, variant: str) -> Path:
         info = self.manifest["variants"].get(variant)
         if info is None:
-            raise ArtifactError(
+            raise VariantNotShipped(
                 f"model variant {variant!r} is not in {self.directory / MANIFEST} (available: {self.variants()}); "
                 "set MODEL_VARIANT to one of them or auto"
             )
@@ -87,29 +144,45 @@ class Artifact:
         return next(v for v in preference if v in available)
 
 
-def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
-    """Read and check an artifact directory; raises ``ArtifactError`` naming the offending file."""
-    directory = Path(directory)
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest as a dict, checked against ``ManifestSchema``; raises ``ArtifactError`` naming the problem."""
     manifest_path = directory / MANIFEST
-    if not directory.is_dir():
-        raise ArtifactError(f"model directory not found: {directory} (set MODEL_PATH to an artifact directory)")
     if not manifest_path.is_file():
         raise ArtifactError(f"model manifest missing: {manifest_path} (rebuild the artifact with `make model`)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"model manifest unreadable: {manifest_path}: {exc}") from None
+        manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"model manifest unreadable: {manifest_path}: {exc} "
+                            "(it must be UTF-8 JSON; restore it or rebuild the artifact)") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"model manifest invalid: {manifest_path} holds a JSON {type(manifest).__name__}, "
+                            "not an object (restore it or rebuild the artifact)")
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise ArtifactError(f"model manifest incomplete: {manifest_path} lacks {missing}")
-    if not manifest["variants"]:
-        raise ArtifactError(f"model manifest lists no ONNX variant: {manifest_path}")
+    try:
+        ManifestSchema.model_validate(manifest)
+    except ValidationError as exc:
+        raise ArtifactError(f"model manifest invalid: {manifest_path}: {describe_schema_error(exc)} "
+                            "(restore it or rebuild the artifact)") from None
+    return manifest
+
+
+def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
+    """Read and check an artifact directory; raises ``ArtifactError`` naming the offending file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"model directory not found: {directory} (set MODEL_PATH to an artifact directory)")
+    manifest = read_manifest(directory)
+    manifest_path = directory / MANIFEST
     needed = {TOKENIZER, *(info["file"] for info in manifest["variants"].values())}
     unlisted = sorted(needed - set(manifest["files"]))
     if unlisted:
         raise ArtifactError(f"model manifest has no sha256 for {unlisted[0]} in {manifest_path}")
     for name, info in manifest["files"].items():
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"model manifest lists {name!r}, outside {directory}, in {manifest_path}")
         if not path.is_file():
             raise ArtifactError(f"model file missing: {path} (listed in {MANIFEST}; restore it or rebuild)")
         if verify and sha256_file(path) != info["sha256"]:

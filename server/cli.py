@@ -30,11 +30,9 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
 def serve(settings: Settings) -> int:
     """Check everything that can be checked before listening (one line and an exit code per failure), then run."""
     from server.lifecycle import run_server
-    from server.logging_setup import configure_logging
     from server.preflight import preflight
 
-    configure_logging(settings)
-    code = preflight(settings)
+    code = preflight(settings)  # configures logging first (once LOG_FILE is known to be writable)
     if code:
         return code
     return run_server(settings)

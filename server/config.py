@@ -2,7 +2,10 @@
 
 Every other module receives a ``Settings`` object; nothing else reads the
 environment. An invalid value stops start-up with one line naming the
-variable, the value and what is allowed (``ConfigError``).
+variable, the value and what is allowed (``ConfigError``); so do values that
+do not fit together (``check_relationships``) and non-finite numbers.
+What settings cannot say about the machine (paths, DATABASE_URL's dialect,
+the model itself) is checked by ``server.preflight``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ class ConfigError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True)
+    # allow_inf_nan=False: "inf" or "nan" parse as floats, and an infinite timeout or water mark is never meant.
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", frozen=True,
+                                      allow_inf_nan=False)
 
     # model and runtime
     model_path: Path = Field(DEFAULT_MODEL_PATH, description="model artifact directory")
@@ -139,3 +144,19 @@ def load_settings(**overrides: object) -> Settings:
             f"must be below MEMORY_HIGH_WATER={settings.memory_high_water!r}"
         )
     return settings
+
+
+def check_relationships(settings: Settings) -> None:
+    """Settings valid one by one but not together; ``ConfigError`` naming both variables.
+
+    Checked by start-up and ``doctor`` (``server.preflight``), not by ``load_settings``, so that unit tests
+    can still build a tiny queue. MAX_QUEUE below MAX_TEXTS_PER_REQUEST would accept a request of more texts
+    than the queue can ever hold and answer it 503 + Retry-After forever; the server refuses to start instead
+    of splitting such a request (a split request could be half-admitted under load).
+    """
+    if settings.max_queue < settings.max_texts_per_request:
+        raise ConfigError(
+            f"invalid configuration: MAX_QUEUE={settings.max_queue!r}: must be at least "
+            f"MAX_TEXTS_PER_REQUEST={settings.max_texts_per_request!r}, or a request of that many texts could "
+            "never be queued; raise MAX_QUEUE or lower MAX_TEXTS_PER_REQUEST"
+        )

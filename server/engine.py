@@ -30,6 +30,13 @@ class EngineStartError(RuntimeError):
     """The engine cannot start with the configured device/variant."""
 
 
+class ModelFileError(EngineStartError):
+    """ONNX Runtime refused the model file itself (not the device): unparseable, or not the inputs the server feeds."""
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
 class Engine(Protocol):
     device: str
     provider: str
@@ -116,7 +123,14 @@ class OnnxEngine:
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises several unrelated types for a bad file
-            raise EngineStartError(f"cannot load model file {path}: {exc}") from None
+            # On CPU nothing but the file can be at fault; on CUDA it may be the device.
+            error = ModelFileError if device == "cpu" else EngineStartError
+            raise error(f"cannot load model file {path}: {_first_line(exc)} (restore it or rebuild the artifact)"
+                        ) from None
+        inputs = [i.name for i in self._session.get_inputs()]
+        if sorted(inputs) != sorted(MODEL_INPUTS):
+            raise ModelFileError(f"model file {path} takes inputs {inputs}; the server feeds {list(MODEL_INPUTS)} "
+                                 "(re-export it with models/export.py)")
         self.provider = self._session.get_providers()[0]
         if device == "cuda" and self.provider != CUDA:
             raise EngineStartError(
@@ -153,6 +167,11 @@ class OnnxEngine:
 
     def _session_device_id(self) -> int:
         return int(self._session.get_provider_options().get(CUDA, {}).get("device_id", 0))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cuda_available() -> bool:

@@ -5,7 +5,8 @@ The limit that matters in a container is the cgroup's, not the host's (``server.
 Above the high-water ratio the guard sheds half the prediction cache and halves the token budget (smaller
 batches, smaller activation peaks); below the low-water ratio it lifts the budget cut. The gap between the
 two keeps it from flapping. Freed cache entries lower RSS only partly (the allocator keeps some arenas), so
-shedding continues on every check while RSS stays above high water.
+shedding continues on every check while RSS stays above high water. A reload hands the guard the new
+runtime's budget (``follow``), so it always drives the model being served.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class MemoryGuard:
             log.info("memory pressure over: RSS %d of %d bytes (%.0f%%)", rss, limit, ratio * 100)
             self._set_pressure(False)
         return self.under_pressure
+
+    def follow(self, budget: TokenBudget) -> None:
+        """Drive ``budget`` from now on (a reload swapped in a runtime with its own), in the present pressure state:
+        a model swapped in under pressure starts with its budget halved, as the old one had it."""
+        self._budget = budget
+        budget.set_memory_pressure(self.under_pressure)
 
     async def run(self, interval_s: float) -> None:
         """Check every ``interval_s`` until cancelled; a failed check is logged, never fatal."""

@@ -2,7 +2,10 @@
 
 Hot reload builds a new ``ModelRuntime`` beside the serving one, warms it,
 smoke-tests it, and only then swaps it in; the old one drains in the
-background.
+background. ``load_checked`` is the one way start-up checks (``server.preflight``),
+``doctor`` and reload load a model: whatever goes wrong comes out as an
+``ArtifactError`` or ``EngineStartError`` whose message is one line naming the
+artifact and the fix.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from server.artifact import Artifact, load_artifact
+from server.artifact import MANIFEST, TOKENIZER, Artifact, ArtifactError, load_artifact
 from server.batcher import Batcher
 from server.budget import TokenBudget
 from server.config import Settings
-from server.engine import Engine, create_cpu_engine, create_engine
+from server.engine import Engine, EngineStartError, create_cpu_engine, create_engine
 from server.metrics import Metrics
 from server.oom import ResilientEngine
 from server.primitives import ModelIdentity
@@ -52,7 +55,7 @@ class ModelRuntime:
                  metrics: Metrics) -> None:
         self.artifact = artifact
         self.settings = settings
-        self.encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length, strict=settings.strict_truncation)
+        self.encoder = load_encoder(artifact, settings.strict_truncation)
         self.budget = budget
         self.engine = engine
         self.batcher = Batcher(engine, settings, metrics, token_budget=lambda: budget.current)
@@ -78,14 +81,15 @@ class ModelRuntime:
         return self.artifact.labels
 
     def warm_up(self) -> float:
-        """Run every warm-up shape once, then a smoke prediction; returns seconds spent."""
+        """A smoke prediction (first: its failures say the most), then every warm-up shape once; returns seconds
+        spent."""
         started = time.monotonic()
+        self.smoke_test()
         shapes = warmup_shapes(self.engine.device, self.settings.max_batch_size, self.settings.max_batch_tokens,
                                self.artifact.max_length)
         for batch, length in shapes:
             ids = np.full((batch, length), 1000, dtype=np.int64)
             self.engine.run(ids, np.ones_like(ids))
-        self.smoke_test()
         self.warm = True
         elapsed = time.monotonic() - started
         log.info("model %s %s warm on %s (%d shapes, %.2f s)", self.identity.name, self.identity.version,
@@ -93,9 +97,72 @@ class ModelRuntime:
         return elapsed
 
     def smoke_test(self) -> None:
-        """A real prediction through tokenizer and engine must give finite probabilities of the right width."""
+        """Real predictions through tokenizer and engine must give finite logits, one per label.
+
+        Two probes: the smoke texts as a batch, and one text of the manifest's ``max_sequence_length``
+        (proof that the model accepts the length the server will truncate to).
+        """
+        where = self.artifact.directory
         encoded = self.encoder.encode(SMOKE_TEXTS)
-        logits = np.asarray(self.engine.run(*pad_batch(encoded)))
-        if logits.shape != (len(SMOKE_TEXTS), len(self.labels())) or not np.isfinite(logits).all():
-            raise RuntimeError(f"smoke prediction gave logits of shape {logits.shape} (expected "
-                               f"{(len(SMOKE_TEXTS), len(self.labels()))}) or non-finite values")
+        self._check_logits(self.engine.run(*pad_batch(encoded)), len(encoded))
+        longest = np.resize(encoded[0], self.artifact.max_length)
+        try:
+            logits = self.engine.run(*pad_batch([longest]))
+        except Exception as exc:
+            raise ModelCheckFailed(
+                f"model {where} cannot run a text of its max_sequence_length ({self.artifact.max_length} tokens, "
+                f"from {MANIFEST}): {_summary(exc)}; set it to what the model supports or rebuild the artifact"
+            ) from None
+        self._check_logits(logits, 1)
+
+    def _check_logits(self, logits: np.ndarray, rows: int) -> None:
+        logits, where, expected = np.asarray(logits), self.artifact.directory, (rows, len(self.labels()))
+        if logits.shape != expected:
+            raise ModelCheckFailed(f"model {where}: a smoke prediction gave logits of shape {logits.shape}, expected "
+                                   f"{expected} (one per label in {MANIFEST}): the ONNX file does not fit the manifest")
+        if not np.isfinite(logits).all():
+            raise ModelCheckFailed(f"model {where}: a smoke prediction gave non-finite logits (NaN or inf): the "
+                                   "weights are damaged; restore or rebuild the artifact")
+
+
+class ModelCheckFailed(ArtifactError):
+    """The artifact's files verified, but the model cannot be served: it failed to load or to predict."""
+
+
+def load_encoder(artifact: Artifact, strict: bool) -> TextEncoder:
+    try:
+        return TextEncoder(artifact.tokenizer_path, artifact.max_length, strict=strict)
+    except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
+        raise ModelCheckFailed(f"tokenizer unusable: {artifact.directory / TOKENIZER}: {_summary(exc)} "
+                               "(restore it or rebuild the artifact)") from None
+
+
+def load_checked(settings: Settings, metrics: Metrics, model_path: Path | None = None, warm: bool = True,
+                 wrap_engine: Callable[[Engine], Engine] | None = None) -> ModelRuntime:
+    """Load, verify and warm (``warm``) or only smoke-test a model; every failure is one clear exception.
+
+    ``ArtifactError`` (files, manifest, tokenizer, a failed smoke prediction) or ``EngineStartError`` (the
+    device); anything unexpected from ONNX Runtime or the tokenizer is wrapped as ``ModelCheckFailed``
+    rather than let through, so no caller can mistake it for a server fault.
+    """
+    path = Path(model_path or settings.model_path)
+    try:
+        runtime = ModelRuntime.load(settings, metrics, model_path=path, wrap_engine=wrap_engine)
+        if warm:
+            runtime.warm_up()
+        else:
+            runtime.smoke_test()
+            runtime.warm = True
+    except (ArtifactError, EngineStartError):
+        raise
+    except Exception as exc:
+        raise ModelCheckFailed(f"model {path} cannot serve: {_summary(exc)} (check the artifact, or rebuild it)"
+                               ) from exc
+    return runtime
+
+
+def _summary(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, bounded: ORT messages can run to kilobytes of C++ frames."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -23,7 +23,8 @@ from server.heap import refreeze
 from server.memory import MemoryGuard
 from server.metrics import Metrics
 from server.predictor import Predictor
-from server.runtime import ModelRuntime
+from server.primitives import ModelIdentity
+from server.runtime import ModelRuntime, load_checked
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Services:
     def start_background(self) -> None:
         self.runtime.batcher.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.memory_guard.run(5.0), name="memory-guard"))
+        self._tasks.append(asyncio.get_running_loop().create_task(self.keys.run(), name="key-cache"))
         self.publish_model_info()
         self.metrics.ready.set(1)
 
@@ -68,6 +70,7 @@ class Services:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.keys.close()
         await self.store.close()
         self.gpu.close()
 
@@ -105,29 +108,49 @@ class Services:
         }
 
     def reload_in_background(self) -> None:
-        """SIGHUP: reload MODEL_PATH; the task is kept so it cannot be garbage-collected mid-way."""
-        self._tasks.append(asyncio.get_running_loop().create_task(self.reload(), name="reload"))
+        """SIGHUP: reload MODEL_PATH. ``reload`` logs and counts the outcome, as for POST /admin/reload; the task
+        is kept until it finishes so it cannot be garbage-collected mid-way."""
+        self._keep_until_done(asyncio.get_running_loop().create_task(self.reload(), name="reload"))
 
     async def reload(self, model_path: str | None = None) -> dict[str, Any]:
-        """Load, verify, warm and smoke-test a new model; swap it in only if all of that succeeds."""
-        path = Path(model_path) if model_path else self.settings.model_path
+        """Load, verify, warm and smoke-test a new model; swap it in only if all of that succeeds.
+
+        Every failure, whatever raised it, leaves the serving model in place, is logged at ERROR, counted in
+        ``sentiment_model_reloads_total{result="failed"}`` and returned with its reason (answered 409).
+        """
         old = self.runtime.identity
         async with self._reload_lock:
             loop = asyncio.get_running_loop()
             try:
+                path = Path(model_path) if model_path else self.settings.model_path
                 fresh = await loop.run_in_executor(None, self._load_warm, path)
-            except (ArtifactError, EngineStartError, RuntimeError, OSError) as exc:
-                self.metrics.model_reloads.labels("failed").inc()
-                log.error("model reload from %s failed, still serving %s %s: %s", path, old.name, old.version, exc)
-                return {"reloaded": False, "error": str(exc), "serving": vars(old)}
+            except Exception as exc:
+                return self._reload_failed(model_path or self.settings.model_path, old, exc)
             fresh.batcher.start()
             previous = self.predictor.swap(fresh)
+            self.memory_guard.follow(fresh.budget)
             self.publish_model_info()
-            self._tasks.append(loop.create_task(self._retire(previous), name="retire-previous-model"))
+            self._keep_until_done(loop.create_task(self._retire(previous), name="retire-previous-model"))
         self.metrics.model_reloads.labels("ok").inc()
         log.info("model reloaded from %s: %s %s -> %s %s", path, old.name, old.version,
                  fresh.identity.name, fresh.identity.version)
         return {"reloaded": True, "serving": vars(fresh.identity), "previous": vars(old)}
+
+    def _reload_failed(self, path: object, old: ModelIdentity, exc: Exception) -> dict[str, Any]:
+        """Count and log a failed reload; an exception ``load_checked`` did not already explain gets a traceback
+        too, since only a bug in the server can raise one."""
+        self.metrics.model_reloads.labels("failed").inc()
+        expected = isinstance(exc, ArtifactError | EngineStartError)
+        reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        log.error("model reload from %s failed, still serving %s %s: %s", path, old.name, old.version, reason,
+                  exc_info=None if expected else exc)
+        return {"reloaded": False, "error": f"model reload failed, still serving {old.name} {old.version}: {reason}",
+                "type": "model_reload_failed", "serving": vars(old)}
+
+    def _keep_until_done(self, task: asyncio.Task) -> None:
+        """Hold a reference to ``task`` while it runs and drop it when done, so repeated reloads do not pile up."""
+        self._tasks.append(task)
+        task.add_done_callback(lambda done: self._tasks.remove(done) if done in self._tasks else None)
 
     async def _retire(self, runtime: ModelRuntime) -> None:
         """Answer everything the previous model accepted, then collect it (see server/heap.py)."""
@@ -136,6 +159,4 @@ class Services:
         refreeze()
 
     def _load_warm(self, path: Path) -> ModelRuntime:
-        runtime = ModelRuntime.load(self.settings, self.metrics, model_path=path)
-        runtime.warm_up()
-        return runtime
+        return load_checked(self.settings, self.metrics, model_path=path, warm=True)
