@@ -12,7 +12,12 @@ charged. ``tests/test_cache.py`` checks the figure against ``tracemalloc``.
 
 Single-flight: concurrent misses for one (version, text) share one computation, so a burst of the
 same text costs one engine slot. The computation runs as its own task, so a client that disconnects
-does not cancel it for the others waiting on it.
+does not cancel it for the others waiting on it. Whatever happens to the computation (an error, a
+cancellation, a failure while filling the cache), every future it started is settled and leaves the
+in-flight table: a waiter is never left pending.
+
+Hits and misses are counted only while the cache is on (``max_bytes`` > 0): a disabled cache is never
+looked up, so ``sentiment_cache_misses_total`` does not climb with every text it could never have held.
 
 Not thread-safe: use it from the event loop (the batcher's worker thread never touches it).
 """
@@ -20,6 +25,7 @@ Not thread-safe: use it from the event loop (the batcher's worker thread never t
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import sys
 from collections import OrderedDict
@@ -29,6 +35,7 @@ from typing import TypeVar
 from server.metrics import Metrics
 from server.primitives import Prediction
 
+log = logging.getLogger(__name__)
 _EMPTY_TABLE = sys.getsizeof(OrderedDict())  # the container itself, charged to no one
 
 Key = tuple[str, str]
@@ -78,7 +85,9 @@ class PredictionCache:
         return self._max_bytes
 
     def get(self, version: str, text: str) -> Prediction | None:
-        """The cached prediction (``cached=True``) or None; counts a hit or a miss."""
+        """The cached prediction (``cached=True``) or None; counts a hit or a miss while the cache is on."""
+        if not self._max_bytes:
+            return None
         key = (version, text)
         value = self._entries.get(key)
         if value is None:
@@ -170,27 +179,35 @@ class PredictionCache:
         return results  # type: ignore[return-value]  # every slot is filled above
 
     async def _fill(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
+        """Answer the started futures from one ``compute`` call, then cache the results.
+
+        The ``finally`` settles whatever is still pending (cancelled, or a bug in settling or caching), so no
+        waiter can hang on a future this computation owns.
+        """
         generation = self._generation
         try:
             predictions = await compute([text for _, text in started])
             if len(predictions) != len(started):
                 raise RuntimeError(f"compute returned {len(predictions)} predictions for {len(started)} texts")
-        except Exception as exc:
-            self._settle(started, exc)
-            return
-        except BaseException:  # cancelled (loop shutdown): waiters must not hang either
-            self._settle(started, None)
-            raise
-        for (key, future), prediction in zip(started.items(), predictions, strict=True):
-            del self._inflight[key]
+            for future, prediction in zip(started.values(), predictions, strict=True):
+                future.set_result(prediction)
             if self._max_bytes and generation == self._generation:
-                self.put(version, key[1], prediction)
-            future.set_result(prediction)
+                for (_, text), prediction in zip(started, predictions, strict=True):
+                    self.put(version, text, prediction)
+        except Exception as exc:
+            if all(future.done() for future in started.values()):  # answered; only caching them failed
+                log.exception("caching %d computed predictions failed (their requests were answered)", len(started))
+            self._release(started, exc)
+        finally:
+            self._release(started, None)  # cancelled (loop shutdown): waiters must not hang either
 
-    def _settle(self, started: dict[Key, asyncio.Future[Prediction]], exc: Exception | None) -> None:
-        """Fail (or, with no exception, cancel) every future of a computation that produced nothing."""
+    def _release(self, started: dict[Key, asyncio.Future[Prediction]], exc: Exception | None) -> None:
+        """Take a computation's keys out of flight; fail (or, with no exception, cancel) its futures still pending."""
         for key, future in started.items():
-            del self._inflight[key]
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+            if future.done():
+                continue
             if exc is None:
                 future.cancel()
             else:

@@ -315,3 +315,36 @@ async def test_results_computed_across_a_clear_are_answered_but_not_cached() -> 
     compute.gate.set()
     assert len(await pending) == 1
     assert cache.entries == 0
+
+
+async def test_cache_off_counts_no_hits_or_misses() -> None:
+    metrics = Metrics()
+    cache = PredictionCache(0, metrics)  # CACHE_MAX_BYTES=0 or ENABLE_MODEL_CACHING=false
+    compute = Computer()
+    compute.gate.set()
+    await cache.get_or_compute("v1", ["a", "b", "a"], compute)
+    await cache.get_or_compute("v1", ["a"], compute)
+    assert cache.get("v1", "a") is None
+    assert len(compute.calls) == 2  # it did compute: only the counting is off
+    assert sample(metrics, "sentiment_cache_misses_total") == 0
+    assert sample(metrics, "sentiment_cache_hits_total") == 0
+
+
+async def test_a_failure_while_caching_answers_every_waiter_and_leaves_nothing_in_flight(monkeypatch, caplog) -> None:
+    cache = PredictionCache(100_000, Metrics())
+
+    def broken_put(version: str, text: str, prediction: Prediction) -> None:
+        raise MemoryError("injected: the cache could not store the entry")
+
+    monkeypatch.setattr(cache, "put", broken_put)
+    compute = Computer()
+    tasks = [asyncio.create_task(cache.get_or_compute("v1", ["a", "bb"], compute)) for _ in range(3)]
+    await settle()
+    compute.gate.set()
+
+    results = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)  # a pending future would hang here
+
+    assert all(r == [prediction(0.01), prediction(0.02)] for r in results)
+    assert "caching 2 computed predictions failed" in caplog.text
+    again = await asyncio.wait_for(cache.get_or_compute("v1", ["bb"], compute), timeout=30)
+    assert again == [prediction(0.02)] and compute.calls == [["a", "bb"], ["bb"]]  # not stuck in flight
