@@ -3,6 +3,20 @@
 The ``Metrics`` object is created once per app and handed to the components
 that record into it (no module-level globals). Every family is prefixed
 ``sentiment_`` and documented in the README with the question it answers.
+
+Every label value the server can record is created at 0 when ``Metrics`` is
+built (``known_labels`` does it for the model's labels once a model is
+loaded). A labelled counter has no series until its first child exists, and
+Prometheus' ``increase()`` cannot see a series' first sample as an increase,
+so without this the first OOM, engine failure, failed reload or refusal of a
+kind would never fire its alert. Recording a label value not declared here
+works but starts the series late: add new values to the constants below
+(``REJECTION_REASONS`` is the one list of refusal reasons; a new refusal
+anywhere in the server adds its reason there).
+
+Latency buckets start at 50 us: a short text's queue wait and engine time
+are well under a millisecond on a warm server, and a first bucket of 1 ms
+would hold them all.
 """
 
 from __future__ import annotations
@@ -17,10 +31,29 @@ from prometheus_client import (
     generate_latest,
 )
 
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0)
+
+# Label values created at 0 at start (see the module docstring).
+DEVICES = ("cpu", "cuda")  # oom_events, batch_splits, inference_errors
+RELOAD_RESULTS = ("ok", "failed")  # model_reloads
+REJECTION_REASONS = (  # rejected: why a request was refused
+    "queue_full",  # 503: the batcher's queue is full
+    "deadline",  # 503: a request waited past its deadline
+    "draining",  # 503: shutting down
+    "too_large",  # 413: body, text count or text length over its limit
+    "invalid",  # 400/405/422: malformed input or a method the path does not take
+    "unauthorized",  # 401: no or wrong API key
+    "forbidden",  # 403: the key lacks the role
+    "spool_full",  # 503: STORE_DURABILITY=ack and the spool is at SPOOL_MAX_BYTES
+    "slow_client",  # 408: headers or body not sent in time
+    "too_many_connections",  # refused above MAX_CONNECTIONS
+    "unsupported_media_type",  # 415: e.g. an unsupported Content-Encoding
+    "not_found",  # 404
+)
 
 
 class Metrics:
@@ -35,8 +68,7 @@ class Metrics:
         self.request_latency = Histogram("sentiment_request_latency_seconds", "HTTP request latency",
                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("sentiment_rejected_requests", "Requests refused, by reason "
-                                "(queue_full, deadline, draining, too_large, invalid, unauthorized, forbidden)",
-                                ["reason"], registry=r)
+                                f"({', '.join(REJECTION_REASONS)})", ["reason"], registry=r)
 
         # batching and inference
         self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the engine", registry=r)
@@ -122,6 +154,30 @@ class Metrics:
         self.open_connections = Gauge("sentiment_open_connections", "Client connections open now", registry=r)
         self.key_cache_fallbacks = Counter("sentiment_auth_key_cache_fallbacks", "Requests authorised from the "
                                            "in-process key cache because the database was unavailable", registry=r)
+
+        self._prediction_labels: tuple[str, ...] = ()  # the serving model's, set by known_labels
+        self._create_known_children()
+
+    def _create_known_children(self) -> None:
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
+        for device in DEVICES:
+            for family in (self.oom_events, self.batch_splits, self.inference_errors):
+                family.labels(device)
+        for result in RELOAD_RESULTS:
+            self.model_reloads.labels(result)
+
+    def known_labels(self, labels: list[str]) -> None:
+        """The serving model's labels: their prediction series start at 0; another model's labels are dropped.
+
+        Called whenever a model starts serving, so ``sentiment_predictions_total`` holds one series per label of
+        the model in use (bounded by its manifest), and the first prediction of a label shows as an increase.
+        """
+        for stale in set(self._prediction_labels) - set(labels):
+            self.predictions.remove(stale)
+        for label in labels:
+            self.predictions.labels(label)
+        self._prediction_labels = tuple(labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,11 +2,24 @@
 
 request -> normalize -> cache (per text, single-flight) -> misses tokenized
 -> batcher -> probabilities -> Prediction -> cache filled.
+
+STRICT_TRUNCATION is judged per request, before the shared computation: a
+request's texts are tokenized up front and a text over the model's maximum
+length fails that request alone with a 422 naming its own ``texts[i]``. A
+text is therefore never refused inside a computation shared with other
+requests (which would fail them too, naming an index in someone else's list).
+
+The drift families (``sentiment_predictions_total``, ``sentiment_prediction_
+confidence``, ``sentiment_low_confidence_predictions_total``) count what the
+model computed: each computation's texts once. Cache hits and requests that
+shared a concurrent computation are not counted again, so a hot text answered
+from the cache cannot mask (or fake) a shift in what the model says.
 """
 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,23 +41,35 @@ class Predictor:
         self.cache = cache
         self._metrics = metrics
         self._low_confidence = low_confidence_threshold
+        metrics.known_labels(runtime.labels())
 
     def swap(self, runtime: ModelRuntime) -> ModelRuntime:
         """Serve ``runtime`` from now on; returns the previous one (to drain). The cache is emptied."""
         previous, self.runtime = self.runtime, runtime
         self.cache.clear()
+        self._metrics.known_labels(runtime.labels())
         return previous
 
     async def predict(self, texts: list[str], timeout: float | None = None) -> list[Prediction]:
         runtime = self.runtime
+        encode = self._strict_encoder(runtime, texts) if runtime.encoder.strict else runtime.encoder.encode
 
         async def compute(misses: list[str]) -> list[Prediction]:
-            rows = await runtime.batcher.submit(runtime.encoder.encode(misses), timeout)
-            return [self._to_prediction(runtime.labels(), row) for row in rows]
+            rows = await runtime.batcher.submit(encode(misses), timeout)
+            predictions = [self._to_prediction(runtime.labels(), row) for row in rows]
+            self._observe(predictions)
+            return predictions
 
-        predictions = await self.cache.get_or_compute(runtime.identity.version, texts, compute)
-        self._observe(predictions)
-        return predictions
+        return await self.cache.get_or_compute(runtime.identity.version, texts, compute)
+
+    @staticmethod
+    def _strict_encoder(runtime: ModelRuntime, texts: list[str]) -> Callable[[list[str]], list[np.ndarray]]:
+        """Tokenize the request's own texts now (InputTooLong names ``texts[i]`` of this request); misses reuse them.
+
+        The misses a computation gets are always some of the request's texts, so nothing is tokenized twice.
+        """
+        ids_by_text = dict(zip(texts, runtime.encoder.encode(texts), strict=True))
+        return lambda misses: [ids_by_text[text] for text in misses]
 
     @staticmethod
     def _to_prediction(labels: list[str], probabilities: np.ndarray) -> Prediction:

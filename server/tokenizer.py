@@ -27,7 +27,11 @@ class TextEncoder:
             self._tokenizer.enable_truncation(max_length=max_length)
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Token ids per text (int64, unpadded, special tokens included)."""
+        """Token ids per text (int64, unpadded, special tokens included).
+
+        Strict mode: ``InputTooLong`` names ``texts[i]`` by its index in the list given, so pass one request's
+        own texts (``Predictor.predict`` does, before any computation shared with other requests).
+        """
         encodings = self._tokenizer.encode_batch(texts)
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         if self.strict:

@@ -1,0 +1,116 @@
+"""Metrics that tell the truth: every known series exists at 0 from the start, sub-millisecond latency buckets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import create_app
+from server.metrics import REJECTION_REASONS, Metrics
+from server.oom import FaultInjectingEngine
+
+SERVER = Path(__file__).resolve().parent.parent / "server"
+# The reasons the alerts, the dashboard and the other helpers' refusals rely on (README "## Metrics").
+EXPECTED_REASONS = {"queue_full", "deadline", "draining", "too_large", "invalid", "unauthorized", "forbidden",
+                    "spool_full", "slow_client", "too_many_connections", "unsupported_media_type", "not_found"}
+
+
+def samples(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text exposition, keyed by (name, sorted labels)."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+
+
+def test_a_fresh_metrics_renders_every_known_child_at_zero() -> None:
+    exported = samples(Metrics().render().decode())
+
+    assert EXPECTED_REASONS <= set(REJECTION_REASONS)
+    for reason in REJECTION_REASONS:
+        assert exported[("sentiment_rejected_requests_total", (("reason", reason),))] == 0
+    for family in ("sentiment_oom_events_total", "sentiment_batch_splits_total", "sentiment_inference_errors_total"):
+        for device in ("cpu", "cuda"):
+            assert exported[(family, (("device", device),))] == 0, (family, device)
+    for result in ("ok", "failed"):
+        assert exported[("sentiment_model_reloads_total", (("result", result),))] == 0
+
+
+def test_known_labels_keep_only_the_serving_models_labels() -> None:
+    metrics = Metrics()
+    metrics.known_labels(["NEGATIVE", "POSITIVE"])
+    metrics.predictions.labels("POSITIVE").inc()
+    metrics.known_labels(["NEGATIVE", "POSITIVE"])  # the same model reloaded: its counts carry on
+
+    assert metrics.registry.get_sample_value("sentiment_predictions_total", {"label": "POSITIVE"}) == 1
+    metrics.known_labels(["neg", "pos"])
+    exported = {labels for name, labels in samples(metrics.render().decode()) if name == "sentiment_predictions_total"}
+    assert exported == {(("label", "neg"),), (("label", "pos"),)}
+
+
+def test_every_rejection_reason_the_server_records_is_declared() -> None:
+    """A reason recorded but not in REJECTION_REASONS would start its series late and miss its first alert.
+
+    Catches literal ``rejected.labels("...")`` calls; a reason computed elsewhere (a table of them) needs its own check.
+    """
+    recorded = {
+        reason
+        for path in SERVER.rglob("*.py")
+        for reason in re.findall(r"rejected\.labels\(\s*(?:reason\s*=\s*)?[\"'](\w+)[\"']", path.read_text())
+    }
+    assert recorded, "the scan found no rejected.labels(...) call: the pattern no longer matches the code"
+    assert recorded <= set(REJECTION_REASONS), recorded - set(REJECTION_REASONS)
+
+
+def test_latency_histograms_have_buckets_below_a_millisecond() -> None:
+    metrics = Metrics()
+    metrics.queue_wait.observe(0.00007)
+    metrics.inference_latency.labels("cpu").observe(0.0003)
+    metrics.request_latency.labels("/health").observe(0.0004)
+    exported = samples(metrics.render().decode())
+
+    def bucket(name: str, le: str, **labels: str) -> float:
+        return exported[(f"{name}_bucket", tuple(sorted({**labels, "le": le}.items())))]
+
+    assert bucket("sentiment_queue_wait_seconds", "5e-05") == 0
+    assert bucket("sentiment_queue_wait_seconds", "0.0001") == 1
+    assert bucket("sentiment_inference_latency_seconds", "0.0001", device="cpu") == 0
+    assert bucket("sentiment_inference_latency_seconds", "0.0005", device="cpu") == 1
+    assert bucket("sentiment_request_latency_seconds", "0.0005", endpoint="/health") == 1
+    assert bucket("sentiment_request_latency_seconds", "0.00025", endpoint="/health") == 0
+
+
+def test_a_first_oom_is_an_increase_from_a_series_already_at_zero(make_settings) -> None:
+    """The scrape before the first OOM already has the series at 0, so increase() sees the first event."""
+
+    armed = False  # not during the start-up smoke test
+
+    def oom_above_one(engine):
+        return FaultInjectingEngine(engine, fail_when=lambda batch, length: armed and batch > 1)
+
+    oom = ("sentiment_oom_events_total", (("device", "cpu"),))
+    with TestClient(create_app(make_settings(warmup=False), wrap_engine=oom_above_one)) as client:
+        before = samples(client.get("/metrics").text)
+        armed = True
+        assert client.post("/predict", json={"texts": ["one fine text", "another dull one"]}).status_code == 200
+        after = samples(client.get("/metrics").text)
+
+    assert before[oom] == 0
+    assert after[oom] >= 1
+    assert before[("sentiment_predictions_total", (("label", "POSITIVE"),))] == 0  # the model's labels, from start
+    assert before[("sentiment_model_reloads_total", (("result", "failed"),))] == 0
+
+
+def test_with_the_cache_disabled_no_miss_is_counted(make_settings) -> None:
+    with TestClient(create_app(make_settings(enable_model_caching=False, warmup=False))) as client:
+        for _ in range(2):
+            assert client.post("/predict", json={"texts": ["one", "two"]}).status_code == 200
+        exported = samples(client.get("/metrics").text)
+
+    assert exported[("sentiment_cache_misses_total", ())] == 0
+    assert exported[("sentiment_cache_hits_total", ())] == 0
+    assert sum(v for (name, _), v in exported.items() if name == "sentiment_predictions_total") == 4

@@ -1,0 +1,82 @@
+"""Predictor on a real tiny model: strict truncation judged per request, drift metrics count computations once."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from server.cache import PredictionCache
+from server.metrics import Metrics
+from server.predictor import Predictor
+from server.primitives import InputTooLong
+from server.runtime import ModelRuntime
+
+LONG = "word " * 300  # over 300 tokens; the tiny model accepts 128
+
+
+@pytest.fixture
+async def serving(make_settings):
+    """(predictor, metrics) over a loaded tiny model, strict truncation on, every prediction below the threshold."""
+    metrics = Metrics()
+    runtime = ModelRuntime.load(make_settings(strict_truncation=True), metrics)
+    runtime.batcher.start()
+    predictor = Predictor(runtime, PredictionCache(1_000_000, metrics), metrics, low_confidence_threshold=1.01)
+    yield predictor, metrics
+    await runtime.batcher.drain()
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+async def test_strict_truncation_names_the_requests_own_index(serving) -> None:
+    predictor, _ = serving
+    other = asyncio.create_task(predictor.predict(["fine"]))
+    await asyncio.sleep(0)  # "fine" is now being computed for the other request
+
+    with pytest.raises(InputTooLong) as refused:
+        await asyncio.wait_for(predictor.predict(["fine", LONG]), timeout=30)
+
+    assert "texts[1] has 302 tokens" in refused.value.message and "at most 128" in refused.value.message
+    assert (await asyncio.wait_for(other, timeout=30))[0].label in {"NEGATIVE", "POSITIVE"}
+
+
+async def test_strict_truncation_does_not_fail_a_request_sharing_a_text(serving) -> None:
+    predictor, _ = serving
+    long_one = asyncio.create_task(predictor.predict(["fine", LONG]))
+    sharer = asyncio.create_task(predictor.predict(["fine"]))
+
+    done = await asyncio.wait_for(asyncio.gather(long_one, sharer, return_exceptions=True), timeout=30)
+
+    assert isinstance(done[0], InputTooLong) and "texts[1]" in done[0].message
+    assert not isinstance(done[1], BaseException), done[1]
+    assert done[1][0].label in {"NEGATIVE", "POSITIVE"}
+
+
+async def test_drift_metrics_count_each_computation_once_and_no_cache_hit(serving) -> None:
+    predictor, metrics = serving
+    await predictor.predict(["a fine film", "a dull film"])
+    again = await predictor.predict(["a fine film", "a dull film"])
+    shared = await asyncio.wait_for(asyncio.gather(*(predictor.predict(["moving"]) for _ in range(3))), timeout=30)
+
+    assert [p.cached for p in again] == [True, True]
+    assert len(shared) == 3
+    by_label = sum(value(metrics, "sentiment_predictions_total", label=x) or 0 for x in ("NEGATIVE", "POSITIVE"))
+    assert by_label == 3  # three texts computed; the hits and the two shared waiters are not counted again
+    assert value(metrics, "sentiment_prediction_confidence_count") == 3
+    assert value(metrics, "sentiment_low_confidence_predictions_total") == 3
+
+
+async def test_the_serving_models_labels_exist_at_zero_and_follow_a_swap(serving) -> None:
+    predictor, metrics = serving
+    assert value(metrics, "sentiment_predictions_total", label="NEGATIVE") == 0
+    assert value(metrics, "sentiment_predictions_total", label="POSITIVE") == 0
+
+    previous = predictor.swap(SimpleNamespace(labels=lambda: ["negative", "neutral", "positive"]))
+    predictor.runtime = previous  # the stub only stands in for the swap; the fixture drains the real runtime
+
+    assert value(metrics, "sentiment_predictions_total", label="POSITIVE") is None
+    assert [value(metrics, "sentiment_predictions_total", label=x) for x in ("negative", "neutral", "positive")] == [
+        0, 0, 0]
