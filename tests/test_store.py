@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select, text
+from sqlalchemy import inspect, text
 
 from models.data import load_labeled
 from server import cli_store
 from server.config import ConfigError
 from server.metrics import Metrics
-from server.store import KeyStore, PredictionStore, migrate
+from server.store import PredictionStore, migrate
 from server.store.db import database_url, make_engine
 from server.store.feedback import UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
-from server.store.tables import API_KEYS, PREDICTIONS, Base
+from server.store.tables import PREDICTIONS, Base
 from server.store.writer import record_row
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
@@ -203,40 +203,6 @@ async def test_feedback_exports_a_tsv_the_trainer_reads(store_db, store_settings
     data = load_labeled(out)
     assert sorted(zip(data.texts, data.labels, strict=True)) == [("a tab and lines", 1), ("hated it", 0),
                                                                    ("liked it", 1)]
-
-
-# API keys
-
-
-def test_keys_are_stored_hashed_revoked_at_once_and_last_use_recorded(engine):
-    keys = KeyStore(engine, last_used_interval_s=0)
-    record, key = keys.create("ci bot", "predict")
-    assert key.startswith("sap_") and len(key) > 40
-    with engine.connect() as connection:
-        stored = connection.execute(select(API_KEYS)).one()
-    assert key not in [str(v) for v in stored]
-    assert stored.key_sha256 != key
-
-    assert keys.lookup(key).id == record.id
-    assert keys.lookup(key + "x") is None
-    assert keys.list()[0].last_used_at is not None
-
-    revoked = keys.revoke(record.id)
-    assert revoked.revoked_at is not None
-    assert keys.lookup(key).revoked_at == revoked.revoked_at
-    assert keys.revoke(record.id).revoked_at == revoked.revoked_at
-    assert keys.revoke("nope") is None
-    with pytest.raises(ValueError, match="role"):
-        keys.create("x", "root")
-
-
-def test_last_use_is_written_at_most_once_per_interval(engine):
-    keys = KeyStore(engine, last_used_interval_s=3600)
-    _, key = keys.create("busy", "predict")
-    keys.lookup(key)
-    first = keys.list()[0].last_used_at
-    keys.lookup(key)
-    assert keys.list()[0].last_used_at == first
 
 
 # CLI
