@@ -25,6 +25,7 @@ from server.routes_store import router as store_router
 from server.runtime import ModelRuntime
 from server.services import Services
 from server.store import KeyStore, PredictionStore
+from server.store.keycache import KeyCache
 from server.store.migrate import SchemaBehind
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ async def build_services(settings: Settings, metrics: Metrics,
     except SchemaBehind as exc:
         log.error("cannot start: %s", exc)
         raise
-    keys = KeyStore(store.engine)
+    keys = KeyCache(KeyStore(store.engine), metrics, settings.key_cache_ttl_s)
+    await keys.start()
     if settings.auth_mode == "open":
         log.warning("AUTH_MODE=open: /predict accepts requests without an API key")
     return Services(

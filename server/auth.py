@@ -1,33 +1,49 @@
 """API key checks as FastAPI dependencies, and the security log events they emit.
 
-A key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
-Roles: ``predict`` (``/predict``, ``POST /feedback``) and ``admin`` (everything,
-including key management, reading predictions, feedback export, model reload).
-AUTH_MODE=open lets requests without a key through to ``predict`` endpoints
-(their predictions have no key id); a key that *is* sent must still be valid,
-so bad keys surface before the switch to AUTH_MODE=required. ``admin``
-endpoints need an admin key in both modes.
+A key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; when
+both are sent, ``Authorization`` decides. An ``Authorization`` header in any
+other form is refused with 401 and told how to send the key: a bare key with
+no scheme (it would work with one client and not the next, and proxies treat
+such headers unpredictably), an empty ``Bearer``, or another scheme (Basic,
+Digest, ...). Roles: ``predict`` (``/predict``, ``POST /feedback``) and
+``admin`` (everything, including key management, reading predictions,
+feedback export, model reload). AUTH_MODE=open lets requests without a key
+through to ``predict`` endpoints (their predictions have no key id); a key
+that *is* sent must still be valid, so bad keys surface before the switch to
+AUTH_MODE=required. ``admin`` endpoints need an admin key in both modes.
+
+Keys are checked against the in-process key cache (``server.store.keycache``):
+no thread hop or database read for a key it knows, and keys it knows keep
+working while the database is down.
 
 Every refusal logs one WARNING containing ``security: 401`` or ``security: 403``
 (the runbook greps ``401|403|security``) and counts
 ``sentiment_rejected_requests{reason="unauthorized"|"forbidden"}``. Logs name a
-key by id or by a short fingerprint of its hash, never by the key itself.
+key by id when it is valid. An invalid Bearer or X-API-Key key is named by a
+fingerprint: an HMAC-SHA256 under a secret made at start, so the same wrong
+key repeated shows as one fingerprint and many fingerprints show guessing, but
+a fingerprint cannot confirm a guessed key offline and differs between
+processes. Credentials of another scheme or without a scheme get no
+fingerprint at all: they may be passwords or keys meant for something else.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 
 from server.primitives import ServerError
-from server.store.db import run_db
-from server.store.keys import ROLES, key_digest
+from server.store.keys import ROLES
 
 log = logging.getLogger(__name__)
 
 HOW_TO_SEND = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+_FINGERPRINT_SECRET = secrets.token_bytes(32)
 
 
 class Unauthorized(ServerError):
@@ -39,6 +55,15 @@ class Forbidden(ServerError):
     status_code = 403
 
 
+class MalformedCredentials(Exception):
+    """An Authorization header that is not ``Bearer <key>``: what to tell the client and what to log."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
 def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
     """A dependency returning the caller's key id, or None for a keyless request in open mode."""
     if role not in ROLES:
@@ -46,16 +71,19 @@ def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
 
     async def check(request: Request) -> str | None:
         services = request.app.state.services
-        key = presented_key(request)
+        try:
+            key = presented_key(request)
+        except MalformedCredentials as bad:
+            raise _refuse(request, Unauthorized(bad.message), bad.detail) from None
         if key is None:
             if role == "predict" and services.settings.auth_mode == "open":
                 return None
             raise _refuse(request, Unauthorized(f"an API key with role {role} is required: {HOW_TO_SEND}"),
                           "missing API key")
-        found = await run_db(services.keys.lookup, key)
+        found = await services.keys.authenticate(key)
         if found is None:
             raise _refuse(request, Unauthorized("invalid API key: check it, or ask an administrator for a new one"),
-                          f"invalid API key (sha256 {key_digest(key)[:12]})")
+                          f"invalid API key (fingerprint {fingerprint(key)})")
         if found.revoked_at is not None:
             raise _refuse(request, Unauthorized("this API key has been revoked: ask an administrator for a new one"),
                           f"revoked API key id={found.id} name={found.name!r}")
@@ -69,12 +97,30 @@ def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
 
 
 def presented_key(request: Request) -> str | None:
-    """The key from ``Authorization: Bearer`` or ``X-API-Key``; another Authorization scheme counts as a wrong key."""
-    authorization = request.headers.get("authorization")
-    if authorization:
-        scheme, _, credentials = authorization.partition(" ")
-        return credentials.strip() if scheme.lower() == "bearer" else authorization
-    return request.headers.get("x-api-key") or None
+    """The key from ``Authorization: Bearer <key>`` or ``X-API-Key``; None when neither is sent.
+
+    Raises ``MalformedCredentials`` for an ``Authorization`` header in any other form.
+    """
+    authorization = request.headers.get("authorization", "").strip()
+    if not authorization:
+        return request.headers.get("x-api-key", "").strip() or None
+    scheme, _, credentials = authorization.partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() == "bearer":
+        if not credentials:
+            raise MalformedCredentials(f"the Authorization header has no key after 'Bearer': {HOW_TO_SEND}",
+                                       "Authorization: Bearer without a key")
+        return credentials
+    if not credentials:
+        raise MalformedCredentials(f"the Authorization header has no scheme: {HOW_TO_SEND}",
+                                   "Authorization header without a scheme (not checked, not fingerprinted)")
+    raise MalformedCredentials(f"the Authorization scheme {scheme[:20]!r} is not accepted: {HOW_TO_SEND}",
+                               f"Authorization scheme {scheme[:20]!r} (not checked, not fingerprinted)")
+
+
+def fingerprint(key: str) -> str:
+    """12 hex digits that tell repeated invalid keys apart within one process, and nothing else."""
+    return hmac.new(_FINGERPRINT_SECRET, key.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 def _refuse(request: Request, error: Unauthorized | Forbidden, detail: str) -> ServerError:

@@ -1,9 +1,12 @@
-"""API keys on the store's routes: the auth matrix, open mode, security events, revocation, outages."""
+"""API keys on the store's routes: the auth matrix, open mode, how keys must be sent, security events,
+revocation, outages."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 from types import SimpleNamespace
 
 import httpx
@@ -14,6 +17,7 @@ from server.http import install_error_handlers
 from server.metrics import Metrics
 from server.routes_store import router
 from server.store import KeyStore
+from server.store.keycache import KeyCache
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
 ENDPOINTS = [  # method, path, body, role it needs
@@ -57,7 +61,7 @@ async def make_api(store_db, store_settings, open_store):
         settings = store_settings(auth_mode=auth_mode)
         metrics = Metrics()
         store = await open_store(settings, metrics)
-        keys = KeyStore(store.engine, last_used_interval_s=0)
+        keys = KeyStore(store.engine)
         record = make_record()
         store.submit(record)
         await wait_until(lambda: stored_ids(store_db.url) == [record.id], what="the seed prediction")
@@ -67,10 +71,12 @@ async def make_api(store_db, store_settings, open_store):
             created, secrets[caller] = keys.create(caller, role)
             ids[caller.split()[0]] = created.id
         keys.revoke(ids["revoked"])
+        cache = KeyCache(keys, metrics, ttl_s=60)
+        await cache.start()
         app = FastAPI()
         app.include_router(router)
-        install_error_handlers(app, metrics)
-        services = SimpleNamespace(settings=settings, metrics=metrics, store=store, keys=keys)
+        install_error_handlers(app)
+        services = SimpleNamespace(settings=settings, metrics=metrics, store=store, keys=cache)
         app.state.services = services
         api = Api(app, services, secrets, ids)
         clients.append(api.client)
@@ -119,27 +125,44 @@ async def test_open_mode_lets_keyless_feedback_through_but_not_admin_or_bad_keys
     assert (await api.call("GET", "/admin/keys", key=api.keys["admin key"])).status_code == 200
 
 
-async def test_either_header_carries_the_key_and_other_schemes_are_refused(make_api):
+async def test_either_header_carries_the_key_and_any_other_form_is_refused_with_how_to_send_it(make_api):
     api = await make_api()
     admin = api.keys["admin key"]
     assert (await api.call("GET", "/admin/keys", key=admin, header="x-api-key")).status_code == 200
     assert (await api.call("GET", "/admin/keys", key=admin, header="bearer")).status_code == 200
-    basic = await api.client.get("/admin/keys", headers={"Authorization": f"Basic {admin}"})
-    assert basic.status_code == 401 and basic.headers["www-authenticate"].startswith("Bearer")
+    lowercase = await api.client.get("/admin/keys", headers={"Authorization": f"bearer  {admin} "})
+    assert lowercase.status_code == 200
+    for authorization in (f"Basic {admin}", admin, "Bearer", "Bearer   "):  # another scheme, a bare key, no key
+        refused = await api.client.get("/admin/keys", headers={"Authorization": authorization})
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+        assert "Authorization: Bearer <key>" in refused.json()["error"], authorization
+        assert "X-API-Key" in refused.json()["error"]
     forbidden = await api.call("GET", "/admin/keys", key=api.keys["predict key"])
     assert forbidden.status_code == 403 and "www-authenticate" not in forbidden.headers
 
 
 async def test_refusals_are_security_log_events_that_never_show_the_key(make_api, caplog):
     api = await make_api()
+    guessed = "sap_guessed-key-123"
     with caplog.at_level(logging.WARNING, logger="server.auth"):
-        await api.call("GET", "/admin/keys", key="sap_guessed-key-123")
+        await api.call("GET", "/admin/keys", key=guessed)
+        await api.call("GET", "/admin/keys", key=guessed, header="x-api-key")
         await api.call("GET", "/admin/keys", key=api.keys["predict key"])
+        await api.client.get("/admin/keys", headers={"Authorization": "Basic dXNlcjpodW50ZXIy"})
+        await api.client.get("/admin/keys", headers={"Authorization": guessed})
     lines = [r.getMessage() for r in caplog.records if r.name == "server.auth"]
-    assert len(lines) == 2
-    assert lines[0].startswith("security: 401 invalid API key") and "/admin/keys" in lines[0]
-    assert lines[1].startswith("security: 403") and api.ids["predict"] in lines[1]
-    assert "sap_guessed-key-123" not in caplog.text and api.keys["predict key"] not in caplog.text
+    assert len(lines) == 5 and all(line.startswith(("security: 401", "security: 403")) for line in lines)
+    assert lines[0].startswith("security: 401 invalid API key (fingerprint ") and "/admin/keys" in lines[0]
+    fingerprint = re.search(r"fingerprint (\w+)", lines[0]).group(1)
+    assert f"fingerprint {fingerprint}" in lines[1]  # the same wrong key, sent either way, reads the same
+    assert fingerprint not in hashlib.sha256(guessed.encode()).hexdigest()  # keyed: no offline guess check
+    assert lines[2].startswith("security: 403") and api.ids["predict"] in lines[2]
+    assert "'Basic'" in lines[3] and "without a scheme" in lines[4]
+    for line in lines[3:]:  # not Bearer: nothing derived from the credentials
+        assert "fingerprint " not in line and not re.search(r"[0-9a-f]{8}", line), line
+    assert guessed not in caplog.text and "dXNlcjpodW50ZXIy" not in caplog.text
+    assert api.keys["predict key"] not in caplog.text
+    assert api.rejected("unauthorized") == 4 and api.rejected("forbidden") == 1
 
 
 async def test_a_revoked_key_is_refused_on_its_next_request(make_api):
@@ -175,12 +198,15 @@ async def test_store_routes_answer_data_and_actionable_errors(make_api):
 
 
 async def test_key_checks_while_the_database_is_down(make_api, store_db):
+    """Known keys pass from the cache; what the route itself needs from the database is still 503."""
     api = await make_api()
     await asyncio.to_thread(store_db.down)
-    response = await api.call("GET", "/admin/keys", key=api.keys["admin key"])
+    listed = await api.call("GET", "/admin/keys", key=api.keys["admin key"])
+    unknown = await api.call("GET", "/admin/keys", key="sap_never-issued")
     if store_db.backend == "postgresql":
-        assert response.status_code == 503
-        assert int(response.headers["Retry-After"]) >= 1
-        assert "retry" in response.json()["error"]
-    else:  # a locked SQLite still answers reads: keys keep working
-        assert response.status_code == 200
+        assert listed.status_code == 503 and "prediction database is unavailable" in listed.json()["error"]
+        assert unknown.status_code == 503 and "cannot be checked" in unknown.json()["error"]
+        assert int(unknown.headers["Retry-After"]) >= 1
+        assert api.rejected("unauthorized") == 0  # a known key was let through, not refused
+    else:  # a locked SQLite still answers reads: keys and the list keep working
+        assert listed.status_code == 200 and unknown.status_code == 401

@@ -1,29 +1,23 @@
 """API keys: random, shown once, stored only as a sha256 hash.
 
-Every check reads the database (one indexed lookup), so a revocation takes
-effect on the next request; there is no cache to go stale. ``last_used_at``
-is written at most once per ``last_used_interval_s`` per key, so busy keys
-cost an UPDATE a minute, not one per request.
+``KeyStore`` is the database side only: create, list, revoke, and the reads
+and batched writes the in-process key cache (``server.store.keycache``) makes.
+The server checks keys against that cache, not against this class; the CLI
+uses this class directly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import secrets
-import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, or_, select, update
 
-from server.store.db import UNAVAILABLE, describe
 from server.store.tables import API_KEYS
-
-log = logging.getLogger(__name__)
 
 ROLES: tuple[str, ...] = ("predict", "admin")
 KEY_PREFIX = "sap_"
@@ -54,13 +48,10 @@ class ApiKey:
 
 
 class KeyStore:
-    """Blocking methods: call them from a thread (``server.store.db.run_db``) or the CLI."""
+    """Blocking methods: call them from a thread (``asyncio.to_thread``, ``run_db``) or the CLI."""
 
-    def __init__(self, engine: Engine, *, last_used_interval_s: float = 60.0) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._last_used_interval_s = last_used_interval_s
-        self._touched: dict[str, float] = {}
-        self._lock = threading.Lock()
 
     def create(self, name: str, role: str) -> tuple[ApiKey, str]:
         """A new key: its record and the key itself, which is not stored and cannot be shown again."""
@@ -82,37 +73,42 @@ class KeyStore:
             return [_api_key(row) for row in rows]
 
     def revoke(self, key_id: str) -> ApiKey | None:
-        """Revoke now (idempotent: a second call keeps the first time); None if there is no such key."""
+        """Revoke (idempotent: a second call keeps the first time); None if there is no such key.
+
+        Running servers see it within KEY_CACHE_TTL_S; the server that revokes through its own
+        ``DELETE /admin/keys/{id}`` at once (its key cache is updated by the same call).
+        """
         with self.engine.begin() as connection:
             connection.execute(update(API_KEYS).where(API_KEYS.c.id == key_id, API_KEYS.c.revoked_at.is_(None))
                                .values(revoked_at=_now()))
             row = connection.execute(select(API_KEYS).where(API_KEYS.c.id == key_id)).first()
         return _api_key(row) if row else None
 
-    def lookup(self, key: str) -> ApiKey | None:
-        """The key's record (revoked ones too, so callers can say so), or None for an unknown key."""
-        digest = key_digest(key)
+    def find(self, digest: str) -> ApiKey | None:
+        """The record of the key with this sha256 (revoked ones too, so callers can say so), or None."""
         with self.engine.connect() as connection:
             row = connection.execute(select(API_KEYS).where(API_KEYS.c.key_sha256 == digest)).first()
-            # The lookup finds the row; the decision is a constant-time comparison of the digests.
-            if row is None or not hmac.compare_digest(row.key_sha256, digest):
-                return None
-            found = _api_key(row)
-            if found.revoked_at is None and self._due(found.id):
-                try:
-                    connection.execute(update(API_KEYS).where(API_KEYS.c.id == found.id).values(last_used_at=_now()))
-                    connection.commit()
-                except UNAVAILABLE as error:  # bookkeeping only: the key was checked, let the request through
-                    log.warning("could not record the use of API key %s: %s", found.id, describe(error))
-        return found
+        # The index finds the row; the decision is a constant-time comparison of the digests.
+        if row is None or not hmac.compare_digest(row.key_sha256, digest):
+            return None
+        return _api_key(row)
 
-    def _due(self, key_id: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._touched.get(key_id, -self._last_used_interval_s) < self._last_used_interval_s:
-                return False
-            self._touched[key_id] = now
-            return True
+    def all_by_digest(self) -> dict[str, ApiKey]:
+        """Every key, revoked ones included, by the sha256 of the key: what the key cache loads."""
+        with self.engine.connect() as connection:
+            return {row.key_sha256: _api_key(row) for row in connection.execute(select(API_KEYS))}
+
+    def record_use(self, last_used: dict[str, datetime]) -> None:
+        """Write many keys' ``last_used_at`` in one transaction; never moves a time backwards
+        (several servers write it)."""
+        if not last_used:
+            return
+        statement = (update(API_KEYS)
+                     .where(API_KEYS.c.id == bindparam("key_id"),
+                            or_(API_KEYS.c.last_used_at.is_(None), API_KEYS.c.last_used_at < bindparam("used_at")))
+                     .values(last_used_at=bindparam("used_at")))
+        with self.engine.begin() as connection:
+            connection.execute(statement, [{"key_id": key_id, "used_at": at} for key_id, at in last_used.items()])
 
 
 def _now() -> datetime:

@@ -1,0 +1,282 @@
+"""The in-process API key cache: keyed requests are checked without a thread hop or a database read.
+
+Why: each keyed request used to read its key from the database, so with
+AUTH_MODE=required a database outage was a full outage. What it promises
+(the README's "Prediction store and API keys" states the same):
+
+- Every key, revoked ones included, is loaded at start and reloaded by a
+  background task every ``KEY_CACHE_TTL_S / 2``. An entry read from the
+  database less than ``KEY_CACHE_TTL_S`` ago decides on its own, so a
+  revocation made anywhere else (another replica, the CLI) takes effect here
+  within ``KEY_CACHE_TTL_S`` while the database can be read. A create or a
+  revocation made through this object (``POST``/``DELETE /admin/keys`` on this
+  replica) updates the cache at once.
+- A key the cache does not know (created a moment ago elsewhere) is read from
+  the database once and cached. A key the database does not know either is
+  remembered as unknown for ``KEY_CACHE_TTL_S`` (at most ``MAX_UNKNOWN``
+  digests, oldest dropped first), and at most ``LOOKUP_CONCURRENCY`` reads run
+  at once, so a flood of bad keys costs the database little.
+- While the database cannot be read, a key the cache knows is judged by the
+  state last read (counted in ``sentiment_auth_key_cache_fallbacks_total``, one
+  WARNING a minute); a key it does not know can be neither accepted nor
+  refused and is answered 503 + Retry-After (``KeyCheckUnavailable``). A
+  revocation made elsewhere during the outage takes effect when this replica
+  can read the database again. The refresher retries every second meanwhile.
+- ``last_used_at`` is collected in memory and written by the refresher, one
+  batch per cycle: it lags by up to ``KEY_CACHE_TTL_S / 2`` (plus the outage),
+  and the uses since the last batch are lost if the process is killed.
+
+Threads: the request path, the refresher and the outage state live on the
+event loop; ``create``/``revoke`` run in worker threads (the routes call them
+through ``run_db``) and change the cache under ``_lock``. Their changes are
+also kept until the next reload that started after them, so a reload that read
+the database just before a revocation cannot bring the key back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from server.metrics import Metrics
+from server.primitives import ServerError
+from server.store.db import describe
+from server.store.keys import ApiKey, KeyStore, key_digest
+
+log = logging.getLogger(__name__)
+
+MAX_UNKNOWN = 10_000
+LOOKUP_CONCURRENCY = 2
+DOWN_RETRY_S = 1.0
+WARNING_EVERY_S = 60.0
+
+
+class KeyCheckUnavailable(ServerError):
+    """A key the cache does not know, while the database that could say is unavailable."""
+
+    status_code = 503
+    error_type = "key_check_unavailable"
+    retry_after = 5.0
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: ApiKey
+    read_at: float  # time.monotonic() when this state was read from the database (or changed here)
+
+
+class _Miss:
+    """The cache cannot decide: read the database."""
+
+
+MISS = _Miss()
+
+
+class _Throttle:
+    """At most one log line per period; counts the events it held back."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self.held = 0
+        self._last = -period_s
+
+    def due(self, now: float) -> bool:
+        if now - self._last < self.period_s:
+            self.held += 1
+            return False
+        self._last = now
+        return True
+
+    def take_held(self) -> int:
+        held, self.held = self.held, 0
+        return held
+
+
+class KeyCache:
+    """Checks keys from memory; create/list/revoke go to the ``KeyStore`` and keep the cache in step."""
+
+    def __init__(self, store: KeyStore, metrics: Metrics, ttl_s: float) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self._metrics = metrics
+        self._known: dict[str, _Entry] = {}  # sha256 of the key -> its record as last read
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # sha256 -> monotonic time the verdict expires
+        self._changes: list[tuple[str, _Entry]] = []  # made here; re-applied over reloads read before them
+        self._lock = threading.Lock()
+        self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+        self._used: dict[str, float] = {}  # key id -> time.time() of its last use, not yet written
+        self._down: str | None = None  # the database error while keys cannot be read, else None
+        self._fallback_log = _Throttle(WARNING_EVERY_S)
+        self._unavailable_log = _Throttle(WARNING_EVERY_S)
+
+    # the request path
+
+    async def authenticate(self, key: str) -> ApiKey | None:
+        """The key's record (revoked ones too), or None if no such key exists.
+
+        Raises ``KeyCheckUnavailable`` for a key the cache does not know while the database is unavailable.
+        """
+        digest = key_digest(key)
+        found = self._cached(digest)
+        if found is not MISS:
+            return found
+        async with self._lookups:
+            found = self._cached(digest)  # another request may have read it while this one waited
+            if found is not MISS:
+                return found
+            return await self._read(digest)
+
+    def _cached(self, digest: str) -> ApiKey | None | _Miss:
+        now = time.monotonic()
+        entry = self._known.get(digest)
+        if entry is not None:
+            if now - entry.read_at < self.ttl_s:
+                return self._use(entry.key)
+            return self._fallback(entry, now) if self._down else MISS
+        expires = self._unknown.get(digest)
+        if expires is not None:
+            if now < expires:
+                return None
+            del self._unknown[digest]
+        if self._down:
+            raise self._unavailable(now)
+        return MISS
+
+    async def _read(self, digest: str) -> ApiKey | None:
+        started = time.monotonic()
+        try:
+            found = await asyncio.to_thread(self.store.find, digest)
+        except SQLAlchemyError as error:
+            self._mark_down(error)
+            entry = self._known.get(digest)
+            if entry is not None:
+                return self._fallback(entry, time.monotonic())
+            raise self._unavailable(time.monotonic()) from error
+        now = time.monotonic()
+        if found is None:
+            with self._lock:
+                self._known.pop(digest, None)  # a row deleted by hand
+            self._unknown[digest] = now + self.ttl_s
+            while len(self._unknown) > MAX_UNKNOWN:
+                self._unknown.popitem(last=False)
+            return None
+        with self._lock:
+            current = self._known.get(digest)
+            if current is None or current.read_at < started:  # else changed here (revoked) during the read
+                self._known[digest] = current = _Entry(found, now)
+        return self._use(current.key)
+
+    def _use(self, key: ApiKey) -> ApiKey:
+        if key.revoked_at is None:
+            self._used[key.id] = time.time()
+        return key
+
+    def _fallback(self, entry: _Entry, now: float) -> ApiKey:
+        self._metrics.key_cache_fallbacks.inc()
+        if self._fallback_log.due(now):
+            log.warning("API keys cannot be read from the database (%s): key id=%s judged by its state read "
+                        "%.1f s ago (%d requests judged from the cache since the previous warning)", self._down,
+                        entry.key.id, now - entry.read_at, self._fallback_log.take_held() + 1)
+        return self._use(entry.key)
+
+    def _unavailable(self, now: float) -> KeyCheckUnavailable:
+        if self._unavailable_log.due(now):
+            log.warning("API keys cannot be read from the database (%s): answered 503 to a key this server does "
+                        "not know (%d such requests since the previous warning)", self._down,
+                        self._unavailable_log.take_held() + 1)
+        return KeyCheckUnavailable("this API key cannot be checked: this server does not know it yet and the "
+                                   "database that holds API keys is unavailable; retry in a few seconds "
+                                   "(see /health)")
+
+    # the database side: create / list / revoke (blocking, called in a thread) and the refresher
+
+    def create(self, name: str, role: str) -> tuple[ApiKey, str]:
+        record, key = self.store.create(name, role)
+        self._change(key_digest(key), record)
+        return record, key
+
+    def list(self) -> list[ApiKey]:
+        return self.store.list()
+
+    def revoke(self, key_id: str) -> ApiKey | None:
+        """Revoke in the database, and in this cache at once."""
+        revoked = self.store.revoke(key_id)
+        if revoked is not None:
+            with self._lock:
+                digest = next((d for d, entry in self._known.items() if entry.key.id == key_id), None)
+            if digest is not None:  # else not cached here: the next check reads the database
+                self._change(digest, revoked)
+        return revoked
+
+    def _change(self, digest: str, record: ApiKey) -> None:
+        entry = _Entry(record, time.monotonic())
+        with self._lock:
+            self._known[digest] = entry
+            self._changes.append((digest, entry))
+
+    async def start(self) -> None:
+        """The first load; a database that cannot be read leaves the cache empty (and logged) until it can."""
+        if not await self.refresh():
+            log.warning("API keys could not be loaded (%s): keyed requests get 503 until the database can be "
+                        "read; the key cache retries every %.0f s", self._down, DOWN_RETRY_S)
+
+    async def run(self) -> None:
+        """Reload every KEY_CACHE_TTL_S / 2 (every second while the database is down) and write key uses."""
+        while True:
+            await asyncio.sleep(min(self.ttl_s / 2, DOWN_RETRY_S) if self._down else self.ttl_s / 2)
+            try:
+                if await self.refresh():
+                    await self.write_uses()
+            except Exception:  # the refresher must outlive any one failure
+                log.exception("API key cache refresh failed")
+
+    async def refresh(self) -> bool:
+        """Reload every key from the database; False (and the cache kept as it was) if it cannot be read."""
+        started = time.monotonic()
+        try:
+            snapshot = await asyncio.to_thread(self.store.all_by_digest)
+        except SQLAlchemyError as error:
+            self._mark_down(error)
+            return False
+        with self._lock:
+            self._changes = [(d, entry) for d, entry in self._changes if entry.read_at >= started]
+            known = {digest: _Entry(record, started) for digest, record in snapshot.items()}
+            known.update(self._changes)
+            self._known = known
+        for digest in known.keys() & self._unknown.keys():
+            del self._unknown[digest]
+        if self._down:
+            log.info("API keys can be read from the database again: %d keys loaded", len(known))
+            self._down = None
+        return True
+
+    async def write_uses(self) -> None:
+        """Write the uses collected since the last call; kept for the next call if the database fails."""
+        used, self._used = self._used, {}
+        if not used:
+            return
+        try:
+            await asyncio.to_thread(self.store.record_use, {key_id: datetime.fromtimestamp(at, timezone.utc)
+                                                             for key_id, at in used.items()})
+        except SQLAlchemyError as error:
+            log.debug("could not record API key use, will retry: %s", describe(error))
+            for key_id, at in used.items():
+                self._used[key_id] = max(at, self._used.get(key_id, at))
+
+    async def close(self) -> None:
+        """Write the last uses unless the database is known to be down (shutdown must not wait on it)."""
+        if not self._down:
+            await self.write_uses()
+
+    def _mark_down(self, error: SQLAlchemyError) -> None:
+        if not self._down:
+            log.warning("API keys cannot be read from the database: %s; keys this server knows are judged from "
+                        "its cache until it can", describe(error))
+        self._down = describe(error)
