@@ -117,13 +117,20 @@ def test_server_environment_is_valid_settings(server) -> None:
     assert env["DATABASE_URL"].startswith("postgresql+psycopg://")
     assert "@postgres:5432/" in env["DATABASE_URL"]
     assert env["LOG_FORMAT"] == "json"
-    Settings(**{k.lower(): v for k, v in env.items()})  # raises on an invalid value
+    settings = Settings(**{k.lower(): v for k, v in env.items()})  # raises on an invalid value
+    # the log file sits on a volume: it must be rotated, or it fills the volume's disk
+    assert settings.log_file is None or (settings.log_max_bytes > 0 and settings.log_backups >= 1)
+    assert settings.spool_dir == Path("/app/spool") and "server-spool:/app/spool" in server["volumes"]
 
 
 def test_graceful_stop_and_memory_limit(server) -> None:
-    timeout = float(server["environment"].get("REQUEST_TIMEOUT_S",
-                                              Settings.model_fields["request_timeout_s"].default))
-    assert seconds(server["stop_grace_period"]) > timeout, "compose would SIGKILL during the drain"
+    env = {k: interpolate(str(v)) for k, v in server["environment"].items()}
+
+    def setting(name: str) -> float:
+        return float(env.get(name.upper(), Settings.model_fields[name].default))
+
+    drain_s = setting("drain_grace_s") + max(setting("request_timeout_s"), setting("drain_timeout_s"))
+    assert seconds(server["stop_grace_period"]) > drain_s, "compose would SIGKILL during the drain"
     assert server.get("stop_signal", "SIGTERM") == "SIGTERM"
     assert server["deploy"]["resources"]["limits"]["memory"]
 

@@ -1,5 +1,9 @@
 """Kubernetes manifests (docker/k8s): schema-valid, overlays consistent, and the runbook's settings in place.
 
+The server is a StatefulSet (``statefulset/sentiment-analyzer``): each pod's spool is a PersistentVolumeClaim
+of its own that outlives the pod, with the spool cap (``SPOOL_MAX_BYTES``) below the claim's size, and logs go
+to stdout only.
+
 Offline: every manifest is validated against the Kubernetes OpenAPI schemas
 shipped by ``kubernetes-validate`` (strict: unknown fields fail). Each
 overlay is rendered with ``kubectl kustomize`` / ``kustomize build`` when one
@@ -20,6 +24,7 @@ import pytest
 import yaml
 
 from server.config import Settings
+from tests.test_dockerfiles import DOCKERFILES, env_of, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "docker" / "k8s"
@@ -28,6 +33,7 @@ OVERLAYS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
 # oldest still-common cluster version, and the newest the package knows
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 NAME = "sentiment-analyzer"
+WORKLOAD = ("StatefulSet", NAME)
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 
@@ -153,8 +159,8 @@ def test_manifest_file_is_valid_kubernetes(path: Path) -> None:
 
 def test_validator_rejects_unknown_fields() -> None:
     """The strict schema check is live: a misspelt probe field fails."""
-    (deployment,) = load_docs(BASE / "deployment.yaml")
-    broken = copy.deepcopy(deployment)
+    (workload,) = load_docs(BASE / "statefulset.yaml")
+    broken = copy.deepcopy(workload)
     broken["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {"httpGet": {"path": "/health"}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
@@ -201,15 +207,16 @@ def test_overlay_patches_target_base_resources(name: str) -> None:
 def test_rendered_overlay_is_valid_kubernetes(overlay) -> None:
     name, docs = overlay
     kinds = {kind for kind, _ in docs}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+    assert {"StatefulSet", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
             "Secret"} <= kinds
+    assert "Deployment" not in kinds, "one workload runs the server"
     for doc in docs.values():
         validate(doc, f"overlay {name}")
 
 
 def server_container(docs) -> dict:
-    deployment = docs[("Deployment", NAME)]
-    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
+    workload = docs[WORKLOAD]
+    (container,) = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
     return container
 
 
@@ -221,7 +228,7 @@ def configmap(docs) -> dict:
 
 def test_probes_and_graceful_shutdown(overlay) -> None:
     _, docs = overlay
-    pod = docs[("Deployment", NAME)]["spec"]["template"]["spec"]
+    pod = docs[WORKLOAD]["spec"]["template"]["spec"]
     container = server_container(docs)
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
@@ -230,7 +237,12 @@ def test_probes_and_graceful_shutdown(overlay) -> None:
     port_names = {p["name"] for p in container["ports"]}
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert container[probe]["httpGet"]["port"] in port_names | {8000}
-    drain_s = float(configmap(docs).get("REQUEST_TIMEOUT_S", Settings.model_fields["request_timeout_s"].default))
+    config = configmap(docs)
+
+    def setting(name: str) -> float:
+        return float(config.get(name.upper(), Settings.model_fields[name].default))
+
+    drain_s = setting("drain_grace_s") + max(setting("request_timeout_s"), setting("drain_timeout_s"))
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     pre_stop_s = float(pre_stop[-1]) if pre_stop[:1] == ["sleep"] else 0.0
     assert pod["terminationGracePeriodSeconds"] > drain_s + pre_stop_s, "grace period shorter than the drain"
@@ -238,7 +250,7 @@ def test_probes_and_graceful_shutdown(overlay) -> None:
 
 def test_resources_security_and_scrape_annotations(overlay) -> None:
     name, docs = overlay
-    template = docs[("Deployment", NAME)]["spec"]["template"]
+    template = docs[WORKLOAD]["spec"]["template"]
     container = server_container(docs)
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{kind} must set cpu and memory"
@@ -258,23 +270,30 @@ def test_resources_security_and_scrape_annotations(overlay) -> None:
     assert int(annotations["prometheus.io/port"]) == int(configmap(docs).get("PORT", 8000))
     # a read-only root needs writable mounts where the server writes
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    config = configmap(docs)
-    assert {"/tmp", str(Path(config["LOG_FILE"]).parent), config["SPOOL_DIR"]} <= mounts
+    settings = pod_settings(name, docs)
+    assert {"/tmp", str(settings.spool_dir)} <= mounts
+    assert settings.log_file is None or str(settings.log_file.parent) in mounts
 
 
 def test_selectors_and_references(overlay) -> None:
     _, docs = overlay
-    deployment = docs[("Deployment", NAME)]
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    workload = docs[WORKLOAD]
+    pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+    assert workload["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     service = docs[("Service", NAME)]
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert any(p["targetPort"] in ("http", 8000) for p in service["spec"]["ports"])
+    # the StatefulSet's governing Service: headless, over the same pods, not scraped twice by the ServiceMonitor
+    governing = docs[("Service", workload["spec"]["serviceName"])]
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["spec"]["selector"].items() <= pod_labels.items()
+    (monitor,) = load_docs(K8S / "monitoring" / "servicemonitor.yaml")
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= governing["metadata"]["labels"].items()
     assert docs[("PodDisruptionBudget", NAME)]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     hpa = docs[("HorizontalPodAutoscaler", NAME)]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": NAME}
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": WORKLOAD[0], "name": NAME}
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
-    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert "replicas" not in workload["spec"], "the HPA owns the replica count"
     for source in server_container(docs)["envFrom"]:
         if "secretRef" in source:
             secret = docs[("Secret", source["secretRef"]["name"])]
@@ -283,14 +302,55 @@ def test_selectors_and_references(overlay) -> None:
             assert ("ConfigMap", source["configMapRef"]["name"]) in docs
 
 
+def pod_settings(name: str, docs) -> Settings:
+    """The settings a pod runs with: the image's ENV, then the ConfigMap's keys over it (envFrom)."""
+    _, stages = parse(DOCKERFILES["cuda" if name == "gpu" else "cpu"])
+    env = {k: v for k, v in env_of(stages[-1]).items() if k in SETTING_NAMES}
+    env.update(configmap(docs))
+    return Settings(**{k.lower(): v for k, v in env.items()})  # raises on an invalid value
+
+
 def test_configmap_holds_valid_settings(overlay) -> None:
     name, docs = overlay
     data = configmap(docs)
     unknown = set(data) - SETTING_NAMES
     assert not unknown, f"overlay {name}: {sorted(unknown)} are not settings of server/config.py"
-    settings = Settings(**{k.lower(): v for k, v in data.items()})  # raises on an invalid value
+    settings = pod_settings(name, docs)
     assert settings.log_format == "json"
+    # the images set LOG_FILE; under a read-only root with no volume for it the server could not start
+    assert settings.log_file is None, "in Kubernetes logs go to stdout only (the kubelet rotates them)"
     assert settings.device == ("cuda" if name == "gpu" else "cpu")
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes storage quantity in bytes ("4Gi", "500M", "1073741824")."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    for unit, factor in units.items():
+        if quantity.endswith(unit):
+            return int(float(quantity[: -len(unit)]) * factor)
+    return int(quantity)
+
+
+def test_quantity_bytes() -> None:
+    assert quantity_bytes("4Gi") == 4 << 30 and quantity_bytes("500M") == 500_000_000 and quantity_bytes("7") == 7
+
+
+def test_spool_is_a_claim_per_pod_that_outlives_it(overlay) -> None:
+    """The spool is not an emptyDir (deleted with the pod, and the pod evicted past its sizeLimit): each pod has a
+    PersistentVolumeClaim of its own, kept when the pod goes, larger than the cap the server enforces."""
+    name, docs = overlay
+    spec = docs[WORKLOAD]["spec"]
+    config = configmap(docs)
+    (mount,) = [m for m in server_container(docs)["volumeMounts"] if m["mountPath"] == config["SPOOL_DIR"]]
+    pod_volumes = {v["name"] for v in spec["template"]["spec"].get("volumes", [])}
+    assert mount["name"] not in pod_volumes, f"overlay {name}: SPOOL_DIR is a pod volume, which dies with the pod"
+    (claim,) = [c for c in spec["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}, (
+        "a claim may hold records not yet in the database: deleting it with its pod loses them")
+    size = quantity_bytes(claim["spec"]["resources"]["requests"]["storage"])
+    cap = pod_settings(name, docs).spool_max_bytes
+    assert cap <= 0.8 * size, f"SPOOL_MAX_BYTES={cap} leaves too little of the {size}-byte claim for the filesystem"
 
 
 def test_servicemonitor_and_migration_job() -> None:
