@@ -261,6 +261,22 @@ async def test_uses_are_written_in_one_batch_off_the_request_path_and_kept_throu
     assert len(store.use_writes) == 1  # nothing new to write
 
 
+async def test_close_writes_the_last_uses_but_does_not_wait_on_a_database_that_does_not_answer(engine, monkeypatch):
+    monkeypatch.setattr(keycache, "CLOSE_WRITE_TIMEOUT_S", 0.2)
+    store = FlakyKeyStore(engine)
+    record, key = store.create("a", "predict")
+    cache = await started(store)
+    await cache.authenticate(key)
+    await cache.close()
+    assert store.list()[0].last_used_at is not None
+    await cache.authenticate(key)
+    answer = threading.Event()
+    store.record_use = lambda _used: answer.wait(30)  # a database that hangs
+    await cache.close()
+    assert not answer.is_set()  # close returned while the write was still waiting
+    answer.set()
+
+
 async def test_last_use_never_moves_backwards(engine):
     store = KeyStore(engine)
     record, _ = store.create("a", "predict")

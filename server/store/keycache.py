@@ -56,6 +56,7 @@ MAX_UNKNOWN = 10_000
 LOOKUP_CONCURRENCY = 2
 DOWN_RETRY_S = 1.0
 WARNING_EVERY_S = 60.0
+CLOSE_WRITE_TIMEOUT_S = 2.0
 
 
 class KeyCheckUnavailable(ServerError):
@@ -271,9 +272,13 @@ class KeyCache:
                 self._used[key_id] = max(at, self._used.get(key_id, at))
 
     async def close(self) -> None:
-        """Write the last uses unless the database is known to be down (shutdown must not wait on it)."""
+        """Write the last uses, unless the database is known to be down or slow: shutdown must not wait on it."""
         if not self._down:
-            await self.write_uses()
+            try:
+                await asyncio.wait_for(self.write_uses(), CLOSE_WRITE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("API key uses since the last reload not recorded: the database did not answer within "
+                            "%.0f s", CLOSE_WRITE_TIMEOUT_S)
 
     def _mark_down(self, error: SQLAlchemyError) -> None:
         if not self._down:
