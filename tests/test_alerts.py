@@ -94,6 +94,31 @@ def test_every_alert_is_unit_tested() -> None:
     assert not missing, f"alerts without a firing test in alerts_test.yml: {sorted(missing)}"
 
 
+def test_a_healthy_server_is_quiet_for_every_alert() -> None:
+    """The healthy case asserts silence for every alert, so a new rule cannot fire on normal traffic unnoticed."""
+    (healthy,) = [c for c in yaml.safe_load(ALERT_TESTS.read_text())["tests"] if c["name"] == "healthy server is quiet"]
+    quiet = {t["alertname"] for t in healthy["alert_rule_test"] if t["exp_alerts"] == []}
+    missing = {r["alert"] for r in alert_rules()} - quiet
+    assert not missing, f"the healthy case does not check {sorted(missing)}"
+
+
+# counters of rare events: their alert fires on the first one (see the header of alerts.yml)
+FIRST_EVENT_ALERTS = {
+    "SentimentAnalyzerHostOOM", "SentimentAnalyzerGpuOOM", "SentimentAnalyzerInferenceErrors",
+    "SentimentAnalyzerModelReloadFailed", "SentimentAnalyzerSpoolFullRefusing", "SentimentAnalyzerStoreRejectedRows",
+    "SentimentAnalyzerKeyCacheFallback", "SentimentAnalyzerConnectionsRefused",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_EVENT_ALERTS))
+def test_rare_event_alerts_fire_on_the_first_event(name: str) -> None:
+    """No `for` (one event keeps increase() above 0 for less than its window), and an event before a new process's
+    first scrape counts too."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == name]
+    assert "for" not in rule, f"{name}: a `for` would let a single event pass unseen"
+    assert "increase(" in rule["expr"] and "process_start_time_seconds" in rule["expr"], rule["expr"]
+
+
 # the runbook's incident classes and the metric each one's alert must watch
 INCIDENT_METRICS = {
     "service down": "up",
@@ -111,6 +136,13 @@ INCIDENT_METRICS = {
     "low-confidence drift": "sentiment_low_confidence_predictions_total",
     "drift denominator": "sentiment_predictions_total",
     "engine failures": "sentiment_inference_errors_total",
+    "spool filling": "sentiment_store_spool_bytes",
+    "spool cap": "sentiment_store_spool_limit_bytes",
+    "records refused by the database": "sentiment_store_rejected_rows_total",
+    "replay stuck": "sentiment_store_replaying",
+    "slow spool disk": "sentiment_store_ack_seconds_bucket",
+    "keys checked from the cache": "sentiment_auth_key_cache_fallbacks_total",
+    "failed reload": "sentiment_model_reloads_total",
 }
 
 
@@ -145,12 +177,16 @@ def test_runbook_internal_links_resolve() -> None:
 
 
 RUNBOOK_SECTIONS = ["Incident classes", "Missing model file", "OOMKilled / High Memory Usage",
-                    "Database connection issues", "Model prediction errors", "Hot model reload"]
+                    "Database connection issues", "Model prediction errors", "Hot model reload",
+                    "Spool filling or full", "Records refused by the database",
+                    "Slow clients and refused connections"]
 RUNBOOK_COMMANDS = [
     "/health", "/ready", "/metrics", '"status": "ok"', '"status": "degraded"',
     "docker logs sentiment-analyzer", "grep ERROR",
+    # the workload is a StatefulSet; the operators' runbook's deployment/ commands are mapped to it
     "kubectl rollout undo deployment/sentiment-analyzer",
-    "kubectl scale deployment/sentiment-analyzer --replicas=5",
+    "kubectl rollout undo statefulset/sentiment-analyzer",
+    "kubectl scale statefulset/sentiment-analyzer --replicas=5",
     "pg_isready", "SPOOL_DIR",
     "sentiment-analyzer doctor", "sentiment-analyzer db upgrade",
     "sentiment-analyzer keys create --name NAME --role admin",

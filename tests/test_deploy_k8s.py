@@ -15,6 +15,7 @@ objects are validated and checked for what the runbook relies on.
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -375,3 +376,15 @@ def test_python_renderer_matches_kustomize(name: str) -> None:
     assert server_container(ours) == server_container(theirs)
     config = ("ConfigMap", "sentiment-analyzer-config")
     assert ours[config]["data"] == theirs[config]["data"]
+
+
+def test_runbook_commands_name_the_workload_kind() -> None:
+    """docs/RUNBOOK.md's kubectl commands address the kind the manifests define (the operators' incident runbook
+    says deployment/; the runbook maps it once, in prose)."""
+    (workload,) = [d for d in load_docs(BASE / "statefulset.yaml") if d["metadata"]["name"] == NAME]
+    kind = workload["kind"].lower()
+    runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
+    fenced = "\n".join(re.findall(r"```bash\n(.*?)```", runbook, re.S))
+    named = re.findall(r"kubectl [^\n]*?\b(deployment|statefulset|daemonset)[/ ]sentiment-analyzer\b", fenced)
+    assert named, "no kubectl command on the workload in the runbook's command blocks"
+    assert set(named) == {kind}, f"the runbook's kubectl commands name {sorted(set(named))}, the manifests a {kind}"
