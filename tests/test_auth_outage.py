@@ -42,6 +42,13 @@ def poll(probe: Callable[[], httpx.Response], done: Callable[[httpx.Response], b
     return response
 
 
+def until(condition: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {seconds} s waiting for {what}"
+        time.sleep(0.05)
+
+
 def fallbacks(client: httpx.Client | TestClient) -> float:
     found = re.search(r"^sentiment_auth_key_cache_fallbacks_total (\S+)$", client.get("/metrics").text, re.M)
     return float(found.group(1))
@@ -133,8 +140,8 @@ def test_live_keyed_predictions_through_a_database_outage_and_revocation_after_i
             assert predict(http, client_key).status_code == 200
             assert predict(http, NEVER_ISSUED).status_code == 401
 
-            poll(lambda: http.get("/health"), lambda _: any(k.id == client_record.id and k.last_used_at
-                                                            for k in elsewhere.list()), "last use to be written")
+            until(lambda: any(k.id == client_record.id and k.last_used_at for k in elsewhere.list()),
+                  "the server to write the key's last use")
     finally:
         engine.dispose()
     log = auth_server.log()
