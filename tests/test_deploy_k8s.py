@@ -293,7 +293,9 @@ def test_selectors_and_references(overlay) -> None:
     assert docs[("PodDisruptionBudget", NAME)]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     hpa = docs[("HorizontalPodAutoscaler", NAME)]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": WORKLOAD[0], "name": NAME}
-    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    # a StatefulSet stops a pod before starting its successor: one replica would make every rollout an outage
+    assert 2 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    assert docs[("PodDisruptionBudget", NAME)]["spec"]["maxUnavailable"] < hpa["minReplicas"]
     assert "replicas" not in workload["spec"], "the HPA owns the replica count"
     for source in server_container(docs)["envFrom"]:
         if "secretRef" in source:
