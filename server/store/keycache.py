@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 MAX_UNKNOWN = 10_000
 LOOKUP_CONCURRENCY = 2
 DOWN_RETRY_S = 1.0
+MIN_RELOAD_S = 0.1  # a tiny KEY_CACHE_TTL_S means "read the database per request", not "reload in a busy loop"
 WARNING_EVERY_S = 60.0
 CLOSE_WRITE_TIMEOUT_S = 2.0
 
@@ -231,7 +232,8 @@ class KeyCache:
     async def run(self) -> None:
         """Reload every KEY_CACHE_TTL_S / 2 (every second while the database is down) and write key uses."""
         while True:
-            await asyncio.sleep(min(self.ttl_s / 2, DOWN_RETRY_S) if self._down else self.ttl_s / 2)
+            interval = min(self.ttl_s / 2, DOWN_RETRY_S) if self._down else self.ttl_s / 2
+            await asyncio.sleep(max(interval, MIN_RELOAD_S))
             try:
                 if await self.refresh():
                     await self.write_uses()
