@@ -1,7 +1,13 @@
-"""``sentiment-analyzer db|keys|feedback ...``: the store's operator commands.
+"""``sentiment-analyzer db|keys|feedback|spool ...``: the store's operator commands.
 
-Each reads settings like the server (environment, ``--database-url`` on top),
+Each reads settings like the server (environment, ``--database-url`` or ``--into`` on top),
 prints one clear ERROR line and exits non-zero when it cannot do its job.
+
+``spool`` works on a spool directory (default SPOOL_DIR; a set-aside ``foreign-*`` one with
+``--spool-dir``): ``status`` says what it holds and for which database; ``replay`` puts its records into
+a database (refused while a server owns the directory: that server replays it itself); ``replay-rejected``
+offers the rows the database refused again, after a fix, beside a running server. Without ``--into`` the
+database is DATABASE_URL and must be the one the spool records; ``--into URL`` chooses it explicitly.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -18,6 +25,11 @@ from server.store import migrate
 from server.store.db import UNAVAILABLE, describe, make_engine, redact
 from server.store.feedback import export_feedback
 from server.store.keys import ROLES, KeyStore
+from server.store.rejected import RejectedFile
+from server.store.replay import ReplayReport, replay_rejected, replay_spool
+from server.store.sink import DatabaseRefuses, DatabaseSink
+from server.store.spooldir import SpoolDirectory, SpoolLocked, database_identity, describe_identity
+from server.store.wal import count_spool
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,13 +43,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--name", required=True, help="who or what uses the key")
     create.add_argument("--role", choices=ROLES, default="predict", help="predict (default) or admin")
     _command(keys, "list", "list keys (never the keys themselves)", keys_list)
-    revoke = _command(keys, "revoke", "revoke a key, effective at once", keys_revoke)
+    revoke = _command(keys, "revoke", "revoke a key; running servers refuse it within KEY_CACHE_TTL_S", keys_revoke)
     revoke.add_argument("id", help="the key id from `keys list`")
 
     feedback = _group(subparsers, "feedback", "feedback on predictions")
     export = _command(feedback, "export", "write corrected predictions as a training TSV (text, label 1=POSITIVE)",
                       feedback_export)
     export.add_argument("--out", required=True, help="TSV file to write (models/finetune.py --train reads it)")
+
+    spool = _group(subparsers, "spool", "the prediction spool (SPOOL_DIR)")
+    for name, help_text, handler in (
+        ("status", "what a spool holds and which database it belongs to", spool_status),
+        ("replay", "replay a spool (e.g. a foreign one set aside at start) into a database", spool_replay),
+        ("replay-rejected", "offer the rows the database refused (rejected.jsonl) again, after a fix",
+         spool_replay_rejected),
+    ):
+        parser = spool.add_parser(name, help=help_text)
+        parser.add_argument("--spool-dir", default=None, help="the spool directory (default: SPOOL_DIR)")
+        if name != "status":
+            parser.add_argument("--into", default=None, metavar="URL", help="the database to write to (default: "
+                                "DATABASE_URL, which must be the database the spool records)")
+        parser.set_defaults(handler=handler)
 
 
 def _group(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse._SubParsersAction:
@@ -124,3 +150,74 @@ def feedback_export(settings: Settings, engine: Engine, args: argparse.Namespace
     note = f" ({skipped} skipped: stored without text, STORE_TEXT=false)" if skipped else ""
     print(f"wrote {written} labeled rows to {args.out}{note}")
     return 0
+
+
+def spool_status(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        return _fail(str(error))
+    directory = Path(args.spool_dir) if args.spool_dir else settings.spool_dir
+    if not directory.is_dir():
+        return _fail(f"no spool at {directory}")
+    spool = SpoolDirectory(directory)
+    rows, size = count_spool(directory)
+    print(f"{directory}: {rows} predictions ({size} bytes) for {describe_identity(spool.read_identity())}; "
+          f"{RejectedFile(directory).count()} rejected rows in {directory / 'rejected.jsonl'}")
+    for foreign in spool.foreign_spools():
+        rows, size = count_spool(foreign.path)
+        print(f"  set aside: {foreign.path}: {rows} predictions ({size} bytes) for "
+              f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay --spool-dir "
+              f"{foreign.path} --into URL`")
+    return 0
+
+
+def spool_replay(args: argparse.Namespace) -> int:
+    def run(directory: Path, sink: DatabaseSink) -> ReplayReport:
+        report = replay_spool(directory, sink)
+        gone = "; the directory was empty and is removed" if report.removed else ""
+        print(f"replayed {report.rows} predictions from {directory}: {report.written} written, {report.rejected} "
+              f"refused (kept in {directory / 'rejected.jsonl'}){gone}")
+        return report
+
+    return _spool_command(args, run)
+
+
+def spool_replay_rejected(args: argparse.Namespace) -> int:
+    def run(directory: Path, sink: DatabaseSink) -> ReplayReport:
+        report = replay_rejected(directory, sink)
+        print(f"offered {report.rows} rejected predictions from {directory} again: {report.written} written, "
+              f"{report.rejected} still refused (kept in {directory / 'rejected.jsonl'})")
+        return report
+
+    return _spool_command(args, run)
+
+
+def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink], ReplayReport]) -> int:
+    """Settings, the database check (the spool's own unless --into), a sink; one ERROR line on failure."""
+    try:
+        settings = load_settings(**({"database_url": args.into} if args.into else {}))
+        target = database_identity(settings.database_url)
+    except ConfigError as error:
+        return _fail(str(error))
+    directory = Path(args.spool_dir) if args.spool_dir else settings.spool_dir
+    if not directory.is_dir():
+        return _fail(f"no spool at {directory}")
+    recorded = SpoolDirectory(directory).read_identity()
+    if args.into is None and recorded != target:
+        return _fail(f"{directory} holds predictions for {describe_identity(recorded)}, not for DATABASE_URL "
+                     f"({describe_identity(target)}): pass --into URL to choose the database to replay them into")
+    engine = make_engine(settings)
+    try:
+        run(directory, DatabaseSink(engine, settings, RejectedFile(directory)))
+        return 0
+    except SpoolLocked as error:
+        return _fail(f"{error}; a running server replays its own spool")
+    except UNAVAILABLE as error:
+        return _fail(f"cannot reach the database {redact(settings.database_url)}: {describe(error)}")
+    except DatabaseRefuses as error:
+        return _fail(f"{error}; nothing was lost: fix the database and run the command again")
+    except migrate.SchemaBehind as error:
+        return _fail(str(error))
+    finally:
+        engine.dispose()

@@ -15,6 +15,7 @@ from server.predictor import normalize
 from server.primitives import PredictionRecord, ServerError
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
 from server.services import Services
+from server.store import SpoolUnavailable
 
 router = APIRouter()
 
@@ -50,27 +51,36 @@ async def predict(body: PredictRequest, request: Request, api_key_id: str | None
     services = services_of(request)
     if services.draining:
         services.metrics.rejected.labels("draining").inc()
-        return error_response(503, "server is shutting down; retry on another replica", retry_after=5)
+        return error_response(503, "server is shutting down; retry on another replica", retry_after=5,
+                              headers={"Connection": "close"}, error_type="draining")
     texts = validated_texts(body, services)
     started = time.perf_counter()
     identity = services.predictor.runtime.identity
     predictions = await services.predictor.predict(texts)
     latency_ms = (time.perf_counter() - started) * 1000
     request_id = request.scope["state"]["request_id"]
+    ids: list[str | None] = [None] * len(predictions)
     if services.settings.store_predictions:
-        for text, p in zip(texts, predictions, strict=True):
-            services.store.submit(PredictionRecord(
-                request_id=request_id,
-                text=text if services.settings.store_text else None,
-                text_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                label=p.label, score=p.score, probabilities=p.probabilities,
-                model_name=identity.name, model_version=identity.version, device=identity.device,
-                latency_ms=latency_ms, cached=p.cached, api_key_id=api_key_id,
-            ))
+        records = [PredictionRecord(
+            request_id=request_id,
+            text=text if services.settings.store_text else None,
+            text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+            label=p.label, score=p.score, probabilities=p.probabilities,
+            model_name=identity.name, model_version=identity.version, device=identity.device,
+            latency_ms=latency_ms, cached=p.cached, api_key_id=api_key_id,
+        ) for text, p in zip(texts, predictions, strict=True)]
+        try:
+            await services.store.record(records)  # STORE_DURABILITY=ack: fsynced to the spool before the answer
+        except SpoolUnavailable as error:  # never a 200 without its record
+            services.metrics.rejected.labels("spool_full").inc()
+            return error_response(503, f"the predictions could not be recorded: {error.message}; retry shortly "
+                                       "(see /health)", retry_after=error.retry_after, error_type=error.error_type)
+        ids = [record.id for record in records]
     return json_response({
         "predictions": [
-            {"label": p.label, "score": p.score, "probabilities": p.probabilities, "cached": p.cached}
-            for p in predictions
+            {"id": record_id, "label": p.label, "score": p.score, "probabilities": p.probabilities,
+             "cached": p.cached}
+            for record_id, p in zip(ids, predictions, strict=True)
         ],
         "model": vars(identity),
         "request_id": request_id,
@@ -88,7 +98,7 @@ async def ready(request: Request):
     if services.is_ready():
         return json_response({"ready": True})
     # The port opens only after the model is loaded and warm, so "not ready" here means draining.
-    return error_response(503, "not ready: draining for shutdown", retry_after=5, ready=False)
+    return error_response(503, "not ready: draining for shutdown", retry_after=5, error_type="draining", ready=False)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

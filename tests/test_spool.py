@@ -1,91 +1,197 @@
-"""The spool file, and the store surviving database outages without losing or duplicating a prediction."""
+"""The write-ahead log (spool) on its own, and the store surviving database outages without losing or
+duplicating a prediction, in both durability modes."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import stat
+import subprocess
+from pathlib import Path
 
+import orjson
 import pytest
 
 from server.metrics import Metrics
-from server.store.spool import REJECTED, Spool
-from server.store.writer import record_row
+from server.store.rejected import FILENAME as REJECTED
+from server.store.rows import encode_lines, record_row
+from server.store.spooldir import database_identity
+from server.store.wal import SpoolUnavailable, WriteAheadLog, segment_name
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
 
-def rows(*ids: str) -> list[dict]:
-    return [{"id": i} for i in ids]
+def lines(*ids: str) -> bytes:
+    return b"".join(orjson.dumps({"id": i}) + b"\n" for i in ids)
 
 
-def test_append_fsyncs_each_batch_and_replay_keeps_order(tmp_path, monkeypatch):
-    synced = []
+def read_ids(wal: WriteAheadLog, position: int | None = None, max_lines: int = 1000) -> list[str]:
+    found, _ = wal.read(wal.start if position is None else position, wal.end, max_lines)
+    return [json.loads(line)["id"] for line in found]
+
+
+def open_wal(directory: Path, max_bytes: int = 1 << 30, **kwargs) -> WriteAheadLog:
+    directory.mkdir(parents=True, exist_ok=True)
+    wal = WriteAheadLog(directory, max_bytes, **kwargs)
+    wal.open()
+    return wal
+
+
+def test_each_append_is_fsynced_and_read_back_in_order(tmp_path, monkeypatch):
+    files_synced = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
-    spool = Spool(tmp_path)
-    spool.append(rows("a", "b"))
-    spool.append(rows("c"))
-    spool.append(rows("d", "e", "f"))
-    assert len(synced) == 3
-    assert spool.rows == 6
-
-    chunks: list[list[str]] = []
-    assert spool.replay(lambda chunk: chunks.append([r["id"] for r in chunk]), chunk_rows=4) == 6
-    assert chunks == [["a", "b", "c", "d"], ["e", "f"]]
-    assert not spool.path.exists() and spool.rows == 0
+    monkeypatch.setattr(os, "fsync", lambda fd: (stat.S_ISREG(os.fstat(fd).st_mode) and files_synced.append(fd),
+                                                 real_fsync(fd)))
+    wal = open_wal(tmp_path)
+    assert wal.append(lines("a", "b")) == (0, 22)  # 11 bytes a line
+    wal.append(lines("c"))
+    wal.append(lines("d", "e", "f"))
+    assert len(files_synced) == 3
+    assert read_ids(wal) == ["a", "b", "c", "d", "e", "f"]
+    assert read_ids(wal, position=22, max_lines=2) == ["c", "d"]
+    assert wal.bytes == (tmp_path / segment_name(0)).stat().st_size == wal.end
 
 
-def test_torn_last_line_is_cut_off_when_a_new_process_opens_the_spool(tmp_path):
-    Spool(tmp_path).append(rows("a", "b"))
-    with (tmp_path / "predictions.jsonl").open("ab") as handle:
-        handle.write(b'{"id": "tor')  # a crash in the middle of an append
-
-    spool = Spool(tmp_path)
-    assert spool.open() == 2
-    spool.append(rows("c"))
-    seen: list[str] = []
-    spool.replay(lambda chunk: seen.extend(r["id"] for r in chunk), chunk_rows=10)
-    assert seen == ["a", "b", "c"]
+def test_segments_rotate_and_are_released_only_when_wholly_in_the_database(tmp_path):
+    wal = open_wal(tmp_path, segment_bytes=30, idle_retire_s=3600)
+    ends = [wal.append(lines(f"r{i}"))[1] for i in range(6)]  # 12 bytes a line: two lines a segment
+    assert sorted(p.name for p in tmp_path.glob("wal-*")) == [segment_name(0), segment_name(24), segment_name(48)]
+    assert wal.release(ends[2]) == 24  # r2 is in the database, r3 (same segment) is not: one segment goes
+    assert read_ids(wal, position=ends[2]) == ["r3", "r4", "r5"]
+    assert wal.release(ends[5]) == 24  # the active segment stays while appends may still come
+    assert wal.release(ends[5], force=True) == 24 and wal.bytes == 0 and not list(tmp_path.glob("wal-*"))
+    assert wal.append(lines("next"))[0] == ends[5]  # positions keep growing after everything was released
 
 
-def test_replay_after_a_failure_resumes_where_it_stopped(tmp_path):
-    spool = Spool(tmp_path)
-    spool.append(rows("a", "b", "c", "d"))
-    offered: list[str] = []
-
-    def flaky(chunk):
-        if chunk[0]["id"] == "c" and "c" not in offered:
-            offered.append("c")
-            raise ConnectionError("database went away")
-        offered.extend(r["id"] for r in chunk)
-
-    with pytest.raises(ConnectionError):
-        spool.replay(flaky, chunk_rows=2)
-    assert spool.rows == 2 and spool.path.exists()
-    spool.replay(flaky, chunk_rows=2)
-    assert offered == ["a", "b", "c", "c", "d"]
-    assert spool.rows == 0 and not spool.path.exists()
+def test_a_torn_tail_is_cut_off_at_open_and_never_glued_to_the_next_record(tmp_path):
+    wal = open_wal(tmp_path)
+    wal.append(lines("a", "b"))
+    wal.close()
+    with (tmp_path / segment_name(0)).open("ab") as handle:
+        handle.write(b'{"id": "tor')  # a crash in the middle of an append: never acknowledged
+    again = WriteAheadLog(tmp_path, 1 << 30)
+    assert again.open() == 2
+    again.append(lines("c"))
+    assert read_ids(again) == ["a", "b", "c"]
 
 
-async def test_outage_in_mid_stream_loses_nothing_and_duplicates_nothing(store_db, store_settings, open_store):
-    metrics = Metrics()
-    store = await open_store(store_settings(db_pool_timeout_s=0.3), metrics, batch_rows=20)
+def test_a_failed_append_is_cut_back_to_where_it_began_and_reported(tmp_path, monkeypatch):
+    wal = open_wal(tmp_path)
+    wal.append(lines("a"))
+    size = wal.bytes
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk fills in the middle of the group
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(SpoolUnavailable) as failure:
+        wal.append(lines("b", "c"))
+    assert failure.value.cause == "no_space" and failure.value.status_code == 503
+    assert (tmp_path / segment_name(0)).stat().st_size == size == wal.bytes
+    monkeypatch.setattr(os, "write", real_write)
+    wal.append(lines("d"))
+    assert read_ids(wal) == ["a", "d"]
+    wal.close()
+    assert WriteAheadLog(tmp_path, 1 << 30).open() == 2
+
+
+def test_when_even_the_cut_fails_the_segment_is_sealed_and_its_garbage_skipped(tmp_path, monkeypatch):
+    wal = open_wal(tmp_path)
+    wal.append(lines("a"))
+    real_write = os.write
+
+    def torn_write(fd, data):
+        real_write(fd, bytes(data[:5]))
+        raise OSError(errno.EIO, "I/O error")
+
+    def failing_truncate(fd, size):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "write", torn_write)
+    monkeypatch.setattr(os, "ftruncate", failing_truncate)
+    with pytest.raises(SpoolUnavailable) as failure:
+        wal.append(lines("b"))
+    assert failure.value.cause == "io_error"
+    monkeypatch.undo()
+    start, _ = wal.append(lines("c"))
+    assert start == wal.bytes - len(lines("c")) and len(list(tmp_path.glob("wal-*"))) == 2  # a new segment after the torn one
+    assert read_ids(wal) == ["a", "c"]
+
+
+def test_an_append_past_spool_max_bytes_is_refused_as_full(tmp_path):
+    wal = open_wal(tmp_path, max_bytes=30)
+    wal.append(lines("a", "b"))
+    with pytest.raises(SpoolUnavailable) as failure:
+        wal.append(lines("c"))
+    assert failure.value.cause == "full" and "SPOOL_MAX_BYTES=30" in str(failure.value)
+    assert read_ids(wal) == ["a", "b"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (we run as root in CI); skipped where mounting is not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); the injected "
+                    "ENOSPC test above covers the same code")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_refuses_appends_and_leaves_only_whole_records(small_tmpfs):
+    wal = open_wal(small_tmpfs / "spool")
+    appended: list[str] = []
+    failure = None
+    for i in range(10_000):
+        ids = [f"{i}-{n}-{'x' * 150}" for n in range(3)]
+        try:
+            wal.append(lines(*ids))
+        except SpoolUnavailable as error:
+            failure = error
+            break
+        appended += ids
+    assert failure is not None and failure.cause == "no_space"
+    assert read_ids(wal, max_lines=100_000) == appended  # whole records, nothing torn, nothing glued
+    wal.release(wal.end, force=True)  # space comes back once the records are in the database
+    wal.append(lines("after"))
+    assert read_ids(wal) == ["after"]
+
+
+# the store through outages
+
+async def submit_stream(store, store_db, count: int, *, down_at: int, up_at: int, metrics: Metrics) -> tuple:
     submitted: list[str] = []
     outage_seen = False
-    for i in range(400):
+    for i in range(count):
         record = make_record(f"text {i}")
         store.submit(record)  # would raise out of the test if it ever raised
         submitted.append(record.id)
-        if i == 100:
+        if i == down_at:
             await asyncio.to_thread(store_db.down)
-        if i == 300:
+        if i == up_at:
             await wait_until(lambda: store.health()["spool_rows"] > 0, what="records to be spooled")
             outage_seen = store.health()["status"] == "degraded" and metrics.store_up._value.get() == 0
             await asyncio.to_thread(store_db.up)
         await asyncio.sleep(0.003)
+    return submitted, outage_seen
 
-    await wait_until(lambda: store.health()["status"] == "ok", what="the spool to be replayed")
-    await store.close()  # writes what is still queued
+
+@pytest.mark.parametrize("durability", ["ack", "async"])
+async def test_outage_in_mid_stream_loses_nothing_and_duplicates_nothing(store_db, store_settings, open_store,
+                                                                         durability):
+    metrics = Metrics()
+    store = await open_store(store_settings(db_pool_timeout_s=0.3, store_durability=durability), metrics,
+                             batch_rows=20)
+    submitted, outage_seen = await submit_stream(store, store_db, 400, down_at=100, up_at=300, metrics=metrics)
+    await wait_until(lambda: store.health()["status"] == "ok" and store.health()["spool_rows"] == 0,
+                     timeout=30, what="the spool to be replayed")
+    await store.close()  # writes what is still held
     assert outage_seen
     assert store.health()["spool_rows"] == 0 and store.health()["queue_depth"] == 0
     ids = stored_ids(store_db.url)
@@ -95,18 +201,22 @@ async def test_outage_in_mid_stream_loses_nothing_and_duplicates_nothing(store_d
     assert metrics.store_replayed._value.get() >= 1
     assert metrics.store_written._value.get() + metrics.store_replayed._value.get() == len(submitted)
     assert metrics.store_up._value.get() == 1 and metrics.store_spool_rows._value.get() == 0
+    assert metrics.store_replaying._value.get() == 0
 
 
-async def test_close_spools_while_down_and_next_start_replays(store_db, store_settings, open_store, caplog):
-    settings = store_settings(db_pool_timeout_s=0.3)
+@pytest.mark.parametrize("durability", ["ack", "async"])
+async def test_close_spools_while_down_and_next_start_replays(store_db, store_settings, open_store, caplog,
+                                                              durability):
+    settings = store_settings(db_pool_timeout_s=0.3, store_durability=durability)
     first = await open_store(settings)
     await asyncio.to_thread(store_db.down)
     records = [make_record(f"t{i}") for i in range(30)]
     for record in records:
         first.submit(record)
     await first.close()
-    assert first.health()["spool_rows"] == 30
-    assert "ERROR" in {r.levelname for r in caplog.records if "spooling predictions" in r.getMessage()}
+    assert first.health()["spool_rows"] == 30 and first.health()["queue_depth"] == 0
+    if durability == "async":  # in ack mode nothing was written before close: no failure to report
+        assert "ERROR" in {r.levelname for r in caplog.records if "spooling predictions" in r.getMessage()}
 
     await asyncio.to_thread(store_db.up)
     metrics = Metrics()
@@ -114,17 +224,19 @@ async def test_close_spools_while_down_and_next_start_replays(store_db, store_se
     await wait_until(lambda: second.health()["status"] == "ok", what="the leftover spool to be replayed")
     assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
     assert metrics.store_replayed._value.get() == 30
-    assert not (settings.spool_dir / "predictions.jsonl").exists()
+    await second.close()
+    assert not list(settings.spool_dir.glob("wal-*"))  # a clean shutdown leaves no segment behind
 
 
 async def test_start_with_the_database_down_is_degraded_not_fatal(store_db, store_settings, open_store):
     await asyncio.to_thread(store_db.down)
     store = await open_store(store_settings(db_pool_timeout_s=0.3))
     health = store.health()
-    assert health["status"] == "degraded" and "database unavailable" in health["reason"]
+    assert health["status"] == "degraded" and health["state"] == "down"
+    assert "database unavailable" in health["reason"]
     record = make_record()
-    store.submit(record)
-    await wait_until(lambda: store.health()["spool_rows"] == 1, what="the record to be spooled")
+    await store.record([record])  # ack mode: durable in the spool although the database is down
+    await wait_until(lambda: store.health()["spool_rows"] == 1, what="the record to count as spooled")
     await asyncio.to_thread(store_db.up)
     await wait_until(lambda: store.health()["status"] == "ok", what="recovery")
     assert stored_ids(store_db.url) == [record.id]
@@ -137,8 +249,11 @@ async def test_replaying_rows_already_written_is_harmless(store_db, store_settin
     for record in records:
         store.submit(record)
     await store.close()
-    # A crash between inserting and deleting the spool: the same rows are spooled again.
-    Spool(settings.spool_dir).append([record_row(r, True) for r in records])
+    # A crash between inserting and deleting the segment: the same records are in the spool again.
+    wal = WriteAheadLog(settings.spool_dir, 1 << 30)
+    wal.open()
+    wal.append(encode_lines([record_row(r, True) for r in records]))
+    wal.close()
 
     metrics = Metrics()
     again = await open_store(settings, metrics)
@@ -150,23 +265,32 @@ async def test_replaying_rows_already_written_is_harmless(store_db, store_settin
 async def test_a_row_the_database_refuses_is_set_aside_not_blocking(store_db, store_settings, open_store):
     settings = store_settings()
     metrics = Metrics()
-    store = await open_store(settings, metrics)
+    store = await open_store(settings, metrics, flush_interval_s=0.5)
     good, bad, later = make_record("one"), make_record("two", label=None), make_record("three")
-    for record in (good, bad, later):
-        store.submit(record)
+    await store.record([good, bad, later])  # one batch: the bad row is split off, the others written
     await wait_until(lambda: len(stored_ids(store_db.url)) == 2, what="the good rows")
     assert sorted(stored_ids(store_db.url)) == sorted([good.id, later.id])
     rejected = [json.loads(line) for line in (settings.spool_dir / REJECTED).read_text().splitlines()]
     assert [r["row"]["id"] for r in rejected] == [bad.id]
-    assert store.health()["status"] == "ok"
-    assert metrics.store_write_errors._value.get() == 1
+    health = store.health()
+    assert health["status"] == "ok" and health["rejected_rows"] == 1
+    assert health["rejected_path"] == str(settings.spool_dir / REJECTED)
+    assert metrics.store_rejected._value.get() == 1 and metrics.store_write_errors._value.get() == 0
 
 
 async def test_a_malformed_spool_line_is_set_aside_and_replay_goes_on(store_db, store_settings, open_store):
     settings = store_settings()
     first, second = make_record("first"), make_record("second")
-    Spool(settings.spool_dir).append([record_row(first, True), {"id": "broken"}, record_row(second, True)])
+    settings.spool_dir.mkdir(parents=True)
+    wal = WriteAheadLog(settings.spool_dir, 1 << 30)
+    wal.open()
+    wal.append(encode_lines([record_row(first, True), {"id": "broken"}]) + b"not json\n"
+               + encode_lines([record_row(second, True)]))
+    wal.close()
+    (settings.spool_dir / "database.json").write_text(json.dumps(database_identity(settings.database_url)))
     store = await open_store(settings)
     await wait_until(lambda: store.health()["status"] == "ok", what="replay")
     assert sorted(stored_ids(store_db.url)) == sorted([first.id, second.id])
-    assert '"id":"broken"' in (settings.spool_dir / REJECTED).read_text()
+    kept = (settings.spool_dir / REJECTED).read_text()
+    assert '"id":"broken"' in kept and '"line":"not json\\n"' in kept
+    assert store.health()["rejected_rows"] == 2

@@ -23,7 +23,7 @@ from server.store.db import database_url, make_engine
 from server.store.feedback import UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
 from server.store.tables import PREDICTIONS, Base
-from server.store.writer import record_row
+from server.store.rows import record_row
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
 
@@ -100,14 +100,14 @@ async def test_steady_traffic_is_written_in_batches_not_row_by_row(store_db, ope
     metrics = Metrics()
     store = await open_store(metrics=metrics, batch_rows=1000, flush_interval_s=0.1)
     transactions = []
-    execute = store._execute
+    write = store._sink.write
 
-    def slow_commit(rows):  # a database that takes 10 ms per transaction
+    def slow_commit(rows, **kwargs):  # a database that takes 10 ms per transaction
         transactions.append(len(rows))
-        execute(rows)
         time.sleep(0.01)
+        return write(rows, **kwargs)
 
-    monkeypatch.setattr(store, "_execute", slow_commit)
+    monkeypatch.setattr(store._sink, "write", slow_commit)
     for i in range(300):  # a row every ~2 ms for ~0.6 s, several arriving during each write
         store.submit(make_record(f"steady {i}"))
         await asyncio.sleep(0.002)
@@ -119,7 +119,7 @@ async def test_submit_never_raises_and_takes_numpy_scalars(store_db, open_store)
     metrics = Metrics()
     store = await open_store(metrics=metrics)
     store.submit(make_record(probabilities=None))  # a broken record is counted and logged, not raised
-    assert metrics.store_write_errors._value.get() == 1
+    await wait_until(lambda: metrics.store_write_errors._value.get() == 1, what="the broken record to be counted")
     record = make_record(score=np.float32(0.75), latency_ms=np.float64(2.0),
                          probabilities={"NEGATIVE": np.float32(0.25), "POSITIVE": np.float32(0.75)})
     store.submit(record)
@@ -139,10 +139,14 @@ async def test_store_text_false_keeps_only_the_hash(store_db, store_settings, op
     assert found["text_sha256"] == record.text_sha256
 
 
-async def test_health_reports_backend_and_status(store_db, open_store):
-    store = await open_store()
-    assert store.health() == {"status": "ok", "reason": None, "backend": store_db.backend,
-                              "queue_depth": 0, "spool_rows": 0}
+async def test_health_reports_backend_and_status(store_db, store_settings, open_store):
+    settings = store_settings()
+    store = await open_store(settings)
+    assert store.health() == {
+        "status": "ok", "state": "up", "reason": None, "backend": store_db.backend, "durability": "ack",
+        "queue_depth": 0, "spool_rows": 0, "spool_bytes": 0, "spool_limit_bytes": settings.spool_max_bytes,
+        "replay": None, "rejected_rows": 0, "rejected_path": str(settings.spool_dir / "rejected.jsonl"),
+        "lost_rows": 0, "foreign_spools": []}
 
 
 # queries

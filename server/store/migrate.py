@@ -21,6 +21,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, Engine, text
 
 from server.config import Settings
+from server.exitcodes import ExitCode, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,10 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 UPGRADE_LOCK_KEY = 0x5E47  # pg_advisory_xact_lock key held while upgrading
 
 
-class SchemaBehind(RuntimeError):
+class SchemaBehind(StartupError):
     """The database schema is older than this server needs."""
+
+    exit_code = ExitCode.DATABASE
 
 
 def _config(connection: Connection | None = None) -> Config:

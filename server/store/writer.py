@@ -1,15 +1,21 @@
-"""PredictionStore: predictions reach the database off the request path and survive its outages.
+"""The writer: one task on the event loop that moves records into the database, in spool order.
 
-``submit`` appends to an in-memory queue. One writer task drains it every
-``flush_interval_s``, or as soon as ``batch_rows`` are waiting, one INSERT per
-batch. When a write fails, that batch and every later one go to the spool file
-until the database accepts writes again (retried every ``retry_interval_s``);
-then the spool is replayed first, so rows arrive in the order they were
-submitted. Inserts are ``INSERT ... ON CONFLICT (id) DO NOTHING``, so offering
-a row twice (a write whose commit was not acknowledged, a crash before the
-spool was deleted) is harmless. A row the database refuses by content
-(constraint or data error) is set aside in ``rejected.jsonl`` rather than
-blocking the rows behind it. Call ``submit`` from the event loop thread.
+It keeps one position, ``cursor``: every spool (WAL) record before it is in the database. What comes
+after is taken from the cheapest place that holds it:
+
+- the **tail** it holds in memory: groups committed while the database is up are handed over by the
+  committer, so in steady state nothing is read back from disk. The tail is capped (``cache_rows``);
+  past that, or when the database goes down, it is dropped (the records stay on disk);
+- the **backlog** on disk (records before the tail): read back in chunks of ``batch_rows``, about a
+  second of work per flush, so a large backlog never stalls the writer or the records behind it;
+- in async mode, records kept in memory only (``unlogged``): written directly while the spool is empty
+  and the database up, otherwise appended to the spool behind what is there, so order is kept.
+
+Segments whose records are all in the database are released (deleted) after each write. A flush runs
+every ``flush_interval_s`` or as soon as ``batch_rows`` records wait, and back to back while a backlog
+remains. When a database call fails the database is marked down and retried every
+``retry_interval_s``, with a ping when there is nothing to write, so an idle server notices recovery.
+The state lives in ``StoreState`` and is changed only here, on the loop.
 """
 
 from __future__ import annotations
@@ -18,280 +24,343 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, exc
-from sqlalchemy.dialects import postgresql, sqlite
-
-from server.config import Settings
 from server.metrics import Metrics
 from server.primitives import PredictionRecord
-from server.store.db import UNAVAILABLE, describe, make_engine
-from server.store.migrate import SchemaBehind, prepare_schema
-from server.store.spool import Spool, quarantine
-from server.store.tables import PREDICTIONS
+from server.store.committer import Commit, GroupCommitter
+from server.store.db import describe
+from server.store.rows import record_row
+from server.store.sink import DatabaseSink, WriteOutcome
+from server.store.state import StoreState
+from server.store.throttle import Throttle
+from server.store.wal import SpoolUnavailable, WriteAheadLog
+from server.store.worker import BlockingWorker
 
 log = logging.getLogger(__name__)
 
-COMPLAIN_EVERY_S = 60.0
+CACHE_ROWS = 16_384  # the most committed records held in memory for the writer (beyond: read back from disk)
+REPLAY_BUDGET_S = 1.0  # disk backlog read back per flush, in seconds of work
 
 
-class PredictionStore:
-    def __init__(self, settings: Settings, metrics: Metrics, *, batch_rows: int = 256, flush_interval_s: float = 0.25,
-                 retry_interval_s: float = 2.0, max_queue: int = 100_000) -> None:
-        self.settings = settings
-        self.metrics = metrics
-        self.engine: Engine = make_engine(settings)
-        self.backend = self.engine.dialect.name
+@dataclass
+class ReplayProgress:
+    cursor: int
+    lines: int = 0
+    outcome: WriteOutcome = field(default_factory=WriteOutcome)
+    error: BaseException | None = None
+
+
+class Writer:
+    def __init__(self, *, state: StoreState, wal: WriteAheadLog, sink: DatabaseSink, committer: GroupCommitter,
+                 metrics: Metrics, store_text: bool, batch_rows: int, flush_interval_s: float,
+                 retry_interval_s: float, max_queue: int, cache_rows: int = CACHE_ROWS) -> None:
+        self.state = state
+        self._wal = wal
+        self._sink = sink
+        self._committer = committer
+        self._metrics = metrics
+        self._store_text = store_text
         self._batch_rows = batch_rows
         self._flush_interval_s = flush_interval_s
         self._retry_interval_s = retry_interval_s
         self._max_queue = max_queue
-        self._insert = _idempotent_insert(self.engine)
-        self._spool = Spool(settings.spool_dir)
-        self._queue: deque[dict[str, Any]] = deque()  # rows, in submission order
-        self._in_flight = 0  # rows taken from the queue, not yet written or spooled
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self._cache_rows = cache_rows
+        self._worker: BlockingWorker | None = None
+        self.cursor = 0  # WAL position: every record before it is in the database
+        self.wal_end = 0  # end of the last group committed (as the loop has heard)
+        self._cache: deque[Commit] = deque()
+        self._unlogged: deque[dict[str, Any]] = deque()
+        self._in_flight: list[dict[str, Any]] = []  # unlogged rows inside a database call right now
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._closing = False
-        self._schema_ok = False
-        self._up = False
-        self._reason = "not started"
+        self._stopping = False
         self._retry_at = 0.0
-        self._complained: dict[str, float] = {}
+        self._release_at = 0.0
+        self._throttle = Throttle(log)
 
-    async def start(self) -> None:
-        """Count a spool left by a previous process, migrate or check the schema, start the writer task.
+    def begin(self, worker: BlockingWorker, start: int, end: int, rows: int) -> None:
+        """Start from the spool a previous process left: ``rows`` records between LSN ``start`` and ``end``."""
+        self._worker = worker
+        self.cursor, self.wal_end = start, end
+        self.state.pending_rows = rows
 
-        Raises ``SchemaBehind`` (the server must not start); an unreachable
-        database only makes the store degraded.
-        """
-        leftover = await asyncio.to_thread(self._spool.open)
-        self.metrics.store_spool_rows.set(leftover)
-        if leftover:
-            log.warning("store: %d predictions spooled by a previous process in %s; replaying them",
-                        leftover, self._spool.path)
-        try:
-            await self._call(self._ensure_schema)
-            self._mark_up()
-        except SchemaBehind:
-            await asyncio.to_thread(self._shutdown_db)
-            raise
-        except UNAVAILABLE as error:
-            self._mark_down(error)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="prediction-store-writer")
+    # fed on the loop
 
-    def submit(self, record: PredictionRecord) -> None:
-        """Queue a record for writing; never blocks, never raises."""
-        try:
-            if len(self._queue) >= self._max_queue:
-                self.metrics.store_write_errors.inc()
-                self._complain("overflow", logging.ERROR, "store: %d predictions already waiting; dropping new "
-                               "ones until the writer catches up (database and spool both failing?)", len(self._queue))
-                return
-            self._queue.append(record_row(record, self.settings.store_text))
-            self.metrics.store_queue_depth.set(len(self._queue))
-            if len(self._queue) >= self._batch_rows:
+    def committed(self, commit: Commit | None, error: SpoolUnavailable | None) -> None:
+        """The committer's report (on the loop, in commit order): rows now durable, or why the spool refused."""
+        state = self.state
+        if error is not None:
+            state.append_error = str(error)
+            self._throttle.log("spool", logging.ERROR, "store: the spool refused %s: %s",
+                               "records" if error.cause != "closed" else "records at shutdown", error)
+            state.publish()
+            return
+        if state.append_error:
+            log.info("store: the spool takes records again")
+            state.append_error = None
+            self._throttle.reset("spool")
+        state.pending_rows += len(commit.rows)
+        self.wal_end = commit.end
+        if state.database_up:
+            if (self._cache and self._cache[-1].end != commit.start) or \
+                    state.cached_rows + len(commit.rows) > self._cache_rows:
+                self._drop_cache()  # the older part is read back from disk
+            self._cache.append(commit)
+            state.cached_rows += len(commit.rows)
+            if state.cached_rows >= self._batch_rows:
                 self._wakeup.set()
-        except Exception:
-            self.metrics.store_write_errors.inc()
-            log.exception("store: could not queue prediction %s", getattr(record, "id", "?"))
+        state.publish()
 
-    def health(self) -> dict[str, Any]:
-        spooled = self._spool.rows
-        if self._up and not spooled:
-            status, reason = "ok", None
-        elif self._up:
-            status, reason = "degraded", f"database is back; {spooled} spooled predictions waiting for replay"
-        else:
-            status, reason = "degraded", f"{self._reason}; {spooled} predictions spooled to {self._spool.path}"
-        return {"status": status, "reason": reason, "backend": self.backend,
-                "queue_depth": len(self._queue) + self._in_flight, "spool_rows": spooled}
-
-    async def close(self) -> None:
-        """Write what is queued, or spool it when the database is down; then release the pool."""
-        if self._task is not None:
-            self._closing = True
+    def queue(self, records: list[PredictionRecord]) -> None:
+        """Async mode: keep records in memory for the next flush (never blocks, never raises)."""
+        for record in records:
+            try:
+                row = record_row(record, self._store_text)
+            except Exception:
+                self._metrics.store_write_errors.inc()
+                log.exception("store: could not queue prediction %s", getattr(record, "id", "?"))
+                continue
+            if len(self._unlogged) >= self._max_queue or self._stopping:
+                self.lose(1, "the store's queue is full (database and spool both failing?)"
+                           if not self._stopping else "the store is closed")
+                continue
+            self._unlogged.append(row)
+        self.state.unlogged_rows = len(self._unlogged) + len(self._in_flight)
+        self._metrics.store_queue_depth.set(self.state.cached_rows + self.state.unlogged_rows)
+        if len(self._unlogged) >= self._batch_rows:
             self._wakeup.set()
-            await self._task
-        if self._queue:
-            log.error("store: %d predictions could be neither written nor spooled and are lost", len(self._queue))
-        await asyncio.to_thread(self._shutdown_db)
 
-    # writer task
+    # the task
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), self._flush_interval_s)
-            except asyncio.TimeoutError:
-                pass
+    async def run(self) -> None:
+        while not self._stopping:
+            if not self._backlog_to_replay():
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self._flush_interval_s)
+                except TimeoutError:
+                    pass
             self._wakeup.clear()
-            closing = self._closing
+            if self._stopping:
+                return
             try:
-                await self._flush()
+                await self._cycle()
             except Exception:
                 log.exception("store: writer failed; retrying")
-            if closing:
-                return
+                await asyncio.sleep(self._flush_interval_s)
+            await asyncio.sleep(0)
 
-    async def _flush(self) -> None:
-        if self._spool.rows and self._due():
-            await self._replay()
-        # Only what was queued when the flush began (all of it when closing): rows that arrive while it
-        # writes wait for the next flush. Chasing them wrote steady traffic one or two rows per
-        # transaction, at ~100 us of CPU a row.
-        pending = len(self._queue)
-        while self._queue and (pending > 0 or self._closing):
-            rows = [self._queue.popleft() for _ in range(min(len(self._queue), self._batch_rows))]
-            pending -= len(rows)
-            self._in_flight = len(rows)
-            try:
-                if not self._spool.rows and (self._up or self._due()) and await self._write(rows):
-                    continue
-                if not await self._to_spool(rows):
-                    self._queue.extendleft(reversed(rows))
-                    break
-            finally:
-                self._in_flight = 0
-        self.metrics.store_queue_depth.set(len(self._queue))
-        self.metrics.store_spool_rows.set(self._spool.rows)
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
 
-    async def _write(self, rows: list[dict[str, Any]]) -> bool:
-        try:
-            await self._call(self._insert_rows, rows)
-        except Exception as error:
-            self.metrics.store_write_errors.inc()
-            self._mark_down(error)
-            return False
-        self.metrics.store_written.inc(len(rows))
-        self._mark_up()
-        return True
-
-    async def _replay(self) -> None:
-        def insert(rows: list[dict[str, Any]]) -> None:
-            self._insert_rows(rows)
-            self.metrics.store_replayed.inc(len(rows))
-
-        try:
-            replayed = await self._call(self._spool.replay, insert, self._batch_rows)
-        except Exception as error:
-            self.metrics.store_write_errors.inc()
-            self._mark_down(error)
+    async def final_flush(self) -> None:
+        """At shutdown, once everything is spooled: the tail held in memory goes to the database if it is up;
+        the disk backlog stays for the next start (replaying it could take longer than the shutdown may)."""
+        if not self.state.database_up or self._backlog_to_replay():
             return
-        finally:
-            self.metrics.store_spool_rows.set(self._spool.rows)
-        self._mark_up()
-        log.info("store: replayed %d spooled predictions into the database", replayed)
-
-    async def _to_spool(self, rows: list[dict[str, Any]]) -> bool:
         try:
-            await asyncio.to_thread(self._spool.append, rows)
-        except OSError as error:
-            self._complain("spool", logging.ERROR, "store: cannot write the spool %s (%s); %d predictions held "
-                           "in memory", self._spool.path, error, len(self._queue) + len(rows))
-            return False
-        return True
-
-    # blocking parts, on the writer thread
-
-    def _ensure_schema(self) -> None:
-        if not self._schema_ok:
-            prepare_schema(self.engine, self.settings)
-            self._schema_ok = True
-
-    def _insert_rows(self, rows: list[dict[str, Any]]) -> None:
-        self._ensure_schema()
-        try:
-            self._execute(rows)
+            await self._write_tail(everything=True)
         except Exception as error:
-            if not _row_error(error):
+            self._mark_down(error)
+
+    async def spool_leftovers(self) -> None:
+        """At shutdown: records in memory only (async mode, or a write still hanging) go to the spool."""
+        rows = self._in_flight + list(self._unlogged)
+        if not rows:
+            return
+        self._unlogged.clear()
+        try:
+            await self._committer.append(rows, rows=True)
+        except SpoolUnavailable as error:
+            self.lose(len(rows), str(error))
+        self._in_flight = []
+        self.state.unlogged_rows = 0
+
+    def forget_tail(self) -> None:
+        """At shutdown: the tail in memory is on disk as well; count it as backlog for the next start."""
+        self._drop_cache()
+        self.state.publish()
+
+    # one flush
+
+    async def _cycle(self) -> None:
+        state = self.state
+        if state.database_up or asyncio.get_running_loop().time() >= self._retry_at:
+            try:
+                await self._to_database()
+            except Exception as error:
+                self._mark_down(error)
+        if self._unlogged and (not state.database_up or state.pending_rows):
+            await self._spool_unlogged()
+        if not state.pending_rows and self._wal.bytes and time.monotonic() >= self._release_at:
+            self._release_at = time.monotonic() + self._retry_interval_s
+            await self._worker.call(self._release, self.cursor)  # an idle server's last segment goes too
+        state.publish()
+
+    async def _to_database(self) -> None:
+        if self._backlog_to_replay() or (self.state.spool_rows and not self.state.database_up):
+            await self._replay_backlog()
+        if self._cache and self._cache[0].start == self.cursor:
+            await self._write_tail()
+        if self._unlogged and not self.state.pending_rows:
+            await self._write_unlogged()
+        if not self.state.database_up:  # nothing to write was tried: ask, so an idle server sees recovery
+            await self._worker.call(self._sink.ping)
+            self._mark_up()
+
+    async def _replay_backlog(self) -> None:
+        state = self.state
+        stop = self._cache[0].start if self._cache else self.wal_end
+        budget = REPLAY_BUDGET_S if state.database_up else 0.0  # after an outage: one batch, then report up
+        progress: ReplayProgress = await self._worker.call(self._replay_chunk, self.cursor, stop, budget)
+        self.cursor = progress.cursor
+        state.pending_rows -= progress.lines
+        state.replayed_rows += progress.lines
+        self._count(progress.outcome, replayed=True)
+        self._settle_backlog()
+        if progress.error is not None:
+            raise progress.error
+        self._mark_up()
+
+    def _replay_chunk(self, position: int, stop: int, budget_s: float) -> ReplayProgress:
+        """On the database thread: batches from disk until ``stop`` or ``budget_s`` has passed (at least one)."""
+        progress = ReplayProgress(position)
+        deadline = time.monotonic() + budget_s
+        try:
+            while progress.cursor < stop:
+                lines, after = self._wal.read(progress.cursor, stop, self._batch_rows)
+                if lines:
+                    progress.outcome.add(self._sink.write_lines(lines))
+                progress.cursor, progress.lines = after, progress.lines + len(lines)
+                if after == position or time.monotonic() >= deadline:
+                    break
+                position = after
+        except Exception as error:
+            progress.error = error
+        self._release(progress.cursor)
+        return progress
+
+    async def _write_tail(self, everything: bool = False) -> None:
+        """Write the committed groups held in memory: those present when the flush began (or all of them)."""
+        state = self.state
+        budget = state.cached_rows
+        while self._cache and self._cache[0].start == self.cursor and (everything or budget > 0):
+            taken, rows = [], []
+            for commit in self._cache:
+                if taken and len(rows) + len(commit.rows) > self._batch_rows:
+                    break
+                taken.append(commit)
+                rows.extend(commit.rows)
+            outcome = await self._worker.call(self._write_and_release, rows, taken[-1].end)
+            budget -= len(rows)
+            for commit in taken:
+                if self._cache and self._cache[0] is commit:  # unless the tail was dropped meanwhile
+                    self._cache.popleft()
+                    state.cached_rows -= len(commit.rows)
+            self.cursor = taken[-1].end
+            state.pending_rows -= len(rows)
+            self._count(outcome, replayed=False)
+            self._settle_backlog()
+            self._mark_up()
+
+    async def _write_unlogged(self) -> None:
+        """Async mode: the records queued when the flush began, straight to the database."""
+        state = self.state
+        budget = len(self._unlogged)
+        while self._unlogged and not state.pending_rows and budget > 0:
+            rows = [self._unlogged.popleft() for _ in range(min(len(self._unlogged), self._batch_rows))]
+            budget -= len(rows)
+            self._in_flight = rows
+            try:
+                outcome = await self._worker.call(self._sink.write, rows)
+            except BaseException:
+                self._unlogged.extendleft(reversed(rows))
                 raise
-            for row in rows:  # find the rows the database refuses and keep the others
-                try:
-                    self._execute([row])
-                except Exception as row_error:
-                    if not _row_error(row_error):
-                        raise
-                    self._reject(row, row_error)
+            finally:
+                self._in_flight = []
+                state.unlogged_rows = len(self._unlogged)
+            self._count(outcome, replayed=False)
+            self._mark_up()
 
-    def _execute(self, rows: list[dict[str, Any]]) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(self._insert, [{**row, "created_at": datetime.fromisoformat(row["created_at"])}
-                                              for row in rows])
+    async def _spool_unlogged(self) -> None:
+        """Async mode, database down or a backlog in the spool: put the records behind it, on disk."""
+        rows = list(self._unlogged)
+        self._unlogged.clear()
+        try:
+            await self._committer.append(rows, rows=True)
+        except SpoolUnavailable:
+            self._unlogged.extendleft(reversed(rows))  # held in memory, up to max_queue, until the spool takes them
+            excess = len(self._unlogged) - self._max_queue
+            if excess > 0:
+                for _ in range(excess):
+                    self._unlogged.pop()
+                self.lose(excess, "the spool refuses records and the queue is full")
+        self.state.unlogged_rows = len(self._unlogged)
 
-    def _reject(self, row: dict[str, Any], error: Exception) -> None:
-        self.metrics.store_write_errors.inc()
-        path = quarantine(self.settings.spool_dir, row, describe(error))
-        log.error("store: the database refuses prediction %s (%s); kept it in %s", row.get("id"), describe(error),
-                  path)
+    # on the database thread
 
-    def _shutdown_db(self) -> None:
-        self._db.shutdown(wait=True)
-        self.engine.dispose()
+    def _write_and_release(self, rows: list[dict[str, Any]], upto: int) -> WriteOutcome:
+        outcome = self._sink.write(rows)
+        self._release(upto)
+        return outcome
 
-    # state
+    def _release(self, upto: int) -> None:
+        try:
+            self._wal.release(upto)
+        except OSError as error:  # the records are in the database; the file stays until the next release
+            self._throttle.log("release", logging.ERROR, "store: could not delete a spooled segment: %s", error)
 
-    async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+    # bookkeeping, on the loop
 
-    def _due(self) -> bool:
-        return time.monotonic() >= self._retry_at
+    def _backlog_to_replay(self) -> bool:
+        return self.state.database_up and self.state.spool_rows > 0
+
+    def _settle_backlog(self) -> None:
+        """Once the cursor reaches the tail (or the end), no backlog is left: make the count say so exactly."""
+        state = self.state
+        reached = self.cursor >= (self._cache[0].start if self._cache else self.wal_end)
+        if reached and state.pending_rows != state.cached_rows:
+            if state.pending_rows > state.cached_rows:
+                log.error("store: %d spooled records the count expected were not found in the spool",
+                          state.pending_rows - state.cached_rows)
+            state.pending_rows = state.cached_rows
+        if reached:
+            state.replayed_rows = 0
+
+    def _count(self, outcome: WriteOutcome, *, replayed: bool) -> None:
+        (self._metrics.store_replayed if replayed else self._metrics.store_written).inc(outcome.written)
+        if outcome.rejected:
+            self.state.rejected_rows += outcome.rejected
+            self._metrics.store_rejected.inc(outcome.rejected)
+            self._throttle.log("rejected", logging.ERROR, "store: the database refused %d predictions (%s); kept "
+                               "in %s for `sentiment-analyzer spool replay-rejected`", outcome.rejected,
+                               outcome.refused[0]["error"], self.state.rejected_path)
+
+    def _drop_cache(self) -> None:
+        self._cache.clear()
+        self.state.cached_rows = 0
 
     def _mark_up(self) -> None:
-        if not self._up:
-            log.info("store: %s database accepts writes", self.backend)
-        self._up = True
-        self._reason = ""
-        self._complained.pop("down", None)
-        self.metrics.store_up.set(1)
+        """After every successful step: the state, and the gauges with it, change in the same loop step."""
+        if self.state.mark_up():
+            log.info("store: the %s database accepts writes%s", self.state.backend,
+                     f"; replaying {self.state.spool_rows} spooled predictions" if self.state.spool_rows else "")
+            self._throttle.reset("down")
+        self.state.publish()
 
     def _mark_down(self, error: BaseException) -> None:
-        reason = str(error) if isinstance(error, SchemaBehind) else f"database unavailable: {describe(error)}"
-        if self._up:
-            self._complained.pop("down", None)
-        self._up = False
-        self._reason = reason
-        self._retry_at = time.monotonic() + self._retry_interval_s
-        self.metrics.store_up.set(0)
-        self._complain("down", logging.ERROR, "store: %s; spooling predictions to %s until it accepts writes",
-                       reason, self._spool.path)
+        self._metrics.store_write_errors.inc()
+        self._retry_at = asyncio.get_running_loop().time() + self._retry_interval_s
+        if self.state.mark_down(error):
+            self._throttle.reset("down")
+        self._drop_cache()  # its records stay on disk and are read back from there
+        self.state.publish()
+        self._throttle.log("down", logging.ERROR, "store: %s (%s); spooling predictions to disk until it accepts "
+                           "writes, retrying every %.0f s", self.state.reason, describe(error),
+                           self._retry_interval_s)
 
-    def _complain(self, kind: str, level: int, message: str, *args: Any) -> None:
-        """Log at most once a minute per kind of trouble."""
-        now = time.monotonic()
-        if now - self._complained.get(kind, -COMPLAIN_EVERY_S) >= COMPLAIN_EVERY_S:
-            self._complained[kind] = now
-            log.log(level, message, *args)
-
-
-def record_row(record: PredictionRecord, store_text: bool) -> dict[str, Any]:
-    """A record as a JSON-ready row (the spool's line format; numpy scalars become floats).
-
-    Made at ``submit``, so the queue holds a snapshot; STORE_TEXT=false drops the text here.
-    """
-    return {
-        "id": record.id, "created_at": record.created_at.isoformat(), "request_id": record.request_id,
-        "text": record.text if store_text else None, "text_sha256": record.text_sha256,
-        "label": record.label, "score": float(record.score),
-        "probabilities": {str(label): float(p) for label, p in record.probabilities.items()},
-        "model_name": record.model_name, "model_version": record.model_version, "device": record.device,
-        "latency_ms": float(record.latency_ms), "cached": bool(record.cached), "api_key_id": record.api_key_id,
-    }
-
-
-def _row_error(error: BaseException) -> bool:
-    """Caused by the row's content (a constraint, a value a column refuses, a malformed spool line), so
-    retrying would fail the same way; any other database error is the database's trouble: spool and retry."""
-    if isinstance(error, (exc.DataError, exc.IntegrityError)):
-        return True
-    return not isinstance(error, exc.DBAPIError) and isinstance(error, (exc.StatementError, KeyError, TypeError,
-                                                                         ValueError))
-
-
-def _idempotent_insert(engine: Engine):
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(PREDICTIONS).on_conflict_do_nothing(index_elements=["id"])
+    def lose(self, count: int, why: str) -> None:
+        self.state.lost_rows += count
+        self._metrics.store_write_errors.inc(count)
+        self._throttle.log("lost", logging.ERROR, "store: %d prediction records lost: %s", count, why)

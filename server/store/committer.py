@@ -1,0 +1,125 @@
+"""Group commit: the requests finishing together share one write and one fsync of the write-ahead log.
+
+A request appends its records to a pending list (on the event loop: a lock and a list append, no
+encoding) and awaits a future. The committer thread takes everything pending, converts and encodes it
+(JSON on this thread, not the loop), appends it to the WAL with one fsync, and hands the outcome back to
+the loop in one callback, which resolves every request's future and gives the committed rows to the
+writer. While one fsync runs, the next group accumulates: the busier the server, the more records each
+fsync covers.
+
+A record that cannot be encoded fails only its own request. An append the WAL refuses (full, ENOSPC,
+I/O error) fails every request of the group with ``SpoolUnavailable``: none of them is answered 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server.store.rows import encode_lines, record_row
+from server.store.wal import SpoolUnavailable, WriteAheadLog
+from server.store.worker import post
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Commit:
+    """Rows now durable in the WAL at [start, end), in log order."""
+
+    rows: list[dict[str, Any]]
+    start: int
+    end: int
+
+
+class GroupCommitter:
+    def __init__(self, wal: WriteAheadLog, store_text: bool,
+                 on_commit: Callable[[Commit | None, SpoolUnavailable | None], None]) -> None:
+        self._wal = wal
+        self._store_text = store_text
+        self._on_commit = on_commit  # called on the loop, in commit order
+        self._pending: list[tuple[list[Any], bool, asyncio.Future]] = []
+        self._wakeup = threading.Condition(threading.Lock())
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, name="store-committer", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def append(self, items: list[Any], *, rows: bool = False) -> asyncio.Future:
+        """Queue records (or ready rows, ``rows=True``) for the next group; the future is done once they are
+        durable, or raises ``SpoolUnavailable``. Call on the loop."""
+        future = self._loop.create_future()
+        with self._wakeup:
+            if self._stopping:
+                raise SpoolUnavailable("closed", "the server is shutting down; retry on another replica")
+            self._pending.append((items, rows, future))
+            self._wakeup.notify()
+        return future
+
+    def stop(self, timeout: float) -> bool:
+        """Commit what is pending, then end the thread; False if it did not end within ``timeout``."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._pending and not self._stopping:
+                    self._wakeup.wait()
+                group, self._pending = self._pending, []
+            if not group:
+                return
+            self._commit(group)
+
+    def _commit(self, group: list[tuple[list[Any], bool, asyncio.Future]]) -> None:
+        rows: list[dict[str, Any]] = []
+        chunks: list[bytes] = []
+        futures: list[asyncio.Future] = []
+        for items, ready, future in group:
+            try:
+                converted = items if ready else [record_row(r, self._store_text) for r in items]
+                chunks.append(encode_lines(converted))
+            except Exception as error:  # a record that is not one: fail its request alone
+                log.exception("store: a prediction record could not be encoded")
+                post(self._loop, _fail, [future], error)
+                continue
+            rows.extend(converted)
+            futures.append(future)
+        if not futures:
+            return
+        try:
+            start, end = self._wal.append(b"".join(chunks))
+        except SpoolUnavailable as error:
+            post(self._loop, self._deliver, futures, None, error)
+            return
+        except Exception as error:  # a bug, not the disk: still never answer 200 without a record
+            log.exception("store: appending to the spool failed")
+            post(self._loop, self._deliver, futures, None, SpoolUnavailable("io_error", f"spool append failed: "
+                                                                              f"{type(error).__name__}"))
+            return
+        post(self._loop, self._deliver, futures, Commit(rows, start, end), None)
+
+    def _deliver(self, futures: list[asyncio.Future], commit: Commit | None, error: SpoolUnavailable | None) -> None:
+        self._on_commit(commit, error)
+        if error is not None:
+            _fail(futures, error)
+            return
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+
+def _fail(futures: list[asyncio.Future], error: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)

@@ -1,0 +1,257 @@
+"""PredictionStore: every prediction's record reaches the database, through a local write-ahead log.
+
+The pieces, each with one job:
+- ``spooldir.SpoolDirectory``: the SPOOL_DIR lock, the database the spool belongs to, foreign spools;
+- ``wal.WriteAheadLog``: segments on disk, appended and released;
+- ``committer.GroupCommitter``: its thread appends what requests hand it, one fsync per group;
+- ``writer.Writer``: a loop task moving records to the database in spool order;
+- ``sink.DatabaseSink``: the inserts (idempotent, halving, rejected rows set aside);
+- ``state.StoreState``: what /health and /metrics say, changed only on the event loop;
+- ``worker.BlockingWorker``: the thread the database calls and spool reads run on.
+
+Durability (STORE_DURABILITY):
+- ``ack`` (default): ``await store.record(records)`` returns once the records are fsynced to the
+  spool; /predict answers only then, so a SIGKILL at any instant loses no answered record. When the
+  spool cannot take them (full at SPOOL_MAX_BYTES, ENOSPC, an I/O error) it raises ``SpoolUnavailable``
+  and /predict answers 503 + Retry-After: never a 200 without a record.
+- ``async``: ``record`` queues the records in memory and returns; they reach the database within
+  ~``flush_interval_s`` (0.25 s), or as long as a database call hangs (PostgreSQL's statement timeout is
+  30 s) before they are spooled. A crash in that window loses them; a full spool loses them (counted).
+
+Shutdown: ``close(timeout_s)`` stops the writer, writes what memory holds if the database is up, spools
+the rest, and is bounded in time: a disk backlog is left for the next start rather than replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from server.config import Settings
+from server.metrics import Metrics
+from server.primitives import PredictionRecord
+from server.store.committer import Commit, GroupCommitter
+from server.store.db import describe, make_engine
+from server.store.migrate import SchemaBehind
+from server.store.rejected import FILENAME as REJECTED_FILE
+from server.store.rejected import TAKEN_PREFIX, RejectedFile
+from server.store.sink import DatabaseSink
+from server.store.spooldir import (
+    LEGACY_SPOOL,
+    SpoolDirectory,
+    SpoolDirUnusable,
+    database_identity,
+    describe_identity,
+)
+from server.store.state import ForeignReport, StoreState, replay_command
+from server.store.wal import SpoolUnavailable, WriteAheadLog, count_spool, is_segment
+from server.store.worker import BlockingWorker
+from server.store.writer import Writer
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 5.0
+WATCH_INTERVAL_S = 5.0  # how often rejected rows and foreign spools on disk are looked at again
+
+
+class PredictionStore:
+    def __init__(self, settings: Settings, metrics: Metrics, *, batch_rows: int = 256, flush_interval_s: float = 0.25,
+                 retry_interval_s: float = 2.0, max_queue: int = 100_000) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine = make_engine(settings)
+        self.backend = self.engine.dialect.name
+        self.ack = settings.store_durability == "ack"
+        self._directory = SpoolDirectory(settings.spool_dir)
+        self._wal = WriteAheadLog(settings.spool_dir, settings.spool_max_bytes)
+        self._rejected = RejectedFile(settings.spool_dir)
+        self._sink = DatabaseSink(self.engine, settings, self._rejected)
+        self.state = StoreState(metrics, backend=self.backend, durability=settings.store_durability,
+                                spool_limit=settings.spool_max_bytes, rejected_path=self._rejected.path,
+                                spool_bytes=lambda: self._wal.bytes)
+        self._committer = GroupCommitter(self._wal, settings.store_text, self._on_commit)
+        self._writer = Writer(state=self.state, wal=self._wal, sink=self._sink, committer=self._committer,
+                              metrics=metrics, store_text=settings.store_text, batch_rows=batch_rows,
+                              flush_interval_s=flush_interval_s, retry_interval_s=retry_interval_s,
+                              max_queue=max_queue)
+        self._worker: BlockingWorker | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._rejected_seen: tuple = ()
+        self._closed = False
+
+    async def start(self) -> None:
+        """Lock SPOOL_DIR, set a foreign spool aside, open the spool, check the schema, start the writer.
+
+        Raises ``SpoolLocked`` / ``SpoolDirUnusable`` / ``SchemaBehind`` (StartupErrors: the server must not
+        start); an unreachable database only makes the store degraded.
+        """
+        rows = await asyncio.to_thread(self._open_spool)
+        loop = asyncio.get_running_loop()
+        self._worker = BlockingWorker("store-database")
+        self._committer.start(loop)
+        self._writer.begin(self._worker, self._wal.start, self._wal.end, rows)
+        if rows:
+            log.warning("store: %d predictions spooled by a previous process in %s; replaying them", rows,
+                        self.settings.spool_dir)
+        try:
+            await self._worker.call(self._sink.ping)
+            self.state.mark_up()
+            log.info("store: the %s database accepts writes", self.backend)
+        except SchemaBehind:
+            self._closed = True
+            await self._shut(CLOSE_TIMEOUT_S)
+            raise
+        except Exception as error:
+            self.state.mark_down(error)
+            log.error("store: %s (%s); predictions are spooled to disk until it accepts writes",
+                      self.state.reason, describe(error))
+        self.state.publish()
+        self._tasks = [loop.create_task(self._writer.run(), name="prediction-store-writer"),
+                       loop.create_task(self._watch_disk(), name="prediction-store-disk-watch")]
+
+    async def record(self, records: list[PredictionRecord]) -> None:
+        """Record predictions. Ack mode: returns once they are fsynced to the spool, or raises
+        ``SpoolUnavailable`` (answer 503). Async mode: queued in memory, returns at once."""
+        if not self.ack:
+            self._writer.queue(records)
+            return
+        started = time.perf_counter()
+        await self._committer.append(records)
+        self.metrics.store_ack_latency.observe(time.perf_counter() - started)
+
+    def submit(self, record: PredictionRecord) -> None:
+        """Record one prediction without waiting (the caller answers regardless); never blocks, never raises."""
+        if not self.ack:
+            self._writer.queue([record])
+            return
+        try:
+            self._committer.append([record]).add_done_callback(self._count_unrecorded)
+        except SpoolUnavailable as error:
+            self._writer.lose(1, str(error))
+
+    def health(self) -> dict:
+        return self.state.health()
+
+    async def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop within ``timeout_s``: write what memory holds if the database is up, spool the rest."""
+        if self._closed or self._worker is None:
+            return
+        self._closed = True
+        await self._shut(timeout_s)
+
+    # internals
+
+    def _on_commit(self, commit: Commit | None, error: SpoolUnavailable | None) -> None:
+        self._writer.committed(commit, error)
+
+    def _count_unrecorded(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self._writer.lose(1, str(future.exception()))
+
+    def _open_spool(self) -> int:
+        """Blocking: lock, identity, foreign spools, WAL; returns the records left by a previous process."""
+        directory = self._directory
+        directory.lock()
+        try:
+            identity = database_identity(self.settings.database_url)
+            recorded = directory.read_identity()
+            if recorded != identity:
+                self._set_aside_if_foreign(recorded, identity)
+                directory.write_identity(identity)
+            rows = self._wal.open()
+            self.state.rejected_rows = self._rejected.count()
+            self._rejected_seen = self._rejected.signature()
+            self.state.foreign = self._foreign_reports()
+            return rows
+        except OSError as error:
+            directory.unlock()
+            raise SpoolDirUnusable(f"SPOOL_DIR={self.settings.spool_dir} cannot be used: {error}") from error
+        except BaseException:
+            directory.unlock()
+            raise
+
+    def _set_aside_if_foreign(self, recorded: dict | None, identity: dict) -> None:
+        path = self._directory.path
+        names = sorted(entry.name for entry in path.iterdir() if entry.is_file() and entry.stat().st_size and (
+            is_segment(entry.name) or entry.name in (LEGACY_SPOOL, REJECTED_FILE)
+            or entry.name.startswith(TAKEN_PREFIX)))
+        if not names:
+            return
+        foreign = self._directory.set_aside(names, recorded)
+        log.error("store: SPOOL_DIR holds predictions for %s, not for this DATABASE_URL (%s); they are kept, "
+                  "untouched, in %s and will not be replayed here. To replay them into the database they belong "
+                  "to: %s", describe_identity(recorded), describe_identity(identity), foreign.path,
+                  replay_command(foreign.path).replace("DATABASE_URL", "<its URL>"))
+
+    def _foreign_reports(self) -> list[ForeignReport]:
+        reports = []
+        for foreign in self._directory.foreign_spools():
+            rows, size = count_spool(foreign.path)
+            if rows:
+                reports.append(ForeignReport(foreign.path, rows, size))
+        return reports
+
+    async def _watch_disk(self) -> None:
+        """Keep /health's rejected and foreign counts true while the CLI works on them beside the server."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                seen = await asyncio.to_thread(self._rejected.signature)
+                if seen != self._rejected_seen:
+                    self.state.rejected_rows = await asyncio.to_thread(self._rejected.count)
+                    self._rejected_seen = seen
+                if self.state.foreign:
+                    self.state.foreign = await asyncio.to_thread(self._foreign_reports)
+            except OSError as error:
+                log.warning("store: could not look at SPOOL_DIR: %s", error)
+
+    async def _shut(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+
+        def left(reserve: float = 0.0) -> float:
+            return max(0.0, deadline - loop.time() - reserve)
+
+        writer_free = True
+        if self._tasks:
+            self._writer.stop()
+            for task in self._tasks[1:]:
+                task.cancel()
+            done, _ = await asyncio.wait(self._tasks[:1], timeout=left() / 2)
+            writer_free = bool(done)
+            await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+        try:  # everything held in memory goes to the spool first: the fast, local, bounded part
+            await asyncio.wait_for(self._writer.spool_leftovers(), left())
+        except TimeoutError:
+            log.error("store: records held in memory could not be spooled within the shutdown deadline")
+        if not await asyncio.to_thread(self._committer.stop, left()):
+            log.error("store: the spool's committer did not finish within the shutdown deadline")
+        if writer_free:  # then, if the database is up, what the writer holds of the spool's tail
+            try:
+                await asyncio.wait_for(self._writer.final_flush(), left(reserve=0.5))
+            except TimeoutError:
+                writer_free = False
+        self._writer.forget_tail()
+        if writer_free:
+            try:
+                cursor = self._writer.cursor
+                await asyncio.wait_for(self._worker.call(lambda: self._wal.release(cursor, force=True)), left())
+            except (TimeoutError, OSError) as error:
+                log.warning("store: spool segments not released at shutdown: %r", error)
+        self._worker.stop()
+        if not writer_free:
+            log.error("store: a database call was still hanging at the shutdown deadline; its records are in "
+                      "the spool and will be offered again at the next start (duplicates are ignored)")
+        await asyncio.to_thread(self._finish, writer_free)
+        self.state.publish()
+        spooled = self.state.spool_rows
+        log.info("store closed: %s", f"{spooled} predictions left in the spool for the next start" if spooled
+                 else "every prediction is in the database")
+
+    def _finish(self, dispose: bool) -> None:
+        self._wal.close()
+        if dispose:
+            self.engine.dispose()
+        self._directory.unlock()
+

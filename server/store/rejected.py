@@ -1,0 +1,109 @@
+"""``SPOOL_DIR/rejected.jsonl``: rows the database refused for their content, kept until a fix lets them in.
+
+Each line is ``{"error": ..., "rejected_at": ..., "row": {...}}`` (or ``"line"``: a spool line that is not a
+row at all). Appends are fsynced. `sentiment-analyzer spool replay-rejected` offers the rows to the
+database again while the server keeps running: it renames the file aside (an append that raced the
+rename lands in the renamed file, which the command reads only once it holds the file's lock), and rows
+still refused are appended back to a fresh ``rejected.jsonl``. Appenders lock the file with ``flock`` and
+check that the name still points at the file they opened.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from server.store.rows import decode_line
+from server.store.spooldir import fsync_dir
+
+log = logging.getLogger(__name__)
+
+FILENAME = "rejected.jsonl"
+TAKEN_PREFIX = "rejected.replaying-"
+READ_CHUNK = 1 << 20
+
+
+class RejectedFile:
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / FILENAME
+
+    def append(self, entries: list[dict[str, Any]]) -> None:
+        """Write ``entries`` ({"error": ..., "row" or "line": ...}) and fsync before returning."""
+        now = datetime.now(timezone.utc).isoformat()
+        payload = b"".join(orjson.dumps({"rejected_at": now, **entry}, option=orjson.OPT_APPEND_NEWLINE,
+                                        default=str) for entry in entries)
+        while True:
+            created = not self.path.exists()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    current = os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    current = None
+                if current != os.fstat(fd).st_ino:
+                    continue  # renamed away by replay-rejected between open and lock: open the new one
+                os.write(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                fsync_dir(self.directory)
+            return
+
+    def count(self) -> int:
+        """Rows waiting here (streamed: memory does not depend on the file's size)."""
+        total = 0
+        for path in self._files():
+            try:
+                with path.open("rb") as handle:
+                    while chunk := handle.read(READ_CHUNK):
+                        total += chunk.count(b"\n")
+            except FileNotFoundError:
+                continue
+        return total
+
+    def signature(self) -> tuple[tuple[int, int], ...]:
+        """Cheap summary (inode, size) of the files, to tell whether ``count`` must be run again."""
+        found = []
+        for path in self._files():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append((stat.st_ino, stat.st_size))
+        return tuple(found)
+
+    def take(self) -> list[Path]:
+        """Move ``rejected.jsonl`` aside for a replay; returns every file taken (earlier interrupted ones too).
+
+        After this returns no appender can still be writing to a returned file.
+        """
+        if self.path.exists():
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            os.rename(self.path, self.directory / f"{TAKEN_PREFIX}{stamp}.jsonl")
+            fsync_dir(self.directory)
+        taken = sorted(self.directory.glob(f"{TAKEN_PREFIX}*.jsonl"))
+        for path in taken:
+            with path.open("rb") as handle:  # wait out an append that opened the file before the rename
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        return taken
+
+    def _files(self) -> list[Path]:
+        return [self.path, *sorted(self.directory.glob(f"{TAKEN_PREFIX}*.jsonl"))]
+
+
+def read_entries(path: Path) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
+    """Each line of a rejected file: (its entry, or None when unreadable; the raw line)."""
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.endswith(b"\n"):
+                yield decode_line(line), line

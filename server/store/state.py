@@ -1,0 +1,138 @@
+"""``StoreState``: what the store reports on /health and /metrics, owned by the event loop.
+
+Worker threads never write it: their results come back to the loop (futures resolved with
+``call_soon_threadsafe``) and the loop applies them here, then publishes the gauges. /health, the
+metrics and the writer therefore read one consistent picture: the state and ``spool_rows`` change in
+the same step, so /health cannot say "degraded" about a backlog it reports as 0 (the race behind
+tests/test_outage.py's rare failure).
+
+States of the database (``state``):
+- ``up``: the last database call succeeded and no spooled record waits on disk;
+- ``replaying``: writes succeed and spooled records are being read back from disk (``replay`` gives the
+  progress); the store is up (``sentiment_store_up`` 1) but /health says degraded until the backlog is in;
+- ``down``: the last call failed; it is retried every retry interval, with or without traffic.
+
+Counts: ``queue_depth`` is records held in memory waiting for the database (in ack mode they are also
+in the spool already); ``spool_rows`` is records on disk that must be read back (the backlog);
+``spool_bytes`` is the spool's size on disk, capped by ``SPOOL_MAX_BYTES``. The database section never
+shows connection details or a driver's error text (those go to the log).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.metrics import Metrics
+from server.store.migrate import SchemaBehind
+from server.store.sink import DatabaseRefuses
+
+
+@dataclass(frozen=True)
+class ForeignReport:
+    path: Path
+    rows: int
+    bytes: int
+
+
+class StoreState:
+    def __init__(self, metrics: Metrics, *, backend: str, durability: str, spool_limit: int,
+                 rejected_path: Path, spool_bytes: Callable[[], int]) -> None:
+        self._metrics = metrics
+        self.backend = backend
+        self.durability = durability
+        self.spool_limit = spool_limit
+        self.rejected_path = rejected_path
+        self._spool_bytes = spool_bytes  # sampled from the WAL, which owns its size
+        self.database_up = False
+        self.reason: str | None = "not started"
+        self.pending_rows = 0  # records in the spool not yet in the database
+        self.cached_rows = 0  # of those, records the writer also holds in memory
+        self.unlogged_rows = 0  # async mode: records in memory only
+        self.replayed_rows = 0  # read back from disk since the current backlog began
+        self.rejected_rows = 0
+        self.lost_rows = 0
+        self.append_error: str | None = None  # the spool refused the last append (cleared by the next success)
+        self.foreign: list[ForeignReport] = []
+        metrics.store_spool_limit.set(spool_limit)
+
+    @property
+    def spool_rows(self) -> int:
+        return max(0, self.pending_rows - self.cached_rows)
+
+    @property
+    def state(self) -> str:
+        if not self.database_up:
+            return "down"
+        return "replaying" if self.spool_rows else "up"
+
+    def mark_up(self) -> bool:
+        """True when this changes the state."""
+        changed = not self.database_up
+        self.database_up, self.reason = True, None
+        return changed
+
+    def mark_down(self, error: BaseException) -> bool:
+        changed = self.database_up
+        self.database_up, self.reason = False, public_reason(error)
+        return changed
+
+    def publish(self) -> None:
+        metrics = self._metrics
+        state = self.state
+        metrics.store_up.set(1 if self.database_up else 0)
+        metrics.store_replaying.set(1 if state == "replaying" else 0)
+        metrics.store_spool_rows.set(self.spool_rows)
+        metrics.store_spool_bytes.set(self._spool_bytes())
+        metrics.store_queue_depth.set(self.cached_rows + self.unlogged_rows)
+
+    def health(self) -> dict[str, Any]:
+        state, spooled = self.state, self.spool_rows
+        reasons = []
+        if state == "down":
+            reasons.append(f"{self.reason}; {spooled} predictions spooled to disk until it accepts writes")
+        elif state == "replaying":
+            reasons.append(f"replaying spooled predictions into the database: {self.replayed_rows} written, "
+                           f"{spooled} to go")
+        if self.append_error:
+            consequence = ("/predict answers 503 until it can" if self.durability == "ack"
+                           else "predictions are served but their records are lost")
+            reasons.append(f"the spool cannot take records ({self.append_error}): {consequence}")
+        for foreign in self.foreign:
+            reasons.append(f"a spool of {foreign.rows} predictions for another database was set aside in "
+                           f"{foreign.path}: {replay_command(foreign.path)}")
+        return {
+            "status": "degraded" if reasons else "ok",
+            "state": state,
+            "reason": "; ".join(reasons) or None,
+            "backend": self.backend,
+            "durability": self.durability,
+            "queue_depth": self.cached_rows + self.unlogged_rows,
+            "spool_rows": spooled,
+            "spool_bytes": self._spool_bytes(),
+            "spool_limit_bytes": self.spool_limit,
+            "replay": {"rows_done": self.replayed_rows, "rows_left": spooled} if state == "replaying" else None,
+            "rejected_rows": self.rejected_rows,
+            "rejected_path": str(self.rejected_path),
+            "lost_rows": self.lost_rows,
+            "foreign_spools": [{"path": str(f.path), "rows": f.rows, "bytes": f.bytes,
+                                "command": replay_command(f.path)} for f in self.foreign],
+        }
+
+
+def replay_command(path: Path) -> str:
+    return f"sentiment-analyzer spool replay --spool-dir {path} --into DATABASE_URL"
+
+
+def public_reason(error: BaseException) -> str:
+    """Why the database is down, for /health: the kind of trouble, never hosts, users or a driver's text."""
+    if isinstance(error, SchemaBehind):
+        return str(error)  # names revisions and the command to run, nothing about the connection
+    if isinstance(error, DatabaseRefuses):
+        return f"the database refuses every row ({error.error_type}; details in the log)"
+    if isinstance(error, OSError) and not hasattr(error, "orig"):
+        return f"the spool cannot be read ({type(error).__name__}; details in the log)"
+    inner = getattr(error, "orig", None) or error
+    return f"database unavailable ({type(inner).__name__})"

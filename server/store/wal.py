@@ -1,0 +1,319 @@
+"""The write-ahead log (WAL): every record is here, fsynced, before the database has it.
+
+Layout: ``SPOOL_DIR/wal-<LSN>.jsonl`` segments, one JSON record per line (``server/store/rows.py``). An
+LSN (log sequence number) is a byte offset in the whole log, so a segment's name is the LSN of its first
+byte and a position anywhere in the log is one integer; the writer keeps one: "everything before it is in
+the database".
+
+- **Append** (the group committer's thread only): the lines of every request finishing together are
+  written with one ``write`` and one ``fsync``. If either fails (ENOSPC, EIO) the segment is truncated
+  back to where the append began and fsynced, so a torn line can never glue onto the next record, and
+  the failure is raised as ``SpoolUnavailable``. Should the truncation fail as well, the segment is
+  sealed (its readable end remembered) and the next append starts a new one.
+- **Capacity**: an append that would take the log past ``SPOOL_MAX_BYTES`` fails with cause ``full``.
+- **Rotation and release**: a new segment when the active one would pass ``SEGMENT_BYTES``. A segment is
+  deleted, and the directory fsynced, once every line in it is in the database; the active one too once
+  it is fully released and has had no append for ``IDLE_RETIRE_S``, so an idle server's spool is empty.
+- **Open**: segments are found by name; a torn tail on the last one (a crash in mid-append: those
+  records were never acknowledged) is cut off; lines are counted by streaming the files, so the memory
+  a start needs does not depend on the spool's size.
+
+One lock covers the segment list: appends (committer thread), reads and releases (the store's database
+thread) and the CLI never see it half-changed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.primitives import ServerError
+from server.store.spooldir import fsync_dir
+
+log = logging.getLogger(__name__)
+
+SEGMENT_BYTES = 4 << 20
+IDLE_RETIRE_S = 2.0
+READ_CHUNK = 1 << 20
+_SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.jsonl$")
+
+
+class SpoolUnavailable(ServerError):
+    """The write-ahead log cannot take records; ``cause`` is ``full``, ``no_space`` or ``io_error``."""
+
+    status_code = 503
+    error_type = "store_unavailable"
+    retry_after = 5.0
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def segment_name(lsn: int) -> str:
+    return f"wal-{lsn:020d}.jsonl"
+
+
+def is_segment(name: str) -> bool:
+    return _SEGMENT_NAME.match(name) is not None
+
+
+@dataclass
+class Segment:
+    start: int
+    path: Path
+    size: int
+    readable_end: int | None = None  # set when a failed append could not be cut off: read no further
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+class WriteAheadLog:
+    def __init__(self, directory: Path, max_bytes: int, *, segment_bytes: int = SEGMENT_BYTES,
+                 idle_retire_s: float = IDLE_RETIRE_S) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._segment_bytes = segment_bytes
+        self._idle_retire_s = idle_retire_s
+        self._lock = threading.Lock()
+        self._segments: list[Segment] = []
+        self._fd: int | None = None  # open on the last segment while it takes appends
+        self._bytes = 0
+        self._end_lsn = 0  # the next append's LSN; kept when every segment has been released
+        self._last_append = 0.0
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of every segment on disk (what SPOOL_MAX_BYTES caps)."""
+        return self._bytes
+
+    @property
+    def start(self) -> int:
+        with self._lock:
+            return self._segments[0].start if self._segments else self._end()
+
+    @property
+    def end(self) -> int:
+        with self._lock:
+            return self._end()
+
+    def _end(self) -> int:
+        return self._end_lsn
+
+    def open(self) -> int:
+        """Find the segments a previous process left, cut off a torn tail; returns how many lines they hold."""
+        with self._lock:
+            found = sorted((int(m.group(1)), p) for p in self.directory.iterdir()
+                           if (m := _SEGMENT_NAME.match(p.name)))
+            segments, removed = [], False
+            for start, path in found:
+                size = path.stat().st_size
+                if size == 0:
+                    path.unlink()
+                    removed = True
+                else:
+                    segments.append(Segment(start, path, size))
+            if segments and not _cut_torn_tail(segments[-1]):
+                segments.pop()
+                removed = True
+            if removed:
+                fsync_dir(self.directory)
+            self._segments = segments
+            self._bytes = sum(s.size for s in segments)
+            self._end_lsn = segments[-1].end if segments else 0
+        return sum(_count_lines(s.path) for s in segments)
+
+    def append(self, payload: bytes) -> tuple[int, int]:
+        """Write and fsync ``payload`` (whole lines); returns its (start, end) LSN. Raises ``SpoolUnavailable``."""
+        with self._lock:
+            if self._bytes + len(payload) > self.max_bytes:
+                raise SpoolUnavailable("full", f"the prediction spool is full ({self._bytes} bytes of "
+                                               f"SPOOL_MAX_BYTES={self.max_bytes})")
+            try:
+                segment, fd = self._writable(len(payload))
+            except OSError as error:
+                raise _unavailable(error) from error
+            begin = segment.size
+            try:
+                _write_all(fd, payload)
+                os.fsync(fd)
+            except OSError as error:
+                self._cut_back(segment, fd, begin)
+                raise _unavailable(error) from error
+            segment.size += len(payload)
+            self._bytes += len(payload)
+            self._end_lsn = segment.end
+            self._last_append = time.monotonic()
+            return segment.start + begin, segment.end
+
+    def read(self, position: int, stop: int, max_lines: int) -> tuple[list[bytes], int]:
+        """Up to ``max_lines`` whole lines from ``position`` (an LSN) up to ``stop``; returns them and the next LSN.
+
+        A fragment without its newline (the end of a segment sealed after a failed append) is skipped: no
+        append that wrote it ever returned. Memory is bounded by ``max_lines``, not by the segment.
+        """
+        with self._lock:
+            plan = [(s.start, s.path, min(stop, s.readable_end or s.end)) for s in self._segments]
+        lines: list[bytes] = []
+        for start, path, limit in plan:
+            if limit <= position:
+                continue
+            position = max(position, start)  # a gap (a segment removed by hand) is skipped
+            try:
+                with path.open("rb") as handle:
+                    handle.seek(position - start)
+                    while position < limit and len(lines) < max_lines:
+                        line = handle.readline(limit - position)
+                        if not line:
+                            log.error("spool: %s ends before the log says it does; skipping to the next segment",
+                                      path)
+                            position = limit
+                            break
+                        position += len(line)
+                        if line.endswith(b"\n"):
+                            lines.append(line)
+                        else:
+                            log.warning("spool: skipping %d bytes of a torn append at the end of %s (never "
+                                        "acknowledged)", len(line), path)
+            except FileNotFoundError:
+                log.error("spool: segment %s disappeared before its records reached the database", path)
+                position = limit
+            if len(lines) >= max_lines or position >= stop:
+                break
+        return lines, position
+
+    def release(self, upto: int, *, force: bool = False) -> int:
+        """Delete segments whose every line is before ``upto`` (in the database); returns the bytes freed.
+
+        The active segment goes too when fully released and idle for ``IDLE_RETIRE_S`` (or ``force``).
+        """
+        with self._lock:
+            freed = 0
+            while self._segments and self._segments[0].end <= upto:
+                segment = self._segments[0]
+                active = len(self._segments) == 1 and self._fd is not None
+                if active and not force and time.monotonic() - self._last_append < self._idle_retire_s:
+                    break
+                if active:
+                    os.close(self._fd)
+                    self._fd = None
+                segment.path.unlink(missing_ok=True)
+                self._segments.pop(0)
+                freed += segment.size
+            if freed:
+                fsync_dir(self.directory)
+                self._bytes -= freed
+            return freed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    # appends, under the lock
+
+    def _writable(self, size: int) -> tuple[Segment, int]:
+        if self._fd is not None and self._segments[-1].size and self._segments[-1].size + size > self._segment_bytes:
+            os.close(self._fd)
+            self._fd = None
+        if self._fd is None:
+            segment = Segment(self._end(), self.directory / segment_name(self._end()), 0)
+            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                fsync_dir(self.directory)
+            except OSError:
+                os.close(self._fd)
+                self._fd = None
+                segment.path.unlink(missing_ok=True)
+                raise
+            self._segments.append(segment)
+        return self._segments[-1], self._fd
+
+    def _cut_back(self, segment: Segment, fd: int, size: int) -> None:
+        """Undo a failed append: truncate to ``size``; if even that fails, seal the segment at ``size``."""
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            return
+        except OSError as error:
+            log.error("spool: could not cut a failed append off %s (%s); sealing it and starting a new segment",
+                      segment.path, error)
+        try:
+            actual = os.fstat(fd).st_size
+        except OSError:
+            actual = size
+        segment.readable_end = segment.start + size
+        self._bytes += actual - segment.size
+        segment.size = actual
+        self._end_lsn = segment.end
+        os.close(fd)
+        self._fd = None
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _unavailable(error: OSError) -> SpoolUnavailable:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolUnavailable("no_space", "no space left on the prediction spool's disk (SPOOL_DIR)")
+    return SpoolUnavailable("io_error", f"the prediction spool (SPOOL_DIR) cannot be written: "
+                                        f"{error.strerror or type(error).__name__}")
+
+
+def count_spool(directory: Path) -> tuple[int, int]:
+    """Records and bytes in the segments of a spool directory (streamed; for reports and the CLI)."""
+    rows = size = 0
+    for path in Path(directory).iterdir():
+        if is_segment(path.name):
+            rows += _count_lines(path)
+            size += path.stat().st_size
+    return rows, size
+
+
+def _count_lines(path: Path) -> int:
+    count = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            count += chunk.count(b"\n")
+    return count
+
+
+def _cut_torn_tail(segment: Segment) -> bool:
+    """Truncate the segment after its last newline; False if nothing whole is left (the file is removed)."""
+    with segment.path.open("rb+") as handle:
+        end = segment.size
+        handle.seek(end - 1)
+        if handle.read(1) == b"\n":
+            return True
+        keep = 0
+        position = end
+        while position > 0:
+            step = min(64 * 1024, position)
+            position -= step
+            handle.seek(position)
+            found = handle.read(step).rfind(b"\n")
+            if found >= 0:
+                keep = position + found + 1
+                break
+        log.warning("spool %s: cutting off a torn last line of %d bytes (a crash in mid-append; never acknowledged)",
+                    segment.path, end - keep)
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+    segment.size = keep
+    if keep == 0:
+        segment.path.unlink()
+        return False
+    return True

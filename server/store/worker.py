@@ -1,0 +1,63 @@
+"""``BlockingWorker``: one daemon thread that runs the store's blocking calls in order, answering on the loop.
+
+A daemon thread rather than a ThreadPoolExecutor: an executor's threads are joined at interpreter exit,
+so a database call hung on a dead network would hold the process's exit for as long as it hangs, and the
+store's ``close()`` must be bounded in time. Results come back as asyncio futures resolved on the loop
+that made the call, so worker threads never touch loop-owned state themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Resolve ``future`` (on its loop) unless its waiter has given up on it."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """Run ``callback`` on ``loop`` from another thread; a loop already closed (process ending) is ignored."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        log.debug("event loop closed before a store result could be delivered")
+
+
+class BlockingWorker:
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """Queue ``fn(*args)``; the returned future (of the running loop) gets its result or exception."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((loop, future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """Finish the calls already queued, then end; does not wait (a hung call must not hold shutdown)."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            loop, future, fn, args = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # delivered to the caller, who decides
+                result, error = None, exc
+            post(loop, settle, future, result, error)
