@@ -102,8 +102,8 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="cap on the spool's size on disk; when full, "
                                  "ack mode answers /predict with 503 + Retry-After instead of serving unrecorded")
     key_cache_ttl_s: float = Field(30.0, gt=0, description="API keys are checked against an in-process cache "
-                                   "refreshed this often; a revocation takes effect within it, and recently seen keys "
-                                   "keep working while the database is down")
+                                   "reloaded every half of this; a revocation made elsewhere takes effect within it, "
+                                   "and keys the server has loaded keep working while the database is down")
     auth_mode: Literal["open", "required"] = Field("open", description="required: /predict needs an API key")
 
     # logging
