@@ -4,9 +4,13 @@ Prints, for the default artifact on this machine's CPU:
   (a) saturation throughput of the server vs the raw engine at the same batch size (the raw engine's best
       CPU set-up: threads per call, spinning, concurrent callers),
   (b) p50 latency of a lone short request vs one raw engine call,
-  (c) texts/s at saturation on SST-2 sentences.
+  (c) texts/s at saturation on SST-2 sentences,
+  (d) with --durability ack,async: (b) and (c) for a server per STORE_DURABILITY mode, measured in alternation
+      in the same run, and what ack costs against async (the product's target: <= 10% of saturation
+      throughput and <= 0.5 ms of lone p50).
 
     python scripts/bench_server.py --artifact models/default --data ../shared/data/sst2/dev.tsv
+    python scripts/bench_server.py --skip-raw --durability ack,async
 """
 
 from __future__ import annotations
@@ -26,7 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx  # noqa: E402
+
 from models.data import LabeledData, load_labeled  # noqa: E402
+from scripts.benchlib.argtypes import names  # noqa: E402
 from scripts.benchlib.envinfo import environment, header  # noqa: E402
 from scripts.benchlib.loadgen import Client, closed_loop  # noqa: E402
 from scripts.benchlib.serverproc import start_server, stop_server  # noqa: E402
@@ -38,6 +45,8 @@ from server.tokenizer import TextEncoder, pad_batch  # noqa: E402
 
 SHORT = "a charming film"
 LONE_ROUNDS, LONE_BLOCK = 6, 50
+DURABILITY_MODES = ("ack", "async")
+ACK_SATURATION_TARGET_PCT, ACK_LONE_TARGET_MS = 10.0, 0.5
 
 
 RAW_CONFIGS = {
@@ -101,40 +110,72 @@ def lone_raw_call(artifact_dir: Path) -> Callable[[], None]:
     return lambda: engine.run(*lone)
 
 
-async def server_side(url: str, data: LabeledData, concurrency: list[int], seconds: float,
-                      raw_call: Callable[[], None] | None) -> dict:
-    """Lone-request latency (alternating with lone raw engine calls), then closed-loop texts/s at each
-    concurrency; saturation is the best of them.
+async def server_side(urls: dict[str, str], data: LabeledData, concurrency: list[int], seconds: float,
+                      raw_call: Callable[[], None] | None) -> dict[str, dict]:
+    """For each server (name -> URL): lone-request latency, alternating with the other servers and with lone raw
+    engine calls, then closed-loop texts/s at each concurrency, the servers in turn (first one way, then the
+    other); saturation is the best level.
 
-    Lone requests and raw calls alternate in blocks so that both sample the same minutes: on a shared VM
+    Lone requests and raw calls alternate in blocks so that all of them sample the same minutes: on a shared VM
     the raw call alone drifted 0.75-1.9 ms between runs, more than the overhead being measured.
     """
-    client = Client(url, max_connections=max(concurrency) + 4)
+    clients = {name: Client(url, max_connections=max(concurrency) + 4) for name, url in urls.items()}
     try:
-        lone, raw = [], []
+        lone: dict[str, list[float]] = {name: [] for name in urls}
+        raw: list[float] = []
         for round_ in range(LONE_ROUNDS + 1):  # the first round warms up and is not kept
-            block = []
-            for _ in range(LONE_BLOCK):
-                sample = await client.request("/predict", Draw([SHORT], [1], 0), time.perf_counter())
-                block.append((sample.done - sample.due) * 1000)
+            for name, client in _in_turn(clients, round_):
+                block = []
+                for _ in range(LONE_BLOCK):
+                    sample = await client.request("/predict", Draw([SHORT], [1], 0), time.perf_counter())
+                    block.append((sample.done - sample.due) * 1000)
+                if round_:
+                    lone[name] += block
             raw_block = []
             for _ in range(LONE_BLOCK if raw_call else 0):
                 started = time.perf_counter()
                 raw_call()
                 raw_block.append((time.perf_counter() - started) * 1000)
             if round_:
-                lone, raw = lone + block, raw + raw_block
-        levels = {}
-        for clients in concurrency:
-            levels[str(clients)] = await closed_loop_rate(client, data, clients, seconds)
-            print(f"server at concurrency {clients}: {json.dumps(levels[str(clients)])}", flush=True)
+                raw += raw_block
+        levels: dict[str, dict] = {name: {} for name in urls}
+        for level, clients_count in enumerate(concurrency):
+            for name, client in _in_turn(clients, level):
+                levels[name][str(clients_count)] = await closed_loop_rate(client, data, clients_count, seconds)
+                label = f"server ({name})" if name else "server"
+                print(f"{label} at concurrency {clients_count}: {json.dumps(levels[name][str(clients_count)])}",
+                      flush=True)
     finally:
-        await client.close()
-    best = max(levels, key=lambda c: levels[c]["texts_per_s"])
-    return {"lone_request_p50_ms": statistics.median(lone),
-            "lone_raw_call_p50_ms": statistics.median(raw) if raw else float("nan"),
-            "saturation_texts_per_s": levels[best]["texts_per_s"],
-            "saturated_at_concurrency": int(best), "by_concurrency": levels}
+        for client in clients.values():
+            await client.close()
+    results = {}
+    for name in urls:
+        best = max(levels[name], key=lambda c: levels[name][c]["texts_per_s"])
+        results[name] = {"lone_request_p50_ms": statistics.median(lone[name]),
+                         "lone_raw_call_p50_ms": statistics.median(raw) if raw else float("nan"),
+                         "saturation_texts_per_s": levels[name][best]["texts_per_s"],
+                         "saturated_at_concurrency": int(best), "by_concurrency": levels[name]}
+    return results
+
+
+def _in_turn(clients: dict[str, Client], turn: int) -> list[tuple[str, Client]]:
+    """The servers in their order on even turns and reversed on odd ones, so none always goes first."""
+    order = list(clients.items())
+    return order[::-1] if turn % 2 else order
+
+
+def durability_cost(measured: dict[str, dict]) -> dict:
+    """What ``ack`` costs against ``async``, measured in the same run, and whether it is within the target."""
+    ack, fast = measured["ack"], measured["async"]
+    saturation_pct = 100 * (1 - ack["saturation_texts_per_s"] / fast["saturation_texts_per_s"])
+    lone_ms = ack["lone_request_p50_ms"] - fast["lone_request_p50_ms"]
+    return {"saturation_cost_pct": saturation_pct, "lone_p50_cost_ms": lone_ms,
+            "within_target": saturation_pct <= ACK_SATURATION_TARGET_PCT and lone_ms <= ACK_LONE_TARGET_MS}
+
+
+def server_durability(url: str) -> str | None:
+    """The durability mode the server says it runs in (/health), so a report cannot mislabel a server."""
+    return httpx.get(url + "/health", timeout=10).json().get("database", {}).get("durability")
 
 
 async def closed_loop_rate(client: Client, data: LabeledData, concurrency: int, seconds: float) -> dict:
@@ -158,22 +199,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra server setting, e.g. --env STORE_PREDICTIONS=false (repeatable)")
     parser.add_argument("--skip-raw", action="store_true", help="measure only the server")
+    parser.add_argument("--durability", type=names, default=None, metavar="MODES",
+                        help="a server per STORE_DURABILITY mode (e.g. ack,async), measured in alternation; reports "
+                        "what ack costs against async")
     args = parser.parse_args(argv)
+    if args.durability and not set(args.durability) <= set(DURABILITY_MODES):
+        parser.error(f"--durability {','.join(args.durability)}: choose from {', '.join(DURABILITY_MODES)}")
     data = load_labeled(args.data)
     print(header(environment()))
     raw = ({"variant": "-", "arrival_order_texts_per_s": float("nan"), "length_sorted_texts_per_s": float("nan")}
            if args.skip_raw else raw_engine(args.artifact, data.texts, args.batch, args.seconds))
     print("raw engine:", json.dumps(raw))
+    modes = args.durability or [""]  # "": the server's default, not named
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_server({"MODEL_PATH": str(args.artifact.resolve()), "ENABLE_MODEL_CACHING": "false",
-                               "MAX_BATCH_SIZE": str(args.batch), "INTRA_OP_THREADS": "0",
-                               **dict(item.split("=", 1) for item in args.env)}, Path(tmp))
+        servers = {}
         try:
+            for mode in modes:
+                (Path(tmp) / (mode or "default")).mkdir()
+                servers[mode] = start_server({
+                    "MODEL_PATH": str(args.artifact.resolve()), "ENABLE_MODEL_CACHING": "false",
+                    "MAX_BATCH_SIZE": str(args.batch), "INTRA_OP_THREADS": "0",
+                    **dict(item.split("=", 1) for item in args.env), **({"STORE_DURABILITY": mode} if mode else {}),
+                }, Path(tmp) / (mode or "default"))
             concurrency = [int(c) for c in args.concurrency.split(",")]
             raw_call = None if args.skip_raw else lone_raw_call(args.artifact)
-            served = asyncio.run(server_side(server.url, data, concurrency, args.seconds, raw_call))
+            measured = asyncio.run(server_side({mode: server.url for mode, server in servers.items()}, data,
+                                               concurrency, args.seconds, raw_call))
+            said = {mode: server_durability(server.url) for mode, server in servers.items() if mode}
         finally:
-            stop_server(server)
+            for server in servers.values():
+                stop_server(server)
+    served = measured[modes[0]]
     report = {
         "raw": raw, "server": served,
         "a_server_vs_raw_arrival_order": served["saturation_texts_per_s"] / raw["arrival_order_texts_per_s"],
@@ -181,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
         "b_lone_overhead_ms": served["lone_request_p50_ms"] - served["lone_raw_call_p50_ms"],
         "c_saturation_texts_per_s": served["saturation_texts_per_s"],
     }
+    if args.durability:
+        report["durability"] = {mode: {**measured[mode], "server_says": said[mode]} for mode in modes}
+        if set(modes) == set(DURABILITY_MODES):
+            report["durability"]["ack_cost"] = durability_cost(measured)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_server.json").write_text(json.dumps(report, indent=2))
     print(f"(a) server / best raw engine at batch {args.batch}: {report['a_server_vs_raw_arrival_order']:.2f} "
@@ -189,6 +249,15 @@ def main(argv: list[str] | None = None) -> None:
           f"{served['lone_raw_call_p50_ms']:.2f} ms: overhead {report['b_lone_overhead_ms']:.2f} ms")
     print(f"(c) saturation: {served['saturation_texts_per_s']:.1f} texts/s "
           f"(at {served['saturated_at_concurrency']} concurrent clients)")
+    for mode in args.durability or []:
+        print(f"(d) STORE_DURABILITY={mode} (/health says {said[mode]}): lone p50 "
+              f"{measured[mode]['lone_request_p50_ms']:.2f} ms, saturation "
+              f"{measured[mode]['saturation_texts_per_s']:.1f} texts/s")
+    if "ack_cost" in report.get("durability", {}):
+        cost = report["durability"]["ack_cost"]
+        print(f"(d) ack costs {cost['saturation_cost_pct']:.1f}% of saturation (target <= "
+              f"{ACK_SATURATION_TARGET_PCT:.0f}%) and {cost['lone_p50_cost_ms']:.2f} ms of lone p50 (target <= "
+              f"{ACK_LONE_TARGET_MS} ms): {'within' if cost['within_target'] else 'OUTSIDE'} the target")
 
 
 if __name__ == "__main__":

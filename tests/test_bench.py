@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from scripts import bench_onnx
+from scripts import bench_onnx, bench_server
 from scripts.benchlib.inputs import fixed_length_batch
 from scripts.benchlib.offline import BenchConfig, cell_result, run_benchmark, time_runner
 from scripts.benchlib.stats import accuracy, latency_summary, percentile, throughput
@@ -142,3 +142,23 @@ def test_torch_skipped_without_checkpoint(tiny_artifact, data_file, capsys):
 def test_sequence_length_beyond_the_model_is_refused(tiny_artifact, data_file):
     with pytest.raises(ValueError, match="exceeds the model's maximum"):
         run_benchmark(BenchConfig(tiny_artifact, data_file, seq_lens=[4096], variants=["ort-cpu-fp32"]))
+
+
+def test_bench_server_compares_durability_modes_in_one_run(tiny_artifact, data_file, tmp_path, capsys):
+    bench_server.main(["--artifact", str(tiny_artifact), "--data", str(data_file), "--skip-raw", "--seconds", "0.5",
+                       "--concurrency", "2", "--durability", "ack,async", "--out", str(tmp_path)])
+    durability = json.loads((tmp_path / "bench_server.json").read_text())["durability"]
+    ack, fast = durability["ack"], durability["async"]
+    assert (ack["server_says"], fast["server_says"]) == ("ack", "async")  # each server ran in its mode
+    assert ack["saturation_texts_per_s"] > 0 and fast["saturation_texts_per_s"] > 0
+    cost = durability["ack_cost"]
+    assert cost["saturation_cost_pct"] == pytest.approx(
+        100 * (1 - ack["saturation_texts_per_s"] / fast["saturation_texts_per_s"]))
+    assert cost["lone_p50_cost_ms"] == pytest.approx(ack["lone_request_p50_ms"] - fast["lone_request_p50_ms"])
+    assert "(d) ack costs" in capsys.readouterr().out
+
+
+def test_bench_server_refuses_an_unknown_durability_mode(capsys):
+    with pytest.raises(SystemExit):
+        bench_server.main(["--durability", "ack,fast"])
+    assert "choose from ack, async" in capsys.readouterr().err
