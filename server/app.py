@@ -16,7 +16,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.gpu import GpuMonitor
 from server.heap import freeze_long_lived, thaw
-from server.http import ObservedASGI, install_error_handlers
+from server.http import ObservedASGI, document_errors, install_error_handlers
 from server.memory import MemoryGuard
 from server.metrics import Metrics
 from server.predictor import Predictor
@@ -97,10 +97,12 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
         version=__version__,
         description="Sentiment analysis on ONNX Runtime with dynamic batching. See the README for configuration.",
         lifespan=lifespan,
+        redirect_slashes=False,  # paths are exact: the redirect's Location echoed the client's Host header
     )
     app.include_router(router)
     app.include_router(store_router)
-    install_error_handlers(app, metrics)
+    install_error_handlers(app)
+    document_errors(app)
     app.state.metrics = metrics
     app.add_middleware(ObservedASGI, metrics=metrics, max_body_bytes=settings.max_request_bytes)
     return app

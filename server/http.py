@@ -1,30 +1,84 @@
-"""HTTP plumbing: one ASGI middleware (request id, body limit, metrics, error logs) and error handlers.
+"""HTTP plumbing: one ASGI middleware, the one error format, its handlers, and the errors in the OpenAPI document.
 
-Pure ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per request.
-Errors are JSON ``{"error": "<what to fix>"}``; shedding carries ``Retry-After``.
+Every error the server sends, the web framework's included, is JSON ``{"error": "<what to fix>", "type":
+"<machine-readable>"}`` (``schemas.ErrorResponse``); shedding carries ``Retry-After``. The middleware is pure
+ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per request. It
+
+- gives each request an id (``X-Request-ID``, the client's if it sent one), on the response and every log line;
+- refuses a ``Content-Encoding`` other than ``identity`` (415): the server does not decompress, and a compressed
+  body would be parsed as garbage or slip past the size limit;
+- holds the body to ``MAX_REQUEST_BYTES`` whether its length is declared or it arrives chunked (413, then the
+  connection is closed rather than read to the end);
+- answers ``HEAD`` on every ``GET`` route as that ``GET`` without the body;
+- turns any exception nothing else handled into a JSON 500 carrying the request id, and logs its traceback at
+  ERROR: a client never sees a traceback or a plain-text body;
+- counts every request by endpoint and status, and each refusal no other layer counts in
+  ``sentiment_rejected_requests_total`` (``REJECTED_BY_STATUS``).
+
+Choices the contract leaves open (also in the README's API section): a body that is not JSON at all (bad syntax,
+not UTF-8, nested past Python's recursion limit, a number of more than 4,300 digits) is 422 ``invalid_json``, like
+JSON of the wrong shape (422 ``invalid_input``); a JSON body must be sent as ``Content-Type: application/json`` (or
+``*+json``), anything else or none is 415 (the framework would not parse it, and a browser can send text/plain
+cross-site without a preflight); paths are exact: ``/predict/`` is a 404, never a redirect (the framework's built
+its ``Location`` from the client's ``Host`` header).
 """
 
 from __future__ import annotations
 
+import email.message
 import logging
 import math
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError
+from server.schemas import ErrorResponse
 
 log = logging.getLogger("server.http")
+
+STATUS_TYPES = {  # an error's "type" when nothing more specific names it
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+# sentiment_rejected_requests_total{reason} for the refusals counted here; 401/403 (server/auth.py) and 503
+# (the batcher, routes, the store) are counted where they are decided.
+REJECTED_BY_STATUS = {400: "invalid", 404: "not_found", 405: "invalid", 413: "too_large",
+                      415: "unsupported_media_type", 422: "invalid"}
 
 
 class PayloadTooLarge(ServerError):
     status_code = 413
+
+
+class BodyTooLarge(HTTPException):
+    """Raised inside ``receive``: an ``HTTPException`` because FastAPI's body parsing re-raises those as they are
+    (any other exception there becomes a 400 "There was an error parsing the body")."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds {limit} bytes (MAX_REQUEST_BYTES); send fewer or shorter texts",
+                         headers={"Connection": "close"})
 
 
 class ObservedASGI:
@@ -40,8 +94,11 @@ class ObservedASGI:
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
+        head = scope["method"] == "HEAD"
+        if head:  # RFC 9110 9.3.2: the GET without its body (the server still sends GET's Content-Length)
+            scope = {**scope, "method": "GET"}
         started = time.perf_counter()
-        status = {"code": 500}
+        response = {"status": 500, "started": False}
         limit = self.max_body_bytes
         received = 0
 
@@ -51,32 +108,55 @@ class ObservedASGI:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"request body exceeds {limit} bytes (MAX_REQUEST_BYTES); send fewer texts")
+                    raise BodyTooLarge(limit)
             return message
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                response.update(status=message["status"], started=True)
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
+        logged = False
         try:
-            declared = int(headers.get(b"content-length", b"0") or 0)
-            if declared > limit:
-                response = error_response(413, f"request body of {declared} bytes exceeds {limit} "
-                                               "(MAX_REQUEST_BYTES); send fewer or shorter texts")
-                self.metrics.rejected.labels("too_large").inc()
-                return await response(scope, receive, observed_send)
+            refusal = self.refusal(headers)
+            if refusal is not None:
+                return await refusal(scope, receive, observed_send)
             return await self.app(scope, limited_receive, observed_send)
+        except Exception:
+            logged = True
+            log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            if not response["started"]:  # else the server closes the connection mid-response
+                await internal_error(request_id)(scope, receive, observed_send)
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            status = response["status"]
+            self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
-            if status["code"] >= 500 and status["code"] != 503:
-                log.error("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status["code"], elapsed * 1000)
+            if status in REJECTED_BY_STATUS:
+                self.metrics.rejected.labels(REJECTED_BY_STATUS[status]).inc()
+            if status >= 500 and status != 503 and not logged:
+                log.error("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)
+
+    def refusal(self, headers: dict[bytes, bytes]) -> Response | None:
+        """The answer to a request refused on its headers alone, before the app sees it; None to go on."""
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        if encoding not in ("", "identity"):
+            return error_response(415, f"Content-Encoding {encoding!r} is not supported: send the body "
+                                       "uncompressed (identity)")
+        declared = headers.get(b"content-length", b"0").decode("latin-1").strip() or "0"
+        if not declared.isdigit():
+            return error_response(400, f"Content-Length {declared!r} is not a number of bytes")
+        if int(declared) > self.max_body_bytes:
+            return error_response(413, f"request body of {declared} bytes exceeds {self.max_body_bytes} "
+                                       "(MAX_REQUEST_BYTES); send fewer or shorter texts",
+                                  headers={"Connection": "close"})
+        return None
 
 
 def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -85,28 +165,176 @@ def json_response(content: object, status: int = 200, headers: dict[str, str] | 
 
 
 def error_response(status: int, message: str, retry_after: float | None = None,
-                   headers: dict[str, str] | None = None, **extra) -> Response:
+                   headers: dict[str, str] | None = None, *, error_type: str | None = None, **extra) -> Response:
+    """The one error body: ``error`` says what to fix, ``type`` (default: the status's) lets a program branch."""
     headers = dict(headers or {})
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-    return json_response({"error": message, **extra}, status, headers or None)
+    body = {"error": message, "type": error_type or STATUS_TYPES.get(status, f"http_{status}"), **extra}
+    return json_response(body, status, headers or None)
 
 
-def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+def internal_error(request_id: str) -> Response:
+    return error_response(500, f"internal server error; it is logged under request id {request_id}: quote it "
+                               "when you report this", request_id=request_id)
+
+
+def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError):
-        if exc.status_code == 413:
-            metrics.rejected.labels("too_large").inc()
-        elif exc.status_code >= 500 and exc.retry_after is None:
+        if exc.status_code >= 500 and exc.retry_after is None:
             log.error("request failed: %s", exc.message)
-        return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers)
+        return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers, error_type=exc.error_type)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        metrics.rejected.labels("invalid").inc()
-        problems = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-            problems.append(f"{where}: {err.get('msg')}")
-        detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        errors = exc.errors()
+        content_type = request.headers.get("content-type")
+        if any(err.get("loc", ())[:1] == ("body",) for err in errors) and has_body(request) \
+                and not is_json(content_type):
+            sent = f"not {content_type!r}" if content_type else "none was sent"
+            return error_response(415, f"send the body as JSON with 'Content-Type: application/json' ({sent})")
+        for err in errors:
+            if err.get("type") == "json_invalid":
+                where = err.get("loc", ("body", "?"))[-1]
+                return error_response(422, f"the body is not valid JSON: {err.get('ctx', {}).get('error')} at "
+                                           f"character {where}", error_type="invalid_json")
+        problems = [f"{location(err.get('loc', ()))}: {err.get('msg')}" for err in errors]
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
         return error_response(422, "invalid request: " + "; ".join(problems), detail=detail)
+
+    @app.exception_handler(HTTPException)
+    async def _framework_error(request: Request, exc: HTTPException):
+        """The framework's own errors (404, 405, a body it could not parse) in the one format."""
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI: "There was an error parsing the body"
+            return error_response(422, f"the body is not valid JSON: {unparseable(exc.__cause__)}",
+                                  error_type="invalid_json")
+        if exc.status_code == 404:
+            message = f"no such path {request.url.path!r}; the API is described at /docs"
+        elif exc.status_code == 405:
+            allowed = allowed_methods(request)
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}; use "
+                                       f"one of {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, headers=exc.headers)
+
+
+def location(loc: Iterable[object]) -> str:
+    """``("body", "texts", 3)`` -> ``texts[3]``: where in the request a problem is, as the client spelled it."""
+    parts = list(loc)
+    if parts[:1] in (["body"], ["query"], ["path"], ["header"], ["cookie"]) and len(parts) > 1:
+        parts = parts[1:]
+    where = ""
+    for part in parts:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    return where or "body"
+
+
+def unparseable(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply"
+    return str(cause).split(";")[0]  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+
+
+def has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (length is not None and length.strip() not in ("", "0"))
+
+
+def is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route accepts on this path (the router's 405 names only the first route's)."""
+    def accepts(method: str) -> bool:
+        scope = {"type": "http", "path": request.url.path, "root_path": "", "method": method, "headers": []}
+        return any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes)
+
+    methods = {method for method in METHODS if accepts(method)}
+    return sorted(methods | {"HEAD"} if "GET" in methods else methods)
+
+
+ERROR_DESCRIPTIONS = {
+    401: "No API key, or an invalid or revoked one",
+    403: "The API key lacks the role this operation needs",
+    404: "Not found",
+    409: "Conflict",
+    413: "Body over MAX_REQUEST_BYTES, or too many or too long texts",
+    415: "The body is not sent as application/json, or is compressed",
+    422: "The body or a parameter is not what the operation accepts",
+    500: "Unexpected server error, logged under the request id in the body",
+    503: "Unavailable: draining, overloaded, or the database is down; retry after Retry-After",
+}
+ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """``responses=`` for a route's own error statuses (e.g. a 404), in the one error format."""
+    return {status: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS.get(status, "Error")}
+            for status in statuses}
+
+
+def document_errors(app: FastAPI) -> None:
+    """List each operation's error responses in the OpenAPI document, every one as ``ErrorResponse``.
+
+    Inferred from the route: 500 for all; 413, 415 and 422 with a request body; 422 with parameters (replacing
+    FastAPI's own 422 schema, which is not what the server sends); 401, 403 and 503 (a key check needs the
+    database) with an API-key dependency. A route declares any other error itself with ``error_responses()``.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            _add_error_responses(generate(), app.routes)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _add_error_responses(document: dict, routes: Iterable[object]) -> None:
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    for route in _api_routes(routes):
+        if not route.include_in_schema:
+            continue
+        statuses = {500}
+        if route.body_field is not None:
+            statuses |= {413, 415, 422}
+        if _needs_api_key(route.dependant):
+            statuses |= {401, 403, 503}
+        for method in route.methods:
+            responses = document["paths"][route.path_format][method.lower()]["responses"]  # routers have no prefix
+            if "422" in responses:
+                responses["422"] = {"description": ERROR_DESCRIPTIONS[422], "content": ERROR_CONTENT}
+            for status in sorted(statuses):
+                responses.setdefault(str(status), {"description": ERROR_DESCRIPTIONS[status],
+                                                   "content": ERROR_CONTENT})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if f'"#/components/schemas/{unused}"' not in orjson.dumps(document.get("paths", {})).decode():
+            schemas.pop(unused, None)
+
+
+def _api_routes(routes: Iterable[object]) -> Iterator[APIRoute]:
+    """The app's API routes: FastAPI >= 0.13x keeps an included router's routes in it, not in ``app.routes``."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        yield from _api_routes(getattr(getattr(route, "original_router", None), "routes", ()))
+
+
+def _needs_api_key(dependant) -> bool:
+    """Whether a dependency of the route checks an API key (``server.auth.require_role``)."""
+    return any(getattr(dep.call, "__module__", None) == "server.auth" or _needs_api_key(dep)
+               for dep in dependant.dependencies)

@@ -50,6 +50,7 @@ class ServerError(Exception):
     """An error with an HTTP status and a message a person can act on."""
 
     status_code = 500
+    error_type: str | None = None  # the body's "type"; None: the status's (server/http.py STATUS_TYPES)
     retry_after: float | None = None
     headers: dict[str, str] | None = None  # extra response headers the status calls for
 
@@ -64,6 +65,7 @@ class Overloaded(ServerError):
     """The queue is full: shed with 503 and Retry-After."""
 
     status_code = 503
+    error_type = "queue_full"
     retry_after = 1.0
 
 
@@ -71,6 +73,7 @@ class DeadlineExceeded(ServerError):
     """A request waited past its deadline; answered with 503 and Retry-After."""
 
     status_code = 503
+    error_type = "deadline"
     retry_after = 1.0
 
 
@@ -78,6 +81,7 @@ class Draining(ServerError):
     """The server is shutting down and accepts no new work."""
 
     status_code = 503
+    error_type = "draining"
     retry_after = 5.0
 
 
@@ -85,6 +89,7 @@ class InferenceFailed(ServerError):
     """The engine failed in a way the server could not recover from."""
 
     status_code = 503
+    error_type = "inference_failed"
     retry_after = 1.0
 
 
@@ -92,3 +97,4 @@ class InputTooLong(ServerError):
     """Strict truncation mode: a text is longer than the model accepts."""
 
     status_code = 422
+    error_type = "input_too_long"

@@ -2,12 +2,14 @@
 
 Everything here needs an admin key except ``POST /feedback`` (role predict,
 open in AUTH_MODE=open). An unreachable database answers 503 with Retry-After.
+Query parameters are bounded (``limit`` 1..MAX_PAGE, ``offset`` 0..MAX_OFFSET,
+filters at most MAX_FILTER_CHARS) so no value reaches the database that it
+cannot hold: out of range is a 422, never a 500.
 """
 
 from __future__ import annotations
 
 import io
-from datetime import datetime
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -15,11 +17,15 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
 
 from server.auth import require_role
+from server.http import error_responses
 from server.primitives import ServerError
+from server.schemas import StorableText, UtcDateTime
 from server.store import feedback, queries
 from server.store.db import run_db
 from server.store.queries import MAX_PAGE, PredictionFilter
 
+MAX_OFFSET = 1_000_000_000  # deeper than any page a person reads; since/until reach further back
+MAX_FILTER_CHARS = 256
 router = APIRouter()
 ADMIN = Depends(require_role("admin"))
 PREDICT = Depends(require_role("predict"))
@@ -29,33 +35,39 @@ class NotFound(ServerError):
     status_code = 404
 
 
+class TsvResponse(PlainTextResponse):
+    media_type = "text/tab-separated-values"
+
+
 class FeedbackIn(BaseModel):
-    prediction_id: str = Field(..., min_length=1, max_length=32, description="the id a prediction was stored under")
+    prediction_id: StorableText = Field(..., min_length=1, max_length=32,
+                                        description="the id a prediction was stored under")
     label: Literal["POSITIVE", "NEGATIVE"] = Field(..., description="the correct label")
 
 
 class KeyIn(BaseModel):
-    name: str = Field(..., min_length=1, max_length=128, description="who or what uses the key")
+    name: StorableText = Field(..., min_length=1, max_length=128, description="who or what uses the key")
     role: Literal["predict", "admin"] = "predict"
 
 
 @router.get("/predictions", summary="Stored predictions, newest first (admin)")
 async def list_predictions(
     request: Request,
-    label: str | None = None,
-    model_version: str | None = None,
-    since: datetime | None = Query(None, description="ISO 8601, inclusive; no offset means UTC"),
-    until: datetime | None = Query(None, description="ISO 8601, exclusive; no offset means UTC"),
+    label: StorableText | None = Query(None, max_length=MAX_FILTER_CHARS),
+    model_version: StorableText | None = Query(None, max_length=MAX_FILTER_CHARS),
+    since: UtcDateTime | None = Query(None, description="ISO 8601, inclusive; no offset means UTC"),
+    until: UtcDateTime | None = Query(None, description="ISO 8601, exclusive; no offset means UTC"),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
     _: str | None = ADMIN,
 ):
     where = PredictionFilter(label=label, model_version=model_version, since=since, until=until)
     return await run_db(queries.list_predictions, _engine(request), where, limit, offset)
 
 
-@router.get("/predictions/{prediction_id}", summary="One stored prediction and its feedback (admin)")
-async def get_prediction(prediction_id: str, request: Request, _: str | None = ADMIN):
+@router.get("/predictions/{prediction_id}", summary="One stored prediction and its feedback (admin)",
+            responses=error_responses(404))
+async def get_prediction(prediction_id: StorableText, request: Request, _: str | None = ADMIN):
     found = await run_db(queries.get_prediction, _engine(request), prediction_id)
     if found is None:
         raise NotFound(f"no prediction {prediction_id!r}; a new one is written within a second or so, "
@@ -63,7 +75,8 @@ async def get_prediction(prediction_id: str, request: Request, _: str | None = A
     return found
 
 
-@router.post("/feedback", status_code=201, summary="Record the correct label of a prediction")
+@router.post("/feedback", status_code=201, summary="Record the correct label of a prediction",
+             responses=error_responses(404))
 async def post_feedback(body: FeedbackIn, request: Request, _: str | None = PREDICT):
     try:
         saved = await run_db(feedback.add_feedback, _engine(request), body.prediction_id, body.label)
@@ -73,11 +86,11 @@ async def post_feedback(body: FeedbackIn, request: Request, _: str | None = PRED
 
 
 @router.get("/feedback/export", summary="Corrected predictions as a training TSV: text<TAB>label, 1 = POSITIVE "
-                                        "(admin)")
+                                        "(admin)", response_class=TsvResponse)
 async def export_feedback(request: Request, _: str | None = ADMIN):
     buffer = io.StringIO()
     written, skipped = await run_db(feedback.export_feedback, _engine(request), buffer)
-    return PlainTextResponse(buffer.getvalue(), media_type="text/tab-separated-values", headers={
+    return TsvResponse(buffer.getvalue(), headers={
         "Content-Disposition": 'attachment; filename="feedback.tsv"',
         "X-Rows": str(written), "X-Rows-Skipped": str(skipped)})
 
@@ -93,8 +106,9 @@ async def list_keys(request: Request, _: str | None = ADMIN):
     return {"keys": [k.as_dict() for k in await run_db(_keys(request).list)]}
 
 
-@router.delete("/admin/keys/{key_id}", summary="Revoke an API key, effective at once (admin)")
-async def revoke_key(key_id: str, request: Request, _: str | None = ADMIN):
+@router.delete("/admin/keys/{key_id}", summary="Revoke an API key, effective at once (admin)",
+               responses=error_responses(404))
+async def revoke_key(key_id: StorableText, request: Request, _: str | None = ADMIN):
     revoked = await run_db(_keys(request).revoke, key_id)
     if revoked is None:
         raise NotFound(f"no API key with id {key_id!r}; GET /admin/keys lists them")
