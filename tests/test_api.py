@@ -62,30 +62,37 @@ def test_repeated_text_is_served_from_the_cache(client):
 @pytest.mark.parametrize("payload, fragment", [
     ({}, 'exactly one of "text"'),
     ({"text": "a", "texts": ["b"]}, 'exactly one of "text"'),
+    ({"text": None, "texts": ["b"]}, "text: Input should be a valid string"),
     ({"texts": []}, "at least one"),
     ({"text": "   "}, "empty"),
+    ({"texts": ["fine", "\t"]}, "texts[1] is empty"),
     ({"text": 5}, "text"),
+    ({"texts": ["a", 5]}, "texts[1]: Input should be a valid string"),
     ({"txt": "typo"}, "txt"),
 ])
 def test_malformed_input_is_422_with_a_message(client, payload, fragment):
     response = client.post("/predict", json=payload)
     assert response.status_code == 422
-    assert fragment in response.json()["error"]
+    assert response.json()["type"] == "invalid_input" and fragment in response.json()["error"]
 
 
-def test_invalid_json_is_422(client):
+def test_invalid_json_is_422_invalid_json(client):
     response = client.post("/predict", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422 and "invalid request" in response.json()["error"]
+    assert response.status_code == 422
+    assert response.json() == {"error": "the body is not valid JSON: Expecting property name enclosed in double "
+                                        "quotes at character 1", "type": "invalid_json"}
 
 
 def test_oversized_inputs_are_413(make_settings):
     settings = make_settings(max_texts_per_request=3, max_text_chars=50, max_request_bytes=2048)
     with TestClient(create_app(settings)) as c:
-        assert c.post("/predict", json={"texts": ["a"] * 4}).status_code == 413
+        assert c.post("/predict", json={"texts": ["a"] * 4}).json()["type"] == "too_large"
         assert "MAX_TEXT_CHARS" in c.post("/predict", json={"text": "x" * 51}).json()["error"]
         big = c.post("/predict", content=b'{"text": "' + b"y" * 4000 + b'"}',
                      headers={"content-type": "application/json"})
         assert big.status_code == 413 and "MAX_REQUEST_BYTES" in big.json()["error"]
+        metrics = c.get("/metrics").text
+    assert 'sentiment_rejected_requests_total{reason="too_large"} 3.0' in metrics
 
 
 def test_strict_truncation_rejects_texts_longer_than_the_model(make_settings):
@@ -133,3 +140,21 @@ def test_oom_on_batches_splits_and_answers_every_text(make_settings):
         metrics = c.get("/metrics").text
     assert 'sentiment_batch_splits_total{device="cpu"}' in metrics
     assert 'sentiment_oom_events_total{device="cpu"} 0.0' not in metrics
+
+
+def test_openapi_lists_each_operations_errors_in_the_one_format(client):
+    document = client.get("/openapi.json").json()
+    assert set(document["components"]["schemas"]["ErrorResponse"]["required"]) == {"error", "type"}
+    assert "HTTPValidationError" not in document["components"]["schemas"]  # FastAPI's 422 is not what we send
+    operations = {f"{method.upper()} {path}": op for path, item in document["paths"].items()
+                  for method, op in item.items()}
+    for name, operation in operations.items():
+        for status, response in operation["responses"].items():
+            if status[0] in "45":
+                assert response["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorResponse"}, (name, status)
+    statuses = {name: set(op["responses"]) for name, op in operations.items()}
+    assert statuses["GET /health"] == {"200", "500"}
+    assert statuses["POST /predict"] >= {"200", "401", "403", "413", "415", "422", "500", "503"}
+    assert statuses["DELETE /admin/keys/{key_id}"] == {"200", "401", "403", "404", "422", "500", "503"}
+    assert set(operations["GET /feedback/export"]["responses"]["200"]["content"]) == {"text/tab-separated-values"}

@@ -1,0 +1,229 @@
+"""Hostile input against a real uvicorn server: every refusal is a JSON error with "error" and "type", never a 500.
+
+The cases are the ones attackers found (issue 13): lone surrogates, unbounded query parameters, a chunked body
+over the limit, invalid UTF-8, a 5,000-digit number, deep nesting, Content-Encoding, the wrong Content-Type,
+HEAD, a trailing slash with a forged Host header. The server runs once per database backend: the query cases
+reach the database, where SQLite and PostgreSQL overflow differently.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from scripts.benchlib.databases import postgres_database, sqlite_database
+from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
+from server.app import create_app
+
+MAX_REQUEST_BYTES = 64 * 1024
+JSON = {"content-type": "application/json"}
+
+
+@dataclass
+class Server:
+    live: LiveServer
+    admin: dict[str, str]  # headers carrying an admin key
+
+    @property
+    def url(self) -> str:
+        return self.live.url
+
+    def rejected(self, reason: str) -> float:
+        metrics = httpx.get(self.url + "/metrics", timeout=30).text
+        found = re.search(rf'^sentiment_rejected_requests_total{{reason="{reason}"}} (\S+)$', metrics, re.M)
+        assert found, f"no rejected counter for {reason}"
+        return float(found.group(1))
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def server(request, tiny_artifact, tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp(f"hostile-{request.param}")
+    if request.param == "sqlite":
+        database = sqlite_database(tmp)
+    else:
+        database = postgres_database(request.getfixturevalue("store_pg_server"))
+    with database as db:
+        live = start_server({"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": db.url, "DB_AUTO_MIGRATE": "true",
+                             "AUTH_MODE": "open", "MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}, tmp)
+        try:
+            created = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--database-url", db.url,
+                                      "--name", "hostile-admin", "--role", "admin"],
+                                     capture_output=True, text=True, timeout=60, check=True)
+            key = created.stdout.strip().splitlines()[-1]
+            yield Server(live, {"Authorization": f"Bearer {key}"})
+        finally:
+            stop_server(live)
+
+
+def refused(response: httpx.Response, status: int, error_type: str, *fragments: str) -> dict:
+    """Assert the one error format: the status, JSON with "error" (naming each fragment) and "type"."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["type"] == error_type, body
+    for fragment in fragments:
+        assert fragment in body["error"], body
+    assert response.headers["x-request-id"]
+    return body
+
+
+def test_a_lone_surrogate_is_422_naming_the_text(server):
+    before = server.rejected("invalid")
+    one = httpx.post(server.url + "/predict", content=b'{"text": "caf\\ud800"}', headers=JSON, timeout=30)
+    refused(one, 422, "invalid_input", "text: contains an unpaired surrogate (U+D800) at character 3")
+    many = httpx.post(server.url + "/predict", content=b'{"texts": ["a", "b", "c", "\\udfff", "e"]}', headers=JSON,
+                      timeout=30)
+    refused(many, 422, "invalid_input", "texts[3]: contains an unpaired surrogate (U+DFFF)")
+    assert server.rejected("invalid") == before + 2
+    paired = httpx.post(server.url + "/predict", content=b'{"text": "\\ud83d\\ude00 great"}', headers=JSON, timeout=30)
+    assert paired.status_code == 200  # a surrogate pair is one character (U+1F600)
+
+
+def test_a_lone_surrogate_in_a_reload_path_is_422(server):
+    response = httpx.post(server.url + "/admin/reload", content=b'{"model_path": "\\ud800"}',
+                          headers={**JSON, **server.admin}, timeout=30)
+    refused(response, 422, "invalid_input", "model_path: contains an unpaired surrogate")
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ("offset=99999999999999999999", "offset"),
+    ("offset=-1", "offset"),
+    ("limit=0", "limit"),
+    ("limit=1001", "limit"),
+    ("since=1700000000", "since: is a number"),
+    ("label=POS%00ITIVE", "label: contains a NUL character"),
+    ("model_version=" + "v" * 257, "model_version"),
+])
+def test_query_parameters_out_of_range_are_422_not_500(server, query, fragment):
+    response = httpx.get(f"{server.url}/predictions?{query}", headers=server.admin, timeout=30)
+    refused(response, 422, "invalid_input", fragment)
+
+
+def test_a_time_bound_past_the_datetime_range_selects_like_the_range_end_not_500(server):
+    """In UTC, 0001-01-01T00:00+01:00 is in year 0 and 9999-12-31T23:00-23:59 in year 10000 (OverflowError)."""
+    def ids(query: str) -> list[str]:
+        response = httpx.get(f"{server.url}/predictions?limit=1000&{query}", headers=server.admin, timeout=30)
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    predicted = httpx.post(server.url + "/predict", json={"text": "a row to select"}, timeout=30)
+    (row_id,) = [p["id"] for p in predicted.json()["predictions"]]
+    deadline = time.monotonic() + 30
+    while row_id not in ids(""):  # records reach the database shortly after the answer
+        assert time.monotonic() < deadline, f"prediction {row_id} not in the database after 30 s"
+        time.sleep(0.1)
+    assert row_id in ids("since=0001-01-01T00:00:00%2B01:00") and row_id in ids("until=9999-12-31T23:00:00-23:59")
+    assert ids("since=9999-12-31T23:00:00-23:59") == [] == ids("until=0001-01-01T00:00:00%2B01:00")
+
+
+def test_a_nul_in_a_path_parameter_is_422(server):
+    response = httpx.get(server.url + "/predictions/abc%00def", headers=server.admin, timeout=30)
+    refused(response, 422, "invalid_input", "prediction_id: contains a NUL character")
+
+
+def test_a_chunked_body_over_the_limit_is_413_and_counted(server):
+    def chunks() -> Iterator[bytes]:
+        yield b'{"text": "'
+        for _ in range(MAX_REQUEST_BYTES // 4096 + 2):
+            yield b"x" * 4096
+        yield b'"}'
+
+    before = server.rejected("too_large")
+    response = httpx.post(server.url + "/predict", content=chunks(), headers=JSON, timeout=30)
+    assert "content-length" not in response.request.headers  # it really went chunked
+    refused(response, 413, "too_large", "MAX_REQUEST_BYTES")
+    declared = httpx.post(server.url + "/predict", content=b"x" * (MAX_REQUEST_BYTES + 1), headers=JSON, timeout=30)
+    refused(declared, 413, "too_large", "MAX_REQUEST_BYTES")
+    assert server.rejected("too_large") == before + 2
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (b'{"text": "\xff\xfe bad bytes"}', "not UTF-8 (byte 0xff at offset 10)"),
+    (b'{"text": ' + b"9" * 5000 + b"}", "digits"),
+    (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+    (b'{"text": "unterminated', "not valid JSON"),
+])
+def test_a_body_that_is_not_json_is_422_invalid_json(server, body, fragment):
+    response = httpx.post(server.url + "/predict", content=body, headers=JSON, timeout=30)
+    refused(response, 422, "invalid_json", "the body is not valid JSON", fragment)
+
+
+def test_a_compressed_body_is_415_and_counted(server):
+    before = server.rejected("unsupported_media_type")
+    response = httpx.post(server.url + "/predict", content=b'{"text": "fine"}',
+                          headers={**JSON, "Content-Encoding": "gzip"}, timeout=30)
+    refused(response, 415, "unsupported_media_type", "Content-Encoding 'gzip'")
+    assert server.rejected("unsupported_media_type") == before + 1
+
+
+@pytest.mark.parametrize("headers, fragment", [
+    ({"content-type": "text/plain"}, "not 'text/plain'"),
+    ({"content-type": "application/x-www-form-urlencoded"}, "x-www-form-urlencoded"),
+    ({}, "none was sent"),
+])
+def test_a_json_body_sent_as_another_media_type_is_415(server, headers, fragment):
+    response = httpx.post(server.url + "/predict", content=b'{"text": "fine"}', headers=headers, timeout=30)
+    refused(response, 415, "unsupported_media_type", "Content-Type: application/json", fragment)
+    as_json = httpx.post(server.url + "/predict", content=b'{"text": "fine"}',
+                         headers={"content-type": "application/json; charset=utf-8"}, timeout=30)
+    assert as_json.status_code == 200
+
+
+def test_unknown_paths_and_methods_are_json_404_and_405(server):
+    before = server.rejected("not_found")
+    refused(httpx.get(server.url + "/nope", timeout=30), 404, "not_found", "/nope")
+    assert server.rejected("not_found") == before + 1
+    wrong = httpx.put(server.url + "/predict", timeout=30)
+    refused(wrong, 405, "method_not_allowed", "PUT", "POST")
+    assert wrong.headers["allow"] == "POST"
+    both = httpx.delete(server.url + "/admin/keys", headers=server.admin, timeout=30)
+    refused(both, 405, "method_not_allowed")
+    assert both.headers["allow"] == "GET, HEAD, POST"  # every route on the path, not the first one's
+
+
+def test_a_trailing_slash_is_a_404_and_never_echoes_the_host_header(server):
+    response = httpx.post(server.url + "/predict/", json={"text": "fine"}, headers={"Host": "evil.example"},
+                          timeout=30, follow_redirects=False)
+    refused(response, 404, "not_found", "/predict/")
+    assert "location" not in response.headers and "evil.example" not in response.text
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/openapi.json"])
+def test_head_answers_like_get_without_a_body(server, path):
+    get = httpx.get(server.url + path, timeout=30)
+    head = httpx.head(server.url + path, timeout=30)
+    assert get.status_code == head.status_code == 200
+    assert head.content == b"" and get.content
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+class Boom(Exception):
+    pass
+
+
+def test_an_unexpected_exception_is_a_json_500_with_the_request_id_and_a_logged_traceback(make_settings, caplog):
+    app: FastAPI = create_app(make_settings())
+
+    @app.get("/boom")
+    async def boom():
+        raise Boom("kaboom")
+
+    with TestClient(app, raise_server_exceptions=False) as client, \
+            caplog.at_level(logging.ERROR, logger="server.http"):
+        response = client.get("/boom", headers={"X-Request-ID": "trace-me-42"})
+        metrics = client.get("/metrics").text
+    body = refused(response, 500, "internal_error", "trace-me-42")
+    assert body["request_id"] == "trace-me-42" and "Traceback" not in response.text and "kaboom" not in response.text
+    (record,) = [r for r in caplog.records if r.name == "server.http" and r.levelno == logging.ERROR]
+    assert record.exc_info and record.exc_info[0] is Boom and "GET /boom" in record.getMessage()
+    assert 'sentiment_requests_total{endpoint="/boom",status="500"} 1.0' in metrics
