@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from server.logging_setup import request_id_var
@@ -206,9 +207,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _framework_error(request: Request, exc: HTTPException):
         """The framework's own errors (404, 405, a body it could not parse) in the one format."""
-        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI: "There was an error parsing the body"
-            return error_response(422, f"the body is not valid JSON: {unparseable(exc.__cause__)}",
-                                  error_type="invalid_json")
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:  # FastAPI: "There was an error parsing the body"
+            if isinstance(cause, ServerError):  # raised while the body was read: it says what went wrong itself
+                return await _server_error(request, cause)
+            if isinstance(cause, ClientDisconnect):
+                return error_response(400, "the client closed the connection before the body ended")
+            return error_response(422, f"the body is not valid JSON: {unparseable(cause)}", error_type="invalid_json")
         if exc.status_code == 404:
             message = f"no such path {request.url.path!r}; the API is described at /docs"
         elif exc.status_code == 405:

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from scripts.benchlib.databases import postgres_database, sqlite_database
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
 from server.app import create_app
+from server.http import PayloadTooLarge
 
 MAX_REQUEST_BYTES = 64 * 1024
 JSON = {"content-type": "application/json"}
@@ -227,3 +228,25 @@ def test_an_unexpected_exception_is_a_json_500_with_the_request_id_and_a_logged_
     (record,) = [r for r in caplog.records if r.name == "server.http" and r.levelno == logging.ERROR]
     assert record.exc_info and record.exc_info[0] is Boom and "GET /boom" in record.getMessage()
     assert 'sentiment_requests_total{endpoint="/boom",status="500"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("message, status, error_type, fragment", [
+    (PayloadTooLarge("body over the limit"), 413, "too_large", "body over the limit"),
+    ({"type": "http.disconnect"}, 400, "bad_request", "closed the connection before the body ended"),
+])
+def test_what_ends_a_body_read_is_answered_as_itself(make_settings, message, status, error_type, fragment):
+    """A ServerError raised inside ``receive``, or a disconnect, is not reported as "the body is not valid JSON"."""
+    app = create_app(make_settings())
+
+    async def reading_fails(scope, receive, send):
+        async def failing_receive():
+            if isinstance(message, Exception):
+                raise message
+            return message
+
+        return await app(scope, failing_receive if scope["type"] == "http" else receive, send)
+
+    with TestClient(reading_fails) as client:
+        response = client.post("/predict", json={"text": "fine"})
+    body = refused(response, status, error_type, fragment)
+    assert "not valid JSON" not in body["error"]
