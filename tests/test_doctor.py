@@ -5,8 +5,12 @@ from __future__ import annotations
 import shutil
 import socket
 
+import pytest
+
 from server.cli import main
 from server.doctor import run_doctor
+from tests.broken_artifacts import broken_copy
+from tests.test_startup_matrix import CASES, environment
 
 
 def doctor(monkeypatch, env: dict[str, str]) -> tuple[int, list[str]]:
@@ -22,12 +26,6 @@ def good_env(tiny_artifact, tmp_path) -> dict[str, str]:
         port = sock.getsockname()[1]
     return {"MODEL_PATH": str(tiny_artifact), "HOST": "127.0.0.1", "PORT": str(port), "DEVICE": "cpu",
             "DATABASE_URL": f"sqlite:///{tmp_path}/doctor.db", "SPOOL_DIR": str(tmp_path / "spool")}
-
-
-def test_all_checks_pass_on_a_good_setup(monkeypatch, tiny_artifact, tmp_path):
-    code, lines = doctor(monkeypatch, good_env(tiny_artifact, tmp_path))
-    assert code == 0, lines
-    assert [line.split("]")[0] for line in lines] == ["[ok  "] * 6
 
 
 def test_missing_model_file_fails_with_the_file_and_a_fix(monkeypatch, tiny_artifact, tmp_path):
@@ -69,3 +67,51 @@ def test_cli_flag_overrides_the_environment(monkeypatch, tiny_artifact, tmp_path
         monkeypatch.setenv(name, value)
     assert main(["doctor", "--port", "not-a-port"]) == 1
     assert "PORT='not-a-port'" in capsys.readouterr().out
+
+
+def test_every_check_passes_on_a_good_setup_and_leaves_no_probe_file(monkeypatch, tiny_artifact, tmp_path):
+    env = good_env(tiny_artifact, tmp_path)
+    before = sorted(tmp_path.iterdir())
+    code, lines = doctor(monkeypatch, env)
+    assert code == 0, lines
+    assert [line.split(":")[0] for line in lines] == [
+        "[ok  ] configuration", "[ok  ] disk", "[ok  ] database", "[ok  ] port", "[ok  ] device", "[ok  ] model"]
+    assert "smoke predictions ok" in lines[-1]
+    after = sorted(p for p in tmp_path.iterdir() if p.name not in ("doctor.db",))
+    assert after == before  # the write probe was removed (and SPOOL_DIR, absent, was not created)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_doctor_fails_each_start_up_case_naming_it(monkeypatch, capsys, tiny_artifact, tmp_path, name):
+    """The start-up matrix, through doctor: a FAIL line naming the problem, exit 1, never a traceback."""
+    case = CASES[name]
+    (tmp_path / "regular-file").write_text("a file where a directory is expected\n")
+    broken = broken_copy(tiny_artifact, tmp_path, case.breaker) if case.breaker else None
+    env = {**good_env(tiny_artifact, tmp_path), **environment(case, tiny_artifact, broken, tmp_path)}
+    code, lines = doctor(monkeypatch, env)
+    assert code == 1, lines
+    failures = [line for line in lines if line.startswith("[FAIL]")]
+    assert any(all(fragment in line for fragment in case.names) for line in failures), lines
+    assert "Traceback" not in "\n".join(lines) + "".join(capsys.readouterr())
+
+
+def test_a_failed_device_check_skips_the_model_check(monkeypatch, tiny_artifact, tmp_path):
+    import server.engine
+
+    monkeypatch.setattr(server.engine, "cuda_available", lambda: False)
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "DEVICE": "cuda"})
+    assert code == 1
+    assert lines[-2].startswith("[FAIL] device") or lines[-3].startswith("[FAIL] device"), lines
+    assert lines[-1].startswith("[skip] model"), lines
+
+
+def test_a_check_that_raises_the_unforeseen_is_reported_not_raised(monkeypatch, tiny_artifact, tmp_path):
+    import server.preflight
+
+    def explode(host, port):
+        raise ValueError("something no check foresaw")
+
+    monkeypatch.setattr(server.preflight, "port_problem", explode)
+    code, lines = doctor(monkeypatch, good_env(tiny_artifact, tmp_path))
+    assert code == 1
+    assert any(line.startswith("[FAIL] port") and "ValueError: something no check foresaw" in line for line in lines)

@@ -1,0 +1,172 @@
+"""Reload matrix: every broken artifact is refused with 409 and its reason, logged at ERROR and counted as failed,
+while the server goes on serving the model it had; SIGHUP reloads are logged and counted the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scripts.benchlib.serverproc import ROOT, LiveServer, start_server, stop_server
+from server.app import create_app
+from server.budget import TokenBudget
+from server.cache import PredictionCache
+from server.memory import MemoryGuard
+from server.metrics import Metrics
+from tests.broken_artifacts import BREAKERS, broken_copy, copy_artifact, garbage_onnx
+
+FAILED = 'sentiment_model_reloads_total{result="failed"}'
+DONE = 'sentiment_model_reloads_total{result="ok"}'
+
+
+@dataclass
+class AdminServer:
+    server: LiveServer
+    client: httpx.Client
+
+    def metric(self, sample: str) -> float:
+        match = re.search(rf"^{re.escape(sample)} (\S+)$", self.client.get("/metrics").text, re.M)
+        return float(match.group(1)) if match else 0.0
+
+    def serving_version(self) -> str:
+        response = self.client.post("/predict", json={"text": "a wonderful, moving film"})
+        assert response.status_code == 200, response.text
+        return response.json()["model"]["version"]
+
+
+def admin_key(database_url: str) -> str:
+    """An admin API key, made with the operators' own command."""
+    done = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--name", "reload-matrix",
+                           "--role", "admin"], env={"DATABASE_URL": database_url, "PATH": ""}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[-1].strip()
+
+
+@pytest.fixture(scope="module")
+def admin_server(tiny_artifact, tmp_path_factory) -> Iterator[AdminServer]:
+    tmp = tmp_path_factory.mktemp("reload")
+    database_url = f"sqlite:///{tmp}/reload.db"
+    key = admin_key(database_url)
+    server = start_server({"MODEL_PATH": str(copy_artifact(tiny_artifact, tmp / "serving")),
+                           "DATABASE_URL": database_url}, tmp)
+    with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
+        yield AdminServer(server, client)
+    stop_server(server)
+
+
+def test_every_broken_artifact_is_refused_logged_and_counted(admin_server, tiny_artifact, tmp_path):
+    version = admin_server.serving_version()
+    failed_before = admin_server.metric(FAILED)
+    answers = {}
+    for name in BREAKERS:
+        broken = broken_copy(tiny_artifact, tmp_path, name)
+        response = admin_server.client.post("/admin/reload", json={"model_path": str(broken)})
+        answers[name] = response
+        assert response.status_code == 409, f"{name}: {response.status_code} {response.text}"
+        body = response.json()
+        assert body["reloaded"] is False and body["type"] == "model_reload_failed", body
+        assert body["serving"]["version"] == version, body
+        assert admin_server.serving_version() == version, name
+    assert admin_server.metric(FAILED) - failed_before == len(BREAKERS)
+    assert admin_server.metric(DONE) == 0
+    log = admin_server.server.log()
+    for name in BREAKERS:
+        (line,) = [line for line in log.splitlines() if "ERROR" in line and f"/{name}" in line]
+        assert "model reload from" in line and "still serving" in line
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("breaker, reason", [
+    ("manifest_not_utf8", "UTF-8"), ("manifest_not_object", "not an object"),
+    ("file_entry_without_sha256", "sha256"), ("variants_a_list", "variants"),
+    ("max_length_not_a_number", "max_sequence_length"), ("max_length_zero", "max_sequence_length"),
+    ("max_length_huge", "max_sequence_length"), ("max_length_beyond_the_model", "max_sequence_length"),
+    ("tokenizer_empty_object", "tokenizer.json"), ("rehashed_nan_weights", "non-finite"),
+    ("garbage_onnx", "model.int8.onnx"), ("wrong_outputs", "shape"), ("unknown_variant", "fp64"),
+])
+def test_the_409_names_the_reason(admin_server, tiny_artifact, tmp_path, breaker, reason):
+    """The cases that answered 500 or an unlogged 503 before: now each 409 says what is wrong."""
+    response = admin_server.client.post("/admin/reload", json={"model_path": str(broken_copy(
+        tiny_artifact, tmp_path, breaker))})
+    assert response.status_code == 409 and reason in response.json()["error"], response.text
+
+
+def test_a_good_artifact_still_reloads_after_the_failures(admin_server, tiny_artifact):
+    done = admin_server.metric(DONE)
+    response = admin_server.client.post("/admin/reload", json={"model_path": str(tiny_artifact)})
+    assert response.status_code == 200 and response.json()["reloaded"] is True, response.text
+    assert admin_server.metric(DONE) == done + 1
+
+
+def test_a_failed_sighup_reload_is_logged_and_counted(tiny_artifact, tmp_path):
+    model = copy_artifact(tiny_artifact, tmp_path / "model")
+    server = start_server({"MODEL_PATH": str(model)}, tmp_path)
+    try:
+        garbage_onnx(model)
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        failed = 0.0
+        while time.monotonic() < deadline:
+            match = re.search(rf"^{re.escape(FAILED)} (\S+)$", httpx.get(server.url + "/metrics").text, re.M)
+            failed = float(match.group(1)) if match else 0.0
+            if failed:
+                break
+            time.sleep(0.1)
+        assert failed == 1
+        assert httpx.post(server.url + "/predict", json={"text": "still serving"}).status_code == 200
+    finally:
+        assert stop_server(server) == 0
+    errors = [line for line in server.log().splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "model reload from" in errors[0] and "model.int8.onnx" in errors[0], errors
+
+
+async def test_reload_tasks_are_dropped_when_done_and_the_memory_guard_follows_the_new_model(make_settings):
+    app = create_app(make_settings())
+    async with app.router.lifespan_context(app):
+        services = app.state.services
+        background = len(services._tasks)
+        first = services.runtime
+        assert (await services.reload())["reloaded"] is True
+        assert services.runtime is not first
+        guard = services.memory_guard  # no await below until pressure is lifted: its own loop cannot interleave
+        guard._set_pressure(True)
+        assert services.runtime.budget.memory_pressure and not first.budget.memory_pressure
+        guard._set_pressure(False)
+        assert not services.runtime.budget.memory_pressure
+        services.reload_in_background()
+        for _ in range(600):  # the SIGHUP task, then its retire task, finish and are dropped
+            if len(services._tasks) == background:
+                break
+            await asyncio.sleep(0.05)
+        assert len(services._tasks) == background
+
+
+def test_memory_guard_follow_applies_the_present_pressure_to_the_new_budget(make_settings):
+    settings, metrics = make_settings(), Metrics()
+    readings = {"rss": 95}
+    old, new = TokenBudget(1000, metrics), TokenBudget(1000, metrics)
+    guard = MemoryGuard(settings, metrics, PredictionCache(0, metrics), old,
+                        rss_reader=lambda: readings["rss"], limit_reader=lambda: 100)
+    assert guard.check() and old.current == 500
+    guard.follow(new)
+    assert new.current == 500
+    readings["rss"] = 10
+    assert not guard.check()
+    assert new.current == 1000 and old.current == 500
+
+
+def test_reload_of_a_path_that_is_not_a_directory_is_refused(admin_server, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    for path in (tmp_path / "a-file", tmp_path / "nowhere", Path("relative/nowhere")):
+        response = admin_server.client.post("/admin/reload", json={"model_path": str(path)})
+        assert response.status_code == 409 and "model directory not found" in response.json()["error"], response.text

@@ -1,0 +1,92 @@
+"""Start-up matrix: each bad setting or artifact stops `sentiment-analyzer serve` with one line and its exit code.
+
+Real ``serve`` subprocesses, all started at once (each fails within a second or two of its imports), so the
+whole matrix costs about as much as the slowest case.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scripts.benchlib.serverproc import LiveServer, start_server
+from server.exitcodes import ExitCode
+from tests.broken_artifacts import broken_copy
+
+
+@dataclass(frozen=True)
+class Case:
+    env: dict[str, str]  # "{tiny}" / "{broken}" / "{tmp}" are filled in
+    code: ExitCode
+    names: tuple[str, ...]  # what the one error line must name
+    breaker: str | None = None
+
+
+CASES = {
+    "rehashed corrupt weights": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL, ("non-finite",),
+                                     "rehashed_nan_weights"),
+    "garbage onnx": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL, ("model.int8.onnx", "INVALID_PROTOBUF"),
+                         "garbage_onnx"),
+    "manifest without sha256": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL, ("manifest.json", "sha256"),
+                                    "file_entry_without_sha256"),
+    "manifest not utf-8": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL, ("manifest.json", "UTF-8"),
+                               "manifest_not_utf8"),
+    "invalid tokenizer": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL, ("tokenizer.json",), "invalid_tokenizer"),
+    "database url not a url": Case({"DATABASE_URL": "not a url"}, ExitCode.DATABASE, ("DATABASE_URL",)),
+    "database url mysql": Case({"DATABASE_URL": "mysql://app:s3cret@db/predictions"}, ExitCode.DATABASE,
+                               ("DATABASE_URL", "postgresql")),
+    "sqlite file under a regular file": Case({"DATABASE_URL": "sqlite:///{tmp}/regular-file/store.db"},
+                                             ExitCode.FILESYSTEM, ("regular-file", "not a directory")),
+    "request timeout inf": Case({"REQUEST_TIMEOUT_S": "inf"}, ExitCode.CONFIG, ("REQUEST_TIMEOUT_S='inf'", "finite")),
+    "variant not shipped": Case({"MODEL_VARIANT": "fp16"}, ExitCode.CONFIG, ("'fp16'", "MODEL_VARIANT")),
+    "log file under a regular file": Case({"LOG_FILE": "{tmp}/regular-file/server.log"}, ExitCode.FILESYSTEM,
+                                          ("LOG_FILE", "regular-file", "not a directory")),
+    "spool dir under a regular file": Case({"SPOOL_DIR": "{tmp}/regular-file/spool"}, ExitCode.FILESYSTEM,
+                                           ("SPOOL_DIR", "regular-file", "not a directory")),
+    "queue smaller than a request": Case({"MAX_QUEUE": "64", "MAX_TEXTS_PER_REQUEST": "128"}, ExitCode.CONFIG,
+                                         ("MAX_QUEUE=64", "MAX_TEXTS_PER_REQUEST=128")),
+    "nan water mark": Case({"MEMORY_HIGH_WATER": "nan"}, ExitCode.CONFIG, ("MEMORY_HIGH_WATER='nan'",)),
+}
+
+
+def environment(case: Case, tiny: Path, broken: Path | None, tmp: Path) -> dict[str, str]:
+    fill = {"tiny": str(tiny), "broken": str(broken), "tmp": str(tmp)}
+    return {"MODEL_PATH": str(tiny), **{name: value.format(**fill) for name, value in case.env.items()}}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny_artifact, tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """Every case's (exit code, log), from servers started together and awaited together."""
+    servers: dict[str, LiveServer] = {}
+    for name, case in CASES.items():
+        tmp = tmp_path_factory.mktemp("startup")
+        (tmp / "regular-file").write_text("a file where a directory is expected\n")
+        broken = broken_copy(tiny_artifact, tmp, case.breaker) if case.breaker else None
+        servers[name] = start_server(environment(case, tiny_artifact, broken, tmp), tmp, wait_ready=False)
+    deadline = time.monotonic() + 120
+    while any(s.process.poll() is None for s in servers.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for server in servers.values():
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    return {name: (server.process.returncode, server.log()) for name, server in servers.items()}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_start_up_stops_with_one_line_and_its_exit_code(outcomes, name):
+    code, log = outcomes[name]
+    case = CASES[name]
+    assert code == case.code, f"exit {code}, expected {case.code!r}:\n{log}"
+    assert "Traceback" not in log, log
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, log
+    for fragment in case.names:
+        assert fragment in errors[0], errors[0]
+
+
+def test_a_password_in_an_unusable_database_url_is_not_logged(outcomes):
+    assert "s3cret" not in outcomes["database url mysql"][1]
