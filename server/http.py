@@ -19,8 +19,8 @@ Choices the contract leaves open (also in the README's API section): a body that
 not UTF-8, nested past Python's recursion limit, a number of more than 4,300 digits) is 422 ``invalid_json``, like
 JSON of the wrong shape (422 ``invalid_input``); a JSON body must be sent as ``Content-Type: application/json`` (or
 ``*+json``), anything else or none is 415 (the framework would not parse it, and a browser can send text/plain
-cross-site without a preflight); paths are exact: ``/predict/`` is a 404, never a redirect (the framework's built
-its ``Location`` from the client's ``Host`` header).
+cross-site without a preflight); paths are exact: ``/predict/`` is a 404, never a redirect (the framework's
+redirect built its ``Location`` from the client's ``Host`` header).
 """
 
 from __future__ import annotations
@@ -332,7 +332,8 @@ def _add_error_responses(document: dict, routes: Iterable[object]) -> None:
 
 
 def _api_routes(routes: Iterable[object]) -> Iterator[APIRoute]:
-    """The app's API routes: FastAPI >= 0.13x keeps an included router's routes in it, not in ``app.routes``."""
+    """The app's API routes: newer FastAPI (0.165 here) keeps an included router's routes in it, not in
+    ``app.routes``; older versions copy them there."""
     for route in routes:
         if isinstance(route, APIRoute):
             yield route
