@@ -40,7 +40,7 @@ def api(tiny_artifact, tmp_path_factory) -> Iterator[Api]:
     tmp = tmp_path_factory.mktemp("schemathesis")
     database_url = f"sqlite:///{tmp}/store.db"
     live = start_server({"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": database_url, "AUTH_MODE": "required",
-                         "MAX_TEXTS_PER_REQUEST": "8",  # small enough that generated lists reach the 413
+                         "MAX_TEXTS_PER_REQUEST": "8",  # small enough that generated lists can reach the 413
                          "LOG_LEVEL": "WARNING"}, tmp)
     try:
         created = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--database-url",
