@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
 
@@ -62,10 +62,11 @@ class VariantEntry(_Entry):
 class ManifestSchema(_Entry):
     """The manifest's fields and their types; fields not named here (parity, evaluation, ...) are kept as is."""
 
-    name: StrictStr = Field(min_length=1)
-    version: StrictStr = Field(min_length=1)
+    # Lengths: the prediction store's columns (server/store/tables.py); a longer one could never be recorded.
+    name: StrictStr = Field(min_length=1, max_length=128)
+    version: StrictStr = Field(min_length=1, max_length=64)
     architecture: StrictStr
-    labels: list[StrictStr] = Field(min_length=2)
+    labels: list[Annotated[StrictStr, Field(min_length=1, max_length=32)]] = Field(min_length=2)
     max_sequence_length: StrictInt = Field(ge=2, le=MAX_SEQUENCE_LENGTH_CAP)
     files: dict[str, FileEntry]
     variants: dict[Literal["fp32", "int8", "fp16"], VariantEntry] = Field(min_length=1)
@@ -75,8 +76,8 @@ class ManifestSchema(_Entry):
     @field_validator("labels")
     @classmethod
     def _distinct(cls, labels: list[str]) -> list[str]:
-        if len(set(labels)) != len(labels) or not all(labels):
-            raise ValueError("labels must be distinct, non-empty names in logit order")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct names, in logit order")
         return labels
 
 
@@ -86,7 +87,7 @@ def describe_schema_error(error: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     value = repr(first.get("input"))
     value = value if len(value) <= 60 else value[:57] + "..."
-    return f"{where}: {first['msg']} (got {value})"
+    return f"{where}: {first['msg'].removeprefix('Value error, ')} (got {value})"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -13,11 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "default"
+MAX_DURATION_S = 86_400.0  # the longest timeout, wait or interval a setting may give
 
 
 class ConfigError(ValueError):
@@ -113,6 +114,16 @@ class Settings(BaseSettings):
     log_max_bytes: int = Field(50 * 1024 * 1024, ge=0, description="rotate LOG_FILE at this size (0 = never)")
     log_backups: int = Field(3, ge=0, description="rotated LOG_FILE copies kept")
 
+    @field_validator("request_timeout_s", "header_timeout_s", "drain_grace_s", "drain_timeout_s", "db_pool_timeout_s",
+                     "key_cache_ttl_s", "max_wait_ms")
+    @classmethod
+    def _at_most_a_day(cls, value: float, info: ValidationInfo) -> float:
+        """Finite is not enough: a timer beyond threading's TIMEOUT_MAX raises OverflowError where it is used."""
+        limit = MAX_DURATION_S * (1000 if info.field_name.endswith("_ms") else 1)
+        if value > limit:
+            raise ValueError(f"must be at most {limit:g} (one day)")
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -129,7 +140,8 @@ def describe_error(error: ValidationError) -> str:
     first = error.errors()[0]
     name = str(first["loc"][0]).upper() if first["loc"] else "?"
     value = first.get("input")
-    return f"invalid configuration: {name}={value!r}: {first['msg']}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid configuration: {name}={value!r}: {message}"
 
 
 def load_settings(**overrides: object) -> Settings:

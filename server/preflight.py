@@ -75,6 +75,12 @@ def check_database_url(settings: Settings) -> str:
         url = database_url(settings.database_url)
     except ConfigError as exc:
         raise StartupError(str(exc), ExitCode.DATABASE) from None
+    try:
+        url.get_dialect().import_dbapi()
+    except Exception as exc:  # NoSuchModuleError for an unknown driver, ImportError for one not installed
+        raise StartupError(f"DATABASE_URL={redact(settings.database_url)!r}: driver {url.drivername!r} unusable "
+                           f"({first_line(exc)}); install it (pip install '.[postgres]' for PostgreSQL) or use "
+                           "postgresql:// (psycopg 3)", ExitCode.DATABASE) from None
     return f"DATABASE_URL {redact(settings.database_url)} ({url.get_backend_name()})"
 
 

@@ -27,6 +27,7 @@ from server.primitives import ModelIdentity
 from server.runtime import ModelRuntime, load_checked
 
 log = logging.getLogger(__name__)
+STORE_CLOSE_MIN_S = 5.0  # the store's shutdown always gets this long, however little of the drain's time is left
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Services:
     memory_guard: MemoryGuard
     gpu: GpuMonitor
     draining: bool = False
+    drain_deadline: float | None = None  # time.monotonic() by which accepted requests must be answered
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -58,21 +60,38 @@ class Services:
     def is_ready(self) -> bool:
         return self.runtime.warm and not self.draining
 
-    def begin_drain(self) -> None:
+    def begin_drain(self, deadline: float | None = None) -> None:
+        """Not ready from now on (/ready and new /predict answer 503).
+
+        ``deadline`` (``time.monotonic()``) is when requests under way must have been answered; without one,
+        DRAIN_TIMEOUT_S from the first call.
+        """
         if not self.draining:
             log.info("draining: not ready, finishing accepted requests")
         self.draining = True
         self.metrics.ready.set(0)
+        if deadline is not None:
+            self.drain_deadline = deadline
+        elif self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
 
     async def close(self) -> None:
+        """Answer what the batcher accepted (until the drain deadline), stop the monitors, close the store.
+
+        The store gets the time left until the deadline, and at least ``STORE_CLOSE_MIN_S``: even after a drain
+        that used all its time, what it holds is written or spooled rather than lost.
+        """
         self.begin_drain()
-        await self.runtime.batcher.drain()
+        await self.runtime.batcher.drain(timeout=self._time_left())
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.keys.close()
-        await self.store.close()
+        await self.store.close(max(self._time_left(), STORE_CLOSE_MIN_S))
         self.gpu.close()
+
+    def _time_left(self) -> float:
+        return max(0.0, self.drain_deadline - time.monotonic())
 
     def publish_model_info(self) -> None:
         self.metrics.model_info.clear()
@@ -118,9 +137,8 @@ class Services:
         Every failure, whatever raised it, leaves the serving model in place, is logged at ERROR, counted in
         ``sentiment_model_reloads_total{result="failed"}`` and returned with its reason (answered 409).
         """
-        old = self.runtime.identity
         async with self._reload_lock:
-            loop = asyncio.get_running_loop()
+            old, loop = self.runtime.identity, asyncio.get_running_loop()
             try:
                 path = Path(model_path) if model_path else self.settings.model_path
                 fresh = await loop.run_in_executor(None, self._load_warm, path)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from scripts.benchlib.serverproc import LiveServer, start_server
-from server.exitcodes import ExitCode
+from server.exitcodes import ExitCode, StartupError
+from server.preflight import check_database_url, writable_directory, writable_file
 from tests.broken_artifacts import broken_copy
 
 
@@ -90,3 +91,33 @@ def test_start_up_stops_with_one_line_and_its_exit_code(outcomes, name):
 
 def test_a_password_in_an_unusable_database_url_is_not_logged(outcomes):
     assert "s3cret" not in outcomes["database url mysql"][1]
+
+
+def test_a_writable_folder_is_proved_by_a_probe_file_that_is_then_removed(tmp_path):
+    assert writable_directory(tmp_path / "new" / "spool", "SPOOL_DIR") == f"SPOOL_DIR {tmp_path}/new/spool"
+    assert list(tmp_path.iterdir()) == []  # neither the probe nor the folders are left behind
+
+
+@pytest.mark.parametrize("target, message", [
+    ("regular-file", "SPOOL_DIR {tmp}/regular-file is a file, not a directory"),
+    ("regular-file/spool", "SPOOL_DIR {tmp}/regular-file/spool cannot be created: {tmp}/regular-file is a file"),
+    ("regular-file/a/b", "cannot be created: {tmp}/regular-file is a file"),
+])
+def test_a_folder_that_cannot_exist_is_named(tmp_path, target, message):
+    (tmp_path / "regular-file").write_text("x")
+    with pytest.raises(StartupError) as error:
+        writable_directory(tmp_path / target, "SPOOL_DIR")
+    assert error.value.exit_code == ExitCode.FILESYSTEM
+    assert message.format(tmp=tmp_path) in str(error.value)
+
+
+def test_a_file_setting_naming_a_directory_is_refused(tmp_path):
+    with pytest.raises(StartupError, match="is a directory; LOG_FILE must name a file"):
+        writable_file(tmp_path, "LOG_FILE")
+
+
+def test_a_database_driver_that_is_not_installed_is_a_database_error(make_settings):
+    with pytest.raises(StartupError) as error:
+        check_database_url(make_settings(database_url="postgresql+nosuchdriver://app:s3cret@db/predictions"))
+    assert error.value.exit_code == ExitCode.DATABASE and "nosuchdriver" in str(error.value)
+    assert "s3cret" not in str(error.value)

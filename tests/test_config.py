@@ -1,0 +1,49 @@
+"""Settings: each value checked alone (finite, bounded), and the ones that must fit together checked together."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import ConfigError, Settings, check_relationships, load_settings
+
+FLOAT_SETTINGS = [name for name, field in Settings.model_fields.items() if field.annotation is float]
+
+
+def test_there_are_float_settings_to_check():
+    assert {"request_timeout_s", "memory_high_water", "max_wait_ms"} <= set(FLOAT_SETTINGS)
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+def test_no_float_setting_accepts_a_non_finite_value(monkeypatch, name, value):
+    monkeypatch.setenv(name.upper(), value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert str(error.value) == f"invalid configuration: {name.upper()}={value!r}: Input should be a finite number"
+
+
+@pytest.mark.parametrize("name", ["request_timeout_s", "header_timeout_s", "drain_timeout_s", "key_cache_ttl_s"])
+def test_durations_beyond_a_day_are_refused(name):
+    with pytest.raises(ConfigError, match=rf"^invalid configuration: {name.upper()}='1e12': must be at most 86400"):
+        load_settings(**{name: "1e12"})
+    assert getattr(load_settings(**{name: "86400"}), name) == 86400
+
+
+def test_max_wait_ms_is_bounded_in_milliseconds():
+    assert load_settings(max_wait_ms="60000").max_wait_ms == 60000
+    with pytest.raises(ConfigError, match="MAX_WAIT_MS"):
+        load_settings(max_wait_ms="1e9")
+
+
+def test_a_queue_that_cannot_hold_one_request_is_refused_naming_both_variables():
+    settings = load_settings(max_queue=64, max_texts_per_request=128)  # each valid alone
+    with pytest.raises(ConfigError) as error:
+        check_relationships(settings)
+    assert "MAX_QUEUE=64" in str(error.value) and "MAX_TEXTS_PER_REQUEST=128" in str(error.value)
+    check_relationships(load_settings(max_queue=128, max_texts_per_request=128))
+    check_relationships(load_settings())  # the defaults fit together
+
+
+def test_water_marks_must_be_ordered():
+    with pytest.raises(ConfigError, match="MEMORY_LOW_WATER=0.9.*MEMORY_HIGH_WATER=0.8"):
+        load_settings(memory_low_water=0.9, memory_high_water=0.8)
