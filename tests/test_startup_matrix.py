@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from scripts.benchlib.serverproc import LiveServer, start_server
+from server.config import load_settings
 from server.exitcodes import ExitCode, StartupError
 from server.preflight import check_database_url, writable_directory, writable_file
 from tests.broken_artifacts import broken_copy
@@ -116,8 +117,8 @@ def test_a_file_setting_naming_a_directory_is_refused(tmp_path):
         writable_file(tmp_path, "LOG_FILE")
 
 
-def test_a_database_driver_that_is_not_installed_is_a_database_error(make_settings):
+def test_a_database_driver_that_is_not_installed_is_a_database_error():
     with pytest.raises(StartupError) as error:
-        check_database_url(make_settings(database_url="postgresql+nosuchdriver://app:s3cret@db/predictions"))
+        check_database_url(load_settings(database_url="postgresql+nosuchdriver://app:s3cret@db/predictions"))
     assert error.value.exit_code == ExitCode.DATABASE and "nosuchdriver" in str(error.value)
     assert "s3cret" not in str(error.value)
