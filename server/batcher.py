@@ -129,6 +129,7 @@ class Batcher:
         self._metrics = metrics
         self._token_budget = token_budget or (lambda: settings.max_batch_tokens)
         self._waiting: list[WorkItem] = []
+        self._pending: set[PendingRequest] = set()  # submitted and not yet answered (a drain's time limit fails them)
         self._workers = engine_workers(settings, engine.device)
         self._free_workers = self._workers
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="engine")
@@ -165,6 +166,7 @@ class Batcher:
         now = time.monotonic()
         request.items = [WorkItem(ids, request, index, now) for index, ids in enumerate(encodings)]
         self._waiting.extend(request.items)
+        self._pending.add(request)
         self._settle()
         request.timer = loop.call_later(timeout, self._deadline_passed, request, True)
         if not self._dispatch_scheduled:
@@ -178,14 +180,32 @@ class Batcher:
             raise
         finally:
             request.timer.cancel()
+            self._pending.discard(request)
 
-    async def drain(self) -> None:
-        """Refuse new work, answer everything accepted, then stop the workers."""
+    async def drain(self, timeout: float | None = None) -> int:
+        """Refuse new work and answer everything accepted, then stop the workers.
+
+        What is still unanswered after ``timeout`` seconds fails with 503 (``Draining``) and the workers are
+        stopped without waiting: an engine call that hangs is left behind rather than holding shutdown up.
+        Returns how many requests failed so.
+        """
         self._draining = True
         if self._loop is not None:
             self._dispatch()
-            await self._quiet.wait()
+            try:
+                if not self._quiet.is_set():
+                    await asyncio.wait_for(self._quiet.wait(), timeout)
+            except TimeoutError:
+                abandoned = [request for request in self._pending if not request.future.done()]
+                log.warning("drain: %d requests not answered within %.1f s, failed with 503", len(abandoned), timeout)
+                for request in abandoned:
+                    request.fail(Draining("the server shut down before this request was answered; "
+                                          "retry on another replica"))
+                self._forget(list(self._waiting))
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                return len(abandoned)
         self._executor.shutdown(wait=True)
+        return 0
 
     def _forget(self, items: list[WorkItem]) -> None:
         gone = set(map(id, items))
