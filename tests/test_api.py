@@ -11,6 +11,7 @@ from server.artifact import load_artifact
 from server.engine import create_engine, softmax
 from server.oom import FaultInjectingEngine
 from server.tokenizer import TextEncoder, pad_batch
+from tests.model_fixtures import TINY_MAX_LENGTH
 
 TEXTS = ["an utterly charming film", "boring", "the plot is thin but the acting is superb and moving",
          "i hated every minute of it", "fine"]
@@ -120,12 +121,14 @@ def test_health_ready_metrics_docs(client):
 
 
 def test_unrecoverable_engine_failure_is_503_never_a_hang(make_settings):
-    def broken(engine):
-        return FaultInjectingEngine(engine, fail_when=lambda batch, length: length > 20, message="CUDA driver exploded")
+    def broken(engine):  # start-up's smoke test runs the model's max length, which must work: fail only between
+        return FaultInjectingEngine(engine, fail_when=lambda batch, length: 20 < length < TINY_MAX_LENGTH,
+                                    message="CUDA driver exploded")
 
     with TestClient(create_app(make_settings(warmup=False), wrap_engine=broken)) as c:
         response = c.post("/predict", json={"text": "word " * 30})
         assert response.status_code == 503 and "inference failed" in response.json()["error"]
+        assert response.json()["type"] == "inference_failed"
         assert response.headers["retry-after"]
         assert c.post("/predict", json={"text": "short"}).status_code == 200
 
