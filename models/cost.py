@@ -24,9 +24,11 @@ from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceC
 
 from models.data import load_labeled
 from models.evaluate import length_sorted_batches, texts_per_second
-from models.export import DEFAULT_MAX_LENGTH, export_onnx, load_checkpoint, ort_session
+from models.export import export_onnx, load_checkpoint, ort_session
 from models.minilm import build_classifier_from_bert_dir, minilm_dir
 from models.quantize import quantize_int8
+
+MAX_LENGTH = 128  # the length models.finetune trains at; cost is compared at it
 
 
 def distilbert_base_sized(vocab_size: int, seed: int = 0) -> DistilBertForSequenceClassification:
@@ -42,7 +44,7 @@ def compare(checkpoint: str | None, data: Path, batch_size: int, threads: int, p
         ours = build_classifier_from_bert_dir(minilm_dir()).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
     models = {"ours": ours, "distilbert_base_sized": distilbert_base_sized(ours.config.vocab_size)}
-    ids = tokenizer(load_labeled(data, limit=limit).texts, truncation=True, max_length=DEFAULT_MAX_LENGTH)["input_ids"]
+    ids = tokenizer(load_labeled(data, limit=limit).texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
     batches = length_sorted_batches([np.asarray(row, dtype=np.int64) for row in ids], batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}

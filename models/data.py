@@ -1,4 +1,9 @@
-"""Labeled text files (TSV or CSV with a ``text`` and a ``label`` column)."""
+"""Labeled text files (TSV or CSV with a ``text`` and a ``label`` column).
+
+A label is kept as the file spells it (``1``, ``positive``, ``LABEL_2``): what it
+means for a given model is decided by ``models.labels``, which matches it to
+the model's label names, never to an output position alone.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pathlib import Path
 @dataclass(frozen=True)
 class LabeledData:
     texts: list[str]
-    labels: list[int]
+    labels: list[str]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -35,13 +40,13 @@ def load_labeled(path: str | Path, limit: int | None = None) -> LabeledData:
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}; header must name text and label")
         texts: list[str] = []
-        labels: list[int] = []
+        labels: list[str] = []
         for line_no, row in enumerate(reader, start=2):
-            try:
-                labels.append(int(row["label"]))
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}:{line_no}: label {row['label']!r} is not an integer") from None
-            texts.append(row["text"].strip())
+            label = (row["label"] or "").strip()
+            if not label:
+                raise ValueError(f"{path}:{line_no}: the label is empty")
+            labels.append(label)
+            texts.append((row["text"] or "").strip())
             if limit is not None and len(texts) >= limit:
                 break
     return LabeledData(texts, labels)

@@ -6,8 +6,17 @@ formed from length-sorted texts (the batcher groups by length too). An HF
 checkpoint is run in PyTorch for comparison. ``examples_per_s`` counts model
 time only (tokenization excluded), so variants compare like for like.
 
+The file's labels are matched to the model's label names (``models.labels``:
+same name, ``LABEL_i``, or SST-2's 0 = negative / 1 = positive), or as
+``--label-map`` says; when they cannot be matched nothing is computed and
+nothing recorded: the command exits naming the labels on both sides. The
+confusion matrix has the model's labels in logit order on both axes (rows:
+the file's label, columns: the prediction); ``unused_labels`` lists model
+labels the file never uses (predicting one is always an error there).
+
     python -m models.evaluate --artifact models/default --variant int8 --data ../shared/data/sst2/dev.tsv
     python -m models.evaluate --checkpoint build/finetune/best --data ../shared/data/sst2/dev.tsv
+    python -m models.evaluate --artifact my-artifact --data mine.tsv --label-map neg=negative,pos=positive
 """
 
 from __future__ import annotations
@@ -26,9 +35,10 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from models.data import LabeledData, load_labeled
-from models.export import DEFAULT_MAX_LENGTH, load_checkpoint, ort_session, torch_logits
+from models.export import ExportError, labels_of, load_checkpoint, ort_session, torch_logits, usable_positions
+from models.labels import LabelMismatch, parse_label_map, resolve_labels
 from models.manifest import record_evaluation
-from server.artifact import TOKENIZER, load_artifact
+from server.artifact import MANIFEST, TOKENIZER, ArtifactError, load_artifact
 from server.tokenizer import TextEncoder, pad_batch
 
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -37,11 +47,16 @@ BATCH_SIZE = 32
 
 
 def evaluate(
-    predict: Predict, encode: Encode, data: LabeledData, batch_size: int = BATCH_SIZE
+    predict: Predict, encode: Encode, data: LabeledData, model_labels: list[str], batch_size: int = BATCH_SIZE,
+    label_map: dict[str, str] | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """(metrics, logits in input order) of ``predict`` on ``data``."""
+    """(metrics, logits in input order) of ``predict`` on ``data``; ``LabelMismatch`` before any work if the
+    file's labels cannot be matched to ``model_labels``."""
     if not len(data):
         raise ValueError("no labeled examples to evaluate on")
+    mapping = resolve_labels(data.labels, model_labels, label_map)
+    position = {label: i for i, label in enumerate(model_labels)}
+    targets = np.asarray([position[mapping[label]] for label in data.labels])
     rows = encode(data.texts)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     logits: np.ndarray | None = None
@@ -53,15 +68,24 @@ def evaluate(
         batch = np.asarray(predict(ids, mask), dtype=np.float32)
         seconds += time.perf_counter() - began
         if logits is None:
+            if batch.shape[1] != len(model_labels):
+                raise ValueError(f"the model gives {batch.shape[1]} logits per text but has {len(model_labels)} "
+                                 f"labels {model_labels}")
             logits = np.zeros((len(rows), batch.shape[1]), dtype=np.float32)
         logits[index] = batch
-    labels, predicted = np.asarray(data.labels), logits.argmax(-1)
-    num_labels = logits.shape[1]
+    predicted = logits.argmax(-1)
+    binary = len(model_labels) == 2
+    present = sorted(set(targets.tolist()))
     result = {
         "examples": len(rows),
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "f1": float(f1_score(labels, predicted, average="binary" if num_labels == 2 else "macro")),
-        "confusion_matrix": confusion_matrix(labels, predicted, labels=list(range(num_labels))).tolist(),
+        "accuracy": float(accuracy_score(targets, predicted)),
+        "f1": float(f1_score(targets, predicted, average="binary" if binary else "macro",
+                             labels=None if binary else present, zero_division=0)),
+        "f1_average": f"binary ({model_labels[1]})" if binary else "macro over the file's labels",
+        "labels": list(model_labels),
+        "label_mapping": mapping,
+        "unused_labels": [label for i, label in enumerate(model_labels) if i not in present],
+        "confusion_matrix": confusion_matrix(targets, predicted, labels=list(range(len(model_labels)))).tolist(),
         "examples_per_s": round(len(rows) / seconds, 1),
         "batch_size": batch_size,
     }
@@ -109,31 +133,51 @@ def artifact_encoder(path: Path) -> Encode:
     return TextEncoder(path, truncation["max_length"]).encode
 
 
+def manifest_labels(onnx_file: Path) -> list[str]:
+    """The labels in the ``manifest.json`` beside an ONNX file (an artifact's)."""
+    manifest = onnx_file.parent / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"no {MANIFEST} beside {onnx_file}: the model's labels are unknown (pass them)")
+    return list(json.loads(manifest.read_text())["labels"])
+
+
 def evaluate_onnx(
     path: Path,
     data_file: Path,
     batch_size: int = BATCH_SIZE,
     threads: int = 0,
     tokenizer: Path | None = None,
+    labels: list[str] | None = None,
+    label_map: dict[str, str] | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """Evaluate one ONNX file with ``tokenizer`` (default: the ``tokenizer.json`` beside it)."""
+    """Evaluate one ONNX file with ``tokenizer`` (default: the ``tokenizer.json`` beside it) and ``labels``
+    (default: the manifest's beside it)."""
+    labels = labels if labels is not None else manifest_labels(path)
+    data = load_labeled(data_file)
+    resolve_labels(data.labels, labels, label_map)  # refuse before a session is built
     session = ort_session(path, threads, cuda=True)  # fp16's home is CUDA
     encode = artifact_encoder(tokenizer or path.parent / TOKENIZER)
-    result, logits = evaluate(session_predict(session), encode, load_labeled(data_file), batch_size)
+    result, logits = evaluate(session_predict(session), encode, data, labels, batch_size, label_map)
     return {**result, "provider": session.get_providers()[0], "threads": threads or os.cpu_count()}, logits
 
 
 def evaluate_checkpoint(
-    checkpoint: str, data_file: Path, max_length: int, batch_size: int = BATCH_SIZE
+    checkpoint: str, data_file: Path, max_length: int | None = None, batch_size: int = BATCH_SIZE,
+    label_map: dict[str, str] | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """Evaluate an HF checkpoint (dir or Hub id) in PyTorch."""
+    """Evaluate an HF checkpoint (dir or Hub id) in PyTorch, truncating at ``max_length`` (default: what the
+    model takes)."""
     model, tokenizer = load_checkpoint(checkpoint)
+    max_length = max_length or usable_positions(model, tokenizer)
 
     def encode(texts: list[str]) -> list[np.ndarray]:
         ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         return [np.asarray(row, dtype=np.int64) for row in ids]
 
-    return evaluate(lambda ids, mask: torch_logits(model, ids, mask), encode, load_labeled(data_file), batch_size)
+    def predict(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return torch_logits(model, ids, mask)
+
+    return evaluate(predict, encode, load_labeled(data_file), labels_of(model), batch_size, label_map)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,18 +187,25 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--checkpoint", help="HF checkpoint directory or Hub id (results printed only)")
     parser.add_argument("--variant", default="int8", help="artifact variant: fp32, int8 or fp16")
     parser.add_argument("--data", required=True, type=Path, help="labeled TSV/CSV (text, label)")
+    parser.add_argument("--label-map", help="the file's labels as the model's, e.g. 0=negative,1=positive "
+                                            "(default: matched by name)")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, help="for --checkpoint")
+    parser.add_argument("--max-length", type=int, help="for --checkpoint (default: what the model takes)")
     parser.add_argument("--no-write", action="store_true", help="do not record the results in manifest.json")
     args = parser.parse_args(argv)
-    if args.checkpoint:
-        result, _ = evaluate_checkpoint(args.checkpoint, args.data, args.max_length, args.batch_size)
-    else:
-        artifact = load_artifact(args.artifact)
-        result, _ = evaluate_onnx(artifact.variant_path(args.variant), args.data, args.batch_size, args.threads)
-        if not args.no_write:
-            record_evaluation(args.artifact, args.variant, result, args.data)
+    try:
+        label_map = parse_label_map(args.label_map)
+        if args.checkpoint:
+            result, _ = evaluate_checkpoint(args.checkpoint, args.data, args.max_length, args.batch_size, label_map)
+        else:
+            artifact = load_artifact(args.artifact)
+            result, _ = evaluate_onnx(artifact.variant_path(args.variant), args.data, args.batch_size, args.threads,
+                                      labels=artifact.labels, label_map=label_map)
+            if not args.no_write:
+                record_evaluation(args.artifact, args.variant, result, args.data, label_map)
+    except (LabelMismatch, ExportError, ArtifactError, FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"{args.data}: {exc}" if isinstance(exc, LabelMismatch) else str(exc)) from None
     print(json.dumps(result))
 
 

@@ -11,6 +11,13 @@ is kept beside the trained ones and evaluated too; either can become ``best``.
 Averaging smooths the last steps' noise, which on small encoders is worth a
 few tenths of a point of accuracy for the price of one extra evaluation.
 
+Labels: a base that is already a classifier with named labels (a model you
+serve, retrained on its exported feedback) keeps its labels and head; any
+other base gets a fresh NEGATIVE/POSITIVE head. The files' labels are matched
+to those names (``models.labels``: the same name in any case, or SST-2's
+0 = negative / 1 = positive), so ``sentiment-analyzer feedback export``'s
+named labels and SST-2's 0/1 both train the right output.
+
     python -m models.finetune --base minilm --train ../shared/data/sst2/train.tsv \
         --dev ../shared/data/sst2/dev.tsv --out build/finetune
 """
@@ -28,9 +35,11 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from models.data import LabeledData, load_labeled
+from models.data import load_labeled
+from models.export import labels_of
+from models.labels import label_positions
 from models.minilm import LABELS, build_classifier_from_bert_dir, minilm_dir
 
 MINILM = "minilm"
@@ -56,14 +65,23 @@ class TrainConfig:
 
 
 def load_base(base: str, seed: int):
-    """(model, tokenizer) for a Hub id, a local checkpoint directory, or ``minilm``."""
+    """(model, tokenizer) for a Hub id, a local checkpoint directory, or ``minilm`` (labels: module docstring)."""
     if base == MINILM:
         return build_classifier_from_bert_dir(minilm_dir(), seed=seed), AutoTokenizer.from_pretrained(str(minilm_dir()))
     torch.manual_seed(seed)
+    if is_named_classifier(AutoConfig.from_pretrained(base)):
+        return AutoModelForSequenceClassification.from_pretrained(base), AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)}
     )
     return model, AutoTokenizer.from_pretrained(base)
+
+
+def is_named_classifier(config) -> bool:
+    """A sequence-classification checkpoint whose labels have names (not Hugging Face's LABEL_<i>)."""
+    heads = [a for a in config.architectures or [] if a.endswith("ForSequenceClassification")]
+    names = [str(label) for label in config.id2label.values()]
+    return bool(heads) and not all(name.upper().startswith("LABEL_") for name in names)
 
 
 def seed_everything(seed: int) -> None:
@@ -72,17 +90,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batches(data: LabeledData, order: list[int], batch_size: int, tokenizer, max_length: int):
+@dataclass(frozen=True)
+class Examples:
+    """Texts and their targets as logit positions of the model being trained."""
+
+    texts: list[str]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def load_examples(path: str, labels: list[str], limit: int | None = None) -> Examples:
+    data = load_labeled(path, limit=limit)
+    return Examples(data.texts, label_positions(data.labels, labels))
+
+
+def batches(data: Examples, order: list[int], batch_size: int, tokenizer, max_length: int):
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         enc = tokenizer(
             [data.texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
-        yield enc["input_ids"], enc["attention_mask"], torch.tensor([data.labels[i] for i in idx])
+        yield enc["input_ids"], enc["attention_mask"], torch.tensor([data.targets[i] for i in idx])
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, data: LabeledData, max_length: int, batch_size: int = 64) -> float:
+def accuracy(model, tokenizer, data: Examples, max_length: int, batch_size: int = 64) -> float:
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.texts[i]))
     correct = 0
@@ -100,8 +134,8 @@ def fine_tune(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tokenizer = load_base(cfg.base, cfg.seed)
-    train = load_labeled(cfg.train, limit=cfg.train_limit)
-    dev = load_labeled(cfg.dev)
+    train = load_examples(cfg.train, labels_of(model), limit=cfg.train_limit)
+    dev = load_examples(cfg.dev, labels_of(model))
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     total_steps = max(1, int(steps_per_epoch * cfg.epochs))
 

@@ -67,12 +67,21 @@ def write_manifest(
     return manifest
 
 
-def record_evaluation(directory: Path, variant: str, result: dict[str, Any], data_file: Path) -> dict[str, Any]:
-    """Store one variant's evaluation (and its accuracy on the variant entry) in an existing manifest."""
+def record_evaluation(directory: Path, variant: str, result: dict[str, Any], data_file: Path,
+                      label_map: dict[str, str] | None = None) -> dict[str, Any]:
+    """Store one variant's evaluation (and its accuracy on the variant entry) in an existing manifest.
+
+    Results on another file replace the earlier ones (every result under ``evaluation`` is on one file).
+    """
     path = directory / MANIFEST
     manifest = json.loads(path.read_text())
     evaluation = manifest.setdefault("evaluation", {})
+    if evaluation.get("data") != str(data_file):
+        evaluation["results"] = {}
+        for info in manifest["variants"].values():
+            info["accuracy"] = None
     evaluation["data"] = str(data_file)
+    evaluation["label_map"] = label_map
     evaluation.setdefault("results", {})[variant] = result
     if variant in manifest["variants"]:
         manifest["variants"][variant]["accuracy"] = result["accuracy"]
@@ -81,16 +90,27 @@ def record_evaluation(directory: Path, variant: str, result: dict[str, Any], dat
 
 
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {
+    """What a build prints: identity, labels, length, each shipped variant, and what was checked but not shipped."""
+    out = {
         "name": manifest["name"],
         "version": manifest["version"],
         "labels": manifest["labels"],
+        "max_sequence_length": manifest["max_sequence_length"],
         "variants": {
             v: {"file": info["file"], "accuracy": info.get("accuracy"), "parity": info.get("parity")}
             for v, info in manifest["variants"].items()
         },
         "megabytes": round(sum(f["bytes"] for f in manifest["files"].values()) / 1e6, 1),
     }
+    results = (manifest.get("evaluation") or {}).get("results", {})
+    unshipped = {v: {"parity": parity, "accuracy": results.get(v, {}).get("accuracy")}
+                 for v, parity in (manifest.get("parity") or {}).items()
+                 if isinstance(parity, dict) and v not in manifest["variants"]}
+    if unshipped:
+        out["checked_not_shipped"] = unshipped
+        out["note"] = (f"{', '.join(unshipped)} built and checked but not shipped; build with --keep-fp32 (or "
+                       "--variants ...,fp32) to ship model.onnx for MODEL_VARIANT=fp32 and the fp32 benchmarks")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

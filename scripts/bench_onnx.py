@@ -5,7 +5,10 @@
         --out bench_results/onnx
 
 Variants that cannot run here (no checkpoint, no GPU, no such artifact file) are skipped with a
-line saying why. Writes bench.json, bench.csv, throughput.png and latency.png into --out.
+line saying why; the ONNX Runtime fp32 variants need an artifact built with ``--keep-fp32``
+(``models.build`` checks fp32 but ships only int8 and fp16 by default). Accuracy matches the
+file's labels to the artifact's by name (``--label-map`` when they differ). Writes bench.json,
+bench.csv, throughput.png and latency.png into --out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ from scripts.benchlib.envinfo import usable_cpus  # noqa: E402
 from scripts.benchlib.runners import VARIANTS  # noqa: E402
 
 
+def _label_map(text: str) -> dict[str, str] | None:
+    from models.labels import parse_label_map
+
+    try:
+        return parse_label_map(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", type=Path, required=True, help="model artifact directory (manifest.json, ...)")
@@ -35,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", type=names, default=list(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     parser.add_argument("--eval-limit", type=int, help="score accuracy on the first N texts only (default: all)")
     parser.add_argument("--eval-batch-size", type=int, default=32)
+    parser.add_argument("--label-map", type=_label_map, help="the file's labels as the artifact's, e.g. "
+                                                             "0=negative,1=positive (default: matched by name)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/onnx"), help="output directory")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -47,11 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from models.labels import LabelMismatch
     from scripts.benchlib.offline import BenchConfig, run_benchmark
     from scripts.benchlib.report import write_all
 
     options = {key: value for key, value in vars(args).items() if key != "out"}
-    report = run_benchmark(BenchConfig(**options))
+    try:
+        report = run_benchmark(BenchConfig(**options))
+    except LabelMismatch as exc:
+        raise SystemExit(f"{args.data}: {exc}") from None
+    except ValueError as exc:  # e.g. a sequence length beyond the artifact's maximum
+        raise SystemExit(str(exc)) from None
     for path in write_all(report, args.out):
         print(f"wrote {path}")
     return 0

@@ -149,7 +149,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     """The manifest as a dict, checked against ``ManifestSchema``; raises ``ArtifactError`` naming the problem."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        raise ArtifactError(f"model manifest missing: {manifest_path} (rebuild the artifact with `make model`)")
+        if (directory / "config.json").is_file():
+            raise ArtifactError(f"{directory} is a Hugging Face checkpoint, not a model artifact: build one with "
+                                f"`python -m models.build --checkpoint {directory} --out ARTIFACT` and serve ARTIFACT")
+        raise ArtifactError(f"model manifest missing: {manifest_path} (build the artifact with `python -m models.build "
+                            f"--checkpoint CHECKPOINT --out {directory}`, or `make model` for the bundled one)")
     try:
         manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -44,9 +44,10 @@ _Shared = TypeVar("_Shared", bound=Hashable)
 
 
 def _pack(size: int, prediction: Prediction) -> bytes:
-    """The entry's charge, score and probabilities as one bytes object (one small allocation, exact size)."""
+    """The entry's charge, score, probabilities and truncation flag as one bytes object (one small allocation,
+    exact size)."""
     probabilities = prediction.probabilities.values()
-    return struct.pack(f"Q{len(probabilities) + 1}d", size, prediction.score, *probabilities)
+    return struct.pack(f"Q{len(probabilities) + 1}d?", size, prediction.score, *probabilities, prediction.truncated)
 
 
 def entry_size(text: str, prediction: Prediction) -> int:
@@ -96,9 +97,10 @@ class PredictionCache:
         self._entries.move_to_end(key)
         self._metrics.cache_hits.inc()
         label, labels, packed = value
-        _, score, *probabilities = struct.unpack(f"Q{len(labels) + 1}d", packed)
+        _, score, *probabilities, truncated = struct.unpack(f"Q{len(labels) + 1}d?", packed)
         probabilities_by_label = dict(zip(labels, probabilities, strict=True))
-        return Prediction(label=label, score=score, probabilities=probabilities_by_label, cached=True)
+        return Prediction(label=label, score=score, probabilities=probabilities_by_label, cached=True,
+                          truncated=truncated)
 
     def put(self, version: str, text: str, prediction: Prediction) -> None:
         """Store, evicting least recently used entries to stay within max_bytes; too large an entry is not kept."""

@@ -5,7 +5,7 @@ that record into it (no module-level globals). Every family is prefixed
 ``sentiment_`` and documented in the README with the question it answers.
 
 Every label value the server can record is created at 0 when ``Metrics`` is
-built (``known_labels`` does it for the model's labels once a model is
+built (``serving_model`` does it for the model's series once a model is
 loaded). A labelled counter has no series until its first child exists, and
 Prometheus' ``increase()`` cannot see a series' first sample as an increase,
 so without this the first OOM, engine failure, failed reload or refusal of a
@@ -13,6 +13,13 @@ kind would never fire its alert. Recording a label value not declared here
 works but starts the series late: add new values to the constants below
 (``REJECTION_REASONS`` is the one list of refusal reasons; a new refusal
 anywhere in the server adds its reason there).
+
+The families that describe what the model says (label mix,
+confidence, low-confidence and truncated texts) carry ``model`` and ``version``,
+so the label mix and the drift signal are per model: after a reload to a model
+with other labels, nothing mixes the two. Only the serving model's series exist
+(``serving_model`` removes the previous model's on a swap), so their number is
+bounded by the serving model's labels, however many reloads happen.
 
 Latency buckets start at 50 us: a short text's queue wait and engine time
 are well under a millisecond on a warm server, and a first bucket of 1 ms
@@ -121,12 +128,16 @@ class Metrics:
         self.model_info = Gauge("sentiment_model_info", "The model serving (value 1)",
                                 ["name", "version", "variant", "provider", "device"], registry=r)
         self.ready = Gauge("sentiment_ready", "1 when the model is loaded and warm and not draining", registry=r)
-        self.predictions = Counter("sentiment_predictions", "Predictions by label", ["label"], registry=r)
+        self.predictions = Counter("sentiment_predictions", "Predictions by model and label",
+                                   ["model", "version", "label"], registry=r)
         self.confidence = Histogram("sentiment_prediction_confidence", "Probability of the predicted label",
-                                    buckets=CONFIDENCE_BUCKETS, registry=r)
+                                    ["model", "version"], buckets=CONFIDENCE_BUCKETS, registry=r)
         self.low_confidence = Counter("sentiment_low_confidence_predictions",
-                                      "Predictions whose score is below LOW_CONFIDENCE_THRESHOLD (drift signal)",
-                                      registry=r)
+                                      "Predictions whose score is below the model's low-confidence threshold "
+                                      "(LOW_CONFIDENCE_THRESHOLD scaled to its number of labels; drift signal)",
+                                      ["model", "version"], registry=r)
+        self.truncated = Counter("sentiment_truncated_texts", "Texts longer than the model's max_sequence_length, "
+                                 "of which only the first tokens were read", ["model", "version"], registry=r)
         self.model_reloads = Counter("sentiment_model_reloads", "Model reload attempts by result", ["result"],
                                      registry=r)
 
@@ -155,7 +166,7 @@ class Metrics:
         self.key_cache_fallbacks = Counter("sentiment_auth_key_cache_fallbacks", "Requests authorised from the "
                                            "in-process key cache because the database was unavailable", registry=r)
 
-        self._prediction_labels: tuple[str, ...] = ()  # the serving model's, set by known_labels
+        self._serving: tuple[str, str, tuple[str, ...]] | None = None  # (model, version, labels): serving_model
         self._create_known_children()
 
     def _create_known_children(self) -> None:
@@ -167,17 +178,27 @@ class Metrics:
         for result in RELOAD_RESULTS:
             self.model_reloads.labels(result)
 
-    def known_labels(self, labels: list[str]) -> None:
-        """The serving model's labels: their prediction series start at 0; another model's labels are dropped.
+    def serving_model(self, name: str, version: str, labels: list[str]) -> None:
+        """The model now serving: its series of the model families start at 0; the previous model's are removed.
 
         Called whenever a model starts serving, so ``sentiment_predictions_total`` holds one series per label of
-        the model in use (bounded by its manifest), and the first prediction of a label shows as an increase.
+        the model in use (bounded by its manifest), and its first prediction of a label shows as an increase. The
+        same model reloaded (same name and version) keeps its counts.
         """
-        for stale in set(self._prediction_labels) - set(labels):
-            self.predictions.remove(stale)
+        serving = (name, version, tuple(labels))
+        if serving == self._serving:
+            return
+        if self._serving is not None:
+            old_name, old_version, old_labels = self._serving
+            for label in old_labels:
+                self.predictions.remove(old_name, old_version, label)
+            for family in (self.confidence, self.low_confidence, self.truncated):
+                family.remove(old_name, old_version)
         for label in labels:
-            self.predictions.labels(label)
-        self._prediction_labels = tuple(labels)
+            self.predictions.labels(name, version, label)
+        for family in (self.confidence, self.low_confidence, self.truncated):
+            family.labels(name, version)
+        self._serving = serving
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,16 +8,28 @@ request's texts are tokenized up front and a text over the model's maximum
 length fails that request alone with a 422 naming its own ``texts[i]``. A
 text is therefore never refused inside a computation shared with other
 requests (which would fail them too, naming an index in someone else's list).
+Otherwise a text over the maximum length is cut to it, and its prediction
+says ``truncated`` (cache hits too: the cache keeps the flag).
 
 The drift families (``sentiment_predictions_total``, ``sentiment_prediction_
-confidence``, ``sentiment_low_confidence_predictions_total``) count what the
-model computed: each computation's texts once. Cache hits and requests that
-shared a concurrent computation are not counted again, so a hot text answered
-from the cache cannot mask (or fake) a shift in what the model says.
+confidence``, ``sentiment_low_confidence_predictions_total``) and
+``sentiment_truncated_texts_total`` count what the model computed: each
+computation's texts once. Cache hits and requests that shared a concurrent
+computation are not counted again, so a hot text answered from the cache
+cannot mask (or fake) a shift in what the model says. They carry the model's
+name and version (``Metrics.serving_model``); a computation that finishes on a
+model already swapped out is not counted (its series are gone), so a reload
+can drop the counts of the few batches in flight at the swap.
+
+Low confidence is relative to the number of labels: LOW_CONFIDENCE_THRESHOLD
+is stated for two labels (0.6 = a fifth of the way from chance, 0.5, to
+certainty) and a model with n labels uses the same fraction of the way from
+its chance, 1/n (``low_confidence_threshold``: 0.467 for three labels).
 """
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from collections.abc import Callable
 
@@ -28,10 +40,20 @@ from server.metrics import Metrics
 from server.primitives import Prediction
 from server.runtime import ModelRuntime
 
+log = logging.getLogger(__name__)
+Encode = Callable[[list[str]], tuple[list[np.ndarray], list[bool]]]
+
 
 def normalize(text: str) -> str:
     """The text as the model and the cache see it: Unicode NFC, outer whitespace removed."""
     return unicodedata.normalize("NFC", text).strip()
+
+
+def low_confidence_threshold(configured: float, labels: int) -> float:
+    """LOW_CONFIDENCE_THRESHOLD (stated for two labels) as the same fraction of the way from chance to certainty
+    for a model with ``labels`` labels."""
+    chance = 1.0 / labels
+    return chance + (configured - 0.5) / 0.5 * (1.0 - chance)
 
 
 class Predictor:
@@ -41,49 +63,68 @@ class Predictor:
         self.cache = cache
         self._metrics = metrics
         self._low_confidence = low_confidence_threshold
-        metrics.known_labels(runtime.labels())
+        self._serve(runtime)
 
     def swap(self, runtime: ModelRuntime) -> ModelRuntime:
         """Serve ``runtime`` from now on; returns the previous one (to drain). The cache is emptied."""
         previous, self.runtime = self.runtime, runtime
         self.cache.clear()
-        self._metrics.known_labels(runtime.labels())
+        self._serve(runtime)
         return previous
+
+    def _serve(self, runtime: ModelRuntime) -> None:
+        labels = runtime.labels()
+        self._metrics.serving_model(runtime.identity.name, runtime.identity.version, labels)
+        log.info("model %s %s: labels %s, low-confidence threshold %.3f", runtime.identity.name,
+                 runtime.identity.version, labels, low_confidence_threshold(self._low_confidence, len(labels)))
 
     async def predict(self, texts: list[str], timeout: float | None = None) -> list[Prediction]:
         runtime = self.runtime
-        encode = self._strict_encoder(runtime, texts) if runtime.encoder.strict else runtime.encoder.encode
+        encode = self._strict_encoder(runtime, texts) if runtime.encoder.strict else \
+            runtime.encoder.encode_marking_truncation
 
         async def compute(misses: list[str]) -> list[Prediction]:
-            rows = await runtime.batcher.submit(encode(misses), timeout)
-            predictions = [self._to_prediction(runtime.labels(), row) for row in rows]
-            self._observe(predictions)
+            rows, truncated = encode(misses)
+            probabilities = await runtime.batcher.submit(rows, timeout)
+            labels = runtime.labels()
+            predictions = [self._to_prediction(labels, row, cut) for row, cut in zip(probabilities, truncated,
+                                                                                     strict=True)]
+            self._observe(runtime, predictions)
             return predictions
 
         return await self.cache.get_or_compute(runtime.identity.version, texts, compute)
 
     @staticmethod
-    def _strict_encoder(runtime: ModelRuntime, texts: list[str]) -> Callable[[list[str]], list[np.ndarray]]:
+    def _strict_encoder(runtime: ModelRuntime, texts: list[str]) -> Encode:
         """Tokenize the request's own texts now (InputTooLong names ``texts[i]`` of this request); misses reuse them.
 
         The misses a computation gets are always some of the request's texts, so nothing is tokenized twice.
+        Nothing is truncated in strict mode: a text over the maximum length was refused.
         """
         ids_by_text = dict(zip(texts, runtime.encoder.encode(texts), strict=True))
-        return lambda misses: [ids_by_text[text] for text in misses]
+        return lambda misses: ([ids_by_text[text] for text in misses], [False] * len(misses))
 
     @staticmethod
-    def _to_prediction(labels: list[str], probabilities: np.ndarray) -> Prediction:
+    def _to_prediction(labels: list[str], probabilities: np.ndarray, truncated: bool) -> Prediction:
         best = int(np.argmax(probabilities))
         return Prediction(
             label=labels[best],
             score=float(probabilities[best]),
             probabilities={label: float(p) for label, p in zip(labels, probabilities, strict=True)},
+            truncated=truncated,
         )
 
-    def _observe(self, predictions: list[Prediction]) -> None:
-        m = self._metrics
+    def _observe(self, runtime: ModelRuntime, predictions: list[Prediction]) -> None:
+        if runtime is not self.runtime:  # swapped out while computing: its series are gone (module docstring)
+            return
+        m, name, version = self._metrics, runtime.identity.name, runtime.identity.version
+        threshold = low_confidence_threshold(self._low_confidence, len(runtime.labels()))
+        confidence, low, truncated = (family.labels(name, version)
+                                      for family in (m.confidence, m.low_confidence, m.truncated))
         for p in predictions:
-            m.predictions.labels(p.label).inc()
-            m.confidence.observe(p.score)
-            if p.score < self._low_confidence:
-                m.low_confidence.inc()
+            m.predictions.labels(name, version, p.label).inc()
+            confidence.observe(p.score)
+            if p.score < threshold:
+                low.inc()
+            if p.truncated:
+                truncated.inc()

@@ -9,12 +9,16 @@ from datetime import datetime, timezone
 
 @dataclass(frozen=True)
 class Prediction:
-    """One text's result: the top label, its probability, and every label's probability."""
+    """One text's result: the top label, its probability, and every label's probability.
+
+    ``truncated``: the text was longer than the model's max_sequence_length and only its first tokens were read.
+    """
 
     label: str
     score: float
     probabilities: dict[str, float]
     cached: bool = False
+    truncated: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ class NotFound(ServerError):
     status_code = 404
 
 
+class InvalidLabel(ServerError):
+    status_code = 422
+    error_type = "invalid_label"
+
+
 class TsvResponse(PlainTextResponse):
     media_type = "text/tab-separated-values"
 
@@ -42,7 +47,9 @@ class TsvResponse(PlainTextResponse):
 class FeedbackIn(BaseModel):
     prediction_id: StorableText = Field(..., min_length=1, max_length=32,
                                         description="the id a prediction was stored under")
-    label: Literal["POSITIVE", "NEGATIVE"] = Field(..., description="the correct label")
+    label: StorableText = Field(..., min_length=1, max_length=32,
+                                description="the correct label: one of the serving model's labels (GET /health "
+                                            "model.labels)")
 
 
 class KeyIn(BaseModel):
@@ -78,6 +85,9 @@ async def get_prediction(prediction_id: StorableText, request: Request, _: str |
 @router.post("/feedback", status_code=201, summary="Record the correct label of a prediction",
              responses=error_responses(404))
 async def post_feedback(body: FeedbackIn, request: Request, _: str | None = PREDICT):
+    labels = request.app.state.services.runtime.labels()
+    if body.label not in labels:
+        raise InvalidLabel(f"label {body.label!r} is not one of the serving model's labels: {', '.join(labels)}")
     try:
         saved = await run_db(feedback.add_feedback, _engine(request), body.prediction_id, body.label)
     except feedback.UnknownPrediction:

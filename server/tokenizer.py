@@ -32,8 +32,13 @@ class TextEncoder:
         Strict mode: ``InputTooLong`` names ``texts[i]`` by its index in the list given, so pass one request's
         own texts (``Predictor.predict`` does, before any computation shared with other requests).
         """
+        return self.encode_marking_truncation(texts)[0]
+
+    def encode_marking_truncation(self, texts: list[str]) -> tuple[list[np.ndarray], list[bool]]:
+        """``encode`` and, per text, whether it was cut at ``max_length`` (never in strict mode: it refuses)."""
         encodings = self._tokenizer.encode_batch(texts)
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+        truncated = [bool(e.overflowing) for e in encodings]
         if self.strict:
             for index, row in enumerate(ids):
                 if len(row) > self.max_length:
@@ -41,7 +46,7 @@ class TextEncoder:
                         f"texts[{index}] has {len(row)} tokens; the model accepts at most {self.max_length} "
                         "(shorten it, or run the server with STRICT_TRUNCATION=false to truncate)"
                     )
-        return ids
+        return ids, truncated
 
 
 def pad_batch(rows: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

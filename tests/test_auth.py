@@ -76,7 +76,8 @@ async def make_api(store_db, store_settings, open_store):
         app = FastAPI()
         app.include_router(router)
         install_error_handlers(app)
-        services = SimpleNamespace(settings=settings, metrics=metrics, store=store, keys=cache)
+        runtime = SimpleNamespace(labels=lambda: ["NEGATIVE", "POSITIVE"])  # POST /feedback takes the model's labels
+        services = SimpleNamespace(settings=settings, metrics=metrics, store=store, keys=cache, runtime=runtime)
         app.state.services = services
         api = Api(app, services, secrets, ids)
         clients.append(api.client)
@@ -193,7 +194,7 @@ async def test_store_routes_answer_data_and_actionable_errors(make_api):
     assert (await api.call("POST", "/feedback", {"prediction_id": "{prediction}", "label": "NEGATIVE"},
                            admin)).status_code == 201
     export = await api.call("GET", "/feedback/export", key=admin)
-    assert export.text == "text\tlabel\na fine film\t0\n"
+    assert export.text == "text\tlabel\na fine film\tNEGATIVE\n"
     assert export.headers["content-type"].startswith("text/tab-separated-values")
 
 

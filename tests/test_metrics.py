@@ -40,16 +40,23 @@ def test_a_fresh_metrics_renders_every_known_child_at_zero() -> None:
         assert exported[("sentiment_model_reloads_total", (("result", result),))] == 0
 
 
-def test_known_labels_keep_only_the_serving_models_labels() -> None:
+def test_the_model_families_hold_only_the_serving_models_series() -> None:
     metrics = Metrics()
-    metrics.known_labels(["NEGATIVE", "POSITIVE"])
-    metrics.predictions.labels("POSITIVE").inc()
-    metrics.known_labels(["NEGATIVE", "POSITIVE"])  # the same model reloaded: its counts carry on
+    metrics.serving_model("sst2", "v1", ["NEGATIVE", "POSITIVE"])
+    metrics.predictions.labels("sst2", "v1", "POSITIVE").inc()
+    metrics.truncated.labels("sst2", "v1").inc()
+    metrics.serving_model("sst2", "v1", ["NEGATIVE", "POSITIVE"])  # the same model reloaded: its counts carry on
 
-    assert metrics.registry.get_sample_value("sentiment_predictions_total", {"label": "POSITIVE"}) == 1
-    metrics.known_labels(["neg", "pos"])
-    exported = {labels for name, labels in samples(metrics.render().decode()) if name == "sentiment_predictions_total"}
-    assert exported == {(("label", "neg"),), (("label", "pos"),)}
+    positive = {"model": "sst2", "version": "v1", "label": "POSITIVE"}
+    assert metrics.registry.get_sample_value("sentiment_predictions_total", positive) == 1
+    metrics.serving_model("three", "v2", ["neg", "neu", "pos"])
+    exported = samples(metrics.render().decode())
+    predictions = {labels for name, labels in exported if name == "sentiment_predictions_total"}
+    assert predictions == {(("label", x), ("model", "three"), ("version", "v2")) for x in ("neg", "neu", "pos")}
+    for family in ("sentiment_truncated_texts_total", "sentiment_low_confidence_predictions_total",
+                   "sentiment_prediction_confidence_count"):
+        assert {labels for name, labels in exported if name == family} == {(("model", "three"), ("version", "v2"))}
+        assert exported[(family, (("model", "three"), ("version", "v2")))] == 0
 
 
 def test_every_rejection_reason_the_server_records_is_declared() -> None:
@@ -101,7 +108,9 @@ def test_a_first_oom_is_an_increase_from_a_series_already_at_zero(make_settings)
 
     assert before[oom] == 0
     assert after[oom] >= 1
-    assert before[("sentiment_predictions_total", (("label", "POSITIVE"),))] == 0  # the model's labels, from start
+    positive = [v for (name, labels), v in before.items()
+                if name == "sentiment_predictions_total" and ("label", "POSITIVE") in labels]
+    assert positive == [0]  # the model's labels, from start
     assert before[("sentiment_model_reloads_total", (("result", "failed"),))] == 0
 
 

@@ -28,7 +28,10 @@ async def serving(make_settings):
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
-    return metrics.registry.get_sample_value(name, labels)
+    """The sum of the samples of ``name`` whose labels include ``labels`` (any model and version); None if none."""
+    found = [sample.value for family in metrics.registry.collect() for sample in family.samples
+             if sample.name == name and labels.items() <= sample.labels.items()]
+    return sum(found) if found else None
 
 
 async def test_strict_truncation_names_the_requests_own_index(serving) -> None:
@@ -74,9 +77,13 @@ async def test_the_serving_models_labels_exist_at_zero_and_follow_a_swap(serving
     assert value(metrics, "sentiment_predictions_total", label="NEGATIVE") == 0
     assert value(metrics, "sentiment_predictions_total", label="POSITIVE") == 0
 
-    previous = predictor.swap(SimpleNamespace(labels=lambda: ["negative", "neutral", "positive"]))
+    other = SimpleNamespace(labels=lambda: ["negative", "neutral", "positive"],
+                            identity=SimpleNamespace(name="other", version="v2"))
+    previous = predictor.swap(other)
     predictor.runtime = previous  # the stub only stands in for the swap; the fixture drains the real runtime
 
     assert value(metrics, "sentiment_predictions_total", label="POSITIVE") is None
-    assert [value(metrics, "sentiment_predictions_total", label=x) for x in ("negative", "neutral", "positive")] == [
-        0, 0, 0]
+    assert [value(metrics, "sentiment_predictions_total", model="other", version="v2", label=x)
+            for x in ("negative", "neutral", "positive")] == [0, 0, 0]
+    assert value(metrics, "sentiment_prediction_confidence_count", model="other", version="v2") == 0
+    assert value(metrics, "sentiment_low_confidence_predictions_total", model=previous.identity.name) is None

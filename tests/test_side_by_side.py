@@ -44,10 +44,8 @@ BAD_BODY = (ValueError, KeyError, TypeError, IndexError)
 # -- adapters -----------------------------------------------------------------------------------------------
 
 def test_normalize_label():
-    assert normalize_label("positive") == "POSITIVE"
     assert normalize_label(b"NEGATIVE") == "NEGATIVE"
-    assert normalize_label("LABEL_1") == "POSITIVE"
-    assert normalize_label(" label_0 ") == "NEGATIVE"
+    assert normalize_label(" neutral ") == "neutral"
     with pytest.raises(TypeError):
         normalize_label(1)
 
@@ -56,6 +54,14 @@ def test_correct_count_checks_length():
     assert correct_count(["POSITIVE", "NEGATIVE", "POSITIVE"], [1, 0, 0]) == 2
     with pytest.raises(ValueError):
         correct_count(["POSITIVE"], [1, 0])
+
+
+def test_correct_count_matches_any_models_labels_by_name():
+    """A 3-label model: "neutral" is nobody's 1; names match in any case; LABEL_<i> is position i."""
+    assert correct_count(["neutral", "positive", b"NEGATIVE"], ["neutral", 1, "negative"]) == 3
+    assert correct_count(["neutral", "positive"], [1, " positive"]) == 1  # "1" is never "neutral"
+    assert correct_count(["LABEL_2", "LABEL_0"], [2, 1]) == 1
+    assert correct_count(["good", "bad"], ["good", 0]) == 1  # 0 is "negative" only where a label says so
 
 
 def test_ours_adapter_counts_cached():

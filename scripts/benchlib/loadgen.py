@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from models.labels import model_label_for, resolve_labels
 from scripts.benchlib.workload import Draw, Workload
-
-LABEL_VALUES = {"NEGATIVE": 0, "POSITIVE": 1}
 
 
 @dataclass
@@ -54,12 +53,25 @@ class Sample:
         return self.status == 200 and self.error is None
 
 
-def score(payload: bytes, labels: list[int]) -> tuple[int, int]:
-    """(correct, cached) predictions of a /predict response against the texts' true labels."""
+def label_matches(expected: str | int, predicted: str) -> bool:
+    """Whether a predicted label is the file's ``expected`` one, matched by name as ``models.labels`` matches
+    (same name in any case, ``LABEL_<i>`` for ``i``, SST-2's 0 = negative / 1 = positive)."""
+    return model_label_for(str(expected), [predicted]) == predicted
+
+
+def score(payload: bytes, labels: list[str | int]) -> tuple[int, int]:
+    """(correct, cached) predictions of a /predict response against the texts' true labels.
+
+    The response's ``probabilities`` name every label of the serving model (the artifact's ``labels``); a true
+    label that matches none of them raises ``LabelMismatch``, which stops the load test with the labels on both
+    sides rather than scoring every text wrong.
+    """
     predictions = orjson.loads(payload)["predictions"]
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions for {len(labels)} texts")
-    correct = sum(LABEL_VALUES.get(p["label"]) == y for p, y in zip(predictions, labels, strict=True))
+    if predictions and "probabilities" in predictions[0]:
+        resolve_labels([str(y) for y in labels], list(predictions[0]["probabilities"]))
+    correct = sum(label_matches(y, p["label"]) for p, y in zip(predictions, labels, strict=True))
     return correct, sum(bool(p.get("cached")) for p in predictions)
 
 
@@ -76,12 +88,13 @@ class PredictProtocol:
     def encode(self, draw: Draw) -> bytes:
         return orjson.dumps(draw.body())
 
-    def score(self, payload: bytes, labels: list[int]) -> tuple[int, int]:
+    def score(self, payload: bytes, labels: list[str | int]) -> tuple[int, int]:
         return score(payload, labels)
 
 
 class Client:
-    """Keep-alive connections to one server; ``request`` never raises, it returns a ``Sample``."""
+    """Keep-alive connections to one server; ``request`` returns a ``Sample`` whatever the server does, and raises
+    only ``LabelMismatch`` (the labeled file does not fit the served model: no result would mean anything)."""
 
     def __init__(self, base_url: str, max_connections: int = 256, timeout: float = 30.0,
                  headers: dict[str, str] | None = None, protocol: PredictProtocol | None = None) -> None:

@@ -4,9 +4,10 @@ All variants see the same inputs: real sentences from the labeled file, tokenize
 artifact's tokenizer and padded or truncated to each grid length. Each cell is warmed up, then
 timed ``repeats`` times; throughput is ``batch_size / median latency`` (the median resists the
 outliers a shared machine produces). Accuracy runs each variant over the file at natural lengths
-(length-sorted batches padded to their longest text, as the server's batcher does) and compares
-its logits to the first variant that ran (the reference). Variants run one after another, so only
-one model is in memory at a time.
+(length-sorted batches padded to their longest text, as the server's batcher does), the file's
+labels matched to the artifact's by name (``models.labels``, or ``label_map``; a mismatch stops the
+benchmark before it starts), and compares its logits to the first variant that ran (the reference).
+Variants run one after another, so only one model is in memory at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from models.data import load_labeled
 from models.evaluate import agreement, evaluate
+from models.labels import resolve_labels
 from scripts.benchlib.envinfo import environment, header, usable_cpus
 from scripts.benchlib.inputs import fixed_length_batch
 from scripts.benchlib.runners import SPECS, VARIANTS, Unavailable, build_runner
@@ -43,6 +45,7 @@ class BenchConfig:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     eval_limit: int | None = None
     eval_batch_size: int = 32
+    label_map: dict[str, str] | None = None  # the file's labels as the artifact's (default: matched by name)
 
 
 def time_runner(run: Callable, input_ids: np.ndarray, attention_mask: np.ndarray, warmup: int, repeats: int):
@@ -79,6 +82,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = tqdm.write) 
     if max(config.seq_lens) > artifact.max_length:
         raise ValueError(f"sequence length {max(config.seq_lens)} exceeds the model's maximum {artifact.max_length}")
     data = load_labeled(config.data, limit=config.eval_limit)
+    label_mapping = resolve_labels(data.labels, artifact.labels, config.label_map)
     cells = [(b, s) for b in config.batch_sizes for s in config.seq_lens]
     inputs = {(b, s): fixed_length_batch(artifact.tokenizer_path, data.texts, b, s) for b, s in cells}
     encode = TextEncoder(artifact.tokenizer_path, artifact.max_length).encode
@@ -101,7 +105,8 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = tqdm.write) 
                 seconds = time_runner(runner.run, *inputs[b, s], config.warmup, config.repeats)
                 results.append(cell_result(spec.name, b, s, seconds))
                 bar.update()
-            scores, logits = evaluate(runner.run, encode, data, config.eval_batch_size)
+            scores, logits = evaluate(runner.run, encode, data, artifact.labels, config.eval_batch_size,
+                                      config.label_map)
             reference = reference or (spec.name, logits)
             variants.append({
                 "name": spec.name, "status": "ok", **runner.details, "accuracy": scores["accuracy"], "f1": scores["f1"],
@@ -111,5 +116,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = tqdm.write) 
             bar.update()
             del runner  # free this model before the next one is built
     config_out = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
-    return {"environment": env, "config": config_out, "artifact": {"name": artifact.name, "version": artifact.version},
-            "variants": variants, "results": results}
+    artifact_out = {"name": artifact.name, "version": artifact.version, "labels": artifact.labels,
+                    "label_mapping": label_mapping}
+    return {"environment": env, "config": config_out, "artifact": artifact_out, "variants": variants,
+            "results": results}

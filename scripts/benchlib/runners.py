@@ -59,7 +59,7 @@ def build_runner(spec: Spec, artifact: Artifact, checkpoint: Path | None, thread
     """A ready runner for ``spec``; raises ``Unavailable`` saying why it cannot be built here."""
     if spec.backend == "onnxruntime":
         return _ort_runner(spec, artifact, threads)
-    return _torch_runner(spec, checkpoint, threads)
+    return _torch_runner(spec, checkpoint, artifact.labels, threads)
 
 
 def _ort_runner(spec: Spec, artifact: Artifact, threads: int) -> Runner:
@@ -67,7 +67,9 @@ def _ort_runner(spec: Spec, artifact: Artifact, threads: int) -> Runner:
     if providers[0] not in ort.get_available_providers():
         raise Unavailable(f"onnxruntime {ort.__version__} has no {CUDA} (a CPU build; GPUs need onnxruntime-gpu)")
     if spec.precision not in artifact.variants():
-        raise Unavailable(f"the artifact has no {spec.precision} variant (available: {artifact.variants()})")
+        hint = ("; models.build checks fp32 but ships it only with --keep-fp32: rebuild with it to run this variant"
+                if spec.precision == "fp32" else "")
+        raise Unavailable(f"the artifact has no {spec.precision} variant (available: {artifact.variants()}){hint}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -91,7 +93,16 @@ def _ort_runner(spec: Spec, artifact: Artifact, threads: int) -> Runner:
     return Runner(spec.name, run, details)
 
 
-def _torch_runner(spec: Spec, checkpoint: Path | None, threads: int) -> Runner:
+def same_outputs(checkpoint_labels: list[str], artifact_labels: list[str]) -> bool:
+    """The checkpoint's logits mean the artifact's labels: the same names in the same order, or unnamed positions
+    (``LABEL_<i>``) that ``models.build --labels`` named."""
+    if len(checkpoint_labels) != len(artifact_labels):
+        return False
+    unnamed = all(label.upper() == f"LABEL_{i}" for i, label in enumerate(checkpoint_labels))
+    return unnamed or checkpoint_labels == artifact_labels
+
+
+def _torch_runner(spec: Spec, checkpoint: Path | None, artifact_labels: list[str], threads: int) -> Runner:
     if checkpoint is None:
         raise Unavailable("no --checkpoint given (PyTorch eager runs the Hugging Face checkpoint directory)")
     if not Path(checkpoint).is_dir():
@@ -99,14 +110,21 @@ def _torch_runner(spec: Spec, checkpoint: Path | None, threads: int) -> Runner:
     try:
         import torch
 
-        from models.export import load_checkpoint
+        from models.export import ExportError, labels_of, load_checkpoint
     except ImportError as exc:
         raise Unavailable(f"PyTorch eager needs torch and transformers (pip install .[train]): {exc}") from None
     if spec.device == "cuda" and not torch.cuda.is_available():
         raise Unavailable(f"torch {torch.__version__} sees no usable CUDA device")
     torch.set_num_threads(threads)
     dtype = torch.float16 if spec.precision == "fp16" else torch.float32
-    model = load_checkpoint(checkpoint)[0].to(device=spec.device, dtype=dtype)
+    try:
+        model = load_checkpoint(checkpoint)[0]
+    except ExportError as exc:
+        raise Unavailable(str(exc)) from None
+    if not same_outputs(labels_of(model), artifact_labels):
+        raise Unavailable(f"the checkpoint's labels {labels_of(model)} are not the artifact's {artifact_labels}: "
+                          "it is not the model the artifact was built from")
+    model = model.to(device=spec.device, dtype=dtype)
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -22,7 +22,7 @@ LENGTH_CLASSES = ("short", "medium", "long")
 @dataclass(frozen=True)
 class Draw:
     texts: list[str]
-    labels: list[int]
+    labels: list[str | int]  # as the labeled file spells them; matched to the model's by name when scored
     duplicates: int
 
     def body(self) -> dict:

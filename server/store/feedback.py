@@ -1,8 +1,16 @@
 """Feedback: the correct label for a stored prediction, exported as training data.
 
-The export is what ``models.data.load_labeled`` reads: a header ``text\\tlabel``
-and one row per corrected prediction with label 1 = POSITIVE, 0 = NEGATIVE, read
-verbatim (no quoting), so tabs and line breaks inside a text become spaces.
+A label is one of the serving model's labels at the time the feedback is given
+(``POST /feedback`` checks it against the model in use, so after a reload to a
+model with other labels, those are the ones accepted) and is stored and
+exported by name: a number would mean a different label for a model whose
+labels are in another order or of another count.
+
+The export is what ``models.data.load_labeled`` reads and ``models.finetune``
+trains on: a header ``text\tlabel`` and one row per corrected prediction, the
+label by name (``POSITIVE``, ``neutral``, ...), read verbatim (no quoting), so
+tabs and line breaks inside a text become spaces. (Before named labels the
+column held 1 = POSITIVE, 0 = NEGATIVE; ``models.labels`` still reads that.)
 Predictions stored without their text (STORE_TEXT=false) cannot be exported
 and are counted as skipped.
 """
@@ -18,7 +26,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from server.store.tables import FEEDBACK, PREDICTIONS
 
-LABEL_VALUES = {"NEGATIVE": 0, "POSITIVE": 1}
 _BREAKS = re.compile(r"[\t\r\n]+")
 
 
@@ -27,9 +34,7 @@ class UnknownPrediction(LookupError):
 
 
 def add_feedback(engine: Engine, prediction_id: str, label: str) -> dict[str, Any]:
-    """Record (or replace) the correct label of a prediction."""
-    if label not in LABEL_VALUES:
-        raise ValueError(f"label must be one of {', '.join(LABEL_VALUES)}, not {label!r}")
+    """Record (or replace) the correct label of a prediction (the caller checks it is one of the model's)."""
     values = {"prediction_id": prediction_id, "label": label, "created_at": datetime.now(timezone.utc)}
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(FEEDBACK).values(values)
@@ -57,6 +62,6 @@ def export_feedback(engine: Engine, out: TextIO) -> tuple[int, int]:
             if not clean:
                 skipped += 1
                 continue
-            out.write(f"{clean}\t{LABEL_VALUES[label]}\n")
+            out.write(f"{clean}\t{label}\n")
             written += 1
     return written, skipped

@@ -2,8 +2,10 @@
 
 Each adapter is a ``PredictProtocol`` (``scripts.benchlib.loadgen``): ``encode(draw)`` is the request
 body for the draw's texts, ``labels(payload)`` the predicted label of each text, in order, from a 200
-response, and ``score`` compares them with the true labels. A body that does not parse raises
-``ValueError``/``KeyError``/``TypeError``/``IndexError``, which the client counts as ``bad_response``.
+response, and ``score`` compares them with the true labels by name (``loadgen.label_matches``): every
+server runs the same checkpoint, so each answers the artifact's label names, whatever they are and
+however many. A body that does not parse raises ``ValueError``/``KeyError``/``TypeError``/``IndexError``,
+which the client counts as ``bad_response``.
 
 | server | request | response |
 |---|---|---|
@@ -18,28 +20,24 @@ from __future__ import annotations
 
 import orjson
 
-from scripts.benchlib.loadgen import LABEL_VALUES, PredictProtocol
+from scripts.benchlib.loadgen import PredictProtocol, label_matches
 from scripts.benchlib.workload import Draw
-
-# Checkpoints without named labels answer LABEL_0/LABEL_1; the project's label order is (NEGATIVE, POSITIVE).
-_ALIASES = {"LABEL_0": "NEGATIVE", "LABEL_1": "POSITIVE", "NEG": "NEGATIVE", "POS": "POSITIVE"}
 
 
 def normalize_label(label: object) -> str:
-    """``POSITIVE``/``NEGATIVE`` for a label as a server spells it (case, bytes, ``LABEL_<i>``)."""
+    """A label as a server sent it, as text (Triton's BYTES tensors come back as bytes)."""
     if isinstance(label, bytes):
         label = label.decode()
     if not isinstance(label, str):
         raise TypeError(f"label {label!r} is not a string")
-    text = label.strip().upper()
-    return _ALIASES.get(text, text)
+    return label.strip()
 
 
-def correct_count(predicted: list[str], labels: list[int]) -> int:
-    """How many predicted labels match the true 0/1 labels; raises on a count mismatch."""
+def correct_count(predicted: list[str], labels: list[str | int]) -> int:
+    """How many predicted labels match the true ones (by name); raises on a count mismatch."""
     if len(predicted) != len(labels):
         raise ValueError(f"{len(predicted)} predictions for {len(labels)} texts")
-    return sum(LABEL_VALUES.get(normalize_label(p)) == y for p, y in zip(predicted, labels, strict=True))
+    return sum(label_matches(y, normalize_label(p)) for p, y in zip(predicted, labels, strict=True))
 
 
 class Adapter(PredictProtocol):
@@ -55,7 +53,7 @@ class Adapter(PredictProtocol):
     def labels(self, payload: bytes) -> list[str]:
         return [p["label"] for p in orjson.loads(payload)["predictions"]]
 
-    def score(self, payload: bytes, labels: list[int]) -> tuple[int, int]:
+    def score(self, payload: bytes, labels: list[str | int]) -> tuple[int, int]:
         return correct_count(self.labels(payload), labels), 0
 
 
@@ -65,7 +63,7 @@ class OursAdapter(Adapter):
     name = "ours"
     health_path = "/ready"
 
-    def score(self, payload: bytes, labels: list[int]) -> tuple[int, int]:
+    def score(self, payload: bytes, labels: list[str | int]) -> tuple[int, int]:
         return PredictProtocol.score(self, payload, labels)
 
 
