@@ -9,7 +9,8 @@ SST2 ?= ../shared/data/sst2
 FINETUNE_DIR ?= build/finetune
 URL ?= http://127.0.0.1:8000
 
-.PHONY: install install-dev run test lint model model-finetune model-build bench loadtest soak gpu-carry docker doctor clean
+.PHONY: install install-dev run test lint model model-finetune model-build bench loadtest soak gpu-carry docker \
+	docker-cpu docker-cuda base-image doctor clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,9 +66,25 @@ gpu-carry: | $(BIN)/python       ## what scripts/gpu_check.sh needs carried to a
 		-d build/gpu_carry/wheels pydantic-settings
 	cp $(SST2)/dev.tsv build/gpu_carry/
 
-docker:
-	docker build -f docker/Dockerfile -t sentiment-analyzer:latest .
-	docker build -f docker/Dockerfile.cuda -t sentiment-analyzer:cuda .
+# Images. BASE replaces both Dockerfiles' base image (default: python:3.11-slim-bookworm and nvidia/cuda from
+# Docker Hub); without Docker Hub, `make base-image` makes local/debian-python:bookworm from a Debian mirror.
+# DOCKER must build with BuildKit (RUN --mount): a client with the buildx plugin, or one older than 23.
+# BUILD_FLAGS: --network=host lets RUN steps reach the package index where dockerd has no default bridge.
+DOCKER ?= docker
+BASE ?=
+BUILD_FLAGS ?= --network=host
+docker: docker-cpu docker-cuda     ## sentiment-analyzer:cpu (also :latest) and sentiment-analyzer:cuda
+
+docker-cpu:
+	DOCKER_BUILDKIT=1 $(DOCKER) build $(BUILD_FLAGS) $(if $(BASE),--build-arg PYTHON_IMAGE=$(BASE)) \
+	  -f docker/Dockerfile -t sentiment-analyzer:cpu -t sentiment-analyzer:latest .
+
+docker-cuda:
+	DOCKER_BUILDKIT=1 $(DOCKER) build $(BUILD_FLAGS) $(if $(BASE),--build-arg CUDA_IMAGE=$(BASE)) \
+	  -f docker/Dockerfile.cuda -t sentiment-analyzer:cuda .
+
+base-image:                        ## local/debian-python:bookworm via debootstrap (root; kept once made)
+	DOCKER=$(DOCKER) scripts/make_base_image.sh $(BASE)
 
 clean:
 	rm -rf $(VENV) build bench_results .pytest_cache
