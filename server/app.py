@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 
 from fastapi import FastAPI
@@ -78,19 +77,13 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
         app.state.services = services
         services.start_background()
         freeze_long_lived()
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, services.reload_in_background)
         log.info("ready: %s %s on %s, listening on %s:%d", services.runtime.identity.name,
                  services.runtime.identity.version, services.runtime.identity.provider, settings.host, settings.port)
         try:
             yield
-        finally:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(signal.SIGHUP)
+        finally:  # signals (SIGHUP reload, the drain) belong to whoever runs the app: server/lifecycle.py
             await services.close()
             thaw()
-            log.info("shutdown complete: every accepted request answered")
 
     app = FastAPI(
         title="Sentiment Analyzer Pro",

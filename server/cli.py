@@ -29,9 +29,10 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def serve(settings: Settings) -> int:
     """Check everything that can be checked before listening (one line and an exit code per failure), then run."""
-    from server.lifecycle import run_server
+    from server.lifecycle import remember_early_hangups, run_server
     from server.preflight import preflight
 
+    remember_early_hangups()  # a SIGHUP (reload) during start-up must not kill the process
     code = preflight(settings)  # configures logging first (once LOG_FILE is known to be writable)
     if code:
         return code

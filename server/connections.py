@@ -1,0 +1,290 @@
+"""Client connections: deadlines for slow and idle clients, a bound on how many, and their part in a drain.
+
+Every connection is under one deadline at a time, by phase:
+
+* waiting for request headers: ``HEADER_TIMEOUT_S`` from the connection being
+  made, or from the previous response on a keep-alive connection. Past it, a
+  connection that had started a request gets 408 and is closed; one that sent
+  nothing is closed. An idle keep-alive connection ending so is normal and not
+  counted; a new connection that never sent a request is counted as a slow client.
+* waiting for the request body: ``REQUEST_TIMEOUT_S`` from the end of the
+  headers. Past it the application's wait for the body ends in
+  ``RequestTimeout`` (408, the server's error format, ``Connection: close``):
+  the answer goes through the application like any other error, so the request
+  is counted under its real status. A body still arriving after the request was
+  answered (the application did not need it) is cut off at the same deadline.
+* the application answering: no deadline here (the batcher's per-request
+  deadline and the drain bound it).
+
+Slow clients are counted in ``sentiment_rejected_requests_total{reason="slow_client"}``.
+Above ``MAX_CONNECTIONS`` open connections a new one is answered 503 +
+Retry-After at once, without reading its request, and closed after a short
+linger that reads and discards what it sends (so that the close does not reset
+the connection before the client has read the 503);
+``reason="too_many_connections"``. ``sentiment_open_connections`` is the count now.
+
+Why a uvicorn protocol subclass: uvicorn has no header or body timeout (its
+keep-alive timer is cancelled by the first byte of a request, so one byte every
+few seconds holds a connection forever), and its ``limit_concurrency`` answers
+in plain text after reading the headers. The application never sees a
+connection whose headers have not arrived, so an ASGI middleware could bound
+the body but neither the headers nor the number of connections; a protocol
+subclass bounds all three in one place. It builds on the httptools protocol
+``uvicorn[standard]`` uses: its parser callbacks, ``cycle`` (the request being
+answered) and the ``app`` it runs; tests/test_slow_clients.py pins the behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import orjson
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.config import Settings
+from server.metrics import Metrics
+
+REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
+Phase = Literal["headers", "body", "app", "refused"]
+
+
+class RequestTimeout(HTTPException):
+    """Raised inside ``receive`` when the body is overdue: FastAPI's body parsing re-raises an ``HTTPException``
+    as it is, and the server's error handler renders it (408, ``"type": "request_timeout"``)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"request body not received within {seconds:g} s of its headers (REQUEST_TIMEOUT_S); "
+                              "send the whole request at once", headers={"Connection": "close"})
+
+
+def error_bytes(status: int, message: str, kind: str, retry_after: float | None = None) -> bytes:
+    """A whole HTTP/1.1 response in the server's error format, for answers given without the application."""
+    body = orjson.dumps({"error": message, "type": kind})
+    head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close"]
+    if retry_after is not None:
+        head.append(f"retry-after: {max(1, math.ceil(retry_after))}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+class ConnectionGuard:
+    """What the connections of one server share: the limits, the open connections, the drain's tally."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.header_timeout_s = settings.header_timeout_s
+        self.body_timeout_s = settings.request_timeout_s
+        self.max_connections = settings.max_connections
+        self.metrics = metrics
+        self.open: set[GuardedHttpProtocol] = set()
+        self.draining = False
+        self.answered = 0  # requests answered since the drain began, the abandoned ones excluded
+        self.abandoned = 0  # requests still unanswered when the drain's time ran out (answered 503 here)
+
+    def protocol_factory(self) -> Callable[..., GuardedHttpProtocol]:
+        """What ``uvicorn.Config(http=...)`` calls for each new connection."""
+        return functools.partial(GuardedHttpProtocol, guard=self)
+
+    def opened(self, connection: GuardedHttpProtocol) -> None:
+        self.open.add(connection)
+        self.metrics.open_connections.set(len(self.open))
+
+    def closed(self, connection: GuardedHttpProtocol) -> None:
+        self.open.discard(connection)
+        self.metrics.open_connections.set(len(self.open))
+
+    def begin_drain(self) -> None:
+        """From now on every response closes its connection, so that clients reconnect elsewhere."""
+        self.draining = True
+        for connection in list(self.open):
+            connection.close_after_response()
+
+    def close_idle(self) -> None:
+        """Close the keep-alive connections between requests (once the listener is closed).
+
+        A new connection that has not sent its request yet is left open: its client is about to send it, and
+        closing now would reset the connection under that request. The request gets its answer (a 503 for
+        /predict) or, if it never comes, the connection is closed at the end of the drain.
+        """
+        for connection in list(self.open):
+            if connection.between_requests:
+                connection.transport.close()
+
+    def unanswered(self) -> int:
+        """Requests received (their headers complete) and not answered yet."""
+        return sum(connection.awaiting_answer for connection in self.open)
+
+    def abandon_unanswered(self) -> int:
+        """The drain's time is up: answer 503 to every request still unanswered and close every connection."""
+        for connection in list(self.open):
+            if connection.awaiting_answer:
+                self.abandoned += 1
+                connection.abandon()
+            else:
+                connection.transport.close()
+        return self.abandoned
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol under the deadlines and the connection bound of a ``ConnectionGuard``."""
+
+    def __init__(self, *args, guard: ConnectionGuard, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.phase: Phase = "headers"
+        self._application = self.app
+        self.app = self._run_application  # what on_headers_complete starts for each request
+        self._deadline: asyncio.TimerHandle | None = None
+        self._request_begun = False  # a byte of the next request has arrived
+        self._responses = 0
+        self._overdue_scope: dict | None = None  # the request whose body did not arrive in time
+
+    # connection events
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.guard.open) >= self.guard.max_connections:
+            self._refuse(transport)
+            return
+        super().connection_made(transport)
+        self.guard.opened(self)
+        self._await_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase != "refused":
+            super().data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        if self.phase != "refused":
+            self.guard.closed(self)
+        super().connection_lost(exc)
+
+    # parser and response events
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._request_begun = True
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.guard.draining:
+            self.cycle.keep_alive = False
+        self.phase = "body"
+        self._arm(self.guard.body_timeout_s, self._body_overdue)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self.phase != "body":
+            return
+        if self.cycle.response_complete:  # answered before its body had all arrived: idle from now
+            self._await_headers()
+        else:
+            self.phase = "app"
+            self._cancel_deadline()
+
+    def on_response_complete(self) -> None:
+        self._responses += 1
+        if self.guard.draining:
+            self.guard.answered += 1
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is None:  # the connection is closing, or a pipelined request started
+            return
+        self._unset_keepalive_if_required()  # uvicorn's keep-alive timer: the header deadline replaces it
+        if self.phase == "app":
+            self._await_headers()
+        # phase "body": answered before its body had all arrived; the body deadline still runs
+
+    async def _run_application(self, scope, receive, send) -> None:
+        async def receive_in_time():
+            message = await receive()
+            if scope is self._overdue_scope:
+                raise RequestTimeout(self.guard.body_timeout_s)
+            return message
+
+        await self._application(scope, receive_in_time, send)
+
+    # drain
+
+    @property
+    def between_requests(self) -> bool:
+        return self.phase == "headers" and not self._request_begun and self._responses > 0
+
+    @property
+    def awaiting_answer(self) -> bool:
+        return self.phase in ("body", "app") and not self.cycle.response_complete
+
+    def close_after_response(self) -> None:
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+
+    def abandon(self) -> None:
+        """Answer 503 here, in place of the application (its own answer, if one ever comes, is dropped), and close.
+
+        Only at the end of a drain: the process is about to exit, so how the application counts the request it
+        can no longer answer matters to no one.
+        """
+        cycle = self.cycle
+        if not cycle.response_started:
+            cycle.disconnected = True  # cycle.send() now drops the application's answer
+            cycle.message_event.set()  # and a receive() it waits in returns http.disconnect
+            self.transport.write(error_bytes(503, "the server shut down before this request was answered "
+                                                  "(DRAIN_TIMEOUT_S); retry on another replica", "draining",
+                                             retry_after=1))
+        self.transport.close()  # a response under way is cut: nothing better can be done with it
+
+    # deadlines
+
+    def _await_headers(self) -> None:
+        self.phase = "headers"
+        self._request_begun = False
+        self._arm(self.guard.header_timeout_s, self._headers_overdue)
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._cancel_deadline()
+        self._deadline = self.loop.call_later(seconds, callback)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_overdue(self) -> None:
+        self._deadline = None
+        if self._request_begun or not self._responses:
+            self.guard.metrics.rejected.labels("slow_client").inc()
+        if self._request_begun:
+            if self.guard.draining:
+                self.guard.answered += 1
+            self.transport.write(error_bytes(408, f"request headers not received within "
+                                                  f"{self.guard.header_timeout_s:g} s (HEADER_TIMEOUT_S); send the "
+                                                  "whole request at once", "request_timeout"))
+        self.transport.close()
+
+    def _body_overdue(self) -> None:
+        self._deadline = None
+        cycle = self.cycle
+        if cycle.response_started:  # answered already: stop waiting for the rest of the body
+            self.transport.close()
+            return
+        self.guard.metrics.rejected.labels("slow_client").inc()
+        self._overdue_scope = cycle.scope
+        cycle.keep_alive = False  # whatever the application answers, the connection closes after it
+        cycle.message_event.set()  # wakes a receive() it waits in: receive_in_time raises RequestTimeout
+
+    # refusal above MAX_CONNECTIONS
+
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        self.phase = "refused"
+        self.transport = transport
+        self.guard.metrics.rejected.labels("too_many_connections").inc()
+        transport.write(error_bytes(503, f"the server has {self.guard.max_connections} connections open "
+                                         "(MAX_CONNECTIONS); retry after the Retry-After delay",
+                                    "too_many_connections", retry_after=1))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._deadline = self.loop.call_later(REFUSAL_LINGER_S, transport.close)

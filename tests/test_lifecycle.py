@@ -1,0 +1,337 @@
+"""Start-up failures, signals and the drain (server/lifecycle.py): real processes, real signals, real sockets.
+
+Every wait is bounded; the only timing assertions are upper bounds with a wide margin (the drain's bound).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import server.app
+from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, start_server
+from server.batcher import Batcher
+from server.config import load_settings
+from server.exitcodes import ExitCode, StartupError
+from server.lifecycle import run_server
+from server.metrics import Metrics
+from server.primitives import Draining
+from server.store.migrate import SchemaBehind
+
+WAIT_S = 30.0
+MARGIN_S = 30.0  # beyond DRAIN_GRACE_S + DRAIN_TIMEOUT_S: the store's close, process exit, a loaded machine
+SHUTDOWN_LINE = re.compile(r"shutdown: answered (\d+) requests during drain, abandoned (\d+)$")
+
+
+def wait_for(condition, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"{what}: not within {timeout} s")
+
+
+def wait_exit(live: LiveServer, timeout: float) -> tuple[int, float]:
+    """The exit status and when it was seen; kills the server and fails the test past ``timeout``."""
+    try:
+        code = live.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        live.process.kill()
+        pytest.fail(f"the server did not exit within {timeout} s:\n{live.log()[-3000:]}")
+    return code, time.monotonic()
+
+
+def shutdown_counts(live: LiveServer) -> tuple[int, int]:
+    """(answered, abandoned) from the log's last line, which must be the shutdown line."""
+    last = live.log().rstrip().splitlines()[-1]
+    match = SHUTDOWN_LINE.search(last)
+    assert match, f"the last log line is not the shutdown line: {last!r}"
+    return int(match[1]), int(match[2])
+
+
+def probe_ready(url: str) -> int | str:
+    """/ready's status, or the name of the transport error instead of an answer."""
+    try:
+        return httpx.get(url + "/ready", timeout=WAIT_S).status_code
+    except httpx.TransportError as error:
+        return type(error).__name__
+
+
+def attach_slow_sender(live: LiveServer) -> socket.socket:
+    """A client that sends its headers and one byte of a 20-byte body, then nothing."""
+    host, port = live.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 20\r\n\r\n{")
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@dataclass
+class Outcome:
+    sent: float
+    done: float
+    status: int | None = None  # None: no HTTP answer
+    error: str | None = None  # the transport error instead
+    kind: str | None = None  # the error body's "type"
+    closes: bool = False  # Connection: close
+    retry_after: bool = False
+
+
+def steady_traffic(url: str, worker: int, stop: threading.Event, outcomes: list[Outcome]) -> None:
+    """Back-to-back /predict requests on one keep-alive client, until ``stop`` or, as a client behind a load
+    balancer would, until this server says it is draining or refuses the connection."""
+    with httpx.Client(base_url=url, timeout=WAIT_S) as client:
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            sent = time.monotonic()
+            try:
+                response = client.post("/predict", json={"texts": [f"worker {worker}, review {i}.{k}: a fine film"
+                                                                   for k in range(16)]})
+            except httpx.TransportError as error:
+                outcomes.append(Outcome(sent, time.monotonic(), error=type(error).__name__))
+                if isinstance(error, httpx.ConnectError):
+                    return
+                continue
+            outcome = Outcome(sent, time.monotonic(), response.status_code,
+                              closes=response.headers.get("connection") == "close",
+                              retry_after="retry-after" in response.headers)
+            if response.status_code != 200:
+                outcome.kind = response.json().get("type")
+            outcomes.append(outcome)
+            if outcome.kind == "draining":
+                return
+
+
+def test_sigterm_under_steady_traffic_with_a_slow_sender_attached(tiny_artifact, tmp_path):
+    grace_s, drain_timeout_s, request_timeout_s = 2.0, 10.0, 4.0
+    live = start_server({"MODEL_PATH": str(tiny_artifact), "DRAIN_GRACE_S": str(grace_s),
+                         "DRAIN_TIMEOUT_S": str(drain_timeout_s), "REQUEST_TIMEOUT_S": str(request_timeout_s),
+                         "HEADER_TIMEOUT_S": "30"}, tmp_path)
+    stop, outcomes = threading.Event(), []
+    workers = [threading.Thread(target=steady_traffic, args=(live.url, n, stop, outcomes)) for n in range(4)]
+    try:
+        for worker in workers:
+            worker.start()
+        wait_for(lambda: sum(o.status == 200 for o in outcomes) >= 20, "steady traffic")
+        slow = attach_slow_sender(live)
+        signalled = time.monotonic()
+        live.process.send_signal(signal.SIGTERM)
+        probes = []  # until the first answer that is not an answer: the listener has closed
+        while live.process.poll() is None and (not probes or isinstance(probes[-1][1], int)):
+            probes.append((time.monotonic(), probe_ready(live.url)))
+            time.sleep(0.05)
+        code, exited = wait_exit(live, grace_s + drain_timeout_s + MARGIN_S)
+        slow_answer = read_all(slow)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(WAIT_S)
+        live.process.kill()
+
+    assert code == 0 and exited - signalled < grace_s + drain_timeout_s + MARGIN_S
+    # Every request: answered 200 (in flight when the drain began, or before it), or refused as the drain's
+    # 503 (it reached the application after the signal), or refused at connect once the listener closed.
+    # Never another error, a reset, or a request left unanswered.
+    refused_properly = [o for o in outcomes if o.status == 503 and o.kind == "draining" and o.closes and o.retry_after]
+    wrong = [o for o in outcomes if o.status != 200 and o not in refused_properly and o.error != "ConnectError"]
+    assert not wrong, wrong
+    assert any(o.status == 200 and o.sent < signalled <= o.done for o in outcomes), "nothing was in flight"
+    assert not any(o.error for o in outcomes if o.sent < signalled), "a request sent before the signal was refused"
+    statuses = [status for _, status in probes if isinstance(status, int)]
+    assert 503 in statuses and statuses == sorted(statuses), f"/ready while draining: {statuses}"
+    assert probes[-1][0] - signalled >= grace_s * 0.9, "the listener closed before DRAIN_GRACE_S"
+    assert slow_answer.startswith(b"HTTP/1.1 408") and b'"type":"request_timeout"' in slow_answer
+
+    answered, abandoned = shutdown_counts(live)
+    assert abandoned == 0
+    draining_503s = len(refused_properly) + statuses.count(503)
+    answers_after_signal = (sum(o.status is not None and o.done >= signalled for o in outcomes)
+                            + sum(isinstance(s, int) and t >= signalled for t, s in probes) + 1)  # + the 408
+    assert draining_503s <= answered <= answers_after_signal
+
+
+def start_with_hanging_engine(tiny_artifact: Path, tmp_path: Path, hang_file: Path,
+                              overrides: dict[str, str]) -> LiveServer:
+    """Like start_server, through tests.hanging_engine_server: the engine hangs once ``hang_file`` exists."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DEVICE", "PORT", "HOST"))}
+    env.update({"HOST": "127.0.0.1", "PORT": str(port), "DEVICE": "cpu", "INTRA_OP_THREADS": "1",
+                "MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{tmp_path}/live.db",
+                "SPOOL_DIR": str(tmp_path / "spool"), "LOG_FORMAT": "text", "HANG_FILE": str(hang_file),
+                **overrides})
+    log_path = tmp_path / "server.log"
+    process = subprocess.Popen([sys.executable, "-m", "tests.hanging_engine_server"], env=env, cwd=ROOT,
+                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    live = LiveServer(f"http://127.0.0.1:{port}", process, env, log_path)
+    try:
+        wait_for(lambda: process.poll() is not None or probe_ready(live.url) == 200, "ready", timeout=60)
+    except BaseException:
+        process.kill()
+        raise
+    assert process.poll() is None, live.log()
+    return live
+
+
+def metric(live: LiveServer, line_start: str) -> float:
+    for line in httpx.get(live.url + "/metrics", timeout=WAIT_S).text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_hung_engine_call_is_abandoned_at_the_deadline_and_the_store_still_closes(tiny_artifact, tmp_path):
+    grace_s, drain_timeout_s = 2.0, 3.0
+    hang_file = tmp_path / "hang"
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "DRAIN_GRACE_S": str(grace_s), "DRAIN_TIMEOUT_S": str(drain_timeout_s),
+        "REQUEST_TIMEOUT_S": "120"})  # the batcher's own deadline must not answer the hung request first
+    hung: dict[str, httpx.Response] = {}
+    try:
+        assert httpx.post(live.url + "/predict", json={"text": "answered before the hang"},
+                          timeout=WAIT_S).status_code == 200
+        ran = metric(live, "sentiment_batch_size_count")
+        hang_file.touch()
+        caller = threading.Thread(target=lambda: hung.update(response=httpx.post(
+            live.url + "/predict", json={"text": "this one hangs"}, timeout=WAIT_S + MARGIN_S)))
+        caller.start()
+        wait_for(lambda: metric(live, "sentiment_batch_size_count") > ran, "the hanging engine call to start")
+        signalled = time.monotonic()
+        live.process.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: status if (status := probe_ready(live.url)) != 200 else None, "/ready") == 503
+        code, exited = wait_exit(live, grace_s + drain_timeout_s + MARGIN_S)
+        caller.join(WAIT_S)
+    finally:
+        live.process.kill()
+
+    assert code == ExitCode.RUNTIME, live.log()[-3000:]  # a request was abandoned: not a clean drain
+    assert exited - signalled < grace_s + drain_timeout_s + MARGIN_S
+    response = hung["response"]
+    assert response.status_code == 503 and response.json()["type"] == "draining" and response.headers["retry-after"]
+    answered, abandoned = shutdown_counts(live)
+    assert abandoned == 1 and answered >= 1  # at least the /ready probe that saw the 503
+    log = live.log()
+    assert "exiting without waiting for 1 threads still running" in log
+    assert "store closed" in log
+    with sqlite3.connect(tmp_path / "live.db") as db:
+        assert [row[0] for row in db.execute("SELECT text FROM predictions")] == ["answered before the hang"]
+
+
+def test_sighup_during_start_up_is_remembered_and_the_reload_runs_once_ready(tiny_artifact, tmp_path):
+    live = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path, wait_ready=False)
+    try:
+        wait_for(lambda: live.process.poll() is not None or "starting:" in live.log(), "the start-up line")
+        while live.process.poll() is None and probe_ready(live.url) != 200:  # bounded by start-up failing or ending
+            live.process.send_signal(signal.SIGHUP)
+            time.sleep(0.1)
+        assert live.process.poll() is None, f"SIGHUP during start-up killed the server:\n{live.log()}"
+        wait_for(lambda: "the SIGHUP during start-up asked for" in live.log(), "the deferred reload")
+        wait_for(lambda: metric(live, 'sentiment_model_reloads_total{result="ok"}') >= 1, "the reload to finish")
+    finally:
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+    assert code == 0
+    assert live.log().count("SIGHUP during start-up: the model reload will run once the server is ready") == 1
+
+
+@pytest.mark.parametrize("error, code", [
+    (StartupError("SPOOL_DIR /data/spool is locked by another server process (pid 4242); stop it or give this "
+                  "one its own SPOOL_DIR", ExitCode.SPOOL_LOCKED), ExitCode.SPOOL_LOCKED),
+    (SchemaBehind("the database schema is at 0001, this server needs 0002: run `sentiment-analyzer db upgrade`"),
+     ExitCode.DATABASE),
+], ids=["spool-locked", "schema-behind"])
+def test_a_start_up_error_in_the_lifespan_is_one_line_and_its_exit_code(make_settings, monkeypatch, caplog,
+                                                                        error, code):
+    async def failing_build_services(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(server.app, "build_services", failing_build_services)
+    settings = make_settings()
+    with caplog.at_level(logging.INFO):
+        assert run_server(settings) == code
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [f"cannot start: {error}"]
+    assert not any(r.exc_info for r in caplog.records), "a traceback was logged"
+    with socket.socket() as probe:  # the port was never opened
+        probe.bind((settings.host, settings.port))
+
+
+def test_a_second_server_on_the_same_spool_dir_stops_with_one_line_and_spool_locked(tiny_artifact, tmp_path):
+    """The lifespan's StartupError from a real cause: the first server holds SPOOL_DIR's lock."""
+    spool = {"MODEL_PATH": str(tiny_artifact), "SPOOL_DIR": str(tmp_path / "spool")}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = start_server(spool, tmp_path / "first")
+    try:
+        second = start_server(spool, tmp_path / "second", wait_ready=False)
+        code, _ = wait_exit(second, 60)
+    finally:
+        first.process.send_signal(signal.SIGTERM)
+        assert wait_exit(first, WAIT_S + MARGIN_S)[0] == 0
+    assert code == ExitCode.SPOOL_LOCKED
+    errors = [line for line in second.log().splitlines() if " ERROR " in line or "Traceback" in line]
+    assert len(errors) == 1 and "cannot start: SPOOL_DIR" in errors[0], second.log()
+
+
+class GatedEngine:
+    device, provider, variant = "cpu", "CPUExecutionProvider", "fp32"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.gate.wait(WAIT_S)
+        return np.zeros((len(input_ids), 2), dtype=np.float32)
+
+
+async def test_batcher_drain_fails_what_is_unanswered_at_its_time_limit_without_joining_a_hung_engine():
+    engine = GatedEngine()
+    batcher = Batcher(engine, load_settings(engine_workers=1, max_wait_ms=0), Metrics())
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit([np.array([101, 7, 102])]))
+    queued = asyncio.ensure_future(batcher.submit([np.array([101, 8, 102])]))
+    await asyncio.sleep(0.05)
+    try:
+        assert await batcher.drain(timeout=0.2) == 2
+        for request in (running, queued):
+            with pytest.raises(Draining):
+                await request
+    finally:
+        engine.gate.set()
+        await asyncio.sleep(0.2)  # the released engine call hands its batch back while this loop still runs
+
+
+async def test_batcher_drain_answers_everything_within_its_time_limit():
+    engine = GatedEngine()
+    engine.gate.set()
+    batcher = Batcher(engine, load_settings(engine_workers=1), Metrics())
+    batcher.start()
+    request = asyncio.ensure_future(batcher.submit([np.array([101, 7, 102])]))
+    await asyncio.sleep(0.05)  # submitted before the drain began
+    assert await batcher.drain(timeout=WAIT_S) == 0
+    assert len(await request) == 1
+

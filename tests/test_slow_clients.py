@@ -1,0 +1,190 @@
+"""Slow and idle clients and the bound on open connections, against a real uvicorn over real sockets.
+
+See server/connections.py. Every wait is bounded by WAIT_S; no test asserts how fast anything happens, only
+that a deadline is not enforced early and that what must end does end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
+
+HEADER_TIMEOUT_S = 1.0
+REQUEST_TIMEOUT_S = 2.0
+WAIT_S = 30.0
+BODY = json.dumps({"text": "a fine film"}).encode()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, tmp_path_factory):
+    live = start_server({"MODEL_PATH": str(tiny_artifact), "HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+                         "REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S), "DRAIN_GRACE_S": "0"},
+                        tmp_path_factory.mktemp("slow"))
+    yield live
+    assert stop_server(live) == 0
+
+
+def connect(server: LiveServer) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=WAIT_S)
+
+
+def predict_head(length: int = len(BODY)) -> bytes:
+    return (f"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (fails the test after WAIT_S)."""
+    data = b""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            return data
+        data += chunk
+    pytest.fail(f"the server did not close the connection within {WAIT_S} s; it sent {data!r}")
+
+
+def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response with a Content-Length, leaving the connection open."""
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        raw += sock.recv(65536) or pytest.fail(f"connection closed mid-response: {raw!r}")
+    status, headers, body = parse(raw)
+    while len(body) < int(headers["content-length"]):
+        body += sock.recv(65536) or pytest.fail("connection closed mid-body")
+    return status, headers, body
+
+
+def metric(server: LiveServer, line_start: str) -> float:
+    for line in httpx.get(server.url + "/metrics", timeout=WAIT_S).text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+SLOW = 'sentiment_rejected_requests_total{reason="slow_client"}'
+
+
+def test_body_not_sent_in_time_gets_408_in_the_error_format_and_the_connection_closes(server):
+    slow, invalid = metric(server, SLOW), metric(server, 'sentiment_rejected_requests_total{reason="invalid"}')
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(predict_head() + BODY[:1])
+        raw = read_until_closed(sock)
+        waited = time.monotonic() - started
+    status, headers, body = parse(raw)
+    assert status == 408 and headers["connection"] == "close"
+    error = json.loads(body)
+    assert error["type"] == "request_timeout" and "REQUEST_TIMEOUT_S" in error["error"]
+    assert waited >= REQUEST_TIMEOUT_S * 0.9
+    assert metric(server, SLOW) == slow + 1
+    assert metric(server, 'sentiment_requests_total{endpoint="/predict",status="408"}') >= 1
+    assert metric(server, 'sentiment_rejected_requests_total{reason="invalid"}') == invalid  # counted once, as slow
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent", "one-byte-at-a-time"])
+def test_headers_not_completed_in_time_get_408_and_the_connection_closes(server, trickle):
+    """Trickling a byte now and then does not extend the deadline (uvicorn's own timer restarted on every byte)."""
+    slow = metric(server, SLOW)
+    head = predict_head()
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(head[:10])
+        if trickle:
+            sock.settimeout(0.2)
+            for byte in head[10:-4]:
+                try:
+                    sock.sendall(bytes([byte]))
+                    sock.recv(1, socket.MSG_PEEK)  # returns once the server answers or closes
+                    break
+                except TimeoutError:
+                    continue  # nothing yet: the next byte
+                except OSError:
+                    break
+            sock.settimeout(WAIT_S)
+        raw = read_until_closed(sock)
+        waited = time.monotonic() - started
+    status, headers, body = parse(raw)
+    assert status == 408 and json.loads(body)["type"] == "request_timeout"
+    assert "HEADER_TIMEOUT_S" in json.loads(body)["error"]
+    assert waited >= HEADER_TIMEOUT_S * 0.9
+    assert metric(server, SLOW) == slow + 1
+
+
+def test_connection_that_never_sends_a_request_is_closed_and_counted(server):
+    slow = metric(server, SLOW)
+    with connect(server) as sock:
+        started = time.monotonic()
+        assert read_until_closed(sock) == b""
+        assert time.monotonic() - started >= HEADER_TIMEOUT_S * 0.9
+    assert metric(server, SLOW) == slow + 1
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_header_timeout_and_not_counted(server):
+    slow = metric(server, SLOW)
+    with connect(server) as sock:
+        sock.sendall(predict_head() + BODY)
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers.get("connection") != "close"
+        assert read_until_closed(sock) == b""
+    assert metric(server, SLOW) == slow
+
+
+def test_a_request_sent_in_pieces_within_the_deadlines_is_answered(server):
+    slow = metric(server, SLOW)
+    head = predict_head()
+    with connect(server) as sock:
+        for piece in (head[:20], head[20:], BODY[:5], BODY[5:]):
+            sock.sendall(piece)
+            time.sleep(0.1)
+        status, _, body = read_response(sock)
+    assert status == 200 and len(json.loads(body)["predictions"]) == 1
+    assert metric(server, SLOW) == slow
+
+
+def test_connections_beyond_max_connections_are_refused_with_503_json_and_the_gauge_counts(tiny_artifact, tmp_path):
+    limit = 3
+    live = start_server({"MODEL_PATH": str(tiny_artifact), "MAX_CONNECTIONS": str(limit),
+                         "HEADER_TIMEOUT_S": "60", "DRAIN_GRACE_S": "0"}, tmp_path)
+    held = []
+    try:
+        for _ in range(limit):  # each answered once, so the server has surely counted it
+            sock = connect(live)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert read_response(sock)[0] == 200
+            held.append(sock)
+        refused = httpx.get(live.url + "/health", timeout=WAIT_S)
+        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        assert refused.headers["retry-after"] and refused.json()["type"] == "too_many_connections"
+        assert "MAX_CONNECTIONS" in refused.json()["error"]
+        held[0].sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")  # the only way in: a held connection
+        _, _, scrape = read_response(held[0])
+        assert f"sentiment_open_connections {float(limit)}" in scrape.decode()
+        assert 'sentiment_rejected_requests_total{reason="too_many_connections"} 1.0' in scrape.decode()
+        held.pop().close()
+        deadline = time.monotonic() + WAIT_S
+        while httpx.get(live.url + "/health", timeout=WAIT_S).status_code != 200:
+            assert time.monotonic() < deadline, "a freed connection slot was never reused"
+            time.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        assert stop_server(live) == 0
