@@ -191,9 +191,10 @@ def test_docker_compose_config_resolves(files: list[Path]) -> None:
     args = [arg for f in files for arg in ("-f", str(f))]
     # a bare environment: ${DEVICE:-cpu} and friends take their defaults
     env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR") if k in os.environ}
-    result = subprocess.run([compose_binary(), *args, "config", "--format", "json"], capture_output=True,
+    # YAML, the output of both docker-compose 1.x (Debian's) and Compose v2 (1.x has no --format)
+    result = subprocess.run([compose_binary(), *args, "config"], capture_output=True,
                             text=True, timeout=60, cwd=DOCKER, env=env)
     assert result.returncode == 0, result.stderr
-    server = json.loads(result.stdout)["services"][SERVER]
+    server = yaml.safe_load(result.stdout)["services"][SERVER]
     assert server["container_name"] == SERVER
     assert server["environment"]["DEVICE"] == ("cuda" if COMPOSE_GPU in files else "cpu")
