@@ -97,3 +97,9 @@ def configure_logging(settings: Settings) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    if settings.log_format == "json":
+        # ONNX Runtime's own logger writes coloured text to stderr, past these handlers: keep it to fatal errors so
+        # every line is JSON. What matters reaches the log as the server's own lines (e.g. the CUDA fallback).
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)
