@@ -25,7 +25,6 @@ from server.runtime import ModelRuntime
 from server.services import Services
 from server.store import KeyStore, PredictionStore
 from server.store.keycache import KeyCache
-from server.store.migrate import SchemaBehind
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,7 @@ async def build_services(settings: Settings, metrics: Metrics,
     cache_bytes = settings.cache_max_bytes if settings.enable_model_caching else 0
     cache = PredictionCache(cache_bytes, metrics)
     store = PredictionStore(settings, metrics)
-    try:
-        await store.start()
-    except SchemaBehind as exc:
-        log.error("cannot start: %s", exc)
-        raise
+    await store.start()  # StartupError (SchemaBehind, SpoolLocked, SpoolDirUnusable): one line and its exit code
     keys = KeyCache(KeyStore(store.engine), metrics, settings.key_cache_ttl_s)
     await keys.start()
     if settings.auth_mode == "open":

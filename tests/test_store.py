@@ -22,8 +22,8 @@ from server.store import PredictionStore, migrate
 from server.store.db import database_url, make_engine
 from server.store.feedback import UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
-from server.store.tables import PREDICTIONS, Base
 from server.store.rows import record_row
+from server.store.tables import PREDICTIONS, Base
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
 

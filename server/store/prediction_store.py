@@ -74,10 +74,11 @@ class PredictionStore:
         self._writer = Writer(state=self.state, wal=self._wal, sink=self._sink, committer=self._committer,
                               metrics=metrics, store_text=settings.store_text, batch_rows=batch_rows,
                               flush_interval_s=flush_interval_s, retry_interval_s=retry_interval_s,
-                              max_queue=max_queue)
+                              max_queue=max_queue, on_rejected=lambda: self._disk_changed.set())
         self._worker: BlockingWorker | None = None
         self._tasks: list[asyncio.Task] = []
         self._rejected_seen: tuple = ()
+        self._disk_changed = asyncio.Event()
         self._closed = False
 
     async def start(self) -> None:
@@ -193,9 +194,14 @@ class PredictionStore:
         return reports
 
     async def _watch_disk(self) -> None:
-        """Keep /health's rejected and foreign counts true while the CLI works on them beside the server."""
+        """Keep /health's rejected and foreign counts true: counted from the files (the one source), again when the
+        writer sets rows aside and every ``WATCH_INTERVAL_S`` (the CLI works on them beside the server)."""
         while True:
-            await asyncio.sleep(WATCH_INTERVAL_S)
+            try:
+                await asyncio.wait_for(self._disk_changed.wait(), WATCH_INTERVAL_S)
+            except TimeoutError:
+                pass
+            self._disk_changed.clear()
             try:
                 seen = await asyncio.to_thread(self._rejected.signature)
                 if seen != self._rejected_seen:
@@ -220,12 +226,15 @@ class PredictionStore:
                 task.cancel()
             done, _ = await asyncio.wait(self._tasks[:1], timeout=left() / 2)
             writer_free = bool(done)
-            await asyncio.gather(*self._tasks[1:], return_exceptions=True)
+            if not writer_free:  # a database call hangs: stop waiting; its records are spooled below
+                self._tasks[0].cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         try:  # everything held in memory goes to the spool first: the fast, local, bounded part
             await asyncio.wait_for(self._writer.spool_leftovers(), left())
         except TimeoutError:
             log.error("store: records held in memory could not be spooled within the shutdown deadline")
-        if not await asyncio.to_thread(self._committer.stop, left()):
+        committer_stopped = await asyncio.to_thread(self._committer.stop, left())
+        if not committer_stopped:
             log.error("store: the spool's committer did not finish within the shutdown deadline")
         if writer_free:  # then, if the database is up, what the writer holds of the spool's tail
             try:
@@ -243,14 +252,16 @@ class PredictionStore:
         if not writer_free:
             log.error("store: a database call was still hanging at the shutdown deadline; its records are in "
                       "the spool and will be offered again at the next start (duplicates are ignored)")
-        await asyncio.to_thread(self._finish, writer_free)
+        await asyncio.to_thread(self._finish, writer_free, committer_stopped)
         self.state.publish()
         spooled = self.state.spool_rows
         log.info("store closed: %s", f"{spooled} predictions left in the spool for the next start" if spooled
                  else "every prediction is in the database")
 
-    def _finish(self, dispose: bool) -> None:
-        self._wal.close()
+    def _finish(self, dispose: bool, close_wal: bool) -> None:
+        """Release what can be released without waiting on a thread that may hang."""
+        if close_wal:
+            self._wal.close()
         if dispose:
             self.engine.dispose()
         self._directory.unlock()

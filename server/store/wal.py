@@ -6,9 +6,11 @@ byte and a position anywhere in the log is one integer; the writer keeps one: "e
 the database".
 
 - **Append** (the group committer's thread only): the lines of every request finishing together are
-  written with one ``write`` and one ``fsync``. If either fails (ENOSPC, EIO) the segment is truncated
-  back to where the append began and fsynced, so a torn line can never glue onto the next record, and
-  the failure is raised as ``SpoolUnavailable``. Should the truncation fail as well, the segment is
+  written with one ``write`` and one ``fdatasync`` (what fsync does for the data and the file's size,
+  without the timestamp updates that made fsync's p90 ten times longer on the development VM: 2.5 ms
+  against 0.3 ms). If either fails (ENOSPC, EIO) the segment is truncated back to where the append began
+  and synced, so a torn line can never glue onto the next record, and the failure is raised as
+  ``SpoolUnavailable``. Should the truncation fail as well, the segment is
   sealed (its readable end remembered) and the next append starts a new one.
 - **Capacity**: an append that would take the log past ``SPOOL_MAX_BYTES`` fails with cause ``full``.
 - **Rotation and release**: a new segment when the active one would pass ``SEGMENT_BYTES``. A segment is
@@ -144,7 +146,7 @@ class WriteAheadLog:
             begin = segment.size
             try:
                 _write_all(fd, payload)
-                os.fsync(fd)
+                os.fdatasync(fd)
             except OSError as error:
                 self._cut_back(segment, fd, begin)
                 raise _unavailable(error) from error
@@ -242,7 +244,7 @@ class WriteAheadLog:
         """Undo a failed append: truncate to ``size``; if even that fails, seal the segment at ``size``."""
         try:
             os.ftruncate(fd, size)
-            os.fsync(fd)
+            os.fdatasync(fd)
             return
         except OSError as error:
             log.error("spool: could not cut a failed append off %s (%s); sealing it and starting a new segment",

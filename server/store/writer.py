@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +56,10 @@ class ReplayProgress:
 class Writer:
     def __init__(self, *, state: StoreState, wal: WriteAheadLog, sink: DatabaseSink, committer: GroupCommitter,
                  metrics: Metrics, store_text: bool, batch_rows: int, flush_interval_s: float,
-                 retry_interval_s: float, max_queue: int, cache_rows: int = CACHE_ROWS) -> None:
+                 retry_interval_s: float, max_queue: int, on_rejected: Callable[[], None],
+                 cache_rows: int = CACHE_ROWS) -> None:
         self.state = state
+        self._on_rejected = on_rejected  # rejected.jsonl changed: /health recounts it
         self._wal = wal
         self._sink = sink
         self._committer = committer
@@ -331,7 +334,7 @@ class Writer:
     def _count(self, outcome: WriteOutcome, *, replayed: bool) -> None:
         (self._metrics.store_replayed if replayed else self._metrics.store_written).inc(outcome.written)
         if outcome.rejected:
-            self.state.rejected_rows += outcome.rejected
+            self._on_rejected()
             self._metrics.store_rejected.inc(outcome.rejected)
             self._throttle.log("rejected", logging.ERROR, "store: the database refused %d predictions (%s); kept "
                                "in %s for `sentiment-analyzer spool replay-rejected`", outcome.rejected,

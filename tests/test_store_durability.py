@@ -1,0 +1,270 @@
+"""STORE_DURABILITY=ack: a record is fsynced to the spool before its answer, whatever happens next (SIGKILL,
+a hanging database, a full spool); group commit; the SPOOL_DIR lock; bounded memory on a large spool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, select
+
+from scripts.benchlib.serverproc import ROOT
+from server.app import create_app
+from server.exitcodes import ExitCode
+from server.metrics import Metrics
+from server.store import PredictionStore, SpoolLocked, SpoolUnavailable
+from server.store.rows import record_row
+from server.store.spooldir import database_identity
+from server.store.tables import PREDICTIONS
+from server.store.wal import WriteAheadLog, segment_name
+from tests.store_fixtures import make_record, stored_ids, wait_until
+
+
+def spooled_ids(spool_dir: Path) -> list[str]:
+    """The ids in the spool's segments, read straight from the files, in log order."""
+    ids = []
+    for path in sorted(spool_dir.glob("wal-*.jsonl")):
+        ids += [json.loads(line)["id"] for line in path.read_bytes().splitlines()]
+    return ids
+
+
+def count_syncs(monkeypatch, delay_s: float = 0.0) -> list[int]:
+    """Count the spool's data syncs (fdatasync), each made ``delay_s`` slower."""
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        time.sleep(delay_s)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return synced
+
+
+async def test_an_acknowledged_record_is_on_disk_when_record_returns(store_settings, open_store):
+    settings = store_settings()
+    metrics = Metrics()
+    store = await open_store(settings, metrics, flush_interval_s=60)  # the writer leaves the spool alone
+    records = [make_record(f"t{i}") for i in range(3)]
+    await store.record(records)
+    assert spooled_ids(settings.spool_dir) == [r.id for r in records]
+    assert metrics.store_ack_latency._sum.get() > 0
+
+
+async def test_requests_finishing_together_share_one_fsync(store_settings, open_store, monkeypatch):
+    settings = store_settings()
+    store = await open_store(settings, flush_interval_s=60)
+    synced = count_syncs(monkeypatch, delay_s=0.02)  # while one fsync runs, the others queue up
+    records = [make_record(f"g{i}") for i in range(200)]
+    await asyncio.gather(*(store.record([record]) for record in records))
+    assert 1 <= len(synced) <= 5, len(synced)
+    assert sorted(spooled_ids(settings.spool_dir)) == sorted(r.id for r in records)
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, sys
+    from server.config import load_settings
+    from server.metrics import Metrics
+    from server.store import PredictionStore
+    from tests.store_fixtures import make_record
+
+    async def client(store, n):
+        i = 0
+        while True:
+            record = make_record(f"client {n} request {i}")
+            await store.record([record])
+            sys.stdout.write(record.id + "\\n")  # written only once acknowledged
+            sys.stdout.flush()
+            i += 1
+
+    async def main():
+        store = PredictionStore(load_settings(), Metrics(), flush_interval_s=0.01)
+        await store.start()
+        await asyncio.gather(*(client(store, n) for n in range(8)))
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("database", ["up", "down"])
+async def test_sigkill_right_after_acknowledgements_loses_none_of_them(store_db, store_settings, open_store, tmp_path,
+                                                                        database):
+    settings = store_settings(db_pool_timeout_s=0.3)
+    if database == "down":
+        await asyncio.to_thread(store_db.down)
+    env = {**os.environ, "DATABASE_URL": store_db.url, "SPOOL_DIR": str(settings.spool_dir), "DB_AUTO_MIGRATE": "true",
+           "DB_POOL_TIMEOUT_S": "0.3", "STORE_DURABILITY": "ack"}
+    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    acknowledged: list[bytes] = []
+
+    def read_until_killed() -> None:
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 300 and time.monotonic() < deadline:
+            line = child.stdout.readline()
+            if not line:
+                break
+            acknowledged.append(line)
+        child.send_signal(signal.SIGKILL)  # in mid-stream: eight clients are between records
+        acknowledged.extend(child.stdout.readlines())  # printed before the kill: acknowledged too
+        child.wait()
+
+    await asyncio.to_thread(read_until_killed)
+    ids = {line.strip().decode() for line in acknowledged if line.endswith(b"\n")}
+    assert len(ids) >= 300, f"the child acknowledged only {len(ids)} records"
+    if database == "down":
+        await asyncio.to_thread(store_db.up)
+    store = await open_store(settings)
+    await wait_until(lambda: store.health()["status"] == "ok", timeout=30, what="the spool to be replayed")
+    stored = stored_ids(store_db.url)
+    assert ids <= set(stored), f"{len(ids - set(stored))} acknowledged records lost"
+    assert len(stored) == len(set(stored))
+
+
+def test_predict_answers_503_rather_than_200_without_a_record(make_settings):
+    settings = make_settings()
+    with TestClient(create_app(settings)) as client:
+        services = client.app.state.services
+        answered = client.post("/predict", json={"texts": ["a fine film", "a dull film"]})
+        assert answered.status_code == 200
+        ids = [p["id"] for p in answered.json()["predictions"]]
+        assert len(set(ids)) == 2 and all(ids)
+
+        services.store._wal.max_bytes = services.store._wal.bytes  # the spool is full
+        refused = client.post("/predict", json={"text": "no room for this one"})
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.json()["type"] == "store_unavailable" and "spool is full" in refused.json()["error"]
+        assert services.metrics.rejected.labels("spool_full")._value.get() == 1
+        health = client.get("/health").json()
+        assert health["status"] == "degraded" and "spool cannot take records" in health["database"]["reason"]
+
+        services.store._wal.max_bytes = settings.spool_max_bytes  # room again
+        again = client.post("/predict", json={"text": "room again"})
+        assert again.status_code == 200
+        assert client.get("/health").json()["database"]["reason"] is None
+        ids.append(again.json()["predictions"][0]["id"])
+    engine = create_engine(settings.database_url)
+    with engine.connect() as connection:
+        stored = dict(connection.execute(select(PREDICTIONS.c.id, PREDICTIONS.c.text)).all())
+    engine.dispose()
+    assert sorted(stored) == sorted(ids) and "no room for this one" not in stored.values()
+
+
+def test_predictions_carry_no_id_when_they_are_not_stored(make_settings):
+    with TestClient(create_app(make_settings(store_predictions=False))) as client:
+        answered = client.post("/predict", json={"texts": ["one", "two"]})
+    assert answered.status_code == 200 and [p["id"] for p in answered.json()["predictions"]] == [None, None]
+
+
+async def test_close_with_a_hanging_database_spools_within_its_deadline(store_db, store_settings, open_store,
+                                                                        monkeypatch):
+    settings = store_settings(store_durability="async")
+    store = await open_store(settings, flush_interval_s=0.05)
+    unblock = threading.Event()
+    write = store._sink.write
+    writes: list[int] = []
+
+    def hanging_write(rows, **kwargs):  # a database that stopped answering in the middle of a call
+        writes.append(len(rows))
+        unblock.wait(60)
+        return write(rows, **kwargs)
+
+    monkeypatch.setattr(store._sink, "write", hanging_write)
+    records = [make_record(f"t{i}") for i in range(20)]
+    for record in records[:10]:
+        store.submit(record)
+    await wait_until(lambda: writes, what="a write to hang")
+    for record in records[10:]:
+        store.submit(record)
+    started = time.monotonic()
+    await store.close(timeout_s=1.0)
+    assert time.monotonic() - started < 10  # bounded: the hanging call would have held it for 60 s
+    assert sorted(spooled_ids(settings.spool_dir)) == sorted(r.id for r in records)  # in flight ones included
+    unblock.set()
+
+    monkeypatch.undo()
+    again = await open_store(settings)
+    await wait_until(lambda: again.health()["status"] == "ok", what="the spooled records to be replayed")
+    await wait_until(lambda: sorted(stored_ids(store_db.url)) == sorted(r.id for r in records),
+                     what="every record, once")
+
+
+async def test_async_mode_counts_what_neither_database_nor_spool_would_take(store_db, store_settings, open_store):
+    await asyncio.to_thread(store_db.down)
+    metrics = Metrics()
+    store = await open_store(store_settings(store_durability="async", db_pool_timeout_s=0.3), metrics, max_queue=4)
+    store._wal.max_bytes = 0  # and the spool is full
+    for i in range(10):
+        store.submit(make_record(f"t{i}"))
+    await wait_until(lambda: "records are lost" in (store.health()["reason"] or ""), what="the spool to refuse")
+    health = store.health()
+    assert health["lost_rows"] == 6 and health["queue_depth"] == 4  # the first four wait in memory
+    assert metrics.store_write_errors._value.get() >= 6
+    await asyncio.to_thread(store_db.up)
+
+
+async def test_a_second_store_on_the_same_spool_dir_refuses_to_start(store_settings, open_store):
+    settings = store_settings()
+    await open_store(settings)
+    second = PredictionStore(settings, Metrics())
+    with pytest.raises(SpoolLocked) as refused:
+        await second.start()
+    second.engine.dispose()
+    message = str(refused.value)
+    assert refused.value.exit_code == ExitCode.SPOOL_LOCKED
+    assert f"pid {os.getpid()}" in message and "own SPOOL_DIR" in message and "\n" not in message
+
+
+async def test_a_spool_that_cannot_take_a_record_fails_only_that_request(store_settings, open_store):
+    store = await open_store(store_settings())
+    store._wal.max_bytes = store._wal.bytes
+    with pytest.raises(SpoolUnavailable) as refused:
+        await store.record([make_record()])
+    assert refused.value.cause == "full"
+    store._wal.max_bytes = 1 << 30
+    await store.record([make_record("fine again")])
+    assert store.health()["reason"] is None
+
+
+def write_large_spool(directory: Path, rows: int, database_url: str) -> int:
+    directory.mkdir(parents=True)
+    template = record_row(make_record("a middling film, neither good nor bad"), True)
+    wal = WriteAheadLog(directory, 1 << 40)
+    wal.open()
+    chunk = 10_000
+    for start in range(0, rows, chunk):
+        wal.append(b"".join(orjson.dumps({**template, "id": f"{n:032x}"}) + b"\n"
+                            for n in range(start, start + chunk)))
+    wal.close()
+    (directory / "database.json").write_text(json.dumps(database_identity(database_url)))
+    return wal.bytes
+
+
+async def test_a_large_spool_opens_with_memory_independent_of_its_size(store_db, store_settings, open_store):
+    settings = store_settings(db_pool_timeout_s=0.3)
+    size = await asyncio.to_thread(write_large_spool, settings.spool_dir, 200_000, store_db.url)
+    await asyncio.to_thread(store_db.down)  # measure the start alone, not the replay that would follow
+    tracemalloc.start()
+    try:
+        store = await open_store(settings)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert store.health()["spool_rows"] == 200_000
+    assert peak < size / 20, f"start-up peaked at {peak} bytes for a {size}-byte spool"
+    assert (settings.spool_dir / segment_name(0)).exists()
+    await store.close()
+    await asyncio.to_thread(store_db.up)

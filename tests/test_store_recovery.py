@@ -1,0 +1,235 @@
+"""The store recovering honestly: replay in bounded chunks and in order, /health that tells the truth (and no
+connection details), idle recovery, rows a database refuses, foreign spools and the `spool` commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, event, select, text
+
+from server import cli_store
+from server.metrics import Metrics
+from server.store import migrate, prediction_store, writer
+from server.store.db import make_engine
+from server.store.rejected import FILENAME as REJECTED
+from server.store.rows import encode_lines, record_row
+from server.store.sink import DatabaseSink
+from server.store.spooldir import database_identity
+from server.store.tables import PREDICTIONS
+from server.store.wal import WriteAheadLog
+from tests.store_fixtures import make_record, stored_ids, wait_until
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cli_store.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def leave_spool(spool_dir: Path, database_url: str, records: list) -> None:
+    """A spool as a previous process left it: the records on disk, bound to ``database_url``."""
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    wal = WriteAheadLog(spool_dir, 1 << 30)
+    wal.open()
+    wal.append(encode_lines([record_row(r, True) for r in records]))
+    wal.close()
+    (spool_dir / "database.json").write_text(json.dumps(database_identity(database_url)))
+
+
+def refuse(url: str, condition: str, name: str = "refuse") -> None:
+    """Make the database refuse rows matching ``condition`` (``{row}`` before each column): a CHECK constraint on
+    PostgreSQL, a trigger on SQLite (which cannot add a constraint to a table)."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            check = condition.format(row="")
+            connection.execute(text(f"ALTER TABLE predictions ADD CONSTRAINT {name} CHECK (NOT ({check}))"))
+        else:
+            when = condition.format(row="NEW.")
+            connection.execute(text(f"CREATE TRIGGER {name} BEFORE INSERT ON predictions WHEN {when} "
+                                    "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    engine.dispose()
+
+
+def accept(url: str, name: str = "refuse") -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text(f"ALTER TABLE predictions DROP CONSTRAINT {name}"))
+        else:
+            connection.execute(text(f"DROP TRIGGER {name}"))
+    engine.dispose()
+
+
+async def test_a_backlog_is_replayed_in_bounded_chunks_in_order_before_new_records(store_db, store_settings,
+                                                                                   open_store, monkeypatch):
+    settings = store_settings(store_durability="async")
+    backlog = [make_record(f"old {i}") for i in range(600)]
+    leave_spool(settings.spool_dir, store_db.url, backlog)
+    monkeypatch.setattr(writer, "REPLAY_BUDGET_S", 0.0)  # one batch per flush
+    written: list[str] = []
+    write = DatabaseSink.write
+
+    def slow_write(self, rows, **kwargs):
+        written.extend(r["id"] for r in rows)
+        time.sleep(0.01)
+        return write(self, rows, **kwargs)
+
+    monkeypatch.setattr(DatabaseSink, "write", slow_write)
+    metrics = Metrics()
+    store = await open_store(settings, metrics, batch_rows=50)
+    await wait_until(lambda: written, what="the replay to begin")
+    health = store.health()
+    assert health["state"] == "replaying" and health["status"] == "degraded"
+    assert 0 < health["replay"]["rows_left"] == health["spool_rows"] < 600
+    assert metrics.store_up._value.get() == 1 and metrics.store_replaying._value.get() == 1
+    fresh = [make_record(f"new {i}") for i in range(20)]
+    for record in fresh:
+        store.submit(record)  # async mode: must go behind the backlog, not before it
+    await wait_until(lambda: store.health()["status"] == "ok", timeout=30, what="the backlog and the new records")
+    await wait_until(lambda: len(written) >= 620, what="the new records")
+    assert written[:600] == [r.id for r in backlog]
+    assert sorted(written[600:]) == sorted(r.id for r in fresh)
+    assert metrics.store_replaying._value.get() == 0 and store.health()["replay"] is None
+
+
+async def test_an_idle_store_sees_the_database_come_back(store_db, store_settings, open_store):
+    await asyncio.to_thread(store_db.down)
+    metrics = Metrics()
+    store = await open_store(store_settings(db_pool_timeout_s=0.3), metrics)
+    assert store.health()["state"] == "down" and metrics.store_up._value.get() == 0
+    await asyncio.to_thread(store_db.up)
+    await wait_until(lambda: store.health()["status"] == "ok", what="recovery without any traffic")
+    assert metrics.store_up._value.get() == 1
+
+
+@pytest.mark.postgres
+async def test_health_names_the_trouble_not_the_connection(pg_store_db, tmp_path, open_store):
+    from server.config import load_settings
+
+    settings = load_settings(database_url=pg_store_db.url, spool_dir=tmp_path / "spool", db_pool_timeout_s=0.3,
+                             db_auto_migrate=True)
+    await asyncio.to_thread(pg_store_db.down)
+    store = await open_store(settings)
+    health = json.dumps(store.health())
+    assert "database unavailable (OperationalError)" in health
+    url = create_engine(pg_store_db.url).url
+    for detail in (url.host, str(url.port), f"{url.username}@", "onnection refused", "failed"):
+        assert detail not in health, detail
+    await asyncio.to_thread(pg_store_db.up)
+
+
+async def test_a_nul_character_is_stored_replaced_not_refused(store_db, store_settings, open_store):
+    settings = store_settings()
+    metrics = Metrics()
+    store = await open_store(settings, metrics)
+    original = "a fine\x00film"
+    record = make_record(original)
+    await store.record([record])
+    await wait_until(lambda: stored_ids(store_db.url) == [record.id], what="the record")
+    engine = create_engine(store_db.url)
+    with engine.connect() as connection:
+        stored_text, digest = connection.execute(select(PREDICTIONS.c.text, PREDICTIONS.c.text_sha256)).one()
+    engine.dispose()
+    expected = original.replace("\x00", "\ufffd") if store_db.backend == "postgresql" else original
+    assert stored_text == expected
+    assert digest == hashlib.sha256(original.encode()).hexdigest()  # the hash of what was sent
+    assert metrics.store_rejected._value.get() == 0
+
+
+async def test_a_refused_row_is_isolated_by_halving_and_replayable_after_a_fix(store_db, store_settings, open_store,
+                                                                               monkeypatch):
+    monkeypatch.setattr(prediction_store, "WATCH_INTERVAL_S", 0.1)
+    settings = store_settings()
+    metrics = Metrics()
+    store = await open_store(settings, metrics, flush_interval_s=0.5)
+    refuse(store_db.url, "{row}text = 'poison'")
+    statements = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda *args: statements.append(args[2]) if args[2].lstrip().upper().startswith("INSERT") else None)
+    records = [make_record(f"fine {i}") for i in range(64)]
+    records[37] = make_record("poison")
+    await store.record(records)  # one group, one batch
+    await wait_until(lambda: len(stored_ids(store_db.url)) == 63, what="the other 63 rows")
+    assert len(statements) <= 13, len(statements)  # 1 + 2 per halving level, not 64 one-row inserts
+    await wait_until(lambda: store.health()["rejected_rows"] == 1, what="/health to count the refused row")
+    assert metrics.store_rejected._value.get() == 1
+    kept = [json.loads(line) for line in (settings.spool_dir / REJECTED).read_text().splitlines()]
+    assert [entry["row"]["id"] for entry in kept] == [records[37].id]
+
+    assert run_cli("spool", "replay-rejected", "--spool-dir", str(settings.spool_dir),
+                   "--into", store_db.url) == 0  # still refused: kept, nothing lost
+    assert len(stored_ids(store_db.url)) == 63 and store.health()["rejected_rows"] == 1
+    accept(store_db.url)
+    assert run_cli("spool", "replay-rejected", "--spool-dir", str(settings.spool_dir),
+                   "--into", store_db.url) == 0
+    assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
+    await wait_until(lambda: store.health()["rejected_rows"] == 0, what="/health to see the replay")
+
+
+async def test_a_database_that_refuses_every_row_is_down_not_a_reason_to_set_rows_aside(store_db, store_settings,
+                                                                                         open_store):
+    settings = store_settings()
+    store = await open_store(settings)
+    refuse(store_db.url, "{row}score >= 0")
+    records = [make_record(f"t{i}") for i in range(5)]
+    await store.record(records)
+    await wait_until(lambda: store.health()["state"] == "down", what="the store to give up on the database")
+    assert "refuses every row" in store.health()["reason"]
+    assert store.health()["rejected_rows"] == 0 and not (settings.spool_dir / REJECTED).exists()
+    accept(store_db.url)
+    await wait_until(lambda: store.health()["status"] == "ok", what="recovery")
+    assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
+
+
+async def test_a_spool_for_another_database_is_kept_apart_until_replayed_on_purpose(store_db, store_settings,
+                                                                                    open_store, tmp_path,
+                                                                                    monkeypatch, capsys, caplog):
+    monkeypatch.setattr(prediction_store, "WATCH_INTERVAL_S", 0.1)
+    records = [make_record(f"t{i}") for i in range(20)]
+    settings = store_settings()
+    leave_spool(settings.spool_dir, store_db.url, records)
+    engine = make_engine(settings)
+    migrate.upgrade(engine)
+    engine.dispose()
+    other_url = f"sqlite:///{tmp_path}/other.db"
+
+    store = await open_store(store_settings(database_url=other_url))
+    health = store.health()
+    assert health["status"] == "degraded" and len(health["foreign_spools"]) == 1
+    foreign = health["foreign_spools"][0]
+    assert foreign["rows"] == 20 and foreign["command"].startswith("sentiment-analyzer spool replay --spool-dir")
+    assert foreign["path"] in health["reason"]
+    assert any(r.levelname == "ERROR" and "not for this DATABASE_URL" in r.getMessage() for r in caplog.records)
+    await store.record([make_record("for the other one")])  # keeps serving, into its own database
+    await wait_until(lambda: len(stored_ids(other_url)) == 1, what="the new database's own record")
+    assert stored_ids(store_db.url) == []
+
+    monkeypatch.setenv("DATABASE_URL", other_url)
+    assert run_cli("spool", "replay", "--spool-dir", foreign["path"]) == 1
+    assert "pass --into URL" in capsys.readouterr().err
+    assert run_cli("spool", "replay", "--spool-dir", str(settings.spool_dir)) == 1  # the server holds it
+    assert "in use by another process" in capsys.readouterr().err
+    assert run_cli("spool", "replay", "--spool-dir", foreign["path"], "--into", store_db.url) == 0
+    assert "replayed 20 predictions" in capsys.readouterr().out
+    assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
+    assert not Path(foreign["path"]).exists()
+    await wait_until(lambda: store.health()["status"] == "ok", what="/health to see the foreign spool gone")
+    assert len(stored_ids(other_url)) == 1
+
+
+def test_spool_status_says_what_a_spool_holds_and_for_which_database(store_db, tmp_path, monkeypatch, capsys):
+    spool_dir = tmp_path / "spool"
+    leave_spool(spool_dir, store_db.url, [make_record("a"), make_record("b")])
+    monkeypatch.setenv("SPOOL_DIR", str(spool_dir))
+    assert run_cli("spool", "status") == 0
+    out = capsys.readouterr().out
+    assert "2 predictions" in out and "0 rejected rows" in out
+    assert ("sqlite:////" if store_db.backend == "sqlite" else "postgresql://postgres@127.0.0.1:") in out
