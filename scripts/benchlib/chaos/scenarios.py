@@ -98,7 +98,7 @@ class Outcome:
                  f"duplicated, {tally.refused} refused, {tally.unanswered_recorded} recorded unanswered",
                  *(f"  note: {note}" for note in self.notes),
                  *(f"  PROBLEM {problem}" for problem in self.problems)]
-        if self.problems:
+        if self.problems and log_lines > 0:
             for log in self.logs:
                 tail = log.read_text(errors="replace").splitlines()[-log_lines:] if log.exists() else []
                 lines += [f"  --- {log.name} (last {len(tail)} lines)", *(f"  | {line}" for line in tail)]
@@ -132,7 +132,7 @@ def sigkill_database_down(setup: Setup) -> Outcome:
 
 def _sigkill(setup: Setup, database_down: bool) -> Outcome:
     delay = random.Random(setup.seed).uniform(0, setup.jitter_s)
-    load = f"{setup.clients} clients x 1 text, SIGKILL {delay:.2f} s after {setup.kill_after} answers"
+    load = f"{setup.clients} clients x 1 text, SIGKILL 0-{setup.jitter_s:g} s (random) after {setup.kill_after} answers"
     with Harness(setup) as harness:
         server = harness.start()
         if database_down:
@@ -147,7 +147,9 @@ def _sigkill(setup: Setup, database_down: bool) -> Outcome:
         restarted = harness.start()
         checks.append(recovery_check(*wait_health(restarted.url, recovered, setup.timeout_s)))
         tally = count(attempts, stored_rows(setup.database.url))
-    return _outcome("sigkill, database down" if database_down else "sigkill", setup, load, tally, checks, harness)
+    notes = [f"SIGKILL {delay:.2f} s after the {setup.kill_after}th answer, with {traffic.answered} answered"]
+    return _outcome("sigkill, database down" if database_down else "sigkill", setup, load, tally, checks, harness,
+                    notes)
 
 
 # --- database outages ---------------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def large_spool(setup: Setup) -> Outcome:
     with Harness(setup) as harness:
         fresh = harness.start(SPOOL_DIR=str(setup.workdir / "empty-spool"))
         baseline = peak_rss_bytes(fresh.process.pid)
-        harness.stop(fresh)
+        harness.kill(fresh)
         server = harness.start()
         setup.database.down()
         traffic = Traffic(server.url, 4, texts_per_request=32, text=repeated_text(8000)).start()
