@@ -17,7 +17,10 @@ import pytest
 
 from scripts.benchlib.chaos import scenarios
 from scripts.benchlib.chaos.harness import Setup, Unsupported
+from scripts.benchlib.chaos.report import BEGIN, END, write_into
 from scripts.benchlib.chaos.scenarios import Outcome
+from scripts.benchlib.chaos.tally import count
+from scripts.benchlib.chaos.traffic import Attempt
 from scripts.benchlib.databases import sqlite_database
 
 MiB = 1 << 20
@@ -32,6 +35,35 @@ def setup(tiny_artifact: Path, tmp_path: Path) -> Callable[..., Setup]:
         return Setup(tiny_artifact, database, tmp_path / "run", **values)
 
     return make
+
+
+def test_count_tells_lost_duplicated_stray_and_unanswered_records_apart():
+    attempts = [
+        Attempt("ok", 2, 200, ids=["a", "b"]),
+        Attempt("lost-one", 2, 200, ids=["c", "d"]),
+        Attempt("twice", 1, 200, ids=["e"]),
+        Attempt("extra", 1, 200, ids=["f"]),
+        Attempt("no-ids", 2, 200),  # an answer without record ids: counted by the request's texts
+        Attempt("no-ids-short", 2, 200),
+        Attempt("in-flight", 1, None),  # no answer, yet recorded: allowed
+        Attempt("refused", 1, 503, retry_after=True),
+    ]
+    rows = [("a", "ok"), ("b", "ok"), ("c", "lost-one"), ("e", "twice"), ("e", "twice"), ("f", "extra"),
+            ("g", "extra"), ("h", "no-ids"), ("i", "no-ids"), ("j", "no-ids-short"), ("k", "in-flight"),
+            ("z", "nobody")]
+    tally = count(attempts, rows)
+    assert (tally.sent, tally.answered, tally.refused, tally.unanswered_recorded) == (8, 6, 1, 1)
+    assert tally.stored == 4 and sorted(tally.lost_ids) == ["lost-one", "no-ids-short"]
+    assert sorted(tally.duplicated_ids) == ["extra", "twice"] and tally.stray == 1
+    assert not tally.exactly_once
+    assert count(attempts[:1], rows[:2]).exactly_once
+
+
+def test_the_table_replaces_only_the_generated_section(tmp_path):
+    document = tmp_path / "RELIABILITY.md"
+    document.write_text(f"# Prose kept by hand\n\n{BEGIN}\nold table\n{END}\n\nmore prose\n")
+    write_into(document, f"{BEGIN}\nnew table\n{END}")
+    assert document.read_text() == f"# Prose kept by hand\n\n{BEGIN}\nnew table\n{END}\n\nmore prose\n"
 
 
 def assert_kept_promises(outcome: Outcome, answered: int) -> None:

@@ -136,12 +136,14 @@ def health(url: str) -> dict[str, Any] | None:
 def recovered(state: dict[str, Any] | None) -> bool:
     """/health says ok, the spool is empty and no record waits in memory, in the same answer: with no traffic,
     every record of an answered request should be in the database."""
-    return (bool(state) and state["status"] == "ok" and not state["database"]["spool_rows"]
-            and not state["database"].get("queue_depth"))
+    database = (state or {}).get("database") or {}
+    return (bool(state) and state.get("status") == "ok" and database.get("spool_rows") == 0
+            and not database.get("queue_depth"))
 
 
 def degraded(state: dict[str, Any] | None) -> bool:
-    return bool(state) and state["status"] != "ok"
+    """/health answered, and not ok."""
+    return bool(state) and state.get("status") not in (None, "ok")
 
 
 def wait_health(url: str, condition, timeout_s: float) -> tuple[bool, dict[str, Any] | None, float]:

@@ -97,7 +97,7 @@ def machine() -> str:
 
 def run_all(args: argparse.Namespace) -> tuple[Table, list[dict]]:
     table, records = Table(), []
-    work = args.out / "work"
+    work = (args.out / "work").resolve()  # the servers run in the repository root
     shutil.rmtree(work, ignore_errors=True)
     template = Setup(args.artifact.resolve(), None, work, clients=args.clients, kill_after=args.kill_after,
                      jitter_s=args.jitter, timeout_s=args.timeout, large_spool_bytes=args.large_spool_mib << 20,

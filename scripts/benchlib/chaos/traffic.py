@@ -161,10 +161,13 @@ class Traffic:
                 status, attempt.retry_after = answer.status, "Retry-After" in answer.headers
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return attempt
-        if status == 200:
-            document = orjson.loads(payload)
-            attempt.request_id = document.get("request_id") or request_id
-            ids = [prediction.get("id") for prediction in document["predictions"]]
-            attempt.ids = ids if all(ids) else None
         attempt.status = status
+        if status == 200:
+            try:
+                document = orjson.loads(payload)
+                ids = [prediction.get("id") for prediction in document["predictions"]]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                return attempt  # answered, though not as the contract says: counted by request id and texts
+            attempt.request_id = document.get("request_id") or request_id
+            attempt.ids = ids if all(ids) else None
         return attempt
