@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from server.config import ConfigError, load_settings
+from server.engine import first_line
 from server.exitcodes import StartupError
-from server.preflight import DOCTOR_CHECKS, first_line, run_check
+from server.preflight import DOCTOR_CHECKS, run_check
 
 
 def run_doctor(overrides: dict[str, object] | None = None, print_fn: Callable[[str], None] = print) -> int:

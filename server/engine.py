@@ -125,7 +125,7 @@ class OnnxEngine:
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             # On CPU nothing but the file can be at fault; on CUDA it may be the device.
             error = ModelFileError if device == "cpu" else EngineStartError
-            raise error(f"cannot load model file {path}: {_first_line(exc)} (restore it or rebuild the artifact)"
+            raise error(f"cannot load model file {path}: {first_line(exc)} (restore it or rebuild the artifact)"
                         ) from None
         inputs = [i.name for i in self._session.get_inputs()]
         if sorted(inputs) != sorted(MODEL_INPUTS):
@@ -169,9 +169,11 @@ class OnnxEngine:
         return int(self._session.get_provider_options().get(CUDA, {}).get("device_id", 0))
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: first line of the message``, bounded: ORT's messages can run to kilobytes of C++ frames."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cuda_available() -> bool:

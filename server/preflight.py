@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import ConfigError, Settings, check_relationships
+from server.engine import first_line
 from server.exitcodes import ExitCode, StartupError
 
 log = logging.getLogger("server.cli")
@@ -256,7 +257,3 @@ def sqlite_path(settings: Settings) -> Path | None:
         return None
     return Path(url.database)
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

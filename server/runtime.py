@@ -22,7 +22,7 @@ from server.artifact import MANIFEST, TOKENIZER, Artifact, ArtifactError, load_a
 from server.batcher import Batcher
 from server.budget import TokenBudget
 from server.config import Settings
-from server.engine import Engine, EngineStartError, create_cpu_engine, create_engine
+from server.engine import Engine, EngineStartError, create_cpu_engine, create_engine, first_line
 from server.metrics import Metrics
 from server.oom import ResilientEngine
 from server.primitives import ModelIdentity
@@ -111,7 +111,7 @@ class ModelRuntime:
         except Exception as exc:
             raise ModelCheckFailed(
                 f"model {where} cannot run a text of its max_sequence_length ({self.artifact.max_length} tokens, "
-                f"from {MANIFEST}): {_summary(exc)}; set it to what the model supports or rebuild the artifact"
+                f"from {MANIFEST}): {first_line(exc)}; set it to what the model supports or rebuild the artifact"
             ) from None
         self._check_logits(logits, 1)
 
@@ -133,7 +133,7 @@ def load_encoder(artifact: Artifact, strict: bool) -> TextEncoder:
     try:
         return TextEncoder(artifact.tokenizer_path, artifact.max_length, strict=strict)
     except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
-        raise ModelCheckFailed(f"tokenizer unusable: {artifact.directory / TOKENIZER}: {_summary(exc)} "
+        raise ModelCheckFailed(f"tokenizer unusable: {artifact.directory / TOKENIZER}: {first_line(exc)} "
                                "(restore it or rebuild the artifact)") from None
 
 
@@ -156,13 +156,7 @@ def load_checked(settings: Settings, metrics: Metrics, model_path: Path | None =
     except (ArtifactError, EngineStartError):
         raise
     except Exception as exc:
-        raise ModelCheckFailed(f"model {path} cannot serve: {_summary(exc)} (check the artifact, or rebuild it)"
+        raise ModelCheckFailed(f"model {path} cannot serve: {first_line(exc)} (check the artifact, or rebuild it)"
                                ) from exc
     return runtime
 
-
-def _summary(exc: BaseException, limit: int = 300) -> str:
-    """``Type: first line of the message``, bounded: ORT messages can run to kilobytes of C++ frames."""
-    lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
