@@ -172,13 +172,15 @@ class DrainingServer(uvicorn.Server):
             return
         settings = self.settings
         self.drain = DrainClock.starting_now(settings)
+        self.should_exit = True
+        if self.services is None:
+            log.info("%s during start-up: stopping once the model has loaded, without listening", reason)
+            return
         log.info("%s: draining; /ready answers 503, the listener stays open %.1f s (DRAIN_GRACE_S), then requests "
                  "under way get up to %.1f s more (DRAIN_TIMEOUT_S)", reason, settings.drain_grace_s,
                  settings.drain_timeout_s)
-        if self.services is not None:
-            self.services.begin_drain(self.drain.deadline)
+        self.services.begin_drain(self.drain.deadline)
         self.guard.begin_drain()
-        self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """The drain (uvicorn calls this once its main loop sees ``should_exit``)."""
