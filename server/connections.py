@@ -119,7 +119,7 @@ class ConnectionGuard:
         """Requests received (their headers complete) and not answered yet."""
         return sum(connection.awaiting_answer for connection in self.open)
 
-    def abandon_unanswered(self) -> int:
+    def abandon_unanswered(self) -> None:
         """The drain's time is up: answer 503 to every request still unanswered and close every connection."""
         for connection in list(self.open):
             if connection.awaiting_answer:
@@ -127,7 +127,6 @@ class ConnectionGuard:
                 connection.abandon()
             else:
                 connection.transport.close()
-        return self.abandoned
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
