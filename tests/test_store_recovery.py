@@ -233,3 +233,20 @@ def test_spool_status_says_what_a_spool_holds_and_for_which_database(store_db, t
     out = capsys.readouterr().out
     assert "2 predictions" in out and "0 rejected rows" in out
     assert ("sqlite:////" if store_db.backend == "sqlite" else "postgresql://postgres@127.0.0.1:") in out
+
+
+async def test_a_segment_removed_by_hand_does_not_stall_the_writer(store_db, store_settings, open_store, caplog):
+    settings = store_settings(db_pool_timeout_s=0.3)
+    leave_spool(settings.spool_dir, store_db.url, [make_record("removed by an operator")])
+    await asyncio.to_thread(store_db.down)
+    store = await open_store(settings)
+    assert store.health()["spool_rows"] == 1
+    for segment in settings.spool_dir.glob("wal-*"):
+        segment.unlink()
+    await asyncio.to_thread(store_db.up)
+    await wait_until(lambda: store.health()["status"] == "ok", what="the writer to get past the missing records")
+    assert any("disappeared" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    record = make_record("after")
+    await store.record([record])
+    await wait_until(lambda: store.health()["queue_depth"] == 0, what="the new record to be written")
+    assert stored_ids(store_db.url) == [record.id]

@@ -32,7 +32,7 @@ from server.config import Settings
 from server.metrics import Metrics
 from server.primitives import PredictionRecord
 from server.store.committer import Commit, GroupCommitter
-from server.store.db import describe, make_engine
+from server.store.db import make_engine
 from server.store.migrate import SchemaBehind
 from server.store.rejected import FILENAME as REJECTED_FILE
 from server.store.rejected import TAKEN_PREFIX, RejectedFile
@@ -97,17 +97,13 @@ class PredictionStore:
                         self.settings.spool_dir)
         try:
             await self._worker.call(self._sink.ping)
-            self.state.mark_up()
-            log.info("store: the %s database accepts writes", self.backend)
+            self._writer.mark_up()
         except SchemaBehind:
             self._closed = True
             await self._shut(CLOSE_TIMEOUT_S)
             raise
         except Exception as error:
-            self.state.mark_down(error)
-            log.error("store: %s (%s); predictions are spooled to disk until it accepts writes",
-                      self.state.reason, describe(error))
-        self.state.publish()
+            self._writer.mark_down(error)
         self._tasks = [loop.create_task(self._writer.run(), name="prediction-store-writer"),
                        loop.create_task(self._watch_disk(), name="prediction-store-disk-watch")]
 

@@ -49,6 +49,7 @@ REPLAY_BUDGET_S = 1.0  # disk backlog read back per flush, in seconds of work
 class ReplayProgress:
     cursor: int
     lines: int = 0
+    wrote: bool = False  # a database call was made (and succeeded, unless error)
     outcome: WriteOutcome = field(default_factory=WriteOutcome)
     error: BaseException | None = None
 
@@ -165,7 +166,7 @@ class Writer:
         try:
             await self._write_tail(everything=True)
         except Exception as error:
-            self._mark_down(error)
+            self.mark_down(error)
 
     async def spool_leftovers(self) -> None:
         """At shutdown: records in memory only (async mode, or a write still hanging) go to the spool."""
@@ -193,7 +194,7 @@ class Writer:
             try:
                 await self._to_database()
             except Exception as error:
-                self._mark_down(error)
+                self.mark_down(error)
         if self._unlogged and (not state.database_up or state.pending_rows):
             await self._spool_unlogged()
         if not state.pending_rows and self._wal.bytes and time.monotonic() >= self._release_at:
@@ -210,7 +211,7 @@ class Writer:
             await self._write_unlogged()
         if not self.state.database_up:  # nothing to write was tried: ask, so an idle server sees recovery
             await self._worker.call(self._sink.ping)
-            self._mark_up()
+            self.mark_up()
 
     async def _replay_backlog(self) -> None:
         state = self.state
@@ -224,7 +225,8 @@ class Writer:
         self._settle_backlog()
         if progress.error is not None:
             raise progress.error
-        self._mark_up()
+        if progress.wrote:
+            self.mark_up()
 
     def _replay_chunk(self, position: int, stop: int, budget_s: float) -> ReplayProgress:
         """On the database thread: batches from disk until ``stop`` or ``budget_s`` has passed (at least one)."""
@@ -233,12 +235,16 @@ class Writer:
         try:
             while progress.cursor < stop:
                 lines, after = self._wal.read(progress.cursor, stop, self._batch_rows)
+                if not lines and after == progress.cursor:  # nothing on disk up to stop: the files are gone
+                    log.error("store: the spool has no records between positions %d and %d (segments removed by "
+                              "hand?); going on from %d", after, stop, stop)
+                    after = stop
                 if lines:
                     progress.outcome.add(self._sink.write_lines(lines))
+                    progress.wrote = True
                 progress.cursor, progress.lines = after, progress.lines + len(lines)
-                if after == position or time.monotonic() >= deadline:
+                if time.monotonic() >= deadline:
                     break
-                position = after
         except Exception as error:
             progress.error = error
         self._release(progress.cursor)
@@ -265,7 +271,7 @@ class Writer:
             state.pending_rows -= len(rows)
             self._count(outcome, replayed=False)
             self._settle_backlog()
-            self._mark_up()
+            self.mark_up()
 
     async def _write_unlogged(self) -> None:
         """Async mode: the records queued when the flush began, straight to the database."""
@@ -284,7 +290,7 @@ class Writer:
                 self._in_flight = []
                 state.unlogged_rows = len(self._unlogged)
             self._count(outcome, replayed=False)
-            self._mark_up()
+            self.mark_up()
 
     async def _spool_unlogged(self) -> None:
         """Async mode, database down or a backlog in the spool: put the records behind it, on disk."""
@@ -344,7 +350,7 @@ class Writer:
         self._cache.clear()
         self.state.cached_rows = 0
 
-    def _mark_up(self) -> None:
+    def mark_up(self) -> None:
         """After every successful step: the state, and the gauges with it, change in the same loop step."""
         if self.state.mark_up():
             log.info("store: the %s database accepts writes%s", self.state.backend,
@@ -352,7 +358,7 @@ class Writer:
             self._throttle.reset("down")
         self.state.publish()
 
-    def _mark_down(self, error: BaseException) -> None:
+    def mark_down(self, error: BaseException) -> None:
         self._metrics.store_write_errors.inc()
         self._retry_at = asyncio.get_running_loop().time() + self._retry_interval_s
         if self.state.mark_down(error):
@@ -360,7 +366,7 @@ class Writer:
         self._drop_cache()  # its records stay on disk and are read back from there
         self.state.publish()
         self._throttle.log("down", logging.ERROR, "store: %s (%s); spooling predictions to disk until it accepts "
-                           "writes, retrying every %.0f s", self.state.reason, describe(error),
+                           "writes, retrying every %g s", self.state.reason, describe(error),
                            self._retry_interval_s)
 
     def lose(self, count: int, why: str) -> None:
