@@ -49,6 +49,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.data import load_labeled
 from models.evaluate import agreement, evaluate_onnx
 from models.export import (
     FP32_FILE,
@@ -61,7 +62,7 @@ from models.export import (
     ort_session,
     parity_batches,
 )
-from models.labels import LabelMismatch, parse_label_map
+from models.labels import LabelMismatch, parse_label_map, resolve_labels
 from models.manifest import summary, write_manifest
 from models.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, make_variant
 from server.artifact import TOKENIZER, VARIANT_FILES
@@ -138,10 +139,12 @@ def artifact_labels(model, labels: Sequence[str] | None) -> list[str]:
     if len(names) != model.config.num_labels:
         raise ExportError("arguments", f"--labels names {len(names)} labels but the model has "
                                        f"{model.config.num_labels} outputs (checkpoint labels: {labels_of(model)})")
-    bad = [label for label in names if not 0 < len(label) <= MAX_LABEL_CHARS]
+    bad = [label for label in names if not 0 < len(label) <= MAX_LABEL_CHARS or re.search(r"[\t\r\n,]", label)]
     if bad or len(set(names)) != len(names):
-        raise ExportError("arguments", f"labels {names} must be distinct and 1-{MAX_LABEL_CHARS} characters each "
-                                       "(the prediction store's label column); rename them with --labels a,b,...")
+        raise ExportError("arguments", f"labels {names} must be distinct, 1-{MAX_LABEL_CHARS} characters each (the "
+                                       "prediction store's label column), without tabs, line breaks or commas (the "
+                                       "feedback export's and --label-map's separators); rename them with "
+                                       "--labels a,b,...")
     return names
 
 
@@ -153,6 +156,8 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
         exported = export(checkpoint, work, max_length)
         model, max_length = exported.model, exported.max_length
         labels = artifact_labels(model, labels)
+        if eval_file:
+            check_eval_labels(Path(eval_file), labels, label_map)  # before minutes of quantizing, not after
         steps.update()
         batches = list(parity_batches(work / TOKENIZER, max_length))
         built, parity = {"fp32": work / FP32_FILE}, {"fp32": exported.parity.as_dict()}
@@ -203,14 +208,19 @@ def provenance(checkpoint) -> str | dict:
     return source
 
 
+def check_eval_labels(eval_file: Path, labels: list[str], label_map: dict[str, str] | None) -> None:
+    """``ExportError`` unless the eval file's labels match the model's (``models.labels``)."""
+    try:
+        resolve_labels(load_labeled(eval_file).labels, labels, label_map)
+    except (LabelMismatch, OSError, ValueError) as exc:
+        raise ExportError("evaluate", f"{eval_file}: {exc}") from None
+
+
 def _evaluate(built: dict[str, Path], eval_file: Path, threads: int, labels: list[str],
               label_map: dict[str, str] | None) -> dict[str, dict]:
     """Every built variant on ``eval_file``; reduced precisions also as agreement with fp32 on the same texts."""
-    try:
-        evaluated = {v: evaluate_onnx(path, eval_file, threads=threads, labels=labels, label_map=label_map)
-                     for v, path in built.items()}
-    except LabelMismatch as exc:
-        raise ExportError("evaluate", f"{eval_file}: {exc}") from None
+    evaluated = {v: evaluate_onnx(path, eval_file, threads=threads, labels=labels, label_map=label_map)
+                 for v, path in built.items()}
     results = {v: result for v, (result, _) in evaluated.items()}
     for v in results.keys() - {"fp32"}:
         results[v]["vs_fp32"] = agreement(evaluated[v][1], evaluated["fp32"][1])

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from models.labels import resolve_labels
 from server.artifact import load_artifact
 from server.config import DEFAULT_MODEL_PATH, load_settings
 from server.engine import OnnxEngine, softmax
+from server.predictor import low_confidence_threshold
 from server.tokenizer import TextEncoder, pad_batch
 
 CLEAR_CASES = [
@@ -23,6 +25,15 @@ CLEAR_CASES = [
 @pytest.fixture(scope="module")
 def artifact():
     return load_artifact(DEFAULT_MODEL_PATH)  # verifies every file's sha256
+
+
+def test_sst2s_labels_match_the_shipped_models_by_name(artifact):
+    """What `make model` evaluates on: SST-2's 0/1 are NEGATIVE/POSITIVE by name, and the threshold is the setting."""
+    assert resolve_labels(["0", "1"], artifact.labels) == {"0": "NEGATIVE", "1": "POSITIVE"}
+    threshold = low_confidence_threshold(load_settings().low_confidence_threshold, len(artifact.labels))
+    assert threshold == pytest.approx(0.6)
+    fp32 = artifact.manifest["evaluation"]["results"]["fp32"]
+    assert np.sum(fp32["confusion_matrix"]) == fp32["examples"] == 872
 
 
 def test_manifest_lists_shipped_variants_and_figures(artifact):

@@ -21,11 +21,13 @@ from models.evaluate import evaluate_checkpoint, evaluate_onnx
 from models.evaluate import main as evaluate_main
 from models.export import ExportError, export
 from models.finetune import TrainConfig, fine_tune
+from models.manifest import summary
 from models.quantize import INT8_RECIPES, NODE_GROUPS, Int8Recipe, excluded_nodes, quantize_int8
 from server.artifact import MANIFEST, TOKENIZER, VARIANT_FILES, ArtifactError, load_artifact, sha256_file
 from server.tokenizer import TextEncoder, pad_batch
 from tests.labeled_files import write_labeled
 from tests.model_fixtures import TINY_MAX_LENGTH, build_tiny_artifact, save_tiny_checkpoint
+from tests.own_model_fixtures import one_torch_thread, save_checkpoint
 
 ROWS = [
     ("a gorgeous , witty , seductive movie .", 1),
@@ -42,6 +44,7 @@ ROWS = [
     ("I want my money back", 0),
 ]
 SAMPLE = ["fine", "a very long and winding review " * 30, "not good , not bad ."]
+_one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,18 @@ def artifact(tmp_path_factory, tuned, labeled) -> Path:
 @pytest.fixture
 def artifact_copy(artifact, tmp_path) -> Path:
     return Path(shutil.copytree(artifact, tmp_path / "copy"))
+
+
+def test_fine_tune_keeps_a_classifier_bases_labels_and_trains_on_named_labels(tmp_path):
+    """Retraining a served 3-label model on its feedback export: its labels and head stay, names are targets."""
+    base = save_checkpoint(tmp_path / "three", labels=("negative", "neutral", "positive"), positions=32)
+    rows = [("awful", "negative"), ("fine i guess", "neutral"), ("wonderful", "positive"), ("meh", "Neutral")]
+    data = write_labeled(tmp_path / "corrections.tsv", rows)
+    cfg = TrainConfig(base=str(base), train=str(data), dev=str(data), out=str(tmp_path / "out"), epochs=1.0,
+                      batch_size=2, eval_every=2, lr=1e-3, max_length=32)
+    fine_tune(cfg)
+    tuned = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "best")
+    assert [tuned.config.id2label[i] for i in range(3)] == ["negative", "neutral", "positive"]
 
 
 def test_fine_tune_trains_and_keeps_best(initial, tuned):
@@ -211,6 +226,9 @@ def test_shipped_artifact_drops_fp32_but_records_it(tmp_path):
     assert list(manifest["variants"]) == ["int8"]
     assert manifest["parity"]["fp32"]["max_abs_diff"] <= 1e-4
     assert manifest["variants"]["int8"]["recipe"]["name"] in INT8_RECIPES
+    printed = summary(manifest)  # what the build prints: the fp32 parity too, and how to ship fp32
+    assert printed["checked_not_shipped"]["fp32"]["parity"] == manifest["parity"]["fp32"]
+    assert "--keep-fp32" in printed["note"]
 
 
 def test_failed_build_names_the_step_and_keeps_the_previous_artifact(artifact_copy, tuned, monkeypatch):
