@@ -156,12 +156,12 @@ def wait_health(url: str, condition, timeout_s: float) -> tuple[bool, dict[str, 
     return condition(state), state, time.monotonic() - started
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """The process's peak resident set size so far (VmHWM; Linux)."""
+def memory_bytes(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc (Linux): VmRSS (resident now) or VmHWM (peak resident so far)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 def directory_bytes(directory: Path) -> int:

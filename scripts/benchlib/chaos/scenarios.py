@@ -15,8 +15,8 @@ Choices the contract leaves open, made here:
 - The large spool is built black-box, by traffic while the database is down: 32 texts of 8,000 characters per
   request, all the same text so that the prediction cache spares the inference (12k distinct long texts
   would spend most of a minute in the tokenizer; 200k short rows, minutes). Its bound on memory compares the
-  restarted server's peak RSS with a fresh server's (same settings, empty spool): the growth must stay below
-  half the spool's size, which a server that reads the spool into memory cannot meet.
+  restarted server's peak RSS with a fresh server's (same settings, empty spool); see ``large_spool`` for
+  why the spool is sized above the model's start-up transient.
 - "Full spool" is tried two ways: a tmpfs smaller than SPOOL_MAX_BYTES mounted at SPOOL_DIR (the disk
   fills: needs root, otherwise ``Unsupported``), and SPOOL_MAX_BYTES itself (1 MiB is its minimum).
   In ``ack`` mode (and the default) the server must refuse with 503 + Retry-After once it cannot spool.
@@ -43,7 +43,7 @@ from scripts.benchlib.chaos.harness import (
     degraded,
     directory_bytes,
     health,
-    peak_rss_bytes,
+    memory_bytes,
     recovered,
     tmpfs,
     wait_health,
@@ -148,7 +148,7 @@ def _sigkill(setup: Setup, database_down: bool) -> Outcome:
         checks.append(recovery_check(*wait_health(restarted.url, recovered, setup.timeout_s)))
         tally = count(attempts, stored_rows(setup.database.url))
     notes = [f"SIGKILL {delay:.2f} s after the {setup.kill_after}th answer, with {traffic.answered} answered"]
-    return _outcome("sigkill, database down" if database_down else "sigkill", setup, load, tally, checks, harness,
+    return _outcome("sigkill-database-down" if database_down else "sigkill", setup, load, tally, checks, harness,
                     notes)
 
 
@@ -197,7 +197,7 @@ def idle_recovery(setup: Setup) -> Outcome:
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s),
                                      what="recovered with no traffic, records spooled"))
         tally = count(attempts, stored_rows(setup.database.url))
-    return _outcome("idle recovery", setup, load, tally, checks, harness)
+    return _outcome("idle-recovery", setup, load, tally, checks, harness)
 
 
 # --- the spool ----------------------------------------------------------------------------------------------
@@ -238,8 +238,7 @@ def _full_spool(setup: Setup, on_tmpfs: bool) -> Outcome:
         attempts += after.stop()
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s), what="recovered again"))
         tally = count(attempts, stored_rows(setup.database.url))
-    name = "spool disk full" if on_tmpfs else "spool cap reached"
-    return _outcome(name, setup, load, tally, checks, harness, notes)
+    return _outcome("spool-disk-full" if on_tmpfs else "spool-cap", setup, load, tally, checks, harness, notes)
 
 
 def _spool_full(setup: Setup, size: int) -> Callable[[Traffic], bool]:
@@ -257,34 +256,45 @@ def _spool_full(setup: Setup, size: int) -> Callable[[Traffic], bool]:
 
 
 def large_spool(setup: Setup) -> Outcome:
-    """A restart on a spool of ``large_spool_bytes``: recovery, and peak memory independent of the spool's size."""
-    target = setup.large_spool_bytes
-    load = (f"4 clients x 32 texts of 8,000 characters (one text, cached), database down until the spool holds "
-            f"{target // MiB} MiB")
+    """A restart on a large spool: recovery, and a peak memory that does not grow with the spool's size.
+
+    Loading a model can briefly take far more memory than serving it (the default model: a peak ~480 MiB above
+    its steady RSS), and a spool read into memory after that transient does not raise the peak until it is
+    bigger than the gap. So the spool is built to ``large_spool_bytes`` *above* that gap, measured on a fresh
+    server, and the restart's peak RSS may exceed the fresh server's by at most a quarter of
+    ``large_spool_bytes`` (32 MiB at most): replay batches and driver buffers, not the spool.
+    """
     with Harness(setup) as harness:
         fresh = harness.start(SPOOL_DIR=str(setup.workdir / "empty-spool"))
-        baseline = peak_rss_bytes(fresh.process.pid)
+        time.sleep(1)  # let the load's transient memory go back before reading the steady RSS
+        baseline = memory_bytes(fresh.process.pid, "VmHWM")
+        transient = baseline - memory_bytes(fresh.process.pid, "VmRSS")
         harness.kill(fresh)
-        server = harness.start()
+        target = transient + setup.large_spool_bytes
+        allowance = min(setup.large_spool_bytes // 4, 32 * MiB)
+        scale = max(1.0, target / (100 * MiB))  # waits grow with the spool to build and replay
+        load = (f"4 clients x 32 texts of 8,000 characters (one text, cached), database down until the spool holds "
+                f"{target // MiB} MiB")
+        server = harness.start(SPOOL_MAX_BYTES=str(2 * target))
         setup.database.down()
         traffic = Traffic(server.url, 4, texts_per_request=32, text=repeated_text(8000)).start()
-        filled = traffic.wait(lambda _: directory_bytes(setup.spool_dir) >= target, setup.timeout_s * 4)
+        filled = traffic.wait(lambda _: directory_bytes(setup.spool_dir) >= target, setup.timeout_s * 4 * scale)
         attempts = traffic.stop()
         harness.stop(server)
         size = directory_bytes(setup.spool_dir)
         checks = [Check(f"a spool of {target // MiB} MiB built", filled, f"{size / MiB:.0f} MiB")]
         setup.database.up()
-        restarted = harness.start()
-        ok, state, waited = wait_health(restarted.url, recovered, setup.timeout_s * 4)
+        restarted = harness.start(SPOOL_MAX_BYTES=str(2 * target))
+        ok, state, waited = wait_health(restarted.url, recovered, setup.timeout_s * 4 * scale)
         checks.append(recovery_check(ok, state, waited))
-        growth = peak_rss_bytes(restarted.process.pid) - baseline
-        checks.append(Check("peak RSS of the restart grows by less than half the spool", growth < size / 2,
-                            f"+{growth / MiB:.0f} MiB over a fresh server's {baseline / MiB:.0f} MiB, spool "
-                            f"{size / MiB:.0f} MiB"))
-        notes = [f"spool {size / MiB:.0f} MiB; restart peak RSS +{growth / MiB:.0f} MiB over a fresh server "
-                 f"({baseline / MiB:.0f} MiB); recovered in {waited:.1f} s"]
+        growth = memory_bytes(restarted.process.pid, "VmHWM") - baseline
+        checks.append(Check(f"peak RSS of the restart at most {allowance // MiB} MiB above a fresh server's",
+                            growth <= allowance, f"+{growth / MiB:.0f} MiB over {baseline / MiB:.0f} MiB"))
+        notes = [f"spool {size / MiB:.0f} MiB (the model's start-up transient: {transient / MiB:.0f} MiB); restart "
+                 f"peak RSS {growth / MiB:+.0f} MiB over a fresh server's {baseline / MiB:.0f} MiB; recovered in "
+                 f"{waited:.1f} s"]
         tally = count(attempts, stored_rows(setup.database.url))
-    return _outcome("large spool at start", setup, load, tally, checks, harness, notes)
+    return _outcome("large-spool", setup, load, tally, checks, harness, notes)
 
 
 # --- SPOOL_DIR ownership ------------------------------------------------------------------------------------
@@ -313,7 +323,7 @@ def two_processes(setup: Setup) -> Outcome:
         attempts = traffic.stop()
         checks.append(recovery_check(*wait_health(first.url, recovered, setup.timeout_s)))
         tally = count(attempts, stored_rows(setup.database.url))
-    return _outcome("two processes, one SPOOL_DIR", setup, load, tally, checks, harness)
+    return _outcome("two-processes", setup, load, tally, checks, harness)
 
 
 def other_database(setup: Setup) -> Outcome:
@@ -356,12 +366,12 @@ def other_database(setup: Setup) -> Outcome:
                                 replay.returncode == 0,
                                 f"exit {replay.returncode}: {(replay.stdout + replay.stderr)[-500:]}"))
         def cleared(state: dict | None) -> bool:
-            return recovered(state) and not state["database"]["foreign_spools"]
+            return recovered(state) and not state["database"].get("foreign_spools")
 
         checks.append(recovery_check(*wait_health(second.url, cleared, setup.timeout_s),
                                      what="the set-aside spool gone from /health after the replay"))
         tally = count(spooled, stored_rows(setup.database.url)) + count(own, stored_rows(other_url))
-    return _outcome("restart on another DATABASE_URL", setup, load, tally, checks, harness)
+    return _outcome("other-database", setup, load, tally, checks, harness)
 
 
 def _wait_recorded(attempts: list[Attempt], url: str, timeout_s: float) -> bool:
@@ -390,7 +400,7 @@ def nul_text_stored(setup: Setup) -> Outcome:
         wrong = _wrong_digests([a for a in attempts if a.answered], setup.database.url)
         checks.append(Check("each record keeps the sha256 of the text as sent", not wrong,
                             f"{wrong} requests' records have other digests"))
-    return _outcome("text with U+0000", setup, load, tally, checks, harness)
+    return _outcome("nul-text", setup, load, tally, checks, harness)
 
 
 def _wrong_digests(attempts: list[Attempt], url: str) -> int:
