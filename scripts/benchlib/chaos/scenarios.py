@@ -365,6 +365,7 @@ def other_database(setup: Setup) -> Outcome:
             checks.append(Check(f"`sentiment-analyzer spool replay --spool-dir {spool['path']} --into` succeeds",
                                 replay.returncode == 0,
                                 f"exit {replay.returncode}: {(replay.stdout + replay.stderr)[-500:]}"))
+
         def cleared(state: dict | None) -> bool:
             return recovered(state) and not state["database"].get("foreign_spools")
 
