@@ -38,7 +38,7 @@ class TextEncoder:
         """``encode`` and, per text, whether it was cut at ``max_length`` (never in strict mode: it refuses)."""
         encodings = self._tokenizer.encode_batch(texts)
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-        truncated = [bool(e.overflowing) for e in encodings]
+        truncated = [self._was_cut(text, e) for text, e in zip(texts, encodings, strict=True)]
         if self.strict:
             for index, row in enumerate(ids):
                 if len(row) > self.max_length:
@@ -47,6 +47,16 @@ class TextEncoder:
                         "(shorten it, or run the server with STRICT_TRUNCATION=false to truncate)"
                     )
         return ids, truncated
+
+    def _was_cut(self, text: str, encoding) -> bool:
+        """Whether truncation dropped tokens, without materializing them all (``overflowing`` builds an encoding per
+        ``max_length`` tokens dropped: ~30% more tokenizer time on a 20,000-character text). A text left at fewer
+        tokens was not cut; one whose unread rest holds a letter or digit was (each makes a token, if only [UNK]);
+        otherwise ``overflowing`` decides."""
+        if len(encoding.ids) < self.max_length:
+            return False
+        read = max((end for start, end in encoding.offsets if end > start), default=0)
+        return any(char.isalnum() for char in text[read:]) or bool(encoding.overflowing)
 
 
 def pad_batch(rows: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from server.metrics import Metrics
 from server.predictor import Predictor, low_confidence_threshold
 from server.primitives import Prediction
 from server.runtime import ModelRuntime
+from server.tokenizer import TextEncoder
 from tests.labeled_files import write_labeled
 from tests.own_model_fixtures import one_torch_thread, save_checkpoint
 
@@ -218,6 +219,15 @@ async def test_a_text_cut_at_the_maximum_length_is_flagged_and_counted_once(pred
     identity = predictor.runtime.identity
     assert metrics.registry.get_sample_value("sentiment_truncated_texts_total",
                                              {"model": identity.name, "version": identity.version}) == 1
+
+
+def test_truncation_is_flagged_exactly_at_the_maximum_length(tiny_artifact) -> None:
+    """[CLS] + 6 words + [SEP] fill 8 tokens exactly: not cut; one more word, or punctuation, is; an unread
+    zero-width space makes no token, so a text ending in one is not cut either."""
+    encoder = TextEncoder(tiny_artifact / "tokenizer.json", 8)
+    _, truncated = encoder.encode_marking_truncation(["a b c d e f", "a b c d e f g", "a b c d e f !!",
+                                                      "a b c d e f\u200b", "short"])
+    assert truncated == [False, True, True, False, False]
 
 
 async def test_low_confidence_is_relative_to_the_number_of_labels(predictor) -> None:
