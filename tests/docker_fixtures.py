@@ -8,12 +8,14 @@ second run builds in seconds); else on the Dockerfiles' own Docker Hub bases.
 
 The tests skip, with one line saying why, only where Docker cannot run: no client, no daemon, no
 BuildKit-capable client. Containers they start carry the label ``LABEL`` and are removed when done; a
-container of the same name that they did not start is never touched (the tests skip instead).
+container of the same name that they did not start is never touched (the tests skip instead). One test
+run at a time drives them on a machine (a lock file; another run waits).
 Build and run figures go to build/container_report.json (``.ci/run`` prints them).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -33,6 +35,8 @@ LOCAL_BASE = "local/debian-python:bookworm"
 REPORT = ROOT / "build" / "container_report.json"
 BUILD_TIMEOUT_S = 1800  # a cold CUDA build downloads a ~255 MB wheel
 READY_TIMEOUT_S = 240  # model load and warm-up on 2 busy cores
+LOCK = Path("/tmp/sentiment-analyzer-container-tests.lock")
+LOCK_WAIT_S = 1200
 
 
 def docker(*args: str, timeout: float = 120, check: bool = True, env: dict[str, str] | None = None,
@@ -82,10 +86,27 @@ def docker_problem() -> str | None:
     return None
 
 
+_run_lock = None
+
+
 def require_docker() -> None:
+    """Skip where Docker cannot run; else take the machine-wide lock (the containers' names are fixed, so two
+    test runs on one daemon would remove each other's), waiting for another run to finish."""
+    global _run_lock
     problem = docker_problem()
     if problem:
         pytest.skip(problem)
+    if _run_lock is None:
+        lock = LOCK.open("w")
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, f"another container test run held {LOCK} for {LOCK_WAIT_S} s"
+                time.sleep(2)
+        _run_lock = lock  # held until this process exits
 
 
 def can_make_local_base() -> bool:
