@@ -113,8 +113,13 @@ def can_make_local_base() -> bool:
     return os.geteuid() == 0 and shutil.which("debootstrap") is not None
 
 
+def image_id(tag: str) -> str | None:
+    found = docker("image", "inspect", "-f", "{{.Id}}", tag, check=False, timeout=60)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
 def image_exists(tag: str) -> bool:
-    return docker("image", "inspect", tag, check=False, timeout=60).returncode == 0
+    return image_id(tag) is not None
 
 
 @functools.cache
@@ -138,12 +143,15 @@ def build_image(dockerfile: str, tag: str, build_args: dict[str, str] | None = N
     """Build with BuildKit (layers and the pip cache mount kept by the daemon); returns seconds and size."""
     argv, extra_env = build_command()
     args = [arg for name, value in (build_args or {}).items() for arg in ("--build-arg", f"{name}={value}")]
+    previous = image_id(tag)
     started = time.monotonic()
     result = subprocess.run([*argv, "--network", "host", "--progress", "plain", *args, "-f", dockerfile, "-t", tag,
                              str(context)], capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, cwd=ROOT,
                             env={**os.environ, **dict(extra_env)})
     seconds = round(time.monotonic() - started, 1)
     assert result.returncode == 0, f"building {tag} from {dockerfile} failed:\n{result.stderr[-6000:]}"
+    if previous and previous != image_id(tag):  # the image this tag named before, else left behind on every change
+        docker("rmi", previous, check=False, timeout=120)
     size = int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout)
     figures = {"dockerfile": dockerfile, "seconds": seconds, "size_bytes": size,
                "size_mib": round(size / 2**20), "base": (build_args or {}) or "default"}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import select
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +136,7 @@ def test_log_file_at_the_runbook_path(server) -> None:
     follow = subprocess.Popen(["bash", "-c", f"docker exec sentiment-analyzer tail -f {LOG_FILE}"],
                               stdout=subprocess.PIPE, text=True)
     try:
+        assert select.select([follow.stdout], [], [], 30)[0], "tail -f printed nothing within 30 s"
         first = follow.stdout.readline()
         assert json.loads(first)["level"], first
     finally:
