@@ -216,7 +216,8 @@ def spool_cap(setup: Setup) -> Outcome:
 def _full_spool(setup: Setup, on_tmpfs: bool) -> Outcome:
     size = setup.full_spool_bytes
     where = f"a {size // 1024} KiB tmpfs" if on_tmpfs else f"SPOOL_MAX_BYTES={size}"
-    load = f"{setup.clients} clients x 4 texts of 1,000 characters, database down until the spool ({where}) is full"
+    load = (f"{setup.clients} clients x 4 texts of 1,000 characters, database down until the spool ({where}) is "
+            "full; back; full again and SIGKILL")
     strict = setup.mode in (None, "ack")
     with tmpfs(setup.spool_dir, size) if on_tmpfs else nullcontext(), Harness(setup) as harness:
         server = harness.start(**({} if on_tmpfs else {"SPOOL_MAX_BYTES": str(size)}))
@@ -237,6 +238,16 @@ def _full_spool(setup: Setup, on_tmpfs: bool) -> Outcome:
         checks.append(Check("serves again after recovery", after.wait_answered(20, setup.timeout_s)))
         attempts += after.stop()
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s), what="recovered again"))
+        # Full again, then SIGKILL: what was answered must be on the disk, whole (no torn line glued to the next).
+        setup.database.down()
+        refill = Traffic(server.url, setup.clients, texts_per_request=4, text=long_text(1000)).start()
+        refill.wait(_spool_full(setup, size), setup.timeout_s)
+        harness.kill(server)
+        attempts += refill.stop()
+        setup.database.up()
+        restarted = harness.start(**({} if on_tmpfs else {"SPOOL_MAX_BYTES": str(size)}))
+        checks.append(recovery_check(*wait_health(restarted.url, recovered, setup.timeout_s),
+                                     what="recovered from a SIGKILL with the spool full"))
         tally = count(attempts, stored_rows(setup.database.url))
     return _outcome("spool-disk-full" if on_tmpfs else "spool-cap", setup, load, tally, checks, harness, notes)
 
