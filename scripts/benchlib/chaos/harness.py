@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from scripts.benchlib.chaos.traffic import Traffic
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
 
 
@@ -68,12 +69,15 @@ class Harness:
     def __init__(self, setup: Setup) -> None:
         self.setup = setup
         self.servers: list[LiveServer] = []
+        self.traffics: list[Traffic] = []
 
     def __enter__(self) -> Harness:
         self.setup.workdir.mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, *_: object) -> None:
+        for traffic in self.traffics:  # left running by a failure: it would go on hitting ports others reuse
+            traffic.stop()
         for server in self.servers:
             if server.process.poll() is None:
                 server.process.kill()
@@ -99,6 +103,12 @@ class Harness:
                               timeout=self.setup.timeout_s * 2)
         self.servers.append(server)
         return server
+
+    def traffic(self, server: LiveServer, clients: int | None = None, **options: Any) -> Traffic:
+        """Start clients against ``server`` (``Traffic``'s options); they are stopped on exit at the latest."""
+        traffic = Traffic(server.url, clients or self.setup.clients, **options).start()
+        self.traffics.append(traffic)
+        return traffic
 
     @staticmethod
     def kill(server: LiveServer) -> None:

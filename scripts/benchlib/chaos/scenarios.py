@@ -137,7 +137,7 @@ def _sigkill(setup: Setup, database_down: bool) -> Outcome:
         server = harness.start()
         if database_down:
             setup.database.down()
-        traffic = Traffic(server.url, setup.clients).start()
+        traffic = harness.traffic(server)
         reached = traffic.wait_answered(setup.kill_after, setup.timeout_s)
         time.sleep(delay)
         harness.kill(server)
@@ -161,7 +161,7 @@ def outage(setup: Setup) -> Outcome:
     load = f"{setup.clients} clients x 1 text; database down after {third} answers, up after {2 * third}"
     with Harness(setup) as harness:
         server = harness.start()
-        traffic = Traffic(server.url, setup.clients).start()
+        traffic = harness.traffic(server)
         checks = [Check("answers before the outage", traffic.wait_answered(third, setup.timeout_s))]
         setup.database.down()
         checks.append(Check("answers go on while the database is down",
@@ -188,7 +188,7 @@ def idle_recovery(setup: Setup) -> Outcome:
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s),
                                      what="recovered with no traffic, nothing spooled"))
         setup.database.down()
-        traffic = Traffic(server.url, setup.clients).start()
+        traffic = harness.traffic(server)
         checks.append(Check("answers while the database is down", traffic.wait_answered(half, setup.timeout_s)))
         attempts = traffic.stop()
         noticed, state, _ = wait_health(server.url, degraded, setup.timeout_s)
@@ -221,7 +221,7 @@ def _full_spool(setup: Setup, on_tmpfs: bool) -> Outcome:
     strict = setup.mode in (None, "ack")
     with tmpfs(setup.spool_dir, size) if on_tmpfs else nullcontext(), Harness(setup) as harness:
         server = harness.start(**({} if on_tmpfs else {"SPOOL_MAX_BYTES": str(size)}))
-        traffic = Traffic(server.url, setup.clients, texts_per_request=4, text=long_text(1000)).start()
+        traffic = harness.traffic(server, texts_per_request=4, text=long_text(1000))
         checks = [Check("answers before the outage", traffic.wait_answered(20, setup.timeout_s))]
         setup.database.down()
         full = traffic.wait(_spool_full(setup, size), setup.timeout_s)
@@ -234,13 +234,13 @@ def _full_spool(setup: Setup, on_tmpfs: bool) -> Outcome:
                                 f"{len(refusals)} 503s, {sum(a.retry_after for a in refusals)} with Retry-After"))
         setup.database.up()
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s)))
-        after = Traffic(server.url, setup.clients).start()
+        after = harness.traffic(server)
         checks.append(Check("serves again after recovery", after.wait_answered(20, setup.timeout_s)))
         attempts += after.stop()
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s), what="recovered again"))
         # Full again, then SIGKILL: what was answered must be on the disk, whole (no torn line glued to the next).
         setup.database.down()
-        refill = Traffic(server.url, setup.clients, texts_per_request=4, text=long_text(1000)).start()
+        refill = harness.traffic(server, texts_per_request=4, text=long_text(1000))
         refill.wait(_spool_full(setup, size), setup.timeout_s)
         harness.kill(server)
         attempts += refill.stop()
@@ -288,7 +288,7 @@ def large_spool(setup: Setup) -> Outcome:
                 f"{target // MiB} MiB")
         server = harness.start(SPOOL_MAX_BYTES=str(2 * target))
         setup.database.down()
-        traffic = Traffic(server.url, 4, texts_per_request=32, text=repeated_text(8000)).start()
+        traffic = harness.traffic(server, 4, texts_per_request=32, text=repeated_text(8000))
         filled = traffic.wait(lambda _: directory_bytes(setup.spool_dir) >= target, setup.timeout_s * 4 * scale)
         attempts = traffic.stop()
         harness.stop(server)
@@ -317,7 +317,7 @@ def two_processes(setup: Setup) -> Outcome:
     load = f"{setup.clients} clients x 1 text to the first server; a second one started on its SPOOL_DIR"
     with Harness(setup) as harness:
         first = harness.start()
-        traffic = Traffic(first.url, setup.clients).start()
+        traffic = harness.traffic(first)
         checks = [Check("answers before the second start", traffic.wait_answered(quarter, setup.timeout_s))]
         second = harness.start(wait_ready=False)
         code = harness.refusal(second)
@@ -347,13 +347,13 @@ def other_database(setup: Setup) -> Outcome:
     with Harness(setup) as harness:
         first = harness.start()
         setup.database.down()
-        traffic = Traffic(first.url, setup.clients).start()
+        traffic = harness.traffic(first)
         checks = [Check("answers while the database is down", traffic.wait_answered(half, setup.timeout_s))]
         spooled = traffic.stop()
         checks.append(Check("the first server stops cleanly (SIGTERM)", harness.stop(first) == 0))
         setup.database.up()
         second = harness.start(DATABASE_URL=other_url)
-        own_traffic = Traffic(second.url, setup.clients).start()
+        own_traffic = harness.traffic(second)
         checks.append(Check("the restarted server serves",
                             own_traffic.wait_answered(max(1, half // 2), setup.timeout_s)))
         own = own_traffic.stop()
@@ -404,7 +404,7 @@ def nul_text_stored(setup: Setup) -> Outcome:
     load = f"{setup.clients} clients x 2 texts holding U+0000, {quarter} answers"
     with Harness(setup) as harness:
         server = harness.start()
-        traffic = Traffic(server.url, setup.clients, texts_per_request=2, text=nul_text).start()
+        traffic = harness.traffic(server, texts_per_request=2, text=nul_text)
         checks = [Check("answers", traffic.wait_answered(quarter, setup.timeout_s))]
         attempts = traffic.stop()
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s)))

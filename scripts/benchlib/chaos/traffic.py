@@ -107,7 +107,7 @@ class Traffic:
         return self
 
     def stop(self) -> list[Attempt]:
-        """Let each client finish the request it has in flight, then return every attempt."""
+        """Let each client finish the request it has in flight, then return every attempt (again if stopped)."""
         self._stopping.set()
         self._thread.join(self.timeout_s + 10)
         if self._thread.is_alive():
