@@ -1,0 +1,88 @@
+"""Classifying a request's texts, whatever protocol it came in by: admission, prediction, durable records.
+
+Every protocol adapter (the native ``/predict``, Hugging Face / TEI, Open Inference
+Protocol v2 over HTTP and gRPC, KServe v1) calls ``classify``, so the limits, draining,
+deadlines, cache, metrics and the store behave the same for all of them. Errors are
+``ServerError`` subclasses carrying their HTTP status, ``Retry-After`` and ``error_type``;
+each adapter turns them into its protocol's error shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from server.http import PayloadTooLarge
+from server.predictor import normalize
+from server.primitives import Draining, ModelIdentity, Prediction, PredictionRecord, ServerError
+from server.services import Services
+from server.store import SpoolUnavailable
+
+
+class EmptyText(ServerError):
+    status_code = 422
+
+
+@dataclass(frozen=True)
+class Classified:
+    """The answer to one request: predictions in input order, their record ids, the model that made them."""
+
+    predictions: list[Prediction]
+    ids: list[str | None]  # None when STORE_PREDICTIONS=false
+    identity: ModelIdentity
+    labels: list[str]
+    compute_ms: float  # from admission to predictions, queueing and cache included
+
+
+def validated_texts(raw: list[str], services: Services) -> list[str]:
+    """Normalized texts within the request limits; ``texts[i]`` in messages is the caller's own index."""
+    settings = services.settings
+    if len(raw) > settings.max_texts_per_request:
+        raise PayloadTooLarge(f"{len(raw)} texts in one request; at most {settings.max_texts_per_request} "
+                              "(MAX_TEXTS_PER_REQUEST): split the request")
+    texts = []
+    for index, text in enumerate(raw):
+        if len(text) > settings.max_text_chars:
+            raise PayloadTooLarge(f"texts[{index}] has {len(text)} characters; at most {settings.max_text_chars} "
+                                  "(MAX_TEXT_CHARS)")
+        clean = normalize(text)
+        if not clean:
+            raise EmptyText(f"texts[{index}] is empty or only whitespace; send some text to classify")
+        texts.append(clean)
+    return texts
+
+
+async def classify(services: Services, raw_texts: list[str], request_id: str,
+                   api_key_id: str | None) -> Classified:
+    """Admit, predict and record ``raw_texts``; raises ``ServerError`` with the status to answer."""
+    if services.draining:
+        services.metrics.rejected.labels("draining").inc()
+        error = Draining("server is shutting down; retry on another replica")
+        error.headers = {"Connection": "close"}
+        raise error
+    texts = validated_texts(raw_texts, services)
+    started = time.perf_counter()
+    runtime = services.predictor.runtime
+    identity = runtime.identity
+    predictions = await services.predictor.predict(texts)
+    compute_ms = (time.perf_counter() - started) * 1000
+    ids: list[str | None] = [None] * len(predictions)
+    if services.settings.store_predictions:
+        records = [PredictionRecord(
+            request_id=request_id,
+            text=text if services.settings.store_text else None,
+            text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+            label=p.label, score=p.score, probabilities=p.probabilities,
+            model_name=identity.name, model_version=identity.version, device=identity.device,
+            latency_ms=compute_ms, cached=p.cached, api_key_id=api_key_id,
+        ) for text, p in zip(texts, predictions, strict=True)]
+        try:
+            await services.store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
+        except SpoolUnavailable as error:  # never a 200 without its record
+            services.metrics.rejected.labels("spool_full").inc()
+            raise SpoolUnavailable(error.cause, f"the predictions could not be recorded: {error.message}; retry "
+                                   "shortly (see /health)") from None
+        ids = [record.id for record in records]
+    return Classified(predictions=predictions, ids=ids, identity=identity, labels=runtime.labels(),
+                      compute_ms=compute_ms)
