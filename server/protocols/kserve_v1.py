@@ -1,0 +1,108 @@
+"""KServe's v1 data plane (the TensorFlow Serving style) over ``server.serving.classify``.
+
+- ``GET /`` ``{"status": "alive"}`` (KServe's liveness; TEI's ``GET /`` is a health check too)
+- ``GET /v1/models`` ``{"models": [names]}``
+- ``GET /v1/models/{name}`` ``{"name", "ready": true}``, 503 while draining (as KServe's ``ModelNotReady``)
+- ``POST /v1/models/{name}:predict`` ``{"instances": [text, ...]}`` ->
+  ``{"predictions": [{"label", "score", "probabilities", "id"}, ...]}`` in input order (``id``: the stored
+  record's, for ``POST /feedback``; null with STORE_PREDICTIONS=false)
+
+The model is named by the artifact's name or by the stable alias ``sentiment`` (what the KServe
+InferenceService in docker/k8s/kserve is called), whatever artifact a reload swaps in; any other name is 404.
+``:explain`` and the columnar ``{"inputs": ...}`` body are not served. Errors are ``{"error", "type"}``, KServe's
+``{"error"}`` with a machine-readable ``type`` beside it.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.auth import require_role
+from server.http import error_responses, json_response
+from server.primitives import Draining, ServerError
+from server.schemas import ClassifiedText
+from server.services import Services
+from server.serving import classify
+
+router = APIRouter(tags=["KServe v1"])
+ALIAS = "sentiment"
+
+
+class UnknownModel(ServerError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class ModelInstances(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"instances": ["a gripping film"]}]})
+
+    instances: list[ClassifiedText] = Field(..., min_length=1, description="texts; answered in the same order")
+
+
+class Models(BaseModel):
+    models: list[str]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class KServePrediction(BaseModel):
+    label: str
+    score: float
+    probabilities: dict[str, float]
+    id: str | None = Field(..., description="the stored record's id (for POST /feedback); null when "
+                                            "STORE_PREDICTIONS=false")
+
+
+class KServePredictions(BaseModel):
+    predictions: list[KServePrediction]
+
+
+def served_names(services: Services) -> list[str]:
+    """The names the served model answers to: the artifact's own, then the alias."""
+    name = services.runtime.identity.name
+    return [name] if name == ALIAS else [name, ALIAS]
+
+
+def services_for(request: Request, name: str) -> Services:
+    """The app's services if ``name`` is a served model's name; else ``UnknownModel`` (404)."""
+    services: Services = request.app.state.services
+    names = served_names(services)
+    if name not in names:
+        raise UnknownModel(f"model {name!r} is not served here; this server serves {' or '.join(map(repr, names))}")
+    return services
+
+
+@router.get("/", response_model=dict[str, str], summary="Liveness (KServe v1): {\"status\": \"alive\"}")
+async def alive() -> Response:
+    return json_response({"status": "alive"})
+
+
+@router.get("/v1/models", response_model=Models, summary="Names the model answers to (KServe v1)")
+async def models(request: Request) -> Response:
+    return json_response({"models": served_names(request.app.state.services)})
+
+
+@router.get("/v1/models/{name}", response_model=ModelReady, responses=error_responses(404, 503),
+            summary="Whether the model is ready (KServe v1); 503 while the server drains")
+async def model_ready(name: str, request: Request) -> Response:
+    services = services_for(request, name)
+    if not services.is_ready():
+        raise Draining(f"model {name!r} is not ready: the server is draining for shutdown")
+    return json_response({"name": name, "ready": True})
+
+
+@router.post("/v1/models/{name}:predict", response_model=KServePredictions, responses=error_responses(404),
+             summary="Classify {\"instances\": [text, ...]} (KServe v1)")
+async def predict(name: str, body: ModelInstances, request: Request,
+                  api_key_id: str | None = Depends(require_role("predict"))) -> Response:
+    services = services_for(request, name)
+    classified = await classify(services, body.instances, request.scope["state"]["request_id"], api_key_id)
+    return json_response({"predictions": [
+        {"label": p.label, "score": p.score, "probabilities": p.probabilities, "id": record_id}
+        for p, record_id in zip(classified.predictions, classified.ids, strict=True)
+    ]})
