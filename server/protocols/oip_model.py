@@ -1,0 +1,186 @@
+"""The served model as Open Inference Protocol v2 describes it, for both transports (``oip_v2`` REST, ``oip_grpc``).
+
+One model: the artifact's name, also answered as the stable alias ``sentiment``; one version, the artifact's (an
+empty or absent version means that one). One input, ``text``: BYTES of shape ``[N]``, N texts. Three outputs, all
+of shape ``[N, ...]`` in input order: ``label`` (BYTES ``[N]``), ``score`` (FP32 ``[N]``, the top label's
+probability) and ``probabilities`` (FP32 ``[N, L]``, one column per label in the model's label order, as in
+``GET /health``). A request that names no outputs gets all three.
+
+Model configuration (Triton's extension, which ``perf_analyzer`` reads): ``max_batch_size`` 0 and ``dims`` as in
+the metadata, i.e. the request's shape is the whole shape: the N texts of one request are N rows of ``text``, not
+Triton's batch dimension over ``[N, 1]`` (``perf_analyzer`` sends N texts per request with ``--shape text:N`` or
+an input-data file that gives each step's shape, and ``-b 1``). Here rather than in each transport: the checks and
+their messages are the same over HTTP and gRPC.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from server import __version__
+from server.primitives import ModelIdentity, Prediction, ServerError
+from server.services import Services
+
+ALIAS = "sentiment"
+INPUT = "text"
+OUTPUTS = ("label", "score", "probabilities")
+DATATYPES = {"label": "BYTES", "score": "FP32", "probabilities": "FP32"}
+CONFIG_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]  # no "statistics": perf_analyzer would ask for them
+SHAPE_HINT = f"send one input named {INPUT!r}, datatype BYTES, shape [N] with N texts"
+LENGTH = struct.Struct("<I")
+
+
+class InvalidInferRequest(ServerError):
+    status_code = 400
+
+
+class ModelNotFound(ServerError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+@dataclass
+class InputTensor:
+    """An input as a transport parsed it: ``elements`` are its BYTES, from JSON (str) or raw bytes."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    elements: list[str] | list[bytes]
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    values: list[str] | list[float]  # flat, row-major
+
+    def raw(self) -> bytes:
+        """The binary-data form: FP32 little-endian; BYTES as 4-byte little-endian length + UTF-8, per element."""
+        if self.datatype == "BYTES":
+            return encode_bytes_elements([value.encode() for value in self.values])
+        return np.asarray(self.values, dtype="<f4").tobytes()
+
+
+def resolve(services: Services, name: str, version: str | None) -> ModelIdentity:
+    """The serving model if ``name`` (and ``version``, when given) names it; else ``ModelNotFound``."""
+    identity = services.runtime.identity
+    if name not in (identity.name, ALIAS):
+        raise ModelNotFound(f"no model named {name!r}; this server serves {identity.name!r} (also as {ALIAS!r})")
+    if version and version != identity.version:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; version {identity.version!r} is served")
+    return identity
+
+
+def server_metadata() -> dict:
+    return {"name": "sentiment-analyzer-pro", "version": __version__, "extensions": EXTENSIONS}
+
+
+def model_metadata(services: Services, identity: ModelIdentity) -> dict:
+    labels = len(services.runtime.labels())
+    return {
+        "name": identity.name,
+        "versions": [identity.version],
+        "platform": PLATFORM,
+        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": name, "datatype": DATATYPES[name], "shape": [-1, labels] if name == "probabilities"
+                     else [-1]} for name in OUTPUTS],
+    }
+
+
+def model_config(services: Services, identity: ModelIdentity) -> dict:
+    """Triton's model configuration (JSON form): no batch dimension of Triton's, the tensors' shapes as given."""
+    labels = len(services.runtime.labels())
+    return {
+        "name": identity.name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "max_batch_size": 0,
+        "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+        "output": [{"name": name, "data_type": CONFIG_TYPES[DATATYPES[name]],
+                    "dims": [-1, labels] if name == "probabilities" else [-1]} for name in OUTPUTS],
+    }
+
+
+def texts_of(inputs: list[InputTensor]) -> list[str]:
+    """The texts of the one ``text`` input, checked against its datatype and shape."""
+    if not inputs:
+        raise InvalidInferRequest(f"the request has no inputs; {SHAPE_HINT}")
+    for tensor in inputs:
+        if tensor.name != INPUT:
+            raise InvalidInferRequest(f"unknown input {tensor.name[:100]!r}; {SHAPE_HINT}")
+    if len(inputs) > 1:
+        raise InvalidInferRequest(f"input {INPUT!r} is sent {len(inputs)} times; {SHAPE_HINT}")
+    tensor = inputs[0]
+    if tensor.datatype != "BYTES":
+        raise InvalidInferRequest(f"input {INPUT!r} has datatype {tensor.datatype[:20]!r}; {SHAPE_HINT}")
+    if len(tensor.shape) != 1 or tensor.shape[0] < 1:
+        raise InvalidInferRequest(f"input {INPUT!r} has shape {tensor.shape[:8]}; {SHAPE_HINT}, N >= 1")
+    if tensor.shape[0] != len(tensor.elements):
+        raise InvalidInferRequest(f"input {INPUT!r} has shape [{tensor.shape[0]}] but {len(tensor.elements)} "
+                                  "elements; the shape must count the texts sent")
+    return [element if isinstance(element, str) else utf8(element, index)
+            for index, element in enumerate(tensor.elements)]
+
+
+def utf8(element: bytes, index: int) -> str:
+    try:
+        return element.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInferRequest(f"{INPUT}[{index}] is not UTF-8 (byte 0x{element[error.start]:02x} at offset "
+                                  f"{error.start}); send the text UTF-8 encoded") from None
+
+
+def requested_outputs(names: list[str] | None) -> list[str]:
+    """The outputs to answer, in the order asked (all of them when none are named)."""
+    if not names:
+        return list(OUTPUTS)
+    seen: list[str] = []
+    for name in names:
+        if name not in OUTPUTS:
+            raise InvalidInferRequest(f"unknown output {name[:100]!r}; this model's outputs are "
+                                      f"{', '.join(OUTPUTS)}")
+        if name in seen:
+            raise InvalidInferRequest(f"output {name!r} is requested twice")
+        seen.append(name)
+    return seen
+
+
+def output_tensor(name: str, predictions: list[Prediction]) -> OutputTensor:
+    n = len(predictions)
+    if name == "label":
+        return OutputTensor(name, "BYTES", [n], [p.label for p in predictions])
+    if name == "score":
+        return OutputTensor(name, "FP32", [n], [p.score for p in predictions])
+    labels = list(predictions[0].probabilities)  # one model answered them all: one label order
+    return OutputTensor(name, "FP32", [n, len(labels)],
+                        [p.probabilities[label] for p in predictions for label in labels])
+
+
+def decode_bytes_elements(raw: bytes | memoryview, where: str) -> list[bytes]:
+    """A BYTES tensor's elements from the binary form (each a 4-byte little-endian length, then its bytes)."""
+    view = memoryview(raw)
+    elements: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if offset + LENGTH.size > len(view):
+            raise InvalidInferRequest(f"{where}: element {len(elements)} is cut off in its 4-byte length prefix; "
+                                      "each BYTES element is a 4-byte little-endian length, then that many bytes")
+        (size,) = LENGTH.unpack_from(view, offset)
+        offset += LENGTH.size
+        if offset + size > len(view):
+            raise InvalidInferRequest(f"{where}: element {len(elements)} declares {size} bytes but "
+                                      f"{len(view) - offset} remain")
+        elements.append(bytes(view[offset:offset + size]))
+        offset += size
+    return elements
+
+
+def encode_bytes_elements(elements: list[bytes]) -> bytes:
+    return b"".join(LENGTH.pack(len(element)) + element for element in elements)

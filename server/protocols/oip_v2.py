@@ -1,0 +1,371 @@
+"""Open Inference Protocol v2 over HTTP (KServe v2 / Triton), with Triton's binary-data extension.
+
+Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/{version}]``
+(metadata), ``.../ready``, ``.../config`` (Triton's model configuration), ``POST .../infer``. What the model looks
+like (names, tensors, the alias ``sentiment``) is ``server.protocols.oip_model``. Inference goes through
+``server.serving.classify`` and needs the ``predict`` role like ``/predict``; health, metadata and config are open
+like ``/health``.
+
+The infer body is JSON, or, with the binary-data extension (``tritonclient`` uses it by default), JSON of
+``Inference-Header-Content-Length`` bytes followed by raw tensors: an input with ``parameters.binary_data_size``
+takes that many bytes, in input order, BYTES elements each a 4-byte little-endian length and its bytes. Outputs
+are answered in the binary form when the output's ``parameters.binary_data`` is true, or, if it does not say, when
+the request's ``parameters.binary_data_output`` is; the answer then carries ``Inference-Header-Content-Length``
+and is ``application/octet-stream``. ``Content-Type`` is not looked at (``tritonclient`` sends none, and its binary
+body is not JSON), unlike the native JSON routes, which answer 415 without ``application/json``.
+
+Choices the protocol leaves open: ``shape`` is ``[N]`` only (``[N, 1]`` is refused); JSON ``data`` is a flat list
+of strings; an empty or blank text is 422 and too many or too long texts 413, as on ``/predict``; malformed
+requests are 400; an unknown model or version is 404; not ready (draining) is 503 + Retry-After. Errors are
+``{"error": ..., "type": ...}`` (clients read ``error``). Not supported (400 where the request asks for it):
+shared-memory tensors, Triton's classification extension; compressed request bodies are 415 for every route
+(``server.http``). The request's ``id`` is echoed; records are stored under the HTTP request id (``X-Request-ID``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
+
+from server.auth import require_role
+from server.http import error_response, error_responses, json_response, location
+from server.protocols.oip_model import (
+    INPUT,
+    OUTPUTS,
+    InputTensor,
+    InvalidInferRequest,
+    decode_bytes_elements,
+    model_config,
+    model_metadata,
+    output_tensor,
+    requested_outputs,
+    resolve,
+    server_metadata,
+    texts_of,
+)
+from server.services import Services
+from server.serving import Classified, classify
+
+router = APIRouter(tags=["Open Inference Protocol v2"])
+HEADER_LENGTH = "inference-header-content-length"
+MODEL = "/v2/models/{name}"
+VERSIONED = "/v2/models/{name}/versions/{version}"
+
+
+# -- the request and answer bodies (also the OpenAPI document's) ---------------------------------------------------
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class RequestParameters(_Open):
+    binary_data_output: bool = Field(False, description="answer every output in the binary form unless the "
+                                     "output's own binary_data says otherwise")
+
+
+class InputParameters(_Open):
+    binary_data_size: int | None = Field(None, ge=0, description="the input's data is this many bytes of the "
+                                         "binary section instead of 'data'")
+
+
+class InferInput(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str = Field(json_schema_extra={"enum": [INPUT]})
+    datatype: str = Field(json_schema_extra={"enum": ["BYTES"]})
+    shape: list[Annotated[int, Field(json_schema_extra={"minimum": 1})]] = Field(
+        description="[N]: N, the number of texts", json_schema_extra={"minItems": 1, "maxItems": 1})
+    parameters: InputParameters | None = None
+    data: list[Annotated[str, Field(json_schema_extra={"pattern": "\\S"})]] | None = Field(
+        None, description="the N texts (absent when sent as binary data)", json_schema_extra={"minItems": 1})
+
+
+class OutputParameters(_Open):
+    binary_data: bool | None = Field(None, description="this output in the binary form (true) or as JSON data")
+
+
+class RequestedOutput(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str = Field(json_schema_extra={"enum": list(OUTPUTS)})
+    parameters: OutputParameters | None = None
+
+
+class InferRequest(BaseModel):
+    """An OIP v2 inference request (its JSON part, when the binary-data extension is used)."""
+
+    model_config = ConfigDict(strict=True)
+    id: str | None = Field(None, description="echoed in the answer")
+    parameters: RequestParameters | None = None
+    inputs: list[InferInput] = Field(json_schema_extra={"minItems": 1, "maxItems": 1})
+    outputs: list[RequestedOutput] | None = Field(None, description="the outputs to answer; all when absent")
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OutputData(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[str] | list[float] | None = Field(None, description="absent when the output is in the binary form")
+    parameters: dict[str, int] | None = Field(None, description="binary_data_size: the output's bytes in the "
+                                              "binary section")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = Field(None, description="the request's id, when it had one")
+    outputs: list[OutputData]
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """``model``'s JSON schema with its nested models written in place: the infer routes read their body
+    themselves, so FastAPI puts no request model into the document's components for a ``$ref`` to name."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def expand(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return expand(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: expand(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [expand(item) for item in node]
+        return node
+
+    return expand(schema)
+
+
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+INFER_BODY = {
+    "required": True,
+    "description": "JSON, or with the binary-data extension: the JSON header (Inference-Header-Content-Length "
+                   "bytes), then each binary input's bytes in input order (a BYTES element: 4-byte little-endian "
+                   "length, then its bytes). Content-Type is not checked.",
+    "content": {"application/json": {"schema": inline_schema(InferRequest)}, "application/octet-stream": BINARY},
+}
+INFER_ANSWERS = {
+    **error_responses(400, 404, 413, 415, 422),
+    200: {"description": "JSON, or the JSON header (Inference-Header-Content-Length bytes) followed by the outputs "
+                         "in the binary form", "content": {"application/octet-stream": BINARY}},
+}
+
+
+# -- routes --------------------------------------------------------------------------------------------------------
+
+def services_of(request: Request) -> Services:
+    return request.app.state.services
+
+
+@router.get("/v2", response_model=ServerMetadata, summary="OIP v2 server metadata")
+async def server_metadata_route():
+    return json_response(server_metadata())
+
+
+@router.get("/v2/health/live", response_model=Live, summary="OIP v2 liveness: 200 while the process answers")
+async def live():
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready", response_model=Ready, responses=error_responses(503),
+            summary="OIP v2 readiness: 200 when the model is warm and the server is not draining, else 503")
+async def ready(request: Request):
+    if services_of(request).is_ready():
+        return json_response({"ready": True})
+    return _draining(ready=False)
+
+
+@router.get(MODEL, response_model=ModelMetadata, responses=error_responses(404), summary="OIP v2 model metadata")
+@router.get(VERSIONED, response_model=ModelMetadata, responses=error_responses(404),
+            summary="OIP v2 model metadata of one version")
+async def metadata(request: Request, name: str, version: str | None = None):
+    services = services_of(request)
+    return json_response(model_metadata(services, resolve(services, name, version)))
+
+
+@router.get(MODEL + "/ready", response_model=ModelReady, responses=error_responses(404, 503),
+            summary="OIP v2 model readiness")
+@router.get(VERSIONED + "/ready", response_model=ModelReady, responses=error_responses(404, 503),
+            summary="OIP v2 model readiness of one version")
+async def model_ready(request: Request, name: str, version: str | None = None):
+    services = services_of(request)
+    identity = resolve(services, name, version)
+    if services.is_ready():
+        return json_response({"name": identity.name, "ready": True})
+    return _draining(name=identity.name, ready=False)
+
+
+@router.get(MODEL + "/config", response_model=dict[str, Any], responses=error_responses(404),
+            summary="Triton model configuration")
+@router.get(VERSIONED + "/config", response_model=dict[str, Any], responses=error_responses(404),
+            summary="Triton model configuration of one version")
+async def config(request: Request, name: str, version: str | None = None):
+    services = services_of(request)
+    return json_response(model_config(services, resolve(services, name, version)))
+
+
+@router.post(MODEL + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
+             openapi_extra={"requestBody": INFER_BODY}, summary="OIP v2 inference (JSON or binary tensors)")
+@router.post(VERSIONED + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
+             openapi_extra={"requestBody": INFER_BODY}, summary="OIP v2 inference on one version")
+async def infer(request: Request, name: str, version: str | None = None,
+                api_key_id: str | None = Depends(require_role("predict"))):
+    services = services_of(request)
+    resolve(services, name, version)
+    try:
+        body = await request.body()
+    except ClientDisconnect:
+        raise InvalidInferRequest("the client closed the connection before the body ended") from None
+    parsed, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
+    texts = texts_of([_input_tensor(tensor, binary) for tensor in parsed.inputs])
+    binary.check_consumed()
+    outputs = planned_outputs(parsed)
+    classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id)
+    return infer_response(classified, parsed.id, outputs)
+
+
+# -- reading the request -------------------------------------------------------------------------------------------
+
+class BinarySection:
+    """The bytes after the JSON header, handed out to the inputs that claim them, in order."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, size: int, name: str) -> memoryview:
+        if self.offset + size > len(self.data):
+            raise InvalidInferRequest(f"input {name[:100]!r} claims {size} bytes of binary data but "
+                                      f"{len(self.data) - self.offset} remain after the inference header")
+        chunk = self.data[self.offset:self.offset + size]
+        self.offset += size
+        return chunk
+
+    def check_consumed(self) -> None:
+        left = len(self.data) - self.offset
+        if left:
+            raise InvalidInferRequest(f"{left} bytes after the inference header belong to no input: each binary "
+                                      "input says its size in parameters.binary_data_size")
+
+
+def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, BinarySection]:
+    """The JSON header as an ``InferRequest`` and the binary section after it (empty without the extension)."""
+    size = len(body)
+    if header_length is not None:
+        declared = header_length.strip()
+        if not declared.isdigit() or int(declared) > len(body):
+            raise InvalidInferRequest(f"Inference-Header-Content-Length {declared[:20]!r} is not a byte count "
+                                      f"within the {len(body)}-byte body")
+        size = int(declared)
+    view = memoryview(body)
+    try:
+        document = orjson.loads(view[:size])
+    except orjson.JSONDecodeError as error:
+        raise InvalidInferRequest(f"the inference request is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise InvalidInferRequest("the inference request must be a JSON object with 'inputs'")
+    try:
+        parsed = InferRequest.model_validate(document)
+    except ValidationError as error:
+        problems = [f"{location(e['loc'])}: {e['msg']}" for e in error.errors()[:5]]
+        raise InvalidInferRequest("invalid inference request: " + "; ".join(problems)) from None
+    return parsed, BinarySection(view[size:])
+
+
+def _input_tensor(tensor: InferInput, binary: BinarySection) -> InputTensor:
+    parameters = tensor.parameters.model_extra if tensor.parameters else {}
+    if "shared_memory_region" in (parameters or {}):
+        raise InvalidInferRequest("shared-memory tensors are not supported: send the data in the request")
+    size = tensor.parameters.binary_data_size if tensor.parameters else None
+    if size is not None:
+        if tensor.data is not None:
+            raise InvalidInferRequest(f"input {tensor.name[:100]!r} has both 'data' and binary_data_size: send one")
+        elements: list[str] | list[bytes] = decode_bytes_elements(binary.take(size, tensor.name),
+                                                                  f"input {tensor.name[:100]!r}")
+    elif tensor.data is None:
+        raise InvalidInferRequest(f"input {tensor.name[:100]!r} has no 'data' and no "
+                                  "parameters.binary_data_size")
+    else:
+        elements = tensor.data
+    return InputTensor(tensor.name, tensor.datatype, tensor.shape, elements)
+
+
+# -- the answer ----------------------------------------------------------------------------------------------------
+
+def planned_outputs(parsed: InferRequest) -> list[tuple[str, bool]]:
+    """(name, in the binary form) of each output to answer; checked before anything is predicted."""
+    binary_default = bool(parsed.parameters and parsed.parameters.binary_data_output)
+    own = {output.name: output.parameters for output in parsed.outputs or []}
+    planned = []
+    for name in requested_outputs([output.name for output in parsed.outputs or []]):
+        parameters = own.get(name)
+        if parameters is not None and "classification" in (parameters.model_extra or {}):
+            raise InvalidInferRequest("the classification extension is not supported: request 'label', 'score' "
+                                      "or 'probabilities'")
+        binary = parameters.binary_data if parameters is not None and parameters.binary_data is not None \
+            else binary_default
+        planned.append((name, binary))
+    return planned
+
+
+def infer_response(classified: Classified, request_id: str | None, outputs: list[tuple[str, bool]]) -> Response:
+    header: dict[str, Any] = {"model_name": classified.identity.name, "model_version": classified.identity.version}
+    if request_id is not None:
+        header["id"] = request_id
+    header["outputs"] = []
+    chunks = []
+    for name, binary in outputs:
+        tensor = output_tensor(name, classified.predictions)
+        described: dict[str, Any] = {"name": name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if binary:
+            raw = tensor.raw()
+            described["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            described["data"] = tensor.values
+        header["outputs"].append(described)
+    encoded = orjson.dumps(header)
+    if not chunks:
+        return Response(encoded, media_type="application/json")
+    return Response(b"".join([encoded, *chunks]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(encoded))})
+
+
+def _draining(**extra) -> Response:
+    # The port opens only after the model is warm, so "not ready" here means draining (as for /ready).
+    return error_response(503, "not ready: draining for shutdown", retry_after=5, error_type="draining", **extra)
