@@ -1,7 +1,8 @@
 """API key checks as FastAPI dependencies, and the security log events they emit.
 
-A key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; when
-both are sent, ``Authorization`` decides. An ``Authorization`` header in any
+A key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (over
+gRPC, metadata of the same names: ``authorize``); when both are sent,
+``Authorization`` decides. An ``Authorization`` header in any
 other form is refused with 401 and told how to send the key: a bare key with
 no scheme (it would work with one client and not the next, and proxies treat
 such headers unpredictably), an empty ``Bearer``, or another scheme (Basic,
@@ -33,12 +34,17 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from server.primitives import ServerError
 from server.store.keys import ROLES
+
+if TYPE_CHECKING:
+    from server.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -64,46 +70,60 @@ class MalformedCredentials(Exception):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who asks for what, as the security log names it: ``POST /predict from 10.0.0.7``."""
+
+    method: str
+    path: str
+    client: str
+
+
 def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
     """A dependency returning the caller's key id, or None for a keyless request in open mode."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
 
     async def check(request: Request) -> str | None:
-        services = request.app.state.services
-        try:
-            key = presented_key(request)
-        except MalformedCredentials as bad:
-            raise _refuse(request, Unauthorized(bad.message), bad.detail) from None
-        if key is None:
-            if role == "predict" and services.settings.auth_mode == "open":
-                return None
-            raise _refuse(request, Unauthorized(f"an API key with role {role} is required: {HOW_TO_SEND}"),
-                          "missing API key")
-        found = await services.keys.authenticate(key)
-        if found is None:
-            raise _refuse(request, Unauthorized("invalid API key: check it, or ask an administrator for a new one"),
-                          f"invalid API key (fingerprint {fingerprint(key)})")
-        if found.revoked_at is not None:
-            raise _refuse(request, Unauthorized("this API key has been revoked: ask an administrator for a new one"),
-                          f"revoked API key id={found.id} name={found.name!r}")
-        if not found.allows(role):
-            message = f"this API key has role {found.role}; {request.url.path} needs role {role}"
-            detail = f"API key id={found.id} name={found.name!r} role={found.role} lacks role {role}"
-            raise _refuse(request, Forbidden(message), detail)
-        return found.id
+        caller = Caller(request.method, request.url.path, request.client.host if request.client else "-")
+        return await authorize(request.app.state.services, role, request.headers, caller)
 
     return check
 
 
-def presented_key(request: Request) -> str | None:
+async def authorize(services: Services, role: str, headers: Mapping[str, str], caller: Caller) -> str | None:
+    """The key id for ``role`` from HTTP headers or gRPC metadata (lower-case names); raises 401/403 errors."""
+    try:
+        key = presented_key(headers)
+    except MalformedCredentials as bad:
+        raise _refuse(services, caller, Unauthorized(bad.message), bad.detail) from None
+    if key is None:
+        if role == "predict" and services.settings.auth_mode == "open":
+            return None
+        raise _refuse(services, caller, Unauthorized(f"an API key with role {role} is required: {HOW_TO_SEND}"),
+                      "missing API key")
+    found = await services.keys.authenticate(key)
+    if found is None:
+        raise _refuse(services, caller, Unauthorized("invalid API key: check it, or ask an administrator for a new "
+                                                     "one"), f"invalid API key (fingerprint {fingerprint(key)})")
+    if found.revoked_at is not None:
+        raise _refuse(services, caller, Unauthorized("this API key has been revoked: ask an administrator for a new "
+                                                     "one"), f"revoked API key id={found.id} name={found.name!r}")
+    if not found.allows(role):
+        message = f"this API key has role {found.role}; {caller.path} needs role {role}"
+        detail = f"API key id={found.id} name={found.name!r} role={found.role} lacks role {role}"
+        raise _refuse(services, caller, Forbidden(message), detail)
+    return found.id
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
     """The key from ``Authorization: Bearer <key>`` or ``X-API-Key``; None when neither is sent.
 
     Raises ``MalformedCredentials`` for an ``Authorization`` header in any other form.
     """
-    authorization = request.headers.get("authorization", "").strip()
+    authorization = headers.get("authorization", "").strip()
     if not authorization:
-        return request.headers.get("x-api-key", "").strip() or None
+        return headers.get("x-api-key", "").strip() or None
     scheme, _, credentials = authorization.partition(" ")
     credentials = credentials.strip()
     if scheme.lower() == "bearer":
@@ -123,9 +143,8 @@ def fingerprint(key: str) -> str:
     return hmac.new(_FINGERPRINT_SECRET, key.encode(), hashlib.sha256).hexdigest()[:12]
 
 
-def _refuse(request: Request, error: Unauthorized | Forbidden, detail: str) -> ServerError:
+def _refuse(services: Services, caller: Caller, error: Unauthorized | Forbidden, detail: str) -> ServerError:
     reason = "unauthorized" if error.status_code == 401 else "forbidden"
-    request.app.state.services.metrics.rejected.labels(reason).inc()
-    client = request.client.host if request.client else "-"
-    log.warning("security: %d %s: %s %s from %s", error.status_code, detail, request.method, request.url.path, client)
+    services.metrics.rejected.labels(reason).inc()
+    log.warning("security: %d %s: %s %s from %s", error.status_code, detail, caller.method, caller.path, caller.client)
     return error
