@@ -13,12 +13,14 @@ from server import __version__
 from server.cache import PredictionCache
 from server.config import Settings
 from server.engine import Engine
+from server.exitcodes import StartupError
 from server.gpu import GpuMonitor
 from server.heap import freeze_long_lived, thaw
 from server.http import ObservedASGI, document_errors, install_error_handlers
 from server.memory import MemoryGuard
 from server.metrics import Metrics
 from server.predictor import Predictor
+from server.protocols import oip_v2
 from server.routes import router
 from server.routes_store import router as store_router
 from server.runtime import ModelRuntime
@@ -71,12 +73,24 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
         services = await build_services(settings, metrics, wrap_engine)
         app.state.services = services
         services.start_background()
+        grpc_server = None
+        if settings.grpc_port:  # imported only when on: server/protocols/oip_grpc.py says why
+            from server.protocols.oip_grpc import GrpcServer
+
+            grpc_server = GrpcServer(services)
+            try:
+                await grpc_server.start()
+            except StartupError:
+                await services.close()
+                raise
         freeze_long_lived()
         log.info("ready: %s %s on %s, listening on %s:%d", services.runtime.identity.name,
                  services.runtime.identity.version, services.runtime.identity.provider, settings.host, settings.port)
         try:
             yield
         finally:  # signals (SIGHUP reload, the drain) belong to whoever runs the app: server/lifecycle.py
+            if grpc_server is not None:  # after the HTTP drain; its calls under way get until the drain deadline
+                await grpc_server.stop()
             await services.close()
             thaw()
 
@@ -89,6 +103,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
     )
     app.include_router(router)
     app.include_router(store_router)
+    app.include_router(oip_v2.router)
     install_error_handlers(app)
     document_errors(app)
     app.state.metrics = metrics

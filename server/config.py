@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("0.0.0.0", description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
+    grpc_port: int = Field(0, ge=0, le=65535, description="Open Inference Protocol v2 gRPC port on HOST (0 = no "
+                           "gRPC server)")
     max_request_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
     max_texts_per_request: int = Field(256, ge=1, description="largest 'texts' list accepted")
     max_text_chars: int = Field(20_000, ge=1, description="longest single text accepted (413 beyond)")
@@ -122,6 +124,13 @@ class Settings(BaseSettings):
         limit = MAX_DURATION_S * (1000 if info.field_name.endswith("_ms") else 1)
         if value > limit:
             raise ValueError(f"must be at most {limit:g} (one day)")
+        return value
+
+    @field_validator("grpc_port")
+    @classmethod
+    def _not_the_http_port(cls, value: int, info: ValidationInfo) -> int:
+        if value and value == info.data.get("port"):
+            raise ValueError("must differ from PORT (0 turns gRPC off)")
         return value
 
     @field_validator("log_level", mode="before")

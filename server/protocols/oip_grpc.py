@@ -1,0 +1,275 @@
+"""Open Inference Protocol v2 over gRPC (``inference.GRPCInferenceService``) on GRPC_PORT, off when it is 0.
+
+RPCs: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelInfer; any other
+method of the full service is UNIMPLEMENTED. The model, its tensors and the checks are ``oip_model``'s, as over
+HTTP; outputs always come back as ``raw_output_contents`` (as Triton sends them); inputs may come either way.
+
+The server is grpcio's asyncio server on the app's own event loop, so ModelInfer goes through
+``server.serving.classify`` like every HTTP route: the same admission, batcher, cache, store and drain.
+
+- Lifecycle: the app's lifespan starts it once the model is warm and stops it when the lifespan ends, which is
+  after the HTTP drain (``server.lifecycle``). From the drain signal on, ServerReady and ModelReady answer false
+  and ModelInfer UNAVAILABLE; the listener closes when the lifespan ends, calls under way get until the drain
+  deadline (DRAIN_GRACE_S + DRAIN_TIMEOUT_S after the signal) and the rest are cancelled and logged. A port that
+  cannot be bound stops start-up with exit code 5, like PORT.
+- Auth: ModelInfer needs the ``predict`` role, its key in ``authorization: Bearer <key>`` or ``x-api-key``
+  metadata (``server.auth.authorize``: the same key cache, messages and security log as HTTP); the other RPCs are
+  open like ``/health``.
+- Errors: the HTTP status the same failure has over HTTP, as a gRPC status (``STATUS_CODES``), the HTTP
+  ``error`` message as details, and trailing metadata ``error-type`` (the HTTP ``type``) and, when retrying helps,
+  ``retry-after`` (seconds).
+- Request id: ``x-request-id`` metadata or a new one, sent back as initial metadata; records are stored under
+  it, every log line of the call carries it, and the request's OIP ``id`` is echoed in the answer.
+- Metrics: ``sentiment_requests_total{endpoint="/inference.GRPCInferenceService/<RPC>", status="<HTTP status>"}``
+  and the request latency histogram, as the HTTP middleware records them; a call the client cancelled counts as
+  status 499, one cancelled at the drain deadline as 503.
+- Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
+  in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
+- Left out: ModelStreamInfer, statistics, the repository, shared memory, TLS (terminate it in front, as for HTTP).
+
+Generated code: ``oip_proto/`` (committed; the ``.proto`` says how to regenerate it). This module is imported
+only when GRPC_PORT is set (server/app.py): the generated descriptors register the protocol's own names
+(``inference.*``), as a client library's copy does (``tritonclient.grpc``), and two copies cannot share a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc import aio
+
+from server.auth import Caller, authorize
+from server.exitcodes import ExitCode, StartupError
+from server.http import REJECTED_BY_STATUS, STATUS_TYPES
+from server.logging_setup import request_id_var
+from server.primitives import ServerError
+from server.protocols.oip_model import (
+    InputTensor,
+    InvalidInferRequest,
+    decode_bytes_elements,
+    model_config,
+    model_metadata,
+    output_tensor,
+    requested_outputs,
+    resolve,
+    server_metadata,
+    texts_of,
+)
+from server.protocols.oip_proto import grpc_service_pb2 as pb
+from server.protocols.oip_proto.grpc_service_pb2_grpc import (
+    GRPCInferenceServiceServicer,
+    add_GRPCInferenceServiceServicer_to_server,
+)
+from server.services import Services
+from server.serving import classify
+
+log = logging.getLogger(__name__)
+SERVICE = "inference.GRPCInferenceService"
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,  # a limit of this server's: retrying the same call cannot help
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+CLIENT_CANCELLED = 499  # the status a call the client gave up on is counted under
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler needs to know about its call besides the request message."""
+
+    endpoint: str
+    request_id: str
+    metadata: dict[str, str]
+    peer: str
+
+
+Handler = Callable[[Any, Any, Call], Awaitable[Any]]
+
+
+def observed(handler: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable[Any]]:
+    """The RPC with its request id, metrics and error translation (``InferenceService.observe``)."""
+    endpoint = f"/{SERVICE}/{handler.__name__}"
+
+    @functools.wraps(handler)
+    async def rpc(self: InferenceService, request: Any, context: aio.ServicerContext) -> Any:
+        return await self.observe(endpoint, handler, request, context)
+
+    return rpc
+
+
+class InferenceService(GRPCInferenceServiceServicer):
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.under_way = 0
+        self.stopping = False
+        self.abandoned = 0
+
+    async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext) -> Any:
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        request_id = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started, status = time.perf_counter(), 500
+        self.under_way += 1
+        try:
+            await context.send_initial_metadata((("x-request-id", request_id),))
+            response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer()))
+            status = 200
+            return response
+        except ServerError as error:
+            status = error.status_code
+            if status >= 500 and error.retry_after is None:
+                log.error("request failed: %s", error.message)
+            await context.abort(STATUS_CODES.get(status, grpc.StatusCode.UNKNOWN), error.message,
+                                trailing_metadata=trailers(error))
+        except asyncio.CancelledError:
+            status = 503 if self.stopping else CLIENT_CANCELLED
+            if self.stopping:
+                self.abandoned += 1
+            raise
+        except Exception:
+            log.exception("unexpected error answering %s", endpoint)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; it is logged under request id "
+                                f"{request_id}: quote it when you report this")
+        finally:
+            self.under_way -= 1
+            metrics = self.services.metrics
+            metrics.requests.labels(endpoint, str(status)).inc()
+            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
+            if status in REJECTED_BY_STATUS:
+                metrics.rejected.labels(REJECTED_BY_STATUS[status]).inc()
+            request_id_var.reset(token)
+
+    @observed
+    async def ServerLive(self, request: pb.ServerLiveRequest, call: Call) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @observed
+    async def ServerReady(self, request: pb.ServerReadyRequest, call: Call) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.services.is_ready())
+
+    @observed
+    async def ModelReady(self, request: pb.ModelReadyRequest, call: Call) -> pb.ModelReadyResponse:
+        resolve(self.services, request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.services.is_ready())
+
+    @observed
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, call: Call) -> pb.ServerMetadataResponse:
+        return json_format.ParseDict(server_metadata(), pb.ServerMetadataResponse())
+
+    @observed
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, call: Call) -> pb.ModelMetadataResponse:
+        identity = resolve(self.services, request.name, request.version)
+        return json_format.ParseDict(model_metadata(self.services, identity), pb.ModelMetadataResponse())
+
+    @observed
+    async def ModelConfig(self, request: pb.ModelConfigRequest, call: Call) -> pb.ModelConfigResponse:
+        identity = resolve(self.services, request.name, request.version)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(model_config(self.services, identity),
+                                                                   pb.ModelConfig()))
+
+    @observed
+    async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
+        services = self.services
+        api_key_id = await authorize(services, "predict", call.metadata, Caller("gRPC", call.endpoint, call.peer))
+        resolve(services, request.model_name, request.model_version)
+        texts = texts_of(input_tensors(request))
+        outputs = wanted_outputs(request)
+        classified = await classify(services, texts, call.request_id, api_key_id)
+        response = pb.ModelInferResponse(model_name=classified.identity.name,
+                                         model_version=classified.identity.version, id=request.id)
+        for name in outputs:
+            tensor = output_tensor(name, classified.predictions)
+            response.outputs.add(name=name, datatype=tensor.datatype, shape=tensor.shape)
+            response.raw_output_contents.append(tensor.raw())
+        return response
+
+
+def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
+    """The inputs with their BYTES elements, from ``raw_input_contents`` (one per input) or ``bytes_contents``."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInferRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: send one per "
+                                  "input, in input order")
+    tensors = []
+    for index, tensor in enumerate(request.inputs):
+        where = f"input {tensor.name[:100]!r}"
+        if "shared_memory_region" in tensor.parameters:
+            raise InvalidInferRequest("shared-memory tensors are not supported: send the data in the request")
+        if raw and tensor.contents.bytes_contents:
+            raise InvalidInferRequest(f"{where} has both contents and raw_input_contents: send one")
+        if tensor.datatype != "BYTES":
+            elements: list[bytes] = []  # texts_of refuses the datatype, whatever the data
+        elif raw:
+            elements = decode_bytes_elements(raw[index], where)
+        else:
+            elements = list(tensor.contents.bytes_contents)
+        tensors.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), elements))
+    return tensors
+
+
+def wanted_outputs(request: pb.ModelInferRequest) -> list[str]:
+    for output in request.outputs:
+        if "classification" in output.parameters:
+            raise InvalidInferRequest("the classification extension is not supported: request 'label', 'score' "
+                                      "or 'probabilities'")
+    return requested_outputs([output.name for output in request.outputs])
+
+
+def trailers(error: ServerError) -> tuple[tuple[str, str], ...]:
+    pairs = [("error-type", error.error_type or STATUS_TYPES.get(error.status_code, f"http_{error.status_code}"))]
+    if error.retry_after is not None:
+        pairs.append(("retry-after", str(max(1, round(error.retry_after)))))
+    return tuple(pairs)
+
+
+class GrpcServer:
+    """The gRPC listener of one app: started by its lifespan, stopped within the drain."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.service = InferenceService(services)
+        settings = services.settings
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        self.address = f"{host}:{settings.grpc_port}"
+        self.server = aio.server(options=[
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.so_reuseport", 0),  # else a second server binds a port in use, and they share its calls
+        ])
+        add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
+
+    async def start(self) -> None:
+        """Listen on GRPC_PORT; ``StartupError`` (exit code 5) when it cannot be bound."""
+        try:
+            self.server.add_insecure_port(self.address)
+        except RuntimeError:
+            raise StartupError(f"GRPC_PORT: {self.address} could not be bound (in use, or not an address of this "
+                               "machine); stop the other process, set GRPC_PORT to a free port, or 0 to turn gRPC "
+                               "off", ExitCode.PORT) from None
+        await self.server.start()
+        log.info("gRPC (Open Inference Protocol v2) listening on %s", self.address)
+
+    async def stop(self) -> None:
+        """Close the listener; calls under way get until the drain deadline, then are cancelled (and logged)."""
+        deadline = self.services.drain_deadline
+        grace = self.services.settings.drain_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        under_way = self.service.under_way
+        self.service.stopping = True
+        await self.server.stop(grace)
+        if self.service.abandoned:
+            log.warning("gRPC: %d calls not answered by the drain deadline: cancelled", self.service.abandoned)
+        log.info("gRPC: stopped (%d calls were under way when the listener closed)", under_way)
