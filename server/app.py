@@ -45,7 +45,7 @@ async def build_services(settings: Settings, metrics: Metrics,
         return runtime
 
     runtime = await loop.run_in_executor(None, load)
-    cache_bytes = settings.cache_max_bytes if settings.enable_model_caching else 0
+    cache_bytes = runtime.settings.cache_max_bytes if settings.enable_model_caching else 0  # as the memory plan says
     cache = PredictionCache(cache_bytes, metrics)
     store = PredictionStore(settings, metrics)
     await store.start()  # StartupError (SchemaBehind, SpoolLocked, SpoolDirUnusable): one line and its exit code

@@ -1,7 +1,8 @@
 """The container's limits as its cgroup states them (v2 first, then v1), not the host's.
 
 Memory: v2 ``memory.max`` or v1 ``memory.limit_in_bytes``. "max", or a number above physical RAM (v1 writes
-~2**63 for "unlimited"), means no cgroup limit, and physical RAM is the limit then.
+~2**63 for "unlimited"), means no cgroup limit, and physical RAM is the limit then. Its peak: v2
+``memory.peak`` (Linux 5.19+) or v1 ``memory.max_usage_in_bytes``.
 CPU: v2 ``cpu.max`` ("quota period") or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
 """
 
@@ -36,6 +37,20 @@ def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
         if limit is not None and 0 < limit < physical:
             return limit
     return physical
+
+
+def memory_peak_bytes(cgroup_root: Path = CGROUP_ROOT) -> int | None:
+    """The container's peak memory use as its cgroup counts it: what the OOM killer holds against the limit, page
+    cache included (the kernel reclaims that before it kills). None outside a memory-limited cgroup, or where
+    the kernel keeps no peak."""
+    physical = psutil.virtual_memory().total
+    v1 = cgroup_root / "memory"
+    for limit_file, peak_file in ((cgroup_root / "memory.max", cgroup_root / "memory.peak"),
+                                  (v1 / "memory.limit_in_bytes", v1 / "memory.max_usage_in_bytes")):
+        limit = _read_limit(limit_file)
+        if limit is not None and 0 < limit < physical:
+            return _read_limit(peak_file)
+    return None
 
 
 def cpu_quota_cores(cgroup_root: Path = CGROUP_ROOT) -> int | None:

@@ -1,12 +1,18 @@
 """Memory limit, RSS, and MemoryGuard: give memory back before the kernel's OOM killer takes the pod.
 
-The limit that matters in a container is the cgroup's, not the host's (``server.cgroup``).
+The limit that matters in a container is the cgroup's, not the host's (``server.cgroup``). The batches, engine
+workers, queue and cache are planned at start-up to peak under MEMORY_HIGH_WATER x that limit
+(``server.budget``); the guard is the safety net for what the plan does not count.
 
 Above the high-water ratio the guard sheds half the prediction cache and halves the token budget (smaller
 batches, smaller activation peaks); below the low-water ratio it lifts the budget cut. The gap between the
 two keeps it from flapping. Freed cache entries lower RSS only partly (the allocator keeps some arenas), so
 shedding continues on every check while RSS stays above high water. A reload hands the guard the new
 runtime's budget (``follow``), so it always drives the model being served.
+
+It also exports what the memory looks like: the headroom below high water on every check, and the serving
+model's memory plan and cost model (``sentiment_memory_plan_bytes``, ``sentiment_memory_cost_*``) when it
+starts to drive a budget; ``describe`` is the same for ``/health``.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import psutil
 
-from server.budget import TokenBudget
+from server.budget import MemoryPlan, TokenBudget
 from server.cache import PredictionCache
-from server.cgroup import memory_limit_bytes
+from server.cgroup import memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
 from server.metrics import Metrics
 
@@ -38,22 +45,25 @@ class MemoryGuard:
         budget: TokenBudget,
         rss_reader: Callable[[], int] = process_rss_bytes,
         limit_reader: Callable[[], int] = memory_limit_bytes,
+        peak_reader: Callable[[], int | None] = memory_peak_bytes,
     ) -> None:
         self._high = settings.memory_high_water
         self._low = settings.memory_low_water
         self._metrics = metrics
         self._cache = cache
-        self._budget = budget
         self._rss_reader = rss_reader
         self._limit_reader = limit_reader
+        self._peak_reader = peak_reader
         self.under_pressure = False
         metrics.memory_pressure.set(0)
+        self.follow(budget)
 
     def check(self) -> bool:
         """One step: export RSS and limit, shed or recover; returns whether memory is under pressure."""
         rss, limit = self._rss_reader(), self._limit_reader()
         self._metrics.rss.set(rss)
         self._metrics.memory_limit.set(limit)
+        self._metrics.memory_headroom.set(int(self._high * limit) - rss)
         ratio = rss / limit
         if ratio >= self._high:
             freed = self._cache.shed(0.5)
@@ -74,6 +84,35 @@ class MemoryGuard:
         a model swapped in under pressure starts with its budget halved, as the old one had it."""
         self._budget = budget
         budget.set_memory_pressure(self.under_pressure)
+        if budget.plan is not None:
+            self._export_plan(budget.plan)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/health``: the memory now, its limit and headroom, and the serving model's plan and cost model."""
+        rss, limit = self._rss_reader(), self._limit_reader()
+        high = int(self._high * limit)
+        figures: dict[str, Any] = {
+            "limit_bytes": limit, "rss_bytes": rss, "high_water_bytes": high, "headroom_bytes": high - rss,
+            "cgroup_peak_bytes": self._peak_reader(), "pressure": self.under_pressure,
+        }
+        if self._budget.plan is not None:
+            figures["plan"] = self._budget.plan.describe()
+        return figures
+
+    def _export_plan(self, plan: MemoryPlan) -> None:
+        m = self._metrics
+        m.memory_plan.clear()
+        m.memory_plan.labels("host", "base").set(plan.host.base)
+        m.memory_plan.labels("host", "cache").set(plan.cache_max_bytes)
+        m.memory_plan.labels("host", "queue").set(plan.queue_bytes)
+        batches = plan.engine_workers * plan.batch_bytes
+        if plan.device is None:
+            m.memory_plan.labels("host", "batches").set(batches)
+        else:
+            m.memory_plan.labels("gpu", "base").set(plan.device.base)
+            m.memory_plan.labels("gpu", "batches").set(batches)
+        m.memory_cost_per_token.set(plan.model.per_token)
+        m.memory_cost_per_token_length.set(plan.model.per_token_length)
 
     async def run(self, interval_s: float) -> None:
         """Check every ``interval_s`` until cancelled; a failed check is logged, never fatal."""

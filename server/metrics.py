@@ -110,6 +110,17 @@ class Metrics:
                                   "Memory limit of the container (cgroup) or the host", registry=r)
         self.memory_pressure = Gauge("sentiment_memory_pressure", "1 while RSS is above the high-water mark",
                                      registry=r)
+        self.memory_headroom = Gauge("sentiment_memory_headroom_bytes", "MEMORY_HIGH_WATER x the memory limit minus "
+                                     "resident memory: what the process may still take before it sheds (negative "
+                                     "while it does)", registry=r)
+        self.memory_plan = Gauge("sentiment_memory_plan_bytes", "The memory plan's peak, by part (base, cache, queue, "
+                                 "batches) and memory (host, gpu); see server/budget.py", ["memory", "part"],
+                                 registry=r)
+        self.memory_cost_per_token = Gauge("sentiment_memory_cost_bytes_per_token", "Cost model, linear term: peak "
+                                           "bytes of a batch per padded token", registry=r)
+        self.memory_cost_per_token_length = Gauge("sentiment_memory_cost_bytes_per_token_length", "Cost model, "
+                                                  "quadratic term: peak bytes per padded token per token of sequence "
+                                                  "length (attention)", registry=r)
         self.oom_events = Counter("sentiment_oom_events", "Out-of-memory errors from the engine", ["device"],
                                   registry=r)
         self.batch_splits = Counter("sentiment_batch_splits", "Batches split in two after an OOM", ["device"],

@@ -1,4 +1,8 @@
-"""One loaded model: artifact, tokenizer, engine (OOM-resilient), token budget and batcher.
+"""One loaded model: artifact, tokenizer, engine (OOM-resilient), memory plan, token budget and batcher.
+
+Loading measures what the model's batches cost in memory (``server.memory_model``) and plans batches, engine
+workers, queue and cache to fit the memory limit (``server.budget``); the runtime's ``settings`` are the
+planned ones, and warm-up runs only shapes within the planned budget.
 
 Hot reload builds a new ``ModelRuntime`` beside the serving one, warms it,
 smoke-tests it, and only then swaps it in; the old one drains in the
@@ -10,6 +14,7 @@ artifact and the fix.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -20,9 +25,20 @@ import numpy as np
 
 from server.artifact import MANIFEST, TOKENIZER, Artifact, ArtifactError, load_artifact
 from server.batcher import Batcher
-from server.budget import TokenBudget
+from server.budget import Area, MemoryPlan, TokenBudget, mib, plan_memory
+from server.cgroup import memory_limit_bytes
 from server.config import Settings
-from server.engine import Engine, EngineStartError, create_cpu_engine, create_engine, first_line
+from server.engine import (
+    Engine,
+    EngineStartError,
+    create_cpu_engine,
+    create_engine,
+    cuda_available,
+    engine_workers,
+    first_line,
+)
+from server.exitcodes import StartupError
+from server.memory_model import CostModel, DeviceMemory, HostMemory, measure
 from server.metrics import Metrics
 from server.oom import ResilientEngine
 from server.primitives import ModelIdentity
@@ -51,11 +67,11 @@ def warmup_shapes(device: str, max_batch: int, max_tokens: int, max_length: int)
 
 
 class ModelRuntime:
-    def __init__(self, artifact: Artifact, engine: Engine, budget: TokenBudget, settings: Settings,
-                 metrics: Metrics) -> None:
+    def __init__(self, artifact: Artifact, encoder: TextEncoder, engine: Engine, budget: TokenBudget,
+                 settings: Settings, metrics: Metrics) -> None:
         self.artifact = artifact
         self.settings = settings
-        self.encoder = load_encoder(artifact, settings.strict_truncation)
+        self.encoder = encoder
         self.budget = budget
         self.engine = engine
         self.batcher = Batcher(engine, settings, metrics, token_budget=lambda: budget.current)
@@ -68,14 +84,34 @@ class ModelRuntime:
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics, model_path: Path | None = None,
              wrap_engine: Callable[[Engine], Engine] | None = None) -> ModelRuntime:
-        """Verify and load an artifact; ``wrap_engine`` lets tests inject faults around the primary engine."""
+        """Verify and load an artifact, check its predictions, measure its batches' memory and plan to the limit.
+
+        The runtime's ``settings`` are ``settings`` with the planned values (``MemoryPlan.apply``);
+        ``MemoryDoesNotFit`` when they cannot fit. ``wrap_engine`` lets tests inject faults around the primary
+        engine (the memory is measured on the engine itself).
+        """
         artifact = load_artifact(model_path or settings.model_path)
-        primary = create_engine(artifact, settings)
-        if wrap_engine is not None:
-            primary = wrap_engine(primary)
-        budget = TokenBudget(settings.max_batch_tokens, metrics)
-        engine = ResilientEngine(primary, lambda: create_cpu_engine(artifact, settings), budget, metrics)
-        return cls(artifact, engine, budget, settings, metrics)
+        encoder = load_encoder(artifact, settings.strict_truncation)
+        gpu = DeviceMemory.open(settings.cuda_device_id) if settings.device != "cpu" and cuda_available() else None
+        gpu_before = gpu.current() if gpu else 0
+        engine = create_engine(artifact, settings)
+        meter = HostMemory() if engine.device == "cpu" else gpu  # None on CUDA without NVML
+        gc.collect()
+        baseline = meter.current() if meter else 0  # before the first run (server.memory_model)
+        check_predictions(engine, encoder, artifact)
+        plan = fit_memory(engine, encoder, artifact, settings, meter, baseline, gpu_before)
+        planned = plan.apply(settings)
+        if not settings.intra_op_threads and plan.engine_workers != engine_workers(settings, engine.device):
+            del engine  # first, so the two sessions are never in memory together
+            engine = create_engine(artifact, planned)  # its threads shared among the planned workers
+        primary = wrap_engine(engine) if wrap_engine is not None else engine
+        budget = TokenBudget(plan.batch_tokens, metrics, plan=plan)
+        resilient = ResilientEngine(primary, lambda: create_cpu_engine(artifact, settings), budget, metrics)
+        return cls(artifact, encoder, resilient, budget, planned, metrics)
+
+    @property
+    def memory_plan(self) -> MemoryPlan | None:
+        return self.budget.plan
 
     def labels(self) -> list[str]:
         return self.artifact.labels
@@ -102,27 +138,83 @@ class ModelRuntime:
         Two probes: the smoke texts as a batch, and one text of the manifest's ``max_sequence_length``
         (proof that the model accepts the length the server will truncate to).
         """
-        where = self.artifact.directory
-        encoded = self.encoder.encode(SMOKE_TEXTS)
-        self._check_logits(self.engine.run(*pad_batch(encoded)), len(encoded))
-        longest = np.resize(encoded[0], self.artifact.max_length)
-        try:
-            logits = self.engine.run(*pad_batch([longest]))
-        except Exception as exc:
-            raise ModelCheckFailed(
-                f"model {where} cannot run a text of its max_sequence_length ({self.artifact.max_length} tokens, "
-                f"from {MANIFEST}): {first_line(exc)}; set it to what the model supports or rebuild the artifact"
-            ) from None
-        self._check_logits(logits, 1)
+        check_predictions(self.engine, self.encoder, self.artifact)
 
-    def _check_logits(self, logits: np.ndarray, rows: int) -> None:
-        logits, where, expected = np.asarray(logits), self.artifact.directory, (rows, len(self.labels()))
-        if logits.shape != expected:
-            raise ModelCheckFailed(f"model {where}: a smoke prediction gave logits of shape {logits.shape}, expected "
-                                   f"{expected} (one per label in {MANIFEST}): the ONNX file does not fit the manifest")
-        if not np.isfinite(logits).all():
-            raise ModelCheckFailed(f"model {where}: a smoke prediction gave non-finite logits (NaN or inf): the "
-                                   "weights are damaged; restore or rebuild the artifact")
+
+def check_predictions(engine: Engine, encoder: TextEncoder, artifact: Artifact) -> None:
+    """The smoke probes (``ModelRuntime.smoke_test``) through ``engine``: ``ModelCheckFailed`` naming what is wrong."""
+    where = artifact.directory
+    encoded = encoder.encode(SMOKE_TEXTS)
+    _check_logits(artifact, engine.run(*pad_batch(encoded)), len(encoded))
+    longest = np.resize(encoded[0], artifact.max_length)
+    try:
+        logits = engine.run(*pad_batch([longest]))
+    except Exception as exc:
+        raise ModelCheckFailed(
+            f"model {where} cannot run a text of its max_sequence_length ({artifact.max_length} tokens, "
+            f"from {MANIFEST}): {first_line(exc)}; set it to what the model supports or rebuild the artifact"
+        ) from None
+    _check_logits(artifact, logits, 1)
+
+
+def _check_logits(artifact: Artifact, logits: np.ndarray, rows: int) -> None:
+    logits, where, expected = np.asarray(logits), artifact.directory, (rows, len(artifact.labels))
+    if logits.shape != expected:
+        raise ModelCheckFailed(f"model {where}: a smoke prediction gave logits of shape {logits.shape}, expected "
+                               f"{expected} (one per label in {MANIFEST}): the ONNX file does not fit the manifest")
+    if not np.isfinite(logits).all():
+        raise ModelCheckFailed(f"model {where}: a smoke prediction gave non-finite logits (NaN or inf): the "
+                               "weights are damaged; restore or rebuild the artifact")
+
+
+def fit_memory(engine: Engine, encoder: TextEncoder, artifact: Artifact, settings: Settings,
+               meter: HostMemory | DeviceMemory | None, baseline: int, gpu_before: int) -> MemoryPlan:
+    """Measure ``engine``'s batches with ``meter`` (``server.memory_model.measure``) and plan them to the limit.
+
+    On CUDA ``meter`` reads the GPU's memory (``gpu_before``: its reading before the model loaded) and the
+    batches are planned there; without NVML (``meter`` None) they cannot be, and MAX_BATCH_TOKENS stays as set
+    (out-of-memory batches are still split and retried).
+    """
+    sample = encoder.encode(SMOKE_TEXTS)[0]
+
+    def run(batch: int, length: int) -> None:
+        ids = np.resize(sample, (batch, length))
+        engine.run(ids, np.ones_like(ids))
+
+    high, host_limit, max_length = settings.memory_high_water, memory_limit_bytes(), artifact.max_length
+    device_area = None
+    if isinstance(meter, DeviceMemory):
+        limit = settings.cuda_mem_limit or meter.total() - gpu_before
+        model = measure(run, meter, max_length, baseline, gpu_before + limit * high)
+        device_area = Area(f"GPU {meter.index}'s memory", limit, baseline - gpu_before, high)
+        host_base = HostMemory().current()
+    elif meter is None:
+        log.warning("GPU memory cannot be read (no pynvml or NVML): MAX_BATCH_TOKENS is not derived from it; "
+                    "out-of-memory batches are split and retried")
+        model, host_base = CostModel(0.0, 0.0, exact=False), HostMemory().current()
+    else:
+        model, host_base = measure(run, meter, max_length, baseline, host_limit * high), baseline
+    if not model.exact:
+        log.warning("memory peaks were sampled, not read from the kernel's high-water mark (/proc/self/clear_refs "
+                    "not writable): the cost model may read low")
+    auto = engine_workers(settings.model_copy(update={"engine_workers": 0}), engine.device)
+    plan = plan_memory(settings, Area("the memory limit", host_limit, host_base, high), model, max_length, auto,
+                       device_area)
+    log.info("memory plan: %s", summary(plan))
+    return plan
+
+
+def summary(plan: MemoryPlan) -> str:
+    """The plan in one log line."""
+    area, model, n = plan.batch_area, plan.model, plan.max_length
+    derived = ", ".join(name.upper() for name in plan.derived) or "none"
+    return (f"limit {mib(plan.host.limit)}, high water {mib(plan.host.ceiling)}; model and server "
+            f"{mib(plan.host.base)}, cache {mib(plan.cache_max_bytes)}, {plan.max_queue} queued texts "
+            f"{mib(plan.queue_bytes)}, {plan.engine_workers} engine worker(s) x a batch of up to "
+            f"{plan.batch_tokens_at_peak // n} x {n} tokens (MAX_BATCH_TOKENS={plan.batch_tokens}) "
+            f"{mib(plan.batch_bytes)} in {area.name}; peak {mib(plan.device_peak or plan.host_peak)} of "
+            f"{mib(area.ceiling)}; a padded token costs {model.token_bytes(n) / 1024:,.1f} KiB at {n} tokens, "
+            f"{model.token_bytes(max(1, n // 8)) / 1024:,.1f} KiB at {max(1, n // 8)}; derived: {derived}")
 
 
 class ModelCheckFailed(ArtifactError):
@@ -141,9 +233,10 @@ def load_checked(settings: Settings, metrics: Metrics, model_path: Path | None =
                  wrap_engine: Callable[[Engine], Engine] | None = None) -> ModelRuntime:
     """Load, verify and warm (``warm``) or only smoke-test a model; every failure is one clear exception.
 
-    ``ArtifactError`` (files, manifest, tokenizer, a failed smoke prediction) or ``EngineStartError`` (the
-    device); anything unexpected from ONNX Runtime or the tokenizer is wrapped as ``ModelCheckFailed``
-    rather than let through, so no caller can mistake it for a server fault.
+    ``ArtifactError`` (files, manifest, tokenizer, a failed smoke prediction), ``EngineStartError`` (the
+    device) or ``MemoryDoesNotFit`` (a ``StartupError``: the settings cannot fit the memory limit); anything
+    unexpected from ONNX Runtime or the tokenizer is wrapped as ``ModelCheckFailed`` rather than let through,
+    so no caller can mistake it for a server fault.
     """
     path = Path(model_path or settings.model_path)
     try:
@@ -153,7 +246,7 @@ def load_checked(settings: Settings, metrics: Metrics, model_path: Path | None =
         else:
             runtime.smoke_test()
             runtime.warm = True
-    except (ArtifactError, EngineStartError):
+    except (ArtifactError, EngineStartError, StartupError):
         raise
     except Exception as exc:
         raise ModelCheckFailed(f"model {path} cannot serve: {first_line(exc)} (check the artifact, or rebuild it)"

@@ -18,6 +18,7 @@ from server.artifact import ArtifactError
 from server.cache import PredictionCache
 from server.config import Settings
 from server.engine import EngineStartError
+from server.exitcodes import StartupError
 from server.gpu import GpuMonitor
 from server.heap import refreeze
 from server.memory import MemoryGuard
@@ -120,6 +121,7 @@ class Services:
             "provider": identity.provider,
             "queue_depth": self.runtime.batcher.depth,
             "token_budget": self.runtime.budget.current,
+            "memory": self.memory_guard.describe(),
             "cache": {"enabled": self.cache.max_bytes > 0, "entries": self.cache.entries,
                       "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes},
             "database": database,
@@ -158,7 +160,7 @@ class Services:
         """Count and log a failed reload; an exception ``load_checked`` did not already explain gets a traceback
         too, since only a bug in the server can raise one."""
         self.metrics.model_reloads.labels("failed").inc()
-        expected = isinstance(exc, ArtifactError | EngineStartError)
+        expected = isinstance(exc, ArtifactError | EngineStartError | StartupError)  # StartupError: MemoryDoesNotFit
         reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         log.error("model reload from %s failed, still serving %s %s: %s", path, old.name, old.version, reason,
                   exc_info=None if expected else exc)

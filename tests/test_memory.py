@@ -1,4 +1,5 @@
-"""Memory limit discovery (cgroup v2 / v1 / host) and MemoryGuard transitions with injected readers."""
+"""Memory limit and peak discovery (cgroup v2 / v1 / host) and MemoryGuard transitions and exports with injected
+readers."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.budget import TokenBudget
+from server.budget import Area, TokenBudget, plan_memory
 from server.cache import PredictionCache
-from server.cgroup import memory_limit_bytes
+from server.cgroup import memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
 from server.memory import MemoryGuard, process_rss_bytes
+from server.memory_model import CostModel
 from server.metrics import Metrics
 from server.primitives import Prediction
 
@@ -130,3 +132,57 @@ async def test_run_keeps_checking_through_a_failed_read() -> None:
         await task
     assert readers.calls >= 3
     assert gauge(metrics, "sentiment_process_resident_memory_bytes") == GIB
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"memory.max": "1073741824\n", "memory.peak": "734003200\n"}, 734003200),
+        ({"memory/memory.limit_in_bytes": "1073741824\n", "memory/memory.max_usage_in_bytes": "821000000\n"},
+         821000000),
+        ({"memory.max": "max\n", "memory.peak": "734003200\n"}, None),  # no limit: a peak against nothing
+        ({"memory.max": "1073741824\n"}, None),  # a kernel without memory.peak
+    ],
+    ids=["v2", "v1", "unlimited", "no-peak-file"],
+)
+def test_memory_peak(tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert memory_peak_bytes(tmp_path) == expected
+
+
+def planned_budget(metrics: Metrics, base: int = 300 * 2**20) -> TokenBudget:
+    area = Area("the memory limit", 10 * GIB, base, 0.8)
+    plan = plan_memory(Settings(), area, CostModel(10_000, 100), 512, 2)
+    return TokenBudget(plan.batch_tokens, metrics, plan=plan)
+
+
+def test_guard_exports_headroom_and_the_plan_of_the_budget_it_drives() -> None:
+    readers = Readers(rss=5 * GIB)
+    metrics = Metrics()
+    budget = planned_budget(metrics)
+    guard = MemoryGuard(Settings(memory_high_water=0.8, memory_low_water=0.6), metrics, PredictionCache(0, metrics),
+                        budget, rss_reader=readers.read_rss, limit_reader=readers.read_limit,
+                        peak_reader=lambda: 6 * GIB)
+    plan = budget.plan
+    assert gauge(metrics, "sentiment_memory_cost_bytes_per_token") == 10_000
+    assert gauge(metrics, "sentiment_memory_cost_bytes_per_token_length") == 100
+    parts = {part: metrics.registry.get_sample_value("sentiment_memory_plan_bytes", {"memory": "host", "part": part})
+             for part in ("base", "cache", "queue", "batches")}
+    assert sum(parts.values()) == plan.host_peak and parts["base"] == 300 * 2**20
+    guard.check()
+    assert gauge(metrics, "sentiment_memory_headroom_bytes") == int(0.8 * 10 * GIB) - 5 * GIB
+    readers.rss = 9 * GIB
+    guard.check()
+    assert gauge(metrics, "sentiment_memory_headroom_bytes") < 0  # above high water: shedding
+    described = guard.describe()
+    assert described["headroom_bytes"] == described["high_water_bytes"] - 9 * GIB
+    assert described["cgroup_peak_bytes"] == 6 * GIB and described["pressure"] is True
+    assert described["plan"]["batch_tokens"] == plan.batch_tokens
+
+    reloaded = planned_budget(metrics, base=500 * 2**20)
+    guard.follow(reloaded)
+    assert metrics.registry.get_sample_value("sentiment_memory_plan_bytes", {"memory": "host", "part": "base"}) \
+        == 500 * 2**20
+    assert reloaded.memory_pressure  # the new model's budget starts halved, as the old one had it
