@@ -55,6 +55,7 @@ from server.primitives import ServerError
 from server.protocols.oip_model import (
     InputTensor,
     InvalidInferRequest,
+    ModelNotFound,
     decode_bytes_elements,
     model_config,
     model_metadata,
@@ -164,7 +165,11 @@ class InferenceService(GRPCInferenceServiceServicer):
 
     @observed
     async def ModelReady(self, request: pb.ModelReadyRequest, call: Call) -> pb.ModelReadyResponse:
-        resolve(self.services, request.name, request.version)
+        """Not ready (rather than NOT_FOUND) for a model or version not served: a client asks "can I use it?"."""
+        try:
+            resolve(self.services, request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.services.is_ready())
 
     @observed

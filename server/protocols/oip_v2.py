@@ -315,8 +315,9 @@ def _input_tensor(tensor: InferInput, binary: BinarySection) -> InputTensor:
     if size is not None:
         if tensor.data is not None:
             raise InvalidInferRequest(f"input {tensor.name[:100]!r} has both 'data' and binary_data_size: send one")
-        elements: list[str] | list[bytes] = decode_bytes_elements(binary.take(size, tensor.name),
-                                                                  f"input {tensor.name[:100]!r}")
+        chunk = binary.take(size, tensor.name)
+        elements: list[str] | list[bytes] = decode_bytes_elements(chunk, f"input {tensor.name[:100]!r}") \
+            if tensor.datatype == "BYTES" else []  # texts_of refuses any other datatype, whatever the data
     elif tensor.data is None:
         raise InvalidInferRequest(f"input {tensor.name[:100]!r} has no 'data' and no "
                                   "parameters.binary_data_size")

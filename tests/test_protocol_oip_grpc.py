@@ -1,0 +1,242 @@
+"""Open Inference Protocol v2 over gRPC (GRPC_PORT), driven by ``tritonclient.grpc`` against a real server.
+
+Also: the status, details and trailing metadata of errors (through tritonclient's own stub, as any gRPC client
+sees them), API keys in metadata, the request id, records, metrics, the drain, a port that cannot be bound, and
+the committed generated code against its ``.proto``. Our generated module is never imported here: it registers
+the same ``inference.*`` names as tritonclient's copy, and one process cannot hold both.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, start_server, stop_server
+from tests.test_protocol_oip_v2 import TEXTS, create_key, native
+
+PROTO = "server/protocols/oip_proto/grpc_service.proto"
+
+
+def grpc_server(tiny_artifact, tmp, **env: str) -> tuple[LiveServer, str]:
+    port = free_port()
+    live = start_server({"MODEL_PATH": str(tiny_artifact), "GRPC_PORT": str(port), "DRAIN_GRACE_S": "0", **env}, tmp)
+    return live, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_artifact, tmp_path_factory) -> Iterator[tuple[LiveServer, str]]:
+    live, address = grpc_server(tiny_artifact, tmp_path_factory.mktemp("oip-grpc"))
+    yield live, address
+    stop_server(live)
+
+
+@pytest.fixture(scope="module")
+def client(served) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(served[1])
+
+
+def text_input(texts: list[str]) -> triton.InferInput:
+    tensor = triton.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array(texts, dtype=object))
+    return tensor
+
+
+def expect_error(call, code: grpc.StatusCode, *fragments: str) -> None:
+    with pytest.raises(InferenceServerException) as raised:
+        call()
+    assert raised.value.status() == str(code), raised.value
+    for fragment in fragments:
+        assert fragment in raised.value.message(), raised.value.message()
+
+
+def raw_infer(address: str, request: service_pb2.ModelInferRequest, metadata=()) -> tuple[object, grpc.Call]:
+    """ModelInfer through tritonclient's generated stub: the answer and the call (status, metadata)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            return stub.ModelInfer.with_call(request, metadata=metadata, timeout=30)
+        except grpc.RpcError as error:
+            return None, error
+
+
+def test_health_metadata_and_config(served, client):
+    live, _ = served
+    model = httpx.get(live.url + "/health", timeout=30).json()["model"]
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("sentiment") and client.is_model_ready(model["name"], model["version"])
+    assert not client.is_model_ready("sentiment", "no-such-version")
+    assert list(client.get_server_metadata().extensions) == ["binary_tensor_data", "model_configuration"]
+    metadata = client.get_model_metadata("sentiment", as_json=True)
+    assert metadata["name"] == model["name"] and metadata["versions"] == [model["version"]]
+    assert [(t["name"], t["datatype"]) for t in metadata["inputs"] + metadata["outputs"]] == [
+        ("text", "BYTES"), ("label", "BYTES"), ("score", "FP32"), ("probabilities", "FP32")]
+    config = client.get_model_config(model["name"], as_json=True)["config"]
+    assert config["name"] == model["name"] and config["input"][0]["data_type"] == "TYPE_STRING"
+    assert config["output"][2]["dims"] == ["-1", str(len(model["labels"]))]
+    expect_error(lambda: client.get_model_metadata("no-such-model"), grpc.StatusCode.NOT_FOUND,
+                 "no model named 'no-such-model'")
+
+
+def test_infer_answers_as_predict_does(served, client):
+    live, _ = served
+    expected = native(live, TEXTS)
+    result = client.infer("sentiment", [text_input(TEXTS)], request_id="g-1")
+    answer = result.get_response()
+    assert answer.id == "g-1" and [o.name for o in answer.outputs] == ["label", "score", "probabilities"]
+    assert [label.decode() for label in result.as_numpy("label")] == [p["label"] for p in expected]
+    np.testing.assert_allclose(result.as_numpy("score"), [p["score"] for p in expected], rtol=1e-5)
+    labels = list(expected[0]["probabilities"])
+    np.testing.assert_allclose(result.as_numpy("probabilities"),
+                               [[p["probabilities"][label] for label in labels] for p in expected], rtol=1e-5)
+    only = client.infer("sentiment", [text_input(TEXTS)], outputs=[triton.InferRequestedOutput("label")])
+    assert [o.name for o in only.get_response().outputs] == ["label"] and only.as_numpy("score") is None
+
+
+def test_inputs_as_typed_contents_are_read_too(served):
+    """Not every client sends raw_input_contents: bytes_contents is the protocol's other form."""
+    live, address = served
+    request = service_pb2.ModelInferRequest(model_name="sentiment")
+    request.inputs.add(name="text", datatype="BYTES", shape=[2]).contents.bytes_contents.extend(
+        [t.encode() for t in TEXTS[:2]])
+    answer, call = raw_infer(address, request)
+    assert call.code() == grpc.StatusCode.OK
+    labels = answer.raw_output_contents[0]
+    assert [p["label"].encode() in labels for p in native(live, TEXTS[:2])] == [True, True]
+
+
+def test_errors_carry_status_message_and_type(served, client):
+    expect_error(lambda: client.infer("nope", [text_input(TEXTS[:1])]), grpc.StatusCode.NOT_FOUND,
+                 "no model named 'nope'")
+    expect_error(lambda: client.infer("sentiment", [text_input([" "])]), grpc.StatusCode.INVALID_ARGUMENT,
+                 "empty or only whitespace")
+    column = triton.InferInput("text", [1, 1], "BYTES")
+    column.set_data_from_numpy(np.array([["x"]], dtype=object))
+    expect_error(lambda: client.infer("sentiment", [column]), grpc.StatusCode.INVALID_ARGUMENT, "shape [1, 1]")
+    number = triton.InferInput("text", [1], "FP32")
+    number.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    expect_error(lambda: client.infer("sentiment", [number]), grpc.StatusCode.INVALID_ARGUMENT, "datatype 'FP32'")
+    expect_error(lambda: client.infer("sentiment", [text_input(["x"])], outputs=[triton.InferRequestedOutput("z")]),
+                 grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'z'")
+    request = service_pb2.ModelInferRequest(model_name="sentiment", raw_input_contents=[b"\x09\x00\x00\x00ab"])
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    _, call = raw_infer(served[1], request)
+    assert call.code() == grpc.StatusCode.INVALID_ARGUMENT and "declares 9 bytes" in call.details()
+    assert dict(call.trailing_metadata())["error-type"] == "bad_request"
+
+
+def test_counted_by_rpc_and_recorded_under_the_request_id(tiny_artifact, tmp_path):
+    live, address = grpc_server(tiny_artifact, tmp_path)
+    try:
+        request = service_pb2.ModelInferRequest(model_name="sentiment")
+        request.inputs.add(name="text", datatype="BYTES", shape=[3]).contents.bytes_contents.extend(
+            [t.encode() for t in TEXTS])
+        _, call = raw_infer(address, request, metadata=(("x-request-id", "oip-grpc-1"),))
+        assert call.code() == grpc.StatusCode.OK and dict(call.initial_metadata())["x-request-id"] == "oip-grpc-1"
+        _, call = raw_infer(address, service_pb2.ModelInferRequest(model_name="nope"))
+        assert call.code() == grpc.StatusCode.NOT_FOUND
+        metrics = httpx.get(live.url + "/metrics", timeout=30).text
+        for status, count in (("200", 1), ("404", 1)):
+            assert (f'sentiment_requests_total{{endpoint="/inference.GRPCInferenceService/ModelInfer",'
+                    f'status="{status}"}} {count}.0') in metrics
+        assert 'sentiment_request_latency_seconds_count{endpoint="/inference.GRPCInferenceService/ModelInfer"} 2.0' \
+            in metrics
+    finally:
+        assert stop_server(live) == 0
+    with sqlite3.connect(tmp_path / "live.db") as db:
+        rows = db.execute("SELECT text FROM predictions WHERE request_id = 'oip-grpc-1'").fetchall()
+    assert sorted(text for (text,) in rows) == sorted(TEXTS)
+
+
+def test_auth_required_reads_the_key_from_metadata(tiny_artifact, tmp_path):
+    key = create_key(f"sqlite:///{tmp_path}/live.db", "predict")
+    live, address = grpc_server(tiny_artifact, tmp_path, AUTH_MODE="required")
+    try:
+        client = triton.InferenceServerClient(address)
+        assert client.is_server_ready() and client.get_model_metadata("sentiment").name  # open, like /health
+        text = text_input(TEXTS[:1])
+        expect_error(lambda: client.infer("sentiment", [text]), grpc.StatusCode.UNAUTHENTICATED,
+                     "an API key with role predict is required")
+        expect_error(lambda: client.infer("sentiment", [text], headers={"authorization": "Basic abc"}),
+                     grpc.StatusCode.UNAUTHENTICATED, "scheme 'Basic' is not accepted")
+        for headers in ({"authorization": f"Bearer {key}"}, {"x-api-key": key}):
+            assert client.infer("sentiment", [text], headers=headers).as_numpy("label").shape == (1,)
+    finally:
+        stop_server(live)
+    assert "security: 401 missing API key: gRPC /inference.GRPCInferenceService/ModelInfer" in live.log()
+
+
+def test_draining_says_not_ready_and_refuses_new_calls_then_stops(tiny_artifact, tmp_path):
+    live, address = grpc_server(tiny_artifact, tmp_path, DRAIN_GRACE_S="30")
+    client = triton.InferenceServerClient(address)
+    try:
+        live.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while client.is_server_ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not client.is_server_ready() and not client.is_model_ready("sentiment") and client.is_server_live()
+        http = httpx.get(live.url + "/v2/health/ready", timeout=30)
+        assert http.status_code == 503 and http.json()["type"] == "draining"
+        request = service_pb2.ModelInferRequest(model_name="sentiment")
+        request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x")
+        _, call = raw_infer(address, request)
+        assert call.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in call.details()
+        assert dict(call.trailing_metadata()) == {"error-type": "draining", "retry-after": "5"}
+        live.process.send_signal(signal.SIGTERM)  # a second signal ends the drain's waiting at once
+        assert live.process.wait(60) == 0
+    finally:
+        stop_server(live)
+    assert "gRPC: stopped" in live.log()
+
+
+def test_a_grpc_port_in_use_stops_start_up_with_the_port_exit_code(tiny_artifact, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        live = start_server({"MODEL_PATH": str(tiny_artifact), "GRPC_PORT": str(taken.getsockname()[1])}, tmp_path,
+                            wait_ready=False)
+        try:
+            assert live.process.wait(120) == 5
+        finally:
+            stop_server(live)
+    assert "cannot start: GRPC_PORT: 127.0.0.1:" in live.log() and "set GRPC_PORT to a free port" in live.log()
+
+
+def test_the_committed_generated_code_matches_the_proto(tmp_path):
+    """Regenerated from the .proto, the descriptor is the one committed (compared in a process of its own)."""
+    descriptor_set = tmp_path / "fresh.pb"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", f"--descriptor_set_out={descriptor_set}",
+                    PROTO], cwd=ROOT, check=True, timeout=120)
+    compare = """
+import sys
+from google.protobuf import descriptor_pb2
+from server.protocols.oip_proto import grpc_service_pb2
+
+def without_json_names(messages):  # protoc writes them into a descriptor set, the Python plugin leaves them out
+    for message in messages:
+        for field in message.field:
+            field.ClearField("json_name")
+        without_json_names(message.nested_type)
+
+fresh = descriptor_pb2.FileDescriptorSet.FromString(open(sys.argv[1], "rb").read()).file[0]
+without_json_names(fresh.message_type)
+committed = descriptor_pb2.FileDescriptorProto.FromString(grpc_service_pb2.DESCRIPTOR.serialized_pb)
+print(fresh == committed, [method.name for method in committed.service[0].method])
+"""
+    out = subprocess.run([sys.executable, "-c", compare, str(descriptor_set)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("True ['ServerLive', 'ServerReady', 'ModelReady', 'ServerMetadata', "
+                                  "'ModelMetadata', 'ModelInfer', 'ModelConfig']"), out.stdout
