@@ -30,6 +30,7 @@ from scripts.benchlib.chaos.report import Table, section, write_into
 from scripts.benchlib.chaos.scenarios import SCENARIOS, Outcome
 from scripts.benchlib.databases import PgServer, postgres_database, real_pg_ctl, sqlite_database
 from scripts.benchlib.envinfo import environment, header
+from scripts.benchlib.serverproc import ROOT
 
 RANDOMIZED = ("sigkill", "sigkill-database-down")
 BACKENDS = ("sqlite", "postgresql")
@@ -87,7 +88,12 @@ def database_factory(backend: str):
 
 
 def machine() -> str:
+    """The environment, PostgreSQL's version and the commit (marked when the working tree differs from it)."""
     lines = [header(environment())]
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty=+uncommitted changes"],
+                            capture_output=True, text=True).stdout.strip()
+    if commit:
+        lines.append(f"# commit: {commit}")
     pg_ctl = real_pg_ctl()
     if pg_ctl:
         version = subprocess.run([pg_ctl, "--version"], capture_output=True, text=True).stdout.strip()
