@@ -20,7 +20,7 @@ from server.http import ObservedASGI, document_errors, install_error_handlers
 from server.memory import MemoryGuard
 from server.metrics import Metrics
 from server.predictor import Predictor
-from server.protocols import oip_v2
+from server.protocols import kserve_v1, oip_v2, tei
 from server.routes import router
 from server.routes_store import router as store_router
 from server.runtime import ModelRuntime
@@ -103,6 +103,8 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
     )
     app.include_router(router)
     app.include_router(store_router)
+    app.include_router(tei.router)
+    app.include_router(kserve_v1.router)
     app.include_router(oip_v2.router)
     install_error_handlers(app)
     document_errors(app)

@@ -13,6 +13,7 @@ from server.auth import require_role
 from server.http import PayloadTooLarge, error_response, json_response
 from server.predictor import normalize
 from server.primitives import PredictionRecord, ServerError
+from server.protocols import tei
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
 from server.services import Services
 from server.store import SpoolUnavailable
@@ -46,8 +47,11 @@ def validated_texts(body: PredictRequest, services: Services) -> list[str]:
     return texts
 
 
-@router.post("/predict", response_model=PredictResponse, summary="Classify the sentiment of one or more texts")
+@router.post("/predict", response_model=PredictResponse | tei.TeiPredictResponse,
+             summary="Classify the sentiment of one or more texts (or TEI's body: inputs)")
 async def predict(body: PredictRequest, request: Request, api_key_id: str | None = Depends(require_role("predict"))):
+    if body.inputs is not None:
+        return await tei.predict_tei(body, request, api_key_id)
     services = services_of(request)
     if services.draining:
         services.metrics.rejected.labels("draining").inc()

@@ -9,9 +9,19 @@ up or store are ``StorableText``, which also refuses NUL (PostgreSQL's text cann
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StrictBool,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 
@@ -65,31 +75,118 @@ def in_utc(value: datetime) -> datetime:
 UtcDateTime = Annotated[datetime, BeforeValidator(not_a_timestamp), AfterValidator(in_utc)]
 
 
+# ------------------------------------------------- Hugging Face / TEI bodies (server/protocols/tei.py)
+
+TEXT_SCHEMA = {"type": "string", "pattern": "\\S"}
+PAIR_HINT = "this model classifies single texts, not pairs: to classify several texts send a batch, [[\"a\"], [\"b\"]]"
+
+
+def tei_inputs(value: object) -> str | list[str] | list[list[str]]:
+    """TEI's ``inputs`` grammar: a string or ``[string]`` is one text, ``[string, string]`` one *pair* of texts,
+    ``[[string], [string, string], ...]`` a batch. This model takes no pairs, so a pair is refused with the way to
+    send a batch instead; ``["a", "b"]`` meant as two texts is the usual mistake."""
+    if isinstance(value, str):
+        return unicode_scalars_only(value)
+    if not isinstance(value, list) or not value:
+        raise PydanticCustomError("tei_inputs", "must be a string, or a batch of one-text lists [[\"a\"], [\"b\"]]")
+    if all(isinstance(item, str) for item in value):
+        if len(value) == 2:
+            raise PydanticCustomError("text_pair", f"a list of two strings is one pair of texts in TEI, not two "
+                                      f"texts; {PAIR_HINT}")
+        if len(value) > 2:
+            raise PydanticCustomError("tei_inputs", f"a list of {len(value)} strings is not TEI input (one string is a "
+                                      f"text, two are a pair); {PAIR_HINT}")
+        return [_batch_text(value[0], "[0]")]
+    for index, item in enumerate(value):
+        if not isinstance(item, list) or not item or not all(isinstance(text, str) for text in item):
+            raise PydanticCustomError("tei_inputs", f"[{index}] is not a list of one string; a batch is "
+                                      "[[\"a\"], [\"b\"]]")
+        if len(item) > 1:
+            raise PydanticCustomError("text_pair", f"[{index}] holds {len(item)} strings (a pair in TEI); {PAIR_HINT}")
+        _batch_text(item[0], f"[{index}][0]")
+    return value
+
+
+def _batch_text(text: str, where: str) -> str:
+    try:
+        return unicode_scalars_only(text)
+    except PydanticCustomError as exc:
+        raise PydanticCustomError(exc.type, f"{where} {exc.message()}") from None
+
+
+TeiInputs = Annotated[str | list[str] | list[list[str]], PlainValidator(tei_inputs), WithJsonSchema({
+    "description": "Hugging Face / TEI input: one text (a string, or a list of one string), or a batch of "
+                   "one-text lists. A list of two strings is a text pair in TEI, which this model does not take.",
+    "oneOf": [
+        {**TEXT_SCHEMA, "description": "one text"},
+        {"type": "array", "items": TEXT_SCHEMA, "minItems": 1, "maxItems": 1, "description": "one text"},
+        {"type": "array", "minItems": 1, "description": "a batch; answered in the same order",
+         "items": {"type": "array", "items": TEXT_SCHEMA, "minItems": 1, "maxItems": 1}},
+    ],
+})]
+
+
+def _softmax_only(raw_scores: bool) -> bool:
+    if raw_scores:
+        raise PydanticCustomError("unsupported", "true is not supported: this server computes softmax probabilities "
+                                  "and keeps no logits; omit raw_scores or send false")
+    return raw_scores
+
+
+RawScores = Annotated[StrictBool, AfterValidator(_softmax_only), WithJsonSchema(
+    {"type": "boolean", "enum": [False], "default": False,
+     "description": "only false: the scores are softmax probabilities (the logits are not kept)"})]
+
+
+Truncate = Annotated[StrictBool | None, Field(
+    description="false: refuse (422) a text longer than the model's max_input_length (GET /info) instead of "
+                "truncating it; null: the server's setting (truncate unless STRICT_TRUNCATION=true)")]
+TruncationDirection = Annotated[Literal["right", "left", "Right", "Left"], Field(
+    description="the server keeps a long text's first tokens (right); left is accepted only for texts that need no "
+                "truncation, and refused (422) for one that would")]
+TEI_OPTIONS = ("truncate", "truncation_direction", "raw_scores")  # TEI's options for "inputs"
+
+
 def _predict_request_schema(schema: dict[str, Any]) -> None:
     # What the checks below enforce, said in the schema for generated clients (and schemathesis): exactly one of
-    # the two, each only ever its own type (no "default": null), a non-empty list. Size limits are settings
-    # (MAX_TEXTS_PER_REQUEST, MAX_TEXT_CHARS, MAX_REQUEST_BYTES) answered with 413, so not in the schema.
-    schema["oneOf"] = [{"required": ["text"]}, {"required": ["texts"]}]
-    for name in ("text", "texts"):
+    # the three, each only ever its own type (no "default": null), a non-empty list, TEI's options only with
+    # "inputs". Size limits are settings (MAX_TEXTS_PER_REQUEST, MAX_TEXT_CHARS, MAX_REQUEST_BYTES) answered with
+    # 413, so not in the schema.
+    absent = {name: False for name in ("text", "texts", "inputs", *TEI_OPTIONS)}  # JSON Schema: false = not there
+    allowed = {"text": ["text"], "texts": ["texts"], "inputs": ["inputs", *TEI_OPTIONS]}
+    schema["oneOf"] = [{"required": [name], "properties": {k: v for k, v in absent.items() if k not in fields}}
+                       for name, fields in allowed.items()]
+    for name in ("text", "texts", "inputs"):
         schema["properties"][name].pop("default", None)
     schema["properties"]["texts"]["minItems"] = 1
-    schema["examples"] = [{"text": "a gripping, funny film"}]
+    schema["examples"] = [{"text": "a gripping, funny film"}, {"inputs": "a gripping, funny film"}]
 
 
 class PredictRequest(BaseModel):
-    """Exactly one of ``text`` or ``texts``, each a string that is not blank."""
+    """Exactly one of ``text`` or ``texts``, each a string that is not blank, or TEI's ``inputs`` with its options
+    (answered in TEI's shape by server/protocols/tei.py)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_predict_request_schema)
 
     text: ClassifiedText = Field(None, description="one text")
     texts: list[ClassifiedText] = Field(None, description="several texts; predictions come back in the same order")
+    inputs: TeiInputs = Field(None, description="Text Embeddings Inference's body instead: answered [{label, score}, "
+                                                "...] (every label, best first), a batch [[...], ...]")
+    truncate: Truncate = None
+    truncation_direction: TruncationDirection = "right"
+    raw_scores: RawScores = False
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PredictRequest:
-        if (self.text is None) == (self.texts is None):
-            raise ValueError('send exactly one of "text" (a string) or "texts" (a list of strings)')
+        if sum(given is not None for given in (self.text, self.texts, self.inputs)) != 1:
+            raise ValueError('send exactly one of "text" (a string) or "texts" (a list of strings), or "inputs" '
+                             '(the Hugging Face / TEI body)')
         if self.texts is not None and not self.texts:
             raise ValueError('"texts" must hold at least one string')
+        misplaced = sorted(self.model_fields_set & set(TEI_OPTIONS)) if self.inputs is None else []
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)}: TEI's options are taken only with \"inputs\" (the TEI body), "
+                             'not with "text" or "texts"')
         return self
 
     def items(self) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from server.auth import require_role
 from server.http import error_responses, json_response
@@ -28,6 +29,16 @@ from server.serving import classify
 
 router = APIRouter(tags=["KServe v1"])
 ALIAS = "sentiment"
+
+
+class ModelNameConvertor(StringConvertor):
+    """A model name in a path: no ``/`` and no ``:``, so ``GET /v1/models/{name}`` does not also match
+    ``/v1/models/x:predict`` (a GET there is 405, and its ``Allow`` names only POST)."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("model_name", ModelNameConvertor())
 
 
 class UnknownModel(ServerError):
@@ -87,7 +98,7 @@ async def models(request: Request) -> Response:
     return json_response({"models": served_names(request.app.state.services)})
 
 
-@router.get("/v1/models/{name}", response_model=ModelReady, responses=error_responses(404, 503),
+@router.get("/v1/models/{name:model_name}", response_model=ModelReady, responses=error_responses(404, 503),
             summary="Whether the model is ready (KServe v1); 503 while the server drains")
 async def model_ready(name: str, request: Request) -> Response:
     services = services_for(request, name)
@@ -96,7 +107,7 @@ async def model_ready(name: str, request: Request) -> Response:
     return json_response({"name": name, "ready": True})
 
 
-@router.post("/v1/models/{name}:predict", response_model=KServePredictions, responses=error_responses(404),
+@router.post("/v1/models/{name:model_name}:predict", response_model=KServePredictions, responses=error_responses(404),
              summary="Classify {\"instances\": [text, ...]} (KServe v1)")
 async def predict(name: str, body: ModelInstances, request: Request,
                   api_key_id: str | None = Depends(require_role("predict"))) -> Response:
