@@ -133,7 +133,7 @@ class ObservedASGI:
                 await internal_error(request_id)(scope, receive, observed_send)
         finally:
             route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
+            endpoint = getattr(route, "path_format", "unmatched")  # the path as documented, without convertors
             elapsed = time.perf_counter() - started
             status = response["status"]
             self.metrics.requests.labels(endpoint, str(status)).inc()
