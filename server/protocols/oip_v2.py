@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
@@ -35,6 +35,7 @@ from starlette.requests import ClientDisconnect
 from server.auth import require_role
 from server.http import error_response, error_responses, json_response, location
 from server.protocols.oip_model import (
+    ALIAS,
     INPUT,
     OUTPUTS,
     InputTensor,
@@ -102,6 +103,20 @@ class InferRequest(BaseModel):
     parameters: RequestParameters | None = None
     inputs: list[InferInput] = Field(json_schema_extra={"minItems": 1, "maxItems": 1})
     outputs: list[RequestedOutput] | None = Field(None, description="the outputs to answer; all when absent")
+
+
+class JsonInferInput(InferInput):
+    """The documented input: its texts in ``data`` (the binary form is described in prose, as it is not JSON)."""
+
+    parameters: dict[str, Any] | None = None
+    data: list[Annotated[str, Field(json_schema_extra={"pattern": "\\S"})]] = Field(
+        description="the N texts", json_schema_extra={"minItems": 1})
+
+
+class JsonInferRequest(InferRequest):
+    """An OIP v2 inference request in its JSON form."""
+
+    inputs: list[JsonInferInput] = Field(json_schema_extra={"minItems": 1, "maxItems": 1})
 
 
 class TensorMetadata(BaseModel):
@@ -174,10 +189,10 @@ def inline_schema(model: type[BaseModel]) -> dict:
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 INFER_BODY = {
     "required": True,
-    "description": "JSON, or with the binary-data extension: the JSON header (Inference-Header-Content-Length "
-                   "bytes), then each binary input's bytes in input order (a BYTES element: 4-byte little-endian "
-                   "length, then its bytes). Content-Type is not checked.",
-    "content": {"application/json": {"schema": inline_schema(InferRequest)}, "application/octet-stream": BINARY},
+    "description": "JSON; or, with the binary-data extension, this JSON as a header of "
+                   "Inference-Header-Content-Length bytes, then each binary input's bytes in input order (a BYTES "
+                   "element: 4-byte little-endian length, then its bytes). Content-Type is not checked.",
+    "content": {"application/json": {"schema": inline_schema(JsonInferRequest)}},
 }
 INFER_ANSWERS = {
     **error_responses(400, 404, 413, 415, 422),
@@ -210,19 +225,40 @@ async def ready(request: Request):
     return _draining(ready=False)
 
 
+ModelName = Annotated[str, Path(description=f"the artifact's name, or the alias {ALIAS!r}", examples=[ALIAS])]
+Version = Annotated[str, Path(description="the artifact's version (GET /v2/models/{name} lists it)")]
+PREDICT = Depends(require_role("predict"))
+
+
 @router.get(MODEL, response_model=ModelMetadata, responses=error_responses(404), summary="OIP v2 model metadata")
+async def metadata(request: Request, name: ModelName):
+    return metadata_of(request, name, None)
+
+
 @router.get(VERSIONED, response_model=ModelMetadata, responses=error_responses(404),
             summary="OIP v2 model metadata of one version")
-async def metadata(request: Request, name: str, version: str | None = None):
+async def versioned_metadata(request: Request, name: ModelName, version: Version):
+    return metadata_of(request, name, version)
+
+
+def metadata_of(request: Request, name: str, version: str | None) -> Response:
     services = services_of(request)
     return json_response(model_metadata(services, resolve(services, name, version)))
 
 
 @router.get(MODEL + "/ready", response_model=ModelReady, responses=error_responses(404, 503),
             summary="OIP v2 model readiness")
+async def model_ready(request: Request, name: ModelName):
+    return readiness_of(request, name, None)
+
+
 @router.get(VERSIONED + "/ready", response_model=ModelReady, responses=error_responses(404, 503),
             summary="OIP v2 model readiness of one version")
-async def model_ready(request: Request, name: str, version: str | None = None):
+async def versioned_model_ready(request: Request, name: ModelName, version: Version):
+    return readiness_of(request, name, version)
+
+
+def readiness_of(request: Request, name: str, version: str | None) -> Response:
     services = services_of(request)
     identity = resolve(services, name, version)
     if services.is_ready():
@@ -232,19 +268,34 @@ async def model_ready(request: Request, name: str, version: str | None = None):
 
 @router.get(MODEL + "/config", response_model=dict[str, Any], responses=error_responses(404),
             summary="Triton model configuration")
+async def config(request: Request, name: ModelName):
+    return config_of(request, name, None)
+
+
 @router.get(VERSIONED + "/config", response_model=dict[str, Any], responses=error_responses(404),
             summary="Triton model configuration of one version")
-async def config(request: Request, name: str, version: str | None = None):
+async def versioned_config(request: Request, name: ModelName, version: Version):
+    return config_of(request, name, version)
+
+
+def config_of(request: Request, name: str, version: str | None) -> Response:
     services = services_of(request)
     return json_response(model_config(services, resolve(services, name, version)))
 
 
 @router.post(MODEL + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
              openapi_extra={"requestBody": INFER_BODY}, summary="OIP v2 inference (JSON or binary tensors)")
+async def infer(request: Request, name: ModelName, api_key_id: str | None = PREDICT):
+    return await infer_on(request, name, None, api_key_id)
+
+
 @router.post(VERSIONED + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
              openapi_extra={"requestBody": INFER_BODY}, summary="OIP v2 inference on one version")
-async def infer(request: Request, name: str, version: str | None = None,
-                api_key_id: str | None = Depends(require_role("predict"))):
+async def versioned_infer(request: Request, name: ModelName, version: Version, api_key_id: str | None = PREDICT):
+    return await infer_on(request, name, version, api_key_id)
+
+
+async def infer_on(request: Request, name: str, version: str | None, api_key_id: str | None) -> Response:
     services = services_of(request)
     resolve(services, name, version)
     try:
