@@ -65,7 +65,7 @@ class TeiInfo(BaseModel):
     """TEI's ``/info``; the last four fields are this server's own."""
 
     model_id: str = Field(..., description="the artifact's name")
-    model_sha: str | None = Field(..., description="sha256 of the ONNX file being served")
+    model_sha: str = Field(..., description="sha256 of the ONNX file being served")
     model_dtype: str
     served_model_name: str
     model_type: TeiModelType
@@ -144,7 +144,7 @@ async def info(request: Request) -> Response:
     served_file = manifest["variants"][identity.variant]["file"]
     return json_response({
         "model_id": identity.name,
-        "model_sha": manifest["files"].get(served_file, {}).get("sha256"),
+        "model_sha": manifest["files"][served_file]["sha256"],
         "model_dtype": DTYPES.get(identity.variant, identity.variant),
         "served_model_name": identity.name,
         "model_type": {"classifier": {"id2label": {str(i): label for i, label in enumerate(labels)},
