@@ -168,6 +168,8 @@ async def info(request: Request) -> Response:
 
 async def answer(request: Request, api_key_id: str | None, inputs: str | list, truncate: bool | None,
                  direction: str, top_k: int | None, *, nest_single: bool) -> Response:
+    """Classify TEI's ``inputs`` and answer every text's ranked labels; one text is answered flat (TEI's
+    ``/predict``) or, with ``nest_single``, as a list of one (the Inference API's ``POST /``)."""
     started = time.perf_counter()
     services: Services = request.app.state.services
     batched = isinstance(inputs, list) and isinstance(inputs[0], list)
