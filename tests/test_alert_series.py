@@ -37,6 +37,7 @@ PROMETHEUS = ROOT / "docker" / "prometheus"
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus to every scraped series
 REQUEST_LABELS = {"endpoint", "status"}  # a child per endpoint and status code, created by the first request
 GPU_LABEL = "gpu"  # NVML gauges: a child per GPU, none without one
+MODEL_LABELS = {"model", "version"}  # the serving model's identity: any value, but the label must be there
 SYNTHETIC = {"up"}
 SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
@@ -55,7 +56,7 @@ class Scrape:
         for family in text_string_to_metric_families(text):
             self.families.add(family.name)
             for sample in family.samples:
-                self.children[sample.name].add(frozenset(sample.labels.items()))
+                self.children[sample.name].add(any_model(sample.labels))
 
     def family_of(self, sample_name: str) -> str | None:
         if sample_name in self.families:
@@ -78,6 +79,11 @@ def scrape(tiny_artifact, tmp_path_factory) -> Scrape:
         return Scrape(httpx.get(server.url + "/metrics", timeout=30).text)
     finally:
         stop_server(server)
+
+
+def any_model(labels: dict[str, str]) -> Labels:
+    """The labels with the model's name and version made wildcards (a case names a model of its own)."""
+    return frozenset((k, "*" if k in MODEL_LABELS else v) for k, v in labels.items())
 
 
 def declared_label_names() -> dict[str, tuple[str, ...]]:
@@ -141,9 +147,9 @@ def test_every_input_series_is_a_child_the_server_exports(scrape) -> None:
         elif GPU_LABEL in own:
             if set(own) != set(label_names.get(family, ())):
                 problems.append(f"{where}: labels {sorted(own)}, the family has {label_names.get(family)}")
-        elif frozenset(own.items()) not in scrape.children.get(name, set()):
+        elif any_model(own) not in scrape.children.get(name, set()):
             per_request = set(own) & REQUEST_LABELS
-            others = frozenset((k, v) for k, v in own.items() if k not in REQUEST_LABELS)
+            others = any_model({k: v for k, v in own.items() if k not in REQUEST_LABELS})
             siblings = {frozenset((k, v) for k, v in child if k not in REQUEST_LABELS)
                         for child in scrape.children.get(name, ())}
             if not per_request or others not in siblings:

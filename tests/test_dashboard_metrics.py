@@ -28,7 +28,9 @@ DASHBOARD = GRAFANA / "dashboards" / "sentiment-analyzer.json"
 RUNBOOK = ROOT / "docs" / "RUNBOOK.md"
 # series Prometheus makes itself rather than scraping them
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
-METRIC_NAME = re.compile(r"(?<![\w:.\-/])((?:sentiment|process|python)_[a-z0-9_]+)(?![\w:])")
+# Not followed by ".word": sentiment_analyzer.log is a file name, not a metric.
+METRIC_NAME = re.compile(r"(?<![\w:.\-/])((?:sentiment|process|python)_[a-z0-9_]+)(?![\w:]|\.\w)")
+NOT_METRICS = {"sentiment_user"}  # the operators' runbook's PostgreSQL user, quoted in docs/RUNBOOK.md
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h", "$instance": ".*"}
 
 
@@ -108,7 +110,7 @@ def test_dashboard_metrics_are_exported(exported) -> None:
 
 
 def test_runbook_metrics_are_exported(exported) -> None:
-    used = names_in([RUNBOOK.read_text()])
+    used = names_in([RUNBOOK.read_text()]) - NOT_METRICS
     assert used
     missing = used - exported["samples"] - exported["histograms"]
     assert not missing, f"docs/RUNBOOK.md names metrics the server does not export: {sorted(missing)}"
