@@ -83,20 +83,21 @@ async def get_prediction(prediction_id: StorableText, request: Request, _: str |
 
 
 @router.post("/feedback", status_code=201, summary="Record the correct label of a prediction",
-             responses=error_responses(404))
+             responses=error_responses(404, 422))
 async def post_feedback(body: FeedbackIn, request: Request, _: str | None = PREDICT):
     labels = request.app.state.services.runtime.labels()
-    if body.label not in labels:
-        raise InvalidLabel(f"label {body.label!r} is not one of the serving model's labels: {', '.join(labels)}")
     try:
-        saved = await run_db(feedback.add_feedback, _engine(request), body.prediction_id, body.label)
+        saved = await run_db(feedback.add_feedback, _engine(request), body.prediction_id, body.label, labels)
     except feedback.UnknownPrediction:
         raise NotFound(f"no prediction {body.prediction_id!r}; if it was just made, retry in a few seconds") from None
+    except feedback.UnknownLabel:
+        raise InvalidLabel(f"label {body.label!r} is not one of the serving model's labels: {', '.join(labels)}"
+                           ) from None
     return saved
 
 
-@router.get("/feedback/export", summary="Corrected predictions as a training TSV: text<TAB>label, 1 = POSITIVE "
-                                        "(admin)", response_class=TsvResponse)
+@router.get("/feedback/export", summary="Corrected predictions as a training TSV: text<TAB>label, the "
+                                        "label by name (admin)", response_class=TsvResponse)
 async def export_feedback(request: Request, _: str | None = ADMIN):
     buffer = io.StringIO()
     written, skipped = await run_db(feedback.export_feedback, _engine(request), buffer)

@@ -200,6 +200,8 @@ class PredictionOut(BaseModel):
     score: float
     probabilities: dict[str, float]
     cached: bool
+    truncated: bool = Field(False, description="the text was longer than the model's max_sequence_length and only "
+                                               "its beginning was classified")
 
 
 class ModelOut(BaseModel):

@@ -20,7 +20,7 @@ from server.config import ConfigError
 from server.metrics import Metrics
 from server.store import PredictionStore, migrate
 from server.store.db import database_url, make_engine
-from server.store.feedback import UnknownPrediction, add_feedback, export_feedback
+from server.store.feedback import UnknownLabel, UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
 from server.store.rows import record_row
 from server.store.tables import PREDICTIONS, Base
@@ -189,13 +189,16 @@ async def test_feedback_exports_a_tsv_the_trainer_reads(store_db, store_settings
     await hidden_store.close()
 
     engine = make_engine(store_settings())
-    add_feedback(engine, liked.id, "NEGATIVE")
-    add_feedback(engine, liked.id, "POSITIVE")  # a later correction replaces the earlier one
-    add_feedback(engine, disliked.id, "NEGATIVE")
-    add_feedback(engine, tabbed.id, "POSITIVE")
-    add_feedback(engine, hidden.id, "POSITIVE")
-    with pytest.raises(UnknownPrediction):
-        add_feedback(engine, "no-such-id", "POSITIVE")
+    labels = ["NEGATIVE", "POSITIVE"]
+    add_feedback(engine, liked.id, "NEGATIVE", labels)
+    add_feedback(engine, liked.id, "POSITIVE", labels)  # a later correction replaces the earlier one
+    add_feedback(engine, disliked.id, "NEGATIVE", labels)
+    add_feedback(engine, tabbed.id, "POSITIVE", labels)
+    add_feedback(engine, hidden.id, "POSITIVE", labels)
+    with pytest.raises(UnknownPrediction):  # an unknown id is reported first, whatever the label
+        add_feedback(engine, "no-such-id", "neutral", labels)
+    with pytest.raises(UnknownLabel):
+        add_feedback(engine, disliked.id, "neutral", labels)
     assert get_prediction(engine, liked.id)["feedback_label"] == "POSITIVE"
 
     out = tmp_path / "feedback.tsv"

@@ -33,8 +33,16 @@ class UnknownPrediction(LookupError):
     """Feedback names a prediction the database does not hold (yet)."""
 
 
-def add_feedback(engine: Engine, prediction_id: str, label: str) -> dict[str, Any]:
-    """Record (or replace) the correct label of a prediction (the caller checks it is one of the model's)."""
+class UnknownLabel(ValueError):
+    """Feedback gives a label the serving model does not have."""
+
+
+def add_feedback(engine: Engine, prediction_id: str, label: str, labels: list[str]) -> dict[str, Any]:
+    """Record (or replace) the correct label of a prediction; ``labels`` are the serving model's.
+
+    An unknown prediction is reported before a wrong label: whether the id exists is what a client
+    retries on (a record is written shortly after its answer), a wrong label never fixes itself.
+    """
     values = {"prediction_id": prediction_id, "label": label, "created_at": datetime.now(timezone.utc)}
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(FEEDBACK).values(values)
@@ -45,6 +53,8 @@ def add_feedback(engine: Engine, prediction_id: str, label: str) -> dict[str, An
         exists = connection.execute(select(PREDICTIONS.c.id).where(PREDICTIONS.c.id == prediction_id)).first()
         if exists is None:
             raise UnknownPrediction(prediction_id)
+        if label not in labels:
+            raise UnknownLabel(label)
         connection.execute(upsert)
     return {**values, "created_at": values["created_at"].isoformat()}
 
