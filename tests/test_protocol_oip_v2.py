@@ -174,6 +174,8 @@ def one_text(**extra) -> dict:
     (one_text(parameters={"binary_data_size": 7}), b"\x05\x00\x00\x00abc", "declares 5 bytes but 3 remain"),
     (one_text(parameters={"binary_data_size": 9}), b"\x01\x00\x00\x00a", "claims 9 bytes"),
     (one_text(parameters={"binary_data_size": 5}), b"\x01\x00\x00\x00\xff", "is not UTF-8"),
+    (one_text(parameters={"binary_data_size": 10}), b"\x01\x00\x00\x00a\x01\x00\x00\x00b",
+     "more than the 1 elements its shape says"),
     (one_text(data=["a"]), b"junk", "4 bytes after the inference header belong to no input"),
     (one_text(data=["a"], parameters={"binary_data_size": 5}), b"\x01\x00\x00\x00a", "both 'data' and"),
 ])
@@ -191,6 +193,17 @@ def test_a_header_length_that_is_not_within_the_body_is_400(server, declared):
     response = httpx.post(server.url + "/v2/models/sentiment/infer", content=b"{}",
                           headers={"Inference-Header-Content-Length": declared}, timeout=30)
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.json()["error"]
+
+
+def test_too_many_texts_or_too_large_a_body_is_413(server):
+    too_many = {"name": "text", "datatype": "BYTES", "shape": [257], "parameters": {"binary_data_size": 0}}
+    encoded = json.dumps({"inputs": [too_many]}).encode()
+    response = httpx.post(server.url + "/v2/models/sentiment/infer", content=encoded,
+                          headers={"Inference-Header-Content-Length": str(len(encoded))}, timeout=30)
+    assert response.status_code == 413 and "MAX_TEXTS_PER_REQUEST" in response.json()["error"]
+    huge = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["x" * 1_100_000]}]})
+    response = httpx.post(server.url + "/v2/models/sentiment/infer", content=huge, timeout=30)
+    assert response.status_code == 413 and "MAX_REQUEST_BYTES" in response.json()["error"]
 
 
 def test_infer_is_counted_under_its_route_and_recorded_once_per_text(tiny_artifact, tmp_path):

@@ -56,7 +56,6 @@ from server.protocols.oip_model import (
     InputTensor,
     InvalidInferRequest,
     ModelNotFound,
-    decode_bytes_elements,
     model_config,
     model_metadata,
     output_tensor,
@@ -192,7 +191,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         services = self.services
         api_key_id = await authorize(services, "predict", call.metadata, Caller("gRPC", call.endpoint, call.peer))
         resolve(services, request.model_name, request.model_version)
-        texts = texts_of(input_tensors(request))
+        texts = texts_of(input_tensors(request), services.settings.max_texts_per_request)
         outputs = wanted_outputs(request)
         classified = await classify(services, texts, call.request_id, api_key_id)
         response = pb.ModelInferResponse(model_name=classified.identity.name,
@@ -212,18 +211,14 @@ def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
                                   "input, in input order")
     tensors = []
     for index, tensor in enumerate(request.inputs):
-        where = f"input {tensor.name[:100]!r}"
         if "shared_memory_region" in tensor.parameters:
             raise InvalidInferRequest("shared-memory tensors are not supported: send the data in the request")
         if raw and tensor.contents.bytes_contents:
-            raise InvalidInferRequest(f"{where} has both contents and raw_input_contents: send one")
-        if tensor.datatype != "BYTES":
-            elements: list[bytes] = []  # texts_of refuses the datatype, whatever the data
-        elif raw:
-            elements = decode_bytes_elements(raw[index], where)
-        else:
-            elements = list(tensor.contents.bytes_contents)
-        tensors.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), elements))
+            raise InvalidInferRequest(f"input {tensor.name[:100]!r} has both contents and raw_input_contents: "
+                                      "send one")
+        tensors.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), raw=raw[index]) if raw else
+                       InputTensor(tensor.name, tensor.datatype, list(tensor.shape),
+                                   elements=list(tensor.contents.bytes_contents)))
     return tensors
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import __version__
+from server.http import PayloadTooLarge
 from server.primitives import ModelIdentity, Prediction, ServerError
 from server.services import Services
 
@@ -46,12 +47,14 @@ class ModelNotFound(ServerError):
 
 @dataclass
 class InputTensor:
-    """An input as a transport parsed it: ``elements`` are its BYTES, from JSON (str) or raw bytes."""
+    """An input as a transport parsed it: its elements as a list (JSON strings, gRPC ``bytes_contents``), or
+    ``raw`` in the binary form, decoded only once the name, datatype and shape are known to be right."""
 
     name: str
     datatype: str
     shape: list[int]
-    elements: list[str] | list[bytes]
+    elements: list[str] | list[bytes] | None = None
+    raw: bytes | memoryview | None = None
 
 
 @dataclass
@@ -108,8 +111,12 @@ def model_config(services: Services, identity: ModelIdentity) -> dict:
     }
 
 
-def texts_of(inputs: list[InputTensor]) -> list[str]:
-    """The texts of the one ``text`` input, checked against its datatype and shape."""
+def texts_of(inputs: list[InputTensor], max_texts: int) -> list[str]:
+    """The texts of the one ``text`` input, checked against its datatype and shape.
+
+    A shape over ``max_texts`` (MAX_TEXTS_PER_REQUEST) is refused before any element is decoded, and the binary
+    form is decoded no further than the shape's count: a body of many tiny elements cannot keep the loop busy.
+    """
     if not inputs:
         raise InvalidInferRequest(f"the request has no inputs; {SHAPE_HINT}")
     for tensor in inputs:
@@ -122,11 +129,15 @@ def texts_of(inputs: list[InputTensor]) -> list[str]:
         raise InvalidInferRequest(f"input {INPUT!r} has datatype {tensor.datatype[:20]!r}; {SHAPE_HINT}")
     if len(tensor.shape) != 1 or tensor.shape[0] < 1:
         raise InvalidInferRequest(f"input {INPUT!r} has shape {tensor.shape[:8]}; {SHAPE_HINT}, N >= 1")
-    if tensor.shape[0] != len(tensor.elements):
-        raise InvalidInferRequest(f"input {INPUT!r} has shape [{tensor.shape[0]}] but {len(tensor.elements)} "
-                                  "elements; the shape must count the texts sent")
-    return [element if isinstance(element, str) else utf8(element, index)
-            for index, element in enumerate(tensor.elements)]
+    if tensor.shape[0] > max_texts:
+        raise PayloadTooLarge(f"{tensor.shape[0]} texts in one request; at most {max_texts} "
+                              "(MAX_TEXTS_PER_REQUEST): split the request")
+    elements = (tensor.elements or []) if tensor.raw is None else \
+        decode_bytes_elements(tensor.raw, f"input {INPUT!r}", at_most=tensor.shape[0])
+    if tensor.shape[0] != len(elements):
+        raise InvalidInferRequest(f"input {INPUT!r} has shape [{tensor.shape[0]}] but {len(elements)} elements; the "
+                                  "shape must count the texts sent")
+    return [element if isinstance(element, str) else utf8(element, index) for index, element in enumerate(elements)]
 
 
 def utf8(element: bytes, index: int) -> str:
@@ -163,12 +174,16 @@ def output_tensor(name: str, predictions: list[Prediction]) -> OutputTensor:
                         [p.probabilities[label] for p in predictions for label in labels])
 
 
-def decode_bytes_elements(raw: bytes | memoryview, where: str) -> list[bytes]:
-    """A BYTES tensor's elements from the binary form (each a 4-byte little-endian length, then its bytes)."""
+def decode_bytes_elements(raw: bytes | memoryview, where: str, at_most: int) -> list[bytes]:
+    """A BYTES tensor's elements from the binary form (each a 4-byte little-endian length, then its bytes); more
+    than ``at_most`` is refused as soon as it shows."""
     view = memoryview(raw)
     elements: list[bytes] = []
     offset = 0
     while offset < len(view):
+        if len(elements) == at_most:
+            raise InvalidInferRequest(f"{where} has more than the {at_most} elements its shape says; the shape must "
+                                      "count the texts sent")
         if offset + LENGTH.size > len(view):
             raise InvalidInferRequest(f"{where}: element {len(elements)} is cut off in its 4-byte length prefix; "
                                       "each BYTES element is a 4-byte little-endian length, then that many bytes")

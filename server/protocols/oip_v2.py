@@ -40,7 +40,6 @@ from server.protocols.oip_model import (
     OUTPUTS,
     InputTensor,
     InvalidInferRequest,
-    decode_bytes_elements,
     model_config,
     model_metadata,
     output_tensor,
@@ -303,7 +302,8 @@ async def infer_on(request: Request, name: str, version: str | None, api_key_id:
     except ClientDisconnect:
         raise InvalidInferRequest("the client closed the connection before the body ended") from None
     parsed, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
-    texts = texts_of([_input_tensor(tensor, binary) for tensor in parsed.inputs])
+    inputs = [_input_tensor(tensor, binary) for tensor in parsed.inputs]
+    texts = texts_of(inputs, services.settings.max_texts_per_request)
     binary.check_consumed()
     outputs = planned_outputs(parsed)
     classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id)
@@ -363,18 +363,14 @@ def _input_tensor(tensor: InferInput, binary: BinarySection) -> InputTensor:
     if "shared_memory_region" in (parameters or {}):
         raise InvalidInferRequest("shared-memory tensors are not supported: send the data in the request")
     size = tensor.parameters.binary_data_size if tensor.parameters else None
-    if size is not None:
-        if tensor.data is not None:
-            raise InvalidInferRequest(f"input {tensor.name[:100]!r} has both 'data' and binary_data_size: send one")
-        chunk = binary.take(size, tensor.name)
-        elements: list[str] | list[bytes] = decode_bytes_elements(chunk, f"input {tensor.name[:100]!r}") \
-            if tensor.datatype == "BYTES" else []  # texts_of refuses any other datatype, whatever the data
-    elif tensor.data is None:
-        raise InvalidInferRequest(f"input {tensor.name[:100]!r} has no 'data' and no "
-                                  "parameters.binary_data_size")
-    else:
-        elements = tensor.data
-    return InputTensor(tensor.name, tensor.datatype, tensor.shape, elements)
+    if size is None:
+        if tensor.data is None:
+            raise InvalidInferRequest(f"input {tensor.name[:100]!r} has no 'data' and no "
+                                      "parameters.binary_data_size")
+        return InputTensor(tensor.name, tensor.datatype, tensor.shape, elements=tensor.data)
+    if tensor.data is not None:
+        raise InvalidInferRequest(f"input {tensor.name[:100]!r} has both 'data' and binary_data_size: send one")
+    return InputTensor(tensor.name, tensor.datatype, tensor.shape, raw=binary.take(size, tensor.name))
 
 
 # -- the answer ----------------------------------------------------------------------------------------------------
