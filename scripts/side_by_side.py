@@ -10,6 +10,9 @@ torch pinned to the local CPU wheel), started, warmed up, measured and stopped; 
 round-robin across the servers. Prints one line per phase and the two targets:
   our saturation throughput >= 1.5x the best peer's, and
   our p99 at half our saturation rate <= the best peer's p50 at that rate;
+then Triton's own load tool, perf_analyzer, on the servers that speak Open Inference Protocol v2 (ours and
+Triton) over HTTP and gRPC at the same concurrency levels (``--perf-analyzer``; installed into
+<peers-root>/perf_analyzer, see ``scripts/benchlib/peers/perf_analyzer.py``);
 writes side_by_side.{json,md,png} into --out. The logic lives in ``scripts/benchlib/peers``.
 """
 
@@ -24,6 +27,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.benchlib.argtypes import names, positive_floats, positive_ints  # noqa: E402
+from scripts.benchlib.peers.perf_analyzer import PROTOCOLS  # noqa: E402
 from scripts.benchlib.peers.run import RunConfig, run_side_by_side  # noqa: E402
 from scripts.benchlib.peers.servers import SERVERS  # noqa: E402
 
@@ -42,6 +46,15 @@ def _value(text: str):
         except ValueError:
             continue
     return text
+
+
+def perf_analyzer_protocols(text: str) -> list[str]:
+    """``http,grpc`` -> ["http", "grpc"]; ``none`` -> []."""
+    chosen = [] if text.strip().lower() == "none" else names(text)
+    unknown = [p for p in chosen if p not in PROTOCOLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown protocol(s) {', '.join(unknown)}: use http, grpc or none")
+    return chosen
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -82,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="SERVER.KEY=VALUE", help="override a server setting, e.g. torchserve.workers=2")
     parser.add_argument("--max-length", type=int, help="truncation length (default: the artifact's)")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-request timeout, seconds")
+    parser.add_argument("--perf-analyzer", type=perf_analyzer_protocols, default=list(PROTOCOLS),
+                        help="protocols perf_analyzer measures the OIP v2 servers over: http,grpc (default), one of "
+                        "them, or none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny random model built here, concurrency 1,8, 2 s per phase: does everything work?")
@@ -121,6 +137,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         concurrency=args.concurrency, duration=args.duration, warmup=args.warmup, server_warmup=args.server_warmup,
         open_fractions=args.open_fractions, peers_root=args.peers_root, python=args.python, reinstall=args.reinstall,
         install=args.install, overrides=overrides, max_length=args.max_length, timeout=args.timeout, seed=args.seed,
+        perf_analyzer=args.perf_analyzer,
     )
 
 

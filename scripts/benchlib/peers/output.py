@@ -86,11 +86,41 @@ def markdown(report: dict) -> str:
     if failed:
         lines += ["", "## Not measured", ""]
         lines += [f"- {n}: {s.get('status')}: {s.get('error', '')}" for n, s in failed.items()]
+    lines += perf_analyzer_lines(report.get("perf_analyzer") or {})
     gen = report.get("generator")
     if gen and gen.get("throughput_rps"):
         lines += ["", f"Generator ceiling: {gen['throughput_rps']:.0f} req/s on GET {gen['path']} "
                   f"({gen['client_cpu_ms_per_request']:.2f} ms client CPU per request); the generator shares the CPUs."]
     return "\n".join(lines) + "\n"
+
+
+def perf_analyzer_lines(section: dict) -> list[str]:
+    """Triton's perf_analyzer on the OIP v2 servers: infer/s · p50/p99 ms per server and protocol, by concurrency."""
+    if section.get("error"):
+        return ["", "## perf_analyzer", "", f"Not run: {section['error']}"]
+    results = section.get("results") or []
+    if not results:
+        return []
+    levels = sorted({r["concurrency"] for r in results})
+    rows = list(dict.fromkeys((r["server"], r["protocol"]) for r in results))
+    lines = ["", f"## perf_analyzer ({section.get('tool')}): infer/s · p50/p99 ms, one text per request, by "
+             "concurrency", "", "| server | protocol | " + " | ".join(f"concurrency {lv}" for lv in levels) + " |",
+             "|---|---|" + "---|" * len(levels)]
+    for server, protocol in rows:
+        cells = []
+        for level in levels:
+            found = next((r for r in results if (r["server"], r["protocol"], r["concurrency"]) == (server, protocol,
+                                                                                                  level)), None)
+            if found is None:
+                cells.append("-")
+            elif found["error"]:
+                cells.append("failed")
+            else:
+                cells.append(f"{found['throughput_rps']:.1f} · {found['p50_ms']:.1f}/{found['p99_ms']:.1f}")
+        lines.append(f"| {server} | {protocol} | " + " | ".join(cells) + " |")
+    failures = [r for r in results if r["error"]]
+    lines += [f"- {r['server']} {r['protocol']} c={r['concurrency']} failed: {r['error']}" for r in failures]
+    return lines
 
 
 def _series(phases: list[dict], server: str, mode: str) -> list[dict]:

@@ -12,7 +12,9 @@ Order of a run:
      drift of the machine over the run hits all alike; after each phase the run waits until the server
      is idle again (its backlog must not eat into the next server's phase);
   6. open loop (Poisson) at fractions of our saturation throughput (0.5 always), every server in turn;
-  7. stop everything; compare; write JSON, markdown and PNG.
+  7. Triton's perf_analyzer at each concurrency on the servers that speak OIP v2 (ours, Triton), over HTTP
+     and gRPC (``perf_analyzer`` module);
+  8. stop everything; compare; write JSON, markdown and PNG.
 All servers stay up during the whole sweep (each one's idle CPU is in the report).
 """
 
@@ -30,8 +32,10 @@ from pathlib import Path
 
 import psutil
 
+from models.data import load_labeled
 from scripts.benchlib.envinfo import environment, header
 from scripts.benchlib.loadrun import LoadTestConfig, run_loadtest
+from scripts.benchlib.peers import perf_analyzer
 from scripts.benchlib.peers.compare import HALF, compare, saturation, verdict_lines
 from scripts.benchlib.peers.output import settings_cell, write_outputs
 from scripts.benchlib.peers.servers import (
@@ -76,6 +80,7 @@ class RunConfig:
     seed: int = 0
     settle_cpu_percent: float = 15.0
     settle_timeout: float = 120.0
+    perf_analyzer: list[str] = field(default_factory=lambda: list(perf_analyzer.PROTOCOLS))  # [] = not run
 
 
 def artifact_max_length(artifact: Path) -> int:
@@ -168,6 +173,7 @@ class SideBySide:
         self.running: dict[str, Running] = {}
         self.servers: dict[str, dict] = {}
         self.phases: list[dict] = []
+        self.perf_analyzer: dict = {}
 
     # -- setup -------------------------------------------------------------------------------------------
     def settings_of(self, name: str) -> dict:
@@ -301,6 +307,7 @@ class SideBySide:
             generator = self.generator_ceiling()
             self.round_robin("closed", [float(c) for c in cfg.concurrency])
             self.round_robin("open", self.open_rates())
+            self.perf_analyzer_phases()
         except BaseException as exc:  # noqa: BLE001 - SIGTERM/Ctrl-C too: stop the servers, write what we have
             interrupted = exc
             self.log(f"interrupted: {type(exc).__name__}: {exc}")
@@ -318,6 +325,7 @@ class SideBySide:
             "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                        "max_length": max_length},
             "servers": self.servers, "generator": generator, "phases": self.phases, "comparison": comparison,
+            "perf_analyzer": self.perf_analyzer,
             "interrupted": None if interrupted is None else f"{type(interrupted).__name__}: {interrupted}",
         }
         disturbed = [p for p in self.phases if p.get("disturbed")]
@@ -340,6 +348,32 @@ class SideBySide:
         if not anchor:
             return []
         return sorted({round(f * anchor["rps"], 3) for f in {*self.config.open_fractions, HALF}})
+
+    def perf_analyzer_phases(self) -> None:
+        """perf_analyzer over each protocol asked for, on every running server that speaks OIP v2."""
+        cfg = self.config
+        targets = [perf_analyzer.Target(name, protocol, running.url.removeprefix("http://") if protocol == "http"
+                                        else running.grpc_url, SERVERS[name].oip_model)
+                   for name, running in self.running.items() if SERVERS[name].oip_model
+                   for protocol in cfg.perf_analyzer]
+        if not targets:
+            return
+        try:
+            tool = perf_analyzer.install(cfg.peers_root / "perf_analyzer", cfg.python, cfg.reinstall, self.log,
+                                         cfg.install)
+        except InstallError as exc:
+            self.perf_analyzer = {"error": str(exc)}
+            self.log(f"perf_analyzer: install failed: {exc}")
+            return
+        workdir = (cfg.out / "perf_analyzer").resolve()
+        input_data = perf_analyzer.write_input_data(load_labeled(cfg.data).texts, workdir / "input_data.json")
+        self.perf_analyzer = {"tool": tool.version, "duration_s": cfg.duration, "results": []}
+        for result in perf_analyzer.sweep(
+                tool, targets, cfg.concurrency, cfg.duration, input_data, workdir,
+                cpu_seconds=lambda name: self.running[name].cpu_seconds(),
+                between=lambda name: settle(self.running[name], cfg.settle_cpu_percent, cfg.settle_timeout),
+                log=self.log):
+            self.perf_analyzer["results"].append(result)
 
     def server_warmup(self, name: str) -> None:
         """A short closed loop at the highest concurrency (every batch size gets exercised), not recorded."""

@@ -7,6 +7,9 @@ PyTriton starts the bundled ``tritonserver`` with its Python backend; Triton's d
 batches of up to ``--max-batch-size`` requests, waiting at most ``--max-wait-ms``, and hands them to
 ``infer`` in this process (``--instances`` copies of it). Input: BYTES ``text`` [n, 1]; outputs: BYTES
 ``label`` and FP32 ``score`` [n, 1]. Standalone on purpose: the project is not installed in that venv.
+
+PyTriton puts some of Triton's APIs behind a token it makes up; statistics are left open here, as a plain
+``tritonserver`` has them, because perf_analyzer reads them from every server that lists the extension.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def main() -> None:
     import torch
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import DEFAULT_PROTECTED_ENDPOINTS, Triton, TritonConfig, TritonSecurityConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     torch.set_num_threads(args.threads)
@@ -59,7 +62,8 @@ def main() -> None:
 
     config = TritonConfig(http_address="127.0.0.1", http_port=args.port, grpc_address="127.0.0.1",
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, allow_metrics=False)
-    with Triton(config=config, workspace=args.workspace) as triton:
+    security = TritonSecurityConfig(restricted_endpoints=[e for e in DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"])
+    with Triton(config=config, workspace=args.workspace, security_config=security) as triton:
         triton.bind(
             model_name=args.name,
             infer_func=[infer] * args.instances,

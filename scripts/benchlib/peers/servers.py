@@ -91,6 +91,7 @@ class ServerSpec:
     spare_ports: int = 0
     ready_timeout: float = 300.0
     info_path: str | None = None  # GET it once started: what the server says about itself (version, model)
+    oip_model: str | None = None  # speaks Open Inference Protocol v2 as this model: HTTP on port, gRPC on spare 0
 
 
 def _base_env(ctx: Context, venv_bin: Path | None) -> dict[str, str]:
@@ -115,7 +116,7 @@ def _ours(ctx: Context) -> Launch:
         "ENABLE_MODEL_CACHING": "true" if s["cache"] else "false",
         "STORE_PREDICTIONS": "true" if s["store"] else "false",
         "DATABASE_URL": f"sqlite:///{ctx.workdir}/predictions.db", "SPOOL_DIR": str(ctx.workdir / "spool"),
-        "LOG_FORMAT": "text", "LOG_LEVEL": str(s["log_level"]),
+        "LOG_FORMAT": "text", "LOG_LEVEL": str(s["log_level"]), "GRPC_PORT": str(ctx.spare_ports[0]),
     })
     return Launch([sys.executable, "-m", "server.cli", "serve"], env, ROOT)
 
@@ -239,12 +240,12 @@ SERVERS: dict[str, ServerSpec] = {spec.name: spec for spec in (
         ["sentiment-analyzer-pro", "onnxruntime", "tokenizers", "fastapi", "uvicorn"],
         {"max_batch_size": 32, "max_wait_ms": 2.0, "workers": 1, "engine_workers": 0, "threads": 0, "variant": "auto",
          "cache": False, "store": False, "log_level": "INFO"},
-        OursAdapter, _ours, info_path="/health"),
+        OursAdapter, _ours, spare_ports=1, info_path="/health", oip_model="sentiment"),
     ServerSpec(
         "triton", "NVIDIA Triton via PyTriton (PyTorch)", [TORCH_PIN, TRANSFORMERS_PIN, "nvidia-pytriton==0.7.0"],
         ["nvidia-pytriton", "tritonclient", "torch", "transformers"],
         {"max_batch_size": 32, "max_wait_ms": 2.0, "instances": 2, "threads": 1, "int8": True},
-        TritonAdapter, _triton, spare_ports=2, info_path="/v2"),
+        TritonAdapter, _triton, spare_ports=2, info_path="/v2", oip_model="sentiment"),
     ServerSpec(
         "infinity", "Infinity (PyTorch engine)",
         [TORCH_PIN, TRANSFORMERS_PIN, "infinity-emb[server,torch]==0.0.78"],
@@ -276,6 +277,7 @@ class Running:
     adapter: Adapter
     log_path: Path
     cleanup: list[Path] = field(default_factory=list)
+    grpc_url: str | None = None  # host:port of its OIP v2 gRPC endpoint, if it has one
     procs: dict[int, psutil.Process] = field(default_factory=dict)  # every process seen in the tree
 
     def log_tail(self, lines: int = 30) -> str:
@@ -317,7 +319,8 @@ def start(spec: ServerSpec, ctx: Context, log=print) -> Running:
         out.flush()
         process = subprocess.Popen(launch.argv, env=launch.env, cwd=launch.cwd, stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    running = Running(spec.name, f"http://127.0.0.1:{ctx.port}", process, spec.adapter(), log_path, launch.cleanup)
+    running = Running(spec.name, f"http://127.0.0.1:{ctx.port}", process, spec.adapter(), log_path, launch.cleanup,
+                      grpc_url=f"127.0.0.1:{ctx.spare_ports[0]}" if spec.oip_model else None)
     try:
         wait_ready(running, spec.ready_timeout)
     except BaseException:
