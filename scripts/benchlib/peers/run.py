@@ -173,7 +173,7 @@ class SideBySide:
         self.running: dict[str, Running] = {}
         self.servers: dict[str, dict] = {}
         self.phases: list[dict] = []
-        self.perf_analyzer: dict = {}
+        self.perf_report: dict = {}
 
     # -- setup -------------------------------------------------------------------------------------------
     def settings_of(self, name: str) -> dict:
@@ -325,7 +325,7 @@ class SideBySide:
             "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()},
                        "max_length": max_length},
             "servers": self.servers, "generator": generator, "phases": self.phases, "comparison": comparison,
-            "perf_analyzer": self.perf_analyzer,
+            "perf_analyzer": self.perf_report,
             "interrupted": None if interrupted is None else f"{type(interrupted).__name__}: {interrupted}",
         }
         disturbed = [p for p in self.phases if p.get("disturbed")]
@@ -362,18 +362,18 @@ class SideBySide:
             tool = perf_analyzer.install(cfg.peers_root / "perf_analyzer", cfg.python, cfg.reinstall, self.log,
                                          cfg.install)
         except InstallError as exc:
-            self.perf_analyzer = {"error": str(exc)}
+            self.perf_report = {"error": str(exc)}
             self.log(f"perf_analyzer: install failed: {exc}")
             return
         workdir = (cfg.out / "perf_analyzer").resolve()
         input_data = perf_analyzer.write_input_data(load_labeled(cfg.data).texts, workdir / "input_data.json")
-        self.perf_analyzer = {"tool": tool.version, "duration_s": cfg.duration, "results": []}
+        self.perf_report = {"tool": tool.version, "duration_s": cfg.duration, "results": []}
         for result in perf_analyzer.sweep(
                 tool, targets, cfg.concurrency, cfg.duration, input_data, workdir,
                 cpu_seconds=lambda name: self.running[name].cpu_seconds(),
                 between=lambda name: settle(self.running[name], cfg.settle_cpu_percent, cfg.settle_timeout),
                 log=self.log):
-            self.perf_analyzer["results"].append(result)
+            self.perf_report["results"].append(result)
 
     def server_warmup(self, name: str) -> None:
         """A short closed loop at the highest concurrency (every batch size gets exercised), not recorded."""
