@@ -8,6 +8,7 @@ the same ``inference.*`` names as tritonclient's copy, and one process cannot ho
 
 from __future__ import annotations
 
+import functools
 import signal
 import socket
 import sqlite3
@@ -28,6 +29,17 @@ from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, start_serve
 from tests.test_protocol_oip_v2 import TEXTS, create_key, native
 
 PROTO = "server/protocols/oip_proto/grpc_service.proto"
+TIMEOUT_S = 30
+
+
+class BoundedClient:
+    """``tritonclient.grpc``'s client with every call bounded in time (by default its calls wait forever)."""
+
+    def __init__(self, address: str) -> None:
+        self._client = triton.InferenceServerClient(address)
+
+    def __getattr__(self, name: str):
+        return functools.partial(getattr(self._client, name), client_timeout=TIMEOUT_S)
 
 
 def grpc_server(tiny_artifact, tmp, **env: str) -> tuple[LiveServer, str]:
@@ -44,8 +56,8 @@ def served(tiny_artifact, tmp_path_factory) -> Iterator[tuple[LiveServer, str]]:
 
 
 @pytest.fixture(scope="module")
-def client(served) -> triton.InferenceServerClient:
-    return triton.InferenceServerClient(served[1])
+def client(served) -> BoundedClient:
+    return BoundedClient(served[1])
 
 
 def text_input(texts: list[str]) -> triton.InferInput:
@@ -67,7 +79,7 @@ def raw_infer(address: str, request: service_pb2.ModelInferRequest, metadata=())
     with grpc.insecure_channel(address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         try:
-            return stub.ModelInfer.with_call(request, metadata=metadata, timeout=30)
+            return stub.ModelInfer.with_call(request, metadata=metadata, timeout=TIMEOUT_S)
         except grpc.RpcError as error:
             return None, error
 
@@ -164,7 +176,7 @@ def test_auth_required_reads_the_key_from_metadata(tiny_artifact, tmp_path):
     key = create_key(f"sqlite:///{tmp_path}/live.db", "predict")
     live, address = grpc_server(tiny_artifact, tmp_path, AUTH_MODE="required")
     try:
-        client = triton.InferenceServerClient(address)
+        client = BoundedClient(address)
         assert client.is_server_ready() and client.get_model_metadata("sentiment").name  # open, like /health
         text = text_input(TEXTS[:1])
         expect_error(lambda: client.infer("sentiment", [text]), grpc.StatusCode.UNAUTHENTICATED,
@@ -180,7 +192,7 @@ def test_auth_required_reads_the_key_from_metadata(tiny_artifact, tmp_path):
 
 def test_draining_says_not_ready_and_refuses_new_calls_then_stops(tiny_artifact, tmp_path):
     live, address = grpc_server(tiny_artifact, tmp_path, DRAIN_GRACE_S="30")
-    client = triton.InferenceServerClient(address)
+    client = BoundedClient(address)
     try:
         live.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
