@@ -147,6 +147,10 @@ def test_errors_carry_status_message_and_type(served, client):
     _, call = raw_infer(served[1], request)
     assert call.code() == grpc.StatusCode.INVALID_ARGUMENT and "declares 9 bytes" in call.details()
     assert dict(call.trailing_metadata())["error-type"] == "bad_request"
+    huge = service_pb2.ModelInferRequest(model_name="sentiment")
+    huge.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"x" * 1_100_000)
+    _, call = raw_infer(served[1], huge)
+    assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # over MAX_REQUEST_BYTES, refused by gRPC itself
 
 
 def test_counted_by_rpc_and_recorded_under_the_request_id(tiny_artifact, tmp_path):
