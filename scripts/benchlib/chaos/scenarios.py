@@ -49,7 +49,7 @@ from scripts.benchlib.chaos.harness import (
     wait_health,
 )
 from scripts.benchlib.chaos.tally import Tally, count, stored_rows
-from scripts.benchlib.chaos.traffic import Attempt, Traffic, long_text, nul_text, repeated_text
+from scripts.benchlib.chaos.traffic import Attempt, Traffic, nul_text, repeated_text
 from scripts.benchlib.serverproc import ROOT
 from server.exitcodes import ExitCode
 from server.store.tables import PREDICTIONS
@@ -216,12 +216,13 @@ def spool_cap(setup: Setup) -> Outcome:
 def _full_spool(setup: Setup, on_tmpfs: bool) -> Outcome:
     size = setup.full_spool_bytes
     where = f"a {size // 1024} KiB tmpfs" if on_tmpfs else f"SPOOL_MAX_BYTES={size}"
-    load = (f"{setup.clients} clients x 4 texts of 1,000 characters, database down until the spool ({where}) is "
-            "full; back; full again and SIGKILL")
+    load = (f"{setup.clients} clients x 8 texts of 4,000 characters (one text, cached), database down until the "
+            f"spool ({where}) is full; back; full again and SIGKILL")
+    filling = {"texts_per_request": 8, "text": repeated_text(4000)}  # ~32 KiB of records a request, little inference
     strict = setup.mode in (None, "ack")
     with tmpfs(setup.spool_dir, size) if on_tmpfs else nullcontext(), Harness(setup) as harness:
         server = harness.start(**({} if on_tmpfs else {"SPOOL_MAX_BYTES": str(size)}))
-        traffic = harness.traffic(server, texts_per_request=4, text=long_text(1000))
+        traffic = harness.traffic(server, **filling)
         checks = [Check("answers before the outage", traffic.wait_answered(20, setup.timeout_s))]
         setup.database.down()
         full = traffic.wait(_spool_full(setup, size), setup.timeout_s)
@@ -240,7 +241,7 @@ def _full_spool(setup: Setup, on_tmpfs: bool) -> Outcome:
         checks.append(recovery_check(*wait_health(server.url, recovered, setup.timeout_s), what="recovered again"))
         # Full again, then SIGKILL: what was answered must be on the disk, whole (no torn line glued to the next).
         setup.database.down()
-        refill = harness.traffic(server, texts_per_request=4, text=long_text(1000))
+        refill = harness.traffic(server, **filling)
         refill.wait(_spool_full(setup, size), setup.timeout_s)
         harness.kill(server)
         attempts += refill.stop()
