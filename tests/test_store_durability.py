@@ -222,7 +222,6 @@ async def test_a_second_store_on_the_same_spool_dir_refuses_to_start(store_setti
     second = PredictionStore(settings, Metrics())
     with pytest.raises(SpoolLocked) as refused:
         await second.start()
-    second.engine.dispose()
     message = str(refused.value)
     assert refused.value.exit_code == ExitCode.SPOOL_LOCKED
     assert f"pid {os.getpid()}" in message and "own SPOOL_DIR" in message and "\n" not in message
@@ -268,3 +267,11 @@ async def test_a_large_spool_opens_with_memory_independent_of_its_size(store_db,
     assert (settings.spool_dir / segment_name(0)).exists()
     await store.close()
     await asyncio.to_thread(store_db.up)
+
+
+async def test_close_is_bounded_even_when_the_disk_watch_wakes_as_it_stops(store_settings, open_store):
+    store = await open_store(store_settings())
+    await asyncio.sleep(0.1)  # the watch is waiting
+    store._disk_changed.set()  # woken in the same loop step as close(): asyncio.wait_for would swallow a cancel
+    async with asyncio.timeout(20):
+        await store.close(timeout_s=2.0)

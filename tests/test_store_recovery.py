@@ -250,3 +250,21 @@ async def test_a_segment_removed_by_hand_does_not_stall_the_writer(store_db, sto
     await store.record([record])
     await wait_until(lambda: store.health()["queue_depth"] == 0, what="the new record to be written")
     assert stored_ids(store_db.url) == [record.id]
+
+
+async def test_a_spool_from_an_earlier_release_is_set_aside_as_of_an_unknown_database(store_db, store_settings,
+                                                                                        open_store, capsys):
+    settings = store_settings()
+    settings.spool_dir.mkdir(parents=True)
+    records = [make_record(f"old release {i}") for i in range(3)]
+    (settings.spool_dir / "predictions.jsonl").write_bytes(encode_lines([record_row(r, True) for r in records]))
+    store = await open_store(settings)
+    (foreign,) = store.health()["foreign_spools"]
+    assert foreign["rows"] == 3 and not (settings.spool_dir / "predictions.jsonl").exists()
+    await store.record([make_record("new")])  # the current spool goes on as usual
+
+    assert run_cli("spool", "replay", "--spool-dir", foreign["path"]) == 1  # its database is unknown: say which
+    assert "an unknown database" in capsys.readouterr().err
+    assert run_cli("spool", "replay", "--spool-dir", foreign["path"], "--into", store_db.url) == 0
+    await wait_until(lambda: len(stored_ids(store_db.url)) == 4, what="the old records and the new one")
+    assert {r.id for r in records} <= set(stored_ids(store_db.url))

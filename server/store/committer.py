@@ -1,11 +1,11 @@
-"""Group commit: the requests finishing together share one write and one fsync of the write-ahead log.
+"""Group commit: the requests finishing together share one write and one sync of the write-ahead log.
 
 A request appends its records to a pending list (on the event loop: a lock and a list append, no
 encoding) and awaits a future. The committer thread takes everything pending, converts and encodes it
-(JSON on this thread, not the loop), appends it to the WAL with one fsync, and hands the outcome back to
+(JSON on this thread, not the loop), appends it to the WAL with one sync (fdatasync), and hands the outcome back to
 the loop in one callback, which resolves every request's future and gives the committed rows to the
-writer. While one fsync runs, the next group accumulates: the busier the server, the more records each
-fsync covers.
+writer. While one sync runs, the next group accumulates: the busier the server, the more records each
+sync covers.
 
 A record that cannot be encoded fails only its own request. An append the WAL refuses (full, ENOSPC,
 I/O error) fails every request of the group with ``SpoolUnavailable``: none of them is answered 200.

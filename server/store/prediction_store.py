@@ -3,14 +3,14 @@
 The pieces, each with one job:
 - ``spooldir.SpoolDirectory``: the SPOOL_DIR lock, the database the spool belongs to, foreign spools;
 - ``wal.WriteAheadLog``: segments on disk, appended and released;
-- ``committer.GroupCommitter``: its thread appends what requests hand it, one fsync per group;
+- ``committer.GroupCommitter``: its thread appends what requests hand it, one sync per group;
 - ``writer.Writer``: a loop task moving records to the database in spool order;
 - ``sink.DatabaseSink``: the inserts (idempotent, halving, rejected rows set aside);
 - ``state.StoreState``: what /health and /metrics say, changed only on the event loop;
 - ``worker.BlockingWorker``: the thread the database calls and spool reads run on.
 
 Durability (STORE_DURABILITY):
-- ``ack`` (default): ``await store.record(records)`` returns once the records are fsynced to the
+- ``ack`` (default): ``await store.record(records)`` returns once the records are synced to the
   spool; /predict answers only then, so a SIGKILL at any instant loses no answered record. When the
   spool cannot take them (full at SPOOL_MAX_BYTES, ENOSPC, an I/O error) it raises ``SpoolUnavailable``
   and /predict answers 503 + Retry-After: never a 200 without a record.
@@ -39,6 +39,7 @@ from server.store.rejected import TAKEN_PREFIX, RejectedFile
 from server.store.sink import DatabaseSink
 from server.store.spooldir import (
     LEGACY_SPOOL,
+    ForeignSpool,
     SpoolDirectory,
     SpoolDirUnusable,
     database_identity,
@@ -87,7 +88,11 @@ class PredictionStore:
         Raises ``SpoolLocked`` / ``SpoolDirUnusable`` / ``SchemaBehind`` (StartupErrors: the server must not
         start); an unreachable database only makes the store degraded.
         """
-        rows = await asyncio.to_thread(self._open_spool)
+        try:
+            rows = await asyncio.to_thread(self._open_spool)
+        except BaseException:
+            self.engine.dispose()
+            raise
         loop = asyncio.get_running_loop()
         self._worker = BlockingWorker("store-database")
         self._committer.start(loop)
@@ -108,7 +113,7 @@ class PredictionStore:
                        loop.create_task(self._watch_disk(), name="prediction-store-disk-watch")]
 
     async def record(self, records: list[PredictionRecord]) -> None:
-        """Record predictions. Ack mode: returns once they are fsynced to the spool, or raises
+        """Record predictions. Ack mode: returns once they are synced to the spool, or raises
         ``SpoolUnavailable`` (answer 503). Async mode: queued in memory, returns at once."""
         if not self.ack:
             self._writer.queue(records)
@@ -152,10 +157,7 @@ class PredictionStore:
         directory.lock()
         try:
             identity = database_identity(self.settings.database_url)
-            recorded = directory.read_identity()
-            if recorded != identity:
-                self._set_aside_if_foreign(recorded, identity)
-                directory.write_identity(identity)
+            self._set_aside_foreign(directory.read_identity(), identity)
             rows = self._wal.open()
             self.state.rejected_rows = self._rejected.count()
             self._rejected_seen = self._rejected.signature()
@@ -168,36 +170,51 @@ class PredictionStore:
             directory.unlock()
             raise
 
-    def _set_aside_if_foreign(self, recorded: dict | None, identity: dict) -> None:
-        path = self._directory.path
-        names = sorted(entry.name for entry in path.iterdir() if entry.is_file() and entry.stat().st_size and (
-            is_segment(entry.name) or entry.name in (LEGACY_SPOOL, REJECTED_FILE)
-            or entry.name.startswith(TAKEN_PREFIX)))
-        if not names:
+    def _set_aside_foreign(self, recorded: dict | None, identity: dict) -> None:
+        """Move records bound for another database (or an unknown one) out of the way, untouched."""
+        directory = self._directory
+        legacy = directory.path / LEGACY_SPOOL  # an earlier release's spool: its database is unknown
+        if legacy.exists():
+            if legacy.stat().st_size:
+                self._report_set_aside(directory.set_aside([LEGACY_SPOOL], None), None, identity)
+            else:
+                legacy.unlink()
+        if recorded == identity:
             return
-        foreign = self._directory.set_aside(names, recorded)
+        names = sorted(entry.name for entry in directory.path.iterdir() if entry.is_file() and entry.stat().st_size
+                       and (is_segment(entry.name) or entry.name == REJECTED_FILE
+                            or entry.name.startswith(TAKEN_PREFIX)))
+        if names:
+            self._report_set_aside(directory.set_aside(names, recorded), recorded, identity)
+        directory.write_identity(identity)
+
+    def _report_set_aside(self, foreign: ForeignSpool, recorded: dict | None, identity: dict) -> None:
         log.error("store: SPOOL_DIR holds predictions for %s, not for this DATABASE_URL (%s); they are kept, "
                   "untouched, in %s and will not be replayed here. To replay them into the database they belong "
                   "to: %s", describe_identity(recorded), describe_identity(identity), foreign.path,
                   replay_command(foreign.path).replace("DATABASE_URL", "<its URL>"))
 
     def _foreign_reports(self) -> list[ForeignReport]:
+        """Set-aside spools that still hold records (or rejected rows) bound for another database."""
         reports = []
         for foreign in self._directory.foreign_spools():
             rows, size = count_spool(foreign.path)
-            if rows:
-                reports.append(ForeignReport(foreign.path, rows, size))
+            rejected = RejectedFile(foreign.path).count()
+            if rows or rejected:
+                reports.append(ForeignReport(foreign.path, rows, size, rejected))
         return reports
 
     async def _watch_disk(self) -> None:
         """Keep /health's rejected and foreign counts true: counted from the files (the one source), again when the
         writer sets rows aside and every ``WATCH_INTERVAL_S`` (the CLI works on them beside the server)."""
-        while True:
+        while not self._closed:
             try:
                 await asyncio.wait_for(self._disk_changed.wait(), WATCH_INTERVAL_S)
             except TimeoutError:
                 pass
             self._disk_changed.clear()
+            if self._closed:
+                return
             try:
                 seen = await asyncio.to_thread(self._rejected.signature)
                 if seen != self._rejected_seen:
@@ -216,15 +233,15 @@ class PredictionStore:
             return max(0.0, deadline - loop.time() - reserve)
 
         writer_free = True
-        if self._tasks:
+        if self._tasks:  # asked to stop, not cancelled: asyncio.wait_for can swallow a cancellation (Python 3.11)
             self._writer.stop()
-            for task in self._tasks[1:]:
+            self._disk_changed.set()
+            done, pending = await asyncio.wait(self._tasks, timeout=left() / 2)
+            writer_free = self._tasks[0] in done
+            for task in pending:  # a database call hangs: stop waiting; its records are spooled below
                 task.cancel()
-            done, _ = await asyncio.wait(self._tasks[:1], timeout=left() / 2)
-            writer_free = bool(done)
-            if not writer_free:  # a database call hangs: stop waiting; its records are spooled below
-                self._tasks[0].cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if pending:
+                await asyncio.wait(pending, timeout=min(1.0, left()))
         try:  # everything held in memory goes to the spool first: the fast, local, bounded part
             await asyncio.wait_for(self._writer.spool_leftovers(), left())
         except TimeoutError:

@@ -148,18 +148,17 @@ class SpoolDirectory:
         fsync_dir(self.path)
 
     def set_aside(self, names: list[str], identity: dict[str, Any] | None) -> ForeignSpool:
-        """Move ``names`` (and the identity file) into a new ``foreign-<time>`` subdirectory, unchanged."""
+        """Move ``names`` into a new ``foreign-<time>`` subdirectory, unchanged, with ``identity`` recorded there."""
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         target = self.path / f"{FOREIGN_PREFIX}{stamp}"
         target.mkdir()
         fsync_dir(self.path)
         for name in names:
-            # The legacy single file becomes the first segment of the set-aside write-ahead log.
+            # The legacy single file (always set aside alone) becomes the first segment of a write-ahead log.
             destination = "wal-00000000000000000000.jsonl" if name == LEGACY_SPOOL else name
             os.rename(self.path / name, target / destination)
         if identity is not None:
-            (target / IDENTITY_FILE).write_text(json.dumps(identity, sort_keys=True))
-        (self.path / IDENTITY_FILE).unlink(missing_ok=True)
+            SpoolDirectory(target).write_identity(identity)
         fsync_dir(target)
         fsync_dir(self.path)
         return ForeignSpool(target, identity)

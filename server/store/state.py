@@ -33,8 +33,9 @@ from server.store.sink import DatabaseRefuses
 @dataclass(frozen=True)
 class ForeignReport:
     path: Path
-    rows: int
+    rows: int  # records in its write-ahead log
     bytes: int
+    rejected_rows: int  # rows its database had refused
 
 
 class StoreState:
@@ -117,7 +118,7 @@ class StoreState:
             "rejected_rows": self.rejected_rows,
             "rejected_path": str(self.rejected_path),
             "lost_rows": self.lost_rows,
-            "foreign_spools": [{"path": str(f.path), "rows": f.rows, "bytes": f.bytes,
+            "foreign_spools": [{"path": str(f.path), "rows": f.rows, "bytes": f.bytes, "rejected_rows": f.rejected_rows,
                                 "command": replay_command(f.path)} for f in self.foreign],
         }
 

@@ -1,4 +1,4 @@
-"""The write-ahead log (WAL): every record is here, fsynced, before the database has it.
+"""The write-ahead log (WAL): every record is here, synced to disk, before the database has it.
 
 Layout: ``SPOOL_DIR/wal-<LSN>.jsonl`` segments, one JSON record per line (``server/store/rows.py``). An
 LSN (log sequence number) is a byte offset in the whole log, so a segment's name is the LSN of its first
@@ -134,7 +134,7 @@ class WriteAheadLog:
         return sum(_count_lines(s.path) for s in segments)
 
     def append(self, payload: bytes) -> tuple[int, int]:
-        """Write and fsync ``payload`` (whole lines); returns its (start, end) LSN. Raises ``SpoolUnavailable``."""
+        """Write and sync ``payload`` (whole lines); returns its (start, end) LSN. Raises ``SpoolUnavailable``."""
         with self._lock:
             if self._bytes + len(payload) > self.max_bytes:
                 raise SpoolUnavailable("full", f"the prediction spool is full ({self._bytes} bytes of "
