@@ -41,7 +41,7 @@ from server.store.spooldir import fsync_dir
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 4 << 20
-IDLE_RETIRE_S = 2.0
+IDLE_RETIRE_S = 30.0  # long enough that a quiet server does not create and sync a new segment per request
 READ_CHUNK = 1 << 20
 _SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.jsonl$")
 
