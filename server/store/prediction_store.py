@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 from server.config import Settings
 from server.metrics import Metrics
@@ -79,6 +80,7 @@ class PredictionStore:
         self._worker: BlockingWorker | None = None
         self._tasks: list[asyncio.Task] = []
         self._rejected_seen: tuple = ()
+        self._foreign_counted: dict[Path, tuple[tuple, ForeignReport]] = {}  # path -> (files and sizes, report)
         self._disk_changed = asyncio.Event()
         self._closed = False
 
@@ -195,13 +197,21 @@ class PredictionStore:
                   replay_command(foreign.path).replace("DATABASE_URL", "<its URL>"))
 
     def _foreign_reports(self) -> list[ForeignReport]:
-        """Set-aside spools that still hold records (or rejected rows) bound for another database."""
+        """Set-aside spools that still hold records (or rejected rows) bound for another database.
+
+        Counting streams the files, so a spool is counted again only when its files changed (the CLI
+        replaying it), not at every look: a large foreign spool costs one read, not one every few seconds.
+        """
         reports = []
         for foreign in self._directory.foreign_spools():
-            rows, size = count_spool(foreign.path)
-            rejected = RejectedFile(foreign.path).count()
-            if rows or rejected:
-                reports.append(ForeignReport(foreign.path, rows, size, rejected))
+            signature = tuple(sorted((p.name, p.stat().st_size) for p in foreign.path.iterdir() if p.is_file()))
+            known = self._foreign_counted.get(foreign.path)
+            if known is None or known[0] != signature:
+                rows, size = count_spool(foreign.path)
+                known = (signature, ForeignReport(foreign.path, rows, size, RejectedFile(foreign.path).count()))
+                self._foreign_counted[foreign.path] = known
+            if known[1].rows or known[1].rejected_rows:
+                reports.append(known[1])
         return reports
 
     async def _watch_disk(self) -> None:
