@@ -120,12 +120,23 @@ def test_when_even_the_cut_fails_the_segment_is_sealed_and_its_garbage_skipped(t
     assert read_ids(wal) == ["a", "c"]
 
 
+def test_a_segment_deleted_while_in_use_is_not_appended_to_any_more(tmp_path):
+    wal = open_wal(tmp_path)
+    wal.append(lines("a"))
+    (tmp_path / segment_name(0)).unlink()  # an operator "cleaning up" SPOOL_DIR under a running server
+    start, _ = wal.append(lines("b"))
+    assert (tmp_path / segment_name(start)).read_bytes() == lines("b")  # on disk again, in a new segment
+    assert read_ids(wal) == ["b"]
+
+
 def test_an_append_past_spool_max_bytes_is_refused_as_full(tmp_path):
     wal = open_wal(tmp_path, max_bytes=30)
     wal.append(lines("a", "b"))
     with pytest.raises(SpoolUnavailable) as failure:
         wal.append(lines("c"))
     assert failure.value.cause == "full" and "SPOOL_MAX_BYTES=30" in str(failure.value)
+    with pytest.raises(SpoolUnavailable, match="larger than the whole prediction spool"):
+        wal.append(lines("a very long id that could never fit"))
     assert read_ids(wal) == ["a", "b"]
 
 

@@ -136,6 +136,9 @@ class WriteAheadLog:
     def append(self, payload: bytes) -> tuple[int, int]:
         """Write and sync ``payload`` (whole lines); returns its (start, end) LSN. Raises ``SpoolUnavailable``."""
         with self._lock:
+            if len(payload) > self.max_bytes:
+                raise SpoolUnavailable("full", f"these records ({len(payload)} bytes) are larger than the whole "
+                                               f"prediction spool (SPOOL_MAX_BYTES={self.max_bytes})")
             if self._bytes + len(payload) > self.max_bytes:
                 raise SpoolUnavailable("full", f"the prediction spool is full ({self._bytes} bytes of "
                                                f"SPOOL_MAX_BYTES={self.max_bytes})")
@@ -224,7 +227,14 @@ class WriteAheadLog:
     # appends, under the lock
 
     def _writable(self, size: int) -> tuple[Segment, int]:
-        if self._fd is not None and self._segments[-1].size and self._segments[-1].size + size > self._segment_bytes:
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            # Deleted by hand (e.g. SPOOL_DIR emptied during an incident): what is written there would not
+            # survive the process, so start a new segment; what it held is read back from memory or lost.
+            log.error("spool: segment %s was deleted while in use; starting a new one", self._segments[-1].path)
+            os.close(self._fd)
+            self._fd = None
+        elif self._fd is not None and self._segments[-1].size \
+                and self._segments[-1].size + size > self._segment_bytes:
             os.close(self._fd)
             self._fd = None
         if self._fd is None:
