@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from server.primitives import ServerError
+from server.store.keycache import KeyCheckUnavailable
 from server.store.keys import ROLES
 
 if TYPE_CHECKING:
@@ -102,7 +103,11 @@ async def authorize(services: Services, role: str, headers: Mapping[str, str], c
             return None
         raise _refuse(services, caller, Unauthorized(f"an API key with role {role} is required: {HOW_TO_SEND}"),
                       "missing API key")
-    found = await services.keys.authenticate(key)
+    try:
+        found = await services.keys.authenticate(key)
+    except KeyCheckUnavailable:
+        services.metrics.rejected.labels("key_unverifiable").inc()
+        raise
     if found is None:
         raise _refuse(services, caller, Unauthorized("invalid API key: check it, or ask an administrator for a new "
                                                      "one"), f"invalid API key (fingerprint {fingerprint(key)})")

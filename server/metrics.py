@@ -60,6 +60,7 @@ REJECTION_REASONS = (  # rejected: why a request was refused
     "too_many_connections",  # refused above MAX_CONNECTIONS
     "unsupported_media_type",  # 415: e.g. an unsupported Content-Encoding
     "not_found",  # 404
+    "key_unverifiable",  # 503: an API key this server does not know, while the database is unavailable
 )
 
 
@@ -70,7 +71,7 @@ class Metrics:
         GCCollector(registry=r)  # python_gc_*: collections by generation (see server/heap.py)
 
         # traffic
-        self.requests = Counter("sentiment_requests", "HTTP requests by endpoint and status code",
+        self.requests = Counter("sentiment_requests", "Requests (HTTP routes, gRPC calls) by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.request_latency = Histogram("sentiment_request_latency_seconds", "HTTP request latency",
                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)

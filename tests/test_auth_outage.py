@@ -76,6 +76,9 @@ def test_in_process_keyed_predict_survives_key_reads_failing(make_settings):
         keys.store.find = keys.store.all_by_digest = refused
         assert_unavailable(poll(lambda: predict(client, "sap_another-guess"), lambda r: r.status_code != 401,
                                 "an unknown key to be answered 503"))
+        unverifiable = client.app.state.services.metrics.registry.get_sample_value(
+            "sentiment_rejected_requests_total", {"reason": "key_unverifiable"})
+        assert unverifiable >= 1  # the refusal is counted, so the key-cache alerts can see it
         served = poll(lambda: predict(client, key), lambda r: r.status_code != 200 or fallbacks(client) > 0,
                       "the cache to serve a key read before the outage")
         assert served.status_code == 200, served.text
