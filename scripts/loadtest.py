@@ -81,8 +81,14 @@ def config_from(args: argparse.Namespace) -> LoadTestConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.labels import LabelMismatch
+
     args = parse_args(argv)
-    report = run_loadtest(config_from(args))
+    try:
+        report = run_loadtest(config_from(args))
+    except LabelMismatch as exc:  # the labeled file does not fit the served model: say so in one line
+        print(f"ERROR {exc}", file=sys.stderr)
+        return 2
     for path in write_loadtest(report, args.out):
         print(f"wrote {path}")
     return 0

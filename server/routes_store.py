@@ -117,7 +117,8 @@ async def list_keys(request: Request, _: str | None = ADMIN):
     return {"keys": [k.as_dict() for k in await run_db(_keys(request).list)]}
 
 
-@router.delete("/admin/keys/{key_id}", summary="Revoke an API key, effective at once (admin)",
+@router.delete("/admin/keys/{key_id}", summary="Revoke an API key: refused at once by this server, by other "
+               "replicas within KEY_CACHE_TTL_S (admin)",
                responses=error_responses(404))
 async def revoke_key(key_id: StorableText, request: Request, _: str | None = ADMIN):
     revoked = await run_db(_keys(request).revoke, key_id)

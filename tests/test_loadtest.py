@@ -212,3 +212,13 @@ def test_connection_errors_are_counted(data_file):
     assert phase["requests"] > 0 and phase["ok"] == 0 and phase["by_status"] == {}
     assert sum(phase["errors"].values()) == phase["requests"]
     assert phase["accuracy"] is None and phase["latency"]["p50_ms"] is None
+
+
+def test_a_labeled_file_the_model_cannot_score_is_one_line_not_a_traceback(live_server, tmp_path, capsys):
+    url = live_server.url
+    three_class = tmp_path / "three.tsv"
+    write_labeled(three_class, [("good", 2), ("bad", 0)])  # 2 has no name among POSITIVE / NEGATIVE
+    assert loadtest.main(["--url", url, "--data", str(three_class), "--mode", "closed", "--concurrency", "1",
+                          "--duration", "0.3", "--warmup", "0", "--out", str(tmp_path / "out")]) == 2
+    printed = capsys.readouterr().err
+    assert printed.startswith("ERROR ") and printed.count("\n") == 1 and "POSITIVE" in printed
