@@ -92,8 +92,20 @@ def test_a_failed_append_is_cut_back_to_where_it_began_and_reported(tmp_path, mo
     monkeypatch.setattr(os, "write", real_write)
     wal.append(lines("d"))
     assert read_ids(wal) == ["a", "d"]
+    # The refused segment takes no more appends, so it can go once its records are in the database (on a
+    # disk smaller than a segment it would otherwise stay, full, with the database up).
+    assert sorted(p.name for p in tmp_path.glob("wal-*")) == [segment_name(0), segment_name(size)]
+    assert wal.release(size) == size and read_ids(wal) == ["d"]
     wal.close()
-    assert WriteAheadLog(tmp_path, 1 << 30).open() == 2
+    assert WriteAheadLog(tmp_path, 1 << 30).open() == 1
+
+
+def test_segments_stay_under_a_quarter_of_spool_max_bytes(tmp_path):
+    wal = open_wal(tmp_path, max_bytes=1 << 20)  # SEGMENT_BYTES (4 MiB) would never rotate under a 1 MiB cap
+    ends = [wal.append(lines("x" * (100 << 10)))[1] for _ in range(7)]
+    assert len(list(tmp_path.glob("wal-*"))) >= 3
+    assert all(p.stat().st_size <= (1 << 20) // 4 for p in tmp_path.glob("wal-*"))
+    assert wal.release(ends[-1]) > 0 and wal.bytes < (1 << 20) // 4  # only the active segment is left
 
 
 def test_when_even_the_cut_fails_the_segment_is_sealed_and_its_garbage_skipped(tmp_path, monkeypatch):
@@ -168,7 +180,7 @@ def test_a_real_full_disk_refuses_appends_and_leaves_only_whole_records(small_tm
         appended += ids
     assert failure is not None and failure.cause == "no_space"
     assert read_ids(wal, max_lines=100_000) == appended  # whole records, nothing torn, nothing glued
-    wal.release(wal.end, force=True)  # space comes back once the records are in the database
+    wal.release(wal.end)  # space comes back once the records are in the database (the refused segment is closed)
     wal.append(lines("after"))
     assert read_ids(wal) == ["after"]
 

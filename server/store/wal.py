@@ -11,9 +11,11 @@ the database".
   against 0.3 ms). If either fails (ENOSPC, EIO) the segment is truncated back to where the append began
   and synced, so a torn line can never glue onto the next record, and the failure is raised as
   ``SpoolUnavailable``. Should the truncation fail as well, the segment is
-  sealed (its readable end remembered) and the next append starts a new one.
+  sealed (its readable end remembered). Either way the next append starts a new segment, so the failed
+  one is deleted as soon as its records are in the database (a disk smaller than a segment frees up).
 - **Capacity**: an append that would take the log past ``SPOOL_MAX_BYTES`` fails with cause ``full``.
-- **Rotation and release**: a new segment when the active one would pass ``SEGMENT_BYTES``. A segment is
+- **Rotation and release**: a new segment when the active one would pass ``SEGMENT_BYTES`` (at most a
+  quarter of ``SPOOL_MAX_BYTES``, so a full spool always holds segments the database can free). A segment is
   deleted, and the directory fsynced, once every line in it is in the database; the active one too once
   it is fully released and has had no append for ``IDLE_RETIRE_S``, so an idle server's spool is empty.
 - **Open**: segments are found by name; a torn tail on the last one (a crash in mid-append: those
@@ -83,7 +85,7 @@ class WriteAheadLog:
                  idle_retire_s: float = IDLE_RETIRE_S) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
-        self._segment_bytes = segment_bytes
+        self._segment_bytes = min(segment_bytes, max(64 << 10, max_bytes // 4))  # several segments under the cap
         self._idle_retire_s = idle_retire_s
         self._lock = threading.Lock()
         self._segments: list[Segment] = []
@@ -152,6 +154,7 @@ class WriteAheadLog:
                 os.fdatasync(fd)
             except OSError as error:
                 self._cut_back(segment, fd, begin)
+                self._retire_active()
                 raise _unavailable(error) from error
             segment.size += len(payload)
             self._bytes += len(payload)
@@ -249,6 +252,16 @@ class WriteAheadLog:
                 raise
             self._segments.append(segment)
         return self._segments[-1], self._fd
+
+    def _retire_active(self) -> None:
+        """After a failed append, stop appending to the active segment, so it can be deleted like the others
+        once its records are in the database: on a disk smaller than a segment it would otherwise never
+        rotate, and the spool would stay full with the database up. An empty one is removed at once."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._segments and self._segments[-1].size == 0:
+            self._segments.pop().path.unlink(missing_ok=True)
 
     def _cut_back(self, segment: Segment, fd: int, size: int) -> None:
         """Undo a failed append: truncate to ``size``; if even that fails, seal the segment at ``size``."""

@@ -81,6 +81,7 @@ class Writer:
         self._stopping = False
         self._retry_at = 0.0
         self._release_at = 0.0
+        self._bytes_at_refusal = 0  # the spool's size when it last refused an append
         self._throttle = Throttle(log)
 
     def begin(self, worker: BlockingWorker, start: int, end: int, rows: int) -> None:
@@ -96,6 +97,7 @@ class Writer:
         state = self.state
         if error is not None:
             state.append_error = str(error)
+            self._bytes_at_refusal = self._wal.bytes
             self._throttle.log("spool", logging.ERROR, "store: the spool refused %s: %s",
                                "records" if error.cause != "closed" else "records at shutdown", error)
             state.publish()
@@ -200,6 +202,13 @@ class Writer:
         if not state.pending_rows and self._wal.bytes and time.monotonic() >= self._release_at:
             self._release_at = time.monotonic() + self._retry_interval_s
             await self._worker.call(self._release, self.cursor)  # an idle server's last segment goes too
+        if state.append_error and self._wal.bytes < self._bytes_at_refusal:
+            # Segments were freed since the refusal: /health must not go on saying the spool is full on a
+            # server with no traffic to prove otherwise (the next append says so again if it still is).
+            log.info("store: the spool has room again (%d bytes freed since it refused records)",
+                     self._bytes_at_refusal - self._wal.bytes)
+            state.append_error = None
+            self._throttle.reset("spool")
         state.publish()
 
     async def _to_database(self) -> None:
