@@ -2,11 +2,12 @@
 
 For each ``--limits`` value the image runs with ``docker run --memory``, on its defaults (every memory setting
 derived from the limit) with the prediction cache and store off, so that only the engine and its batching
-are measured. Two closed loops of ``--concurrency`` clients, ``--seconds`` each: one SST-2 sentence per
-request, then requests of 16 long texts (~560 words, cut to the model's 512 tokens). Prints the plan the
+are measured. Two closed loops, ``--seconds`` each: ``--concurrency`` clients sending one SST-2 sentence per
+request, then ``--long-concurrency`` clients sending 16 long texts (~560 words of SST-2 sentences, cut to
+the model's 512 tokens) per request. Prints the plan the
 server made, texts/s answered 200 in each loop, and the container's cgroup peak.
 
-    python scripts/bench_memory_limits.py --data ../shared/data/sst2/dev.tsv --limits 1g,2g --seconds 20
+    python scripts/bench_memory_limits.py --data ../shared/data/sst2/dev.tsv --limits 600m,1g,2g --seconds 20
 
 The load generator runs on the same machine as the container: compare figures only within one run.
 """
@@ -105,7 +106,7 @@ def run_limit(image: str, limit: str, pool: list[str], args: argparse.Namespace)
         short, short_failed = asyncio.run(closed_loop(url, lambda rng: [rng.choice(pool)], args.concurrency,
                                                       args.seconds))
         long, long_failed = asyncio.run(closed_loop(url, lambda rng: long_texts(pool, rng, LONG_PER_REQUEST),
-                                                    args.concurrency, args.seconds))
+                                                    args.long_concurrency, args.seconds))
         peak = docker("exec", name, "sh", "-c", "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "
                       "cat /sys/fs/cgroup/memory/memory.max_usage_in_bytes").split()[0]
         oom = json.loads(docker("inspect", "-f", "{{json .State}}", name))["OOMKilled"]
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits", default="1g,2g", help="docker --memory values, comma-separated")
     parser.add_argument("--image", default="sentiment-analyzer:cpu")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window of each loop")
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=32, help="clients of the SST-2 loop")
+    parser.add_argument("--long-concurrency", type=int, default=4, help="clients of the long-text loop")
     args = parser.parse_args(argv)
     pool = sentences(args.data)
     rows = [run_limit(args.image, limit, pool, args) for limit in args.limits.split(",")]

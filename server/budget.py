@@ -54,7 +54,7 @@ from server.metrics import Metrics
 CACHE_SHARE = 0.10  # of the room above the base, at most, for a derived CACHE_MAX_BYTES
 QUEUE_SHARE = 0.15  # of the room above the base, at most, for a derived MAX_QUEUE
 QUEUED_TEXT_OVERHEAD = 1024  # a queued text's objects besides its characters and ids (work item, array, list slots)
-PLANNED = ("max_batch_tokens", "engine_workers", "max_queue", "cache_max_bytes")
+PLANNED = ("max_batch_tokens", "engine_workers", "max_queue", "cache_max_bytes")  # batches first, then host-only
 MIB = 1 << 20
 
 
@@ -163,14 +163,15 @@ class MemoryPlan:
         parts = [f"the model and server {mib(area.base)}"]
         if area is self.host:
             parts += [f"the cache {mib(self.cache_max_bytes)} (CACHE_MAX_BYTES)",
-                      f"{self.max_queue} queued texts {mib(self.queue_bytes)} (MAX_QUEUE)"]
+                      f"{self.max_queue} queued texts {mib(self.queue_bytes)} (MAX_QUEUE, MAX_TEXT_CHARS)"]
         if area is self.batch_area:
             texts = self.batch_tokens_at_peak // self.max_length
             parts.append(f"{self.engine_workers} engine worker(s) (ENGINE_WORKERS) x a batch of {texts} text(s) of "
                          f"{self.max_length} tokens (MAX_BATCH_TOKENS={self.batch_tokens}) at "
                          f"{mib(self.batch_bytes)} each")
         needed = math.ceil(peak / area.high_water / MIB)
-        user_set = [name.upper() for name in PLANNED if name not in self.derived]
+        in_area = PLANNED if self.device is None else PLANNED[:2] if area is self.device else PLANNED[2:]
+        user_set = [name.upper() for name in in_area if name not in self.derived]
         what = (f"this server with {', '.join(user_set)} as set" if user_set else
                 f"one text of {self.max_length} tokens (the model's max_sequence_length) next to the model")
         if area is self.host:
@@ -178,7 +179,8 @@ class MemoryPlan:
         else:
             fix = f"set CUDA_MEM_LIMIT to at least {needed * MIB} or use a GPU with {needed} MiB free"
         if user_set:
-            fix += f", or lower {' / '.join(user_set)} or leave them unset to have them derived from the limit"
+            them = "them" if len(user_set) > 1 else "it"
+            fix += f", or lower {' / '.join(user_set)} or leave {them} unset to have {them} derived from the limit"
         return (f"{area.name} ({mib(area.limit)}) cannot hold {what}: {' + '.join(parts)} = {mib(peak)} at the "
                 f"peak, above MEMORY_HIGH_WATER={area.high_water:g} of it ({mib(area.ceiling)}); {fix}")
 

@@ -184,7 +184,7 @@ def test_a_setting_that_cannot_fit_stops_start_up_naming_it_and_the_limit_it_nee
         plan_for(1024, settings)
     message = str(failure.value)
     assert "with MAX_BATCH_TOKENS as set" in message and "MAX_BATCH_TOKENS=8192" in message
-    assert "lower MAX_BATCH_TOKENS or leave them unset" in message
+    assert "lower MAX_BATCH_TOKENS or leave it unset" in message
     needed = int(re.search(r"at least (\d+) MiB", message).group(1))
     assert plan_for(needed, settings).batch_tokens == 8192  # at the named limit it starts, as set
 
@@ -207,8 +207,10 @@ def test_on_a_gpu_the_batches_are_planned_in_its_memory() -> None:
     plan = plan_for(600, device=gpu)
     assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.queue_bytes  # no batches in host memory
     assert plan.device_peak == gpu.base + plan.engine_workers * plan.batch_bytes <= gpu.ceiling
-    with pytest.raises(MemoryDoesNotFit, match=r"GPU 0's memory .* set CUDA_MEM_LIMIT to at least \d+"):
-        plan_for(600, Settings(max_batch_tokens=16384, max_batch_size=64), device=gpu)
+    with pytest.raises(MemoryDoesNotFit, match=r"GPU 0's memory .* set CUDA_MEM_LIMIT to at least \d+") as failure:
+        plan_for(600, Settings(max_batch_tokens=16384, max_batch_size=64, max_queue=512), device=gpu)
+    assert "lower MAX_BATCH_TOKENS or leave" in str(failure.value)
+    assert "MAX_QUEUE" not in str(failure.value)  # a host setting: no help on the GPU
 
 
 def test_a_budget_carries_its_plan() -> None:

@@ -10,8 +10,10 @@ from types import SimpleNamespace
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
+from scripts.benchlib.serverproc import start_server, stop_server
 from server import runtime as runtime_module
 from server.budget import MemoryDoesNotFit
 from server.exitcodes import ExitCode
@@ -234,3 +236,19 @@ def test_health_and_metrics_show_the_plan_the_cost_model_and_the_headroom(live_s
         assert family in metrics
     budget = [line for line in metrics.splitlines() if line.startswith("sentiment_batch_token_budget ")]
     assert float(budget[0].split()[1]) == plan["batch_tokens"]
+
+
+def test_serve_refuses_to_start_when_the_limit_cannot_hold_one_text(tiny_artifact, tmp_path) -> None:
+    """The real start-up path: MEMORY_HIGH_WATER set so that 64 MiB of this machine's memory is all there is
+    (less than the process holds before its first batch): exit code 2 and one line, no traceback."""
+    high = f"{64 * MIB / psutil.virtual_memory().total:.6f}"
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "MEMORY_HIGH_WATER": high,
+                           "MEMORY_LOW_WATER": f"{float(high) / 2:.6f}"}, tmp_path, wait_ready=False)
+    try:
+        assert server.process.wait(120) == ExitCode.CONFIG, server.log()
+    finally:
+        stop_server(server)
+    log = server.log()
+    (line,) = [line for line in log.splitlines() if "cannot start" in line]
+    assert "cannot hold one text of" in line and "give it at least" in line, line
+    assert "Traceback" not in log, log
