@@ -193,10 +193,10 @@ def fit_memory(engine: Engine, encoder: TextEncoder, artifact: Artifact, setting
     elif meter is None:
         log.warning("GPU memory cannot be read (no pynvml or NVML): MAX_BATCH_TOKENS is not derived from it; "
                     "out-of-memory batches are split and retried")
-        model, host_base = CostModel(0.0, 0.0, exact=False), HostMemory().current()
+        model, host_base = CostModel(0.0, 0.0), HostMemory().current()
     else:
         model, host_base = measure(run, meter, max_length, baseline, host_limit * high), baseline
-    if not model.exact:
+    if meter is not None and not model.exact:
         log.warning("memory peaks were sampled, not read from the kernel's high-water mark (/proc/self/clear_refs "
                     "not writable): the cost model may read low")
     auto = engine_workers(settings.model_copy(update={"engine_workers": 0}), engine.device)

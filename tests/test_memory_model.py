@@ -204,6 +204,17 @@ def test_on_cuda_the_batches_are_measured_and_planned_in_gpu_memory(tiny_artifac
     assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.queue_bytes
 
 
+def test_on_cuda_without_nvml_the_batch_budget_is_not_derived(tiny_artifact, make_settings, caplog) -> None:
+    from server.artifact import load_artifact
+    from server.runtime import load_encoder
+
+    artifact = load_artifact(tiny_artifact)
+    engine = FakeCudaEngine(FakeNvml(0, 0), CostModel(40_000, 300))
+    plan = fit_memory(engine, load_encoder(artifact, False), artifact, make_settings(), None, 0, 0)
+    assert plan.device is None and plan.batch_tokens == 8192 and plan.model.probes == ()
+    assert "GPU memory cannot be read" in caplog.text and "sampled" not in caplog.text
+
+
 def test_a_real_model_gets_a_measured_plan(make_settings) -> None:
     runtime = load_checked(make_settings(), Metrics(), warm=False)
     plan = runtime.memory_plan
