@@ -89,8 +89,14 @@ def test_sigterm_drains_every_accepted_request_and_exits_zero(tiny_artifact, tmp
     outcomes = asyncio.run(scenario())
     assert server.process.wait(60) == 0
     answered = [o for o in outcomes if isinstance(o, httpx.Response)]
-    assert answered, "no request was in flight when SIGTERM arrived"
-    assert all(o.status_code == 200 and len(o.json()["predictions"]) == 200 for o in answered)
+    served = [o for o in answered if o.status_code == 200]
+    assert served, "no request was in flight when SIGTERM arrived"
+    assert all(len(o.json()["predictions"]) == 200 for o in served)
+    # A request whose body had not been read when the drain began is refused as new work, never dropped:
+    # 503 + Retry-After, type draining (on a busy machine some of the 12 bodies are still arriving).
+    refused = [o for o in answered if o.status_code != 200]
+    assert all(o.status_code == 503 and o.json()["type"] == "draining" and o.headers["Retry-After"]
+               for o in refused), [(o.status_code, o.text) for o in refused]
     last_line = server.log().rstrip().splitlines()[-1]
     assert re.search(r"shutdown: answered [1-9]\d* requests during drain, abandoned 0$", last_line), last_line
 
