@@ -22,13 +22,13 @@ from starlette.convertors import StringConvertor, register_url_convertor
 
 from server.auth import require_role
 from server.http import error_responses, json_response
-from server.primitives import Draining, ServerError
+from server.primitives import Draining
+from server.protocols.oip_model import ALIAS, ModelNotFound
 from server.schemas import ClassifiedText
 from server.services import Services
 from server.serving import classify
 
 router = APIRouter(tags=["KServe v1"])
-ALIAS = "sentiment"
 
 
 class ModelNameConvertor(StringConvertor):
@@ -39,11 +39,6 @@ class ModelNameConvertor(StringConvertor):
 
 
 register_url_convertor("model_name", ModelNameConvertor())
-
-
-class UnknownModel(ServerError):
-    status_code = 404
-    error_type = "model_not_found"
 
 
 class ModelInstances(BaseModel):
@@ -80,11 +75,11 @@ def served_names(services: Services) -> list[str]:
 
 
 def services_for(request: Request, name: str) -> Services:
-    """The app's services if ``name`` is a served model's name; else ``UnknownModel`` (404)."""
+    """The app's services if ``name`` is a served model's name; else ``ModelNotFound`` (404)."""
     services: Services = request.app.state.services
     names = served_names(services)
     if name not in names:
-        raise UnknownModel(f"model {name!r} is not served here; this server serves {' or '.join(map(repr, names))}")
+        raise ModelNotFound(f"model {name!r} is not served here; this server serves {' or '.join(map(repr, names))}")
     return services
 
 
