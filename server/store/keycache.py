@@ -49,6 +49,7 @@ from server.metrics import Metrics
 from server.primitives import ServerError
 from server.store.db import describe
 from server.store.keys import ApiKey, KeyStore, key_digest
+from server.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +82,6 @@ class _Miss:
 MISS = _Miss()
 
 
-class _Throttle:
-    """At most one log line per period; counts the events it held back."""
-
-    def __init__(self, period_s: float) -> None:
-        self.period_s = period_s
-        self.held = 0
-        self._last = -period_s
-
-    def due(self, now: float) -> bool:
-        if now - self._last < self.period_s:
-            self.held += 1
-            return False
-        self._last = now
-        return True
-
-    def take_held(self) -> int:
-        held, self.held = self.held, 0
-        return held
-
-
 class KeyCache:
     """Checks keys from memory; create/list/revoke go to the ``KeyStore`` and keep the cache in step."""
 
@@ -115,8 +96,7 @@ class KeyCache:
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
         self._used: dict[str, float] = {}  # key id -> time.time() of its last use, not yet written
         self._down: str | None = None  # the database error while keys cannot be read, else None
-        self._fallback_log = _Throttle(WARNING_EVERY_S)
-        self._unavailable_log = _Throttle(WARNING_EVERY_S)
+        self._throttle = Throttle(log, WARNING_EVERY_S)
 
     # the request path
 
@@ -148,7 +128,7 @@ class KeyCache:
                 return None
             del self._unknown[digest]
         if self._down:
-            raise self._unavailable(now)
+            raise self._unavailable()
         return MISS
 
     async def _read(self, digest: str) -> ApiKey | None:
@@ -160,7 +140,7 @@ class KeyCache:
             entry = self._known.get(digest)
             if entry is not None:
                 return self._fallback(entry, time.monotonic())
-            raise self._unavailable(time.monotonic()) from error
+            raise self._unavailable() from error
         now = time.monotonic()
         if found is None:
             with self._lock:
@@ -182,17 +162,13 @@ class KeyCache:
 
     def _fallback(self, entry: _Entry, now: float) -> ApiKey:
         self._metrics.key_cache_fallbacks.inc()
-        if self._fallback_log.due(now):
-            log.warning("API keys cannot be read from the database (%s): key id=%s judged by its state read "
-                        "%.1f s ago (%d requests judged from the cache since the previous warning)", self._down,
-                        entry.key.id, now - entry.read_at, self._fallback_log.take_held() + 1)
+        self._throttle.log("fallback", logging.WARNING, "API keys cannot be read from the database (%s): key id=%s "
+                           "judged by its state read %.1f s ago", self._down, entry.key.id, now - entry.read_at)
         return self._use(entry.key)
 
-    def _unavailable(self, now: float) -> KeyCheckUnavailable:
-        if self._unavailable_log.due(now):
-            log.warning("API keys cannot be read from the database (%s): answered 503 to a key this server does "
-                        "not know (%d such requests since the previous warning)", self._down,
-                        self._unavailable_log.take_held() + 1)
+    def _unavailable(self) -> KeyCheckUnavailable:
+        self._throttle.log("unavailable", logging.WARNING, "API keys cannot be read from the database (%s): "
+                           "answered 503 to a key this server does not know", self._down)
         return KeyCheckUnavailable("this API key cannot be checked: this server does not know it yet and the "
                                    "database that holds API keys is unavailable; retry in a few seconds "
                                    "(see /health)")
