@@ -270,8 +270,8 @@ def _spool_full(setup: Setup, size: int) -> Callable[[Traffic], bool]:
 def large_spool(setup: Setup) -> Outcome:
     """A restart on a large spool: recovery, and a peak memory that does not grow with the spool's size.
 
-    Loading a model can briefly take far more memory than serving it (the default model: a peak ~480 MiB above
-    its steady RSS), and a spool read into memory after that transient does not raise the peak until it is
+    Loading a model can briefly take far more memory than serving it (the default model: a peak some 500 MiB
+    above its steady RSS), and a spool read into memory after that transient does not raise the peak until it is
     bigger than the gap. So the spool is built to ``large_spool_bytes`` *above* that gap, measured on a fresh
     server, and the restart's peak RSS may exceed the fresh server's by at most a quarter of
     ``large_spool_bytes`` (32 MiB at most): replay batches and driver buffers, not the spool.
