@@ -4,10 +4,12 @@ SQLite gets a fresh file per run; PostgreSQL a server of its own for the whole
 invocation (``scripts.benchlib.databases.PgServer``) and a fresh database per
 run. The SIGKILL scenarios, whose outcome depends on the moment of the kill,
 run ``--runs`` times with a different moment each (seeded: ``--seed``); the
-others ``--other-runs`` times. A scenario that crashes is reported as an error
-in its row and the rest go on; one this machine cannot run (no tmpfs without
-root) is reported as skipped, with the reason. Exit status 1 when a run in
-``ack`` mode lost or duplicated a record, failed a check or crashed.
+others ``--other-runs`` times. Each run's server logs stay under
+``--out``/work; its SQLite files are removed once counted (the large-spool
+ones hold GBs). A scenario that crashes is reported as an error in its row
+and the rest go on; one this machine cannot run (no tmpfs without root) is
+reported as skipped, with the reason. Exit status 1 when a run in ``ack``
+mode lost or duplicated a record, failed a check or crashed.
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ def run_all(args: argparse.Namespace) -> tuple[Table, list[dict]]:
                             setup = replace(template, database=database, workdir=workdir / "run", mode=mode,
                                             seed=args.seed * 1000 + run)
                             records.append(run_one(table, name, setup))
+                        for sqlite_file in workdir.rglob("*.db*"):
+                            sqlite_file.unlink()
     return table, records
 
 
