@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from scripts.benchlib.argtypes import names, positive_floats, positive_ints  # noqa: E402
 from scripts.benchlib.peers.perf_analyzer import PROTOCOLS  # noqa: E402
 from scripts.benchlib.peers.run import RunConfig, run_side_by_side  # noqa: E402
-from scripts.benchlib.peers.servers import SERVERS  # noqa: E402
+from scripts.benchlib.peers.servers import SERVERS, START_ATTEMPTS  # noqa: E402
 
 DEFAULT_PEERS = "ours,triton,infinity,torchserve,ray"
 
@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--perf-analyzer", type=perf_analyzer_protocols, default=list(PROTOCOLS),
                         help="protocols perf_analyzer measures the OIP v2 servers over: http,grpc (default), one of "
                         "them, or none")
+    parser.add_argument("--start-attempts", type=int, default=START_ATTEMPTS,
+                        help="tries to start each server, each with fresh ports (failed attempts' logs are kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny random model built here, concurrency 1,8, 2 s per phase: does everything work?")
@@ -107,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown server(s) {', '.join(unknown)}; choose from {', '.join(SERVERS)}")
     if args.duration <= 0 or args.warmup < 0 or args.server_warmup < 0:
         parser.error("--duration must be > 0, --warmup and --server-warmup >= 0")
+    if args.start_attempts < 1:
+        parser.error("--start-attempts must be >= 1")
     if args.smoke:
         args.concurrency, args.duration, args.warmup, args.server_warmup = [1, 8], 2.0, 0.5, 1.0
         if args.out == parser.get_default("out"):
@@ -137,7 +141,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         concurrency=args.concurrency, duration=args.duration, warmup=args.warmup, server_warmup=args.server_warmup,
         open_fractions=args.open_fractions, peers_root=args.peers_root, python=args.python, reinstall=args.reinstall,
         install=args.install, overrides=overrides, max_length=args.max_length, timeout=args.timeout, seed=args.seed,
-        perf_analyzer=args.perf_analyzer,
+        perf_analyzer=args.perf_analyzer, start_attempts=args.start_attempts,
     )
 
 

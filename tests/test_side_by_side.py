@@ -29,8 +29,17 @@ from scripts.benchlib.peers.adapters import (
 )
 from scripts.benchlib.peers.compare import compare, saturation, verdict_lines
 from scripts.benchlib.peers.output import markdown, overall_accuracy, write_outputs
-from scripts.benchlib.peers.run import disturbance, overloaded, prepare_checkpoint
-from scripts.benchlib.peers.servers import SERVERS, Context, Launch, ServerSpec, start, stop
+from scripts.benchlib.peers.run import RunConfig, SideBySide, disturbance, overloaded, prepare_checkpoint
+from scripts.benchlib.peers.servers import (
+    SERVERS,
+    Context,
+    Launch,
+    ServerSpec,
+    StartFailed,
+    start,
+    start_with_retries,
+    stop,
+)
 from scripts.benchlib.peers.venvs import MARKER, ensure_venv
 from scripts.benchlib.serverproc import free_port
 from scripts.benchlib.workload import Draw
@@ -407,3 +416,87 @@ def test_start_reports_a_server_that_exits(tmp_path):
                   spare_ports=[], workdir=tmp_path / "broken", settings={})
     with pytest.raises(RuntimeError, match="exited with 3(.|\n)*missing model file"):
         start(spec, ctx, log=lambda _: None)
+
+
+# -- start retries: a peer that fails its first start is started again with fresh ports -------------------------
+
+def flaky_launch(failures: int):
+    """A launch that fails its first ``failures`` starts as PyTriton's handshake race did, then serves; records
+    the port of every attempt."""
+    ports: list[int] = []
+
+    def launch(ctx: Context) -> Launch:
+        ports.append(ctx.port)
+        if len(ports) <= failures:
+            crash = f"print('ConnectionRefusedError: attempt {len(ports)} on port {ctx.port}'); raise SystemExit(1)"
+            return Launch([sys.executable, "-c", crash], dict(os.environ), ctx.workdir)
+        return Launch([sys.executable, "-c", FAKE_SERVER, str(ctx.port)], dict(os.environ), ctx.workdir)
+
+    return launch, ports
+
+
+def fresh_contexts(workdir: Path):
+    return lambda: Context(python=Path(sys.executable), checkpoint=workdir, artifact=None, max_length=8,
+                           port=free_port(), spare_ports=[], workdir=workdir, settings={"threads": 1})
+
+
+def test_a_failed_start_is_retried_with_fresh_ports_and_its_log_kept(tmp_path):
+    launch, ports = flaky_launch(failures=1)
+    spec = ServerSpec("flaky", "flaky", [], [], {"threads": 1}, OursAdapter, launch, ready_timeout=20)
+    lines: list[str] = []
+    running, failed = start_with_retries(spec, fresh_contexts(tmp_path / "flaky"), attempts=3, log=lines.append)
+    try:
+        assert len(ports) == 2 and ports[0] != ports[1]
+        assert running.url.endswith(f":{ports[1]}") and running.process.poll() is None
+        assert [f.attempt for f in failed] == [1]
+        assert failed[0].log == tmp_path / "flaky" / "server.failed-attempt-1.log"
+        assert f"ConnectionRefusedError: attempt 1 on port {ports[0]}" in failed[0].log.read_text()
+        assert "exited with 1" in failed[0].error
+        assert "ConnectionRefusedError" not in running.log_path.read_text()  # the good attempt has its own log
+        assert any(str(failed[0].log) in line and "retrying with fresh ports" in line for line in lines)
+    finally:
+        stop(running, timeout=10)
+
+
+def test_a_start_that_keeps_failing_gives_up_after_the_attempts_with_every_log(tmp_path):
+    launch, ports = flaky_launch(failures=5)
+    spec = ServerSpec("broken", "broken", [], [], {}, OursAdapter, launch, ready_timeout=20)
+    with pytest.raises(StartFailed) as caught:
+        start_with_retries(spec, fresh_contexts(tmp_path / "broken"), attempts=2, log=lambda _: None)
+    assert len(ports) == 2  # bounded: no third try
+    failures = caught.value.failures
+    assert [f.attempt for f in failures] == [1, 2]
+    for failure, port in zip(failures, ports, strict=True):
+        assert f"attempt {failure.attempt} on port {port}" in failure.log.read_text()
+        assert str(failure.log) in str(caught.value)
+
+
+def test_the_run_records_failed_starts_and_starts_the_peer(tmp_path, monkeypatch):
+    """Through the side-by-side itself: the peer's report says which attempt started it and where the
+    failed one's log is; a peer that never starts is 'start failed' with all its logs."""
+    flaky, _ = flaky_launch(failures=1)
+    broken, _ = flaky_launch(failures=9)
+    monkeypatch.setitem(SERVERS, "flaky", ServerSpec("flaky", "flaky", [], [], {}, OursAdapter, flaky,
+                                                     ready_timeout=20))
+    monkeypatch.setitem(SERVERS, "broken", ServerSpec("broken", "broken", [], [], {}, OursAdapter, broken,
+                                                      ready_timeout=20))
+    config = RunConfig(checkpoint=tmp_path, artifact=tmp_path, data=tmp_path / "d.tsv", out=tmp_path / "out",
+                       servers=["flaky", "broken"], concurrency=[1], start_attempts=2)
+    run = SideBySide(config, log=lambda _: None)
+    try:
+        for name in ("flaky", "broken"):
+            run.servers[name] = {"title": name, "settings": {}, "status": "pending"}
+            run.start_one(name, Path(sys.executable), tmp_path, 8)
+        flaky_info, broken_info = run.servers["flaky"], run.servers["broken"]
+        assert flaky_info["status"] == "started" and list(run.running) == ["flaky"]
+        assert [f["attempt"] for f in flaky_info["failed_starts"]] == [1]
+        assert Path(flaky_info["failed_starts"][0]["log"]).exists()
+        assert flaky_info["log"].endswith("server.log")
+        assert broken_info["status"] == "start failed" and len(broken_info["failed_starts"]) == 2
+        text = markdown(report_for(sweep()) | {"servers": {**report_for(sweep())["servers"], "flaky": flaky_info,
+                                                           "broken": broken_info}})
+        assert f"- flaky: started on attempt 2; failed attempt 1: {flaky_info['failed_starts'][0]['log']} (" in text
+        assert "broken: start failed" in text and broken_info["failed_starts"][1]["log"] in text
+    finally:
+        for running in run.running.values():
+            stop(running, timeout=10)

@@ -82,6 +82,7 @@ def markdown(report: dict) -> str:
     if disturbed:
         lines += ["", "† disturbed phases (their numbers are not the server's own; rerun on a quiet machine):", ""]
         lines += [f"- {p['server']} {p['mode']} {p['level']:g}: {p['disturbed']}" for p in disturbed]
+    lines += start_retry_lines(servers)
     failed = {n: s for n, s in servers.items() if s.get("status") != "measured"}
     if failed:
         lines += ["", "## Not measured", ""]
@@ -92,6 +93,24 @@ def markdown(report: dict) -> str:
         lines += ["", f"Generator ceiling: {gen['throughput_rps']:.0f} req/s on GET {gen['path']} "
                   f"({gen['client_cpu_ms_per_request']:.2f} ms client CPU per request); the generator shares the CPUs."]
     return "\n".join(lines) + "\n"
+
+
+def start_retry_lines(servers: dict) -> list[str]:
+    """Servers that needed more than one start: each failed attempt's last error line and its kept log."""
+    lines = []
+    for name, info in servers.items():
+        failures = info.get("failed_starts") or []
+        if not failures:
+            continue
+        outcome = f"started on attempt {len(failures) + 1}" if info.get("status") != "start failed" else "start failed"
+        lines.append(f"- {name}: {outcome}; " + "; ".join(
+            f"failed attempt {f['attempt']}: {f['log']} ({_last_line(f['error'])})" for f in failures))
+    return ["", "## Start retries", "", *lines] if lines else []
+
+
+def _last_line(text: str) -> str:
+    stripped = text.strip()
+    return stripped.splitlines()[-1][-200:] if stripped else "-"
 
 
 def perf_analyzer_lines(section: dict) -> list[str]:

@@ -5,8 +5,10 @@ Order of a run:
      tokenizer capped at the artifact's max sequence length (so every server truncates alike) and asked
      for ``input_ids`` and ``attention_mask`` only (DistilBERT takes no token types);
   2. each peer's venv (``<peers-root>/<name>``), created and installed unless already done;
-  3. every server started (one at a time, each waiting until a real prediction comes back), then warmed
-     up with a short closed loop at the highest concurrency; then the idle CPU of each is recorded;
+  3. every server started (one at a time, each waiting until a real prediction comes back; a start that
+     fails is tried again with fresh ports, up to ``start_attempts`` in all, each failed attempt's log kept
+     as ``server.failed-attempt-<n>.log`` beside ``server.log``), then warmed up with a short closed loop at
+     the highest concurrency; then the idle CPU of each is recorded;
   4. the generator's ceiling (closed loop on our ``GET /ready``, a trivial endpoint);
   5. closed loop: for each concurrency, every server in turn (the order rotates by one per level), so
      drift of the machine over the run hits all alike; after each phase the run waits until the server
@@ -40,12 +42,15 @@ from scripts.benchlib.peers.compare import HALF, compare, saturation, verdict_li
 from scripts.benchlib.peers.output import settings_cell, write_outputs
 from scripts.benchlib.peers.servers import (
     SERVERS,
+    START_ATTEMPTS,
     Context,
+    FailedStart,
     Running,
+    StartFailed,
     git_revision,
     reported_versions,
     server_info,
-    start,
+    start_with_retries,
     stop,
 )
 from scripts.benchlib.peers.venvs import InstallError, ensure_venv, installed_versions
@@ -81,6 +86,7 @@ class RunConfig:
     settle_cpu_percent: float = 15.0
     settle_timeout: float = 120.0
     perf_analyzer: list[str] = field(default_factory=lambda: list(perf_analyzer.PROTOCOLS))  # [] = not run
+    start_attempts: int = START_ATTEMPTS  # per server, each with fresh ports; failed attempts' logs are kept
 
 
 def artifact_max_length(artifact: Path) -> int:
@@ -155,6 +161,10 @@ def idle_cpu(server: Running, seconds: float) -> float:
     return 100.0 * (server.cpu_seconds() - cpu0) / (time.perf_counter() - t0)
 
 
+def _failed_starts(failures: list[FailedStart]) -> list[dict]:
+    return [{"attempt": f.attempt, "error": f.error, "log": str(f.log)} for f in failures]
+
+
 def phase_line(phase: dict) -> str:
     lat = phase["latency"]
     ms = f"p50 {lat['p50_ms']:.1f} p90 {lat['p90_ms']:.1f} p99 {lat['p99_ms']:.1f}" if lat["count"] else "-"
@@ -202,19 +212,25 @@ class SideBySide:
 
     def start_one(self, name: str, python: Path, checkpoint: Path, max_length: int) -> None:
         spec, info = SERVERS[name], self.servers[name]
-        ctx = Context(python=python, checkpoint=checkpoint, artifact=self.config.artifact.resolve(),
-                      max_length=max_length, port=free_port(),
-                      spare_ports=[free_port() for _ in range(spec.spare_ports)],
-                      workdir=(self.config.out / "servers" / name).resolve(), settings=info["settings"])
+        workdir = (self.config.out / "servers" / name).resolve()
+
+        def fresh_context() -> Context:  # new ports each attempt: a failed one may still hold its own
+            return Context(python=python, checkpoint=checkpoint, artifact=self.config.artifact.resolve(),
+                           max_length=max_length, port=free_port(),
+                           spare_ports=[free_port() for _ in range(spec.spare_ports)], workdir=workdir,
+                           settings=info["settings"])
+
         began = time.perf_counter()
         try:
-            self.running[name] = start(spec, ctx, self.log)
-        except Exception as exc:  # noqa: BLE001 - one server failing must not stop the others
-            info.update(status="start failed", error=str(exc)[-2000:])
+            self.running[name], failures = start_with_retries(spec, fresh_context, self.config.start_attempts,
+                                                              self.log)
+        except StartFailed as exc:  # one server failing must not stop the others
+            info.update(status="start failed", error=str(exc)[-2000:], failed_starts=_failed_starts(exc.failures))
             self.log(f"{name}: start failed: {str(exc)[-1500:]}")
             return
         info.update(status="started", start_seconds=time.perf_counter() - began, url=self.running[name].url,
-                    log=str(ctx.workdir / "server.log"), server_info=server_info(self.running[name], spec.info_path))
+                    log=str(self.running[name].log_path), failed_starts=_failed_starts(failures),
+                    server_info=server_info(self.running[name], spec.info_path))
         info.setdefault("versions", {}).update(reported_versions(name, info["server_info"]))
 
     # -- measuring ---------------------------------------------------------------------------------------

@@ -331,6 +331,64 @@ def start(spec: ServerSpec, ctx: Context, log=print) -> Running:
     return running
 
 
+START_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class FailedStart:
+    """One start attempt that did not come up: its error and where its log was kept."""
+
+    attempt: int
+    error: str
+    log: Path
+
+
+class StartFailed(RuntimeError):
+    """Every start attempt of a server failed; ``failures`` holds each one's error and kept log."""
+
+    def __init__(self, name: str, failures: list[FailedStart]) -> None:
+        self.failures = failures
+        logs = ", ".join(str(f.log) for f in failures)
+        super().__init__(f"{name} failed to start {len(failures)} time(s) (logs: {logs}); "
+                         f"the last attempt: {failures[-1].error if failures else '-'}")
+
+
+def kept_log(workdir: Path, attempt: int) -> Path:
+    """Where a failed attempt's ``server.log`` is kept, so the next attempt does not overwrite it."""
+    return workdir / f"server.failed-attempt-{attempt}.log"
+
+
+def start_with_retries(spec: ServerSpec, make_context: Callable[[], Context], attempts: int = START_ATTEMPTS,
+                       log=print) -> tuple[Running, list[FailedStart]]:
+    """``start`` up to ``attempts`` times, each with a fresh context (fresh ports), keeping each failed log.
+
+    Why: a peer can fail to start for reasons of its own that the next try does not meet (PyTriton 0.7.0
+    failed 1 run in 5 when its two model instances raced for the handshake socket). Returns the running
+    server and the failed attempts before it; raises ``StartFailed`` when none came up. Interrupts
+    (SIGTERM, Ctrl-C) are not retried.
+    """
+    failures: list[FailedStart] = []
+    for attempt in range(1, attempts + 1):
+        ctx = make_context()
+        server_log = ctx.workdir / "server.log"
+        server_log.unlink(missing_ok=True)  # a previous run's: not this attempt's to keep
+        try:
+            return start(spec, ctx, log), failures
+        except Exception as exc:  # noqa: BLE001 - whatever it was, a fresh start may not meet it
+            kept = kept_log(ctx.workdir, attempt)
+            if server_log.exists():
+                server_log.replace(kept)
+            else:  # it failed before launching (e.g. TorchServe's archiver): the error is all there is
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(f"{type(exc).__name__}: {exc}\n")
+            failures.append(FailedStart(attempt, str(exc)[-2000:], kept))
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            more = "retrying with fresh ports" if attempt < attempts else "giving up"
+            log(f"{spec.name}: start attempt {attempt} of {attempts} failed ({last[-300:]}); log kept at {kept}; "
+                f"{more}")
+    raise StartFailed(spec.name, failures)
+
+
 def server_info(running: Running, path: str | None) -> object:
     """The JSON the server answers on ``path`` (its own account of version and model); None if it does not."""
     if not path:
