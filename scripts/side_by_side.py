@@ -7,8 +7,11 @@
 
 Each peer is installed into its own venv outside the project (``--peers-root``, default /work/peers/<name>;
 torch pinned to the local CPU wheel), started, warmed up, measured and stopped; the load levels run
-round-robin across the servers. Prints one line per phase and the two targets:
-  our saturation throughput >= 1.5x the best peer's, and
+round-robin across the servers. A server that fails to start is tried again with fresh ports
+(``--start-attempts``, 3), each failed attempt's log kept. Prints one line per phase and the three targets
+(issue 17), each met / not met / not judged:
+  ours >= 1.5x the best peer at every concurrency level swept (the ratio at equal concurrency),
+  our saturation throughput >= 2x the best peer's (best of sweep for both), and
   our p99 at half our saturation rate <= the best peer's p50 at that rate;
 then Triton's own load tool, perf_analyzer, on the servers that speak Open Inference Protocol v2 (ours and
 Triton) over HTTP and gRPC at the same concurrency levels (``--perf-analyzer``; installed into

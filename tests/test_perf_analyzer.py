@@ -16,6 +16,7 @@ import pytest
 
 from scripts import side_by_side
 from scripts.benchlib.peers import perf_analyzer
+from scripts.benchlib.peers.compare import compare
 from scripts.benchlib.peers.output import markdown, perf_analyzer_lines
 from scripts.benchlib.peers.perf_analyzer import Target, Tool
 
@@ -108,7 +109,7 @@ def test_report_section_has_a_row_per_server_and_protocol():
 def test_markdown_includes_the_perf_analyzer_section():
     report = {"started": "t", "environment": {"cpu": "cpu", "usable_cpus": 2},
               "config": {"data": "d", "checkpoint": "c", "max_length": 8}, "servers": {}, "phases": [],
-              "comparison": {"saturation": {}, "throughput": None, "latency": None},
+              "comparison": compare([], []),
               "perf_analyzer": {"tool": "PA", "results": [{"server": "triton", "protocol": "http", "concurrency": 8,
                                                            "error": None, "throughput_rps": 1.0, "p50_ms": 2.0,
                                                            "p99_ms": 3.0}]}}

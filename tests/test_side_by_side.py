@@ -199,17 +199,54 @@ def test_saturation_is_the_best_closed_loop_goodput():
     assert saturation(phases, "nobody") is None
 
 
-def test_compare_throughput_and_latency_targets():
+def test_compare_the_three_targets():
     result = compare(sweep(), ["ours", "triton", "ray"])
     t = result["throughput"]
-    assert t["best_peer"] == "triton" and t["ratio"] == pytest.approx(300 / 180) and t["passed"]
+    assert t["best_peer"] == "triton" and t["ratio"] == pytest.approx(300 / 180) and not t["passed"]  # < 2x
+    assert (t["ours_level"], t["best_peer_level"]) == (16, 16)
+    levels = result["equal_concurrency"]["levels"]
+    assert [(r["concurrency"], r["best_peer"]) for r in levels] == [(1, "triton"), (16, "triton"), (64, None)]
+    assert levels[0]["ratio"] == pytest.approx(2.0) and levels[1]["ratio"] == pytest.approx(300 / 180)
+    assert levels[0]["peers_rps"] == {"triton": 50.0, "ray": 40.0}
+    assert levels[2]["passed"] is None  # only ours ran at 64: that level is not judged, so neither is "every level"
+    assert result["equal_concurrency"]["passed"] is None
     lat = result["latency"]
     assert lat["rate_rps"] == 150.0
     assert lat["best_peer"] == "triton" and lat["best_peer_p50_ms"] == 9.0
     assert lat["ours_p99_ms"] == 8.0 and lat["passed"]
+    assert {k: v["met"] for k, v in result["targets"].items()} == {
+        "equal_concurrency": None, "saturation": False, "latency": True}
     lines = verdict_lines(result)
-    assert "1.67x" in lines[0] and "PASS" in lines[0]
-    assert "ours p99 8.0 ms" in lines[1] and "triton p50 9.0 ms" in lines[1] and lines[1].endswith("PASS")
+    assert "c=1 2.00x vs triton, c=16 1.67x vs triton" in lines[0] and "no comparison at c=64" in lines[0]
+    assert "1.67x, best of sweep (target >= 2x): not met" in lines[1]
+    assert "ours p99 8.0 ms" in lines[2] and "triton p50 9.0 ms" in lines[2] and lines[2].endswith(": met")
+
+
+def test_equal_concurrency_catches_a_level_where_ours_is_not_far_enough_ahead():
+    """Ahead by 2x at saturation (best of sweep) but only 1.45x at 64 clients, where the peer peaks: not met."""
+    phases = sweep() + [phase("triton", "closed", 64, 145.0), phase("ray", "closed", 64, 100.0)]
+    phases = [p for p in phases if not (p["server"] == "triton" and p["level"] == 16)]
+    phases += [phase("triton", "closed", 16, 120.0)]
+    phases = [p for p in phases if not (p["server"] == "ours" and p["level"] == 64)] + [
+        phase("ours", "closed", 64, 210.0)]
+    result = compare(phases, ["ours", "triton", "ray"])
+    assert result["throughput"]["ratio"] == pytest.approx(2.0) and result["throughput"]["passed"]
+    row = result["equal_concurrency"]["levels"][2]
+    assert (row["best_peer"], row["ratio"], row["passed"]) == ("triton", pytest.approx(210 / 145), False)
+    assert result["equal_concurrency"]["passed"] is False
+    assert result["targets"]["equal_concurrency"]["verdict"] == "not met"
+    assert result["targets"]["saturation"]["verdict"] == "met"
+    faster = [p for p in phases if not (p["server"] == "ours" and p["level"] == 64)] + [
+        phase("ours", "closed", 64, 220.0)]
+    assert compare(faster, ["ours", "triton", "ray"])["equal_concurrency"]["passed"] is True  # 220/145 >= 1.5
+
+
+def test_a_level_where_no_peer_answered_counts_for_ours_if_ours_did():
+    phases = [phase("ours", "closed", 8, 50.0), phase("triton", "closed", 8, 0.0)]
+    row = compare(phases, ["ours", "triton"])["equal_concurrency"]["levels"][0]
+    assert row["ratio"] is None and row["passed"] is True
+    phases = [phase("ours", "closed", 8, 0.0), phase("triton", "closed", 8, 0.0)]
+    assert compare(phases, ["ours", "triton"])["equal_concurrency"]["passed"] is False
 
 
 def test_compare_fails_when_targets_are_missed():
@@ -217,8 +254,9 @@ def test_compare_fails_when_targets_are_missed():
     phases += [phase("triton", "closed", 16, 250.0)]
     result = compare(phases, ["ours", "triton", "ray"])
     assert result["throughput"]["ratio"] == pytest.approx(1.2) and not result["throughput"]["passed"]
+    assert result["equal_concurrency"]["passed"] is False  # 1.2x at 16
     assert not result["latency"]["passed"]
-    assert all("FAIL" in line for line in verdict_lines(result))
+    assert all("not met" in line for line in verdict_lines(result))
 
 
 def test_a_peer_that_drops_requests_is_not_the_latency_yardstick():
@@ -252,11 +290,15 @@ def report_for(phases: list[dict]) -> dict:
 
 def test_markdown_has_verdicts_servers_and_both_tables():
     text = markdown(report_for(sweep(triton_ok=80)))
-    assert "throughput: ours 300.0 req/s" in text and "latency at 150.0 req/s" in text
+    assert "saturation: ours 300.0 req/s" in text and "latency at 150.0 req/s" in text
+    assert "- equal concurrency: ours / best peer at the same level: c=1 2.00x vs triton" in text
     assert "| ours | measured |" in text and "max_batch_size=32" in text and "300.0 (c=16)" in text
     assert "## Closed loop" in text and "| concurrency 1 | concurrency 16 | concurrency 64 |" in text
     assert "| triton | 50.0 · 10.0/20.0 | 180.0 · 10.0/20.0 | - |" in text
     assert "## Open loop" in text and "20 failed" in text
+    assert "| concurrency 1 | 100.0 | triton 50.0 | 2.00× | ≥ 1.5×: met |" in text
+    assert "| concurrency 64 | 290.0 | - | - | ≥ 1.5×: not judged |" in text
+    assert "| saturation (best of sweep) | 300.0 (c=16) | triton 180.0 (c=16) | 1.67× | ≥ 2×: not met |" in text
     assert "- infinity: start failed: boom" in text and "Interrupted" not in text
 
 
@@ -288,7 +330,11 @@ def test_write_outputs_writes_json_markdown_and_png(tmp_path):
     report = report_for(sweep())
     paths = write_outputs(report, tmp_path / "out")
     assert [p.name for p in paths] == ["side_by_side.json", "side_by_side.md", "side_by_side.png"]
-    assert json.loads(paths[0].read_text())["comparison"]["throughput"]["best_peer"] == "triton"
+    saved = json.loads(paths[0].read_text())["comparison"]
+    assert saved["throughput"]["best_peer"] == "triton"
+    assert saved["targets"]["saturation"] == {"target": "our saturation throughput >= 2x the best peer's",
+                                              "met": False, "verdict": "not met"}
+    assert saved["equal_concurrency"]["levels"][1]["ratio"] == pytest.approx(300 / 180)
     assert paths[2].read_bytes().startswith(PNG_MAGIC)
 
 

@@ -59,6 +59,7 @@ def markdown(report: dict) -> str:
     if report.get("interrupted"):
         lines += [f"**Interrupted** ({report['interrupted']}): partial results.", ""]
     lines += [f"- {line}" for line in verdict_lines(report["comparison"])]
+    lines += equal_concurrency_lines(report["comparison"])
     lines += ["", "## Servers", "", "| server | status | versions | settings | saturation req/s (at c) | "
               "idle CPU % | accuracy (all phases) |", "|---|---|---|---|---|---|---|"]
     for name, info in servers.items():
@@ -93,6 +94,30 @@ def markdown(report: dict) -> str:
         lines += ["", f"Generator ceiling: {gen['throughput_rps']:.0f} req/s on GET {gen['path']} "
                   f"({gen['client_cpu_ms_per_request']:.2f} ms client CPU per request); the generator shares the CPUs."]
     return "\n".join(lines) + "\n"
+
+
+def _ratio_cell(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}×"
+
+
+def equal_concurrency_lines(comparison: dict) -> list[str]:
+    """Ours against the best peer at each concurrency level, then the best-of-sweep (saturation) ratio."""
+    eq, t = comparison.get("equal_concurrency"), comparison.get("throughput")
+    if not eq or not eq["levels"]:
+        return []
+    lines = ["", "## Ours / best peer, at equal concurrency and at saturation", "",
+             "| closed loop | ours req/s | best peer req/s | ours / best peer | target |", "|---|---|---|---|---|"]
+    for row in eq["levels"]:
+        peer = f"{row['best_peer']} {row['best_peer_rps']:.1f}" if row["best_peer"] else "-"
+        verdict = "not judged" if row["passed"] is None else "met" if row["passed"] else "not met"
+        lines.append(f"| concurrency {row['concurrency']:g} | {_fmt(row['ours_rps'])} | {peer} | "
+                     f"{_ratio_cell(row['ratio'])} | ≥ {eq['target']:g}×: {verdict} |")
+    if t:
+        verdict = comparison["targets"]["saturation"]["verdict"]
+        lines.append(f"| saturation (best of sweep) | {t['ours_rps']:.1f} (c={t['ours_level']:g}) | {t['best_peer']} "
+                     f"{t['best_peer_rps']:.1f} (c={t['best_peer_level']:g}) | {_ratio_cell(t['ratio'])} | "
+                     f"≥ {t['target']:g}×: {verdict} |")
+    return lines
 
 
 def start_retry_lines(servers: dict) -> list[str]:
