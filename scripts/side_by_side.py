@@ -1,10 +1,12 @@
 """Side by side (issue 6): the same model served by this project and by peer servers, the same load test on all.
 
-    python scripts/side_by_side.py --checkpoint build/finetune/best --artifact models/default \
+    python scripts/side_by_side.py --checkpoint build/ft_quick/best --artifact build/ft_quick_artifact \
         --data ../shared/data/sst2/dev.tsv --peers ours,triton,infinity,torchserve,ray \
-        --concurrency 1,4,16,64 --duration 15 --out bench_results/side_by_side
+        --concurrency 16,64,256 --duration 10 --out bench_results/side_by_side
     python scripts/side_by_side.py --smoke        # tiny model, 2 s per level: checks that everything works
 
+``--artifact`` must be built from ``--checkpoint`` (``models.build``; its manifest says from what), so
+that ours serves the weights the peers serve; the script refuses a pair that does not match.
 Each peer is installed into its own venv outside the project (``--peers-root``, default /work/peers/<name>;
 torch pinned to the local CPU wheel), started, warmed up, measured and stopped; the load levels run
 round-robin across the servers. A server that fails to start is tried again with fresh ports
@@ -31,7 +33,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 from scripts.benchlib.argtypes import names, positive_floats, positive_ints  # noqa: E402
 from scripts.benchlib.peers.perf_analyzer import PROTOCOLS  # noqa: E402
-from scripts.benchlib.peers.run import RunConfig, run_side_by_side  # noqa: E402
+from scripts.benchlib.peers.run import RunConfig, artifact_mismatch, run_side_by_side  # noqa: E402
 from scripts.benchlib.peers.servers import SERVERS, START_ATTEMPTS  # noqa: E402
 
 DEFAULT_PEERS = "ours,triton,infinity,torchserve,ray"
@@ -154,13 +156,17 @@ def _exit_on_sigterm(signum, _frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.smoke:
         args.checkpoint, args.artifact = smoke_model(args.out / "smoke-model")
     for path, what in ((args.checkpoint, "--checkpoint"), (args.artifact, "--artifact"), (args.data, "--data")):
         if not path.exists():
             print(f"{what} {path} does not exist", file=sys.stderr)
             return 2
+    mismatch = artifact_mismatch(args.artifact, args.checkpoint)
+    if mismatch:
+        print(mismatch, file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     report = run_side_by_side(config_from(args))
     return 0 if any(s.get("status") == "measured" for s in report["servers"].values()) else 1
 

@@ -29,7 +29,14 @@ from scripts.benchlib.peers.adapters import (
 )
 from scripts.benchlib.peers.compare import compare, saturation, verdict_lines
 from scripts.benchlib.peers.output import markdown, overall_accuracy, write_outputs
-from scripts.benchlib.peers.run import RunConfig, SideBySide, disturbance, overloaded, prepare_checkpoint
+from scripts.benchlib.peers.run import (
+    RunConfig,
+    SideBySide,
+    artifact_mismatch,
+    disturbance,
+    overloaded,
+    prepare_checkpoint,
+)
 from scripts.benchlib.peers.servers import (
     SERVERS,
     Context,
@@ -377,6 +384,45 @@ def test_prepare_checkpoint_links_files_and_caps_the_tokenizer(tmp_path):
     assert json.loads((source / "tokenizer_config.json").read_text())["model_max_length"] == 512
     prepare_checkpoint(source, dest, 64)  # again: replaced
     assert json.loads((dest / "tokenizer_config.json").read_text())["model_max_length"] == 64
+
+
+def fine_tuned(tmp_path: Path, result: dict) -> Path:
+    checkpoint = tmp_path / "ft" / "best"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "dev_result.json").write_text(json.dumps(result))
+    return checkpoint
+
+
+def built_from(tmp_path: Path, source) -> Path:
+    artifact = tmp_path / "artifact"
+    artifact.mkdir(exist_ok=True)
+    (artifact / "manifest.json").write_text(json.dumps({"max_sequence_length": 128, "source": source}))
+    return artifact
+
+
+def test_the_artifact_must_come_from_the_peers_checkpoint(tmp_path):
+    selected = {"accuracy": 0.85, "step": 400, "weights": "trained"}
+    checkpoint = fine_tuned(tmp_path, selected)
+    same = built_from(tmp_path, {"checkpoint": "ft/best", "selected": selected})
+    assert artifact_mismatch(same, checkpoint, root=tmp_path) is None  # relative to where the build ran
+    assert artifact_mismatch(built_from(tmp_path, str(checkpoint)), checkpoint, root=tmp_path) is None
+    other = built_from(tmp_path, {"checkpoint": "build/finetune_ema/best", "selected": selected})
+    assert "was built from build/finetune_ema/best, not from --checkpoint" in artifact_mismatch(other, checkpoint,
+                                                                                               root=tmp_path)
+    later = built_from(tmp_path, {"checkpoint": "ft/best", "selected": {**selected, "step": 300}})
+    assert "changed since" in artifact_mismatch(later, checkpoint, root=tmp_path)
+    (later / "manifest.json").unlink()
+    assert "no manifest.json" in artifact_mismatch(later, checkpoint, root=tmp_path)
+
+
+def test_main_refuses_an_artifact_from_another_checkpoint(tmp_path, capsys):
+    checkpoint = fine_tuned(tmp_path, {"step": 1})
+    artifact = built_from(tmp_path, "somewhere/else")
+    data = write_labeled(tmp_path / "d.tsv", [("good", 1)])
+    code = side_by_side.main(["--checkpoint", str(checkpoint), "--artifact", str(artifact), "--data", str(data),
+                              "--out", str(tmp_path / "out")])
+    assert code == 2 and "was built from somewhere/else" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was started or written
 
 
 def test_ensure_venv_is_a_no_op_when_the_marker_matches(tmp_path, monkeypatch):

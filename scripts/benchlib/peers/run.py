@@ -54,7 +54,7 @@ from scripts.benchlib.peers.servers import (
     stop,
 )
 from scripts.benchlib.peers.venvs import InstallError, ensure_venv, installed_versions
-from scripts.benchlib.serverproc import free_port
+from scripts.benchlib.serverproc import ROOT, free_port
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 OTHER_CPU_LIMIT = 25.0  # % of one CPU used by processes other than the measured server and the generator
@@ -91,6 +91,34 @@ class RunConfig:
 
 def artifact_max_length(artifact: Path) -> int:
     return int(json.loads((artifact / "manifest.json").read_text())["max_sequence_length"])
+
+
+def artifact_mismatch(artifact: Path, checkpoint: Path, root: Path = ROOT) -> str | None:
+    """Why ``artifact`` was not built from ``checkpoint`` (None when it was, or when its manifest cannot say).
+
+    The comparison only means something when ours serves the same weights as the peers. The manifest's
+    ``source.checkpoint`` names the directory it was built from (as given: relative to where the build ran,
+    normally the repository root); a ``models.finetune`` checkpoint also has ``dev_result.json``, which a
+    fine-tune still running rewrites whenever it finds a better step, so it must equal the manifest's
+    ``source.selected``.
+    """
+    manifest = artifact / "manifest.json"
+    if not manifest.is_file():
+        return f"--artifact {artifact} has no manifest.json (build it with python -m models.build)"
+    source = json.loads(manifest.read_text()).get("source")
+    built_from = source.get("checkpoint") if isinstance(source, dict) else source
+    if not built_from:
+        return None
+    candidates = [Path(built_from), root / built_from]
+    if not any(c.exists() and c.resolve() == checkpoint.resolve() for c in candidates):
+        return (f"--artifact {artifact} was built from {built_from}, not from --checkpoint {checkpoint}: build one "
+                f"from it (python -m models.build --checkpoint {checkpoint} --out DIR --variants int8)")
+    selected, result = (source.get("selected") if isinstance(source, dict) else None), checkpoint / "dev_result.json"
+    if selected is not None and result.is_file() and json.loads(result.read_text()) != selected:
+        return (f"--checkpoint {checkpoint} changed since --artifact {artifact} was built from it (its "
+                f"dev_result.json is {result.read_text().strip()}, the artifact's {json.dumps(selected)}): rebuild "
+                "the artifact once the fine-tune has finished")
+    return None
 
 
 def prepare_checkpoint(checkpoint: Path, dest: Path, max_length: int) -> Path:
