@@ -207,13 +207,82 @@ async def test_async_mode_counts_what_neither_database_nor_spool_would_take(stor
     metrics = Metrics()
     store = await open_store(store_settings(store_durability="async", db_pool_timeout_s=0.3), metrics, max_queue=4)
     store._wal.max_bytes = 0  # and the spool is full
-    for i in range(10):
-        store.submit(make_record(f"t{i}"))
+    records = [make_record(f"t{i}") for i in range(10)]
+    for record in records:
+        store.submit(record)
     await wait_until(lambda: "records are lost" in (store.health()["reason"] or ""), what="the spool to refuse")
     health = store.health()
     assert health["lost_rows"] == 6 and health["queue_depth"] == 4  # the first four wait in memory
     assert metrics.store_write_errors._value.get() >= 6
+    await asyncio.to_thread(store_db.up)  # the spool still refuses, but no record needs it: /health ok again
+    await wait_until(lambda: store.health()["status"] == "ok" and store.health()["queue_depth"] == 0, timeout=30,
+                     what="/health ok once records go to the database directly")
+    assert sorted(await asyncio.to_thread(stored_ids, store_db.url)) == sorted(r.id for r in records[:4])
+
+
+LONG_TEXT = "a long review that says a great deal about the film " * 80  # ~4 KB: a few hundred fill 1 MiB
+
+
+async def test_async_queue_larger_than_the_spool_fills_it_then_recovers_to_ok(store_db, store_settings, open_store):
+    """A queue bigger than the whole spool is spooled in chunks (one append of it all would never fit and the spool
+    stayed empty); once the database is back and the spool drained, /health is ok again and nothing was lost."""
+    await asyncio.to_thread(store_db.down)
+    settings = store_settings(store_durability="async", spool_max_bytes=1 << 20, db_pool_timeout_s=0.3)
+    store = await open_store(settings)
+    records = [make_record(LONG_TEXT, request_id=f"r{i}") for i in range(600)]  # ~2.6 MB of spool lines
+    for record in records:
+        store.submit(record)
+    await wait_until(lambda: "records are lost" in (store.health()["reason"] or ""), timeout=30,
+                     what="the spool to fill and refuse")
+    health = store.health()
+    assert health["spool_rows"] > 100 and health["spool_bytes"] > 0.8 * (1 << 20), health
+    assert health["spool_rows"] + health["queue_depth"] == len(records) and health["lost_rows"] == 0, health
     await asyncio.to_thread(store_db.up)
+    await wait_until(lambda: store.health()["status"] == "ok" and store.health()["spool_rows"] == 0
+                     and store.health()["queue_depth"] == 0, timeout=60, what="/health ok with the spool drained")
+    stored = await asyncio.to_thread(stored_ids, store_db.url)
+    assert sorted(stored) == sorted(r.id for r in records)
+
+
+async def test_async_memory_queue_is_bounded_and_what_it_drops_is_counted(store_db, store_settings, open_store):
+    """Database down, spool full: records wait in memory up to the byte bound; every one beyond it is counted in
+    lost_rows, so stored + lost is exactly what was submitted once the database is back."""
+    await asyncio.to_thread(store_db.down)
+    metrics = Metrics()
+    bound = 100_000
+    settings = store_settings(store_durability="async", spool_max_bytes=1 << 20, db_pool_timeout_s=0.3)
+    store = await open_store(settings, metrics, max_queue_bytes=bound)
+    records: list = []
+
+    def refused() -> bool:
+        return "records are lost" in (store.health()["reason"] or "")
+
+    while not refused() and len(records) < 2000:  # waves the writer spools, until the spool is full
+        wave = [make_record(LONG_TEXT, request_id=f"r{len(records) + i}") for i in range(10)]
+        records += wave
+        for record in wave:
+            store.submit(record)
+        await wait_until(lambda: refused() or store.health()["queue_depth"] == 0, timeout=30, what="a wave spooled")
+    assert refused(), store.health()
+    spooled = store.health()["spool_rows"]
+    late = [make_record(LONG_TEXT, request_id=f"late{i}") for i in range(200)]
+    for record in late:  # more than memory may hold
+        store.submit(record)
+    records += late
+    await wait_until(lambda: store.health()["spool_rows"] + store.health()["queue_depth"]
+                     + store.health()["lost_rows"] == len(records), timeout=30, what="every record placed")
+    health = store.health()
+    assert spooled > 100 and health["spool_rows"] == spooled, health  # the spool stayed full
+    assert 0 < health["queue_depth"] * len(LONG_TEXT) <= bound, health
+    lost = health["lost_rows"]
+    assert lost >= len(late) - bound // len(LONG_TEXT), health
+    assert metrics.store_write_errors._value.get() >= lost
+    await asyncio.to_thread(store_db.up)
+    await wait_until(lambda: store.health()["status"] == "ok" and store.health()["spool_rows"] == 0
+                     and store.health()["queue_depth"] == 0, timeout=60, what="/health ok with the spool drained")
+    stored = await asyncio.to_thread(stored_ids, store_db.url)
+    assert len(stored) == len(set(stored)) and set(stored) <= {r.id for r in records}
+    assert len(stored) + store.health()["lost_rows"] == len(records)
 
 
 async def test_a_second_store_on_the_same_spool_dir_refuses_to_start(store_settings, open_store):

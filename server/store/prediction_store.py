@@ -16,7 +16,10 @@ Durability (STORE_DURABILITY):
   and /predict answers 503 + Retry-After: never a 200 without a record.
 - ``async``: ``record`` queues the records in memory and returns; they reach the database within
   ~``flush_interval_s`` (0.25 s), or as long as a database call hangs (PostgreSQL's statement timeout is
-  30 s) before they are spooled. A crash in that window loses them; a full spool loses them (counted).
+  30 s) before they are spooled. A crash in that window loses them. While the spool cannot take them
+  (full, ENOSPC) and the database is down they wait in memory, up to ``max_queue`` records and
+  ``max_queue_bytes`` (32 MiB) estimated; beyond that bound each new record is dropped and counted
+  (``lost_rows``). A crash loses what waits in memory, uncounted.
 
 Shutdown: ``close(timeout_s)`` stops the writer, writes what memory holds if the database is up, spools
 the rest, and is bounded in time: a disk backlog is left for the next start rather than replayed.
@@ -49,7 +52,7 @@ from server.store.spooldir import (
 from server.store.state import ForeignReport, StoreState, replay_command
 from server.store.wal import SpoolUnavailable, WriteAheadLog, count_spool, is_segment
 from server.store.worker import BlockingWorker
-from server.store.writer import Writer
+from server.store.writer import QUEUE_BYTES, Writer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ WATCH_INTERVAL_S = 5.0  # how often rejected rows and foreign spools on disk are
 
 class PredictionStore:
     def __init__(self, settings: Settings, metrics: Metrics, *, batch_rows: int = 256, flush_interval_s: float = 0.25,
-                 retry_interval_s: float = 2.0, max_queue: int = 100_000) -> None:
+                 retry_interval_s: float = 2.0, max_queue: int = 100_000, max_queue_bytes: int = QUEUE_BYTES) -> None:
         self.settings = settings
         self.metrics = metrics
         self.engine = make_engine(settings)
@@ -76,7 +79,8 @@ class PredictionStore:
         self._writer = Writer(state=self.state, wal=self._wal, sink=self._sink, committer=self._committer,
                               metrics=metrics, store_text=settings.store_text, batch_rows=batch_rows,
                               flush_interval_s=flush_interval_s, retry_interval_s=retry_interval_s,
-                              max_queue=max_queue, on_rejected=lambda: self._disk_changed.set())
+                              max_queue=max_queue, max_queue_bytes=max_queue_bytes,
+                              on_rejected=lambda: self._disk_changed.set())
         self._worker: BlockingWorker | None = None
         self._tasks: list[asyncio.Task] = []
         self._rejected_seen: tuple = ()

@@ -8,8 +8,10 @@ after is taken from the cheapest place that holds it:
   past that, or when the database goes down, it is dropped (the records stay on disk);
 - the **backlog** on disk (records before the tail): read back in chunks of ``batch_rows``, about a
   second of work per flush, so a large backlog never stalls the writer or the records behind it;
-- in async mode, records kept in memory only (``unlogged``): written directly while the spool is empty
-  and the database up, otherwise appended to the spool behind what is there, so order is kept.
+- in async mode, records kept in memory only (``unlogged``, bounded: ``unlogged.UnloggedQueue``): written
+  directly while the spool is empty and the database up, otherwise appended to the spool behind what is
+  there, so order is kept, a chunk at a time (a queue larger than the spool still fills it). What the spool
+  refuses waits in memory up to the queue's bound; beyond it records are dropped and counted lost.
 
 Segments whose records are all in the database are released (deleted) after each write. A flush runs
 every ``flush_interval_s`` or as soon as ``batch_rows`` records wait, and back to back while a backlog
@@ -36,6 +38,7 @@ from server.store.rows import record_row
 from server.store.sink import DatabaseSink, WriteOutcome
 from server.store.state import StoreState
 from server.store.throttle import Throttle
+from server.store.unlogged import UnloggedQueue
 from server.store.wal import SpoolUnavailable, WriteAheadLog
 from server.store.worker import BlockingWorker
 
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ROWS = 16_384  # the most committed records held in memory for the writer (beyond: read back from disk)
 REPLAY_BUDGET_S = 1.0  # disk backlog read back per flush, in seconds of work
+QUEUE_BYTES = 32 << 20  # async mode: the most memory records held in memory only may take (estimated)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Writer:
     def __init__(self, *, state: StoreState, wal: WriteAheadLog, sink: DatabaseSink, committer: GroupCommitter,
                  metrics: Metrics, store_text: bool, batch_rows: int, flush_interval_s: float,
                  retry_interval_s: float, max_queue: int, on_rejected: Callable[[], None],
-                 cache_rows: int = CACHE_ROWS) -> None:
+                 cache_rows: int = CACHE_ROWS, max_queue_bytes: int = QUEUE_BYTES) -> None:
         self.state = state
         self._on_rejected = on_rejected  # rejected.jsonl changed: /health recounts it
         self._wal = wal
@@ -69,13 +73,12 @@ class Writer:
         self._batch_rows = batch_rows
         self._flush_interval_s = flush_interval_s
         self._retry_interval_s = retry_interval_s
-        self._max_queue = max_queue
         self._cache_rows = cache_rows
         self._worker: BlockingWorker | None = None
         self.cursor = 0  # WAL position: every record before it is in the database
         self.wal_end = 0  # end of the last group committed (as the loop has heard)
         self._cache: deque[Commit] = deque()
-        self._unlogged: deque[dict[str, Any]] = deque()
+        self._unlogged = UnloggedQueue(max_queue, max_queue_bytes)
         self._in_flight: list[dict[str, Any]] = []  # unlogged rows inside a database call right now
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -127,11 +130,12 @@ class Writer:
                 self._metrics.store_write_errors.inc()
                 log.exception("store: could not queue prediction %s", getattr(record, "id", "?"))
                 continue
-            if len(self._unlogged) >= self._max_queue or self._stopping:
-                self.lose(1, "the store's queue is full (database and spool both failing?)"
-                           if not self._stopping else "the store is closed")
-                continue
-            self._unlogged.append(row)
+            if self._stopping:
+                self.lose(1, "the store is closed")
+            elif not self._unlogged.put(row):
+                self.lose(1, f"the store's memory queue is full ({len(self._unlogged)} records, "
+                             f"{self._unlogged.bytes >> 20} MiB): records come faster than the database or the spool "
+                             f"take them")
         self.state.unlogged_rows = len(self._unlogged) + len(self._in_flight)
         self._metrics.store_queue_depth.set(self.state.cached_rows + self.state.unlogged_rows)
         if len(self._unlogged) >= self._batch_rows:
@@ -172,10 +176,9 @@ class Writer:
 
     async def spool_leftovers(self) -> None:
         """At shutdown: records in memory only (async mode, or a write still hanging) go to the spool."""
-        rows = self._in_flight + list(self._unlogged)
+        rows = self._in_flight + self._unlogged.take_all()
         if not rows:
             return
-        self._unlogged.clear()
         try:
             await self._committer.append(rows, rows=True)
         except SpoolUnavailable as error:
@@ -207,6 +210,13 @@ class Writer:
             # server with no traffic to prove otherwise (the next append says so again if it still is).
             log.info("store: the spool has room again (%d bytes freed since it refused records)",
                      self._bytes_at_refusal - self._wal.bytes)
+            state.append_error = None
+            self._throttle.reset("spool")
+        elif state.append_error and state.durability == "async" and state.database_up and not state.pending_rows:
+            # Async mode appends only while the database is down or behind; with neither, records are written
+            # directly: no append comes to clear the refusal, and no record is lost to it any more.
+            log.info("store: every record reaches the database directly again; the spool's refusal no longer "
+                     "loses records")
             state.append_error = None
             self._throttle.reset("spool")
         state.publish()
@@ -287,13 +297,13 @@ class Writer:
         state = self.state
         budget = len(self._unlogged)
         while self._unlogged and not state.pending_rows and budget > 0:
-            rows = [self._unlogged.popleft() for _ in range(min(len(self._unlogged), self._batch_rows))]
+            rows = self._unlogged.take(self._batch_rows)
             budget -= len(rows)
             self._in_flight = rows
             try:
                 outcome = await self._worker.call(self._sink.write, rows)
             except BaseException:
-                self._unlogged.extendleft(reversed(rows))
+                self._put_back(rows, "the database failed and the memory queue is full")
                 raise
             finally:
                 self._in_flight = []
@@ -302,19 +312,25 @@ class Writer:
             self.mark_up()
 
     async def _spool_unlogged(self) -> None:
-        """Async mode, database down or a backlog in the spool: put the records behind it, on disk."""
-        rows = list(self._unlogged)
-        self._unlogged.clear()
-        try:
-            await self._committer.append(rows, rows=True)
-        except SpoolUnavailable:
-            self._unlogged.extendleft(reversed(rows))  # held in memory, up to max_queue, until the spool takes them
-            excess = len(self._unlogged) - self._max_queue
-            if excess > 0:
-                for _ in range(excess):
-                    self._unlogged.pop()
-                self.lose(excess, "the spool refuses records and the queue is full")
+        """Async mode, database down or a backlog in the spool: put the records queued when the flush began behind
+        it, on disk, in chunks of at most ``batch_rows`` and an eighth of the spool's cap: one append of the whole
+        queue could be larger than the spool itself and would never fit. What the spool refuses stays in memory,
+        up to the queue's bound."""
+        budget = len(self._unlogged)
+        while self._unlogged and budget > 0:
+            rows = self._unlogged.take(min(budget, self._batch_rows), max_bytes=self._wal.max_bytes // 8)
+            budget -= len(rows)
+            try:
+                await self._committer.append(rows, rows=True)
+            except SpoolUnavailable:
+                self._put_back(rows, "the spool refuses records and the memory queue is full")
+                break
         self.state.unlogged_rows = len(self._unlogged)
+
+    def _put_back(self, rows: list[dict[str, Any]], why: str) -> None:
+        dropped = self._unlogged.put_back(rows)
+        if dropped:
+            self.lose(dropped, why)
 
     # on the database thread
 
