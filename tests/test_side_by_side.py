@@ -536,6 +536,9 @@ def test_a_failed_start_is_retried_with_fresh_ports_and_its_log_kept(tmp_path):
     launch, ports = flaky_launch(failures=1)
     spec = ServerSpec("flaky", "flaky", [], [], {"threads": 1}, OursAdapter, launch, ready_timeout=20)
     lines: list[str] = []
+    (tmp_path / "flaky").mkdir()
+    stale = tmp_path / "flaky" / "server.failed-attempt-2.log"  # an earlier run's, in the same --out
+    stale.write_text("an earlier run")
     running, failed = start_with_retries(spec, fresh_contexts(tmp_path / "flaky"), attempts=3, log=lines.append)
     try:
         assert len(ports) == 2 and ports[0] != ports[1]
@@ -546,6 +549,7 @@ def test_a_failed_start_is_retried_with_fresh_ports_and_its_log_kept(tmp_path):
         assert "exited with 1" in failed[0].error
         assert "ConnectionRefusedError" not in running.log_path.read_text()  # the good attempt has its own log
         assert any(str(failed[0].log) in line and "retrying with fresh ports" in line for line in lines)
+        assert not stale.exists()
     finally:
         stop(running, timeout=10)
 

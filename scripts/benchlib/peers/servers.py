@@ -332,6 +332,7 @@ def start(spec: ServerSpec, ctx: Context, log=print) -> Running:
 
 
 START_ATTEMPTS = 3
+FAILED_LOG = "server.failed-attempt-{}.log"  # beside server.log, one per failed attempt
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,7 @@ class StartFailed(RuntimeError):
 
 def kept_log(workdir: Path, attempt: int) -> Path:
     """Where a failed attempt's ``server.log`` is kept, so the next attempt does not overwrite it."""
-    return workdir / f"server.failed-attempt-{attempt}.log"
+    return workdir / FAILED_LOG.format(attempt)
 
 
 def start_with_retries(spec: ServerSpec, make_context: Callable[[], Context], attempts: int = START_ATTEMPTS,
@@ -371,7 +372,9 @@ def start_with_retries(spec: ServerSpec, make_context: Callable[[], Context], at
     for attempt in range(1, attempts + 1):
         ctx = make_context()
         server_log = ctx.workdir / "server.log"
-        server_log.unlink(missing_ok=True)  # a previous run's: not this attempt's to keep
+        stale = [server_log, *ctx.workdir.glob(FAILED_LOG.format("*"))] if attempt == 1 else [server_log]
+        for path in stale:  # a previous run's logs in the same --out: not this run's to keep or report
+            path.unlink(missing_ok=True)
         try:
             return start(spec, ctx, log), failures
         except Exception as exc:  # noqa: BLE001 - whatever it was, a fresh start may not meet it
