@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 
@@ -20,10 +21,10 @@ from server.http import ObservedASGI, document_errors, install_error_handlers
 from server.memory import MemoryGuard
 from server.metrics import Metrics
 from server.predictor import Predictor
+from server.preflight import load_model
 from server.protocols import kserve_v1, oip_v2, tei
 from server.routes import router
 from server.routes_store import router as store_router
-from server.runtime import ModelRuntime
 from server.services import Services
 from server.store import KeyStore, PredictionStore
 from server.store.keycache import KeyCache
@@ -33,18 +34,10 @@ log = logging.getLogger(__name__)
 
 async def build_services(settings: Settings, metrics: Metrics,
                          wrap_engine: Callable[[Engine], Engine] | None = None) -> Services:
-    loop = asyncio.get_running_loop()
-
-    def load() -> ModelRuntime:
-        runtime = ModelRuntime.load(settings, metrics, wrap_engine=wrap_engine)
-        if settings.warmup:
-            runtime.warm_up()
-        else:
-            runtime.smoke_test()
-            runtime.warm = True
-        return runtime
-
-    runtime = await loop.run_in_executor(None, load)
+    """The model (start-up's one load of it, ``server.preflight.load_model``: a failure is a ``StartupError``
+    with its exit code), then the cache, store and key cache around it."""
+    runtime = await asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(load_model, settings, metrics, warm=settings.warmup, wrap_engine=wrap_engine))
     cache_bytes = runtime.settings.cache_max_bytes if settings.enable_model_caching else 0  # as the memory plan says
     cache = PredictionCache(cache_bytes, metrics)
     store = PredictionStore(settings, metrics)

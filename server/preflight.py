@@ -7,16 +7,18 @@ stops at the first failure, logs its line at ERROR, without a traceback, and exi
 
 Order: configuration (values that must fit together, ``server.config.check_relationships``) -> writable
 paths (LOG_FILE, SPOOL_DIR, the SQLite file: the nearest existing folder must be a directory in which a
-probe file can really be created and removed) -> DATABASE_URL (parseable, sqlite or postgresql) -> port ->
-device -> model (manifest schema and sha256, MODEL_VARIANT shipped, tokenizer loaded, ONNX session created,
-smoke predictions run: ``server.runtime.load_checked``).
+probe file can really be created and removed) -> DATABASE_URL (parseable, sqlite or postgresql) -> ports
+(PORT, and GRPC_PORT when gRPC is on) -> device -> model (manifest schema and sha256, MODEL_VARIANT shipped,
+tokenizer loaded, ONNX session created, smoke predictions run: ``load_model``).
 
 Whether the database answers is not a start-up condition (predictions are served and records spooled while
 it is down); only ``doctor`` connects to it.
 
-The model loaded by the model check is not handed to the app, which loads it again: that keeps the app
-independent of how it was started (tests build it in-process) at the price of one more load and smoke
-prediction at start-up (the default model: about 0.5 s on 2 cores; the app's warm-up is not repeated).
+The model is loaded once at start-up: by the app's lifespan (``server.app.build_services``), which runs before
+the port opens, through ``load_model``, so its failures are the same one line and exit code as every check here
+(``server.lifecycle.run_server`` logs them). ``preflight`` runs the checks before it, the cheap ones; ``doctor``
+runs ``check_model``, the same load, itself. Loading the model here as well, to check it, cost a second load,
+memory probe and smoke prediction (the default model on 2 cores: about 3.5 s of start-up and its peak memory).
 """
 
 from __future__ import annotations
@@ -30,10 +32,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.config import ConfigError, Settings, check_relationships
 from server.engine import first_line
 from server.exitcodes import ExitCode, StartupError
+
+if TYPE_CHECKING:
+    from server.engine import Engine
+    from server.metrics import Metrics
+    from server.runtime import ModelRuntime
 
 log = logging.getLogger("server.cli")
 
@@ -104,10 +112,17 @@ def check_database_reachable(settings: Settings) -> str:
 
 
 def check_port(settings: Settings) -> str:
+    """PORT, and GRPC_PORT when gRPC is on: each must be free on HOST."""
     problem = port_problem(settings.host, settings.port)
     if problem:
         raise StartupError(f"{problem}; stop the other process or set PORT to a free port", ExitCode.PORT)
-    return f"{settings.host}:{settings.port} is free"
+    if not settings.grpc_port:
+        return f"{settings.host}:{settings.port} is free"
+    problem = port_problem(settings.host, settings.grpc_port)
+    if problem:
+        raise StartupError(f"GRPC_PORT: {problem}; stop the other process, set GRPC_PORT to a free port, or 0 to "
+                           "turn gRPC off", ExitCode.PORT)
+    return f"{settings.host}:{settings.port} (PORT) and {settings.host}:{settings.grpc_port} (GRPC_PORT) are free"
 
 
 def check_device(settings: Settings) -> str:
@@ -121,36 +136,45 @@ def check_device(settings: Settings) -> str:
 
 
 def check_model(settings: Settings) -> str:
-    """The real load the server does: files and manifest, variant, tokenizer, ONNX session, smoke predictions."""
-    from server.artifact import ArtifactError, VariantNotShipped
-    from server.engine import EngineStartError, ModelFileError
+    """The real load the server does (``load_model``), without the warm-up: doctor's model check."""
     from server.metrics import Metrics
-    from server.runtime import load_checked
 
     started = time.monotonic()
+    runtime = load_model(settings, Metrics(), warm=False)
+    identity, artifact = runtime.identity, runtime.artifact
+    return (f"{identity.name} {identity.version} ({identity.variant} on {identity.provider}) from "
+            f"{artifact.directory}: sha256 verified, smoke predictions ok ({time.monotonic() - started:.2f} s)")
+
+
+def load_model(settings: Settings, metrics: Metrics, warm: bool,
+               wrap_engine: Callable[[Engine], Engine] | None = None) -> ModelRuntime:
+    """Files and manifest, variant, tokenizer, ONNX session, smoke predictions, memory plan, and the warm-up
+    (``warm``): ``server.runtime.load_checked``, its failures a ``StartupError`` with their exit code."""
+    from server.artifact import ArtifactError, VariantNotShipped
+    from server.engine import EngineStartError, ModelFileError
+    from server.runtime import load_checked
+
     try:
-        runtime = load_checked(settings, Metrics(), warm=False)
+        return load_checked(settings, metrics, warm=warm, wrap_engine=wrap_engine)
     except VariantNotShipped as exc:
         raise StartupError(str(exc), ExitCode.CONFIG) from None
     except (ArtifactError, ModelFileError) as exc:
         raise StartupError(str(exc), ExitCode.MODEL) from None
     except EngineStartError as exc:
         raise StartupError(str(exc), ExitCode.DEVICE) from None
-    identity, artifact = runtime.identity, runtime.artifact
-    return (f"{identity.name} {identity.version} ({identity.variant} on {identity.provider}) from "
-            f"{artifact.directory}: sha256 verified, smoke predictions ok ({time.monotonic() - started:.2f} s)")
 
 
 CONFIGURATION = Check("configuration", check_configuration, "correct the variables named above (README, Configuration)")
 PATHS = Check("disk", check_paths, "point the variable at a writable place, or fix the folder's owner and mode")
-PORT = Check("port", check_port, "stop the process holding it (`ss -ltnp | grep :PORT`) or set PORT to a free port")
+PORT = Check("port", check_port, "stop the process holding it (`ss -ltnp | grep :PORT`) or set the variable to a "
+             "free port")
 DEVICE = Check("device", check_device, "install onnxruntime-gpu (pip install '.[gpu]') and check `nvidia-smi`, "
                "or set DEVICE=auto")
 MODEL = Check("model", check_model, "restore the artifact (git checkout models/default), point MODEL_PATH at a valid "
               "one, or rebuild it with `make model`", needs="device")
-STARTUP_CHECKS = [CONFIGURATION, PATHS,
+STARTUP_CHECKS = [CONFIGURATION, PATHS,  # the model is the app's load (module docstring)
                   Check("database", check_database_url, "use sqlite:///path/file.db or postgresql://user@host/db"),
-                  PORT, DEVICE, MODEL]
+                  PORT, DEVICE]
 DOCTOR_CHECKS = [CONFIGURATION, PATHS,
                  Check("database", check_database_reachable, "check the server (`pg_isready -h HOST`), credentials "
                        "and DATABASE_URL; predictions are still served while it is down (records spool to SPOOL_DIR)"),
@@ -168,8 +192,8 @@ def run_check(check: Check, settings: Settings) -> str:
 
 
 def preflight(settings: Settings) -> int:
-    """Configure logging, then run the start-up checks: 0 when the server can start, else the exit code of the
-    first failure (already logged as one line)."""
+    """Configure logging, then run the start-up checks: 0 when they pass, else the exit code of the first failure
+    (already logged as one line). The model is checked by its one load, the app's (module docstring)."""
     from server.logging_setup import configure_logging
 
     try:

@@ -104,8 +104,9 @@ class ModelRuntime:
         plan = fit_memory(engine, encoder, artifact, settings, meter, baseline, gpu_before)
         planned = plan.apply(settings)
         if not settings.intra_op_threads and plan.engine_workers != engine_workers(settings, engine.device):
+            on_device = planned.model_copy(update={"device": engine.device})  # CUDA not tried nor warned twice
             del engine  # first, so the two sessions are never in memory together
-            engine = create_engine(artifact, planned)  # its threads shared among the planned workers
+            engine = create_engine(artifact, on_device)  # its threads shared among the planned workers
         primary = wrap_engine(engine) if wrap_engine is not None else engine
         budget = TokenBudget(plan.batch_tokens, metrics, plan=plan)
         resilient = ResilientEngine(primary, lambda: create_cpu_engine(artifact, settings), budget, metrics)

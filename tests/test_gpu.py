@@ -78,3 +78,36 @@ def test_no_device_means_unavailable_and_nvml_is_released() -> None:
 
 async def test_run_returns_at_once_without_a_gpu() -> None:
     await GpuMonitor(Metrics(), nvml=FakeNvml(devices=0)).run(3600)
+
+
+def test_the_cuda_fallback_is_tried_and_warned_once_when_the_plan_re_creates_the_engine(
+        make_settings, monkeypatch, caplog) -> None:
+    """DEVICE=auto with CUDA listed but unusable: one WARNING and one CUDA attempt per load, even when the memory
+    plan changes the engine workers and the session is created again (for its threads)."""
+    import dataclasses
+    import logging
+
+    import server.engine as engine_module
+    import server.runtime as runtime_module
+    from server.runtime import ModelRuntime
+
+    monkeypatch.setattr(engine_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    sessions: list[str] = []
+    real_engine, real_plan = engine_module.OnnxEngine.__init__, runtime_module.plan_memory
+
+    def counted(self, artifact, variant, device, *args, **kwargs):
+        sessions.append(device)
+        real_engine(self, artifact, variant, device, *args, **kwargs)
+
+    def one_worker_more(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        return dataclasses.replace(plan, engine_workers=plan.engine_workers + 1)
+
+    monkeypatch.setattr(engine_module.OnnxEngine, "__init__", counted)
+    monkeypatch.setattr(runtime_module, "plan_memory", one_worker_more)
+    with caplog.at_level(logging.WARNING, logger="server.engine"):
+        runtime = ModelRuntime.load(make_settings(device="auto", intra_op_threads=0), Metrics())
+    assert runtime.identity.device == "cpu" and runtime.settings.engine_workers >= 2
+    assert sessions == ["cuda", "cpu", "cpu"]  # the fallback's, then the re-created one on the device it found
+    assert [r.getMessage()[:27] for r in caplog.records] == ["CUDA unusable, falling back"]

@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from scripts.benchlib.serverproc import LiveServer, start_server
+from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
 from server.config import load_settings
 from server.exitcodes import ExitCode, StartupError
 from server.preflight import check_database_url, writable_directory, writable_file
@@ -122,3 +123,17 @@ def test_a_database_driver_that_is_not_installed_is_a_database_error():
         check_database_url(load_settings(database_url="postgresql+nosuchdriver://app:s3cret@db/predictions"))
     assert error.value.exit_code == ExitCode.DATABASE and "nosuchdriver" in str(error.value)
     assert "s3cret" not in str(error.value)
+
+
+def test_a_good_start_up_loads_the_model_once_and_warns_of_the_cpu_fallback_once(tiny_artifact, tmp_path):
+    """The checks before listening do not load the model a second time (one memory plan, so one load and one set
+    of probes); DEVICE=auto without a usable GPU says so in one WARNING."""
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "DEVICE": "auto"}, tmp_path)
+    try:
+        device = httpx.get(server.url + "/health", timeout=30).json()["device"]
+    finally:
+        assert stop_server(server) == 0
+    lines = server.log().splitlines()
+    assert len([line for line in lines if "memory plan:" in line]) == 1, server.log()
+    fallback_warnings = [line for line in lines if " WARNING server.engine" in line]
+    assert len(fallback_warnings) == (1 if device == "cpu" else 0), server.log()
