@@ -321,6 +321,8 @@ def test_disturbed_phases_are_flagged():
     text = markdown(report_for(phases))
     assert "| triton | 50.0 · 10.0/20.0 † |" in text
     assert "- triton closed 1: other processes used 60% of a CPU" in text
+    assert "| concurrency 1 | 100.0 | triton 50.0 | 2.00× † | ≥ 1.5×: met |" in text
+    assert "| concurrency 16 | 300.0 | triton 180.0 | 1.67× | ≥ 1.5×: met |" in text
 
 
 def test_overall_accuracy_weights_by_texts():

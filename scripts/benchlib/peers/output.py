@@ -59,7 +59,7 @@ def markdown(report: dict) -> str:
     if report.get("interrupted"):
         lines += [f"**Interrupted** ({report['interrupted']}): partial results.", ""]
     lines += [f"- {line}" for line in verdict_lines(report["comparison"])]
-    lines += equal_concurrency_lines(report["comparison"])
+    lines += equal_concurrency_lines(report["comparison"], phases)
     lines += ["", "## Servers", "", "| server | status | versions | settings | saturation req/s (at c) | "
               "idle CPU % | accuracy (all phases) |", "|---|---|---|---|---|---|---|"]
     for name, info in servers.items():
@@ -100,8 +100,14 @@ def _ratio_cell(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}×"
 
 
-def equal_concurrency_lines(comparison: dict) -> list[str]:
-    """Ours against the best peer at each concurrency level, then the best-of-sweep (saturation) ratio."""
+def _disturbed(phases: list[dict], level: float, *servers: str | None) -> str:
+    hit = any((found := _find(phases, name, "closed", level)) and found.get("disturbed") for name in servers if name)
+    return " †" if hit else ""
+
+
+def equal_concurrency_lines(comparison: dict, phases: list[dict]) -> list[str]:
+    """Ours against the best peer at each concurrency level, then the best-of-sweep (saturation) ratio; † where
+    either side's phase was disturbed."""
     eq, t = comparison.get("equal_concurrency"), comparison.get("throughput")
     if not eq or not eq["levels"]:
         return []
@@ -110,12 +116,14 @@ def equal_concurrency_lines(comparison: dict) -> list[str]:
     for row in eq["levels"]:
         peer = f"{row['best_peer']} {row['best_peer_rps']:.1f}" if row["best_peer"] else "-"
         verdict = "not judged" if row["passed"] is None else "met" if row["passed"] else "not met"
+        mark = _disturbed(phases, row["concurrency"], "ours", row["best_peer"])
         lines.append(f"| concurrency {row['concurrency']:g} | {_fmt(row['ours_rps'])} | {peer} | "
-                     f"{_ratio_cell(row['ratio'])} | ≥ {eq['target']:g}×: {verdict} |")
+                     f"{_ratio_cell(row['ratio'])}{mark} | ≥ {eq['target']:g}×: {verdict} |")
     if t:
         verdict = comparison["targets"]["saturation"]["verdict"]
+        mark = _disturbed(phases, t["ours_level"], "ours") or _disturbed(phases, t["best_peer_level"], t["best_peer"])
         lines.append(f"| saturation (best of sweep) | {t['ours_rps']:.1f} (c={t['ours_level']:g}) | {t['best_peer']} "
-                     f"{t['best_peer_rps']:.1f} (c={t['best_peer_level']:g}) | {_ratio_cell(t['ratio'])} | "
+                     f"{t['best_peer_rps']:.1f} (c={t['best_peer_level']:g}) | {_ratio_cell(t['ratio'])}{mark} | "
                      f"≥ {t['target']:g}×: {verdict} |")
     return lines
 
