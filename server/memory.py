@@ -15,6 +15,9 @@ ONNX Runtime's arena and the request path free in per-thread heaps, where they c
 without being in use. Measured on the default model, three requests of 256 long texts at the 1g plan: the
 server's peak went from 953 to 737 MiB and its RSS after the burst from 514 to 243 MiB, at the same speed.
 
+It also holds the budget of request bodies in flight (``bodies``, a ``BodyBudget``: the HTTP middleware reserves
+from it) and gives it the serving plan's limit, so a reload's plan applies to the bodies too.
+
 It also exports what the memory looks like: the headroom below high water on every check, and the serving
 model's memory plan and cost model (``sentiment_memory_plan_bytes``, ``sentiment_memory_cost_*``) when it
 starts to drive a budget; ``describe`` is the same for ``/health``.
@@ -31,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from server.budget import MemoryPlan, TokenBudget
+from server.budget import BodyBudget, MemoryPlan, TokenBudget
 from server.cache import PredictionCache
 from server.cgroup import memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
@@ -78,6 +81,7 @@ class MemoryGuard:
         self._limit_reader = limit_reader
         self._peak_reader = peak_reader
         self.under_pressure = False
+        self.bodies = BodyBudget()
         metrics.memory_pressure.set(0)
         self.follow(budget)
 
@@ -108,6 +112,7 @@ class MemoryGuard:
         self._budget = budget
         budget.set_memory_pressure(self.under_pressure)
         if budget.plan is not None:
+            self.bodies.limit = budget.plan.body_bytes
             self._export_plan(budget.plan)
 
     def describe(self) -> dict[str, Any]:
@@ -117,6 +122,7 @@ class MemoryGuard:
         figures: dict[str, Any] = {
             "limit_bytes": limit, "rss_bytes": rss, "high_water_bytes": high, "headroom_bytes": high - rss,
             "cgroup_peak_bytes": self._peak_reader(), "pressure": self.under_pressure,
+            "bodies_in_flight_bytes": self.bodies.held,
         }
         if self._budget.plan is not None:
             figures["plan"] = self._budget.plan.describe()
@@ -127,6 +133,7 @@ class MemoryGuard:
         m.memory_plan.clear()
         m.memory_plan.labels("host", "base").set(plan.host.base)
         m.memory_plan.labels("host", "cache").set(plan.cache_max_bytes)
+        m.memory_plan.labels("host", "bodies").set(plan.bodies_peak)
         m.memory_plan.labels("host", "queue").set(plan.queue_bytes)
         batches = plan.engine_workers * plan.batch_bytes
         if plan.device is None:

@@ -8,7 +8,17 @@ import re
 
 import pytest
 
-from server.budget import Area, MemoryDoesNotFit, MemoryPlan, TokenBudget, plan_memory, queued_text_bytes
+from server.budget import (
+    BODY_COST_PER_BYTE,
+    BODY_SHARE,
+    Area,
+    BodyBudget,
+    MemoryDoesNotFit,
+    MemoryPlan,
+    TokenBudget,
+    plan_memory,
+    queued_text_bytes,
+)
 from server.config import Settings
 from server.exitcodes import ExitCode
 from server.memory_model import CostModel
@@ -126,7 +136,9 @@ def test_a_derived_plan_peaks_under_high_water_and_its_batches_are_as_large_as_f
     token = MODEL.token_bytes(MAX_LENGTH)
     assert plan.host_peak <= plan.host.ceiling < plan.host_peak + plan.engine_workers * token  # one token more: over
     assert plan.batch_bytes == math.ceil(plan.batch_tokens * token)
-    assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.queue_bytes + 2 * plan.batch_bytes
+    assert plan.bodies_peak == plan.body_bytes * BODY_COST_PER_BYTE
+    assert plan.host_peak == (plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes
+                              + 2 * plan.batch_bytes)
     assert MAX_LENGTH * 2 < plan.batch_tokens < 8192  # several long texts, but less than the default allows
 
 
@@ -148,9 +160,11 @@ def test_a_tight_limit_drops_to_one_worker_then_squeezes_queue_and_cache_before_
     settings = Settings()
     one_text = MODEL.batch_bytes(1, MAX_LENGTH)
     minimum_queue = settings.max_texts_per_request * queued_text_bytes(settings, MAX_LENGTH)
-    just_enough = (200 * MIB + minimum_queue + one_text) / 0.85 / MIB + 1
+    one_body = settings.max_request_bytes * BODY_COST_PER_BYTE
+    just_enough = (200 * MIB + one_body + minimum_queue + one_text) / 0.85 / MIB + 1
     plan = plan_for(just_enough)
     assert (plan.engine_workers, plan.cache_max_bytes, plan.max_queue) == (1, 0, settings.max_texts_per_request)
+    assert plan.body_bytes == settings.max_request_bytes  # one body of the largest size, no more
     assert plan.batch_tokens_at_peak // MAX_LENGTH == 1  # one max-length text at a time
     assert plan.host_peak <= plan.host.ceiling
 
@@ -165,7 +179,7 @@ def test_a_limit_that_cannot_hold_one_max_length_text_names_the_limit_it_needs()
     assert f"--memory {needed}m" in message
     assert plan_for(needed).host_peak <= plan_for(needed).host.ceiling  # the limit it names is enough
     with pytest.raises(MemoryDoesNotFit):
-        plan_for(needed - 2)  # and not much more than enough
+        plan_for(needed - 1)  # and the least that is
 
 
 def test_settings_the_user_set_are_kept_when_they_fit() -> None:
@@ -179,14 +193,22 @@ def test_settings_the_user_set_are_kept_when_they_fit() -> None:
 
 
 def test_a_setting_that_cannot_fit_stops_start_up_naming_it_and_the_limit_it_needs() -> None:
-    settings = Settings(max_batch_tokens=8192)
+    settings = Settings(max_batch_tokens=16384)  # 32 texts of 512 tokens: 1 GB
     with pytest.raises(MemoryDoesNotFit) as failure:
         plan_for(1024, settings)
     message = str(failure.value)
-    assert "with MAX_BATCH_TOKENS as set" in message and "MAX_BATCH_TOKENS=8192" in message
+    assert "with MAX_BATCH_TOKENS as set" in message and "MAX_BATCH_TOKENS=16384" in message
     assert "lower MAX_BATCH_TOKENS or leave it unset" in message
     needed = int(re.search(r"at least (\d+) MiB", message).group(1))
-    assert plan_for(needed, settings).batch_tokens == 8192  # at the named limit it starts, as set
+    assert plan_for(needed, settings).batch_tokens == 16384  # at the named limit it starts, as set
+    with pytest.raises(MemoryDoesNotFit):  # the least that is enough, though the derived parts grow with it
+        plan_for(needed - 1, settings)
+
+
+def test_a_large_batch_as_set_leaves_one_derived_worker_rather_than_not_fitting() -> None:
+    plan = plan_for(1024, Settings(max_batch_tokens=8192))  # two such batches at once would not fit
+    assert (plan.engine_workers, plan.batch_tokens) == (1, 8192)
+    assert plan.host_peak <= plan.host.ceiling
 
 
 def test_engine_workers_zero_set_explicitly_still_means_derived() -> None:
@@ -205,11 +227,11 @@ def test_the_costliest_batch_is_capped_by_batch_size_and_a_lone_long_text_still_
 def test_on_a_gpu_the_batches_are_planned_in_its_memory() -> None:
     gpu = Area("GPU 0's memory", 2048 * MIB, 500 * MIB, 0.85)
     plan = plan_for(600, device=gpu)
-    assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.queue_bytes  # no batches in host memory
+    assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes  # no batches
     assert plan.device_peak == gpu.base + plan.engine_workers * plan.batch_bytes <= gpu.ceiling
     with pytest.raises(MemoryDoesNotFit, match=r"GPU 0's memory .* set CUDA_MEM_LIMIT to at least \d+") as failure:
-        plan_for(600, Settings(max_batch_tokens=16384, max_batch_size=64, max_queue=512), device=gpu)
-    assert "lower MAX_BATCH_TOKENS or leave" in str(failure.value)
+        plan_for(600, Settings(max_batch_tokens=16384, max_batch_size=64, engine_workers=2, max_queue=512), device=gpu)
+    assert "lower MAX_BATCH_TOKENS / ENGINE_WORKERS or leave" in str(failure.value)
     assert "MAX_QUEUE" not in str(failure.value)  # a host setting: no help on the GPU
 
 
@@ -217,3 +239,83 @@ def test_a_budget_carries_its_plan() -> None:
     plan = plan_for(1024)
     budget = TokenBudget(plan.batch_tokens, Metrics(), plan=plan)
     assert budget.plan is plan and budget.current == plan.batch_tokens
+
+
+# --- the token budget as a function of the batch's padded width ---
+
+WIDTHS = (8, 32, 64, 128, 200, 256, 384, 511, 512)
+
+
+def test_a_derived_budget_holds_at_each_width_the_tokens_that_cost_what_the_planned_batch_costs() -> None:
+    plan = plan_for(1024)
+    planned_bytes = plan.batch_tokens * MODEL.token_bytes(MAX_LENGTH)
+    tokens = [plan.batch_tokens_at(width) for width in WIDTHS]
+    for width, budget in zip(WIDTHS, tokens, strict=True):
+        assert budget * MODEL.token_bytes(width) <= planned_bytes < (budget + 1) * MODEL.token_bytes(width)
+    assert tokens == sorted(tokens, reverse=True) and tokens[-1] == plan.batch_tokens
+    assert tokens[3] > 2 * plan.batch_tokens  # at 128 tokens a token costs 36 % of one at 512
+
+
+def test_a_lowered_budget_scales_to_each_width_in_the_same_proportion() -> None:
+    plan = plan_for(1024)
+    half = plan.batch_tokens // 2
+    for width in WIDTHS:
+        assert plan.batch_tokens_at(width, half) * MODEL.token_bytes(width) <= half * MODEL.token_bytes(MAX_LENGTH)
+        assert plan.batch_tokens_at(width, half) <= plan.batch_tokens_at(width)
+
+
+def test_max_batch_tokens_as_set_is_also_a_flat_cap_at_every_width() -> None:
+    plan = plan_for(1024, Settings(max_batch_tokens=2048))
+    assert [plan.batch_tokens_at(width) for width in WIDTHS] == [2048] * len(WIDTHS)
+    lowered = [plan.batch_tokens_at(width, 512) for width in WIDTHS]  # after an OOM: scaled, still capped
+    assert lowered[-1] == 512 and 512 < lowered[2] <= 2048 and lowered[0] == 2048
+
+
+def test_without_a_cost_model_the_budget_is_the_same_at_every_width() -> None:
+    plan = plan_for(1024, model=CostModel(0.0, 0.0))
+    assert {plan.batch_tokens_at(width) for width in WIDTHS} == {plan.batch_tokens}
+
+
+def test_the_width_budget_follows_oom_and_pressure() -> None:
+    plan = plan_for(1024)
+    metrics = Metrics()
+    budget = TokenBudget(plan.batch_tokens, metrics, min_tokens=64, plan=plan)
+    assert [budget.at(width) for width in WIDTHS] == [plan.batch_tokens_at(width) for width in WIDTHS]
+    failed = budget.at(128)  # a full batch of 128-token texts ran out of memory
+    budget.reduce_after_oom(failed, 128)
+    assert failed // 2 - 2 <= budget.at(128) <= failed // 2 + 2  # half of it at its width (rounding aside)
+    assert budget.current == pytest.approx(plan.batch_tokens / 2, abs=2)  # and half as much at every width
+    assert gauge(metrics) == budget.current
+    lowered = budget.at(64)
+    budget.set_memory_pressure(True)
+    assert budget.at(64) == pytest.approx(lowered / 2, abs=2)
+
+
+def test_without_a_plan_the_width_budget_is_the_flat_one() -> None:
+    budget = TokenBudget(1000, Metrics(), min_tokens=10)
+    budget.reduce_after_oom(1000, 128)
+    assert [budget.at(width) for width in WIDTHS] == [500] * len(WIDTHS)
+
+
+# --- request bodies in flight ---
+
+def test_bodies_in_flight_get_a_share_of_the_room_and_at_least_one_of_the_largest_size() -> None:
+    plan = plan_for(1024)
+    room = plan.host.ceiling - plan.host.base
+    assert plan.body_bytes == int(BODY_SHARE * room) // BODY_COST_PER_BYTE > Settings().max_request_bytes
+    large = plan_for(1024, Settings(max_request_bytes=16 * MIB))
+    assert large.body_bytes == 16 * MIB and large.host_peak <= large.host.ceiling  # the batches made room
+    assert large.batch_tokens < plan.batch_tokens
+    with pytest.raises(MemoryDoesNotFit, match=r"request bodies of 64 MiB in flight 896 MiB parsed \(MAX_REQUEST_"):
+        plan_for(1024, Settings(max_request_bytes=64 * MIB))
+
+
+def test_the_body_budget_refuses_what_would_pass_its_limit_and_holds_nothing_then() -> None:
+    bodies = BodyBudget(100)
+    assert bodies.reserve(60) and bodies.reserve(40) and bodies.held == 100
+    assert not bodies.reserve(1) and bodies.held == 100
+    bodies.release(60)
+    assert bodies.reserve(50) and bodies.held == 90
+    bodies.limit = 10  # a reload planned less: nothing new until enough is answered
+    assert not bodies.reserve(1)
+    assert BodyBudget().reserve(1 << 40)  # no plan yet: nothing refused

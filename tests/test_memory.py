@@ -172,8 +172,9 @@ def test_guard_exports_headroom_and_the_plan_of_the_budget_it_drives() -> None:
     assert gauge(metrics, "sentiment_memory_cost_bytes_per_token") == 10_000
     assert gauge(metrics, "sentiment_memory_cost_bytes_per_token_length") == 100
     parts = {part: metrics.registry.get_sample_value("sentiment_memory_plan_bytes", {"memory": "host", "part": part})
-             for part in ("base", "cache", "queue", "batches")}
+             for part in ("base", "cache", "bodies", "queue", "batches")}
     assert sum(parts.values()) == plan.host_peak and parts["base"] == 300 * 2**20
+    assert guard.bodies.limit == plan.body_bytes and parts["bodies"] == plan.bodies_peak
     guard.check()
     assert gauge(metrics, "sentiment_memory_headroom_bytes") == int(0.8 * 10 * GIB) - 5 * GIB
     readers.rss = 9 * GIB
@@ -184,8 +185,11 @@ def test_guard_exports_headroom_and_the_plan_of_the_budget_it_drives() -> None:
     assert described["cgroup_peak_bytes"] == 6 * GIB and described["pressure"] is True
     assert described["plan"]["batch_tokens"] == plan.batch_tokens
 
+    assert described["bodies_in_flight_bytes"] == 0 and described["plan"]["bodies"]["max_bytes"] == plan.body_bytes
+
     reloaded = planned_budget(metrics, base=500 * 2**20)
     guard.follow(reloaded)
+    assert guard.bodies.limit == reloaded.plan.body_bytes < plan.body_bytes  # the serving plan's
     assert metrics.registry.get_sample_value("sentiment_memory_plan_bytes", {"memory": "host", "part": "base"}) \
         == 500 * 2**20
     assert reloaded.memory_pressure  # the new model's budget starts halved, as the old one had it
