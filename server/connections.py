@@ -16,6 +16,13 @@ Every connection is under one deadline at a time, by phase:
 * the application answering: no deadline here (the batcher's per-request
   deadline and the drain bound it).
 
+A request httptools cannot parse (a garbage request line, an invalid header, a broken chunked encoding) gets
+400 in the server's error format (``"type": "malformed_http"``, the parser's reason in ``error``) and
+``Connection: close``, instead of uvicorn's plain-text "Invalid HTTP request received.": at once when no request
+is being answered (``reason="malformed_http"``); after the answer under way when the garbage follows a complete
+request (pipelined); through the application, like an overdue body, when a body being read breaks its framing
+(counted as any 400 the application sends, ``reason="invalid"``). Nothing more is read from the connection.
+
 Slow clients are counted in ``sentiment_rejected_requests_total{reason="slow_client"}``.
 Above ``MAX_CONNECTIONS`` open connections a new one is answered 503 +
 Retry-After at once, without reading its request, and closed after a short
@@ -40,6 +47,7 @@ import asyncio
 import functools
 import http
 import math
+import sys
 from collections.abc import Callable
 from typing import Literal
 
@@ -49,6 +57,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from server.config import Settings
 from server.metrics import Metrics
+from server.primitives import ServerError
 
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 Phase = Literal["headers", "body", "app", "refused"]
@@ -61,6 +70,19 @@ class RequestTimeout(HTTPException):
     def __init__(self, seconds: float) -> None:
         super().__init__(408, f"request body not received within {seconds:g} s of its headers (REQUEST_TIMEOUT_S); "
                               "send the whole request at once", headers={"Connection": "close"})
+
+
+class MalformedBody(ServerError):
+    """Raised inside ``receive`` when the body being read cannot be parsed (a broken chunked encoding): the
+    application answers it as any error raised there (400 ``malformed_http``) and the connection closes."""
+
+    status_code = 400
+    error_type = "malformed_http"
+    headers = {"Connection": "close"}
+
+
+def malformed_message(reason: str) -> str:
+    return f"malformed HTTP request ({reason}); send a valid HTTP/1.1 request"
 
 
 def error_bytes(status: int, message: str, kind: str, retry_after: float | None = None) -> bytes:
@@ -141,7 +163,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._request_begun = False  # a byte of the next request has arrived
         self._responses = 0
-        self._overdue_scope: dict | None = None  # the request whose body did not arrive in time
+        self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
+        self._unparseable = False  # httptools refused what the client sent: nothing more is read
+        self._refusal_after_answer: bytes | None = None  # a 400 for garbage pipelined behind the request under way
 
     # connection events
 
@@ -154,7 +178,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase != "refused":
+        if self.phase != "refused" and not self._unparseable:
             super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -190,6 +214,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._responses += 1
         if self.guard.draining:
             self.guard.answered += 1
+        if self._refusal_after_answer is not None:
+            self._refuse_malformed(self._refusal_after_answer)
         super().on_response_complete()
         if self.timeout_keep_alive_task is None:  # the connection is closing, or a pipelined request started
             return
@@ -201,8 +227,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     async def _run_application(self, scope, receive, send) -> None:
         async def receive_in_time():
             message = await receive()
-            if scope is self._overdue_scope:
-                raise RequestTimeout(self.guard.body_timeout_s)
+            if self._failed_body is not None and scope is self._failed_body[0]:
+                raise self._failed_body[1]
             return message
 
         await self._application(scope, receive_in_time, send)
@@ -271,9 +297,46 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.guard.metrics.rejected.labels("slow_client").inc()
-        self._overdue_scope = cycle.scope
+        self._fail_body(RequestTimeout(self.guard.body_timeout_s))
+
+    def _fail_body(self, error: Exception) -> None:
+        """The application's next (or current) wait for the body raises ``error``; it answers, then the connection
+        closes."""
+        cycle = self.cycle
+        self._failed_body = (cycle.scope, error)
         cycle.keep_alive = False  # whatever the application answers, the connection closes after it
-        cycle.message_event.set()  # wakes a receive() it waits in: receive_in_time raises RequestTimeout
+        cycle.message_event.set()  # wakes a receive() it waits in: receive_in_time raises the error
+
+    # what httptools cannot parse
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer (plain text) to what httptools cannot parse, called where it catches the parser's
+        error: the answer in the server's error format instead, when it is due (module docstring)."""
+        self._unparseable = True
+        error = sys.exception()  # the HttpParserError being handled: its reason is more use than uvicorn's msg
+        message = malformed_message(str(error) if error is not None and str(error) else "unparseable")
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete and self.phase != "body":
+            self._refuse_malformed(error_bytes(400, message, "malformed_http"))
+        elif self.phase == "body" and not cycle.response_started:
+            self._fail_body(MalformedBody(message))
+        elif self.phase == "body":  # answered already: the rest of its body is what broke; nothing to answer
+            if cycle.response_complete:
+                self.transport.close()
+            else:
+                cycle.keep_alive = False
+        else:  # garbage pipelined behind the request being answered: refused once that answer is sent
+            self._refusal_after_answer = error_bytes(400, message, "malformed_http")
+
+    def _refuse_malformed(self, response: bytes) -> None:
+        self._refusal_after_answer = None
+        self.guard.metrics.rejected.labels("malformed_http").inc()
+        if self.transport.is_closing():  # the answer before it closed the connection (Connection: close)
+            return
+        if self.guard.draining:
+            self.guard.answered += 1
+        self.transport.write(response)
+        self.transport.close()
 
     # refusal above MAX_CONNECTIONS
 

@@ -61,6 +61,7 @@ REJECTION_REASONS = (  # rejected: why a request was refused
     "unsupported_media_type",  # 415: e.g. an unsupported Content-Encoding
     "not_found",  # 404
     "key_unverifiable",  # 503: an API key this server does not know, while the database is unavailable
+    "malformed_http",  # 400: a request httptools cannot parse (request line, headers, chunked framing)
 )
 
 

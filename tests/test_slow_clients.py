@@ -1,4 +1,5 @@
-"""Slow and idle clients and the bound on open connections, against a real uvicorn over real sockets.
+"""Slow and idle clients, unparseable requests and the bound on open connections, against a real uvicorn over
+real sockets.
 
 See server/connections.py. Every wait is bounded by WAIT_S; no test asserts how fast anything happens, only
 that a deadline is not enforced early and that what must end does end.
@@ -188,3 +189,55 @@ def test_connections_beyond_max_connections_are_refused_with_503_json_and_the_ga
         for sock in held:
             sock.close()
         assert stop_server(live) == 0
+
+
+MALFORMED = 'sentiment_rejected_requests_total{reason="malformed_http"}'
+
+
+@pytest.mark.parametrize("request_bytes, reason", [
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n", "Invalid method"),  # a TLS hello
+    (b"GET /health HTTP/1.1\r\nHost: test\r\nBad Header: x\r\n\r\n", "Invalid header"),
+    (b"GET /health HTTP/1.1\r\nHost: test\r\nX-Ok: a\x01b\r\n\r\n", "Invalid header value"),
+    (b"GET /health HTTP/9.9\r\nHost: test\r\n\r\n", "HTTP"),
+], ids=["garbage", "header-name", "header-value", "version"])
+def test_an_unparseable_request_gets_a_json_400_and_the_connection_closes(server, request_bytes, reason):
+    """uvicorn answers these in plain text ("Invalid HTTP request received."); every error here is JSON."""
+    malformed = metric(server, MALFORMED)
+    with connect(server) as sock:
+        sock.sendall(request_bytes)
+        status, headers, body = parse(read_until_closed(sock))
+    assert status == 400 and headers["connection"] == "close" and headers["content-type"] == "application/json"
+    error = json.loads(body)
+    assert error["type"] == "malformed_http" and reason in error["error"], error
+    assert metric(server, MALFORMED) == malformed + 1
+
+
+def test_a_broken_chunked_body_is_answered_json_400_by_the_application_and_counted_as_a_400(server):
+    """The body's framing breaks after the application took the request: it answers, as for any bad body."""
+    before = metric(server, 'sentiment_requests_total{endpoint="/predict",status="400"}')
+    malformed = metric(server, MALFORMED)
+    invalid = metric(server, 'sentiment_rejected_requests_total{reason="invalid"}')
+    head = (b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    with connect(server) as sock:
+        sock.sendall(head + b"5\r\n" + BODY[:5] + b"\r\n")
+        time.sleep(0.2)  # the application is now reading the body
+        sock.sendall(b"zz-not-a-chunk-size\r\n" + BODY[5:] + b"\r\n0\r\n\r\n")
+        status, headers, body = parse(read_until_closed(sock))
+    assert status == 400 and headers["connection"] == "close"
+    error = json.loads(body)
+    assert error["type"] == "malformed_http" and "chunk" in error["error"], error
+    assert metric(server, 'sentiment_requests_total{endpoint="/predict",status="400"}') == before + 1
+    assert metric(server, 'sentiment_rejected_requests_total{reason="invalid"}') == invalid + 1
+    assert metric(server, MALFORMED) == malformed  # counted once, as the application's 400
+
+
+def test_garbage_pipelined_after_a_request_is_refused_after_that_request_is_answered(server):
+    malformed = metric(server, MALFORMED)
+    with connect(server) as sock:
+        sock.sendall(predict_head() + BODY + b"\x00\x01garbage\r\n\r\n")
+        first_status, _, first_body = read_response(sock)
+        status, headers, body = parse(read_until_closed(sock))
+    assert first_status == 200 and len(json.loads(first_body)["predictions"]) == 1
+    assert status == 400 and headers["connection"] == "close" and json.loads(body)["type"] == "malformed_http"
+    assert metric(server, MALFORMED) == malformed + 1
