@@ -86,8 +86,11 @@ class WorkItem:
         return len(self.ids)
 
 
-def select_batch(waiting: list[WorkItem], max_size: int, max_tokens: int) -> list[WorkItem]:
+def select_batch(waiting: list[WorkItem], max_size: int, max_tokens: int | Callable[[int], int]) -> list[WorkItem]:
     """The next batch: the oldest item and its length neighbours within size and padded-token bounds.
+
+    ``max_tokens``: the padded tokens a batch may hold, or a function of the batch's padded width that says so
+    (``server.budget.TokenBudget.at``: a batch of short texts may hold more tokens than one of long texts).
 
     ``waiting`` is in arrival order. At least one item is always returned (a
     text longer than the budget runs alone).
@@ -105,7 +108,8 @@ def select_batch(waiting: list[WorkItem], max_size: int, max_tokens: int) -> lis
         if right + 1 < len(ordered):
             new_width = ordered[right + 1].length
             options.append(((new_width - width) * count, "right", new_width))
-        options = [o for o in sorted(options) if (count + 1) * o[2] <= max_tokens]
+        options = [o for o in sorted(options)
+                   if (count + 1) * o[2] <= (max_tokens(o[2]) if callable(max_tokens) else max_tokens)]
         if not options:
             break
         _, side, width = options[0]
@@ -122,12 +126,12 @@ class Batcher:
         engine: Engine,
         settings: Settings,
         metrics: Metrics,
-        token_budget: Callable[[], int] | None = None,
+        token_budget: Callable[[int], int] | None = None,
     ) -> None:
         self.engine = engine
         self._settings = settings
         self._metrics = metrics
-        self._token_budget = token_budget or (lambda: settings.max_batch_tokens)
+        self._token_budget = token_budget or (lambda width: settings.max_batch_tokens)
         self._waiting: list[WorkItem] = []
         self._pending: set[PendingRequest] = set()  # submitted and not yet answered (a drain's time limit fails them)
         self._workers = engine_workers(settings, engine.device)
@@ -237,7 +241,7 @@ class Batcher:
         """Start batches while an engine worker is free and texts wait."""
         self._dispatch_scheduled = False
         while self._free_workers and self._waiting and not self._wait_to_fill():
-            batch = select_batch(self._waiting, self._settings.max_batch_size, self._token_budget())
+            batch = select_batch(self._waiting, self._settings.max_batch_size, self._token_budget)
             self._forget(batch)
             self._start(batch)
         self._settle()

@@ -122,7 +122,7 @@ class ResilientEngine:
         if not is_oom_error(failure):
             raise InferenceFailed(f"inference failed on {device}: {_summary(failure)}") from failure
         self._metrics.oom_events.labels(device=device).inc()
-        self._budget.reduce_after_oom(int(input_ids.size))
+        self._budget.reduce_after_oom(int(input_ids.size), input_ids.shape[1])
         if len(input_ids) > 1:
             self._metrics.batch_splits.labels(device=device).inc()
             half = len(input_ids) // 2

@@ -75,7 +75,7 @@ class ModelRuntime:
         self.encoder = encoder
         self.budget = budget
         self.engine = engine
-        self.batcher = Batcher(engine, settings, metrics, token_budget=lambda: budget.current)
+        self.batcher = Batcher(engine, settings, metrics, token_budget=budget.at)
         self.identity = ModelIdentity(
             name=artifact.name, version=artifact.version, variant=engine.variant,
             provider=engine.provider, device=engine.device,

@@ -91,6 +91,16 @@ def test_select_batch_always_serves_the_oldest_even_when_it_exceeds_the_budget()
     assert batch == [waiting[0]]
 
 
+def test_select_batch_takes_a_budget_that_depends_on_the_padded_width():
+    def tokens_at(width: int) -> int:  # as a memory plan prices them: a batch of short texts may hold more tokens
+        return 80 if width <= 10 else 40
+
+    assert len(select_batch([item(10) for _ in range(10)], max_size=16, max_tokens=tokens_at)) == 8  # 8 x 10
+    mixed = [item(10) for _ in range(3)] + [item(20) for _ in range(3)]
+    assert [w.length for w in select_batch(mixed, max_size=16, max_tokens=tokens_at)] == [10, 10, 10]  # 4 x 20 > 40
+    assert len(select_batch(mixed, max_size=16, max_tokens=80)) == 4  # a flat 80 would take a 20 as well
+
+
 def test_length_grouping_picks_neighbours_of_the_oldest_and_cuts_padding():
     lengths = [40, 5, 41, 6, 39, 7, 42, 5]
     waiting = [item(n) for n in lengths]
