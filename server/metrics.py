@@ -61,6 +61,7 @@ REJECTION_REASONS = (  # rejected: why a request was refused
     "unsupported_media_type",  # 415: e.g. an unsupported Content-Encoding
     "not_found",  # 404
     "key_unverifiable",  # 503: an API key this server does not know, while the database is unavailable
+    "body_memory_full",  # 503: request bodies in flight hold the memory plan's share for them
     "malformed_http",  # 400: a request httptools cannot parse (request line, headers, chunked framing)
 )
 
@@ -94,7 +95,8 @@ class Metrics:
         self.real_tokens = Counter("sentiment_real_tokens", "Tokens of real text computed by the engine",
                                    registry=r)
         self.token_budget = Gauge("sentiment_batch_token_budget", "Current padded-token budget per batch "
-                                  "(lowered under memory pressure or after OOM)", registry=r)
+                                  "at the model's max length; batches of shorter texts may hold more (lowered under "
+                                  "memory pressure or after OOM)", registry=r)
 
         # cache
         self.cache_hits = Counter("sentiment_cache_hits", "Prediction cache hits", registry=r)
