@@ -36,11 +36,12 @@ server was tuned with.
   (``BodyBudget``, enforced in ``server.http``; beyond it 503 + Retry-After). Each byte of body is charged
   ``BODY_COST_PER_BYTE``, what a request holds per byte of its body at its peak: the body, its chunks being
   joined, the parsed JSON and the validated texts (Python objects, measured with tracemalloc through the real
-  app on a max-size request of 256 texts: 3.1 bytes per byte for ASCII, 4.1 for CJK, 9.1 when each text holds
-  one character outside the BMP, so that Python stores every character in 4 bytes), plus the tokenizer's
-  transient memory (about 2, resident memory) and the store's encoding of the records (about 2). Up to
-  ``BODY_SHARE`` of the room above the base, never below one body of MAX_REQUEST_BYTES (or none could be
-  taken). No setting: it follows MAX_REQUEST_BYTES and the limit.
+  app on a max-size request of 256 texts: 3.1 bytes per byte for ASCII, 4.1 for CJK, 9.1-10.0 when each text
+  holds one character outside the BMP, so that Python stores each of its characters in 4 bytes;
+  ``tests/test_memory_bodies.py`` holds it to ``BODY_PARSED_PER_BYTE``), plus the tokenizer's transient
+  memory (about 2, resident memory) and the store's encoding of the records (about 2). Up to ``BODY_SHARE``
+  of the room above the base, never below one body of MAX_REQUEST_BYTES (or none could be taken). No
+  setting: it follows MAX_REQUEST_BYTES and the limit.
 * If even one max-length text per worker does not fit, the derived queue drops to ``MAX_TEXTS_PER_REQUEST``,
   the cache to 0 and the bodies to one of MAX_REQUEST_BYTES before start-up gives up and says what limit it
   needs.
@@ -73,7 +74,7 @@ from server.metrics import Metrics
 CACHE_SHARE = 0.10  # of the room above the base, at most, for a derived CACHE_MAX_BYTES
 QUEUE_SHARE = 0.15  # of the room above the base, at most, for a derived MAX_QUEUE
 BODY_SHARE = 0.10  # of the room above the base, at most, for request bodies in flight
-BODY_PARSED_PER_BYTE = 10  # Python objects a request holds per byte of its body (measured 9.1 at worst, docstring)
+BODY_PARSED_PER_BYTE = 11  # Python objects a request holds per byte of its body (measured 10.0 at worst)
 BODY_NATIVE_PER_BYTE = 4  # the tokenizer's and the store's encoding's memory per byte of body (about 2 + 2)
 BODY_COST_PER_BYTE = BODY_PARSED_PER_BYTE + BODY_NATIVE_PER_BYTE
 QUEUED_TEXT_OVERHEAD = 1024  # a queued text's objects besides its characters and ids (work item, array, list slots)

@@ -9,6 +9,11 @@ ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per re
   body would be parsed as garbage or slip past the size limit;
 - holds the body to ``MAX_REQUEST_BYTES`` whether its length is declared or it arrives chunked (413, then the
   connection is closed rather than read to the end);
+- holds all the bodies in memory at once to the memory plan's ``body_bytes`` (``server.budget.BodyBudget``, from
+  ``services.memory_guard.bodies``): a body is counted from its first byte until its request is answered (the
+  body, its parse and its texts live that long), a declared length in full before the app runs, a chunked body as
+  it arrives. Beyond it, 503 ``body_memory_full`` + Retry-After and the connection is closed (the body is not
+  read): before the app runs for a declared length, from inside the body's reading for a chunked one;
 - answers ``HEAD`` on every ``GET`` route as that ``GET`` without the body;
 - turns any exception nothing else handled into a JSON 500 carrying the request id, and logs its traceback at
   ERROR: a client never sees a traceback or a plain-text body;
@@ -41,6 +46,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from server.budget import BodyBudget
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError
@@ -82,11 +88,37 @@ class BodyTooLarge(HTTPException):
                          headers={"Connection": "close"})
 
 
+BODY_RETRY_AFTER_S = 1  # bodies in flight are answered within a request's time: soon there is room again
+
+
+class BodiesFull(HTTPException):
+    """Raised inside ``receive`` when a chunked body's next bytes would pass the bodies' budget (an
+    ``HTTPException``, as ``BodyTooLarge`` is, for the same reason)."""
+
+    error_type = "body_memory_full"
+
+    def __init__(self, bodies: BodyBudget) -> None:
+        super().__init__(503, bodies_full_message(bodies), headers={"Retry-After": str(BODY_RETRY_AFTER_S),
+                                                                     "Connection": "close"})
+
+
+def bodies_full_message(bodies: BodyBudget) -> str:
+    return (f"server busy: request bodies being received or answered already hold {bodies.held} of the "
+            f"{bodies.limit} bytes its memory plan allows them (derived from the memory limit); retry after the "
+            "Retry-After delay, or send smaller requests")
+
+
 class ObservedASGI:
     def __init__(self, app, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+
+    @staticmethod
+    def bodies(scope) -> BodyBudget | None:
+        """The serving memory plan's body budget (None before the services exist)."""
+        guard = getattr(getattr(scope["app"].state, "services", None), "memory_guard", None)
+        return None if guard is None else guard.bodies
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,15 +133,21 @@ class ObservedASGI:
         started = time.perf_counter()
         response = {"status": 500, "started": False}
         limit = self.max_body_bytes
-        received = 0
+        received = reserved = 0
+        bodies = self.bodies(scope)
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, reserved
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                if bodies is not None and received > reserved:  # chunked: held as it arrives
+                    if not bodies.reserve(received - reserved):
+                        self.metrics.rejected.labels("body_memory_full").inc()
+                        raise BodiesFull(bodies)
+                    reserved = received
             return message
 
         async def observed_send(message):
@@ -123,6 +161,14 @@ class ObservedASGI:
         logged = False
         try:
             refusal = self.refusal(headers)
+            if refusal is None and bodies is not None:
+                declared = int(headers.get(b"content-length", b"0").strip() or 0)  # a number: refusal() checked
+                if bodies.reserve(declared):
+                    reserved = declared
+                else:
+                    self.metrics.rejected.labels("body_memory_full").inc()
+                    refusal = error_response(503, bodies_full_message(bodies), BODY_RETRY_AFTER_S,
+                                             {"Connection": "close"}, error_type="body_memory_full")
             if refusal is not None:
                 return await refusal(scope, receive, observed_send)
             return await self.app(scope, limited_receive, observed_send)
@@ -132,6 +178,8 @@ class ObservedASGI:
             if not response["started"]:  # else the server closes the connection mid-response
                 await internal_error(request_id)(scope, receive, observed_send)
         finally:
+            if bodies is not None:
+                bodies.release(reserved)
             route = scope.get("route")
             endpoint = getattr(route, "path_format", "unmatched")  # the path as documented, without convertors
             elapsed = time.perf_counter() - started
@@ -222,7 +270,8 @@ def install_error_handlers(app: FastAPI) -> None:
                                        f"one of {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
         else:
             message = str(exc.detail)
-        return error_response(exc.status_code, message, headers=exc.headers)
+        return error_response(exc.status_code, message, headers=exc.headers,
+                              error_type=getattr(exc, "error_type", None))
 
 
 def location(loc: Iterable[object]) -> str:
