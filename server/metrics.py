@@ -47,6 +47,7 @@ CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.9
 # Label values created at 0 at start (see the module docstring).
 DEVICES = ("cpu", "cuda")  # oom_events, batch_splits, inference_errors
 RELOAD_RESULTS = ("ok", "failed")  # model_reloads
+HANDOFF_DIRECTIONS = ("to_worker", "to_loop")  # engine_handoff
 REJECTION_REASONS = (  # rejected: why a request was refused
     "queue_full",  # 503: the batcher's queue is full
     "deadline",  # 503: a request waited past its deadline
@@ -84,8 +85,13 @@ class Metrics:
         self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the engine", registry=r)
         self.queue_wait = Histogram("sentiment_queue_wait_seconds", "Time a text waited before its batch ran",
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_latency = Histogram("sentiment_inference_latency_seconds", "Engine time per batch",
-                                           ["device"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_latency = Histogram("sentiment_inference_latency_seconds", "Engine time per batch, measured "
+                                           "on the engine worker around the engine call alone", ["device"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
+        self.engine_handoff = Histogram("sentiment_engine_handoff_seconds", "Hand-off of a batch between the event "
+                                        "loop and an engine worker: to_worker (formed until a worker picks it up), "
+                                        "to_loop (the worker done until the loop takes the results; a stalled loop "
+                                        "shows here)", ["direction"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("sentiment_batch_size", "Texts per engine batch",
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram("sentiment_batch_tokens", "Padded tokens per engine batch",
@@ -192,6 +198,8 @@ class Metrics:
                 family.labels(device)
         for result in RELOAD_RESULTS:
             self.model_reloads.labels(result)
+        for direction in HANDOFF_DIRECTIONS:
+            self.engine_handoff.labels(direction)
 
     def serving_model(self, name: str, version: str, labels: list[str]) -> None:
         """The model now serving: its series of the model families start at 0; the previous model's are removed.

@@ -25,11 +25,21 @@ Low confidence is relative to the number of labels: LOW_CONFIDENCE_THRESHOLD
 is stated for two labels (0.6 = a fifth of the way from chance, 0.5, to
 certainty) and a model with n labels uses the same fraction of the way from
 its chance, 1/n (``low_confidence_threshold``: 0.467 for three labels).
+
+With the cache off (``CACHE_MAX_BYTES=0`` or ``ENABLE_MODEL_CACHING=false``) a request computes its own texts
+directly, without the single-flight machinery (a shared future per text, a task, a shield): two requests sending
+the same text at the same moment then both compute it, in the same batch as a rule, which costs that text's
+engine time once more; the cache is what shares work between requests. A text repeated within one request is
+computed once either way.
+
+Stage timings (``StageTimings``, TEI's timing headers): the predictor measures tokenization and counts the tokens
+each computation sends to the engine; the batcher adds queue and engine time.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import unicodedata
 from collections.abc import Callable
 
@@ -37,7 +47,7 @@ import numpy as np
 
 from server.cache import PredictionCache
 from server.metrics import Metrics
-from server.primitives import Prediction
+from server.primitives import Prediction, StageTimings
 from server.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -78,30 +88,49 @@ class Predictor:
         log.info("model %s %s: labels %s, low-confidence threshold %.3f", runtime.identity.name,
                  runtime.identity.version, labels, low_confidence_threshold(self._low_confidence, len(labels)))
 
-    async def predict(self, texts: list[str], timeout: float | None = None) -> list[Prediction]:
+    async def predict(self, texts: list[str], timeout: float | None = None,
+                      timings: StageTimings | None = None) -> list[Prediction]:
+        """Predictions in input order; ``timings`` (when given) gets what this request computed itself."""
         runtime = self.runtime
-        encode = self._strict_encoder(runtime, texts) if runtime.encoder.strict else \
+        timings = timings if timings is not None else StageTimings()
+        encode = self._strict_encoder(runtime, texts, timings) if runtime.encoder.strict else \
             runtime.encoder.encode_marking_truncation
 
         async def compute(misses: list[str]) -> list[Prediction]:
+            started = time.perf_counter()
             rows, truncated = encode(misses)
-            probabilities = await runtime.batcher.submit(rows, timeout)
+            timings.tokenization += time.perf_counter() - started
+            timings.compute_tokens += sum(len(row) for row in rows)
+            probabilities = await runtime.batcher.submit(rows, timeout, timings)
             labels = runtime.labels()
             predictions = [self._to_prediction(labels, row, cut) for row, cut in zip(probabilities, truncated,
                                                                                      strict=True)]
             self._observe(runtime, predictions)
             return predictions
 
+        if not self.cache.max_bytes:  # no cache: nothing to share between requests (module docstring)
+            return await self._compute_distinct(texts, compute)
         return await self.cache.get_or_compute(runtime.identity.version, texts, compute)
 
     @staticmethod
-    def _strict_encoder(runtime: ModelRuntime, texts: list[str]) -> Encode:
+    async def _compute_distinct(texts: list[str], compute: Callable) -> list[Prediction]:
+        """``compute`` each distinct text once, answered in input order."""
+        distinct = list(dict.fromkeys(texts))
+        if len(distinct) == len(texts):
+            return await compute(texts)
+        by_text = dict(zip(distinct, await compute(distinct), strict=True))
+        return [by_text[text] for text in texts]
+
+    @staticmethod
+    def _strict_encoder(runtime: ModelRuntime, texts: list[str], timings: StageTimings) -> Encode:
         """Tokenize the request's own texts now (InputTooLong names ``texts[i]`` of this request); misses reuse them.
 
         The misses a computation gets are always some of the request's texts, so nothing is tokenized twice.
         Nothing is truncated in strict mode: a text over the maximum length was refused.
         """
+        started = time.perf_counter()
         ids_by_text = dict(zip(texts, runtime.encoder.encode(texts), strict=True))
+        timings.tokenization += time.perf_counter() - started
         return lambda misses: ([ids_by_text[text] for text in misses], [False] * len(misses))
 
     @staticmethod

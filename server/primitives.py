@@ -21,6 +21,23 @@ class Prediction:
     truncated: bool = False
 
 
+@dataclass
+class StageTimings:
+    """Where one request's time went, in seconds, for what it computed itself (TEI's timing headers).
+
+    Filled along the request path: ``tokenization`` by the predictor, ``queue`` and ``inference`` by the batcher
+    (``queue``: from submission until its first batch started on an engine worker, the hand-off included;
+    ``inference``: from that start until its last batch's engine call returned, measured on the worker),
+    ``compute_tokens``: the tokens it sent to the engine, special tokens included. Texts answered from the cache
+    or by another request's computation in flight add nothing, so a request answered wholly so reports zeros.
+    """
+
+    tokenization: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+    compute_tokens: int = 0
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     name: str

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from server.http import PayloadTooLarge
 from server.predictor import normalize
-from server.primitives import Draining, ModelIdentity, Prediction, PredictionRecord, ServerError
+from server.primitives import Draining, ModelIdentity, Prediction, PredictionRecord, ServerError, StageTimings
 from server.services import Services
 from server.store import SpoolUnavailable
 
@@ -33,6 +33,7 @@ class Classified:
     identity: ModelIdentity
     labels: list[str]
     compute_ms: float  # from admission to predictions, queueing and cache included
+    timings: StageTimings  # what this request computed itself: tokenization, queue, engine, tokens
 
 
 def validated_texts(raw: list[str], services: Services) -> list[str]:
@@ -65,7 +66,8 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
     started = time.perf_counter()
     runtime = services.predictor.runtime
     identity = runtime.identity
-    predictions = await services.predictor.predict(texts)
+    timings = StageTimings()
+    predictions = await services.predictor.predict(texts, timings=timings)
     compute_ms = (time.perf_counter() - started) * 1000
     ids: list[str | None] = [None] * len(predictions)
     if services.settings.store_predictions:
@@ -85,4 +87,4 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
                                    "shortly (see /health)") from None
         ids = [record.id for record in records]
     return Classified(predictions=predictions, ids=ids, identity=identity, labels=runtime.labels(),
-                      compute_ms=compute_ms)
+                      compute_ms=compute_ms, timings=timings)

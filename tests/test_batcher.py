@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from server.batcher import Batcher, WorkItem, select_batch
 from server.config import load_settings
 from server.metrics import Metrics
-from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded
+from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded, StageTimings
 
 
 class RecordingEngine:
@@ -110,6 +110,62 @@ def test_length_grouping_picks_neighbours_of_the_oldest_and_cuts_padding():
     arrival_order_padding = 4 * max(lengths[:4]) - sum(lengths[:4])
     grouped_padding = 4 * max(w.length for w in batch) - sum(w.length for w in batch)
     assert grouped_padding < arrival_order_padding
+
+
+def test_on_the_cpu_a_batch_stops_growing_where_padding_would_cost_more_than_another_call():
+    waiting = [item(n) for n in (10, 40, 11, 10, 41, 39)]
+    grouped = select_batch(waiting, max_size=8, max_tokens=10_000, call_cost_tokens=16)
+    assert sorted(w.length for w in grouped) == [10, 10, 11]  # a 4th at 39 tokens would triple the width
+    assert len(select_batch(waiting, max_size=8, max_tokens=10_000)) == 6  # without a call cost: fill the bounds
+    same = [item(12) for _ in range(6)]
+    assert len(select_batch(same, max_size=8, max_tokens=10_000, call_cost_tokens=16)) == 6  # no padding: all
+
+
+async def test_a_request_at_an_idle_engine_is_dispatched_within_submit():
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, settings(), Metrics())
+    batcher.start()
+    task = asyncio.create_task(batcher.submit([np.array([1, 2])]))
+    await asyncio.sleep(0)  # one loop turn: the task ran up to its await
+    assert batcher.depth == 0  # already handed to a worker, not left for a later turn
+    engine.gate.set()
+    assert len(await asyncio.wait_for(task, 30)) == 1
+    await batcher.drain()
+
+
+def sample_sum(metrics: Metrics, name: str, **labels: str) -> float:
+    return sum(s.value for family in metrics.registry.collect() for s in family.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+async def test_engine_time_is_measured_on_the_worker_and_a_stalled_loop_shows_as_hand_off():
+    engine = RecordingEngine(delay=0.02)
+    metrics = Metrics()
+    batcher = Batcher(engine, settings(), metrics)
+    batcher.start()
+    task = asyncio.create_task(batcher.submit([np.array([1, 2, 3])]))
+    await asyncio.sleep(0)
+    time.sleep(1.0)  # the event loop stalls while the engine runs and finishes
+    await asyncio.wait_for(task, 30)
+    engine_s = sample_sum(metrics, "sentiment_inference_latency_seconds_sum")
+    back_s = sample_sum(metrics, "sentiment_engine_handoff_seconds_sum", direction="to_loop")
+    assert 0.02 <= engine_s < 0.5 <= back_s  # the stall is in the hand-back, not in the engine's time
+    assert sample_sum(metrics, "sentiment_engine_handoff_seconds_count", direction="to_worker") == 1
+    await batcher.drain()
+
+
+async def test_a_request_learns_its_queue_wait_and_engine_time():
+    engine = RecordingEngine(delay=0.05)
+    batcher = Batcher(engine, settings(max_batch_size=1), Metrics())
+    batcher.start()
+    timings = StageTimings()
+    started = time.perf_counter()
+    await batcher.submit([np.array([1]), np.array([2])], timings=timings)  # two batches, one after the other
+    elapsed = time.perf_counter() - started
+    assert timings.queue >= 0 and timings.inference >= 0.1  # from its first batch's engine start to its last's end
+    assert timings.queue + timings.inference <= elapsed
+    await batcher.drain()
 
 
 async def test_results_equal_unbatched_and_in_input_order():

@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError
+from tokenizers import Tokenizer
 
 from scripts.benchlib.serverproc import stop_server
 from server.app import create_app
@@ -137,12 +138,31 @@ def test_root_answers_the_inference_api_shape(server):
         assert_ranked(ranked, probabilities, top=1)
 
 
-def test_timing_headers_say_what_teis_say(server):
-    response = post(server, "/predict", {"inputs": [[text] for text in TEXTS]})
+TIMED = ["timing headers: a first text never sent before", "and a second, somewhat longer one, also new", "x"]
+STAGES = ("x-tokenization-time", "x-queue-time", "x-inference-time")
+
+
+def test_timing_headers_say_what_teis_say(server, tiny_artifact):
+    response = post(server, "/predict", {"inputs": [[text] for text in TIMED]})
+    assert response.status_code == 200, response.text
     headers = response.headers
     assert headers["x-compute-type"] == "cpu"
-    assert int(headers["x-compute-characters"]) == sum(len(text) for text in TEXTS)
-    assert 0 <= int(headers["x-compute-time"]) <= int(headers["x-total-time"])
+    assert int(headers["x-compute-characters"]) == sum(len(text) for text in TIMED)
+    tokenizer = Tokenizer.from_file(str(tiny_artifact / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=TINY_MAX_LENGTH)
+    assert int(headers["x-compute-tokens"]) == sum(len(e.ids) for e in tokenizer.encode_batch(TIMED))  # [CLS] [SEP]
+    stages = [int(headers[name]) for name in STAGES]  # whole ms, each floored
+    assert all(stage >= 0 for stage in stages)
+    assert sum(stages) <= int(headers["x-compute-time"]) <= int(headers["x-total-time"])  # disjoint parts of it
+
+
+def test_a_request_answered_from_the_cache_computed_nothing(server):
+    body = {"inputs": [["timing headers: cached once"], ["and twice"]]}
+    assert int(post(server, "/predict", body).headers["x-compute-tokens"]) > 0
+    again = post(server, "/predict", body).headers
+    assert [again[name] for name in (*STAGES, "x-compute-tokens")] == ["0", "0", "0", "0"]
+    assert int(again["x-compute-characters"]) == len("timing headers: cached once") + len("and twice")
 
 
 @pytest.mark.parametrize("body, fragment", [

@@ -15,10 +15,13 @@ instead. What this model cannot honour is refused, never ignored: ``raw_scores: 
 ``truncation_direction: left`` are honoured by tokenizing the texts first and refusing (422 ``input_too_long``) one
 that would be cut; with STRICT_TRUNCATION=true nothing is ever cut, and ``truncate: true`` does not override it.
 
-Answers carry TEI's ``x-compute-type``, ``x-compute-time`` (ms from admission to predictions),
-``x-compute-characters`` and ``x-total-time`` (ms in this handler). TEI's ``x-tokenization-time``,
-``x-queue-time``, ``x-inference-time`` and ``x-compute-tokens`` are not sent: the predictor does not measure
-them per request (a cache hit or a computation shared with other requests has none). Errors are the server's own
+Answers carry TEI's timing headers, in whole milliseconds as TEI sends them: ``x-compute-time`` (admission to
+predictions), ``x-tokenization-time``, ``x-queue-time`` (submitted to the batcher until its first batch's engine
+call began), ``x-inference-time`` (the engine calls, measured on the engine worker), ``x-total-time`` (in this
+handler), and ``x-compute-type``, ``x-compute-characters`` and ``x-compute-tokens`` (the tokens sent to the engine,
+special tokens included). The stages count what the request computed itself (``server.primitives.StageTimings``):
+a text answered from the cache or by another request's computation in flight adds no time and no tokens, so a
+request answered wholly from the cache reports zeros. Errors are the server's own
 ``{"error", "type"}`` with its statuses (huggingface_hub shows ``error``); TEI's ``error_type`` is not sent.
 """
 
@@ -205,10 +208,15 @@ def ranked_labels(prediction: Prediction, top_k: int | None) -> list[dict[str, f
 
 
 def timing_headers(classified: Classified, texts: list[str], started: float) -> dict[str, str]:
-    """TEI's timing headers this server measures, in whole milliseconds as TEI sends them."""
+    """TEI's timing headers (module docstring), in whole milliseconds as TEI sends them."""
+    timings = classified.timings
     return {
         "x-compute-type": "gpu" if classified.identity.device == "cuda" else "cpu",
         "x-compute-time": str(int(classified.compute_ms)),
         "x-compute-characters": str(sum(len(text) for text in texts)),
+        "x-compute-tokens": str(timings.compute_tokens),
+        "x-tokenization-time": str(int(timings.tokenization * 1000)),
+        "x-queue-time": str(int(timings.queue * 1000)),
+        "x-inference-time": str(int(timings.inference * 1000)),
         "x-total-time": str(int((time.perf_counter() - started) * 1000)),
     }
