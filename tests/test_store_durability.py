@@ -25,6 +25,7 @@ from server.app import create_app
 from server.exitcodes import ExitCode
 from server.metrics import Metrics
 from server.store import PredictionStore, SpoolLocked, SpoolUnavailable
+from server.store.committer import Commit, GroupCommitter
 from server.store.rows import record_row
 from server.store.spooldir import database_identity
 from server.store.tables import PREDICTIONS
@@ -72,6 +73,27 @@ async def test_requests_finishing_together_share_one_fsync(store_settings, open_
     await asyncio.gather(*(store.record([record]) for record in records))
     assert 1 <= len(synced) <= 5, len(synced)
     assert sorted(spooled_ids(settings.spool_dir)) == sorted(r.id for r in records)
+
+
+async def test_stop_commits_every_append_queued_before_it_in_order_and_refuses_later_ones(tmp_path, monkeypatch):
+    synced = count_syncs(monkeypatch, delay_s=0.01)  # appends pile up behind each sync
+    wal = WriteAheadLog(tmp_path, 1 << 30)
+    wal.open()
+    commits: list[Commit] = []
+    committer = GroupCommitter(wal, True, lambda commit, error: commits.append(commit))
+    committer.start(asyncio.get_running_loop())
+    records = [make_record(f"s{i}") for i in range(50)]
+    futures = [committer.append([record]) for record in records]
+    stopped = asyncio.create_task(asyncio.to_thread(committer.stop, 30))
+    await asyncio.wait_for(asyncio.gather(*futures), 30)
+    assert await stopped
+    with pytest.raises(SpoolUnavailable) as refused:
+        committer.append([make_record("too late")])
+    assert refused.value.cause == "closed"
+    assert spooled_ids(tmp_path) == [r.id for r in records]
+    assert [row["id"] for commit in commits for row in commit.rows] == [r.id for r in records]
+    assert 1 <= len(synced) < len(records)  # grouped, not one sync per append
+    wal.close()
 
 
 CHILD = textwrap.dedent("""

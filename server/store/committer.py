@@ -1,11 +1,16 @@
 """Group commit: the requests finishing together share one write and one sync of the write-ahead log.
 
-A request appends its records to a pending list (on the event loop: a lock and a list append, no
-encoding) and awaits a future. The committer thread takes everything pending, converts and encodes it
+A request puts its records on a queue (on the event loop: a lock and a ``SimpleQueue.put``, no encoding)
+and awaits a future. The committer thread takes everything queued, converts and encodes it
 (JSON on this thread, not the loop), appends it to the WAL with one sync (fdatasync), and hands the outcome back to
 the loop in one callback, which resolves every request's future and gives the committed rows to the
 writer. While one sync runs, the next group accumulates: the busier the server, the more records each
 sync covers.
+
+A lone request's wait is the sync plus two thread hand-offs (loop to committer, committer to loop); each
+hand-off also waits for the GIL the other side holds. The committer therefore blocks in C
+(``SimpleQueue.get``, not ``threading.Condition``, whose wait and wake-up run Python code while the loop
+wants the GIL back) and posts the outcome as the last thing before blocking again.
 
 A record that cannot be encoded fails only its own request. An append the WAL refuses (full, ENOSPC,
 I/O error) fails every request of the group with ``SpoolUnavailable``: none of them is answered 200.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,8 +48,8 @@ class GroupCommitter:
         self._wal = wal
         self._store_text = store_text
         self._on_commit = on_commit  # called on the loop, in commit order
-        self._pending: list[tuple[list[Any], bool, asyncio.Future]] = []
-        self._wakeup = threading.Condition(threading.Lock())
+        self._queue: queue.SimpleQueue[tuple[list[Any], bool, asyncio.Future] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # orders appends against stop(): nothing is queued behind the stop marker
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="store-committer", daemon=True)
@@ -56,30 +62,36 @@ class GroupCommitter:
         """Queue records (or ready rows, ``rows=True``) for the next group; the future is done once they are
         durable, or raises ``SpoolUnavailable``. Call on the loop."""
         future = self._loop.create_future()
-        with self._wakeup:
+        with self._lock:
             if self._stopping:
                 raise SpoolUnavailable("closed", "the server is shutting down; retry on another replica")
-            self._pending.append((items, rows, future))
-            self._wakeup.notify()
+            self._queue.put((items, rows, future))
         return future
 
     def stop(self, timeout: float) -> bool:
         """Commit what is pending, then end the thread; False if it did not end within ``timeout``."""
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._queue.put(None)
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def _run(self) -> None:
         while True:
-            with self._wakeup:
-                while not self._pending and not self._stopping:
-                    self._wakeup.wait()
-                group, self._pending = self._pending, []
-            if not group:
+            group = [self._queue.get()]
+            while True:  # everything queued meanwhile joins the group
+                try:
+                    group.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = group[-1] is None  # the stop marker is always the last item queued
+            if stopping:
+                group.pop()
+            if group:
+                self._commit(group)
+            if stopping:
                 return
-            self._commit(group)
 
     def _commit(self, group: list[tuple[list[Any], bool, asyncio.Future]]) -> None:
         rows: list[dict[str, Any]] = []
