@@ -31,8 +31,9 @@ The drain, from SIGTERM or SIGINT at t:
 
 The last log line says what happened: "shutdown: answered N requests during
 drain, abandoned M". N counts every response sent after the signal (in-flight
-requests finishing, the 503s refusing new ones, health checks, 408s); M the
-requests answered 503 at the deadline. The exit status is 0 when M is 0,
+requests finishing, the 503s refusing new ones, health checks, 408s, gRPC
+calls); M the requests answered 503 at the deadline, and the gRPC calls
+answered UNAVAILABLE then (server/protocols/oip_grpc.py). The exit status is 0 when M is 0,
 ``ExitCode.RUNTIME`` (1) otherwise. A second SIGTERM/SIGINT ends the waiting at
 once (what is unanswered then is abandoned). A thread that never returns (a
 hung engine call) does not hold the exit: the process ends without joining it.
@@ -229,8 +230,10 @@ def run_server(settings: Settings) -> int:
     if stuck:
         log.warning("exiting without waiting for %d threads still running (a hung engine call?): %s",
                     len(stuck), ", ".join(stuck))
-    abandoned = server.guard.abandoned
-    log.info("shutdown: answered %d requests during drain, abandoned %d", server.guard.answered, abandoned)
+    services = server.services  # its counts are the gRPC calls'
+    answered = server.guard.answered + (services.drain_answered if services else 0)
+    abandoned = server.guard.abandoned + (services.drain_abandoned if services else 0)
+    log.info("shutdown: answered %d requests during drain, abandoned %d", answered, abandoned)
     code = ExitCode.RUNTIME if abandoned else ExitCode.OK
     if stuck:
         logging.shutdown()

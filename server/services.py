@@ -43,6 +43,9 @@ class Services:
     gpu: GpuMonitor
     draining: bool = False
     drain_deadline: float | None = None  # time.monotonic() by which accepted requests must be answered
+    # gRPC calls answered after the drain began, and abandoned at its deadline (HTTP's: server.connections)
+    drain_answered: int = 0
+    drain_abandoned: int = 0
     started_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -48,6 +48,19 @@ def test_port_in_use_fails(monkeypatch, tiny_artifact, tmp_path):
     assert any(line.startswith("[FAIL] port") and "already in use" in line for line in lines)
 
 
+def test_a_grpc_port_in_use_fails_naming_grpc_port(monkeypatch, tiny_artifact, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "GRPC_PORT": str(port)})
+    assert code == 1
+    assert any(line.startswith(f"[FAIL] port: GRPC_PORT: port {port} is already in use on 127.0.0.1")
+               for line in lines), lines
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "GRPC_PORT": str(port)})  # freed
+    assert code == 0 and any(line.startswith("[ok  ] port") and f"{port} (GRPC_PORT)" in line for line in lines)
+
+
 def test_unreachable_database_fails_without_leaking_the_password(monkeypatch, tiny_artifact, tmp_path):
     env = {**good_env(tiny_artifact, tmp_path),
            "DATABASE_URL": "postgresql+psycopg://app:s3cret@127.0.0.1:1/predictions?connect_timeout=2"}

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -217,17 +218,22 @@ def test_draining_says_not_ready_and_refuses_new_calls_then_stops(tiny_artifact,
     assert "gRPC: stopped" in live.log()
 
 
-def test_a_grpc_port_in_use_stops_start_up_with_the_port_exit_code(tiny_artifact, tmp_path):
+def test_a_grpc_port_in_use_stops_start_up_before_the_model_loads_with_the_port_exit_code(tiny_artifact, tmp_path):
+    """Checked before the model loads, like PORT: one line naming GRPC_PORT, exit code 5 (ExitCode.PORT)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        live = start_server({"MODEL_PATH": str(tiny_artifact), "GRPC_PORT": str(taken.getsockname()[1])}, tmp_path,
-                            wait_ready=False)
+        port = taken.getsockname()[1]
+        live = start_server({"MODEL_PATH": str(tiny_artifact), "GRPC_PORT": str(port)}, tmp_path, wait_ready=False)
         try:
             assert live.process.wait(120) == 5
         finally:
             stop_server(live)
-    assert "cannot start: GRPC_PORT: 127.0.0.1:" in live.log() and "set GRPC_PORT to a free port" in live.log()
+    errors = [line for line in live.log().splitlines() if "ERROR" in line or "Traceback" in line]
+    assert len(errors) == 1, live.log()
+    assert f"cannot start: GRPC_PORT: port {port} is already in use on 127.0.0.1" in errors[0]
+    assert "set GRPC_PORT to a free port" in errors[0]
+    assert "memory plan:" not in live.log()  # refused by the checks, before the model was loaded
 
 
 def test_the_committed_generated_code_matches_the_proto(tmp_path):
@@ -256,3 +262,52 @@ print(fresh == committed, [method.name for method in committed.service[0].method
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ("True ['ServerLive', 'ServerReady', 'ModelReady', 'ServerMetadata', "
                                   "'ModelMetadata', 'ModelInfer', 'ModelConfig']"), out.stdout
+
+
+def test_calls_cancelled_by_their_client_are_499_and_unanswered_at_the_drain_deadline_are_abandoned(
+        tiny_artifact, tmp_path):
+    """As over HTTP: a call still unanswered when the drain's time is up is refused 503-like (UNAVAILABLE, error
+    type draining) and counted in the shutdown line's abandoned, and the exit status says so (1); a call whose
+    client gave up (its deadline passed) is the client's doing: counted as 499, not abandoned."""
+    from tests.test_lifecycle import MARGIN_S, metric, shutdown_counts, start_with_hanging_engine, wait_exit, wait_for
+
+    grace_s, drain_timeout_s, port = 1.0, 3.0, free_port()
+    hang_file = tmp_path / "hang"
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "GRPC_PORT": str(port), "DRAIN_GRACE_S": str(grace_s), "DRAIN_TIMEOUT_S": str(drain_timeout_s),
+        "REQUEST_TIMEOUT_S": "120"})  # the batcher's own deadline must not answer the hung calls first
+    address, calls = f"127.0.0.1:{port}", {}
+
+    def call(name: str, timeout: float) -> None:
+        request = service_pb2.ModelInferRequest(model_name="sentiment")  # its own text: not the other's cached run
+        request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(name.encode())
+        with grpc.insecure_channel(address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            try:
+                calls[name] = stub.ModelInfer.with_call(request, timeout=timeout)[1]
+            except grpc.RpcError as error:
+                calls[name] = error
+
+    try:
+        hang_file.touch()
+        call("gave up", timeout=1.0)  # its deadline passes while the engine hangs
+        endpoint = '{endpoint="/inference.GRPCInferenceService/ModelInfer",status="499"}'
+        wait_for(lambda: f"sentiment_requests_total{endpoint} 1.0" in httpx.get(live.url + "/metrics", timeout=30).text,
+                 "the cancelled call to be counted as 499")
+        batches = metric(live, "sentiment_batch_size_count")
+        caller = threading.Thread(target=call, args=("unanswered", grace_s + drain_timeout_s + MARGIN_S))
+        caller.start()
+        wait_for(lambda: metric(live, "sentiment_batch_size_count") > batches
+                 or metric(live, "sentiment_queue_depth") > 0, "the call to reach the engine or its queue")
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, grace_s + drain_timeout_s + MARGIN_S)
+        caller.join(30)
+    finally:
+        live.process.kill()
+    assert calls["gave up"].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    unanswered = calls["unanswered"]
+    assert unanswered.code() == grpc.StatusCode.UNAVAILABLE, (unanswered, live.log()[-3000:])
+    answered, abandoned = shutdown_counts(live)
+    assert abandoned == 1 and code == 1, live.log()[-3000:]
+    assert dict(unanswered.trailing_metadata()).get("error-type") == "draining", unanswered
+    assert "DRAIN_TIMEOUT_S" in unanswered.details()

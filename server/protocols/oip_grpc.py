@@ -10,8 +10,10 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
 - Lifecycle: the app's lifespan starts it once the model is warm and stops it when the lifespan ends, which is
   after the HTTP drain (``server.lifecycle``). From the drain signal on, ServerReady and ModelReady answer false
   and ModelInfer UNAVAILABLE; the listener closes when the lifespan ends, calls under way get until the drain
-  deadline (DRAIN_GRACE_S + DRAIN_TIMEOUT_S after the signal) and the rest are cancelled and logged. A port that
-  cannot be bound stops start-up with exit code 5, like PORT.
+  deadline (DRAIN_GRACE_S + DRAIN_TIMEOUT_S after the signal), and those still unanswered then are abandoned as
+  over HTTP: answered UNAVAILABLE, ``error-type: draining``, ``retry-after: 1``, and counted in the shutdown line
+  (``Services.drain_abandoned``: the exit status is 1). A port that cannot be bound stops start-up with exit code 5,
+  like PORT (``server.preflight`` checks it before the model loads).
 - Auth: ModelInfer needs the ``predict`` role, its key in ``authorization: Bearer <key>`` or ``x-api-key``
   metadata (``server.auth.authorize``: the same key cache, messages and security log as HTTP); the other RPCs are
   open like ``/health``.
@@ -21,8 +23,8 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
 - Request id: ``x-request-id`` metadata or a new one, sent back as initial metadata; records are stored under
   it, every log line of the call carries it, and the request's OIP ``id`` is echoed in the answer.
 - Metrics: ``sentiment_requests_total{endpoint="/inference.GRPCInferenceService/<RPC>", status="<HTTP status>"}``
-  and the request latency histogram, as the HTTP middleware records them; a call the client cancelled counts as
-  status 499, one cancelled at the drain deadline as 503.
+  and the request latency histogram, as the HTTP middleware records them; a call the client cancelled (or whose
+  deadline passed: the client gave up) counts as status 499, one abandoned at the drain deadline as 503.
 - Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
   in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
 - Left out: ModelStreamInfer, statistics, the repository, shared memory, TLS (terminate it in front, as for HTTP).
@@ -86,6 +88,9 @@ STATUS_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
 }
 CLIENT_CANCELLED = 499  # the status a call the client gave up on is counted under
+ABANDON_S = 1.0  # after the drain deadline, how long the abandoned calls' answers get before the listener's hard stop
+ABANDONED = ("the server shut down before this call was answered (DRAIN_TIMEOUT_S); retry on another replica",
+             (("error-type", "draining"), ("retry-after", "1")))
 
 
 @dataclass(frozen=True)
@@ -115,16 +120,16 @@ def observed(handler: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awai
 class InferenceService(GRPCInferenceServiceServicer):
     def __init__(self, services: Services) -> None:
         self.services = services
-        self.under_way = 0
-        self.stopping = False
-        self.abandoned = 0
+        self.under_way: set[asyncio.Task] = set()  # the tasks of the calls being answered
+        self._abandoned: set[asyncio.Task] = set()  # those cancelled at the drain deadline (``abandon_under_way``)
 
     async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext) -> Any:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         request_id = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
         token = request_id_var.set(request_id)
         started, status = time.perf_counter(), 500
-        self.under_way += 1
+        task = asyncio.current_task()
+        self.under_way.add(task)
         try:
             await context.send_initial_metadata((("x-request-id", request_id),))
             response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer()))
@@ -137,22 +142,34 @@ class InferenceService(GRPCInferenceServiceServicer):
             await context.abort(STATUS_CODES.get(status, grpc.StatusCode.UNKNOWN), error.message,
                                 trailing_metadata=trailers(error))
         except asyncio.CancelledError:
-            status = 503 if self.stopping else CLIENT_CANCELLED
-            if self.stopping:
-                self.abandoned += 1
-            raise
+            if task not in self._abandoned:  # by gRPC: the client cancelled, or its deadline passed
+                status = CLIENT_CANCELLED
+                raise
+            status = 503
+            self.services.drain_abandoned += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, ABANDONED[0], trailing_metadata=ABANDONED[1])
         except Exception:
             log.exception("unexpected error answering %s", endpoint)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; it is logged under request id "
                                 f"{request_id}: quote it when you report this")
         finally:
-            self.under_way -= 1
+            self.under_way.discard(task)
+            if self.services.draining and status != CLIENT_CANCELLED and task not in self._abandoned:
+                self.services.drain_answered += 1  # as over HTTP: every answer sent after the drain signal
+            self._abandoned.discard(task)
             metrics = self.services.metrics
             metrics.requests.labels(endpoint, str(status)).inc()
             metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
             if status in REJECTED_BY_STATUS:
                 metrics.rejected.labels(REJECTED_BY_STATUS[status]).inc()
             request_id_var.reset(token)
+
+    def abandon_under_way(self) -> int:
+        """The drain's time is up: every call still under way is cancelled and answered UNAVAILABLE (``observe``)."""
+        self._abandoned = set(self.under_way)
+        for task in self._abandoned:
+            task.cancel()
+        return len(self._abandoned)
 
     @observed
     async def ServerLive(self, request: pb.ServerLiveRequest, call: Call) -> pb.ServerLiveResponse:
@@ -264,12 +281,14 @@ class GrpcServer:
         log.info("gRPC (Open Inference Protocol v2) listening on %s", self.address)
 
     async def stop(self) -> None:
-        """Close the listener; calls under way get until the drain deadline, then are cancelled (and logged)."""
+        """Close the listener; calls under way get until the drain deadline, then are abandoned (module docstring)."""
         deadline = self.services.drain_deadline
         grace = self.services.settings.drain_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
-        under_way = self.service.under_way
-        self.service.stopping = True
-        await self.server.stop(grace)
-        if self.service.abandoned:
-            log.warning("gRPC: %d calls not answered by the drain deadline: cancelled", self.service.abandoned)
+        under_way = len(self.service.under_way)
+        closing = asyncio.ensure_future(self.server.stop(grace + ABANDON_S))  # the listener closes at once
+        if not (await asyncio.wait({closing}, timeout=grace))[0]:
+            abandoned = self.service.abandon_under_way()
+            if abandoned:
+                log.warning("gRPC: %d calls not answered by the drain deadline: answered UNAVAILABLE", abandoned)
+            await closing
         log.info("gRPC: stopped (%d calls were under way when the listener closed)", under_way)
