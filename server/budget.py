@@ -40,8 +40,9 @@ server was tuned with.
   holds one character outside the BMP, so that Python stores each of its characters in 4 bytes;
   ``tests/test_memory_bodies.py`` holds it to ``BODY_PARSED_PER_BYTE``), plus the tokenizer's transient
   memory (about 2, resident memory) and the store's encoding of the records (about 2). Up to ``BODY_SHARE``
-  of the room above the base, never below one body of MAX_REQUEST_BYTES (or none could be taken). No
-  setting: it follows MAX_REQUEST_BYTES and the limit.
+  of the room above the base and ``BODY_MOST_REQUESTS`` bodies of MAX_REQUEST_BYTES (16 MiB: more than the
+  queue can take of such requests, and 16 KiB for each of MAX_CONNECTIONS' default 1024), never below one
+  (or none could be taken). No setting: it follows MAX_REQUEST_BYTES and the limit.
 * If even one max-length text per worker does not fit, the derived queue drops to ``MAX_TEXTS_PER_REQUEST``,
   the cache to 0 and the bodies to one of MAX_REQUEST_BYTES before start-up gives up and says what limit it
   needs.
@@ -74,6 +75,7 @@ from server.metrics import Metrics
 CACHE_SHARE = 0.10  # of the room above the base, at most, for a derived CACHE_MAX_BYTES
 QUEUE_SHARE = 0.15  # of the room above the base, at most, for a derived MAX_QUEUE
 BODY_SHARE = 0.10  # of the room above the base, at most, for request bodies in flight
+BODY_MOST_REQUESTS = 16  # bodies of MAX_REQUEST_BYTES in flight at most (twice what the default MAX_QUEUE takes)
 BODY_PARSED_PER_BYTE = 11  # Python objects a request holds per byte of its body (measured 10.0 at worst)
 BODY_NATIVE_PER_BYTE = 4  # the tokenizer's and the store's encoding's memory per byte of body (about 2 + 2)
 BODY_COST_PER_BYTE = BODY_PARSED_PER_BYTE + BODY_NATIVE_PER_BYTE
@@ -303,7 +305,7 @@ def _plan(settings: Settings, host: Area, model: CostModel, max_length: int, aut
         queue = max(settings.max_texts_per_request,
                     min(defaults["max_queue"].default, max(0, int(QUEUE_SHARE * room)) // per_text))
     one_body = settings.max_request_bytes
-    bodies = max(one_body, int(BODY_SHARE * room) // BODY_COST_PER_BYTE)
+    bodies = max(one_body, min(BODY_MOST_REQUESTS * one_body, int(BODY_SHARE * room) // BODY_COST_PER_BYTE))
     workers = settings.engine_workers if user_set("engine_workers") else auto_workers
     token_bytes = model.token_bytes(max_length)
     least_tokens = max_length  # the smallest batch a worker must be able to run: one max-length text, or as set

@@ -10,6 +10,7 @@ import pytest
 
 from server.budget import (
     BODY_COST_PER_BYTE,
+    BODY_MOST_REQUESTS,
     BODY_SHARE,
     Area,
     BodyBudget,
@@ -303,6 +304,7 @@ def test_bodies_in_flight_get_a_share_of_the_room_and_at_least_one_of_the_larges
     plan = plan_for(1024)
     room = plan.host.ceiling - plan.host.base
     assert plan.body_bytes == int(BODY_SHARE * room) // BODY_COST_PER_BYTE > Settings().max_request_bytes
+    assert plan_for(64 * 1024).body_bytes == BODY_MOST_REQUESTS * Settings().max_request_bytes  # and no more
     large = plan_for(1024, Settings(max_request_bytes=16 * MIB))
     assert large.body_bytes == 16 * MIB and large.host_peak <= large.host.ceiling  # the batches made room
     assert large.batch_tokens < plan.batch_tokens

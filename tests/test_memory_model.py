@@ -201,7 +201,7 @@ def test_on_cuda_the_batches_are_measured_and_planned_in_gpu_memory(tiny_artifac
     fitted = plan.model
     assert fitted.token_bytes(artifact.max_length) == pytest.approx(truth.token_bytes(artifact.max_length), rel=0.05)
     assert plan.device_peak <= plan.device.ceiling
-    assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.queue_bytes
+    assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes
 
 
 def test_on_cuda_without_nvml_the_batch_budget_is_not_derived(tiny_artifact, make_settings, caplog) -> None:
@@ -241,8 +241,12 @@ def test_health_and_metrics_show_the_plan_the_cost_model_and_the_headroom(live_s
     plan = memory["plan"]
     assert plan["peak_bytes"] <= plan["ceiling_bytes"] and plan["derived"]
     assert len(plan["cost_model"]["probes"]) == 5 and plan["cost_model"]["peak_exact"] is True
+    widths = plan["batch_tokens_at_length"]
+    assert widths[str(plan["max_length"])] == plan["batch_tokens"] <= min(widths.values())
+    assert plan["bodies"]["max_bytes"] >= 1 << 20 and memory["bodies_in_flight_bytes"] == 0  # the default's body
     metrics = httpx.get(live_server.url + "/metrics", timeout=30).text
     for family in ("sentiment_memory_headroom_bytes", 'sentiment_memory_plan_bytes{memory="host",part="batches"}',
+                   'sentiment_memory_plan_bytes{memory="host",part="bodies"}',
                    "sentiment_memory_cost_bytes_per_token ", "sentiment_memory_cost_bytes_per_token_length "):
         assert family in metrics
     budget = [line for line in metrics.splitlines() if line.startswith("sentiment_batch_token_budget ")]
