@@ -155,7 +155,12 @@ def test_bench_server_compares_durability_modes_in_one_run(tiny_artifact, data_f
     assert cost["saturation_cost_pct"] == pytest.approx(
         100 * (1 - ack["saturation_texts_per_s"] / fast["saturation_texts_per_s"]))
     assert cost["lone_p50_cost_ms"] == pytest.approx(ack["lone_request_p50_ms"] - fast["lone_request_p50_ms"])
-    assert "(d) ack costs" in capsys.readouterr().out
+    level = ack["by_concurrency"]["2"]  # where the time went, from the server's /metrics and /proc
+    assert level["texts_per_batch"] >= 1 and level["padded_per_real_token"] >= 1
+    assert level["engine_ms_per_text"] > 0
+    assert level["loop_cpu_ms_per_text"] + level["other_threads_cpu_ms_per_text"] > 0
+    out = capsys.readouterr().out
+    assert "(d) ack costs" in out and "(e) at 2 clients, per text" in out and "target lone_overhead_ms" in out
 
 
 def test_bench_server_refuses_an_unknown_durability_mode(capsys):
