@@ -12,8 +12,9 @@ ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per re
 - holds all the bodies in memory at once to the memory plan's ``body_bytes`` (``server.budget.BodyBudget``, from
   ``services.memory_guard.bodies``): a body is counted from its first byte until its request is answered (the
   body, its parse and its texts live that long), a declared length in full before the app runs, a chunked body as
-  it arrives. Beyond it, 503 ``body_memory_full`` + Retry-After and the connection is closed (the body is not
-  read): before the app runs for a declared length, from inside the body's reading for a chunked one;
+  it arrives. Beyond it, 503 ``body_memory_full`` + Retry-After: before the app runs for a declared length, from
+  inside the body's reading for a chunked one; uvicorn reads the rest of the body and drops it, so a client still
+  sending reads its answer, and the connection stays open;
 - answers ``HEAD`` on every ``GET`` route as that ``GET`` without the body;
 - turns any exception nothing else handled into a JSON 500 carrying the request id, and logs its traceback at
   ERROR: a client never sees a traceback or a plain-text body;
@@ -98,8 +99,7 @@ class BodiesFull(HTTPException):
     error_type = "body_memory_full"
 
     def __init__(self, bodies: BodyBudget) -> None:
-        super().__init__(503, bodies_full_message(bodies), headers={"Retry-After": str(BODY_RETRY_AFTER_S),
-                                                                     "Connection": "close"})
+        super().__init__(503, bodies_full_message(bodies), headers={"Retry-After": str(BODY_RETRY_AFTER_S)})
 
 
 def bodies_full_message(bodies: BodyBudget) -> str:
@@ -168,7 +168,7 @@ class ObservedASGI:
                 else:
                     self.metrics.rejected.labels("body_memory_full").inc()
                     refusal = error_response(503, bodies_full_message(bodies), BODY_RETRY_AFTER_S,
-                                             {"Connection": "close"}, error_type="body_memory_full")
+                                             error_type="body_memory_full")
             if refusal is not None:
                 return await refusal(scope, receive, observed_send)
             return await self.app(scope, limited_receive, observed_send)
