@@ -214,7 +214,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._responses += 1
         if self.guard.draining:
             self.guard.answered += 1
-        if self._refusal_after_answer is not None:
+        if self._refusal_after_answer is not None and not self.pipeline:  # after the requests parsed before it
             self._refuse_malformed(self._refusal_after_answer)
         super().on_response_complete()
         if self.timeout_keep_alive_task is None:  # the connection is closing, or a pipelined request started

@@ -232,12 +232,16 @@ def test_a_broken_chunked_body_is_answered_json_400_by_the_application_and_count
     assert metric(server, MALFORMED) == malformed  # counted once, as the application's 400
 
 
-def test_garbage_pipelined_after_a_request_is_refused_after_that_request_is_answered(server):
+def test_garbage_pipelined_after_requests_is_refused_once_they_are_answered(server):
     malformed = metric(server, MALFORMED)
     with connect(server) as sock:
-        sock.sendall(predict_head() + BODY + b"\x00\x01garbage\r\n\r\n")
-        first_status, _, first_body = read_response(sock)
-        status, headers, body = parse(read_until_closed(sock))
-    assert first_status == 200 and len(json.loads(first_body)["predictions"]) == 1
+        sock.sendall(predict_head() + BODY + predict_head() + BODY + b"\x00\x01garbage\r\n\r\n")
+        raw = read_until_closed(sock)
+    for _ in range(2):  # each answered, in order
+        status, headers, rest = parse(raw)
+        length = int(headers["content-length"])
+        assert status == 200 and len(json.loads(rest[:length])["predictions"]) == 1
+        raw = rest[length:]
+    status, headers, body = parse(raw)
     assert status == 400 and headers["connection"] == "close" and json.loads(body)["type"] == "malformed_http"
     assert metric(server, MALFORMED) == malformed + 1
