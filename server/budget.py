@@ -429,8 +429,9 @@ class BodyBudget:
 
     def reserve(self, size: int) -> bool:
         """Hold ``size`` bytes more if that stays within the limit (a lone body always fits: the plan's limit is
-        at least MAX_REQUEST_BYTES); False, holding nothing, if not."""
-        if self.limit is not None and self.held + size > self.limit:
+        at least MAX_REQUEST_BYTES); False, holding nothing, if not. No bytes always fit (a request without a
+        body is never refused, even while a reload's lower limit is below what is held)."""
+        if size and self.limit is not None and self.held + size > self.limit:
             return False
         self.held += size
         return True

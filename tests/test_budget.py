@@ -320,4 +320,5 @@ def test_the_body_budget_refuses_what_would_pass_its_limit_and_holds_nothing_the
     assert bodies.reserve(50) and bodies.held == 90
     bodies.limit = 10  # a reload planned less: nothing new until enough is answered
     assert not bodies.reserve(1)
+    assert bodies.reserve(0)  # but a request without a body is not refused
     assert BodyBudget().reserve(1 << 40)  # no plan yet: nothing refused
