@@ -39,10 +39,10 @@ server was tuned with.
   app on a max-size request of 256 texts: 3.1 bytes per byte for ASCII, 4.1 for CJK, 9.1-10.0 when each text
   holds one character outside the BMP, so that Python stores each of its characters in 4 bytes;
   ``tests/test_memory_bodies.py`` holds it to ``BODY_PARSED_PER_BYTE``), plus the tokenizer's transient
-  memory (about 2, resident memory) and the store's encoding of the records (about 2). Up to ``BODY_SHARE``
-  of the room above the base and ``BODY_MOST_REQUESTS`` bodies of MAX_REQUEST_BYTES (16 MiB: more than the
-  queue can take of such requests, and 16 KiB for each of MAX_CONNECTIONS' default 1024), never below one
-  (or none could be taken). No setting: it follows MAX_REQUEST_BYTES and the limit.
+  memory (about 2, resident memory) and the store's encoding of the records (1.7-2.9, resident memory).
+  Up to ``BODY_SHARE`` of the room above the base and ``BODY_MOST_REQUESTS`` bodies of MAX_REQUEST_BYTES
+  (16 MiB: more than the queue can take of such requests, and 16 KiB for each of MAX_CONNECTIONS' default
+  1024), never below one (or none could be taken). No setting: it follows MAX_REQUEST_BYTES and the limit.
 * If even one max-length text per worker does not fit, the derived queue drops to ``MAX_TEXTS_PER_REQUEST``,
   the cache to 0 and the bodies to one of MAX_REQUEST_BYTES before start-up gives up and says what limit it
   needs.
@@ -77,7 +77,7 @@ QUEUE_SHARE = 0.15  # of the room above the base, at most, for a derived MAX_QUE
 BODY_SHARE = 0.10  # of the room above the base, at most, for request bodies in flight
 BODY_MOST_REQUESTS = 16  # bodies of MAX_REQUEST_BYTES in flight at most (twice what the default MAX_QUEUE takes)
 BODY_PARSED_PER_BYTE = 11  # Python objects a request holds per byte of its body (measured 10.0 at worst)
-BODY_NATIVE_PER_BYTE = 4  # the tokenizer's and the store's encoding's memory per byte of body (about 2 + 2)
+BODY_NATIVE_PER_BYTE = 5  # the tokenizer's and the store's encoding's memory per byte of body (2 + 2-3)
 BODY_COST_PER_BYTE = BODY_PARSED_PER_BYTE + BODY_NATIVE_PER_BYTE
 QUEUED_TEXT_OVERHEAD = 1024  # a queued text's objects besides its characters and ids (work item, array, list slots)
 PLANNED = ("max_batch_tokens", "engine_workers", "max_queue", "cache_max_bytes")  # batches first, then host-only

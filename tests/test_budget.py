@@ -308,7 +308,7 @@ def test_bodies_in_flight_get_a_share_of_the_room_and_at_least_one_of_the_larges
     large = plan_for(1024, Settings(max_request_bytes=16 * MIB))
     assert large.body_bytes == 16 * MIB and large.host_peak <= large.host.ceiling  # the batches made room
     assert large.batch_tokens < plan.batch_tokens
-    with pytest.raises(MemoryDoesNotFit, match=r"request bodies of 64 MiB in flight 960 MiB parsed \(MAX_REQUEST_"):
+    with pytest.raises(MemoryDoesNotFit, match=r"request bodies of 64 MiB in flight 1,024 MiB parsed \(MAX_REQUEST_"):
         plan_for(1024, Settings(max_request_bytes=64 * MIB))
 
 
