@@ -2,10 +2,14 @@
 
 For each ``--limits`` value the image runs with ``docker run --memory``, on its defaults (every memory setting
 derived from the limit) with the prediction cache and store off, so that only the engine and its batching
-are measured. Two closed loops, ``--seconds`` each: ``--concurrency`` clients sending one SST-2 sentence per
-request, then ``--long-concurrency`` clients sending 16 long texts (~560 words of SST-2 sentences, cut to
-the model's 512 tokens) per request. Prints the plan the
-server made, texts/s answered 200 in each loop, and the container's cgroup peak.
+are measured. Three closed loops, ``--seconds`` each: ``--concurrency`` clients sending one SST-2 sentence per
+request; ``--long-concurrency`` clients sending 16 texts per request made of SST-2 sentences, mid-length
+(~``MID_WORDS`` words, 205-230 tokens), then long (~560 words, cut to the model's 512 tokens). Prints the plan
+the server made, texts/s answered 200 in each loop, and the container's cgroup peak.
+
+``--flat`` runs each limit a second time with ``MAX_BATCH_TOKENS`` set to what the first run derived: a
+setting the user sets is a flat cap at every padded width, so that run packs batches as the server did before
+the budget depended on the width (server/budget.py), and the mid-length loop shows what the width budget buys.
 
     python scripts/bench_memory_limits.py --data ../shared/data/sst2/dev.tsv --limits 600m,1g,2g --seconds 20
 
@@ -28,6 +32,7 @@ from pathlib import Path
 import httpx
 
 LONG_WORDS = 560
+MID_WORDS = 180
 LONG_PER_REQUEST = 16
 
 
@@ -49,14 +54,14 @@ def sentences(path: Path) -> list[str]:
         return [row["text"] for row in csv.DictReader(handle, delimiter="\t") if row.get("text")]
 
 
-def long_texts(pool: list[str], rng: random.Random, count: int) -> list[str]:
-    """Texts of about LONG_WORDS words made of SST-2 sentences (varied, so no two requests are the same)."""
+def long_texts(pool: list[str], rng: random.Random, count: int, length: int = LONG_WORDS) -> list[str]:
+    """Texts of about ``length`` words made of SST-2 sentences (varied, so no two requests are the same)."""
     texts = []
     for _ in range(count):
         words: list[str] = []
-        while len(words) < LONG_WORDS:
+        while len(words) < length:
             words += rng.choice(pool).split()
-        texts.append(" ".join(words[:LONG_WORDS]))
+        texts.append(" ".join(words[:length]))
     return texts
 
 
@@ -83,12 +88,14 @@ async def closed_loop(url: str, make_texts, concurrency: int, seconds: float) ->
     return answered / seconds, failed
 
 
-def run_limit(image: str, limit: str, pool: list[str], args: argparse.Namespace) -> dict:
+def run_limit(image: str, limit: str, pool: list[str], args: argparse.Namespace, flat_tokens: int | None = None
+              ) -> dict:
     name, port = f"sentiment-analyzer-bench-{limit}", free_port()
+    flat = ["-e", f"MAX_BATCH_TOKENS={flat_tokens}"] if flat_tokens else []
     docker("rm", "-f", name, check=False)
     docker("run", "-d", "--name", name, "--network", "host", "--memory", limit, "--memory-swap", limit,
            "-e", f"PORT={port}", "-e", "ENABLE_MODEL_CACHING=false", "-e", "STORE_PREDICTIONS=false",
-           "-e", "REQUEST_TIMEOUT_S=300", image)
+           "-e", "REQUEST_TIMEOUT_S=300", *flat, image)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -105,6 +112,8 @@ def run_limit(image: str, limit: str, pool: list[str], args: argparse.Namespace)
         plan = httpx.get(url + "/health", timeout=30).json()["memory"]["plan"]
         short, short_failed = asyncio.run(closed_loop(url, lambda rng: [rng.choice(pool)], args.concurrency,
                                                       args.seconds))
+        mid, mid_failed = asyncio.run(closed_loop(url, lambda rng: long_texts(pool, rng, LONG_PER_REQUEST, MID_WORDS),
+                                                  args.long_concurrency, args.seconds))
         long, long_failed = asyncio.run(closed_loop(url, lambda rng: long_texts(pool, rng, LONG_PER_REQUEST),
                                                     args.long_concurrency, args.seconds))
         peak = docker("exec", name, "sh", "-c", "cat /sys/fs/cgroup/memory.peak 2>/dev/null || "
@@ -112,9 +121,11 @@ def run_limit(image: str, limit: str, pool: list[str], args: argparse.Namespace)
         oom = json.loads(docker("inspect", "-f", "{{json .State}}", name))["OOMKilled"]
     finally:
         docker("rm", "-f", name, check=False)
-    return {"limit": limit, "workers": plan["engine_workers"], "batch_tokens": plan["batch_tokens"],
+    return {"limit": limit, "budget": "flat" if flat_tokens else "per width", "workers": plan["engine_workers"],
+            "batch_tokens": plan["batch_tokens"], "tokens_at_256": plan["batch_tokens_at_length"].get("256"),
             "texts_at_512": plan["batch_texts_at_max_length"], "sst2_texts_s": round(short, 1),
-            "long_texts_s": round(long, 1), "not_200": short_failed + long_failed,
+            "mid_texts_s": round(mid, 1), "long_texts_s": round(long, 1),
+            "not_200": short_failed + mid_failed + long_failed,
             "cgroup_peak_mib": round(int(peak) / 2**20), "oom_killed": oom}
 
 
@@ -125,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default="sentiment-analyzer:cpu")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured window of each loop")
     parser.add_argument("--concurrency", type=int, default=32, help="clients of the SST-2 loop")
-    parser.add_argument("--long-concurrency", type=int, default=4, help="clients of the long-text loop")
+    parser.add_argument("--long-concurrency", type=int, default=4, help="clients of the mid and long-text loops")
+    parser.add_argument("--flat", action="store_true", help="also run each limit with MAX_BATCH_TOKENS set to "
+                        "what it derived (the budget flat across widths)")
     args = parser.parse_args(argv)
     pool = sentences(args.data)
-    rows = [run_limit(args.image, limit, pool, args) for limit in args.limits.split(",")]
+    rows = []
+    for limit in args.limits.split(","):
+        rows.append(run_limit(args.image, limit, pool, args))
+        if args.flat:
+            rows.append(run_limit(args.image, limit, pool, args, flat_tokens=rows[-1]["batch_tokens"]))
     columns = list(rows[0])
     print(" | ".join(columns))
     for row in rows:
