@@ -11,8 +11,8 @@ the memory limit (the container's, ``server.cgroup``). The rest of the limit (15
 for what the plan does not count: gRPC messages, the store's background buffers, the allocator's slack.
 Settings the user did set win, but are checked: a plan that cannot fit stops start-up with one line naming
 the settings, the parts and the limit it needs (``MemoryDoesNotFit``, exit code 2). The default of each
-setting is its upper bound: more memory never makes batches, queue or cache larger than the defaults the
-server was tuned with.
+setting is its upper bound: more memory never makes batches (in bytes: the default MAX_BATCH_TOKENS at the
+max length), queue or cache larger than the defaults the server was tuned with.
 
 * ``MAX_BATCH_TOKENS``: the padded tokens of a batch at the model's max length; what each engine worker's batch
   may cost is ``batch_tokens x token_bytes(max_length)`` bytes. A token of a shorter batch costs less
@@ -25,7 +25,7 @@ server was tuned with.
   ``min(max(budget, max_length), MAX_BATCH_SIZE x max_length)`` tokens at the max length do
   (``batch_tokens_at_peak``), whatever its width.
 * ``ENGINE_WORKERS``: batches that run at once, each with its own peak; the automatic 2 drops to 1 when two
-  max-length texts at once would not fit.
+  max-length texts at once would not fit, or two batches of a MAX_BATCH_TOKENS the user set.
 * ``MAX_QUEUE``: each queued text holds its request's body bytes and its string (one byte per character
   each for ASCII and Latin-1 JSON, at most ``MAX_TEXT_CHARS``) and its token ids: ``queued_text_bytes``.
   Scripts of 2-4 bytes per character hold more than this charges; a queue full of 20,000-character such
