@@ -26,7 +26,7 @@ from server.exitcodes import ExitCode
 from server.metrics import Metrics
 from server.store import PredictionStore, SpoolLocked, SpoolUnavailable
 from server.store.committer import Commit, GroupCommitter
-from server.store.rows import record_row
+from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
 from server.store.tables import PREDICTIONS
 from server.store.wal import WriteAheadLog, segment_name
@@ -254,11 +254,15 @@ async def test_async_queue_larger_than_the_spool_fills_it_then_recovers_to_ok(st
     records = [make_record(LONG_TEXT, request_id=f"r{i}") for i in range(600)]  # ~2.6 MB of spool lines
     for record in records:
         store.submit(record)
-    await wait_until(lambda: "records are lost" in (store.health()["reason"] or ""), timeout=30,
-                     what="the spool to fill and refuse")
-    health = store.health()
-    assert health["spool_rows"] > 100 and health["spool_bytes"] > 0.8 * (1 << 20), health
-    assert health["spool_rows"] + health["queue_depth"] == len(records) and health["lost_rows"] == 0, health
+    line = len(encode_lines([record_row(records[0], True)]))
+
+    def filled() -> bool:  # up to its last record, refusing the rest, which waits in memory
+        health = store.health()
+        return ("records are lost" in (health["reason"] or "") and health["spool_bytes"] > (1 << 20) - 2 * line
+                and health["spool_rows"] + health["queue_depth"] == len(records))
+
+    await wait_until(filled, timeout=30, what="the spool to fill up to its last record and refuse the rest")
+    assert store.health()["lost_rows"] == 0
     await asyncio.to_thread(store_db.up)
     await wait_until(lambda: store.health()["status"] == "ok" and store.health()["spool_rows"] == 0
                      and store.health()["queue_depth"] == 0, timeout=60, what="/health ok with the spool drained")
@@ -286,6 +290,9 @@ async def test_async_memory_queue_is_bounded_and_what_it_drops_is_counted(store_
             store.submit(record)
         await wait_until(lambda: refused() or store.health()["queue_depth"] == 0, timeout=30, what="a wave spooled")
     assert refused(), store.health()
+    line = len(encode_lines([record_row(records[0], True)]))
+    await wait_until(lambda: store.health()["spool_bytes"] > (1 << 20) - 2 * line, timeout=30,
+                     what="the spool to fill up to its last record")
     spooled = store.health()["spool_rows"]
     late = [make_record(LONG_TEXT, request_id=f"late{i}") for i in range(200)]
     for record in late:  # more than memory may hold

@@ -314,17 +314,21 @@ class Writer:
     async def _spool_unlogged(self) -> None:
         """Async mode, database down or a backlog in the spool: put the records queued when the flush began behind
         it, on disk, in chunks of at most ``batch_rows`` and an eighth of the spool's cap: one append of the whole
-        queue could be larger than the spool itself and would never fit. What the spool refuses stays in memory,
-        up to the queue's bound."""
-        budget = len(self._unlogged)
+        queue could be larger than the spool itself and would never fit. A refused chunk is halved and tried
+        again, so a nearly full spool (or disk) is filled up to its last record. What the spool refuses stays in
+        memory, up to the queue's bound."""
+        budget, chunk = len(self._unlogged), self._batch_rows
         while self._unlogged and budget > 0:
-            rows = self._unlogged.take(min(budget, self._batch_rows), max_bytes=self._wal.max_bytes // 8)
-            budget -= len(rows)
+            rows = self._unlogged.take(min(budget, chunk), max_bytes=self._wal.max_bytes // 8)
             try:
                 await self._committer.append(rows, rows=True)
             except SpoolUnavailable:
                 self._put_back(rows, "the spool refuses records and the memory queue is full")
-                break
+                if len(rows) == 1:
+                    break
+                chunk = len(rows) // 2
+                continue
+            budget -= len(rows)
         self.state.unlogged_rows = len(self._unlogged)
 
     def _put_back(self, rows: list[dict[str, Any]], why: str) -> None:
