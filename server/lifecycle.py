@@ -33,8 +33,8 @@ The last log line says what happened: "shutdown: answered N requests during
 drain, abandoned M". N counts every response sent after the signal (in-flight
 requests finishing, the 503s refusing new ones, health checks, 408s, gRPC
 calls); M the requests answered 503 at the deadline, and the gRPC calls
-answered UNAVAILABLE then (server/protocols/oip_grpc.py). The exit status is 0 when M is 0,
-``ExitCode.RUNTIME`` (1) otherwise. A second SIGTERM/SIGINT ends the waiting at
+answered UNAVAILABLE then (server/protocols/oip_grpc.py). The exit status is 0
+when M is 0, ``ExitCode.RUNTIME`` (1) otherwise. A second SIGTERM/SIGINT ends the waiting at
 once (what is unanswered then is abandoned). A thread that never returns (a
 hung engine call) does not hold the exit: the process ends without joining it.
 """
@@ -170,6 +170,8 @@ class DrainingServer(uvicorn.Server):
         if self.drain is not None:
             log.warning("%s again: ending the drain now; requests not answered yet are abandoned", reason)
             self.drain.end_now()
+            if self.services is not None:  # the batcher's and gRPC's wait end now too
+                self.services.begin_drain(self.drain.deadline)
             return
         settings = self.settings
         self.drain = DrainClock.starting_now(settings)

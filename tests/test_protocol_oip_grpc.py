@@ -264,14 +264,17 @@ print(fresh == committed, [method.name for method in committed.service[0].method
                                   "'ModelMetadata', 'ModelInfer', 'ModelConfig']"), out.stdout
 
 
+@pytest.mark.parametrize("drain_ends_by", ["its deadline", "a second signal"])
 def test_calls_cancelled_by_their_client_are_499_and_unanswered_at_the_drain_deadline_are_abandoned(
-        tiny_artifact, tmp_path):
-    """As over HTTP: a call still unanswered when the drain's time is up is refused 503-like (UNAVAILABLE, error
-    type draining) and counted in the shutdown line's abandoned, and the exit status says so (1); a call whose
-    client gave up (its deadline passed) is the client's doing: counted as 499, not abandoned."""
+        tiny_artifact, tmp_path, drain_ends_by):
+    """As over HTTP: a call still unanswered when the drain's time is up (DRAIN_TIMEOUT_S, or a second SIGTERM) is
+    refused 503-like (UNAVAILABLE, error type draining) and counted in the shutdown line's abandoned, and the exit
+    status says so (1); a call whose client gave up (its deadline passed) is the client's doing: counted as 499,
+    not abandoned."""
     from tests.test_lifecycle import MARGIN_S, metric, shutdown_counts, start_with_hanging_engine, wait_exit, wait_for
 
-    grace_s, drain_timeout_s, port = 1.0, 3.0, free_port()
+    grace_s, port = 1.0, free_port()
+    drain_timeout_s = 3.0 if drain_ends_by == "its deadline" else 600.0
     hang_file = tmp_path / "hang"
     live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
         "GRPC_PORT": str(port), "DRAIN_GRACE_S": str(grace_s), "DRAIN_TIMEOUT_S": str(drain_timeout_s),
@@ -300,7 +303,10 @@ def test_calls_cancelled_by_their_client_are_499_and_unanswered_at_the_drain_dea
         wait_for(lambda: metric(live, "sentiment_batch_size_count") > batches
                  or metric(live, "sentiment_queue_depth") > 0, "the call to reach the engine or its queue")
         live.process.send_signal(signal.SIGTERM)
-        code, _ = wait_exit(live, grace_s + drain_timeout_s + MARGIN_S)
+        if drain_ends_by == "a second signal":
+            wait_for(lambda: "SIGTERM: draining" in live.log(), "the first signal to be handled")
+            live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, grace_s + min(drain_timeout_s, 3.0) + MARGIN_S)
         caller.join(30)
     finally:
         live.process.kill()

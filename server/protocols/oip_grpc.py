@@ -88,6 +88,7 @@ STATUS_CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
 }
 CLIENT_CANCELLED = 499  # the status a call the client gave up on is counted under
+POLL_S = 0.05  # how often the drain looks at its deadline
 ABANDON_S = 1.0  # after the drain deadline, how long the abandoned calls' answers get before the listener's hard stop
 ABANDONED = ("the server shut down before this call was answered (DRAIN_TIMEOUT_S); retry on another replica",
              (("error-type", "draining"), ("retry-after", "1")))
@@ -282,11 +283,15 @@ class GrpcServer:
 
     async def stop(self) -> None:
         """Close the listener; calls under way get until the drain deadline, then are abandoned (module docstring)."""
-        deadline = self.services.drain_deadline
-        grace = self.services.settings.drain_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        services = self.services
+        if services.drain_deadline is None:
+            services.drain_deadline = time.monotonic() + services.settings.drain_timeout_s
+        grace = max(0.0, services.drain_deadline - time.monotonic())
         under_way = len(self.service.under_way)
         closing = asyncio.ensure_future(self.server.stop(grace + ABANDON_S))  # the listener closes at once
-        if not (await asyncio.wait({closing}, timeout=grace))[0]:
+        while not closing.done() and time.monotonic() < services.drain_deadline:  # a second signal brings it closer
+            await asyncio.wait({closing}, timeout=POLL_S)
+        if not closing.done():
             abandoned = self.service.abandon_under_way()
             if abandoned:
                 log.warning("gRPC: %d calls not answered by the drain deadline: answered UNAVAILABLE", abandoned)
