@@ -315,9 +315,11 @@ class Writer:
         """Async mode, database down or a backlog in the spool: put the records queued when the flush began behind
         it, on disk, in chunks of at most ``batch_rows`` and an eighth of the spool's cap: one append of the whole
         queue could be larger than the spool itself and would never fit. A refused chunk is halved and tried
-        again, so a nearly full spool (or disk) is filled up to its last record. What the spool refuses stays in
-        memory, up to the queue's bound."""
-        budget, chunk = len(self._unlogged), self._batch_rows
+        again, so a nearly full spool (or disk) is filled up to its last record; while it stays full, each flush
+        tries one record, not the halving from a whole chunk down. What the spool refuses stays in memory, up to
+        the queue's bound."""
+        still_full = self.state.append_error is not None and self._wal.bytes >= self._bytes_at_refusal
+        budget, chunk = len(self._unlogged), 1 if still_full else self._batch_rows
         while self._unlogged and budget > 0:
             rows = self._unlogged.take(min(budget, chunk), max_bytes=self._wal.max_bytes // 8)
             try:
@@ -329,6 +331,7 @@ class Writer:
                 chunk = len(rows) // 2
                 continue
             budget -= len(rows)
+            chunk = min(self._batch_rows, chunk * 2)
         self.state.unlogged_rows = len(self._unlogged)
 
     def _put_back(self, rows: list[dict[str, Any]], why: str) -> None:
