@@ -16,14 +16,18 @@ Policy:
   padding. The oldest text is always served next, so nothing starves.
 * On the CPU a batch also stops growing when the next text would raise the
   engine time per real token: a call costs about ``CPU_CALL_COST_TOKENS``
-  tokens' worth of fixed work (ONNX Runtime's per-run cost and the hand-offs)
-  plus one unit per padded token, and on a CPU a padded token costs as much as
-  a real one. Measured with the default int8 model on one thread of this
-  2-core VM: 0.06 ms per token; 1 x 8 tokens 1.2 ms against 0.51 ms per text in
-  32 x 8 (~0.7 ms, ~11 tokens, fixed per call); batches of SST-2 sentences in
-  arrival order cost 2.8 (4 texts, 42% padding) to 4.7 (32 texts, 94%) ms per
-  text against 1.3-1.5 length-sorted. So a few similar lengths beat many mixed
-  ones. A GPU computes padding in parallel, so there batches fill to the bounds.
+  tokens' worth of fixed work (ONNX Runtime's per-run cost, the hand-offs and
+  the loop's work per batch) plus one unit per padded token, and on a CPU a
+  padded token costs as much as a real one. Measured with the default int8
+  model on one thread of this 2-core VM: 0.06 ms per token; 1 x 8 tokens 1.2 ms
+  against 0.51 ms per text in 32 x 8 (~0.7 ms, ~11 tokens, fixed per call);
+  batches of SST-2 sentences in arrival order cost 2.8 (4 texts, 42% padding)
+  to 4.7 (32 texts, 94%) ms per text against 1.3-1.5 length-sorted. So a few
+  similar lengths beat many mixed ones. Against the server at 64 clients (same
+  runs, CPU per text): 6, 16, 48 and 96 were within the machine's noise of each
+  other (padding 2-15%), 200 cost ~10% more engine time (27% padding); 48 also
+  forms fewer, fuller batches than 16 (less loop work per text). A GPU computes
+  padding in parallel, so there batches fill to the bounds.
 * A full queue (``MAX_QUEUE`` texts) sheds with ``Overloaded`` (503 +
   Retry-After); a request with texts still queued at its deadline fails with
   ``DeadlineExceeded`` (one already running gets a grace period first); every
@@ -60,7 +64,7 @@ from server.tokenizer import pad_batch
 log = logging.getLogger(__name__)
 GROUPING_WINDOW = 16  # batches' worth of waiting texts considered when grouping by length
 RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are all running still waits
-CPU_CALL_COST_TOKENS = 16  # an engine call's fixed cost on the CPU, in padded tokens' worth (module docstring)
+CPU_CALL_COST_TOKENS = 48  # an engine call's fixed cost on the CPU, in padded tokens' worth (module docstring)
 
 
 class PendingRequest:
