@@ -182,6 +182,8 @@ class Batcher:
         self._metrics = metrics
         self._token_budget = token_budget or (lambda width: settings.max_batch_tokens)
         self._call_cost_tokens = CPU_CALL_COST_TOKENS if engine.device == "cpu" else None
+        self._engine_time = metrics.inference_latency.labels(engine.device)
+        self._to_worker, self._to_loop = (metrics.engine_handoff.labels(way) for way in ("to_worker", "to_loop"))
         self._waiting: list[WorkItem] = []
         self._pending: set[PendingRequest] = set()  # submitted and not yet answered (a drain's time limit fails them)
         self._workers = engine_workers(settings, engine.device)
@@ -344,9 +346,9 @@ class Batcher:
     def _finish(self, batch: list[WorkItem], outcome: np.ndarray | Exception, ran: Ran) -> None:
         self._free_workers += 1
         m, device = self._metrics, self.engine.device
-        m.inference_latency.labels(device).observe(ran.engine_ended - ran.engine_started)
-        m.engine_handoff.labels("to_worker").observe(ran.picked_up - ran.formed)
-        m.engine_handoff.labels("to_loop").observe(time.perf_counter() - ran.handed_back)
+        self._engine_time.observe(ran.engine_ended - ran.engine_started)
+        self._to_worker.observe(ran.picked_up - ran.formed)
+        self._to_loop.observe(time.perf_counter() - ran.handed_back)
         if not isinstance(outcome, Exception):
             for item, row in zip(batch, outcome, strict=True):
                 item.request.deliver(item.index, row, ran)

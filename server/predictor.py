@@ -42,6 +42,7 @@ import logging
 import time
 import unicodedata
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,6 +74,7 @@ class Predictor:
         self.cache = cache
         self._metrics = metrics
         self._low_confidence = low_confidence_threshold
+        self._series: _ModelSeries | None = None  # the drift families' children for the serving model
         self._serve(runtime)
 
     def swap(self, runtime: ModelRuntime) -> ModelRuntime:
@@ -146,14 +148,32 @@ class Predictor:
     def _observe(self, runtime: ModelRuntime, predictions: list[Prediction]) -> None:
         if runtime is not self.runtime:  # swapped out while computing: its series are gone (module docstring)
             return
-        m, name, version = self._metrics, runtime.identity.name, runtime.identity.version
-        threshold = low_confidence_threshold(self._low_confidence, len(runtime.labels()))
-        confidence, low, truncated = (family.labels(name, version)
-                                      for family in (m.confidence, m.low_confidence, m.truncated))
+        series = self._series if self._series is not None and self._series.runtime is runtime else \
+            self._series_of(runtime)
         for p in predictions:
-            m.predictions.labels(name, version, p.label).inc()
-            confidence.observe(p.score)
-            if p.score < threshold:
-                low.inc()
+            series.by_label[p.label].inc()
+            series.confidence.observe(p.score)
+            if p.score < series.threshold:
+                series.low.inc()
             if p.truncated:
-                truncated.inc()
+                series.truncated.inc()
+
+    def _series_of(self, runtime: ModelRuntime) -> _ModelSeries:
+        """The serving model's series, looked up once per model rather than per prediction (``labels()`` takes a
+        lock and builds a key each time)."""
+        m, name, version, labels = self._metrics, runtime.identity.name, runtime.identity.version, runtime.labels()
+        self._series = _ModelSeries(
+            runtime, low_confidence_threshold(self._low_confidence, len(labels)),
+            {label: m.predictions.labels(name, version, label) for label in labels},
+            *(family.labels(name, version) for family in (m.confidence, m.low_confidence, m.truncated)))
+        return self._series
+
+
+@dataclass(frozen=True)
+class _ModelSeries:
+    runtime: ModelRuntime
+    threshold: float
+    by_label: dict
+    confidence: object
+    low: object
+    truncated: object
