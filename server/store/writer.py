@@ -106,9 +106,10 @@ class Writer:
             state.publish()
             return
         if state.append_error:
-            log.info("store: the spool takes records again")
+            # Not a reset of the refusal's throttle: filling the last bytes of a full spool alternates refusals
+            # and smaller appends that fit, which would log a pair of lines each.
+            self._throttle.log("spool-ok", logging.INFO, "store: the spool takes records again")
             state.append_error = None
-            self._throttle.reset("spool")
         state.pending_rows += len(commit.rows)
         self.wal_end = commit.end
         if state.database_up:
