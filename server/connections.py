@@ -22,6 +22,7 @@ A request httptools cannot parse (a garbage request line, an invalid header, a b
 is being answered (``reason="malformed_http"``); after the answer under way when the garbage follows a complete
 request (pipelined); through the application, like an overdue body, when a body being read breaks its framing
 (counted as any 400 the application sends, ``reason="invalid"``). Nothing more is read from the connection.
+uvicorn's own WARNING for each such request is let through once a minute, with a count of the rest.
 
 Slow clients are counted in ``sentiment_rejected_requests_total{reason="slow_client"}``.
 Above ``MAX_CONNECTIONS`` open connections a new one is answered 503 +
@@ -46,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import http
+import logging
 import math
 import sys
 from collections.abc import Callable
@@ -58,6 +60,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from server.config import Settings
 from server.metrics import Metrics
 from server.primitives import ServerError
+from server.store.throttle import Throttle
 
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 Phase = Literal["headers", "body", "app", "refused"]
@@ -95,6 +98,27 @@ def error_bytes(status: int, message: str, kind: str, retry_after: float | None 
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
+class RepeatedClientWarnings(logging.Filter):
+    """uvicorn logs a WARNING for every request it cannot parse, so a client sending garbage in a loop fills the
+    log at the rate it sends; these lines go out at most once a minute each, with how many they stand for (the
+    metric ``reason="malformed_http"`` counts every one)."""
+
+    MESSAGES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = Throttle(logging.getLogger(__name__))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg not in self.MESSAGES:
+            return True
+        self._throttle.log(record.msg, record.levelno, f"uvicorn: {record.msg}")
+        return False
+
+
+CLIENT_WARNINGS = RepeatedClientWarnings()
+
+
 class ConnectionGuard:
     """What the connections of one server share: the limits, the open connections, the drain's tally."""
 
@@ -107,6 +131,9 @@ class ConnectionGuard:
         self.draining = False
         self.answered = 0  # requests answered since the drain began, the abandoned ones excluded
         self.abandoned = 0  # requests still unanswered when the drain's time ran out (answered 503 here)
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if CLIENT_WARNINGS not in uvicorn_log.filters:
+            uvicorn_log.addFilter(CLIENT_WARNINGS)
 
     def protocol_factory(self) -> Callable[..., GuardedHttpProtocol]:
         """What ``uvicorn.Config(http=...)`` calls for each new connection."""

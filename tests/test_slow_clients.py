@@ -8,6 +8,7 @@ that a deadline is not enforced early and that what must end does end.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
+from server.connections import RepeatedClientWarnings
 
 HEADER_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 2.0
@@ -210,6 +212,7 @@ def test_an_unparseable_request_gets_a_json_400_and_the_connection_closes(server
     error = json.loads(body)
     assert error["type"] == "malformed_http" and reason in error["error"], error
     assert metric(server, MALFORMED) == malformed + 1
+    assert server.log().count("Invalid HTTP request received.") <= 1  # a burst of garbage is one log line
 
 
 def test_a_broken_chunked_body_is_answered_json_400_by_the_application_and_counted_as_a_400(server):
@@ -245,3 +248,18 @@ def test_garbage_pipelined_after_requests_is_refused_once_they_are_answered(serv
     status, headers, body = parse(raw)
     assert status == 400 and headers["connection"] == "close" and json.loads(body)["type"] == "malformed_http"
     assert metric(server, MALFORMED) == malformed + 1
+
+
+def test_uvicorns_warning_per_malformed_request_is_throttled_so_garbage_cannot_flood_the_log(caplog):
+    """One line for a burst of garbage (the metric counts each); any other uvicorn line passes untouched."""
+    uvicorn_log = logging.getLogger("test.uvicorn.error")
+    uvicorn_log.addFilter(RepeatedClientWarnings())
+    with caplog.at_level(logging.INFO):
+        for _ in range(50):
+            uvicorn_log.warning("Invalid HTTP request received.")
+        uvicorn_log.warning("Unsupported upgrade request.")
+        uvicorn_log.info("Application startup complete.")
+    lines = [(r.name, r.getMessage()) for r in caplog.records]
+    assert lines == [("server.connections", "uvicorn: Invalid HTTP request received."),
+                     ("server.connections", "uvicorn: Unsupported upgrade request."),
+                     ("test.uvicorn.error", "Application startup complete.")]
