@@ -11,10 +11,14 @@ shared by every entry (the version string, label strings, the labels tuple) are 
 charged. ``tests/test_cache.py`` checks the figure against ``tracemalloc``.
 
 Single-flight: concurrent misses for one (version, text) share one computation, so a burst of the
-same text costs one engine slot. The computation runs as its own task, so a client that disconnects
-does not cancel it for the others waiting on it. Whatever happens to the computation (an error, a
-cancellation, a failure while filling the cache), every future it started is settled and leaves the
-in-flight table: a waiter is never left pending.
+same text costs one engine slot. A caller whose misses no one else is computing (the usual case)
+computes them in its own task: no task, no shield, no extra loop turns. Should that caller be
+cancelled (its client disconnected) while others joined its computation, the computation is started
+again in a task of its own, so a joiner never inherits the cancellation; a caller that also waits for
+someone else's computation runs its own in a task from the start. A cancelled caller that no one
+joined leaves nothing behind: its texts are not computed for nobody. Whatever happens to a computation
+(an error, a cancellation, a failure while filling the cache), every future it started is settled and
+leaves the in-flight table: a waiter is never left pending.
 
 Hits and misses are counted only while the cache is on (``max_bytes`` > 0): a disabled cache is never
 looked up, so ``sentiment_cache_misses_total`` does not climb with every text it could never have held.
@@ -68,6 +72,7 @@ class PredictionCache:
         self._payload = 0  # sum of entry_size over the entries
         self._shared: dict[Hashable, Hashable] = {}
         self._inflight: dict[Key, asyncio.Future[Prediction]] = {}
+        self._joined: set[Key] = set()  # in flight, and waited for by a caller that did not start it
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by clear(): computations started before it are not stored
         metrics.cache_limit.set(max_bytes)
@@ -160,6 +165,7 @@ class PredictionCache:
         results: list[Prediction | None] = [None] * len(texts)
         waiting: list[tuple[int, asyncio.Future[Prediction]]] = []
         started: dict[Key, asyncio.Future[Prediction]] = {}
+        joined = False  # waits for a computation someone else started
         for index, text in enumerate(texts):
             hit = self.get(version, text)
             if hit is not None:
@@ -171,22 +177,34 @@ class PredictionCache:
                 future = self._inflight[key] = started[key] = asyncio.get_running_loop().create_future()
                 # Mark the exception retrieved: a waiter that stopped at an earlier failure never awaits this one.
                 future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            elif key not in started:
+                joined = True
+                self._joined.add(key)
             waiting.append((index, future))
-        if started:
-            task = asyncio.create_task(self._fill(version, started, compute))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if started and joined:
+            self._fill_in_task(version, started, compute)
+        elif started:
+            await self._fill(version, started, compute, in_caller=True)
         for index, future in waiting:
-            results[index] = await asyncio.shield(future)  # a cancelled caller must not cancel the shared future
+            # a cancelled caller must not cancel a shared future: shield what is still running
+            results[index] = future.result() if future.done() else await asyncio.shield(future)
         return results  # type: ignore[return-value]  # every slot is filled above
 
-    async def _fill(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
+    def _fill_in_task(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
+        task = asyncio.create_task(self._fill(version, started, compute))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fill(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute,
+                    in_caller: bool = False) -> None:
         """Answer the started futures from one ``compute`` call, then cache the results.
 
         The ``finally`` settles whatever is still pending (cancelled, or a bug in settling or caching), so no
-        waiter can hang on a future this computation owns.
+        waiter can hang on a future this computation owns; ``in_caller``: a cancelled caller instead hands its
+        computation to a task (module docstring), whose ``finally`` then settles the futures.
         """
         generation = self._generation
+        handed_over = False
         try:
             predictions = await compute([text for _, text in started])
             if len(predictions) != len(started):
@@ -196,18 +214,25 @@ class PredictionCache:
             if self._max_bytes and generation == self._generation:
                 for (_, text), prediction in zip(started, predictions, strict=True):
                     self.put(version, text, prediction)
+        except asyncio.CancelledError:
+            if in_caller and not self._joined.isdisjoint(started):  # others wait for it: they get it from a task
+                handed_over = True
+                self._fill_in_task(version, started, compute)
+            raise
         except Exception as exc:
             if all(future.done() for future in started.values()):  # answered; only caching them failed
                 log.exception("caching %d computed predictions failed (their requests were answered)", len(started))
             self._release(started, exc)
         finally:
-            self._release(started, None)  # cancelled (loop shutdown): waiters must not hang either
+            if not handed_over:
+                self._release(started, None)  # cancelled (loop shutdown): waiters must not hang either
 
     def _release(self, started: dict[Key, asyncio.Future[Prediction]], exc: Exception | None) -> None:
         """Take a computation's keys out of flight; fail (or, with no exception, cancel) its futures still pending."""
         for key, future in started.items():
             if self._inflight.get(key) is future:
                 del self._inflight[key]
+                self._joined.discard(key)
             if future.done():
                 continue
             if exc is None:

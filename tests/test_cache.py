@@ -298,12 +298,36 @@ async def test_a_cancelled_caller_does_not_cancel_the_others() -> None:
     leaver = asyncio.create_task(cache.get_or_compute("v1", ["a"], compute))
     stayer = asyncio.create_task(cache.get_or_compute("v1", ["a"], compute))
     await settle()
-    leaver.cancel()
+    leaver.cancel()  # it started the computation the stayer joined: a task takes it over
     await settle()
     compute.gate.set()
-    assert (await stayer)[0] == prediction(0.01)
+    assert (await asyncio.wait_for(stayer, timeout=30))[0] == prediction(0.01)
     assert leaver.cancelled()
     assert cache.entries == 1
+
+
+async def test_a_caller_no_one_joined_computes_in_its_own_task() -> None:
+    cache = PredictionCache(100_000, Metrics())
+    compute = Computer()
+    tasks_before = len(asyncio.all_tasks())
+    alone = asyncio.create_task(cache.get_or_compute("v1", ["a", "b"], compute))
+    await settle()
+    assert len(asyncio.all_tasks()) == tasks_before + 1  # the caller only: no computation task
+    compute.gate.set()
+    assert await alone == [prediction(0.01), prediction(0.01)]
+
+
+async def test_a_cancelled_caller_no_one_joined_leaves_nothing_in_flight() -> None:
+    cache = PredictionCache(100_000, Metrics())
+    compute = Computer()
+    leaver = asyncio.create_task(cache.get_or_compute("v1", ["a"], compute))
+    await settle()
+    leaver.cancel()
+    await settle()
+    assert leaver.cancelled() and len(compute.calls) == 1  # not computed again for no one
+    compute.gate.set()
+    assert (await asyncio.wait_for(cache.get_or_compute("v1", ["a"], compute), timeout=30))[0].cached is False
+    assert len(compute.calls) == 2  # nothing was left in flight to wait for
 
 
 async def test_results_computed_across_a_clear_are_answered_but_not_cached() -> None:
