@@ -117,7 +117,8 @@ class ObservedASGI:
     @staticmethod
     def bodies(scope) -> BodyBudget | None:
         """The serving memory plan's body budget (None before the services exist)."""
-        guard = getattr(getattr(scope["app"].state, "services", None), "memory_guard", None)
+        state = getattr(scope.get("app"), "state", None)
+        guard = getattr(getattr(state, "services", None), "memory_guard", None)
         return None if guard is None else guard.bodies
 
     async def __call__(self, scope, receive, send):
