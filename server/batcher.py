@@ -40,7 +40,7 @@ through one ``call_soon_threadsafe``; a request awaits one future for all its
 texts. The engine's time is measured on the worker around the engine call alone
 (``sentiment_inference_latency_seconds``); the hand-offs, to the worker and
 back to the loop, are ``sentiment_engine_handoff_seconds`` (a stalled loop shows
-in ``to_loop``, a slow engine in the former), and each request's queue and
+in ``to_loop``, a slow engine only in the former), and each request's queue and
 engine time reach its caller (``StageTimings``, TEI's timing headers).
 """
 
