@@ -29,6 +29,7 @@ from server.store.committer import Commit, GroupCommitter
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
 from server.store.tables import PREDICTIONS
+from server.store.unlogged import UnloggedQueue, row_bytes
 from server.store.wal import WriteAheadLog, segment_name
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
@@ -240,6 +241,24 @@ async def test_async_mode_counts_what_neither_database_nor_spool_would_take(stor
     await wait_until(lambda: store.health()["status"] == "ok" and store.health()["queue_depth"] == 0, timeout=30,
                      what="/health ok once records go to the database directly")
     assert sorted(await asyncio.to_thread(stored_ids, store_db.url)) == sorted(r.id for r in records[:4])
+
+
+def test_the_async_memory_queue_counts_bytes_and_keeps_the_oldest_records():
+    ascii_row, wide_row = {"text": "a" * 1000}, {"text": "\U0001f600" * 1000}  # 4 bytes a character in memory
+    size = row_bytes(ascii_row)
+    assert row_bytes(wide_row) > size + 2500
+    queue = UnloggedQueue(max_rows=100, max_bytes=11 * size + size // 2)
+    rows = [{**ascii_row, "id": n} for n in range(20)]
+    assert [queue.put(row) for row in rows] == [True] * 11 + [False] * 9
+    taken = queue.take(100, max_bytes=3 * size)
+    assert [row["id"] for row in taken] == [0, 1, 2] and len(queue) == 8
+    assert queue.put(wide_row)  # in the room the taken rows left
+    assert queue.put_back(taken) == 1  # the newest no longer fits: dropped
+    assert [row.get("id") for row in queue.take_all()] == list(range(11))
+    assert queue.bytes == 0 and queue.take(5, max_bytes=0) == []
+    queue.put(wide_row)
+    assert queue.take(5, max_bytes=0) == [wide_row]  # at least one, however large
+    assert UnloggedQueue(max_rows=2, max_bytes=1 << 30).put_back(rows[:3]) == 1  # the row bound too
 
 
 LONG_TEXT = "a long review that says a great deal about the film " * 80  # ~4 KB: a few hundred fill 1 MiB

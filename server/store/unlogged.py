@@ -2,13 +2,15 @@
 
 In ``STORE_DURABILITY=async`` a record waits here until the writer puts it in the database (or, while the
 database is down, in the spool). While neither takes records (the database down and the spool full) the queue
-would grow with every answer; the bound keeps that to ``max_bytes`` of memory (estimated per row: its text plus
-``ROW_BYTES``, the measured size of the rest of a row) and ``max_rows``. A record beyond the bound is dropped and
+would grow with every answer; the bound keeps that to ``max_bytes`` of memory (estimated per row: its text's
+size as Python holds it, up to 4 bytes a character, plus ``ROW_BYTES``, the measured size of the rest of a row)
+and ``max_rows``. A record beyond the bound is dropped and
 the caller counts it lost: the newest go first, so what is kept stays in answer order.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from typing import Any
 
@@ -16,8 +18,9 @@ ROW_BYTES = 800  # a row's dict and fields without its text: 740 bytes measured 
 
 
 def row_bytes(row: dict[str, Any]) -> int:
-    """Estimated memory of a row (and, as an upper bound, of its spool line)."""
-    return ROW_BYTES + len(row.get("text") or "")
+    """Estimated memory of a row (about its spool line's size too, for ASCII text)."""
+    text = row.get("text")
+    return ROW_BYTES + (sys.getsizeof(text) if text else 0)
 
 
 class UnloggedQueue:
