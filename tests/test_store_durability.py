@@ -289,6 +289,21 @@ async def test_async_queue_larger_than_the_spool_fills_it_then_recovers_to_ok(st
     assert sorted(stored) == sorted(r.id for r in records)
 
 
+async def test_async_close_spools_what_fits_of_a_queue_larger_than_the_spool(store_db, store_settings, open_store):
+    await asyncio.to_thread(store_db.down)
+    settings = store_settings(store_durability="async", spool_max_bytes=1 << 20, db_pool_timeout_s=0.3)
+    store = await open_store(settings, flush_interval_s=60)  # nothing is spooled before close
+    records = [make_record(LONG_TEXT, request_id=f"r{i}") for i in range(400)]  # ~1.7 MB of spool lines
+    for record in records:
+        store.submit(record)
+    await store.close(timeout_s=10)
+    spooled = spooled_ids(settings.spool_dir)
+    line = len(encode_lines([record_row(records[0], True)]))
+    assert spooled == [r.id for r in records[:len(spooled)]]  # the oldest, in order
+    assert len(spooled) * line > (1 << 20) - 2 * line  # filled to its last record
+    assert store.health()["lost_rows"] == len(records) - len(spooled)
+
+
 async def test_async_memory_queue_is_bounded_and_what_it_drops_is_counted(store_db, store_settings, open_store):
     """Database down, spool full: records wait in memory up to the byte bound; every one beyond it is counted in
     lost_rows, so stored + lost is exactly what was submitted once the database is back."""

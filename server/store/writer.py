@@ -176,15 +176,16 @@ class Writer:
             self.mark_down(error)
 
     async def spool_leftovers(self) -> None:
-        """At shutdown: records in memory only (async mode, or a write still hanging) go to the spool."""
-        rows = self._in_flight + self._unlogged.take_all()
-        if not rows:
-            return
-        try:
-            await self._committer.append(rows, rows=True)
-        except SpoolUnavailable as error:
-            self.lose(len(rows), str(error))
-        self._in_flight = []
+        """At shutdown: records in memory only (async mode, or a write still hanging) go to the spool, in chunks
+        as at a flush, so a nearly full spool still takes what fits; the rest is lost, counted."""
+        if self._in_flight:
+            self._put_back(self._in_flight, "the memory queue is full at shutdown")
+            self._in_flight = []
+        if self._unlogged:
+            await self._spool_unlogged()
+        left = len(self._unlogged.take_all())
+        if left:
+            self.lose(left, "the spool cannot take them at shutdown")
         self.state.unlogged_rows = 0
 
     def forget_tail(self) -> None:
