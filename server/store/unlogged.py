@@ -4,8 +4,8 @@ In ``STORE_DURABILITY=async`` a record waits here until the writer puts it in th
 database is down, in the spool). While neither takes records (the database down and the spool full) the queue
 would grow with every answer; the bound keeps that to ``max_bytes`` of memory (estimated per row: its text's
 size as Python holds it, up to 4 bytes a character, plus ``ROW_BYTES``, the measured size of the rest of a row)
-and ``max_rows``. A record beyond the bound is dropped and
-the caller counts it lost: the newest go first, so what is kept stays in answer order.
+and ``max_rows``. A record beyond the bound is dropped and the caller counts it lost: the newest go first, so
+what is kept stays in answer order.
 """
 
 from __future__ import annotations

@@ -326,6 +326,11 @@ class Writer:
             rows = self._unlogged.take(min(budget, chunk), max_bytes=self._wal.max_bytes // 8)
             try:
                 await self._committer.append(rows, rows=True)
+            except asyncio.CancelledError:
+                # Shutdown gave up on the writer: the append may still land, and a record spooled twice is stored
+                # once, where one taken out of memory and not spooled would be lost uncounted.
+                self._put_back(rows, "the memory queue is full at shutdown")
+                raise
             except SpoolUnavailable:
                 self._put_back(rows, "the spool refuses records and the memory queue is full")
                 if len(rows) == 1:
