@@ -87,3 +87,16 @@ async def test_the_serving_models_labels_exist_at_zero_and_follow_a_swap(serving
             for x in ("negative", "neutral", "positive")] == [0, 0, 0]
     assert value(metrics, "sentiment_prediction_confidence_count", model="other", version="v2") == 0
     assert value(metrics, "sentiment_low_confidence_predictions_total", model=previous.identity.name) is None
+
+
+async def test_with_the_cache_off_a_request_computes_each_distinct_text_once(make_settings) -> None:
+    metrics = Metrics()
+    runtime = ModelRuntime.load(make_settings(), metrics)
+    runtime.batcher.start()
+    predictor = Predictor(runtime, PredictionCache(0, metrics), metrics, low_confidence_threshold=0.6)
+    try:
+        got = await asyncio.wait_for(predictor.predict(["fine", "a dull film", "fine"]), timeout=30)
+    finally:
+        await runtime.batcher.drain()
+    assert got[0] == got[2] and not got[0].cached
+    assert sum(value(metrics, "sentiment_predictions_total", label=x) or 0 for x in ("NEGATIVE", "POSITIVE")) == 2
