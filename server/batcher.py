@@ -226,14 +226,14 @@ class Batcher:
         self._waiting.extend(request.items)
         self._pending.add(request)
         request.timer = loop.call_later(timeout, self._deadline_passed, request, True)
-        if self._free_workers:
-            self._dispatch()  # an idle worker takes it now; else a worker that finishes forms the next batch
-        else:
-            self._settle()
         try:
+            if self._free_workers:
+                self._dispatch()  # an idle worker takes it now; else a worker that finishes forms the next batch
+            else:
+                self._settle()
             results = await request.future
-        except asyncio.CancelledError:
-            self._forget(request.items)  # its caller is gone (client disconnected): its texts need not run
+        except BaseException:
+            self._forget(request.items)  # its caller is gone (client disconnected) or it failed: its texts need not run
             raise
         finally:
             request.timer.cancel()
