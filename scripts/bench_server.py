@@ -58,7 +58,8 @@ DURABILITY_MODES = ("ack", "async")
 ACK_SATURATION_TARGET_PCT, ACK_LONE_TARGET_MS = 10.0, 0.5
 
 
-RawRate = Callable[[float], float]  # seconds -> texts/s of the raw engine's best length-sorted set-up
+RawRate = Callable[[float], tuple[float, float]]  # seconds -> (texts/s, CPU ms per text) of the raw engine's best
+# length-sorted set-up
 
 RAW_CONFIGS = {
     # name: (settings, concurrent callers) -- the engine's CPU set-ups a server could use
@@ -116,7 +117,14 @@ def raw_engine(artifact_dir: Path, texts: list[str], batch: int, seconds: float)
     result["length_sorted_texts_per_s"] = result["configs"][sorted_best]["length_sorted_texts_per_s"]
     result["length_sorted_best_config"] = sorted_best
     engine, callers = engines[sorted_best]
-    return result, lambda duration: engine_rate(engine, by_length, batch, duration, callers)
+
+    def beside(duration: float) -> tuple[float, float]:
+        """Texts/s and this process's CPU ms per text (the engine's, as the process does nothing else meanwhile)."""
+        cpu = time.process_time()
+        rate = engine_rate(engine, by_length, batch, duration, callers)
+        return rate, (time.process_time() - cpu) * 1000 / max(rate * duration, 1)
+
+    return result, beside
 
 
 def lone_raw_call(artifact_dir: Path) -> Callable[[], None]:
@@ -167,11 +175,13 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
                 print(f"{label} at concurrency {clients_count}: {json.dumps(levels[name][str(clients_count)])}",
                       flush=True)
             if raw_sorted is not None:
-                beside = raw_sorted(seconds)
-                print(f"raw engine length-sorted beside concurrency {clients_count}: {beside:.1f} texts/s", flush=True)
+                beside, beside_cpu = raw_sorted(seconds)
+                print(f"raw engine length-sorted beside concurrency {clients_count}: {beside:.1f} texts/s, "
+                      f"{beside_cpu:.2f} CPU ms per text", flush=True)
                 for name in urls:
                     measured = levels[name][str(clients_count)]
                     measured["raw_length_sorted_beside_texts_per_s"] = beside
+                    measured["raw_length_sorted_beside_cpu_ms_per_text"] = beside_cpu
                     measured["vs_raw_length_sorted_beside"] = measured["texts_per_s"] / beside
     finally:
         for client in clients.values():
@@ -342,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{measured_level['padded_per_real_token']:.2f} padded per real token, engine "
               f"{measured_level['engine_ms_per_text']:.2f} ms; CPU: loop {measured_level['loop_cpu_ms_per_text']:.2f} "
               f"ms, other server threads {measured_level['other_threads_cpu_ms_per_text']:.2f} ms, load generator "
-              f"{measured_level['generator_cpu_ms_per_text']:.2f} ms")
+              f"{measured_level['generator_cpu_ms_per_text']:.2f} ms; the raw engine length-sorted right after: "
+              f"{measured_level.get('raw_length_sorted_beside_cpu_ms_per_text', float('nan')):.2f} CPU ms")
     for name, target in report["targets"].items():
         print(f"target {name}: {target['measured']:.2f} (target {'<=' if name == 'lone_overhead_ms' else '>='} "
               f"{target['target']}): {'met' if target['met'] else 'NOT met'}")
