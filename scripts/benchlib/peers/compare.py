@@ -117,7 +117,8 @@ def compare(phases: list[dict], servers: list[str], ours: str = "ours", half_rat
     return result
 
 
-def _verdict(passed: bool | None) -> str:
+def verdict(passed: bool | None) -> str:
+    """A target's (or one level's) outcome in words."""
     return "not judged" if passed is None else "met" if passed else "not met"
 
 
@@ -130,7 +131,7 @@ def targets(result: dict) -> dict:
         "latency": (result["latency"], "our p99 at half our saturation rate <= the best peer's p50 there"),
     }
     return {name: {"target": what, "met": (section or {}).get("passed"),
-                   "verdict": _verdict((section or {}).get("passed"))}
+                   "verdict": verdict((section or {}).get("passed"))}
             for name, (section, what) in sections.items()}
 
 

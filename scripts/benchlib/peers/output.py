@@ -7,7 +7,7 @@ from pathlib import Path
 
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from scripts.benchlib.peers.compare import verdict_lines
+from scripts.benchlib.peers.compare import verdict, verdict_lines
 from scripts.benchlib.report import plt, save_figure, write_json
 
 KNOBS = ("max_batch_size", "max_wait_ms", "workers", "engine_workers", "instances", "replicas", "threads")
@@ -115,16 +115,14 @@ def equal_concurrency_lines(comparison: dict, phases: list[dict]) -> list[str]:
              "| closed loop | ours req/s | best peer req/s | ours / best peer | target |", "|---|---|---|---|---|"]
     for row in eq["levels"]:
         peer = f"{row['best_peer']} {row['best_peer_rps']:.1f}" if row["best_peer"] else "-"
-        verdict = "not judged" if row["passed"] is None else "met" if row["passed"] else "not met"
         mark = _disturbed(phases, row["concurrency"], "ours", row["best_peer"])
         lines.append(f"| concurrency {row['concurrency']:g} | {_fmt(row['ours_rps'])} | {peer} | "
-                     f"{_ratio_cell(row['ratio'])}{mark} | ≥ {eq['target']:g}×: {verdict} |")
+                     f"{_ratio_cell(row['ratio'])}{mark} | ≥ {eq['target']:g}×: {verdict(row['passed'])} |")
     if t:
-        verdict = comparison["targets"]["saturation"]["verdict"]
         mark = _disturbed(phases, t["ours_level"], "ours") or _disturbed(phases, t["best_peer_level"], t["best_peer"])
         lines.append(f"| saturation (best of sweep) | {t['ours_rps']:.1f} (c={t['ours_level']:g}) | {t['best_peer']} "
                      f"{t['best_peer_rps']:.1f} (c={t['best_peer_level']:g}) | {_ratio_cell(t['ratio'])}{mark} | "
-                     f"≥ {t['target']:g}×: {verdict} |")
+                     f"≥ {t['target']:g}×: {verdict(t['passed'])} |")
     return lines
 
 
