@@ -74,7 +74,6 @@ class Predictor:
         self.cache = cache
         self._metrics = metrics
         self._low_confidence = low_confidence_threshold
-        self._series: _ModelSeries | None = None  # the drift families' children for the serving model
         self._serve(runtime)
 
     def swap(self, runtime: ModelRuntime) -> ModelRuntime:
@@ -87,8 +86,9 @@ class Predictor:
     def _serve(self, runtime: ModelRuntime) -> None:
         labels = runtime.labels()
         self._metrics.serving_model(runtime.identity.name, runtime.identity.version, labels)
+        self._series = self._series_of(runtime)  # the drift families' children for the serving model
         log.info("model %s %s: labels %s, low-confidence threshold %.3f", runtime.identity.name,
-                 runtime.identity.version, labels, low_confidence_threshold(self._low_confidence, len(labels)))
+                 runtime.identity.version, labels, self._series.threshold)
 
     async def predict(self, texts: list[str], timeout: float | None = None,
                       timings: StageTimings | None = None) -> list[Prediction]:
@@ -148,8 +148,7 @@ class Predictor:
     def _observe(self, runtime: ModelRuntime, predictions: list[Prediction]) -> None:
         if runtime is not self.runtime:  # swapped out while computing: its series are gone (module docstring)
             return
-        series = self._series if self._series is not None and self._series.runtime is runtime else \
-            self._series_of(runtime)
+        series = self._series
         for p in predictions:
             series.by_label[p.label].inc()
             series.confidence.observe(p.score)
@@ -162,16 +161,14 @@ class Predictor:
         """The serving model's series, looked up once per model rather than per prediction (``labels()`` takes a
         lock and builds a key each time)."""
         m, name, version, labels = self._metrics, runtime.identity.name, runtime.identity.version, runtime.labels()
-        self._series = _ModelSeries(
-            runtime, low_confidence_threshold(self._low_confidence, len(labels)),
+        return _ModelSeries(
+            low_confidence_threshold(self._low_confidence, len(labels)),
             {label: m.predictions.labels(name, version, label) for label in labels},
             *(family.labels(name, version) for family in (m.confidence, m.low_confidence, m.truncated)))
-        return self._series
 
 
 @dataclass(frozen=True)
 class _ModelSeries:
-    runtime: ModelRuntime
     threshold: float
     by_label: dict
     confidence: object
