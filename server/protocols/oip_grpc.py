@@ -53,7 +53,7 @@ from server.auth import Caller, authorize
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES
 from server.logging_setup import request_id_var
-from server.primitives import ServerError
+from server.primitives import Draining, ServerError
 from server.protocols.oip_model import (
     InputTensor,
     InvalidInferRequest,
@@ -90,8 +90,8 @@ STATUS_CODES = {
 CLIENT_CANCELLED = 499  # the status a call the client gave up on is counted under
 POLL_S = 0.05  # how often the drain looks at its deadline
 ABANDON_S = 1.0  # after the drain deadline, how long the abandoned calls' answers get before the listener's hard stop
-ABANDONED = ("the server shut down before this call was answered (DRAIN_TIMEOUT_S); retry on another replica",
-             (("error-type", "draining"), ("retry-after", "1")))
+ABANDONED = Draining("the server shut down before this call was answered (DRAIN_TIMEOUT_S); retry on another replica",
+                     retry_after=1)  # answered as any ServerError: UNAVAILABLE, error-type draining, retry-after 1
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class InferenceService(GRPCInferenceServiceServicer):
                 raise
             status = 503
             self.services.drain_abandoned += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, ABANDONED[0], trailing_metadata=ABANDONED[1])
+            await context.abort(grpc.StatusCode.UNAVAILABLE, ABANDONED.message, trailing_metadata=trailers(ABANDONED))
         except Exception:
             log.exception("unexpected error answering %s", endpoint)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; it is logged under request id "
