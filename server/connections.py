@@ -340,7 +340,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """uvicorn's answer (plain text) to what httptools cannot parse, called where it catches the parser's
         error: the answer in the server's error format instead, when it is due (module docstring)."""
         self._unparseable = True
-        error = sys.exception()  # the HttpParserError being handled: its reason is more use than uvicorn's msg
+        error = sys.exc_info()[1]  # the HttpParserError being handled: its reason is more use than uvicorn's msg
         message = malformed_message(str(error) if error is not None and str(error) else "unparseable")
         cycle = self.cycle
         if cycle is None or cycle.response_complete and self.phase != "body":
