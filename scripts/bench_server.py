@@ -38,7 +38,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from models.data import LabeledData, load_labeled  # noqa: E402
 from scripts.benchlib.argtypes import names  # noqa: E402
@@ -49,6 +48,7 @@ from scripts.benchlib.workload import Draw, Workload  # noqa: E402
 from server.artifact import load_artifact  # noqa: E402
 from server.config import load_settings  # noqa: E402
 from server.engine import available_cores, create_engine  # noqa: E402
+from server.status import Samples, parse_metrics, total  # noqa: E402
 from server.tokenizer import TextEncoder, pad_batch  # noqa: E402
 
 SHORT = "a charming film"
@@ -228,18 +228,12 @@ async def closed_loop_rate(client: Client, server: LiveServer, data: LabeledData
     statuses = Counter(str(sample.status) for sample in samples)
     texts = sum(sample.ok for sample in samples)
     return {"texts_per_s": texts / elapsed, "statuses": dict(statuses),
-            **where_time_went(before, after, cpu_before, cpu_after, server.process.pid, texts)}
+            **where_time_went(before, after, cpu_before, cpu_after, texts)}
 
 
-def scrape(url: str) -> dict[str, float]:
-    """The server's /metrics as {sample name with labels: value} (counters and histogram sums/counts)."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
-            if "le" not in sample.labels:
-                values[f"{sample.name}{{{labels}}}"] = sample.value
-    return values
+def scrape(url: str) -> Samples:
+    """The server's /metrics, every sample keyed by (name, labels)."""
+    return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -255,11 +249,11 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     return cpu
 
 
-def where_time_went(before: dict, after: dict, cpu_before: tuple, cpu_after: tuple, pid: int, texts: int) -> dict:
+def where_time_went(before: Samples, after: Samples, cpu_before: tuple, cpu_after: tuple, texts: int) -> dict:
     """Per text of one level: engine batches, padding, engine time, and CPU of the loop, the server's other
     threads (the engine workers, mostly) and the load generator."""
     def delta(name: str) -> float:
-        return sum(value - before.get(key, 0.0) for key, value in after.items() if key.startswith(name + "{"))
+        return total(after, name) - total(before, name)
 
     per_text = 1000 / max(texts, 1)
     batches = delta("sentiment_batch_size_count")
