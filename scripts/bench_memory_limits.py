@@ -22,26 +22,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import random
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from models.data import load_labeled  # noqa: E402
+from scripts.benchlib.serverproc import free_port  # noqa: E402
 
 LONG_WORDS = 560
 MID_WORDS = 180
 LONG_PER_REQUEST = 16
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def docker(*args: str, check: bool = True) -> str:
@@ -49,11 +46,6 @@ def docker(*args: str, check: bool = True) -> str:
     if check and result.returncode != 0:
         raise SystemExit(f"docker {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
-
-
-def sentences(path: Path) -> list[str]:
-    with path.open(newline="") as handle:
-        return [row["text"] for row in csv.DictReader(handle, delimiter="\t") if row.get("text")]
 
 
 def long_texts(pool: list[str], rng: random.Random, count: int, length: int = LONG_WORDS) -> list[str]:
@@ -143,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flat", action="store_true", help="also run each limit with MAX_BATCH_TOKENS set to "
                         "what it derived (the budget flat across widths)")
     args = parser.parse_args(argv)
-    pool = sentences(args.data)
+    pool = [text for text in load_labeled(args.data).texts if text]
     rows = []
     for limit in args.limits.split(","):
         rows.append(run_limit(args.image, limit, pool, args))
