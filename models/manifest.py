@@ -4,6 +4,11 @@ Every file in the artifact directory (the manifest itself aside) is listed
 with its sha256 and size, so the server can refuse a missing or altered file.
 The version defaults to a digest of those hashes: the server keys its
 prediction cache by version, so a different model must never share one.
+A variant stored as graph + external-data files (``models.layout``) lists
+them under ``variants.<v>.external_data``; re-storing an artifact in another
+layout keeps its version (same weights, same outputs: cached predictions and
+stored records stay valid), so the version is the digest of the files *as
+built*, not necessarily of the files now present.
 
     python -m models.manifest models/default     # verify hashes and print the summary
 """
@@ -87,6 +92,30 @@ def record_evaluation(directory: Path, variant: str, result: dict[str, Any], dat
         manifest["variants"][variant]["accuracy"] = result["accuracy"]
     path.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def record_layout(directory: Path, external_data: dict[str, list[str]]) -> dict[str, Any]:
+    """Re-list the files, and each variant's external-data files, in an existing manifest; the version stays.
+
+    Storing a variant in another layout (``models.layout``) changes its files, not its weights or outputs,
+    so the version (the key of the prediction cache and of stored records) stays the one the build gave.
+    """
+    path = directory / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["files"] = file_entries(directory)
+    for variant, files in external_data.items():
+        entry = {key: value for key, value in manifest["variants"][variant].items() if key != "external_data"}
+        manifest["variants"][variant] = with_external_data(entry, files)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def with_external_data(entry: dict[str, Any], files: list[str]) -> dict[str, Any]:
+    """A variant entry with ``external_data`` right after ``file`` when the variant has data files."""
+    if not files:
+        return entry
+    rest = {key: value for key, value in entry.items() if key != "file"}
+    return {"file": entry["file"], "external_data": list(files), **rest}
 
 
 def summary(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -5,6 +5,13 @@ An artifact holds ONNX variants (``model.onnx`` fp32, ``model.int8.onnx``,
 ``manifest.json``. The manifest lists every file with its sha256; loading
 refuses a missing or altered file with one line naming it.
 
+A variant too large for one file (``models.layout``: the repository takes no
+file over 40 MB) is its graph, ``model.fp16.onnx``, plus external-data files
+``model.fp16.onnx.data-0``, ``-1``, ... that ONNX Runtime reads from the same
+directory. The variant entry names them under ``external_data``; each must
+be listed in ``files``, so a missing or altered data file is refused with the
+same "model file missing/corrupt" line as a missing or altered ``.onnx``.
+
 The manifest is checked against ``ManifestSchema`` (types of every field the
 server reads, a sha256 for every file, known variant names, a sequence length
 within ``MAX_SEQUENCE_LENGTH_CAP``) before any file is opened.
@@ -14,7 +21,7 @@ manifest.json (written by ``models.manifest``)::
     {"name", "version", "architecture", "labels": [...logit order...],
      "max_sequence_length", "source", "opset",
      "files": {"<file>": {"sha256", "bytes"}},
-     "variants": {"fp32"|"int8"|"fp16": {"file", "precision", "parity", "accuracy", ...}},
+     "variants": {"fp32"|"int8"|"fp16": {"file", ["external_data": [...],] "precision", "parity", "accuracy", ...}},
      "parity": {...}, "evaluation": {...}}
 """
 
@@ -57,6 +64,7 @@ class FileEntry(_Entry):
 
 class VariantEntry(_Entry):
     file: StrictStr = Field(min_length=1)
+    external_data: list[Annotated[StrictStr, Field(min_length=1)]] = []
 
 
 class ManifestSchema(_Entry):
@@ -135,6 +143,20 @@ class Artifact:
             )
         return self.directory / info["file"]
 
+    def variant_files(self, variant: str) -> list[str]:
+        """The variant's files: its ``.onnx`` and then its external-data files, if any."""
+        info = self.manifest["variants"][variant]
+        return [info["file"], *info.get("external_data", [])]
+
+    def variant_sha256(self, variant: str) -> str:
+        """What identifies the variant's bytes: its file's sha256, or for a variant with external data a digest
+        of its files' sha256s (its graph file alone would not change with the weights)."""
+        files = self.variant_files(variant)
+        if len(files) == 1:
+            return str(self.manifest["files"][files[0]]["sha256"])
+        listed = "".join(f"{name}:{self.manifest['files'][name]['sha256']}\n" for name in files)
+        return hashlib.sha256(listed.encode()).hexdigest()
+
     def choose_variant(self, requested: str, device: str) -> str:
         """fp16 on CUDA, int8 on CPU, when present; otherwise fp32, otherwise what exists."""
         if requested != "auto":
@@ -180,7 +202,8 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(f"model directory not found: {directory} (set MODEL_PATH to an artifact directory)")
     manifest = read_manifest(directory)
     manifest_path = directory / MANIFEST
-    needed = {TOKENIZER, *(info["file"] for info in manifest["variants"].values())}
+    needed = {TOKENIZER, *(name for info in manifest["variants"].values()
+                           for name in (info["file"], *info.get("external_data", [])))}
     unlisted = sorted(needed - set(manifest["files"]))
     if unlisted:
         raise ArtifactError(f"model manifest has no sha256 for {unlisted[0]} in {manifest_path}")
