@@ -69,7 +69,7 @@ class CostModel:
     per_token: float  # bytes per padded token
     per_token_length: float  # bytes per padded token per token of sequence length (attention)
     probes: tuple[Probe, ...] = ()
-    exact: bool = True  # peaks read from a high-water mark (False: sampled, a lower bound)
+    exact: bool = True  # peaks read from a high-water mark (False: sampled, a lower bound; or nothing measured)
 
     def token_bytes(self, length: int) -> float:
         """What one padded token costs in a batch padded to ``length``."""

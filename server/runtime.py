@@ -176,7 +176,8 @@ def fit_memory(engine: Engine, encoder: TextEncoder, artifact: Artifact, setting
 
     On CUDA ``meter`` reads the GPU's memory (``gpu_before``: its reading before the model loaded) and the
     batches are planned there; without NVML (``meter`` None) they cannot be, and MAX_BATCH_TOKENS stays as set
-    (out-of-memory batches are still split and retried).
+    (out-of-memory batches are still split and retried). A cost model that measured nothing (no meter) or sampled
+    its peaks is not exact: /health says ``peak_exact`` false, and start-up logs one WARNING that says why.
     """
     sample = encoder.encode(SMOKE_TEXTS)[0]
 
@@ -191,13 +192,14 @@ def fit_memory(engine: Engine, encoder: TextEncoder, artifact: Artifact, setting
         model = measure(run, meter, max_length, baseline, gpu_before + limit * high)
         device_area = Area(f"GPU {meter.index}'s memory", limit, baseline - gpu_before, high)
         host_base = HostMemory().current()
-    elif meter is None:
-        log.warning("GPU memory cannot be read (no pynvml or NVML): MAX_BATCH_TOKENS is not derived from it; "
-                    "out-of-memory batches are split and retried")
-        model, host_base = CostModel(0.0, 0.0), HostMemory().current()
+    elif meter is None:  # nothing measured: the plan leaves the batches out, so its peak is not exact
+        log.warning("GPU memory cannot be read (no pynvml or NVML): MAX_BATCH_TOKENS is not derived from it and the "
+                    "planned peak leaves the batches out (peak_exact false); out-of-memory batches are split and "
+                    "retried")
+        model, host_base = CostModel(0.0, 0.0, exact=False), HostMemory().current()
     else:
         model, host_base = measure(run, meter, max_length, baseline, host_limit * high), baseline
-    if meter is not None and not model.exact:
+    if meter is not None and not model.exact:  # sampled (not measured at all: the warning above says so)
         log.warning("memory peaks were sampled, not read from the kernel's high-water mark (/proc/self/clear_refs "
                     "not writable): the cost model may read low")
     auto = engine_workers(settings.model_copy(update={"engine_workers": 0}), engine.device)

@@ -3,6 +3,7 @@ model gets at load (a fake memory limit around the tiny model; the container tes
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -204,15 +205,61 @@ def test_on_cuda_the_batches_are_measured_and_planned_in_gpu_memory(tiny_artifac
     assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes
 
 
-def test_on_cuda_without_nvml_the_batch_budget_is_not_derived(tiny_artifact, make_settings, caplog) -> None:
+def test_on_cuda_without_nvml_the_batch_budget_is_not_derived_nor_the_peak_exact(tiny_artifact, make_settings, caplog) -> None:
     from server.artifact import load_artifact
     from server.runtime import load_encoder
 
     artifact = load_artifact(tiny_artifact)
     engine = FakeCudaEngine(FakeNvml(0, 0), CostModel(40_000, 300))
-    plan = fit_memory(engine, load_encoder(artifact, False), artifact, make_settings(), None, 0, 0)
+    with caplog.at_level(logging.INFO, logger="server.runtime"):
+        plan = fit_memory(engine, load_encoder(artifact, False), artifact, make_settings(), None, 0, 0)
     assert plan.device is None and plan.batch_tokens == 8192 and plan.model.probes == ()
-    assert "GPU memory cannot be read" in caplog.text and "sampled" not in caplog.text
+    assert not plan.model.exact and plan.describe()["cost_model"]["peak_exact"] is False  # nothing was measured
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "GPU memory cannot be read" in warnings[0], warnings  # not "sampled" as well
+    assert "peak_exact false" in warnings[0]
+
+
+class ConstantMeter:
+    """A host meter that reads ``rise`` bytes above ``base`` at every probe's peak; ``exact``: as a meter says."""
+
+    def __init__(self, base: int, rise: int, exact: bool) -> None:
+        self.base, self.rise, self.exact = base, rise, exact
+
+    def current(self) -> int:
+        return self.base
+
+    def peak(self, run) -> int:
+        run()
+        return self.base + self.rise
+
+
+class ZeroEngine:
+    device, provider, variant = "cpu", "CPUExecutionProvider", "fp32"
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return np.zeros((len(input_ids), 2), dtype=np.float32)
+
+
+@pytest.mark.parametrize(("rise", "meter_exact", "warned"), [
+    (8 * MIB, True, []),  # read from the high-water mark: exact, no warning
+    (8 * MIB, False, ["sampled"]),  # sampled: a lower bound, one warning
+    (0, True, []),  # read exactly, nothing above the baseline (a model too small to show, as the tests' tiny one)
+])
+def test_a_measured_plan_is_exact_unless_its_peaks_were_sampled(
+        tiny_artifact, make_settings, caplog, rise: int, meter_exact: bool, warned: list[str]) -> None:
+    from server.artifact import load_artifact
+    from server.runtime import load_encoder
+
+    artifact = load_artifact(tiny_artifact)
+    meter = ConstantMeter(300 * MIB, rise, meter_exact)
+    with caplog.at_level(logging.INFO, logger="server.runtime"):
+        plan = fit_memory(ZeroEngine(), load_encoder(artifact, False), artifact, make_settings(),
+                          meter, meter.base, 0)  # type: ignore[arg-type]  # a fake meter and engine
+    assert (plan.model.per_token > 0) == (rise > 0)
+    assert plan.model.exact is meter_exact and plan.describe()["cost_model"]["peak_exact"] is meter_exact
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == len(warned) and all(word in w for w, word in zip(warnings, warned, strict=True)), warnings
 
 
 def test_a_real_model_gets_a_measured_plan(make_settings) -> None:
