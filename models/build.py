@@ -11,7 +11,10 @@ and evaluated (its figures go into the manifest and the printed summary) but
 shipped only when ``fp32`` is among the variants or ``--keep-fp32`` is given.
 The artifact is assembled in a sibling temporary directory and swapped in only
 when every step has passed, so a failed build never leaves a half-written
-artifact behind.
+artifact behind. A shipped variant whose file would pass ``--max-file-mb``
+(30 MB) is stored as its graph plus external-data files of at most that size
+(``models.layout``), the way the repository's ``models/default`` fp16 is; its
+parity and accuracy are measured on the files as shipped.
 
 Defaults come from the checkpoint:
 
@@ -63,7 +66,8 @@ from models.export import (
     parity_batches,
 )
 from models.labels import LabelMismatch, parse_label_map, resolve_labels
-from models.manifest import summary, write_manifest
+from models.layout import MAX_FILE_BYTES, megabytes, store
+from models.manifest import summary, with_external_data, write_manifest
 from models.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, make_variant
 from server.artifact import TOKENIZER, VARIANT_FILES
 
@@ -88,10 +92,12 @@ def build(
     threads: int = 0,
     labels: Sequence[str] | None = None,
     label_map: dict[str, str] | None = None,
+    max_file_bytes: int = MAX_FILE_BYTES,
 ) -> dict:
     """Write the artifact to ``out`` (replacing it) and return its manifest.
 
-    ``max_length``, ``name`` and ``labels`` default to the checkpoint's (module docstring).
+    ``max_length``, ``name`` and ``labels`` default to the checkpoint's (module docstring); a variant larger
+    than ``max_file_bytes`` is stored as graph + external-data files (``models.layout``).
     """
     unknown = sorted(set(variants) - set(VARIANT_FILES))
     if unknown or not variants:
@@ -104,7 +110,7 @@ def build(
     work.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
     try:
         manifest = _assemble(checkpoint, work, variants, eval_file, max_length, int8_recipe, name, version, threads,
-                             labels, label_map)
+                             labels, label_map, max_file_bytes)
         _replace(out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -149,7 +155,7 @@ def artifact_labels(model, labels: Sequence[str] | None) -> list[str]:
 
 
 def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_recipe, name, version, threads,
-              labels, label_map) -> dict:
+              labels, label_map, max_file_bytes) -> dict:
     reduced = [v for v in ("int8", "fp16") if v in variants]
     with tqdm(total=2 + len(reduced) + bool(eval_file), desc="build", unit="step") as steps:
         steps.set_postfix_str("export fp32")
@@ -161,11 +167,15 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
         steps.update()
         batches = list(parity_batches(work / TOKENIZER, max_length))
         built, parity = {"fp32": work / FP32_FILE}, {"fp32": exported.parity.as_dict()}
+        external: dict[str, list[str]] = {}  # each variant's external-data files (models.layout)
         for variant in reduced:
             steps.set_postfix_str(variant)
             built[variant] = make_variant(variant, built["fp32"], work, int8_recipe)
+            external[variant] = _store(built[variant], max_file_bytes)
             parity[variant] = measure_parity(model, ort_session(built[variant], threads), batches).as_dict()
             steps.update()
+        if "fp32" in variants:  # once every variant is made from it; one that is not shipped stays as it is
+            external["fp32"] = _store(built["fp32"], max_file_bytes)
         results = {}
         if eval_file:
             steps.set_postfix_str(f"evaluate on {Path(eval_file).name}")
@@ -183,7 +193,8 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
             max_sequence_length=max_length,
             source=provenance(checkpoint),
             opset=OPSET,
-            variants={v: _variant_entry(v, path, parity[v], results.get(v), int8_recipe) for v, path in built.items()},
+            variants={v: _variant_entry(v, path, external.get(v, []), parity[v], results.get(v), int8_recipe)
+                      for v, path in built.items()},
             parity={"reference": "PyTorch fp32 logits", "tolerance": PARITY_TOLERANCE, **parity},
             evaluation={"data": str(eval_file), "label_map": label_map, "results": results} if eval_file else {},
         )
@@ -227,11 +238,20 @@ def _evaluate(built: dict[str, Path], eval_file: Path, threads: int, labels: lis
     return results
 
 
-def _variant_entry(variant: str, path: Path, parity: dict, result: dict | None, int8_recipe: str) -> dict:
+def _store(path: Path, max_file_bytes: int) -> list[str]:
+    """``models.layout.store``, its failures an ``ExportError`` of the step ``layout``."""
+    try:
+        return store(path, max_file_bytes)
+    except Exception as exc:  # onnx raises assorted types
+        raise ExportError("layout", f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _variant_entry(variant: str, path: Path, external_data: list[str], parity: dict, result: dict | None,
+                   int8_recipe: str) -> dict:
     entry = {"file": path.name, "precision": variant, "parity": parity, "accuracy": result and result["accuracy"]}
     if variant == "int8":
         entry["recipe"] = {"name": int8_recipe, **asdict(INT8_RECIPES[int8_recipe])}
-    return entry
+    return with_external_data(entry, external_data)
 
 
 def _replace(out: Path, work: Path) -> None:
@@ -259,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="model name in /predict, /health and metrics (default: from the checkpoint)")
     parser.add_argument("--version", help="default: a digest of the artifact's files")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    parser.add_argument("--max-file-mb", type=megabytes, default=MAX_FILE_BYTES,
+                        help="a variant larger than this (MB, default 30) is stored as graph + external-data files "
+                             "of at most this (models.layout)")
     args = parser.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] + (["fp32"] if args.keep_fp32 else [])
     try:
@@ -271,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         manifest = build(
             args.checkpoint, args.out, variants, args.eval_file, args.max_length, args.int8_recipe, args.name,
-            args.version, args.threads, labels, label_map,
+            args.version, args.threads, labels, label_map, args.max_file_mb,
         )
     except ExportError as exc:
         raise SystemExit(str(exc)) from None

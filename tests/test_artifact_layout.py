@@ -1,0 +1,216 @@
+"""Variants stored as graph + external-data files (models.layout): same outputs, every file under the limit,
+every data file verified at start-up like the .onnx, and the build writing large variants that way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from models.build import build
+from models.layout import MAX_FILE_BYTES, external_data_files, pack, store, store_artifact
+from scripts.benchlib.serverproc import start_server, stop_server
+from server.artifact import MANIFEST, TOKENIZER, ArtifactError, load_artifact, sha256_file
+from server.config import DEFAULT_MODEL_PATH, load_settings
+from server.engine import OnnxEngine
+from server.exitcodes import ExitCode
+from server.tokenizer import TextEncoder, pad_batch
+from tests.model_fixtures import TINY_MAX_LENGTH, save_tiny_checkpoint
+from tests.own_model_fixtures import one_torch_thread
+
+REPOSITORY_FILE_LIMIT = 40 * 10**6
+# Limits between the tiny model's word-embedding table and all of its weights (int8: 0.977 and 0.998 MB; fp16:
+# 1.953 and 1.996 MB), so the variant needs two data files, each within the limit.
+SPLIT_LIMIT = 990_000
+BUILD_LIMIT = 1_980_000
+TEXTS = ["a gorgeous , witty , seductive movie .", "an absolute waste of two hours .", "fine",
+         "the plot is nothing but boilerplate clichés " * 20]
+_one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+
+
+def logits(artifact_dir: Path, variant: str) -> np.ndarray:
+    artifact = load_artifact(artifact_dir)
+    engine = OnnxEngine(artifact, variant, "cpu", load_settings(intra_op_threads=1))
+    return engine.run(*pad_batch(TextEncoder(artifact.tokenizer_path, artifact.max_length).encode(TEXTS)))
+
+
+@pytest.fixture(scope="module")
+def split_artifact(tiny_artifact, tmp_path_factory) -> Path:
+    """The tiny artifact (fp32 and int8 in one file each) re-stored by ``python -m models.layout``."""
+    directory = Path(shutil.copytree(tiny_artifact, tmp_path_factory.mktemp("layout") / "split"))
+    store_artifact(directory, SPLIT_LIMIT)
+    return directory
+
+
+@pytest.fixture
+def split_copy(split_artifact, tmp_path) -> Path:
+    return Path(shutil.copytree(split_artifact, tmp_path / "model"))
+
+
+def data_files(directory: Path, variant: str) -> list[str]:
+    return json.loads((directory / MANIFEST).read_text())["variants"][variant].get("external_data", [])
+
+
+# ------------------------------------------------------------------ packing
+
+def test_pack_makes_as_few_groups_as_the_limit_allows_of_about_equal_size() -> None:
+    assert pack([23, 4, 4, 4, 4, 4, 4], 30) == [[0], [1, 2, 3, 4, 5, 6]]  # 23 + 24, not 27 + 20
+    assert pack([5] * 6, 10) == [[0, 1], [2, 3], [4, 5]]
+    assert pack([5] * 6, 16) == [[0, 1, 2], [3, 4, 5]]
+    assert pack([], 10) == []
+
+
+def test_pack_gives_a_tensor_over_the_limit_a_group_of_its_own() -> None:
+    assert pack([2, 50, 3, 3], 10) == [[0], [1], [2, 3]]
+
+
+# ------------------------------------------------------------------ the shipped default artifact
+
+def test_default_artifact_has_no_file_over_the_repository_limit_and_fp16_is_split_as_recorded() -> None:
+    artifact = load_artifact(DEFAULT_MODEL_PATH, verify=False)
+    sizes = {path.name: path.stat().st_size for path in Path(DEFAULT_MODEL_PATH).iterdir()}
+    assert max(sizes.values()) <= MAX_FILE_BYTES < REPOSITORY_FILE_LIMIT, sizes
+    fp16 = artifact.variant_files("fp16")
+    assert len(fp16) >= 3 and fp16[1:] == external_data_files(artifact.variant_path("fp16"))
+    assert sum(sizes[name] for name in fp16) > REPOSITORY_FILE_LIMIT  # why it is split at all
+    assert artifact.variant_files("int8") == ["model.int8.onnx"]
+
+
+# ------------------------------------------------------------------ re-storing an artifact (models.layout)
+
+def test_restored_artifact_keeps_its_version_and_outputs_and_lists_every_file(tiny_artifact, split_artifact):
+    before, after = load_artifact(tiny_artifact), load_artifact(split_artifact)  # verifies every sha256
+    assert after.version == before.version
+    int8 = data_files(split_artifact, "int8")
+    assert int8 == ["model.int8.onnx.data-0", "model.int8.onnx.data-1"]
+    assert int8 == external_data_files(split_artifact / "model.int8.onnx")
+    assert all((split_artifact / name).stat().st_size <= SPLIT_LIMIT for name in ["model.int8.onnx", *int8])
+    on_disk = {p.name for p in split_artifact.iterdir()} - {MANIFEST}
+    assert set(after.manifest["files"]) == on_disk
+    for name, info in after.manifest["files"].items():
+        assert info == {"sha256": sha256_file(split_artifact / name), "bytes": (split_artifact / name).stat().st_size}
+    for variant in ("fp32", "int8"):
+        assert np.array_equal(logits(split_artifact, variant), logits(tiny_artifact, variant)), variant
+
+
+def test_restoring_with_a_larger_limit_joins_the_files_again(split_copy, tiny_artifact):
+    layout = store_artifact(split_copy, MAX_FILE_BYTES)
+    assert layout == {"fp32": [], "int8": []}
+    assert sorted(p.name for p in split_copy.iterdir()) == sorted(p.name for p in tiny_artifact.iterdir())
+    assert "external_data" not in load_artifact(split_copy).manifest["variants"]["int8"]
+    assert np.array_equal(logits(split_copy, "int8"), logits(tiny_artifact, "int8"))
+
+
+def test_data_files_are_as_readable_as_the_graph(split_artifact):
+    """onnx creates data files 0600: a server running as another user (the images' app user) could not read them."""
+    mode = (split_artifact / "model.int8.onnx").stat().st_mode & 0o777
+    assert {(split_artifact / n).stat().st_mode & 0o777 for n in data_files(split_artifact, "int8")} == {mode}
+
+
+def test_the_variant_sha256_changes_with_its_weights_not_only_its_graph(split_artifact):
+    artifact = load_artifact(split_artifact)
+    files = artifact.manifest["files"]
+    assert artifact.variant_sha256("int8") not in {files[name]["sha256"] for name in artifact.variant_files("int8")}
+    edited = json.loads(json.dumps(artifact.manifest))
+    edited["files"]["model.int8.onnx.data-1"]["sha256"] = "0" * 64
+    assert type(artifact)(artifact.directory, edited).variant_sha256("int8") != artifact.variant_sha256("int8")
+
+
+# ------------------------------------------------------------------ refusing a broken split artifact
+
+def test_manifest_without_a_data_files_hash_is_refused(split_copy):
+    manifest = json.loads((split_copy / MANIFEST).read_text())
+    del manifest["files"]["model.int8.onnx.data-1"]
+    (split_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"no sha256 for model\.int8\.onnx\.data-1"):
+        load_artifact(split_copy)
+
+
+def test_external_data_not_a_list_of_names_is_refused(split_copy):
+    manifest = json.loads((split_copy / MANIFEST).read_text())
+    manifest["variants"]["int8"]["external_data"] = "model.int8.onnx.data-0"
+    (split_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"model manifest invalid: .*variants\.int8\.external_data"):
+        load_artifact(split_copy)
+
+
+def wait_exit(server, timeout: float = 60) -> int:
+    try:
+        return server.process.wait(timeout=timeout)
+    except Exception:
+        server.process.kill()
+        server.process.wait()
+        pytest.fail(f"server did not exit within {timeout} s:\n{server.log()}")
+
+
+def test_missing_data_file_stops_start_up_as_a_missing_model_file_does(split_copy, tmp_path):
+    (split_copy / "model.int8.onnx.data-1").unlink()
+    server = start_server({"MODEL_PATH": str(split_copy)}, tmp_path, wait_ready=False)
+    assert wait_exit(server) == ExitCode.MODEL
+    assert "model file missing" in server.log() and "model.int8.onnx.data-1" in server.log()
+
+
+def test_corrupt_data_file_stops_start_up_as_a_corrupt_model_file_does(split_copy, tmp_path):
+    path = split_copy / "model.int8.onnx.data-0"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    server = start_server({"MODEL_PATH": str(split_copy)}, tmp_path, wait_ready=False)
+    assert wait_exit(server) == ExitCode.MODEL
+    assert "model file corrupt" in server.log() and "model.int8.onnx.data-0" in server.log()
+
+
+def test_server_serves_a_split_variant(split_artifact, tiny_artifact, tmp_path):
+    server = start_server({"MODEL_PATH": str(split_artifact)}, tmp_path)
+    try:
+        health = httpx.get(server.url + "/health", timeout=30).json()
+        answer = httpx.post(server.url + "/predict", json={"texts": TEXTS}, timeout=30)
+    finally:
+        stop_server(server)
+    assert health["model"]["variant"] == "int8", health
+    assert answer.status_code == 200, answer.text
+    expected = load_artifact(tiny_artifact).labels
+    assert [p["label"] for p in answer.json()["predictions"]] == [
+        expected[i] for i in logits(tiny_artifact, "int8").argmax(axis=1)]
+
+
+# ------------------------------------------------------------------ the build pipeline
+
+@pytest.fixture(scope="module")
+def built_split(tmp_path_factory) -> Path:
+    """A tiny build whose fp16 (2.06 MB) passes the limit and whose int8 (1.08 MB) does not."""
+    out = tmp_path_factory.mktemp("built") / "model"
+    with tempfile.TemporaryDirectory() as tmp:
+        build(save_tiny_checkpoint(Path(tmp)), out, ("int8", "fp16"), max_length=TINY_MAX_LENGTH, name="tiny-split",
+              max_file_bytes=BUILD_LIMIT)
+    return out
+
+
+def test_build_stores_a_variant_over_the_limit_as_graph_and_data_files(built_split):
+    artifact = load_artifact(built_split)
+    fp16 = artifact.variant_files("fp16")
+    assert fp16[1:] == ["model.fp16.onnx.data-0", "model.fp16.onnx.data-1"]
+    assert fp16[1:] == external_data_files(built_split / "model.fp16.onnx")
+    assert all((built_split / name).stat().st_size <= BUILD_LIMIT for name in fp16)
+    assert artifact.variant_files("int8") == ["model.int8.onnx"]
+    assert {p.name for p in built_split.iterdir()} == {MANIFEST, TOKENIZER, "model.int8.onnx", *fp16}
+    assert artifact.manifest["variants"]["fp16"]["parity"]["max_abs_diff"] < 1e-2
+
+
+def test_built_split_variant_equals_the_same_model_in_one_file(built_split, tmp_path):
+    whole = Path(shutil.copytree(built_split, tmp_path / "whole"))
+    store(whole / "model.fp16.onnx", MAX_FILE_BYTES)
+    assert not external_data_files(whole / "model.fp16.onnx")
+    split, joined = onnx.load(str(built_split / "model.fp16.onnx")), onnx.load(str(whole / "model.fp16.onnx"))
+    assert [numpy_helper.to_array(t).tobytes() for t in split.graph.initializer] == [
+        numpy_helper.to_array(t).tobytes() for t in joined.graph.initializer]
+    store(whole / "model.fp16.onnx", BUILD_LIMIT)  # and back: the same bytes as the build wrote
+    assert all(sha256_file(whole / n) == sha256_file(built_split / n)
+               for n in ["model.fp16.onnx", *external_data_files(built_split / "model.fp16.onnx")])
