@@ -3,9 +3,9 @@
 The repository takes no file over 40 MB, and the fp16 DistilBERT is ~46 MB in one file. A variant whose
 file would pass ``MAX_FILE_BYTES`` (30 MB) is therefore written in ONNX's external-data format:
 ``model.fp16.onnx`` keeps the graph (and every initializer under 1 KiB, ``INLINE_BYTES``), and the other
-initializers are packed, in graph order, into ``model.fp16.onnx.data-0``, ``model.fp16.onnx.data-1``, ...
-of about equal size, each at most ``MAX_FILE_BYTES`` (a single tensor larger than that gets a file of its
-own: no format splits one tensor). The weights, the graph and so the outputs are the same; ONNX Runtime
+initializers are packed, in graph order, into ``model.fp16.onnx.data-0``, ``model.fp16.onnx.data-1``, ...:
+as few files as ``MAX_FILE_BYTES`` allows, of about equal size (a single tensor larger than the limit gets a
+file of its own: no format splits one tensor). The weights, the graph and so the outputs are the same; ONNX Runtime
 reads the data files from the model's directory, so the server loads the variant by its ``.onnx`` path as
 before. Writing is deterministic: the same model gives the same bytes, so a rebuilt artifact matches.
 
@@ -44,23 +44,31 @@ def external_data_files(path: Path) -> list[str]:
 
 
 def store(path: Path, max_file_bytes: int = MAX_FILE_BYTES) -> list[str]:
-    """Leave a variant that fits in one file as it is; otherwise rewrite it as graph + data files.
+    """Store the variant at ``path`` as one file if it fits in ``max_file_bytes``, else as graph + data files.
 
-    Returns the data files the variant now uses (``[]`` for one file). A variant that already has external
-    data (a >2 GB export) is re-stored in this layout, its old data files removed.
+    Returns the data files the variant now uses (``[]`` for one file). A variant that fits in one file and is
+    one is left untouched; any other is rewritten (its previous data files removed), so the result depends only
+    on the model and the limit.
     """
     previous = external_data_files(path)
-    if not previous and path.stat().st_size <= max_file_bytes:
+    total = sum((path.parent / name).stat().st_size for name in (path.name, *previous))
+    if not previous and total <= max_file_bytes:
         return []
     model = onnx.load(str(path))  # with its external data, if any
     # Written beside it first, so a failed write (a full disk) leaves the variant as it was.
     with tempfile.TemporaryDirectory(prefix=".layout-", dir=path.parent) as tmp:
-        names = save_split(model, Path(tmp) / path.name, max_file_bytes)
+        staged = Path(tmp) / path.name
+        names = save_split(model, staged, max_file_bytes) if total > max_file_bytes else _save_whole(model, staged)
         for name in previous:
             (path.parent / name).unlink()
         for name in (*names, path.name):
             (Path(tmp) / name).replace(path.parent / name)
     return names
+
+
+def _save_whole(model: onnx.ModelProto, path: Path) -> list[str]:
+    onnx.save(model, str(path))  # onnx.load took the tensors' bytes into the graph
+    return []
 
 
 def save_split(model: onnx.ModelProto, path: Path, max_file_bytes: int = MAX_FILE_BYTES) -> list[str]:
@@ -81,18 +89,25 @@ def save_split(model: onnx.ModelProto, path: Path, max_file_bytes: int = MAX_FIL
 
 
 def pack(sizes: list[int], max_file_bytes: int) -> list[list[int]]:
-    """Consecutive groups of ``sizes``' indices, as few as ``max_file_bytes`` allows and of about equal total.
+    """Consecutive groups of ``sizes``' indices: as few as ``max_file_bytes`` allows, the largest as small as
+    that number of groups allows (so the files come out of about equal size).
 
-    Each group holds at most ``max(sizes total / groups, largest size)`` bytes and so stays within
-    ``max_file_bytes`` unless it is a single tensor larger than that.
+    Every group fits in ``max_file_bytes`` except one that is a single larger tensor.
     """
-    if not sizes:
-        return []
-    target = sum(sizes) / math.ceil(sum(sizes) / max_file_bytes)
-    groups: list[list[int]] = [[]]
+    fewest = len(_fill(sizes, max_file_bytes))
+    low, high = 1, max_file_bytes  # the smallest capacity that still needs no more groups than ``fewest``
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(_fill(sizes, middle)) <= fewest else (middle + 1, high)
+    return _fill(sizes, low)
+
+
+def _fill(sizes: list[int], capacity: int) -> list[list[int]]:
+    """Fill each group up to ``capacity`` in order; a size over it gets a group of its own."""
+    groups: list[list[int]] = []
     filled = 0
     for index, size in enumerate(sizes):
-        if groups[-1] and filled + size > target:
+        if not groups or filled + size > capacity:
             groups.append([])
             filled = 0
         groups[-1].append(index)
