@@ -256,7 +256,7 @@ def dockerignore_includes(path: str) -> bool:
 @pytest.mark.parametrize("path", [
     "pyproject.toml", "README.md", "server/config.py", "server/store/__init__.py", "scripts/loadtest.py",
     "models/__init__.py", "models/default/manifest.json", "models/default/model.int8.onnx",
-    "models/default/tokenizer.json",
+    "models/default/model.fp16.onnx.data-0", "models/default/tokenizer.json",
 ])
 def test_dockerignore_keeps(path: str) -> None:
     assert dockerignore_includes(path)

@@ -68,7 +68,8 @@ class TeiInfo(BaseModel):
     """TEI's ``/info``; the last four fields are this server's own."""
 
     model_id: str = Field(..., description="the artifact's name")
-    model_sha: str = Field(..., description="sha256 of the ONNX file being served")
+    model_sha: str = Field(..., description="sha256 of the ONNX file being served (of its files' sha256s when "
+                                            "its weights are in external-data files)")
     model_dtype: str
     served_model_name: str
     model_type: TeiModelType
@@ -143,11 +144,10 @@ async def predict_tei(body: PredictRequest, request: Request, api_key_id: str | 
 async def info(request: Request) -> Response:
     services: Services = request.app.state.services
     runtime, settings = services.runtime, services.settings
-    identity, manifest, labels = runtime.identity, runtime.artifact.manifest, runtime.labels()
-    served_file = manifest["variants"][identity.variant]["file"]
+    identity, labels = runtime.identity, runtime.labels()
     return json_response({
         "model_id": identity.name,
-        "model_sha": manifest["files"][served_file]["sha256"],
+        "model_sha": runtime.artifact.variant_sha256(identity.variant),
         "model_dtype": DTYPES.get(identity.variant, identity.variant),
         "served_model_name": identity.name,
         "model_type": {"classifier": {"id2label": {str(i): label for i, label in enumerate(labels)},
