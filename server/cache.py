@@ -11,14 +11,15 @@ shared by every entry (the version string, label strings, the labels tuple) are 
 charged. ``tests/test_cache.py`` checks the figure against ``tracemalloc``.
 
 Single-flight: concurrent misses for one (version, text) share one computation, so a burst of the
-same text costs one engine slot. A caller whose misses no one else is computing (the usual case)
-computes them in its own task: no task, no shield, no extra loop turns. Should that caller be
-cancelled (its client disconnected) while others joined its computation, the computation is started
-again in a task of its own, so a joiner never inherits the cancellation; a caller that also waits for
-someone else's computation runs its own in a task from the start. A cancelled caller that no one
-joined leaves nothing behind: its texts are not computed for nobody. Whatever happens to a computation
-(an error, a cancellation, a failure while filling the cache), every future it started is settled and
-leaves the in-flight table: a waiter is never left pending.
+same text costs one engine slot. A caller computes the misses no one else is computing in its own task
+(no task, no shield, no extra loop turns), then waits for the ones others are computing (those run
+meanwhile all the same). Should that caller be cancelled (its client disconnected) while others still
+wait for its computation, the computation is started again in a task of its own, so a joiner never
+inherits the cancellation. A cancelled caller that no one waits for leaves nothing behind: its texts
+are not computed for nobody. A joiner counts as waiting until it leaves, answered or cancelled
+(``_joiners``), so one cancelled before its starter does not make that starter's cancellation compute
+for no one. Whatever happens to a computation (an error, a cancellation, a failure while filling the
+cache), every future it started is settled and leaves the in-flight table: a waiter is never left pending.
 
 Hits and misses are counted only while the cache is on (``max_bytes`` > 0): a disabled cache is never
 looked up, so ``sentiment_cache_misses_total`` does not climb with every text it could never have held.
@@ -72,7 +73,7 @@ class PredictionCache:
         self._payload = 0  # sum of entry_size over the entries
         self._shared: dict[Hashable, Hashable] = {}
         self._inflight: dict[Key, asyncio.Future[Prediction]] = {}
-        self._joined: set[Key] = set()  # in flight, and waited for by a caller that did not start it
+        self._joiners: dict[asyncio.Future[Prediction], int] = {}  # in flight: callers waiting that did not start it
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by clear(): computations started before it are not stored
         metrics.cache_limit.set(max_bytes)
@@ -165,7 +166,7 @@ class PredictionCache:
         results: list[Prediction | None] = [None] * len(texts)
         waiting: list[tuple[int, asyncio.Future[Prediction]]] = []
         started: dict[Key, asyncio.Future[Prediction]] = {}
-        joined = False  # waits for a computation someone else started
+        joined: list[asyncio.Future[Prediction]] = []  # someone else's computations this caller waits for
         for index, text in enumerate(texts):
             hit = self.get(version, text)
             if hit is not None:
@@ -178,16 +179,21 @@ class PredictionCache:
                 # Mark the exception retrieved: a waiter that stopped at an earlier failure never awaits this one.
                 future.add_done_callback(lambda f: f.cancelled() or f.exception())
             elif key not in started:
-                joined = True
-                self._joined.add(key)
+                joined.append(future)
+                self._joiners[future] = self._joiners.get(future, 0) + 1
             waiting.append((index, future))
-        if started and joined:
-            self._fill_in_task(version, started, compute)
-        elif started:
-            await self._fill(version, started, compute, in_caller=True)
-        for index, future in waiting:
-            # a cancelled caller must not cancel a shared future: shield what is still running
-            results[index] = future.result() if future.done() else await asyncio.shield(future)
+        try:
+            if started:
+                await self._fill(version, started, compute, in_caller=True)
+            for index, future in waiting:
+                # a cancelled caller must not cancel a shared future: shield what is still running
+                results[index] = future.result() if future.done() else await asyncio.shield(future)
+        finally:
+            for future in joined:  # answered, failed or cancelled: no longer waiting
+                if self._joiners[future] == 1:
+                    del self._joiners[future]
+                else:
+                    self._joiners[future] -= 1
         return results  # type: ignore[return-value]  # every slot is filled above
 
     def _fill_in_task(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
@@ -215,8 +221,8 @@ class PredictionCache:
                 for (_, text), prediction in zip(started, predictions, strict=True):
                     self.put(version, text, prediction)
         except asyncio.CancelledError:
-            if in_caller and not self._joined.isdisjoint(started):  # others wait for it: they get it from a task
-                handed_over = True
+            if in_caller and any(future in self._joiners for future in started.values()):  # others still wait
+                handed_over = True  # for it: they get it from a task
                 self._fill_in_task(version, started, compute)
             raise
         except Exception as exc:
@@ -232,7 +238,6 @@ class PredictionCache:
         for key, future in started.items():
             if self._inflight.get(key) is future:
                 del self._inflight[key]
-                self._joined.discard(key)
             if future.done():
                 continue
             if exc is None:

@@ -372,3 +372,55 @@ async def test_a_failure_while_caching_answers_every_waiter_and_leaves_nothing_i
     assert "caching 2 computed predictions failed" in caplog.text
     again = await asyncio.wait_for(cache.get_or_compute("v1", ["bb"], compute), timeout=30)
     assert again == [prediction(0.02)] and compute.calls == [["a", "bb"], ["bb"]]  # not stuck in flight
+
+
+async def test_a_joiner_cancelled_before_its_starter_leaves_nothing_computed_for_no_one() -> None:
+    cache = PredictionCache(100_000, Metrics())
+    compute = Computer()
+    starter = asyncio.create_task(cache.get_or_compute("v1", ["a"], compute))
+    await settle()
+    joiner = asyncio.create_task(cache.get_or_compute("v1", ["a"], compute))
+    await settle()
+    joiner.cancel()  # its client left first: no one waits for the computation but its starter
+    await settle()
+    starter.cancel()
+    await settle()
+    assert joiner.cancelled() and starter.cancelled()
+    assert len(compute.calls) == 1  # not handed to a task computing "a" again for no one
+    compute.gate.set()
+    assert (await asyncio.wait_for(cache.get_or_compute("v1", ["a"], compute), timeout=30))[0].cached is False
+    assert len(compute.calls) == 2  # nothing was left in flight to wait for
+
+
+async def test_a_caller_that_also_joined_computes_its_own_texts_in_itself_for_no_one_once_cancelled() -> None:
+    cache = PredictionCache(100_000, Metrics())
+    compute = Computer()
+    other = asyncio.create_task(cache.get_or_compute("v1", ["a"], compute))
+    await settle()
+    both = asyncio.create_task(cache.get_or_compute("v1", ["a", "b"], compute))  # joins "a", computes "b"
+    await settle()
+    assert compute.calls == [["a"], ["b"]]
+    both.cancel()  # no one waits for its "b": that computation stops with it
+    await settle()
+    compute.gate.set()
+    assert await asyncio.wait_for(other, timeout=30) == [prediction(0.01)] and both.cancelled()
+    assert cache.get("v1", "b") is None and cache.get("v1", "a") is not None
+    assert (await asyncio.wait_for(cache.get_or_compute("v1", ["b"], compute), timeout=30))[0].cached is False
+    assert compute.calls == [["a"], ["b"], ["b"]]
+
+
+async def test_a_cancelled_caller_that_also_joined_hands_its_computation_to_those_waiting() -> None:
+    cache = PredictionCache(100_000, Metrics())
+    compute = Computer()
+    other = asyncio.create_task(cache.get_or_compute("v1", ["a"], compute))
+    await settle()
+    both = asyncio.create_task(cache.get_or_compute("v1", ["a", "bb"], compute))  # joins "a", computes "bb"
+    await settle()
+    waiter = asyncio.create_task(cache.get_or_compute("v1", ["bb"], compute))  # joins "bb"
+    await settle()
+    both.cancel()  # the waiter still waits for "bb": a task takes the computation over
+    await settle()
+    compute.gate.set()
+    assert await asyncio.wait_for(waiter, timeout=30) == [prediction(0.02)]
+    assert await asyncio.wait_for(other, timeout=30) == [prediction(0.01)] and both.cancelled()
+    assert compute.calls[-1] == ["bb"] and cache.entries == 2  # computed for the waiter, and cached
