@@ -12,6 +12,10 @@ Prints, for the default artifact on this machine's CPU:
       engine batch, padded / real tokens, engine ms per text (timed on the engine worker), the server's event
       loop and engine threads' CPU ms per text, and the load generator's (it shares the cores), so a gap to the
       raw engine can be traced to padding, small batches, the loop or the generator,
+  (f) this machine's floor under issue 17's targets (``scripts.benchlib.floor``): a bare ASGI app's POST on the
+      same uvicorn set-up and client, the raw engine call after a lone request's idle gap, tokenization, the
+      spool disk's fdatasync, the engine's CPU per text at the server's batches and the generator's; from them
+      the lowest lone overhead and the highest saturation fraction this machine allows whatever the server does,
   and issue 17's targets: lone overhead <= 1.0 ms over one raw engine call (p50), saturation >= 0.80 of the
   length-sorted raw engine. The server runs with its defaults (STORE_DURABILITY=ack) unless --env says otherwise.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
@@ -40,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx  # noqa: E402
 
 from models.data import LabeledData, load_labeled  # noqa: E402
+from scripts.benchlib import floor  # noqa: E402
 from scripts.benchlib.argtypes import names  # noqa: E402
 from scripts.benchlib.envinfo import environment, header  # noqa: E402
 from scripts.benchlib.loadgen import Client, closed_loop  # noqa: E402
@@ -47,7 +53,7 @@ from scripts.benchlib.serverproc import LiveServer, start_server, stop_server  #
 from scripts.benchlib.workload import Draw, Workload  # noqa: E402
 from server.artifact import load_artifact  # noqa: E402
 from server.config import load_settings  # noqa: E402
-from server.engine import available_cores, create_engine  # noqa: E402
+from server.engine import OnnxEngine, available_cores, create_engine, engine_workers  # noqa: E402
 from server.status import Samples, parse_metrics, total  # noqa: E402
 from server.tokenizer import TextEncoder, pad_batch  # noqa: E402
 
@@ -55,6 +61,8 @@ SHORT = "a charming film"
 LONE_ROUNDS, LONE_BLOCK = 6, 50
 LONE_OVERHEAD_TARGET_MS, SATURATION_TARGET = 1.0, 0.80  # issue 17: over one raw engine call; of length-sorted raw
 DURABILITY_MODES = ("ack", "async")
+BARE = "bare ASGI app"  # the floor's transport, among the lone requests' servers
+FLOOR_ENGINE_SECONDS = 2.5  # per set of batches and round, at most half of --seconds
 ACK_SATURATION_TARGET_PCT, ACK_LONE_TARGET_MS = 10.0, 0.5
 
 
@@ -127,16 +135,21 @@ def raw_engine(artifact_dir: Path, texts: list[str], batch: int, seconds: float)
     return result, beside
 
 
-def lone_raw_call(artifact_dir: Path) -> Callable[[], None]:
+def server_engine(artifact_dir: Path) -> tuple[OnnxEngine, int]:
+    """An engine with the server's default CPU set-up, and how many batches the server runs on it at once."""
+    settings = load_settings(device="cpu", model_path=artifact_dir)
+    return create_engine(load_artifact(artifact_dir), settings), engine_workers(settings, "cpu")
+
+
+def lone_raw_call(engine: OnnxEngine, encoder: TextEncoder) -> Callable[[], None]:
     """One engine call on the short text, with the server's default CPU set-up, so (b) compares like with like."""
-    artifact = load_artifact(artifact_dir)
-    engine = create_engine(artifact, load_settings(device="cpu", model_path=artifact_dir))
-    lone = pad_batch(TextEncoder(artifact.tokenizer_path, artifact.max_length).encode([SHORT]))
+    lone = pad_batch(encoder.encode([SHORT]))
     return lambda: engine.run(*lone)
 
 
 async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurrency: list[int], seconds: float,
-                      raw_call: Callable[[], None] | None, raw_sorted: RawRate | None = None) -> dict[str, dict]:
+                      raw_call: Callable[[], None] | None, raw_sorted: RawRate | None = None,
+                      bare_url: str | None = None) -> dict[str, dict]:
     """For each server (name -> URL): lone-request latency, alternating with the other servers and with lone raw
     engine calls, then closed-loop texts/s at each concurrency, the servers in turn (first one way, then the
     other); saturation is the best level. After each level the raw engine's best length-sorted set-up runs again
@@ -144,15 +157,21 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
     raw engine 2.4x between the start of a run and its server levels.
 
     Lone requests and raw calls alternate in blocks so that all of them sample the same minutes: on a shared VM
-    the raw call alone drifted 0.75-1.9 ms between runs, more than the overhead being measured.
+    the raw call alone drifted 0.75-1.9 ms between runs, more than the overhead being measured. So do the lone
+    requests to a bare ASGI app (``bare_url``: the floor's transport), and each server's own engine time per lone
+    request is read from its /metrics (the gap between two lone engine calls is the lone p50 less that time).
     """
     urls = {name: server.url for name, server in servers.items()}
     clients = {name: Client(url, max_connections=max(concurrency) + 4) for name, url in urls.items()}
+    lone_clients = {**clients, **({BARE: Client(bare_url, max_connections=4)} if bare_url else {})}
     try:
-        lone: dict[str, list[float]] = {name: [] for name in urls}
+        lone: dict[str, list[float]] = {name: [] for name in lone_clients}
         raw: list[float] = []
+        engine_before: dict[str, Samples] = {}
         for round_ in range(LONE_ROUNDS + 1):  # the first round warms up and is not kept
-            for name, client in _in_turn(clients, round_):
+            if round_ == 1:
+                engine_before = {name: scrape(url) for name, url in urls.items()}
+            for name, client in _in_turn(lone_clients, round_):
                 block = []
                 for _ in range(LONE_BLOCK):
                     sample = await client.request("/predict", Draw([SHORT], [1], 0), time.perf_counter())
@@ -166,6 +185,7 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
                 raw_block.append((time.perf_counter() - started) * 1000)
             if round_:
                 raw += raw_block
+        lone_engine = {name: engine_ms_per_call(engine_before[name], scrape(url)) for name, url in urls.items()}
         levels: dict[str, dict] = {name: {} for name in urls}
         for level, clients_count in enumerate(concurrency):
             for name, client in _in_turn(clients, level):
@@ -184,16 +204,27 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
                     measured["raw_length_sorted_beside_cpu_ms_per_text"] = beside_cpu
                     measured["vs_raw_length_sorted_beside"] = measured["texts_per_s"] / beside
     finally:
-        for client in clients.values():
+        for client in lone_clients.values():
             await client.close()
     results = {}
     for name in urls:
         best = max(levels[name], key=lambda c: levels[name][c]["texts_per_s"])
         results[name] = {"lone_request_p50_ms": statistics.median(lone[name]),
                          "lone_raw_call_p50_ms": statistics.median(raw) if raw else float("nan"),
+                         "lone_engine_ms": lone_engine[name],
+                         "lone_bare_asgi_p50_ms": statistics.median(lone[BARE]) if bare_url else float("nan"),
                          "saturation_texts_per_s": levels[name][best]["texts_per_s"],
                          "saturated_at_concurrency": int(best), "by_concurrency": levels[name]}
     return results
+
+
+def engine_ms_per_call(before: Samples, after: Samples) -> float:
+    """The server's mean engine time per batch (ms, timed on its engine worker) between two /metrics scrapes."""
+    def delta(name: str) -> float:
+        return total(after, name) - total(before, name)
+
+    calls = delta("sentiment_inference_latency_seconds_count")
+    return delta("sentiment_inference_latency_seconds_sum") * 1000 / calls if calls else float("nan")
 
 
 def _in_turn(clients: dict[str, Client], turn: int) -> list[tuple[str, Client]]:
@@ -268,6 +299,101 @@ def where_time_went(before: Samples, after: Samples, cpu_before: tuple, cpu_afte
     }
 
 
+def machine_floor(measured: dict[str, dict], target_server: str, durability: dict[str, str | None], probe_dir: Path,
+                  encoder: TextEncoder, texts: list[str], engine: tuple[OnnxEngine, int] | None,
+                  raw_call: Callable[[], None] | None, batch: int, seconds: float) -> dict:
+    """Section (f): this machine's floor, measured now (``scripts.benchlib.floor``), and what it allows: the lone
+    overhead of each server (an ``ack`` one waits for an fdatasync in ``probe_dir``, beside the spools), and the
+    saturation of ``target_server`` (the one the targets are read from). No engine figures without an engine."""
+    nan = float("nan")
+    result: dict = {
+        "transport_p50_ms": measured[target_server]["lone_bare_asgi_p50_ms"],
+        "tokenization_p50_ms": floor.p50_ms(lambda: encoder.encode([SHORT]), 500),
+        "fsync_p50_ms": floor.fsync_p50_ms(probe_dir),
+    }
+    fsync = {name: result["fsync_p50_ms"] if durability[name] == "ack" else None for name in measured}
+    gaps = {name: (max(0.0, served["lone_request_p50_ms"] - served["lone_engine_ms"]),  # the lone loop's gap
+                   # a server whose own code cost nothing would idle its engine for these only
+                   result["transport_p50_ms"] + result["tokenization_p50_ms"] + (fsync[name] or 0.0))
+            for name, served in measured.items()}
+    back_to_back, *after_gaps = (floor.engine_call_p50s(raw_call, [0.0, *(gap / 1000 for pair in gaps.values()
+                                                                          for gap in pair)])
+                                 if raw_call else [nan] * (2 * len(gaps) + 1))
+    result["engine_back_to_back_p50_ms"] = back_to_back
+    result["lone"] = {}
+    for index, (name, served) in enumerate(measured.items()):
+        after_lone_gap, after_floor_gap = after_gaps[2 * index:2 * index + 2]
+        result["lone"][name or "default"] = {
+            "durability": durability[name], "server_engine_ms": served["lone_engine_ms"],
+            "lone_gap_ms": gaps[name][0], "engine_after_lone_gap_p50_ms": after_lone_gap,
+            "floor_gap_ms": gaps[name][1], "engine_after_floor_gap_p50_ms": after_floor_gap,
+            **floor.lone_overhead_floor(result["transport_p50_ms"], after_floor_gap, back_to_back,
+                                        result["tokenization_p50_ms"], fsync[name],
+                                        served["lone_request_p50_ms"] - served["lone_raw_call_p50_ms"],
+                                        LONE_OVERHEAD_TARGET_MS)}
+    level = str(measured[target_server]["saturated_at_concurrency"])
+    saturated = measured[target_server]["by_concurrency"][level]
+    shaped = {key: saturated[key] for key in ("texts_per_batch", "padded_per_real_token")}
+    cpu = {"server": nan, "sorted": nan}
+    if engine is not None and all(map(math.isfinite, shaped.values())):
+        rows = sorted(encoder.encode(texts), key=len)
+        batch_sets = {"server": floor.server_like_batches(rows, shaped["texts_per_batch"],
+                                                          shaped["padded_per_real_token"], encoder.max_length),
+                      "sorted": [pad_batch(rows[i:i + batch]) for i in range(0, len(rows), batch)]}
+        shaped = floor.composition(batch_sets["server"])  # what was run: the server's shape up to rounding
+        cpu = floor.engine_cpu_ms_per_text(engine[0].run, batch_sets, engine[1], min(FLOOR_ENGINE_SECONDS, seconds / 2))
+    result["engine_cpu"] = {
+        "callers": engine[1] if engine else None,
+        "server_batches": {"at_concurrency": int(level), **shaped, "cpu_ms_per_text": cpu["server"]},
+        "length_sorted": {"texts_per_batch": batch, "cpu_ms_per_text": cpu["sorted"]},
+    }
+    result["saturation"] = floor.saturation_ceiling(
+        available_cores(), cpu["server"], saturated["generator_cpu_ms_per_text"], cpu["sorted"],
+        saturated.get("raw_length_sorted_beside_texts_per_s", nan), saturated.get("vs_raw_length_sorted_beside", nan),
+        SATURATION_TARGET)
+    return result
+
+
+def print_floor(found: dict) -> None:
+    """Section (f) as printed lines."""
+    cpu, ceiling = found["engine_cpu"], found["saturation"]
+    print("(f) this machine's floor, measured in this run (what no server code can go below here):")
+    print(f"(f) transport: POST p50 {found['transport_p50_ms']:.2f} ms to a bare ASGI app on the server's uvicorn "
+          f"set-up (httptools, uvloop), same client and pattern as the lone requests; tokenizing the short text p50 "
+          f"{found['tokenization_p50_ms']:.3f} ms; fdatasync of a small append beside the spools p50 "
+          f"{found['fsync_p50_ms']:.2f} ms")
+    for name, lone in found["lone"].items():
+        print(f"(f) raw engine call p50 ({name}): {found['engine_back_to_back_p50_ms']:.2f} ms back to back, "
+              f"{lone['engine_after_lone_gap_p50_ms']:.2f} ms after the lone loop's idle gap "
+              f"({lone['lone_gap_ms']:.2f} ms: lone p50 less the server's own engine time per lone request, "
+              f"{lone['server_engine_ms']:.2f} ms), {lone['engine_after_floor_gap_p50_ms']:.2f} ms after the floor's "
+              f"gap ({lone['floor_gap_ms']:.2f} ms: transport, tokenization{', fsync' if lone['fsync_ms'] else ''})")
+    shaped = cpu["server_batches"]
+    print(f"(f) engine CPU per text ({cpu['callers']} callers, the server's set-up): "
+          f"{shaped['cpu_ms_per_text']:.2f} ms at the server's batches at {shaped['at_concurrency']} clients "
+          f"({shaped['texts_per_batch']:.1f} texts, {shaped['padded_per_real_token']:.2f} padded per real token) vs "
+          f"{cpu['length_sorted']['cpu_ms_per_text']:.2f} ms length-sorted in batches of "
+          f"{cpu['length_sorted']['texts_per_batch']}; load generator {ceiling['generator_cpu_ms_per_text']:.2f} ms")
+    for name, lone in found["lone"].items():
+        fsync = f" + fsync {lone['fsync_ms']:.2f}" if lone["fsync_ms"] else ""
+        print(f"(f) lone overhead floor ({name}) = transport {lone['transport_ms']:.2f} + idle engine "
+              f"{lone['engine_idle_penalty_ms']:.2f} + tokenization {lone['tokenization_ms']:.3f}{fsync} = "
+              f"{lone['floor_ms']:.2f} ms: target <= {lone['target_ms']} ms {_reach(lone['target_reachable'])}; "
+              f"measured {lone['measured_overhead_ms']:.2f} ms ({lone['server_above_floor_ms']:.2f} above the floor)")
+    print(f"(f) saturation ceiling = {ceiling['cores']} cores x 1000 / ({ceiling['engine_cpu_ms_per_text']:.2f} engine "
+          f"+ {ceiling['generator_cpu_ms_per_text']:.2f} generator CPU ms per text) = "
+          f"{ceiling['ceiling_texts_per_s']:.0f} texts/s = {ceiling['fraction_of_raw_length_sorted']:.2f} of the "
+          f"length-sorted raw engine by CPU ({ceiling['raw_length_sorted_cpu_ms_per_text']:.2f} ms per text; "
+          f"{ceiling['fraction_of_raw_beside']:.2f} of its {ceiling['raw_length_sorted_beside_texts_per_s']:.0f} "
+          f"texts/s beside that level): target >= {ceiling['target']} {_reach(ceiling['target_reachable'])}; "
+          f"measured {ceiling['measured_fraction']:.2f}")
+
+
+def _reach(reachable: bool | None) -> str:
+    return {True: "reachable on this machine now", False: "UNREACHABLE on this machine now",
+            None: "not judged (not measured)"}[reachable]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifact", type=Path, default=Path("models/default"))
@@ -293,8 +419,10 @@ def main(argv: list[str] | None = None) -> None:
                        if args.skip_raw else raw_engine(args.artifact, data.texts, args.batch, args.seconds))
     print("raw engine:", json.dumps(raw))
     modes = args.durability or [""]  # "": the server's default, not named
+    artifact = load_artifact(args.artifact)
+    encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {}
+        servers, bare = {}, None
         try:
             for mode in modes:
                 (Path(tmp) / (mode or "default")).mkdir()
@@ -303,13 +431,18 @@ def main(argv: list[str] | None = None) -> None:
                     "MAX_BATCH_SIZE": str(args.batch), "INTRA_OP_THREADS": "0",
                     **dict(item.split("=", 1) for item in args.env), **({"STORE_DURABILITY": mode} if mode else {}),
                 }, Path(tmp) / (mode or "default"))
+            bare = floor.start_bare_server(Path(tmp))
             concurrency = [int(c) for c in args.concurrency.split(",")]
-            raw_call = None if args.skip_raw else lone_raw_call(args.artifact)
-            measured = asyncio.run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted))
-            said = {mode: server_durability(server.url) for mode, server in servers.items() if mode}
+            engine = None if args.skip_raw else server_engine(args.artifact)
+            raw_call = lone_raw_call(engine[0], encoder) if engine else None
+            measured = asyncio.run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
+                                               bare.url))
+            said = {mode: server_durability(server.url) for mode, server in servers.items()}
         finally:
-            for server in servers.values():
+            for server in [*servers.values(), *([bare] if bare else [])]:
                 stop_server(server)
+        found = machine_floor(measured, modes[0], said, Path(tmp), encoder, data.texts, engine, raw_call, args.batch,
+                              args.seconds)
     served = measured[modes[0]]
     saturated = served["by_concurrency"][str(served["saturated_at_concurrency"])]
     report = {
@@ -327,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
                                             "measured": report["a_server_vs_raw_length_sorted_beside"],
                                             "met": report["a_server_vs_raw_length_sorted_beside"] >= SATURATION_TARGET},
     }
+    report["f_floor"] = found
     if args.durability:
         report["durability"] = {mode: {**measured[mode], "server_says": said[mode]} for mode in modes}
         if set(modes) == set(DURABILITY_MODES):
@@ -360,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(d) ack costs {cost['saturation_cost_pct']:.1f}% of saturation (target <= "
               f"{ACK_SATURATION_TARGET_PCT:.0f}%) and {cost['lone_p50_cost_ms']:.2f} ms of lone p50 (target <= "
               f"{ACK_LONE_TARGET_MS} ms): {'within' if cost['within_target'] else 'OUTSIDE'} the target")
+    print_floor(found)
 
 
 if __name__ == "__main__":

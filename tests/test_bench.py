@@ -159,8 +159,13 @@ def test_bench_server_compares_durability_modes_in_one_run(tiny_artifact, data_f
     assert level["texts_per_batch"] >= 1 and level["padded_per_real_token"] >= 1
     assert level["engine_ms_per_text"] > 0
     assert level["loop_cpu_ms_per_text"] + level["other_threads_cpu_ms_per_text"] > 0
+    found = json.loads((tmp_path / "bench_server.json").read_text())["f_floor"]  # this machine's floor
+    assert found["transport_p50_ms"] > 0 and found["fsync_p50_ms"] > 0 and found["tokenization_p50_ms"] > 0
+    assert found["lone"]["ack"]["fsync_ms"] == found["fsync_p50_ms"] and found["lone"]["async"]["fsync_ms"] == 0
+    assert found["lone"]["ack"]["target_reachable"] is None  # --skip-raw: no engine, no floor to judge by
     out = capsys.readouterr().out
     assert "(d) ack costs" in out and "(e) at 2 clients, per text" in out and "target lone_overhead_ms" in out
+    assert "(f) lone overhead floor (ack)" in out and "(f) saturation ceiling" in out
 
 
 def test_bench_server_refuses_an_unknown_durability_mode(capsys):
