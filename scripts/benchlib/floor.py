@@ -148,7 +148,7 @@ def engine_call_p50s(call: Callable[[], object], gaps_s: Sequence[float], rounds
 
 
 def batch_sizes(texts_per_batch: float, texts: int) -> list[int]:
-    """Whole batch sizes averaging ``texts_per_batch`` over ``texts`` texts (8.5 gives 8, 9, 8, 9, ...)."""
+    """Whole batch sizes averaging ``texts_per_batch`` over ``texts`` texts (8.25: three batches of 8 to one of 9)."""
     sizes, placed = [], 0
     while placed < texts:
         size = max(1, round((len(sizes) + 1) * texts_per_batch) - round(len(sizes) * texts_per_batch))
@@ -160,14 +160,14 @@ def batch_sizes(texts_per_batch: float, texts: int) -> list[int]:
 def server_like_batches(rows_by_length: Sequence[np.ndarray], texts_per_batch: float, padded_per_real_token: float,
                         max_length: int) -> list[Batch]:
     """Batches of consecutive length-sorted rows shaped like the server's: ``batch_sizes`` of them, each padded on
-    the right to ``padded_per_real_token`` times its real tokens (at least its longest row, at most
-    ``max_length``), with the attention mask covering the real tokens only."""
+    the right to ``padded_per_real_token`` times its real tokens (to the nearest column; at least its longest row,
+    at most ``max_length``), with the attention mask covering the real tokens only."""
     batches, start = [], 0
     for size in batch_sizes(texts_per_batch, len(rows_by_length)):
         rows = rows_by_length[start:start + size]
         start += size
         longest, real = max(len(row) for row in rows), sum(len(row) for row in rows)
-        width = min(max_length, max(longest, math.ceil(padded_per_real_token * real / size)))
+        width = min(max_length, max(longest, round(padded_per_real_token * real / size)))
         input_ids = np.zeros((size, width), dtype=np.int64)
         attention_mask = np.zeros((size, width), dtype=np.int64)
         for i, row in enumerate(rows):
