@@ -26,7 +26,7 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo, set_external_data, uses_external_data
 
 from models.manifest import record_layout
-from server.artifact import ArtifactError, load_artifact
+from server.artifact import MANIFEST, Artifact, ArtifactError, load_artifact
 
 MAX_FILE_BYTES = 30 * 10**6
 INLINE_BYTES = 1024  # smaller initializers stay in the graph file (onnx.save's default threshold)
@@ -130,6 +130,20 @@ def _initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
     visit(model.graph)
     return found
+
+
+def check_external_data(artifact: Artifact) -> None:
+    """``ArtifactError`` unless each variant's graph reads exactly the data files its manifest entry names.
+
+    The server verifies the files the manifest names (it has no ``onnx`` to read a graph with); this closes the
+    gap for a hand-edited manifest: a data file the graph reads but the manifest omits would go unverified.
+    """
+    for variant in artifact.variants():
+        path, listed = artifact.variant_path(variant), artifact.variant_files(variant)[1:]
+        used = external_data_files(path)
+        if sorted(used) != sorted(listed):
+            raise ArtifactError(f"{path} reads its weights from {used or 'itself'} but {MANIFEST} lists {listed} "
+                                f"for {variant} (re-store it: python -m models.layout {artifact.directory})")
 
 
 def store_artifact(directory: Path, max_file_bytes: int = MAX_FILE_BYTES) -> dict[str, list[str]]:

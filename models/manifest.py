@@ -10,7 +10,7 @@ layout keeps its version (same weights, same outputs: cached predictions and
 stored records stay valid), so the version is the digest of the files *as
 built*, not necessarily of the files now present.
 
-    python -m models.manifest models/default     # verify hashes and print the summary
+    python -m models.manifest models/default     # verify hashes and external data, print the summary
 """
 
 from __future__ import annotations
@@ -146,8 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", type=Path, help="artifact directory")
     args = parser.parse_args(argv)
+    from models.layout import check_external_data  # needs onnx; models.layout imports this module
+
     try:
         artifact = load_artifact(args.artifact)
+        check_external_data(artifact)
     except ArtifactError as exc:
         raise SystemExit(str(exc)) from None
     print(json.dumps(summary(artifact.manifest), indent=2))

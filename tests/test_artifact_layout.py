@@ -15,7 +15,8 @@ import pytest
 from onnx import numpy_helper
 
 from models.build import build
-from models.layout import MAX_FILE_BYTES, external_data_files, pack, store, store_artifact
+from models.layout import MAX_FILE_BYTES, check_external_data, external_data_files, pack, store, store_artifact
+from models.manifest import main as manifest_main
 from scripts.benchlib.serverproc import start_server, stop_server
 from server.artifact import MANIFEST, TOKENIZER, ArtifactError, load_artifact, sha256_file
 from server.config import DEFAULT_MODEL_PATH, load_settings
@@ -81,6 +82,7 @@ def test_default_artifact_has_no_file_over_the_repository_limit_and_fp16_is_spli
     assert len(fp16) >= 3 and fp16[1:] == external_data_files(artifact.variant_path("fp16"))
     assert sum(sizes[name] for name in fp16) > REPOSITORY_FILE_LIMIT  # why it is split at all
     assert artifact.variant_files("int8") == ["model.int8.onnx"]
+    check_external_data(artifact)
 
 
 # ------------------------------------------------------------------ re-storing an artifact (models.layout)
@@ -139,6 +141,17 @@ def test_external_data_not_a_list_of_names_is_refused(split_copy):
     (split_copy / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"model manifest invalid: .*variants\.int8\.external_data"):
         load_artifact(split_copy)
+
+
+def test_manifest_check_refuses_a_data_file_the_graph_reads_but_the_manifest_omits(split_copy):
+    manifest = json.loads((split_copy / MANIFEST).read_text())
+    manifest["variants"]["int8"]["external_data"] = ["model.int8.onnx.data-0"]  # data-1 would go unverified
+    (split_copy / MANIFEST).write_text(json.dumps(manifest))
+    artifact = load_artifact(split_copy)  # the server, which cannot read the graph, accepts it
+    with pytest.raises(ArtifactError, match=r"model\.int8\.onnx reads its weights from .*data-1"):
+        check_external_data(artifact)
+    with pytest.raises(SystemExit, match=r"lists \['model\.int8\.onnx\.data-0'\] for int8"):
+        manifest_main([str(split_copy)])
 
 
 def wait_exit(server, timeout: float = 60) -> int:
