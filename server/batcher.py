@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.config import Settings
-from server.engine import Engine, engine_workers, softmax
+from server.engine import Engine, engine_workers, first_line, softmax
 from server.metrics import Metrics
 from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded, ServerError, StageTimings
 from server.tokenizer import pad_batch
@@ -329,7 +329,10 @@ class Batcher:
     def _infer(self, batch: list[WorkItem], formed: float) -> None:
         """On an engine worker thread: pad, run the engine (timed around the call alone), softmax, hand back.
 
-        Whatever happens is handed back to the loop (an exception as the outcome), so no caller can hang.
+        Whatever happens is handed back to the loop (an exception as the outcome), so no caller can hang and the
+        worker's slot comes back: a ``BaseException`` too (``SystemExit`` or ``KeyboardInterrupt`` raised inside
+        the engine call cannot stop the process from a worker thread; uncaught here, it would only be lost with
+        the slot), and a result whose row count is not the batch's (its callers would wait for missing rows).
         """
         picked_up = engine_started = time.perf_counter()
         try:
@@ -337,19 +340,21 @@ class Batcher:
             engine_started = time.perf_counter()
             logits = self.engine.run(input_ids, attention_mask)
             engine_ended = time.perf_counter()
-            outcome: np.ndarray | Exception = softmax(np.asarray(logits, dtype=np.float32))
-        except Exception as error:  # engine errors must reach the callers, never hang them
+            outcome: np.ndarray | BaseException = softmax(np.asarray(logits, dtype=np.float32))
+            if len(outcome) != len(batch):
+                raise RuntimeError(f"the engine returned {len(outcome)} rows for a batch of {len(batch)} texts")
+        except BaseException as error:  # every outcome must reach the callers, never hang them
             engine_ended, outcome = time.perf_counter(), error
         ran = Ran(formed, picked_up, engine_started, engine_ended, time.perf_counter())
         self._loop.call_soon_threadsafe(self._finish, batch, outcome, ran)
 
-    def _finish(self, batch: list[WorkItem], outcome: np.ndarray | Exception, ran: Ran) -> None:
+    def _finish(self, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran) -> None:
         self._free_workers += 1
         m, device = self._metrics, self.engine.device
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)
         self._to_loop.observe(time.perf_counter() - ran.handed_back)
-        if not isinstance(outcome, Exception):
+        if not isinstance(outcome, BaseException):
             for item, row in zip(batch, outcome, strict=True):
                 item.request.deliver(item.index, row, ran)
         elif isinstance(outcome, ServerError):
@@ -358,9 +363,10 @@ class Batcher:
                 m.inference_errors.labels(device).inc()
             self._fail(batch, outcome)
         else:
-            log.error("inference failed on a batch of %d: %s", len(batch), outcome)
+            detail = outcome if isinstance(outcome, Exception) else first_line(outcome)  # SystemExit(3) says "3"
+            log.error("inference failed on a batch of %d: %s", len(batch), detail)
             m.inference_errors.labels(device).inc()
-            self._fail(batch, InferenceFailed(f"inference failed: {outcome}"))
+            self._fail(batch, InferenceFailed(f"inference failed: {detail}"))
         self._dispatch()
 
     def _observe_batch(self, batch: list[WorkItem], formed: float) -> None:

@@ -26,7 +26,7 @@ class RecordingEngine:
     provider = "CPUExecutionProvider"
     variant = "fp32"
 
-    def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
+    def __init__(self, delay: float = 0.0, fail: BaseException | None = None) -> None:
         self.delay = delay
         self.fail = fail
         self.shapes: list[tuple[int, int]] = []
@@ -288,6 +288,38 @@ async def test_engine_error_reaches_every_caller_as_inference_failed():
     with pytest.raises(InferenceFailed, match="kaboom"):
         await batcher.submit([np.array([1]), np.array([2])])
     await batcher.drain()
+
+
+class FirstBatchFaultEngine(RecordingEngine):
+    """Its first batch raises ``fault``, or with no fault returns a row fewer than the batch; then it is healthy."""
+
+    def __init__(self, fault: BaseException | None) -> None:
+        super().__init__()
+        self.fault, self.faulted = fault, False
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if self.faulted:
+            return super()._run(input_ids, attention_mask)
+        self.faulted = True
+        if self.fault is not None:
+            raise self.fault
+        return super()._run(input_ids, attention_mask)[:-1]
+
+
+@pytest.mark.parametrize(("fault", "message"), [
+    (SystemExit(3), "SystemExit: 3"),  # not an Exception: it used to be lost on the worker thread
+    (KeyboardInterrupt(), "KeyboardInterrupt"),
+    (None, "returned 1 rows for a batch of 2"),
+], ids=["SystemExit", "KeyboardInterrupt", "a-row-short"])
+async def test_any_engine_outcome_reaches_the_callers_and_gives_the_worker_back(fault, message):
+    """One engine worker: had the failed batch kept its slot, the next request would wait for its deadline."""
+    batcher = Batcher(FirstBatchFaultEngine(fault), settings(request_timeout_s=30), Metrics())
+    batcher.start()
+    with pytest.raises(InferenceFailed, match=message):
+        await asyncio.wait_for(batcher.submit([np.array([1]), np.array([2])]), 60)
+    (probabilities,) = await asyncio.wait_for(batcher.submit([np.array([3])]), 60)
+    np.testing.assert_allclose(probabilities, expected_probabilities(np.array([3])), rtol=1e-6)
+    assert await asyncio.wait_for(batcher.drain(), 60) == 0 and batcher.depth == 0
 
 
 async def test_a_failed_request_s_other_texts_never_reach_the_engine():
