@@ -15,9 +15,10 @@ from server.cache import PredictionCache
 from server.config import Settings
 from server.engine import Engine
 from server.exitcodes import StartupError
+from server.fastpath import PATH, PredictFastPath
 from server.gpu import GpuMonitor
 from server.heap import freeze_long_lived, thaw
-from server.http import ObservedASGI, document_errors, install_error_handlers
+from server.http import ObservedASGI, api_routes, document_errors, install_error_handlers
 from server.memory import MemoryGuard
 from server.metrics import Metrics
 from server.predictor import Predictor
@@ -102,5 +103,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
     install_error_handlers(app)
     document_errors(app)
     app.state.metrics = metrics
-    app.add_middleware(ObservedASGI, metrics=metrics, max_body_bytes=settings.max_request_bytes)
+    predict_route = next(route for route in api_routes(app.routes) if route.path == PATH and "POST" in route.methods)
+    app.add_middleware(PredictFastPath, services=lambda: app.state.services, route=predict_route)  # inner
+    app.add_middleware(ObservedASGI, metrics=metrics, max_body_bytes=settings.max_request_bytes)  # outer
     return app

@@ -229,12 +229,18 @@ def internal_error(request_id: str) -> Response:
                                "when you report this", request_id=request_id)
 
 
+def server_error_response(exc: ServerError) -> Response:
+    """The answer to a ``ServerError`` (its status, message, type, Retry-After and headers); a 5xx that is not
+    shedding (no Retry-After) is logged."""
+    if exc.status_code >= 500 and exc.retry_after is None:
+        log.error("request failed: %s", exc.message)
+    return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers, error_type=exc.error_type)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServerError)
     async def _server_error(request: Request, exc: ServerError):
-        if exc.status_code >= 500 and exc.retry_after is None:
-            log.error("request failed: %s", exc.message)
-        return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers, error_type=exc.error_type)
+        return server_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -361,7 +367,7 @@ def document_errors(app: FastAPI) -> None:
 def _add_error_responses(document: dict, routes: Iterable[object]) -> None:
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    for route in _api_routes(routes):
+    for route in api_routes(routes):
         if not route.include_in_schema:
             continue
         statuses = {500}
@@ -381,13 +387,13 @@ def _add_error_responses(document: dict, routes: Iterable[object]) -> None:
             schemas.pop(unused, None)
 
 
-def _api_routes(routes: Iterable[object]) -> Iterator[APIRoute]:
+def api_routes(routes: Iterable[object]) -> Iterator[APIRoute]:
     """The app's API routes: newer FastAPI (0.165 here) keeps an included router's routes in it, not in
     ``app.routes``; older versions copy them there."""
     for route in routes:
         if isinstance(route, APIRoute):
             yield route
-        yield from _api_routes(getattr(getattr(route, "original_router", None), "routes", ()))
+        yield from api_routes(getattr(getattr(route, "original_router", None), "routes", ()))
 
 
 def _needs_api_key(dependant) -> bool:

@@ -11,7 +11,7 @@ from server.http import error_response, error_responses, json_response
 from server.protocols import tei
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
 from server.services import Services
-from server.serving import classify
+from server.serving import Classified, classify
 
 router = APIRouter()
 
@@ -27,7 +27,12 @@ async def predict(body: PredictRequest, request: Request, api_key_id: str | None
         return await tei.predict_tei(body, request, api_key_id)
     request_id = request.scope["state"]["request_id"]
     answer = await classify(services_of(request), body.items(), request_id, api_key_id)
-    return json_response({
+    return json_response(predict_answer(answer, request_id))
+
+
+def predict_answer(answer: Classified, request_id: str) -> dict:
+    """``/predict``'s answer (``PredictResponse``), here and in ``server.fastpath``."""
+    return {
         "predictions": [
             {"id": record_id, "label": p.label, "score": p.score, "probabilities": p.probabilities,
              "cached": p.cached, "truncated": p.truncated}
@@ -35,7 +40,7 @@ async def predict(body: PredictRequest, request: Request, api_key_id: str | None
         ],
         "model": vars(answer.identity),
         "request_id": request_id,
-    })
+    }
 
 
 @router.get("/health", summary="Liveness and detail; status ok or degraded")

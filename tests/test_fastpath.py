@@ -1,0 +1,172 @@
+"""``server.fastpath``: plain ``POST /predict`` answered without the framework, everything else handed to it intact."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.fastpath import PredictFastPath, credentials, is_plain_json
+from server.http import BodyTooLarge
+
+JSON = [(b"content-type", b"application/json")]
+
+
+class RecordingApp:
+    """The framework's stand-in: records what it was called with and what ``receive`` gave it."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[dict]] = []
+
+    async def __call__(self, scope, receive, send):
+        received = []
+        while True:
+            try:
+                message = await receive()
+            except Exception as error:  # noqa: BLE001 -- what the replay raises is what the test checks
+                received.append({"raised": error})
+                break
+            received.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        self.calls.append(received)
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b"framework"})
+
+
+def drive(app, services, messages: list[dict | Exception], headers=JSON) -> tuple[list[dict], dict]:
+    """Run ``app`` on one POST /predict whose ``receive`` yields ``messages`` (an exception is raised)."""
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": headers, "client": ("10.0.0.1", 9),
+             "state": {"request_id": "rid-1"}}
+    queue = list(messages)
+    sent: list[dict] = []
+
+    async def receive():
+        item = queue.pop(0) if queue else {"type": "http.disconnect"}
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run_coroutine_threadsafe(app(scope, receive, send), services.loop).result(timeout=30)
+    return sent, scope
+
+
+class Running:
+    """A real app's services on the TestClient's event loop, for driving the middleware directly."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.services = client.app.state.services
+        self.loop = client.portal.call(asyncio.get_running_loop)
+
+
+@pytest.fixture
+def running(make_settings):
+    with TestClient(create_app(make_settings())) as client:
+        yield Running(client)
+
+
+def body(payload: bytes, more: bool = False) -> dict:
+    return {"type": "http.request", "body": payload, "more_body": more}
+
+
+def test_a_plain_request_is_answered_here_and_the_framework_never_sees_it(running):
+    inner = RecordingApp()
+    app = PredictFastPath(inner, lambda: running.services, route="the-route")
+    sent, scope = drive(app, running, [body(b'{"texts": ["a fine film", "dull"]}')])
+    assert inner.calls == []
+    assert sent[0]["status"] == 200 and dict(sent[0]["headers"])[b"content-type"] == b"application/json"
+    answer = __import__("json").loads(sent[1]["body"])
+    assert [len(p["id"]) for p in answer["predictions"]] == [32, 32] and answer["request_id"] == "rid-1"
+    assert scope["route"] == "the-route"  # ObservedASGI labels the request's metrics with it
+
+
+def test_a_body_in_several_chunks_is_joined(running):
+    inner = RecordingApp()
+    app = PredictFastPath(inner, lambda: running.services, route=None)
+    sent, _ = drive(app, running, [body(b'{"text": "a fi', more=True), body(b'ne film"}')])
+    assert inner.calls == [] and sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize("messages, headers", [
+    ([body(b'{"inputs": "a fine film"}')], JSON),  # TEI's body: its own answer shape
+    ([body(b'{"text": "a", "extra": 1}')], JSON),  # refused by PredictRequest: the framework words the 422
+    ([body(b'{"text": "a"}x')], JSON),  # not JSON
+    ([body(b'\xef\xbb\xbf{"text": "a"}')], JSON),  # a byte-order mark: json.loads reads it, pydantic does not
+    ([body(b'{"text": "a"}')], [(b"content-type", b"text/plain")]),
+    ([body(b'{"text": "a"}')], [(b"content-type", b"application/vnd.x+json")]),
+    ([body(b'{"text": "a"}')], []),
+    ([body(b'{"text": ', more=True), {"type": "http.disconnect"}], JSON),
+], ids=["tei", "extra-field", "garbage", "bom", "text-plain", "plus-json", "no-content-type", "disconnect"])
+def test_anything_else_reaches_the_framework_with_its_body_replayed(running, messages, headers):
+    inner = RecordingApp()
+    app = PredictFastPath(inner, lambda: running.services, route=None)
+    sent, _ = drive(app, running, messages, headers)
+    assert inner.calls == [messages]
+    assert sent[0]["status"] == 299
+
+
+def test_a_refusal_raised_while_reading_reaches_the_framework_after_the_bytes_read(running):
+    inner = RecordingApp()
+    app = PredictFastPath(inner, lambda: running.services, route=None)
+    too_large = BodyTooLarge(10)
+    drive(app, running, [body(b'{"text": "aaaa', more=True), too_large])
+    assert inner.calls == [[body(b'{"text": "aaaa', more=True), {"raised": too_large}]]
+
+
+def test_other_paths_and_methods_pass_through_untouched(running):
+    inner = RecordingApp()
+    app = PredictFastPath(inner, lambda: running.services, route=None)
+    for method, path in (("GET", "/predict"), ("POST", "/predict/"), ("POST", "/feedback")):
+        scope = {"type": "http", "method": method, "path": path, "headers": JSON, "state": {"request_id": "r"}}
+        sent = []
+
+        async def receive():
+            return body(b'{"text": "a"}')
+
+        async def send(message, sent=sent):
+            sent.append(message)
+
+        asyncio.run_coroutine_threadsafe(app(scope, receive, send), running.loop).result(timeout=30)
+        assert sent[0]["status"] == 299
+    assert len(inner.calls) == 3
+
+
+def test_the_answer_is_the_frameworks_answer(make_settings):
+    """The same body through the fast path (application/json) and through the route (a +json type it leaves to the
+    framework): the same predictions, model and headers."""
+    with TestClient(create_app(make_settings(enable_model_caching=False))) as client:
+        answers = [client.post("/predict", content=b'{"texts": ["a fine film", "dull and long"]}',
+                               headers={"Content-Type": kind, "X-Request-ID": "same"})
+                   for kind in ("application/json", "application/vnd.test+json")]
+        metrics = client.get("/metrics").text
+    fast, framework = (a.json() for a in answers)
+    for payload in (fast, framework):
+        for prediction in payload["predictions"]:
+            prediction.pop("id")
+    assert fast == framework
+    assert {k: v for k, v in answers[0].headers.items() if k != "content-length"} == \
+           {k: v for k, v in answers[1].headers.items() if k != "content-length"}
+    assert 'sentiment_requests_total{endpoint="/predict",status="200"} 2.0' in metrics
+
+
+def test_the_key_is_checked_here_as_the_route_checks_it(make_settings):
+    with TestClient(create_app(make_settings(auth_mode="required"))) as client:
+        valid = client.post("/predict", json={"text": "a fine film"})  # the fast path
+        invalid = client.post("/predict", json={"text": 5})  # the framework: its dependency runs first
+        bad_scheme = client.post("/predict", json={"text": "a"}, headers={"Authorization": "Basic eDp5"})
+    for answer in (valid, invalid, bad_scheme):
+        assert answer.status_code == 401 and answer.json()["type"] == "unauthorized"
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+    assert "Basic" in bad_scheme.json()["error"]
+
+
+def test_content_type_and_credentials_are_read_as_the_framework_reads_them():
+    assert is_plain_json([(b"content-type", b"Application/JSON; charset=utf-8")])
+    assert not is_plain_json([(b"content-type", b"application/jsonx")])
+    headers = [(b"x-api-key", b"first"), (b"x-api-key", b"second"), (b"authorization", b"Bearer k\xe9")]
+    assert credentials(headers) == {"x-api-key": "first", "authorization": "Bearer k\u00e9"}
