@@ -205,7 +205,8 @@ def test_on_cuda_the_batches_are_measured_and_planned_in_gpu_memory(tiny_artifac
     assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes
 
 
-def test_on_cuda_without_nvml_the_batch_budget_is_not_derived_nor_the_peak_exact(tiny_artifact, make_settings, caplog) -> None:
+def test_on_cuda_without_nvml_the_batch_budget_is_not_derived_nor_the_peak_exact(tiny_artifact, make_settings,
+                                                                                  caplog) -> None:
     from server.artifact import load_artifact
     from server.runtime import load_encoder
 
