@@ -149,7 +149,8 @@ def lone_raw_call(engine: OnnxEngine, encoder: TextEncoder) -> Callable[[], None
 
 async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurrency: list[int], seconds: float,
                       raw_call: Callable[[], None] | None, raw_sorted: RawRate | None = None,
-                      bare_url: str | None = None) -> dict[str, dict]:
+                      bare_url: str | None = None, probes: dict[str, Callable[[], object]] | None = None
+                      ) -> dict[str, dict]:
     """For each server (name -> URL): lone-request latency, alternating with the other servers and with lone raw
     engine calls, then closed-loop texts/s at each concurrency, the servers in turn (first one way, then the
     other); saturation is the best level. After each level the raw engine's best length-sorted set-up runs again
@@ -158,15 +159,19 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
 
     Lone requests and raw calls alternate in blocks so that all of them sample the same minutes: on a shared VM
     the raw call alone drifted 0.75-1.9 ms between runs, more than the overhead being measured. So do the lone
-    requests to a bare ASGI app (``bare_url``: the floor's transport), and each server's own engine time per lone
-    request is read from its /metrics (the gap between two lone engine calls is the lone p50 less that time).
+    requests to a bare ASGI app (``bare_url``: the floor's transport) and blocks of each of ``probes`` (the
+    floor's tokenization and fdatasync: the spool disk's speed moves with other sessions' writes), and each
+    server's own engine time per lone request is read from its /metrics (the gap between two lone engine calls is
+    the lone p50 less that time).
     """
+    probes = probes or {}
     urls = {name: server.url for name, server in servers.items()}
     clients = {name: Client(url, max_connections=max(concurrency) + 4) for name, url in urls.items()}
     lone_clients = {**clients, **({BARE: Client(bare_url, max_connections=4)} if bare_url else {})}
     try:
         lone: dict[str, list[float]] = {name: [] for name in lone_clients}
         raw: list[float] = []
+        probed: dict[str, list[float]] = {name: [] for name in probes}
         engine_before: dict[str, Samples] = {}
         for round_ in range(LONE_ROUNDS + 1):  # the first round warms up and is not kept
             if round_ == 1:
@@ -185,6 +190,10 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
                 raw_block.append((time.perf_counter() - started) * 1000)
             if round_:
                 raw += raw_block
+            for probe, call in probes.items():
+                probe_block = [_timed_ms(call) for _ in range(LONE_BLOCK)]
+                if round_:
+                    probed[probe] += probe_block
         lone_engine = {name: engine_ms_per_call(engine_before[name], scrape(url)) for name, url in urls.items()}
         levels: dict[str, dict] = {name: {} for name in urls}
         for level, clients_count in enumerate(concurrency):
@@ -213,9 +222,16 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
                          "lone_raw_call_p50_ms": statistics.median(raw) if raw else float("nan"),
                          "lone_engine_ms": lone_engine[name],
                          "lone_bare_asgi_p50_ms": statistics.median(lone[BARE]) if bare_url else float("nan"),
+                         "lone_probes_p50_ms": {probe: statistics.median(ms) for probe, ms in probed.items()},
                          "saturation_texts_per_s": levels[name][best]["texts_per_s"],
                          "saturated_at_concurrency": int(best), "by_concurrency": levels[name]}
     return results
+
+
+def _timed_ms(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1000
 
 
 def engine_ms_per_call(before: Samples, after: Samples) -> float:
@@ -299,17 +315,18 @@ def where_time_went(before: Samples, after: Samples, cpu_before: tuple, cpu_afte
     }
 
 
-def machine_floor(measured: dict[str, dict], target_server: str, durability: dict[str, str | None], probe_dir: Path,
+def machine_floor(measured: dict[str, dict], target_server: str, durability: dict[str, str | None],
                   encoder: TextEncoder, texts: list[str], engine: tuple[OnnxEngine, int] | None,
                   raw_call: Callable[[], None] | None, batch: int, seconds: float) -> dict:
-    """Section (f): this machine's floor, measured now (``scripts.benchlib.floor``), and what it allows: the lone
-    overhead of each server (an ``ack`` one waits for an fdatasync in ``probe_dir``, beside the spools), and the
-    saturation of ``target_server`` (the one the targets are read from). No engine figures without an engine."""
+    """Section (f): this machine's floor (``scripts.benchlib.floor``) and what it allows: the lone overhead of each
+    server (an ``ack`` one waits for an fdatasync) and the saturation of ``target_server`` (the one the targets are
+    read from). Transport, tokenization and fdatasync come from the lone rounds (``server_side``); the engine is
+    measured here, after the servers stopped. No engine figures without an engine."""
     nan = float("nan")
+    probed = measured[target_server]["lone_probes_p50_ms"]
     result: dict = {
         "transport_p50_ms": measured[target_server]["lone_bare_asgi_p50_ms"],
-        "tokenization_p50_ms": floor.p50_ms(lambda: encoder.encode([SHORT]), 500),
-        "fsync_p50_ms": floor.fsync_p50_ms(probe_dir),
+        "tokenization_p50_ms": probed["tokenization"], "fsync_p50_ms": probed["fsync"],
     }
     fsync = {name: result["fsync_p50_ms"] if durability[name] == "ack" else None for name in measured}
     gaps = {name: (max(0.0, served["lone_request_p50_ms"] - served["lone_engine_ms"]),  # the lone loop's gap
@@ -358,9 +375,9 @@ def print_floor(found: dict) -> None:
     """Section (f) as printed lines."""
     cpu, ceiling = found["engine_cpu"], found["saturation"]
     print("(f) this machine's floor, measured in this run (what no server code can go below here):")
-    print(f"(f) transport: POST p50 {found['transport_p50_ms']:.2f} ms to a bare ASGI app on the server's uvicorn "
-          f"set-up (httptools, uvloop), same client and pattern as the lone requests; tokenizing the short text p50 "
-          f"{found['tokenization_p50_ms']:.3f} ms; fdatasync of a small append beside the spools p50 "
+    print(f"(f) in the lone rounds, p50: a POST to a bare ASGI app on the server's uvicorn set-up (httptools, "
+          f"the same loop) through the same client {found['transport_p50_ms']:.2f} ms; tokenizing the short text "
+          f"{found['tokenization_p50_ms']:.3f} ms; a small append + fdatasync beside the spools "
           f"{found['fsync_p50_ms']:.2f} ms")
     for name, lone in found["lone"].items():
         print(f"(f) raw engine call p50 ({name}): {found['engine_back_to_back_p50_ms']:.2f} ms back to back, "
@@ -379,7 +396,8 @@ def print_floor(found: dict) -> None:
         print(f"(f) lone overhead floor ({name}) = transport {lone['transport_ms']:.2f} + idle engine "
               f"{lone['engine_idle_penalty_ms']:.2f} + tokenization {lone['tokenization_ms']:.3f}{fsync} = "
               f"{lone['floor_ms']:.2f} ms: target <= {lone['target_ms']} ms {_reach(lone['target_reachable'])}; "
-              f"measured {lone['measured_overhead_ms']:.2f} ms ({lone['server_above_floor_ms']:.2f} above the floor)")
+              f"measured {lone['measured_overhead_ms']:.2f} ms ({lone['server_above_floor_ms']:+.2f} ms over the "
+              "floor)")
     print(f"(f) saturation ceiling = {ceiling['cores']} cores x 1000 / ({ceiling['engine_cpu_ms_per_text']:.2f} engine "
           f"+ {ceiling['generator_cpu_ms_per_text']:.2f} generator CPU ms per text) = "
           f"{ceiling['ceiling_texts_per_s']:.0f} texts/s = {ceiling['fraction_of_raw_length_sorted']:.2f} of the "
@@ -421,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = args.durability or [""]  # "": the server's default, not named
     artifact = load_artifact(args.artifact)
     encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, floor.fsync_probe(Path(tmp)) as fsync_beside_spools:
         servers, bare = {}, None
         try:
             for mode in modes:
@@ -435,13 +453,14 @@ def main(argv: list[str] | None = None) -> None:
             concurrency = [int(c) for c in args.concurrency.split(",")]
             engine = None if args.skip_raw else server_engine(args.artifact)
             raw_call = lone_raw_call(engine[0], encoder) if engine else None
+            probes = {"tokenization": lambda: encoder.encode([SHORT]), "fsync": fsync_beside_spools}
             measured = asyncio.run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
-                                               bare.url))
+                                               bare.url, probes))
             said = {mode: server_durability(server.url) for mode, server in servers.items()}
         finally:
             for server in [*servers.values(), *([bare] if bare else [])]:
                 stop_server(server)
-        found = machine_floor(measured, modes[0], said, Path(tmp), encoder, data.texts, engine, raw_call, args.batch,
+        found = machine_floor(measured, modes[0], said, encoder, data.texts, engine, raw_call, args.batch,
                               args.seconds)
     served = measured[modes[0]]
     saturated = served["by_concurrency"][str(served["saturated_at_concurrency"])]

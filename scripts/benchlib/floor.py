@@ -14,6 +14,9 @@ length-sorted raw engine. Part of both is the machine's, whatever the server's o
 ``lone_overhead_floor`` and ``saturation_ceiling`` turn those into the figures to judge the targets against:
 the lowest overhead a server could show here and the highest fraction of the length-sorted raw engine it could
 reach if its own HTTP and event-loop code cost nothing. Choices the issue is silent on:
+- transport, tokenization and fdatasync are sampled in blocks between the lone requests' blocks (bench_server's
+  lone rounds), so they see the same minutes: the disk's fdatasync moved 0.2 -> 3.9 ms within minutes while
+  other sessions wrote;
 - the engine is timed after two idle gaps: the lone loop's (its p50 less the server's own engine time per lone
   request: the time between two lone engine calls) and the floor's (transport + tokenization (+ fsync): all a
   server whose own code cost nothing would idle between them). The floor uses the second, as a faster server
@@ -38,8 +41,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -112,22 +116,29 @@ def p50_ms(call: Callable[[], object], times: int) -> float:
     return statistics.median(samples)
 
 
-def fsync_p50_ms(directory: Path, appends: int = 200, size: int = 300) -> float:
-    """Median ms of appending a ``size``-byte line to a new file in ``directory`` and fdatasync-ing it, as the
-    spool does for each record under ``STORE_DURABILITY=ack`` (a lone request waits for one such sync)."""
+@contextmanager
+def fsync_probe(directory: Path, size: int = 300) -> Iterator[Callable[[], None]]:
+    """A call that appends a ``size``-byte line to a new file in ``directory`` and fdatasyncs it, as the spool does
+    for each record under ``STORE_DURABILITY=ack`` (a lone request waits for one such sync); the file is removed
+    on exit."""
     fd, path = tempfile.mkstemp(dir=directory, prefix="fsync-probe-")
     line = b"x" * (size - 1) + b"\n"
-    samples = []
+
+    def append() -> None:
+        os.write(fd, line)
+        os.fdatasync(fd)
+
     try:
-        for _ in range(appends):
-            started = time.perf_counter()
-            os.write(fd, line)
-            os.fdatasync(fd)
-            samples.append((time.perf_counter() - started) * 1000)
+        yield append
     finally:
         os.close(fd)
         os.unlink(path)
-    return statistics.median(samples)
+
+
+def fsync_p50_ms(directory: Path, appends: int = 200) -> float:
+    """Median ms of ``appends`` appends and fdatasyncs (``fsync_probe``) in ``directory``."""
+    with fsync_probe(directory) as append:
+        return p50_ms(append, appends)
 
 
 def engine_call_p50s(call: Callable[[], object], gaps_s: Sequence[float], rounds: int = 6,
