@@ -137,11 +137,12 @@ class Predictor:
 
     @staticmethod
     def _to_prediction(labels: list[str], probabilities: np.ndarray, truncated: bool) -> Prediction:
-        best = int(np.argmax(probabilities))
+        values = probabilities.tolist()  # Python floats at once: numpy's argmax and scalars cost more for 2 labels
+        best = max(range(len(values)), key=values.__getitem__)
         return Prediction(
             label=labels[best],
-            score=float(probabilities[best]),
-            probabilities={label: float(p) for label, p in zip(labels, probabilities, strict=True)},
+            score=values[best],
+            probabilities=dict(zip(labels, values, strict=True)),
             truncated=truncated,
         )
 
