@@ -18,6 +18,9 @@ from server.primitives import InputTooLong
 class TextEncoder:
     def __init__(self, tokenizer_file: Path, max_length: int, strict: bool = False) -> None:
         self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        # Without offsets (tokenizers >= 0.21): the same ids, 20% less time per short text (46 against 59 us on
+        # this VM), on the event loop of every request.
+        self._encode_fast = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         self._tokenizer.no_padding()
         self.max_length = max_length
         self.strict = strict
@@ -36,9 +39,14 @@ class TextEncoder:
 
     def encode_marking_truncation(self, texts: list[str]) -> tuple[list[np.ndarray], list[bool]]:
         """``encode`` and, per text, whether it was cut at ``max_length`` (never in strict mode: it refuses)."""
-        encodings = self._tokenizer.encode_batch(texts)
+        encodings = self._encode_fast(texts)
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
-        truncated = [self._was_cut(text, e) for text, e in zip(texts, encodings, strict=True)]
+        truncated = [False] * len(texts)
+        full = [index for index, row in enumerate(ids) if len(row) >= self.max_length]
+        if full:  # only a text that fills the maximum may have been cut; the offsets that tell were skipped above
+            exact = self._tokenizer.encode_batch([texts[index] for index in full])
+            for index, encoding in zip(full, exact, strict=True):
+                truncated[index] = self._was_cut(texts[index], encoding)
         if self.strict:
             for index, row in enumerate(ids):
                 if len(row) > self.max_length:
