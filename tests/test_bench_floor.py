@@ -119,5 +119,9 @@ def test_transport_smoke_a_bare_asgi_app_answers_the_lone_requests_client(tmp_pa
 
 
 def test_fsync_smoke_appends_and_syncs_in_the_directory_and_cleans_up(tmp_path):
-    assert floor.fsync_p50_ms(tmp_path, appends=20) > 0
+    with floor.fsync_probe(tmp_path, size=300) as append:
+        for _ in range(20):
+            append()
+        (probe,) = tmp_path.iterdir()
+        assert probe.stat().st_size == 20 * 300 and probe.read_bytes().count(b"\n") == 20
     assert list(tmp_path.iterdir()) == []  # the probe file is gone

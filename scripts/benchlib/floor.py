@@ -99,21 +99,11 @@ def start_bare_server(log_dir: Path, timeout: float = 60.0) -> LiveServer:
             if httpx.get(server.url, timeout=1).status_code == 200:
                 return server
         except httpx.TransportError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     process.kill()
     process.wait()
     raise RuntimeError(f"the bare ASGI server did not answer within {timeout} s:\n{server.log()}")
-
-
-def p50_ms(call: Callable[[], object], times: int) -> float:
-    """Median wall time in ms of ``times`` calls of ``call``, after one untimed call (first-call costs)."""
-    call()
-    samples = []
-    for _ in range(times):
-        started = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - started) * 1000)
-    return statistics.median(samples)
 
 
 @contextmanager
@@ -133,12 +123,6 @@ def fsync_probe(directory: Path, size: int = 300) -> Iterator[Callable[[], None]
     finally:
         os.close(fd)
         os.unlink(path)
-
-
-def fsync_p50_ms(directory: Path, appends: int = 200) -> float:
-    """Median ms of ``appends`` appends and fdatasyncs (``fsync_probe``) in ``directory``."""
-    with fsync_probe(directory) as append:
-        return p50_ms(append, appends)
 
 
 def engine_call_p50s(call: Callable[[], object], gaps_s: Sequence[float], rounds: int = 6,
