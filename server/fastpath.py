@@ -20,6 +20,7 @@ the OpenAPI document's operation and the fallback.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 import orjson
@@ -50,7 +51,7 @@ class PredictFastPath:
         messages, error = await _read_body(receive)
         if error is None and messages[-1]["type"] == "http.request" and is_plain_json(scope["headers"]):
             request = _parsed(messages)
-            if request is not None and request.inputs is None:
+            if request is not None:
                 messages.clear()  # the body's bytes are not needed any more: only the texts are held from here on
                 scope["route"] = self._route
                 return await self._answer(scope, receive, request, send)
@@ -87,12 +88,17 @@ async def _read_body(receive) -> tuple[list[dict], Exception | None]:
 
 
 def _replay(messages: list[dict], error: Exception | None, receive):
-    """A ``receive`` that gives the framework the messages already read, then their error, then the connection's."""
-    pending = list(messages)
+    """A ``receive`` that gives the framework the messages already read, then their error, then the connection's.
+
+    It takes the messages over (``messages`` is left empty), and lets go of each as it hands it on: once the
+    framework has joined the body, this layer holds none of its bytes (a body held twice while it is parsed would
+    pass what the bodies' memory budget charges per byte, ``server.budget``)."""
+    pending = collections.deque(messages)
+    messages.clear()
 
     async def replayed() -> dict:
         if pending:
-            return pending.pop(0)
+            return pending.popleft()
         if error is not None:
             raise error
         return await receive()
@@ -101,7 +107,7 @@ def _replay(messages: list[dict], error: Exception | None, receive):
 
 
 def _parsed(messages: list[dict]) -> PredictRequest | None:
-    """The request, or None for anything the framework should judge (and word the error for).
+    """The request, or None for anything the framework should judge (and word the error for) or answer (TEI).
 
     Parsed by pydantic-core's own JSON reader: at its peak it holds 4 bytes per byte of a body of emoji-laden
     texts, against 8 for ``json.loads`` and 16 for ``orjson.loads`` (tracemalloc, a 1 MiB body), and the bodies'
@@ -111,9 +117,10 @@ def _parsed(messages: list[dict]) -> PredictRequest | None:
     """
     body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
     try:
-        return PredictRequest.model_validate_json(body)
+        request = PredictRequest.model_validate_json(body)
     except Exception:  # not JSON, or not a valid request: the framework's handlers answer it
         return None
+    return request if request.inputs is None else None  # TEI's body: its parse is not held while the route's runs
 
 
 def is_plain_json(headers: list[tuple[bytes, bytes]]) -> bool:
