@@ -7,9 +7,11 @@ import json
 import socket
 import tracemalloc
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from scripts.benchlib.serverproc import start_server, stop_server
 from server.app import create_app
 from server.budget import BODY_PARSED_PER_BYTE
 from server.fastpath import PredictFastPath, credentials, is_plain_json
@@ -217,3 +219,89 @@ def test_a_body_left_to_the_framework_costs_no_more_per_byte_than_the_plan_charg
             tracemalloc.stop()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert len(body) < peak <= BODY_PARSED_PER_BYTE * len(body), f"{peak / len(body):.2f} bytes per byte of body"
+
+
+# --- the same request through this layer (application/json) and through the route (a +json type), over real HTTP
+
+FRAMEWORK = "application/vnd.x+json"  # a JSON type this layer leaves to the framework
+DEEP = b"[" * 201 + b"]" * 201  # past pydantic-core's nesting limit (200), within json.loads'
+
+
+@pytest.fixture(scope="module")
+def diff_server(tiny_artifact, tmp_path_factory):
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "ENABLE_MODEL_CACHING": "false",
+                           "MAX_TEXTS_PER_REQUEST": "3", "MAX_TEXT_CHARS": "3000", "STRICT_TRUNCATION": "true"},
+                          tmp_path_factory.mktemp("diff"))
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+def counted(client: httpx.Client) -> dict[str, float]:
+    """``/predict``'s request counts and every refusal count, by their label sets."""
+    samples = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(('sentiment_requests_total{endpoint="/predict"', "sentiment_rejected_requests_total{")):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def answered(client: httpx.Client, path: str, content: bytes, headers: list[tuple[str, str]]) -> tuple:
+    """Status, body (record ids blanked), headers (but the date) and the counts the request moved."""
+    before = counted(client)
+    response = client.post(path, content=content, headers=headers + [("X-Request-ID", "rid-same")])
+    moved = {name: value - before.get(name, 0) for name, value in counted(client).items()
+             if value != before.get(name, 0)}
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = response.content
+    for prediction in payload.get("predictions", []) if isinstance(payload, dict) else []:
+        prediction["id"] = "blanked" if prediction["id"] else prediction["id"]
+    return response.status_code, payload, [h for h in response.headers.multi_items() if h[0] != "date"], moved
+
+
+@pytest.mark.parametrize("content", [
+    b'{"text": "a fine film"}', b'{"texts": ["a fine film", "dull"]}',
+    b'{"text": "dull", "text": "a fine film"}', b'{"text": 5, "text": "a fine film"}',
+    b'{"text": NaN, "text": "a"}', b'{"text": ' + DEEP + b', "text": "a"}',
+    b'{"text": ' + b"9" * 4301 + b', "text": "a"}',
+    b'{"text": "\\ud83d\\ude00 caf\\u0065\\u0301 \\u0000 \\/"}', '{"text": "e\u0301 \U0001F600 \u00a0"}'.encode(),
+    b'{"text": " \\t "}', b'{"texts": ["a", "b", "c", "d"]}', b'{"text": "' + b"x" * 3001 + b'"}',
+    b'{"text": "' + b"good film " * 200 + b'"}', b'{"text": "\\ud800"}', b'{"text": "a\xed\xa0\x80"}',
+    b'{"text": "a\xffb"}', b'{"text": "a\tb"}', b'{"text": 5}', b"{}", b'{"text": "a", "texts": ["b"]}',
+    b'{"texts": []}', b'{"text": "a", "truncate": true}', b'{"text": "a", "extra": 1}', b'{"inputs": "a fine film"}',
+    b'\xef\xbb\xbf{"text": "a"}', '{"text": "a"}'.encode("utf-16"), b'{"text": "a"} x', b"", b" ",
+], ids=["text", "texts", "dup", "dup-number", "dup-nan", "dup-deep", "dup-bigint", "escapes", "non-nfc", "blank",
+        "too-many", "too-long", "truncated", "lone-surrogate", "utf8-surrogate", "not-utf8", "raw-tab", "number",
+        "empty-object", "both", "empty-list", "tei-option", "extra", "tei", "bom", "utf16", "garbage", "empty",
+        "space"])
+def test_every_body_is_answered_as_the_route_answers_it(diff_server, content):
+    with httpx.Client(base_url=diff_server.url, timeout=30) as client:
+        fast = answered(client, "/predict", content, [("Content-Type", "application/json")])
+        framework = answered(client, "/predict", content, [("Content-Type", FRAMEWORK)])
+    assert fast == framework
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/predict?debug=1", [("Content-Type", "{json}")]),
+    ("/predict", [("Content-Type", "{json}; charset=utf-8")]),
+    ("/predict", [("Content-Type", "{json}"), ("Content-Type", "text/plain")]),
+    ("/predict", [("Content-Type", "text/plain"), ("Content-Type", "{json}")]),
+    ("/predict", [("Content-Type", "{json}"), ("Content-Encoding", "gzip")]),
+    ("/predict", [("Content-Type", "{json}"), ("Authorization", "Bearer sap_not-a-key")]),
+    ("/predict", [("Content-Type", "{json}"), ("X-API-Key", "sap_not-a-key")]),
+    ("/predict", [("Content-Type", "{json}"), ("Authorization", "Basic eDp5")]),
+    ("/predict", [("Content-Type", "{json}"), ("Authorization", ""), ("Authorization", "Bearer sap_x")]),
+], ids=["query", "charset", "two-types", "two-types-plain-first", "gzip", "bad-bearer", "bad-x-api-key", "basic",
+        "two-authorizations"])
+def test_every_header_variant_is_answered_as_the_route_answers_it(diff_server, path, headers):
+    def spelled(kind: str) -> list[tuple[str, str]]:
+        return [(name, value.replace("{json}", kind)) for name, value in headers]
+
+    with httpx.Client(base_url=diff_server.url, timeout=30) as client:
+        fast = answered(client, path, b'{"text": "a fine film"}', spelled("application/json"))
+        framework = answered(client, path, b'{"text": "a fine film"}', spelled(FRAMEWORK))
+    assert fast == framework
