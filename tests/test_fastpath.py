@@ -6,16 +6,19 @@ import asyncio
 import json
 import socket
 import tracemalloc
+from collections.abc import Callable
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
 
 from scripts.benchlib.serverproc import start_server, stop_server
 from server.app import create_app
 from server.budget import BODY_PARSED_PER_BYTE
 from server.fastpath import PredictFastPath, credentials, is_plain_json
 from server.http import BodyTooLarge
+from server.store.keys import KeyStore
 from tests.test_memory_bodies import app_in_thread, max_size_body
 
 JSON = [(b"content-type", b"application/json")]
@@ -307,4 +310,51 @@ def test_every_header_variant_is_answered_as_the_route_answers_it(diff_server, p
     with httpx.Client(base_url=diff_server.url, timeout=30) as client:
         fast = answered(client, path, b'{"text": "a fine film"}', spelled("application/json"))
         framework = answered(client, path, b'{"text": "a fine film"}', spelled(FRAMEWORK))
+    assert fast == framework
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_artifact, tmp_path_factory):
+    """AUTH_MODE=required, and keys issued elsewhere (as the CLI or another replica does): one per kind of caller."""
+    directory = tmp_path_factory.mktemp("keyed")
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "AUTH_MODE": "required", "DB_AUTO_MIGRATE": "true",
+                           "ENABLE_MODEL_CACHING": "false"}, directory)
+    try:
+        keys = KeyStore(create_engine(server.env["DATABASE_URL"]))
+        issued = {role: keys.create(role, role)[1] for role in ("predict", "admin")}
+        revoked_record, issued["revoked"] = keys.create("revoked", "predict")
+        keys.revoke(revoked_record.id)
+        yield server, issued
+    finally:
+        stop_server(server)
+
+
+def logged(server, request: Callable[[], tuple]) -> tuple:
+    """``request()``'s outcome and the log lines it wrote (their times left out)."""
+    start = server.log_path.stat().st_size
+    outcome = request()
+    with server.log_path.open("rb") as log:
+        log.seek(start)
+        lines = log.read().decode(errors="replace").splitlines()
+    return outcome, [line.split(" ", 2)[-1] for line in lines if "security" in line or "ERROR" in line]
+
+
+@pytest.mark.parametrize("headers", [
+    [], [("Authorization", "Bearer {predict}")], [("X-API-Key", "{admin}")], [("Authorization", "Bearer {revoked}")],
+    [("X-API-Key", "sap_never-issued")], [("Authorization", "Bearer")], [("Authorization", "{predict}")],
+    [("Authorization", "Basic eDp5")], [("Authorization", "Bearer sap_wrong"), ("Authorization", "Bearer {predict}")],
+    [("Authorization", "Bearer {predict}"), ("Authorization", "Bearer sap_wrong")],
+    [("X-API-Key", "{predict}"), ("Authorization", "Bearer sap_wrong")],
+    [("X-API-Key", "sap_wrong"), ("X-API-Key", "{predict}")], [("Authorization", ""), ("X-API-Key", "{predict}")],
+], ids=["none", "bearer", "x-api-key-admin", "revoked", "unknown", "empty-bearer", "no-scheme", "basic",
+        "wrong-then-right", "right-then-wrong", "authorization-decides", "two-x-api-keys", "blank-authorization"])
+@pytest.mark.parametrize("content", [b'{"text": "a fine film"}', b'{"text": 5}'], ids=["valid", "invalid"])
+def test_every_key_is_judged_and_logged_as_the_route_judges_it(keyed_server, headers, content):
+    server, issued = keyed_server
+    keyed = [(name, value.format(**issued)) for name, value in headers]
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        fast = logged(server, lambda: answered(client, "/predict", content, [("Content-Type", "application/json")]
+                                               + keyed))
+        framework = logged(server, lambda: answered(client, "/predict", content, [("Content-Type", FRAMEWORK)]
+                                                    + keyed))
     assert fast == framework
