@@ -21,6 +21,8 @@ the OpenAPI document's operation and the fallback.
 from __future__ import annotations
 
 import collections
+import re
+import sys
 from collections.abc import Callable
 
 import orjson
@@ -35,6 +37,7 @@ from server.serving import classify
 
 PATH = "/predict"
 CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
+PARSER_INT_DIGITS = 4300  # pydantic-core reads integers of up to this many digits, whatever Python's own limit
 
 
 class PredictFastPath:
@@ -113,9 +116,15 @@ def _parsed(messages: list[dict]) -> PredictRequest | None:
     texts, against 8 for ``json.loads`` and 16 for ``orjson.loads`` (tracemalloc, a 1 MiB body), and the bodies'
     memory budget charges 16 in all (``server.budget``). Every body it accepts, ``json.loads`` reads to the same
     values (duplicate keys, escapes, surrogate pairs, whitespace); what it refuses (a byte-order mark, bytes that
-    are not UTF-8, trailing garbage) goes to the framework, which answers as it always did.
+    are not UTF-8, trailing garbage) goes to the framework, which answers as it always did. One exception: an
+    integer longer than Python's limit (``PYTHONINTMAXSTRDIGITS``, when set below the default 4,300 digits), which
+    ``json.loads`` refuses even as a duplicate key's overridden value; with such a limit, a body holding a longer
+    run of digits goes to the framework too.
     """
     body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
+    digits = sys.get_int_max_str_digits()
+    if 0 < digits < PARSER_INT_DIGITS and re.search(rb"[0-9]{%d}" % (digits + 1), body):
+        return None
     try:
         request = PredictRequest.model_validate_json(body)
     except Exception:  # not JSON, or not a valid request: the framework's handlers answer it
