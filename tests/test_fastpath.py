@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import sys
 import tracemalloc
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
+from sqlalchemy.exc import OperationalError
 
 from scripts.benchlib.serverproc import start_server, stop_server
 from server.app import create_app
@@ -378,3 +380,48 @@ def test_a_number_past_a_lowered_python_digit_limit_is_refused_as_the_route_refu
         sys.set_int_max_str_digits(default)
     assert [a.status_code for a in answers] == [422, 422] and answers[0].json() == answers[1].json()
     assert "640 digits" in answers[0].json()["error"]
+
+
+def keyless_predictions_fail(services) -> None:
+    async def failing(*_args, **_kwargs):
+        raise RuntimeError("the engine broke (injected)")
+
+    services.predictor.predict = failing
+
+
+def key_reads_fail(services) -> None:
+    def refused(*_args):
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused (injected)"))
+
+    services.keys.store.find = services.keys.store.all_by_digest = refused
+
+
+@pytest.mark.parametrize("settings, breakage, headers, status", [
+    ({"store_predictions": False}, None, [], 200),
+    ({"enable_model_caching": True}, None, [], 200),  # the second answers each way are the cache's
+    ({}, keyless_predictions_fail, [], 500),
+    ({"auth_mode": "required"}, key_reads_fail, [("Authorization", "Bearer sap_never-issued")], 503),
+], ids=["no-store", "cached", "engine-fails", "key-check-unavailable"])
+def test_every_setting_and_failure_is_answered_and_logged_as_the_route_answers_it(make_settings, caplog, settings,
+                                                                                breakage, headers, status):
+    """Each way twice, the second pair compared: what is logged once per outage, or cached, is logged or cached on
+    the first."""
+    content = b'{"texts": ["a fine film", "dull and long"]}'
+    app = create_app(make_settings(**{"enable_model_caching": False, **settings}))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        if breakage is not None:
+            breakage(client.app.state.services)
+        outcomes = []
+        for kind in ("application/json", FRAMEWORK) * 2:
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                outcome = answered(client, "/predict", content, [("Content-Type", kind)] + headers)
+            outcomes.append((outcome, [(r.name, r.levelname, r.getMessage(), r.exc_info and r.exc_info[0])
+                                       for r in caplog.records]))
+    fast, framework = outcomes[-2:]
+    assert fast == framework and fast[0][0] == status
+    if status == 200:
+        assert [p["cached"] for p in fast[0][1]["predictions"]] == [bool(settings.get("enable_model_caching"))] * 2
+        assert [p["id"] is None for p in fast[0][1]["predictions"]] == [settings.get("store_predictions") is False] * 2
+    if status == 500:
+        assert fast[1][-1][-1] is RuntimeError  # the traceback is logged
