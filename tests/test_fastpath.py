@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import socket
 import sys
+import time
 import tracemalloc
 from collections.abc import Callable
 
@@ -425,3 +427,66 @@ def test_every_setting_and_failure_is_answered_and_logged_as_the_route_answers_i
         assert [p["id"] is None for p in fast[0][1]["predictions"]] == [settings.get("store_predictions") is False] * 2
     if status == 500:
         assert fast[1][-1][-1] is RuntimeError  # the traceback is logged
+
+
+def test_a_chunked_body_is_answered_as_the_route_answers_it(diff_server):
+    """Chunks cut inside an escape and inside a character's UTF-8 bytes."""
+    content = '{"texts": ["caf\\u00e9 \U0001F600 a fine film", "dull"]}'.encode()
+    cuts = [content[:14], content[14:28], content[28:29], content[29:]]
+    with httpx.Client(base_url=diff_server.url, timeout=30) as client:
+        fast, framework = (answered(client, "/predict", iter(cuts), [("Content-Type", kind)])
+                           for kind in ("application/json", FRAMEWORK))
+    assert fast == framework and fast[0] == 200
+
+
+def moved_by(client: httpx.Client, send: Callable[[], None]) -> dict[str, float]:
+    """The counts that ``send`` (a client that goes away) moves, once ``/predict``'s count has moved."""
+    before = counted(client)
+    send()
+    deadline = time.monotonic() + 30
+    while True:
+        after = counted(client)
+        if any(name.startswith("sentiment_requests_total") and value != before.get(name, 0)
+               for name, value in after.items()):
+            return {name: value - before.get(name, 0) for name, value in after.items() if value != before.get(name, 0)}
+        assert time.monotonic() < deadline, "the request was never counted"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sent", ["half-body", "whole-request"])
+def test_a_client_that_goes_away_is_counted_as_the_route_counts_it(diff_server, sent):
+    """Gone mid-body (the framework's 400, sent to no one) or right after sending (the answer dropped)."""
+    port = int(diff_server.url.rsplit(":", 1)[1])
+    content = b'{"text": "a fine film"}'
+
+    def going_away(kind: str) -> Callable[[], None]:
+        def send() -> None:
+            head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+                    f"Content-Length: {len(content)}\r\n\r\n").encode()
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(head + (content[:9] if sent == "half-body" else content))
+        return send
+
+    with httpx.Client(base_url=diff_server.url, timeout=30) as client:
+        fast, framework = (moved_by(client, going_away(kind)) for kind in ("application/json", FRAMEWORK))
+    assert fast == framework
+
+
+def test_a_drain_answers_as_the_route_answers(tiny_artifact, tmp_path):
+    """SIGTERM: within DRAIN_GRACE_S a new /predict is the drain's 503 (Retry-After, Connection: close) either way."""
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "DRAIN_GRACE_S": "20", "DRAIN_TIMEOUT_S": "5"},
+                          tmp_path)
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            deadline = time.monotonic() + 30
+            while client.get("/ready").status_code != 503:
+                assert time.monotonic() < deadline, "the drain never began"
+                time.sleep(0.05)
+            fast, framework = (answered(client, "/predict", b'{"text": "a fine film"}', [("Content-Type", kind)])
+                               for kind in ("application/json", FRAMEWORK))
+    finally:
+        server.process.send_signal(signal.SIGTERM)  # a second signal ends the drain at once
+        stop_server(server)
+    assert fast == framework
+    assert fast[0] == 503 and fast[1]["type"] == "draining" and ("connection", "close") in fast[2]
