@@ -354,7 +354,8 @@ def logged(server, request: Callable[[], tuple]) -> tuple:
     [("X-API-Key", "sap_wrong"), ("X-API-Key", "{predict}")], [("Authorization", ""), ("X-API-Key", "{predict}")],
 ], ids=["none", "bearer", "x-api-key-admin", "revoked", "unknown", "empty-bearer", "no-scheme", "basic",
         "wrong-then-right", "right-then-wrong", "authorization-decides", "two-x-api-keys", "blank-authorization"])
-@pytest.mark.parametrize("content", [b'{"text": "a fine film"}', b'{"text": 5}'], ids=["valid", "invalid"])
+@pytest.mark.parametrize("content", [b'{"text": "a fine film"}', b'{"text": 5}', b'{"text": " "}'],
+                         ids=["valid", "invalid", "blank"])  # the blank text: refused by classify, after the key
 def test_every_key_is_judged_and_logged_as_the_route_judges_it(keyed_server, headers, content):
     server, issued = keyed_server
     keyed = [(name, value.format(**issued)) for name, value in headers]
