@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 
 from scripts.benchlib.serverproc import start_server, stop_server
 from server.app import create_app
-from server.budget import BODY_PARSED_PER_BYTE
+from server.budget import BODY_PARSED_PER_BYTE, BodyBudget
 from server.fastpath import PredictFastPath, credentials, is_plain_json
 from server.http import BodyTooLarge
 from server.store.keys import KeyStore
@@ -491,3 +491,15 @@ def test_a_drain_answers_as_the_route_answers(tiny_artifact, tmp_path):
         stop_server(server)
     assert fast == framework
     assert fast[0] == 503 and fast[1]["type"] == "draining" and ("connection", "close") in fast[2]
+
+
+def test_a_chunked_body_past_the_bodies_budget_is_refused_as_the_route_refuses_it(make_settings):
+    """Refused from inside the body's reading (``BodiesFull``): this layer hands the refusal to the framework."""
+    chunks = [b'{"texts": ["a fine film", ', b'"' + b"dull " * 40 + b'"', b"]}"]
+    with TestClient(create_app(make_settings(enable_model_caching=False))) as client:
+        client.app.state.services.memory_guard.bodies = BodyBudget(100)
+        fast, framework = (answered(client, "/predict", iter(chunks), [("Content-Type", kind)])
+                           for kind in ("application/json", FRAMEWORK))
+        assert client.app.state.services.memory_guard.bodies.held == 0
+    assert fast == framework
+    assert fast[0] == 503 and fast[1]["type"] == "body_memory_full"
