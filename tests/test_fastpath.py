@@ -136,7 +136,8 @@ def test_a_refusal_raised_while_reading_reaches_the_framework_after_the_bytes_re
 def test_other_paths_and_methods_pass_through_untouched(running):
     inner = RecordingApp()
     app = PredictFastPath(inner, lambda: running.services, route=None)
-    for method, path in (("GET", "/predict"), ("POST", "/predict/"), ("POST", "/feedback")):
+    for method, path in (("GET", "/predict"), ("OPTIONS", "/predict"), ("PUT", "/predict"), ("POST", "/predict/"),
+                         ("POST", "/feedback")):
         scope = {"type": "http", "method": method, "path": path, "headers": JSON, "state": {"request_id": "r"}}
         sent = []
 
@@ -148,7 +149,7 @@ def test_other_paths_and_methods_pass_through_untouched(running):
 
         asyncio.run_coroutine_threadsafe(app(scope, receive, send), running.loop).result(timeout=30)
         assert sent[0]["status"] == 299
-    assert len(inner.calls) == 3
+    assert len(inner.calls) == 5
 
 
 def test_the_answer_is_the_frameworks_answer(make_settings):
