@@ -11,16 +11,15 @@ that ``PredictRequest`` accepts, holding ``text`` or ``texts``. It checks the ke
 classifies exactly as the route does (``server.auth.authorize``, ``server.serving.classify``, the same answer from
 ``server.routes.predict_answer``, errors from ``server.http.server_error_response``).
 
-Anything else goes to the framework with the body replayed as it was received, the error that ended its reading
-included: TEI's ``inputs``, a body the parser or the model refuses (every 4xx answer, its wording and its order
-against the key check stay the framework's handlers', which the tests pin), another content type, a client that
-disconnected. A body taken here means what it would there (``_parsed``). The route in ``server.routes`` stays
-the OpenAPI document's operation and the fallback.
+Anything else goes to the framework with the body replayed (its bytes in one message), the error or disconnect
+that ended its reading included: TEI's ``inputs``, a body the parser or the model refuses (every 4xx answer, its
+wording and its order against the key check stay the framework's handlers', which the tests pin), another content
+type, a client that disconnected. A body taken here means what it would there (``_parsed``). The route in
+``server.routes`` stays the OpenAPI document's operation and the fallback.
 """
 
 from __future__ import annotations
 
-import collections
 import re
 import sys
 from collections.abc import Callable
@@ -51,14 +50,14 @@ class PredictFastPath:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        messages, error = await _read_body(receive)
-        if error is None and messages[-1]["type"] == "http.request" and is_plain_json(scope["headers"]):
-            request = _parsed(messages)
+        body, end, error = await _read_body(receive)
+        if end is None and error is None and is_plain_json(scope["headers"]):
+            request = _parsed(body)
             if request is not None:
-                messages.clear()  # the body's bytes are not needed any more: only the texts are held from here on
+                body.clear()  # the body's bytes are not needed any more: only the texts are held from here on
                 scope["route"] = self._route
                 return await self._answer(scope, receive, request, send)
-        return await self.app(scope, _replay(messages, error, receive), send)
+        return await self.app(scope, _replay(body, end, error, receive), send)
 
     async def _answer(self, scope, receive, request: PredictRequest, send) -> None:
         services = self._services()
@@ -76,32 +75,37 @@ class PredictFastPath:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _read_body(receive) -> tuple[list[dict], Exception | None]:
-    """The body's messages up to its last one (or a disconnect), and the exception that ended reading, if any
-    (``ObservedASGI`` refuses a body over its limits from inside ``receive``)."""
-    messages: list[dict] = []
+async def _read_body(receive) -> tuple[bytearray, dict | None, Exception | None]:
+    """The body's bytes, the message that ended it when that is not its last part (a disconnect), and the
+    exception that ended reading, if any (``ObservedASGI`` refuses a body over its limits from inside ``receive``).
+
+    The bytes are gathered in one buffer, not kept as the messages they came in: a body trickled in a byte per
+    message held a message per byte (140 bytes per byte of body, where the bodies' memory budget charges 16)."""
+    body = bytearray()
     try:
         while True:
             message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                return messages, None
+            if message["type"] != "http.request":
+                return body, message, None
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                return body, None, None
     except Exception as error:  # the framework answers it, as it would have without this layer
-        return messages, error
+        return body, None, error
 
 
-def _replay(messages: list[dict], error: Exception | None, receive):
-    """A ``receive`` that gives the framework the messages already read, then their error, then the connection's.
-
-    It takes the messages over (``messages`` is left empty), and lets go of each as it hands it on: once the
-    framework has joined the body, this layer holds none of its bytes (a body held twice while it is parsed would
-    pass what the bodies' memory budget charges per byte, ``server.budget``)."""
-    pending = collections.deque(messages)
-    messages.clear()
+def _replay(body: bytearray, end: dict | None, error: Exception | None, receive):
+    """A ``receive`` that gives the framework the bytes already read (in one message, emptying ``body``), then the
+    message or the error that ended them, then the connection's."""
+    complete = end is None and error is None
+    pending = [{"type": "http.request", "body": bytes(body), "more_body": not complete}] if body or complete else []
+    body.clear()
+    if end is not None:
+        pending.append(end)
 
     async def replayed() -> dict:
         if pending:
-            return pending.popleft()
+            return pending.pop(0)
         if error is not None:
             raise error
         return await receive()
@@ -109,7 +113,7 @@ def _replay(messages: list[dict], error: Exception | None, receive):
     return replayed
 
 
-def _parsed(messages: list[dict]) -> PredictRequest | None:
+def _parsed(body: bytearray) -> PredictRequest | None:
     """The request, or None for anything the framework should judge (and word the error for) or answer (TEI).
 
     Parsed by pydantic-core's own JSON reader: at its peak it holds 4 bytes per byte of a body of emoji-laden
@@ -121,7 +125,6 @@ def _parsed(messages: list[dict]) -> PredictRequest | None:
     ``json.loads`` refuses even as a duplicate key's overridden value; with such a limit, a body holding a longer
     run of digits goes to the framework too.
     """
-    body = messages[0].get("body", b"") if len(messages) == 1 else b"".join(m.get("body", b"") for m in messages)
     digits = sys.get_int_max_str_digits()
     if 0 < digits < PARSER_INT_DIGITS and re.search(rb"[0-9]{%d}" % (digits + 1), body):
         return None
