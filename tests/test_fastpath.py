@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -258,7 +258,8 @@ def counted(client: httpx.Client) -> dict[str, float]:
     return samples
 
 
-def answered(client: httpx.Client, path: str, content: bytes, headers: list[tuple[str, str]]) -> tuple:
+def answered(client: httpx.Client, path: str, content: bytes | Iterator[bytes],
+             headers: list[tuple[str, str]]) -> tuple:
     """Status, body (record ids blanked), headers (but the date and TEI's timings) and the counts the request
     moved."""
     before = counted(client)
