@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         layout = store_artifact(args.artifact, args.max_file_mb)
     except ArtifactError as exc:
         raise SystemExit(str(exc)) from None
+    except OSError as exc:  # a data file the graph names but the manifest does not, gone; an unreadable graph
+        raise SystemExit(f"cannot re-store {args.artifact}: {exc}") from None
     for variant, files in layout.items():
         print(f"{variant}: {', '.join(files) or 'one file'}")
 

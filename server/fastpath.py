@@ -12,10 +12,12 @@ classifies exactly as the route does (``server.auth.authorize``, ``server.servin
 ``server.routes.predict_answer``, errors from ``server.http.server_error_response``).
 
 Anything else goes to the framework with the body replayed (its bytes in one message), the error or disconnect
-that ended its reading included: TEI's ``inputs``, a body the parser or the model refuses (every 4xx answer, its
-wording and its order against the key check stay the framework's handlers', which the tests pin), another content
-type, a client that disconnected. A body taken here means what it would there (``_parsed``). The route in
-``server.routes`` stays the OpenAPI document's operation and the fallback.
+that ended its reading included: TEI's ``inputs``, a body ``PredictRequest`` refuses (its 4xx, that answer's
+wording and its order against the key check stay the framework's handlers'), another content type, a client that
+disconnected. The errors ``authorize`` and ``classify`` raise here (401/403, 413, 422 for a blank or too long text,
+503) are answered by the ``server_error_response`` the framework's handler uses; the tests compare both paths. A
+body taken here means what it would there (``_parsed``). The route in ``server.routes`` stays the OpenAPI
+document's operation and the fallback.
 """
 
 from __future__ import annotations
