@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # FastAPI 0.16x asks on every request whether OpenTelemetry is configured (environment lookups: ~5% of the event
 # loop's CPU per /predict at 64 clients, py-spy). The server's metrics are Prometheus'; where the option exists,
 # that per-request check is off.
-NATIVE_TELEMETRY_OFF = ({"telemetry": {"tracing": False, "metrics": False}}
+NATIVE_TELEMETRY_OFF = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
                         if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
 
 

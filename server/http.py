@@ -35,7 +35,6 @@ import email.message
 import logging
 import math
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 
 import orjson
@@ -50,7 +49,7 @@ from starlette.routing import Match
 from server.budget import BodyBudget
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
-from server.primitives import ServerError
+from server.primitives import ServerError, new_id
 from server.schemas import ErrorResponse
 
 log = logging.getLogger("server.http")
@@ -125,7 +124,7 @@ class ObservedASGI:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or new_id()
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         head = scope["method"] == "HEAD"

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+
+
+def new_id() -> str:
+    """128 random bits as 32 hex digits: a record's or a request's id. Unguessable (``POST /feedback`` names a
+    prediction by its id); the shape of ``uuid4().hex`` without building a UUID object (0.3 against 1.7 us, two
+    per request on the event loop)."""
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class PredictionRecord:
     latency_ms: float
     cached: bool
     api_key_id: str | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_id)
     created_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 

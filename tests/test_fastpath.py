@@ -555,6 +555,6 @@ def test_the_frameworks_per_request_telemetry_check_is_off(make_settings):
     native = getattr(app, "_native_telemetry", None)
     if native is None:
         pytest.skip("this FastAPI has no native telemetry")
-    # enabled() is False anyway with no OpenTelemetry provider set up; the cost was in asking, which these two
+    # enabled() is False anyway with no OpenTelemetry provider set up; the cost was in asking, which these
     # settings cut short before any provider lookup.
-    assert (native.config["tracing"], native.config["metrics"]) == (False, False)
+    assert (native.config["tracing"], native.config["metrics"], native.config.get("logs", False)) == (False,) * 3

@@ -40,7 +40,6 @@ import asyncio
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +52,7 @@ from server.auth import Caller, authorize
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES
 from server.logging_setup import request_id_var
-from server.primitives import Draining, ServerError
+from server.primitives import Draining, ServerError, new_id
 from server.protocols.oip_model import (
     InputTensor,
     InvalidInferRequest,
@@ -126,7 +125,7 @@ class InferenceService(GRPCInferenceServiceServicer):
 
     async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext) -> Any:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        request_id = metadata.get("x-request-id", "")[:128] or uuid.uuid4().hex
+        request_id = metadata.get("x-request-id", "")[:128] or new_id()
         token = request_id_var.set(request_id)
         started, status = time.perf_counter(), 500
         task = asyncio.current_task()
