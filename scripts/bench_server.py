@@ -33,11 +33,9 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,25 +76,11 @@ RAW_CONFIGS = {
 
 
 def engine_rate(engine, encoded: list, batch: int, seconds: float, callers: int) -> float:
-    """Texts/s of back-to-back ``batch``-sized engine calls from ``callers`` threads sharing one session."""
-    batches = [encoded[i:i + batch] for i in range(0, len(encoded), batch)]
-    end = time.perf_counter() + seconds
-    lock = threading.Lock()
-    position = 0
-
-    def call() -> int:
-        nonlocal position
-        done = 0
-        while time.perf_counter() < end:
-            with lock:
-                rows, position = batches[position % len(batches)], position + 1
-            engine.run(*pad_batch(rows))
-            done += len(rows)
-        return done
-
+    """Texts/s of back-to-back ``batch``-sized engine calls from ``callers`` threads sharing one session (each
+    batch padded inside the timed calls, as the server pads its own)."""
+    batches = [(encoded[i:i + batch],) for i in range(0, len(encoded), batch)]
     started = time.perf_counter()
-    with ThreadPoolExecutor(callers) as pool:
-        done = sum(pool.map(lambda _: call(), range(callers)))
+    done = floor.run_for(lambda rows: engine.run(*pad_batch(rows)), batches, callers, seconds)
     return done / (time.perf_counter() - started)
 
 

@@ -39,6 +39,8 @@ from server.serving import classify
 PATH = "/predict"
 CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 PARSER_INT_DIGITS = 4300  # pydantic-core reads integers of up to this many digits, whatever Python's own limit
+# Python's own limit (0: none); Python 3.10 before 3.10.7 has no limit and no function to ask.
+INT_MAX_STR_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 0)
 
 
 class PredictFastPath:
@@ -127,7 +129,7 @@ def _parsed(body: bytearray) -> PredictRequest | None:
     ``json.loads`` refuses even as a duplicate key's overridden value; with such a limit, a body holding a longer
     run of digits goes to the framework too.
     """
-    digits = sys.get_int_max_str_digits()
+    digits = INT_MAX_STR_DIGITS()
     if 0 < digits < PARSER_INT_DIGITS and re.search(rb"[0-9]{%d}" % (digits + 1), body):
         return None
     try:

@@ -88,8 +88,9 @@ def start_bare_server(log_dir: Path, timeout: float = 60.0) -> LiveServer:
     """``serve_bare`` in a subprocess on a free port, once it answers; stop it with ``serverproc.stop_server``."""
     port = free_port()
     log_path = log_dir / f"bare-asgi-{port}.log"
-    process = subprocess.Popen([sys.executable, "-m", "scripts.benchlib.floor", str(port)], cwd=ROOT,
-                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-m", "scripts.benchlib.floor", str(port)], cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, {}, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -188,14 +189,14 @@ def engine_cpu_ms_per_text(run: Callable[[np.ndarray, np.ndarray], object], batc
     for _ in range(rounds):
         for name, batches in batch_sets.items():
             started = time.process_time()
-            texts[name] += _run_for(run, batches, callers, seconds)
+            texts[name] += run_for(run, batches, callers, seconds)
             cpu[name] += time.process_time() - started
     return {name: cpu[name] * 1000 / max(texts[name], 1) for name in batch_sets}
 
 
-def _run_for(run: Callable[[np.ndarray, np.ndarray], object], batches: Sequence[Batch], callers: int,
-             seconds: float) -> int:
-    """Texts run by ``callers`` threads taking ``batches`` in turn until ``seconds`` have passed."""
+def run_for(run: Callable[..., object], batches: Sequence[tuple], callers: int, seconds: float) -> int:
+    """Texts run by ``callers`` threads taking ``batches`` in turn (``run(*batch)``, whose first item holds a row
+    per text) until ``seconds`` have passed."""
     end = time.perf_counter() + seconds
     lock = threading.Lock()
     position = 0
@@ -207,7 +208,7 @@ def _run_for(run: Callable[[np.ndarray, np.ndarray], object], batches: Sequence[
             with lock:
                 batch, position = batches[position % len(batches)], position + 1
             run(*batch)
-            done += batch[0].shape[0]
+            done += len(batch[0])
         return done
 
     with ThreadPoolExecutor(callers) as pool:

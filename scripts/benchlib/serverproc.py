@@ -48,8 +48,9 @@ def start_server(env_overrides: dict[str, str], tmp_path: Path, wait_ready: bool
     })
     env.update(env_overrides)
     log_path = tmp_path / f"server-{port}.log"
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
-                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, env, log_path)
     if wait_ready:
         deadline = time.monotonic() + timeout
