@@ -166,10 +166,15 @@ def missing_file(d: Path) -> None:
     (d / "model.int8.onnx").unlink()
 
 
-def wrong_sha256(d: Path) -> None:
-    data = bytearray((d / "model.int8.onnx").read_bytes())
+def flip_a_byte(path: Path) -> None:
+    """Damage ``path`` in place: its middle byte inverted, so its sha256 no longer matches the manifest's."""
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (d / "model.int8.onnx").write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+def wrong_sha256(d: Path) -> None:
+    flip_a_byte(d / "model.int8.onnx")
 
 
 def path_outside_the_artifact(d: Path) -> None:

@@ -17,12 +17,13 @@ from onnx import numpy_helper
 from models.build import build
 from models.layout import MAX_FILE_BYTES, check_external_data, external_data_files, pack, store, store_artifact
 from models.manifest import main as manifest_main
-from scripts.benchlib.serverproc import start_server, stop_server
+from scripts.benchlib.serverproc import start_server, stop_server, wait_exit
 from server.artifact import MANIFEST, TOKENIZER, ArtifactError, load_artifact, sha256_file
 from server.config import DEFAULT_MODEL_PATH, load_settings
 from server.engine import OnnxEngine
 from server.exitcodes import ExitCode
 from server.tokenizer import TextEncoder, pad_batch
+from tests.broken_artifacts import flip_a_byte
 from tests.model_fixtures import TINY_MAX_LENGTH, save_tiny_checkpoint
 from tests.own_model_fixtures import one_torch_thread
 
@@ -154,15 +155,6 @@ def test_manifest_check_refuses_a_data_file_the_graph_reads_but_the_manifest_omi
         manifest_main([str(split_copy)])
 
 
-def wait_exit(server, timeout: float = 60) -> int:
-    try:
-        return server.process.wait(timeout=timeout)
-    except Exception:
-        server.process.kill()
-        server.process.wait()
-        pytest.fail(f"server did not exit within {timeout} s:\n{server.log()}")
-
-
 def test_missing_data_file_stops_start_up_as_a_missing_model_file_does(split_copy, tmp_path):
     (split_copy / "model.int8.onnx.data-1").unlink()
     server = start_server({"MODEL_PATH": str(split_copy)}, tmp_path, wait_ready=False)
@@ -171,10 +163,7 @@ def test_missing_data_file_stops_start_up_as_a_missing_model_file_does(split_cop
 
 
 def test_corrupt_data_file_stops_start_up_as_a_corrupt_model_file_does(split_copy, tmp_path):
-    path = split_copy / "model.int8.onnx.data-0"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_a_byte(split_copy / "model.int8.onnx.data-0")
     server = start_server({"MODEL_PATH": str(split_copy)}, tmp_path, wait_ready=False)
     assert wait_exit(server) == ExitCode.MODEL
     assert "model file corrupt" in server.log() and "model.int8.onnx.data-0" in server.log()

@@ -7,17 +7,17 @@ import re
 import shutil
 import signal
 import socket
-import time
 
 import httpx
 import numpy as np
 import pytest
 
-from scripts.benchlib.serverproc import start_server, stop_server
+from scripts.benchlib.serverproc import start_server, stop_server, wait_exit
 from server.artifact import load_artifact
 from server.engine import create_engine, softmax
 from server.exitcodes import ExitCode
 from server.tokenizer import TextEncoder, pad_batch
+from tests.broken_artifacts import flip_a_byte
 
 
 def distinct_texts(n: int) -> list[str]:
@@ -101,16 +101,6 @@ def test_sigterm_drains_every_accepted_request_and_exits_zero(tiny_artifact, tmp
     assert re.search(r"shutdown: answered [1-9]\d* requests during drain, abandoned 0$", last_line), last_line
 
 
-def wait_exit(server, timeout=60) -> int:
-    deadline = time.monotonic() + timeout
-    while server.process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if server.process.poll() is None:
-        server.process.kill()
-        pytest.fail("server did not exit")
-    return server.process.returncode
-
-
 def test_port_in_use_is_a_clear_error(tiny_artifact, tmp_path):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -133,9 +123,7 @@ def test_missing_model_file_is_a_clear_error(tiny_artifact, tmp_path):
 def test_corrupt_model_file_is_refused_naming_the_file(tiny_artifact, tmp_path):
     broken = tmp_path / "model"
     shutil.copytree(tiny_artifact, broken)
-    data = bytearray((broken / "model.int8.onnx").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (broken / "model.int8.onnx").write_bytes(bytes(data))
+    flip_a_byte(broken / "model.int8.onnx")
     server = start_server({"MODEL_PATH": str(broken)}, tmp_path, wait_ready=False)
     assert wait_exit(server) == ExitCode.MODEL
     assert "model file corrupt" in server.log() and "model.int8.onnx" in server.log()

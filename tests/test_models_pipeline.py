@@ -25,6 +25,7 @@ from models.manifest import summary
 from models.quantize import INT8_RECIPES, NODE_GROUPS, Int8Recipe, excluded_nodes, quantize_int8
 from server.artifact import MANIFEST, TOKENIZER, VARIANT_FILES, ArtifactError, load_artifact, sha256_file
 from server.tokenizer import TextEncoder, pad_batch
+from tests.broken_artifacts import flip_a_byte
 from tests.labeled_files import write_labeled
 from tests.model_fixtures import TINY_MAX_LENGTH, build_tiny_artifact, save_tiny_checkpoint
 from tests.own_model_fixtures import one_torch_thread, save_checkpoint
@@ -205,10 +206,7 @@ def test_evaluate_cli_records_results_in_the_manifest(artifact_copy, labeled):
 
 
 def test_corrupted_file_is_refused_naming_it(artifact_copy):
-    path = artifact_copy / "model.int8.onnx"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_a_byte(artifact_copy / "model.int8.onnx")
     with pytest.raises(ArtifactError, match=r"model\.int8\.onnx.*sha256"):
         load_artifact(artifact_copy)
 

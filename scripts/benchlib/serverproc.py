@@ -68,6 +68,17 @@ def start_server(env_overrides: dict[str, str], tmp_path: Path, wait_ready: bool
     return server
 
 
+def wait_exit(server: LiveServer, timeout: float = 60.0) -> int:
+    """The exit code of a server expected to stop by itself (a start-up refused); killed, with its log in the
+    error, if it is still running after ``timeout`` seconds."""
+    try:
+        return server.process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        raise RuntimeError(f"server did not exit within {timeout} s:\n{server.log()}") from None
+
+
 def stop_server(server: LiveServer, timeout: float = 30.0) -> int:
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)
