@@ -145,8 +145,7 @@ class Artifact:
 
     def variant_files(self, variant: str) -> list[str]:
         """The variant's files: its ``.onnx`` and then its external-data files, if any."""
-        info = self.manifest["variants"][variant]
-        return [info["file"], *info.get("external_data", [])]
+        return entry_files(self.manifest["variants"][variant])
 
     def variant_sha256(self, variant: str) -> str:
         """What identifies the variant's bytes: its file's sha256, or for a variant with external data a digest
@@ -195,6 +194,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def entry_files(info: dict) -> list[str]:
+    """A manifest variant entry's files: its ``.onnx`` and then its external-data files, if any."""
+    return [info["file"], *info.get("external_data", [])]
+
+
 def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
     """Read and check an artifact directory; raises ``ArtifactError`` naming the offending file."""
     directory = Path(directory)
@@ -202,8 +206,7 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
         raise ArtifactError(f"model directory not found: {directory} (set MODEL_PATH to an artifact directory)")
     manifest = read_manifest(directory)
     manifest_path = directory / MANIFEST
-    needed = {TOKENIZER, *(name for info in manifest["variants"].values()
-                           for name in (info["file"], *info.get("external_data", [])))}
+    needed = {TOKENIZER, *(name for info in manifest["variants"].values() for name in entry_files(info))}
     unlisted = sorted(needed - set(manifest["files"]))
     if unlisted:
         raise ArtifactError(f"model manifest has no sha256 for {unlisted[0]} in {manifest_path}")
