@@ -52,7 +52,7 @@ from scripts.benchlib.workload import Draw, Workload  # noqa: E402
 from server.artifact import load_artifact  # noqa: E402
 from server.config import load_settings  # noqa: E402
 from server.engine import OnnxEngine, available_cores, create_engine, engine_workers  # noqa: E402
-from server.status import Samples, parse_metrics, total  # noqa: E402
+from server.status import Samples, increase, parse_metrics  # noqa: E402
 from server.tokenizer import TextEncoder, pad_batch  # noqa: E402
 
 SHORT = "a charming film"
@@ -220,11 +220,8 @@ def _timed_ms(call: Callable[[], object]) -> float:
 
 def engine_ms_per_call(before: Samples, after: Samples) -> float:
     """The server's mean engine time per batch (ms, timed on its engine worker) between two /metrics scrapes."""
-    def delta(name: str) -> float:
-        return total(after, name) - total(before, name)
-
-    calls = delta("sentiment_inference_latency_seconds_count")
-    return delta("sentiment_inference_latency_seconds_sum") * 1000 / calls if calls else float("nan")
+    calls = increase(before, after, "sentiment_inference_latency_seconds_count")
+    return increase(before, after, "sentiment_inference_latency_seconds_sum") * 1000 / calls if calls else float("nan")
 
 
 def _in_turn(clients: dict[str, Client], turn: int) -> list[tuple[str, Client]]:
@@ -284,7 +281,7 @@ def where_time_went(before: Samples, after: Samples, cpu_before: tuple, cpu_afte
     """Per text of one level: engine batches, padding, engine time, and CPU of the loop, the server's other
     threads (the engine workers, mostly) and the load generator."""
     def delta(name: str) -> float:
-        return total(after, name) - total(before, name)
+        return increase(before, after, name)
 
     per_text = 1000 / max(texts, 1)
     batches = delta("sentiment_batch_size_count")

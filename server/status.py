@@ -102,11 +102,13 @@ class Snapshot:
                 "severity": self.severity, "findings": self.findings, **self.figures}
 
 
+def increase(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    """How much a counter (or a histogram's ``_sum``/``_count``) grew between two scrapes; 0 across a restart."""
+    return max(0.0, total(after, name, **labels) - total(before, name, **labels))
+
+
 def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
     """Rates, percentiles and gauges an on-call engineer asks for first."""
-    def increase(name: str, **labels: str) -> float:
-        return max(0.0, total(after, name, **labels) - total(before, name, **labels))
-
     def increase_by(name: str, label: str, **labels: str) -> dict[str, float]:
         earlier = by_label(before, name, label, **labels)
         return {value: max(0.0, v - earlier.get(value, 0.0))
@@ -116,7 +118,8 @@ def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
     requests = sum(status_counts.values())
     errors = sum(v for code, v in status_counts.items() if code.startswith("5") and code != "503")
     rejected = {reason: round(v) for reason, v in increase_by("sentiment_rejected_requests_total", "reason").items()}
-    hits, misses = increase("sentiment_cache_hits_total"), increase("sentiment_cache_misses_total")
+    hits = increase(before, after, "sentiment_cache_hits_total")
+    misses = increase(before, after, "sentiment_cache_misses_total")
     p50 = quantile(0.5, before, after, "sentiment_request_latency_seconds", endpoint=PREDICT)
     p99 = quantile(0.99, before, after, "sentiment_request_latency_seconds", endpoint=PREDICT)
     limit = total(after, "sentiment_memory_limit_bytes")
@@ -133,10 +136,10 @@ def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
         "queue_depth": total(after, "sentiment_queue_depth"),
         "rss_bytes": rss, "memory_limit_bytes": limit,
         "memory_ratio": round(rss / limit, 3) if limit else None,
-        "oom_events": increase("sentiment_oom_events_total"),
-        "batch_splits": increase("sentiment_batch_splits_total"),
-        "cpu_fallbacks": increase("sentiment_cpu_fallbacks_total"),
-        "inference_errors": increase("sentiment_inference_errors_total"),
+        "oom_events": increase(before, after, "sentiment_oom_events_total"),
+        "batch_splits": increase(before, after, "sentiment_batch_splits_total"),
+        "cpu_fallbacks": increase(before, after, "sentiment_cpu_fallbacks_total"),
+        "inference_errors": increase(before, after, "sentiment_inference_errors_total"),
         "gpu_memory_ratio": round(gpu_used / gpu_total, 3) if gpu_total else None,
         "gpu_utilization": total(after, "sentiment_gpu_utilization_ratio") if gpu_total else None,
         "cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None,
