@@ -83,9 +83,9 @@ class TextEncoder:
         return any(char.isalnum() for char in text[read:]) or bool(encoding.overflowing)
 
 
-def pad_batch(rows: list[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) padded on the right to the longest row."""
-    width = max(len(r) for r in rows)
+def pad_batch(rows: list[np.ndarray], pad_id: int = 0, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) padded on the right to ``width`` (default: the longest row's)."""
+    width = width or max(len(r) for r in rows)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):

@@ -51,6 +51,7 @@ import numpy as np
 import orjson
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, free_port
+from server.tokenizer import pad_batch
 
 Batch = tuple[np.ndarray, np.ndarray]  # (input_ids, attention_mask), as the engine takes them
 
@@ -164,11 +165,7 @@ def server_like_batches(rows_by_length: Sequence[np.ndarray], texts_per_batch: f
         start += size
         longest, real = max(len(row) for row in rows), sum(len(row) for row in rows)
         width = min(max_length, max(longest, round(padded_per_real_token * real / size)))
-        input_ids = np.zeros((size, width), dtype=np.int64)
-        attention_mask = np.zeros((size, width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)], attention_mask[i, :len(row)] = row, 1
-        batches.append((input_ids, attention_mask))
+        batches.append(pad_batch(rows, width=width))
     return batches
 
 
