@@ -62,6 +62,7 @@ from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overl
 from server.tokenizer import pad_batch
 
 log = logging.getLogger(__name__)
+OnWorker = Callable[[list[np.ndarray]], None]  # a request's follow-up on the engine worker (``Batcher.submit``)
 GROUPING_WINDOW = 16  # batches' worth of waiting texts considered when grouping by length
 RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are all running still waits
 CPU_CALL_COST_TOKENS = 48  # an engine call's fixed cost on the CPU, in padded tokens' worth (module docstring)
@@ -71,8 +72,10 @@ class PendingRequest:
     """One ``submit`` call: its texts' work items, their results in input order, the one future its caller awaits,
     and when its batches ran on the engine (``time.perf_counter``)."""
 
-    def __init__(self, future: asyncio.Future, size: int, timeout: float, submitted: float) -> None:
+    def __init__(self, future: asyncio.Future, size: int, timeout: float, submitted: float,
+                 on_worker: OnWorker | None = None) -> None:
         self.future = future
+        self.on_worker = on_worker
         self.timeout = timeout
         self.submitted = submitted
         self.items: list[WorkItem] = []
@@ -204,8 +207,15 @@ class Batcher:
         self._loop = asyncio.get_running_loop()
 
     async def submit(self, encodings: list[np.ndarray], timeout: float | None = None,
-                     timings: StageTimings | None = None) -> list[np.ndarray]:
-        """Label probabilities per encoded text, in input order; ``timings`` gets the queue wait and engine time."""
+                     timings: StageTimings | None = None, on_worker: OnWorker | None = None) -> list[np.ndarray]:
+        """Label probabilities per encoded text, in input order; ``timings`` gets the queue wait and engine time.
+
+        ``on_worker``: called on the engine worker with the results (input order) before they are handed back,
+        when one batch holds every text of the request and nothing else waits (a lone request: the worker is
+        awake, a thread it would hand work to is not; ``server.records``). It must not raise; it is not called
+        otherwise, nor when the engine fails, and it may run for a request that has meanwhile failed (its
+        deadline passed while the batch ran, its caller went away).
+        """
         if self._draining:
             self._metrics.rejected.labels("draining").inc()
             raise Draining("server is shutting down; retry on another replica")
@@ -221,7 +231,7 @@ class Batcher:
             return []
         timeout = self._settings.request_timeout_s if timeout is None else timeout
         now = time.perf_counter()
-        request = PendingRequest(loop.create_future(), len(encodings), timeout, now)
+        request = PendingRequest(loop.create_future(), len(encodings), timeout, now, on_worker)
         request.items = [WorkItem(ids, request, index, now) for index, ids in enumerate(encodings)]
         self._waiting.extend(request.items)
         self._pending.add(request)
@@ -324,9 +334,19 @@ class Batcher:
             item.dispatched = True
         formed = time.perf_counter()
         self._observe_batch(batch, formed)
-        self._executor.submit(self._infer, batch, formed)
+        self._executor.submit(self._infer, batch, formed, self._followed_up(batch))
 
-    def _infer(self, batch: list[WorkItem], formed: float) -> None:
+    def _followed_up(self, batch: list[WorkItem]) -> PendingRequest | None:
+        """The request whose ``on_worker`` runs after this batch: one whose every text is in it, alone in it, with
+        nothing else waiting (under load a group commit on the committer thread covers many requests with one
+        sync, where each worker syncing its own would hold the engine up)."""
+        request = batch[0].request
+        if request.on_worker is None or self._waiting or len(batch) != len(request.items) \
+                or any(item.request is not request for item in batch):
+            return None
+        return request
+
+    def _infer(self, batch: list[WorkItem], formed: float, followed_up: PendingRequest | None = None) -> None:
         """On an engine worker thread: pad, run the engine (timed around the call alone), softmax, hand back.
 
         Whatever happens is handed back to the loop (an exception as the outcome), so no caller can hang and the
@@ -345,6 +365,8 @@ class Batcher:
                 raise RuntimeError(f"the engine returned {len(outcome)} rows for a batch of {len(batch)} texts")
         except BaseException as error:  # every outcome must reach the callers, never hang them
             engine_ended, outcome = time.perf_counter(), error
+        if followed_up is not None and not isinstance(outcome, BaseException):
+            _follow_up(followed_up, batch, outcome)
         ran = Ran(formed, picked_up, engine_started, engine_ended, time.perf_counter())
         self._loop.call_soon_threadsafe(self._finish, batch, outcome, ran)
 
@@ -386,3 +408,15 @@ class Batcher:
         for request in requests:
             request.fail(error)
         self._forget([item for request in requests for item in request.items])
+
+
+def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarray) -> None:
+    """Run ``request.on_worker`` with its results in input order (the batch is in length order); a failure is
+    logged and leaves the results as they are (the caller then does without what it would have done)."""
+    rows: list[np.ndarray] = [outcome[0]] * len(batch)
+    for item, row in zip(batch, outcome, strict=True):
+        rows[item.index] = row
+    try:
+        request.on_worker(rows)
+    except Exception:
+        log.exception("a request's follow-up on the engine worker failed")

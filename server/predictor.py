@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.batcher import OnWorker
 from server.cache import PredictionCache
 from server.metrics import Metrics
 from server.primitives import Prediction, StageTimings
@@ -58,6 +59,18 @@ Encode = Callable[[list[str]], tuple[list[np.ndarray], list[bool]]]
 def normalize(text: str) -> str:
     """The text as the model and the cache see it: Unicode NFC, outer whitespace removed."""
     return unicodedata.normalize("NFC", text).strip()
+
+
+def prediction_of(labels: list[str], probabilities: np.ndarray, truncated: bool) -> Prediction:
+    """One text's prediction from its label probabilities."""
+    values = probabilities.tolist()  # Python floats at once: numpy's argmax and scalars cost more for 2 labels
+    best = max(range(len(values)), key=values.__getitem__)
+    return Prediction(
+        label=labels[best],
+        score=values[best],
+        probabilities=dict(zip(labels, values, strict=True)),
+        truncated=truncated,
+    )
 
 
 def low_confidence_threshold(configured: float, labels: int) -> float:
@@ -91,8 +104,12 @@ class Predictor:
                  runtime.identity.version, labels, self._series.threshold)
 
     async def predict(self, texts: list[str], timeout: float | None = None,
-                      timings: StageTimings | None = None) -> list[Prediction]:
-        """Predictions in input order; ``timings`` (when given) gets what this request computed itself."""
+                      timings: StageTimings | None = None, on_worker: OnWorker | None = None) -> list[Prediction]:
+        """Predictions in input order; ``timings`` (when given) gets what this request computed itself.
+
+        ``on_worker`` (``Batcher.submit``) is passed on only when this request computes all of its texts itself,
+        in its own order: no cache hit, no text shared with another request's computation, no repeated text.
+        """
         runtime = self.runtime
         timings = timings if timings is not None else StageTimings()
         encode = self._strict_encoder(runtime, texts, timings) if runtime.encoder.strict else \
@@ -103,10 +120,10 @@ class Predictor:
             rows, truncated = encode(misses)
             timings.tokenization += time.perf_counter() - started
             timings.compute_tokens += sum(len(row) for row in rows)
-            probabilities = await runtime.batcher.submit(rows, timeout, timings)
+            probabilities = await runtime.batcher.submit(rows, timeout, timings,
+                                                         on_worker if misses == texts else None)
             labels = runtime.labels()
-            predictions = [self._to_prediction(labels, row, cut) for row, cut in zip(probabilities, truncated,
-                                                                                     strict=True)]
+            predictions = [prediction_of(labels, row, cut) for row, cut in zip(probabilities, truncated, strict=True)]
             self._observe(runtime, predictions)
             return predictions
 
@@ -134,17 +151,6 @@ class Predictor:
         ids_by_text = dict(zip(texts, runtime.encoder.encode(texts), strict=True))
         timings.tokenization += time.perf_counter() - started
         return lambda misses: ([ids_by_text[text] for text in misses], [False] * len(misses))
-
-    @staticmethod
-    def _to_prediction(labels: list[str], probabilities: np.ndarray, truncated: bool) -> Prediction:
-        values = probabilities.tolist()  # Python floats at once: numpy's argmax and scalars cost more for 2 labels
-        best = max(range(len(values)), key=values.__getitem__)
-        return Prediction(
-            label=labels[best],
-            score=values[best],
-            probabilities=dict(zip(labels, values, strict=True)),
-            truncated=truncated,
-        )
 
     def _observe(self, runtime: ModelRuntime, predictions: list[Prediction]) -> None:
         if runtime is not self.runtime:  # swapped out while computing: its series are gone (module docstring)

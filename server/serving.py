@@ -9,13 +9,13 @@ each adapter turns them into its protocol's error shape.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
 from server.http import PayloadTooLarge
 from server.predictor import normalize
-from server.primitives import Draining, ModelIdentity, Prediction, PredictionRecord, ServerError, StageTimings
+from server.primitives import Draining, ModelIdentity, Prediction, ServerError, StageTimings
+from server.records import WorkerRecords, prediction_records
 from server.services import Services
 from server.store import SpoolUnavailable
 
@@ -67,20 +67,22 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
     runtime = services.predictor.runtime
     identity = runtime.identity
     timings = StageTimings()
-    predictions = await services.predictor.predict(texts, timings=timings)
+    settings, store = services.settings, services.store
+    record_fields = {"request_id": request_id, "api_key_id": api_key_id, "identity": identity,
+                     "store_text": settings.store_text}
+    on_worker = WorkerRecords(store, texts, runtime.labels(), started, **record_fields) \
+        if settings.store_predictions and store.ack else None
+    predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker)
     compute_ms = (time.perf_counter() - started) * 1000
     ids: list[str | None] = [None] * len(predictions)
-    if services.settings.store_predictions:
-        records = [PredictionRecord(
-            request_id=request_id,
-            text=text if services.settings.store_text else None,
-            text_sha256=hashlib.sha256(text.encode()).hexdigest(),
-            label=p.label, score=p.score, probabilities=p.probabilities,
-            model_name=identity.name, model_version=identity.version, device=identity.device,
-            latency_ms=compute_ms, cached=p.cached, api_key_id=api_key_id,
-        ) for text, p in zip(texts, predictions, strict=True)]
+    if settings.store_predictions:
+        records = on_worker.records if on_worker else None
         try:
-            await services.store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
+            if on_worker and on_worker.refused:
+                raise on_worker.refused
+            if records is None:
+                records = prediction_records(texts, predictions, latency_ms=compute_ms, **record_fields)
+                await store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
         except SpoolUnavailable as error:  # never a 200 without its record
             services.metrics.rejected.labels("spool_full").inc()
             raise SpoolUnavailable(error.cause, f"the predictions could not be recorded: {error.message}; retry "

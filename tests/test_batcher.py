@@ -197,6 +197,86 @@ async def test_lone_request_runs_at_once_and_load_forms_batches():
     await batcher.drain()
 
 
+class FollowUp:
+    """An ``on_worker`` callback that remembers what it got and on which thread."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[tuple[str, list[np.ndarray]]] = []
+        self.fail = fail
+
+    def __call__(self, rows: list[np.ndarray]) -> None:
+        self.calls.append((threading.current_thread().name, rows))
+        if self.fail:
+            raise self.fail
+
+
+async def test_a_lone_request_s_follow_up_runs_on_the_engine_worker_with_its_results_in_input_order():
+    batcher = Batcher(RecordingEngine(), settings(max_batch_size=8), Metrics())
+    batcher.start()
+    encodings = [np.arange(1, n + 1, dtype=np.int64) * 3 for n in (6, 1, 4)]  # the batch runs in length order
+    follow_up = FollowUp()
+    results = await batcher.submit(encodings, on_worker=follow_up)
+    ((thread, rows),) = follow_up.calls
+    assert thread.startswith("engine") and thread != threading.current_thread().name
+    for ids, row, result in zip(encodings, rows, results, strict=True):
+        np.testing.assert_allclose(row, expected_probabilities(ids), rtol=1e-6)
+        np.testing.assert_array_equal(row, result)
+    await batcher.drain()
+
+
+async def test_no_follow_up_when_the_batch_is_shared_or_the_request_spans_batches_or_texts_wait():
+    engine = RecordingEngine()
+    engine.gate.clear()  # hold the first batch: the next requests wait and then share a batch
+    batcher = Batcher(engine, settings(max_batch_size=4), Metrics())
+    batcher.start()
+    blocker = asyncio.ensure_future(batcher.submit([np.array([9])]))
+    await asyncio.sleep(0.05)
+    shared = [FollowUp(), FollowUp()]
+    together = [asyncio.ensure_future(batcher.submit([np.array([i])], on_worker=f)) for i, f in enumerate(shared)]
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *together), 30)
+    assert [f.calls for f in shared] == [[], []]  # one batch, two requests: the committer's group commit covers them
+    spanning = FollowUp()
+    await batcher.submit([np.array([1]), np.array([2]), np.array([3]), np.array([4]), np.array([5])],
+                         on_worker=spanning)  # five texts, batches of at most four
+    assert spanning.calls == []
+    await batcher.drain()
+
+    engine = RecordingEngine()
+    engine.gate.clear()
+    one_by_one = Batcher(engine, settings(max_batch_size=1), Metrics())
+    one_by_one.start()
+    blocker = asyncio.ensure_future(one_by_one.submit([np.array([9])]))
+    await asyncio.sleep(0.05)
+    first, second = FollowUp(), FollowUp()
+    queued = [asyncio.ensure_future(one_by_one.submit([np.array([i])], on_worker=f))
+              for i, f in enumerate((first, second))]
+    await asyncio.sleep(0.05)
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(blocker, *queued), 30)
+    assert first.calls == [] and len(second.calls) == 1  # the first left the second waiting; the second ran alone
+    await one_by_one.drain()
+
+
+async def test_a_follow_up_is_skipped_when_the_engine_fails_and_its_own_failure_leaves_the_results_alone(caplog):
+    failing_engine = Batcher(RecordingEngine(fail=RuntimeError("kaboom")), settings(), Metrics())
+    failing_engine.start()
+    follow_up = FollowUp()
+    with pytest.raises(InferenceFailed):
+        await failing_engine.submit([np.array([1])], on_worker=follow_up)
+    assert follow_up.calls == []
+    await failing_engine.drain()
+
+    batcher = Batcher(RecordingEngine(), settings(), Metrics())
+    batcher.start()
+    broken = FollowUp(fail=ValueError("follow-up bug"))
+    (result,) = await asyncio.wait_for(batcher.submit([np.array([4, 5])], on_worker=broken), 30)
+    np.testing.assert_allclose(result, expected_probabilities(np.array([4, 5])), rtol=1e-6)
+    assert len(broken.calls) == 1 and "follow-up bug" in caplog.text
+    await batcher.drain()
+
+
 async def test_full_queue_sheds_with_overloaded():
     engine = RecordingEngine()
     engine.gate.clear()

@@ -4,6 +4,7 @@ a hanging database, a full spool); group commit; the SPOOL_DIR lock; bounded mem
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from server.app import create_app
 from server.exitcodes import ExitCode
 from server.metrics import Metrics
 from server.store import PredictionStore, SpoolLocked, SpoolUnavailable
+from server.store import committer as committer_module
 from server.store.committer import Commit, GroupCommitter
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
@@ -96,6 +98,90 @@ async def test_stop_commits_every_append_queued_before_it_in_order_and_refuses_l
     assert [row["id"] for commit in commits for row in commit.rows] == [r.id for r in records]
     assert 1 <= len(synced) < len(records)  # grouped, not one sync per append
     wal.close()
+
+
+async def test_appends_on_other_threads_reach_the_loop_in_log_order_and_stop_after_stop(tmp_path, monkeypatch):
+    """commit_here (an engine worker syncing its request's records) interleaves with the committer's groups: the
+    writer must hear of the commits in log order, contiguous, each exactly once."""
+    count_syncs(monkeypatch, delay_s=0.002)
+    real_post = committer_module.post
+
+    def slow_post(*args) -> None:  # widen the gap between an append and its report, where order could be lost
+        if threading.current_thread().name != "store-committer":
+            time.sleep(0.003)
+        real_post(*args)
+
+    monkeypatch.setattr(committer_module, "post", slow_post)
+    wal = WriteAheadLog(tmp_path, 1 << 30)
+    wal.open()
+    commits: list[Commit] = []
+    committer = GroupCommitter(wal, True, lambda commit, error: commits.append(commit))
+    committer.start(asyncio.get_running_loop())
+    here = [[make_record(f"worker {n} record {i}") for i in range(20)] for n in range(2)]
+    queued = [make_record(f"queued {i}") for i in range(40)]
+
+    def worker(records) -> None:
+        for record in records:
+            committer.commit_here([record])
+
+    threads = [asyncio.ensure_future(asyncio.to_thread(worker, records)) for records in here]
+    futures = []
+    for record in queued:
+        futures.append(committer.append([record]))
+        await asyncio.sleep(0.001)
+    await asyncio.wait_for(asyncio.gather(*threads, *futures), 60)
+    await wait_until(lambda: sum(len(c.rows) for c in commits) == 80, timeout=30, what="every commit on the loop")
+    assert all(a.end == b.start for a, b in itertools.pairwise(commits)), "commits reached the loop out of log order"
+    delivered = [row["id"] for commit in commits for row in commit.rows]
+    assert delivered == spooled_ids(tmp_path)
+    assert sorted(delivered) == sorted(r.id for r in queued + here[0] + here[1])
+    assert await asyncio.to_thread(committer.stop, 30)
+    with pytest.raises(SpoolUnavailable) as refused:
+        committer.commit_here([make_record("too late")])
+    assert refused.value.cause == "closed"
+    wal.close()
+
+
+async def test_a_spool_refusal_on_another_thread_raises_there_and_reaches_the_loop(tmp_path):
+    wal = WriteAheadLog(tmp_path, 1 << 30)
+    wal.open()
+    reports: list[tuple] = []
+    committer = GroupCommitter(wal, True, lambda commit, error: reports.append((commit, error)))
+    committer.start(asyncio.get_running_loop())
+    wal.max_bytes = wal.bytes  # full
+    with pytest.raises(SpoolUnavailable) as refused:
+        await asyncio.to_thread(committer.commit_here, [make_record("no room")])
+    assert refused.value.cause == "full"
+    await wait_until(lambda: reports, timeout=30, what="the refusal on the loop")
+    assert reports == [(None, refused.value)] and spooled_ids(tmp_path) == []
+    assert await asyncio.to_thread(committer.stop, 30)
+    wal.close()
+
+
+def test_a_lone_request_s_records_are_synced_on_its_engine_worker_and_load_shares_the_committer(
+        make_settings, monkeypatch):
+    """Ack mode: a request alone on the engine is synced by the worker that computed it (no hand-off to the
+    committer thread and back); every answered record is in the spool either way."""
+    synced_on: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced_on.append(threading.current_thread().name)
+        real_fdatasync(fd)
+
+    settings = make_settings()
+    with TestClient(create_app(settings)) as client:
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        answered = client.post("/predict", json={"texts": ["a fine film", "a dull film"]})
+        assert answered.status_code == 200
+        assert len(synced_on) == 1 and synced_on[0].startswith("engine"), synced_on
+        ids = [p["id"] for p in answered.json()["predictions"]]
+        assert spooled_ids(settings.spool_dir)[-2:] == ids
+
+        cached = client.post("/predict", json={"texts": ["a fine film"]})  # a cache hit: nothing to compute
+        assert cached.status_code == 200 and cached.json()["predictions"][0]["cached"]
+        assert synced_on[-1] == "store-committer"
+        assert spooled_ids(settings.spool_dir)[-1] == cached.json()["predictions"][0]["id"]
 
 
 CHILD = textwrap.dedent("""

@@ -14,6 +14,11 @@ wants the GIL back) and posts the outcome as the last thing before blocking agai
 
 A record that cannot be encoded fails only its own request. An append the WAL refuses (full, ENOSPC,
 I/O error) fails every request of the group with ``SpoolUnavailable``: none of them is answered 200.
+
+``commit_here`` is the same append on the calling thread, for records ready on a thread that is awake anyway
+(an engine worker that just computed them: ``server.records``): no hand-off at all. Every append and the
+posting of its outcome happen under one lock (``_order``), so the loop hears of commits in log order, whichever
+thread made them (the writer relies on it).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +56,7 @@ class GroupCommitter:
         self._on_commit = on_commit  # called on the loop, in commit order
         self._queue: queue.SimpleQueue[tuple[list[Any], bool, asyncio.Future] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders appends against stop(): nothing is queued behind the stop marker
+        self._order = threading.Lock()  # held from an append to the posting of its outcome (module docstring)
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="store-committer", daemon=True)
@@ -68,14 +75,32 @@ class GroupCommitter:
             self._queue.put((items, rows, future))
         return future
 
+    def commit_here(self, records: list[Any]) -> None:
+        """Append and sync ``records`` on the calling thread (not the loop: it blocks for a sync), in log order
+        with the committer's groups; returns once they are durable, or raises ``SpoolUnavailable``."""
+        rows = [record_row(r, self._store_text) for r in records]
+        chunk = encode_lines(rows)
+        with self._order:
+            if self._stopping:  # read under _order: stop() waits for _order, so no append outlives it
+                raise SpoolUnavailable("closed", "the server is shutting down; retry on another replica")
+            span, error = self._append(chunk)
+            post(self._loop, self._on_commit, Commit(rows, *span) if span else None, error)
+        if error is not None:
+            raise error
+
     def stop(self, timeout: float) -> bool:
-        """Commit what is pending, then end the thread; False if it did not end within ``timeout``."""
+        """Commit what is pending, then end the thread; False if it (or an append on another thread) did not end
+        within ``timeout``."""
+        deadline = time.monotonic() + timeout
         with self._lock:
             if not self._stopping:
                 self._stopping = True
                 self._queue.put(None)
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive() or not self._order.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        self._order.release()
+        return True
 
     def _run(self) -> None:
         while True:
@@ -109,17 +134,19 @@ class GroupCommitter:
             futures.append(future)
         if not futures:
             return
+        with self._order:
+            span, error = self._append(b"".join(chunks))
+            post(self._loop, self._deliver, futures, Commit(rows, *span) if span else None, error)
+
+    def _append(self, chunk: bytes) -> tuple[tuple[int, int] | None, SpoolUnavailable | None]:
+        """Append and sync ``chunk``: its (start, end) LSN, or why not. Call holding ``_order``."""
         try:
-            start, end = self._wal.append(b"".join(chunks))
+            return self._wal.append(chunk), None
         except SpoolUnavailable as error:
-            post(self._loop, self._deliver, futures, None, error)
-            return
+            return None, error
         except Exception as error:  # a bug, not the disk: still never answer 200 without a record
             log.exception("store: appending to the spool failed")
-            post(self._loop, self._deliver, futures, None, SpoolUnavailable("io_error", f"spool append failed: "
-                                                                              f"{type(error).__name__}"))
-            return
-        post(self._loop, self._deliver, futures, Commit(rows, start, end), None)
+            return None, SpoolUnavailable("io_error", f"spool append failed: {type(error).__name__}")
 
     def _deliver(self, futures: list[asyncio.Future], commit: Commit | None, error: SpoolUnavailable | None) -> None:
         self._on_commit(commit, error)

@@ -128,6 +128,14 @@ class PredictionStore:
         await self._committer.append(records)
         self.metrics.store_ack_latency.observe(time.perf_counter() - started)
 
+    def record_here(self, records: list[PredictionRecord]) -> None:
+        """Ack mode, on a thread other than the loop that has the records ready (an engine worker,
+        ``server.records``): sync them to the spool now, in log order with the committer's groups; raises
+        ``SpoolUnavailable``. Saves the hand-offs to the committer thread and back."""
+        started = time.perf_counter()
+        self._committer.commit_here(records)
+        self.metrics.store_ack_latency.observe(time.perf_counter() - started)
+
     def submit(self, record: PredictionRecord) -> None:
         """Record one prediction without waiting (the caller answers regardless); never blocks, never raises."""
         if not self.ack:
