@@ -41,7 +41,11 @@ texts. The engine's time is measured on the worker around the engine call alone
 (``sentiment_inference_latency_seconds``); the hand-offs, to the worker and
 back to the loop, are ``sentiment_engine_handoff_seconds`` (a stalled loop shows
 in ``to_loop``, a slow engine only in the former), and each request's queue and
-engine time reach its caller (``StageTimings``, TEI's timing headers).
+engine time reach its caller (``StageTimings``, TEI's timing headers). A request
+may bring a follow-up (``on_worker``) that the worker runs with its results
+before handing them back, when the batch is the request's alone and nothing
+else waits: ``server.records`` syncs a lone request's records there, on the
+thread that is awake, rather than waking the store's committer thread.
 """
 
 from __future__ import annotations
@@ -418,5 +422,5 @@ def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarr
         rows[item.index] = row
     try:
         request.on_worker(rows)
-    except Exception:
+    except BaseException:  # even SystemExit: the batch must still be handed back (``_infer``)
         log.exception("a request's follow-up on the engine worker failed")

@@ -11,7 +11,8 @@ every request finishing together.
 
 A record synced on the worker whose request then fails (its deadline passed while the batch ran, its client
 went away) is kept: it says what the model answered, like a record synced just before a crash that lost its
-answer. Every request answered 200 has its records exactly once either way.
+answer. Every request answered 200 has its records exactly once either way. A record's ``latency_ms`` is taken
+where it is built: on the worker, when the engine's results are ready, or on the loop after the predictions.
 """
 
 from __future__ import annotations

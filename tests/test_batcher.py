@@ -200,7 +200,7 @@ async def test_lone_request_runs_at_once_and_load_forms_batches():
 class FollowUp:
     """An ``on_worker`` callback that remembers what it got and on which thread."""
 
-    def __init__(self, fail: Exception | None = None) -> None:
+    def __init__(self, fail: BaseException | None = None) -> None:
         self.calls: list[tuple[str, list[np.ndarray]]] = []
         self.fail = fail
 
@@ -259,7 +259,9 @@ async def test_no_follow_up_when_the_batch_is_shared_or_the_request_spans_batche
     await one_by_one.drain()
 
 
-async def test_a_follow_up_is_skipped_when_the_engine_fails_and_its_own_failure_leaves_the_results_alone(caplog):
+@pytest.mark.parametrize("fault", [ValueError("follow-up bug"), SystemExit("follow-up bug")], ids=["bug", "exit"])
+async def test_a_follow_up_is_skipped_when_the_engine_fails_and_its_own_failure_leaves_the_results_alone(caplog,
+                                                                                                      fault):
     failing_engine = Batcher(RecordingEngine(fail=RuntimeError("kaboom")), settings(), Metrics())
     failing_engine.start()
     follow_up = FollowUp()
@@ -270,7 +272,7 @@ async def test_a_follow_up_is_skipped_when_the_engine_fails_and_its_own_failure_
 
     batcher = Batcher(RecordingEngine(), settings(), Metrics())
     batcher.start()
-    broken = FollowUp(fail=ValueError("follow-up bug"))
+    broken = FollowUp(fail=fault)
     (result,) = await asyncio.wait_for(batcher.submit([np.array([4, 5])], on_worker=broken), 30)
     np.testing.assert_allclose(result, expected_probabilities(np.array([4, 5])), rtol=1e-6)
     assert len(broken.calls) == 1 and "follow-up bug" in caplog.text
