@@ -43,9 +43,10 @@ back to the loop, are ``sentiment_engine_handoff_seconds`` (a stalled loop shows
 in ``to_loop``, a slow engine only in the former), and each request's queue and
 engine time reach its caller (``StageTimings``, TEI's timing headers). A request
 may bring a follow-up (``on_worker``) that the worker runs with its results
-before handing them back, when the batch is the request's alone and nothing
-else waits: ``server.records`` syncs a lone request's records there, on the
-thread that is awake, rather than waking the store's committer thread.
+before handing them back, when the batch is the request's alone, nothing
+else waits and another worker is free: ``server.records`` syncs a lone
+request's records there, on the thread that is awake, rather than waking the
+store's committer thread (so with one engine worker, as on CUDA, never).
 """
 
 from __future__ import annotations
@@ -215,10 +216,10 @@ class Batcher:
         """Label probabilities per encoded text, in input order; ``timings`` gets the queue wait and engine time.
 
         ``on_worker``: called on the engine worker with the results (input order) before they are handed back,
-        when one batch holds every text of the request and nothing else waits (a lone request: the worker is
-        awake, a thread it would hand work to is not; ``server.records``). It must not raise; it is not called
-        otherwise, nor when the engine fails, and it may run for a request that has meanwhile failed (its
-        deadline passed while the batch ran, its caller went away).
+        when one batch holds every text of the request, nothing else waits and another worker is free (a lone
+        request: the worker is awake, a thread it would hand work to is not; ``server.records``). It must not
+        raise; it is not called otherwise, nor when the engine fails, and it may run for a request that has
+        meanwhile failed (its deadline passed while the batch ran, its caller went away).
         """
         if self._draining:
             self._metrics.rejected.labels("draining").inc()
@@ -341,11 +342,12 @@ class Batcher:
         self._executor.submit(self._infer, batch, formed, self._followed_up(batch))
 
     def _followed_up(self, batch: list[WorkItem]) -> PendingRequest | None:
-        """The request whose ``on_worker`` runs after this batch: one whose every text is in it, alone in it, with
-        nothing else waiting (under load a group commit on the committer thread covers many requests with one
-        sync, where each worker syncing its own would hold the engine up)."""
+        """The request whose ``on_worker`` runs after this batch (already counted as running): one whose every text
+        is in it, alone in it, with nothing else waiting and another worker free for what arrives meanwhile. A
+        follow-up holds its worker (a sync: ~0.3 ms, at times a few ms), so it is for an engine that would idle
+        anyway; under load a group commit on the committer thread covers many requests with one sync."""
         request = batch[0].request
-        if request.on_worker is None or self._waiting or len(batch) != len(request.items) \
+        if request.on_worker is None or self._waiting or not self._free_workers or len(batch) != len(request.items) \
                 or any(item.request is not request for item in batch):
             return None
         return request

@@ -169,7 +169,7 @@ def test_a_lone_request_s_records_are_synced_on_its_engine_worker_and_load_share
         synced_on.append(threading.current_thread().name)
         real_fdatasync(fd)
 
-    settings = make_settings()
+    settings = make_settings(engine_workers=2)  # with one, a follow-up would hold the engine up: never
     with TestClient(create_app(settings)) as client:
         monkeypatch.setattr(os, "fdatasync", fdatasync)
         answered = client.post("/predict", json={"texts": ["a fine film", "a dull film"]})
