@@ -339,9 +339,9 @@ class Batcher:
             item.dispatched = True
         formed = time.perf_counter()
         self._observe_batch(batch, formed)
-        self._executor.submit(self._infer, batch, formed, self._followed_up(batch))
+        self._executor.submit(self._infer, batch, formed, self._request_to_follow_up(batch))
 
-    def _followed_up(self, batch: list[WorkItem]) -> PendingRequest | None:
+    def _request_to_follow_up(self, batch: list[WorkItem]) -> PendingRequest | None:
         """The request whose ``on_worker`` runs after this batch (already counted as running): one whose every text
         is in it, alone in it, with nothing else waiting and another worker free for what arrives meanwhile. A
         follow-up holds its worker (a sync: ~0.3 ms, at times a few ms), so it is for an engine that would idle
@@ -352,7 +352,7 @@ class Batcher:
             return None
         return request
 
-    def _infer(self, batch: list[WorkItem], formed: float, followed_up: PendingRequest | None = None) -> None:
+    def _infer(self, batch: list[WorkItem], formed: float, followed_up: PendingRequest | None) -> None:
         """On an engine worker thread: pad, run the engine (timed around the call alone), softmax, hand back.
 
         Whatever happens is handed back to the loop (an exception as the outcome), so no caller can hang and the
@@ -419,10 +419,10 @@ class Batcher:
 def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarray) -> None:
     """Run ``request.on_worker`` with its results in input order (the batch is in length order); a failure is
     logged and leaves the results as they are (the caller then does without what it would have done)."""
-    rows: list[np.ndarray] = [outcome[0]] * len(batch)
-    for item, row in zip(batch, outcome, strict=True):
-        rows[item.index] = row
     try:
+        rows: list[np.ndarray] = [outcome[0]] * len(batch)
+        for item, row in zip(batch, outcome, strict=True):
+            rows[item.index] = row
         request.on_worker(rows)
     except BaseException:  # even SystemExit: the batch must still be handed back (``_infer``)
         log.exception("a request's follow-up on the engine worker failed")

@@ -108,20 +108,24 @@ class Predictor:
         """Predictions in input order; ``timings`` (when given) gets what this request computed itself.
 
         ``on_worker`` (``Batcher.submit``) is passed on only when this request computes all of its texts itself,
-        in its own order: no cache hit, no text shared with another request's computation, no repeated text.
+        in its own order: no cache hit, no text shared with another request's computation, no repeated text; and
+        only once: should the cache run the computation again (this caller went away while others waited on it),
+        the rerun is theirs, and the follow-up would record this request's predictions a second time.
         """
         runtime = self.runtime
         timings = timings if timings is not None else StageTimings()
         encode = self._strict_encoder(runtime, texts, timings) if runtime.encoder.strict else \
             runtime.encoder.encode_marking_truncation
 
+        follow_up = [on_worker]  # handed to the first computation only (docstring)
+
         async def compute(misses: list[str]) -> list[Prediction]:
+            handed = follow_up.pop() if follow_up and misses == texts else None
             started = time.perf_counter()
             rows, truncated = encode(misses)
             timings.tokenization += time.perf_counter() - started
             timings.compute_tokens += sum(len(row) for row in rows)
-            probabilities = await runtime.batcher.submit(rows, timeout, timings,
-                                                         on_worker if misses == texts else None)
+            probabilities = await runtime.batcher.submit(rows, timeout, timings, handed)
             labels = runtime.labels()
             predictions = [prediction_of(labels, row, cut) for row, cut in zip(probabilities, truncated, strict=True)]
             self._observe(runtime, predictions)

@@ -11,7 +11,7 @@ the loop with its records already durable. Under load, records go through the co
 every request finishing together.
 
 A record synced on the worker whose request then fails (its deadline passed while the batch ran, its client
-went away) is kept: it says what the model answered, like a record synced just before a crash that lost its
+went away, a drain's time limit abandoned it) is kept: it says what the model answered, like a record synced just before a crash that lost its
 answer. Every request answered 200 has its records exactly once either way. A record's ``latency_ms`` is taken
 where it is built: on the worker, when the engine's results are ready, or on the loop after the predictions.
 """
@@ -19,54 +19,83 @@ where it is built: on the worker, when the engine's results are ready, or on the
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from server.predictor import prediction_of
 from server.primitives import ModelIdentity, Prediction, PredictionRecord
-from server.store import SpoolUnavailable
+from server.store import PredictionStore, SpoolUnavailable
+
+log = logging.getLogger(__name__)
 
 
-def prediction_records(texts: list[str], predictions: list[Prediction], *, request_id: str, api_key_id: str | None,
-                       identity: ModelIdentity, store_text: bool, latency_ms: float) -> list[PredictionRecord]:
+@dataclass(frozen=True)
+class RecordContext:
+    """What a request's records share: who asked, which model answered, whether texts are kept."""
+
+    request_id: str
+    api_key_id: str | None
+    identity: ModelIdentity
+    store_text: bool
+
+
+def prediction_records(texts: list[str], predictions: list[Prediction], context: RecordContext,
+                       latency_ms: float) -> list[PredictionRecord]:
     """One record per text, in order; ``latency_ms`` is the request's, from admission to its predictions."""
+    identity = context.identity
     return [PredictionRecord(
-        request_id=request_id,
-        text=text if store_text else None,
+        request_id=context.request_id,
+        text=text if context.store_text else None,
         text_sha256=hashlib.sha256(text.encode()).hexdigest(),
         label=p.label, score=p.score, probabilities=p.probabilities,
         model_name=identity.name, model_version=identity.version, device=identity.device,
-        latency_ms=latency_ms, cached=p.cached, api_key_id=api_key_id,
+        latency_ms=latency_ms, cached=p.cached, api_key_id=context.api_key_id,
     ) for text, p in zip(texts, predictions, strict=True)]
 
 
 class WorkerRecords:
     """A request's records, synced on the engine worker that computed all its texts (module docstring).
 
-    After the predictions, on the loop: ``records`` holds them once they are durable, ``refused`` says why the
-    spool would not take them (answer 503), and both are None when the follow-up did not run (the caller then
-    records the predictions itself). The worker sets them before it hands the batch back to the loop, which
-    reads them only after that.
+    After the predictions, on the loop: ``records`` holds them once they are durable, ``refused`` says why they
+    may not be (answer 503: the spool refused them, or the sync failed in a way that leaves it unknown), and
+    both are None when the follow-up did not run (the caller then records the predictions itself);
+    ``recording_s`` is how long the worker spent on them after the predictions were ready (not compute time:
+    ``classify`` leaves it out of the request's). The worker sets them before it hands the batch back to the
+    loop, which reads them only after that.
     """
 
-    def __init__(self, store, texts: list[str], labels: list[str], started: float, **fields) -> None:
+    def __init__(self, store: PredictionStore, texts: list[str], labels: list[str], started: float,
+                 context: RecordContext) -> None:
         self._store = store
         self._texts = texts
         self._labels = labels
         self._started = started  # time.perf_counter() at admission
-        self._fields = fields  # prediction_records' keywords but latency_ms
+        self._context = context
+        self._once = threading.Lock()  # a second call (a bug upstream) must not record the request again
         self.records: list[PredictionRecord] | None = None
         self.refused: SpoolUnavailable | None = None
+        self.recording_s = 0.0
 
     def __call__(self, rows: list[np.ndarray]) -> None:
         """On the engine worker: the request's label probabilities, in input order."""
+        if not self._once.acquire(blocking=False):
+            return
+        ready = time.perf_counter()
         predictions = [prediction_of(self._labels, row, False) for row in rows]  # truncation is not recorded
-        records = prediction_records(self._texts, predictions, latency_ms=(time.perf_counter() - self._started) * 1000,
-                                     **self._fields)
+        records = prediction_records(self._texts, predictions, self._context, (ready - self._started) * 1000)
         try:
             self._store.record_here(records)
         except SpoolUnavailable as error:
             self.refused = error
             return
+        except Exception as error:  # appended or not, unknown: answer 503, never record it again through the loop
+            log.exception("store: syncing a request's records on the engine worker failed")
+            self.refused = SpoolUnavailable("io_error", f"recording failed: {type(error).__name__}")
+            return
+        finally:
+            self.recording_s = time.perf_counter() - ready
         self.records = records

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from server.http import PayloadTooLarge
 from server.predictor import normalize
 from server.primitives import Draining, ModelIdentity, Prediction, ServerError, StageTimings
-from server.records import WorkerRecords, prediction_records
+from server.records import RecordContext, WorkerRecords, prediction_records
 from server.services import Services
 from server.store import SpoolUnavailable
 
@@ -68,12 +68,11 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
     identity = runtime.identity
     timings = StageTimings()
     settings, store = services.settings, services.store
-    record_fields = {"request_id": request_id, "api_key_id": api_key_id, "identity": identity,
-                     "store_text": settings.store_text}
-    on_worker = WorkerRecords(store, texts, runtime.labels(), started, **record_fields) \
+    context = RecordContext(request_id, api_key_id, identity, settings.store_text)
+    on_worker = WorkerRecords(store, texts, runtime.labels(), started, context) \
         if settings.store_predictions and store.ack else None
     predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker)
-    compute_ms = (time.perf_counter() - started) * 1000
+    compute_ms = (time.perf_counter() - started - (on_worker.recording_s if on_worker else 0.0)) * 1000
     ids: list[str | None] = [None] * len(predictions)
     if settings.store_predictions:
         records = on_worker.records if on_worker else None
@@ -81,7 +80,7 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
             if on_worker and on_worker.refused:
                 raise on_worker.refused
             if records is None:
-                records = prediction_records(texts, predictions, latency_ms=compute_ms, **record_fields)
+                records = prediction_records(texts, predictions, context, compute_ms)
                 await store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
         except SpoolUnavailable as error:  # never a 200 without its record
             services.metrics.rejected.labels("spool_full").inc()

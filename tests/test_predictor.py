@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
+from server.batcher import Batcher
 from server.cache import PredictionCache
 from server.metrics import Metrics
 from server.predictor import Predictor
-from server.primitives import InputTooLong
+from server.primitives import InputTooLong, ModelIdentity
 from server.runtime import ModelRuntime
+from tests.test_batcher import RecordingEngine
+from tests.test_batcher import settings as batcher_settings
 
 LONG = "word " * 300  # over 300 tokens; the tiny model accepts 128
 
@@ -100,3 +104,32 @@ async def test_with_the_cache_off_a_request_computes_each_distinct_text_once(mak
         await runtime.batcher.drain()
     assert got[0] == got[2] and not got[0].cached
     assert sum(value(metrics, "sentiment_predictions_total", label=x) or 0 for x in ("NEGATIVE", "POSITIVE")) == 2
+
+
+class FakeEncoder:
+    strict = False
+
+    @staticmethod
+    def encode_marking_truncation(texts: list[str]):
+        return [np.array([len(text)], dtype=np.int64) for text in texts], [False] * len(texts)
+
+
+async def test_a_computation_rerun_for_others_does_not_run_the_gone_caller_s_follow_up_again() -> None:
+    """The cache reruns a computation for the requests waiting on it when its own caller goes away; the caller's
+    follow-up (ack mode: its records synced on the engine worker) must not run a second time with the rerun."""
+    metrics = Metrics()
+    batcher = Batcher(RecordingEngine(delay=0.05), batcher_settings(engine_workers=3), metrics)
+    batcher.start()
+    runtime = SimpleNamespace(batcher=batcher, encoder=FakeEncoder(), labels=lambda: ["negative", "positive"],
+                              identity=ModelIdentity(name="m", version="1", variant="fp32", provider="cpu",
+                                                     device="cpu"))
+    predictor = Predictor(runtime, PredictionCache(1 << 20, metrics), metrics, low_confidence_threshold=0.6)
+    follow_ups: list[list] = []
+    leader = asyncio.ensure_future(predictor.predict(["hello"], on_worker=follow_ups.append))
+    await asyncio.sleep(0.01)  # its batch is on the engine, followed up (other workers are free)
+    joiner = asyncio.ensure_future(predictor.predict(["hello"]))
+    await asyncio.sleep(0.01)
+    leader.cancel()  # its client went away: the joiner's answer is computed again, in a task
+    assert (await asyncio.wait_for(joiner, 30))[0].label in {"negative", "positive"}
+    await asyncio.wait_for(batcher.drain(), 30)
+    assert len(follow_ups) == 1

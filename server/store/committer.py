@@ -7,8 +7,9 @@ the loop in one callback, which resolves every request's future and gives the co
 writer. While one sync runs, the next group accumulates: the busier the server, the more records each
 sync covers.
 
-A lone request's wait is the sync plus two thread hand-offs (loop to committer, committer to loop); each
-hand-off also waits for the GIL the other side holds. The committer therefore blocks in C
+On this path a lone request's wait is the sync plus two thread hand-offs (loop to committer, committer to
+loop), which ``commit_here`` below spares it where it can; each hand-off also waits for the GIL the other side
+holds. The committer therefore blocks in C
 (``SimpleQueue.get``, not ``threading.Condition``, whose wait and wake-up run Python code while the loop
 wants the GIL back) and posts the outcome as the last thing before blocking again.
 

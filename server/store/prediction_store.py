@@ -270,7 +270,8 @@ class PredictionStore:
             log.error("store: records held in memory could not be spooled within the shutdown deadline")
         committer_stopped = await asyncio.to_thread(self._committer.stop, left())
         if not committer_stopped:
-            log.error("store: the spool's committer did not finish within the shutdown deadline")
+            log.error("store: the spool's committer (or an append on an engine worker) did not finish within the "
+                      "shutdown deadline")
         if writer_free:  # then, if the database is up, what the writer holds of the spool's tail
             try:
                 await asyncio.wait_for(self._writer.final_flush(), left(reserve=0.5))

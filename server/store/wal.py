@@ -5,7 +5,8 @@ LSN (log sequence number) is a byte offset in the whole log, so a segment's name
 byte and a position anywhere in the log is one integer; the writer keeps one: "everything before it is in
 the database".
 
-- **Append** (the group committer's thread only): the lines of every request finishing together are
+- **Append** (the group committer's thread, or an engine worker syncing a lone request's records: one at a
+  time, under the committer's order lock, ``committer.py``): the lines of every request finishing together are
   written with one ``write`` and one ``fdatasync`` (what fsync does for the data and the file's size,
   without the timestamp updates that made fsync's p90 ten times longer on the development VM: 2.5 ms
   against 0.3 ms). If either fails (ENOSPC, EIO) the segment is truncated back to where the append began
@@ -22,7 +23,7 @@ the database".
   records were never acknowledged) is cut off; lines are counted by streaming the files, so the memory
   a start needs does not depend on the spool's size.
 
-One lock covers the segment list: appends (committer thread), reads and releases (the store's database
+One lock covers the segment list: appends (committer or engine worker), reads and releases (the store's database
 thread) and the CLI never see it half-changed.
 """
 
