@@ -202,6 +202,7 @@ class Batcher:
         self._quiet = asyncio.Event()  # set when nothing waits and nothing runs
         self._draining = False
         self._last_batch_size = 0
+        self._following_up = False  # a batch with a follow-up is running (``_request_to_follow_up``)
 
     @property
     def depth(self) -> int:
@@ -339,16 +340,19 @@ class Batcher:
             item.dispatched = True
         formed = time.perf_counter()
         self._observe_batch(batch, formed)
-        self._executor.submit(self._infer, batch, formed, self._request_to_follow_up(batch))
+        followed_up = self._request_to_follow_up(batch)
+        self._following_up = self._following_up or followed_up is not None
+        self._executor.submit(self._infer, batch, formed, followed_up)
 
     def _request_to_follow_up(self, batch: list[WorkItem]) -> PendingRequest | None:
         """The request whose ``on_worker`` runs after this batch (already counted as running): one whose every text
-        is in it, alone in it, with nothing else waiting and another worker free for what arrives meanwhile. A
-        follow-up holds its worker (a sync: ~0.3 ms, at times a few ms), so it is for an engine that would idle
-        anyway; under load a group commit on the committer thread covers many requests with one sync."""
+        is in it, alone in it, with nothing else waiting, another worker free for what arrives meanwhile and no
+        other follow-up running. A follow-up holds its worker (a sync: ~0.3 ms, at times a few ms), so it is for
+        an engine that would idle anyway, and a stalled disk holds one worker, not several; under load a group
+        commit on the committer thread covers many requests with one sync."""
         request = batch[0].request
-        if request.on_worker is None or self._waiting or not self._free_workers or len(batch) != len(request.items) \
-                or any(item.request is not request for item in batch):
+        if request.on_worker is None or self._waiting or not self._free_workers or self._following_up \
+                or len(batch) != len(request.items) or any(item.request is not request for item in batch):
             return None
         return request
 
@@ -374,10 +378,12 @@ class Batcher:
         if followed_up is not None and not isinstance(outcome, BaseException):
             _follow_up(followed_up, batch, outcome)
         ran = Ran(formed, picked_up, engine_started, engine_ended, time.perf_counter())
-        self._loop.call_soon_threadsafe(self._finish, batch, outcome, ran)
+        self._loop.call_soon_threadsafe(self._finish, batch, outcome, ran, followed_up is not None)
 
-    def _finish(self, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran) -> None:
+    def _finish(self, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran, followed_up: bool) -> None:
         self._free_workers += 1
+        if followed_up:
+            self._following_up = False
         m, device = self._metrics, self.engine.device
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)

@@ -3,17 +3,18 @@
 With ``STORE_DURABILITY=ack`` a request is answered only once its records are synced to the spool. Through the
 committer that costs a lone request two thread hand-offs beyond the sync (loop to the committer, which is
 asleep, and back: ~0.1 ms each on this project's VM, most of it waking an idle CPU). The engine worker that
-computed the request is awake, so when one batch holds every text of a request, nothing else waits and another
-engine worker is free for what comes meanwhile (the batcher decides: ``Batcher.submit``'s ``on_worker``; with one
-engine worker, as on CUDA, never), ``WorkerRecords`` builds the records there, right after
-the engine call, and syncs them on that thread (``PredictionStore.record_here``); the answer is handed back to
-the loop with its records already durable. Under load, records go through the committer, whose one sync covers
-every request finishing together.
+computed the request is awake, so when one batch holds every text of a request, nothing else waits, another
+engine worker is free for what comes meanwhile and no other follow-up runs (the batcher decides:
+``Batcher.submit``'s ``on_worker``; with one engine worker, as on CUDA, never), ``WorkerRecords`` builds the
+records there, right after the engine call, and syncs them on that thread (``PredictionStore.record_here``); the
+answer is handed back to the loop with its records already durable. Under load, records go through the
+committer, whose one sync covers every request finishing together.
 
 A record synced on the worker whose request then fails (its deadline passed while the batch ran, its client
-went away, a drain's time limit abandoned it) is kept: it says what the model answered, like a record synced just before a crash that lost its
-answer. Every request answered 200 has its records exactly once either way. A record's ``latency_ms`` is taken
-where it is built: on the worker, when the engine's results are ready, or on the loop after the predictions.
+went away, a drain's time limit abandoned it) is kept: it says what the model answered, like a record synced
+just before a crash that lost its answer. Every request answered 200 has its records exactly once either way.
+A record's ``latency_ms`` is taken where it is built: on the worker, when the engine's results are ready, or on
+the loop after the predictions.
 """
 
 from __future__ import annotations

@@ -268,6 +268,25 @@ async def test_no_follow_up_when_the_batch_is_shared_or_the_request_spans_batche
     await one_by_one.drain()
 
 
+async def test_one_follow_up_at_a_time_so_a_stalled_disk_holds_one_worker():
+    batcher = Batcher(RecordingEngine(), settings(engine_workers=3), Metrics())
+    batcher.start()
+    release = threading.Event()
+    stalled, second, third = FollowUp(), FollowUp(), FollowUp()
+    first = asyncio.ensure_future(batcher.submit([np.array([1])], on_worker=lambda rows: (stalled(rows),
+                                                                                            release.wait(30))))
+    deadline = time.monotonic() + 30
+    while not stalled.calls and time.monotonic() < deadline:  # its follow-up is under way, stalled
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(batcher.submit([np.array([2])], on_worker=second), 30)
+    assert second.calls == []  # two workers were free, but one follow-up was already running
+    release.set()
+    await asyncio.wait_for(first, 30)
+    await asyncio.wait_for(batcher.submit([np.array([3])], on_worker=third), 30)
+    assert len(stalled.calls) == 1 and len(third.calls) == 1
+    await batcher.drain()
+
+
 @pytest.mark.parametrize("fault", [ValueError("follow-up bug"), SystemExit("follow-up bug")], ids=["bug", "exit"])
 async def test_a_follow_up_is_skipped_when_the_engine_fails_and_its_own_failure_leaves_the_results_alone(caplog,
                                                                                                       fault):
