@@ -44,7 +44,8 @@ in ``to_loop``, a slow engine only in the former), and each request's queue and
 engine time reach its caller (``StageTimings``, TEI's timing headers). A request
 may bring a follow-up (``on_worker``) that the worker runs with its results
 before handing them back, when the batch is the request's alone, nothing
-else waits and another worker is free: ``server.records`` syncs a lone
+else waits, another worker is free and no other follow-up runs (one at a
+time: ``_request_to_follow_up``): ``server.records`` syncs a lone
 request's records there, on the thread that is awake, rather than waking the
 store's committer thread (so with one engine worker, as on CUDA, never).
 """
@@ -217,10 +218,11 @@ class Batcher:
         """Label probabilities per encoded text, in input order; ``timings`` gets the queue wait and engine time.
 
         ``on_worker``: called on the engine worker with the results (input order) before they are handed back,
-        when one batch holds every text of the request, nothing else waits and another worker is free (a lone
-        request: the worker is awake, a thread it would hand work to is not; ``server.records``). It must not
-        raise; it is not called otherwise, nor when the engine fails, and it may run for a request that has
-        meanwhile failed (its deadline passed while the batch ran, its caller went away).
+        when one batch holds every text of the request, nothing else waits, another worker is free and no other
+        follow-up runs (a lone request: the worker is awake, a thread it would hand work to is not;
+        ``server.records``). It must not raise; it is not called otherwise, nor when the engine fails, and it may
+        run for a request that has meanwhile failed (its deadline passed while the batch ran, its caller went
+        away).
         """
         if self._draining:
             self._metrics.rejected.labels("draining").inc()
