@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from server.http import PayloadTooLarge
 from server.predictor import normalize
 from server.primitives import Draining, ModelIdentity, Prediction, ServerError, StageTimings
-from server.records import RecordContext, WorkerRecords, prediction_records
+from server.records import RecordContext, RecordKeys, WorkerRecords, prediction_records
 from server.services import Services
 from server.store import SpoolUnavailable
 
@@ -69,8 +69,9 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
     timings = StageTimings()
     settings, store = services.settings, services.store
     context = RecordContext(request_id, api_key_id, identity, settings.store_text)
-    on_worker = WorkerRecords(store, texts, runtime.labels(), started, context) \
-        if settings.store_predictions and store.ack else None
+    keys = RecordKeys.of(texts) if settings.store_predictions else None
+    on_worker = WorkerRecords(store, texts, runtime.labels(), started, context, keys) \
+        if keys is not None and store.ack else None
     predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker)
     compute_ms = (time.perf_counter() - started - (on_worker.recording_s if on_worker else 0.0)) * 1000
     ids: list[str | None] = [None] * len(predictions)
@@ -80,7 +81,7 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
             if on_worker and on_worker.refused:
                 raise on_worker.refused
             if records is None:
-                records = prediction_records(texts, predictions, context, compute_ms)
+                records = prediction_records(texts, predictions, context, keys, compute_ms)
                 await store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
         except SpoolUnavailable as error:  # never a 200 without its record
             services.metrics.rejected.labels("spool_full").inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from server.primitives import ModelIdentity
-from server.records import RecordContext, WorkerRecords
+from server.records import RecordContext, RecordKeys, WorkerRecords
 from server.store import SpoolUnavailable
 
 CONTEXT = RecordContext("req-1", None, ModelIdentity(name="m", version="1", variant="fp32", provider="cpu",
@@ -25,7 +25,8 @@ class Store:
 
 
 def worker_records(store: Store) -> WorkerRecords:
-    return WorkerRecords(store, ["a fine film", "a dull film"], ["negative", "positive"], 0.0, CONTEXT)
+    texts = ["a fine film", "a dull film"]
+    return WorkerRecords(store, texts, ["negative", "positive"], 0.0, CONTEXT, RecordKeys.of(texts))
 
 
 def test_the_records_say_what_the_model_answered_in_input_order_once():
