@@ -343,7 +343,8 @@ class Batcher:
         formed = time.perf_counter()
         self._observe_batch(batch, formed)
         followed_up = self._request_to_follow_up(batch)
-        self._following_up = self._following_up or followed_up is not None
+        if followed_up is not None:
+            self._following_up = True  # until its batch is handed back (``_finish``)
         self._executor.submit(self._infer, batch, formed, followed_up)
 
     def _request_to_follow_up(self, batch: list[WorkItem]) -> PendingRequest | None:

@@ -9,9 +9,9 @@ sync covers.
 
 On this path a lone request's wait is the sync plus two thread hand-offs (loop to committer, committer to
 loop), which ``commit_here`` below spares it where it can; each hand-off also waits for the GIL the other side
-holds. The committer therefore blocks in C
-(``SimpleQueue.get``, not ``threading.Condition``, whose wait and wake-up run Python code while the loop
-wants the GIL back) and posts the outcome as the last thing before blocking again.
+holds. The committer therefore blocks in C (``SimpleQueue.get``, not ``threading.Condition``, whose wait and
+wake-up run Python code while the loop wants the GIL back) and posts the outcome as the last thing before
+blocking again.
 
 A record that cannot be encoded fails only its own request. An append the WAL refuses (full, ENOSPC,
 I/O error) fails every request of the group with ``SpoolUnavailable``: none of them is answered 200.
