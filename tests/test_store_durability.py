@@ -45,13 +45,14 @@ def spooled_ids(spool_dir: Path) -> list[str]:
     return ids
 
 
-def count_syncs(monkeypatch, delay_s: float = 0.0) -> list[int]:
-    """Count the spool's data syncs (fdatasync), each made ``delay_s`` slower."""
-    synced: list[int] = []
+def count_syncs(monkeypatch, delay_s: float = 0.0) -> list[str]:
+    """Count the spool's data syncs (fdatasync), each made ``delay_s`` slower: the name of the thread that made
+    each, in order."""
+    synced: list[str] = []
     real_fdatasync = os.fdatasync
 
     def fdatasync(fd: int) -> None:
-        synced.append(fd)
+        synced.append(threading.current_thread().name)
         time.sleep(delay_s)
         real_fdatasync(fd)
 
@@ -162,16 +163,9 @@ def test_a_lone_request_s_records_are_synced_on_its_engine_worker_and_load_share
         make_settings, monkeypatch):
     """Ack mode: a request alone on the engine is synced by the worker that computed it (no hand-off to the
     committer thread and back); every answered record is in the spool either way."""
-    synced_on: list[str] = []
-    real_fdatasync = os.fdatasync
-
-    def fdatasync(fd: int) -> None:
-        synced_on.append(threading.current_thread().name)
-        real_fdatasync(fd)
-
     settings = make_settings(engine_workers=2)  # with one, a follow-up would hold the engine up: never
     with TestClient(create_app(settings)) as client:
-        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        synced_on = count_syncs(monkeypatch)
         answered = client.post("/predict", json={"texts": ["a fine film", "a dull film"]})
         assert answered.status_code == 200
         assert len(synced_on) == 1 and synced_on[0].startswith("engine"), synced_on
@@ -187,14 +181,8 @@ def test_a_lone_request_s_records_are_synced_on_its_engine_worker_and_load_share
 def test_the_compute_time_a_lone_request_reports_leaves_out_its_records_sync(make_settings, monkeypatch):
     """TEI's x-compute-time is admission to predictions on either path: the sync on the engine worker is not
     compute time (a slow spool disk must not look like a slow engine)."""
-    real_fdatasync = os.fdatasync
-
-    def slow_fdatasync(fd: int) -> None:
-        time.sleep(0.5)
-        real_fdatasync(fd)
-
     with TestClient(create_app(make_settings(engine_workers=2))) as client:
-        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+        count_syncs(monkeypatch, delay_s=0.5)
         started = time.perf_counter()
         answered = client.post("/predict", json={"inputs": "a slowly recorded film"})
         assert answered.status_code == 200 and time.perf_counter() - started >= 0.5  # it did wait for the sync
