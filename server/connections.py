@@ -62,6 +62,7 @@ from server.metrics import Metrics
 from server.primitives import ServerError
 from server.store.throttle import Throttle
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn writes for ``Expect: 100-continue``
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 Phase = Literal["headers", "body", "app", "refused"]
 
@@ -117,6 +118,44 @@ class RepeatedClientWarnings(logging.Filter):
 
 
 CLIENT_WARNINGS = RepeatedClientWarnings()
+
+
+class HeadWithBody:
+    """A response's transport that writes its head (status line and headers) together with the first write of its
+    body: one ``send`` and one TCP segment where uvicorn makes two (its ``send`` writes the head on
+    ``http.response.start``), so the client wakes once. A lone request on the development VM spent ~70 us in the
+    second write; under load the loop makes one system call fewer per response.
+
+    The first write that is not ``100 Continue`` (written while the client waits to send its body: never held) is
+    the head: uvicorn writes nothing else before it. Closing writes a held head first. Everything else is the
+    transport's own. Not used for HEAD requests, whose responses have no body write.
+    """
+
+    __slots__ = ("_transport", "_head", "_head_seen")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._head_seen = False
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.writelines((head, data))
+        elif self._head_seen or data == CONTINUE:
+            self._transport.write(data)
+        else:
+            self._head_seen = True
+            self._head = data
+
+    def close(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 class ConnectionGuard:
@@ -222,6 +261,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        if self.cycle.scope["method"] != "HEAD":  # a HEAD response has no body write to carry its head
+            self.cycle.transport = HeadWithBody(self.transport)
         if self.guard.draining:
             self.cycle.keep_alive = False
         self.phase = "body"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
-from server.connections import RepeatedClientWarnings
+from server.connections import CONTINUE, HeadWithBody, RepeatedClientWarnings
 
 HEADER_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 2.0
@@ -161,6 +161,57 @@ def test_a_request_sent_in_pieces_within_the_deadlines_is_answered(server):
         status, _, body = read_response(sock)
     assert status == 200 and len(json.loads(body)["predictions"]) == 1
     assert metric(server, SLOW) == slow
+
+
+def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body_and_then_its_answer(server):
+    with connect(server) as sock:
+        head = predict_head().replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+        sock.sendall(head)
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):  # the response's head would not come before the body is sent
+            interim += sock.recv(1) or pytest.fail(f"connection closed before 100 Continue: {interim!r}")
+        assert interim == CONTINUE
+        sock.sendall(BODY)
+        status, headers, body = read_response(sock)
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert len(json.loads(body)["predictions"]) == 1
+
+
+class RecordedTransport:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", data))
+
+    def writelines(self, parts) -> None:
+        self.calls.append(("writelines", tuple(parts)))
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_response_head_is_written_with_the_first_body_write_and_the_rest_as_it_comes():
+    transport = RecordedTransport()
+    writes = HeadWithBody(transport)
+    writes.write(CONTINUE)  # the client waits for it before it sends the body: never held
+    writes.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert transport.calls == [("write", CONTINUE)]
+    writes.write(b"part one")
+    writes.write(b"part two")
+    assert transport.calls[1:] == [("writelines", (b"HTTP/1.1 200 OK\r\n\r\n", b"part one")), ("write", b"part two")]
+    assert writes.is_closing() is False  # the rest is the transport's own
+
+
+def test_a_held_head_is_written_before_the_transport_closes():
+    transport = RecordedTransport()
+    writes = HeadWithBody(transport)
+    writes.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    writes.close()
+    assert transport.calls == [("write", b"HTTP/1.1 500 Internal Server Error\r\n\r\n"), ("close",)]
 
 
 def test_connections_beyond_max_connections_are_refused_with_503_json_and_the_gauge_counts(tiny_artifact, tmp_path):
