@@ -50,6 +50,7 @@ import http
 import logging
 import math
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Literal
 
@@ -63,6 +64,7 @@ from server.primitives import ServerError
 from server.store.throttle import Throttle
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn writes for ``Expect: 100-continue``
+ANSWERING = "sentiment.answering"  # scope key: the uvicorn cycle answering the request (``client_left``)
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 Phase = Literal["headers", "body", "app", "refused"]
 
@@ -118,6 +120,15 @@ class RepeatedClientWarnings(logging.Filter):
 
 
 CLIENT_WARNINGS = RepeatedClientWarnings()
+
+
+def client_left(scope: dict) -> bool:
+    """Whether the client closed the connection before the request's answer was all sent (uvicorn then drops what
+    the application still sends): ``ObservedASGI`` counts such a request as 499, as nginx logs it and as the gRPC
+    API counts a cancelled call, not under the status nobody received. False outside a real connection (tests'
+    in-process clients)."""
+    cycle = scope.get(ANSWERING, lambda: None)()
+    return cycle is not None and cycle.disconnected and not cycle.response_complete
 
 
 class HeadWithBody:
@@ -261,6 +272,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self.cycle.scope[ANSWERING] = weakref.ref(self.cycle)  # weak: the cycle holds the scope (``client_left``)
         if self.cycle.scope["method"] != "HEAD":  # a HEAD response has no body write to carry its head
             self.cycle.transport = HeadWithBody(self.transport)
         if self.guard.draining:

@@ -18,7 +18,8 @@ ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per re
 - answers ``HEAD`` on every ``GET`` route as that ``GET`` without the body;
 - turns any exception nothing else handled into a JSON 500 carrying the request id, and logs its traceback at
   ERROR: a client never sees a traceback or a plain-text body;
-- counts every request by endpoint and status, and each refusal no other layer counts in
+- counts every request by endpoint and status (499 when the client left before its answer was sent:
+  ``server.connections.client_left``), and each refusal no other layer counts in
   ``sentiment_rejected_requests_total`` (``REJECTED_BY_STATUS``).
 
 Choices the contract leaves open (also in the README's API section): a body that is not JSON at all (bad syntax,
@@ -47,6 +48,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from server.budget import BodyBudget
+from server.connections import client_left
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError, new_id
@@ -71,6 +73,7 @@ STATUS_TYPES = {  # an error's "type" when nothing more specific names it
 }
 # sentiment_rejected_requests_total{reason} for the refusals counted here; 401/403 (server/auth.py) and 503
 # (the batcher, routes, the store) are counted where they are decided.
+CLIENT_LEFT = 499  # the status a request whose client left before its answer was sent is counted under
 REJECTED_BY_STATUS = {400: "invalid", 404: "not_found", 405: "invalid", 413: "too_large",
                       415: "unsupported_media_type", 422: "invalid"}
 
@@ -183,7 +186,7 @@ class ObservedASGI:
             route = scope.get("route")
             endpoint = getattr(route, "path_format", "unmatched")  # the path as documented, without convertors
             elapsed = time.perf_counter() - started
-            status = response["status"]
+            status = CLIENT_LEFT if client_left(scope) else response["status"]
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
             if status in REJECTED_BY_STATUS:

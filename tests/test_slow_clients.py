@@ -177,6 +177,26 @@ def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body_and_
     assert len(json.loads(body)["predictions"]) == 1
 
 
+def test_a_client_that_leaves_before_its_answer_is_counted_499_not_under_the_answer_it_never_got(server):
+    def counts() -> tuple[float, ...]:
+        statuses = (metric(server, f'sentiment_requests_total{{endpoint="/predict",status="{status}"}}')
+                    for status in (499, 400))
+        return (*statuses, metric(server, 'sentiment_rejected_requests_total{reason="invalid"}'))
+
+    left, bad, invalid = counts()
+    with connect(server) as sock:
+        sock.sendall(predict_head() + BODY[:5])  # the rest of the body never comes: the application's answer is a 400
+        time.sleep(0.2)
+    deadline = time.monotonic() + WAIT_S
+    while counts()[0] == left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counts() == (left + 1, bad, invalid)
+    with connect(server) as sock:  # a client that stays gets its answer, counted as it was sent
+        sock.sendall(predict_head() + BODY)
+        assert read_response(sock)[0] == 200
+    assert counts()[0] == left + 1
+
+
 class RecordedTransport:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
