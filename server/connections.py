@@ -134,8 +134,9 @@ def client_left(scope: dict) -> bool:
 class HeadWithBody:
     """A response's transport that writes its head (status line and headers) together with the first write of its
     body: one ``send`` and one TCP segment where uvicorn makes two (its ``send`` writes the head on
-    ``http.response.start``), so the client wakes once. A lone request on the development VM spent ~70 us in the
-    second write; under load the loop makes one system call fewer per response.
+    ``http.response.start``), so the client wakes once and the loop makes one system call fewer per response
+    (cached answers at 64 clients on the development VM, three alternating pairs: 7% more requests per second and
+    7% less loop CPU per request; a lone request's wait did not change measurably).
 
     The first write that is not ``100 Continue`` (written while the client waits to send its body: never held) is
     the head: uvicorn writes nothing else before it. Closing writes a held head first. Everything else is the
