@@ -123,10 +123,11 @@ CLIENT_WARNINGS = RepeatedClientWarnings()
 
 
 def client_left(scope: dict) -> bool:
-    """Whether the client closed the connection before the request's answer was all sent (uvicorn then drops what
-    the application still sends): ``ObservedASGI`` counts such a request as 499, as nginx logs it and as the gRPC
-    API counts a cancelled call, not under the status nobody received. False outside a real connection (tests'
-    in-process clients)."""
+    """Whether the client closed the connection before the request's answer was all written to it (uvicorn then
+    drops what the application still sends): ``ObservedASGI`` counts such a request as 499, as nginx logs it and as
+    the gRPC API counts a cancelled call, not under the status nobody received. A request a drain gave up on
+    (``abandon``: the server wrote its 503) counts so too if the application still finishes before the process
+    exits. False outside a real connection (tests' in-process clients)."""
     cycle = scope.get(ANSWERING, lambda: None)()
     return cycle is not None and cycle.disconnected and not cycle.response_complete
 
@@ -244,6 +245,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
         self._unparseable = False  # httptools refused what the client sent: nothing more is read
         self._refusal_after_answer: bytes | None = None  # a 400 for garbage pipelined behind the request under way
+        self._answering: Callable[[], object] = lambda: None  # the cycle of the request being answered (weakly)
 
     # connection events
 
@@ -263,6 +265,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_deadline()
         if self.phase != "refused":
             self.guard.closed(self)
+        # uvicorn marks only the last request parsed as disconnected; with requests pipelined behind it, the one
+        # being answered is an earlier one, which would write to the closed transport and be counted as answered
+        answering = self._answering()
+        if answering is not None and not answering.response_complete:
+            answering.disconnected = True
+            answering.message_event.set()
         super().connection_lost(exc)
 
     # parser and response events
@@ -273,9 +281,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        self.cycle.scope[ANSWERING] = weakref.ref(self.cycle)  # weak: the cycle holds the scope (``client_left``)
-        if self.cycle.scope["method"] != "HEAD":  # a HEAD response has no body write to carry its head
-            self.cycle.transport = HeadWithBody(self.transport)
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own
+            cycle.scope[ANSWERING] = weakref.ref(cycle)  # weak: the cycle holds the scope (``client_left``)
+            if cycle.scope["method"] != "HEAD":  # a HEAD response has no body write to carry its head
+                cycle.transport = HeadWithBody(self.transport)
         if self.guard.draining:
             self.cycle.keep_alive = False
         self.phase = "body"
@@ -306,6 +316,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # phase "body": answered before its body had all arrived; the body deadline still runs
 
     async def _run_application(self, scope, receive, send) -> None:
+        self._answering = scope[ANSWERING]  # pipelined requests are answered one at a time, in order
+
         async def receive_in_time():
             message = await receive()
             if self._failed_body is not None and scope is self._failed_body[0]:

@@ -197,6 +197,25 @@ def test_a_client_that_leaves_before_its_answer_is_counted_499_not_under_the_ans
     assert counts()[0] == left + 1
 
 
+def test_a_client_that_pipelines_requests_and_leaves_is_counted_499_without_an_error_logged(server):
+    """uvicorn marks only the last request parsed as disconnected; the one being answered is an earlier one."""
+    def counts() -> tuple[float, float]:
+        return tuple(metric(server, f'sentiment_requests_total{{endpoint="/predict",status="{status}"}}')
+                     for status in (499, 200))
+
+    left, answered = counts()
+    errors = server.log().count(" ERROR ")
+    body = json.dumps({"texts": [f"a fine film, take {i}" for i in range(64)]}).encode()
+    with connect(server) as sock:
+        sock.sendall((predict_head(len(body)) + body) * 3)  # the first is answered, two wait behind it; then gone
+    deadline = time.monotonic() + WAIT_S
+    while counts() == (left, answered) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # anything else it would count or log
+    assert counts() == (left + 1, answered)
+    assert server.log().count(" ERROR ") == errors, server.log()[-3000:]
+
+
 class RecordedTransport:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
