@@ -106,16 +106,19 @@ class RepeatedClientWarnings(logging.Filter):
     log at the rate it sends; these lines go out at most once a minute each, with how many they stand for (the
     metric ``reason="malformed_http"`` counts every one)."""
 
-    MESSAGES = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+    # how the lines start: the last follows every upgrade request (``Upgrade: websocket``), as no WebSocket is served
+    MESSAGES = ("Invalid HTTP request received.", "Unsupported upgrade request.",
+                "No supported WebSocket library detected.")
 
     def __init__(self) -> None:
         super().__init__()
         self._throttle = Throttle(logging.getLogger(__name__))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg not in self.MESSAGES:
+        kind = next((m for m in self.MESSAGES if isinstance(record.msg, str) and record.msg.startswith(m)), None)
+        if kind is None:
             return True
-        self._throttle.log(record.msg, record.levelno, f"uvicorn: {record.msg}")
+        self._throttle.log(kind, record.levelno, f"uvicorn: {record.msg}")
         return False
 
 
