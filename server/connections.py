@@ -115,7 +115,8 @@ class RepeatedClientWarnings(logging.Filter):
         self._throttle = Throttle(logging.getLogger(__name__))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        kind = next((m for m in self.MESSAGES if isinstance(record.msg, str) and record.msg.startswith(m)), None)
+        message = record.msg
+        kind = next((m for m in self.MESSAGES if message.startswith(m)), None) if isinstance(message, str) else None
         if kind is None:
             return True
         self._throttle.log(kind, record.levelno, f"uvicorn: {record.msg}")

@@ -179,11 +179,14 @@ def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body_and_
     assert len(json.loads(body)["predictions"]) == 1
 
 
+def predict_requests(server: LiveServer, status: int) -> float:
+    return metric(server, f'sentiment_requests_total{{endpoint="/predict",status="{status}"}}')
+
+
 def test_a_client_that_leaves_before_its_answer_is_counted_499_not_under_the_answer_it_never_got(server):
     def counts() -> tuple[float, ...]:
-        statuses = (metric(server, f'sentiment_requests_total{{endpoint="/predict",status="{status}"}}')
-                    for status in (499, 400))
-        return (*statuses, metric(server, 'sentiment_rejected_requests_total{reason="invalid"}'))
+        return (predict_requests(server, 499), predict_requests(server, 400),
+                metric(server, 'sentiment_rejected_requests_total{reason="invalid"}'))
 
     left, bad, invalid = counts()
     with connect(server) as sock:
@@ -202,8 +205,7 @@ def test_a_client_that_leaves_before_its_answer_is_counted_499_not_under_the_ans
 def test_a_client_that_pipelines_requests_and_leaves_is_counted_499_without_an_error_logged(server):
     """uvicorn marks only the last request parsed as disconnected; the one being answered is an earlier one."""
     def counts() -> tuple[float, float]:
-        return tuple(metric(server, f'sentiment_requests_total{{endpoint="/predict",status="{status}"}}')
-                     for status in (499, 200))
+        return predict_requests(server, 499), predict_requests(server, 200)
 
     left, answered = counts()
     errors = server.log().count(" ERROR ")
