@@ -449,6 +449,25 @@ async def test_async_memory_queue_is_bounded_and_what_it_drops_is_counted(store_
     assert len(stored) + store.health()["lost_rows"] == len(records)
 
 
+async def test_the_writer_holds_committed_records_in_memory_up_to_a_byte_bound(store_db, store_settings, open_store):
+    """Acknowledged records wait in memory for the database only up to ``cache_bytes`` of spool; the older ones
+    are read back from disk, so all of them still reach the database, once each. Without the bound the writer
+    held up to 16,384 records of any size."""
+    bound = 100_000
+    store = await open_store(store_settings(store_durability="ack"), flush_interval_s=10.0, batch_rows=100_000,
+                             cache_bytes=bound)
+    records = [make_record(LONG_TEXT, request_id=f"r{i}") for i in range(200)]  # ~800 KB of spool
+    for start in range(0, len(records), 10):  # ~45 KB a commit: the tail holds two
+        await store.record(records[start:start + 10])
+    health = store.health()
+    line = len(encode_lines([record_row(records[0], True)]))
+    assert health["queue_depth"] + health["spool_rows"] == len(records), health  # none written yet
+    assert 0 < health["queue_depth"] * line <= bound, health
+    await wait_until(lambda: store.health()["queue_depth"] + store.health()["spool_rows"] == 0, timeout=60,
+                     what="every record written")
+    assert sorted(await asyncio.to_thread(stored_ids, store_db.url)) == sorted(r.id for r in records)
+
+
 async def test_a_second_store_on_the_same_spool_dir_refuses_to_start(store_settings, open_store):
     settings = store_settings()
     await open_store(settings)

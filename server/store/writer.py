@@ -4,8 +4,12 @@ It keeps one position, ``cursor``: every spool (WAL) record before it is in the 
 after is taken from the cheapest place that holds it:
 
 - the **tail** it holds in memory: groups committed while the database is up are handed over by the
-  committer, so in steady state nothing is read back from disk. The tail is capped (``cache_rows``);
-  past that, or when the database goes down, it is dropped (the records stay on disk);
+  committer, so in steady state nothing is read back from disk. The tail is capped in rows (``cache_rows``)
+  and in bytes (``cache_bytes``, its span of the spool: about what its texts hold in memory); past either,
+  or when the database goes down, it is dropped (the records stay on disk). A commit larger than the byte cap
+  is not held at all. Without the byte cap, a database slower than the answers let the tail hold 16,384
+  records of up to MAX_TEXT_CHARS each (over 300 MB), outside the memory plan: a burst of 15,000-character
+  texts raised the server's peak memory by ~200 MiB;
 - the **backlog** on disk (records before the tail): read back in chunks of ``batch_rows``, about a
   second of work per flush, so a large backlog never stalls the writer or the records behind it;
 - in async mode, records kept in memory only (``unlogged``, bounded: ``unlogged.UnloggedQueue``): written
@@ -45,6 +49,7 @@ from server.store.worker import BlockingWorker
 log = logging.getLogger(__name__)
 
 CACHE_ROWS = 16_384  # the most committed records held in memory for the writer (beyond: read back from disk)
+CACHE_BYTES = 32 << 20  # and the most spool bytes they may span (the memory plan's margin holds it)
 REPLAY_BUDGET_S = 1.0  # disk backlog read back per flush, in seconds of work
 QUEUE_BYTES = 32 << 20  # async mode: the most memory records held in memory only may take (estimated)
 
@@ -62,7 +67,8 @@ class Writer:
     def __init__(self, *, state: StoreState, wal: WriteAheadLog, sink: DatabaseSink, committer: GroupCommitter,
                  metrics: Metrics, store_text: bool, batch_rows: int, flush_interval_s: float,
                  retry_interval_s: float, max_queue: int, on_rejected: Callable[[], None],
-                 cache_rows: int = CACHE_ROWS, max_queue_bytes: int = QUEUE_BYTES) -> None:
+                 cache_rows: int = CACHE_ROWS, cache_bytes: int = CACHE_BYTES,
+                 max_queue_bytes: int = QUEUE_BYTES) -> None:
         self.state = state
         self._on_rejected = on_rejected  # rejected.jsonl changed: /health recounts it
         self._wal = wal
@@ -74,6 +80,7 @@ class Writer:
         self._flush_interval_s = flush_interval_s
         self._retry_interval_s = retry_interval_s
         self._cache_rows = cache_rows
+        self._cache_bytes = cache_bytes
         self._worker: BlockingWorker | None = None
         self.cursor = 0  # WAL position: every record before it is in the database
         self.wal_end = 0  # end of the last group committed (as the loop has heard)
@@ -113,11 +120,12 @@ class Writer:
         state.pending_rows += len(commit.rows)
         self.wal_end = commit.end
         if state.database_up:
-            if (self._cache and self._cache[-1].end != commit.start) or \
-                    state.cached_rows + len(commit.rows) > self._cache_rows:
+            if self._cache and (self._cache[-1].end != commit.start or commit.end - self._cache[0].start >
+                                self._cache_bytes or state.cached_rows + len(commit.rows) > self._cache_rows):
                 self._drop_cache()  # the older part is read back from disk
-            self._cache.append(commit)
-            state.cached_rows += len(commit.rows)
+            if commit.end - commit.start <= self._cache_bytes:
+                self._cache.append(commit)
+                state.cached_rows += len(commit.rows)
             if state.cached_rows >= self._batch_rows:
                 self._wakeup.set()
         state.publish()
