@@ -104,6 +104,14 @@ class BodiesFull(HTTPException):
         super().__init__(503, bodies_full_message(bodies), headers={"Retry-After": str(BODY_RETRY_AFTER_S)})
 
 
+class BodyMemoryFull(ServerError):
+    """The bodies' budget is full for a message that arrived whole (gRPC): 503 + Retry-After, as over HTTP."""
+
+    status_code = 503
+    error_type = "body_memory_full"
+    retry_after = BODY_RETRY_AFTER_S
+
+
 def bodies_full_message(bodies: BodyBudget) -> str:
     return (f"server busy: request bodies being received or answered already hold {bodies.held} of the "
             f"{bodies.limit} bytes its memory plan allows them (derived from the memory limit); retry after the "

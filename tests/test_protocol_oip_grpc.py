@@ -27,6 +27,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, start_server, stop_server
+from tests.test_lifecycle import metric, start_with_hanging_engine, wait_for
 from tests.test_protocol_oip_v2 import TEXTS, create_key, native
 
 PROTO = "server/protocols/oip_proto/grpc_service.proto"
@@ -317,3 +318,40 @@ def test_calls_cancelled_by_their_client_are_499_and_unanswered_at_the_drain_dea
     assert abandoned == 1 and code == 1, live.log()[-3000:]
     assert dict(unanswered.trailing_metadata()).get("error-type") == "draining", unanswered
     assert "DRAIN_TIMEOUT_S" in unanswered.details()
+
+
+def test_messages_are_held_in_the_bodies_budget_and_a_call_past_it_is_refused_and_counted(tiny_artifact, tmp_path):
+    """A call's message counts in the request bodies' budget (shared with HTTP) until it is answered: with the
+    engine hung, calls that fill the budget wait, and the next one is refused at once, UNAVAILABLE with HTTP's
+    body_memory_full type and Retry-After, and counted."""
+    hang_file, port = tmp_path / "hang", free_port()
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "GRPC_PORT": str(port), "MAX_REQUEST_BYTES": "65536", "ENABLE_MODEL_CACHING": "false"})
+    address = f"127.0.0.1:{port}"
+
+    def memory() -> dict:
+        return httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()["memory"]
+
+    try:
+        request = service_pb2.ModelInferRequest(model_name="sentiment")
+        tensor = request.inputs.add(name="text", datatype="BYTES", shape=[12])
+        tensor.contents.bytes_contents.extend([b"a fine film " * 400] * 12)  # ~58 KB
+        size, limit = request.ByteSize(), memory()["plan"]["bodies"]["max_bytes"]
+        fits = limit // size
+        assert 1 <= fits <= 64, (size, limit)
+        hang_file.touch()
+        for _ in range(fits):  # each waits for the hung engine until the server is killed
+            threading.Thread(target=raw_infer, args=(address, request), daemon=True).start()
+        wait_for(lambda: memory()["bodies_in_flight_bytes"] == fits * size, "the bodies budget to fill",
+                 timeout=TIMEOUT_S)
+        answer, error = raw_infer(address, request)
+        assert answer is None and error.code() == grpc.StatusCode.UNAVAILABLE, error
+        assert "request bodies" in error.details() and "retry after" in error.details(), error.details()
+        trailing = dict(error.trailing_metadata())
+        assert trailing["error-type"] == "body_memory_full" and trailing["retry-after"] == "1", trailing
+        assert metric(live, 'sentiment_rejected_requests_total{reason="body_memory_full"}') == 1
+        assert metric(live, 'sentiment_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",'
+                            'status="503"}') == 1
+    finally:
+        live.process.kill()
+        live.process.wait(timeout=TIMEOUT_S)

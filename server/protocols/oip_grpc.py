@@ -27,6 +27,16 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   deadline passed: the client gave up) counts as status 499, one abandoned at the drain deadline as 503.
 - Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
   in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
+- Memory: a call's message is held in the request bodies' budget (``server.budget.BodyBudget``, shared with HTTP)
+  from when its handler starts until it is answered; beyond the budget, UNAVAILABLE with ``error-type:
+  body_memory_full`` and ``retry-after: 1``, counted as HTTP's 503. gRPC reads a whole message before the handler
+  runs, so what it buffers before that is bounded by HTTP/2 flow control alone: its bandwidth-delay probe is off,
+  which keeps the windows at their initial size instead of letting them grow to megabytes per connection. 1,000
+  concurrent calls of ~1 MB each raised the server's peak memory by 800-840 MiB with the probe on (2 runs),
+  420-530 MiB off (3 runs; the bodies' budget itself lets 16 such messages be parsed at once on a machine with no
+  memory limit), ``scripts/bench_grpc_memory.py``; small calls' throughput did not change (64 callers: 444 and 445
+  calls/s on, 433 and 451 off). Many streams still hold a window's worth each: a per-connection stream limit
+  would bound that too, and is not set (it would refuse the streams of a client's burst).
 - Left out: ModelStreamInfer, statistics, the repository, shared memory, TLS (terminate it in front, as for HTTP).
 
 Generated code: ``oip_proto/`` (committed; the ``.proto`` says how to regenerate it). This module is imported
@@ -50,7 +60,7 @@ from grpc import aio
 
 from server.auth import Caller, authorize
 from server.exitcodes import ExitCode, StartupError
-from server.http import REJECTED_BY_STATUS, STATUS_TYPES
+from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
 from server.primitives import Draining, ServerError, new_id
 from server.protocols.oip_model import (
@@ -130,8 +140,14 @@ class InferenceService(GRPCInferenceServiceServicer):
         started, status = time.perf_counter(), 500
         task = asyncio.current_task()
         self.under_way.add(task)
+        bodies, reserved = self.services.memory_guard.bodies, 0
         try:
             await context.send_initial_metadata((("x-request-id", request_id),))
+            size = request.ByteSize()
+            if not bodies.reserve(size):
+                self.services.metrics.rejected.labels("body_memory_full").inc()
+                raise BodyMemoryFull(bodies_full_message(bodies))
+            reserved = size
             response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer()))
             status = 200
             return response
@@ -153,6 +169,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; it is logged under request id "
                                 f"{request_id}: quote it when you report this")
         finally:
+            bodies.release(reserved)
             self.under_way.discard(task)
             if self.services.draining and status != CLIENT_CANCELLED and task not in self._abandoned:
                 self.services.drain_answered += 1  # as over HTTP: every answer sent after the drain signal
@@ -265,6 +282,7 @@ class GrpcServer:
         self.address = f"{host}:{settings.grpc_port}"
         self.server = aio.server(options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
+            ("grpc.http2.bdp_probe", 0),  # flow-control windows stay small: bytes are read as handlers take them
             ("grpc.so_reuseport", 0),  # else a second server binds a port in use, and they share its calls
         ])
         add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
