@@ -191,8 +191,7 @@ class ObservedASGI:
         finally:
             if bodies is not None:
                 bodies.release(reserved)
-            route = scope.get("route")
-            endpoint = getattr(route, "path_format", "unmatched")  # the path as documented, without convertors
+            endpoint = endpoint_label(scope)
             elapsed = time.perf_counter() - started
             status = CLIENT_LEFT if client_left(scope) else response["status"]
             self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -217,6 +216,16 @@ class ObservedASGI:
                                        "(MAX_REQUEST_BYTES); send fewer or shorter texts",
                                   headers={"Connection": "close"})
         return None
+
+
+def endpoint_label(scope) -> str:
+    """The request metrics' ``endpoint``: the matched route's path as documented (without convertors); the path
+    itself for the framework's own routes without parameters (``/openapi.json``, ``/docs``: matched, but their
+    scope names no route); ``unmatched`` for anything else, so a client cannot add label values."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path_format", "unmatched")
+    return scope["path"] if "endpoint" in scope and not scope.get("path_params") else "unmatched"
 
 
 def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -118,6 +118,10 @@ def test_health_ready_metrics_docs(client):
     assert 'sentiment_model_info{device="cpu",name="tiny-test"' in metrics
     assert "sentiment_batch_size_count" in metrics
     assert client.get("/docs").status_code == 200
+    assert client.get("/openapi.json").status_code == 200 and client.get("/no-such-path").status_code == 404
+    metrics = client.get("/metrics").text
+    for endpoint, status in (("/docs", 200), ("/openapi.json", 200), ("unmatched", 404)):
+        assert f'sentiment_requests_total{{endpoint="{endpoint}",status="{status}"}} 1.0' in metrics, endpoint
 
 
 def test_unrecoverable_engine_failure_is_503_never_a_hang(make_settings):
