@@ -8,7 +8,8 @@ The plan. What the process holds at its peak is, measured or bounded term by ter
 
 and ``plan_memory`` chooses the settings the user left unset so that this stays under MEMORY_HIGH_WATER x
 the memory limit (the container's, ``server.cgroup``). The rest of the limit (15 % by default) is the margin
-for what the plan does not count: gRPC messages, the store's background buffers, the allocator's slack.
+for what the plan does not count: gRPC messages before their handler takes them, the store's background
+buffers, the allocator's slack.
 Settings the user did set win, but are checked: a plan that cannot fit stops start-up with one line naming
 the settings, the parts and the limit it needs (``MemoryDoesNotFit``, exit code 2). The default of each
 setting is its upper bound: more memory never makes batches (in bytes: the default MAX_BATCH_TOKENS at the
@@ -417,10 +418,11 @@ class TokenBudget:
 
 class BodyBudget:
     """Bytes of request bodies held in memory at once, from their first byte until they are answered; the plan's
-    ``body_bytes`` is the limit (``server.http`` reserves, ``MemoryGuard.follow`` sets the serving plan's).
+    ``body_bytes`` is the limit (``server.http`` and the gRPC handlers reserve, ``MemoryGuard.follow`` sets the
+    serving plan's).
 
-    Used on the event loop only (the HTTP middleware), so it takes no lock. A lowered limit (a reload's plan)
-    refuses new bodies until enough of those held are answered.
+    Used on the event loop only (the HTTP middleware, the gRPC server), so it takes no lock. A lowered limit (a
+    reload's plan) refuses new bodies until enough of those held are answered.
     """
 
     def __init__(self, limit: int | None = None) -> None:

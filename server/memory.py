@@ -15,8 +15,8 @@ ONNX Runtime's arena and the request path free in per-thread heaps, where they c
 without being in use. Measured on the default model, three requests of 256 long texts at the 1g plan: the
 server's peak went from 953 to 737 MiB and its RSS after the burst from 514 to 243 MiB, at the same speed.
 
-It also holds the budget of request bodies in flight (``bodies``, a ``BodyBudget``: the HTTP middleware reserves
-from it) and gives it the serving plan's limit, so a reload's plan applies to the bodies too.
+It also holds the budget of request bodies in flight (``bodies``, a ``BodyBudget``: the HTTP middleware and the gRPC
+handlers reserve from it) and gives it the serving plan's limit, so a reload's plan applies to the bodies too.
 
 It also exports what the memory looks like: the headroom below high water on every check, and the serving
 model's memory plan and cost model (``sentiment_memory_plan_bytes``, ``sentiment_memory_cost_*``) when it

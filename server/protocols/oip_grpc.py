@@ -28,15 +28,15 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
 - Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
   in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
 - Memory: a call's message is held in the request bodies' budget (``server.budget.BodyBudget``, shared with HTTP)
-  from when its handler starts until it is answered; beyond the budget, UNAVAILABLE with ``error-type:
-  body_memory_full`` and ``retry-after: 1``, counted as HTTP's 503. gRPC reads a whole message before the handler
-  runs, so what it buffers before that is bounded by HTTP/2 flow control alone: its bandwidth-delay probe is off,
-  which keeps the windows at their initial size instead of letting them grow to megabytes per connection. 1,000
-  concurrent calls of ~1 MB each raised the server's peak memory by 800-840 MiB with the probe on (2 runs),
-  420-530 MiB off (3 runs; the bodies' budget itself lets 16 such messages be parsed at once on a machine with no
-  memory limit), ``scripts/bench_grpc_memory.py``; small calls' throughput did not change (64 callers: 444 and 445
-  calls/s on, 433 and 451 off). Many streams still hold a window's worth each: a per-connection stream limit
-  would bound that too, and is not set (it would refuse the streams of a client's burst).
+  from when its handler starts until it is answered, so parsing, tokenizing and answering calls stay within the
+  plan as HTTP bodies do; beyond the budget, UNAVAILABLE with ``error-type: body_memory_full`` and
+  ``retry-after: 1``, counted as HTTP's 503. Not bounded: what gRPC reads before a handler runs. grpcio accepts
+  calls without limit and reads each accepted call's whole message first, so a flood of large calls is held in
+  memory before any can be refused (1,000 concurrent calls of ~1 MB raised the peak by 800-840 MiB,
+  ``scripts/bench_grpc_memory.py``). Turning off HTTP/2's bandwidth-delay probe lowered that to 420-530 MiB but
+  added a round trip to every call over 64 KiB from a distant client, and ``maximum_concurrent_rpcs=16`` barely
+  lowered it (+706 MiB: refused calls' messages were read too), so neither is set: expose GRPC_PORT to clients
+  you trust, or behind a proxy that limits concurrent streams.
 - Left out: ModelStreamInfer, statistics, the repository, shared memory, TLS (terminate it in front, as for HTTP).
 
 Generated code: ``oip_proto/`` (committed; the ``.proto`` says how to regenerate it). This module is imported
@@ -282,7 +282,6 @@ class GrpcServer:
         self.address = f"{host}:{settings.grpc_port}"
         self.server = aio.server(options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
-            ("grpc.http2.bdp_probe", 0),  # flow-control windows stay small: bytes are read as handlers take them
             ("grpc.so_reuseport", 0),  # else a second server binds a port in use, and they share its calls
         ])
         add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
