@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 from scripts import bench_onnx, bench_server
 from scripts.benchlib.inputs import fixed_length_batch
 from scripts.benchlib.offline import BenchConfig, cell_result, run_benchmark, time_runner
+from scripts.benchlib.serverproc import ROOT
 from scripts.benchlib.stats import accuracy, latency_summary, percentile, throughput
 from tests.labeled_files import write_labeled
 from tests.model_fixtures import save_tiny_checkpoint
@@ -172,3 +175,15 @@ def test_bench_server_refuses_an_unknown_durability_mode(capsys):
     with pytest.raises(SystemExit):
         bench_server.main(["--durability", "ack,fast"])
     assert "choose from ack, async" in capsys.readouterr().err
+
+
+def test_bench_grpc_memory_floods_a_real_server_and_prints_its_peak(tiny_artifact):
+    """In a process of its own: the script imports the server's generated gRPC code, which cannot share a process
+    with tritonclient's copy (tests/test_protocol_oip_grpc.py)."""
+    done = subprocess.run([sys.executable, "scripts/bench_grpc_memory.py", "--calls", "5", "--texts", "2",
+                           "--chars", "300", "--env", f"MODEL_PATH={tiny_artifact}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    calls, memory = done.stdout.splitlines()[-2:]
+    assert calls.startswith("5 calls of ") and calls.endswith(": 5 OK"), done.stdout
+    assert memory.startswith("server resident memory: ") and "MiB idle, peak" in memory, done.stdout
