@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import re
 import sys
 import tempfile
 import time
@@ -25,16 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc  # noqa: E402
 from grpc import aio  # noqa: E402
 
+from scripts.benchlib.chaos.harness import memory_bytes  # noqa: E402
 from scripts.benchlib.serverproc import free_port, start_server, stop_server  # noqa: E402
+from server.memory_model import RESET_PEAK  # noqa: E402
 from server.protocols.oip_proto import grpc_service_pb2 as pb  # noqa: E402
 from server.protocols.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub  # noqa: E402
 
 WORD = "splendid "
-
-
-def memory_mib(pid: int) -> dict[str, int]:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) // 1024 for key in ("VmHWM", "VmRSS")}
+MIB = 1 << 20
 
 
 def infer_request(texts: int, chars: int) -> pb.ModelInferRequest:
@@ -70,13 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     server = start_server(env, Path(tempfile.mkdtemp(prefix="grpc-memory-")))
     try:
         pid = server.process.pid
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM from here on
-        idle = memory_mib(pid)["VmRSS"]
+        Path(f"/proc/{pid}/clear_refs").write_text(RESET_PEAK)  # VmHWM from here on
+        idle = memory_bytes(pid, "VmRSS") // MIB
         request = infer_request(args.texts, args.chars)
         started = time.perf_counter()
         answers = asyncio.run(flood(f"127.0.0.1:{port}", request, args.calls))
         elapsed = time.perf_counter() - started
-        peak = memory_mib(pid)["VmHWM"]
+        peak = memory_bytes(pid, "VmHWM") // MIB
         print(f"{args.calls} calls of {request.ByteSize():,} bytes in {elapsed:.1f} s: "
               + ", ".join(f"{count} {answer}" for answer, count in answers.most_common()))
         print(f"server resident memory: {idle} MiB idle, peak {peak} MiB: +{peak - idle} MiB")
