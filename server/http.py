@@ -105,7 +105,8 @@ class BodiesFull(HTTPException):
 
 
 class BodyMemoryFull(ServerError):
-    """The bodies' budget is full for a message that arrived whole (gRPC): 503 + Retry-After, as over HTTP."""
+    """The bodies' budget is full for a body not yet read (its declared length) or a gRPC message: 503 +
+    Retry-After."""
 
     status_code = 503
     error_type = "body_memory_full"
@@ -178,8 +179,7 @@ class ObservedASGI:
                     reserved = declared
                 else:
                     self.metrics.rejected.labels("body_memory_full").inc()
-                    refusal = error_response(503, bodies_full_message(bodies), BODY_RETRY_AFTER_S,
-                                             error_type="body_memory_full")
+                    refusal = server_error_response(BodyMemoryFull(bodies_full_message(bodies)))
             if refusal is not None:
                 return await refusal(scope, receive, observed_send)
             return await self.app(scope, limited_receive, observed_send)
