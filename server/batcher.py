@@ -34,10 +34,12 @@ Policy:
   accepted request is answered.
 
 Mechanics: no batcher task. Batches are formed on the event loop (in ``submit``
-when a worker is idle, when a worker finishes, when the fill wait ends); the
-worker thread pads, runs the engine and the softmax, and hands the batch back
-through one ``call_soon_threadsafe``; a request awaits one future for all its
-texts. The engine's time is measured on the worker around the engine call alone
+when a worker is idle, when a worker finishes, when the fill wait ends) and go
+to the engine thread freed last (``server.worker_threads``: a lone client's
+requests keep to one thread, and its core's caches); the worker thread pads,
+runs the engine and the softmax, and hands the batch back through one
+``call_soon_threadsafe``; a request awaits one future for all its texts.
+The engine's time is measured on the worker around the engine call alone
 (``sentiment_inference_latency_seconds``); the hand-offs, to the worker and
 back to the loop, are ``sentiment_engine_handoff_seconds`` (a stalled loop shows
 in ``to_loop``, a slow engine only in the former), and each request's queue and
@@ -47,7 +49,9 @@ before handing them back, when the batch is the request's alone, nothing
 else waits, another worker is free and no other follow-up runs (one at a
 time: ``_request_to_follow_up``): ``server.records`` syncs a lone
 request's records there, on the thread that is awake, rather than waking the
-store's committer thread (so with one engine worker, as on CUDA, never).
+store's committer thread (so with one engine worker, as on CUDA, never); what
+the follow-up leaves for the loop (telling the store's writer) rides on the
+batch's own hand-off.
 """
 
 from __future__ import annotations
@@ -56,7 +60,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,9 +69,11 @@ from server.engine import Engine, engine_workers, first_line, softmax
 from server.metrics import Metrics
 from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded, ServerError, StageTimings
 from server.tokenizer import pad_batch
+from server.worker_threads import WorkerThreads, post
 
 log = logging.getLogger(__name__)
-OnWorker = Callable[[list[np.ndarray]], None]  # a request's follow-up on the engine worker (``Batcher.submit``)
+# a request's follow-up on the engine worker, and what it has the loop run with the batch's hand-off (``submit``)
+OnWorker = Callable[[list[np.ndarray]], Callable[[], None] | None]
 GROUPING_WINDOW = 16  # batches' worth of waiting texts considered when grouping by length
 RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are all running still waits
 CPU_CALL_COST_TOKENS = 48  # an engine call's fixed cost on the CPU, in padded tokens' worth (module docstring)
@@ -196,8 +201,8 @@ class Batcher:
         self._waiting: list[WorkItem] = []
         self._pending: set[PendingRequest] = set()  # submitted and not yet answered (a drain's time limit fails them)
         self._workers = engine_workers(settings, engine.device)
-        self._free_workers = self._workers
-        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="engine")
+        self._idle = list(reversed(range(self._workers)))  # engine threads free, the most recently freed last
+        self._threads = WorkerThreads(self._workers, "engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fill_timer: asyncio.TimerHandle | None = None
         self._quiet = asyncio.Event()  # set when nothing waits and nothing runs
@@ -222,7 +227,8 @@ class Batcher:
         follow-up runs (a lone request: the worker is awake, a thread it would hand work to is not;
         ``server.records``). It must not raise; it is not called otherwise, nor when the engine fails, and it may
         run for a request that has meanwhile failed (its deadline passed while the batch ran, its caller went
-        away).
+        away). What it returns, if not None, runs on the loop when the batch is handed back, before the results
+        are delivered.
         """
         if self._draining:
             self._metrics.rejected.labels("draining").inc()
@@ -245,7 +251,7 @@ class Batcher:
         self._pending.add(request)
         request.timer = loop.call_later(timeout, self._deadline_passed, request, True)
         try:
-            if self._free_workers:
+            if self._idle:
                 self._dispatch()  # an idle worker takes it now; else a worker that finishes forms the next batch
             else:
                 self._settle()
@@ -280,9 +286,9 @@ class Batcher:
                     request.fail(Draining("the server shut down before this request was answered; "
                                           "retry on another replica"))
                 self._forget(list(self._waiting))
-                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._threads.shutdown(wait=False, cancel_pending=True)
                 return len(abandoned)
-        self._executor.shutdown(wait=True)
+        self._threads.shutdown(wait=True)
         return 0
 
     def _forget(self, items: list[WorkItem]) -> None:
@@ -293,7 +299,7 @@ class Batcher:
     def _settle(self) -> None:
         """Export the queue depth; the batcher is quiet (drain waits for it) when nothing waits or runs."""
         self._metrics.queue_depth.set(len(self._waiting))
-        if not self._waiting and self._free_workers == self._workers:
+        if not self._waiting and len(self._idle) == self._workers:
             self._quiet.set()
         else:
             self._quiet.clear()
@@ -313,7 +319,7 @@ class Batcher:
 
     def _dispatch(self) -> None:
         """Start batches while an engine worker is free and texts wait."""
-        while self._free_workers and self._waiting and not self._wait_to_fill():
+        while self._idle and self._waiting and not self._wait_to_fill():
             batch = select_batch(self._waiting, self._settings.max_batch_size, self._token_budget,
                                  self._call_cost_tokens)
             self._forget(batch)
@@ -336,7 +342,7 @@ class Batcher:
         self._dispatch()
 
     def _start(self, batch: list[WorkItem]) -> None:
-        self._free_workers -= 1
+        worker = self._idle.pop()
         self._last_batch_size = len(batch)
         for item in batch:
             item.dispatched = True
@@ -345,7 +351,7 @@ class Batcher:
         followed_up = self._request_to_follow_up(batch)
         if followed_up is not None:
             self._following_up = True  # until its batch is handed back (``_finish``)
-        self._executor.submit(self._infer, batch, formed, followed_up)
+        self._threads.submit(worker, self._infer, worker, batch, formed, followed_up)
 
     def _request_to_follow_up(self, batch: list[WorkItem]) -> PendingRequest | None:
         """The request whose ``on_worker`` runs after this batch (already counted as running): one whose every text
@@ -354,12 +360,12 @@ class Batcher:
         an engine that would idle anyway, and a stalled disk holds one worker, not several; under load a group
         commit on the committer thread covers many requests with one sync."""
         request = batch[0].request
-        if request.on_worker is None or self._waiting or not self._free_workers or self._following_up \
+        if request.on_worker is None or self._waiting or not self._idle or self._following_up \
                 or len(batch) != len(request.items) or any(item.request is not request for item in batch):
             return None
         return request
 
-    def _infer(self, batch: list[WorkItem], formed: float, followed_up: PendingRequest | None) -> None:
+    def _infer(self, worker: int, batch: list[WorkItem], formed: float, followed_up: PendingRequest | None) -> None:
         """On an engine worker thread: pad, run the engine (timed around the call alone), softmax, hand back.
 
         Whatever happens is handed back to the loop (an exception as the outcome), so no caller can hang and the
@@ -378,15 +384,18 @@ class Batcher:
                 raise RuntimeError(f"the engine returned {len(outcome)} rows for a batch of {len(batch)} texts")
         except BaseException as error:  # every outcome must reach the callers, never hang them
             engine_ended, outcome = time.perf_counter(), error
-        if followed_up is not None and not isinstance(outcome, BaseException):
-            _follow_up(followed_up, batch, outcome)
+        after = _follow_up(followed_up, batch, outcome) \
+            if followed_up is not None and not isinstance(outcome, BaseException) else None
         ran = Ran(formed, picked_up, engine_started, engine_ended, time.perf_counter())
-        self._loop.call_soon_threadsafe(self._finish, batch, outcome, ran, followed_up is not None)
+        post(self._loop, self._finish, worker, batch, outcome, ran, followed_up is not None, after)  # closed: gone
 
-    def _finish(self, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran, followed_up: bool) -> None:
-        self._free_workers += 1
+    def _finish(self, worker: int, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran,
+                followed_up: bool, after: Callable[[], None] | None) -> None:
+        self._idle.append(worker)
         if followed_up:
             self._following_up = False
+        if after is not None:
+            _run_after(after)
         m, device = self._metrics, self.engine.device
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)
@@ -425,13 +434,23 @@ class Batcher:
         self._forget([item for request in requests for item in request.items])
 
 
-def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarray) -> None:
-    """Run ``request.on_worker`` with its results in input order (the batch is in length order); a failure is
-    logged and leaves the results as they are (the caller then does without what it would have done)."""
+def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarray) -> Callable[[], None] | None:
+    """Run ``request.on_worker`` with its results in input order (the batch is in length order); returns what it
+    has the loop run. A failure is logged and leaves the results as they are (the caller then does without what it
+    would have done)."""
     try:
         rows: list[np.ndarray] = [outcome[0]] * len(batch)
         for item, row in zip(batch, outcome, strict=True):
             rows[item.index] = row
-        request.on_worker(rows)
+        return request.on_worker(rows)
     except BaseException:  # even SystemExit: the batch must still be handed back (``_infer``)
         log.exception("a request's follow-up on the engine worker failed")
+        return None
+
+
+def _run_after(after: Callable[[], None]) -> None:
+    """On the loop: what a follow-up left to run there; a failure is logged, the batch's callers are answered."""
+    try:
+        after()
+    except Exception:
+        log.exception("a request's follow-up on the loop failed")

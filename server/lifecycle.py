@@ -61,6 +61,7 @@ from uvicorn.config import STARTUP_FAILURE
 from server.config import Settings
 from server.connections import ConnectionGuard
 from server.exitcodes import ExitCode, StartupError
+from server.worker_threads import threads_in_call
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -245,7 +246,9 @@ def run_server(settings: Settings) -> int:
 
 
 def threads_still_running(grace_s: float) -> list[str]:
-    """Names of the threads other than this one that would keep the process from exiting, after ``grace_s``."""
+    """Names of the threads other than this one still running after ``grace_s``: those that would keep the
+    process from exiting, and the engine's worker threads still in a call (daemons: the interpreter would tear
+    ONNX Runtime down under them)."""
     until = time.monotonic() + grace_s
     names = []
     for thread in threading.enumerate():
@@ -254,4 +257,6 @@ def threads_still_running(grace_s: float) -> list[str]:
         thread.join(max(0.0, until - time.monotonic()))
         if thread.is_alive():
             names.append(thread.name)
-    return names
+    while threads_in_call() and time.monotonic() < until:
+        time.sleep(POLL_S)
+    return names + [thread.name for thread in threads_in_call()]

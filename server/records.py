@@ -7,8 +7,9 @@ computed the request is awake, so when one batch holds every text of a request, 
 engine worker is free for what comes meanwhile and no other follow-up runs (the batcher decides:
 ``Batcher.submit``'s ``on_worker``; with one engine worker, as on CUDA, never), ``WorkerRecords`` builds the
 records there, right after the engine call, and syncs them on that thread (``PredictionStore.record_here``); the
-answer is handed back to the loop with its records already durable. Under load, records go through the
-committer, whose one sync covers every request finishing together.
+answer is handed back to the loop with its records already durable, and the same hand-off tells the store's
+writer of them (``PredictionStore.deliver_here``: no wake-up of the loop of its own). Under load, records go
+through the committer, whose one sync covers every request finishing together.
 
 A record synced on the worker whose request then fails (its deadline passed while the batch ran, its client
 went away, a drain's time limit abandoned it) is kept: it says what the model answered, like a record synced
@@ -23,6 +24,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -100,23 +102,22 @@ class WorkerRecords:
         self.refused: SpoolUnavailable | None = None
         self.recording_s = 0.0
 
-    def __call__(self, rows: list[np.ndarray]) -> None:
-        """On the engine worker: the request's label probabilities, in input order."""
+    def __call__(self, rows: list[np.ndarray]) -> Callable[[], None] | None:
+        """On the engine worker: the request's label probabilities, in input order. Returns what the loop is to
+        run with the batch's hand-off, the store's ``deliver_here`` (None for a second call, which does nothing)."""
         if not self._once.acquire(blocking=False):
-            return
+            return None
         ready = time.perf_counter()
         predictions = [prediction_of(self._labels, row, False) for row in rows]  # truncation is not recorded
         records = prediction_records(self._texts, predictions, self._context, self._keys,
                                      (ready - self._started) * 1000)
         try:
             self._store.record_here(records)
+            self.records = records
         except SpoolUnavailable as error:
             self.refused = error
-            return
         except Exception as error:  # appended or not, unknown: answer 503, never record it again through the loop
             log.exception("store: syncing a request's records on the engine worker failed")
             self.refused = SpoolUnavailable("io_error", f"recording failed: {type(error).__name__}")
-            return
-        finally:
-            self.recording_s = time.perf_counter() - ready
-        self.records = records
+        self.recording_s = time.perf_counter() - ready
+        return self._store.deliver_here

@@ -200,14 +200,16 @@ async def test_lone_request_runs_at_once_and_load_forms_batches():
 class FollowUp:
     """An ``on_worker`` callback that remembers what it got and on which thread."""
 
-    def __init__(self, fail: BaseException | None = None) -> None:
+    def __init__(self, fail: BaseException | None = None, after=None) -> None:
         self.calls: list[tuple[str, list[np.ndarray]]] = []
         self.fail = fail
+        self.after = after  # what it leaves the loop to run
 
-    def __call__(self, rows: list[np.ndarray]) -> None:
+    def __call__(self, rows: list[np.ndarray]):
         self.calls.append((threading.current_thread().name, rows))
         if self.fail:
             raise self.fail
+        return self.after
 
 
 async def test_a_lone_request_s_follow_up_runs_on_the_engine_worker_with_its_results_in_input_order():
@@ -221,6 +223,39 @@ async def test_a_lone_request_s_follow_up_runs_on_the_engine_worker_with_its_res
     for ids, row, result in zip(encodings, rows, results, strict=True):
         np.testing.assert_allclose(row, expected_probabilities(ids), rtol=1e-6)
         np.testing.assert_array_equal(row, result)
+    await batcher.drain()
+
+
+async def test_what_a_follow_up_leaves_the_loop_runs_there_before_the_answer_and_its_failure_is_only_logged(caplog):
+    batcher = Batcher(RecordingEngine(), settings(engine_workers=2), Metrics())
+    batcher.start()
+    ran: list[str] = []
+    answer = asyncio.ensure_future(batcher.submit([np.array([3])], on_worker=FollowUp(
+        after=lambda: ran.append(f"{threading.current_thread().name}, answered: {answer.done()}"))))
+    await asyncio.wait_for(answer, 30)
+    assert ran == [f"{threading.current_thread().name}, answered: False"]
+
+    def broken() -> None:
+        raise RuntimeError("loop-side bug")
+
+    (result,) = await asyncio.wait_for(batcher.submit([np.array([4])], on_worker=FollowUp(after=broken)), 30)
+    np.testing.assert_allclose(result, expected_probabilities(np.array([4])), rtol=1e-6)
+    assert "loop-side bug" in caplog.text
+    await batcher.drain()
+
+
+async def test_batches_go_to_the_engine_thread_freed_last_so_a_lone_client_keeps_to_one():
+    engine = RecordingEngine(delay=0.02)
+    threads: list[str] = []
+    run = engine.run
+    engine.run = lambda *args: threads.append(threading.current_thread().name) or run(*args)
+    batcher = Batcher(engine, settings(max_batch_size=1, engine_workers=2), Metrics())
+    batcher.start()
+    for n in range(1, 6):
+        await batcher.submit([np.array([n])])
+    assert len(threads) == 5 and len(set(threads)) == 1, threads
+    await asyncio.gather(*(batcher.submit([np.array([n])]) for n in range(1, 3)))
+    assert len(set(threads[5:])) == 2  # two at once: both threads
     await batcher.drain()
 
 

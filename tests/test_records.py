@@ -23,6 +23,9 @@ class Store:
         if self.error:
             raise self.error
 
+    def deliver_here(self) -> None:  # what the loop runs with the batch's hand-off
+        pass
+
 
 def worker_records(store: Store) -> WorkerRecords:
     texts = ["a fine film", "a dull film"]
@@ -32,8 +35,8 @@ def worker_records(store: Store) -> WorkerRecords:
 def test_the_records_say_what_the_model_answered_in_input_order_once():
     store = Store()
     follow_up = worker_records(store)
-    follow_up(ROWS)
-    follow_up(ROWS)  # a second call (a bug upstream) records nothing again
+    assert follow_up(ROWS) == store.deliver_here  # the writer hears of them with the batch's hand-off
+    assert follow_up(ROWS) is None  # a second call (a bug upstream) records nothing again
     assert len(store.synced) == 1 and follow_up.records is store.synced[0] and follow_up.refused is None
     assert [(r.text, r.label, r.request_id, r.cached) for r in follow_up.records] == [
         ("a fine film", "positive", "req-1", False), ("a dull film", "negative", "req-1", False)]
@@ -41,8 +44,9 @@ def test_the_records_say_what_the_model_answered_in_input_order_once():
 
 
 def test_a_refusal_or_an_unknown_failure_is_a_503_never_a_second_recording(caplog):
-    full = worker_records(Store(SpoolUnavailable("full", "the prediction spool is full")))
-    full(ROWS)
+    full_store = Store(SpoolUnavailable("full", "the prediction spool is full"))
+    full = worker_records(full_store)
+    assert full(ROWS) == full_store.deliver_here  # the refusal reaches the writer too
     assert full.records is None and full.refused.cause == "full"
 
     broken = worker_records(Store(RuntimeError("after the append, perhaps")))

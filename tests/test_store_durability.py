@@ -103,13 +103,13 @@ async def test_stop_commits_every_append_queued_before_it_in_order_and_refuses_l
 
 async def test_appends_on_other_threads_reach_the_loop_in_log_order_and_stop_after_stop(tmp_path, monkeypatch):
     """commit_here (an engine worker syncing its request's records) interleaves with the committer's groups: the
-    writer must hear of the commits in log order, contiguous, each exactly once."""
+    writer must hear of the commits in log order, contiguous, each exactly once, whether a group's report or the
+    worker's own hand-off (``deliver``) brings them to the loop."""
     count_syncs(monkeypatch, delay_s=0.002)
     real_post = committer_module.post
 
-    def slow_post(*args) -> None:  # widen the gap between an append and its report, where order could be lost
-        if threading.current_thread().name != "store-committer":
-            time.sleep(0.003)
+    def slow_post(*args) -> None:  # widen the gap between a group's append and its report, where order could be lost
+        time.sleep(0.003)
         real_post(*args)
 
     monkeypatch.setattr(committer_module, "post", slow_post)
@@ -121,9 +121,13 @@ async def test_appends_on_other_threads_reach_the_loop_in_log_order_and_stop_aft
     here = [[make_record(f"worker {n} record {i}") for i in range(20)] for n in range(2)]
     queued = [make_record(f"queued {i}") for i in range(40)]
 
+    loop = asyncio.get_running_loop()
+
     def worker(records) -> None:
-        for record in records:
+        for n, record in enumerate(records):
             committer.commit_here([record])
+            if n % 2:  # the others wait for a group's report
+                loop.call_soon_threadsafe(committer.deliver)
 
     threads = [asyncio.ensure_future(asyncio.to_thread(worker, records)) for records in here]
     futures = []
@@ -131,7 +135,8 @@ async def test_appends_on_other_threads_reach_the_loop_in_log_order_and_stop_aft
         futures.append(committer.append([record]))
         await asyncio.sleep(0.001)
     await asyncio.wait_for(asyncio.gather(*threads, *futures), 60)
-    await wait_until(lambda: sum(len(c.rows) for c in commits) == 80, timeout=30, what="every commit on the loop")
+    committer.deliver()  # what the workers appended after the last group
+    assert sum(len(c.rows) for c in commits) == 80
     assert all(a.end == b.start for a, b in itertools.pairwise(commits)), "commits reached the loop out of log order"
     delivered = [row["id"] for commit in commits for row in commit.rows]
     assert delivered == spooled_ids(tmp_path)
@@ -153,7 +158,8 @@ async def test_a_spool_refusal_on_another_thread_raises_there_and_reaches_the_lo
     with pytest.raises(SpoolUnavailable) as refused:
         await asyncio.to_thread(committer.commit_here, [make_record("no room")])
     assert refused.value.cause == "full"
-    await wait_until(lambda: reports, timeout=30, what="the refusal on the loop")
+    assert reports == []  # no wake-up of the loop of its own: it comes with the caller's hand-off
+    committer.deliver()
     assert reports == [(None, refused.value)] and spooled_ids(tmp_path) == []
     assert await asyncio.to_thread(committer.stop, 30)
     wal.close()
@@ -162,7 +168,8 @@ async def test_a_spool_refusal_on_another_thread_raises_there_and_reaches_the_lo
 def test_a_lone_request_s_records_are_synced_on_its_engine_worker_and_load_shares_the_committer(
         make_settings, monkeypatch):
     """Ack mode: a request alone on the engine is synced by the worker that computed it (no hand-off to the
-    committer thread and back); every answered record is in the spool either way."""
+    committer thread and back), and the writer hears of it with the batch's hand-off: its records reach the
+    database with no other request after it. Every answered record is in the spool either way."""
     settings = make_settings(engine_workers=2)  # with one, a follow-up would hold the engine up: never
     with TestClient(create_app(settings)) as client:
         synced_on = count_syncs(monkeypatch)
@@ -171,6 +178,10 @@ def test_a_lone_request_s_records_are_synced_on_its_engine_worker_and_load_share
         assert len(synced_on) == 1 and synced_on[0].startswith("engine"), synced_on
         ids = [p["id"] for p in answered.json()["predictions"]]
         assert spooled_ids(settings.spool_dir)[-2:] == ids
+        deadline = time.monotonic() + 15
+        while set(ids) - set(stored_ids(settings.database_url)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert set(ids) <= set(stored_ids(settings.database_url)), "the writer never heard of the worker's commit"
 
         cached = client.post("/predict", json={"texts": ["a fine film"]})  # a cache hit: nothing to compute
         assert cached.status_code == 200 and cached.json()["predictions"][0]["cached"]

@@ -17,9 +17,13 @@ A record that cannot be encoded fails only its own request. An append the WAL re
 I/O error) fails every request of the group with ``SpoolUnavailable``: none of them is answered 200.
 
 ``commit_here`` is the same append on the calling thread, for records ready on a thread that is awake anyway
-(an engine worker that just computed them: ``server.records``): no hand-off at all. Every append and the
-posting of its outcome happen under one lock (``_order``), so the loop hears of commits in log order, whichever
-thread made them (the writer relies on it).
+(an engine worker that just computed them: ``server.records``): no hand-off at all. Its outcome does not wake
+the loop either: it waits for ``deliver``, which the caller runs on the loop with its own hand-off there (the
+batcher's, which answers the request), or which the committer's next group runs, whichever comes first. Posting
+it woke the loop once more per lone request (3.0 against 2.1 voluntary context switches of the loop's thread per
+request), and the loop then waited for the GIL the worker still held. Every outcome is queued for ``deliver``
+under one lock (``_order``) together with its append, so the loop hears of commits in log order, whichever thread
+made them (the writer relies on it).
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from server.store.rows import encode_lines, record_row
 from server.store.wal import SpoolUnavailable, WriteAheadLog
-from server.store.worker import post
+from server.worker_threads import post
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,9 @@ class GroupCommitter:
         self._on_commit = on_commit  # called on the loop, in commit order
         self._queue: queue.SimpleQueue[tuple[list[Any], bool, asyncio.Future] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # orders appends against stop(): nothing is queued behind the stop marker
-        self._order = threading.Lock()  # held from an append to the posting of its outcome (module docstring)
+        self._order = threading.Lock()  # held from an append to the queueing of its outcome (module docstring)
+        # each append's outcome for the loop, in log order: added holding ``_order``, taken on the loop (``deliver``)
+        self._outcomes: deque[tuple[Commit | None, SpoolUnavailable | None, list[asyncio.Future]]] = deque()
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="store-committer", daemon=True)
@@ -78,16 +85,29 @@ class GroupCommitter:
 
     def commit_here(self, records: list[Any]) -> None:
         """Append and sync ``records`` on the calling thread (not the loop: it blocks for a sync), in log order
-        with the committer's groups; returns once they are durable, or raises ``SpoolUnavailable``."""
+        with the committer's groups; returns once they are durable, or raises ``SpoolUnavailable``. Either way the
+        caller then has ``deliver`` run on the loop (module docstring)."""
         rows = [record_row(r, self._store_text) for r in records]
         chunk = encode_lines(rows)
         with self._order:
             if self._stopping:  # read under _order: stop() waits for _order, so no append outlives it
                 raise SpoolUnavailable("closed", "the server is shutting down; retry on another replica")
             span, error = self._append(chunk)
-            post(self._loop, self._on_commit, Commit(rows, *span) if span else None, error)
+            self._outcomes.append((Commit(rows, *span) if span else None, error, []))
         if error is not None:
             raise error
+
+    def deliver(self) -> None:
+        """On the loop: report the appends made so far to ``on_commit``, in log order, and settle their futures."""
+        while self._outcomes:
+            commit, error, futures = self._outcomes.popleft()  # only the loop takes: never empty here
+            self._on_commit(commit, error)
+            if error is not None:
+                _fail(futures, error)
+                continue
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
 
     def stop(self, timeout: float) -> bool:
         """Commit what is pending, then end the thread; False if it (or an append on another thread) did not end
@@ -137,7 +157,8 @@ class GroupCommitter:
             return
         with self._order:
             span, error = self._append(b"".join(chunks))
-            post(self._loop, self._deliver, futures, Commit(rows, *span) if span else None, error)
+            self._outcomes.append((Commit(rows, *span) if span else None, error, futures))
+        post(self._loop, self.deliver)
 
     def _append(self, chunk: bytes) -> tuple[tuple[int, int] | None, SpoolUnavailable | None]:
         """Append and sync ``chunk``: its (start, end) LSN, or why not. Call holding ``_order``."""
@@ -148,15 +169,6 @@ class GroupCommitter:
         except Exception as error:  # a bug, not the disk: still never answer 200 without a record
             log.exception("store: appending to the spool failed")
             return None, SpoolUnavailable("io_error", f"spool append failed: {type(error).__name__}")
-
-    def _deliver(self, futures: list[asyncio.Future], commit: Commit | None, error: SpoolUnavailable | None) -> None:
-        self._on_commit(commit, error)
-        if error is not None:
-            _fail(futures, error)
-            return
-        for future in futures:
-            if not future.done():
-                future.set_result(None)
 
 
 def _fail(futures: list[asyncio.Future], error: BaseException) -> None:

@@ -132,10 +132,16 @@ class PredictionStore:
     def record_here(self, records: list[PredictionRecord]) -> None:
         """Ack mode, on a thread other than the loop that has the records ready (an engine worker,
         ``server.records``): sync them to the spool now, in log order with the committer's groups; raises
-        ``SpoolUnavailable``. Saves the hand-offs to the committer thread and back."""
+        ``SpoolUnavailable``. Saves the hand-offs to the committer thread and back. Whatever the outcome, the
+        caller then has ``deliver_here`` run on the loop, with its own hand-off there (``GroupCommitter.deliver``).
+        """
         started = time.perf_counter()
         self._committer.commit_here(records)
         self.metrics.store_ack_latency.observe(time.perf_counter() - started)
+
+    def deliver_here(self) -> None:
+        """On the loop, after ``record_here``: the writer hears of what it appended."""
+        self._committer.deliver()
 
     def submit(self, record: PredictionRecord) -> None:
         """Record one prediction without waiting (the caller answers regardless); never blocks, never raises."""

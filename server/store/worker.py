@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from server.worker_threads import post
+
 log = logging.getLogger(__name__)
 
 
@@ -26,14 +28,6 @@ def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> 
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
-    """Run ``callback`` on ``loop`` from another thread; a loop already closed (process ending) is ignored."""
-    try:
-        loop.call_soon_threadsafe(callback, *args)
-    except RuntimeError:
-        log.debug("event loop closed before a store result could be delivered")
 
 
 class BlockingWorker:

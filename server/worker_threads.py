@@ -1,0 +1,88 @@
+"""``WorkerThreads``: the engine's worker threads, each with its own queue, without an executor's bookkeeping.
+
+The batcher hands every outcome back to the loop itself (``Batcher._infer``), so the future an executor makes
+per call serves nothing, and it costs where it hurts: profiled on lone requests (py-spy, an engine that answers
+at once), the executor's ``Future`` with its ``Condition``, ``set_result`` notifying it and the idle
+``Semaphore`` took about a quarter of an engine worker's Python time and 4 % of the event loop's; and the worker
+ran that tail holding the GIL just after it had woken the loop, which then waited for the GIL. Here a worker
+goes straight back to ``SimpleQueue.get``, which waits in C without the GIL.
+
+The caller picks the thread: the batcher gives a batch to the thread freed last, so a lone client's requests
+keep to one warm thread (with one shared queue, idle threads took turns with an engine that answers at once).
+The threads are daemons, started on the first call, so a batcher that is never drained (a test's) leaves none
+behind to hold the interpreter's exit. One that is in a call at exit (an engine call that hung past the drain)
+is named by ``threads_in_call``: ``server.lifecycle`` then ends the process with ``os._exit``, as for any thread
+still running, rather than let the interpreter tear down ONNX Runtime under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+_IN_CALL: set[threading.Thread] = set()  # the worker threads (of every WorkerThreads) running a call now
+
+
+def threads_in_call() -> list[threading.Thread]:
+    """The worker threads running a call now."""
+    return list(_IN_CALL)
+
+
+def post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """Run ``callback`` on ``loop`` from another thread; a loop already closed (process ending) is ignored."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        log.debug("event loop closed before a worker thread's result could be delivered")
+
+
+class WorkerThreads:
+    """``count`` threads, each taking calls from its own queue: the caller says which thread runs a call."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self.count = count
+        self._name = name
+        self._queues: list[queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None]] = [
+            queue.SimpleQueue() for _ in range(count)]
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, worker: int, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on thread ``worker`` after what it was given before; its result is dropped, an
+        exception is logged."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._run, args=(q,), name=f"{self._name}_{n}", daemon=True)
+                             for n, q in enumerate(self._queues)]
+            for thread in self._threads:
+                thread.start()
+        self._queues[worker].put((fn, args))
+
+    def shutdown(self, wait: bool, cancel_pending: bool = False) -> None:
+        """End each thread after the calls already submitted (none of those not yet started, with
+        ``cancel_pending``); with ``wait``, return once they have ended."""
+        for q in self._queues[: len(self._threads)]:
+            while cancel_pending:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            q.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+    def _run(self, calls: queue.SimpleQueue) -> None:
+        me = threading.current_thread()
+        while (item := calls.get()) is not None:
+            fn, args = item
+            _IN_CALL.add(me)
+            try:
+                fn(*args)
+            except BaseException:  # the thread must live on to take the next call
+                log.exception("a call on the %s threads failed", self._name)
+            finally:
+                _IN_CALL.discard(me)
