@@ -391,6 +391,7 @@ class Batcher:
 
     def _finish(self, worker: int, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran,
                 followed_up: bool, after: Callable[[], None] | None) -> None:
+        self._to_loop.observe(time.perf_counter() - ran.handed_back)
         self._idle.append(worker)
         if followed_up:
             self._following_up = False
@@ -399,7 +400,6 @@ class Batcher:
         m, device = self._metrics, self.engine.device
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)
-        self._to_loop.observe(time.perf_counter() - ran.handed_back)
         if not isinstance(outcome, BaseException):
             for item, row in zip(batch, outcome, strict=True):
                 item.request.deliver(item.index, row, ran)
@@ -449,7 +449,8 @@ def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarr
 
 
 def _run_after(after: Callable[[], None]) -> None:
-    """On the loop: what a follow-up left to run there; a failure is logged, the batch's callers are answered."""
+    """On the loop: what a follow-up left to run there; an exception is logged and the batch's callers are still
+    answered (SystemExit and KeyboardInterrupt on the loop stop the server, as anywhere else on it)."""
     try:
         after()
     except Exception:

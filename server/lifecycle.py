@@ -240,7 +240,8 @@ def run_server(settings: Settings) -> int:
     code = ExitCode.RUNTIME if abandoned else ExitCode.OK
     if stuck:
         logging.shutdown()
-        os._exit(code)  # the interpreter's exit would join those threads: forever, for a call that never returns
+        os._exit(code)  # the interpreter's exit would join such threads (forever, for a call that never returns)
+        # or tear ONNX Runtime down under an engine thread still in a call
     gc.freeze()  # the process ends now: a last full collection of the whole heap would only delay it (2 s here)
     return code
 

@@ -50,20 +50,24 @@ class WorkerThreads:
         self._queues: list[queue.SimpleQueue[tuple[Callable[..., Any], tuple] | None]] = [
             queue.SimpleQueue() for _ in range(count)]
         self._threads: list[threading.Thread] = []
+        self._shut = False
 
     def submit(self, worker: int, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on thread ``worker`` after what it was given before; its result is dropped, an
-        exception is logged."""
-        if not self._threads:
-            self._threads = [threading.Thread(target=self._run, args=(q,), name=f"{self._name}_{n}", daemon=True)
-                             for n, q in enumerate(self._queues)]
-            for thread in self._threads:
-                thread.start()
+        exception is logged. Raises ``RuntimeError`` after ``shutdown`` (or when a thread cannot start)."""
+        if self._shut:
+            raise RuntimeError(f"the {self._name} threads are shut down")
+        while len(self._threads) < self.count:
+            thread = threading.Thread(target=self._run, args=(self._queues[len(self._threads)],),
+                                      name=f"{self._name}_{len(self._threads)}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         self._queues[worker].put((fn, args))
 
     def shutdown(self, wait: bool, cancel_pending: bool = False) -> None:
         """End each thread after the calls already submitted (none of those not yet started, with
-        ``cancel_pending``); with ``wait``, return once they have ended."""
+        ``cancel_pending``); with ``wait``, return once they have ended. Later calls are refused."""
+        self._shut = True
         for q in self._queues[: len(self._threads)]:
             while cancel_pending:
                 try:

@@ -230,10 +230,15 @@ async def test_what_a_follow_up_leaves_the_loop_runs_there_before_the_answer_and
     batcher = Batcher(RecordingEngine(), settings(engine_workers=2), Metrics())
     batcher.start()
     ran: list[str] = []
-    answer = asyncio.ensure_future(batcher.submit([np.array([3])], on_worker=FollowUp(
-        after=lambda: ran.append(f"{threading.current_thread().name}, answered: {answer.done()}"))))
+
+    def after() -> None:
+        ran.append(f"{threading.current_thread().name}, answered: {answer.done()}")
+        time.sleep(0.3)  # the loop's own work, not the hand-off: ``to_loop`` must not count it
+
+    answer = asyncio.ensure_future(batcher.submit([np.array([3])], on_worker=FollowUp(after=after)))
     await asyncio.wait_for(answer, 30)
     assert ran == [f"{threading.current_thread().name}, answered: False"]
+    assert sample_sum(batcher._metrics, "sentiment_engine_handoff_seconds_sum", direction="to_loop") < 0.3
 
     def broken() -> None:
         raise RuntimeError("loop-side bug")

@@ -148,6 +148,26 @@ async def test_appends_on_other_threads_reach_the_loop_in_log_order_and_stop_aft
     wal.close()
 
 
+async def test_a_failing_report_to_the_writer_is_logged_and_holds_up_no_request(tmp_path, caplog):
+    wal = WriteAheadLog(tmp_path, 1 << 30)
+    wal.open()
+    reports: list[Commit] = []
+
+    def on_commit(commit, error) -> None:
+        if not reports:
+            reports.append(commit)
+            raise RuntimeError("writer bug")
+        reports.append(commit)
+
+    committer = GroupCommitter(wal, True, on_commit)
+    committer.start(asyncio.get_running_loop())
+    await asyncio.to_thread(committer.commit_here, [make_record("reported with a bug")])
+    await asyncio.wait_for(committer.append([make_record("queued behind it")]), 30)  # answered all the same
+    assert len(reports) == 2 and "writer bug" in caplog.text
+    assert await asyncio.to_thread(committer.stop, 30)
+    wal.close()
+
+
 async def test_a_spool_refusal_on_another_thread_raises_there_and_reaches_the_loop(tmp_path):
     wal = WriteAheadLog(tmp_path, 1 << 30)
     wal.open()
@@ -163,6 +183,19 @@ async def test_a_spool_refusal_on_another_thread_raises_there_and_reaches_the_lo
     assert reports == [(None, refused.value)] and spooled_ids(tmp_path) == []
     assert await asyncio.to_thread(committer.stop, 30)
     wal.close()
+
+
+async def test_a_worker_s_append_whose_hand_off_never_comes_is_in_the_database_after_close(store_db, store_settings,
+                                                                                           open_store):
+    """``record_here`` leaves the writer's report to the caller's hand-off to the loop; a drain that gave up on
+    the batch (or a slow one) never brings it, and close must still write the record, not leave it to the spool."""
+    settings = store_settings()
+    store = await open_store(settings)
+    record = make_record("appended on a worker, its batch abandoned")
+    await asyncio.to_thread(store.record_here, [record])  # and no deliver_here: the hand-off never comes
+    await store.close()
+    assert stored_ids(store_db.url) == [record.id]
+    assert store.state.spool_rows == 0
 
 
 def test_a_lone_request_s_records_are_synced_on_its_engine_worker_and_load_shares_the_committer(

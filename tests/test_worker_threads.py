@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from server.worker_threads import WorkerThreads, threads_in_call
 
 WAIT_S = 30
@@ -50,3 +52,5 @@ def test_a_thread_in_a_call_is_named_until_it_returns_and_pending_calls_can_be_c
     release.set()
     threads.shutdown(wait=True)
     assert ran == [] and threads_in_call() == []
+    with pytest.raises(RuntimeError, match="shut down"):  # a call after shutdown would never run: refused
+        threads.submit(0, ran.append, "too late")

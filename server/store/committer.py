@@ -19,7 +19,8 @@ I/O error) fails every request of the group with ``SpoolUnavailable``: none of t
 ``commit_here`` is the same append on the calling thread, for records ready on a thread that is awake anyway
 (an engine worker that just computed them: ``server.records``): no hand-off at all. Its outcome does not wake
 the loop either: it waits for ``deliver``, which the caller runs on the loop with its own hand-off there (the
-batcher's, which answers the request), or which the committer's next group runs, whichever comes first. Posting
+batcher's, which answers the request), or which the committer's next group runs, or the store's close after
+``stop``, whichever comes first. Posting
 it woke the loop once more per lone request (3.0 against 2.1 voluntary context switches of the loop's thread per
 request), and the loop then waited for the GIL the worker still held. Every outcome is queued for ``deliver``
 under one lock (``_order``) together with its append, so the loop hears of commits in log order, whichever thread
@@ -98,10 +99,14 @@ class GroupCommitter:
             raise error
 
     def deliver(self) -> None:
-        """On the loop: report the appends made so far to ``on_commit``, in log order, and settle their futures."""
+        """On the loop: report the appends made so far to ``on_commit``, in log order, and settle their futures (a
+        failing ``on_commit`` is logged: the records are durable, and the outcomes behind it are still reported)."""
         while self._outcomes:
             commit, error, futures = self._outcomes.popleft()  # only the loop takes: never empty here
-            self._on_commit(commit, error)
+            try:
+                self._on_commit(commit, error)
+            except Exception:
+                log.exception("store: reporting a commit to the writer failed")
             if error is not None:
                 _fail(futures, error)
                 continue

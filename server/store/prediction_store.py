@@ -276,6 +276,7 @@ class PredictionStore:
         except TimeoutError:
             log.error("store: records held in memory could not be spooled within the shutdown deadline")
         committer_stopped = await asyncio.to_thread(self._committer.stop, left())
+        self._committer.deliver()  # an engine worker's last appends, should their batch's hand-off not have come
         if not committer_stopped:
             log.error("store: the spool's committer (or an append on an engine worker) did not finish within the "
                       "shutdown deadline")
