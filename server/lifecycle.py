@@ -240,8 +240,9 @@ def run_server(settings: Settings) -> int:
     code = ExitCode.RUNTIME if abandoned else ExitCode.OK
     if stuck:
         logging.shutdown()
-        os._exit(code)  # the interpreter's exit would join such threads (forever, for a call that never returns)
-        # or tear ONNX Runtime down under an engine thread still in a call
+        # The interpreter's exit would join such threads (forever, for a call that never returns), or tear ONNX
+        # Runtime down under an engine thread still in a call.
+        os._exit(code)
     gc.freeze()  # the process ends now: a last full collection of the whole heap would only delay it (2 s here)
     return code
 

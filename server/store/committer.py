@@ -20,11 +20,10 @@ I/O error) fails every request of the group with ``SpoolUnavailable``: none of t
 (an engine worker that just computed them: ``server.records``): no hand-off at all. Its outcome does not wake
 the loop either: it waits for ``deliver``, which the caller runs on the loop with its own hand-off there (the
 batcher's, which answers the request), or which the committer's next group runs, or the store's close after
-``stop``, whichever comes first. Posting
-it woke the loop once more per lone request (3.0 against 2.1 voluntary context switches of the loop's thread per
-request), and the loop then waited for the GIL the worker still held. Every outcome is queued for ``deliver``
-under one lock (``_order``) together with its append, so the loop hears of commits in log order, whichever thread
-made them (the writer relies on it).
+``stop``, whichever comes first. Posting it woke the loop once more per lone request (3.0 against 2.1 voluntary
+context switches of the loop's thread per request), and the loop then waited for the GIL the worker still held.
+Every outcome is queued for ``deliver`` under one lock (``_order``) together with its append, so the loop hears
+of commits in log order, whichever thread made them (the writer relies on it).
 """
 
 from __future__ import annotations
