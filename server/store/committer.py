@@ -40,6 +40,7 @@ from typing import Any
 
 from server.store.rows import encode_lines, record_row
 from server.store.wal import SpoolUnavailable, WriteAheadLog
+from server.store.worker import settle
 from server.worker_threads import post
 
 log = logging.getLogger(__name__)
@@ -106,12 +107,8 @@ class GroupCommitter:
                 self._on_commit(commit, error)
             except Exception:
                 log.exception("store: reporting a commit to the writer failed")
-            if error is not None:
-                _fail(futures, error)
-                continue
             for future in futures:
-                if not future.done():
-                    future.set_result(None)
+                settle(future, None, error)
 
     def stop(self, timeout: float) -> bool:
         """Commit what is pending, then end the thread; False if it (or an append on another thread) did not end
@@ -153,7 +150,7 @@ class GroupCommitter:
                 chunks.append(encode_lines(converted))
             except Exception as error:  # a record that is not one: fail its request alone
                 log.exception("store: a prediction record could not be encoded")
-                post(self._loop, _fail, [future], error)
+                post(self._loop, settle, future, None, error)
                 continue
             rows.extend(converted)
             futures.append(future)
@@ -173,9 +170,3 @@ class GroupCommitter:
         except Exception as error:  # a bug, not the disk: still never answer 200 without a record
             log.exception("store: appending to the spool failed")
             return None, SpoolUnavailable("io_error", f"spool append failed: {type(error).__name__}")
-
-
-def _fail(futures: list[asyncio.Future], error: BaseException) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_exception(error)
