@@ -24,6 +24,9 @@ request (pipelined); through the application, like an overdue body, when a body 
 (counted as any 400 the application sends, ``reason="invalid"``). Nothing more is read from the connection.
 uvicorn's own WARNING for each such request is let through once a minute, with a count of the rest.
 
+A request asking to upgrade (``Upgrade: h2c``, a WebSocket) is answered as HTTP/1.1, as RFC 9110 lets a server
+that switches to no other protocol do (``data_received``).
+
 Slow clients are counted in ``sentiment_rejected_requests_total{reason="slow_client"}``.
 Above ``MAX_CONNECTIONS`` open connections a new one is answered 503 +
 Retry-After at once, without reading its request, and closed after a short
@@ -54,6 +57,7 @@ import weakref
 from collections.abc import Callable
 from typing import Literal
 
+import httptools
 import orjson
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -66,6 +70,7 @@ from server.store.throttle import Throttle
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn writes for ``Expect: 100-continue``
 ANSWERING = "sentiment.answering"  # scope key: the uvicorn cycle answering the request (``client_left``)
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
+INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs (and answers) for what httptools refuses
 Phase = Literal["headers", "body", "app", "refused"]
 
 
@@ -107,7 +112,7 @@ class RepeatedClientWarnings(logging.Filter):
     metric ``reason="malformed_http"`` counts every one)."""
 
     # how the lines start: the last follows every upgrade request (``Upgrade: websocket``), as no WebSocket is served
-    MESSAGES = ("Invalid HTTP request received.", "Unsupported upgrade request.",
+    MESSAGES = (INVALID_REQUEST, "Unsupported upgrade request.",
                 "No supported WebSocket library detected.")
 
     def __init__(self) -> None:
@@ -251,6 +256,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._responses = 0
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
         self._unparseable = False  # httptools refused what the client sent: nothing more is read
+        self._upgrade_body_left: int | None = None  # body bytes still due from a request that asked to upgrade
         self._refusal_after_answer: bytes | None = None  # a 400 for garbage pipelined behind the request under way
         self._answering: Callable[[], object] = lambda: None  # the cycle of the request being answered (weakly)
 
@@ -265,8 +271,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._await_headers()
 
     def data_received(self, data: bytes) -> None:
-        if self.phase != "refused" and not self._unparseable:
-            super().data_received(data)
+        """uvicorn's, except after a request asking for a protocol this server does not switch to (``Upgrade: h2c``
+        as ``curl --http2`` sends it, a WebSocket when none is served). httptools ends such a request at its headers
+        and leaves the bytes after them to the new protocol; uvicorn then answered it without its body (a 422 for a
+        valid /predict) and never read the request pipelined behind it. Here its body (``Content-Length``) is read
+        as the body, and what follows as the next request."""
+        if self.phase == "refused" or self._unparseable:
+            return
+        self._unset_keepalive_if_required()
+        while data and not self._unparseable:
+            if self._upgrade_body_left:
+                data = self._read_upgrade_body(data)
+                continue
+            try:
+                self.parser.feed_data(data)
+                return
+            except httptools.HttpParserError:
+                self.logger.warning(INVALID_REQUEST)
+                self.send_400_response(INVALID_REQUEST)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                    return
+                self._unsupported_upgrade_warning()
+                data = data[upgrade.args[0]:]  # the parser resumes at the next request
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -299,6 +328,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.guard.body_timeout_s, self._body_overdue)
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade() and not self._should_upgrade() and self._upgrade_body_left is None:
+            # httptools' end of a request asking to upgrade comes at its headers (``data_received``)
+            self._upgrade_body_left = self._declared_body_length()
+            if self._upgrade_body_left:
+                return  # read by ``data_received``, then completed (``_read_upgrade_body``)
+        self._upgrade_body_left = None
+        self._message_complete()
+
+    def _message_complete(self) -> None:
         super().on_message_complete()
         if self.phase != "body":
             return
@@ -307,6 +345,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             self.phase = "app"
             self._cancel_deadline()
+
+    def _declared_body_length(self) -> int:
+        """The ``Content-Length`` of the request whose headers were just parsed (0 without one); a chunked body,
+        which only the parser could frame, fails the request with 400 and nothing more is read."""
+        length = 0
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                self._unparseable = True
+                self._fail_body(MalformedBody(
+                    "a request asking to upgrade the protocol (Upgrade header) cannot send a chunked body: no "
+                    "protocol is switched to here; send the body with Content-Length, or drop the Upgrade header"))
+                return 0
+            if name == b"content-length":
+                length = int(value)  # the parser has refused any other spelling
+        return length
+
+    def _read_upgrade_body(self, data: bytes) -> bytes:
+        """Give the body of a request that asked to upgrade its share of ``data``; the rest is returned."""
+        body, rest = data[:self._upgrade_body_left], data[self._upgrade_body_left:]
+        self._upgrade_body_left -= len(body)
+        self.on_body(body)
+        if not self._upgrade_body_left:
+            self._upgrade_body_left = None
+            self._message_complete()
+        return rest
 
     def on_response_complete(self) -> None:
         self._responses += 1

@@ -344,6 +344,69 @@ def test_garbage_pipelined_after_requests_is_refused_once_they_are_answered(serv
     assert metric(server, MALFORMED) == malformed + 1
 
 
+def upgrade_head(upgrade: str, length: int = len(BODY)) -> bytes:
+    """A /predict head asking to upgrade, as ``curl --http2`` asks for h2c."""
+    asking = (f"Host: test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\n"
+              "HTTP2-Settings: AAMAAABkAAQAAP__\r\n")
+    return predict_head(length).replace(b"Host: test\r\n", asking.encode())
+
+
+def read_answers(raw: bytes, count: int) -> list[int]:
+    """The statuses of ``count`` responses read in order from ``raw``, each a /predict answer of one prediction
+    when 200; nothing may follow them."""
+    statuses = []
+    for _ in range(count):
+        status, headers, rest = parse(raw)
+        length = int(headers["content-length"])
+        if status == 200:
+            assert len(json.loads(rest[:length])["predictions"]) == 1
+        statuses.append(status)
+        raw = rest[length:]
+    assert raw == b""
+    return statuses
+
+
+@pytest.mark.parametrize("upgrade", ["h2c", "websocket", "TLS/1.2"])
+def test_a_request_pipelined_behind_an_upgrade_request_is_answered_too(server, upgrade):
+    """No protocol is switched to: the upgrade request is answered as the plain request it also is, and the one
+    behind it in the same packet is answered after it (uvicorn stopped reading at the upgrade and lost it)."""
+    last = predict_head().replace(b"Host: test\r\n", b"Host: test\r\nConnection: close\r\n") + BODY
+    with connect(server) as sock:
+        sock.sendall(upgrade_head(upgrade) + BODY + predict_head() + BODY + upgrade_head(upgrade) + BODY + last)
+        assert read_answers(read_until_closed(sock), 4) == [200] * 4
+
+
+def test_an_upgrade_requests_body_arriving_later_still_leaves_the_next_request_answered(server):
+    last = predict_head().replace(b"Host: test\r\n", b"Host: test\r\nConnection: close\r\n") + BODY
+    with connect(server) as sock:
+        sock.sendall(upgrade_head("h2c"))
+        time.sleep(0.2)
+        sock.sendall(BODY[:5])
+        time.sleep(0.2)
+        sock.sendall(BODY[5:] + last)
+        assert read_answers(read_until_closed(sock), 2) == [200, 200]
+
+
+def test_an_upgrade_requests_body_not_sent_in_time_gets_408_and_the_connection_closes(server):
+    with connect(server) as sock:
+        started = time.monotonic()
+        sock.sendall(upgrade_head("h2c") + BODY[:1])
+        status, headers, body = parse(read_until_closed(sock))
+        assert status == 408 and headers["connection"] == "close"
+        assert json.loads(body)["type"] == "request_timeout" and time.monotonic() - started >= REQUEST_TIMEOUT_S * 0.9
+
+
+def test_an_upgrade_request_with_a_chunked_body_gets_a_json_400_saying_what_to_send_and_nothing_more_is_read(server):
+    head = upgrade_head("h2c").replace(f"Content-Length: {len(BODY)}".encode(), b"Transfer-Encoding: chunked")
+    chunked = f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(head + chunked + predict_head() + BODY)
+        status, headers, body = parse(read_until_closed(sock))
+    error = json.loads(body)
+    assert status == 400 and headers["connection"] == "close" and error["type"] == "malformed_http"
+    assert "Content-Length" in error["error"] and "Upgrade" in error["error"]
+
+
 def test_uvicorns_warning_per_malformed_request_is_throttled_so_garbage_cannot_flood_the_log(caplog):
     """One line for a burst of garbage (the metric counts each); any other uvicorn line passes untouched."""
     uvicorn_log = logging.getLogger("test.uvicorn.error")
