@@ -22,6 +22,9 @@ A request httptools cannot parse (a garbage request line, an invalid header, a b
 is being answered (``reason="malformed_http"``); after the answer under way when the garbage follows a complete
 request (pipelined); through the application, like an overdue body, when a body being read breaks its framing
 (counted as any 400 the application sends, ``reason="invalid"``). Nothing more is read from the connection.
+A request line and headers over ``HEAD_MAX_BYTES`` or ``HEAD_MAX_FIELDS`` get 414 / 431 (``"type":
+"head_too_large"``) the same way, as soon as the bound is passed (``_count_head``). A refused connection is closed
+after ``REFUSAL_LINGER_S`` of reading and discarding, so the close does not reset it before the answer is read.
 uvicorn's own WARNING for each such request is let through once a minute, with a count of the rest.
 
 A request asking to upgrade (``Upgrade: h2c``, a WebSocket) is answered as HTTP/1.1, as RFC 9110 lets a server
@@ -70,6 +73,8 @@ from server.store.throttle import Throttle
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn writes for ``Expect: 100-continue``
 ANSWERING = "sentiment.answering"  # scope key: the uvicorn cycle answering the request (``client_left``)
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
+HEAD_MAX_BYTES = 64 * 1024  # a request's URL and header names and values together (414 / 431 beyond)
+HEAD_MAX_FIELDS = 100  # header fields per request, as Apache's LimitRequestFields (431 beyond)
 INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs (and answers) for what httptools refuses
 Phase = Literal["headers", "body", "app", "refused"]
 
@@ -81,6 +86,10 @@ class RequestTimeout(HTTPException):
     def __init__(self, seconds: float) -> None:
         super().__init__(408, f"request body not received within {seconds:g} s of its headers (REQUEST_TIMEOUT_S); "
                               "send the whole request at once", headers={"Connection": "close"})
+
+
+class HeadTooLarge(Exception):
+    """Raised in a parser callback to stop parsing a request whose line or headers are over the bounds."""
 
 
 class MalformedBody(ServerError):
@@ -256,6 +265,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._responses = 0
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
         self._unparseable = False  # httptools refused what the client sent: nothing more is read
+        self._head_bytes = self._head_fields = 0  # the request line and headers parsed so far (``_count_head``)
+        self._oversized: tuple[int, str, str] | None = None  # the refusal of a request whose head is too large
         self._upgrade_body_left: int | None = None  # body bytes still due from a request that asked to upgrade
         self._refusal_after_answer: bytes | None = None  # a 400 for garbage pipelined behind the request under way
         self._answering: Callable[[], object] = lambda: None  # the cycle of the request being answered (weakly)
@@ -314,6 +325,28 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._request_begun = True
+        self._head_bytes = self._head_fields = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url), 0, 414, "the request URL")
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value), 1, 431, "the request headers")
+        super().on_header(name, value)
+
+    def _count_head(self, size: int, fields: int, status: int, what: str) -> None:
+        """Bound a request's line and headers (``HEAD_MAX_BYTES``, ``HEAD_MAX_FIELDS``): uvicorn keeps them all,
+        so one connection sending headers for its whole header deadline grew the process by gigabytes, and a URL
+        arriving in pieces is copied whole at each piece (seconds of the event loop for a URL of 80 MB). Past
+        either bound the parser stops (``send_400_response`` answers ``_oversized``) and nothing more is read."""
+        self._head_bytes += size
+        self._head_fields += fields
+        if self._head_bytes > HEAD_MAX_BYTES or self._head_fields > HEAD_MAX_FIELDS:
+            self._oversized = (status, f"{what} exceed this server's limit ({HEAD_MAX_BYTES // 1024} KiB for the "
+                                       f"request line and headers together, {HEAD_MAX_FIELDS} header fields); "
+                                       "send a shorter URL or fewer headers", "head_too_large")
+            raise HeadTooLarge(what)
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -478,9 +511,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._unparseable = True
         error = sys.exc_info()[1]  # the HttpParserError being handled: its reason is more use than uvicorn's msg
         message = malformed_message(str(error) if error is not None and str(error) else "unparseable")
+        refusal = error_bytes(*self._oversized) if self._oversized else error_bytes(400, message, "malformed_http")
         cycle = self.cycle
         if cycle is None or cycle.response_complete and self.phase != "body":
-            self._refuse_malformed(error_bytes(400, message, "malformed_http"))
+            self._refuse_malformed(refusal)
         elif self.phase == "body" and not cycle.response_started:
             self._fail_body(MalformedBody(message))
         elif self.phase == "body":  # answered already: the rest of its body is what broke; nothing to answer
@@ -489,7 +523,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             else:
                 cycle.keep_alive = False
         else:  # garbage pipelined behind the request being answered: refused once that answer is sent
-            self._refusal_after_answer = error_bytes(400, message, "malformed_http")
+            self._refusal_after_answer = refusal
 
     def _refuse_malformed(self, response: bytes) -> None:
         self._refusal_after_answer = None
@@ -499,7 +533,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.guard.draining:
             self.guard.answered += 1
         self.transport.write(response)
-        self.transport.close()
+        # closed after a linger that reads and discards what the client still sends (``data_received``): closing
+        # with its bytes unread would reset the connection, and the client could lose the answer
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._arm(REFUSAL_LINGER_S, self.transport.close)
 
     # refusal above MAX_CONNECTIONS
 

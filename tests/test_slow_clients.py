@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
-from server.connections import CONTINUE, HeadWithBody, RepeatedClientWarnings
+from server.connections import CONTINUE, HEAD_MAX_BYTES, HEAD_MAX_FIELDS, HeadWithBody, RepeatedClientWarnings
 
 HEADER_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 2.0
@@ -405,6 +405,45 @@ def test_an_upgrade_request_with_a_chunked_body_gets_a_json_400_saying_what_to_s
     error = json.loads(body)
     assert status == 400 and headers["connection"] == "close" and error["type"] == "malformed_http"
     assert "Content-Length" in error["error"] and "Upgrade" in error["error"]
+
+
+def head_with(fields: int, value_bytes: int = 8) -> bytes:
+    """A /predict head carrying ``fields`` extra header fields of ``value_bytes`` each (5 fields of its own)."""
+    extra = "".join(f"X-Filler-{i}: {'v' * value_bytes}\r\n" for i in range(fields))
+    return predict_head().replace(b"Host: test\r\n", f"Host: test\r\n{extra}".encode())
+
+
+@pytest.mark.parametrize("head, status", [
+    (head_with(HEAD_MAX_FIELDS), 431),  # too many fields
+    (head_with(80, 1000), 431),  # too many bytes in few fields
+    (b"GET /" + b"a" * HEAD_MAX_BYTES + b" HTTP/1.1\r\nHost: test\r\n\r\n", 414),
+], ids=["fields", "bytes", "url"])
+def test_a_request_line_and_headers_over_the_bounds_get_a_json_refusal_and_nothing_more_is_read(server, head, status):
+    """uvicorn kept every header (a connection sending headers grew the process by gigabytes) and copied a long URL
+    whole at each piece: past the bounds the request is refused at once, however it is cut into packets."""
+    malformed = metric(server, MALFORMED)
+    with connect(server) as sock:
+        for start in range(0, len(head), 1000):
+            try:
+                sock.sendall(head[start:start + 1000])
+            except (BrokenPipeError, ConnectionResetError):  # refused before all was sent
+                break
+        status_got, headers, body = parse(read_until_closed(sock))
+    error = json.loads(body)
+    assert status_got == status and headers["connection"] == "close" and error["type"] == "head_too_large"
+    assert "64 KiB" in error["error"] and str(HEAD_MAX_FIELDS) in error["error"]
+    assert metric(server, MALFORMED) == malformed + 1
+
+
+def test_a_request_with_headers_within_the_bounds_is_answered_and_one_over_them_behind_it_is_refused_after(server):
+    with connect(server) as sock:
+        sock.sendall(head_with(HEAD_MAX_FIELDS - 5, 500) + BODY + head_with(HEAD_MAX_FIELDS) + BODY)
+        raw = read_until_closed(sock)
+    status, headers, rest = parse(raw)
+    length = int(headers["content-length"])
+    assert status == 200 and len(json.loads(rest[:length])["predictions"]) == 1
+    status, headers, body = parse(rest[length:])
+    assert status == 431 and json.loads(body)["type"] == "head_too_large"
 
 
 def test_uvicorns_warning_per_malformed_request_is_throttled_so_garbage_cannot_flood_the_log(caplog):
