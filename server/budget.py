@@ -433,10 +433,14 @@ class BodyBudget:
         """Hold ``size`` bytes more if that stays within the limit (a lone body always fits: the plan's limit is
         at least MAX_REQUEST_BYTES); False, holding nothing, if not. No bytes always fit (a request without a
         body is never refused, even while a reload's lower limit is below what is held)."""
-        if size and self.limit is not None and self.held + size > self.limit:
+        if not self.has_room(size):
             return False
         self.held += size
         return True
+
+    def has_room(self, size: int) -> bool:
+        """Whether ``size`` bytes more would fit now (``reserve``'s test, holding nothing)."""
+        return not size or self.limit is None or self.held + size <= self.limit
 
     def release(self, size: int) -> None:
         self.held -= size

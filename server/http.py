@@ -155,7 +155,7 @@ class ObservedASGI:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
-                if bodies is not None and received > reserved:  # chunked: held as it arrives
+                if bodies is not None and received > reserved:  # held as it arrives
                     if not bodies.reserve(received - reserved):
                         self.metrics.rejected.labels("body_memory_full").inc()
                         raise BodiesFull(bodies)
@@ -174,10 +174,12 @@ class ObservedASGI:
         try:
             refusal = self.refusal(headers)
             if refusal is None and bodies is not None:
+                # A declared body that cannot fit now is refused before it is read; one that can is held as its
+                # bytes arrive (``limited_receive``), not in full at once: a client that declares a large body and
+                # sends nothing would otherwise hold its share until REQUEST_TIMEOUT_S, and a few such connections
+                # (five at a 1g limit) refused every other body.
                 declared = int(headers.get(b"content-length", b"0").strip() or 0)  # a number: refusal() checked
-                if bodies.reserve(declared):
-                    reserved = declared
-                else:
+                if not bodies.has_room(declared):
                     self.metrics.rejected.labels("body_memory_full").inc()
                     refusal = server_error_response(BodyMemoryFull(bodies_full_message(bodies)))
             if refusal is not None:

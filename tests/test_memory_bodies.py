@@ -124,6 +124,22 @@ def test_a_declared_body_past_the_budget_is_refused_before_it_is_read_and_admitt
     assert bodies.held == 0
 
 
+def test_a_declared_body_that_does_not_arrive_holds_only_its_bytes_so_it_cannot_lock_other_bodies_out(held_app):
+    """Red-team finding: a few connections declaring 1 MiB and sending a byte held the whole budget until their
+    body deadline, and every other body was refused meanwhile."""
+    url, bodies, holding, metrics = held_app
+    holding.released.set()
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900"
+                     b"\r\n\r\n" + body_of(900)[:1])
+        wait_until(lambda: bodies.held == 1)
+        with httpx.Client(timeout=WAIT_S) as client:
+            assert client.post(f"{url}/hold", content=body_of(600), headers={"Content-Type": "application/json"}
+                               ).status_code == 200
+        assert refused(metrics) == 0 and bodies.held == 1
+    wait_until(lambda: bodies.held == 0)
+
+
 def test_a_chunked_body_is_held_as_it_arrives_and_refused_when_it_would_pass_the_budget(held_app):
     url, bodies, holding, metrics = held_app
     first, _ = post_in_background(url, body_of(600))
@@ -170,7 +186,7 @@ def test_every_way_a_request_ends_gives_its_bytes_back(held_app):
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:  # gone mid-body
         sock.sendall(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n"
                      + body_of(900)[:300])
-        wait_until(lambda: bodies.held == 900)
+        wait_until(lambda: bodies.held == 300)  # what arrived, not what was declared
     wait_until(lambda: bodies.held == 0)
 
 
