@@ -11,9 +11,9 @@ ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per re
   connection is closed rather than read to the end);
 - holds all the bodies in memory at once to the memory plan's ``body_bytes`` (``server.budget.BodyBudget``, from
   ``services.memory_guard.bodies``): a body is counted from its first byte until its request is answered (the
-  body, its parse and its texts live that long), a declared length in full before the app runs, a chunked body as
-  it arrives. Beyond it, 503 ``body_memory_full`` + Retry-After: before the app runs for a declared length, from
-  inside the body's reading for a chunked one; uvicorn reads the rest of the body and drops it, so a client still
+  body, its parse and its texts live that long), as its bytes arrive. Beyond it, 503 ``body_memory_full`` +
+  Retry-After: before the app runs for a declared length that cannot fit now, else from inside the body's
+  reading; uvicorn reads the rest of the body and drops it, so a client still
   sending reads its answer, and the connection stays open;
 - answers ``HEAD`` on every ``GET`` route as that ``GET`` without the body;
 - turns any exception nothing else handled into a JSON 500 carrying the request id, and logs its traceback at
