@@ -350,6 +350,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self._request_begun = False  # until the next request's first byte, which may come before this one's answer
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own
             cycle.scope[ANSWERING] = weakref.ref(cycle)  # weak: the cycle holds the scope (``client_left``)
@@ -462,7 +463,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _await_headers(self) -> None:
         self.phase = "headers"
-        self._request_begun = False
         self._arm(self.guard.header_timeout_s, self._headers_overdue)
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:

@@ -134,6 +134,18 @@ def test_headers_not_completed_in_time_get_408_and_the_connection_closes(server,
     assert metric(server, SLOW) == slow + 1
 
 
+def test_a_partial_request_pipelined_behind_a_complete_one_gets_408_after_its_answer_and_is_counted(server):
+    slow = metric(server, SLOW)
+    with connect(server) as sock:
+        sock.sendall(b"GET /ready HTTP/1.1\r\nHost: test\r\n\r\nGET /health HTTP/1.1\r\nHost: test\r\nX-Partial: ")
+        raw = read_until_closed(sock)
+    status, headers, rest = parse(raw)
+    assert status == 200
+    status, headers, body = parse(rest[int(headers["content-length"]):])
+    assert status == 408 and json.loads(body)["type"] == "request_timeout"
+    assert metric(server, SLOW) == slow + 1
+
+
 def test_connection_that_never_sends_a_request_is_closed_and_counted(server):
     slow = metric(server, SLOW)
     with connect(server) as sock:
