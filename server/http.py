@@ -210,6 +210,13 @@ class ObservedASGI:
         if encoding not in ("", "identity"):
             return error_response(415, f"Content-Encoding {encoding!r} is not supported: send the body "
                                        "uncompressed (identity)")
+        transfer = [coding.strip().lower() for coding in headers.get(b"transfer-encoding", b"").decode("latin-1")
+                    .split(",") if coding.strip()]
+        if any(coding != "chunked" for coding in transfer):
+            # RFC 9112 would have 501; a 400 keeps a client's coding out of the server-error rate operators alert on
+            return error_response(400, f"Transfer-Encoding {', '.join(transfer)!r} is not supported: send the body "
+                                       "with Content-Length or as plain chunked, uncompressed",
+                                  headers={"Connection": "close"})
         declared = headers.get(b"content-length", b"0").decode("latin-1").strip() or "0"
         if not declared.isdigit():
             return error_response(400, f"Content-Length {declared!r} is not a number of bytes")

@@ -458,6 +458,26 @@ def test_a_request_with_headers_within_the_bounds_is_answered_and_one_over_them_
     assert status == 431 and json.loads(body)["type"] == "head_too_large"
 
 
+@pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked"])
+def test_a_body_in_a_transfer_coding_other_than_chunked_gets_a_400_saying_what_to_send(server, coding):
+    """The parser frames it as chunked and the bytes were read as JSON: a gzipped body got 422 "not UTF-8"."""
+    head = predict_head().replace(f"Content-Length: {len(BODY)}".encode(), f"Transfer-Encoding: {coding}".encode())
+    with connect(server) as sock:
+        sock.sendall(head + f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n")
+        status, headers, body = parse(read_until_closed(sock))
+    error = json.loads(body)
+    assert status == 400 and headers["connection"] == "close" and error["type"] == "bad_request"
+    assert "Transfer-Encoding" in error["error"] and "Content-Length" in error["error"]
+
+
+def test_a_plain_chunked_body_is_answered(server):
+    head = predict_head().replace(f"Content-Length: {len(BODY)}".encode(), b"Transfer-Encoding: chunked")
+    with connect(server) as sock:
+        sock.sendall(head + f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n")
+        status, _, body = read_response(sock)
+    assert status == 200 and len(json.loads(body)["predictions"]) == 1
+
+
 def test_uvicorns_warning_per_malformed_request_is_throttled_so_garbage_cannot_flood_the_log(caplog):
     """One line for a burst of garbage (the metric counts each); any other uvicorn line passes untouched."""
     uvicorn_log = logging.getLogger("test.uvicorn.error")
