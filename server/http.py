@@ -7,6 +7,7 @@ ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per re
 - gives each request an id (``X-Request-ID``, the client's if it sent one), on the response and every log line;
 - refuses a ``Content-Encoding`` other than ``identity`` (415): the server does not decompress, and a compressed
   body would be parsed as garbage or slip past the size limit;
+- refuses a ``Transfer-Encoding`` other than plain ``chunked`` (400, the connection closed) for the same reason;
 - holds the body to ``MAX_REQUEST_BYTES`` whether its length is declared or it arrives chunked (413, then the
   connection is closed rather than read to the end);
 - holds all the bodies in memory at once to the memory plan's ``body_bytes`` (``server.budget.BodyBudget``, from
