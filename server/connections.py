@@ -16,6 +16,9 @@ Every connection is under one deadline at a time, by phase:
 * the application answering: no deadline here (the batcher's per-request
   deadline and the drain bound it).
 
+Besides, in any phase: a client not reading its answers (the transport's buffer full) for ``REQUEST_TIMEOUT_S``
+has its connection aborted and is counted as a slow client (``pause_writing``).
+
 A request httptools cannot parse (a garbage request line, an invalid header, a broken chunked encoding) gets
 400 in the server's error format (``"type": "malformed_http"``, the parser's reason in ``error``) and
 ``Connection: close``, instead of uvicorn's plain-text "Invalid HTTP request received.": at once when no request
@@ -261,6 +264,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._application = self.app
         self.app = self._run_application  # what on_headers_complete starts for each request
         self._deadline: asyncio.TimerHandle | None = None
+        self._write_stall: asyncio.TimerHandle | None = None  # the client has not read its answers since then
         self._request_begun = False  # a byte of the next request has arrived
         self._responses = 0
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
@@ -310,6 +314,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        self._cancel_write_stall()
         if self.phase != "refused":
             self.guard.closed(self)
         # uvicorn marks only the last request parsed as disconnected; with requests pipelined behind it, the one
@@ -319,6 +324,28 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             answering.disconnected = True
             answering.message_event.set()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the client is not reading its answers. Past ``REQUEST_TIMEOUT_S`` of
+        that the connection is aborted: a client pipelining requests and never reading held its connection (and its
+        place under ``MAX_CONNECTIONS``) forever, its answers waiting to be written."""
+        super().pause_writing()
+        if self._write_stall is None:
+            self._write_stall = self.loop.call_later(self.guard.body_timeout_s, self._reader_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_write_stall()
+
+    def _cancel_write_stall(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+
+    def _reader_stalled(self) -> None:
+        self._write_stall = None
+        self.guard.metrics.rejected.labels("slow_client").inc()
+        self.transport.abort()  # its buffered answers are dropped: the client is counted 499 (``client_left``)
 
     # parser and response events
 

@@ -269,6 +269,23 @@ def test_a_held_head_is_written_before_the_transport_closes():
     assert transport.calls == [("write", b"HTTP/1.1 500 Internal Server Error\r\n\r\n"), ("close",)]
 
 
+def test_a_client_that_pipelines_requests_and_never_reads_the_answers_is_cut_off_and_counted(server):
+    """Its answers fill the socket's buffers; past REQUEST_TIMEOUT_S of that the connection is aborted (it held its
+    connection, and its place under MAX_CONNECTIONS, forever)."""
+    slow = metric(server, SLOW)
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.connect((host, int(port)))
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n" * 200)
+        deadline = time.monotonic() + WAIT_S
+        while metric(server, SLOW) == slow and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert metric(server, SLOW) == slow + 1
+        sock.settimeout(WAIT_S)
+        read_until_closed(sock)  # what the kernel still held for it, then the end of the connection
+
+
 def test_connections_beyond_max_connections_are_refused_with_503_json_and_the_gauge_counts(tiny_artifact, tmp_path):
     limit = 3
     live = start_server({"MODEL_PATH": str(tiny_artifact), "MAX_CONNECTIONS": str(limit),
