@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -571,3 +572,21 @@ async def test_close_is_bounded_even_when_the_disk_watch_wakes_as_it_stops(store
     store._disk_changed.set()  # woken in the same loop step as close(): asyncio.wait_for would swallow a cancel
     async with asyncio.timeout(20):
         await store.close(timeout_s=2.0)
+
+
+async def test_a_spool_held_at_its_cap_logs_its_refusals_and_recoveries_once_a_period(store_db, store_settings,
+                                                                                     open_store, caplog):
+    """A slow database keeps a full spool at its cap: each segment it frees is followed by the next refusal.
+    Each cycle of that is one refusal and one recovery; logging both every time floods the log."""
+    store = await open_store(store_settings())
+    writer = store._writer
+    caplog.set_level(logging.INFO, logger="server.store.writer")
+    for _ in range(5):
+        writer.committed(None, SpoolUnavailable("full", "the spool is full"))
+        assert store.health()["status"] == "degraded"
+        writer._bytes_at_refusal = store._wal.bytes + 4096  # a segment was released since the refusal
+        await writer._cycle()
+        assert store.health()["status"] == "ok"  # /health does not go on saying the spool is full
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([m for m in messages if "the spool refused" in m]) == 1, messages
+    assert len([m for m in messages if "the spool has room again" in m]) == 1, messages

@@ -217,11 +217,12 @@ class Writer:
             await self._worker.call(self._release, self.cursor)  # an idle server's last segment goes too
         if state.append_error and self._wal.bytes < self._bytes_at_refusal:
             # Segments were freed since the refusal: /health must not go on saying the spool is full on a
-            # server with no traffic to prove otherwise (the next append says so again if it still is).
-            log.info("store: the spool has room again (%d bytes freed since it refused records)",
-                     self._bytes_at_refusal - self._wal.bytes)
+            # server with no traffic to prove otherwise (the next append says so again if it still is). Not a
+            # reset of the refusal's throttle either: a spool kept at its cap by a slow database frees a segment
+            # and refuses the next append again, over and over.
+            self._throttle.log("spool-ok", logging.INFO, "store: the spool has room again (%d bytes freed since "
+                               "it refused records)", self._bytes_at_refusal - self._wal.bytes)
             state.append_error = None
-            self._throttle.reset("spool")
         elif state.append_error and state.durability == "async" and state.database_up and not state.pending_rows:
             # Async mode appends only while the database is down or behind; with neither, records are written
             # directly: no append comes to clear the refusal, and no record is lost to it any more.
