@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -65,6 +66,10 @@ def check_configuration(settings: Settings) -> str:
 
 def check_paths(settings: Settings) -> str:
     checked = [writable_directory(Path(settings.spool_dir), "SPOOL_DIR")]
+    short = spool_space_shortfall(Path(settings.spool_dir), settings.spool_max_bytes)
+    if short:
+        log.warning("%s", short)
+        checked[0] += f" (warning: {short})"
     if settings.log_file is not None:
         checked.append(writable_file(settings.log_file, "LOG_FILE"))
     sqlite_file = sqlite_path(settings)
@@ -252,6 +257,29 @@ def writable_directory(directory: Path, variable: str, label: str | None = None)
         raise StartupError(f"{label} {directory}: cannot create a file in {existing} ({exc.strerror}); fix its "
                            f"permissions or change {variable}", ExitCode.FILESYSTEM) from None
     return f"{label} {directory}"
+
+
+def spool_space_shortfall(directory: Path, max_bytes: int) -> str | None:
+    """What to change when SPOOL_DIR's volume cannot hold SPOOL_MAX_BYTES of spool (the free space plus what the
+    spool holds already); None when it can. A warning, not a refusal: the disk's free space changes, and a full
+    disk refuses records with 503 ``no_space`` and loses none, as a full spool does. The operator learns at
+    start-up that the cap in force is the disk's, not the setting's."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    held = 0
+    for path in directory.rglob("*") if directory.is_dir() else ():
+        try:
+            held += path.stat().st_size if path.is_file() else 0
+        except OSError:  # gone meanwhile: it holds nothing
+            pass
+    room = shutil.disk_usage(existing).free + held
+    if room >= max_bytes:
+        return None
+    return (f"SPOOL_MAX_BYTES={max_bytes} is more than SPOOL_DIR {directory}'s volume can hold ({room} bytes: "
+            f"free space plus the spool's {held}); while the database is down the disk fills first, and records "
+            "are then refused with 503 no_space; free space on that volume, give SPOOL_DIR a larger one, or lower "
+            "SPOOL_MAX_BYTES")
 
 
 def writable_file(path: Path, variable: str, label: str | None = None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,3 +40,17 @@ def live_server(tiny_artifact, tmp_path) -> Iterator[LiveServer]:
     server = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path)
     yield server
     stop_server(server)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 KiB tmpfs (we run as root in CI); skipped where mounting is not allowed."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); the injected "
+                    "ENOSPC tests cover the same code")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -128,3 +128,18 @@ def test_a_check_that_raises_the_unforeseen_is_reported_not_raised(monkeypatch, 
     code, lines = doctor(monkeypatch, good_env(tiny_artifact, tmp_path))
     assert code == 1
     assert any(line.startswith("[FAIL] port") and "ValueError: something no check foresaw" in line for line in lines)
+
+
+def test_a_spool_cap_larger_than_its_volume_is_named_with_what_to_change(monkeypatch, tiny_artifact, tmp_path,
+                                                                         small_tmpfs, caplog):
+    """A warning, not a failure: records are still refused (503 no_space) rather than lost when that disk fills."""
+    env = {**good_env(tiny_artifact, tmp_path), "SPOOL_DIR": str(small_tmpfs / "spool"),
+           "SPOOL_MAX_BYTES": str(1 << 20)}
+    code, lines = doctor(monkeypatch, env)
+    assert code == 0, lines
+    disk = next(line for line in lines if line.startswith("[ok  ] disk"))
+    assert "warning: SPOOL_MAX_BYTES=1048576 is more than SPOOL_DIR" in disk and "lower SPOOL_MAX_BYTES" in disk
+    assert any("SPOOL_MAX_BYTES=1048576" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+    code, lines = doctor(monkeypatch, {**env, "SPOOL_DIR": str(tmp_path / "spool")})  # a roomy volume
+    assert "warning" not in next(line for line in lines if line.startswith("[ok  ] disk"))

@@ -7,7 +7,6 @@ import asyncio
 import errno
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import orjson
@@ -150,20 +149,6 @@ def test_an_append_past_spool_max_bytes_is_refused_as_full(tmp_path):
     with pytest.raises(SpoolUnavailable, match="larger than the whole prediction spool"):
         wal.append(lines("a very long id that could never fit"))
     assert read_ids(wal) == ["a", "b"]
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 64 KiB tmpfs (we run as root in CI); skipped where mounting is not allowed."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode}); the injected "
-                    "ENOSPC test above covers the same code")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_real_full_disk_refuses_appends_and_leaves_only_whole_records(small_tmpfs):
