@@ -13,9 +13,10 @@ Prints, for the default artifact on this machine's CPU:
       loop and engine threads' CPU ms per text, and the load generator's (it shares the cores), so a gap to the
       raw engine can be traced to padding, small batches, the loop or the generator,
   (f) this machine's floor under issue 17's targets (``scripts.benchlib.floor``): a bare ASGI app's POST on the
-      same uvicorn set-up and client, the raw engine call after a lone request's idle gap, tokenization, the
-      spool disk's fdatasync, the engine's CPU per text at the server's batches and the generator's; from them
-      the lowest lone overhead and the highest saturation fraction this machine allows whatever the server does,
+      same uvicorn set-up and client, alone and with the lone engine call on a worker thread, the raw engine call
+      after a lone request's idle gap, tokenization, the spool disk's fdatasync, the engine's CPU per text at the
+      server's batches and the generator's; from them the lowest lone overhead and the highest saturation
+      fraction this machine allows whatever the server does,
   and issue 17's targets: lone overhead <= 1.0 ms over one raw engine call (p50), saturation >= 0.80 of the
   length-sorted raw engine. The server runs with its defaults (STORE_DURABILITY=ack) unless --env says otherwise.
 
@@ -60,6 +61,7 @@ LONE_ROUNDS, LONE_BLOCK = 6, 50
 LONE_OVERHEAD_TARGET_MS, SATURATION_TARGET = 1.0, 0.80  # issue 17: over one raw engine call; of length-sorted raw
 DURABILITY_MODES = ("ack", "async")
 BARE = "bare ASGI app"  # the floor's transport, among the lone requests' servers
+BARE_ENGINE = "bare ASGI app + engine"  # the floor measured: transport, hand-offs and the lone engine call
 FLOOR_ENGINE_SECONDS = 2.5  # per set of batches and round, at most half of --seconds
 ACK_SATURATION_TARGET_PCT, ACK_LONE_TARGET_MS = 10.0, 0.5
 
@@ -133,8 +135,8 @@ def lone_raw_call(engine: OnnxEngine, encoder: TextEncoder) -> Callable[[], None
 
 async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurrency: list[int], seconds: float,
                       raw_call: Callable[[], None] | None, raw_sorted: RawRate | None = None,
-                      bare_url: str | None = None, probes: dict[str, Callable[[], object]] | None = None
-                      ) -> dict[str, dict]:
+                      bare_url: str | None = None, probes: dict[str, Callable[[], object]] | None = None,
+                      bare_engine_url: str | None = None) -> dict[str, dict]:
     """For each server (name -> URL): lone-request latency, alternating with the other servers and with lone raw
     engine calls, then closed-loop texts/s at each concurrency, the servers in turn (first one way, then the
     other); saturation is the best level. After each level the raw engine's best length-sorted set-up runs again
@@ -143,7 +145,8 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
 
     Lone requests and raw calls alternate in blocks so that all of them sample the same minutes: on a shared VM
     the raw call alone drifted 0.75-1.9 ms between runs, more than the overhead being measured. So do the lone
-    requests to a bare ASGI app (``bare_url``: the floor's transport) and blocks of each of ``probes`` (the
+    requests to a bare ASGI app (``bare_url``: the floor's transport; ``bare_engine_url``: the same app calling
+    the engine on a worker thread, the floor measured) and blocks of each of ``probes`` (the
     floor's tokenization and fdatasync: the spool disk's speed moves with other sessions' writes), and each
     server's own engine time per lone request is read from its /metrics (the gap between two lone engine calls is
     the lone p50 less that time).
@@ -151,7 +154,8 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
     probes = probes or {}
     urls = {name: server.url for name, server in servers.items()}
     clients = {name: Client(url, max_connections=max(concurrency) + 4) for name, url in urls.items()}
-    lone_clients = {**clients, **({BARE: Client(bare_url, max_connections=4)} if bare_url else {})}
+    bare_urls = {name: url for name, url in ((BARE, bare_url), (BARE_ENGINE, bare_engine_url)) if url}
+    lone_clients = {**clients, **{name: Client(url, max_connections=4) for name, url in bare_urls.items()}}
     try:
         lone: dict[str, list[float]] = {name: [] for name in lone_clients}
         raw: list[float] = []
@@ -206,6 +210,8 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
                          "lone_raw_call_p50_ms": statistics.median(raw) if raw else float("nan"),
                          "lone_engine_ms": lone_engine[name],
                          "lone_bare_asgi_p50_ms": statistics.median(lone[BARE]) if bare_url else float("nan"),
+                         "lone_bare_engine_p50_ms": (statistics.median(lone[BARE_ENGINE]) if bare_engine_url
+                                                     else float("nan")),
                          "lone_probes_p50_ms": {probe: statistics.median(ms) for probe, ms in probed.items()},
                          "saturation_texts_per_s": levels[name][best]["texts_per_s"],
                          "saturated_at_concurrency": int(best), "by_concurrency": levels[name]}
@@ -307,6 +313,8 @@ def machine_floor(measured: dict[str, dict], target_server: str, durability: dic
     probed = measured[target_server]["lone_probes_p50_ms"]
     result: dict = {
         "transport_p50_ms": measured[target_server]["lone_bare_asgi_p50_ms"],
+        "bare_engine_p50_ms": measured[target_server]["lone_bare_engine_p50_ms"],
+        "raw_call_p50_ms": measured[target_server]["lone_raw_call_p50_ms"],
         "tokenization_p50_ms": probed["tokenization"], "fsync_p50_ms": probed["fsync"],
     }
     fsync = {name: result["fsync_p50_ms"] if durability[name] == "ack" else None for name in measured}
@@ -328,7 +336,8 @@ def machine_floor(measured: dict[str, dict], target_server: str, durability: dic
             **floor.lone_overhead_floor(result["transport_p50_ms"], after_floor_gap, back_to_back,
                                         result["tokenization_p50_ms"], fsync[name],
                                         served["lone_request_p50_ms"] - served["lone_raw_call_p50_ms"],
-                                        LONE_OVERHEAD_TARGET_MS)}
+                                        LONE_OVERHEAD_TARGET_MS,
+                                        result["bare_engine_p50_ms"] - result["raw_call_p50_ms"])}
     level = str(measured[target_server]["saturated_at_concurrency"])
     saturated = measured[target_server]["by_concurrency"][level]
     shaped = {key: saturated[key] for key in ("texts_per_batch", "padded_per_real_token")}
@@ -360,6 +369,10 @@ def print_floor(found: dict) -> None:
           f"the same loop) through the same client {found['transport_p50_ms']:.2f} ms; tokenizing the short text "
           f"{found['tokenization_p50_ms']:.3f} ms; a small append + fdatasync beside the spools "
           f"{found['fsync_p50_ms']:.2f} ms")
+    print(f"(f) in the lone rounds, p50: the same bare app running the lone raw engine call on a worker thread "
+          f"before it answers {found['bare_engine_p50_ms']:.2f} ms, "
+          f"{found['bare_engine_p50_ms'] - found['raw_call_p50_ms']:.2f} ms over the raw call's "
+          f"{found['raw_call_p50_ms']:.2f} ms in the same rounds")
     for name, lone in found["lone"].items():
         print(f"(f) raw engine call p50 ({name}): {found['engine_back_to_back_p50_ms']:.2f} ms back to back, "
               f"{lone['engine_after_lone_gap_p50_ms']:.2f} ms after the lone loop's idle gap "
@@ -374,9 +387,11 @@ def print_floor(found: dict) -> None:
           f"{cpu['length_sorted']['texts_per_batch']}; load generator {ceiling['generator_cpu_ms_per_text']:.2f} ms")
     for name, lone in found["lone"].items():
         fsync = f" + fsync {lone['fsync_ms']:.2f}" if lone["fsync_ms"] else ""
-        print(f"(f) lone overhead floor ({name}) = transport {lone['transport_ms']:.2f} + idle engine "
-              f"{lone['engine_idle_penalty_ms']:.2f} + tokenization {lone['tokenization_ms']:.3f}{fsync} = "
-              f"{lone['floor_ms']:.2f} ms: target <= {lone['target_ms']} ms {_reach(lone['target_reachable'])}; "
+        print(f"(f) lone overhead floor ({name}) = bare app with the engine {lone['bare_engine_overhead_ms']:.2f} + "
+              f"tokenization {lone['tokenization_ms']:.3f}{fsync} = {lone['floor_ms']:.2f} ms (summed from the parts: "
+              f"transport {lone['transport_ms']:.2f} + idle engine {lone['engine_idle_penalty_ms']:.2f} + tokenization"
+              f"{fsync} = {lone['summed_floor_ms']:.2f} ms): target <= {lone['target_ms']} ms "
+              f"{_reach(lone['target_reachable'])}; "
               f"measured {lone['measured_overhead_ms']:.2f} ms ({lone['server_above_floor_ms']:+.2f} ms over the "
               "floor)")
     print(f"(f) saturation ceiling = {ceiling['cores']} cores x 1000 / ({ceiling['engine_cpu_ms_per_text']:.2f} engine "
@@ -421,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     artifact = load_artifact(args.artifact)
     encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
     with tempfile.TemporaryDirectory() as tmp, floor.fsync_probe(Path(tmp)) as fsync_beside_spools:
-        servers, bare = {}, None
+        servers, bare, bare_engine = {}, None, None
         try:
             for mode in modes:
                 (Path(tmp) / (mode or "default")).mkdir()
@@ -433,13 +448,14 @@ def main(argv: list[str] | None = None) -> None:
             bare = floor.start_bare_server(Path(tmp))
             concurrency = [int(c) for c in args.concurrency.split(",")]
             engine = None if args.skip_raw else server_engine(args.artifact)
+            bare_engine = None if args.skip_raw else floor.start_bare_server(Path(tmp), engine=(args.artifact, SHORT))
             raw_call = lone_raw_call(engine[0], encoder) if engine else None
             probes = {"tokenization": lambda: encoder.encode([SHORT]), "fsync": fsync_beside_spools}
             measured = asyncio.run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
-                                               bare.url, probes))
+                                               bare.url, probes, bare_engine.url if bare_engine else None))
             said = {mode: server_durability(server.url) for mode, server in servers.items()}
         finally:
-            for server in [*servers.values(), *([bare] if bare else [])]:
+            for server in [*servers.values(), *(server for server in (bare, bare_engine) if server)]:
                 stop_server(server)
         found = machine_floor(measured, modes[0], said, encoder, data.texts, engine, raw_call, args.batch,
                               args.seconds)

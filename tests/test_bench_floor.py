@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 import signal
+import threading
 import time
 
 import numpy as np
@@ -29,6 +30,18 @@ def test_lone_overhead_floor_adds_transport_idle_engine_tokenization_and_the_ack
     assert fast["fsync_ms"] == 0.0 and fast["floor_ms"] == pytest.approx(0.77) and fast["target_reachable"] is True
     unmeasured = floor.lone_overhead_floor(0.45, math.nan, math.nan, 0.05, None, math.nan, 1.0)  # --skip-raw
     assert unmeasured["target_reachable"] is None
+
+
+def test_the_measured_floor_the_bare_app_with_the_engine_judges_the_target_over_the_summed_one():
+    """The bare app with the engine costs more than its parts measured apart (transport after an engine call on a
+    paused VM is slower): the floor is the measured one, plus what that app does not do (tokenize, fdatasync)."""
+    ack = floor.lone_overhead_floor(0.45, 1.71, 1.44, 0.05, 0.24, 2.01, 1.0, bare_engine_overhead_ms=1.30)
+    assert ack["summed_floor_ms"] == pytest.approx(1.01) and ack["floor_ms"] == pytest.approx(1.30 + 0.05 + 0.24)
+    assert ack["server_above_floor_ms"] == pytest.approx(2.01 - 1.59) and ack["target_reachable"] is False
+    fast = floor.lone_overhead_floor(0.45, 1.71, 1.44, 0.05, None, 1.43, 1.0, bare_engine_overhead_ms=0.60)
+    assert fast["floor_ms"] == pytest.approx(0.65) and fast["target_reachable"] is True
+    above = floor.lone_overhead_floor(0.45, 1.71, 1.44, 0.05, None, 1.43, 1.0, bare_engine_overhead_ms=0.96)
+    assert above["summed_floor_ms"] == pytest.approx(0.77) and above["target_reachable"] is False  # 1.01 measured
 
 
 def test_saturation_ceiling_is_the_cores_over_engine_and_generator_cpu_per_text():
@@ -116,6 +129,45 @@ def test_transport_smoke_a_bare_asgi_app_answers_the_lone_requests_client(tmp_pa
         assert stop_server(server) in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
     assert all(sample.ok and sample.correct == 1 for sample in samples)  # parsed and scored like /predict's answer
     assert all(sample.latency > 0 for sample in samples)
+
+
+def test_a_bare_app_with_the_engine_runs_one_engine_call_per_request(tmp_path, tiny_artifact):
+    """``bare_engine_app`` answers as ``bare_app`` does, after the call on its worker thread; and the subprocess
+    built from an artifact answers the lone requests' client."""
+    calls = []
+    app = floor.bare_engine_app(lambda: calls.append(threading.current_thread().name))
+
+    async def one_request() -> list[dict]:
+        sent, body = [], [{"type": "http.request", "body": b'{"text": "x"}', "more_body": False}]
+
+        async def receive() -> dict:
+            return body.pop()
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app({"type": "http"}, receive, send)
+        return sent
+
+    sent = asyncio.run(one_request())
+    assert sent[0]["status"] == 200 and sent[1]["body"] == floor.BARE_RESPONSE
+    assert len(calls) == 1 and calls[0].startswith("engine")  # on the worker thread, not the loop
+
+    server = floor.start_bare_server(tmp_path, engine=(tiny_artifact, "a charming film"))
+
+    async def lone_requests() -> list:
+        client = Client(server.url, max_connections=4)
+        try:
+            return [await client.request("/predict", Draw(["a charming film"], [1], 0), time.perf_counter())
+                    for _ in range(10)]
+        finally:
+            await client.close()
+
+    try:
+        samples = asyncio.run(asyncio.wait_for(lone_requests(), 60))
+    finally:
+        assert stop_server(server) in (0, -signal.SIGTERM)
+    assert all(sample.ok for sample in samples)
 
 
 def test_fsync_smoke_appends_and_syncs_in_the_directory_and_cleans_up(tmp_path):
