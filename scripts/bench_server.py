@@ -389,8 +389,8 @@ def print_floor(found: dict) -> None:
         fsync = f" + fsync {lone['fsync_ms']:.2f}" if lone["fsync_ms"] else ""
         print(f"(f) lone overhead floor ({name}) = bare app with the engine {lone['bare_engine_overhead_ms']:.2f} + "
               f"tokenization {lone['tokenization_ms']:.3f}{fsync} = {lone['floor_ms']:.2f} ms (summed from the parts: "
-              f"transport {lone['transport_ms']:.2f} + idle engine {lone['engine_idle_penalty_ms']:.2f} + tokenization"
-              f"{fsync} = {lone['summed_floor_ms']:.2f} ms): target <= {lone['target_ms']} ms "
+              f"transport {lone['transport_ms']:.2f} + idle engine {lone['engine_idle_penalty_ms']:.2f} + the same"
+              f" = {lone['summed_floor_ms']:.2f} ms): target <= {lone['target_ms']} ms "
               f"{_reach(lone['target_reachable'])}; "
               f"measured {lone['measured_overhead_ms']:.2f} ms ({lone['server_above_floor_ms']:+.2f} ms over the "
               "floor)")
