@@ -112,21 +112,24 @@ def test_engine_cpu_ms_per_text_counts_cpu_per_text_of_each_set():
     assert 1.5 < cpu["one per batch"] / cpu["two per batch"] < 2.6
 
 
-def test_transport_smoke_a_bare_asgi_app_answers_the_lone_requests_client(tmp_path):
-    server = floor.start_bare_server(tmp_path)
-
+def lone_requests_to(server, count: int) -> list:
+    """``count`` lone requests through bench_server's client, then the server stopped (it must stop cleanly)."""
     async def lone_requests() -> list:
         client = Client(server.url, max_connections=4)
         try:
             return [await client.request("/predict", Draw(["a charming film"], [1], 0), time.perf_counter())
-                    for _ in range(20)]
+                    for _ in range(count)]
         finally:
             await client.close()
 
     try:
-        samples = asyncio.run(asyncio.wait_for(lone_requests(), 60))
+        return asyncio.run(asyncio.wait_for(lone_requests(), 60))
     finally:
         assert stop_server(server) in (0, -signal.SIGTERM)  # uvicorn shuts down, then re-raises the signal
+
+
+def test_transport_smoke_a_bare_asgi_app_answers_the_lone_requests_client(tmp_path):
+    samples = lone_requests_to(floor.start_bare_server(tmp_path), 20)
     assert all(sample.ok and sample.correct == 1 for sample in samples)  # parsed and scored like /predict's answer
     assert all(sample.latency > 0 for sample in samples)
 
@@ -153,20 +156,7 @@ def test_a_bare_app_with_the_engine_runs_one_engine_call_per_request(tmp_path, t
     assert sent[0]["status"] == 200 and sent[1]["body"] == floor.BARE_RESPONSE
     assert len(calls) == 1 and calls[0].startswith("engine")  # on the worker thread, not the loop
 
-    server = floor.start_bare_server(tmp_path, engine=(tiny_artifact, "a charming film"))
-
-    async def lone_requests() -> list:
-        client = Client(server.url, max_connections=4)
-        try:
-            return [await client.request("/predict", Draw(["a charming film"], [1], 0), time.perf_counter())
-                    for _ in range(10)]
-        finally:
-            await client.close()
-
-    try:
-        samples = asyncio.run(asyncio.wait_for(lone_requests(), 60))
-    finally:
-        assert stop_server(server) in (0, -signal.SIGTERM)
+    samples = lone_requests_to(floor.start_bare_server(tmp_path, engine=(tiny_artifact, "a charming film")), 10)
     assert all(sample.ok for sample in samples)
 
 
