@@ -7,8 +7,13 @@ Policy:
   formed the moment a worker frees up (as late as possible, so it is as full
   as possible). A request that finds a worker idle is dispatched within its
   own ``submit`` call: no loop turn, no delay.
-* Under load (the previous batch held more than one text), formation waits up
-  to ``MAX_WAIT_MS`` after the oldest text arrived, so batches fill.
+* Under load (the previous batch served more than one request, and the batcher
+  has not been idle since: nothing waiting, nothing running), formation waits
+  up to ``MAX_WAIT_MS`` after the oldest text arrived, so batches fill. One
+  client's request of many texts is not load (a lone client of two-text
+  requests waited ``MAX_WAIT_MS`` each time), and an idle batcher is not under
+  load whatever it last ran (the state outlived the load, and with
+  ``MAX_WAIT_MS`` at the request deadline every later request timed out).
 * A batch holds at most ``MAX_BATCH_SIZE`` texts and ``MAX_BATCH_TOKENS``
   padded tokens (the budget may be lowered by OOM or memory pressure).
 * Length grouping: the batch is the oldest waiting text plus its nearest
@@ -207,7 +212,7 @@ class Batcher:
         self._fill_timer: asyncio.TimerHandle | None = None
         self._quiet = asyncio.Event()  # set when nothing waits and nothing runs
         self._draining = False
-        self._last_batch_size = 0
+        self._under_load = False  # the last batch served several requests, and the batcher was not idle since
         self._following_up = False  # a batch with a follow-up is running (``_request_to_follow_up``)
 
     @property
@@ -301,6 +306,7 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._waiting))
         if not self._waiting and len(self._idle) == self._workers:
             self._quiet.set()
+            self._under_load = False
         else:
             self._quiet.clear()
 
@@ -328,7 +334,7 @@ class Batcher:
 
     def _wait_to_fill(self) -> bool:
         """Under load, hold a part-full batch until ``MAX_WAIT_MS`` after its oldest text arrived."""
-        if self._last_batch_size <= 1 or len(self._waiting) >= self._settings.max_batch_size:
+        if not self._under_load or len(self._waiting) >= self._settings.max_batch_size:
             return False
         remaining = self._waiting[0].enqueued + self._settings.max_wait_ms / 1000 - time.perf_counter()
         if remaining <= 0:
@@ -343,7 +349,7 @@ class Batcher:
 
     def _start(self, batch: list[WorkItem]) -> None:
         worker = self._idle.pop()
-        self._last_batch_size = len(batch)
+        self._under_load = any(item.request is not batch[0].request for item in batch)
         for item in batch:
             item.dispatched = True
         formed = time.perf_counter()

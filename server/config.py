@@ -171,10 +171,17 @@ def check_relationships(settings: Settings) -> None:
     """Settings valid one by one but not together; ``ConfigError`` naming both variables.
 
     Checked by start-up and ``doctor`` (``server.preflight``), not by ``load_settings``, so that unit tests
-    can still build a tiny queue. MAX_QUEUE below MAX_TEXTS_PER_REQUEST would accept a request of more texts
+    can still build a tiny queue. MAX_WAIT_MS at or past the request deadline would hold texts under load until
+    they time out. MAX_QUEUE below MAX_TEXTS_PER_REQUEST would accept a request of more texts
     than the queue can ever hold and answer it 503 + Retry-After forever; the server refuses to start instead
     of splitting such a request (a split request could be half-admitted under load).
     """
+    if settings.max_wait_ms >= settings.request_timeout_s * 1000:
+        raise ConfigError(
+            f"invalid configuration: MAX_WAIT_MS={settings.max_wait_ms!r}: must be below REQUEST_TIMEOUT_S="
+            f"{settings.request_timeout_s!r} in milliseconds, or under load a text held to fill a batch would reach "
+            "its deadline first; lower MAX_WAIT_MS (a few milliseconds) or raise REQUEST_TIMEOUT_S"
+        )
     if settings.max_queue < settings.max_texts_per_request:
         raise ConfigError(
             f"invalid configuration: MAX_QUEUE={settings.max_queue!r}: must be at least "

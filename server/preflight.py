@@ -299,14 +299,14 @@ def writable_file(path: Path, variable: str, label: str | None = None) -> str:
 
 
 def sqlite_path(settings: Settings) -> Path | None:
-    """The SQLite database file DATABASE_URL names, or None (PostgreSQL, in-memory, or unparseable)."""
+    """The SQLite database file DATABASE_URL names, or None (PostgreSQL, or refused: the database check says why)."""
     from server.store.db import database_url
 
     try:
         url = database_url(settings.database_url)
     except ConfigError:
         return None  # the database check names the problem
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+    if url.get_backend_name() != "sqlite":
         return None
     return Path(url.database)
 

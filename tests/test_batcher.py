@@ -420,15 +420,61 @@ async def test_cancelled_request_leaves_the_queue_and_never_reaches_the_engine()
     assert engine.shapes == [(1, 1)]
 
 
+async def batch_two_requests(batcher: Batcher, engine: RecordingEngine) -> list[asyncio.Future]:
+    """Load: with the one engine worker held, two requests wait and then run as one batch; returns once that batch
+    is running (``engine.delay`` is how long it runs), with the futures of the two."""
+    engine.gate.clear()
+    first = asyncio.ensure_future(batcher.submit([np.array([9])]))  # holds the worker
+    await asyncio.sleep(0.02)
+    pair = [asyncio.ensure_future(batcher.submit([np.array([i])])) for i in (1, 2)]
+    await asyncio.sleep(0.02)
+    engine.gate.set()
+    await first
+    await asyncio.sleep(0.01)
+    assert engine.running == 1 and engine.shapes[-1] == (2, 1)
+    return pair
+
+
 async def test_under_load_a_part_full_batch_waits_max_wait_ms_then_runs():
-    engine = RecordingEngine()
+    engine = RecordingEngine(delay=0.05)
     batcher = Batcher(engine, settings(max_wait_ms=150), Metrics())
     batcher.start()
-    await batcher.submit([np.array([1]), np.array([2])])  # a batch of two: the batcher is now "under load"
+    pair = await batch_two_requests(batcher, engine)
     started = time.monotonic()
-    await batcher.submit([np.array([3])])  # nothing else comes: it runs when the fill wait ends
+    third = await asyncio.wait_for(batcher.submit([np.array([3])]), 5)  # nothing else comes: runs when the wait ends
     assert time.monotonic() - started >= 0.14
-    assert engine.shapes[-1] == (1, 1)
+    assert len(third) == 1 and [len(p.result()) for p in pair] == [1, 1]
+    assert engine.shapes == [(1, 1), (2, 1), (1, 1)]
+    await batcher.drain()
+
+
+async def test_a_lone_clients_requests_of_several_texts_are_not_held_to_fill_a_batch():
+    """One request's texts in one batch is not load: each of a lone client's requests runs at once."""
+    engine = RecordingEngine()
+    batcher = Batcher(engine, settings(max_wait_ms=1000), Metrics())
+    batcher.start()
+    started = time.monotonic()
+    for _ in range(5):
+        await batcher.submit([np.array([1]), np.array([2, 3])])
+    assert time.monotonic() - started < 1.0  # 5 s if each were held for MAX_WAIT_MS
+    assert [rows for rows, _ in engine.shapes] == [2] * 5
+    await batcher.drain()
+
+
+async def test_the_load_state_ends_when_the_batcher_is_idle_even_after_a_deadline_dropped_the_held_text():
+    """A text held to fill a batch whose request times out leaves the batcher idle, and idle is not under load: the
+    next lone request runs at once (it was held MAX_WAIT_MS; with MAX_WAIT_MS past the deadline, forever)."""
+    engine = RecordingEngine(delay=0.05)
+    batcher = Batcher(engine, settings(max_wait_ms=1000), Metrics())
+    batcher.start()
+    pair = await batch_two_requests(batcher, engine)
+    with pytest.raises(DeadlineExceeded):  # arrives under load and is held past its deadline
+        await batcher.submit([np.array([3])], timeout=0.2)
+    await asyncio.gather(*pair)
+    started = time.monotonic()
+    await asyncio.wait_for(batcher.submit([np.array([4])]), 5)
+    assert time.monotonic() - started < 0.5
+    assert engine.shapes == [(1, 1), (2, 1), (1, 1)]
     await batcher.drain()
 
 
@@ -509,15 +555,16 @@ async def test_engine_workers_bound_the_batches_running_at_once(workers):
 
 
 async def test_drain_waits_for_texts_held_back_to_fill_a_batch():
-    engine = RecordingEngine()
-    batcher = Batcher(engine, settings(max_wait_ms=200), Metrics())
+    engine = RecordingEngine(delay=0.05)
+    batcher = Batcher(engine, settings(max_wait_ms=1000), Metrics())
     batcher.start()
-    await batcher.submit([np.array([1]), np.array([2])])  # under load from now on
+    pair = await batch_two_requests(batcher, engine)  # under load
     pending = asyncio.ensure_future(batcher.submit([np.array([3])]))
-    await asyncio.sleep(0.01)  # queued, waiting for company
+    await asyncio.sleep(0.1)  # queued after the pair's batch, waiting for company
+    assert engine.running == 0 and not pending.done()
     await batcher.drain()
-    assert [rows for rows, _ in engine.shapes] == [2, 1]  # it ran before drain returned
-    assert len(await asyncio.wait_for(pending, 1)) == 1
+    assert [rows for rows, _ in engine.shapes] == [1, 2, 1]  # it ran before drain returned
+    assert len(await asyncio.wait_for(pending, 1)) == 1 and all(p.done() for p in pair)
 
 
 POISON = 999  # a token the test engine refuses, failing its whole batch

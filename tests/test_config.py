@@ -44,6 +44,15 @@ def test_a_queue_that_cannot_hold_one_request_is_refused_naming_both_variables()
     check_relationships(load_settings())  # the defaults fit together
 
 
+def test_max_wait_ms_at_or_past_the_request_deadline_is_refused_naming_both():
+    with pytest.raises(ConfigError) as error:
+        check_relationships(load_settings(max_wait_ms=10_000, request_timeout_s=5))
+    assert "MAX_WAIT_MS=10000.0" in str(error.value) and "REQUEST_TIMEOUT_S=5.0" in str(error.value)
+    with pytest.raises(ConfigError):
+        check_relationships(load_settings(max_wait_ms=5000, request_timeout_s=5))
+    check_relationships(load_settings(max_wait_ms=4999, request_timeout_s=5))
+
+
 def test_water_marks_must_be_ordered():
     with pytest.raises(ConfigError, match="MEMORY_LOW_WATER=0.9.*MEMORY_HIGH_WATER=0.8"):
         load_settings(memory_low_water=0.9, memory_high_water=0.8)

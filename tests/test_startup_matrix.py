@@ -52,6 +52,10 @@ CASES = {
     "queue smaller than a request": Case({"MAX_QUEUE": "64", "MAX_TEXTS_PER_REQUEST": "128"}, ExitCode.CONFIG,
                                          ("MAX_QUEUE=64", "MAX_TEXTS_PER_REQUEST=128")),
     "nan water mark": Case({"MEMORY_HIGH_WATER": "nan"}, ExitCode.CONFIG, ("MEMORY_HIGH_WATER='nan'",)),
+    "fill wait past the deadline": Case({"MAX_WAIT_MS": "10000", "REQUEST_TIMEOUT_S": "5"}, ExitCode.CONFIG,
+                                        ("MAX_WAIT_MS=10000.0", "REQUEST_TIMEOUT_S=5.0")),
+    "in-memory sqlite": Case({"DATABASE_URL": "sqlite://"}, ExitCode.DATABASE, ("DATABASE_URL", "in-memory")),
+    "in-memory sqlite, named": Case({"DATABASE_URL": "sqlite:///:memory:"}, ExitCode.DATABASE, ("in-memory",)),
 }
 
 

@@ -46,6 +46,11 @@ def database_url(raw: str) -> URL:
     if url is None or url.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r}: use sqlite:///path/to/file.db "
                           "or postgresql://user:password@host:5432/dbname")
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        # Each connection of the pool would get its own empty database, and every record would go when the process
+        # does: nothing the spool replays could be checked against it.
+        raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r} is an in-memory SQLite database, "
+                          "which keeps no record past the process; name a file: sqlite:///path/to/file.db")
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     return url
@@ -64,8 +69,7 @@ def make_engine(settings: Settings) -> Engine:
     url = database_url(settings.database_url)
     pool = {"pool_size": settings.db_pool_size, "pool_timeout": settings.db_pool_timeout_s, "pool_pre_ping": True}
     if url.get_backend_name() == "sqlite":
-        if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": settings.db_pool_timeout_s,
                                                   "check_same_thread": False}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)

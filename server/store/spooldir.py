@@ -71,9 +71,8 @@ def database_identity(raw_url: str) -> dict[str, Any]:
     url: URL = database_url(raw_url)
     backend = url.get_backend_name()
     if backend == "sqlite":
-        name = url.database or ":memory:"
         return {"dialect": "sqlite", "host": None, "port": None, "user": None,
-                "database": name if name == ":memory:" else str(Path(name).resolve())}
+                "database": str(Path(url.database).resolve())}
     return {"dialect": backend, "host": url.host or "localhost", "port": url.port or 5432,
             "database": url.database, "user": url.username}
 
