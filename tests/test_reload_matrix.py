@@ -170,3 +170,23 @@ def test_reload_of_a_path_that_is_not_a_directory_is_refused(admin_server, tmp_p
     for path in (tmp_path / "a-file", tmp_path / "nowhere", Path("relative/nowhere")):
         response = admin_server.client.post("/admin/reload", json={"model_path": str(path)})
         assert response.status_code == 409 and "model directory not found" in response.json()["error"], response.text
+
+
+def test_a_reload_asked_for_during_the_drain_is_refused_503_as_sighup_is_ignored(tiny_artifact, tmp_path):
+    """A replica on its way out loads no model: the reload would hold the drain up by its load and warm-up."""
+    database_url = f"sqlite:///{tmp_path}/drain.db"
+    key = admin_key(database_url)
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": database_url, "DRAIN_GRACE_S": "3"},
+                          tmp_path)
+    try:
+        server.process.send_signal(signal.SIGTERM)  # the listener stays open DRAIN_GRACE_S
+        deadline = time.monotonic() + 10
+        while httpx.get(server.url + "/ready").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = httpx.post(server.url + "/admin/reload", json={"model_path": str(tiny_artifact)},
+                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert response.status_code == 503 and response.json()["type"] == "draining", response.text
+        assert "no model reload" in response.json()["error"] and "Retry-After" in response.headers
+    finally:
+        stop_server(server)
+    assert "model reloaded" not in server.log()
