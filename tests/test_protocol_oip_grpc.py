@@ -102,6 +102,10 @@ def test_health_metadata_and_config(served, client):
     assert config["output"][2]["dims"] == ["-1", str(len(model["labels"]))]
     expect_error(lambda: client.get_model_metadata("no-such-model"), grpc.StatusCode.NOT_FOUND,
                  "no model named 'no-such-model'")
+    # a name or version echoed whole overflowed gRPC's 16 KiB of metadata: RESOURCE_EXHAUSTED, not NOT_FOUND
+    expect_error(lambda: client.get_model_metadata("x" * 20_000), grpc.StatusCode.NOT_FOUND, "no model named 'xxx")
+    expect_error(lambda: client.get_model_metadata("sentiment", "9" * 20_000), grpc.StatusCode.NOT_FOUND,
+                 "has no version '999")
 
 
 def test_infer_answers_as_predict_does(served, client):

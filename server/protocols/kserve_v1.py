@@ -79,7 +79,8 @@ def services_for(request: Request, name: str) -> Services:
     services: Services = request.app.state.services
     names = served_names(services)
     if name not in names:
-        raise ModelNotFound(f"model {name!r} is not served here; this server serves {' or '.join(map(repr, names))}")
+        raise ModelNotFound(f"model {name[:100]!r} is not served here; this server serves "
+                            f"{' or '.join(map(repr, names))}")
     return services
 
 
@@ -98,7 +99,7 @@ async def models(request: Request) -> Response:
 async def model_ready(name: str, request: Request) -> Response:
     services = services_for(request, name)
     if not services.is_ready():
-        raise Draining(f"model {name!r} is not ready: the server is draining for shutdown")
+        raise Draining(f"model {name[:100]!r} is not ready: the server is draining for shutdown")
     return json_response({"name": name, "ready": True})
 
 

@@ -75,9 +75,10 @@ def resolve(services: Services, name: str, version: str | None) -> ModelIdentity
     """The serving model if ``name`` (and ``version``, when given) names it; else ``ModelNotFound``."""
     identity = services.runtime.identity
     if name not in (identity.name, ALIAS):
-        raise ModelNotFound(f"no model named {name!r}; this server serves {identity.name!r} (also as {ALIAS!r})")
+        raise ModelNotFound(f"no model named {name[:100]!r}; this server serves {identity.name!r} (also as {ALIAS!r})")
     if version and version != identity.version:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; version {identity.version!r} is served")
+        raise ModelNotFound(f"model {name[:100]!r} has no version {version[:100]!r}; version {identity.version!r} is "
+                            "served")
     return identity
 
 
@@ -158,7 +159,7 @@ def requested_outputs(names: list[str] | None) -> list[str]:
             raise InvalidInferRequest(f"unknown output {name[:100]!r}; this model's outputs are "
                                       f"{', '.join(OUTPUTS)}")
         if name in seen:
-            raise InvalidInferRequest(f"output {name!r} is requested twice")
+            raise InvalidInferRequest(f"output {name[:100]!r} is requested twice")
         seen.append(name)
     return seen
 
