@@ -36,7 +36,9 @@ Policy:
 * A full queue (``MAX_QUEUE`` texts) sheds with ``Overloaded`` (503 +
   Retry-After); a request with texts still queued at its deadline fails with
   ``DeadlineExceeded`` (one already running gets a grace period first); every
-  accepted request is answered.
+  accepted request is answered. Each kind of shedding is logged at WARNING at
+  most once a minute, with a count of the rest: the words an operator greps a
+  log for when the service is slow ("slow", "timeout").
 
 Mechanics: no batcher task. Batches are formed on the event loop (in ``submit``
 when a worker is idle, when a worker finishes, when the fill wait ends) and go
@@ -73,6 +75,7 @@ from server.config import Settings
 from server.engine import Engine, engine_workers, first_line, softmax
 from server.metrics import Metrics
 from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded, ServerError, StageTimings
+from server.store.throttle import Throttle
 from server.tokenizer import pad_batch
 from server.worker_threads import WorkerThreads, post
 
@@ -214,6 +217,7 @@ class Batcher:
         self._draining = False
         self._under_load = False  # the last batch served several requests, and the batcher was not idle since
         self._following_up = False  # a batch with a follow-up is running (``_request_to_follow_up``)
+        self._shed_log = Throttle(log)
 
     @property
     def depth(self) -> int:
@@ -240,6 +244,9 @@ class Batcher:
             raise Draining("server is shutting down; retry on another replica")
         if len(self._waiting) + len(encodings) > self._settings.max_queue:
             self._metrics.rejected.labels("queue_full").inc()
+            self._shed_log.log("queue_full", logging.WARNING, "load shedding: a request was answered 503 because "
+                               "the queue is full (MAX_QUEUE=%d texts): the server is too slow for its load (runbook: "
+                               "Queue saturation and load shedding)", self._settings.max_queue)
             raise Overloaded(
                 f"server overloaded: {len(self._waiting)} texts already queued (MAX_QUEUE="
                 f"{self._settings.max_queue}); retry after the Retry-After delay"
@@ -319,6 +326,9 @@ class Batcher:
             return
         self._forget(request.items)
         self._metrics.rejected.labels("deadline").inc()
+        self._shed_log.log("deadline", logging.WARNING, "load shedding: a request was answered 503 because it got no "
+                           "result within its request timeout (%.1f s): the server is too slow for its load (runbook: "
+                           "Queue saturation and load shedding)", request.timeout)
         request.fail(DeadlineExceeded(f"no result within the request deadline ({request.timeout:.1f} s); "
                                       "retry later"))
         self._dispatch()

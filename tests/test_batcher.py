@@ -347,7 +347,7 @@ async def test_a_follow_up_is_skipped_when_the_engine_fails_and_its_own_failure_
     await batcher.drain()
 
 
-async def test_full_queue_sheds_with_overloaded():
+async def test_full_queue_sheds_with_overloaded_and_says_so_once_a_minute(caplog):
     engine = RecordingEngine()
     engine.gate.clear()
     metrics = Metrics()
@@ -361,12 +361,17 @@ async def test_full_queue_sheds_with_overloaded():
         await batcher.submit([np.array([2])])
     assert info.value.status_code == 503 and info.value.retry_after
     assert metrics.registry.get_sample_value("sentiment_rejected_requests_total", {"reason": "queue_full"}) == 1
+    for _ in range(3):
+        with pytest.raises(Overloaded):
+            await batcher.submit([np.array([2])])
+    shed = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(shed) == 1 and "queue is full" in shed[0] and "too slow" in shed[0]  # once a minute, not each time
     engine.gate.set()
     await asyncio.gather(held, queued)
     await batcher.drain()
 
 
-async def test_text_still_queued_at_its_deadline_fails_with_deadline_exceeded():
+async def test_text_still_queued_at_its_deadline_fails_with_deadline_exceeded_and_says_so(caplog):
     engine = RecordingEngine(delay=0.3)
     metrics = Metrics()
     batcher = Batcher(engine, settings(max_batch_size=1), metrics)
@@ -380,6 +385,8 @@ async def test_text_still_queued_at_its_deadline_fails_with_deadline_exceeded():
     await batcher.drain()
     assert len(engine.shapes) == 1  # the expired text never reached the engine
     assert metrics.registry.get_sample_value("sentiment_rejected_requests_total", {"reason": "deadline"}) == 1
+    shed = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(shed) == 1 and "request timeout (0.1 s)" in shed[0] and "too slow" in shed[0], shed
 
 
 async def test_request_already_running_at_its_deadline_gets_a_grace_period():
