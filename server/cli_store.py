@@ -127,8 +127,8 @@ def keys_list(settings: Settings, engine: Engine, args: argparse.Namespace) -> i
     print("id\tname\trole\tcreated_at\tlast_used_at\trevoked_at")
     for key in KeyStore(engine).list():
         row = key.as_dict()
-        print("\t".join(str(row[c] or "-") for c in ("id", "name", "role", "created_at", "last_used_at",
-                                                       "revoked_at")))
+        cells = (str(row[c] or "-") for c in ("id", "name", "role", "created_at", "last_used_at", "revoked_at"))
+        print("\t".join(cell if cell.isprintable() else repr(cell) for cell in cells))  # a row a line (check_key_name)
     return 0
 
 

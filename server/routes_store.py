@@ -10,11 +10,11 @@ cannot hold: out of range is a 422, never a 500.
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from server.auth import require_role
 from server.http import error_responses
@@ -22,6 +22,7 @@ from server.primitives import ServerError
 from server.schemas import StorableText, UtcDateTime
 from server.store import feedback, queries
 from server.store.db import run_db
+from server.store.keys import NAME_MAX_CHARS, check_key_name
 from server.store.queries import MAX_PAGE, PredictionFilter
 
 MAX_OFFSET = 1_000_000_000  # deeper than any page a person reads; since/until reach further back
@@ -53,7 +54,8 @@ class FeedbackIn(BaseModel):
 
 
 class KeyIn(BaseModel):
-    name: StorableText = Field(..., min_length=1, max_length=128, description="who or what uses the key")
+    name: Annotated[StorableText, AfterValidator(check_key_name)] = Field(
+        ..., min_length=1, max_length=NAME_MAX_CHARS, description="who or what uses the key: one line of text")
     role: Literal["predict", "admin"] = "predict"
 
 

@@ -179,6 +179,8 @@ async def test_a_revoked_key_is_refused_on_its_next_request(make_api):
     refused = await api.call("POST", "/feedback", feedback, created["key"])
     assert refused.status_code == 401 and "revoked" in refused.json()["error"]
     assert (await api.call("DELETE", "/admin/keys/nope", key=admin)).status_code == 404
+    forged = await api.call("POST", "/admin/keys", {"name": "ops\nfake\tadmin", "role": "predict"}, admin)
+    assert forged.status_code == 422 and "one line of printable text" in forged.json()["error"], forged.text
 
 
 async def test_store_routes_answer_data_and_actionable_errors(make_api):

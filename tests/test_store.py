@@ -245,6 +245,22 @@ def test_cli_migrates_manages_keys_and_exports_feedback(store_db, tmp_path, caps
     assert out.read_text() == "text\tlabel\n"
 
 
+@pytest.mark.parametrize("name, problem", [("ops\nfake-id\tfake\tadmin", "one line of printable text"),
+                                           ("x" * 200, "at most 128"), ("  ", "must not be empty")])
+def test_a_key_name_that_would_garble_keys_list_or_not_fit_is_refused_with_one_line(store_db, capsys, monkeypatch,
+                                                                                      name, problem):
+    """A line break or tab forged rows and columns in ``keys list``; 200 characters crashed on PostgreSQL with a
+    55-line traceback (and were stored on SQLite, which does not enforce the width)."""
+    monkeypatch.setenv("DATABASE_URL", store_db.url)
+    assert run_cli("db", "upgrade") == 0
+    capsys.readouterr()
+    assert run_cli("keys", "create", "--name", name) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ERROR ") and problem in err and len(err.strip().splitlines()) == 1, err
+    assert run_cli("keys", "list") == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1  # the header only: nothing was stored
+
+
 def test_cli_says_when_the_database_cannot_be_reached(capsys, tmp_path):
     assert run_cli("db", "upgrade", "--database-url", "postgresql://nobody@127.0.0.1:1/none") == 1
     err = capsys.readouterr().err

@@ -47,6 +47,22 @@ class ApiKey:
                 "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None}
 
 
+NAME_MAX_CHARS = 128  # the column's width
+
+
+def check_key_name(name: str) -> str:
+    """The name as stored (outer whitespace removed); ``ValueError`` saying what to fix. One line of printable text:
+    ``keys list`` prints a row per key, and a line break or tab in a name forged rows and columns there."""
+    name = name.strip()
+    if not name:
+        raise ValueError("name must not be empty: say who or what uses the key")
+    if len(name) > NAME_MAX_CHARS:
+        raise ValueError(f"name has {len(name)} characters; at most {NAME_MAX_CHARS}")
+    if not name.isprintable():
+        raise ValueError("name must be one line of printable text: no line breaks, tabs or other control characters")
+    return name
+
+
 class KeyStore:
     """Blocking methods: call them from a thread (``asyncio.to_thread``, ``run_db``) or the CLI."""
 
@@ -57,10 +73,9 @@ class KeyStore:
         """A new key: its record and the key itself, which is not stored and cannot be shown again."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
-        if not name.strip():
-            raise ValueError("name must not be empty: say who or what uses the key")
+        name = check_key_name(name)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        record = ApiKey(id=secrets.token_hex(8), name=name.strip(), role=role, created_at=_now(),
+        record = ApiKey(id=secrets.token_hex(8), name=name, role=role, created_at=_now(),
                         last_used_at=None, revoked_at=None)
         with self.engine.begin() as connection:
             connection.execute(insert(API_KEYS).values(
