@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run every batch shape bucket once before reporting ready")
 
     # HTTP
-    host: str = Field("0.0.0.0", description="bind address")
+    host: str = Field("0.0.0.0", min_length=1, description="bind address")
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     grpc_port: int = Field(0, ge=0, le=65535, description="Open Inference Protocol v2 gRPC port on HOST (0 = no "
                            "gRPC server)")

@@ -117,17 +117,22 @@ def check_database_reachable(settings: Settings) -> str:
     return f"{redact(settings.database_url)} reachable"
 
 
+HOST_FIX = "set HOST to an address of this machine (0.0.0.0 for every IPv4 interface, :: for IPv6)"
+
+
 def check_port(settings: Settings) -> str:
-    """PORT, and GRPC_PORT when gRPC is on: each must be free on HOST."""
+    """PORT, and GRPC_PORT when gRPC is on: each must be free on HOST (and HOST an address of this machine)."""
     problem = port_problem(settings.host, settings.port)
     if problem:
-        raise StartupError(f"{problem}; stop the other process or set PORT to a free port", ExitCode.PORT)
+        fix = "stop the other process or set PORT to a free port" if problem.in_use else HOST_FIX
+        raise StartupError(f"{problem}; {fix}", ExitCode.PORT)
     if not settings.grpc_port:
         return f"{settings.host}:{settings.port} is free"
     problem = port_problem(settings.host, settings.grpc_port)
     if problem:
-        raise StartupError(f"GRPC_PORT: {problem}; stop the other process, set GRPC_PORT to a free port, or 0 to "
-                           "turn gRPC off", ExitCode.PORT)
+        fix = "stop the other process, set GRPC_PORT to a free port, or 0 to turn gRPC off" if problem.in_use \
+            else HOST_FIX
+        raise StartupError(f"GRPC_PORT: {problem}; {fix}", ExitCode.PORT)
     return f"{settings.host}:{settings.port} (PORT) and {settings.host}:{settings.grpc_port} (GRPC_PORT) are free"
 
 
@@ -223,17 +228,28 @@ def preflight(settings: Settings) -> int:
 # --- helpers ------------------------------------------------------------------------------------------------
 
 
-def port_problem(host: str, port: int) -> str | None:
+@dataclass(frozen=True)
+class PortProblem:
+    """Why ``host:port`` cannot be bound; ``in_use``: another process holds the port (else HOST is the problem)."""
+
+    message: str
+    in_use: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def port_problem(host: str, port: int) -> PortProblem | None:
     """Why the server could not bind ``host:port``, or None when it could."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError as exc:
+        except OSError as exc:  # socket.gaierror too: a HOST that does not resolve
             if exc.errno == errno.EADDRINUSE:
-                return f"port {port} is already in use on {host}"
-            return f"cannot bind {host}:{port}: {exc.strerror}"
+                return PortProblem(f"port {port} is already in use on {host}", in_use=True)
+            return PortProblem(f"cannot bind {host}:{port}: {exc.strerror}")
     return None
 
 

@@ -54,6 +54,9 @@ CASES = {
     "nan water mark": Case({"MEMORY_HIGH_WATER": "nan"}, ExitCode.CONFIG, ("MEMORY_HIGH_WATER='nan'",)),
     "fill wait past the deadline": Case({"MAX_WAIT_MS": "10000", "REQUEST_TIMEOUT_S": "5"}, ExitCode.CONFIG,
                                         ("MAX_WAIT_MS=10000.0", "REQUEST_TIMEOUT_S=5.0")),
+    "host not of this machine": Case({"HOST": "no-such-host.invalid"}, ExitCode.PORT,
+                                     ("no-such-host.invalid", "set HOST to an address of this machine")),
+    "empty host": Case({"HOST": ""}, ExitCode.CONFIG, ("HOST",)),
     "in-memory sqlite": Case({"DATABASE_URL": "sqlite://"}, ExitCode.DATABASE, ("DATABASE_URL", "in-memory")),
     "in-memory sqlite, named": Case({"DATABASE_URL": "sqlite:///:memory:"}, ExitCode.DATABASE, ("in-memory",)),
 }
