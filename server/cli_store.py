@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 
 from server.config import ConfigError, Settings, load_settings
 from server.store import migrate
-from server.store.db import UNAVAILABLE, describe, make_engine, redact
+from server.store.db import UNAVAILABLE, describe, make_engine, redact, sqlite_path
 from server.store.feedback import export_feedback
 from server.store.keys import ROLES, KeyStore
 from server.store.rejected import RejectedFile
@@ -35,11 +35,13 @@ from server.store.wal import count_spool
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``db``, ``keys`` and ``feedback`` commands; each sets ``handler(args) -> exit code``."""
     db = _group(subparsers, "db", "database schema migrations")
-    _command(db, "upgrade", "apply pending migrations (PostgreSQL: before starting a new release)", db_upgrade)
+    _command(db, "upgrade", "apply pending migrations (PostgreSQL: before starting a new release)", db_upgrade,
+             creates=True)
     _command(db, "current", "show the schema revision; exit 1 unless it is this release's", db_current)
 
     keys = _group(subparsers, "keys", "API keys")
-    create = _command(keys, "create", "create a key and print it (the only time it is shown)", keys_create)
+    create = _command(keys, "create", "create a key and print it (the only time it is shown)", keys_create,
+                      creates=True)
     create.add_argument("--name", required=True, help="who or what uses the key")
     create.add_argument("--role", choices=ROLES, default="predict", help="predict (default) or admin")
     _command(keys, "list", "list keys (never the keys themselves)", keys_list)
@@ -71,16 +73,24 @@ def _group(subparsers: argparse._SubParsersAction, name: str, help_text: str) ->
 
 
 def _command(group: argparse._SubParsersAction, name: str, help_text: str,
-             run: Callable[[Settings, Engine, argparse.Namespace], int]) -> argparse.ArgumentParser:
+             run: Callable[[Settings, Engine, argparse.Namespace], int], creates: bool = False
+             ) -> argparse.ArgumentParser:
+    """A command on DATABASE_URL; one that does not ``creates`` a database refuses a SQLite file that is not there
+    (a mistyped path printed an empty key table, having made the folders and the file)."""
     parser = group.add_parser(name, help=help_text)
     parser.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
-    parser.set_defaults(handler=lambda args: _run(run, args))
+    parser.set_defaults(handler=lambda args: _run(run, args, creates))
     return parser
 
 
-def _run(run: Callable[[Settings, Engine, argparse.Namespace], int], args: argparse.Namespace) -> int:
+def _run(run: Callable[[Settings, Engine, argparse.Namespace], int], args: argparse.Namespace,
+         creates: bool) -> int:
     try:
         settings = load_settings(database_url=args.database_url)
+        sqlite_file = sqlite_path(settings.database_url)
+        if not creates and sqlite_file is not None and not sqlite_file.exists():
+            return _fail(f"no SQLite database at {sqlite_file} (DATABASE_URL={redact(settings.database_url)}): check "
+                         "the path; the server creates it at its first start, `sentiment-analyzer db upgrade` now")
         engine = make_engine(settings)
     except ConfigError as error:
         return _fail(str(error))

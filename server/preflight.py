@@ -65,6 +65,8 @@ def check_configuration(settings: Settings) -> str:
 
 
 def check_paths(settings: Settings) -> str:
+    from server.store.db import sqlite_path
+
     checked = [writable_directory(Path(settings.spool_dir), "SPOOL_DIR")]
     short = spool_space_shortfall(Path(settings.spool_dir), settings.spool_max_bytes)
     if short:
@@ -72,7 +74,7 @@ def check_paths(settings: Settings) -> str:
         checked[0] += f" (warning: {short})"
     if settings.log_file is not None:
         checked.append(writable_file(settings.log_file, "LOG_FILE"))
-    sqlite_file = sqlite_path(settings)
+    sqlite_file = sqlite_path(settings.database_url)
     if sqlite_file is not None:
         checked.append(writable_file(sqlite_file, "DATABASE_URL", "SQLite file"))
     return "writable (a probe file created and removed): " + ", ".join(checked)
@@ -312,17 +314,3 @@ def writable_file(path: Path, variable: str, label: str | None = None) -> str:
             raise StartupError(f"{label} {path} is not writable ({exc.strerror}); fix its permissions or change "
                                f"{variable}", ExitCode.FILESYSTEM) from None
     return f"{label} {path}"
-
-
-def sqlite_path(settings: Settings) -> Path | None:
-    """The SQLite database file DATABASE_URL names, or None (PostgreSQL, or refused: the database check says why)."""
-    from server.store.db import database_url
-
-    try:
-        url = database_url(settings.database_url)
-    except ConfigError:
-        return None  # the database check names the problem
-    if url.get_backend_name() != "sqlite":
-        return None
-    return Path(url.database)
-

@@ -223,7 +223,8 @@ def run_cli(*argv: str) -> int:
 def test_cli_migrates_manages_keys_and_exports_feedback(store_db, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DATABASE_URL", store_db.url)
     assert run_cli("db", "current") == 1
-    assert "none" in capsys.readouterr().out
+    before = capsys.readouterr()  # a database not made yet: PostgreSQL's is empty, SQLite's file is not there
+    assert "revision none" in before.out or "no SQLite database at" in before.err
     assert run_cli("db", "upgrade") == 0
     assert run_cli("db", "current") == 0
     assert "up to date" in capsys.readouterr().out
@@ -259,6 +260,19 @@ def test_a_key_name_that_would_garble_keys_list_or_not_fit_is_refused_with_one_l
     assert err.startswith("ERROR ") and problem in err and len(err.strip().splitlines()) == 1, err
     assert run_cli("keys", "list") == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1  # the header only: nothing was stored
+
+
+def test_cli_commands_that_read_refuse_a_sqlite_file_that_is_not_there_and_create_nothing(capsys, tmp_path):
+    """A mistyped path printed an empty key table and exit 0, having made the folders and an empty database."""
+    mistyped = tmp_path / "nonexistent" / "dir" / "x.db"
+    for command in (("keys", "list"), ("keys", "revoke", "some-id"), ("db", "current"),
+                    ("feedback", "export", "--out", str(tmp_path / "fb.tsv"))):
+        assert run_cli(*command, "--database-url", f"sqlite:///{mistyped}") == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ERROR no SQLite database at {mistyped}") and "db upgrade" in err, err
+    assert not (tmp_path / "nonexistent").exists() and not (tmp_path / "fb.tsv").exists()
+    assert run_cli("db", "upgrade", "--database-url", f"sqlite:///{mistyped}") == 0  # creating one is its job
+    assert run_cli("keys", "list", "--database-url", f"sqlite:///{mistyped}") == 0
 
 
 def test_cli_says_when_the_database_cannot_be_reached(capsys, tmp_path):

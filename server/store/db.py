@@ -56,6 +56,15 @@ def database_url(raw: str) -> URL:
     return url
 
 
+def sqlite_path(raw: str) -> Path | None:
+    """The SQLite database file DATABASE_URL names, or None (PostgreSQL, or refused: ``database_url`` says why)."""
+    try:
+        url = database_url(raw)
+    except ConfigError:
+        return None
+    return Path(url.database) if url.get_backend_name() == "sqlite" else None
+
+
 def redact(raw: str) -> str:
     """DATABASE_URL without its password, for messages."""
     try:
