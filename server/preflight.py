@@ -5,7 +5,8 @@ wrong and how to fix it, and the exit code of its kind (``server.exitcodes``). S
 stops at the first failure, logs its line at ERROR, without a traceback, and exits with its code;
 ``sentiment-analyzer doctor`` (``server.doctor``) runs every check and prints each.
 
-Order: configuration (values that must fit together, ``server.config.check_relationships``) -> writable
+Order: configuration (values that must fit together, ``server.config.check_relationships``) -> open files
+(MAX_CONNECTIONS within the process's file limit, the soft limit raised when it is the one short) -> writable
 paths (LOG_FILE, SPOOL_DIR, the SQLite file: the nearest existing folder must be a directory in which a
 probe file can really be created and removed) -> DATABASE_URL (parseable, sqlite or postgresql) -> ports
 (PORT, and GRPC_PORT when gRPC is on) -> device; then the model (manifest schema and sha256, MODEL_VARIANT
@@ -62,6 +63,30 @@ def check_configuration(settings: Settings) -> str:
     except ConfigError as exc:
         raise StartupError(str(exc), ExitCode.CONFIG) from None
     return "every value is valid and they fit together"
+
+
+FILES_BESIDE_CONNECTIONS = 128  # the database pool, spool segments, log, model files, gRPC, the event loop's own
+
+
+def check_open_files(settings: Settings) -> str:
+    """MAX_CONNECTIONS open connections need as many file descriptors, plus the server's own: the soft limit is
+    raised toward the hard one when it is lower (as nginx's worker_rlimit_nofile does; container runtimes often
+    set a soft 1024 below a high hard limit); a hard limit too low stops start-up. Past the limit ``accept`` fails
+    with EMFILE before the connection bound can answer 503, and the spool or the database pool can fail with it."""
+    import resource
+
+    needed = settings.max_connections + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise StartupError(
+                f"MAX_CONNECTIONS={settings.max_connections} needs about {needed} open files, and this process may "
+                f"open at most {hard} (ulimit -Hn); lower MAX_CONNECTIONS to {max(1, hard - FILES_BESIDE_CONNECTIONS)}"
+                " or less, or raise the limit (docker run --ulimit nofile=N:N, LimitNOFILE= in systemd)",
+                ExitCode.CONFIG)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        return f"open files: soft limit raised from {soft} to {needed} for MAX_CONNECTIONS={settings.max_connections}"
+    return f"open files: limit {soft} holds MAX_CONNECTIONS={settings.max_connections}"
 
 
 def check_paths(settings: Settings) -> str:
@@ -178,6 +203,7 @@ def load_model(settings: Settings, metrics: Metrics, warm: bool,
 
 
 CONFIGURATION = Check("configuration", check_configuration, "correct the variables named above (README, Configuration)")
+FILES = Check("files", check_open_files, "lower MAX_CONNECTIONS or raise the process's open-file limit")
 PATHS = Check("disk", check_paths, "point the variable at a writable place, or fix the folder's owner and mode")
 PORT = Check("port", check_port, "stop the process holding it (`ss -ltnp | grep :PORT`) or set the variable to a "
              "free port")
@@ -185,10 +211,10 @@ DEVICE = Check("device", check_device, "install onnxruntime-gpu (pip install '.[
                "or set DEVICE=auto")
 MODEL = Check("model", check_model, "restore the artifact (git checkout models/default), point MODEL_PATH at a valid "
               "one, or rebuild it with `make model`", needs="device")
-STARTUP_CHECKS = [CONFIGURATION, PATHS,  # the model is the app's load (module docstring)
+STARTUP_CHECKS = [CONFIGURATION, FILES, PATHS,  # the model is the app's load (module docstring)
                   Check("database", check_database_url, "use sqlite:///path/file.db or postgresql://user@host/db"),
                   PORT, DEVICE]
-DOCTOR_CHECKS = [CONFIGURATION, PATHS,
+DOCTOR_CHECKS = [CONFIGURATION, FILES, PATHS,
                  Check("database", check_database_reachable, "check the server (`pg_isready -h HOST`), credentials "
                        "and DATABASE_URL; predictions are still served while it is down (records spool to SPOOL_DIR)"),
                  PORT, DEVICE, MODEL]

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 
+from scripts.benchlib.serverproc import ROOT
 from server.cli import main
 from server.doctor import run_doctor
 from tests.broken_artifacts import broken_copy
@@ -88,7 +91,8 @@ def test_every_check_passes_on_a_good_setup_and_leaves_no_probe_file(monkeypatch
     code, lines = doctor(monkeypatch, env)
     assert code == 0, lines
     assert [line.split(":")[0] for line in lines] == [
-        "[ok  ] configuration", "[ok  ] disk", "[ok  ] database", "[ok  ] port", "[ok  ] device", "[ok  ] model"]
+        "[ok  ] configuration", "[ok  ] files", "[ok  ] disk", "[ok  ] database", "[ok  ] port", "[ok  ] device",
+        "[ok  ] model"]
     assert "smoke predictions ok" in lines[-1]
     after = sorted(p for p in tmp_path.iterdir() if p.name not in ("doctor.db",))
     assert after == before  # the write probe was removed (and SPOOL_DIR, absent, was not created)
@@ -143,3 +147,31 @@ def test_a_spool_cap_larger_than_its_volume_is_named_with_what_to_change(monkeyp
 
     code, lines = doctor(monkeypatch, {**env, "SPOOL_DIR": str(tmp_path / "spool")})  # a roomy volume
     assert "warning" not in next(line for line in lines if line.startswith("[ok  ] disk"))
+
+
+LIMITED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, int(sys.argv[1])))
+from server.config import load_settings
+from server.exitcodes import StartupError
+from server.preflight import check_open_files
+try:
+    print(check_open_files(load_settings(max_connections=int(sys.argv[2]))))
+except StartupError as error:
+    print(f"refused, exit {int(error.exit_code)}: {error}")
+print("soft limit now", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize("hard, connections, said, soft_after", [
+    (4096, 1024, "soft limit raised from 256 to 1152", 1152),  # a container's soft 1024-style limit: raised
+    (512, 1024, "refused, exit 2: MAX_CONNECTIONS=1024 needs about 1152 open files, and this process may open at "
+                "most 512 (ulimit -Hn); lower MAX_CONNECTIONS to 384", 256),
+    (512, 100, "limit 256 holds MAX_CONNECTIONS=100", 256),
+])
+def test_max_connections_is_held_to_the_open_file_limit(hard, connections, said, soft_after):
+    """Past the limit accept() fails with EMFILE before the connection bound can answer 503."""
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(hard), str(connections)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert said in done.stdout and f"soft limit now {soft_after}" in done.stdout, done.stdout
