@@ -170,6 +170,7 @@ class Services:
         old, loop = self.runtime.identity, asyncio.get_running_loop()
         try:
             fresh = await loop.run_in_executor(None, self._load_warm, path)
+            same_version_other_labels(self.runtime, fresh)
         except Exception as exc:
             return self._reload_failed(path, old, exc)
         fresh.batcher.start()
@@ -182,7 +183,7 @@ class Services:
                  fresh.identity.name, fresh.identity.version)
         return {"reloaded": True, "serving": vars(fresh.identity), "previous": vars(old)}
 
-    def _reload_failed(self, path: object, old: ModelIdentity, exc: Exception) -> dict[str, Any]:
+    def _reload_failed(self, path: Path, old: ModelIdentity, exc: Exception) -> dict[str, Any]:
         """Count and log a failed reload; an exception ``load_checked`` did not already explain gets a traceback
         too, since only a bug in the server can raise one."""
         self.metrics.model_reloads.labels("failed").inc()
@@ -206,3 +207,13 @@ class Services:
 
     def _load_warm(self, path: Path) -> ModelRuntime:
         return load_checked(self.settings, self.metrics, model_path=path, warm=True)
+
+
+def same_version_other_labels(serving: ModelRuntime, fresh: ModelRuntime) -> None:
+    """``ArtifactError`` when ``fresh`` claims the serving model's version with other labels (a manifest edited by
+    hand): records, feedback and the drift metrics carry the version, and could not tell the two mappings apart."""
+    if fresh.identity.version == serving.identity.version and fresh.labels() != serving.labels():
+        raise ArtifactError(f"{fresh.artifact.directory}: version {fresh.identity.version!r} is the serving model's, "
+                            f"but its labels are {fresh.labels()} and not {serving.labels()}; records and metrics "
+                            "carry the version and could not tell them apart: give the artifact a new version in "
+                            "manifest.json (models.build derives one from the files)")

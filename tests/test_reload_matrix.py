@@ -23,7 +23,14 @@ from server.budget import TokenBudget
 from server.cache import PredictionCache
 from server.memory import MemoryGuard
 from server.metrics import Metrics
-from tests.broken_artifacts import BREAKERS, broken_copy, copy_artifact, manifest_not_object
+from tests.broken_artifacts import (
+    BREAKERS,
+    broken_copy,
+    copy_artifact,
+    manifest_not_object,
+    manifest_of,
+    write_manifest,
+)
 
 FAILED = 'sentiment_model_reloads_total{result="failed"}'
 DONE = 'sentiment_model_reloads_total{result="ok"}'
@@ -218,3 +225,23 @@ def test_a_storm_of_reloads_costs_two_loads_and_every_caller_gets_the_outcome(ma
         assert client.post("/predict", json={"text": "still serving"}).status_code == 200
         client.portal.call(services.reload)  # nothing queued any more: a later request loads again
         assert len(loads) == 3
+
+
+def test_an_artifact_claiming_the_serving_version_with_other_labels_is_refused(admin_server, tiny_artifact, tmp_path):
+    """A manifest whose labels were edited by hand kept the version: records, feedback and the drift metrics before
+    and after the reload carried the same version for two label mappings."""
+    serving = admin_server.serving_version()
+    swapped = copy_artifact(tiny_artifact, tmp_path / "swapped")
+    manifest = manifest_of(swapped)
+    manifest["labels"] = manifest["labels"][::-1]
+    write_manifest(swapped, manifest)
+    failed = admin_server.metric(FAILED)
+    response = admin_server.client.post("/admin/reload", json={"model_path": str(swapped)})
+    assert response.status_code == 409 and "give the artifact a new version" in response.json()["error"]
+    assert admin_server.metric(FAILED) == failed + 1 and admin_server.serving_version() == serving
+
+    manifest["version"] = f"{serving}-relabelled"
+    write_manifest(swapped, manifest)
+    response = admin_server.client.post("/admin/reload", json={"model_path": str(swapped)})
+    assert response.status_code == 200 and admin_server.serving_version() == f"{serving}-relabelled"
+    assert admin_server.client.post("/admin/reload", json={"model_path": str(tiny_artifact)}).status_code == 200
