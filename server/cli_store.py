@@ -24,7 +24,7 @@ from server.config import ConfigError, Settings, load_settings
 from server.store import migrate
 from server.store.db import UNAVAILABLE, describe, make_engine, redact, sqlite_path
 from server.store.feedback import export_feedback
-from server.store.keys import ROLES, KeyStore
+from server.store.keys import ROLES, KeyStore, one_line
 from server.store.rejected import RejectedFile
 from server.store.replay import ReplayReport, replay_rejected, replay_spool
 from server.store.sink import DatabaseRefuses, DatabaseSink
@@ -138,7 +138,7 @@ def keys_list(settings: Settings, engine: Engine, args: argparse.Namespace) -> i
     for key in KeyStore(engine).list():
         row = key.as_dict()
         cells = (str(row[c] or "-") for c in ("id", "name", "role", "created_at", "last_used_at", "revoked_at"))
-        print("\t".join(cell if cell.isprintable() else repr(cell) for cell in cells))  # a row a line (check_key_name)
+        print("\t".join(map(one_line, cells)))  # a row a line, whatever older names hold (check_key_name)
     return 0
 
 

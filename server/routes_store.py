@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from server.auth import require_role
 from server.http import error_responses
@@ -22,7 +22,7 @@ from server.primitives import ServerError
 from server.schemas import StorableText, UtcDateTime
 from server.store import feedback, queries
 from server.store.db import run_db
-from server.store.keys import NAME_MAX_CHARS, check_key_name
+from server.store.keys import NAME_MAX_CHARS, NAME_PATTERN, check_key_name
 from server.store.queries import MAX_PAGE, PredictionFilter
 
 MAX_OFFSET = 1_000_000_000  # deeper than any page a person reads; since/until reach further back
@@ -46,6 +46,8 @@ class TsvResponse(PlainTextResponse):
 
 
 class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # as /predict: a misspelt field is a 422, not silently dropped
+
     prediction_id: StorableText = Field(..., min_length=1, max_length=32,
                                         description="the id a prediction was stored under")
     label: StorableText = Field(..., min_length=1, max_length=32,
@@ -54,8 +56,11 @@ class FeedbackIn(BaseModel):
 
 
 class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     name: Annotated[StorableText, AfterValidator(check_key_name)] = Field(
-        ..., min_length=1, max_length=NAME_MAX_CHARS, description="who or what uses the key: one line of text")
+        ..., min_length=1, max_length=NAME_MAX_CHARS, json_schema_extra={"pattern": NAME_PATTERN},
+        description="who or what uses the key: one line of text")
     role: Literal["predict", "admin"] = "predict"
 
 

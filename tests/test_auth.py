@@ -180,7 +180,7 @@ async def test_a_revoked_key_is_refused_on_its_next_request(make_api):
     assert refused.status_code == 401 and "revoked" in refused.json()["error"]
     assert (await api.call("DELETE", "/admin/keys/nope", key=admin)).status_code == 404
     forged = await api.call("POST", "/admin/keys", {"name": "ops\nfake\tadmin", "role": "predict"}, admin)
-    assert forged.status_code == 422 and "one line of printable text" in forged.json()["error"], forged.text
+    assert forged.status_code == 422 and "one line of text" in forged.json()["error"], forged.text
 
 
 async def test_store_routes_answer_data_and_actionable_errors(make_api):
@@ -193,6 +193,11 @@ async def test_store_routes_answer_data_and_actionable_errors(make_api):
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
     unknown = await api.call("POST", "/feedback", {"prediction_id": "nope", "label": "POSITIVE"}, admin)
     assert unknown.status_code == 404 and "retry" in unknown.json()["error"]
+    misspelt = await api.call("POST", "/feedback", {"prediction_id": "{prediction}", "labl": "POSITIVE"}, admin)
+    assert misspelt.status_code == 422 and "labl" in misspelt.json()["error"], misspelt.text
+    extra = await api.call("POST", "/feedback", {"prediction_id": "{prediction}", "label": "POSITIVE", "by": "me"},
+                           admin)
+    assert extra.status_code == 422 and "by" in extra.json()["error"], extra.text
     assert (await api.call("POST", "/feedback", {"prediction_id": "{prediction}", "label": "NEGATIVE"},
                            admin)).status_code == 201
     export = await api.call("GET", "/feedback/export", key=admin)

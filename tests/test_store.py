@@ -246,7 +246,7 @@ def test_cli_migrates_manages_keys_and_exports_feedback(store_db, tmp_path, caps
     assert out.read_text() == "text\tlabel\n"
 
 
-@pytest.mark.parametrize("name, problem", [("ops\nfake-id\tfake\tadmin", "one line of printable text"),
+@pytest.mark.parametrize("name, problem", [("ops\nfake-id\tfake\tadmin", "one line of text"),
                                            ("x" * 200, "at most 128"), ("  ", "must not be empty")])
 def test_a_key_name_that_would_garble_keys_list_or_not_fit_is_refused_with_one_line(store_db, capsys, monkeypatch,
                                                                                       name, problem):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,19 +49,26 @@ class ApiKey:
 
 
 NAME_MAX_CHARS = 128  # the column's width
+NAME_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$"  # one line: no control character, no line break
+_BREAKS_A_LINE = re.compile("[\u0000-\u001f\u007f-\u009f\u2028\u2029]")
 
 
 def check_key_name(name: str) -> str:
-    """The name as stored (outer whitespace removed); ``ValueError`` saying what to fix. One line of printable text:
+    """The name as stored (outer whitespace removed); ``ValueError`` saying what to fix. One line of text:
     ``keys list`` prints a row per key, and a line break or tab in a name forged rows and columns there."""
     name = name.strip()
     if not name:
         raise ValueError("name must not be empty: say who or what uses the key")
     if len(name) > NAME_MAX_CHARS:
         raise ValueError(f"name has {len(name)} characters; at most {NAME_MAX_CHARS}")
-    if not name.isprintable():
-        raise ValueError("name must be one line of printable text: no line breaks, tabs or other control characters")
+    if _BREAKS_A_LINE.search(name):
+        raise ValueError("name must be one line of text: no line breaks, tabs or other control characters")
     return name
+
+
+def one_line(text: str) -> str:
+    """``text`` as is, or quoted when it holds a character ``check_key_name`` refuses (a name stored before it)."""
+    return repr(text) if _BREAKS_A_LINE.search(text) else text
 
 
 class KeyStore:
