@@ -437,19 +437,21 @@ async def batch_two_requests(batcher: Batcher, engine: RecordingEngine) -> list[
     await asyncio.sleep(0.02)
     engine.gate.set()
     await first
-    await asyncio.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while len(engine.shapes) < 2 and time.monotonic() < deadline:  # on its worker
+        await asyncio.sleep(0.001)
     assert engine.running == 1 and engine.shapes[-1] == (2, 1)
     return pair
 
 
 async def test_under_load_a_part_full_batch_waits_max_wait_ms_then_runs():
-    engine = RecordingEngine(delay=0.05)
-    batcher = Batcher(engine, settings(max_wait_ms=150), Metrics())
+    engine = RecordingEngine(delay=0.15)  # the pair's batch: the next request arrives while it runs
+    batcher = Batcher(engine, settings(max_wait_ms=400), Metrics())
     batcher.start()
     pair = await batch_two_requests(batcher, engine)
     started = time.monotonic()
     third = await asyncio.wait_for(batcher.submit([np.array([3])]), 5)  # nothing else comes: runs when the wait ends
-    assert time.monotonic() - started >= 0.14
+    assert time.monotonic() - started >= 0.39  # the pair's batch alone is 0.15 s
     assert len(third) == 1 and [len(p.result()) for p in pair] == [1, 1]
     assert engine.shapes == [(1, 1), (2, 1), (1, 1)]
     await batcher.drain()
@@ -471,12 +473,12 @@ async def test_a_lone_clients_requests_of_several_texts_are_not_held_to_fill_a_b
 async def test_the_load_state_ends_when_the_batcher_is_idle_even_after_a_deadline_dropped_the_held_text():
     """A text held to fill a batch whose request times out leaves the batcher idle, and idle is not under load: the
     next lone request runs at once (it was held MAX_WAIT_MS; with MAX_WAIT_MS past the deadline, forever)."""
-    engine = RecordingEngine(delay=0.05)
+    engine = RecordingEngine(delay=0.15)
     batcher = Batcher(engine, settings(max_wait_ms=1000), Metrics())
     batcher.start()
     pair = await batch_two_requests(batcher, engine)
     with pytest.raises(DeadlineExceeded):  # arrives under load and is held past its deadline
-        await batcher.submit([np.array([3])], timeout=0.2)
+        await batcher.submit([np.array([3])], timeout=0.4)
     await asyncio.gather(*pair)
     started = time.monotonic()
     await asyncio.wait_for(batcher.submit([np.array([4])]), 5)
@@ -562,12 +564,12 @@ async def test_engine_workers_bound_the_batches_running_at_once(workers):
 
 
 async def test_drain_waits_for_texts_held_back_to_fill_a_batch():
-    engine = RecordingEngine(delay=0.05)
+    engine = RecordingEngine(delay=0.15)
     batcher = Batcher(engine, settings(max_wait_ms=1000), Metrics())
     batcher.start()
     pair = await batch_two_requests(batcher, engine)  # under load
     pending = asyncio.ensure_future(batcher.submit([np.array([3])]))
-    await asyncio.sleep(0.1)  # queued after the pair's batch, waiting for company
+    await asyncio.sleep(0.3)  # queued behind the pair's batch, then held for company
     assert engine.running == 0 and not pending.done()
     await batcher.drain()
     assert [rows for rows, _ in engine.shapes] == [1, 2, 1]  # it ran before drain returned
