@@ -49,8 +49,9 @@ class ApiKey:
 
 
 NAME_MAX_CHARS = 128  # the column's width
-NAME_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$"  # one line: no control character, no line break
-_BREAKS_A_LINE = re.compile("[\u0000-\u001f\u007f-\u009f\u2028\u2029]")
+_LINE = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029"  # control characters and line breaks
+NAME_PATTERN = f"^[^{_LINE}]*[^\\s{_LINE}][^{_LINE}]*$"  # for the OpenAPI document: one line, not blank
+_BREAKS_A_LINE = re.compile(f"[{_LINE}]")
 
 
 def check_key_name(name: str) -> str:
