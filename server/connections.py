@@ -4,8 +4,8 @@ Every connection is under one deadline at a time, by phase:
 
 * waiting for request headers: ``HEADER_TIMEOUT_S`` from the connection being
   made, or from the previous response on a keep-alive connection. Past it, a
-  connection that had started a request gets 408 and is closed; one that sent
-  nothing is closed. An idle keep-alive connection ending so is normal and not
+  connection that had started a request gets 408 and is closed after the
+  refusals' linger (below); one that sent nothing is closed. An idle keep-alive connection ending so is normal and not
   counted; a new connection that never sent a request is counted as a slow client.
 * waiting for the request body: ``REQUEST_TIMEOUT_S`` from the end of the
   headers. Past it the application's wait for the body ends in
@@ -268,7 +268,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._request_begun = False  # a byte of the next request has arrived
         self._responses = 0
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
-        self._unparseable = False  # httptools refused what the client sent: nothing more is read
+        self._not_reading = False  # httptools refused what the client sent, or a refusal lingers: nothing more is read
         self._head_bytes = self._head_fields = 0  # the request line and headers parsed so far (``_count_head``)
         self._oversized: tuple[int, str, str] | None = None  # the refusal of a request whose head is too large
         self._upgrade_body_left: int | None = None  # body bytes still due from a request that asked to upgrade
@@ -291,10 +291,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         and leaves the bytes after them to the new protocol; uvicorn then answered it without its body (a 422 for a
         valid /predict) and never read the request pipelined behind it. Here its body (``Content-Length``) is read
         as the body, and what follows as the next request."""
-        if self.phase == "refused" or self._unparseable:
+        if self.phase == "refused" or self._not_reading:
             return
         self._unset_keepalive_if_required()
-        while data and not self._unparseable:
+        while data and not self._not_reading:
             if self._upgrade_body_left:
                 data = self._read_upgrade_body(data)
                 continue
@@ -413,7 +413,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         length = 0
         for name, value in self.headers:
             if name == b"transfer-encoding":
-                self._unparseable = True
+                self._not_reading = True
                 self._fail_body(MalformedBody(
                     "a request asking to upgrade the protocol (Upgrade header) cannot send a chunked body: no "
                     "protocol is switched to here; send the body with Content-Length, or drop the Upgrade header"))
@@ -508,10 +508,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._request_begun:
             if self.guard.draining:
                 self.guard.answered += 1
-            self.transport.write(error_bytes(408, f"request headers not received within "
-                                                  f"{self.guard.header_timeout_s:g} s (HEADER_TIMEOUT_S); send the "
-                                                  "whole request at once", "request_timeout"))
-        self.transport.close()
+            self._close_lingering(error_bytes(408, f"request headers not received within "
+                                                   f"{self.guard.header_timeout_s:g} s (HEADER_TIMEOUT_S); send the "
+                                                   "whole request at once", "request_timeout"))
+        else:
+            self.transport.close()
 
     def _body_overdue(self) -> None:
         self._deadline = None
@@ -535,7 +536,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer (plain text) to what httptools cannot parse, called where it catches the parser's
         error: the answer in the server's error format instead, when it is due (module docstring)."""
-        self._unparseable = True
+        self._not_reading = True
         error = sys.exc_info()[1]  # the HttpParserError being handled: its reason is more use than uvicorn's msg
         message = malformed_message(str(error) if error is not None and str(error) else "unparseable")
         refusal = error_bytes(*self._oversized) if self._oversized else error_bytes(400, message, "malformed_http")
@@ -559,9 +560,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         if self.guard.draining:
             self.guard.answered += 1
+        self._close_lingering(response)
+
+    def _close_lingering(self, response: bytes) -> None:
+        """Write ``response``, then close after ``REFUSAL_LINGER_S`` of reading and discarding what the client still
+        sends (``data_received``): closing with its bytes unread resets the connection, and the client can lose the
+        answer (a client trickling its headers had sent one more byte as its 408 went out)."""
+        self._not_reading = True
         self.transport.write(response)
-        # closed after a linger that reads and discards what the client still sends (``data_received``): closing
-        # with its bytes unread would reset the connection, and the client could lose the answer
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._arm(REFUSAL_LINGER_S, self.transport.close)

@@ -134,6 +134,20 @@ def test_headers_not_completed_in_time_get_408_and_the_connection_closes(server,
     assert metric(server, SLOW) == slow + 1
 
 
+def test_after_a_408_for_slow_headers_the_server_reads_on_for_a_linger_rather_than_resetting(server):
+    """Closed at once, a connection the client still sends on is reset, and a client that has not yet read its 408
+    loses it (a client trickling its headers, in CI, sent one more byte as its 408 went out). The server ends its
+    side with the answer and reads and discards what comes for ``REFUSAL_LINGER_S`` before closing."""
+    with connect(server) as sock:
+        sock.sendall(predict_head()[:20])
+        raw = read_until_closed(sock)  # the 408, then the end of the server's side
+        for _ in range(3):  # a closed socket answers the first with a reset, and the next send fails
+            sock.sendall(b"x" * 100)
+            time.sleep(0.05)
+    status, _, body = parse(raw)
+    assert status == 408 and json.loads(body)["type"] == "request_timeout"
+
+
 def test_a_partial_request_pipelined_behind_a_complete_one_gets_408_after_its_answer_and_is_counted(server):
     slow = metric(server, SLOW)
     with connect(server) as sock:
