@@ -52,7 +52,7 @@ from scripts.benchlib.serverproc import LiveServer, start_server, stop_server  #
 from scripts.benchlib.workload import Draw, Workload  # noqa: E402
 from server.artifact import load_artifact  # noqa: E402
 from server.config import load_settings  # noqa: E402
-from server.engine import OnnxEngine, available_cores, create_engine, engine_workers  # noqa: E402
+from server.engine import OnnxEngine, available_cores, create_engine  # noqa: E402
 from server.status import Samples, increase, parse_metrics  # noqa: E402
 from server.tokenizer import TextEncoder, pad_batch  # noqa: E402
 
@@ -119,18 +119,6 @@ def raw_engine(artifact_dir: Path, texts: list[str], batch: int, seconds: float)
         return rate, (time.process_time() - cpu) * 1000 / max(rate * duration, 1)
 
     return result, beside
-
-
-def server_engine(artifact_dir: Path) -> tuple[OnnxEngine, int]:
-    """An engine with the server's default CPU set-up, and how many batches the server runs on it at once."""
-    settings = load_settings(device="cpu", model_path=artifact_dir)
-    return create_engine(load_artifact(artifact_dir), settings), engine_workers(settings, "cpu")
-
-
-def lone_raw_call(engine: OnnxEngine, encoder: TextEncoder) -> Callable[[], None]:
-    """One engine call on the short text, with the server's default CPU set-up, so (b) compares like with like."""
-    lone = pad_batch(encoder.encode([SHORT]))
-    return lambda: engine.run(*lone)
 
 
 async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurrency: list[int], seconds: float,
@@ -447,9 +435,9 @@ def main(argv: list[str] | None = None) -> None:
                 }, Path(tmp) / (mode or "default"))
             bare = floor.start_bare_server(Path(tmp))
             concurrency = [int(c) for c in args.concurrency.split(",")]
-            engine = None if args.skip_raw else server_engine(args.artifact)
+            engine = None if args.skip_raw else floor.default_cpu_engine(args.artifact)
             bare_engine = None if args.skip_raw else floor.start_bare_server(Path(tmp), engine=(args.artifact, SHORT))
-            raw_call = lone_raw_call(engine[0], encoder) if engine else None
+            raw_call = floor.lone_call(engine[0], encoder, SHORT) if engine else None  # (b) compares like with like
             probes = {"tokenization": lambda: encoder.encode([SHORT]), "fsync": fsync_beside_spools}
             measured = asyncio.run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
                                                bare.url, probes, bare_engine.url if bare_engine else None))

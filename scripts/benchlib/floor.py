@@ -53,13 +53,17 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 import orjson
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, free_port
-from server.tokenizer import pad_batch
+from server.tokenizer import TextEncoder, pad_batch
+
+if TYPE_CHECKING:
+    from server.engine import Engine
 
 Batch = tuple[np.ndarray, np.ndarray]  # (input_ids, attention_mask), as the engine takes them
 
@@ -96,17 +100,30 @@ def bare_engine_app(call: Callable[[], object]) -> Callable:
     return app
 
 
-def lone_engine_call(artifact_dir: Path, text: str) -> Callable[[], object]:
-    """One engine call on ``text``, with the server's default CPU set-up (as bench_server's raw lone call)."""
+def default_cpu_engine(artifact_dir: Path) -> tuple[Engine, int]:
+    """An engine with the server's default CPU set-up, and how many batches the server runs on it at once (what the
+    raw figures and this floor must be measured with, bench_server's and the bare app's alike)."""
     from server.artifact import load_artifact
     from server.config import load_settings
-    from server.engine import create_engine
-    from server.tokenizer import TextEncoder
+    from server.engine import create_engine, engine_workers
+
+    settings = load_settings(device="cpu", model_path=artifact_dir)
+    return create_engine(load_artifact(artifact_dir), settings), engine_workers(settings, "cpu")
+
+
+def lone_call(engine: Engine, encoder: TextEncoder, text: str) -> Callable[[], object]:
+    """One engine call on ``text``, tokenized and padded once, outside the call."""
+    lone = pad_batch(encoder.encode([text]))
+    return lambda: engine.run(*lone)
+
+
+def bare_engine_call(artifact_dir: Path, text: str) -> Callable[[], object]:
+    """``lone_call`` on ``text`` with ``default_cpu_engine``: what ``bare_engine_app`` runs."""
+    from server.artifact import load_artifact
 
     artifact = load_artifact(artifact_dir)
-    engine = create_engine(artifact, load_settings(device="cpu", model_path=artifact_dir))
-    lone = pad_batch(TextEncoder(artifact.tokenizer_path, artifact.max_length).encode([text]))
-    return lambda: engine.run(*lone)
+    return lone_call(default_cpu_engine(artifact_dir)[0], TextEncoder(artifact.tokenizer_path, artifact.max_length),
+                     text)
 
 
 def serve_bare(port: int, app: Callable = bare_app) -> None:
@@ -288,5 +305,5 @@ def saturation_ceiling(cores: int, engine_cpu_ms_per_text: float, generator_cpu_
 
 
 if __name__ == "__main__":
-    serve_bare(int(sys.argv[1]), bare_engine_app(lone_engine_call(Path(sys.argv[2]), sys.argv[3])) if sys.argv[2:]
+    serve_bare(int(sys.argv[1]), bare_engine_app(bare_engine_call(Path(sys.argv[2]), sys.argv[3])) if sys.argv[2:]
                else bare_app)
