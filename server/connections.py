@@ -5,8 +5,9 @@ Every connection is under one deadline at a time, by phase:
 * waiting for request headers: ``HEADER_TIMEOUT_S`` from the connection being
   made, or from the previous response on a keep-alive connection. Past it, a
   connection that had started a request gets 408 and is closed after the
-  refusals' linger (below); one that sent nothing is closed. An idle keep-alive connection ending so is normal and not
-  counted; a new connection that never sent a request is counted as a slow client.
+  refusals' linger (below); one that sent nothing is closed. An idle
+  keep-alive connection ending so is normal and not counted; a new connection
+  that never sent a request is counted as a slow client.
 * waiting for the request body: ``REQUEST_TIMEOUT_S`` from the end of the
   headers. Past it the application's wait for the body ends in
   ``RequestTimeout`` (408, the server's error format, ``Connection: close``):

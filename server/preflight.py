@@ -281,14 +281,19 @@ def port_problem(host: str, port: int) -> PortProblem | None:
     return None
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path``, or its nearest ancestor that exists (what a folder not yet created will live in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def writable_directory(directory: Path, variable: str, label: str | None = None) -> str:
     """``directory`` exists as a directory, or can be created: its nearest existing ancestor is a directory in
     which a file can be created (a probe file is created and removed; nothing else is left behind).
     ``label`` names the path in messages when it is not the variable's value itself (the SQLite file)."""
     label = label or variable
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(directory)
     if not existing.is_dir():
         where = "is a file" if existing == directory else f"cannot be created: {existing} is a file"
         raise StartupError(f"{label} {directory} {where}, not a directory; change {variable} or move that file",
@@ -308,16 +313,13 @@ def spool_space_shortfall(directory: Path, max_bytes: int) -> str | None:
     spool holds already); None when it can. A warning, not a refusal: the disk's free space changes, and a full
     disk refuses records with 503 ``no_space`` and loses none, as a full spool does. The operator learns at
     start-up that the cap in force is the disk's, not the setting's."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     held = 0
     for path in directory.rglob("*") if directory.is_dir() else ():
         try:
             held += path.stat().st_size if path.is_file() else 0
         except OSError:  # gone meanwhile: it holds nothing
             pass
-    room = shutil.disk_usage(existing).free + held
+    room = shutil.disk_usage(nearest_existing(directory)).free + held
     if room >= max_bytes:
         return None
     return (f"SPOOL_MAX_BYTES={max_bytes} is more than SPOOL_DIR {directory}'s volume can hold ({room} bytes: "
