@@ -42,7 +42,7 @@ from fastapi import Request
 
 from server.primitives import ServerError
 from server.store.keycache import KeyCheckUnavailable
-from server.store.keys import ROLES
+from server.store.keys import ROLES, ApiKey
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -79,21 +79,42 @@ class Caller:
     path: str
     client: str
 
+    @classmethod
+    def of(cls, request: Request) -> Caller:
+        return cls(request.method, request.url.path, request.client.host if request.client else "-")
+
 
 def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
     """A dependency returning the caller's key id, or None for a keyless request in open mode."""
+    check_key = require_key(role)
+
+    async def check(request: Request) -> str | None:
+        found = await check_key(request)
+        return found.id if found is not None else None
+
+    return check
+
+
+def require_key(role: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
+    """A dependency returning the caller's key record (for routes that also need its role), or None as above."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
 
-    async def check(request: Request) -> str | None:
-        caller = Caller(request.method, request.url.path, request.client.host if request.client else "-")
-        return await authorize(request.app.state.services, role, request.headers, caller)
+    async def check(request: Request) -> ApiKey | None:
+        return await authenticate_caller(request.app.state.services, role, request.headers, Caller.of(request))
 
     return check
 
 
 async def authorize(services: Services, role: str, headers: Mapping[str, str], caller: Caller) -> str | None:
     """The key id for ``role`` from HTTP headers or gRPC metadata (lower-case names); raises 401/403 errors."""
+    found = await authenticate_caller(services, role, headers, caller)
+    return found.id if found is not None else None
+
+
+async def authenticate_caller(services: Services, role: str, headers: Mapping[str, str],
+                              caller: Caller) -> ApiKey | None:
+    """The key record for ``role``, or None for a keyless request in open mode; raises 401/403 errors."""
     try:
         key = presented_key(headers)
     except MalformedCredentials as bad:
@@ -118,7 +139,7 @@ async def authorize(services: Services, role: str, headers: Mapping[str, str], c
         message = f"this API key has role {found.role}; {caller.path} needs role {role}"
         detail = f"API key id={found.id} name={found.name!r} role={found.role} lacks role {role}"
         raise _refuse(services, caller, Forbidden(message), detail)
-    return found.id
+    return found
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -151,5 +172,10 @@ def fingerprint(key: str) -> str:
 def _refuse(services: Services, caller: Caller, error: Unauthorized | Forbidden, detail: str) -> ServerError:
     reason = "unauthorized" if error.status_code == 401 else "forbidden"
     services.metrics.rejected.labels(reason).inc()
-    log.warning("security: %d %s: %s %s from %s", error.status_code, detail, caller.method, caller.path, caller.client)
+    log_refusal(error.status_code, detail, caller)
     return error
+
+
+def log_refusal(status: int, detail: str, caller: Caller) -> None:
+    """The one WARNING every security refusal writes, in the form the runbook greps."""
+    log.warning("security: %d %s: %s %s from %s", status, detail, caller.method, caller.path, caller.client)

@@ -1,7 +1,9 @@
 """Store endpoints: reading predictions, feedback and its export, API key management.
 
 Everything here needs an admin key except ``POST /feedback`` (role predict,
-open in AUTH_MODE=open). An unreachable database answers 503 with Retry-After.
+open in AUTH_MODE=open; a prediction made with a key takes feedback only from
+that key or an admin key, and answers any other caller as unknown). An
+unreachable database answers 503 with Retry-After.
 Query parameters are bounded (``limit`` 1..MAX_PAGE, ``offset`` 0..MAX_OFFSET,
 filters at most MAX_FILTER_CHARS) so no value reaches the database that it
 cannot hold: out of range is a 422, never a 500.
@@ -10,19 +12,20 @@ cannot hold: out of range is a 422, never a 500.
 from __future__ import annotations
 
 import io
+from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from server.auth import require_role
+from server.auth import Caller, log_refusal, require_key, require_role
 from server.http import error_responses
 from server.primitives import ServerError
 from server.schemas import StorableText, UtcDateTime
 from server.store import feedback, queries
 from server.store.db import run_db
-from server.store.keys import NAME_MAX_CHARS, NAME_PATTERN, check_key_name
+from server.store.keys import NAME_MAX_CHARS, NAME_PATTERN, ApiKey, check_key_name
 from server.store.queries import MAX_PAGE, PredictionFilter
 
 MAX_OFFSET = 1_000_000_000  # deeper than any page a person reads; since/until reach further back
@@ -91,11 +94,16 @@ async def get_prediction(prediction_id: StorableText, request: Request, _: str |
 
 @router.post("/feedback", status_code=201, summary="Record the correct label of a prediction",
              responses=error_responses(404, 422))
-async def post_feedback(body: FeedbackIn, request: Request, _: str | None = PREDICT):
+async def post_feedback(body: FeedbackIn, request: Request, caller: ApiKey | None = Depends(require_key("predict"))):
     labels = request.app.state.services.runtime.labels()
     try:
-        saved = await run_db(feedback.add_feedback, _engine(request), body.prediction_id, body.label, labels)
-    except feedback.UnknownPrediction:
+        saved = await run_db(partial(feedback.add_feedback, by=caller), _engine(request), body.prediction_id,
+                             body.label, labels)
+    except feedback.UnknownPrediction as unknown:
+        if isinstance(unknown, feedback.NotYourPrediction):
+            who = f"API key id={caller.id}" if caller else "a caller without a key"
+            log_refusal(404, f"feedback from {who} for prediction {body.prediction_id!r}, made with another key",
+                        Caller.of(request))
         raise NotFound(f"no prediction {body.prediction_id!r}; if it was just made, retry in a few seconds") from None
     except feedback.UnknownLabel:
         raise InvalidLabel(f"label {body.label!r} is not one of the serving model's labels: {', '.join(labels)}"

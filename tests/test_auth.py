@@ -126,6 +126,34 @@ async def test_open_mode_lets_keyless_feedback_through_but_not_admin_or_bad_keys
     assert (await api.call("GET", "/admin/keys", key=api.keys["admin key"])).status_code == 200
 
 
+async def test_a_prediction_made_with_a_key_takes_feedback_only_from_that_key_or_an_admin(make_api, store_db,
+                                                                                          caplog):
+    """Another key, or no key in open mode, is answered as for an unknown id: it cannot relabel a prediction it
+    did not make, nor learn that the id exists. A keyless prediction's id is all it takes to label it."""
+    api = await make_api(auth_mode="open")
+    owned = make_record("made with the predict key", api_key_id=api.ids["predict"])
+    api.services.store.submit(owned)
+    await wait_until(lambda: owned.id in stored_ids(store_db.url), what="the keyed prediction")
+    feedback = {"prediction_id": owned.id, "label": "NEGATIVE"}
+    unknown = await api.call("POST", "/feedback", {"prediction_id": "0" * 32, "label": "NEGATIVE"},
+                             api.keys["spare"])
+    with caplog.at_level(logging.WARNING, logger="server.auth"):
+        for caller in ("spare", None):
+            refused = await api.call("POST", "/feedback", feedback, caller and api.keys[caller])
+            assert refused.status_code == 404, refused.text
+            assert refused.json()["error"] == unknown.json()["error"].replace("0" * 32, owned.id)
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.auth"]
+    assert len(lines) == 2 and all(line.startswith("security: 404") and owned.id in line for line in lines)
+    assert api.ids["spare"] in lines[0] and "without a key" in lines[1]
+    admin = api.keys["admin key"]
+    assert (await api.call("GET", f"/predictions/{owned.id}", key=admin)).json()["feedback_label"] is None
+    assert (await api.call("POST", "/feedback", feedback, api.keys["predict key"])).status_code == 201
+    assert (await api.call("POST", "/feedback", {**feedback, "label": "POSITIVE"}, admin)).status_code == 201
+    assert (await api.call("GET", f"/predictions/{owned.id}", key=admin)).json()["feedback_label"] == "POSITIVE"
+    keyless = {"prediction_id": "{prediction}", "label": "NEGATIVE"}
+    assert (await api.call("POST", "/feedback", keyless, api.keys["spare"])).status_code == 201
+
+
 async def test_either_header_carries_the_key_and_any_other_form_is_refused_with_how_to_send_it(make_api):
     api = await make_api()
     admin = api.keys["admin key"]

@@ -190,15 +190,15 @@ async def test_feedback_exports_a_tsv_the_trainer_reads(store_db, store_settings
 
     engine = make_engine(store_settings())
     labels = ["NEGATIVE", "POSITIVE"]
-    add_feedback(engine, liked.id, "NEGATIVE", labels)
-    add_feedback(engine, liked.id, "POSITIVE", labels)  # a later correction replaces the earlier one
-    add_feedback(engine, disliked.id, "NEGATIVE", labels)
-    add_feedback(engine, tabbed.id, "POSITIVE", labels)
-    add_feedback(engine, hidden.id, "POSITIVE", labels)
+    add_feedback(engine, liked.id, "NEGATIVE", labels, by=None)
+    add_feedback(engine, liked.id, "POSITIVE", labels, by=None)  # a later correction replaces the earlier one
+    add_feedback(engine, disliked.id, "NEGATIVE", labels, by=None)
+    add_feedback(engine, tabbed.id, "POSITIVE", labels, by=None)
+    add_feedback(engine, hidden.id, "POSITIVE", labels, by=None)
     with pytest.raises(UnknownPrediction):  # an unknown id is reported first, whatever the label
-        add_feedback(engine, "no-such-id", "neutral", labels)
+        add_feedback(engine, "no-such-id", "neutral", labels, by=None)
     with pytest.raises(UnknownLabel):
-        add_feedback(engine, disliked.id, "neutral", labels)
+        add_feedback(engine, disliked.id, "neutral", labels, by=None)
     assert get_prediction(engine, liked.id)["feedback_label"] == "POSITIVE"
 
     out = tmp_path / "feedback.tsv"

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from server.store.keys import ApiKey
 from server.store.tables import FEEDBACK, PREDICTIONS
 
 _BREAKS = re.compile(r"[\t\r\n]+")
@@ -33,12 +34,24 @@ class UnknownPrediction(LookupError):
     """Feedback names a prediction the database does not hold (yet)."""
 
 
+class NotYourPrediction(UnknownPrediction):
+    """Feedback from a key other than the one that made the prediction (an admin key may label any).
+
+    Answered as an unknown prediction, so that a key cannot learn which ids exist, nor overwrite the label on
+    another key's prediction whose id it has come by.
+    """
+
+
 class UnknownLabel(ValueError):
     """Feedback gives a label the serving model does not have."""
 
 
-def add_feedback(engine: Engine, prediction_id: str, label: str, labels: list[str]) -> dict[str, Any]:
+def add_feedback(engine: Engine, prediction_id: str, label: str, labels: list[str], *,
+                 by: ApiKey | None) -> dict[str, Any]:
     """Record (or replace) the correct label of a prediction; ``labels`` are the serving model's.
+
+    ``by`` is the caller's key (None: a keyless caller in AUTH_MODE=open). A prediction made with a key is
+    labelled only by that key or an admin key; one made without a key, by whoever holds its id.
 
     An unknown prediction is reported before a wrong label: whether the id exists is what a client
     retries on (a record is written shortly after its answer), a wrong label never fixes itself.
@@ -50,9 +63,12 @@ def add_feedback(engine: Engine, prediction_id: str, label: str, labels: list[st
                                           set_={"label": upsert.excluded.label,
                                                 "created_at": upsert.excluded.created_at})
     with engine.begin() as connection:
-        exists = connection.execute(select(PREDICTIONS.c.id).where(PREDICTIONS.c.id == prediction_id)).first()
-        if exists is None:
+        found = connection.execute(select(PREDICTIONS.c.api_key_id).where(PREDICTIONS.c.id == prediction_id)).first()
+        if found is None:
             raise UnknownPrediction(prediction_id)
+        owner = found.api_key_id
+        if owner is not None and not (by is not None and (by.id == owner or by.allows("admin"))):
+            raise NotYourPrediction(prediction_id)
         if label not in labels:
             raise UnknownLabel(label)
         connection.execute(upsert)
