@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     cuda_device_id: int = Field(0, ge=0, description="CUDA device ordinal")
     cuda_mem_limit: int = Field(0, ge=0, description="ONNX Runtime CUDA arena limit in bytes (0 = no limit)")
     intra_op_threads: int = Field(
-        0, ge=0, description="CPU threads per inference (0 = auto: the cores available shared among ENGINE_WORKERS)"
+        0, ge=0, le=256, description="CPU threads per inference (0 = auto: the cores available shared among "
+        "ENGINE_WORKERS); more than the cores is warned of at start"
     )
     intra_op_spinning: bool = Field(
         False, description="let ONNX Runtime's CPU threads busy-wait between operators (burns the cores the server's "

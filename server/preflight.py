@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.config import ConfigError, Settings, check_relationships
-from server.engine import first_line
+from server.engine import cpu_oversubscription, first_line
 from server.exitcodes import ExitCode, StartupError
 
 if TYPE_CHECKING:
@@ -62,6 +62,10 @@ def check_configuration(settings: Settings) -> str:
         check_relationships(settings)
     except ConfigError as exc:
         raise StartupError(str(exc), ExitCode.CONFIG) from None
+    oversubscribed = cpu_oversubscription(settings)
+    if oversubscribed:
+        log.warning("%s", oversubscribed)
+        return f"every value is valid and they fit together (warning: {oversubscribed})"
     return "every value is valid and they fit together"
 
 

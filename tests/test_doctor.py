@@ -149,6 +149,25 @@ def test_a_spool_cap_larger_than_its_volume_is_named_with_what_to_change(monkeyp
     assert "warning" not in next(line for line in lines if line.startswith("[ok  ] disk"))
 
 
+def test_more_engine_threads_than_cores_is_named_with_what_to_set(monkeypatch, tiny_artifact, tmp_path, caplog):
+    """A warning, not a failure; past 256 threads per inference the value itself is refused."""
+    monkeypatch.setattr("server.engine.available_cores", lambda: 4)
+
+    def configuration(**env: str) -> str:
+        code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), **env})
+        assert code == 0, lines
+        return lines[0]
+
+    said = configuration(INTRA_OP_THREADS="3", ENGINE_WORKERS="2")
+    assert ("warning: INTRA_OP_THREADS=3 × 2 engine worker(s) is 6 CPU threads on 4 usable core(s)" in said
+            and "set INTRA_OP_THREADS=0 (auto: 2 here) or at most 2" in said), said
+    assert any("INTRA_OP_THREADS=3" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert "warning" not in configuration(INTRA_OP_THREADS="2", ENGINE_WORKERS="2")
+    assert "warning" not in configuration(INTRA_OP_THREADS="0", ENGINE_WORKERS="8")  # auto never oversubscribes
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "INTRA_OP_THREADS": "3000"})
+    assert code == 1 and "INTRA_OP_THREADS='3000'" in lines[0] and "256" in lines[0], lines
+
+
 LIMITED = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, int(sys.argv[1])))
