@@ -345,7 +345,7 @@ def machine_floor(measured: dict[str, dict], target_server: str, durability: dic
     result["saturation"] = floor.saturation_ceiling(
         available_cores(), cpu["server"], saturated["generator_cpu_ms_per_text"], cpu["sorted"],
         saturated.get("raw_length_sorted_beside_texts_per_s", nan), saturated.get("vs_raw_length_sorted_beside", nan),
-        SATURATION_TARGET)
+        SATURATION_TARGET, saturated["loop_cpu_ms_per_text"] + saturated["other_threads_cpu_ms_per_text"])
     return result
 
 
@@ -389,6 +389,9 @@ def print_floor(found: dict) -> None:
           f"{ceiling['fraction_of_raw_beside']:.2f} of its {ceiling['raw_length_sorted_beside_texts_per_s']:.0f} "
           f"texts/s beside that level): target >= {ceiling['target']} {_reach(ceiling['target_reachable'])}; "
           f"measured {ceiling['measured_fraction']:.2f}")
+    print(f"(f) the server's own CPU per text beside the engine at that level: {ceiling['own_cpu_ms_per_text']:.2f} ms "
+          f"(its loop and other threads less the engine's {ceiling['engine_cpu_ms_per_text']:.2f}); the target leaves "
+          f"it {ceiling['own_cpu_budget_ms_per_text']:.2f} ms")
 
 
 def _reach(reachable: bool | None) -> str:

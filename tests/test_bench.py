@@ -169,6 +169,7 @@ def test_bench_server_compares_durability_modes_in_one_run(tiny_artifact, data_f
     out = capsys.readouterr().out
     assert "(d) ack costs" in out and "(e) at 2 clients, per text" in out and "target lone_overhead_ms" in out
     assert "(f) lone overhead floor (ack)" in out and "(f) saturation ceiling" in out
+    assert "(f) the server's own CPU per text beside the engine" in out
 
 
 def test_bench_server_refuses_an_unknown_durability_mode(capsys):

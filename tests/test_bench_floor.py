@@ -53,9 +53,14 @@ def test_saturation_ceiling_is_the_cores_over_engine_and_generator_cpu_per_text(
     assert ceiling["fraction_of_raw_length_sorted"] == pytest.approx(1.90 / 2.34)
     assert ceiling["fraction_of_raw_beside"] == pytest.approx(2000 / 2.34 / 1050)
     assert ceiling["target_reachable"] is True  # 0.81 >= 0.80
+    assert ceiling["own_cpu_budget_ms_per_text"] == pytest.approx(1.90 / 0.80 - 2.34)
+    assert math.isnan(ceiling["own_cpu_ms_per_text"])  # the server's CPU not given
     slower = floor.saturation_ceiling(2, 2.10, 0.30, 1.90, 1050.0, 0.53, 0.80)
     assert slower["fraction_of_raw_length_sorted"] == pytest.approx(1.90 / 2.40)
     assert slower["target_reachable"] is False  # 0.79
+    assert slower["own_cpu_budget_ms_per_text"] < 0  # no room left for any server code
+    served = floor.saturation_ceiling(2, 2.07, 0.27, 1.90, 1050.0, 0.53, 0.80, server_cpu_ms_per_text=2.60)
+    assert served["own_cpu_ms_per_text"] == pytest.approx(2.60 - 2.07)
     assert floor.saturation_ceiling(2, math.nan, 0.27, math.nan, 1050.0, 0.53, 0.80)["target_reachable"] is None
 
 

@@ -285,12 +285,16 @@ def lone_overhead_floor(transport_ms: float, engine_idle_ms: float, engine_back_
 
 def saturation_ceiling(cores: int, engine_cpu_ms_per_text: float, generator_cpu_ms_per_text: float,
                        raw_length_sorted_cpu_ms_per_text: float, raw_length_sorted_beside_texts_per_s: float,
-                       measured_fraction: float, target: float) -> dict:
+                       measured_fraction: float, target: float, server_cpu_ms_per_text: float = math.nan) -> dict:
     """The most texts/s the cores allow with the engine at the server's batches and the load generator on the same
     cores, as a fraction of the length-sorted raw engine (which keeps every core busy): by CPU, its CPU per text
     over the ceiling's, both measured in the same minutes (steady on a loaded VM: it judges the target), and
     against its texts/s measured beside the server's level (the target's denominator; inflated when other work
-    slows the raw engine's wall clock)."""
+    slows the raw engine's wall clock).
+
+    ``server_cpu_ms_per_text`` (the server process's CPU per text at that level: loop and other threads) less the
+    engine's is the server's own work per text; ``own_cpu_budget_ms_per_text`` is what the target leaves for it
+    beside the engine and the generator (the same CPU measure), so the two say how far the code is from it."""
     per_text = engine_cpu_ms_per_text + generator_cpu_ms_per_text
     ceiling = cores * 1000 / per_text
     fraction = raw_length_sorted_cpu_ms_per_text / per_text
@@ -301,6 +305,8 @@ def saturation_ceiling(cores: int, engine_cpu_ms_per_text: float, generator_cpu_
             "raw_length_sorted_beside_texts_per_s": raw_length_sorted_beside_texts_per_s,
             "fraction_of_raw_beside": ceiling / raw_length_sorted_beside_texts_per_s,
             "measured_fraction": measured_fraction, "target": target,
+            "own_cpu_ms_per_text": server_cpu_ms_per_text - engine_cpu_ms_per_text,
+            "own_cpu_budget_ms_per_text": raw_length_sorted_cpu_ms_per_text / target - per_text,
             "target_reachable": fraction >= target if math.isfinite(fraction) else None}
 
 
