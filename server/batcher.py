@@ -74,7 +74,15 @@ import numpy as np
 from server.config import Settings
 from server.engine import Engine, engine_workers, first_line, softmax
 from server.metrics import Metrics
-from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded, ServerError, StageTimings
+from server.primitives import (
+    DeadlineExceeded,
+    Draining,
+    InferenceFailed,
+    ModelOutputInvalid,
+    Overloaded,
+    ServerError,
+    StageTimings,
+)
 from server.store.throttle import Throttle
 from server.tokenizer import pad_batch
 from server.worker_threads import WorkerThreads, post
@@ -398,15 +406,17 @@ class Batcher:
             outcome: np.ndarray | BaseException = softmax(np.asarray(logits, dtype=np.float32))
             if len(outcome) != len(batch):
                 raise RuntimeError(f"the engine returned {len(outcome)} rows for a batch of {len(batch)} texts")
+            unusable = unusable_rows(outcome)
         except BaseException as error:  # every outcome must reach the callers, never hang them
-            engine_ended, outcome = time.perf_counter(), error
+            engine_ended, outcome, unusable = time.perf_counter(), error, None
         after = _follow_up(followed_up, batch, outcome) \
-            if followed_up is not None and not isinstance(outcome, BaseException) else None
+            if followed_up is not None and not isinstance(outcome, BaseException) and unusable is None else None
         ran = Ran(formed, picked_up, engine_started, engine_ended, time.perf_counter())
-        post(self._loop, self._finish, worker, batch, outcome, ran, followed_up is not None, after)  # closed: gone
+        post(self._loop, self._finish, worker, batch, outcome, ran, followed_up is not None, after,  # closed: gone
+             unusable)
 
     def _finish(self, worker: int, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran,
-                followed_up: bool, after: Callable[[], None] | None) -> None:
+                followed_up: bool, after: Callable[[], None] | None, unusable: np.ndarray | None = None) -> None:
         self._to_loop.observe(time.perf_counter() - ran.handed_back)
         self._idle.append(worker)
         if followed_up:
@@ -417,8 +427,10 @@ class Batcher:
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)
         if not isinstance(outcome, BaseException):
+            if unusable is not None:
+                self._fail_unusable([item for item, bad in zip(batch, unusable, strict=True) if bad], len(batch))
             for item, row in zip(batch, outcome, strict=True):
-                item.request.deliver(item.index, row, ran)
+                item.request.deliver(item.index, row, ran)  # a failed request's rows are dropped
         elif isinstance(outcome, ServerError):
             if isinstance(outcome, InferenceFailed):
                 log.error("inference failed on a batch of %d: %s", len(batch), outcome)
@@ -442,12 +454,30 @@ class Batcher:
         for item in batch:
             m.queue_wait.observe(formed - item.enqueued)
 
+    def _fail_unusable(self, items: list[WorkItem], batch_size: int) -> None:
+        """Fail the requests of texts the model gave NaN or infinite scores for; the rest of the batch is answered."""
+        log.error("inference gave NaN or infinite scores for %d of a batch of %d texts: their requests are answered "
+                  "500 model_output_invalid (damaged weights, or an fp16 overflow on such inputs: try "
+                  "MODEL_VARIANT=fp32)", len(items), batch_size)
+        self._metrics.inference_errors.labels(self.engine.device).inc()
+        self._fail(items, ModelOutputInvalid(
+            "the model gave no usable scores for this text (NaN or infinite): a fault of the serving model on this "
+            "input, and retrying it gets the same; the operator has been told (ERROR log, "
+            "sentiment_inference_errors_total)"))
+
     def _fail(self, batch: list[WorkItem], error: Exception) -> None:
         """Fail every request with a text in ``batch``; their texts still queued need not run."""
         requests = {id(item.request): item.request for item in batch}.values()
         for request in requests:
             request.fail(error)
         self._forget([item for request in requests for item in request.items])
+
+
+def unusable_rows(probabilities: np.ndarray) -> np.ndarray | None:
+    """Which rows hold a NaN or an infinity (NaN or +inf logits: softmax gives NaN), or None when none does (the
+    usual case, one check of the whole batch)."""
+    finite = np.isfinite(probabilities)
+    return None if finite.all() else ~finite.all(axis=1)
 
 
 def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarray) -> Callable[[], None] | None:

@@ -136,8 +136,8 @@ class Metrics:
         self.batch_splits = Counter("sentiment_batch_splits", "Batches split in two after an OOM", ["device"],
                                     registry=r)
         self.cpu_fallbacks = Counter("sentiment_cpu_fallbacks", "Texts run on the CPU after GPU OOM", registry=r)
-        self.inference_errors = Counter("sentiment_inference_errors", "Engine failures answered with 503",
-                                        ["device"], registry=r)
+        self.inference_errors = Counter("sentiment_inference_errors", "Engine failures, by batch (503 inference_failed;"
+                                        " 500 model_output_invalid: NaN or infinite scores)", ["device"], registry=r)
         self.gpu_memory_used = Gauge("sentiment_gpu_memory_used_bytes", "GPU memory in use (NVML)", ["gpu"],
                                      registry=r)
         self.gpu_memory_total = Gauge("sentiment_gpu_memory_total_bytes", "GPU memory in total (NVML)", ["gpu"],

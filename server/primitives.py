@@ -121,6 +121,14 @@ class InferenceFailed(ServerError):
     retry_after = 1.0
 
 
+class ModelOutputInvalid(ServerError):
+    """The model gave NaN or infinite scores for a text (fp16 overflow, damaged weights): no answer to give, and
+    retrying the same text gets the same. A 500, counted as an inference error, never cached or recorded."""
+
+    status_code = 500
+    error_type = "model_output_invalid"
+
+
 class InputTooLong(ServerError):
     """Strict truncation mode: a text is longer than the model accepts."""
 

@@ -12,6 +12,7 @@ from server.engine import create_engine, softmax
 from server.oom import FaultInjectingEngine
 from server.tokenizer import TextEncoder, pad_batch
 from tests.model_fixtures import TINY_MAX_LENGTH
+from tests.store_fixtures import stored_ids
 
 TEXTS = ["an utterly charming film", "boring", "the plot is thin but the acting is superb and moving",
          "i hated every minute of it", "fine"]
@@ -135,6 +136,32 @@ def test_unrecoverable_engine_failure_is_503_never_a_hang(make_settings):
         assert response.json()["type"] == "inference_failed"
         assert response.headers["retry-after"]
         assert c.post("/predict", json={"text": "short"}).status_code == 200
+
+
+class NanLogitsBetween:
+    """An engine giving NaN logits for batches padded to ``low < length < high``: fp16 overflow on some inputs."""
+
+    def __init__(self, inner, low: int, high: int) -> None:
+        self.inner, self.low, self.high = inner, low, high
+        self.device, self.provider, self.variant = inner.device, inner.provider, inner.variant
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        logits = self.inner.run(input_ids, attention_mask)
+        return np.full_like(logits, np.nan) if self.low < input_ids.shape[1] < self.high else logits
+
+
+def test_nan_scores_are_a_500_never_a_200_and_never_cached_or_recorded(make_settings):
+    """Start-up's smoke test runs the max length, which gives finite scores; a 30-word text gets NaN."""
+    settings = make_settings(warmup=False)
+    with TestClient(create_app(settings, wrap_engine=lambda e: NanLogitsBetween(e, 20, TINY_MAX_LENGTH))) as c:
+        for _ in range(2):  # the same text again: a cached NaN would have come back 200
+            response = c.post("/predict", json={"text": "word " * 30})
+            assert response.status_code == 500, response.text
+            assert response.json()["type"] == "model_output_invalid" and "NaN" in response.json()["error"]
+            assert "retry-after" not in response.headers  # the same text gets the same scores
+        assert c.post("/predict", json={"text": "short"}).status_code == 200
+        assert 'sentiment_inference_errors_total{device="cpu"} 2.0' in c.get("/metrics").text
+    assert len(stored_ids(settings.database_url)) == 1  # only the short text's record
 
 
 def test_oom_on_batches_splits_and_answers_every_text(make_settings):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from server.batcher import Batcher, WorkItem, select_batch
 from server.config import load_settings
 from server.metrics import Metrics
-from server.primitives import DeadlineExceeded, Draining, InferenceFailed, Overloaded, StageTimings
+from server.primitives import DeadlineExceeded, Draining, InferenceFailed, ModelOutputInvalid, Overloaded, StageTimings
 
 
 class RecordingEngine:
@@ -492,6 +492,51 @@ async def test_engine_error_reaches_every_caller_as_inference_failed():
     batcher.start()
     with pytest.raises(InferenceFailed, match="kaboom"):
         await batcher.submit([np.array([1]), np.array([2])])
+    await batcher.drain()
+
+
+class NonFiniteEngine(RecordingEngine):
+    """NaN logits for a text of token sum 2, +inf for sum 3 (both give NaN probabilities), finite otherwise."""
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        logits = super()._run(input_ids, attention_mask)
+        total = (input_ids * attention_mask).sum(axis=1)
+        logits[total == 2] = np.nan
+        logits[total == 3] = np.inf
+        return logits
+
+
+async def test_nan_or_infinite_scores_fail_their_requests_and_the_rest_of_the_batch_is_answered(caplog):
+    """A model that gives no usable scores for a text (fp16 overflow, damaged weights) must not answer it 200."""
+    engine = NonFiniteEngine()
+    metrics = Metrics()
+    batcher = Batcher(engine, settings(), metrics)
+    batcher.start()
+    engine.gate.clear()  # hold the one engine worker so that the next three requests share one batch
+    held = asyncio.ensure_future(batcher.submit([np.array([5])]))
+    await asyncio.sleep(0.05)
+    mixed = asyncio.ensure_future(batcher.submit([np.array([1]), np.array([2])]))
+    infinite = asyncio.ensure_future(batcher.submit([np.array([3])]))
+    fine = asyncio.ensure_future(batcher.submit([np.array([4])]))
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.wait([held, mixed, infinite, fine]), 30)
+    assert engine.shapes == [(1, 1), (4, 1)]
+    for failed in (mixed, infinite):
+        with pytest.raises(ModelOutputInvalid, match="NaN or infinite"):
+            failed.result()
+    np.testing.assert_allclose(fine.result()[0], expected_probabilities(np.array([4])), rtol=1e-6)
+    assert metrics.inference_errors.labels("cpu")._value.get() == 1  # one batch
+    assert "NaN or infinite scores for 2 of a batch of 4 texts" in caplog.text
+
+    await batcher.drain()
+
+    batcher = Batcher(NonFiniteEngine(), settings(engine_workers=2), Metrics())  # two workers: a lone follow-up
+    batcher.start()
+    follow_up = FollowUp()  # a lone request's records are not made on the worker from unusable scores
+    with pytest.raises(ModelOutputInvalid):
+        await asyncio.wait_for(batcher.submit([np.array([2])], on_worker=follow_up), 30)
+    await asyncio.wait_for(batcher.submit([np.array([4])], on_worker=follow_up), 30)
+    assert len(follow_up.calls) == 1  # the finite one's
     await batcher.drain()
 
 

@@ -94,6 +94,7 @@ STATUS_CODES = {
     413: grpc.StatusCode.INVALID_ARGUMENT,  # a limit of this server's: retrying the same call cannot help
     422: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.UNAVAILABLE,
+    500: grpc.StatusCode.INTERNAL,  # model_output_invalid: the model's fault on this input
     503: grpc.StatusCode.UNAVAILABLE,
 }
 CLIENT_CANCELLED = 499  # the status a call the client gave up on is counted under
