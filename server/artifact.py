@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,6 +44,19 @@ REQUIRED_KEYS = ("name", "version", "architecture", "labels", "max_sequence_leng
 # model (``ModelRuntime.smoke_test``), which proves the model accepts it; this cap keeps that probe from
 # allocating an absurd attention matrix first (BERT-family encoders stop at 512, long-context ones at 8192).
 MAX_SEQUENCE_LENGTH_CAP = 8192
+MAX_LABEL_CHARS = 32  # the prediction store's label column
+MAX_LABELS = 64  # every answer and record carries each label's probability: 10,000 made a 3 KB request 79 MB
+
+
+def label_problem(label: str) -> str | None:
+    """What makes ``label`` unusable as a label name, or None. Tabs, line breaks and commas are the feedback
+    export's and ``--label-map``'s separators; other control or format characters (NUL, a right-to-left override)
+    would corrupt a log line or make two labels look alike."""
+    if not 0 < len(label) <= MAX_LABEL_CHARS:
+        return f"1-{MAX_LABEL_CHARS} characters"
+    if "," in label or any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") for char in label):
+        return "no tab, line break, comma or other control character"
+    return None
 
 
 class ArtifactError(RuntimeError):
@@ -74,7 +88,7 @@ class ManifestSchema(_Entry):
     name: StrictStr = Field(min_length=1, max_length=128)
     version: StrictStr = Field(min_length=1, max_length=64)
     architecture: StrictStr
-    labels: list[Annotated[StrictStr, Field(min_length=1, max_length=32)]] = Field(min_length=2)
+    labels: list[StrictStr] = Field(min_length=2, max_length=MAX_LABELS)
     max_sequence_length: StrictInt = Field(ge=2, le=MAX_SEQUENCE_LENGTH_CAP)
     files: dict[str, FileEntry]
     variants: dict[Literal["fp32", "int8", "fp16"], VariantEntry] = Field(min_length=1)
@@ -86,6 +100,10 @@ class ManifestSchema(_Entry):
     def _distinct(cls, labels: list[str]) -> list[str]:
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be distinct names, in logit order")
+        for label in labels:
+            problem = label_problem(label)
+            if problem:
+                raise ValueError(f"label {label!r}: each label must have {problem}")
         return labels
 
 

@@ -129,6 +129,16 @@ def labels_not_list(d: Path) -> None:
     edit_manifest(d, lambda m: m.update(labels="NEGATIVE,POSITIVE"))
 
 
+def label_with_a_line_break(d: Path) -> None:
+    """It would split a feedback export's row in two."""
+    edit_manifest(d, lambda m: m.update(labels=["NEG\nATIVE", "POSITIVE"]))
+
+
+def too_many_labels(d: Path) -> None:
+    """Every answer and record carries each label's probability: 10,000 made a 3 KB request's answer 79 MB."""
+    edit_manifest(d, lambda m: m.update(labels=[f"L{i}" for i in range(65)]))
+
+
 def variants_a_list(d: Path) -> None:
     edit_manifest(d, lambda m: m.update(variants=list(m["variants"])))
 
@@ -184,6 +194,7 @@ def path_outside_the_artifact(d: Path) -> None:
 # Every way an artifact can be broken, by name: what the reload matrix swaps in.
 BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     missing_manifest, manifest_not_json, manifest_not_utf8, manifest_not_object, missing_keys, labels_not_list,
+    label_with_a_line_break, too_many_labels,
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
     max_length_not_a_number, max_length_zero, max_length_huge, max_length_beyond_the_model, missing_file,
     wrong_sha256, path_outside_the_artifact, invalid_tokenizer, tokenizer_empty_object, garbage_onnx,

@@ -130,6 +130,8 @@ def test_labels_can_be_named_at_build_and_are_checked(tmp_path) -> None:
         build(checkpoint, tmp_path / "other", ("fp32",), labels=("a", "b"))
     with pytest.raises(ExportError, match="1-32 characters"):
         build(checkpoint, tmp_path / "other", ("fp32",), labels=("a", "b", "c" * 33))
+    with pytest.raises(ExportError, match="other control characters"):  # U+202E: right-to-left override
+        build(checkpoint, tmp_path / "other", ("fp32",), labels=("a", "b", "c\u202ed"))
     with pytest.raises(ExportError, match=r"must be in 2\.\.32"):
         build(checkpoint, tmp_path / "other", ("fp32",), max_length=64)
     assert not (tmp_path / "other").exists()
