@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import DatabaseError
 
 from server.config import ConfigError, Settings, load_settings
 from server.store import migrate
@@ -51,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     feedback = _group(subparsers, "feedback", "feedback on predictions")
     export = _command(feedback, "export", "write corrected predictions as a training TSV (text, label 1=POSITIVE)",
                       feedback_export)
-    export.add_argument("--out", required=True, help="TSV file to write (models/finetune.py --train reads it)")
+    export.add_argument("--out", required=True, help="TSV file to write (models/finetune.py --train reads it), "
+                        "or - for standard output")
 
     spool = _group(subparsers, "spool", "the prediction spool (SPOOL_DIR)")
     for name, help_text, handler in (
@@ -98,6 +100,9 @@ def _run(run: Callable[[Settings, Engine, argparse.Namespace], int], args: argpa
         return run(settings, engine, args)
     except UNAVAILABLE as error:
         return _fail(f"cannot reach the database {redact(settings.database_url)}: {describe(error)}")
+    except DatabaseError as error:  # e.g. a SQLite file that is not a database
+        return _fail(f"the database {redact(settings.database_url)} cannot be read: {describe(error)}; check that "
+                     "DATABASE_URL names this server's prediction database")
     except (migrate.SchemaBehind, ValueError) as error:
         return _fail(str(error))
     finally:
@@ -152,14 +157,38 @@ def keys_revoke(settings: Settings, engine: Engine, args: argparse.Namespace) ->
 
 
 def feedback_export(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
+    """To ``--out`` through a ``.partial`` file synced and renamed over it, so a reader never sees half an export;
+    ``-`` is standard output (the summary then goes to standard error). Anything there that is not a regular file
+    is refused: renaming over a device or a link would replace it, not write to it."""
     migrate.prepare_schema(engine, settings)
-    partial = f"{args.out}.partial"
-    with open(partial, "w", encoding="utf-8", newline="") as out:
-        written, skipped = export_feedback(engine, out)
-    os.replace(partial, args.out)
-    note = f" ({skipped} skipped: stored without text, STORE_TEXT=false)" if skipped else ""
-    print(f"wrote {written} labeled rows to {args.out}{note}")
+    if args.out == "-":
+        written, skipped = export_feedback(engine, sys.stdout)
+        sys.stdout.flush()
+        _report_export(written, skipped, "standard output", sys.stderr)
+        return 0
+    target = Path(args.out)
+    if target.is_symlink() or (target.exists() and not target.is_file()):
+        kind = "a symbolic link" if target.is_symlink() else "a directory" if target.is_dir() else "not a regular file"
+        return _fail(f"--out {target} is {kind}: give the path of a file to write (an existing one is replaced), "
+                     "or - for standard output")
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as out:
+            written, skipped = export_feedback(engine, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, target)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        return _fail(f"cannot write --out {target}: {error.strerror or error} (check the folder exists, is writable "
+                     "and has room); nothing was written")
+    _report_export(written, skipped, str(target), sys.stdout)
     return 0
+
+
+def _report_export(written: int, skipped: int, where: str, stream) -> None:
+    note = f" ({skipped} skipped: stored without text, STORE_TEXT=false)" if skipped else ""
+    print(f"wrote {written} labeled rows to {where}{note}", file=stream)
 
 
 def spool_status(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -273,6 +274,45 @@ def test_cli_commands_that_read_refuse_a_sqlite_file_that_is_not_there_and_creat
     assert not (tmp_path / "nonexistent").exists() and not (tmp_path / "fb.tsv").exists()
     assert run_cli("db", "upgrade", "--database-url", f"sqlite:///{mistyped}") == 0  # creating one is its job
     assert run_cli("keys", "list", "--database-url", f"sqlite:///{mistyped}") == 0
+
+
+def test_feedback_export_writes_a_regular_file_or_standard_output_and_nothing_else(store_db, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """`--out /dev/full` used to rename the export over the device node; a folder or a missing one was a
+    traceback that left a .partial file behind."""
+    monkeypatch.setenv("DATABASE_URL", store_db.url)
+    assert run_cli("db", "upgrade") == 0
+    capsys.readouterr()
+    assert run_cli("feedback", "export", "--out", "-") == 0
+    printed = capsys.readouterr()
+    assert printed.out == "text\tlabel\n" and "to standard output" in printed.err
+    kept = tmp_path / "kept.tsv"
+    kept.write_text("keep")
+    link, fifo = tmp_path / "link.tsv", tmp_path / "fifo"
+    link.symlink_to(kept)
+    os.mkfifo(fifo)
+    for target, kind in ((tmp_path, "a directory"), (link, "a symbolic link"), (fifo, "not a regular file")):
+        assert run_cli("feedback", "export", "--out", str(target)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ERROR --out {target} is {kind}") and len(err.splitlines()) == 1, err
+    assert link.is_symlink() and kept.read_text() == "keep" and fifo.is_fifo()
+    missing = tmp_path / "no-such-folder" / "fb.tsv"
+    assert run_cli("feedback", "export", "--out", str(missing)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"ERROR cannot write --out {missing}") and len(err.splitlines()) == 1, err
+    assert run_cli("feedback", "export", "--out", str(kept)) == 0  # an existing file is replaced
+    assert kept.read_text() == "text\tlabel\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+
+
+def test_cli_commands_on_a_sqlite_file_that_is_not_a_database_fail_with_one_line(capsys, tmp_path):
+    garbage = tmp_path / "notes.db"
+    garbage.write_bytes(b"these are my notes, not a database" * 100)
+    for command in (("keys", "list"), ("db", "upgrade"), ("db", "current")):
+        assert run_cli(*command, "--database-url", f"sqlite:///{garbage}") == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ERROR the database sqlite:///{garbage} cannot be read") and len(err.splitlines()) == 1
+    assert garbage.read_bytes().startswith(b"these are my notes")
 
 
 def test_cli_says_when_the_database_cannot_be_reached(capsys, tmp_path):
