@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+from collections.abc import Callable
 
 from server.config import ConfigError, Settings, load_settings
 
@@ -39,13 +41,31 @@ def serve(settings: Settings) -> int:
     return run_server(settings)
 
 
+def positive_number(most: float) -> Callable[[str], float]:
+    """An argparse type: a finite number above 0 and at most ``most`` (nan, -1 or 1e308 seconds are mistakes)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= most:  # false for nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most {most:g}")
+        return value
+
+    return parse
+
+
 def add_status_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("status", help="incident snapshot of a running server: health, traffic, latency, "
                                  "memory, store, and a proposed P0-P3 severity")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
-    parser.add_argument("--interval", type=float, default=5.0, help="seconds between the two /metrics scrapes")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each answer")
-    parser.add_argument("--slo-p99-ms", type=float, default=250.0, help="the /predict p99 latency objective")
+    parser.add_argument("--interval", type=positive_number(3600), default=5.0,
+                        help="seconds between the two /metrics scrapes (at most 3600)")
+    parser.add_argument("--timeout", type=positive_number(600), default=5.0,
+                        help="seconds to wait for each answer (at most 600)")
+    parser.add_argument("--slo-p99-ms", type=positive_number(3_600_000), default=250.0,
+                        help="the /predict p99 latency objective")
     parser.add_argument("--template", choices=("alert", "update", "resolved"),
                         help="print the runbook's communication template filled with the figures")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

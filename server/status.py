@@ -41,6 +41,19 @@ def fetch(url: str, timeout: float) -> tuple[int, bytes]:
         raise Unreachable(f"cannot reach {url}: {reason}") from None
 
 
+def scrape(base: str, timeout: float) -> Samples:
+    """``/metrics`` parsed; anything but a 200 in Prometheus' format raises ``Unreachable`` (not this server)."""
+    status, body = fetch(base + "/metrics", timeout)
+    try:
+        if status != 200:
+            raise ValueError(f"answered {status}")
+        return parse_metrics(body.decode())
+    except ValueError as error:  # UnicodeDecodeError too
+        why = (str(error).strip().splitlines() or ["unreadable"])[0][:200]
+        raise Unreachable(f"{base}/metrics is not this server's metrics ({why}): give --url the "
+                          "server's base URL, e.g. http://127.0.0.1:8000") from None
+
+
 def parse_metrics(text: str) -> Samples:
     """Every sample of a Prometheus text exposition, keyed by (name, labels)."""
     return {(s.name, frozenset(s.labels.items())): s.value
@@ -196,9 +209,9 @@ def take_snapshot(url: str, interval_s: float, timeout: float, slo_p99_ms: float
     except ValueError:
         health = {"status": f"unreadable ({health_status})", "reasons": ["/health did not answer JSON"]}
     started = time.monotonic()
-    before = parse_metrics(fetch(base + "/metrics", timeout)[1].decode())
+    before = scrape(base, timeout)
     time.sleep(interval_s)
-    after = parse_metrics(fetch(base + "/metrics", timeout)[1].decode())
+    after = scrape(base, timeout)
     snapshot = Snapshot(url=base, interval_s=interval_s, ready=ready_status == 200, health=health,
                         figures=figures(before, after, max(time.monotonic() - started, 1e-3)))
     assess(snapshot, slo_p99_ms)

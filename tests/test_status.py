@@ -101,6 +101,22 @@ def test_unreachable_server_is_one_line_and_exit_2():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("flag, value", [("--interval", "-1"), ("--interval", "nan"), ("--interval", "1e308"),
+                                         ("--timeout", "0"), ("--slo-p99-ms", "inf")])
+def test_a_setting_out_of_range_is_refused_by_name_not_a_traceback(flag, value):
+    result = status_cli("--url", "http://127.0.0.1:1", flag, value, timeout=30)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"argument {flag}: '{value}' is not a number above 0" in result.stderr
+
+
+def test_a_url_that_is_not_the_servers_base_is_one_line_and_exit_2(live_server):
+    """A 404 page where /metrics should be crashed in the Prometheus parser."""
+    result = status_cli("--url", live_server.url + "/nothing", "--interval", "0.1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.count("\n") == 1 and "/nothing/metrics is not this server's metrics (answered 404)" in (
+        result.stdout) and "base URL" in result.stdout
+
+
 def test_live_server_with_its_database_down_is_p1_with_the_backlog(tiny_artifact, tmp_path):
     database = tmp_path / "live.db"
     server = start_server({"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}",
