@@ -67,3 +67,28 @@ def test_zero_max_bytes_never_rotates(tmp_path, restore_logging) -> None:
     log_lines(log, 200, log_max_bytes=0, log_backups=3)
     assert [p.name for p in tmp_path.iterdir()] == ["server.log"]
     assert numbers(log) == list(range(200))
+
+
+def test_a_log_file_that_cannot_be_written_costs_one_stderr_line_a_minute_not_a_traceback_a_line(
+        small_tmpfs, restore_logging, capfd) -> None:
+    """A full disk under LOG_FILE printed a 25-line traceback to stderr for every record."""
+    log_file = small_tmpfs / "server.log"
+    log_lines(log_file, 1)
+    filler = small_tmpfs / "filler"
+    with open(filler, "wb", buffering=0) as out:  # the rest of the 64 KiB
+        try:
+            while out.write(b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+    capfd.readouterr()
+    logger = logging.getLogger("test.rotation")
+    for n in range(200):
+        logger.warning("line %05d %s", n, LINE)
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.err and "Logging error" not in captured.err
+    (said,) = captured.err.splitlines()
+    assert said.startswith(f"ERROR LOG_FILE {log_file} cannot be written (OSError: [Errno 28]") and "lost" in said
+    assert "line 00199" in captured.out  # standard output still has every line
+    (handler,) = [h for h in logging.getLogger().handlers if hasattr(h, "lost")]
+    assert handler.lost >= 150  # the file's buffer took a few
