@@ -127,7 +127,37 @@ def check_database_url(settings: Settings) -> str:
         raise StartupError(f"DATABASE_URL={redact(settings.database_url)!r}: driver {url.drivername!r} unusable "
                            f"({first_line(exc)}); install it (pip install '.[postgres]' for PostgreSQL) or use "
                            "postgresql:// (psycopg 3)", ExitCode.DATABASE) from None
+    not_sqlite = sqlite_file_problem(settings.database_url)
+    if not_sqlite:
+        raise StartupError(f"DATABASE_URL={redact(settings.database_url)!r}: {not_sqlite}; point it at this server's "
+                           "database file, or at a new path (the server creates it)", ExitCode.DATABASE)
     return f"DATABASE_URL {redact(settings.database_url)} ({url.get_backend_name()})"
+
+
+def sqlite_file_problem(raw_url: str) -> str | None:
+    """What is wrong with an existing SQLite file the URL names, or None. Unlike a database server that is down (the
+    server starts, spooling), a local file that is not a database never comes up: the server ran "store down" for
+    ever, spooling and retrying every 2 s. A locked or busy file is not a problem here."""
+    import sqlite3
+
+    from server.store.db import sqlite_path
+
+    path = sqlite_path(raw_url)
+    if path is None or not path.exists():
+        return None
+    if not path.is_file():
+        return f"{path} is not a file"
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=1)
+        try:
+            connection.execute("PRAGMA schema_version").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.OperationalError:  # locked, busy, unreadable: the store says so when it opens it
+        return None
+    except sqlite3.DatabaseError as exc:
+        return f"{path} is not a SQLite database ({exc})"
+    return None
 
 
 def check_database_reachable(settings: Settings) -> str:

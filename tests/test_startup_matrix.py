@@ -43,6 +43,8 @@ CASES = {
                                ("DATABASE_URL", "postgresql")),
     "sqlite file under a regular file": Case({"DATABASE_URL": "sqlite:///{tmp}/regular-file/store.db"},
                                              ExitCode.FILESYSTEM, ("regular-file", "not a directory")),
+    "sqlite url at a file that is not a database": Case({"DATABASE_URL": "sqlite:///{tmp}/regular-file"},
+                                                        ExitCode.DATABASE, ("regular-file", "not a SQLite database")),
     "request timeout inf": Case({"REQUEST_TIMEOUT_S": "inf"}, ExitCode.CONFIG, ("REQUEST_TIMEOUT_S='inf'", "finite")),
     "variant not shipped": Case({"MODEL_VARIANT": "fp16"}, ExitCode.CONFIG, ("'fp16'", "MODEL_VARIANT")),
     "log file under a regular file": Case({"LOG_FILE": "{tmp}/regular-file/server.log"}, ExitCode.FILESYSTEM,
