@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,45 @@ def entry_files(info: dict) -> list[str]:
     return [info["file"], *info.get("external_data", [])]
 
 
+# A TensorProto.external_data entry, StringStringEntryProto {key = "location" (field 1), value (field 2)}: the tag
+# and length of the key, the key, and the value's tag; its length and bytes follow.
+_LOCATION_ENTRY = b"\x0a\x08location\x12"
+
+
+def external_data_locations(onnx_path: Path) -> set[str]:
+    """The files an ONNX model's tensors name as their external data, read from its protobuf bytes (the ``onnx``
+    package would parse the whole graph, but the runtime image does not ship it). The entry's bytes could also
+    occur inside weights by chance; such a match names no file there, and the caller looks only at files."""
+    data = onnx_path.read_bytes()
+    found, at = set(), data.find(_LOCATION_ENTRY)
+    while at >= 0:
+        at += len(_LOCATION_ENTRY)
+        size = shift = 0
+        while at < len(data) and shift < 35:  # the value's length, a varint
+            byte = data[at]
+            at += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        found.add(data[at:at + size].decode("utf-8", "replace"))
+        at = data.find(_LOCATION_ENTRY, at + size)
+    return found
+
+
+def check_external_data_listed(directory: Path, manifest: dict) -> None:
+    """Every file a variant's graph loads weights from must be among its listed (so hashed) ``external_data``:
+    ONNX Runtime would load an unlisted one, and a change to it would go unnoticed."""
+    for variant, info in manifest["variants"].items():
+        listed = {os.path.normpath(name) for name in info.get("external_data", [])}
+        for location in sorted(external_data_locations(directory / info["file"])):
+            if os.path.normpath(location) not in listed and os.path.lexists(directory / location):
+                raise ArtifactError(
+                    f"model file {directory / info['file']} loads weights from {location!r}, which {MANIFEST} does "
+                    f"not list under variants.{variant}.external_data, so no sha256 checks it: rebuild the artifact "
+                    "(python -m models.build), or list and hash the file (python -m models.manifest)")
+
+
 def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
     """Read and check an artifact directory; raises ``ArtifactError`` naming the offending file."""
     directory = Path(directory)
@@ -238,4 +278,5 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
             raise ArtifactError(
                 f"model file corrupt: {path} does not match its sha256 in {MANIFEST} (restore it or rebuild)"
             )
+    check_external_data_listed(directory, manifest)
     return Artifact(directory=directory, manifest=manifest)

@@ -18,7 +18,7 @@ from models.build import build
 from models.layout import MAX_FILE_BYTES, check_external_data, external_data_files, pack, store, store_artifact
 from models.manifest import main as manifest_main
 from scripts.benchlib.serverproc import start_server, stop_server, wait_exit
-from server.artifact import MANIFEST, TOKENIZER, ArtifactError, load_artifact, sha256_file
+from server.artifact import MANIFEST, TOKENIZER, ArtifactError, external_data_locations, load_artifact, sha256_file
 from server.config import DEFAULT_MODEL_PATH, load_settings
 from server.engine import OnnxEngine
 from server.exitcodes import ExitCode
@@ -144,15 +144,30 @@ def test_external_data_not_a_list_of_names_is_refused(split_copy):
         load_artifact(split_copy)
 
 
-def test_manifest_check_refuses_a_data_file_the_graph_reads_but_the_manifest_omits(split_copy):
+def test_a_data_file_the_graph_reads_but_the_manifest_omits_is_refused_by_the_server_and_the_manifest_check(
+        split_copy, tmp_path):
+    """The server used to load it unchecked: a change to it went unnoticed, where one to a listed file stops
+    start-up."""
     manifest = json.loads((split_copy / MANIFEST).read_text())
     manifest["variants"]["int8"]["external_data"] = ["model.int8.onnx.data-0"]  # data-1 would go unverified
+    del manifest["files"]["model.int8.onnx.data-1"]
     (split_copy / MANIFEST).write_text(json.dumps(manifest))
-    artifact = load_artifact(split_copy)  # the server, which cannot read the graph, accepts it
-    with pytest.raises(ArtifactError, match=r"model\.int8\.onnx reads its weights from .*data-1"):
-        check_external_data(artifact)
-    with pytest.raises(SystemExit, match=r"lists \['model\.int8\.onnx\.data-0'\] for int8"):
+    with pytest.raises(ArtifactError, match=r"model\.int8\.onnx loads weights from 'model\.int8\.onnx\.data-1', "
+                                            r"which manifest\.json does not list under variants\.int8\.external_data"):
+        load_artifact(split_copy)
+    with pytest.raises(SystemExit, match=r"data-1"):
         manifest_main([str(split_copy)])
+    server = start_server({"MODEL_PATH": str(split_copy)}, tmp_path, wait_ready=False)
+    assert wait_exit(server) == ExitCode.MODEL
+    assert "loads weights from 'model.int8.onnx.data-1'" in server.log()
+
+
+def test_the_data_files_a_graph_names_are_read_from_its_bytes(split_artifact):
+    """What the server reads without the onnx package is what onnx itself says."""
+    for variant in ("fp32", "int8"):
+        graph = split_artifact / json.loads((split_artifact / MANIFEST).read_text())["variants"][variant]["file"]
+        assert external_data_locations(graph) == set(external_data_files(graph))
+    assert external_data_locations(Path(DEFAULT_MODEL_PATH) / "model.int8.onnx") == set()  # one file
 
 
 def test_missing_data_file_stops_start_up_as_a_missing_model_file_does(split_copy, tmp_path):
