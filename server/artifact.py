@@ -272,8 +272,11 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
         path = directory / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ArtifactError(f"model manifest lists {name!r}, outside {directory}, in {manifest_path}")
-        if not path.is_file():
+        if not path.exists():
             raise ArtifactError(f"model file missing: {path} (listed in {MANIFEST}; restore it or rebuild)")
+        if not path.is_file():
+            raise ArtifactError(f"model file {path} is not a regular file (a folder, FIFO or device): restore the "
+                                "file or rebuild the artifact")
         if verify and sha256_file(path) != info["sha256"]:
             raise ArtifactError(
                 f"model file corrupt: {path} does not match its sha256 in {MANIFEST} (restore it or rebuild)"

@@ -9,6 +9,7 @@ The CPU serves ``model.int8.onnx`` when MODEL_VARIANT is auto, so ONNX damage is
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -176,6 +177,12 @@ def missing_file(d: Path) -> None:
     (d / "model.int8.onnx").unlink()
 
 
+def tokenizer_a_fifo(d: Path) -> None:
+    """It exists, so "missing" would mislead; reading it would block."""
+    (d / TOKENIZER).unlink()
+    os.mkfifo(d / TOKENIZER)
+
+
 def flip_a_byte(path: Path) -> None:
     """Damage ``path`` in place: its middle byte inverted, so its sha256 no longer matches the manifest's."""
     data = bytearray(path.read_bytes())
@@ -197,7 +204,7 @@ BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     label_with_a_line_break, too_many_labels,
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
     max_length_not_a_number, max_length_zero, max_length_huge, max_length_beyond_the_model, missing_file,
-    wrong_sha256, path_outside_the_artifact, invalid_tokenizer, tokenizer_empty_object, garbage_onnx,
+    wrong_sha256, path_outside_the_artifact, tokenizer_a_fifo, invalid_tokenizer, tokenizer_empty_object, garbage_onnx,
     rehashed_nan_weights, wrong_outputs,
 )}
 
