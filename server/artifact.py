@@ -188,6 +188,9 @@ class Artifact:
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The manifest as a dict, checked against ``ManifestSchema``; raises ``ArtifactError`` naming the problem."""
     manifest_path = directory / MANIFEST
+    if manifest_path.exists() and not manifest_path.is_file():
+        raise ArtifactError(f"model manifest {manifest_path} is not a regular file (a folder, FIFO or device): "
+                            "restore it or rebuild the artifact")
     if not manifest_path.is_file():
         if (directory / "config.json").is_file():
             raise ArtifactError(f"{directory} is a Hugging Face checkpoint, not a model artifact: build one with "

@@ -177,6 +177,11 @@ def missing_file(d: Path) -> None:
     (d / "model.int8.onnx").unlink()
 
 
+def manifest_a_fifo(d: Path) -> None:
+    (d / MANIFEST).unlink()
+    os.mkfifo(d / MANIFEST)
+
+
 def tokenizer_a_fifo(d: Path) -> None:
     """It exists, so "missing" would mislead; reading it would block."""
     (d / TOKENIZER).unlink()
@@ -204,7 +209,8 @@ BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     label_with_a_line_break, too_many_labels,
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
     max_length_not_a_number, max_length_zero, max_length_huge, max_length_beyond_the_model, missing_file,
-    wrong_sha256, path_outside_the_artifact, tokenizer_a_fifo, invalid_tokenizer, tokenizer_empty_object, garbage_onnx,
+    wrong_sha256, path_outside_the_artifact, manifest_a_fifo, tokenizer_a_fifo, invalid_tokenizer,
+    tokenizer_empty_object, garbage_onnx,
     rehashed_nan_weights, wrong_outputs,
 )}
 
