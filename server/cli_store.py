@@ -122,10 +122,16 @@ def db_upgrade(settings: Settings, engine: Engine, args: argparse.Namespace) -> 
 
 def db_current(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
     current, head = migrate.current_revision(engine), migrate.head_revision()
-    state = "up to date" if current == head else "not this release's: run `sentiment-analyzer db upgrade`"
+    if current == head:
+        state = "up to date"
+    elif migrate.is_newer(current):
+        state = ("newer than this release (written by a newer server): this release reads and writes it as it is; "
+                 "upgrade this installation rather than the database")
+    else:
+        state = "not this release's: run `sentiment-analyzer db upgrade`"
     print(f"{redact(settings.database_url)}: schema at revision {current or 'none'}, this release needs {head}: "
           f"{state}")
-    return 0 if current == head else 1
+    return 0 if current == head or migrate.is_newer(current) else 1
 
 
 def keys_create(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:

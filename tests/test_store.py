@@ -68,13 +68,17 @@ async def test_start_migrates_sqlite_and_refuses_a_stale_postgresql_schema(store
     assert store.health()["status"] == "ok"
 
 
-def test_a_schema_newer_than_this_release_is_tolerated_for_rollbacks(engine, store_settings, caplog):
+def test_a_schema_newer_than_this_release_is_tolerated_for_rollbacks(engine, store_settings, caplog, capsys):
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = 'f00dcafe'"))
     with caplog.at_level(logging.WARNING):
         migrate.prepare_schema(engine, store_settings(db_auto_migrate=False))
         assert migrate.upgrade(engine) == "f00dcafe"
     assert "newer than this server" in caplog.text
+    # `db current` used to tell the operator to run `db upgrade`, which then left the schema as it was
+    assert run_cli("db", "current", "--database-url", store_settings().database_url) == 0
+    said = capsys.readouterr().out
+    assert "newer than this release" in said and "db upgrade`" not in said, said
 
 
 # writer

@@ -82,6 +82,11 @@ def prepare_schema(engine: Engine, settings: Settings) -> None:
     )
 
 
+def is_newer(revision: str | None) -> bool:
+    """A revision this release does not know: written by a newer server (a rollback, or a rollout under way)."""
+    return revision is not None and not _known(revision)
+
+
 def _known(revision: str) -> bool:
     try:
         return ScriptDirectory.from_config(_config()).get_revision(revision) is not None
