@@ -416,7 +416,7 @@ class Batcher:
              unusable)
 
     def _finish(self, worker: int, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran,
-                followed_up: bool, after: Callable[[], None] | None, unusable: np.ndarray | None = None) -> None:
+                followed_up: bool, after: Callable[[], None] | None, unusable: np.ndarray | None) -> None:
         self._to_loop.observe(time.perf_counter() - ran.handed_back)
         self._idle.append(worker)
         if followed_up:

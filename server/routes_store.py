@@ -32,7 +32,6 @@ MAX_OFFSET = 1_000_000_000  # deeper than any page a person reads; since/until r
 MAX_FILTER_CHARS = 256
 router = APIRouter()
 ADMIN = Depends(require_role("admin"))
-PREDICT = Depends(require_role("predict"))
 
 
 class NotFound(ServerError):
