@@ -225,7 +225,7 @@ class Batcher:
         self._draining = False
         self._under_load = False  # the last batch served several requests, and the batcher was not idle since
         self._following_up = False  # a batch with a follow-up is running (``_request_to_follow_up``)
-        self._shed_log = Throttle(log)
+        self._throttle = Throttle(log)
 
     @property
     def depth(self) -> int:
@@ -252,7 +252,7 @@ class Batcher:
             raise Draining("server is shutting down; retry on another replica")
         if len(self._waiting) + len(encodings) > self._settings.max_queue:
             self._metrics.rejected.labels("queue_full").inc()
-            self._shed_log.log("queue_full", logging.WARNING, "load shedding: a request was answered 503 because "
+            self._throttle.log("queue_full", logging.WARNING, "load shedding: a request was answered 503 because "
                                "the queue is full (MAX_QUEUE=%d texts): the server is too slow for its load (runbook: "
                                "Queue saturation and load shedding)", self._settings.max_queue)
             raise Overloaded(
@@ -334,7 +334,7 @@ class Batcher:
             return
         self._forget(request.items)
         self._metrics.rejected.labels("deadline").inc()
-        self._shed_log.log("deadline", logging.WARNING, "load shedding: a request was answered 503 because it got no "
+        self._throttle.log("deadline", logging.WARNING, "load shedding: a request was answered 503 because it got no "
                            "result within its request timeout (%.1f s): the server is too slow for its load (runbook: "
                            "Queue saturation and load shedding)", request.timeout)
         request.fail(DeadlineExceeded(f"no result within the request deadline ({request.timeout:.1f} s); "
@@ -456,9 +456,9 @@ class Batcher:
 
     def _fail_unusable(self, items: list[WorkItem], batch_size: int) -> None:
         """Fail the requests of texts the model gave NaN or infinite scores for; the rest of the batch is answered."""
-        log.error("inference gave NaN or infinite scores for %d of a batch of %d texts: their requests are answered "
-                  "500 model_output_invalid (damaged weights, or an fp16 overflow on such inputs: try "
-                  "MODEL_VARIANT=fp32)", len(items), batch_size)
+        self._throttle.log("unusable", logging.ERROR, "inference gave NaN or infinite scores for %d of a batch of %d "
+                           "texts: their requests are answered 500 model_output_invalid (damaged weights, or an fp16 "
+                           "overflow on such inputs: try MODEL_VARIANT=fp32)", len(items), batch_size)
         self._metrics.inference_errors.labels(self.engine.device).inc()
         self._fail(items, ModelOutputInvalid(
             "the model gave no usable scores for this text (NaN or infinite): a fault of the serving model on this "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,8 +102,8 @@ def _run(run: Callable[[Settings, Engine, argparse.Namespace], int], args: argpa
     except UNAVAILABLE as error:
         return _fail(f"cannot reach the database {redact(settings.database_url)}: {describe(error)}")
     except DatabaseError as error:  # e.g. a SQLite file that is not a database
-        return _fail(f"the database {redact(settings.database_url)} cannot be read: {describe(error)}; check that "
-                     "DATABASE_URL names this server's prediction database")
+        return _fail(f"the database {redact(settings.database_url)} refused the command: {describe(error)}; check "
+                     "that DATABASE_URL names this server's prediction database")
     except (migrate.SchemaBehind, ValueError) as error:
         return _fail(str(error))
     finally:
@@ -163,29 +164,38 @@ def keys_revoke(settings: Settings, engine: Engine, args: argparse.Namespace) ->
 
 
 def feedback_export(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
-    """To ``--out`` through a ``.partial`` file synced and renamed over it, so a reader never sees half an export;
-    ``-`` is standard output (the summary then goes to standard error). Anything there that is not a regular file
-    is refused: renaming over a device or a link would replace it, not write to it."""
+    """To ``--out`` through a new temporary file beside it (created exclusively: a link planted under its name is
+    not followed), synced and renamed over it, so a reader never sees half an export; ``-`` is standard output
+    (the summary then goes to standard error). Anything at ``--out`` that is not a regular file is refused:
+    renaming over a device or a link would replace it, not write to it."""
     migrate.prepare_schema(engine, settings)
     if args.out == "-":
-        written, skipped = export_feedback(engine, sys.stdout)
-        sys.stdout.flush()
+        try:
+            written, skipped = export_feedback(engine, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `... | head`: the reader went away
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no second error
+            return _fail("standard output was closed before the export was written in full")
         _report_export(written, skipped, "standard output", sys.stderr)
         return 0
     target = Path(args.out)
-    if target.is_symlink() or (target.exists() and not target.is_file()):
-        kind = "a symbolic link" if target.is_symlink() else "a directory" if target.is_dir() else "not a regular file"
-        return _fail(f"--out {target} is {kind}: give the path of a file to write (an existing one is replaced), "
+    if args.out.endswith(("/", os.sep)) or target.is_symlink() or (target.exists() and not target.is_file()):
+        kind = ("a symbolic link" if target.is_symlink() else "not a regular file"
+                if target.exists() and not target.is_dir() else "a directory")
+        return _fail(f"--out {args.out} is {kind}: give the path of a file to write (an existing one is replaced), "
                      "or - for standard output")
-    partial = target.with_name(target.name + ".partial")
+    partial: str | None = None
     try:
-        with open(partial, "w", encoding="utf-8", newline="") as out:
+        descriptor, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        with open(descriptor, "w", encoding="utf-8", newline="") as out:
             written, skipped = export_feedback(engine, out)
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(partial, 0o644)  # mkstemp's 0600 would hide the export from the user who trains on it
         os.replace(partial, target)
     except OSError as error:
-        partial.unlink(missing_ok=True)
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
         return _fail(f"cannot write --out {target}: {error.strerror or error} (check the folder exists, is writable "
                      "and has room); nothing was written")
     _report_export(written, skipped, str(target), sys.stdout)

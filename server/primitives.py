@@ -81,6 +81,7 @@ class ServerError(Exception):
     error_type: str | None = None  # the body's "type"; None: the status's (server/http.py STATUS_TYPES)
     retry_after: float | None = None
     headers: dict[str, str] | None = None  # extra response headers the status calls for
+    logged_where_raised = False  # a 5xx whose cause is logged (throttled) where it is raised, not per request
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -127,6 +128,7 @@ class ModelOutputInvalid(ServerError):
 
     status_code = 500
     error_type = "model_output_invalid"
+    logged_where_raised = True
 
 
 class InputTooLong(ServerError):

@@ -150,7 +150,7 @@ class NanLogitsBetween:
         return np.full_like(logits, np.nan) if self.low < input_ids.shape[1] < self.high else logits
 
 
-def test_nan_scores_are_a_500_never_a_200_and_never_cached_or_recorded(make_settings):
+def test_nan_scores_are_a_500_never_a_200_and_never_cached_or_recorded(make_settings, caplog):
     """Start-up's smoke test runs the max length, which gives finite scores; a 30-word text gets NaN."""
     settings = make_settings(warmup=False)
     with TestClient(create_app(settings, wrap_engine=lambda e: NanLogitsBetween(e, 20, TINY_MAX_LENGTH))) as c:
@@ -161,6 +161,9 @@ def test_nan_scores_are_a_500_never_a_200_and_never_cached_or_recorded(make_sett
             assert "retry-after" not in response.headers  # the same text gets the same scores
         assert c.post("/predict", json={"text": "short"}).status_code == 200
         assert 'sentiment_inference_errors_total{device="cpu"} 2.0' in c.get("/metrics").text
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert sum("NaN or infinite scores" in line for line in said) == 1  # once a minute: input can repeat it
+    assert not any(line.startswith("request failed") for line in said), said
     assert len(stored_ids(settings.database_url)) == 1  # only the short text's record
 
 

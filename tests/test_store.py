@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -16,15 +18,16 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from models.data import load_labeled
+from scripts.benchlib.serverproc import ROOT
 from server import cli_store
-from server.config import ConfigError
+from server.config import ConfigError, load_settings
 from server.metrics import Metrics
 from server.store import PredictionStore, migrate
 from server.store.db import database_url, make_engine
 from server.store.feedback import UnknownLabel, UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
 from server.store.rows import record_row
-from server.store.tables import PREDICTIONS, Base
+from server.store.tables import FEEDBACK, PREDICTIONS, Base
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
 
@@ -309,13 +312,49 @@ def test_feedback_export_writes_a_regular_file_or_standard_output_and_nothing_el
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
 
 
+def test_feedback_export_never_follows_a_link_planted_where_it_writes_its_temporary_file(tmp_path, capsys):
+    """It wrote through ``<out>.partial``: a link planted there by anyone who can write to the folder made it
+    overwrite the file the link pointed to, and --out a link to it."""
+    url = f"sqlite:///{tmp_path}/store.db"
+    assert run_cli("db", "upgrade", "--database-url", url) == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "fb.tsv.partial").symlink_to(victim)
+    assert run_cli("feedback", "export", "--out", str(tmp_path / "fb.tsv"), "--database-url", url) == 0
+    assert victim.read_text() == "precious" and not (tmp_path / "fb.tsv").is_symlink()
+    assert (tmp_path / "fb.tsv").read_text() == "text\tlabel\n"
+    assert run_cli("feedback", "export", "--out", f"{tmp_path}/new-folder/", "--database-url", url) == 1
+    assert "is a directory" in capsys.readouterr().err and not (tmp_path / "new-folder").exists()
+
+
+def test_feedback_export_to_a_reader_that_goes_away_is_one_line(tmp_path):
+    """`feedback export --out - | head` printed a BrokenPipeError traceback."""
+    url = f"sqlite:///{tmp_path}/store.db"
+    assert run_cli("db", "upgrade", "--database-url", url) == 0
+    engine = make_engine(load_settings(database_url=url))
+    rows = [record_row(make_record(f"text number {n} " * 20), store_text=True) for n in range(3000)]
+    with engine.begin() as connection:
+        connection.execute(PREDICTIONS.insert(), [{**row, "created_at": datetime.now(timezone.utc)} for row in rows])
+        connection.execute(FEEDBACK.insert(), [{"prediction_id": row["id"], "label": "POSITIVE",
+                                                "created_at": datetime.now(timezone.utc)} for row in rows])
+    engine.dispose()
+    export = subprocess.Popen([sys.executable, "-m", "server.cli", "feedback", "export", "--out", "-",
+                               "--database-url", url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert export.stdout.read(100).startswith(b"text\tlabel\n")
+    export.stdout.close()  # about 1 MB is still to come
+    _, err = export.communicate(timeout=60)
+    assert export.returncode == 1 and b"Traceback" not in err, err
+    assert err.decode().strip() == "ERROR standard output was closed before the export was written in full"
+
+
 def test_cli_commands_on_a_sqlite_file_that_is_not_a_database_fail_with_one_line(capsys, tmp_path):
     garbage = tmp_path / "notes.db"
     garbage.write_bytes(b"these are my notes, not a database" * 100)
     for command in (("keys", "list"), ("db", "upgrade"), ("db", "current")):
         assert run_cli(*command, "--database-url", f"sqlite:///{garbage}") == 1
         err = capsys.readouterr().err
-        assert err.startswith(f"ERROR the database sqlite:///{garbage} cannot be read") and len(err.splitlines()) == 1
+        assert err.startswith(f"ERROR the database sqlite:///{garbage} refused the command"), err
+        assert len(err.splitlines()) == 1
     assert garbage.read_bytes().startswith(b"these are my notes")
 
 
