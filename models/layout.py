@@ -135,8 +135,8 @@ def _initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 def check_external_data(artifact: Artifact) -> None:
     """``ArtifactError`` unless each variant's graph reads exactly the data files its manifest entry names.
 
-    The server verifies the files the manifest names (it has no ``onnx`` to read a graph with); this closes the
-    gap for a hand-edited manifest: a data file the graph reads but the manifest omits would go unverified.
+    The server itself refuses a data file the graph reads but the manifest omits (``server.artifact``, from the
+    graph's bytes); this also finds the opposite, a listed data file the graph does not read.
     """
     for variant in artifact.variants():
         path, listed = artifact.variant_path(variant), artifact.variant_files(variant)[1:]

@@ -257,7 +257,7 @@ def check_external_data_listed(directory: Path, manifest: dict) -> None:
                 raise ArtifactError(
                     f"model file {directory / info['file']} loads weights from {location!r}, which {MANIFEST} does "
                     f"not list under variants.{variant}.external_data, so no sha256 checks it: rebuild the artifact "
-                    "(python -m models.build), or list and hash the file (python -m models.manifest)")
+                    "(python -m models.build), or add the file there and under files with its sha256 and bytes")
 
 
 def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
