@@ -41,16 +41,18 @@ def serve(settings: Settings) -> int:
     return run_server(settings)
 
 
-def positive_number(most: float) -> Callable[[str], float]:
-    """An argparse type: a finite number above 0 and at most ``most`` (nan, -1 or 1e308 seconds are mistakes)."""
+def positive_number(most: float, least: float = 0.0) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``least`` (at least it, when not 0) and at most ``most`` (nan, -1,
+    1e-300 or 1e308 seconds are mistakes)."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not 0 < value <= most:  # false for nan
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0 and at most {most:g}")
+        if not (least <= value <= most and value > 0):  # false for nan
+            low = f"at least {least:g}" if least else "above 0"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number {low} and at most {most:g}")
         return value
 
     return parse
@@ -62,8 +64,8 @@ def add_status_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
     parser.add_argument("--interval", type=positive_number(3600), default=5.0,
                         help="seconds between the two /metrics scrapes (at most 3600)")
-    parser.add_argument("--timeout", type=positive_number(600), default=5.0,
-                        help="seconds to wait for each answer (at most 600)")
+    parser.add_argument("--timeout", type=positive_number(600, least=0.1), default=5.0,
+                        help="seconds to wait for each answer (0.1 to 600)")
     parser.add_argument("--slo-p99-ms", type=positive_number(3_600_000), default=250.0,
                         help="the /predict p99 latency objective")
     parser.add_argument("--template", choices=("alert", "update", "resolved"),

@@ -29,6 +29,10 @@ class Unreachable(RuntimeError):
     """The server did not answer; the message says where and why."""
 
 
+class NotThisServer(Unreachable):
+    """Something answered at --url, but not this server's /metrics: a wrong URL, not an outage."""
+
+
 def fetch(url: str, timeout: float) -> tuple[int, bytes]:
     """(status, body) of a GET; any HTTP status is an answer, no answer at all raises ``Unreachable``."""
     try:
@@ -47,11 +51,14 @@ def scrape(base: str, timeout: float) -> Samples:
     try:
         if status != 200:
             raise ValueError(f"answered {status}")
-        return parse_metrics(body.decode())
+        samples = parse_metrics(body.decode())
+        if not any(name.startswith("sentiment_") for name, _ in samples):
+            raise ValueError("no sentiment_* metrics")
+        return samples
     except ValueError as error:  # UnicodeDecodeError too
         why = (str(error).strip().splitlines() or ["unreadable"])[0][:200]
-        raise Unreachable(f"{base}/metrics is not this server's metrics ({why}): give --url the "
-                          "server's base URL, e.g. http://127.0.0.1:8000") from None
+        raise NotThisServer(f"{base}/metrics is not this server's metrics ({why}): give --url the "
+                            "server's base URL, e.g. http://127.0.0.1:8000") from None
 
 
 def parse_metrics(text: str) -> Samples:
@@ -270,6 +277,9 @@ def run_status(url: str, interval_s: float = 5.0, timeout: float = 5.0, slo_p99_
     """Print the snapshot; 0 when it was taken, 2 when the server could not be reached (one line)."""
     try:
         snapshot = take_snapshot(url, interval_s, timeout, slo_p99_ms)
+    except NotThisServer as error:
+        print(f"ERROR {error}")
+        return 2
     except Unreachable as error:
         print(f"ERROR {error}: is the server running (`docker ps | grep sentiment-analyzer`)? "
               "Outage of every replica: P0")

@@ -101,12 +101,14 @@ def test_unreachable_server_is_one_line_and_exit_2():
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flag, value", [("--interval", "-1"), ("--interval", "nan"), ("--interval", "1e308"),
-                                         ("--timeout", "0"), ("--slo-p99-ms", "inf")])
-def test_a_setting_out_of_range_is_refused_by_name_not_a_traceback(flag, value):
+@pytest.mark.parametrize("flag, value, said", [
+    ("--interval", "-1", "above 0"), ("--interval", "nan", "above 0"), ("--interval", "1e308", "above 0"),
+    ("--timeout", "0", "at least 0.1"), ("--timeout", "1e-300", "at least 0.1"), ("--slo-p99-ms", "inf", "above 0"),
+])
+def test_a_setting_out_of_range_is_refused_by_name_not_a_traceback(flag, value, said):
     result = status_cli("--url", "http://127.0.0.1:1", flag, value, timeout=30)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert f"argument {flag}: '{value}' is not a number above 0" in result.stderr
+    assert f"argument {flag}: '{value}' is not a number {said}" in result.stderr
 
 
 def test_a_url_that_is_not_the_servers_base_is_one_line_and_exit_2(live_server):
@@ -114,7 +116,29 @@ def test_a_url_that_is_not_the_servers_base_is_one_line_and_exit_2(live_server):
     result = status_cli("--url", live_server.url + "/nothing", "--interval", "0.1")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stdout.count("\n") == 1 and "/nothing/metrics is not this server's metrics (answered 404)" in (
-        result.stdout) and "base URL" in result.stdout
+        result.stdout) and "base URL" in result.stdout and "P0" not in result.stdout  # a wrong URL, not an outage
+
+
+def test_another_programs_metrics_are_not_read_as_this_servers(tmp_path):
+    """Any Prometheus text was accepted: a stub serving `foo_total 1` was reported as P1, database down."""
+    (tmp_path / "metrics").write_text("# TYPE foo_total counter\nfoo_total 1\n")
+    port = free_port()
+    stub = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        result = status_cli("--url", f"http://127.0.0.1:{port}", "--interval", "0.1")
+    finally:
+        stub.terminate()
+        stub.wait()
+    assert result.returncode == 2 and "not this server's metrics (no sentiment_* metrics)" in result.stdout, (
+        result.stdout)
 
 
 def test_live_server_with_its_database_down_is_p1_with_the_backlog(tiny_artifact, tmp_path):
