@@ -52,10 +52,11 @@ MAX_LABELS = 64  # every answer and record carries each label's probability: 10,
 def label_problem(label: str) -> str | None:
     """What makes ``label`` unusable as a label name, or None. Tabs, line breaks and commas are the feedback
     export's and ``--label-map``'s separators; other control or format characters (NUL, a right-to-left override)
-    would corrupt a log line or make two labels look alike."""
-    if not 0 < len(label) <= MAX_LABEL_CHARS:
-        return f"1-{MAX_LABEL_CHARS} characters"
-    if "," in label or any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn") for char in label):
+    and line or paragraph separators would corrupt a log line or make two labels look alike. Characters this
+    Python's Unicode tables do not know yet are let through: a build on a newer Python must still load here."""
+    if not 0 < len(label) <= MAX_LABEL_CHARS or not label.strip():
+        return f"1-{MAX_LABEL_CHARS} characters, not only spaces"
+    if "," in label or any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") for char in label):
         return "no tab, line break, comma or other control character"
     return None
 

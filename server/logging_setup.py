@@ -94,10 +94,12 @@ class SizeRotatingFileHandler(RotatingFileHandler):
             return
         self._reported_at = now
         error = sys.exc_info()[1]
+        fix = ("free space there or point LOG_FILE elsewhere" if isinstance(error, OSError) else
+               "a log call's arguments do not fit its message: report this")
         try:
             sys.stderr.write(f"ERROR LOG_FILE {self.baseFilename} cannot be written ({type(error).__name__}: "
                              f"{error}); {self.lost} lines lost from it so far (they are on standard output); "
-                             "free space there or point LOG_FILE elsewhere\n")
+                             f"{fix}\n")
         except OSError:
             pass
 

@@ -22,7 +22,7 @@ from models.finetune import load_examples
 from models.labels import LabelMismatch, label_positions, parse_label_map, resolve_labels
 from scripts.benchlib.loadgen import score
 from scripts.benchlib.runners import same_outputs
-from server.artifact import ArtifactError, load_artifact
+from server.artifact import ArtifactError, label_problem, load_artifact
 from server.cache import PredictionCache
 from server.metrics import Metrics
 from server.predictor import Predictor, low_confidence_threshold
@@ -117,6 +117,15 @@ def test_the_default_name_comes_from_the_checkpoint(tmp_path) -> None:
     assert default_name(tmp_path / "reviews-bert") == "reviews-bert"
     assert default_name("distilbert/distilbert-base-uncased-finetuned-sst-2-english") == (
         "distilbert-base-uncased-finetuned-sst-2-english")
+
+
+@pytest.mark.parametrize("label, refused", [
+    ("POSITIVE", False), ("très bien", False), ("😀", False), ("\U0001FAE8", False),  # Unicode 15: not refused
+    ("", True), ("   ", True), ("x" * 33, True), ("a,b", True), ("a\tb", True), ("a\nb", True), ("a\x00b", True),
+    ("a\u202eb", True), ("a\u2028b", True), ("a\u2029b", True),
+])
+def test_one_rule_decides_which_label_names_the_server_and_the_build_take(label, refused) -> None:
+    assert (label_problem(label) is not None) is refused
 
 
 def test_labels_can_be_named_at_build_and_are_checked(tmp_path) -> None:
