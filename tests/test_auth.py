@@ -128,8 +128,8 @@ async def test_open_mode_lets_keyless_feedback_through_but_not_admin_or_bad_keys
 
 async def test_a_prediction_made_with_a_key_takes_feedback_only_from_that_key_or_an_admin(make_api, store_db,
                                                                                           caplog):
-    """Another key, or no key in open mode, is answered as for an unknown id: it cannot relabel a prediction it
-    did not make, nor learn that the id exists. A keyless prediction's id is all it takes to label it."""
+    """Another key, or no key in open mode, gets the answer an unknown id gets: it cannot relabel a prediction it
+    did not make. A keyless prediction's id is all it takes to label it."""
     api = await make_api(auth_mode="open")
     owned = make_record("made with the predict key", api_key_id=api.ids["predict"])
     api.services.store.submit(owned)
