@@ -179,9 +179,8 @@ def feedback_export(settings: Settings, engine: Engine, args: argparse.Namespace
         _report_export(written, skipped, "standard output", sys.stderr)
         return 0
     target = Path(args.out)
-    if args.out.endswith(("/", os.sep)) or target.is_symlink() or (target.exists() and not target.is_file()):
-        kind = ("a symbolic link" if target.is_symlink() else "not a regular file"
-                if target.exists() and not target.is_dir() else "a directory")
+    kind = _not_a_file(args.out)
+    if kind:
         return _fail(f"--out {args.out} is {kind}: give the path of a file to write (an existing one is replaced), "
                      "or - for standard output")
     partial: str | None = None
@@ -200,6 +199,18 @@ def feedback_export(settings: Settings, engine: Engine, args: argparse.Namespace
                      "and has room); nothing was written")
     _report_export(written, skipped, str(target), sys.stdout)
     return 0
+
+
+def _not_a_file(out: str) -> str | None:
+    """What ``out`` is when it cannot take a file by rename, or None (a new path, or a regular file to replace)."""
+    path = Path(out)  # drops a trailing slash: said by ``out`` itself
+    if path.is_symlink():
+        return "a symbolic link"
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return "a directory"
+    if path.exists() and not path.is_file():
+        return "not a regular file"
+    return None
 
 
 def _report_export(written: int, skipped: int, where: str, stream) -> None:
