@@ -25,6 +25,7 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from server.config import Settings
+from server.log_writer import BackgroundLogHandler, LogWriter, standard_output
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
@@ -47,8 +48,10 @@ class JsonFormatter(logging.Formatter):
         if getattr(record, "request_id", None):
             entry["request_id"] = record.request_id
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:  # what BackgroundLogHandler leaves of a traceback
+            entry["exception"] = record.exc_text
         return json.dumps(entry, default=str)
 
 
@@ -119,19 +122,21 @@ def file_handler(path: Path, max_bytes: int, backups: int) -> logging.Handler:
 
 
 def configure_logging(settings: Settings) -> None:
-    """Route the root logger (and uvicorn's) to stdout (so `docker logs … | grep` sees it) and LOG_FILE."""
+    """Route the root logger (and uvicorn's) to stdout (so `docker logs … | grep` sees it) and LOG_FILE, both
+    written by the thread of ``server.log_writer`` (a stalled output cannot stop the server)."""
     formatter: logging.Formatter = JsonFormatter() if settings.log_format == "json" else TextFormatter()
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    targets: list[logging.Handler] = [standard_output()]
     if settings.log_file is not None:
-        handlers.append(file_handler(settings.log_file, settings.log_max_bytes, settings.log_backups))
+        targets.append(file_handler(settings.log_file, settings.log_max_bytes, settings.log_backups))
+    for target in targets:
+        target.setFormatter(formatter)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler.addFilter(RequestIdFilter())
-        root.addHandler(handler)
+    handler = BackgroundLogHandler(LogWriter(targets))
+    handler.addFilter(RequestIdFilter())  # on the logging thread, whose context holds the request id
+    root.addHandler(handler)
     root.setLevel(settings.log_level)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)

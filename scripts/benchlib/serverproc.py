@@ -37,8 +37,9 @@ class LiveServer:
 
 
 def start_server(env_overrides: dict[str, str], tmp_path: Path, wait_ready: bool = True,
-                 timeout: float = 60.0) -> LiveServer:
-    """``sentiment-analyzer serve`` in a subprocess on a free port (real uvicorn, real sockets)."""
+                 timeout: float = 60.0, output: int | None = None) -> LiveServer:
+    """``sentiment-analyzer serve`` in a subprocess on a free port (real uvicorn, real sockets); its standard output
+    and error go to ``log_path``, or to ``output`` (e.g. ``subprocess.PIPE``) when given."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL_", "DEVICE", "PORT", "HOST"))}
     env.update({
@@ -50,7 +51,7 @@ def start_server(env_overrides: dict[str, str], tmp_path: Path, wait_ready: bool
     log_path = tmp_path / f"server-{port}.log"
     with log_path.open("w") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT)
+                                   stdout=log if output is None else output, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", process, env, log_path)
     if wait_ready:
         deadline = time.monotonic() + timeout
