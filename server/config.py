@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = PROJECT_ROOT / "models" / "default"
 MAX_DURATION_S = 86_400.0  # the longest timeout, wait or interval a setting may give
+MAX_INTEGER = 2**53  # the largest integer setting: /health and /info show them as JSON numbers, exact below this
 
 
 class ConfigError(ValueError):
@@ -115,7 +116,16 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("text", description="json for containers, text for humans")
     log_file: Path | None = Field(None, description="also write logs to this file")
     log_max_bytes: int = Field(50 * 1024 * 1024, ge=0, description="rotate LOG_FILE at this size (0 = never)")
-    log_backups: int = Field(3, ge=0, description="rotated LOG_FILE copies kept")
+    log_backups: int = Field(3, ge=0, le=1000, description="rotated LOG_FILE copies kept")
+
+    @field_validator("*")
+    @classmethod
+    def _integer_fits_json(cls, value: object) -> object:
+        """An integer past 64 bits made /health answer 500 for ever (orjson cannot write it); past 2**53 a
+        JavaScript client reads a different number."""
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_INTEGER:
+            raise ValueError(f"must be at most 2**53 ({MAX_INTEGER})")
+        return value
 
     @field_validator("request_timeout_s", "header_timeout_s", "drain_grace_s", "drain_timeout_s", "db_pool_timeout_s",
                      "key_cache_ttl_s", "max_wait_ms")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
+from server.app import create_app
 from server.config import ConfigError, Settings, check_relationships, load_settings
 
 FLOAT_SETTINGS = [name for name, field in Settings.model_fields.items() if field.annotation is float]
+INTEGER_SETTINGS = [name for name, field in Settings.model_fields.items() if field.annotation is int]
 
 
 def test_there_are_float_settings_to_check():
@@ -27,6 +30,28 @@ def test_durations_beyond_a_day_are_refused(name):
     with pytest.raises(ConfigError, match=rf"^invalid configuration: {name.upper()}='1e12': must be at most 86400"):
         load_settings(**{name: "1e12"})
     assert getattr(load_settings(**{name: "86400"}), name) == 86400
+
+
+@pytest.mark.parametrize("name", INTEGER_SETTINGS)
+def test_no_integer_setting_accepts_a_value_json_cannot_carry(monkeypatch, name):
+    """SPOOL_MAX_BYTES=1e20 written out was accepted and made every /health answer 500 (orjson stops at 64 bits)."""
+    monkeypatch.setenv(name.upper(), str(10**20))
+    with pytest.raises(ConfigError, match=rf"^invalid configuration: {name.upper()}='100000000000000000000': "):
+        load_settings()
+
+
+def test_the_largest_integer_settings_are_served_by_health_and_info(make_settings):
+    settings = make_settings(spool_max_bytes=2**53, max_batch_tokens=2**53)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/health").json()["database"]["spool_limit_bytes"] == 2**53
+        assert client.get("/info").status_code == 200
+
+
+def test_log_backups_is_bounded():
+    """Each rotation renames every backup in turn: a billion made the first one last for hours."""
+    assert load_settings(log_backups=1000).log_backups == 1000
+    with pytest.raises(ConfigError, match="LOG_BACKUPS"):
+        load_settings(log_backups=1001)
 
 
 def test_max_wait_ms_is_bounded_in_milliseconds():
