@@ -188,7 +188,7 @@ def test_malformed_requests_are_400_saying_what_to_fix(server, header, binary, f
     assert fragment in response.json()["error"], response.json()
 
 
-@pytest.mark.parametrize("declared", ["99", "-1", "x"])
+@pytest.mark.parametrize("declared", ["99", "-1", "x", b"\xb2", "1" * 5000])  # '²' and 5000 digits were a 500
 def test_a_header_length_that_is_not_within_the_body_is_400(server, declared):
     response = httpx.post(server.url + "/v2/models/sentiment/infer", content=b"{}",
                           headers={"Inference-Header-Content-Length": declared}, timeout=30)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
-from server.http import error_response, error_responses, json_response, location
+from server.http import byte_count, error_response, error_responses, json_response, location
 from server.protocols.oip_model import (
     ALIAS,
     INPUT,
@@ -339,10 +339,10 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
     size = len(body)
     if header_length is not None:
         declared = header_length.strip()
-        if not declared.isdigit() or int(declared) > len(body):
+        size = byte_count(declared)
+        if size is None or size > len(body):
             raise InvalidInferRequest(f"Inference-Header-Content-Length {declared[:20]!r} is not a byte count "
                                       f"within the {len(body)}-byte body")
-        size = int(declared)
     view = memoryview(body)
     try:
         document = orjson.loads(view[:size])
