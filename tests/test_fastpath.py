@@ -338,12 +338,19 @@ def keyed_server(tiny_artifact, tmp_path_factory):
 
 
 def logged(server, request: Callable[[], tuple]) -> tuple:
-    """``request()``'s outcome and the log lines it wrote (their times left out)."""
+    """``request()``'s outcome and the log lines it wrote (their times left out).
+
+    The server's log thread may write them after the answer (``server.log_writer``): a request refused for a
+    key logs a line too, after them in the log's order, so once that line is in the file, so are they."""
     start = server.log_path.stat().st_size
     outcome = request()
-    with server.log_path.open("rb") as log:
-        log.seek(start)
-        lines = log.read().decode(errors="replace").splitlines()
+    marker = f"logged-{time.monotonic_ns()}"
+    httpx.post(server.url + "/predict", json={"text": "x"}, headers={"X-Request-ID": marker, "X-API-Key": "sap_x"})
+    deadline = time.monotonic() + 10
+    while marker not in (text := server.log_path.read_bytes()[start:].decode(errors="replace")):
+        assert time.monotonic() < deadline, f"the marker request's line was never logged:\n{text[-3000:]}"
+        time.sleep(0.01)
+    lines = [line for line in text.splitlines() if marker not in line]
     return outcome, [line.split(" ", 2)[-1] for line in lines if "security" in line or "ERROR" in line]
 
 
