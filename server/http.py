@@ -79,10 +79,6 @@ REJECTED_BY_STATUS = {400: "invalid", 404: "not_found", 405: "invalid", 413: "to
                       415: "unsupported_media_type", 422: "invalid"}
 
 
-class PayloadTooLarge(ServerError):
-    status_code = 413
-
-
 class BodyTooLarge(HTTPException):
     """Raised inside ``receive``: an ``HTTPException`` because FastAPI's body parsing re-raises those as they are
     (any other exception there becomes a 400 "There was an error parsing the body")."""

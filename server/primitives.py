@@ -90,6 +90,14 @@ class ServerError(Exception):
             self.retry_after = retry_after
 
 
+class PayloadTooLarge(ServerError):
+    status_code = 413
+
+
+def too_many_texts(count: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"{count} texts in one request; at most {limit} (MAX_TEXTS_PER_REQUEST): split the request")
+
+
 class Overloaded(ServerError):
     """The queue is full: shed with 503 and Retry-After."""
 

@@ -22,6 +22,7 @@ def services_of(request: Request) -> Services:
 
 
 @router.post("/predict", response_model=PredictResponse | tei.TeiPredictResponse, responses=error_responses(503),
+             dependencies=[Depends(tei.limit_texts)],
              summary="Classify the sentiment of one or more texts (or TEI's body: inputs)")
 async def predict(body: PredictRequest, request: Request, api_key_id: str | None = Depends(require_role("predict"))):
     if body.inputs is not None:

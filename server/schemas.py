@@ -8,6 +8,7 @@ up or store are ``StorableText``, which also refuses NUL (PostgreSQL's text cann
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from server.primitives import too_many_texts
 
 
 def unicode_scalars_only(value: str) -> str:
@@ -78,6 +81,10 @@ UtcDateTime = Annotated[datetime, BeforeValidator(not_a_timestamp), AfterValidat
 # ------------------------------------------------- Hugging Face / TEI bodies (server/protocols/tei.py)
 
 TEXT_SCHEMA = {"type": "string", "pattern": "\\S"}
+max_texts_var: ContextVar[int | None] = ContextVar("max_texts", default=None)
+"""MAX_TEXTS_PER_REQUEST for the request whose body is being read, set by the route's ``limit_texts`` dependency
+(FastAPI solves those before the body): a TEI batch longer than that is refused (413) before any item is read.
+Each item is checked in Python: 100,000 one-letter items took 200 ms of the event loop to be refused."""
 PAIR_HINT = "this model classifies single texts, not pairs: to classify several texts send a batch, [[\"a\"], [\"b\"]]"
 
 
@@ -97,6 +104,9 @@ def tei_inputs(value: object) -> str | list[str] | list[list[str]]:
             raise PydanticCustomError("tei_inputs", f"a list of {len(value)} strings is not TEI input (one string is a "
                                       f"text, two are a pair); {PAIR_HINT}")
         return [_batch_text(value[0], "[0]")]
+    limit = max_texts_var.get()
+    if limit is not None and len(value) > limit:
+        raise too_many_texts(len(value), limit)  # not a ValueError: pydantic lets it through, answered as it is
     for index, item in enumerate(value):
         if not isinstance(item, list) or not item or not all(isinstance(text, str) for text in item):
             raise PydanticCustomError("tei_inputs", f"[{index}] is not a list of one string; a batch is "

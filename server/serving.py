@@ -12,9 +12,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from server.http import PayloadTooLarge
 from server.predictor import normalize
-from server.primitives import Draining, ModelIdentity, Prediction, ServerError, StageTimings
+from server.primitives import (
+    Draining,
+    ModelIdentity,
+    PayloadTooLarge,
+    Prediction,
+    ServerError,
+    StageTimings,
+    too_many_texts,
+)
 from server.records import RecordContext, RecordKeys, WorkerRecords, prediction_records
 from server.services import Services
 from server.store import SpoolUnavailable
@@ -40,8 +47,7 @@ def validated_texts(raw: list[str], services: Services) -> list[str]:
     """Normalized texts within the request limits; ``texts[i]`` in messages is the caller's own index."""
     settings = services.settings
     if len(raw) > settings.max_texts_per_request:
-        raise PayloadTooLarge(f"{len(raw)} texts in one request; at most {settings.max_texts_per_request} "
-                              "(MAX_TEXTS_PER_REQUEST): split the request")
+        raise too_many_texts(len(raw), settings.max_texts_per_request)
     texts = []
     for index, text in enumerate(raw):
         if len(text) > settings.max_text_chars:

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from scripts.benchlib.databases import postgres_database, sqlite_database
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
 from server.app import create_app
-from server.http import PayloadTooLarge
+from server.primitives import PayloadTooLarge
 
 MAX_REQUEST_BYTES = 64 * 1024
 JSON = {"content-type": "application/json"}

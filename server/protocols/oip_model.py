@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import __version__
-from server.http import PayloadTooLarge
-from server.primitives import ModelIdentity, Prediction, ServerError
+from server.primitives import ModelIdentity, Prediction, ServerError, too_many_texts
 from server.services import Services
 
 ALIAS = "sentiment"
@@ -131,8 +130,7 @@ def texts_of(inputs: list[InputTensor], max_texts: int) -> list[str]:
     if len(tensor.shape) != 1 or tensor.shape[0] < 1:
         raise InvalidInferRequest(f"input {INPUT!r} has shape {tensor.shape[:8]}; {SHAPE_HINT}, N >= 1")
     if tensor.shape[0] > max_texts:
-        raise PayloadTooLarge(f"{tensor.shape[0]} texts in one request; at most {max_texts} "
-                              "(MAX_TEXTS_PER_REQUEST): split the request")
+        raise too_many_texts(tensor.shape[0], max_texts)
     elements = (tensor.elements or []) if tensor.raw is None else \
         decode_bytes_elements(tensor.raw, f"input {INPUT!r}", at_most=tensor.shape[0])
     if tensor.shape[0] != len(elements):

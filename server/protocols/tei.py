@@ -39,7 +39,14 @@ from server import __version__
 from server.auth import require_role
 from server.http import json_response
 from server.primitives import InputTooLong, Prediction
-from server.schemas import PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
+from server.schemas import (
+    PredictRequest,
+    RawScores,
+    TeiInputs,
+    Truncate,
+    TruncationDirection,
+    max_texts_var,
+)
 from server.services import Services
 from server.serving import Classified, classify, validated_texts
 
@@ -125,7 +132,13 @@ class HfRequest(BaseModel):
     raw_scores: RawScores = False
 
 
-@router.post("/", response_model=list[list[LabelScore]],
+async def limit_texts(request: Request) -> None:
+    """MAX_TEXTS_PER_REQUEST for the body's validation (``server.schemas.max_texts_var``), which FastAPI runs after
+    the route's dependencies."""
+    max_texts_var.set(request.app.state.services.settings.max_texts_per_request)
+
+
+@router.post("/", response_model=list[list[LabelScore]], dependencies=[Depends(limit_texts)],
              summary="Classify (Hugging Face Inference API / TEI): [[{label, score}, ...]], every label best first")
 async def classify_hf(body: HfRequest, request: Request,
                       api_key_id: str | None = Depends(require_role("predict"))) -> Response:
