@@ -9,6 +9,7 @@ the same ``inference.*`` names as tritonclient's copy, and one process cannot ho
 from __future__ import annotations
 
 import functools
+import random
 import signal
 import socket
 import sqlite3
@@ -23,6 +24,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -359,3 +361,117 @@ def test_messages_are_held_in_the_bodies_budget_and_a_call_past_it_is_refused_an
     finally:
         live.process.kill()
         live.process.wait(timeout=TIMEOUT_S)
+
+
+RPCS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer"]
+
+
+def infer_request(*texts: str) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="sentiment")
+    request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)]).contents.bytes_contents.extend(
+        [text.encode() for text in texts])
+    return request
+
+
+def valid_request(rpc: str):
+    """A message the RPC answers OK (tritonclient's copy of the protocol's messages)."""
+    if rpc == "ModelInfer":
+        return infer_request("a fine film")
+    request = getattr(service_pb2, f"{rpc}Request")()
+    if "name" in request.DESCRIPTOR.fields_by_name:
+        request.name = "sentiment"
+    return request
+
+
+def call_with_bytes(address: str, rpc: str, payload: bytes, request_id: str) -> grpc.RpcError | grpc.Call:
+    """The RPC with ``payload`` sent as its message as it is, whatever it holds; the error, or the call."""
+    with grpc.insecure_channel(address) as channel:
+        method = channel.unary_unary(f"/inference.GRPCInferenceService/{rpc}")  # no serializers: bytes as they are
+        try:
+            return method.with_call(payload, metadata=(("x-request-id", request_id),), timeout=TIMEOUT_S)[1]
+        except grpc.RpcError as error:
+            return error
+
+
+def undecodable_cases() -> dict[str, tuple[str, bytes]]:
+    """Messages no protobuf library decodes as the RPC's request: case -> (RPC, bytes)."""
+    valid = infer_request(*TEXTS).SerializeToString()
+    without_name = infer_request(*TEXTS)
+    without_name.ClearField("model_name")
+    tensor = service_pb2.ModelInferRequest.InferInputTensor(datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(b"x")
+    named_badly = b"\x0a\x02\xff\xfe" + tensor.SerializeToString()  # name (1): 2 bytes that are not UTF-8
+    cases = {
+        "invalid UTF-8 in model_name": ("ModelInfer", b"\x0a\x02\xff\xfe" + without_name.SerializeToString()),
+        "invalid UTF-8 in an input's name": ("ModelInfer", b"\x2a" + bytes([len(named_badly)]) + named_badly),
+        "random garbage": ("ModelInfer", random.Random(5).randbytes(256)),
+        "a truncated message": ("ModelInfer", valid[:-5]),
+        "invalid UTF-8 in ModelMetadata's name": ("ModelMetadata", b"\x0a\x02\xc3\x28"),
+    }
+    for rpc in RPCS:  # every RPC: a field tag of field number 0
+        cases[f"field number 0 to {rpc}"] = (rpc, b"\x00\x01")
+    for rpc, payload in cases.values():  # what the cases are about: each is undecodable, by any protobuf library
+        with pytest.raises(DecodeError):
+            getattr(service_pb2, f"{rpc}Request").FromString(payload)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def undecodable(tiny_artifact, tmp_path_factory) -> dict:
+    """A server of its own sent each undecodable case, each followed by a valid call of the same RPC; then
+    stopped, so that its log is whole. The answers, the metrics before the stop, and the log."""
+    live, address = grpc_server(tiny_artifact, tmp_path_factory.mktemp("oip-grpc-undecodable"))
+    answers, valid_after = {}, {}
+    try:
+        for index, (case, (rpc, payload)) in enumerate(undecodable_cases().items()):
+            answers[case] = call_with_bytes(address, rpc, payload, f"undecodable-{index}")
+            with grpc.insecure_channel(address) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                try:
+                    valid_after[case] = getattr(stub, rpc).with_call(valid_request(rpc), timeout=TIMEOUT_S)[1]
+                except grpc.RpcError as error:
+                    valid_after[case] = error
+        metrics = httpx.get(live.url + "/metrics", timeout=TIMEOUT_S).text
+    finally:
+        code = stop_server(live)
+    return {"answers": answers, "valid_after": valid_after, "metrics": metrics, "log": live.log(), "exit": code}
+
+
+@pytest.mark.parametrize("case", list(undecodable_cases()))
+def test_an_undecodable_message_is_invalid_argument_saying_what_is_wrong(undecodable, case):
+    """grpcio's default answered UNKNOWN, "Unexpected <class 'google.protobuf.message.DecodeError'>", before any
+    handler: no request id, no error type, nothing the client could act on."""
+    rpc, _ = undecodable_cases()[case]
+    answer = undecodable["answers"][case]
+    assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT, (answer.code(), answer.details())
+    assert answer.details() == (f"the request is not a valid inference.{rpc}Request protobuf (corrupt or truncated, "
+                                "a string field that is not UTF-8, or another message): send the RPC's request "
+                                "message as a protobuf library serializes it")
+    assert dict(answer.trailing_metadata()) == {"error-type": "invalid_protobuf"}
+    index = list(undecodable_cases()).index(case)
+    assert dict(answer.initial_metadata())["x-request-id"] == f"undecodable-{index}"
+    after = undecodable["valid_after"][case]
+    assert after.code() == grpc.StatusCode.OK, after  # the next call, on a new channel, is answered as ever
+
+
+def test_undecodable_messages_are_counted_as_400s_of_their_rpc(undecodable):
+    cases = undecodable_cases().values()
+    metrics = undecodable["metrics"]
+    for rpc in RPCS:
+        refused = sum(1 for called, _ in cases if called == rpc)
+        assert (f'sentiment_requests_total{{endpoint="/inference.GRPCInferenceService/{rpc}",status="400"}} '
+                f'{refused}.0') in metrics, (rpc, refused)
+        assert (f'sentiment_requests_total{{endpoint="/inference.GRPCInferenceService/{rpc}",status="200"}} '
+                f'{refused}.0') in metrics, (rpc, refused)  # the valid calls after them
+    assert f'sentiment_rejected_requests_total{{reason="invalid"}} {len(cases)}.0' in metrics
+
+
+def test_undecodable_messages_log_one_throttled_warning_and_no_error(undecodable):
+    """Before, each was an ERROR with a traceback (grpc._cython.cygrpc), which anyone could send without a key."""
+    assert undecodable["exit"] == 0
+    lines = undecodable["log"].splitlines()
+    assert not [line for line in lines if "ERROR" in line or "Traceback" in line], undecodable["log"]
+    warnings = [line for line in lines if "answered INVALID_ARGUMENT" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], warnings  # the rest within the minute: counted, quiet
+    assert ("gRPC /inference.GRPCInferenceService/ModelInfer from ipv" in warnings[0]
+            and "not a valid inference.ModelInferRequest protobuf" in warnings[0]), warnings[0]

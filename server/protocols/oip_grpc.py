@@ -20,6 +20,13 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
 - Errors: the HTTP status the same failure has over HTTP, as a gRPC status (``STATUS_CODES``), the HTTP
   ``error`` message as details, and trailing metadata ``error-type`` (the HTTP ``type``) and, when retrying helps,
   ``retry-after`` (seconds).
+- A message that is not a valid protobuf of the RPC's request type (a string field that is not UTF-8, a truncated
+  message, bytes that are no protobuf at all) is the client's error, as JSON that is not JSON is over HTTP:
+  INVALID_ARGUMENT, ``error-type: invalid_protobuf``, details naming the message type and what to send instead
+  (the protobuf library does not say what is wrong), counted as a 400 and logged as one throttled WARNING.
+  grpcio's own handling of an undecodable message (UNKNOWN, an ERROR with a traceback per call, before any
+  handler: not counted) is never reached: each RPC's deserializer (``decoder``) hands the handler an
+  ``Undecodable`` instead of raising, and ``InferenceService.observe`` refuses it before authentication.
 - Request id: ``x-request-id`` metadata or a new one, sent back as initial metadata; records are stored under
   it, every log line of the call carries it, and the request's OIP ``id`` is echoed in the answer.
 - Metrics: ``sentiment_requests_total{endpoint="/inference.GRPCInferenceService/<RPC>", status="<HTTP status>"}``
@@ -56,6 +63,8 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from server.auth import Caller, authorize
@@ -76,12 +85,10 @@ from server.protocols.oip_model import (
     texts_of,
 )
 from server.protocols.oip_proto import grpc_service_pb2 as pb
-from server.protocols.oip_proto.grpc_service_pb2_grpc import (
-    GRPCInferenceServiceServicer,
-    add_GRPCInferenceServiceServicer_to_server,
-)
+from server.protocols.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
 from server.services import Services
 from server.serving import classify
+from server.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
 SERVICE = "inference.GRPCInferenceService"
@@ -102,6 +109,40 @@ POLL_S = 0.05  # how often the drain looks at its deadline
 ABANDON_S = 1.0  # after the drain deadline, how long the abandoned calls' answers get before the listener's hard stop
 ABANDONED = Draining("the server shut down before this call was answered (DRAIN_TIMEOUT_S); retry on another replica",
                      retry_after=1)  # answered as any ServerError: UNAVAILABLE, error-type draining, retry-after 1
+
+
+class UndecodableRequest(InvalidInferRequest):
+    """The call's message is not a valid protobuf of the RPC's request type (``Undecodable``)."""
+
+    error_type = "invalid_protobuf"
+
+
+class Undecodable:
+    """What ``decoder`` hands the handler for a message the protobuf library could not decode."""
+
+    __slots__ = ("descriptor",)
+
+    def __init__(self, descriptor: Descriptor) -> None:
+        self.descriptor = descriptor
+
+    def error(self) -> UndecodableRequest:
+        return UndecodableRequest(f"the request is not a valid {self.descriptor.full_name} protobuf (corrupt or "
+                                  "truncated, a string field that is not UTF-8, or another message): send the RPC's "
+                                  "request message as a protobuf library serializes it")
+
+
+def decoder(message_class: Any) -> Callable[[bytes], Any]:
+    """The RPC's request deserializer: the message, or an ``Undecodable`` where grpcio's default (``FromString``)
+    would raise, which grpcio answers UNKNOWN with an ERROR and a traceback in the log, before any handler."""
+    parse, descriptor = message_class.FromString, message_class.DESCRIPTOR
+
+    def decode(data: bytes) -> Any:
+        try:  # free when nothing is raised (Python 3.11+): a valid message costs one more call than before
+            return parse(data)
+        except DecodeError:
+            return Undecodable(descriptor)
+
+    return decode
 
 
 @dataclass(frozen=True)
@@ -133,6 +174,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         self.services = services
         self.under_way: set[asyncio.Task] = set()  # the tasks of the calls being answered
         self._abandoned: set[asyncio.Task] = set()  # those cancelled at the drain deadline (``abandon_under_way``)
+        self._throttle = Throttle(log)
 
     async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext) -> Any:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
@@ -144,6 +186,11 @@ class InferenceService(GRPCInferenceServiceServicer):
         bodies, reserved = self.services.memory_guard.bodies, 0
         try:
             await context.send_initial_metadata((("x-request-id", request_id),))
+            if request.__class__ is Undecodable:  # refused before anything else, authentication included
+                error = request.error()
+                self._throttle.log("undecodable", logging.WARNING, "gRPC %s from %s answered INVALID_ARGUMENT: %s",
+                                   endpoint, context.peer(), error.message)
+                raise error
             size = request.ByteSize()
             if not bodies.reserve(size):
                 self.services.metrics.rejected.labels("body_memory_full").inc()
@@ -272,6 +319,19 @@ def trailers(error: ServerError) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def add_service(service: InferenceService, server: aio.Server) -> None:
+    """The generated ``add_GRPCInferenceServiceServicer_to_server``, but with each request deserialized by
+    ``decoder``: every RPC of the ``.proto``'s service (all unary), answered by the servicer's method of its name."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(service, method.name), request_deserializer=decoder(request),
+            response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 class GrpcServer:
     """The gRPC listener of one app: started by its lifespan, stopped within the drain."""
 
@@ -285,7 +345,7 @@ class GrpcServer:
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),  # else a second server binds a port in use, and they share its calls
         ])
-        add_GRPCInferenceServiceServicer_to_server(self.service, self.server)
+        add_service(self.service, self.server)
 
     async def start(self) -> None:
         """Listen on GRPC_PORT; ``StartupError`` (exit code 5) when it cannot be bound."""
