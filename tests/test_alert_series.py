@@ -14,11 +14,18 @@ and is scraped. Then:
 - every series an alert selects is a family the scrape declares, and each ``label="value"`` of the
   selector (each alternative of ``label=~"a|b"``) is a value the scrape holds: a rule waiting for a
   reason, device or result the server never records (``result="error"`` when the server says
-  ``"failed"``) fails here.
+  ``"failed"``) fails here;
+- the ``endpoint`` label, which a request creates: every route and RPC of the server is classified
+  (inference, probe or scrape, other), the latency and shedding alerts select exactly the inference
+  endpoints of every protocol and the error-rate alerts leave out exactly the probes and the scrape,
+  and the live server, asked once on each protocol (gRPC included), counts its inference under
+  those labels (the Grafana dashboard's panels select the same). The per-protocol promtool cases of
+  tests/test_alerts.py are checked like alerts_test.yml's.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -29,8 +36,10 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from scripts.benchlib.serverproc import start_server, stop_server
+from scripts.benchlib.serverproc import free_port, start_server, stop_server
+from server.http import api_routes
 from server.metrics import Metrics
+from tests.test_alerts import INFERENCE_ENDPOINTS, PROBE_ENDPOINTS, protocol_case_file
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = ROOT / "docker" / "prometheus"
@@ -39,7 +48,7 @@ REQUEST_LABELS = {"endpoint", "status"}  # a child per endpoint and status code,
 GPU_LABEL = "gpu"  # NVML gauges: a child per GPU, none without one
 MODEL_LABELS = {"model", "version"}  # the serving model's identity: any value, but the label must be there
 SYNTHETIC = {"up"}
-SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}")
+SELECTOR = re.compile(r'([a-zA-Z_:][\w:]*)\{((?:[^}"]|"(?:[^"\\]|\\.)*")*)\}')  # a "}" may be in a value
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 LITERAL_ALTERNATIVES = re.compile(r"[\w/.+-]+(?:\|[\w/.+-]+)*")
 SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
@@ -72,13 +81,44 @@ class Scrape:
 
 @pytest.fixture(scope="module")
 def scrape(tiny_artifact, tmp_path_factory) -> Scrape:
-    server = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path_factory.mktemp("alert-series"))
+    """A live server's scrape after one prediction on every protocol, and a probe."""
+    grpc_port = free_port()
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "GRPC_PORT": str(grpc_port)},
+                          tmp_path_factory.mktemp("alert-series"))
     try:
-        assert httpx.post(server.url + "/predict", json={"text": "a fine film"}, timeout=30).status_code == 200
+        for path, body in INFERENCE_REQUESTS.items():
+            if "{version}" in path:
+                version = httpx.get(server.url + "/v2/models/sentiment", timeout=30).json()["versions"][0]
+                path = path.replace("{version}", version)
+            answer = httpx.post(server.url + path, json=body, timeout=30)
+            assert answer.status_code == 200, (path, answer.text)
+        grpc_model_infer(f"127.0.0.1:{grpc_port}")
         assert httpx.get(server.url + "/health", timeout=30).status_code == 200
         return Scrape(httpx.get(server.url + "/metrics", timeout=30).text)
     finally:
         stop_server(server)
+
+
+OIP_BODY = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a fine film"]}]}
+INFERENCE_REQUESTS = {  # one prediction on each HTTP protocol's inference route
+    "/predict": {"text": "a fine film"},
+    "/": {"inputs": "a fine film"},
+    "/v1/models/sentiment:predict": {"instances": ["a fine film"]},
+    "/v2/models/sentiment/infer": OIP_BODY,
+    "/v2/models/sentiment/versions/{version}/infer": OIP_BODY,
+}
+
+
+def grpc_model_infer(address: str) -> None:
+    """One OIP v2 ModelInfer over gRPC, through tritonclient's stub (tests/test_protocol_oip_grpc.py says why not
+    the server's generated module)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="sentiment")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"a fine film")
+    with grpc.insecure_channel(address) as channel:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
 
 
 def any_model(labels: dict[str, str]) -> Labels:
@@ -111,7 +151,9 @@ def first_value(values: str) -> float | None:
 
 
 def input_series() -> list[tuple[str, str, str]]:
+    """The input series of alerts_test.yml's cases and of the per-protocol cases tests/test_alerts.py makes."""
     cases = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())["tests"]
+    cases += [case for protocol in INFERENCE_ENDPOINTS for case in protocol_case_file(protocol)["tests"]]
     return [(case["name"], s["series"], s["values"]) for case in cases for s in case.get("input_series", [])]
 
 
@@ -190,3 +232,121 @@ def test_the_checks_catch_a_series_the_server_never_exports(scrape) -> None:
     assert frozenset({("result", "failed")}) in scrape.children["sentiment_model_reloads_total"]
     assert frozenset({("result", "error")}) not in scrape.children["sentiment_model_reloads_total"]
     assert "error" not in scrape.values("sentiment_model_reloads_total", "result")
+
+
+# ------------------------------------------------------------ the endpoint label
+
+GRPC_SERVICE = "/inference.GRPCInferenceService/"
+# every endpoint the server counts requests under that is neither inference nor a probe or the scrape
+OTHER_ENDPOINTS = {
+    "/admin/reload", "/admin/keys", "/admin/keys/{key_id}", "/predictions", "/predictions/{prediction_id}",
+    "/feedback", "/feedback/export", "/info", "/v1/models", "/v2", "/v2/models/{name}",
+    "/v2/models/{name}/versions/{version}", "/v2/models/{name}/config", "/v2/models/{name}/versions/{version}/config",
+    "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "unmatched",
+    GRPC_SERVICE + "ServerMetadata", GRPC_SERVICE + "ModelMetadata", GRPC_SERVICE + "ModelConfig",
+}
+INFERENCE = set(INFERENCE_ENDPOINTS.values())
+NOT_COUNTED_IN_ERRORS = set(PROBE_ENDPOINTS) | {"/metrics"}
+# the alerts on inference traffic, and the error-rate alerts (every API request but the probes and the scrape)
+INFERENCE_ALERTS = {"SentimentAnalyzerHighLatencyP99", "SentimentAnalyzerSlowP99", "SentimentAnalyzerLoadShedding"}
+ERROR_RATE_ALERTS = {"SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevatedErrorRate"}
+
+
+def server_endpoints(make_settings) -> set[str]:
+    """Every ``endpoint`` label the server can record (server/http.py ``endpoint_label``: a route's path without
+    convertors, or ``unmatched``; server/protocols/oip_grpc.py: ``/inference.GRPCInferenceService/<RPC>`` of each
+    ``@observed`` RPC, read from its source: importing it beside tritonclient's copy of the protocol clashes)."""
+    from server.app import create_app
+
+    app = create_app(make_settings())
+    routes = {route.path_format for route in api_routes(app.routes)}
+    routes |= {route.path_format for route in app.routes if hasattr(route, "path_format")}
+    source = (ROOT / "server" / "protocols" / "oip_grpc.py").read_text()
+    rpcs = {GRPC_SERVICE + name for name in re.findall(r"@observed\s+async def (\w+)", source)}
+    assert GRPC_SERVICE + "ModelInfer" in rpcs and len(rpcs) >= 7, rpcs  # the parse found the RPCs
+    return routes | rpcs | {"unmatched"}
+
+
+def promql_string(text: str) -> str:
+    """The value of a PromQL double-quoted string's body."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def endpoint_matchers() -> dict[str, set[tuple[str, str]]]:
+    """The (operator, regex) of every ``endpoint`` matcher, by alert."""
+    found = defaultdict(set)
+    for alert, _, matchers in alert_selectors():
+        for label, op, value in matchers:
+            if label == "endpoint":
+                found[alert].add((op, promql_string(value)))
+    return found
+
+
+def matched(regex: str, labels: set[str]) -> set[str]:
+    return {label for label in labels if re.fullmatch(regex, label)}
+
+
+def test_every_endpoint_of_the_server_is_classified(make_settings) -> None:
+    """A new route or RPC is inference (the latency and shedding alerts must watch it), a probe or the scrape (the
+    error rate leaves it out), or other: adding it here is that decision."""
+    endpoints = server_endpoints(make_settings)
+    classified = INFERENCE | NOT_COUNTED_IN_ERRORS | OTHER_ENDPOINTS
+    assert endpoints == classified, (f"not classified: {sorted(endpoints - classified)}; "
+                                     f"not the server's: {sorted(classified - endpoints)}")
+    assert not (INFERENCE & NOT_COUNTED_IN_ERRORS or INFERENCE & OTHER_ENDPOINTS
+                or NOT_COUNTED_IN_ERRORS & OTHER_ENDPOINTS)
+
+
+def test_inference_alerts_select_every_protocols_inference_and_nothing_else(make_settings) -> None:
+    endpoints = server_endpoints(make_settings)
+    matchers = endpoint_matchers()
+    assert INFERENCE_ALERTS | ERROR_RATE_ALERTS == set(matchers), (
+        f"alerts selecting by endpoint: {sorted(matchers)}; classify each above")
+    for alert in sorted(INFERENCE_ALERTS):
+        for op, regex in matchers[alert]:
+            assert op == "=~", (alert, op, regex)
+            selected = matched(regex, endpoints)
+            assert selected == INFERENCE, (f"{alert} misses {sorted(INFERENCE - selected)} and selects "
+                                           f"{sorted(selected - INFERENCE)}")
+    for alert in sorted(ERROR_RATE_ALERTS):
+        for op, regex in matchers[alert]:
+            assert op == "!~", (alert, op, regex)
+            left_out = matched(regex, endpoints)
+            assert left_out == NOT_COUNTED_IN_ERRORS, (
+                f"{alert} counts {sorted(NOT_COUNTED_IN_ERRORS - left_out)} and leaves out "
+                f"{sorted(left_out - NOT_COUNTED_IN_ERRORS)}")
+
+
+def test_the_live_server_counts_each_protocols_inference_where_the_alerts_look(scrape) -> None:
+    """One prediction on every protocol: each is counted, in requests and latency, under an endpoint the inference
+    alerts select; every endpoint the scrape holds is one classified above."""
+    (regex,) = {regex for alert in INFERENCE_ALERTS for _, regex in endpoint_matchers()[alert]}
+    for sample in ("sentiment_requests_total", "sentiment_request_latency_seconds_count"):
+        counted = scrape.values(sample, "endpoint")
+        assert INFERENCE <= counted, f"{sample}: no request counted under {sorted(INFERENCE - counted)}"
+        assert counted <= INFERENCE | NOT_COUNTED_IN_ERRORS | OTHER_ENDPOINTS, counted
+        assert matched(regex, counted) == INFERENCE, sorted(matched(regex, counted))
+
+
+def test_every_endpoint_an_alert_case_feeds_is_the_servers(make_settings) -> None:
+    """A case cannot exercise a rule with an endpoint label the server never records."""
+    endpoints = server_endpoints(make_settings)
+    fed = {labels["endpoint"] for _, text, _ in input_series()
+           for labels in [parse_series(text)[1]] if "endpoint" in labels}
+    assert fed - endpoints == set(), sorted(fed - endpoints)
+    assert INFERENCE <= fed
+
+
+def test_the_dashboard_selects_the_endpoints_the_alerts_do(make_settings) -> None:
+    """The dashboard's inference panels and 5xx ratio show what the alerts watch."""
+    board = json.loads((ROOT / "docker" / "grafana" / "dashboards" / "sentiment-analyzer.json").read_text())
+    panels = [p for row in board["panels"] for p in [row, *row.get("panels", [])]]
+    exprs = [t["expr"] for p in panels for t in p.get("targets", []) if t.get("expr")]
+    endpoints = server_endpoints(make_settings)
+    seen = defaultdict(set)
+    for expr in exprs:
+        for _, body in SELECTOR.findall(expr):
+            for label, op, value in MATCHER.findall(body):
+                if label == "endpoint":
+                    seen[op].add(frozenset(matched(promql_string(value), endpoints)))
+    assert seen == {"=~": {frozenset(INFERENCE)}, "!~": {frozenset(NOT_COUNTED_IN_ERRORS)}}, seen

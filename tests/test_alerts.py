@@ -8,6 +8,7 @@ everywhere.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import subprocess
@@ -63,6 +64,155 @@ def test_promtool_check_rules() -> None:
 def test_promtool_unit_tests() -> None:
     result = promtool("test", "rules", "alerts_test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------- inference traffic of every protocol
+#
+# A deployment may serve one protocol only (the KServe InferenceService of docker/k8s/kserve speaks OIP v2, over
+# HTTP or gRPC), so the latency, shedding and error-rate alerts are checked with inference traffic on one endpoint
+# at a time, beside a flood of fast probes, scrapes and metadata calls that must not dilute them. The endpoint
+# labels are the server's (tests/test_alert_series.py holds the rules' lists to its routes and RPCs); the cases
+# are promtool unit tests in the form of alerts_test.yml, generated here, one file per protocol.
+
+INFERENCE_ENDPOINTS = {
+    "native /predict": "/predict",
+    "Hugging Face / TEI": "/",
+    "KServe v1": "/v1/models/{name}:predict",
+    "OIP v2 HTTP": "/v2/models/{name}/infer",
+    "OIP v2 HTTP, one version": "/v2/models/{name}/versions/{version}/infer",
+    "OIP v2 gRPC ModelInfer": "/inference.GRPCInferenceService/ModelInfer",
+}
+# liveness and readiness of every protocol (readiness answers 503 while an instance is not ready or drains)
+PROBE_ENDPOINTS = [
+    "/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}/ready",
+    "/v2/models/{name}/versions/{version}/ready", "/v1/models/{name}", "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady", "/inference.GRPCInferenceService/ModelReady",
+]
+READINESS_ENDPOINTS = [e for e in PROBE_ENDPOINTS if "live" not in e.lower() and e != "/health"]
+OTHER_ENDPOINTS = [  # the scrape and metadata calls
+    "/metrics", "/v2", "/v2/models/{name}", "/v2/models/{name}/config", "/v1/models", "/info",
+    "/inference.GRPCInferenceService/ModelMetadata", "/inference.GRPCInferenceService/ModelConfig",
+]
+LATENCY_LE = ("0.005", "0.05", "1.0", "2.5", "5.0", "10.0", "+Inf")  # some of the server's bucket bounds
+MINUTES = 30  # the series' length: the longest `for` here is 15m
+INFERENCE_RATE = 1000  # inference requests a minute
+FLOOD = 20_000  # requests a minute on each probe, scrape and metadata endpoint: 18 of them dwarf the inference
+TARGET = 'job="sentiment-analyzer", instance="a:8000"'
+
+
+def counter(name: str, per_minute: int, **labels: str) -> dict:
+    """A counter child created by its first request (a `status` child never starts at 0) or, without one, at 0."""
+    text = ", ".join([TARGET, *(f'{k}="{v}"' for k, v in labels.items())])
+    start = per_minute if "status" in labels else 0
+    return {"series": f"{name}{{{text}}}", "values": f"{start}+{per_minute}x{MINUTES}"}
+
+
+def requests(endpoint: str, **per_status: int) -> list[dict]:
+    return [counter("sentiment_requests_total", n, endpoint=endpoint, status=status)
+            for status, n in per_status.items() if n]
+
+
+def latency(endpoint: str, per_minute: int, within: str) -> list[dict]:
+    """The cumulative buckets of `per_minute` requests a minute, each taking between the bound below `within`
+    and `within`."""
+    reached = LATENCY_LE.index(within)
+    return [counter("sentiment_request_latency_seconds_bucket", per_minute if i >= reached else 0,
+                    endpoint=endpoint, le=le) for i, le in enumerate(LATENCY_LE)]
+
+
+def shed(queue_full: int) -> list[dict]:
+    return [counter("sentiment_rejected_requests_total", queue_full, reason="queue_full"),
+            counter("sentiment_rejected_requests_total", 0, reason="deadline")]
+
+
+def side_traffic(endpoints: list[str], not_ready: int = 0) -> list[dict]:
+    """FLOOD fast successful requests a minute on each endpoint; readiness also answers `not_ready` 503s."""
+    series = []
+    for endpoint in endpoints:
+        unready = not_ready if endpoint in READINESS_ENDPOINTS else 0
+        series += requests(endpoint, **{"200": FLOOD, "503": unready})
+        series += latency(endpoint, FLOOD + unready, "0.005")
+    return series
+
+
+@functools.cache
+def rules_by_name() -> dict[str, dict]:
+    return {rule["alert"]: rule for rule in alert_rules()}
+
+
+def firing(alert: str, value: str) -> dict:
+    """The alert as alerts.yml has it, its annotations' `$value` rendered as promtool renders `value`."""
+    rule = rules_by_name()[alert]
+    annotations = {k: re.sub(r"{{\s*\$value\b[^}]*}}", value, v) for k, v in rule["annotations"].items()}
+    assert not any("{{" in v for v in annotations.values()), annotations
+    return {"exp_labels": dict(rule["labels"]), "exp_annotations": annotations}
+
+
+def expect(eval_time: str, alert: str, value: str | None = None) -> dict:
+    """`alert` fires at `eval_time`, or (value None) does not."""
+    return {"eval_time": eval_time, "alertname": alert, "exp_alerts": [] if value is None else [firing(alert, value)]}
+
+
+def protocol_cases(endpoint: str) -> list[dict]:
+    """promtool test cases with all inference traffic on `endpoint`."""
+    everything_else = PROBE_ENDPOINTS + OTHER_ENDPOINTS
+    return [
+        {"name": f"{endpoint} only: 10% shed (queue full), p99 between 5 and 10 s, beside a flood of probes",
+         "input_series": (requests(endpoint, **{"200": 900, "503": 100}) + latency(endpoint, INFERENCE_RATE, "10.0")
+                          + shed(100) + side_traffic(everything_else)),
+         "alert_rule_test": [
+             expect("10m", "SentimentAnalyzerLoadShedding", "10%"),
+             expect("10m", "SentimentAnalyzerHighLatencyP99", "9.95s"),
+             expect("15m", "SentimentAnalyzerSlowP99", "9.95s"),
+             expect("15m", "SentimentAnalyzerSheddingRequests", ""),
+         ]},
+        {"name": f"{endpoint} only: 2% shed, p99 between 1 and 2.5 s (the P2 alerts, not the P1)",
+         "input_series": (requests(endpoint, **{"200": 980, "503": 20}) + latency(endpoint, INFERENCE_RATE, "2.5")
+                          + shed(20) + side_traffic(everything_else)),
+         "alert_rule_test": [
+             expect("15m", "SentimentAnalyzerSlowP99", "2.485s"),
+             expect("15m", "SentimentAnalyzerSheddingRequests", ""),
+             expect("15m", "SentimentAnalyzerHighLatencyP99"),
+             expect("15m", "SentimentAnalyzerLoadShedding"),
+         ]},
+        {"name": f"{endpoint} only: 10% answered 500, beside a flood of readiness and liveness probes",
+         "input_series": requests(endpoint, **{"200": 900, "500": 100}) + shed(0) + side_traffic(PROBE_ENDPOINTS),
+         "alert_rule_test": [
+             expect("10m", "SentimentAnalyzerHighErrorRate", "10%"),
+             expect("20m", "SentimentAnalyzerElevatedErrorRate", "10%"),
+         ]},
+        # one of two instances stuck not ready (SentimentAnalyzerInstanceNotReady's case): readiness polled
+        # through the Service answers 503 as often as 200, by design, and is no server error
+        {"name": f"{endpoint} only, healthy, while one instance's readiness answers 503",
+         "input_series": (requests(endpoint, **{"200": INFERENCE_RATE}) + latency(endpoint, INFERENCE_RATE, "0.05")
+                          + shed(0) + side_traffic(everything_else, not_ready=FLOOD)),
+         "alert_rule_test": [expect(f"{MINUTES - 1}m", alert) for alert in (
+             "SentimentAnalyzerLoadShedding", "SentimentAnalyzerSheddingRequests", "SentimentAnalyzerHighLatencyP99",
+             "SentimentAnalyzerSlowP99", "SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevatedErrorRate")]},
+    ]
+
+
+def protocol_case_file(protocol: str) -> dict:
+    """The promtool test file of one protocol."""
+    return {"rule_files": [str(ALERTS)], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", **case} for case in protocol_cases(INFERENCE_ENDPOINTS[protocol])]}
+
+
+@needs_promtool
+@pytest.mark.parametrize("protocol", sorted(INFERENCE_ENDPOINTS))
+def test_inference_alerts_watch_every_protocol(protocol: str, tmp_path: Path) -> None:
+    """Latency, shedding and error rate fire (and keep quiet) alike whichever protocol carries the inference."""
+    path = tmp_path / "protocol_test.yml"
+    path.write_text(yaml.safe_dump(protocol_case_file(protocol), sort_keys=False, width=200))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_protocol_cases_flood_the_inference_traffic() -> None:
+    """Probes, scrapes and metadata outnumber inference a hundredfold, so an alert that counted them would not
+    fire: the cases test the rules' endpoint lists, not only their presence."""
+    assert FLOOD * len(PROBE_ENDPOINTS) > 100 * INFERENCE_RATE
+    assert FLOOD * len(PROBE_ENDPOINTS + OTHER_ENDPOINTS) > 100 * INFERENCE_RATE
 
 
 def test_every_alert_has_severity_summary_and_runbook() -> None:
