@@ -149,6 +149,14 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("model_path", "spool_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value: object) -> object:
+        """An empty path is the current directory: the spool outside its volume, a model error naming '.'."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: unset it for the default, or give a directory")
+        return value
+
     @field_validator("log_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:

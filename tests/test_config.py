@@ -47,6 +47,16 @@ def test_the_largest_integer_settings_are_served_by_health_and_info(make_setting
         assert client.get("/info").status_code == 200
 
 
+@pytest.mark.parametrize("name", ["MODEL_PATH", "SPOOL_DIR"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_directory_setting_is_refused_not_taken_as_the_current_directory(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert str(error.value) == (f"invalid configuration: {name}={value!r}: is empty: unset it for the default, or "
+                                "give a directory")
+
+
 def test_log_backups_is_bounded():
     """Each rotation renames every backup in turn: a billion made the first one last for hours."""
     assert load_settings(log_backups=1000).log_backups == 1000
