@@ -169,6 +169,8 @@ class ObservedASGI:
 
         logged = False
         try:
+            if scope["path"].endswith("\n"):  # the routes' patterns end in "$", which matches before a final "\n"
+                return await not_found(scope["path"])(scope, receive, observed_send)
             refusal = self.refusal(headers)
             if refusal is None and bodies is not None:
                 # A declared body that cannot fit now is refused before it is read; one that can is held as its
@@ -180,6 +182,7 @@ class ObservedASGI:
                     self.metrics.rejected.labels("body_memory_full").inc()
                     refusal = server_error_response(BodyMemoryFull(bodies_full_message(bodies)))
             if refusal is not None:
+                scope["route"] = route_of(scope)  # counted under the route it was sent to, not ``unmatched``
                 return await refusal(scope, receive, observed_send)
             return await self.app(scope, limited_receive, observed_send)
         except Exception:
@@ -197,7 +200,7 @@ class ObservedASGI:
             self.metrics.request_latency.labels(endpoint).observe(elapsed)
             if status in REJECTED_BY_STATUS:
                 self.metrics.rejected.labels(REJECTED_BY_STATUS[status]).inc()
-            if status >= 500 and status != 503 and not logged:
+            if status >= 500 and status != 503 and not logged and not scope["state"].get("error_logged"):
                 log.error("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)
 
@@ -230,6 +233,12 @@ def byte_count(text: str) -> int | None:
     return int(text) if len(text) <= 19 and text.isascii() and text.isdigit() else None
 
 
+def route_of(scope) -> object | None:
+    """The API route the app would take the request to (None: none takes it), for a request refused before it."""
+    return next((route for route in api_routes(scope["app"].router.routes) if route.matches(scope)[0] == Match.FULL),
+                None)
+
+
 def endpoint_label(scope) -> str:
     """The request metrics' ``endpoint``: the matched route's path as documented (without convertors); the path
     itself for the framework's own routes without parameters (``/openapi.json``, ``/docs``: matched, but their
@@ -240,19 +249,30 @@ def endpoint_label(scope) -> str:
     return scope["path"] if "endpoint" in scope and not scope.get("path_params") else "unmatched"
 
 
-def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None,
+                  response_class: type[Response] = Response) -> Response:
     """orjson-encoded JSON: the hot path skips response-model validation."""
-    return Response(orjson.dumps(content), status_code=status, headers=headers, media_type="application/json")
+    return response_class(orjson.dumps(content), status_code=status, headers=headers, media_type="application/json")
+
+
+class LoggedError(Response):
+    """A 5xx whose cause is logged already (by ``server_error_response``, or throttled where it was raised):
+    ``ObservedASGI`` adds no ``-> 500`` ERROR line of its own for the request."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        scope["state"]["error_logged"] = True
+        await super().__call__(scope, receive, send)
 
 
 def error_response(status: int, message: str, retry_after: float | None = None,
-                   headers: dict[str, str] | None = None, *, error_type: str | None = None, **extra) -> Response:
+                   headers: dict[str, str] | None = None, *, error_type: str | None = None,
+                   response_class: type[Response] = Response, **extra) -> Response:
     """The one error body: ``error`` says what to fix, ``type`` (default: the status's) lets a program branch."""
     headers = dict(headers or {})
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     body = {"error": message, "type": error_type or STATUS_TYPES.get(status, f"http_{status}"), **extra}
-    return json_response(body, status, headers or None)
+    return json_response(body, status, headers or None, response_class)
 
 
 def internal_error(request_id: str) -> Response:
@@ -265,7 +285,8 @@ def server_error_response(exc: ServerError) -> Response:
     shedding (no Retry-After) is logged."""
     if exc.status_code >= 500 and exc.retry_after is None and not exc.logged_where_raised:
         log.error("request failed: %s", exc.message)
-    return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers, error_type=exc.error_type)
+    return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers, error_type=exc.error_type,
+                          response_class=LoggedError if exc.status_code >= 500 else Response)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -301,15 +322,17 @@ def install_error_handlers(app: FastAPI) -> None:
                 return error_response(400, "the client closed the connection before the body ended")
             return error_response(422, f"the body is not valid JSON: {unparseable(cause)}", error_type="invalid_json")
         if exc.status_code == 404:
-            message = f"no such path {request.url.path!r}; the API is described at /docs"
-        elif exc.status_code == 405:
+            return not_found(request.url.path)
+        if exc.status_code == 405:
             allowed = allowed_methods(request)
             return error_response(405, f"{request.method} is not allowed on {request.url.path}; use "
                                        f"one of {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
-        else:
-            message = str(exc.detail)
-        return error_response(exc.status_code, message, headers=exc.headers,
+        return error_response(exc.status_code, str(exc.detail), headers=exc.headers,
                               error_type=getattr(exc, "error_type", None))
+
+
+def not_found(path: str) -> Response:
+    return error_response(404, f"no such path {path!r}; the API is described at /docs")
 
 
 def location(loc: Iterable[object]) -> str:

@@ -45,6 +45,12 @@ class Server:
         assert found, f"no rejected counter for {reason}"
         return float(found.group(1))
 
+    def requests(self, endpoint: str, status: int) -> float:
+        metrics = httpx.get(self.url + "/metrics", timeout=30).text
+        found = re.search(rf'^sentiment_requests_total{{endpoint="{re.escape(endpoint)}",status="{status}"}} (\S+)$',
+                          metrics, re.M)
+        return float(found.group(1)) if found else 0.0
+
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def server(request, tiny_artifact, tmp_path_factory) -> Iterator[Server]:
@@ -159,12 +165,16 @@ def test_a_body_that_is_not_json_is_422_invalid_json(server, body, fragment):
     refused(response, 422, "invalid_json", "the body is not valid JSON", fragment)
 
 
-def test_a_compressed_body_is_415_and_counted(server):
-    before = server.rejected("unsupported_media_type")
-    response = httpx.post(server.url + "/predict", content=b'{"text": "fine"}',
+@pytest.mark.parametrize("path, endpoint", [("/predict", "/predict"), ("/v2/models/sentiment/infer",
+                                                                       "/v2/models/{name}/infer")])
+def test_a_compressed_body_is_415_and_counted_under_its_route(server, path, endpoint):
+    """Refused on its headers before the app routed it, it was counted under ``unmatched``."""
+    before = server.rejected("unsupported_media_type"), server.requests(endpoint, 415)
+    response = httpx.post(server.url + path, content=b'{"text": "fine"}',
                           headers={**JSON, "Content-Encoding": "gzip"}, timeout=30)
     refused(response, 415, "unsupported_media_type", "Content-Encoding 'gzip'")
-    assert server.rejected("unsupported_media_type") == before + 1
+    assert (server.rejected("unsupported_media_type"), server.requests(endpoint, 415)) == (before[0] + 1,
+                                                                                            before[1] + 1)
 
 
 @pytest.mark.parametrize("headers, fragment", [
@@ -197,6 +207,17 @@ def test_a_trailing_slash_is_a_404_and_never_echoes_the_host_header(server):
                           timeout=30, follow_redirects=False)
     refused(response, 404, "not_found", "/predict/")
     assert "location" not in response.headers and "evil.example" not in response.text
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/predict"), ("GET", "/health"), ("GET", "/ready"),
+                                          ("GET", "/docs"), ("GET", "/v2/models/sentiment")])
+def test_a_path_ending_in_a_newline_is_a_404_counted_unmatched(server, method, path):
+    """The routes' patterns end in "$", which also matches before a final newline: /predict%0A was answered 200,
+    and /docs%0A added a label value to the request metrics."""
+    before = server.requests("unmatched", 404)
+    response = httpx.request(method, server.url + path + "%0A", json={"text": "fine"}, timeout=30)
+    refused(response, 404, "not_found", repr(path + "\n"))
+    assert server.requests("unmatched", 404) == before + 1
 
 
 @pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/openapi.json"])
