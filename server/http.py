@@ -53,7 +53,7 @@ from server.connections import client_left
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError, new_id
-from server.schemas import ErrorResponse
+from server.schemas import ErrorResponse, max_texts_var
 
 log = logging.getLogger("server.http")
 
@@ -74,6 +74,7 @@ STATUS_TYPES = {  # an error's "type" when nothing more specific names it
 }
 # sentiment_rejected_requests_total{reason} for the refusals counted here; 401/403 (server/auth.py) and 503
 # (the batcher, routes, the store) are counted where they are decided.
+ERRORS_SHOWN = 20  # validation errors an answer names, at most
 CLIENT_LEFT = 499  # the status a request whose client left before its answer was sent is counted under
 REJECTED_BY_STATUS = {400: "invalid", 404: "not_found", 405: "invalid", 413: "too_large",
                       415: "unsupported_media_type", 422: "invalid"}
@@ -233,6 +234,12 @@ def byte_count(text: str) -> int | None:
     return int(text) if len(text) <= 19 and text.isascii() and text.isdigit() else None
 
 
+async def limit_texts(request: Request) -> None:
+    """A route's dependency: MAX_TEXTS_PER_REQUEST for its body's validation (``server.schemas.max_texts_var``),
+    which FastAPI runs after the route's dependencies."""
+    max_texts_var.set(request.app.state.services.settings.max_texts_per_request)
+
+
 def route_of(scope) -> object | None:
     """The API route the app would take the request to (None: none takes it), for a request refused before it."""
     return next((route for route in api_routes(scope["app"].router.routes) if route.matches(scope)[0] == Match.FULL),
@@ -260,7 +267,7 @@ class LoggedError(Response):
     ``ObservedASGI`` adds no ``-> 500`` ERROR line of its own for the request."""
 
     async def __call__(self, scope, receive, send) -> None:
-        scope["state"]["error_logged"] = True
+        scope.setdefault("state", {})["error_logged"] = True
         await super().__call__(scope, receive, send)
 
 
@@ -307,8 +314,11 @@ def install_error_handlers(app: FastAPI) -> None:
                 where = err.get("loc", ("body", "?"))[-1]
                 return error_response(422, f"the body is not valid JSON: {err.get('ctx', {}).get('error')} at "
                                            f"character {where}", error_type="invalid_json")
-        problems = [f"{location(err.get('loc', ()))}: {err.get('msg')}" for err in errors]
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+        shown = errors[:ERRORS_SHOWN]  # a body of 100,000 unknown keys has as many errors: a 14 MB answer
+        problems = [f"{location(err.get('loc', ()))}: {err.get('msg')}" for err in shown]
+        if len(errors) > len(shown):
+            problems.append(f"and {len(errors) - len(shown)} more problems")
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in shown]
         return error_response(422, "invalid request: " + "; ".join(problems), detail=detail)
 
     @app.exception_handler(HTTPException)

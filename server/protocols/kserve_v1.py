@@ -21,10 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from server.auth import require_role
-from server.http import error_responses, json_response
+from server.http import error_responses, json_response, limit_texts
 from server.primitives import Draining
 from server.protocols.oip_model import ALIAS, ModelNotFound
-from server.schemas import ClassifiedText
+from server.schemas import Texts
 from server.services import Services
 from server.serving import classify
 
@@ -44,7 +44,7 @@ register_url_convertor("model_name", ModelNameConvertor())
 class ModelInstances(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"instances": ["a gripping film"]}]})
 
-    instances: list[ClassifiedText] = Field(..., min_length=1, description="texts; answered in the same order")
+    instances: Texts = Field(..., min_length=1, description="texts; answered in the same order")
 
 
 class Models(BaseModel):
@@ -104,7 +104,7 @@ async def model_ready(name: str, request: Request) -> Response:
 
 
 @router.post("/v1/models/{name:model_name}:predict", response_model=KServePredictions, responses=error_responses(404),
-             summary="Classify {\"instances\": [text, ...]} (KServe v1)")
+             dependencies=[Depends(limit_texts)], summary="Classify {\"instances\": [text, ...]} (KServe v1)")
 async def predict(name: str, body: ModelInstances, request: Request,
                   api_key_id: str | None = Depends(require_role("predict"))) -> Response:
     services = services_for(request, name)

@@ -29,11 +29,11 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
-from server.http import byte_count, error_response, error_responses, json_response, location
+from server.http import byte_count, error_response, error_responses, json_response, limit_texts, location
 from server.protocols.oip_model import (
     ALIAS,
     INPUT,
@@ -48,12 +48,14 @@ from server.protocols.oip_model import (
     server_metadata,
     texts_of,
 )
+from server.schemas import at_most_max_texts
 from server.services import Services
 from server.serving import Classified, classify
 
 router = APIRouter(tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
 MODEL = "/v2/models/{name}"
+FEW = 16  # at most this many inputs, outputs or dimensions are read: each past it would be one more error to build
 VERSIONED = "/v2/models/{name}/versions/{version}"
 
 
@@ -78,9 +80,10 @@ class InferInput(BaseModel):
     name: str = Field(json_schema_extra={"enum": [INPUT]})
     datatype: str = Field(json_schema_extra={"enum": ["BYTES"]})
     shape: list[Annotated[int, Field(json_schema_extra={"minimum": 1})]] = Field(
-        description="[N]: N, the number of texts", json_schema_extra={"minItems": 1, "maxItems": 1})
+        description="[N]: N, the number of texts", max_length=FEW, json_schema_extra={"minItems": 1, "maxItems": 1})
     parameters: InputParameters | None = None
-    data: list[Annotated[str, Field(json_schema_extra={"pattern": "\\S"})]] | None = Field(
+    data: Annotated[list[Annotated[str, Field(json_schema_extra={"pattern": "\\S"})]] | None,
+                    BeforeValidator(at_most_max_texts)] = Field(
         None, description="the N texts (absent when sent as binary data)", json_schema_extra={"minItems": 1})
 
 
@@ -100,8 +103,9 @@ class InferRequest(BaseModel):
     model_config = ConfigDict(strict=True)
     id: str | None = Field(None, description="echoed in the answer")
     parameters: RequestParameters | None = None
-    inputs: list[InferInput] = Field(json_schema_extra={"minItems": 1, "maxItems": 1})
-    outputs: list[RequestedOutput] | None = Field(None, description="the outputs to answer; all when absent")
+    inputs: list[InferInput] = Field(max_length=FEW, json_schema_extra={"minItems": 1, "maxItems": 1})
+    outputs: list[RequestedOutput] | None = Field(None, max_length=FEW, description="the outputs to answer; all "
+                                                  "when absent")
 
 
 class JsonInferInput(InferInput):
@@ -115,7 +119,7 @@ class JsonInferInput(InferInput):
 class JsonInferRequest(InferRequest):
     """An OIP v2 inference request in its JSON form."""
 
-    inputs: list[JsonInferInput] = Field(json_schema_extra={"minItems": 1, "maxItems": 1})
+    inputs: list[JsonInferInput] = Field(max_length=FEW, json_schema_extra={"minItems": 1, "maxItems": 1})
 
 
 class TensorMetadata(BaseModel):
@@ -283,13 +287,15 @@ def config_of(request: Request, name: str, version: str | None) -> Response:
 
 
 @router.post(MODEL + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
-             openapi_extra={"requestBody": INFER_BODY}, summary="OIP v2 inference (JSON or binary tensors)")
+             openapi_extra={"requestBody": INFER_BODY}, dependencies=[Depends(limit_texts)],
+             summary="OIP v2 inference (JSON or binary tensors)")
 async def infer(request: Request, name: ModelName, api_key_id: str | None = PREDICT):
     return await infer_on(request, name, None, api_key_id)
 
 
 @router.post(VERSIONED + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
-             openapi_extra={"requestBody": INFER_BODY}, summary="OIP v2 inference on one version")
+             openapi_extra={"requestBody": INFER_BODY}, dependencies=[Depends(limit_texts)],
+             summary="OIP v2 inference on one version")
 async def versioned_infer(request: Request, name: ModelName, version: Version, api_key_id: str | None = PREDICT):
     return await infer_on(request, name, version, api_key_id)
 

@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from server import __version__
 from server.auth import require_role
-from server.http import json_response
+from server.http import json_response, limit_texts
 from server.primitives import InputTooLong, Prediction
 from server.schemas import (
     PredictRequest,
@@ -45,7 +45,6 @@ from server.schemas import (
     TeiInputs,
     Truncate,
     TruncationDirection,
-    max_texts_var,
 )
 from server.services import Services
 from server.serving import Classified, classify, validated_texts
@@ -130,12 +129,6 @@ class HfRequest(BaseModel):
     truncate: Truncate = None
     truncation_direction: TruncationDirection = "right"
     raw_scores: RawScores = False
-
-
-async def limit_texts(request: Request) -> None:
-    """MAX_TEXTS_PER_REQUEST for the body's validation (``server.schemas.max_texts_var``), which FastAPI runs after
-    the route's dependencies."""
-    max_texts_var.set(request.app.state.services.settings.max_texts_per_request)
 
 
 @router.post("/", response_model=list[list[LabelScore]], dependencies=[Depends(limit_texts)],
