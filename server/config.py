@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     grpc_port: int = Field(0, ge=0, le=65535, description="Open Inference Protocol v2 gRPC port on HOST (0 = no "
                            "gRPC server)")
-    max_request_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413 beyond)")
+    max_request_bytes: int = Field(1_048_576, ge=1024, le=2**31 - 1, description="largest accepted request body "
+                                   "(413 beyond); at most 2 GiB - 1, gRPC's limit on a message")
     max_texts_per_request: int = Field(256, ge=1, description="largest 'texts' list accepted")
     max_text_chars: int = Field(20_000, ge=1, description="longest single text accepted (413 beyond)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline inside the server (the body must "
@@ -160,7 +161,7 @@ class Settings(BaseSettings):
     @field_validator("log_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 def describe_error(error: ValidationError) -> str:

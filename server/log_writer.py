@@ -24,7 +24,8 @@ import queue
 import sys
 import threading
 
-QUEUE_RECORDS = 10_000  # ~1 KB each: about 10 MB at most, minutes of a busy server's lines
+QUEUE_RECORDS = 10_000  # each message at most MESSAGE_CHARS: about 20 MB at most, minutes of a busy server's lines
+MESSAGE_CHARS = 2_000  # a longer message is cut (a 60 KB path in a refusal's line: 10,000 of them held 600 MB)
 FLUSH_TIMEOUT_S = 5.0
 _EXCEPTIONS = logging.Formatter()  # only its formatException: a traceback as the standard text
 
@@ -38,6 +39,7 @@ class LogWriter:
         self.dropped = 0  # records refused by a full queue
         self._dropping = threading.Lock()  # several threads log: the engine's, the store's, the event loop
         self._said_dropped = 0  # of those, how many a WARNING has already reported; only the writer reads it
+        self.stalled = False  # a flush gave up: the output takes nothing, and no later flush waits for it again
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -52,14 +54,16 @@ class LogWriter:
         """Wait until every record queued before this call is written (True), or ``timeout`` seconds (default
         ``FLUSH_TIMEOUT_S``; False)."""
         timeout = FLUSH_TIMEOUT_S if timeout is None else timeout
-        if not self._thread.is_alive():
+        if self.stalled or not self._thread.is_alive():
             return False
         written = threading.Event()
         try:
             self.queue.put(written, timeout=timeout)
         except queue.Full:
+            self.stalled = True
             return False
-        return written.wait(timeout)
+        self.stalled = not written.wait(timeout)
+        return not self.stalled
 
     def close(self) -> None:
         """Write what is queued (within ``FLUSH_TIMEOUT_S``), end the thread, close the targets. A target still
@@ -152,7 +156,10 @@ class BackgroundLogHandler(logging.Handler):
         """A copy that holds nothing the logging thread may change or free: the message with its arguments
         merged, a traceback as text."""
         record = copy.copy(record)
-        record.msg, record.args = record.getMessage(), None
+        message = record.getMessage()
+        if len(message) > MESSAGE_CHARS:
+            message = f"{message[:MESSAGE_CHARS]}… ({len(message) - MESSAGE_CHARS} more characters)"
+        record.msg, record.args = message, None
         if record.exc_info:
             record.exc_text = record.exc_text or _EXCEPTIONS.formatException(record.exc_info)
             record.exc_info = None

@@ -57,6 +57,18 @@ def test_an_empty_directory_setting_is_refused_not_taken_as_the_current_director
                                 "give a directory")
 
 
+def test_max_request_bytes_fits_grpcs_message_limit():
+    """2**31 or more started with GRPC_PORT set and crashed with an OverflowError traceback (grpc takes a C int)."""
+    assert load_settings(max_request_bytes=2**31 - 1).max_request_bytes == 2**31 - 1
+    with pytest.raises(ConfigError, match="MAX_REQUEST_BYTES"):
+        load_settings(max_request_bytes=2**31)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_a_blank_log_file_is_unset(value):
+    assert load_settings(log_file=value).log_file is None
+
+
 def test_log_backups_is_bounded():
     """Each rotation renames every backup in turn: a billion made the first one last for hours."""
     assert load_settings(log_backups=1000).log_backups == 1000

@@ -71,6 +71,18 @@ def test_a_record_keeps_what_it_said_when_it_was_logged(held) -> None:
     assert held.lines[0].startswith("value ['before']|rid-1\nTraceback") and "ValueError: the cause" in held.lines[0]
 
 
+def test_a_long_message_is_cut_where_it_is_logged(held) -> None:
+    """A refusal's line names the path: 10,000 queued lines with a 60 KB path each held 600 MB."""
+    handler = BackgroundLogHandler(LogWriter([held]))
+    logger = logging.Logger("test.held")
+    logger.addHandler(handler)
+    logger.warning("path %s", "p" * 100_000)
+    held.opened.set()
+    handler.close()
+    kept = log_writer.MESSAGE_CHARS
+    assert held.lines == ["path " + "p" * (kept - 5) + f"… ({100_005 - kept} more characters)"]
+
+
 def test_flush_and_close_give_up_after_their_timeout_when_the_output_never_takes_a_line(held, monkeypatch) -> None:
     """At exit (logging.shutdown flushes then closes) a stalled output must not hold the process for ever."""
     monkeypatch.setattr(log_writer, "FLUSH_TIMEOUT_S", 0.2)
@@ -79,6 +91,7 @@ def test_flush_and_close_give_up_after_their_timeout_when_the_output_never_takes
     logger.addHandler(handler)
     logger.warning("never written")
     assert handler.writer.flush(timeout=0.2) is False
+    assert handler.writer.stalled  # logging.shutdown's close after its flush does not wait a second time
     done = threading.Thread(target=handler.close)
     done.start()
     done.join(5)
