@@ -81,7 +81,8 @@ class Caller:
 
     @classmethod
     def of(cls, request: Request) -> Caller:
-        return cls(request.method, request.url.path, request.client.host if request.client else "-")
+        """``request.url.path`` would drop a ``%0A`` or ``%0D`` from the path: the log names the one requested."""
+        return cls(request.method, request.scope["path"], request.client.host if request.client else "-")
 
 
 def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
@@ -178,4 +179,11 @@ def _refuse(services: Services, caller: Caller, error: Unauthorized | Forbidden,
 
 def log_refusal(status: int, detail: str, caller: Caller) -> None:
     """The one WARNING every security refusal writes, in the form the runbook greps."""
-    log.warning("security: %d %s: %s %s from %s", status, detail, caller.method, caller.path, caller.client)
+    log.warning("security: %d %s: %s %s from %s", status, detail, caller.method, printable(caller.path), caller.client)
+
+
+def printable(text: str, most: int = 200) -> str:
+    """``text`` as a log line may hold it: unprintable characters escaped (a path cannot start a line of its own,
+    or colour a terminal, ``\x1b[31m``), at most ``most`` of them (a 60 KB path in every refusal's line)."""
+    shown = text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return shown if len(shown) <= most else f"{shown[:most]}…"

@@ -170,6 +170,19 @@ async def test_either_header_carries_the_key_and_any_other_form_is_refused_with_
     assert forbidden.status_code == 403 and "www-authenticate" not in forbidden.headers
 
 
+async def test_a_refusals_line_shows_the_path_requested_escaped_and_cut(make_api, caplog):
+    """Percent-encoded ESC, NEL or U+2028 reached the text log raw, a %0A was dropped from the logged path, and a
+    60 KB path was logged whole in every refusal's line."""
+    api = await make_api()
+    with caplog.at_level(logging.WARNING, logger="server.auth"):
+        await api.client.get("/predictions/ab%0Acd%1B%5B31m%C2%85", headers={"Authorization": "Basic x"})
+        await api.client.get("/predictions/" + "m" * 60_000, headers={"Authorization": "Basic x"})
+    escaped, long = [r.getMessage() for r in caplog.records if r.name == "server.auth"]
+    assert escaped.endswith(": GET /predictions/ab\\ncd\\x1b[31m\\x85 from 127.0.0.1"), escaped
+    assert escaped.isprintable()
+    assert long.endswith("m" * (200 - len("/predictions/")) + "… from 127.0.0.1"), long[-300:]
+
+
 async def test_refusals_are_security_log_events_that_never_show_the_key(make_api, caplog):
     api = await make_api()
     guessed = "sap_guessed-key-123"
