@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import queue
 import sys
 import threading
+import time
 
 QUEUE_RECORDS = 10_000  # each message at most MESSAGE_CHARS: about 20 MB at most, minutes of a busy server's lines
 MESSAGE_CHARS = 2_000  # a longer message is cut (a 60 KB path in a refusal's line: 10,000 of them held 600 MB)
@@ -103,10 +105,38 @@ class LogWriter:
                 target.emit(record)
 
 
-class OutputHandler(logging.Handler):
+class CountsLostLines:
+    """For a handler: a line it cannot write is counted, and said in one line on standard error at most once a
+    minute, where the stdlib printed a 25-line traceback for every line: on a full disk or a closed pipe, any
+    client sending a bad key could fill standard error with them."""
+
+    REPORT_EVERY_S = 60.0
+    lost = 0  # lines this handler could not write
+    _reported_at = -math.inf
+    output = "?"  # what cannot be written, as the line names it
+    remedy = "?"  # where the lines are instead, and what to do
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        self.lost += 1
+        now = time.monotonic()
+        if now - self._reported_at < self.REPORT_EVERY_S:
+            return
+        self._reported_at = now
+        error = sys.exc_info()[1]
+        try:
+            sys.stderr.write(f"ERROR {self.output} cannot be written ({type(error).__name__}: {error}); {self.lost} "
+                             f"lines lost from it so far; {self.remedy}\n")
+        except OSError:
+            pass
+
+
+class OutputHandler(CountsLostLines, logging.Handler):
     """Each line written straight to a file descriptor (standard output's), nothing buffered or locked on the
     way: a write stalled on a full pipe then holds nothing the interpreter flushes at exit (``sys.stdout``'s
     buffer would be, and the exit would abort or wait for it)."""
+
+    output = "standard output"
+    remedy = "its reader has gone or its disk is full (LOG_FILE has the lines, when set)"
 
     def __init__(self, fd: int) -> None:
         super().__init__()

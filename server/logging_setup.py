@@ -17,15 +17,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import math
-import sys
-import time
 from datetime import datetime, timezone
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 from server.config import Settings
-from server.log_writer import BackgroundLogHandler, LogWriter, standard_output
+from server.log_writer import BackgroundLogHandler, CountsLostLines, LogWriter, standard_output
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
@@ -65,17 +62,16 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
-class SizeRotatingFileHandler(RotatingFileHandler):
+class SizeRotatingFileHandler(CountsLostLines, RotatingFileHandler):
     """The stdlib's size rotation, which also bounds the file with no backups (the stdlib then never rotates).
+    A line it cannot write (a full disk, a removed folder) is counted (``CountsLostLines``); every line still goes
+    to standard output."""
 
-    A line it cannot write (a full disk, a removed folder) is counted and said in one line on standard error at
-    most once a minute, where the stdlib printed a 25-line traceback for every record: on a full disk, any client
-    sending a bad key could fill standard error with them. Every line still goes to standard output.
-    """
+    remedy = "they are on standard output; free space there or point LOG_FILE elsewhere"
 
-    REPORT_EVERY_S = 60.0
-    lost = 0  # lines this handler could not write
-    _reported_at = -math.inf
+    @property
+    def output(self) -> str:
+        return f"LOG_FILE {self.baseFilename}"
 
     def flush(self) -> None:
         """Also where a write fails (the stream buffers): handled here, as in ``close``, so neither can raise."""
@@ -89,22 +85,6 @@ class SizeRotatingFileHandler(RotatingFileHandler):
             super().close()  # closing the stream writes what it buffered
         except OSError:
             self.handleError(None)
-
-    def handleError(self, record: logging.LogRecord | None) -> None:
-        self.lost += 1
-        now = time.monotonic()
-        if now - self._reported_at < self.REPORT_EVERY_S:
-            return
-        self._reported_at = now
-        error = sys.exc_info()[1]
-        fix = ("free space there or point LOG_FILE elsewhere" if isinstance(error, OSError) else
-               "a log call's arguments do not fit its message: report this")
-        try:
-            sys.stderr.write(f"ERROR LOG_FILE {self.baseFilename} cannot be written ({type(error).__name__}: "
-                             f"{error}); {self.lost} lines lost from it so far (they are on standard output); "
-                             f"{fix}\n")
-        except OSError:
-            pass
 
     def doRollover(self) -> None:
         if self.backupCount > 0:

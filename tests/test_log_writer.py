@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -12,7 +13,7 @@ import pytest
 
 from scripts.benchlib.serverproc import start_server
 from server import log_writer
-from server.log_writer import BackgroundLogHandler, LogWriter
+from server.log_writer import BackgroundLogHandler, LogWriter, OutputHandler
 
 
 class HeldHandler(logging.Handler):
@@ -97,6 +98,21 @@ def test_flush_and_close_give_up_after_their_timeout_when_the_output_never_takes
     done.join(5)
     assert not done.is_alive()
     held.opened.set()
+
+
+def test_a_standard_output_that_cannot_be_written_costs_one_stderr_line_a_minute(capsys) -> None:
+    """A closed pipe (EPIPE) or a full disk printed a 25-line traceback to standard error for every line."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    handler = OutputHandler(write_end)
+    try:
+        for n in range(300):
+            handler.emit(logging.makeLogRecord({"msg": f"line {n}"}))
+    finally:
+        os.close(write_end)
+    (said,) = capsys.readouterr().err.splitlines()
+    assert said.startswith("ERROR standard output cannot be written (BrokenPipeError: [Errno 32]"), said
+    assert handler.lost == 300
 
 
 def test_a_standard_output_nobody_reads_does_not_stop_the_server(tiny_artifact, tmp_path) -> None:
