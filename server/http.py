@@ -52,7 +52,7 @@ from server.budget import BodyBudget
 from server.connections import client_left
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
-from server.primitives import ServerError, new_id
+from server.primitives import ServerError, request_id_from
 from server.schemas import ErrorResponse, max_texts_var
 
 log = logging.getLogger("server.http")
@@ -134,7 +134,7 @@ class ObservedASGI:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or new_id()
+        request_id = request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         head = scope["method"] == "HEAD"

@@ -14,6 +14,20 @@ def new_id() -> str:
     return os.urandom(16).hex()
 
 
+REQUEST_ID_CHARS = 128
+_NOT_IN_REQUEST_IDS = frozenset(" []")
+
+
+def request_id_from(sent: str) -> str:
+    """The client's ``X-Request-ID`` when a log line can hold it as it is (at most 128 visible ASCII characters
+    and no brackets: the text log writes it as ``[id]``, and ``]`` or Latin-1 let a client forge a line's
+    start), else a new id."""
+    if 0 < len(sent) <= REQUEST_ID_CHARS and sent.isascii() and sent.isprintable() \
+            and _NOT_IN_REQUEST_IDS.isdisjoint(sent):
+        return sent
+    return new_id()
+
+
 @dataclass(frozen=True)
 class Prediction:
     """One text's result: the top label, its probability, and every label's probability.

@@ -44,6 +44,22 @@ def test_predict_one_text(client):
     assert response.headers["x-request-id"] == body["request_id"]
 
 
+@pytest.mark.parametrize("sent, kept", [(b"rid-1.a:b/c=d", True), (b"r" * 128, True), (b"r" * 129, False),
+                                        (b"a]b", False), (b"[x", False), (b"a b", False), (b"caf\xe9", False),
+                                        (b"a\x1bb", False)])
+def test_a_request_id_is_kept_only_when_a_log_line_can_hold_it_as_it_is(client, sent, kept):
+    """The text log writes it as [id]: a ']' or Latin-1 let a client forge the start of a line; a longer one was cut
+    to 128 characters (another id than sent, all the same)."""
+    response = client.post("/predict", json={"text": "fine"}, headers={"X-Request-ID": sent})
+    echoed = response.headers["x-request-id"]
+    assert echoed == response.json()["request_id"]
+    if kept:
+        assert echoed == sent.decode()
+    else:
+        assert len(echoed) == 32 and int(echoed, 16) >= 0
+
+
+
 def test_many_texts_come_back_in_input_order_equal_to_unbatched(tiny_artifact, make_settings):
     """fp32 is batch-invariant; int8's dynamic activation scales are not (see the README)."""
     with TestClient(create_app(make_settings(model_variant="fp32"))) as client:

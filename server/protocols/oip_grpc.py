@@ -71,7 +71,7 @@ from server.auth import Caller, authorize
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
-from server.primitives import Draining, ServerError, new_id
+from server.primitives import Draining, ServerError, request_id_from
 from server.protocols.oip_model import (
     InputTensor,
     InvalidInferRequest,
@@ -178,7 +178,7 @@ class InferenceService(GRPCInferenceServiceServicer):
 
     async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext) -> Any:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
-        request_id = metadata.get("x-request-id", "")[:128] or new_id()
+        request_id = request_id_from(metadata.get("x-request-id", ""))
         token = request_id_var.set(request_id)
         started, status = time.perf_counter(), 500
         task = asyncio.current_task()
