@@ -116,9 +116,7 @@ def tei_inputs(value: object) -> str | list[str] | list[list[str]]:
             raise PydanticCustomError("tei_inputs", f"a list of {len(value)} strings is not TEI input (one string is a "
                                       f"text, two are a pair); {PAIR_HINT}")
         return [_batch_text(value[0], "[0]")]
-    limit = max_texts_var.get()
-    if limit is not None and len(value) > limit:
-        raise too_many_texts(len(value), limit)  # not a ValueError: pydantic lets it through, answered as it is
+    at_most_max_texts(value)
     for index, item in enumerate(value):
         if not isinstance(item, list) or not item or not all(isinstance(text, str) for text in item):
             raise PydanticCustomError("tei_inputs", f"[{index}] is not a list of one string; a batch is "

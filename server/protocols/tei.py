@@ -39,13 +39,7 @@ from server import __version__
 from server.auth import require_role
 from server.http import json_response, limit_texts
 from server.primitives import InputTooLong, Prediction
-from server.schemas import (
-    PredictRequest,
-    RawScores,
-    TeiInputs,
-    Truncate,
-    TruncationDirection,
-)
+from server.schemas import PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
 from server.services import Services
 from server.serving import Classified, classify, validated_texts
 
