@@ -32,7 +32,7 @@ from server.auth import Caller, authorize
 from server.http import server_error_response
 from server.primitives import ServerError
 from server.routes import predict_answer
-from server.schemas import PredictRequest, max_texts_var
+from server.schemas import PredictRequest
 from server.services import Services
 from server.serving import classify
 
@@ -55,7 +55,6 @@ class PredictFastPath:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         body, end, error = await _read_body(receive)
-        max_texts_var.set(self._services().settings.max_texts_per_request)  # a list past it: not read item by item
         if end is None and error is None and is_plain_json(scope["headers"]):
             request = _parsed(body)
             if request is not None:

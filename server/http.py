@@ -54,6 +54,7 @@ from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError, request_id_from
 from server.schemas import ErrorResponse, max_texts_var
+from server.services import Services
 
 log = logging.getLogger("server.http")
 
@@ -124,11 +125,9 @@ class ObservedASGI:
         self.max_body_bytes = max_body_bytes
 
     @staticmethod
-    def bodies(scope) -> BodyBudget | None:
-        """The serving memory plan's body budget (None before the services exist)."""
-        state = getattr(scope.get("app"), "state", None)
-        guard = getattr(getattr(state, "services", None), "memory_guard", None)
-        return None if guard is None else guard.bodies
+    def services(scope) -> Services | None:
+        """The app's services (None before they exist)."""
+        return getattr(getattr(scope.get("app"), "state", None), "services", None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -137,6 +136,9 @@ class ObservedASGI:
         request_id = request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
+        services = self.services(scope)
+        # Lists of texts in the body are refused by their count before their items are read (server.schemas).
+        limit_token = max_texts_var.set(services.settings.max_texts_per_request if services else None)
         head = scope["method"] == "HEAD"
         if head:  # RFC 9110 9.3.2: the GET without its body (the server still sends GET's Content-Length)
             scope = {**scope, "method": "GET"}
@@ -144,7 +146,8 @@ class ObservedASGI:
         response = {"status": 500, "started": False}
         limit = self.max_body_bytes
         received = reserved = 0
-        bodies = self.bodies(scope)
+        guard = getattr(services, "memory_guard", None)
+        bodies: BodyBudget | None = None if guard is None else guard.bodies  # the memory plan's body budget
 
         async def limited_receive():
             nonlocal received, reserved
@@ -204,6 +207,7 @@ class ObservedASGI:
             if status >= 500 and status != 503 and not logged and not scope["state"].get("error_logged"):
                 log.error("%s %s -> %d in %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)
+            max_texts_var.reset(limit_token)
 
     def refusal(self, headers: dict[bytes, bytes]) -> Response | None:
         """The answer to a request refused on its headers alone, before the app sees it; None to go on."""
@@ -232,12 +236,6 @@ def byte_count(text: str) -> int | None:
     """A header's byte count, or None unless it is ASCII digits that fit 64 bits: ``str.isdigit`` also takes '²',
     which ``int`` refuses (a 500), and ``int`` refuses more than 4300 digits."""
     return int(text) if len(text) <= 19 and text.isascii() and text.isdigit() else None
-
-
-async def limit_texts(request: Request) -> None:
-    """A route's dependency: MAX_TEXTS_PER_REQUEST for its body's validation (``server.schemas.max_texts_var``),
-    which FastAPI runs after the route's dependencies."""
-    max_texts_var.set(request.app.state.services.settings.max_texts_per_request)
 
 
 def route_of(scope) -> object | None:

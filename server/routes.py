@@ -7,7 +7,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import require_role
-from server.http import error_response, error_responses, json_response, limit_texts
+from server.http import error_response, error_responses, json_response
 from server.primitives import Draining
 from server.protocols import tei
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
@@ -22,7 +22,6 @@ def services_of(request: Request) -> Services:
 
 
 @router.post("/predict", response_model=PredictResponse | tei.TeiPredictResponse, responses=error_responses(503),
-             dependencies=[Depends(limit_texts)],
              summary="Classify the sentiment of one or more texts (or TEI's body: inputs)")
 async def predict(body: PredictRequest, request: Request, api_key_id: str | None = Depends(require_role("predict"))):
     if body.inputs is not None:

@@ -49,8 +49,8 @@ def no_nul(value: str) -> str:
 
 
 max_texts_var: ContextVar[int | None] = ContextVar("max_texts", default=None)
-"""MAX_TEXTS_PER_REQUEST for the request whose body is being read (``server.http.limit_texts``): a list of texts
-longer than that is refused (413) before any item is read. Unset (None): every item is read."""
+"""MAX_TEXTS_PER_REQUEST for the request whose body is being read (set by ``server.http.ObservedASGI``): a list of
+texts longer than that is refused (413) before any item is read. Unset (None): every item is read."""
 
 UnicodeText = Annotated[str, AfterValidator(unicode_scalars_only)]
 ClassifiedText = Annotated[str, AfterValidator(unicode_scalars_only),

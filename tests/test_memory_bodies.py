@@ -59,7 +59,8 @@ def serve_held(limit: int) -> Iterator[tuple[str, BodyBudget, Holding, Metrics]]
     """The holding app behind the real middleware, its bodies' budget ``limit`` bytes, bodies up to 4 times that."""
     metrics, holding, bodies = Metrics(), Holding(), BodyBudget(limit)
     app = FastAPI()
-    app.state.services = SimpleNamespace(memory_guard=SimpleNamespace(bodies=bodies))
+    app.state.services = SimpleNamespace(memory_guard=SimpleNamespace(bodies=bodies),
+                                         settings=SimpleNamespace(max_texts_per_request=256))
 
     @app.post("/hold")
     async def hold(body: dict):

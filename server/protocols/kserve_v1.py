@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from server.auth import require_role
-from server.http import error_responses, json_response, limit_texts
+from server.http import error_responses, json_response
 from server.primitives import Draining
 from server.protocols.oip_model import ALIAS, ModelNotFound
 from server.schemas import Texts
@@ -104,7 +104,7 @@ async def model_ready(name: str, request: Request) -> Response:
 
 
 @router.post("/v1/models/{name:model_name}:predict", response_model=KServePredictions, responses=error_responses(404),
-             dependencies=[Depends(limit_texts)], summary="Classify {\"instances\": [text, ...]} (KServe v1)")
+             summary="Classify {\"instances\": [text, ...]} (KServe v1)")
 async def predict(name: str, body: ModelInstances, request: Request,
                   api_key_id: str | None = Depends(require_role("predict"))) -> Response:
     services = services_for(request, name)

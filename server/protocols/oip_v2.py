@@ -33,7 +33,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
-from server.http import byte_count, error_response, error_responses, json_response, limit_texts, location
+from server.http import byte_count, error_response, error_responses, json_response, location
 from server.protocols.oip_model import (
     ALIAS,
     INPUT,
@@ -287,14 +287,14 @@ def config_of(request: Request, name: str, version: str | None) -> Response:
 
 
 @router.post(MODEL + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
-             openapi_extra={"requestBody": INFER_BODY}, dependencies=[Depends(limit_texts)],
+             openapi_extra={"requestBody": INFER_BODY},
              summary="OIP v2 inference (JSON or binary tensors)")
 async def infer(request: Request, name: ModelName, api_key_id: str | None = PREDICT):
     return await infer_on(request, name, None, api_key_id)
 
 
 @router.post(VERSIONED + "/infer", response_model=InferResponse, responses=INFER_ANSWERS,
-             openapi_extra={"requestBody": INFER_BODY}, dependencies=[Depends(limit_texts)],
+             openapi_extra={"requestBody": INFER_BODY},
              summary="OIP v2 inference on one version")
 async def versioned_infer(request: Request, name: ModelName, version: Version, api_key_id: str | None = PREDICT):
     return await infer_on(request, name, version, api_key_id)

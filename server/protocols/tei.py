@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from server import __version__
 from server.auth import require_role
-from server.http import json_response, limit_texts
+from server.http import json_response
 from server.primitives import InputTooLong, Prediction
 from server.schemas import PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
 from server.services import Services
@@ -125,7 +125,7 @@ class HfRequest(BaseModel):
     raw_scores: RawScores = False
 
 
-@router.post("/", response_model=list[list[LabelScore]], dependencies=[Depends(limit_texts)],
+@router.post("/", response_model=list[list[LabelScore]],
              summary="Classify (Hugging Face Inference API / TEI): [[{label, score}, ...]], every label best first")
 async def classify_hf(body: HfRequest, request: Request,
                       api_key_id: str | None = Depends(require_role("predict"))) -> Response:
