@@ -72,8 +72,13 @@ class LogWriter:
         writing after that is left as it is: closing a file waits for its write."""
         if not self.flush():
             return
-        self.queue.put(None)
-        self._thread.join()
+        try:  # lines logged since the flush are written too, but no longer waited for than it
+            self.queue.put(None, timeout=FLUSH_TIMEOUT_S)
+        except queue.Full:
+            return
+        self._thread.join(FLUSH_TIMEOUT_S)
+        if self._thread.is_alive():
+            return
         for target in self.targets:
             target.close()
 
