@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -230,8 +231,18 @@ _LOCATION_ENTRY = b"\x0a\x08location\x12"
 def external_data_locations(onnx_path: Path) -> set[str]:
     """The files an ONNX model's tensors name as their external data, read from its protobuf bytes (the ``onnx``
     package would parse the whole graph, but the runtime image does not ship it). The entry's bytes could also
-    occur inside weights by chance; such a match names no file there, and the caller looks only at files."""
-    data = onnx_path.read_bytes()
+    occur inside weights by chance; such a match names no file there, and the caller looks only at files.
+
+    The file is mapped, not read: every variant's graph is scanned at start-up, and reading a 1 GB fp32 graph
+    into memory took that much more of the container's memory limit just before ONNX Runtime loads the model."""
+    with onnx_path.open("rb") as handle:
+        if not os.fstat(handle.fileno()).st_size:  # an empty file cannot be mapped, and names nothing
+            return set()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _locations_in(data)
+
+
+def _locations_in(data: mmap.mmap) -> set[str]:
     found, at = set(), data.find(_LOCATION_ENTRY)
     while at >= 0:
         at += len(_LOCATION_ENTRY)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import httpx
@@ -168,6 +169,22 @@ def test_the_data_files_a_graph_names_are_read_from_its_bytes(split_artifact):
         graph = split_artifact / json.loads((split_artifact / MANIFEST).read_text())["variants"][variant]["file"]
         assert external_data_locations(graph) == set(external_data_files(graph))
     assert external_data_locations(Path(DEFAULT_MODEL_PATH) / "model.int8.onnx") == set()  # one file
+
+
+def test_the_data_files_scan_maps_the_graph_rather_than_reading_it_into_memory(tmp_path):
+    """Every variant's graph is scanned at start-up, just before ONNX Runtime loads the model: reading a large fp32
+    graph whole took its size again of a container's memory limit. An empty file names nothing."""
+    graph = Path(DEFAULT_MODEL_PATH) / "model.int8.onnx"
+    tracemalloc.start()
+    try:
+        external_data_locations(graph)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < graph.stat().st_size / 20, f"the scan held {peak} bytes of a {graph.stat().st_size}-byte graph"
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    assert external_data_locations(empty) == set()
 
 
 def test_missing_data_file_stops_start_up_as_a_missing_model_file_does(split_copy, tmp_path):
