@@ -165,6 +165,19 @@ def standard_output() -> logging.Handler:
         return logging.StreamHandler(sys.stdout)
 
 
+def lost_log_lines() -> dict[str, int]:
+    """Log lines this process lost so far, by why (``sentiment_log_lines_lost_total``): ``queue_full``, dropped
+    while the output stalled; ``unwritable``, refused by an output (a full disk, a closed pipe). Read from the
+    root logger's ``BackgroundLogHandler``, which ``server.logging_setup`` installs; none, none lost."""
+    lost = {"queue_full": 0, "unwritable": 0}
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BackgroundLogHandler):
+            lost["queue_full"] += handler.writer.dropped
+            lost["unwritable"] += sum(target.lost for target in handler.writer.targets
+                                      if isinstance(target, CountsLostLines))
+    return lost
+
+
 class BackgroundLogHandler(logging.Handler):
     """Queues each record for ``LogWriter``; ``filters`` run here, on the logging thread (a request id is read
     from that thread's context)."""

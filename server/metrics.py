@@ -37,6 +37,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from server.log_writer import lost_log_lines
 
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0)
@@ -187,6 +191,9 @@ class Metrics:
         self.key_cache_fallbacks = Counter("sentiment_auth_key_cache_fallbacks", "Requests authorised from the "
                                            "in-process key cache because the database was unavailable", registry=r)
 
+        # logs
+        r.register(LostLogLines())
+
         self._serving: tuple[str, str, tuple[str, ...]] | None = None  # (model, version, labels): serving_model
         self._create_known_children()
 
@@ -225,3 +232,17 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LostLogLines(Collector):
+    """``sentiment_log_lines_lost_total{reason}``: the log lines the process could not write (``queue_full``: its
+    output stalled; ``unwritable``: its output refused them), read from the log writer at each scrape. The log
+    says so too, but the log is what lost them."""
+
+    def collect(self):
+        family = CounterMetricFamily("sentiment_log_lines_lost", "Log lines not written: queue_full (the output "
+                                     "stalled and the writer's queue was full), unwritable (the output refused "
+                                     "them: a full disk, a closed pipe)", labels=["reason"])
+        for reason, count in lost_log_lines().items():
+            family.add_metric([reason], count)
+        yield family

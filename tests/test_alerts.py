@@ -256,7 +256,7 @@ def test_a_healthy_server_is_quiet_for_every_alert() -> None:
 FIRST_EVENT_ALERTS = {
     "SentimentAnalyzerHostOOM", "SentimentAnalyzerGpuOOM", "SentimentAnalyzerInferenceErrors",
     "SentimentAnalyzerModelReloadFailed", "SentimentAnalyzerSpoolFullRefusing", "SentimentAnalyzerStoreRejectedRows",
-    "SentimentAnalyzerKeyCacheFallback", "SentimentAnalyzerConnectionsRefused",
+    "SentimentAnalyzerKeyCacheFallback", "SentimentAnalyzerConnectionsRefused", "SentimentAnalyzerLogLinesLost",
 }
 
 
@@ -293,6 +293,7 @@ INCIDENT_METRICS = {
     "slow spool disk": "sentiment_store_ack_seconds_bucket",
     "keys checked from the cache": "sentiment_auth_key_cache_fallbacks_total",
     "failed reload": "sentiment_model_reloads_total",
+    "lost log lines": "sentiment_log_lines_lost_total",
 }
 
 

@@ -14,6 +14,7 @@ import pytest
 from scripts.benchlib.serverproc import start_server
 from server import log_writer
 from server.log_writer import BackgroundLogHandler, LogWriter, OutputHandler
+from server.metrics import Metrics
 
 
 class HeldHandler(logging.Handler):
@@ -134,3 +135,28 @@ def test_a_standard_output_nobody_reads_does_not_stop_the_server(tiny_artifact, 
     lines = output.decode().splitlines()
     assert sum("security: 401" in line for line in lines) == 1000
     assert "shutdown: answered" in lines[-1] and not any("dropped" in line for line in lines)
+
+
+def test_lines_lost_are_counted_in_the_metrics_by_why(held) -> None:
+    """The log says it lost lines, but the log is what lost them: /metrics counts them too, as the root logger's
+    writer and its outputs counted them."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # an output that refuses every line (EPIPE)
+    handler = BackgroundLogHandler(LogWriter([held, OutputHandler(write_end)]))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        for n in range(20):
+            logging.getLogger("test.lost").warning("line %d", n)
+        dropped = handler.writer.dropped
+        held.opened.set()
+        assert handler.writer.flush(timeout=5)
+        scraped = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                   for line in Metrics().render().decode().splitlines() if line.startswith("sentiment_log_lines")}
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        os.close(write_end)
+    assert dropped >= 14
+    assert scraped == {'sentiment_log_lines_lost_total{reason="queue_full"}': dropped,
+                       'sentiment_log_lines_lost_total{reason="unwritable"}': 21 - dropped}  # + the dropped-count line
