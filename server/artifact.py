@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -226,6 +225,8 @@ def entry_files(info: dict) -> list[str]:
 # A TensorProto.external_data entry, StringStringEntryProto {key = "location" (field 1), value (field 2)}: the tag
 # and length of the key, the key, and the value's tag; its length and bytes follow.
 _LOCATION_ENTRY = b"\x0a\x08location\x12"
+SCAN_CHUNK = 1 << 20  # bytes of a graph read at a time by ``external_data_locations``
+LOCATION_MAX = 4096  # bytes: a longer location is no file name (PATH_MAX), so weights' bytes matched by chance
 
 
 def external_data_locations(onnx_path: Path) -> set[str]:
@@ -233,30 +234,40 @@ def external_data_locations(onnx_path: Path) -> set[str]:
     package would parse the whole graph, but the runtime image does not ship it). The entry's bytes could also
     occur inside weights by chance; such a match names no file there, and the caller looks only at files.
 
-    The file is mapped, not read: every variant's graph is scanned at start-up, and reading a 1 GB fp32 graph
-    into memory took that much more of the container's memory limit just before ONNX Runtime loads the model."""
+    Read a chunk at a time: every variant's graph is scanned at start-up and on reload, and reading a 1 GB fp32
+    graph whole took that much more of the container's memory limit just before ONNX Runtime loads the model.
+    (Mapping it would hold no memory either, but a file cut short while mapped, a model copied over in place
+    during a reload, kills the process with SIGBUS.)"""
+    found: set[str] = set()
+    overlap = len(_LOCATION_ENTRY) - 1  # an entry may straddle two chunks
     with onnx_path.open("rb") as handle:
-        if not os.fstat(handle.fileno()).st_size:  # an empty file cannot be mapped, and names nothing
-            return set()
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _locations_in(data)
-
-
-def _locations_in(data: mmap.mmap) -> set[str]:
-    found, at = set(), data.find(_LOCATION_ENTRY)
-    while at >= 0:
-        at += len(_LOCATION_ENTRY)
-        size = shift = 0
-        while at < len(data) and shift < 35:  # the value's length, a varint
-            byte = data[at]
-            at += 1
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        found.add(data[at:at + size].decode("utf-8", "replace"))
-        at = data.find(_LOCATION_ENTRY, at + size)
+        fd, offset, tail = handle.fileno(), 0, b""
+        while chunk := os.pread(fd, SCAN_CHUNK, offset):
+            window, window_start = tail + chunk, offset - len(tail)
+            at = window.find(_LOCATION_ENTRY)
+            while at >= 0:
+                location = _location_at(fd, window_start + at + len(_LOCATION_ENTRY))
+                if location is not None:
+                    found.add(location)
+                at = window.find(_LOCATION_ENTRY, at + 1)
+            tail, offset = window[-overlap:], offset + len(chunk)
     return found
+
+
+def _location_at(fd: int, at: int) -> str | None:
+    """The entry's value at byte ``at`` of the file: a varint length and that many bytes; None when the length
+    cannot be a file name's."""
+    head = os.pread(fd, 5, at)
+    size = 0
+    for index, byte in enumerate(head):
+        size |= (byte & 0x7F) << (7 * index)
+        if byte < 0x80:
+            break
+    else:
+        return None
+    if size > LOCATION_MAX:
+        return None
+    return os.pread(fd, size, at + index + 1).decode("utf-8", "replace")
 
 
 def check_external_data_listed(directory: Path, manifest: dict) -> None:

@@ -19,6 +19,7 @@ from models.build import build
 from models.layout import MAX_FILE_BYTES, check_external_data, external_data_files, pack, store, store_artifact
 from models.manifest import main as manifest_main
 from scripts.benchlib.serverproc import start_server, stop_server, wait_exit
+from server import artifact
 from server.artifact import MANIFEST, TOKENIZER, ArtifactError, external_data_locations, load_artifact, sha256_file
 from server.config import DEFAULT_MODEL_PATH, load_settings
 from server.engine import OnnxEngine
@@ -171,9 +172,10 @@ def test_the_data_files_a_graph_names_are_read_from_its_bytes(split_artifact):
     assert external_data_locations(Path(DEFAULT_MODEL_PATH) / "model.int8.onnx") == set()  # one file
 
 
-def test_the_data_files_scan_maps_the_graph_rather_than_reading_it_into_memory(tmp_path):
+def test_the_data_files_scan_reads_the_graph_a_chunk_at_a_time(split_artifact, tmp_path, monkeypatch):
     """Every variant's graph is scanned at start-up, just before ONNX Runtime loads the model: reading a large fp32
-    graph whole took its size again of a container's memory limit. An empty file names nothing."""
+    graph whole took its size again of a container's memory limit. An entry cut by a chunk's end is still found
+    (chunks of a few bytes), and an empty file names nothing."""
     graph = Path(DEFAULT_MODEL_PATH) / "model.int8.onnx"
     tracemalloc.start()
     try:
@@ -181,7 +183,13 @@ def test_the_data_files_scan_maps_the_graph_rather_than_reading_it_into_memory(t
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < graph.stat().st_size / 20, f"the scan held {peak} bytes of a {graph.stat().st_size}-byte graph"
+    assert peak < 4 * artifact.SCAN_CHUNK < graph.stat().st_size, f"the scan held {peak} bytes"
+    split = split_artifact / json.loads((split_artifact / MANIFEST).read_text())["variants"]["int8"]["file"]
+    expected = set(external_data_files(split))
+    assert expected
+    for chunk in (5, 16, 4099):
+        monkeypatch.setattr(artifact, "SCAN_CHUNK", chunk)
+        assert external_data_locations(split) == expected, chunk
     empty = tmp_path / "empty.onnx"
     empty.write_bytes(b"")
     assert external_data_locations(empty) == set()
