@@ -285,5 +285,7 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
         return _fail(f"{error}; nothing was lost: fix the database and run the command again")
     except migrate.SchemaBehind as error:
         return _fail(str(error))
+    except OSError as error:  # the spool's disk (full, unreadable): what is not written yet stays where it was
+        return _fail(f"{error}; nothing was lost: fix the spool's disk and run the command again")
     finally:
         engine.dispose()

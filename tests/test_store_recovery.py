@@ -18,6 +18,7 @@ from server.metrics import Metrics
 from server.store import migrate, prediction_store, writer
 from server.store.db import make_engine
 from server.store.rejected import FILENAME as REJECTED
+from server.store.rejected import RejectedFile, read_entries
 from server.store.rows import encode_lines, record_row
 from server.store.sink import DatabaseSink
 from server.store.spooldir import database_identity
@@ -268,3 +269,55 @@ async def test_a_spool_from_an_earlier_release_is_set_aside_as_of_an_unknown_dat
     assert run_cli("spool", "replay", "--spool-dir", foreign["path"], "--into", store_db.url) == 0
     await wait_until(lambda: len(stored_ids(store_db.url)) == 4, what="the old records and the new one")
     assert {r.id for r in records} <= set(stored_ids(store_db.url))
+
+
+def test_a_row_lacking_an_optional_column_does_not_strip_it_from_the_rest_of_its_chunk(store_db, tmp_path,
+                                                                                         monkeypatch):
+    """Rows are inserted many to a statement whose columns were the first row's: a first line without ``text`` or
+    ``api_key_id`` (a release before keys, a hand edit) stored every other row of its chunk without its text and
+    its key, and a prediction without its key takes feedback from anyone holding its id."""
+    spool_dir = tmp_path / "spool"
+    records = [make_record(f"text {n}", api_key_id=f"key{n}") for n in range(4)]
+    leave_spool(spool_dir, store_db.url, [])
+    rows = [record_row(r, True) for r in records]
+    del rows[0]["text"], rows[0]["api_key_id"]
+    wal = WriteAheadLog(spool_dir, 1 << 30)
+    wal.open()
+    wal.append(encode_lines(rows))
+    wal.close()
+    monkeypatch.setenv("SPOOL_DIR", str(spool_dir))
+    engine = create_engine(store_db.url)
+    migrate.upgrade(engine)
+    assert run_cli("spool", "replay", "--into", store_db.url) == 0
+    with engine.connect() as connection:
+        stored = {row.id: (row.text, row.api_key_id) for row in connection.execute(select(PREDICTIONS))}
+    engine.dispose()
+    assert stored == {records[0].id: (None, None),
+                      **{r.id: (r.text, r.api_key_id) for r in records[1:]}}
+
+
+def test_refused_rows_are_kept_whole_or_not_at_all_when_the_disk_is_full(small_tmpfs):
+    """``rejected.jsonl`` took a short write on a full disk unchecked: the replay said the rows were kept and
+    deleted their spool segment, while the file held some of them and half a line, which the next append then
+    spoiled. Now an append that does not fit leaves the file as it was and raises, naming it; a line torn
+    earlier stays a line of its own."""
+    rejected = RejectedFile(small_tmpfs)
+    rejected.append([{"error": "refused", "row": {"id": "first"}}])
+    before = rejected.path.read_bytes()
+    filler = small_tmpfs / "filler"
+    with pytest.raises(OSError):  # fill the disk to its last byte
+        with filler.open("wb") as handle:
+            while True:
+                handle.write(b"x" * 4096)
+                handle.flush()
+    filler.write_bytes(filler.read_bytes()[:-6000])  # room for part of what comes next, not all of it
+    big = [{"error": "refused", "row": {"id": f"r{n}", "text": "y" * 1000}} for n in range(20)]
+    with pytest.raises(OSError, match=r"No space left on device: '.*rejected\.jsonl'"):
+        rejected.append(big)
+    assert rejected.path.read_bytes() == before
+    filler.unlink()
+    with rejected.path.open("ab") as handle:
+        handle.write(b'{"error": "torn by a cras')  # a crash mid-append, no newline
+    rejected.append(big)
+    entries = [entry for entry, _ in read_entries(rejected.path)]
+    assert [e["row"]["id"] if e else None for e in entries] == ["first", None] + [f"r{n}" for n in range(20)]

@@ -36,13 +36,14 @@ class RejectedFile:
         self.path = self.directory / FILENAME
 
     def append(self, entries: list[dict[str, Any]]) -> None:
-        """Write ``entries`` ({"error": ..., "row" or "line": ...}) and fsync before returning."""
+        """Write ``entries`` ({"error": ..., "row" or "line": ...}) and fsync before returning; ``OSError`` (a
+        full disk) when they are not all kept, the file left as it was."""
         now = datetime.now(timezone.utc).isoformat()
         payload = b"".join(orjson.dumps({"rejected_at": now, **entry}, option=orjson.OPT_APPEND_NEWLINE,
                                         default=str) for entry in entries)
         while True:
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: a torn last line
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
@@ -51,8 +52,10 @@ class RejectedFile:
                     current = None
                 if current != os.fstat(fd).st_ino:
                     continue  # renamed away by replay-rejected between open and lock: open the new one
-                os.write(fd, payload)
-                os.fsync(fd)
+                try:
+                    _append_whole(fd, payload)
+                except OSError as error:  # say which file: the writer reports it, the replay commands print it
+                    raise OSError(error.errno, error.strerror, str(self.path)) from error
             finally:
                 os.close(fd)
             if created:
@@ -101,9 +104,31 @@ class RejectedFile:
         return [self.path, *sorted(self.directory.glob(f"{TAKEN_PREFIX}*.jsonl"))]
 
 
+def _append_whole(fd: int, payload: bytes) -> None:
+    """Append ``payload`` and fsync, or leave the file as it was and raise: the caller reports the rows as kept
+    here (and deletes the spool segment they came from) only when they are. ``os.write`` may write part of the
+    bytes (a full disk): the rest is written, and on an error the file is cut back to its size before. A line
+    torn earlier (a crash mid-append, a cut that failed) is ended first, so it stays a line of its own instead of
+    spoiling the first new one."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        payload = b"\n" + payload
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            log.exception("store: %s could not be cut back after a failed append", FILENAME)
+        raise
+
+
 def read_entries(path: Path) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
-    """Each line of a rejected file: (its entry, or None when unreadable; the raw line)."""
+    """Each line of a rejected file: (its entry, or None when unreadable; the raw line). A last line without its
+    newline (a torn append, a hand edit) is read too: rows in it are still offered, and anything else is kept."""
     with path.open("rb") as handle:
         for line in handle:
-            if line.endswith(b"\n"):
-                yield decode_line(line), line
+            yield decode_line(line), line

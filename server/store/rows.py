@@ -20,9 +20,11 @@ from typing import Any
 import orjson
 
 from server.primitives import PredictionRecord
+from server.store.tables import PREDICTIONS
 
 REPLACEMENT = "\ufffd"
 TEXT_FIELDS = ("request_id", "text", "label", "model_name", "model_version", "device", "api_key_id")
+OPTIONAL_ABSENT = {column.name: None for column in PREDICTIONS.c if column.nullable and not column.primary_key}
 
 
 def record_row(record: PredictionRecord, store_text: bool) -> dict[str, Any]:
@@ -65,11 +67,14 @@ def decode_line(line: bytes) -> dict[str, Any] | None:
 
 
 def storable(row: dict[str, Any], dialect: str) -> dict[str, Any]:
-    """The row as the insert takes it: ``created_at`` parsed, texts the database could not hold made holdable.
+    """The row as the insert takes it: ``created_at`` parsed, texts the database could not hold made holdable,
+    an optional column it lacks (a line from a version without ``api_key_id``, a hand edit) as null: rows are
+    inserted many at a time in one statement whose columns are the first row's, and a short first row dropped
+    those columns' values from every other row of its chunk (their texts, their keys).
 
     Raises KeyError/TypeError/ValueError for a row that is not a prediction row at all (a damaged line).
     """
-    values = {**row, "created_at": datetime.fromisoformat(row["created_at"])}
+    values = {**OPTIONAL_ABSENT, **row, "created_at": datetime.fromisoformat(row["created_at"])}
     for field in TEXT_FIELDS:
         value = values.get(field)
         if isinstance(value, str):
