@@ -18,12 +18,13 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
 from models.data import load_labeled
-from scripts.benchlib.serverproc import ROOT
+from scripts.benchlib.serverproc import ROOT, free_port
 from server import cli_store
+from server.cli import main as cli_main
 from server.config import ConfigError, load_settings
 from server.metrics import Metrics
 from server.store import PredictionStore, migrate
-from server.store.db import database_url, make_engine
+from server.store.db import database_url, make_engine, redact
 from server.store.feedback import UnknownLabel, UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
 from server.store.rows import record_row
@@ -45,6 +46,26 @@ def test_database_url_names_the_psycopg_driver_and_rejects_other_backends():
     assert database_url("sqlite:///./p.db").drivername == "sqlite"
     with pytest.raises(ConfigError, match="DATABASE_URL='mysql://u:\\*\\*\\*@db/x'"):
         database_url("mysql://u:secret@db/x")
+
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://127.0.0.1:5432/pred?user=admin&password=Sup3rS3cret",  # libpq's parameter
+    "postgresql://admin:pw@db/pred?sslpassword=Sup3rS3cret",
+    "postgresql://admin:Sup3r@S3cret@db/pred",  # an @ left unescaped in the password
+])
+def test_a_database_password_is_never_in_a_message(url, capsys, monkeypatch):
+    """Messages print DATABASE_URL redacted; a password in the query string, or one holding an unescaped @ (whose
+    end parsed as the host, and went on into every connection error), was printed."""
+    for secret in ("Sup3rS3cret", "S3cret"):
+        assert secret not in redact(url)
+    if "@S3cret@" in url:
+        with pytest.raises(ConfigError, match="must be written %40"):
+            database_url(url)
+    monkeypatch.setenv("DATABASE_URL", url.replace("127.0.0.1:5432", f"127.0.0.1:{free_port()}"))  # nobody there
+    assert cli_main(["db", "current"]) != 0
+    printed = capsys.readouterr()
+    assert "ERROR" in printed.err and "S3cret" not in printed.out + printed.err
 
 
 # migrations

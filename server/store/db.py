@@ -51,6 +51,9 @@ def database_url(raw: str) -> URL:
         # does: nothing the spool replays could be checked against it.
         raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r} is an in-memory SQLite database, "
                           "which keeps no record past the process; name a file: sqlite:///path/to/file.db")
+    if url.host and "@" in url.host:  # the host would be the password's end: every error message would show it
+        raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r}: an @ in the user name or password "
+                          "must be written %40")
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
     return url
@@ -66,11 +69,18 @@ def sqlite_path(raw: str) -> Path | None:
 
 
 def redact(raw: str) -> str:
-    """DATABASE_URL without its password, for messages."""
+    """DATABASE_URL without its password, for messages: the user's (everything before the last @ of an address
+    whose password holds an unescaped @) and libpq's ``password`` and ``sslpassword`` parameters."""
     try:
-        return make_url(raw).render_as_string(hide_password=True)
+        url = make_url(raw)
     except exc.ArgumentError:
         return "<unparseable>"
+    hidden = {name: "***" for name in url.query if "password" in name.lower()}
+    rendered = url.update_query_dict(hidden).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+    if url.host and "@" in url.host:
+        scheme, _, rest = rendered.partition("://")
+        rendered = f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return rendered
 
 
 def make_engine(settings: Settings) -> Engine:
