@@ -190,13 +190,18 @@ def feedback_export(settings: Settings, engine: Engine, args: argparse.Namespace
             written, skipped = export_feedback(engine, out)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(partial, 0o644)  # mkstemp's 0600 would hide the export from the user who trains on it
+        os.chmod(partial, 0o666 & ~_umask())  # as a new file would be: mkstemp's 0600 hid it from the user who
+        # trains on it, and 0644 made user texts readable to all where the operator's umask said otherwise
         os.replace(partial, target)
     except OSError as error:
         if partial is not None:
             Path(partial).unlink(missing_ok=True)
         return _fail(f"cannot write --out {target}: {error.strerror or error} (check the folder exists, is writable "
                      "and has room); nothing was written")
+    except BaseException:  # Ctrl-C: no hidden partial file left behind
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        raise
     _report_export(written, skipped, str(target), sys.stdout)
     return 0
 
@@ -289,3 +294,10 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
         return _fail(f"{error}; nothing was lost: fix the spool's disk and run the command again")
     finally:
         engine.dispose()
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -333,6 +333,30 @@ def test_feedback_export_writes_a_regular_file_or_standard_output_and_nothing_el
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
 
 
+def test_feedback_export_is_as_readable_as_the_umask_says_and_leaves_nothing_when_interrupted(store_db, tmp_path,
+                                                                                            capsys, monkeypatch):
+    """The export holds user texts: it was forced to 0644, replacing a 0600 file with a world-readable one under
+    ``umask 077``. Ctrl-C mid-export left its hidden ``.partial`` file behind."""
+    monkeypatch.setenv("DATABASE_URL", store_db.url)
+    assert run_cli("db", "upgrade") == 0
+    out = tmp_path / "fb.tsv"
+    for mask, mode in ((0o077, 0o600), (0o022, 0o644)):
+        previous = os.umask(mask)
+        try:
+            assert run_cli("feedback", "export", "--out", str(out)) == 0
+        finally:
+            os.umask(previous)
+        assert out.stat().st_mode & 0o777 == mode, oct(out.stat().st_mode)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_store, "export_feedback", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("feedback", "export", "--out", str(out))
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".fb.tsv")) == []
+
+
 def test_feedback_export_never_follows_a_link_planted_where_it_writes_its_temporary_file(tmp_path, capsys):
     """It wrote through ``<out>.partial``: a link planted there by anyone who can write to the folder made it
     overwrite the file the link pointed to, and --out a link to it."""
