@@ -4,8 +4,10 @@ while the server goes on serving the model it had; SIGHUP reloads are logged and
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ from tests.broken_artifacts import (
     BREAKERS,
     broken_copy,
     copy_artifact,
+    edit_manifest,
     manifest_not_object,
     manifest_of,
     write_manifest,
@@ -247,3 +250,26 @@ def test_an_artifact_claiming_the_serving_version_with_other_labels_is_refused(a
     response = admin_server.client.post("/admin/reload", json={"model_path": str(swapped)})
     assert response.status_code == 200 and admin_server.serving_version() == f"{serving}-relabelled"
     assert admin_server.client.post("/admin/reload", json={"model_path": str(tiny_artifact)}).status_code == 200
+
+
+def test_an_oip_request_naming_a_version_is_not_answered_by_the_model_a_reload_swapped_in(admin_server, tiny_artifact,
+                                                                                         tmp_path):
+    """The model and version an OIP v2 request names were checked before its body arrived: a reload meanwhile had
+    the next model answer it, in that model's labels and shape, as if it were the one asked for."""
+    serving = admin_server.serving_version()
+    other = copy_artifact(tiny_artifact, tmp_path / "other")
+    edit_manifest(other, lambda manifest: manifest.update(version=f"{serving}-next"))
+    body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["a fine film"]}]})
+    host, port = admin_server.server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(f"POST /v2/models/tiny-test/versions/{serving}/infer HTTP/1.1\r\nHost: x\r\n"
+                           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body[:10]}".encode())
+        try:
+            assert admin_server.client.post("/admin/reload", json={"model_path": str(other)}).status_code == 200
+            connection.sendall(body[10:].encode())
+            answer = connection.makefile("rb").read1(65536).decode()
+        finally:
+            assert admin_server.client.post("/admin/reload", json={"model_path": str(tiny_artifact)}).status_code \
+                == 200
+    assert answer.startswith("HTTP/1.1 404"), answer
+    assert "the model was replaced while this request ran" in answer and f"{serving}-next" in answer, answer

@@ -76,6 +76,7 @@ from server.protocols.oip_model import (
     InputTensor,
     InvalidInferRequest,
     ModelNotFound,
+    answered_as_asked,
     model_config,
     model_metadata,
     output_tensor,
@@ -276,6 +277,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         texts = texts_of(input_tensors(request), services.settings.max_texts_per_request)
         outputs = wanted_outputs(request)
         classified = await classify(services, texts, call.request_id, api_key_id)
+        answered_as_asked(classified.identity, request.model_name, request.model_version)
         response = pb.ModelInferResponse(model_name=classified.identity.name,
                                          model_version=classified.identity.version, id=request.id)
         for name in outputs:

@@ -72,7 +72,21 @@ class OutputTensor:
 
 def resolve(services: Services, name: str, version: str | None) -> ModelIdentity:
     """The serving model if ``name`` (and ``version``, when given) names it; else ``ModelNotFound``."""
-    identity = services.runtime.identity
+    return named(services.runtime.identity, name, version)
+
+
+def answered_as_asked(identity: ModelIdentity, name: str, version: str | None) -> None:
+    """After classifying: ``ModelNotFound`` when a reload swapped the model the request named (its body still
+    arriving, or its texts in the queue) and another one answered: its outputs (labels, shape) are not the ones
+    asked for. The predictions are recorded as the model that made them; the request may be sent again."""
+    try:
+        named(identity, name, version)
+    except ModelNotFound as error:
+        raise ModelNotFound(f"the model was replaced while this request ran: {error}; send it again") from None
+
+
+def named(identity: ModelIdentity, name: str, version: str | None) -> ModelIdentity:
+    """``identity`` if ``name`` (and ``version``, when given) names it; else ``ModelNotFound``."""
     if name not in (identity.name, ALIAS):
         raise ModelNotFound(f"no model named {name[:100]!r}; this server serves {identity.name!r} (also as {ALIAS!r})")
     if version and version != identity.version:

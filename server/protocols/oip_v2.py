@@ -40,6 +40,7 @@ from server.protocols.oip_model import (
     OUTPUTS,
     InputTensor,
     InvalidInferRequest,
+    answered_as_asked,
     model_config,
     model_metadata,
     output_tensor,
@@ -313,6 +314,7 @@ async def infer_on(request: Request, name: str, version: str | None, api_key_id:
     binary.check_consumed()
     outputs = planned_outputs(parsed)
     classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id)
+    answered_as_asked(classified.identity, name, version)
     return infer_response(classified, parsed.id, outputs)
 
 
