@@ -27,7 +27,7 @@ from server.store import migrate
 from server.store.db import UNAVAILABLE, describe, make_engine, redact, sqlite_path
 from server.store.feedback import export_feedback
 from server.store.keys import ROLES, KeyStore, one_line
-from server.store.rejected import RejectedFile
+from server.store.rejected import RejectedFile, ReplayUnderWay
 from server.store.replay import ReplayReport, replay_rejected, replay_spool
 from server.store.sink import DatabaseRefuses, DatabaseSink
 from server.store.spooldir import SpoolDirectory, SpoolLocked, database_identity, describe_identity
@@ -284,6 +284,8 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
         return 0
     except SpoolLocked as error:
         return _fail(f"{error}; a running server replays its own spool")
+    except ReplayUnderWay as error:
+        return _fail(str(error))
     except UNAVAILABLE as error:
         return _fail(f"cannot reach the database {redact(settings.database_url)}: {describe(error)}")
     except DatabaseRefuses as error:

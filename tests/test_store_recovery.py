@@ -321,3 +321,25 @@ def test_refused_rows_are_kept_whole_or_not_at_all_when_the_disk_is_full(small_t
     rejected.append(big)
     entries = [entry for entry, _ in read_entries(rejected.path)]
     assert [e["row"]["id"] if e else None for e in entries] == ["first", None] + [f"r{n}" for n in range(20)]
+
+
+def test_two_replays_of_the_rejected_rows_at_once_are_one_and_a_refusal(store_db, tmp_path, capsys):
+    """Two `replay-rejected` run together both offered the taken file: one ended in a traceback, and each set the
+    rows still refused aside again, so they were kept twice."""
+    spool_dir = tmp_path / "spool"
+    leave_spool(spool_dir, store_db.url, [])
+    engine = create_engine(store_db.url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    refuse(store_db.url, "{row}text = 'poison'")
+    rejected = RejectedFile(spool_dir)
+    rejected.append([{"error": "refused", "row": record_row(make_record("poison"), True)}])
+    kept = rejected.path.read_bytes()
+    with rejected.replaying():  # another replay under way
+        assert run_cli("spool", "replay-rejected", "--spool-dir", str(spool_dir), "--into", store_db.url) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("ERROR another `spool replay-rejected` is offering the rows of") and \
+            len(err.splitlines()) == 1, err
+        assert rejected.path.read_bytes() == kept
+    assert run_cli("spool", "replay-rejected", "--spool-dir", str(spool_dir), "--into", store_db.url) == 0
+    assert len([entry for entry, _ in read_entries(rejected.path)]) == 1  # still refused, kept once

@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 FILENAME = "rejected.jsonl"
 TAKEN_PREFIX = "rejected.replaying-"
 READ_CHUNK = 1 << 20
+
+
+class ReplayUnderWay(RuntimeError):
+    """Another ``replay-rejected`` holds the directory: two would both offer the taken files, and set the rows
+    still refused aside twice."""
 
 
 class RejectedFile:
@@ -84,6 +90,21 @@ class RejectedFile:
                 continue
             found.append((stat.st_ino, stat.st_size))
         return tuple(found)
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Hold the directory for one replay of the rejected rows (a ``flock`` on the directory itself, which
+        appenders and the server's spool lock do not use); ``ReplayUnderWay`` while another holds it."""
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ReplayUnderWay(f"another `spool replay-rejected` is offering the rows of {self.directory} "
+                                     "now: wait for it to end") from None
+            yield
+        finally:
+            os.close(fd)
 
     def take(self) -> list[Path]:
         """Move ``rejected.jsonl`` aside for a replay; returns every file taken (earlier interrupted ones too).

@@ -65,8 +65,14 @@ def replay_spool(directory: Path, sink: DatabaseSink, progress: Callable[[int, i
 
 
 def replay_rejected(directory: Path, sink: DatabaseSink) -> ReplayReport:
-    """Offer the rejected rows of ``directory`` again; raises ``DatabaseRefuses`` (nothing changed) if all fail."""
+    """Offer the rejected rows of ``directory`` again; raises ``DatabaseRefuses`` (nothing changed) if all fail,
+    ``ReplayUnderWay`` while another replay of them runs."""
     rejected = RejectedFile(directory)
+    with rejected.replaying():
+        return _replay_taken(rejected, sink)
+
+
+def _replay_taken(rejected: RejectedFile, sink: DatabaseSink) -> ReplayReport:
     report = ReplayReport()
     for path in rejected.take():
         still: list[dict] = []
@@ -84,7 +90,7 @@ def replay_rejected(directory: Path, sink: DatabaseSink) -> ReplayReport:
         if still:
             rejected.append(still)
         path.unlink()
-        fsync_dir(directory)
+        fsync_dir(rejected.directory)
     return report
 
 
