@@ -343,3 +343,18 @@ def test_two_replays_of_the_rejected_rows_at_once_are_one_and_a_refusal(store_db
         assert rejected.path.read_bytes() == kept
     assert run_cli("spool", "replay-rejected", "--spool-dir", str(spool_dir), "--into", store_db.url) == 0
     assert len([entry for entry, _ in read_entries(rejected.path)]) == 1  # still refused, kept once
+
+
+def test_a_spool_ending_in_rows_the_database_refuses_is_replayed_to_its_end(store_db, tmp_path, capsys):
+    """A batch whose every row was refused made the replay stop as if the database refused everything: a spool
+    ending in two rows a hand-added constraint refuses could never be replayed (nor its segment freed). Now the
+    database is asked whether it takes a plain row (rolled back): it does, so those two are set aside."""
+    spool_dir = tmp_path / "spool"
+    leave_spool(spool_dir, store_db.url, [make_record("poison"), make_record("poison")])
+    engine = create_engine(store_db.url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    refuse(store_db.url, "{row}text = 'poison'")
+    assert run_cli("spool", "replay", "--into", str(store_db.url), "--spool-dir", str(spool_dir)) == 0
+    assert "0 written, 2 refused" in capsys.readouterr().out
+    assert len(list(read_entries(spool_dir / REJECTED))) == 2 and stored_ids(store_db.url) == []

@@ -8,9 +8,12 @@ Blocking; runs on the store's database thread (or in the CLI).
 - A batch refused for its content (DataError, IntegrityError, a line that is not a row) is split in
   halves until each refused row is alone: about 2·log2(n) statements for one bad row in n, not n. The
   rows still refused are fsynced to ``rejected.jsonl`` and counted; the rest is written.
-- A database that refuses every row is not a content problem: a whole batch of two or more refused, or
-  ``REFUSED_STREAK`` single rows refused with no success between, raises ``DatabaseRefuses`` and the
-  writer treats the database as down (the rows stay in the spool; nothing is set aside).
+- A database that refuses every row is not a content problem: a whole batch of two or more refused while the
+  database also refuses a row like the last one it took (``_takes_rows``: inserted with a new id, rolled back),
+  or ``REFUSED_STREAK`` single rows refused with no success between, raises ``DatabaseRefuses`` and the
+  writer treats the database as down (the rows stay in the spool; nothing is set aside). A batch of rows that
+  are all bad while the database takes others is set aside: raising there kept a spool ending in two rows a
+  hand-added constraint refuses from ever being replayed, every retry failing on them.
 - Any other error means the database is not taking writes; it is raised as it is.
 """
 
@@ -24,6 +27,7 @@ from sqlalchemy import Engine, exc, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from server.config import Settings
+from server.primitives import new_id
 from server.store.db import describe
 from server.store.migrate import prepare_schema
 from server.store.rejected import RejectedFile
@@ -33,6 +37,12 @@ from server.store.tables import PREDICTIONS
 log = logging.getLogger(__name__)
 
 REFUSED_STREAK = 8
+PROBE_ROW = {  # a plain prediction row (``_takes_rows``), never committed
+    "id": "0" * 32, "created_at": "2026-01-01T00:00:00+00:00", "request_id": "store-probe", "text": None,
+    "text_sha256": "0" * 64, "label": "POSITIVE", "score": 0.5, "probabilities": {"POSITIVE": 0.5},
+    "model_name": "store-probe", "model_version": "0", "device": "cpu", "latency_ms": 0.0, "cached": False,
+    "api_key_id": None,
+}
 
 
 class DatabaseRefuses(Exception):
@@ -67,6 +77,7 @@ class DatabaseSink:
             .on_conflict_do_nothing(index_elements=["id"])
         self._schema_ok = False
         self._refused_streak = 0
+        self._taken: dict[str, Any] | None = None  # a row the database took last (``_takes_rows``)
 
     def ensure_schema(self) -> None:
         """Migrate or check the schema once per process (raises ``SchemaBehind``)."""
@@ -111,15 +122,34 @@ class DatabaseSink:
         by_database = self._insert_halving(pairs)
         if by_database and len(by_database) == len(pairs):
             self._refused_streak += len(by_database)
-            if len(pairs) > 1 or self._refused_streak >= REFUSED_STREAK:
+            if (len(pairs) > 1 and not self._takes_rows()) or self._refused_streak >= REFUSED_STREAK:
                 reason = by_database[0][1]
                 raise DatabaseRefuses(f"the database refuses every row: {reason}", reason.split(":")[0])
         elif pairs:
             self._refused_streak = 0
+            refused_ids = {id(row) for row, _ in by_database}
+            self._taken = next(values for row, values in pairs if id(row) not in refused_ids)
         entries = [{"error": reason, "row": row} for row, reason in refused + by_database]
         if entries and set_aside:
             self.rejected.append(entries)
         return WriteOutcome(written=len(rows) - len(entries), refused=entries)
+
+    def _takes_rows(self) -> bool:
+        """Whether the database takes a row like the last one it took (or, none yet in this process, a plain
+        one), inserted with a new id and rolled back: if not, the database refuses every row, not these rows."""
+        probe = {**(self._taken or storable(PROBE_ROW, self.dialect)), "id": new_id()}
+        try:
+            with self.engine.connect() as connection:
+                transaction = connection.begin()
+                try:
+                    connection.execute(self._insert, [probe])
+                finally:
+                    transaction.rollback()
+        except Exception as error:
+            if not content_error(error):
+                raise
+            return False
+        return True
 
     def _insert_halving(self, pairs: list[tuple[dict, dict]]) -> list[tuple[dict, str]]:
         """Insert; on a content error split in halves. Returns the refused rows (original form) and why."""
