@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, event, select, text
 
 from server import cli_store
 from server.metrics import Metrics
-from server.store import migrate, prediction_store, writer
+from server.store import migrate, prediction_store, sink, writer
 from server.store.db import make_engine
 from server.store.rejected import FILENAME as REJECTED
 from server.store.rejected import RejectedFile, read_entries
@@ -347,14 +347,16 @@ def test_two_replays_of_the_rejected_rows_at_once_are_one_and_a_refusal(store_db
 
 def test_a_spool_ending_in_rows_the_database_refuses_is_replayed_to_its_end(store_db, tmp_path, capsys):
     """A batch whose every row was refused made the replay stop as if the database refused everything: a spool
-    ending in two rows a hand-added constraint refuses could never be replayed (nor its segment freed). Now the
-    database is asked whether it takes a plain row (rolled back): it does, so those two are set aside."""
+    ending in rows a hand-added constraint refuses could never be replayed (nor its segment freed). Now the
+    database is asked whether it takes a plain row (rolled back): it does, so those are set aside, however
+    many."""
     spool_dir = tmp_path / "spool"
-    leave_spool(spool_dir, store_db.url, [make_record("poison"), make_record("poison")])
+    leave_spool(spool_dir, store_db.url, [make_record("poison") for _ in range(sink.REFUSED_STREAK + 2)])
     engine = create_engine(store_db.url)
     migrate.upgrade(engine)
     engine.dispose()
     refuse(store_db.url, "{row}text = 'poison'")
     assert run_cli("spool", "replay", "--into", str(store_db.url), "--spool-dir", str(spool_dir)) == 0
-    assert "0 written, 2 refused" in capsys.readouterr().out
-    assert len(list(read_entries(spool_dir / REJECTED))) == 2 and stored_ids(store_db.url) == []
+    assert f"0 written, {sink.REFUSED_STREAK + 2} refused" in capsys.readouterr().out
+    assert len(list(read_entries(spool_dir / REJECTED))) == sink.REFUSED_STREAK + 2
+    assert stored_ids(store_db.url) == []

@@ -122,7 +122,9 @@ class DatabaseSink:
         by_database = self._insert_halving(pairs)
         if by_database and len(by_database) == len(pairs):
             self._refused_streak += len(by_database)
-            if (len(pairs) > 1 and not self._takes_rows()) or self._refused_streak >= REFUSED_STREAK:
+            if len(pairs) > 1 and self._takes_rows():
+                self._refused_streak = 0  # the database takes rows: these are refused for their content
+            elif len(pairs) > 1 or self._refused_streak >= REFUSED_STREAK:
                 reason = by_database[0][1]
                 raise DatabaseRefuses(f"the database refuses every row: {reason}", reason.split(":")[0])
         elif pairs:
