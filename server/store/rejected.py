@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from server.store.rows import decode_line
-from server.store.spooldir import fsync_dir
+from server.store.spooldir import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +127,14 @@ class RejectedFile:
 
 def _append_whole(fd: int, payload: bytes) -> None:
     """Append ``payload`` and fsync, or leave the file as it was and raise: the caller reports the rows as kept
-    here (and deletes the spool segment they came from) only when they are. ``os.write`` may write part of the
-    bytes (a full disk): the rest is written, and on an error the file is cut back to its size before. A line
-    torn earlier (a crash mid-append, a cut that failed) is ended first, so it stays a line of its own instead of
-    spoiling the first new one."""
+    here (and deletes the spool segment they came from) only when they are, so on an error (a full disk) the file
+    is cut back to its size before. A line torn earlier (a crash mid-append, a cut that failed) is ended first, so
+    it stays a line of its own instead of spoiling the first new one."""
     size = os.fstat(fd).st_size
     if size and os.pread(fd, 1, size - 1) != b"\n":
         payload = b"\n" + payload
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, payload)
         os.fsync(fd)
     except OSError:
         try:

@@ -45,6 +45,13 @@ class SpoolDirUnusable(StartupError):
     exit_code = ExitCode.FILESYSTEM
 
 
+def write_all(fd: int, payload: bytes) -> None:
+    """Write all of ``payload``: ``os.write`` may write part of it (a full disk raises only once nothing fits)."""
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def fsync_dir(path: Path) -> None:
     """Make a create, rename or remove in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

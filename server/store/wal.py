@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.primitives import ServerError
-from server.store.spooldir import fsync_dir
+from server.store.spooldir import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class WriteAheadLog:
                 raise _unavailable(error) from error
             begin = segment.size
             try:
-                _write_all(fd, payload)
+                write_all(fd, payload)
                 os.fdatasync(fd)
             except OSError as error:
                 self._cut_back(segment, fd, begin)
@@ -283,12 +283,6 @@ class WriteAheadLog:
         self._end_lsn = segment.end
         os.close(fd)
         self._fd = None
-
-
-def _write_all(fd: int, payload: bytes) -> None:
-    view = memoryview(payload)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _unavailable(error: OSError) -> SpoolUnavailable:
