@@ -44,6 +44,15 @@ def leave_spool(spool_dir: Path, database_url: str, records: list) -> None:
     (spool_dir / "database.json").write_text(json.dumps(database_identity(database_url)))
 
 
+def migrated(url: str) -> None:
+    """The database's schema at this release's head, as `db upgrade` leaves it."""
+    engine = create_engine(url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+
+
 def refuse(url: str, condition: str, name: str = "refuse") -> None:
     """Make the database refuse rows matching ``condition`` (``{row}`` before each column): a CHECK constraint on
     PostgreSQL, a trigger on SQLite (which cannot add a constraint to a table)."""
@@ -286,9 +295,9 @@ def test_a_row_lacking_an_optional_column_does_not_strip_it_from_the_rest_of_its
     wal.append(encode_lines(rows))
     wal.close()
     monkeypatch.setenv("SPOOL_DIR", str(spool_dir))
-    engine = create_engine(store_db.url)
-    migrate.upgrade(engine)
+    migrated(store_db.url)
     assert run_cli("spool", "replay", "--into", store_db.url) == 0
+    engine = create_engine(store_db.url)
     with engine.connect() as connection:
         stored = {row.id: (row.text, row.api_key_id) for row in connection.execute(select(PREDICTIONS))}
     engine.dispose()
@@ -328,9 +337,7 @@ def test_two_replays_of_the_rejected_rows_at_once_are_one_and_a_refusal(store_db
     rows still refused aside again, so they were kept twice."""
     spool_dir = tmp_path / "spool"
     leave_spool(spool_dir, store_db.url, [])
-    engine = create_engine(store_db.url)
-    migrate.upgrade(engine)
-    engine.dispose()
+    migrated(store_db.url)
     refuse(store_db.url, "{row}text = 'poison'")
     rejected = RejectedFile(spool_dir)
     rejected.append([{"error": "refused", "row": record_row(make_record("poison"), True)}])
@@ -352,9 +359,7 @@ def test_a_spool_ending_in_rows_the_database_refuses_is_replayed_to_its_end(stor
     many."""
     spool_dir = tmp_path / "spool"
     leave_spool(spool_dir, store_db.url, [make_record("poison") for _ in range(sink.REFUSED_STREAK + 2)])
-    engine = create_engine(store_db.url)
-    migrate.upgrade(engine)
-    engine.dispose()
+    migrated(store_db.url)
     refuse(store_db.url, "{row}text = 'poison'")
     assert run_cli("spool", "replay", "--into", str(store_db.url), "--spool-dir", str(spool_dir)) == 0
     assert f"0 written, {sink.REFUSED_STREAK + 2} refused" in capsys.readouterr().out
