@@ -163,6 +163,31 @@ class Artifact:
             )
         return self.directory / info["file"]
 
+    def read_verified(self, name: str) -> bytes:
+        """A listed file's bytes, checked against its sha256: what the tokenizer and ONNX Runtime parse is exactly
+        what was verified. Every parse reads through here, never the path: the engine is built again after the
+        memory plan and the CUDA fallback's CPU session hours later, and a file swapped in meanwhile would be
+        served unverified; and ONNX Runtime maps external-data files it opens itself for the session's life, so
+        one copied over in place changed the served answers under the same version, or killed the process with
+        SIGBUS when cut short."""
+        path = self.directory / name
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"model file unreadable: {path}: {exc.strerror or exc} (restore it or rebuild)"
+                                ) from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]["sha256"]:
+            raise ArtifactError(
+                f"model file corrupt: {path} does not match its sha256 in {MANIFEST}: it changed after the artifact "
+                "was loaded (never copy over a served artifact: build a new directory and reload; restore it or "
+                "rebuild)")
+        return data
+
+    def read_variant(self, variant: str) -> tuple[bytes, dict[str, bytes]]:
+        """The variant's graph and its external-data files by name (``read_verified``)."""
+        graph, *external = self.variant_files(variant)
+        return self.read_verified(graph), {name: self.read_verified(name) for name in external}
+
     def variant_files(self, variant: str) -> list[str]:
         """The variant's files: its ``.onnx`` and then its external-data files, if any."""
         return entry_files(self.manifest["variants"][variant])

@@ -124,7 +124,8 @@ def session_options(settings: Settings, device: str, threads: int | None = None)
 
 class OnnxEngine:
     """One ONNX Runtime session. ``run`` is blocking; the batcher calls it from its worker threads (ONNX Runtime
-    sessions accept concurrent runs)."""
+    sessions accept concurrent runs). Built from the variant's verified bytes (``Artifact.read_variant``), never
+    from its path: the session holds its own copy of every weight."""
 
     def __init__(self, artifact: Artifact, variant: str, device: str, settings: Settings,
                  threads: int | None = None) -> None:
@@ -136,13 +137,22 @@ class OnnxEngine:
         else:
             providers = [CPU]
         path = artifact.variant_path(variant)
+        graph, external = artifact.read_variant(variant)
+        if external:  # ONNX Runtime copies them during session creation
+            options.add_external_initializers_from_files_in_memory(
+                list(external), list(external.values()), [len(data) for data in external.values()])
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self._session = ort.InferenceSession(graph, sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             # On CPU nothing but the file can be at fault; on CUDA it may be the device.
             error = ModelFileError if device == "cpu" else EngineStartError
             raise error(f"cannot load model file {path}: {first_line(exc)} (restore it or rebuild the artifact)"
                         ) from None
+        # ONNX Runtime's wrapper keeps a model given as bytes for re-creating the session on another provider after
+        # a failed run: the graph's size held for good (its own comment says as much), and the in-memory
+        # external data it would need again are gone. A failed run is the caller's to handle (server.oom).
+        self._session.disable_fallback()
+        self._session._model_bytes = None
         inputs = [i.name for i in self._session.get_inputs()]
         if sorted(inputs) != sorted(MODEL_INPUTS):
             raise ModelFileError(f"model file {path} takes inputs {inputs}; the server feeds {list(MODEL_INPUTS)} "

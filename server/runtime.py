@@ -227,8 +227,9 @@ class ModelCheckFailed(ArtifactError):
 
 
 def load_encoder(artifact: Artifact, strict: bool) -> TextEncoder:
+    tokenizer = artifact.read_verified(TOKENIZER)
     try:
-        return TextEncoder(artifact.tokenizer_path, artifact.max_length, strict=strict)
+        return TextEncoder(tokenizer, artifact.max_length, strict=strict)
     except Exception as exc:  # the tokenizers library raises a bare Exception for a malformed file
         raise ModelCheckFailed(f"tokenizer unusable: {artifact.directory / TOKENIZER}: {first_line(exc)} "
                                "(restore it or rebuild the artifact)") from None

@@ -16,8 +16,10 @@ from server.primitives import InputTooLong
 
 
 class TextEncoder:
-    def __init__(self, tokenizer_file: Path, max_length: int, strict: bool = False) -> None:
-        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    def __init__(self, tokenizer: Path | bytes, max_length: int, strict: bool = False) -> None:
+        """``tokenizer``: a ``tokenizer.json`` file, or its bytes (verified, from the server: ``read_verified``)."""
+        self._tokenizer = Tokenizer.from_buffer(tokenizer) if isinstance(tokenizer, bytes) else \
+            Tokenizer.from_file(str(tokenizer))
         # Without offsets (tokenizers >= 0.21; ``_encodings`` says when they are needed).
         self._encode_fast = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         self._tokenizer.no_padding()

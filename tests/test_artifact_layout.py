@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 from pathlib import Path
@@ -24,6 +26,7 @@ from server.artifact import MANIFEST, TOKENIZER, ArtifactError, external_data_lo
 from server.config import DEFAULT_MODEL_PATH, load_settings
 from server.engine import OnnxEngine
 from server.exitcodes import ExitCode
+from server.runtime import load_encoder
 from server.tokenizer import TextEncoder, pad_batch
 from tests.broken_artifacts import flip_a_byte
 from tests.model_fixtures import TINY_MAX_LENGTH, save_tiny_checkpoint
@@ -256,3 +259,75 @@ def test_built_split_variant_equals_the_same_model_in_one_file(built_split, tmp_
     store(whole / "model.fp16.onnx", BUILD_LIMIT)  # and back: the same bytes as the build wrote
     assert all(sha256_file(whole / n) == sha256_file(built_split / n)
                for n in ["model.fp16.onnx", *external_data_files(built_split / "model.fp16.onnx")])
+
+
+# ------------------------------------------------------------------ what is served is what was verified
+
+def int8_engine(artifact) -> OnnxEngine:
+    return OnnxEngine(artifact, "int8", "cpu", load_settings(intra_op_threads=1))
+
+
+def encoded(artifact) -> tuple[np.ndarray, np.ndarray]:
+    return pad_batch(TextEncoder(artifact.tokenizer_path, artifact.max_length).encode(TEXTS))
+
+
+def test_data_files_written_over_in_place_do_not_change_a_running_sessions_answers(split_copy):
+    """ONNX Runtime mapped the data files it opened itself for the session's life: bytes copied over one in place
+    changed the served answers under the same version (NaN here). The session holds its own copy now."""
+    artifact = load_artifact(split_copy)
+    engine = int8_engine(artifact)
+    before = engine.run(*encoded(artifact))
+    for name in data_files(split_copy, "int8"):
+        path = split_copy / name
+        path.write_bytes(b"\x7f" * path.stat().st_size)  # truncated to 0, then refilled: what `cp` does
+    np.testing.assert_array_equal(engine.run(*encoded(artifact)), before)
+
+
+def test_data_files_cut_short_under_a_running_session_do_not_kill_the_process(split_copy):
+    """Cut short while mapped, the next run read past the file's end: SIGBUS, the server gone. (Its own process,
+    so that a regression fails this test rather than ending the suite.)"""
+    script = (
+        "import sys; from pathlib import Path\n"
+        "from server.artifact import load_artifact\n"
+        "from tests.test_artifact_layout import data_files, encoded, int8_engine\n"
+        "directory = Path(sys.argv[1]); artifact = load_artifact(directory); engine = int8_engine(artifact)\n"
+        "before = engine.run(*encoded(artifact))\n"
+        "for name in data_files(directory, 'int8'): (directory / name).open('r+b').truncate(0)\n"
+        "assert (engine.run(*encoded(artifact)) == before).all()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(split_copy)], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("changed", ["model.int8.onnx", "model.int8.onnx.data-1"])
+def test_a_model_file_changed_after_verification_is_refused_not_served(split_copy, changed):
+    """Each session is built from bytes read and checked again (the engine rebuilt after the memory plan, the
+    CUDA fallback's CPU session built hours later): a file swapped in after start-up is never served."""
+    artifact = load_artifact(split_copy)
+    flip_a_byte(split_copy / changed)
+    with pytest.raises(ArtifactError, match=f"model file corrupt: .*{changed} .*changed after the artifact was loaded"):
+        int8_engine(artifact)
+
+
+def test_a_tokenizer_changed_after_verification_is_refused_not_served(split_copy):
+    artifact = load_artifact(split_copy)
+    (split_copy / TOKENIZER).write_text((split_copy / TOKENIZER).read_text().replace('"[UNK]"', '"[UNK2]"'))
+    with pytest.raises(ArtifactError, match=f"model file corrupt: .*{TOKENIZER} "):
+        load_encoder(artifact, strict=False)
+
+
+def test_a_session_does_not_keep_the_graphs_bytes(tiny_artifact):
+    """ONNX Runtime's wrapper keeps a model given as bytes for good; the engine lets it go (the graph's size of
+    memory per session, 1 GB for a large fp32 graph)."""
+    artifact = load_artifact(tiny_artifact)
+    graph_bytes = (tiny_artifact / artifact.variant_files("fp32")[0]).stat().st_size
+    tracemalloc.start()
+    try:
+        engine = OnnxEngine(artifact, "fp32", "cpu", load_settings(intra_op_threads=1))
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak >= graph_bytes  # it was read into memory ...
+    assert held < graph_bytes / 4  # ... and not kept there
+    assert engine.run(*encoded(artifact)).shape == (len(TEXTS), len(artifact.labels))
