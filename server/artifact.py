@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,13 +171,13 @@ class Artifact:
         served unverified; and ONNX Runtime maps external-data files it opens itself for the session's life, so
         one copied over in place changed the served answers under the same version, or killed the process with
         SIGBUS when cut short."""
-        path = self.directory / name
+        path, listed = self.directory / name, self.manifest["files"][name]
         try:
-            data = path.read_bytes()
+            data = _read_regular_file(path, listed.get("bytes"))
         except OSError as exc:
             raise ArtifactError(f"model file unreadable: {path}: {exc.strerror or exc} (restore it or rebuild)"
                                 ) from None
-        if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]["sha256"]:
+        if data is None or hashlib.sha256(data).hexdigest() != listed["sha256"]:
             raise ArtifactError(
                 f"model file corrupt: {path} does not match its sha256 in {MANIFEST}: it changed after the artifact "
                 "was loaded (never copy over a served artifact: build a new directory and reload; restore it or "
@@ -209,6 +210,19 @@ class Artifact:
         preference = ("fp16", "fp32", "int8") if device == "cuda" else ("int8", "fp32", "fp16")
         available = self.variants()
         return next(v for v in preference if v in available)
+
+
+def _read_regular_file(path: Path, size: int | None) -> bytes | None:
+    """The file's bytes, or None when it is not a regular file of ``size`` bytes (when the manifest gives one): a
+    file swapped for ``/dev/zero`` was read until memory ran out, and opening a FIFO would wait for a writer (hence
+    ``O_NONBLOCK``, which a regular file ignores)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode) or (size is not None and found.st_size != size):
+            return None
+        data = handle.read(found.st_size + 1)  # one byte more: a file grown since fstat is not what was listed
+    return data if len(data) == found.st_size else None
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -309,8 +323,11 @@ def check_external_data_listed(directory: Path, manifest: dict) -> None:
 
 
 def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
-    """Read and check an artifact directory; raises ``ArtifactError`` naming the offending file."""
-    directory = Path(directory)
+    """Read and check an artifact directory; raises ``ArtifactError`` naming the offending file.
+
+    The directory is resolved once: every file is read from the same one, even while a symlink to it is swapped
+    (the runbook's ``mv -T``), which made a reload read half its files from each artifact."""
+    directory = Path(directory).resolve()
     if not directory.is_dir():
         raise ArtifactError(f"model directory not found: {directory} (set MODEL_PATH to an artifact directory)")
     manifest = read_manifest(directory)

@@ -35,6 +35,7 @@ class ModelFileError(EngineStartError):
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask")
+NO_EXTERNAL_DATA = "\0"  # the name of an empty external-data table's one entry: no file can be named so
 
 
 class Engine(Protocol):
@@ -138,9 +139,12 @@ class OnnxEngine:
             providers = [CPU]
         path = artifact.variant_path(variant)
         graph, external = artifact.read_variant(variant)
-        if external:  # ONNX Runtime copies them during session creation
-            options.add_external_initializers_from_files_in_memory(
-                list(external), list(external.values()), [len(data) for data in external.values()])
+        # Always a table, even an empty one: without it ONNX Runtime reads a location the graph names but the
+        # manifest does not list from the working directory (a graph given as bytes has no directory), unchecked.
+        # It copies the bytes during session creation.
+        table = external or {NO_EXTERNAL_DATA: b""}
+        options.add_external_initializers_from_files_in_memory(
+            list(table), list(table.values()), [len(data) for data in table.values()])
         try:
             self._session = ort.InferenceSession(graph, sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises several unrelated types for a bad file

@@ -4,10 +4,12 @@ every data file verified at start-up like the .onnx, and the build writing large
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from scripts.benchlib.serverproc import start_server, stop_server, wait_exit
 from server import artifact
 from server.artifact import MANIFEST, TOKENIZER, ArtifactError, external_data_locations, load_artifact, sha256_file
 from server.config import DEFAULT_MODEL_PATH, load_settings
-from server.engine import OnnxEngine
+from server.engine import ModelFileError, OnnxEngine
 from server.exitcodes import ExitCode
 from server.runtime import load_encoder
 from server.tokenizer import TextEncoder, pad_batch
@@ -331,3 +333,58 @@ def test_a_session_does_not_keep_the_graphs_bytes(tiny_artifact):
     assert peak >= graph_bytes  # it was read into memory ...
     assert held < graph_bytes / 4  # ... and not kept there
     assert engine.run(*encoded(artifact)).shape == (len(TEXTS), len(artifact.labels))
+
+
+def test_weights_the_manifest_does_not_list_are_not_read_from_the_working_directory(split_copy, tmp_path,
+                                                                                     monkeypatch):
+    """A graph given as bytes has no directory: ONNX Runtime resolved a location the manifest does not list (so
+    nothing checked) against the process's working directory, /app in the images, and mapped what it found."""
+    manifest = json.loads((split_copy / MANIFEST).read_text())
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    for name in manifest["variants"]["int8"].pop("external_data"):
+        del manifest["files"][name]
+        (split_copy / name).rename(elsewhere / name)
+    (split_copy / MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ModelFileError, match=r"model\.int8\.onnx\.data-\d"):
+        int8_engine(load_artifact(split_copy))
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo"])
+def test_a_model_file_swapped_for_a_device_or_fifo_is_refused_at_once(split_copy, special):
+    """Read whole, /dev/zero took memory until none was left; a FIFO would wait for a writer for ever (holding the
+    reload, or the CUDA fallback's lock)."""
+    artifact = load_artifact(split_copy)
+    target = split_copy / "model.int8.onnx.data-0"
+    target.unlink()
+    if special == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to(special)
+    outcome: list = []
+    reader = threading.Thread(target=lambda: outcome.append(catch(lambda: artifact.read_variant("int8"))), daemon=True)
+    reader.start()
+    reader.join(30)
+    assert outcome, "still reading"
+    assert isinstance(outcome[0], ArtifactError) and "model.int8.onnx.data-0" in str(outcome[0])
+
+
+def catch(call):
+    try:
+        return call()
+    except Exception as error:
+        return error
+
+
+def test_an_artifact_loaded_through_a_symlink_keeps_reading_the_directory_it_named_then(split_copy, tiny_artifact,
+                                                                                       tmp_path):
+    """The runbook's symlink swap (``mv -T``) during a reload: files read after it came from the other artifact,
+    and the reload failed as if the files had been corrupted."""
+    link = tmp_path / "live"
+    link.symlink_to(split_copy)
+    artifact = load_artifact(link)
+    swap = tmp_path / "live.new"
+    swap.symlink_to(tiny_artifact)
+    os.replace(swap, link)
+    np.testing.assert_array_equal(int8_engine(artifact).run(*encoded(artifact)), logits(split_copy, "int8"))
