@@ -11,6 +11,7 @@ retrying a broken model or input would only add latency.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ from server.primitives import InferenceFailed
 
 if TYPE_CHECKING:
     from server.engine import Engine
+
+CPU_REBUILD_AFTER_S = 60.0  # a failed build of the CPU fallback engine is not tried again sooner
 
 # Lower-case fragments of ORT / CUDA / cuBLAS / cuDNN / C++ allocation failure messages.
 OOM_MARKERS = (
@@ -85,6 +88,7 @@ class ResilientEngine:
         self._cpu_engine_factory = cpu_engine_factory
         self._cpu_engine: Engine | None = None
         self._cpu_lock = threading.Lock()
+        self._cpu_failure: tuple[float, Exception] | None = None  # when the CPU engine's last build failed, and why
         self._budget = budget
         self._metrics = metrics
 
@@ -139,7 +143,7 @@ class ResilientEngine:
         try:
             with self._cpu_lock:
                 if self._cpu_engine is None:
-                    self._cpu_engine = self._cpu_engine_factory()
+                    self._cpu_engine = self._build_cpu_engine()
             logits = self._cpu_engine.run(input_ids, attention_mask)
         except Exception as exc:
             raise InferenceFailed(
@@ -148,6 +152,19 @@ class ResilientEngine:
             ) from exc
         self._metrics.cpu_fallbacks.inc()
         return logits
+
+
+    def _build_cpu_engine(self) -> Engine:
+        """The CPU engine, or the error its build raised, again without a new attempt for ``CPU_REBUILD_AFTER_S``:
+        each attempt reads and checks the variant's files (``Artifact.read_verified``), and a file changed since
+        start-up failed every out-of-memory text's fallback after a full re-read, under the lock."""
+        if self._cpu_failure is not None and time.monotonic() - self._cpu_failure[0] < CPU_REBUILD_AFTER_S:
+            raise self._cpu_failure[1].with_traceback(None)  # not a traceback grown by each raise
+        try:
+            return self._cpu_engine_factory()
+        except Exception as exc:
+            self._cpu_failure = (time.monotonic(), exc)
+            raise
 
 
 class FaultInjectingEngine:

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
+from server import oom
+from server.artifact import ArtifactError
 from server.budget import TokenBudget
 from server.metrics import Metrics
 from server.oom import BFC_ARENA_OOM, FaultInjectingEngine, ResilientEngine, is_oom_error
@@ -213,6 +215,23 @@ def test_a_failing_cpu_fallback_raises_inference_failed(factory: Factory) -> Non
     ids, mask = batch(2)
     with pytest.raises(InferenceFailed, match="cuda ran out of memory for one text of 8 tokens and the CPU fallback"):
         engine.run(ids, mask)
+
+
+def test_a_failed_cpu_fallback_build_is_not_tried_again_for_a_minute(monkeypatch) -> None:
+    """Each build reads and checks the variant's files: a file changed since start-up cost every out-of-memory
+    text a full re-read before its 503."""
+    clock = [1000.0]
+    monkeypatch.setattr(oom.time, "monotonic", lambda: clock[0])
+    factory = Factory(error=ArtifactError("model file corrupt: model.onnx"))
+    engine, *_ = resilient(lambda b, t: True, factory=factory)
+    for _ in range(3):
+        with pytest.raises(InferenceFailed, match="CPU fallback failed: ArtifactError: model file corrupt"):
+            engine.run(*batch(1))
+    assert factory.calls == 1
+    clock[0] += oom.CPU_REBUILD_AFTER_S
+    factory.error = None
+    np.testing.assert_array_equal(engine.run(*batch(1)), FakeEngine().run(*batch(1)))
+    assert factory.calls == 2
 
 
 def test_a_non_oom_error_after_a_split_fails_the_batch() -> None:
