@@ -146,16 +146,18 @@ class OnnxEngine:
         options.add_external_initializers_from_files_in_memory(
             list(table), list(table.values()), [len(data) for data in table.values()])
         try:
-            self._session = ort.InferenceSession(graph, sess_options=options, providers=providers)
+            # Without ``enable_fallback=0`` ONNX Runtime's wrapper answers a failed start by printing the error to
+            # stdout (into the JSON log stream) and building the session again on its fallback providers: on CUDA
+            # a CPU session, whose "did not start on CUDA" then hid why; on CPU the same failure twice.
+            self._session = ort.InferenceSession(graph, sess_options=options, providers=providers, enable_fallback=0)
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             # On CPU nothing but the file can be at fault; on CUDA it may be the device.
-            error = ModelFileError if device == "cpu" else EngineStartError
-            raise error(f"cannot load model file {path}: {first_line(exc)} (restore it or rebuild the artifact)"
-                        ) from None
-        # ONNX Runtime's wrapper keeps a model given as bytes for re-creating the session on another provider after
-        # a failed run: the graph's size held for good (its own comment says as much), and the in-memory
-        # external data it would need again are gone. A failed run is the caller's to handle (server.oom).
-        self._session.disable_fallback()
+            if device == "cpu":
+                raise ModelFileError(f"cannot load model file {path}: {first_line(exc)} (restore it or rebuild the "
+                                     "artifact)") from None
+            raise EngineStartError(f"cannot start model file {path} on CUDA: {first_line(exc)}") from None
+        # The wrapper keeps a model given as bytes for good, to build the session again on other providers (the
+        # fallback, off here): the graph's size of memory (its own comment says as much).
         self._session._model_bytes = None
         inputs = [i.name for i in self._session.get_inputs()]
         if sorted(inputs) != sorted(MODEL_INPUTS):

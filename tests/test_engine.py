@@ -70,6 +70,35 @@ def test_cuda_provider_listed_but_unusable_falls_back_on_auto_and_fails_on_cuda(
         create_engine(artifact, make_settings(device="cuda"))
 
 
+def test_a_cuda_start_failure_is_logged_with_its_reason_and_nothing_is_printed(
+    tiny_artifact, make_settings, monkeypatch, caplog, capsys
+):
+    """ONNX Runtime's wrapper, left to itself, prints a failed start to stdout (the JSON log stream) and builds the
+    session again on the CPU, so the warning said only that CUDA was not used. Injected here as the wrapper does
+    it: a CUDA session that cannot start, and the wrapper's fallback when it is not turned off."""
+    real = engine_module.ort.InferenceSession
+    reason = "CUDA failure 35: CUDA driver version is insufficient for CUDA runtime version"
+
+    def cuda_cannot_start(model, sess_options=None, providers=None, **kwargs):
+        if any("CUDAExecutionProvider" in str(provider) for provider in providers):
+            if int(kwargs.get("enable_fallback", 1)):
+                print(f"EP Error {reason} when using {providers}")
+                return real(model, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+            raise RuntimeError(reason)
+        return real(model, sess_options=sess_options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(engine_module.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(engine_module.ort, "InferenceSession", cuda_cannot_start)
+    artifact = load_artifact(tiny_artifact)
+    with caplog.at_level(logging.WARNING, logger="server.engine"):
+        assert create_engine(artifact, make_settings(device="auto")).device == "cpu"
+    assert [r.getMessage() for r in caplog.records if "CUDA unusable" in r.getMessage()][0].endswith(reason)
+    with pytest.raises(EngineStartError, match=reason):
+        create_engine(artifact, make_settings(device="cuda"))
+    assert capsys.readouterr().out == ""
+
+
 def test_cpu_threads_do_not_spin_unless_asked(make_settings):
     spin = "session.intra_op.allow_spinning"
     assert session_options(make_settings(), "cpu").get_session_config_entry(spin) == "0"
