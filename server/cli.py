@@ -3,6 +3,10 @@
 Every setting is an environment variable (see ``server.config``) and also a
 flag of ``serve`` and ``doctor`` (``MAX_BATCH_SIZE`` -> ``--max-batch-size``);
 a flag wins over the environment.
+
+Every command but ``serve`` (which drains on SIGINT) ends Ctrl-C with one line
+and exit 130, and standard output that refuses the output (a closed pipe, a
+full device) with one ERROR line and exit 1, never with a traceback.
 """
 
 from __future__ import annotations
@@ -58,10 +62,23 @@ def positive_number(most: float, least: float = 0.0) -> Callable[[str], float]:
     return parse
 
 
+def base_url(text: str) -> str:
+    """An argparse type for ``status --url``: no ``user:password@`` (status sends none, the URL would not even
+    resolve, and every message echoes the URL); refused without repeating the password (``redact``)."""
+    from urllib.parse import urlsplit
+
+    if "@" in urlsplit(text).netloc:
+        from server.store.db import redact
+
+        raise argparse.ArgumentTypeError(f"{redact(text)} holds credentials: give the server's base URL without "
+                                         "them (status sends none; /health and /metrics need no key)")
+    return text
+
+
 def add_status_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("status", help="incident snapshot of a running server: health, traffic, latency, "
                                  "memory, store, and a proposed P0-P3 severity")
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    parser.add_argument("--url", type=base_url, default="http://127.0.0.1:8000", help="the server's base URL")
     parser.add_argument("--interval", type=positive_number(3600), default=5.0,
                         help="seconds between the two /metrics scrapes (at most 3600)")
     parser.add_argument("--timeout", type=positive_number(600, least=0.1), default=5.0,
@@ -91,10 +108,6 @@ def main(argv: list[str] | None = None) -> int:
 
     cli_store.register(commands)
     args = parser.parse_args(argv)
-    if args.command == "doctor":
-        from server.doctor import run_doctor
-
-        return run_doctor(setting_overrides(args))
     if args.command == "serve":
         try:
             settings = load_settings(**setting_overrides(args))
@@ -102,7 +115,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ERROR {exc}", file=sys.stderr)
             return 2
         return serve(settings)
-    return args.handler(args)
+    if sys.stdout is None:  # started with `>&-`: a new key, a listing would be lost without a word
+        print("ERROR standard output is closed: redirect it to a file (or /dev/null)", file=sys.stderr)
+        return 1
+    try:
+        if args.command == "doctor":
+            from server.doctor import run_doctor
+
+            code = run_doctor(setting_overrides(args))
+        else:
+            code = args.handler(args)
+        sys.stdout.flush()  # a full device or a closed pipe fails here, not in Python's own flush at exit
+        return code
+    except KeyboardInterrupt:
+        print("ERROR interrupted", file=sys.stderr)
+        return 130
+    except OSError as error:  # what no command caught itself: a file it names, else standard output refusing a write
+        if error.filename is not None:
+            print(f"ERROR {error.filename}: {error.strerror or error}", file=sys.stderr)
+            return 1
+        return cli_store.output_failed(error)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,17 @@ prints one clear ERROR line and exits non-zero when it cannot do its job.
 a database (refused while a server owns the directory: that server replays it itself); ``replay-rejected``
 offers the rows the database refused again, after a fix, beside a running server. Without ``--into`` the
 database is DATABASE_URL and must be the one the spool records; ``--into URL`` chooses it explicitly.
+
+What a command may do to the database (``_command``): ``db upgrade`` alone migrates on request and creates
+a SQLite file that is not there (printing its absolute path). ``keys create`` and ``keys revoke`` write, so they
+bring the schema up as a starting server would (SQLite, or DB_AUTO_MIGRATE=true); ``keys create`` also creates a
+SQLite file that is not there, but only one DATABASE_URL (or ``--database-url``) names: the built-in default,
+``./predictions.db``, is relative to the working directory, and run elsewhere it made a stray empty database
+silently. Commands that only read (``keys list``, ``feedback export``, ``db current``) never migrate: a schema
+behind this release, or no SQLite file, is one ERROR line saying to run ``sentiment-analyzer db upgrade``.
+
+Failures are one ERROR line and a non-zero exit, never a traceback: standard output that refuses the output (a
+closed pipe, a full device: ``output_failed``), an unreadable spool; Ctrl-C exits 130 (``server.cli.main``).
 """
 
 from __future__ import annotations
@@ -30,20 +41,22 @@ from server.store.keys import ROLES, KeyStore, one_line
 from server.store.rejected import RejectedFile, ReplayUnderWay
 from server.store.replay import ReplayReport, replay_rejected, replay_spool
 from server.store.sink import DatabaseRefuses, DatabaseSink
-from server.store.spooldir import SpoolDirectory, SpoolLocked, database_identity, describe_identity
+from server.store.spooldir import SERVER, SpoolDirectory, SpoolLocked, database_identity, describe_identity
 from server.store.wal import count_spool
+
+DEFAULT_DATABASE_URL = Settings.model_fields["database_url"].default
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``db``, ``keys`` and ``feedback`` commands; each sets ``handler(args) -> exit code``."""
     db = _group(subparsers, "db", "database schema migrations")
     _command(db, "upgrade", "apply pending migrations (PostgreSQL: before starting a new release)", db_upgrade,
-             creates=True)
+             creates=ANY_PATH)
     _command(db, "current", "show the schema revision; exit 1 unless it is this release's", db_current)
 
     keys = _group(subparsers, "keys", "API keys")
     create = _command(keys, "create", "create a key and print it (the only time it is shown)", keys_create,
-                      creates=True)
+                      creates=NAMED_PATH)
     create.add_argument("--name", required=True, help="who or what uses the key")
     create.add_argument("--role", choices=ROLES, default="predict", help="predict (default) or admin")
     _command(keys, "list", "list keys (never the keys themselves)", keys_list)
@@ -75,11 +88,15 @@ def _group(subparsers: argparse._SubParsersAction, name: str, help_text: str) ->
     return subparsers.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True)
 
 
+ANY_PATH, NAMED_PATH = "any", "named"  # which missing SQLite file a command creates (module docstring)
+
+
 def _command(group: argparse._SubParsersAction, name: str, help_text: str,
-             run: Callable[[Settings, Engine, argparse.Namespace], int], creates: bool = False
+             run: Callable[[Settings, Engine, argparse.Namespace], int], creates: str | None = None
              ) -> argparse.ArgumentParser:
     """A command on DATABASE_URL; one that does not ``creates`` a database refuses a SQLite file that is not there
-    (a mistyped path printed an empty key table, having made the folders and the file)."""
+    (a mistyped path printed an empty key table, having made the folders and the file); ``NAMED_PATH``: only
+    one DATABASE_URL names, not the built-in default."""
     parser = group.add_parser(name, help=help_text)
     parser.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
     parser.set_defaults(handler=lambda args: _run(run, args, creates))
@@ -91,9 +108,16 @@ def _run(run: Callable[[Settings, Engine, argparse.Namespace], int], args: argpa
     try:
         settings = load_settings(database_url=args.database_url)
         sqlite_file = sqlite_path(settings.database_url)
-        if not creates and sqlite_file is not None and not sqlite_file.exists():
-            return _fail(f"no SQLite database at {sqlite_file} (DATABASE_URL={redact(settings.database_url)}): check "
-                         "the path; the server creates it at its first start, `sentiment-analyzer db upgrade` now")
+        if sqlite_file is not None and not sqlite_file.exists():
+            if creates is None:
+                return _fail(f"no SQLite database at {sqlite_file} (DATABASE_URL={redact(settings.database_url)}): "
+                             "check the path; the server creates it at its first start, `sentiment-analyzer db "
+                             "upgrade` now")
+            if creates == NAMED_PATH and settings.database_url == DEFAULT_DATABASE_URL:
+                return _fail(f"no SQLite database at {sqlite_file.resolve()} (DATABASE_URL is not set: its default "
+                             f"{DEFAULT_DATABASE_URL} is relative to the working directory): run the command where "
+                             "the server runs, or set DATABASE_URL (a new file is then created)")
+            print(f"creating a new SQLite database at {sqlite_file.resolve()}", file=sys.stderr)
         engine = make_engine(settings)
     except ConfigError as error:
         return _fail(str(error))
@@ -115,10 +139,29 @@ def _fail(message: str) -> int:
     return 1
 
 
+def output_failed(error: OSError, what: str = "the output", then: str = "") -> int:
+    """Standard output refused a write (its reader went away: ``| head``; a full device): one ERROR line. Standard
+    output then points at /dev/null, so that Python's own flush at exit does not fail a second time with a
+    traceback (the advice in Python's ``signal`` documentation)."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (a test's capture): nothing to flush at exit
+        pass
+    if isinstance(error, BrokenPipeError):
+        return _fail(f"standard output was closed before {what} was written in full{then}")
+    return _fail(f"standard output refused {what} ({error.strerror or error}){then}")
+
+
 def db_upgrade(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
     revision = migrate.upgrade(engine)
-    print(f"{redact(settings.database_url)}: schema at revision {revision} (this release: {migrate.head_revision()})")
+    print(f"{_named(settings)}: schema at revision {revision} (this release: {migrate.head_revision()})")
     return 0
+
+
+def _named(settings: Settings) -> str:
+    """DATABASE_URL for messages: without its password, a SQLite file by its absolute path."""
+    sqlite_file = sqlite_path(settings.database_url)
+    return f"sqlite:///{sqlite_file.resolve()}" if sqlite_file is not None else redact(settings.database_url)
 
 
 def db_current(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
@@ -138,19 +181,28 @@ def db_current(settings: Settings, engine: Engine, args: argparse.Namespace) -> 
 def keys_create(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
     migrate.prepare_schema(engine, settings)
     record, key = KeyStore(engine).create(args.name, args.role)
-    print(f"created API key id={record.id} name={record.name!r} role={record.role}")
-    print("store the key now; it is not kept and cannot be shown again:", file=sys.stderr)
-    print(key)
+    try:
+        print(f"created API key id={record.id} name={record.name!r} role={record.role}")
+        print("store the key now; it is not kept and cannot be shown again:", file=sys.stderr)
+        print(key, flush=True)
+    except OSError as error:  # the key exists but nobody saw it: say which one to revoke
+        return output_failed(error, "the new key", f": API key id={record.id} was created but not shown; revoke it "
+                             f"(`sentiment-analyzer keys revoke {record.id}`) and create another")
     return 0
 
 
 def keys_list(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
-    migrate.prepare_schema(engine, settings)
-    print("id\tname\trole\tcreated_at\tlast_used_at\trevoked_at")
-    for key in KeyStore(engine).list():
-        row = key.as_dict()
-        cells = (str(row[c] or "-") for c in ("id", "name", "role", "created_at", "last_used_at", "revoked_at"))
-        print("\t".join(map(one_line, cells)))  # a row a line, whatever older names hold (check_key_name)
+    """Reads only: a schema behind this release is refused (``check_schema``), never migrated."""
+    migrate.check_schema(engine)
+    try:
+        print("id\tname\trole\tcreated_at\tlast_used_at\trevoked_at")
+        for key in KeyStore(engine).list():
+            row = key.as_dict()
+            cells = (str(row[c] or "-") for c in ("id", "name", "role", "created_at", "last_used_at", "revoked_at"))
+            print("\t".join(map(one_line, cells)))  # a row a line, whatever older names hold (check_key_name)
+        sys.stdout.flush()
+    except OSError as error:
+        return output_failed(error, "the key list")
     return 0
 
 
@@ -167,25 +219,26 @@ def feedback_export(settings: Settings, engine: Engine, args: argparse.Namespace
     """To ``--out`` through a new temporary file beside it (created exclusively: a link planted under its name is
     not followed), synced and renamed over it, so a reader never sees half an export; ``-`` is standard output
     (the summary then goes to standard error). Anything at ``--out`` that is not a regular file is refused:
-    renaming over a device or a link would replace it, not write to it."""
-    migrate.prepare_schema(engine, settings)
+    renaming over a device or a link would replace it, not write to it. It only reads the database: a schema
+    behind this release is refused, not migrated."""
+    migrate.check_schema(engine)
     if args.out == "-":
         try:
             written, skipped = export_feedback(engine, sys.stdout)
             sys.stdout.flush()
-        except BrokenPipeError:  # `... | head`: the reader went away
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own advice: no second error
-            return _fail("standard output was closed before the export was written in full")
+        except OSError as error:  # `... | head`: the reader went away; a full device
+            return output_failed(error, "the export")
         _report_export(written, skipped, "standard output", sys.stderr)
         return 0
     target = Path(args.out)
-    kind = _not_a_file(args.out)
-    if kind:
-        return _fail(f"--out {args.out} is {kind}: give the path of a file to write (an existing one is replaced), "
-                     "or - for standard output")
     partial: str | None = None
     try:
-        descriptor, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+        kind = _not_a_file(args.out)  # OSError too: a name too long
+        if kind:
+            return _fail(f"--out {args.out} is {kind}: give the path of a file to write (an existing one is "
+                         "replaced), or - for standard output")
+        descriptor, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:100]}.",
+                                               suffix=".partial")  # within NAME_MAX whatever --out's length
         with open(descriptor, "w", encoding="utf-8", newline="") as out:
             written, skipped = export_feedback(engine, out)
             out.flush()
@@ -229,17 +282,21 @@ def spool_status(args: argparse.Namespace) -> int:
     except ConfigError as error:
         return _fail(str(error))
     directory = Path(args.spool_dir) if args.spool_dir else settings.spool_dir
-    if not directory.is_dir():
-        return _fail(f"no spool at {directory}")
-    spool = SpoolDirectory(directory)
-    rows, size = count_spool(directory)
-    print(f"{directory}: {rows} predictions ({size} bytes) for {describe_identity(spool.read_identity())}; "
-          f"{RejectedFile(directory).count()} rejected rows in {directory / 'rejected.jsonl'}")
-    for foreign in spool.foreign_spools():
-        rows, size = count_spool(foreign.path)
-        print(f"  set aside: {foreign.path}: {rows} predictions ({size} bytes) for "
-              f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay --spool-dir "
-              f"{foreign.path} --into URL`")
+    try:
+        if not directory.is_dir():
+            return _fail(f"no spool at {directory}")
+        spool = SpoolDirectory(directory)
+        rows, size = count_spool(directory)
+        print(f"{directory}: {rows} predictions ({size} bytes) for {describe_identity(spool.read_identity())}; "
+              f"{RejectedFile(directory).count()} rejected rows in {directory / 'rejected.jsonl'}")
+        for foreign in spool.foreign_spools():
+            rows, size = count_spool(foreign.path)
+            print(f"  set aside: {foreign.path}: {rows} predictions ({size} bytes) for "
+                  f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay --spool-dir "
+                  f"{foreign.path} --into URL`")
+    except OSError as error:  # unreadable (permissions): a segment that vanished meanwhile is counted as empty
+        return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}; run the "
+                     "command as the server's user")
     return 0
 
 
@@ -283,7 +340,7 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
         run(directory, DatabaseSink(engine, settings, RejectedFile(directory)))
         return 0
     except SpoolLocked as error:
-        return _fail(f"{error}; a running server replays its own spool")
+        return _fail(f"{error}{'; that server replays the spool itself' if error.holder == SERVER else ''}")
     except ReplayUnderWay as error:
         return _fail(str(error))
     except UNAVAILABLE as error:

@@ -6,16 +6,77 @@ database (doctor also connects to it), the port, the device, and the model reall
 predictions run. Unlike start-up, doctor runs every check and never stops at the first failure; a check
 that depends on one that failed (the model on the device) is skipped. It never raises: anything a check
 did not foresee is reported as that check's failure.
+
+Two refusals ``serve`` meets only once the app opens the store are checked here with the store's own code,
+inside the checks they belong with (the list of checks stays the runbook's): the database check also reads the
+schema revision (``migrate.check_schema``: behind on a database a server does not migrate at start is
+``SchemaBehind``; nothing is migrated), and the port check also tests SPOOL_DIR's lock (``SpoolDirectory.
+check_unlocked``: held by another server or a `spool replay` is ``SpoolLocked``). Both say whether another
+process already runs as this server: beside a running server the port line names both, and the other lines
+stay ok (the runbook's "the port check fails in a running container").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
-from server.config import ConfigError, load_settings
+from server.config import ConfigError, Settings, load_settings
 from server.engine import first_line
 from server.exitcodes import StartupError
-from server.preflight import DOCTOR_CHECKS, run_check
+from server.preflight import DOCTOR_CHECKS, Check, check_database_reachable, check_port, run_check
+
+SCHEMA_FIX = ("run `sentiment-analyzer db upgrade` with this DATABASE_URL before starting this release (or start "
+              "with DB_AUTO_MIGRATE=true)")
+SPOOL_FIX = "stop the process named above (or wait for its replay to end), or give this server its own SPOOL_DIR"
+
+
+def check_database_and_schema(settings: Settings) -> str:
+    """Reachable (start-up's check), then the schema as the store checks it at start, read-only."""
+    from server.store import migrate
+    from server.store.db import make_engine
+
+    reachable = check_database_reachable(settings)
+    engine = make_engine(settings)
+    try:
+        if migrate.migrates_at_start(engine, settings):
+            current = migrate.current_revision(engine)
+            return (f"{reachable}; schema at revision {current or 'none'}, brought to this release's "
+                    f"({migrate.head_revision()}) when the server starts (SQLite, or DB_AUTO_MIGRATE=true)")
+        return f"{reachable}; schema at revision {migrate.check_schema(engine)}"
+    finally:
+        engine.dispose()
+
+
+def check_port_and_spool(settings: Settings) -> str:
+    """PORT (start-up's check) and SPOOL_DIR's lock: another server here holds both; a replay holds the lock."""
+    from server.store.spooldir import SpoolDirectory, SpoolLocked
+
+    spool = SpoolDirectory(settings.spool_dir)
+    try:
+        free = check_port(settings)
+    except StartupError as port_taken:
+        try:
+            spool.check_unlocked()
+        except SpoolLocked as locked:
+            raise StartupError(f"{port_taken}; and {locked}", port_taken.exit_code) from None
+        raise
+    spool.check_unlocked()
+    return f"{free}; SPOOL_DIR {settings.spool_dir} is held by no other process"
+
+
+EXTENDED = {"database": check_database_and_schema, "port": check_port_and_spool}
+CHECKS = [replace(check, run=EXTENDED.get(check.name, check.run)) for check in DOCTOR_CHECKS]
+
+
+def fix_for(check: Check, error: StartupError) -> str:
+    """The check's general remedy, or the refusal's own for the two the store finds (module docstring)."""
+    from server.store.migrate import SchemaBehind
+    from server.store.spooldir import SpoolLocked
+
+    if isinstance(error, SchemaBehind):
+        return SCHEMA_FIX
+    return SPOOL_FIX if isinstance(error, SpoolLocked) else check.fix
 
 
 def run_doctor(overrides: dict[str, object] | None = None, print_fn: Callable[[str], None] = print) -> int:
@@ -30,7 +91,7 @@ def run_doctor(overrides: dict[str, object] | None = None, print_fn: Callable[[s
         print_fn(f"[FAIL] configuration: {first_line(exc)}")
         return 1
     failed: set[str] = set()
-    for check in DOCTOR_CHECKS:
+    for check in CHECKS:
         if check.needs in failed:
             print_fn(f"[skip] {check.name}: not checked, since the {check.needs} check failed")
             failed.add(check.name)
@@ -40,7 +101,7 @@ def run_doctor(overrides: dict[str, object] | None = None, print_fn: Callable[[s
         except StartupError as exc:
             failed.add(check.name)
             print_fn(f"[FAIL] {check.name}: {exc}")
-            print_fn(f"       fix: {check.fix}")
+            print_fn(f"       fix: {fix_for(check, exc)}")
         else:
             print_fn(f"[ok  ] {check.name}: {detail}")
     return 1 if failed else 0

@@ -65,17 +65,29 @@ def upgrade(engine: Engine) -> str:
     return head_revision()
 
 
+def migrates_at_start(engine: Engine, settings: Settings) -> bool:
+    """Whether a server migrates this database when it starts (SQLite, or DB_AUTO_MIGRATE=true)."""
+    return engine.dialect.name == "sqlite" or settings.db_auto_migrate
+
+
 def prepare_schema(engine: Engine, settings: Settings) -> None:
-    """Migrate (SQLite, or DB_AUTO_MIGRATE=true) or check that the schema is current; raises ``SchemaBehind``."""
-    if engine.dialect.name == "sqlite" or settings.db_auto_migrate:
+    """Migrate (``migrates_at_start``) or check that the schema is current; raises ``SchemaBehind``."""
+    if migrates_at_start(engine, settings):
         upgrade(engine)
         return
+    check_schema(engine)
+
+
+def check_schema(engine: Engine) -> str:
+    """Read-only: the schema's revision when it is this release's or newer (a rollback: a warning), else raises
+    ``SchemaBehind`` saying how to upgrade. What a server that does not migrate at start checks, and what the
+    commands that only read (and doctor) check whatever the database."""
     current, head = current_revision(engine), head_revision()
     if current == head:
-        return
+        return current
     if current is not None and not _known(current):
         log.warning("database schema is at revision %s, newer than this server's %s; continuing", current, head)
-        return
+        return current
     raise SchemaBehind(
         f"database schema is at revision {current or 'none (empty database)'} but this server needs {head}: "
         "run `sentiment-analyzer db upgrade` with the same DATABASE_URL, or start with DB_AUTO_MIGRATE=true"

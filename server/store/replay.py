@@ -21,7 +21,7 @@ from pathlib import Path
 
 from server.store.rejected import RejectedFile, read_entries
 from server.store.sink import DatabaseSink
-from server.store.spooldir import FOREIGN_PREFIX, IDENTITY_FILE, LOCK_FILE, SpoolDirectory, fsync_dir
+from server.store.spooldir import FOREIGN_PREFIX, IDENTITY_FILE, LOCK_FILE, REPLAY, SpoolDirectory, fsync_dir
 from server.store.wal import WriteAheadLog
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,10 @@ class ReplayReport:
 
 def replay_spool(directory: Path, sink: DatabaseSink, progress: Callable[[int, int], None] | None = None
                  ) -> ReplayReport:
-    """Replay ``directory``'s spool into ``sink``'s database. Raises ``SpoolLocked`` if a server holds it."""
+    """Replay ``directory``'s spool into ``sink``'s database. Raises ``SpoolLocked`` if a server (or another
+    replay) holds it."""
     spool = SpoolDirectory(directory)
-    spool.lock()
+    spool.lock(REPLAY)
     report = ReplayReport()
     try:
         wal = WriteAheadLog(directory, max_bytes=0)

@@ -34,11 +34,26 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 IDENTITY_FILE = "database.json"
 FOREIGN_PREFIX = "foreign-"
+IDENTITY_KEYS = {"dialect", "host", "port", "database", "user"}  # what ``database_identity`` records
 LEGACY_SPOOL = "predictions.jsonl"  # the single spool file of releases before the write-ahead log
 
 
+SERVER, REPLAY = "server", "replay"  # what holds the lock, written after its pid in the lock file
+
+
 class SpoolLocked(StartupError):
+    """Another process holds SPOOL_DIR: a server, or a `spool replay` (``holder``; "" from an older release)."""
+
     exit_code = ExitCode.SPOOL_LOCKED
+
+    def __init__(self, path: Path, pid: str, holder: str) -> None:
+        self.holder = holder
+        if holder == REPLAY:
+            what, fix = "`sentiment-analyzer spool replay`", "wait for the replay to end, or stop it"
+        else:
+            what = "a server" if holder == SERVER else "a server or a `sentiment-analyzer spool replay`"
+            fix = "give each server its own SPOOL_DIR, or stop the other one"
+        super().__init__(f"SPOOL_DIR={path} is in use by another process (pid {pid}, {what}): {fix}")
 
 
 class SpoolDirUnusable(StartupError):
@@ -107,24 +122,38 @@ class SpoolDirectory:
 
     # lock
 
-    def lock(self) -> None:
-        """Take SPOOL_DIR for this process, or raise ``SpoolLocked`` naming the holder."""
+    def lock(self, holder: str = SERVER) -> None:
+        """Take SPOOL_DIR for this process (``holder``: SERVER or REPLAY, recorded beside the pid for the message
+        a second process gets), or raise ``SpoolLocked`` naming the holder."""
         try:
             make_dir(self.path)
             fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
             raise SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable ({error.strerror or error}): "
                                    "point SPOOL_DIR at a writable directory") from error
+        self._take(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {holder}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def check_unlocked(self) -> None:
+        """Raise ``SpoolLocked`` (the message ``lock`` gives) if another process holds SPOOL_DIR; creates nothing
+        and keeps nothing (doctor: ``serve`` would refuse to start). The lock is taken for an instant to test it."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except OSError:  # no lock file (nobody has held the directory yet), or a path doctor's disk check names
+            return
+        self._take(fd)
+        os.close(fd)  # releases it
+
+    def _take(self, fd: int) -> None:
+        """``flock`` ``fd`` or close it and raise ``SpoolLocked`` naming the holder (pid and what it is)."""
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            pid, _, what = os.pread(fd, 64, 0).decode(errors="replace").strip().partition(" ")
             os.close(fd)
-            raise SpoolLocked(f"SPOOL_DIR={self.path} is in use by another process (pid {holder}): give each "
-                              "server its own SPOOL_DIR, or stop the other one") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            raise SpoolLocked(self.path, pid or "unknown", what) from None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
@@ -134,13 +163,19 @@ class SpoolDirectory:
     # identity
 
     def read_identity(self) -> dict[str, Any] | None:
+        """The recorded database, or None when there is none or it is not one ``database_identity`` writes (not
+        JSON, another shape, keys missing): such a spool's database is unknown, like a spool of an earlier release."""
         try:
-            return json.loads((self.path / IDENTITY_FILE).read_text())
+            identity = json.loads((self.path / IDENTITY_FILE).read_text())
         except FileNotFoundError:
             return None
         except ValueError:
-            log.error("spool: %s is unreadable; treating the spool's database as unknown", self.path / IDENTITY_FILE)
-            return None
+            identity = None
+        if isinstance(identity, dict) and IDENTITY_KEYS <= identity.keys():
+            return identity
+        log.error("spool: %s does not name a database; treating the spool's database as unknown",
+                  self.path / IDENTITY_FILE)
+        return None
 
     def write_identity(self, identity: dict[str, Any]) -> None:
         """Atomically: a crash leaves the old file or the new one, never half of one."""

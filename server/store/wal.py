@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from server.primitives import ServerError
 from server.store.spooldir import fsync_dir, write_all
@@ -297,16 +298,24 @@ def count_spool(directory: Path) -> tuple[int, int]:
     rows = size = 0
     for path in Path(directory).iterdir():
         if is_segment(path.name):
-            rows += _count_lines(path)
-            size += path.stat().st_size
+            try:
+                with path.open("rb") as handle:
+                    size += os.fstat(handle.fileno()).st_size
+                    rows += _count_handle(handle)
+            except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
+                continue
     return rows, size
 
 
 def _count_lines(path: Path) -> int:
-    count = 0
     with path.open("rb") as handle:
-        while chunk := handle.read(READ_CHUNK):
-            count += chunk.count(b"\n")
+        return _count_handle(handle)
+
+
+def _count_handle(handle: BinaryIO) -> int:
+    count = 0
+    while chunk := handle.read(READ_CHUNK):
+        count += chunk.count(b"\n")
     return count
 
 
