@@ -53,7 +53,7 @@ from server.connections import client_left
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError, request_id_from
-from server.schemas import ErrorResponse, max_texts_var
+from server.schemas import ERRORS_SHOWN, ErrorResponse, max_texts_var
 from server.services import Services
 
 log = logging.getLogger("server.http")
@@ -75,7 +75,6 @@ STATUS_TYPES = {  # an error's "type" when nothing more specific names it
 }
 # sentiment_rejected_requests_total{reason} for the refusals counted here; 401/403 (server/auth.py) and 503
 # (the batcher, routes, the store) are counted where they are decided.
-ERRORS_SHOWN = 20  # validation errors an answer names, at most
 CLIENT_LEFT = 499  # the status a request whose client left before its answer was sent is counted under
 REJECTED_BY_STATUS = {400: "invalid", 404: "not_found", 405: "invalid", 413: "too_large",
                       415: "unsupported_media_type", 422: "invalid"}

@@ -17,12 +17,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, Field
 
 from server.auth import Caller, log_refusal, require_key, require_role
 from server.http import error_responses
 from server.primitives import ServerError
-from server.schemas import StorableText, UtcDateTime
+from server.schemas import ClosedBody, StorableText, UtcDateTime
 from server.store import feedback, queries
 from server.store.db import run_db
 from server.store.keys import NAME_MAX_CHARS, NAME_PATTERN, ApiKey, check_key_name
@@ -47,9 +47,7 @@ class TsvResponse(PlainTextResponse):
     media_type = "text/tab-separated-values"
 
 
-class FeedbackIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # as /predict: a misspelt field is a 422, not silently dropped
-
+class FeedbackIn(ClosedBody):
     prediction_id: StorableText = Field(..., min_length=1, max_length=32,
                                         description="the id a prediction was stored under")
     label: StorableText = Field(..., min_length=1, max_length=32,
@@ -57,9 +55,7 @@ class FeedbackIn(BaseModel):
                                             "model.labels)")
 
 
-class KeyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class KeyIn(ClosedBody):
     name: Annotated[StorableText, AfterValidator(check_key_name)] = Field(
         ..., min_length=1, max_length=NAME_MAX_CHARS, json_schema_extra={"pattern": NAME_PATTERN},
         description="who or what uses the key: one line of text")

@@ -195,11 +195,37 @@ def test_a_list_past_max_texts_is_refused_by_its_count_not_item_by_item(server, 
     refused(response, 413, "too_large", f"{MANY} texts in one request; at most 256 (MAX_TEXTS_PER_REQUEST)")
 
 
+UNKNOWN_KEYS = b",".join(b'"k%d": 1' % n for n in range(3000))
+
+
+@pytest.mark.parametrize("path, body, fields", [
+    ("/predict", b'{"text": "fine", %s}' % UNKNOWN_KEYS, "send only text, texts, inputs"),
+    ("/", b'{"inputs": "fine", "parameters": {"top_k": 1, %s}}' % UNKNOWN_KEYS, "send only top_k, function_to_apply"),
+    ("/v1/models/sentiment:predict", b'{"instances": ["fine"], %s}' % UNKNOWN_KEYS, "send only instances"),
+    ("/feedback", b'{"prediction_id": "x", "label": "POSITIVE", %s}' % UNKNOWN_KEYS, "send only prediction_id, label"),
+], ids=["predict", "hf-parameters", "kserve", "feedback"])
+def test_thousands_of_unknown_fields_are_one_problem_naming_twenty(server, path, body, fields):
+    """One error each made 60,000 errors of a 750 KB body, whose conversion held the event loop 0.25-0.4 s per
+    request (four such clients kept /ready waiting up to 0.8 s); now one error, found before the fields are read."""
+    response = httpx.post(server.url + path, content=body, headers=JSON, timeout=30)
+    error = refused(response, 422, "invalid_input", "3000 fields this body does not take ('k0', 'k1',", "'k19', ...)",
+                    fields)
+    assert len(error["detail"]) == 1 and error["detail"][0]["type"] == "extra_forbidden"
+    assert len(response.content) < 4096
+
+
+def test_a_few_unknown_fields_are_named_one_by_one(server):
+    body = b'{"text": "fine", %s}' % b",".join(b'"k%d": 1' % n for n in range(20))
+    error = refused(httpx.post(server.url + "/predict", content=body, headers=JSON, timeout=30), 422,
+                    "invalid_input", "k0: Extra inputs are not permitted", "k19: Extra inputs are not permitted")
+    assert len(error["detail"]) == 20
+
+
 def test_a_body_with_thousands_of_problems_names_twenty(server):
-    body = b'{"text": "fine", %s}' % b",".join(b'"k%d": 1' % n for n in range(3000))
-    response = httpx.post(server.url + "/predict", content=body, headers=JSON, timeout=30)
-    error = refused(response, 422, "invalid_input", "k0: Extra inputs are not permitted", "and 2980 more problems")
-    assert len(error["detail"]) == 20 and len(response.content) < 4096
+    body = b'{"texts": [%s]}' % b",".join([b"1"] * 200)
+    error = refused(httpx.post(server.url + "/predict", content=body, headers=JSON, timeout=30), 422,
+                    "invalid_input", "texts[0]: Input should be a valid string", "and 180 more problems")
+    assert len(error["detail"]) == 20
 
 
 @pytest.mark.parametrize("headers, fragment", [

@@ -24,7 +24,7 @@ from server.auth import require_role
 from server.http import error_responses, json_response
 from server.primitives import Draining
 from server.protocols.oip_model import ALIAS, ModelNotFound
-from server.schemas import Texts
+from server.schemas import ClosedBody, Texts
 from server.services import Services
 from server.serving import classify
 
@@ -41,8 +41,8 @@ class ModelNameConvertor(StringConvertor):
 register_url_convertor("model_name", ModelNameConvertor())
 
 
-class ModelInstances(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"instances": ["a gripping film"]}]})
+class ModelInstances(ClosedBody):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"instances": ["a gripping film"]}]})
 
     instances: Texts = Field(..., min_length=1, description="texts; answered in the same order")
 

@@ -39,7 +39,7 @@ from server import __version__
 from server.auth import require_role
 from server.http import json_response
 from server.primitives import InputTooLong, Prediction
-from server.schemas import PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
+from server.schemas import ClosedBody, PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
 from server.services import Services
 from server.serving import Classified, classify, validated_texts
 
@@ -101,9 +101,7 @@ FunctionToApply = Annotated[Literal["softmax", "sigmoid", "none"], AfterValidato
                                             "description": "only softmax, what the scores are"})]
 
 
-class HfParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class HfParameters(ClosedBody):
     top_k: StrictInt | None = Field(None, ge=1, description="answer only the k best labels")
     function_to_apply: FunctionToApply | None = None
 
@@ -113,10 +111,10 @@ def _hf_request_schema(schema: dict) -> None:
     schema["examples"] = [{"inputs": "a gripping, funny film", "parameters": {"top_k": 1}}]
 
 
-class HfRequest(BaseModel):
+class HfRequest(ClosedBody):
     """The Hugging Face Inference API's text-classification body, with TEI's options."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_hf_request_schema)
+    model_config = ConfigDict(json_schema_extra=_hf_request_schema)
 
     inputs: TeiInputs
     parameters: HfParameters | None = None
