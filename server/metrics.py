@@ -195,6 +195,7 @@ class Metrics:
         r.register(LostLogLines())
 
         self._serving: tuple[str, str, tuple[str, ...]] | None = None  # (model, version, labels): serving_model
+        self._retired: tuple[str, str, tuple[str, ...]] | None = None  # the model served before it
         self._create_known_children()
 
     def _create_known_children(self) -> None:
@@ -209,17 +210,21 @@ class Metrics:
             self.engine_handoff.labels(direction)
 
     def serving_model(self, name: str, version: str, labels: list[str]) -> None:
-        """The model now serving: its series of the model families start at 0; the previous model's are removed.
+        """The model now serving: its series of the model families start at 0; the previous model's are kept until
+        the next swap, and the one's before them removed.
 
         Called whenever a model starts serving, so ``sentiment_predictions_total`` holds one series per label of
-        the model in use (bounded by its manifest), and its first prediction of a label shows as an increase. The
-        same model reloaded (same name and version) keeps its counts.
+        the model in use and of the one before it (bounded by two manifests), and a model's first prediction of a
+        label shows as an increase. The previous model's series stay so that what it counted since the last
+        scrape, and the batches it still finishes after the swap, reach Prometheus: removed at the swap, those
+        counts were lost. They stop growing, so a rate over them falls to 0. The same model reloaded (same name
+        and version) keeps its counts.
         """
         serving = (name, version, tuple(labels))
         if serving == self._serving:
             return
-        if self._serving is not None:
-            old_name, old_version, old_labels = self._serving
+        if self._retired is not None and self._retired != serving:
+            old_name, old_version, old_labels = self._retired
             for label in old_labels:
                 self.predictions.remove(old_name, old_version, label)
             for family in (self.confidence, self.low_confidence, self.truncated):
@@ -228,7 +233,7 @@ class Metrics:
             self.predictions.labels(name, version, label)
         for family in (self.confidence, self.low_confidence, self.truncated):
             family.labels(name, version)
-        self._serving = serving
+        self._retired, self._serving = self._serving, serving
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,9 +17,9 @@ confidence``, ``sentiment_low_confidence_predictions_total``) and
 computation's texts once. Cache hits and requests that shared a concurrent
 computation are not counted again, so a hot text answered from the cache
 cannot mask (or fake) a shift in what the model says. They carry the model's
-name and version (``Metrics.serving_model``); a computation that finishes on a
-model already swapped out is not counted (its series are gone), so a reload
-can drop the counts of the few batches in flight at the swap.
+name and version (``Metrics.serving_model``); a computation that finishes on the
+model just swapped out is counted in its series, which are kept until the next
+swap (one finishing on a model two swaps old is not: its series are gone).
 
 Low confidence is relative to the number of labels: LOW_CONFIDENCE_THRESHOLD
 is stated for two labels (0.6 = a fifth of the way from chance, 0.5, to
@@ -87,21 +87,26 @@ class Predictor:
         self.cache = cache
         self._metrics = metrics
         self._low_confidence = low_confidence_threshold
-        self._serve(runtime)
+        self._series: dict[tuple[str, str], _ModelSeries] = {}
+        self._serve(runtime, previous=None)
 
     def swap(self, runtime: ModelRuntime) -> ModelRuntime:
         """Serve ``runtime`` from now on; returns the previous one (to drain). The cache is emptied."""
         previous, self.runtime = self.runtime, runtime
         self.cache.clear()
-        self._serve(runtime)
+        self._serve(runtime, previous)
         return previous
 
-    def _serve(self, runtime: ModelRuntime) -> None:
+    def _serve(self, runtime: ModelRuntime, previous: ModelRuntime | None) -> None:
         labels = runtime.labels()
         self._metrics.serving_model(runtime.identity.name, runtime.identity.version, labels)
-        self._series = self._series_of(runtime)  # the drift families' children for the serving model
+        series = self._series_of(runtime)
+        # The drift families' children of the serving model and of the one before it, whose series the metrics
+        # keep until the next swap (``Metrics.serving_model``).
+        kept = {} if previous is None else {key: s for key, s in self._series.items() if key == model_key(previous)}
+        self._series = {**kept, model_key(runtime): series}
         log.info("model %s %s: labels %s, low-confidence threshold %.3f", runtime.identity.name,
-                 runtime.identity.version, labels, self._series.threshold)
+                 runtime.identity.version, labels, series.threshold)
 
     async def predict(self, texts: list[str], timeout: float | None = None,
                       timings: StageTimings | None = None, on_worker: OnWorker | None = None) -> list[Prediction]:
@@ -157,9 +162,9 @@ class Predictor:
         return lambda misses: ([ids_by_text[text] for text in misses], [False] * len(misses))
 
     def _observe(self, runtime: ModelRuntime, predictions: list[Prediction]) -> None:
-        if runtime is not self.runtime:  # swapped out while computing: its series are gone (module docstring)
+        series = self._series.get(model_key(runtime))
+        if series is None:  # swapped out twice while computing: its series are gone (module docstring)
             return
-        series = self._series
         for p in predictions:
             series.by_label[p.label].inc()
             series.confidence.observe(p.score)
@@ -176,6 +181,10 @@ class Predictor:
             low_confidence_threshold(self._low_confidence, len(labels)),
             {label: m.predictions.labels(name, version, label) for label in labels},
             *(family.labels(name, version) for family in (m.confidence, m.low_confidence, m.truncated)))
+
+
+def model_key(runtime: ModelRuntime) -> tuple[str, str]:
+    return runtime.identity.name, runtime.identity.version
 
 
 @dataclass(frozen=True)

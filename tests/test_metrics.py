@@ -40,7 +40,9 @@ def test_a_fresh_metrics_renders_every_known_child_at_zero() -> None:
         assert exported[("sentiment_model_reloads_total", (("result", result),))] == 0
 
 
-def test_the_model_families_hold_only_the_serving_models_series() -> None:
+def test_the_model_families_hold_the_serving_and_the_previous_models_series() -> None:
+    """The previous model's series stay one swap longer, so that what it counted since the last scrape is scraped
+    (removed at the swap, it was lost); the one before it is removed, so the series stay bounded."""
     metrics = Metrics()
     metrics.serving_model("sst2", "v1", ["NEGATIVE", "POSITIVE"])
     metrics.predictions.labels("sst2", "v1", "POSITIVE").inc()
@@ -50,13 +52,26 @@ def test_the_model_families_hold_only_the_serving_models_series() -> None:
     positive = {"model": "sst2", "version": "v1", "label": "POSITIVE"}
     assert metrics.registry.get_sample_value("sentiment_predictions_total", positive) == 1
     metrics.serving_model("three", "v2", ["neg", "neu", "pos"])
+    assert metrics.registry.get_sample_value("sentiment_predictions_total", positive) == 1  # kept, not reset
+    assert model_series(metrics) == {("sst2", "v1"), ("three", "v2")}
     exported = samples(metrics.render().decode())
-    predictions = {labels for name, labels in exported if name == "sentiment_predictions_total"}
-    assert predictions == {(("label", x), ("model", "three"), ("version", "v2")) for x in ("neg", "neu", "pos")}
     for family in ("sentiment_truncated_texts_total", "sentiment_low_confidence_predictions_total",
                    "sentiment_prediction_confidence_count"):
-        assert {labels for name, labels in exported if name == family} == {(("model", "three"), ("version", "v2"))}
         assert exported[(family, (("model", "three"), ("version", "v2")))] == 0
+    assert exported[("sentiment_truncated_texts_total", (("model", "sst2"), ("version", "v1")))] == 1
+
+    metrics.serving_model("four", "v3", ["a", "b"])
+    assert model_series(metrics) == {("three", "v2"), ("four", "v3")}
+    metrics.serving_model("three", "v2", ["neg", "neu", "pos"])  # back to the previous one: nothing removed
+    assert model_series(metrics) == {("three", "v2"), ("four", "v3")}
+
+
+def model_series(metrics: Metrics) -> set[tuple[str, str]]:
+    """(model, version) of every series of the four model families."""
+    exported = samples(metrics.render().decode())
+    families = ("sentiment_predictions_total", "sentiment_truncated_texts_total",
+                "sentiment_low_confidence_predictions_total", "sentiment_prediction_confidence_count")
+    return {(dict(labels)["model"], dict(labels)["version"]) for name, labels in exported if name in families}
 
 
 def test_every_rejection_reason_the_server_records_is_declared() -> None:

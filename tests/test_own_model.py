@@ -275,7 +275,7 @@ def test_the_readme_flow_serves_reloads_and_takes_feedback_in_each_models_labels
         assert status == 422 and "bad, good" in refused["error"]  # the serving model's labels, after the reload
         assert give_feedback(feedback, server, prediction["id"], "good")[0] == 201
         models = {dict(labels)["model"] for (name, labels), _ in prediction_series(server).items()}
-        assert models == {"bert-bad-good"}  # the previous model's series are gone
+        assert models == {"bert-bad-good", "reviews-3class"}  # the previous model's kept until the next swap
 
         status, body = curl(readme("/admin/reload"), server, {"KEY": key, "my-other-artifact": three})
         assert status == 409 and "python -m models.build --checkpoint" in json.loads(body)["error"]

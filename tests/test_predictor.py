@@ -77,20 +77,34 @@ async def test_drift_metrics_count_each_computation_once_and_no_cache_hit(servin
 
 
 async def test_the_serving_models_labels_exist_at_zero_and_follow_a_swap(serving) -> None:
+    """A computation that finishes on the model just swapped out is counted in that model's series (kept one swap
+    longer); two swaps later its series are gone and it is not counted."""
     predictor, metrics = serving
     assert value(metrics, "sentiment_predictions_total", label="NEGATIVE") == 0
     assert value(metrics, "sentiment_predictions_total", label="POSITIVE") == 0
 
     other = SimpleNamespace(labels=lambda: ["negative", "neutral", "positive"],
                             identity=SimpleNamespace(name="other", version="v2"))
-    previous = predictor.swap(other)
-    predictor.runtime = previous  # the stub only stands in for the swap; the fixture drains the real runtime
-
-    assert value(metrics, "sentiment_predictions_total", label="POSITIVE") is None
+    real = predictor.swap(other)
     assert [value(metrics, "sentiment_predictions_total", model="other", version="v2", label=x)
             for x in ("negative", "neutral", "positive")] == [0, 0, 0]
     assert value(metrics, "sentiment_prediction_confidence_count", model="other", version="v2") == 0
-    assert value(metrics, "sentiment_low_confidence_predictions_total", model=previous.identity.name) is None
+
+    def counted_for_real() -> float:
+        return sum(value(metrics, "sentiment_predictions_total", model=real.identity.name, label=x) or 0
+                   for x in ("NEGATIVE", "POSITIVE"))
+
+    predictor.runtime = real  # stands in for a batch the swapped-out model still runs (the stub cannot compute)
+    await predictor.predict(["a batch in flight at the swap"])
+    assert counted_for_real() == 1
+    assert value(metrics, "sentiment_low_confidence_predictions_total", model=real.identity.name) is not None
+
+    predictor.runtime = other
+    predictor.swap(SimpleNamespace(labels=lambda: ["a", "b"], identity=SimpleNamespace(name="third", version="v3")))
+    assert value(metrics, "sentiment_predictions_total", model=real.identity.name, label="POSITIVE") is None
+    predictor.runtime = real  # two swaps old now; the fixture drains the real runtime
+    await predictor.predict(["finished after two swaps"])
+    assert counted_for_real() == 0
 
 
 async def test_with_the_cache_off_a_request_computes_each_distinct_text_once(make_settings) -> None:
