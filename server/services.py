@@ -173,6 +173,10 @@ class Services:
             same_version_other_labels(self.runtime, fresh)
         except Exception as exc:
             return self._reload_failed(path, old, exc)
+        except asyncio.CancelledError:  # shutdown (``close``) cancels a SIGHUP's reload; the load is then dropped
+            log.warning("model reload from %s abandoned: the server is shutting down (still serving %s %s)", path,
+                        old.name, old.version)
+            raise
         fresh.batcher.start()
         previous = self.predictor.swap(fresh)
         self.memory_guard.follow(fresh.budget)

@@ -259,6 +259,21 @@ def test_sighup_during_start_up_is_remembered_and_the_reload_runs_once_ready(tin
     assert live.log().count("SIGHUP during start-up: the model reload will run once the server is ready") == 1
 
 
+def test_a_reload_under_way_at_sigterm_is_said_to_be_abandoned(tmp_path):
+    """Shutdown cancels a SIGHUP's reload: the model it was loading was dropped without a word, after a "warm"
+    line that read as if it had been swapped in. (The default model: its load outlasts the signal's handling.)"""
+    live = start_server({"DRAIN_GRACE_S": "0"}, tmp_path)
+    live.process.send_signal(signal.SIGHUP)
+    time.sleep(0.2)
+    live.process.send_signal(signal.SIGTERM)
+    code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+    assert code == 0
+    log = live.log()
+    assert re.search(r"WARNING .*model reload from \S+ abandoned: the server is shutting down \(still serving "
+                     r"sentiment-distilbert-minilm ", log), log
+    assert "model reloaded" not in log
+
+
 @pytest.mark.parametrize("error, code", [
     (StartupError("SPOOL_DIR /data/spool is locked by another server process (pid 4242); stop it or give this "
                   "one its own SPOOL_DIR", ExitCode.SPOOL_LOCKED), ExitCode.SPOOL_LOCKED),
