@@ -67,7 +67,12 @@ def base_url(text: str) -> str:
     resolve, and every message echoes the URL); refused without repeating the password (``redact``)."""
     from urllib.parse import urlsplit
 
-    if "@" in urlsplit(text).netloc:
+    try:
+        netloc = urlsplit(text).netloc
+    except ValueError:  # argparse would repeat the value, password and all
+        raise argparse.ArgumentTypeError("not a URL (not repeated here: it may hold a password); give the server's "
+                                         "base URL, e.g. http://127.0.0.1:8000") from None
+    if "@" in netloc:
         from server.store.db import redact
 
         raise argparse.ArgumentTypeError(f"{redact(text)} holds credentials: give the server's base URL without "

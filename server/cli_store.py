@@ -117,7 +117,7 @@ def _run(run: Callable[[Settings, Engine, argparse.Namespace], int], args: argpa
                 return _fail(f"no SQLite database at {sqlite_file.resolve()} (DATABASE_URL is not set: its default "
                              f"{DEFAULT_DATABASE_URL} is relative to the working directory): run the command where "
                              "the server runs, or set DATABASE_URL (a new file is then created)")
-            print(f"creating a new SQLite database at {sqlite_file.resolve()}", file=sys.stderr)
+            _notice(f"creating a new SQLite database at {sqlite_file.resolve()}")
         engine = make_engine(settings)
     except ConfigError as error:
         return _fail(str(error))
@@ -183,12 +183,20 @@ def keys_create(settings: Settings, engine: Engine, args: argparse.Namespace) ->
     record, key = KeyStore(engine).create(args.name, args.role)
     try:
         print(f"created API key id={record.id} name={record.name!r} role={record.role}")
-        print("store the key now; it is not kept and cannot be shown again:", file=sys.stderr)
+        _notice("store the key now; it is not kept and cannot be shown again:")
         print(key, flush=True)
     except OSError as error:  # the key exists but nobody saw it: say which one to revoke
         return output_failed(error, "the new key", f": API key id={record.id} was created but not shown; revoke it "
                              f"(`sentiment-analyzer keys revoke {record.id}`) and create another")
     return 0
+
+
+def _notice(line: str) -> None:
+    """A line for the person at the terminal (standard error); its failing is no reason to withhold the output."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: standard error closed
+        pass
 
 
 def keys_list(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:

@@ -24,18 +24,25 @@ from dataclasses import replace
 from server.config import ConfigError, Settings, load_settings
 from server.engine import first_line
 from server.exitcodes import StartupError
-from server.preflight import DOCTOR_CHECKS, Check, check_database_reachable, check_port, run_check
+from server.preflight import DOCTOR_CHECKS, Check, check_database_reachable, check_database_url, check_port, run_check
 
 SCHEMA_FIX = ("run `sentiment-analyzer db upgrade` with this DATABASE_URL before starting this release (or start "
               "with DB_AUTO_MIGRATE=true)")
+SPOOL_DIR_FIX = "give the server's user read and write access to SPOOL_DIR and its files, or point SPOOL_DIR elsewhere"
 SPOOL_FIX = "stop the process named above (or wait for its replay to end), or give this server its own SPOOL_DIR"
 
 
 def check_database_and_schema(settings: Settings) -> str:
-    """Reachable (start-up's check), then the schema as the store checks it at start, read-only."""
+    """Reachable (start-up's check), then the schema as the store checks it at start, read-only. A SQLite file that
+    is not there yet is not opened: connecting creates it and its folders, which `keys create` (refusing to make a
+    stray ``./predictions.db``) would then take for the server's database."""
     from server.store import migrate
-    from server.store.db import make_engine
+    from server.store.db import make_engine, sqlite_path
 
+    check_database_url(settings)
+    sqlite_file = sqlite_path(settings.database_url)
+    if sqlite_file is not None and not sqlite_file.exists():
+        return f"no SQLite database at {sqlite_file.resolve()} yet: the server creates it at its first start"
     reachable = check_database_reachable(settings)
     engine = make_engine(settings)
     try:
@@ -50,7 +57,7 @@ def check_database_and_schema(settings: Settings) -> str:
 
 def check_port_and_spool(settings: Settings) -> str:
     """PORT (start-up's check) and SPOOL_DIR's lock: another server here holds both; a replay holds the lock."""
-    from server.store.spooldir import SpoolDirectory, SpoolLocked
+    from server.store.spooldir import SpoolDirectory
 
     spool = SpoolDirectory(settings.spool_dir)
     try:
@@ -58,8 +65,8 @@ def check_port_and_spool(settings: Settings) -> str:
     except StartupError as port_taken:
         try:
             spool.check_unlocked()
-        except SpoolLocked as locked:
-            raise StartupError(f"{port_taken}; and {locked}", port_taken.exit_code) from None
+        except StartupError as spool_refused:  # SpoolLocked, SpoolDirUnusable
+            raise StartupError(f"{port_taken}; and {spool_refused}", port_taken.exit_code) from None
         raise
     spool.check_unlocked()
     return f"{free}; SPOOL_DIR {settings.spool_dir} is held by no other process"
@@ -72,10 +79,12 @@ CHECKS = [replace(check, run=EXTENDED.get(check.name, check.run)) for check in D
 def fix_for(check: Check, error: StartupError) -> str:
     """The check's general remedy, or the refusal's own for the two the store finds (module docstring)."""
     from server.store.migrate import SchemaBehind
-    from server.store.spooldir import SpoolLocked
+    from server.store.spooldir import SpoolDirUnusable, SpoolLocked
 
     if isinstance(error, SchemaBehind):
         return SCHEMA_FIX
+    if isinstance(error, SpoolDirUnusable):
+        return SPOOL_DIR_FIX
     return SPOOL_FIX if isinstance(error, SpoolLocked) else check.fix
 
 

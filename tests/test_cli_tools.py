@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, inspect, text
 from scripts.benchlib.serverproc import ROOT
 from server.cli import main
 from server.config import load_settings
+from server.exitcodes import ExitCode
 from server.metrics import Metrics
 from server.store import PredictionStore, SpoolLocked, migrate
 from server.store.rows import encode_lines, record_row
@@ -359,3 +360,70 @@ def test_a_spool_held_by_a_replay_is_not_said_to_be_held_by_a_server(tmp_path, p
     assert second.returncode == 1
     said = one_error_line(second, "in use by another process", f"pid {first.pid}", "`sentiment-analyzer spool replay`")
     assert "a server" not in said and "running server" not in said, said
+
+
+# 8. the second red team's findings
+
+
+def test_doctor_on_a_sqlite_file_not_there_yet_creates_neither_it_nor_its_folders(monkeypatch, tiny_artifact,
+                                                                                  tmp_path):
+    """Connecting made the file (and its folders), which ``keys create`` then took for the server's database."""
+    missing = tmp_path / "nodir" / "sub" / "x.db"
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "DATABASE_URL": f"sqlite:///{missing}"})
+    assert code == 0, lines
+    assert f"no SQLite database at {missing} yet" in next(line for line in lines if "database" in line), lines
+    assert not (tmp_path / "nodir").exists()
+
+
+def test_keys_create_shows_the_key_when_standard_error_fails(tmp_path):
+    """The notice on standard error failed and was taken for standard output failing: the key was made and never
+    shown."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "server.cli", "keys", "create", "--name", "ops"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=full, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": str(ROOT),
+                                     "DATABASE_URL": f"sqlite:///{tmp_path / 'keys.db'}"})
+    created, key = result.stdout.splitlines()
+    assert created.startswith("created API key id=") and len(key) > 32 and " " not in key, result.stdout
+
+
+@pytest.mark.parametrize("argv", [["keys", "list"], ["db", "current"], ["feedback", "export", "--out", "-"]])
+def test_a_database_url_whose_port_is_not_a_number_is_one_line(argv):
+    result = cli(*argv, "--database-url", "postgresql://ops:s3cret@db:notaport/sentiment")
+    assert result.returncode != 0 and "s3cret" not in result.stderr
+    one_error_line(result, "DATABASE_URL")
+
+
+@pytest.mark.parametrize("url", ["http://admin:s3cret@host:notaport/", "http://admin:s3cret@[::1/"])
+def test_status_does_not_echo_a_url_it_cannot_parse(url):
+    """argparse repeats a value its type function refused with ValueError: the password with it."""
+    result = cli("status", "--url", url, "--timeout", "1")
+    assert result.returncode == 2 and "s3cret" not in result.stdout + result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_database_json_nested_too_deeply_is_an_unknown_database(tmp_path):
+    spool = tmp_path / "spool"
+    leave_spool(spool, {})
+    (spool / "database.json").write_text("[" * 200_000)
+    result = cli("spool", "status", "--spool-dir", str(spool))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "3 predictions" in result.stdout
+
+
+@pytest.mark.parametrize("planted", ["fifo", "directory"])
+def test_a_lock_file_that_is_not_a_file_is_one_line_for_doctor_and_serve(tiny_artifact, tmp_path, planted):
+    """A FIFO named .lock hung doctor (its open waited for a writer) and killed serve with a traceback."""
+    env = good_env(tiny_artifact, tmp_path)
+    spool = Path(env["SPOOL_DIR"])
+    spool.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(spool / ".lock") if planted == "fifo" else (spool / ".lock").mkdir()
+    checked = cli("doctor", env=env)  # its own process: a regression hangs it, not the suite (cli's timeout)
+    lines = checked.stdout.splitlines()
+    assert checked.returncode == 1, lines
+    assert any(line.startswith(f"[FAIL] port: SPOOL_DIR={spool} is not usable") for line in lines), lines
+    served = subprocess.run([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert served.returncode == ExitCode.FILESYSTEM, served.stderr[-2000:]
+    output = served.stdout + served.stderr  # the server logs to standard output
+    assert "Traceback" not in output and f"SPOOL_DIR={spool} is not usable" in output

@@ -41,7 +41,7 @@ def database_url(raw: str) -> URL:
     """Parse DATABASE_URL; bare ``postgresql://`` / ``postgres://`` mean the psycopg 3 driver."""
     try:
         url = make_url(raw.replace("postgres://", "postgresql://", 1) if raw.startswith("postgres://") else raw)
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         url = None
     if url is None or url.get_backend_name() not in ("sqlite", "postgresql"):
         raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r}: use sqlite:///path/to/file.db "
@@ -73,7 +73,7 @@ def redact(raw: str) -> str:
     whose password holds an unescaped @) and libpq's ``password`` and ``sslpassword`` parameters."""
     try:
         url = make_url(raw)
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparseable>"
     hidden = {name: "***" for name in url.query if "password" in name.lower()}
     rendered = url.update_query_dict(hidden).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")

@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -127,24 +128,43 @@ class SpoolDirectory:
         a second process gets), or raise ``SpoolLocked`` naming the holder."""
         try:
             make_dir(self.path)
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
-            raise SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable ({error.strerror or error}): "
-                                   "point SPOOL_DIR at a writable directory") from error
+            raise self._unusable(error) from error
+        fd = self._open_lock_file(os.O_CREAT)
         self._take(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {holder}\n".encode(), 0)
         self._lock_fd = fd
 
     def check_unlocked(self) -> None:
-        """Raise ``SpoolLocked`` (the message ``lock`` gives) if another process holds SPOOL_DIR; creates nothing
-        and keeps nothing (doctor: ``serve`` would refuse to start). The lock is taken for an instant to test it."""
+        """Raise what ``lock`` would (``SpoolLocked``: another process holds SPOOL_DIR; ``SpoolDirUnusable``: its
+        lock file cannot be opened as ``lock`` opens it); creates nothing and keeps nothing (doctor: ``serve`` would
+        refuse to start). The lock is taken for an instant to test it."""
         try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
-        except OSError:  # no lock file (nobody has held the directory yet), or a path doctor's disk check names
-            return
+            fd = self._open_lock_file(0)
+        except SpoolDirUnusable as unusable:
+            if isinstance(unusable.__cause__, FileNotFoundError):  # nobody has held the directory yet
+                return
+            raise
         self._take(fd)
         os.close(fd)  # releases it
+
+    def _open_lock_file(self, create: int) -> int:
+        """The lock file, read-write, as a regular file: ``O_NONBLOCK`` so that a FIFO planted under its name is
+        refused rather than waited on (doctor hung on one; serve died on its ``ftruncate`` with a traceback)."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_NONBLOCK | create, 0o644)
+        except OSError as error:
+            raise self._unusable(error) from error
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable: {self.path / LOCK_FILE} is not a regular "
+                                   "file: remove it, or point SPOOL_DIR at a directory of the server's own")
+        return fd
+
+    def _unusable(self, error: OSError) -> SpoolDirUnusable:
+        return SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable ({error.strerror or error}): point SPOOL_DIR "
+                                "at a directory the server's user can write")
 
     def _take(self, fd: int) -> None:
         """``flock`` ``fd`` or close it and raise ``SpoolLocked`` naming the holder (pid and what it is)."""
@@ -169,7 +189,7 @@ class SpoolDirectory:
             identity = json.loads((self.path / IDENTITY_FILE).read_text())
         except FileNotFoundError:
             return None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON; nested past the parser's depth
             identity = None
         if isinstance(identity, dict) and IDENTITY_KEYS <= identity.keys():
             return identity
