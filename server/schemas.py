@@ -196,8 +196,8 @@ class ClosedBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _few_unknown_fields(cls, data: Any) -> Any:
-        fields = cls.model_fields
-        if isinstance(data, dict) and len(data) > len(fields) + ERRORS_SHOWN:
+        if isinstance(data, dict) and len(data) > ERRORS_SHOWN:  # fewer keys cannot hold more unknown ones
+            fields = cls.model_fields
             unknown = [key for key in data if key not in fields]
             if len(unknown) > ERRORS_SHOWN:
                 context = {"count": len(unknown), "named": ", ".join(repr(key)[:40] for key in unknown[:ERRORS_SHOWN]),
