@@ -41,7 +41,14 @@ from server.store.keys import ROLES, KeyStore, one_line
 from server.store.rejected import RejectedFile, ReplayUnderWay
 from server.store.replay import ReplayReport, replay_rejected, replay_spool
 from server.store.sink import DatabaseRefuses, DatabaseSink
-from server.store.spooldir import SERVER, SpoolDirectory, SpoolLocked, database_identity, describe_identity
+from server.store.spooldir import (
+    SERVER,
+    SpoolDirectory,
+    SpoolDirUnusable,
+    SpoolLocked,
+    database_identity,
+    describe_identity,
+)
 from server.store.wal import count_spool
 
 DEFAULT_DATABASE_URL = Settings.model_fields["database_url"].default
@@ -339,7 +346,11 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
     directory = Path(args.spool_dir) if args.spool_dir else settings.spool_dir
     if not directory.is_dir():
         return _fail(f"no spool at {directory}")
-    recorded = SpoolDirectory(directory).read_identity()
+    try:
+        recorded = SpoolDirectory(directory).read_identity()
+    except OSError as error:  # database.json unreadable (permissions)
+        return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}; run the "
+                     "command as the server's user")
     if args.into is None and recorded != target:
         return _fail(f"{directory} holds predictions for {describe_identity(recorded)}, not for DATABASE_URL "
                      f"({describe_identity(target)}): pass --into URL to choose the database to replay them into")
@@ -349,7 +360,7 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
         return 0
     except SpoolLocked as error:
         return _fail(f"{error}{'; that server replays the spool itself' if error.holder == SERVER else ''}")
-    except ReplayUnderWay as error:
+    except (ReplayUnderWay, SpoolDirUnusable) as error:
         return _fail(str(error))
     except UNAVAILABLE as error:
         return _fail(f"cannot reach the database {redact(settings.database_url)}: {describe(error)}")

@@ -427,3 +427,13 @@ def test_a_lock_file_that_is_not_a_file_is_one_line_for_doctor_and_serve(tiny_ar
     assert served.returncode == ExitCode.FILESYSTEM, served.stderr[-2000:]
     output = served.stdout + served.stderr  # the server logs to standard output
     assert "Traceback" not in output and f"SPOOL_DIR={spool} is not usable" in output
+
+
+def test_spool_replay_on_a_spool_it_cannot_write_is_one_line(tmp_path):
+    """Its lock file could not be opened (``SpoolDirUnusable``): a traceback."""
+    spool, into = tmp_path / "spool", f"sqlite:///{tmp_path / 'p.db'}"
+    leave_spool(spool, database_identity(into))
+    (spool / ".lock").mkdir()  # as unusable as a lock file without write permission, and root cannot be refused
+    result = cli("spool", "replay", "--spool-dir", str(spool), "--into", into)
+    assert result.returncode == 1
+    one_error_line(result, f"SPOOL_DIR={spool} is not usable")
