@@ -282,6 +282,14 @@ def test_output_to_a_full_device_or_a_closed_pipe_is_one_line(tmp_path, command)
 # 6. Ctrl-C
 
 
+def interruptible(argv: list[str]) -> subprocess.Popen:
+    """The CLI in a process that Ctrl-C reaches: a shell that starts a job in the background without job control
+    (CI's, for one) has it ignore SIGINT, and Python then installs no KeyboardInterrupt for it."""
+    return subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def interrupted(process: subprocess.Popen) -> str:
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
@@ -303,9 +311,7 @@ def test_ctrl_c_in_status_is_one_line_and_exit_130():
     with socket.socket() as silent:  # a server that takes the connection and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
-        process = subprocess.Popen([sys.executable, "-m", "server.cli", "status", "--timeout", "600", "--url",
-                                    f"http://127.0.0.1:{silent.getsockname()[1]}"], cwd=ROOT,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = interruptible(["status", "--timeout", "600", "--url", f"http://127.0.0.1:{silent.getsockname()[1]}"])
         silent.settimeout(60)
         connection, _ = silent.accept()  # status now waits for an answer
         with connection:
@@ -319,9 +325,7 @@ def test_ctrl_c_in_keys_list_waiting_on_a_locked_table_is_one_line_and_exit_130(
     try:
         with engine.connect() as locker, engine.connect() as watcher:
             locker.execute(text("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE"))  # a migration under way
-            process = subprocess.Popen([sys.executable, "-m", "server.cli", "keys", "list", "--database-url",
-                                        pg_store_db.url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True)
+            process = interruptible(["keys", "list", "--database-url", pg_store_db.url])
             wait_for_lock(watcher, process, "api_keys")
             interrupted(process)
             locker.rollback()
