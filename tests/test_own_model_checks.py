@@ -252,7 +252,11 @@ async def test_low_confidence_is_relative_to_the_number_of_labels(predictor) -> 
         predictor._observe(three, [unsure, fair])  # below 0.467, above it (both below the 2-label 0.6)
         assert metrics.registry.get_sample_value("sentiment_low_confidence_predictions_total",
                                                  {"model": "three", "version": "v1"}) == 1
-        predictor._observe(serving, [unsure])  # a model no longer serving: not counted (its series are gone)
+        # The model just swapped out: counted in its own series (kept until the next swap), at its own threshold.
+        first, second = serving.labels()
+        predictor._observe(serving, [Prediction(first, 0.55, {first: 0.55, second: 0.45})])
+        assert metrics.registry.get_sample_value("sentiment_low_confidence_predictions_total", {
+            "model": serving.identity.name, "version": serving.identity.version}) == 1  # below 0.6 for 2 labels
         assert metrics.registry.get_sample_value("sentiment_predictions_total",
                                                  {"model": "three", "version": "v1", "label": "neutral"}) == 2
     finally:
