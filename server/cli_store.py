@@ -310,9 +310,13 @@ def spool_status(args: argparse.Namespace) -> int:
                   f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay --spool-dir "
                   f"{foreign.path} --into URL`")
     except OSError as error:  # unreadable (permissions): a segment that vanished meanwhile is counted as empty
-        return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}; run the "
-                     "command as the server's user")
+        return _unreadable_spool(directory, error)
     return 0
+
+
+def _unreadable_spool(directory: Path, error: OSError) -> int:
+    return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}; run the command "
+                 "as the server's user")
 
 
 def spool_replay(args: argparse.Namespace) -> int:
@@ -349,8 +353,7 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
     try:
         recorded = SpoolDirectory(directory).read_identity()
     except OSError as error:  # database.json unreadable (permissions)
-        return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}; run the "
-                     "command as the server's user")
+        return _unreadable_spool(directory, error)
     if args.into is None and recorded != target:
         return _fail(f"{directory} holds predictions for {describe_identity(recorded)}, not for DATABASE_URL "
                      f"({describe_identity(target)}): pass --into URL to choose the database to replay them into")

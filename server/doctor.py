@@ -24,7 +24,7 @@ from dataclasses import replace
 from server.config import ConfigError, Settings, load_settings
 from server.engine import first_line
 from server.exitcodes import StartupError
-from server.preflight import DOCTOR_CHECKS, Check, check_database_reachable, check_database_url, check_port, run_check
+from server.preflight import DOCTOR_CHECKS, Check, check_database_reachable, check_port, run_check
 
 SCHEMA_FIX = ("run `sentiment-analyzer db upgrade` with this DATABASE_URL before starting this release (or start "
               "with DB_AUTO_MIGRATE=true)")
@@ -39,8 +39,7 @@ def check_database_and_schema(settings: Settings) -> str:
     from server.store import migrate
     from server.store.db import make_engine, sqlite_path
 
-    check_database_url(settings)
-    sqlite_file = sqlite_path(settings.database_url)
+    sqlite_file = sqlite_path(settings.database_url)  # None for a URL that is refused: the next check says why
     if sqlite_file is not None and not sqlite_file.exists():
         return f"no SQLite database at {sqlite_file.resolve()} yet: the server creates it at its first start"
     reachable = check_database_reachable(settings)

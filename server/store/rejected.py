@@ -22,13 +22,12 @@ from typing import Any
 import orjson
 
 from server.store.rows import decode_line
-from server.store.spooldir import fsync_dir, write_all
+from server.store.spooldir import count_lines, fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
 FILENAME = "rejected.jsonl"
 TAKEN_PREFIX = "rejected.replaying-"
-READ_CHUNK = 1 << 20
 
 
 class ReplayUnderWay(RuntimeError):
@@ -74,8 +73,7 @@ class RejectedFile:
         for path in self._files():
             try:
                 with path.open("rb") as handle:
-                    while chunk := handle.read(READ_CHUNK):
-                        total += chunk.count(b"\n")
+                    total += count_lines(handle)
             except FileNotFoundError:
                 continue
         return total

@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy.engine import URL
 
@@ -66,6 +66,18 @@ def write_all(fd: int, payload: bytes) -> None:
     view = memoryview(payload)
     while view:
         view = view[os.write(fd, view):]
+
+
+READ_CHUNK = 1 << 20  # bytes read at a time by ``count_lines``
+
+
+def count_lines(handle: BinaryIO) -> int:
+    """The newlines from ``handle``'s position on, read a chunk at a time (memory does not grow with the file):
+    the spool's segments and ``rejected.jsonl`` hold a record a line."""
+    count = 0
+    while chunk := handle.read(READ_CHUNK):
+        count += chunk.count(b"\n")
+    return count
 
 
 def fsync_dir(path: Path) -> None:

@@ -37,16 +37,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from server.primitives import ServerError
-from server.store.spooldir import fsync_dir, write_all
+from server.store.spooldir import count_lines, fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 4 << 20
 IDLE_RETIRE_S = 30.0  # long enough that a quiet server does not create and sync a new segment per request
-READ_CHUNK = 1 << 20
 _SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.jsonl$")
 
 
@@ -301,7 +299,7 @@ def count_spool(directory: Path) -> tuple[int, int]:
             try:
                 with path.open("rb") as handle:
                     size += os.fstat(handle.fileno()).st_size
-                    rows += _count_handle(handle)
+                    rows += count_lines(handle)
             except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
                 continue
     return rows, size
@@ -309,14 +307,7 @@ def count_spool(directory: Path) -> tuple[int, int]:
 
 def _count_lines(path: Path) -> int:
     with path.open("rb") as handle:
-        return _count_handle(handle)
-
-
-def _count_handle(handle: BinaryIO) -> int:
-    count = 0
-    while chunk := handle.read(READ_CHUNK):
-        count += chunk.count(b"\n")
-    return count
+        return count_lines(handle)
 
 
 def _cut_torn_tail(segment: Segment) -> bool:
