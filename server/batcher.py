@@ -126,6 +126,16 @@ class PendingRequest:
         if not self.future.done():
             self.future.set_exception(error)
 
+    def close(self) -> None:
+        """Its caller has its outcome: cancel its deadline and let go of its texts' work items. They point back at
+        the request (as its deadline's timer does), and that cycle, left standing, kept each request and all it
+        holds (~17 objects, its future and store records among them) for the cyclic garbage collector: at 256
+        clients its collections took ~0.08 ms of the loop's ~0.4 ms per request (``gc.callbacks``, this VM)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.items = []
+
     def report(self, timings: StageTimings) -> None:
         """Add its queue wait (submission to its first engine call, hand-off included) and engine time."""
         timings.queue += self.engine_started - self.submitted
@@ -276,15 +286,17 @@ class Batcher:
             else:
                 self._settle()
             results = await request.future
+            if timings is not None:
+                request.report(timings)
+            return results
         except BaseException:
             self._forget(request.items)  # its caller is gone (client disconnected) or it failed: its texts need not run
             raise
         finally:
-            request.timer.cancel()
+            request.close()
             self._pending.discard(request)
-        if timings is not None:
-            request.report(timings)
-        return results
+            del request  # an exception raised here keeps this frame (its traceback) and the request's future keeps
+            # the exception: with the request still in the frame, that would be a cycle (``PendingRequest.close``)
 
     async def drain(self, timeout: float | None = None) -> int:
         """Refuse new work and answer everything accepted, then stop the workers.

@@ -82,11 +82,14 @@ class WorkerThreads:
     def _run(self, calls: queue.SimpleQueue) -> None:
         me = threading.current_thread()
         while (item := calls.get()) is not None:
-            fn, args = item
-            _IN_CALL.add(me)
-            try:
-                fn(*args)
-            except BaseException:  # the thread must live on to take the next call
-                log.exception("a call on the %s threads failed", self._name)
-            finally:
-                _IN_CALL.discard(me)
+            self._call(me, *item)
+            del item  # nothing of a finished call (a batch: its requests, their results) is held while waiting
+
+    def _call(self, me: threading.Thread, fn: Callable[..., Any], args: tuple) -> None:
+        _IN_CALL.add(me)
+        try:
+            fn(*args)
+        except BaseException:  # the thread must live on to take the next call
+            log.exception("a call on the %s threads failed", self._name)
+        finally:
+            _IN_CALL.discard(me)

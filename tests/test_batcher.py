@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -705,3 +707,36 @@ def test_every_accepted_request_gets_exactly_its_answer_under_random_traffic(
         rows, width = batch.shape
         assert rows <= batch_size
         assert rows == 1 or rows * width <= batch_tokens
+
+
+@pytest.mark.parametrize("outcome", ["answered", "deadline", "cancelled"])
+async def test_a_finished_request_is_freed_by_reference_counting_alone(outcome):
+    """Nothing of a request outlives its answer in a reference cycle (its work items and deadline timer point back
+    at it): left to the cyclic garbage collector, every request's objects cost the loop collections at load."""
+    engine = RecordingEngine()
+    batcher = Batcher(engine, settings(), Metrics())
+    batcher.start()
+    if outcome != "answered":
+        engine.gate.clear()
+        held = asyncio.ensure_future(batcher.submit([np.array([1])]))  # holds the only worker: the next one queues
+        await asyncio.sleep(0.05)
+    gc.collect()
+    gc.disable()
+    try:
+        task = asyncio.ensure_future(batcher.submit([np.array([7]), np.array([8, 9])], timeout=0.05))
+        await asyncio.sleep(0)
+        request = weakref.ref(next(r for r in batcher._pending if len(r.items) == 2))
+        if outcome == "cancelled":
+            task.cancel()
+        await asyncio.wait([task], timeout=5)
+        assert task.cancelled() if outcome == "cancelled" else task.done()
+        if outcome == "deadline":
+            assert isinstance(task.exception(), DeadlineExceeded)
+        del task
+        engine.gate.set()
+        if outcome != "answered":
+            await held
+        await batcher.drain()  # the worker thread has let go of its last batch too
+        assert request() is None
+    finally:
+        gc.enable()

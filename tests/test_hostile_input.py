@@ -8,6 +8,8 @@ reach the database, where SQLite and PostgreSQL overflow differently.
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import re
 import subprocess
@@ -322,3 +324,20 @@ def test_what_ends_a_body_read_is_answered_as_itself(make_settings, message, sta
         response = client.post("/predict", json={"text": "fine"})
     body = refused(response, status, error_type, fragment)
     assert "not valid JSON" not in body["error"]
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v1/models/default:predict", "/"])
+def test_a_refused_body_is_freed_once_answered_not_left_in_a_reference_cycle(make_settings, path):
+    """The body of a request refused as not JSON is held by the parser's error (``JSONDecodeError.doc``), whose
+    traceback made a cycle with the framework's frame: each such body waited for the cyclic garbage collector,
+    which the server runs seldom (``server.heap``)."""
+    with TestClient(create_app(make_settings())) as client:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                response = client.post(path, content=b'{"text": "' + b"x" * 100_000 + b'"', headers=JSON)
+                refused(response, 422, "invalid_json")
+            assert [o for o in gc.get_objects() if isinstance(o, json.JSONDecodeError)] == []
+        finally:
+            gc.enable()
