@@ -27,7 +27,6 @@ Prints, for the default artifact on this machine's CPU:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -47,7 +46,7 @@ from models.data import LabeledData, load_labeled  # noqa: E402
 from scripts.benchlib import floor  # noqa: E402
 from scripts.benchlib.argtypes import names  # noqa: E402
 from scripts.benchlib.envinfo import environment, header  # noqa: E402
-from scripts.benchlib.loadgen import Client, closed_loop  # noqa: E402
+from scripts.benchlib.loadgen import Client, closed_loop, run  # noqa: E402
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server  # noqa: E402
 from scripts.benchlib.workload import Draw, Workload  # noqa: E402
 from server.artifact import load_artifact  # noqa: E402
@@ -442,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
             bare_engine = None if args.skip_raw else floor.start_bare_server(Path(tmp), engine=(args.artifact, SHORT))
             raw_call = floor.lone_call(engine[0], encoder, SHORT) if engine else None  # (b) compares like with like
             probes = {"tokenization": lambda: encoder.encode([SHORT]), "fsync": fsync_beside_spools}
-            measured = asyncio.run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
+            measured = run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
                                                bare.url, probes, bare_engine.url if bare_engine else None))
             said = {mode: server_durability(server.url) for mode, server in servers.items()}
         finally:

@@ -7,6 +7,9 @@ cheaper still but closed-loop only (its latencies suffer from coordinated omissi
 each response's labels for accuracy would need Lua; a Python core is also what the later
 side-by-side against other servers calls as a function.
 
+The generator's event loop is uvloop where it is installed (``run``; ``uvicorn[standard]`` brings it): at 256
+clients against the server it spent 0.20 ms of CPU per request against asyncio's own loop's 0.24 (2-core VM).
+
 Open loop: requests are scheduled at arrival times fixed in advance (Poisson or constant) and each
 is sent as its own task, so a slow response never delays the next send; latency is measured from
 the scheduled time, so queueing anywhere (client connection pool, server) counts (no coordinated
@@ -19,13 +22,26 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 
 from models.labels import model_label_for, resolve_labels
 from scripts.benchlib.workload import Draw, Workload
+
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop where installed (module docstring)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 @dataclass

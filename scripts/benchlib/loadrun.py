@@ -12,7 +12,6 @@ through all phases, so fresh texts continue where the previous phase stopped.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from models.data import load_labeled
 from scripts.benchlib.envinfo import environment, header
-from scripts.benchlib.loadgen import Client, PredictProtocol, Sample, closed_loop, open_loop
+from scripts.benchlib.loadgen import Client, PredictProtocol, Sample, closed_loop, open_loop, run
 from scripts.benchlib.stats import accuracy, latency_summary, throughput
 from scripts.benchlib.workload import Workload
 
@@ -179,4 +178,4 @@ def headroom(report: dict) -> dict | None:
 
 def run_loadtest(config: LoadTestConfig, log: Callable[[str], None] = print) -> dict:
     """Run the whole load test in a fresh event loop; returns the report dict."""
-    return asyncio.run(run_loadtest_async(config, log))
+    return run(run_loadtest_async(config, log))
