@@ -43,6 +43,7 @@ from server.store.replay import ReplayReport, replay_rejected, replay_spool
 from server.store.sink import DatabaseRefuses, DatabaseSink
 from server.store.spooldir import (
     SERVER,
+    NotRegularFile,
     SpoolDirectory,
     SpoolDirUnusable,
     SpoolLocked,
@@ -315,6 +316,8 @@ def spool_status(args: argparse.Namespace) -> int:
 
 
 def _unreadable_spool(directory: Path, error: OSError) -> int:
+    if isinstance(error, NotRegularFile):  # it names the file and says what to do: no user would read a FIFO
+        return _fail(f"cannot read the spool: {error}")
     return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}; run the command "
                  "as the server's user")
 
@@ -371,6 +374,8 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
         return _fail(f"{error}; nothing was lost: fix the database and run the command again")
     except migrate.SchemaBehind as error:
         return _fail(str(error))
+    except NotRegularFile as error:
+        return _fail(f"{error}; nothing was lost: run the command again once it is gone")
     except OSError as error:  # the spool's disk (full, unreadable): what is not written yet stays where it was
         return _fail(f"{error}; nothing was lost: fix the spool's disk and run the command again")
     finally:

@@ -5,7 +5,8 @@ row at all). Appends are fsynced. `sentiment-analyzer spool replay-rejected` off
 database again while the server keeps running: it renames the file aside (an append that raced the
 rename lands in the renamed file, which the command reads only once it holds the file's lock), and rows
 still refused are appended back to a fresh ``rejected.jsonl``. Appenders lock the file with ``flock`` and
-check that the name still points at the file they opened.
+check that the name still points at the file they opened. A FIFO or device (or a link to one) under these names
+is refused with ``NotRegularFile`` naming it, by every reader and appender, and never renamed aside.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import orjson
 
 from server.store.rows import decode_line
-from server.store.spooldir import count_lines, fsync_dir, write_all
+from server.store.spooldir import count_lines, fsync_dir, open_regular, write_all
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class RejectedFile:
                                         default=str) for entry in entries)
         while True:
             created = not self.path.exists()
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: a torn last line
+            fd = open_regular(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)  # read: a torn last line
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 try:
@@ -72,7 +73,7 @@ class RejectedFile:
         total = 0
         for path in self._files():
             try:
-                with path.open("rb") as handle:
+                with open(open_regular(path), "rb") as handle:
                     total += count_lines(handle)
             except FileNotFoundError:
                 continue
@@ -107,15 +108,17 @@ class RejectedFile:
     def take(self) -> list[Path]:
         """Move ``rejected.jsonl`` aside for a replay; returns every file taken (earlier interrupted ones too).
 
-        After this returns no appender can still be writing to a returned file.
+        After this returns no appender can still be writing to a returned file. A FIFO or device named
+        ``rejected.jsonl`` is refused where it is (``NotRegularFile``), not renamed to a name the operator never saw.
         """
         if self.path.exists():
+            os.close(open_regular(self.path))
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
             os.rename(self.path, self.directory / f"{TAKEN_PREFIX}{stamp}.jsonl")
             fsync_dir(self.directory)
         taken = sorted(self.directory.glob(f"{TAKEN_PREFIX}*.jsonl"))
         for path in taken:
-            with path.open("rb") as handle:  # wait out an append that opened the file before the rename
+            with open(open_regular(path), "rb") as handle:  # wait out an append that opened it before the rename
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         return taken
 
@@ -145,6 +148,6 @@ def _append_whole(fd: int, payload: bytes) -> None:
 def read_entries(path: Path) -> Iterator[tuple[dict[str, Any] | None, bytes]]:
     """Each line of a rejected file: (its entry, or None when unreadable; the raw line). A last line without its
     newline (a torn append, a hand edit) is read too: rows in it are still offered, and anything else is kept."""
-    with path.open("rb") as handle:
+    with open(open_regular(path), "rb") as handle:
         for line in handle:
             yield decode_line(line), line

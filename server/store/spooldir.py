@@ -11,10 +11,15 @@
   --spool-dir DIR --into URL` has replayed it (the command removes the directory once it is empty).
 
 Every create, rename and remove is followed by an fsync of the directory, so that it survives a power cut.
+
+Every file the store opens in SPOOL_DIR (the lock, ``database.json``, segments, ``rejected.jsonl``) is opened with
+``open_regular``: anything else under its name (a FIFO, a device, a link to either) is refused with
+``NotRegularFile``, naming it and saying to remove it, instead of being waited on or read for ever.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -59,6 +64,41 @@ class SpoolLocked(StartupError):
 
 class SpoolDirUnusable(StartupError):
     exit_code = ExitCode.FILESYSTEM
+
+
+_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device, socket or directory (or a link to one) under the name of a spool file: an OSError, so each
+    caller treats it as it treats a file it cannot read; ``str()`` names it and says what to do."""
+
+    def __init__(self, path: Path, mode: int) -> None:
+        kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
+        if Path(path).is_symlink():
+            kind = f"a link to {kind}"
+        super().__init__(errno.EINVAL, f"not a regular file but {kind}: remove it", str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename} is {self.strerror}"
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """``os.open`` for a spool file that must be a regular file, else ``NotRegularFile``: with ``O_NONBLOCK`` a
+    FIFO's open returns at once instead of waiting for its other end (a no-op for a regular file), and ``fstat``
+    follows links, so a link to /dev/zero (read for ever) or to a FIFO is refused as well."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, mode)
+    except OSError as error:
+        if error.errno != errno.ENXIO:  # ENXIO: a FIFO opened to write with no reader, a socket
+            raise
+        raise NotRegularFile(path, os.stat(path).st_mode) from error
+    file_mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(file_mode):
+        os.close(fd)
+        raise NotRegularFile(path, file_mode)
+    return fd
 
 
 def write_all(fd: int, payload: bytes) -> None:
@@ -162,17 +202,15 @@ class SpoolDirectory:
         os.close(fd)  # releases it
 
     def _open_lock_file(self, create: int) -> int:
-        """The lock file, read-write, as a regular file: ``O_NONBLOCK`` so that a FIFO planted under its name is
+        """The lock file, read-write, as a regular file (``open_regular``): a FIFO planted under its name is
         refused rather than waited on (doctor hung on one; serve died on its ``ftruncate`` with a traceback)."""
         try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_NONBLOCK | create, 0o644)
+            return open_regular(self.path / LOCK_FILE, os.O_RDWR | create)
+        except NotRegularFile as error:
+            raise SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable: {self.path / LOCK_FILE} is not a regular "
+                                   "file: remove it, or point SPOOL_DIR at a directory of the server's own") from error
         except OSError as error:
             raise self._unusable(error) from error
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable: {self.path / LOCK_FILE} is not a regular "
-                                   "file: remove it, or point SPOOL_DIR at a directory of the server's own")
-        return fd
 
     def _unusable(self, error: OSError) -> SpoolDirUnusable:
         return SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable ({error.strerror or error}): point SPOOL_DIR "
@@ -196,9 +234,11 @@ class SpoolDirectory:
 
     def read_identity(self) -> dict[str, Any] | None:
         """The recorded database, or None when there is none or it is not one ``database_identity`` writes (not
-        JSON, another shape, keys missing): such a spool's database is unknown, like a spool of an earlier release."""
+        JSON, another shape, keys missing): such a spool's database is unknown, like a spool of an earlier release.
+        A FIFO or device under its name raises ``NotRegularFile``, as an unreadable file raises its OSError."""
         try:
-            identity = json.loads((self.path / IDENTITY_FILE).read_text())
+            with open(open_regular(self.path / IDENTITY_FILE), "rb") as handle:
+                identity = json.loads(handle.read())
         except FileNotFoundError:
             return None
         except (ValueError, RecursionError):  # not JSON; nested past the parser's depth
@@ -213,7 +253,7 @@ class SpoolDirectory:
         """Atomically: a crash leaves the old file or the new one, never half of one."""
         target = self.path / IDENTITY_FILE
         partial = target.with_name(IDENTITY_FILE + ".partial")
-        with partial.open("w") as handle:
+        with open(open_regular(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w") as handle:
             json.dump(identity, handle, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())

@@ -21,7 +21,8 @@ the database".
   it is fully released and has had no append for ``IDLE_RETIRE_S``, so an idle server's spool is empty.
 - **Open**: segments are found by name; a torn tail on the last one (a crash in mid-append: those
   records were never acknowledged) is cut off; lines are counted by streaming the files, so the memory
-  a start needs does not depend on the spool's size.
+  a start needs does not depend on the spool's size. A FIFO or device (or a link to one) named like a segment
+  is refused with ``NotRegularFile`` naming it (the server does not start), never waited on, read or deleted.
 
 One lock covers the segment list: appends (committer or engine worker), reads and releases (the store's database
 thread) and the CLI never see it half-changed.
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.primitives import ServerError
-from server.store.spooldir import count_lines, fsync_dir, write_all
+from server.store.spooldir import count_lines, fsync_dir, open_regular, write_all
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class WriteAheadLog:
                            if (m := _SEGMENT_NAME.match(p.name)))
             segments, removed = [], False
             for start, path in found:
-                size = path.stat().st_size
+                size = _size(path)
                 if size == 0:
                     path.unlink()
                     removed = True
@@ -176,7 +177,7 @@ class WriteAheadLog:
                 continue
             position = max(position, start)  # a gap (a segment removed by hand) is skipped
             try:
-                with path.open("rb") as handle:
+                with open(open_regular(path), "rb") as handle:
                     handle.seek(position - start)
                     while position < limit and len(lines) < max_lines:
                         line = handle.readline(limit - position)
@@ -242,7 +243,7 @@ class WriteAheadLog:
             self._fd = None
         if self._fd is None:
             segment = Segment(self._end(), self.directory / segment_name(self._end()), 0)
-            self._fd = os.open(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fd = open_regular(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
                 fsync_dir(self.directory)
             except OSError:
@@ -297,7 +298,7 @@ def count_spool(directory: Path) -> tuple[int, int]:
     for path in Path(directory).iterdir():
         if is_segment(path.name):
             try:
-                with path.open("rb") as handle:
+                with open(open_regular(path), "rb") as handle:
                     size += os.fstat(handle.fileno()).st_size
                     rows += count_lines(handle)
             except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
@@ -305,14 +306,21 @@ def count_spool(directory: Path) -> tuple[int, int]:
     return rows, size
 
 
+def _size(path: Path) -> int:
+    """A segment's size, once it is known to be a regular file: a FIFO or a link to a device has size 0, and was
+    deleted as an empty segment, hiding what had been planted there."""
+    with open(open_regular(path), "rb") as handle:
+        return os.fstat(handle.fileno()).st_size
+
+
 def _count_lines(path: Path) -> int:
-    with path.open("rb") as handle:
+    with open(open_regular(path), "rb") as handle:
         return count_lines(handle)
 
 
 def _cut_torn_tail(segment: Segment) -> bool:
     """Truncate the segment after its last newline; False if nothing whole is left (the file is removed)."""
-    with segment.path.open("rb+") as handle:
+    with open(open_regular(segment.path, os.O_RDWR), "rb+") as handle:
         end = segment.size
         handle.seek(end - 1)
         if handle.read(1) == b"\n":
