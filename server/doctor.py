@@ -14,22 +14,41 @@ schema revision (``migrate.check_schema``: behind on a database a server does no
 check_unlocked``: held by another server or a `spool replay` is ``SpoolLocked``). Both say whether another
 process already runs as this server: beside a running server the port line names both, and the other lines
 stay ok (the runbook's "the port check fails in a running container").
+
+A third failure ``serve`` does not refuse but starts degraded with: on PostgreSQL with DB_AUTO_MIGRATE=true, a
+schema behind that the server's role may not upgrade (no CREATE on the schema, PostgreSQL 15+'s default for a role
+that does not own the database), so the store never gets its tables. The database check rehearses that upgrade
+(``migrate.rehearse_upgrade``: the same lock and migrations, rolled back, the database left as it was) and
+fails with the database's own error (``UpgradeRefused``). SQLite is not rehearsed: its driver commits DDL as it
+goes, and the files check already probes that its file is writable.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from server.config import ConfigError, Settings, load_settings
 from server.engine import first_line
-from server.exitcodes import StartupError
+from server.exitcodes import ExitCode, StartupError
 from server.preflight import DOCTOR_CHECKS, Check, check_database_reachable, check_port, run_check
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 SCHEMA_FIX = ("run `sentiment-analyzer db upgrade` with this DATABASE_URL before starting this release (or start "
               "with DB_AUTO_MIGRATE=true)")
+UPGRADE_FIX = ("run `sentiment-analyzer db upgrade` as a role that may create tables in the database (its owner), or "
+               "grant this role CREATE on the schema")
 SPOOL_DIR_FIX = "give the server's user read and write access to SPOOL_DIR and its files, or point SPOOL_DIR elsewhere"
 SPOOL_FIX = "stop the process named above (or wait for its replay to end), or give this server its own SPOOL_DIR"
+
+
+class UpgradeRefused(StartupError):
+    """The upgrade a server runs at start fails as its role: it would start with its store down."""
+
+    exit_code = ExitCode.DATABASE
 
 
 def check_database_and_schema(settings: Settings) -> str:
@@ -37,7 +56,7 @@ def check_database_and_schema(settings: Settings) -> str:
     is not there yet is not opened: connecting creates it and its folders, which `keys create` (refusing to make a
     stray ``./predictions.db``) would then take for the server's database."""
     from server.store import migrate
-    from server.store.db import make_engine, sqlite_path
+    from server.store.db import make_engine, redact, sqlite_path
 
     sqlite_file = sqlite_path(settings.database_url)  # None for a URL that is refused: the next check says why
     if sqlite_file is not None and not sqlite_file.exists():
@@ -47,11 +66,33 @@ def check_database_and_schema(settings: Settings) -> str:
     try:
         if migrate.migrates_at_start(engine, settings):
             current = migrate.current_revision(engine)
-            return (f"{reachable}; schema at revision {current or 'none'}, brought to this release's "
-                    f"({migrate.head_revision()}) when the server starts (SQLite, or DB_AUTO_MIGRATE=true)")
+            if current != migrate.head_revision() and not migrate.is_newer(current):
+                return f"{reachable}; {upgrade_at_start(engine, current, redact(settings.database_url))}"
         return f"{reachable}; schema at revision {migrate.check_schema(engine)}"
     finally:
         engine.dispose()
+
+
+def upgrade_at_start(engine: Engine, current: str | None, where: str) -> str:
+    """A schema behind that the server upgrades when it starts: on PostgreSQL that upgrade is rehearsed and rolled
+    back (module docstring), since a role that may not create tables lets the server start with its store down."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from server.store import migrate
+    from server.store.db import describe
+
+    head = migrate.head_revision()
+    said = f"schema at revision {current or 'none'}, brought to this release's ({head}) when the server starts"
+    if engine.dialect.name != "postgresql":
+        return f"{said} (SQLite)"
+    try:
+        migrate.rehearse_upgrade(engine)
+    except SQLAlchemyError as error:
+        raise UpgradeRefused(
+            f"{where}: schema at revision {current or 'none'} and DB_AUTO_MIGRATE=true, but the server's upgrade to "
+            f"this release's ({head}) fails as this role (rehearsed here and rolled back): {describe(error)}; the "
+            "server would start with its store down") from None
+    return f"{said} (DB_AUTO_MIGRATE=true; its upgrade rehearsed here and rolled back)"
 
 
 def check_port_and_spool(settings: Settings) -> str:
@@ -76,12 +117,14 @@ CHECKS = [replace(check, run=EXTENDED.get(check.name, check.run)) for check in D
 
 
 def fix_for(check: Check, error: StartupError) -> str:
-    """The check's general remedy, or the refusal's own for the two the store finds (module docstring)."""
+    """The check's general remedy, or the failure's own for the three the store finds (module docstring)."""
     from server.store.migrate import SchemaBehind
     from server.store.spooldir import SpoolDirUnusable, SpoolLocked
 
     if isinstance(error, SchemaBehind):
         return SCHEMA_FIX
+    if isinstance(error, UpgradeRefused):
+        return UPGRADE_FIX
     if isinstance(error, SpoolDirUnusable):
         return SPOOL_DIR_FIX
     return SPOOL_FIX if isinstance(error, SpoolLocked) else check.fix

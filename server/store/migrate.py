@@ -3,9 +3,9 @@
 SQLite (the embedded default) is migrated at start. PostgreSQL is shared by
 replicas and owned by operators, so a server refuses to start on a schema that
 is behind unless DB_AUTO_MIGRATE=true; concurrent upgrades serialize on an
-advisory lock. A schema *newer* than this server (after ``kubectl rollout
-undo``) only logs a warning: migrations are kept backward compatible so that
-rollbacks work.
+advisory lock (``doctor`` takes it too, to rehearse the upgrade and roll it
+back). A schema *newer* than this server (after ``kubectl rollout undo``) only
+logs a warning: migrations are kept backward compatible so that rollbacks work.
 """
 
 from __future__ import annotations
@@ -54,14 +54,33 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine) -> str:
     """Apply pending migrations in one transaction; returns the revision the database is at."""
     with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
-        current = MigrationContext.configure(connection).get_current_revision()
-        if current is not None and not _known(current):
-            log.warning("database schema is at revision %s, newer than this server's %s; leaving it as it is",
-                        current, head_revision())
-            return current
-        command.upgrade(_config(connection), "head")
+        return _upgrade_in(connection)
+
+
+def rehearse_upgrade(engine: Engine) -> None:
+    """Run ``upgrade`` (same lock, same migrations) and roll it back: raises what the server's own upgrade would
+    meet, a role that may not create tables say, and leaves the database as it was. PostgreSQL only, whose DDL is
+    transactional: SQLite's driver commits DDL as it goes, so a rollback there would not undo it."""
+    if engine.dialect.name != "postgresql":
+        raise ValueError(f"an upgrade is rehearsed on PostgreSQL only, not {engine.dialect.name}")
+    with engine.connect() as connection:
+        transaction = connection.begin()
+        try:
+            _upgrade_in(connection)
+        finally:
+            transaction.rollback()
+
+
+def _upgrade_in(connection: Connection) -> str:
+    """``upgrade``'s work inside the caller's transaction, which commits it or (``rehearse_upgrade``) not."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current is not None and not _known(current):
+        log.warning("database schema is at revision %s, newer than this server's %s; leaving it as it is",
+                    current, head_revision())
+        return current
+    command.upgrade(_config(connection), "head")
     return head_revision()
 
 
