@@ -121,7 +121,8 @@ def _run(run: Callable[[Settings, Engine, argparse.Namespace], int], args: argpa
                 return _fail(f"no SQLite database at {sqlite_file} (DATABASE_URL={redact(settings.database_url)}): "
                              "check the path; the server creates it at its first start, `sentiment-analyzer db "
                              "upgrade` now")
-            if creates == NAMED_PATH and settings.database_url == DEFAULT_DATABASE_URL:
+            # refused only when DATABASE_URL is not set: set, even to the default's spelling, it names the file
+            if creates == NAMED_PATH and "database_url" not in settings.model_fields_set:
                 return _fail(f"no SQLite database at {sqlite_file.resolve()} (DATABASE_URL is not set: its default "
                              f"{DEFAULT_DATABASE_URL} is relative to the working directory): run the command where "
                              "the server runs, or set DATABASE_URL (a new file is then created)")
@@ -303,15 +304,19 @@ def spool_status(args: argparse.Namespace) -> int:
             return _fail(f"no spool at {directory}")
         spool = SpoolDirectory(directory)
         rows, size = count_spool(directory)
-        print(f"{directory}: {rows} predictions ({size} bytes) for {describe_identity(spool.read_identity())}; "
-              f"{RejectedFile(directory).count()} rejected rows in {directory / 'rejected.jsonl'}")
+        lines = [f"{directory}: {rows} predictions ({size} bytes) for {describe_identity(spool.read_identity())}; "
+                 f"{RejectedFile(directory).count()} rejected rows in {directory / 'rejected.jsonl'}"]
         for foreign in spool.foreign_spools():
             rows, size = count_spool(foreign.path)
-            print(f"  set aside: {foreign.path}: {rows} predictions ({size} bytes) for "
-                  f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay --spool-dir "
-                  f"{foreign.path} --into URL`")
+            lines.append(f"  set aside: {foreign.path}: {rows} predictions ({size} bytes) for "
+                         f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay "
+                         f"--spool-dir {foreign.path} --into URL`")
     except OSError as error:  # unreadable (permissions): a segment that vanished meanwhile is counted as empty
         return _unreadable_spool(directory, error)
+    try:  # written once all is read: a full or closed standard output is not the spool's fault
+        print("\n".join(lines), flush=True)
+    except OSError as error:
+        return output_failed(error, "the spool's status")
     return 0
 
 

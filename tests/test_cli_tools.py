@@ -175,6 +175,15 @@ def test_keys_create_makes_no_database_where_it_happens_to_run_and_says_where_it
     assert again.returncode == 0 and "creating" not in again.stderr, again.stderr
 
 
+def test_keys_create_takes_the_default_path_when_database_url_names_it(tmp_path):
+    """Set, DATABASE_URL names the file whatever its spelling: the built-in default's own was refused as if unset
+    (the check compared the strings)."""
+    created = cli("keys", "create", "--name", "ops", cwd=tmp_path, env={"DATABASE_URL": "sqlite:///./predictions.db"})
+    assert created.returncode == 0, created.stderr
+    assert f"creating a new SQLite database at {tmp_path / 'predictions.db'}" in created.stderr
+    assert (tmp_path / "predictions.db").is_file()
+
+
 # 3. spool status on a spool it cannot read, or that changes under it
 
 
@@ -256,6 +265,16 @@ def test_feedback_export_to_a_name_too_long_is_one_line(tmp_path):
     fits = tmp_path / ("y" * 250)  # a name that fits: its temporary file must fit too
     assert cli("feedback", "export", "--out", str(fits), "--database-url", url).returncode == 0
     assert fits.read_text() == "text\tlabel\n"
+
+
+def test_spool_status_to_a_full_device_blames_the_output_not_the_spool(tmp_path):
+    spool = tmp_path / "spool"
+    leave_spool(spool, database_identity(f"sqlite:///{tmp_path}/p.db"))
+    with open("/dev/full", "w") as full:
+        result = cli("spool", "status", "--spool-dir", str(spool), stdout=full)
+    assert result.returncode == 1
+    err = one_error_line(result, "standard output refused the spool's status", "No space left on device")
+    assert "cannot read the spool" not in err and "server's user" not in err, err
 
 
 @pytest.mark.parametrize("command", [("keys", "list"), ("feedback", "export", "--out", "-"),

@@ -332,6 +332,18 @@ def test_refused_rows_are_kept_whole_or_not_at_all_when_the_disk_is_full(small_t
     assert [e["row"]["id"] if e else None for e in entries] == ["first", None] + [f"r{n}" for n in range(20)]
 
 
+def test_the_rejected_count_includes_a_torn_last_line_which_the_replay_offers(tmp_path):
+    """``spool status`` counted newlines: a last line without one (a crash mid-append, a hand edit) was left out,
+    though ``read_entries`` reads it and the replay offers the row in it."""
+    rejected = RejectedFile(tmp_path)
+    assert rejected.count() == 0
+    rejected.append([{"error": "refused", "row": {"id": f"r{n}"}} for n in range(2)])
+    assert rejected.count() == 2
+    with rejected.path.open("ab") as handle:
+        handle.write(b'{"error": "refused", "row": {"id": "r2"}}')  # no newline
+    assert rejected.count() == len(list(read_entries(rejected.path))) == 3
+
+
 def test_two_replays_of_the_rejected_rows_at_once_are_one_and_a_refusal(store_db, tmp_path, capsys):
     """Two `replay-rejected` run together both offered the taken file: one ended in a traceback, and each set the
     rows still refused aside again, so they were kept twice."""

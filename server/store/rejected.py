@@ -69,12 +69,13 @@ class RejectedFile:
             return
 
     def count(self) -> int:
-        """Rows waiting here (streamed: memory does not depend on the file's size)."""
+        """Rows waiting here (streamed: memory does not depend on the file's size), a torn last line too: the
+        replay offers it (``read_entries``)."""
         total = 0
         for path in self._files():
             try:
                 with open(open_regular(path), "rb") as handle:
-                    total += count_lines(handle)
+                    total += count_lines(handle) + _ends_unterminated(handle.fileno())
             except FileNotFoundError:
                 continue
         return total
@@ -126,13 +127,19 @@ class RejectedFile:
         return [self.path, *sorted(self.directory.glob(f"{TAKEN_PREFIX}*.jsonl"))]
 
 
+def _ends_unterminated(fd: int) -> bool:
+    """Whether the file's last line has no newline (an append torn by a crash, a hand edit)."""
+    size = os.fstat(fd).st_size
+    return bool(size) and os.pread(fd, 1, size - 1) != b"\n"
+
+
 def _append_whole(fd: int, payload: bytes) -> None:
     """Append ``payload`` and fsync, or leave the file as it was and raise: the caller reports the rows as kept
     here (and deletes the spool segment they came from) only when they are, so on an error (a full disk) the file
     is cut back to its size before. A line torn earlier (a crash mid-append, a cut that failed) is ended first, so
     it stays a line of its own instead of spoiling the first new one."""
     size = os.fstat(fd).st_size
-    if size and os.pread(fd, 1, size - 1) != b"\n":
+    if _ends_unterminated(fd):
         payload = b"\n" + payload
     try:
         write_all(fd, payload)
