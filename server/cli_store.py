@@ -34,6 +34,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DatabaseError
 
 from server.config import ConfigError, Settings, load_settings
+from server.regular_file import NotRegularFile
 from server.store import migrate
 from server.store.db import UNAVAILABLE, describe, make_engine, redact, sqlite_path
 from server.store.feedback import export_feedback
@@ -43,7 +44,6 @@ from server.store.replay import ReplayReport, replay_rejected, replay_spool
 from server.store.sink import DatabaseRefuses, DatabaseSink
 from server.store.spooldir import (
     SERVER,
-    NotRegularFile,
     SpoolDirectory,
     SpoolDirUnusable,
     SpoolLocked,

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from server.config import ConfigError, Settings, check_relationships
 from server.engine import cpu_oversubscription, first_line
 from server.exitcodes import ExitCode, StartupError
+from server.regular_file import NotRegularFile, open_regular
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -364,14 +365,20 @@ def spool_space_shortfall(directory: Path, max_bytes: int) -> str | None:
 
 def writable_file(path: Path, variable: str, label: str | None = None) -> str:
     """``path`` can be opened for appending: not a directory, in a writable directory (for rotation, SQLite's
-    journal) and, when it exists, writable itself."""
+    journal) and, when it exists, a writable regular file: a FIFO's open waited for a reader for ever
+    (``server.regular_file``), so serve and doctor hung on a FIFO as LOG_FILE or as the SQLite file; a link
+    looping on itself is refused here too, not by the first write."""
     label = label or variable
     if path.is_dir():
         raise StartupError(f"{label} {path} is a directory; {variable} must name a file", ExitCode.FILESYSTEM)
     writable_directory(path.parent, variable, f"{label}'s folder")
-    if path.exists():
+    if os.path.lexists(path):
         try:
-            path.open("ab").close()
+            os.close(open_regular(path, os.O_WRONLY | os.O_APPEND))
+        except NotRegularFile as exc:
+            raise StartupError(f"{label} {exc}, or change {variable}", ExitCode.FILESYSTEM) from None
+        except FileNotFoundError:  # a link to a file yet to be made: opening it for appending makes that file
+            pass
         except OSError as exc:
             raise StartupError(f"{label} {path} is not writable ({exc.strerror}); fix its permissions or change "
                                f"{variable}", ExitCode.FILESYSTEM) from None

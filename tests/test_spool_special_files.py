@@ -3,6 +3,9 @@
 ever and /dev/zero was read for ever, so `serve`, `spool status` and the replays hung; now each refuses the file
 by its path and says to remove it: one line and a non-zero exit (FILESYSTEM for serve), never a hang.
 
+LOG_FILE and the SQLite file, which start-up and doctor probe for writing, are held to the same: a FIFO there
+hung both.
+
 Every command runs in a process of its own with a timeout, and in-process calls on a thread with a deadline, so
 that a hang fails the test instead of blocking the suite.
 """
@@ -144,3 +147,23 @@ def test_rows_set_aside_into_a_fifo_are_refused_with_its_name(tmp_path):
     assert isinstance(error, OSError), error
     assert f"{tmp_path / REJECTED} is not a regular file" in str(error) and "remove it" in str(error), error
     assert [p.name for p in tmp_path.iterdir()] == [REJECTED]  # nothing written anywhere else
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo", "link loop"])
+@pytest.mark.parametrize("variable", ["LOG_FILE", "DATABASE_URL"])
+def test_serve_and_doctor_refuse_a_special_file_as_log_file_or_sqlite_file(tiny_artifact, tmp_path, variable, kind):
+    planted = tmp_path / "files" / "target"
+    if kind == "link loop":
+        planted.parent.mkdir()
+        planted.symlink_to(planted)
+    else:
+        plant(planted, kind)
+    env = {"MODEL_PATH": str(tiny_artifact),
+           variable: str(planted) if variable == "LOG_FILE" else f"sqlite:///{planted}"}
+    server = start_server(env, tmp_path, wait_ready=False)
+    assert wait_exit(server, timeout=TIMEOUT_S) == ExitCode.FILESYSTEM, server.log()
+    said = "not a regular file" if kind != "link loop" else "Too many levels of symbolic links"
+    assert "Traceback" not in server.log() and str(planted) in server.log() and said in server.log(), server.log()
+    doctor = subprocess.run([sys.executable, "-m", "server.cli", "doctor"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=TIMEOUT_S, env={**server.env, "PYTHONPATH": str(ROOT)})
+    assert doctor.returncode != 0 and str(planted) in doctor.stdout and said in doctor.stdout, doctor

@@ -22,8 +22,9 @@ from typing import Any
 
 import orjson
 
+from server.regular_file import open_regular
 from server.store.rows import decode_line
-from server.store.spooldir import count_lines, fsync_dir, open_regular, write_all
+from server.store.spooldir import count_lines, fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 

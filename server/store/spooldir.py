@@ -19,12 +19,10 @@ Every file the store opens in SPOOL_DIR (the lock, ``database.json``, segments, 
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any, BinaryIO
 from sqlalchemy.engine import URL
 
 from server.exitcodes import ExitCode, StartupError
+from server.regular_file import NotRegularFile, open_regular
 from server.store.db import database_url
 
 log = logging.getLogger(__name__)
@@ -64,41 +63,6 @@ class SpoolLocked(StartupError):
 
 class SpoolDirUnusable(StartupError):
     exit_code = ExitCode.FILESYSTEM
-
-
-_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
-
-
-class NotRegularFile(OSError):
-    """A FIFO, device, socket or directory (or a link to one) under the name of a spool file: an OSError, so each
-    caller treats it as it treats a file it cannot read; ``str()`` names it and says what to do."""
-
-    def __init__(self, path: Path, mode: int) -> None:
-        kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
-        if Path(path).is_symlink():
-            kind = f"a link to {kind}"
-        super().__init__(errno.EINVAL, f"not a regular file but {kind}: remove it", str(path))
-
-    def __str__(self) -> str:
-        return f"{self.filename} is {self.strerror}"
-
-
-def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
-    """``os.open`` for a spool file that must be a regular file, else ``NotRegularFile``: with ``O_NONBLOCK`` a
-    FIFO's open returns at once instead of waiting for its other end (a no-op for a regular file), and ``fstat``
-    follows links, so a link to /dev/zero (read for ever) or to a FIFO is refused as well."""
-    try:
-        fd = os.open(path, flags | os.O_NONBLOCK, mode)
-    except OSError as error:
-        if error.errno != errno.ENXIO:  # ENXIO: a FIFO opened to write with no reader, a socket
-            raise
-        raise NotRegularFile(path, os.stat(path).st_mode) from error
-    file_mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(file_mode):
-        os.close(fd)
-        raise NotRegularFile(path, file_mode)
-    return fd
 
 
 def write_all(fd: int, payload: bytes) -> None:

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.primitives import ServerError
-from server.store.spooldir import count_lines, fsync_dir, open_regular, write_all
+from server.regular_file import open_regular
+from server.store.spooldir import count_lines, fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 

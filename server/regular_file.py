@@ -1,0 +1,48 @@
+"""Opening a file that must be a regular file, without waiting on anything else planted under its name.
+
+A FIFO's ``open`` waits for its other end and /dev/zero is read for ever, so a FIFO or device (or a link to one)
+under the name of a file the server opens (a spool file, LOG_FILE, the SQLite database) hung start-up, the CLI or
+doctor. ``open_regular`` opens with ``O_NONBLOCK`` (a no-op for a regular file) and refuses anything else with
+``NotRegularFile``, an ``OSError`` naming the file and saying to remove it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+_KINDS = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}
+
+
+class NotRegularFile(OSError):
+    """A FIFO, device, socket or directory (or a link to one) where a regular file must be: an ``OSError``, so
+    each caller treats it as it treats a file it cannot read; ``str()`` names it and says what to do."""
+
+    def __init__(self, path: Path, mode: int) -> None:
+        kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
+        if Path(path).is_symlink():
+            kind = f"a link to {kind}"
+        super().__init__(errno.EINVAL, f"not a regular file but {kind}: remove it", str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename} is {self.strerror}"
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """``os.open`` for a file that must be a regular one, else ``NotRegularFile``: with ``O_NONBLOCK`` a
+    FIFO's open returns at once instead of waiting for its other end (a no-op for a regular file), and ``fstat``
+    follows links, so a link to /dev/zero (read for ever) or to a FIFO is refused as well."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, mode)
+    except OSError as error:
+        if error.errno != errno.ENXIO:  # ENXIO: a FIFO opened to write with no reader, a socket
+            raise
+        raise NotRegularFile(path, os.stat(path).st_mode) from error
+    file_mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(file_mode):
+        os.close(fd)
+        raise NotRegularFile(path, file_mode)
+    return fd
