@@ -325,6 +325,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             answering.disconnected = True
             answering.message_event.set()
         super().connection_lost(exc)
+        self._drop_unread_bodies(answering)
+
+    def _drop_unread_bodies(self, answering: object) -> None:
+        """Drop the body bytes received but never read: the answer came first (a 404, a 401, a 415), and after the
+        connection is lost ``receive`` only says ``http.disconnect``. The request cycles and this protocol hold each
+        other, so the bytes waited for the cyclic garbage collector, which the server runs seldom
+        (``server.heap``): 1,000 connections each closed after a 900 KB body got a 404 held ~45 MB."""
+        for cycle in {id(c): c for c in (self.cycle, answering, *(c for c, _ in self.pipeline)) if c}.values():
+            cycle.body = bytearray()
 
     def pause_writing(self) -> None:
         """The transport's buffer is full: the client is not reading its answers. Past ``REQUEST_TIMEOUT_S`` of
