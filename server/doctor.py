@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 SCHEMA_FIX = ("run `sentiment-analyzer db upgrade` with this DATABASE_URL before starting this release (or start "
               "with DB_AUTO_MIGRATE=true)")
 UPGRADE_FIX = ("run `sentiment-analyzer db upgrade` as a role that may create tables in the database (its owner), or "
-               "grant this role CREATE on the schema")
+               "grant this role USAGE and CREATE on the schema; a lock or statement timeout instead means another "
+               "upgrade (a server starting, `db upgrade`) held the schema's lock: run doctor again once it is done")
 SPOOL_DIR_FIX = "give the server's user read and write access to SPOOL_DIR and its files, or point SPOOL_DIR elsewhere"
 SPOOL_FIX = "stop the process named above (or wait for its replay to end), or give this server its own SPOOL_DIR"
 
