@@ -119,14 +119,15 @@ class WriteAheadLog:
         with self._lock:
             found = sorted((int(m.group(1)), p) for p in self.directory.iterdir()
                            if (m := _SEGMENT_NAME.match(p.name)))
-            segments, removed = [], False
+            segments, removed, lines = [], False, 0
             for start, path in found:
-                size = _size(path)
+                size, newlines = _size_and_lines(path)  # a torn tail holds no newline: the count stands after its cut
                 if size == 0:
                     path.unlink()
                     removed = True
                 else:
                     segments.append(Segment(start, path, size))
+                    lines += newlines
             if segments and not _cut_torn_tail(segments[-1]):
                 segments.pop()
                 removed = True
@@ -135,7 +136,7 @@ class WriteAheadLog:
             self._segments = segments
             self._bytes = sum(s.size for s in segments)
             self._end_lsn = segments[-1].end if segments else 0
-        return sum(_count_lines(s.path) for s in segments)
+        return lines
 
     def append(self, payload: bytes) -> tuple[int, int]:
         """Write and sync ``payload`` (whole lines); returns its (start, end) LSN. Raises ``SpoolUnavailable``."""
@@ -299,24 +300,18 @@ def count_spool(directory: Path) -> tuple[int, int]:
     for path in Path(directory).iterdir():
         if is_segment(path.name):
             try:
-                with open(open_regular(path), "rb") as handle:
-                    size += os.fstat(handle.fileno()).st_size
-                    rows += count_lines(handle)
+                segment_size, segment_rows = _size_and_lines(path)
+                size, rows = size + segment_size, rows + segment_rows
             except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
                 continue
     return rows, size
 
 
-def _size(path: Path) -> int:
-    """A segment's size, once it is known to be a regular file: a FIFO or a link to a device has size 0, and was
-    deleted as an empty segment, hiding what had been planted there."""
+def _size_and_lines(path: Path) -> tuple[int, int]:
+    """A segment's bytes and newlines, read once it is known to be a regular file: a FIFO or a link to a device has
+    size 0, and was deleted as an empty segment, hiding what had been planted there."""
     with open(open_regular(path), "rb") as handle:
-        return os.fstat(handle.fileno()).st_size
-
-
-def _count_lines(path: Path) -> int:
-    with open(open_regular(path), "rb") as handle:
-        return count_lines(handle)
+        return os.fstat(handle.fileno()).st_size, count_lines(handle)
 
 
 def _cut_torn_tail(segment: Segment) -> bool:
