@@ -30,13 +30,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+
+from server.regular_file import NotRegularFile, open_regular
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
@@ -213,13 +214,16 @@ class Artifact:
 
 
 def _read_regular_file(path: Path, size: int | None) -> bytes | None:
-    """The file's bytes, or None when it is not a regular file of ``size`` bytes (when the manifest gives one): a
-    file swapped for ``/dev/zero`` was read until memory ran out, and opening a FIFO would wait for a writer (hence
-    ``O_NONBLOCK``, which a regular file ignores)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    """The file's bytes, or None when it is not a regular file (``server.regular_file``: a file swapped for
+    ``/dev/zero`` was read until memory ran out, and opening a FIFO would wait for a writer) of ``size`` bytes (when
+    the manifest gives one)."""
+    try:
+        fd = open_regular(path)
+    except NotRegularFile:
+        return None
     with os.fdopen(fd, "rb") as handle:
         found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode) or (size is not None and found.st_size != size):
+        if size is not None and found.st_size != size:
             return None
         data = handle.read(found.st_size + 1)  # one byte more: a file grown since fstat is not what was listed
     return data if len(data) == found.st_size else None
