@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             raw_call = floor.lone_call(engine[0], encoder, SHORT) if engine else None  # (b) compares like with like
             probes = {"tokenization": lambda: encoder.encode([SHORT]), "fsync": fsync_beside_spools}
             measured = run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
-                                               bare.url, probes, bare_engine.url if bare_engine else None))
+                                       bare.url, probes, bare_engine.url if bare_engine else None))
             said = {mode: server_durability(server.url) for mode, server in servers.items()}
         finally:
             for server in [*servers.values(), *(server for server in (bare, bare_engine) if server)]:
