@@ -7,15 +7,17 @@ predictions run. Unlike start-up, doctor runs every check and never stops at the
 that depends on one that failed (the model on the device) is skipped. It never raises: anything a check
 did not foresee is reported as that check's failure.
 
-Two refusals ``serve`` meets only once the app opens the store are checked here with the store's own code,
-inside the checks they belong with (the list of checks stays the runbook's): the database check also reads the
-schema revision (``migrate.check_schema``: behind on a database a server does not migrate at start is
-``SchemaBehind``; nothing is migrated), and the port check also tests SPOOL_DIR's lock (``SpoolDirectory.
-check_unlocked``: held by another server or a `spool replay` is ``SpoolLocked``). Both say whether another
-process already runs as this server: beside a running server the port line names both, and the other lines
-stay ok (the runbook's "the port check fails in a running container").
+Three refusals ``serve`` meets only once the app opens the store are checked here with the store's own code,
+inside the checks they belong with (the list of checks stays the runbook's): the disk check also reads SPOOL_DIR's
+``database.json`` (``SpoolDirectory.read_identity``: a FIFO or device there, or a file that cannot be read, is
+serve's ``SpoolDirUnusable``, and its line), the database check also reads the schema revision
+(``migrate.check_schema``: behind on a database a server does not migrate at start is ``SchemaBehind``; nothing is
+migrated), and the port check also tests SPOOL_DIR's lock (``SpoolDirectory.check_unlocked``: held by another
+server or a `spool replay` is ``SpoolLocked``). The last two say whether another process already runs as this
+server: beside a running server the port line names both, and the other lines stay ok (the runbook's "the port
+check fails in a running container").
 
-A third failure ``serve`` does not refuse but starts degraded with: on PostgreSQL with DB_AUTO_MIGRATE=true, a
+One failure ``serve`` does not refuse but starts degraded with: on PostgreSQL with DB_AUTO_MIGRATE=true, a
 schema behind that the server's role may not upgrade (no CREATE on the schema, PostgreSQL 15+'s default for a role
 that does not own the database), so the store never gets its tables. The database check rehearses that upgrade
 (``migrate.rehearse_upgrade``: the same lock and migrations, rolled back, the database left as it was) and
@@ -32,7 +34,17 @@ from typing import TYPE_CHECKING
 from server.config import ConfigError, Settings, load_settings
 from server.engine import first_line
 from server.exitcodes import ExitCode, StartupError
-from server.preflight import DOCTOR_CHECKS, Check, check_database_reachable, check_port, run_check
+from server.preflight import (
+    DOCTOR_CHECKS,
+    Check,
+    SqliteUnusable,
+    check_database_reachable,
+    check_paths,
+    check_port,
+    check_sqlite_files,
+    run_check,
+)
+from server.regular_file import NotRegularFile
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -43,6 +55,10 @@ UPGRADE_FIX = ("run `sentiment-analyzer db upgrade` as a role that may create ta
                "grant this role USAGE and CREATE on the schema; a lock or statement timeout instead means another "
                "upgrade (a server starting, `db upgrade`) held the schema's lock: run doctor again once it is done")
 SPOOL_DIR_FIX = "give the server's user read and write access to SPOOL_DIR and its files, or point SPOOL_DIR elsewhere"
+SPOOL_FILE_FIX = "remove the file named above, or point SPOOL_DIR at a directory of the server's own"
+SQLITE_FIX = ("check that the SQLite file and the -wal and -shm files beside it, where they exist, are regular files "
+              "the server's user can read and write (remove a FIFO, device or link loop under their names), or point "
+              "DATABASE_URL at a new path (the server creates the database)")
 SPOOL_FIX = "stop the process named above (or wait for its replay to end), or give this server its own SPOOL_DIR"
 
 
@@ -60,8 +76,10 @@ def check_database_and_schema(settings: Settings) -> str:
     from server.store.db import make_engine, redact, sqlite_path
 
     sqlite_file = sqlite_path(settings.database_url)  # None for a URL that is refused: the next check says why
-    if sqlite_file is not None and not sqlite_file.exists():
-        return f"no SQLite database at {sqlite_file.resolve()} yet: the server creates it at its first start"
+    if sqlite_file is not None:
+        check_sqlite_files(sqlite_file)  # first: a link loop does not exist, and resolving it raised RuntimeError
+        if not sqlite_file.exists():
+            return f"no SQLite database at {sqlite_file.resolve()} yet: the server creates it at its first start"
     reachable = check_database_reachable(settings)
     engine = make_engine(settings)
     try:
@@ -113,12 +131,28 @@ def check_port_and_spool(settings: Settings) -> str:
     return f"{free}; SPOOL_DIR {settings.spool_dir} is held by no other process"
 
 
-EXTENDED = {"database": check_database_and_schema, "port": check_port_and_spool}
+def check_paths_and_spool_identity(settings: Settings) -> str:
+    """The writable paths (start-up's check), then SPOOL_DIR's ``database.json`` read as the store reads it when it
+    opens: a FIFO there stopped serve (``NotRegularFile``) while doctor said ok. Creates nothing."""
+    from server.store.spooldir import SpoolDirectory
+
+    checked = check_paths(settings)
+    spool = SpoolDirectory(settings.spool_dir)
+    try:
+        spool.read_identity()
+    except OSError as error:
+        raise spool.cannot_use(error) from error
+    return checked
+
+
+EXTENDED = {"disk": check_paths_and_spool_identity, "database": check_database_and_schema,
+            "port": check_port_and_spool}
 CHECKS = [replace(check, run=EXTENDED.get(check.name, check.run)) for check in DOCTOR_CHECKS]
 
 
 def fix_for(check: Check, error: StartupError) -> str:
-    """The check's general remedy, or the failure's own for the three the store finds (module docstring)."""
+    """The check's general remedy, or the failure's own: those the store finds (module docstring), and a SQLite
+    file's, which is no server to reach (`pg_isready`)."""
     from server.store.migrate import SchemaBehind
     from server.store.spooldir import SpoolDirUnusable, SpoolLocked
 
@@ -126,8 +160,10 @@ def fix_for(check: Check, error: StartupError) -> str:
         return SCHEMA_FIX
     if isinstance(error, UpgradeRefused):
         return UPGRADE_FIX
+    if isinstance(error, SqliteUnusable):
+        return SQLITE_FIX
     if isinstance(error, SpoolDirUnusable):
-        return SPOOL_DIR_FIX
+        return SPOOL_FILE_FIX if isinstance(error.__cause__, NotRegularFile) else SPOOL_DIR_FIX
     return SPOOL_FIX if isinstance(error, SpoolLocked) else check.fix
 
 

@@ -115,6 +115,32 @@ def check_log_file(settings: Settings) -> str:
     return writable_file(settings.log_file, "LOG_FILE") if settings.log_file is not None else "no LOG_FILE"
 
 
+class SqliteUnusable(StartupError):
+    """The SQLite file DATABASE_URL names, or a file SQLite keeps beside it, is unusable: a local file to fix, not
+    a database server to reach (doctor's fix says so)."""
+
+    exit_code = ExitCode.DATABASE
+
+
+SQLITE_COMPANIONS = ("-wal", "-shm")  # kept beside the database file in WAL mode (``server.store.db``)
+
+
+def check_sqlite_files(path: Path) -> None:
+    """The SQLite file and its -wal and -shm companions, each that exists, open for reading and writing as regular
+    files, else ``SqliteUnusable`` naming the one at fault: SQLite names none (a FIFO as -shm is its "disk I/O
+    error"), and resolving a link loop as the file raised a RuntimeError."""
+    for file in [path, *(path.with_name(path.name + suffix) for suffix in SQLITE_COMPANIONS)]:
+        try:
+            os.close(open_regular(file, os.O_RDWR))
+        except NotRegularFile as exc:
+            raise SqliteUnusable(f"SQLite file {exc}") from None
+        except FileNotFoundError:  # not made yet: SQLite makes it
+            continue
+        except OSError as exc:
+            raise SqliteUnusable(f"SQLite file {file} cannot be opened for reading and writing ({exc.strerror})") \
+                from None
+
+
 def check_database_url(settings: Settings) -> str:
     from server.store.db import database_url, redact
 
@@ -130,8 +156,8 @@ def check_database_url(settings: Settings) -> str:
                            "postgresql:// (psycopg 3)", ExitCode.DATABASE) from None
     not_sqlite = sqlite_file_problem(settings.database_url)
     if not_sqlite:
-        raise StartupError(f"DATABASE_URL={redact(settings.database_url)!r}: {not_sqlite}; point it at this server's "
-                           "database file, or at a new path (the server creates it)", ExitCode.DATABASE)
+        raise SqliteUnusable(f"DATABASE_URL={redact(settings.database_url)!r}: {not_sqlite}; point it at this server's "
+                             "database file, or at a new path (the server creates it)")
     return f"DATABASE_URL {redact(settings.database_url)} ({url.get_backend_name()})"
 
 
@@ -162,9 +188,11 @@ def sqlite_file_problem(raw_url: str) -> str | None:
 
 
 def check_database_reachable(settings: Settings) -> str:
+    """Connects: a PostgreSQL server that does not answer is a ``StartupError``, a SQLite file that cannot be opened
+    a ``SqliteUnusable`` (a file to fix, not a server)."""
     from sqlalchemy import text
 
-    from server.store.db import make_engine, redact
+    from server.store.db import make_engine, redact, sqlite_path
 
     check_database_url(settings)
     try:
@@ -175,7 +203,10 @@ def check_database_reachable(settings: Settings) -> str:
         finally:
             engine.dispose()
     except Exception as exc:  # any driver error means "not reachable" here
-        raise StartupError(f"{redact(settings.database_url)}: {first_line(exc)}", ExitCode.DATABASE) from None
+        problem = f"{redact(settings.database_url)}: {first_line(exc)}"
+        if sqlite_path(settings.database_url) is not None:
+            raise SqliteUnusable(problem) from None
+        raise StartupError(problem, ExitCode.DATABASE) from None
     return f"{redact(settings.database_url)} reachable"
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 
@@ -194,3 +196,39 @@ def test_max_connections_is_held_to_the_open_file_limit(hard, connections, said,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert said in done.stdout and f"soft limit now {soft_after}" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])
+def test_a_special_file_as_the_spools_database_json_fails_the_disk_check_as_serve_refuses_it(monkeypatch, tiny_artifact,
+                                                                                            tmp_path, kind):
+    """serve refused to start on it (SpoolDirUnusable, naming it) while doctor said every check was ok."""
+    from server.store.spooldir import IDENTITY_FILE
+    from tests.test_spool_special_files import plant
+
+    planted = tmp_path / "spool" / IDENTITY_FILE
+    plant(planted, kind)
+    code, lines = doctor(monkeypatch, good_env(tiny_artifact, tmp_path))
+    assert code == 1, lines
+    failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL]"))
+    assert lines[failure].startswith(f"[FAIL] disk: SPOOL_DIR={tmp_path / 'spool'} cannot be used: {planted} is not a "
+                                     "regular file but ") and lines[failure].endswith(": remove it"), lines
+    assert lines[failure + 1].startswith("       fix: remove the file named above"), lines
+    assert os.path.lexists(planted)  # left for the operator to look at
+
+
+@pytest.mark.parametrize("planted", ["doctor.db", "doctor.db-wal", "doctor.db-shm"])
+def test_a_broken_sqlite_file_or_companion_is_named_with_a_sqlite_fix(monkeypatch, tiny_artifact, tmp_path, planted):
+    """A link loop as the file failed "unexpectedly: RuntimeError", a FIFO as -shm was SQLite's "disk I/O error"
+    naming no file, and both were told to run `pg_isready`, a PostgreSQL tool."""
+    if planted == "doctor.db":
+        (tmp_path / planted).symlink_to(tmp_path / planted)
+        said = f"SQLite file {tmp_path / planted} cannot be opened for reading and writing (Too many levels"
+    else:
+        sqlite3.connect(tmp_path / "doctor.db").close()
+        os.mkfifo(tmp_path / planted)
+        said = f"SQLite file {tmp_path / planted} is not a regular file but a named pipe (FIFO): remove it"
+    code, lines = doctor(monkeypatch, good_env(tiny_artifact, tmp_path))
+    assert code == 1, lines
+    failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL] database"))
+    assert lines[failure].startswith(f"[FAIL] database: {said}"), lines
+    assert "-wal and -shm" in lines[failure + 1] and "pg_isready" not in "\n".join(lines), lines

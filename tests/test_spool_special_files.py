@@ -1,6 +1,7 @@
 """Something other than a regular file under a name the spool reads (a FIFO, a link to /dev/zero or to a FIFO):
-``rejected.jsonl``, a segment ``wal-<LSN>.jsonl`` or ``database.json``. Opening a FIFO waited for a writer for
-ever and /dev/zero was read for ever, so `serve`, `spool status` and the replays hung; now each refuses the file
+``rejected.jsonl``, a segment ``wal-<LSN>.jsonl``, ``database.json`` or an earlier release's ``predictions.jsonl``.
+Opening a FIFO waited for a writer for ever and /dev/zero was read for ever, so `serve`, `spool status` and the
+replays hung (and serve deleted a segment or ``predictions.jsonl`` as an empty file); now each refuses the file
 by its path and says to remove it: one line and a non-zero exit (FILESYSTEM for serve), never a hang.
 
 LOG_FILE and the SQLite file, which start-up and doctor probe for writing, are held to the same: a FIFO there
@@ -19,13 +20,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
-from scripts.benchlib.serverproc import ROOT, start_server, wait_exit
+from scripts.benchlib.serverproc import ROOT, start_server, stop_server, wait_exit
 from server.exitcodes import ExitCode
 from server.store.rejected import FILENAME as REJECTED
 from server.store.rejected import RejectedFile
-from server.store.spooldir import IDENTITY_FILE
+from server.store.spooldir import IDENTITY_FILE, LEGACY_SPOOL
 from server.store.wal import SpoolUnavailable, WriteAheadLog, segment_name
 
 SEGMENT = segment_name(0)
@@ -82,16 +84,34 @@ def test_spool_replays_refuse_a_special_file_in_one_line(tmp_path, command, name
 
 
 @pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])
-@pytest.mark.parametrize("name", [REJECTED, SEGMENT])
+@pytest.mark.parametrize("name", [REJECTED, SEGMENT, LEGACY_SPOOL])
 def test_serve_refuses_to_start_on_a_special_file_and_names_it(tiny_artifact, tmp_path, name, kind):
-    """rejected.jsonl hung start-up; a segment was deleted as empty and the server started as if nothing was
-    there."""
+    """rejected.jsonl hung start-up; a segment, and an earlier release's predictions.jsonl, were deleted as empty
+    and the server started as if nothing was there."""
     planted = tmp_path / "spool" / name
     plant(planted, kind)
     server = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path, wait_ready=False)
     assert wait_exit(server, timeout=TIMEOUT_S) == ExitCode.FILESYSTEM, server.log()
     log = server.log()
     assert "Traceback" not in log and f"{planted} is not a regular file" in log and "remove it" in log, log
+    assert os.path.lexists(planted)  # left where it was, for the operator to look at and remove
+
+
+def test_a_fifo_planted_as_the_next_segment_while_serving_is_named_in_the_log_not_in_the_answer(tiny_artifact,
+                                                                                                tmp_path):
+    """The 503 said "not a regular file ... remove it" (rightly naming no path to the client), and so did the ERROR
+    line: the operator was told to remove a file nobody named."""
+    server = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path)
+    try:
+        planted = tmp_path / "spool" / SEGMENT
+        os.mkfifo(planted)
+        answer = httpx.post(server.url + "/predict", json={"text": "a fine film"}, timeout=TIMEOUT_S)
+    finally:
+        stop_server(server)
+    assert answer.status_code == 503 and "not a regular file" in answer.text, answer.text
+    assert str(tmp_path) not in answer.text, answer.text
+    errors = [line for line in server.log().splitlines() if " ERROR " in line and "not a regular file" in line]
+    assert errors and all(str(planted) in line and "remove it" in line for line in errors), server.log()
 
 
 def finished_within(seconds: float, call: Callable[[], object], fifo: Path) -> BaseException | None:

@@ -45,9 +45,9 @@ from server.store.spooldir import (
     LEGACY_SPOOL,
     ForeignSpool,
     SpoolDirectory,
-    SpoolDirUnusable,
     database_identity,
     describe_identity,
+    regular_size,
 )
 from server.store.state import ForeignReport, StoreState, replay_command
 from server.store.wal import SpoolUnavailable, WriteAheadLog, count_spool, is_segment
@@ -186,7 +186,7 @@ class PredictionStore:
             return rows
         except OSError as error:
             directory.unlock()
-            raise SpoolDirUnusable(f"SPOOL_DIR={self.settings.spool_dir} cannot be used: {error}") from error
+            raise directory.cannot_use(error) from error
         except BaseException:
             directory.unlock()
             raise
@@ -196,7 +196,7 @@ class PredictionStore:
         directory = self._directory
         legacy = directory.path / LEGACY_SPOOL  # an earlier release's spool: its database is unknown
         if legacy.exists():
-            if legacy.stat().st_size:
+            if regular_size(legacy):  # a FIFO or device there is refused (NotRegularFile), not deleted as empty
                 self._report_set_aside(directory.set_aside([LEGACY_SPOOL], None), None, identity)
             else:
                 legacy.unlink()

@@ -12,9 +12,10 @@
 
 Every create, rename and remove is followed by an fsync of the directory, so that it survives a power cut.
 
-Every file the store opens in SPOOL_DIR (the lock, ``database.json``, segments, ``rejected.jsonl``) is opened with
-``open_regular``: anything else under its name (a FIFO, a device, a link to either) is refused with
-``NotRegularFile``, naming it and saying to remove it, instead of being waited on or read for ever.
+Every file the store opens in SPOOL_DIR (the lock, ``database.json``, segments, ``rejected.jsonl``, an earlier
+release's ``predictions.jsonl``) is opened with ``open_regular``: anything else under its name (a FIFO, a device, a
+link to either) is refused with ``NotRegularFile``, naming it and saying to remove it, instead of being waited on or
+read for ever.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ def count_lines(handle: BinaryIO) -> int:
     while chunk := handle.read(READ_CHUNK):
         count += chunk.count(b"\n")
     return count
+
+
+def regular_size(path: Path) -> int:
+    """The size of a file that must be a regular one, else ``NotRegularFile`` (``open_regular``): a FIFO's or a
+    device's size is 0, so one planted under a spool file's name was deleted as an empty file, without a word."""
+    fd = open_regular(path)
+    try:
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:
@@ -175,6 +186,11 @@ class SpoolDirectory:
                                    "file: remove it, or point SPOOL_DIR at a directory of the server's own") from error
         except OSError as error:
             raise self._unusable(error) from error
+
+    def cannot_use(self, error: OSError) -> SpoolDirUnusable:
+        """Why serve refuses to start when a file of SPOOL_DIR cannot be opened (a ``NotRegularFile`` names it and
+        says to remove it); doctor refuses with the same line."""
+        return SpoolDirUnusable(f"SPOOL_DIR={self.path} cannot be used: {error}")
 
     def _unusable(self, error: OSError) -> SpoolDirUnusable:
         return SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable ({error.strerror or error}): point SPOOL_DIR "

@@ -51,15 +51,24 @@ _SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.jsonl$")
 
 
 class SpoolUnavailable(ServerError):
-    """The write-ahead log cannot take records; ``cause`` is ``full``, ``no_space`` or ``io_error``."""
+    """The write-ahead log cannot take records; ``cause`` is ``full``, ``no_space`` or ``io_error``.
+
+    ``message`` is the client's answer and names no file (where the server keeps its files is its own business);
+    ``str()``, what the log and /health say, is ``detail`` when given: it names the file at fault, so that the
+    operator knows what to fix (a FIFO planted as the next segment was "not a regular file ... remove it", naming
+    nothing to remove)."""
 
     status_code = 503
     error_type = "store_unavailable"
     retry_after = 5.0
 
-    def __init__(self, cause: str, message: str) -> None:
+    def __init__(self, cause: str, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.cause = cause
+        self.detail = detail or message
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 def segment_name(lsn: int) -> str:
@@ -288,10 +297,11 @@ class WriteAheadLog:
 
 
 def _unavailable(error: OSError) -> SpoolUnavailable:
+    """The client's message names no file; the log's (``detail``) names the one the error is about, if any."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolUnavailable("no_space", "no space left on the prediction spool's disk (SPOOL_DIR)")
-    return SpoolUnavailable("io_error", f"the prediction spool (SPOOL_DIR) cannot be written: "
-                                        f"{error.strerror or type(error).__name__}")
+    said, why = "the prediction spool (SPOOL_DIR) cannot be written: ", error.strerror or type(error).__name__
+    return SpoolUnavailable("io_error", said + why, f"{said}{error.filename}: {why}" if error.filename else None)
 
 
 def count_spool(directory: Path) -> tuple[int, int]:
