@@ -13,6 +13,12 @@ through to ``predict`` endpoints (their predictions have no key id); a key
 that *is* sent must still be valid, so bad keys surface before the switch to
 AUTH_MODE=required. ``admin`` endpoints need an admin key in both modes.
 
+The key is checked before anything about the body is answered: a caller without a valid key learns nothing
+about the request's schema or its body's problems. The route's dependency does it before the body is validated;
+a body that is not JSON at all is refused by the framework before its dependencies run, so its error handlers
+(``server.http``) call ``check_key_before_body`` first. ``server.fastpath`` checks the key before classifying, and
+gRPC before it refuses a message it cannot decode (``server.protocols.oip_grpc``).
+
 Keys are checked against the in-process key cache (``server.store.keycache``):
 no thread hop or database read for a key it knows, and keys it knows keep
 working while the database is down.
@@ -85,6 +91,10 @@ class Caller:
         return cls(request.method, request.scope["path"], request.client.host if request.client else "-")
 
 
+KEY_CHECKED = "api_key_checked"  # in the request's state once its route's key dependency has accepted the caller
+ROLE_ATTRIBUTE = "api_key_role"  # on a key dependency: the role it demands (``route_role``)
+
+
 def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
     """A dependency returning the caller's key id, or None for a keyless request in open mode."""
     check_key = require_key(role)
@@ -93,6 +103,7 @@ def require_role(role: str) -> Callable[[Request], Awaitable[str | None]]:
         found = await check_key(request)
         return found.id if found is not None else None
 
+    setattr(check, ROLE_ATTRIBUTE, role)
     return check
 
 
@@ -102,9 +113,42 @@ def require_key(role: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
         raise ValueError(f"unknown role {role!r}")
 
     async def check(request: Request) -> ApiKey | None:
-        return await authenticate_caller(request.app.state.services, role, request.headers, Caller.of(request))
+        found = await authenticate_caller(request.app.state.services, role, request.headers, Caller.of(request))
+        request.scope.setdefault("state", {})[KEY_CHECKED] = True
+        return found
 
+    setattr(check, ROLE_ATTRIBUTE, role)
     return check
+
+
+def route_role(route: object) -> str | None:
+    """The role the route's key dependency demands (``require_role``/``require_key``); None without one."""
+    pending = [getattr(route, "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        for dependency in getattr(dependant, "dependencies", ()):
+            role = getattr(dependency.call, ROLE_ATTRIBUTE, None)
+            if role is not None:
+                return role
+            pending.append(dependency)
+    return None
+
+
+async def check_key_before_body(request: Request) -> None:
+    """The key check of the request's route, if the route needs a key and its dependency has not made it yet:
+    raises 401/403 (or 503 ``key_check_unavailable``) as that dependency would.
+
+    For the framework's error handlers, before they answer a body error: FastAPI reads a JSON body before it
+    solves the route's dependencies, so a body that is not JSON (or not UTF-8, or nested too deeply) is refused
+    before the key is checked; answered as it is, it would tell a caller without a valid key about the body. A
+    body refused by validation comes after the dependency (``KEY_CHECKED``), and is not checked twice."""
+    if request.scope.get("state", {}).get(KEY_CHECKED):
+        return
+    role = route_role(request.scope.get("route"))
+    if role is None:
+        return
+    await authenticate_caller(request.app.state.services, role, request.headers, Caller.of(request))
+    request.scope.setdefault("state", {})[KEY_CHECKED] = True
 
 
 async def authorize(services: Services, role: str, headers: Mapping[str, str], caller: Caller) -> str | None:

@@ -23,6 +23,10 @@ ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per re
   ``server.connections.client_left``), and each refusal no other layer counts in
   ``sentiment_rejected_requests_total`` (``REJECTED_BY_STATUS``).
 
+A body error is never answered to a caller without a valid key on a route that needs one: the handlers check the
+key first when the framework refused the body before the route's key dependency ran (a body that is not JSON:
+``server.auth.check_key_before_body``), so such a caller gets 401/403 whatever its body.
+
 Choices the contract leaves open (also in the README's API section): a body that is not JSON at all (bad syntax,
 not UTF-8, nested past Python's recursion limit, a number of more than 4,300 digits) is 422 ``invalid_json``, like
 JSON of the wrong shape (422 ``invalid_input``); a JSON body must be sent as ``Content-Type: application/json`` (or
@@ -48,6 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from server.auth import check_key_before_body
 from server.budget import BodyBudget
 from server.connections import client_left
 from server.logging_setup import request_id_var
@@ -316,6 +321,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         let_go(exc)
+        refused = await key_refusal(request)
+        if refused is not None:
+            return refused
         errors = exc.errors()
         content_type = request.headers.get("content-type")
         if any(err.get("loc", ())[:1] == ("body",) for err in errors) and has_body(request) \
@@ -344,6 +352,9 @@ def install_error_handlers(app: FastAPI) -> None:
                 return await _server_error(request, cause)
             if isinstance(cause, ClientDisconnect):
                 return error_response(400, "the client closed the connection before the body ended")
+            refused = await key_refusal(request)
+            if refused is not None:
+                return refused
             return error_response(422, f"the body is not valid JSON: {unparseable(cause)}", error_type="invalid_json")
         if exc.status_code == 404:
             return not_found(request.url.path)
@@ -353,6 +364,18 @@ def install_error_handlers(app: FastAPI) -> None:
                                        f"one of {', '.join(allowed)}", headers={"Allow": ", ".join(allowed)})
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers,
                               error_type=getattr(exc, "error_type", None))
+
+
+async def key_refusal(request: Request) -> Response | None:
+    """The answer to a request whose body is refused before its route's key was checked (``server.auth
+    .check_key_before_body``) and whose key is not valid (401/403, or 503 when it cannot be checked); None when
+    the body's error is the answer."""
+    try:
+        await check_key_before_body(request)
+    except ServerError as refused:
+        let_go(refused)
+        return server_error_response(refused)
+    return None
 
 
 def not_found(path: str) -> Response:

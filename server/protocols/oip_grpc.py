@@ -26,7 +26,9 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   (the protobuf library does not say what is wrong), counted as a 400 and logged as one throttled WARNING.
   grpcio's own handling of an undecodable message (UNKNOWN, an ERROR with a traceback per call, before any
   handler: not counted) is never reached: each RPC's deserializer (``decoder``) hands the handler an
-  ``Undecodable`` instead of raising, and ``InferenceService.observe`` refuses it before authentication.
+  ``Undecodable`` instead of raising, and ``InferenceService.observe`` refuses it, after the key check of an RPC
+  that needs a key (ModelInfer): a caller without a valid key is answered UNAUTHENTICATED (or PERMISSION_DENIED)
+  whatever its message, and learns nothing about it.
 - Request id: ``x-request-id`` metadata or a new one, sent back as initial metadata; records are stored under
   it, every log line of the call carries it, and the request's OIP ``id`` is echoed in the answer.
 - Metrics: ``sentiment_requests_total{endpoint="/inference.GRPCInferenceService/<RPC>", status="<HTTP status>"}``
@@ -154,20 +156,28 @@ class Call:
     request_id: str
     metadata: dict[str, str]
     peer: str
+    api_key_id: str | None = None  # the caller's key, for an RPC that needs one (None: keyless in open mode)
 
 
 Handler = Callable[[Any, Any, Call], Awaitable[Any]]
+Rpc = Callable[[Any, Any, aio.ServicerContext], Awaitable[Any]]
 
 
-def observed(handler: Handler) -> Callable[[Any, Any, aio.ServicerContext], Awaitable[Any]]:
-    """The RPC with its request id, metrics and error translation (``InferenceService.observe``)."""
+def observed(handler: Handler, role: str | None = None) -> Rpc:
+    """The RPC with its request id, metrics and error translation (``InferenceService.observe``), and with
+    ``role``, the key check before anything else about the call is answered."""
     endpoint = f"/{SERVICE}/{handler.__name__}"
 
     @functools.wraps(handler)
     async def rpc(self: InferenceService, request: Any, context: aio.ServicerContext) -> Any:
-        return await self.observe(endpoint, handler, request, context)
+        return await self.observe(endpoint, handler, request, context, role)
 
     return rpc
+
+
+def keyed(role: str) -> Callable[[Handler], Rpc]:
+    """``observed``, for an RPC that needs an API key with ``role``."""
+    return functools.partial(observed, role=role)
 
 
 class InferenceService(GRPCInferenceServiceServicer):
@@ -177,7 +187,8 @@ class InferenceService(GRPCInferenceServiceServicer):
         self._abandoned: set[asyncio.Task] = set()  # those cancelled at the drain deadline (``abandon_under_way``)
         self._throttle = Throttle(log)
 
-    async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext) -> Any:
+    async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext,
+                      role: str | None = None) -> Any:
         metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
         request_id = request_id_from(metadata.get("x-request-id", ""))
         token = request_id_var.set(request_id)
@@ -187,7 +198,10 @@ class InferenceService(GRPCInferenceServiceServicer):
         bodies, reserved = self.services.memory_guard.bodies, 0
         try:
             await context.send_initial_metadata((("x-request-id", request_id),))
-            if request.__class__ is Undecodable:  # refused before anything else, authentication included
+            api_key_id = None
+            if role is not None:  # first: a caller without a valid key learns nothing about its message
+                api_key_id = await authorize(self.services, role, metadata, Caller("gRPC", endpoint, context.peer()))
+            if request.__class__ is Undecodable:  # refused before anything else but the key check
                 error = request.error()
                 self._throttle.log("undecodable", logging.WARNING, "gRPC %s from %s answered INVALID_ARGUMENT: %s",
                                    endpoint, context.peer(), error.message)
@@ -197,7 +211,7 @@ class InferenceService(GRPCInferenceServiceServicer):
                 self.services.metrics.rejected.labels("body_memory_full").inc()
                 raise BodyMemoryFull(bodies_full_message(bodies))
             reserved = size
-            response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer()))
+            response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer(), api_key_id))
             status = 200
             return response
         except ServerError as error:
@@ -269,10 +283,9 @@ class InferenceService(GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=json_format.ParseDict(model_config(self.services, identity),
                                                                    pb.ModelConfig()))
 
-    @observed
+    @keyed("predict")
     async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
-        services = self.services
-        api_key_id = await authorize(services, "predict", call.metadata, Caller("gRPC", call.endpoint, call.peer))
+        services, api_key_id = self.services, call.api_key_id
         resolve(services, request.model_name, request.model_version)
         texts = texts_of(input_tensors(request), services.settings.max_texts_per_request)
         outputs = wanted_outputs(request)
