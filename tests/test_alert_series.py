@@ -255,14 +255,15 @@ ERROR_RATE_ALERTS = {"SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevate
 def server_endpoints(make_settings) -> set[str]:
     """Every ``endpoint`` label the server can record (server/http.py ``endpoint_label``: a route's path without
     convertors, or ``unmatched``; server/protocols/oip_grpc.py: ``/inference.GRPCInferenceService/<RPC>`` of each
-    ``@observed`` RPC, read from its source: importing it beside tritonclient's copy of the protocol clashes)."""
+    ``@observed`` or ``@keyed(role)`` RPC, read from its source: importing it beside tritonclient's copy of the
+    protocol clashes)."""
     from server.app import create_app
 
     app = create_app(make_settings())
     routes = {route.path_format for route in api_routes(app.routes)}
     routes |= {route.path_format for route in app.routes if hasattr(route, "path_format")}
     source = (ROOT / "server" / "protocols" / "oip_grpc.py").read_text()
-    rpcs = {GRPC_SERVICE + name for name in re.findall(r"@observed\s+async def (\w+)", source)}
+    rpcs = {GRPC_SERVICE + name for name in re.findall(r"@(?:observed|keyed\([^)]*\))\s+async def (\w+)", source)}
     assert GRPC_SERVICE + "ModelInfer" in rpcs and len(rpcs) >= 7, rpcs  # the parse found the RPCs
     return routes | rpcs | {"unmatched"}
 
