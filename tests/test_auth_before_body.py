@@ -207,6 +207,19 @@ def test_grpc_with_a_valid_key_and_an_empty_message_is_answered_as_before(keyed)
     assert answer.code() == grpc.StatusCode.NOT_FOUND, (answer.code(), answer.details())
 
 
+def test_grpc_takes_the_first_of_two_keys_as_http_does(keyed):
+    """A key header sent twice: HTTP judged the first copy and gRPC the last, so a proxy in front that checks one
+    copy could be judging another than the server."""
+    live, address, issued = keyed
+    bad, good = ("authorization", "Bearer sap_not-a-key"), ("authorization", f"Bearer {issued['predict']}")
+    assert model_infer(address, b"", (bad, good)).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert model_infer(address, b"", (good, bad)).code() == grpc.StatusCode.NOT_FOUND  # the key passed
+    twice = [(b"content-type", b"application/json"), (b"authorization", bad[1].encode()),
+             (b"authorization", good[1].encode())]
+    answer = httpx.post(live.url + "/predict", content=b'{"text": "fine"}', headers=twice, timeout=TIMEOUT_S)
+    assert answer.status_code == 401, answer.text
+
+
 # -- AUTH_MODE=open ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

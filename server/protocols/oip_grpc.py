@@ -189,7 +189,10 @@ class InferenceService(GRPCInferenceServiceServicer):
 
     async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext,
                       role: str | None = None) -> Any:
-        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        metadata: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if isinstance(value, str):  # a name sent twice: its first copy counts, as over HTTP (fastpath.credentials)
+                metadata.setdefault(key, value)
         request_id = request_id_from(metadata.get("x-request-id", ""))
         token = request_id_var.set(request_id)
         started, status = time.perf_counter(), 500
