@@ -411,6 +411,7 @@ def writable_file(path: Path, variable: str, label: str | None = None) -> str:
         except FileNotFoundError:  # a link to a file yet to be made: opening it for appending makes that file
             pass
         except OSError as exc:
-            raise StartupError(f"{label} {path} is not writable ({exc.strerror}); fix its permissions or change "
-                               f"{variable}", ExitCode.FILESYSTEM) from None
+            remedy = "remove the link" if exc.errno == errno.ELOOP else "fix its permissions"  # no mode mends a loop
+            raise StartupError(f"{label} {path} is not writable ({exc.strerror}); {remedy} or change {variable}",
+                               ExitCode.FILESYSTEM) from None
     return f"{label} {path}"

@@ -182,7 +182,7 @@ def test_serve_and_doctor_refuse_a_special_file_as_log_file_or_sqlite_file(tiny_
            variable: str(planted) if variable == "LOG_FILE" else f"sqlite:///{planted}"}
     server = start_server(env, tmp_path, wait_ready=False)
     assert wait_exit(server, timeout=TIMEOUT_S) == ExitCode.FILESYSTEM, server.log()
-    said = "not a regular file" if kind != "link loop" else "Too many levels of symbolic links"
+    said = "not a regular file" if kind != "link loop" else "Too many levels of symbolic links); remove the link"
     assert "Traceback" not in server.log() and str(planted) in server.log() and said in server.log(), server.log()
     doctor = subprocess.run([sys.executable, "-m", "server.cli", "doctor"], cwd=ROOT, capture_output=True, text=True,
                             timeout=TIMEOUT_S, env={**server.env, "PYTHONPATH": str(ROOT)})
