@@ -145,10 +145,8 @@ async def check_key_before_body(request: Request) -> None:
     if request.scope.get("state", {}).get(KEY_CHECKED):
         return
     role = route_role(request.scope.get("route"))
-    if role is None:
-        return
-    await authenticate_caller(request.app.state.services, role, request.headers, Caller.of(request))
-    request.scope.setdefault("state", {})[KEY_CHECKED] = True
+    if role is not None:
+        await require_key(role)(request)  # the dependency's own check, which marks the request (``KEY_CHECKED``)
 
 
 async def authorize(services: Services, role: str, headers: Mapping[str, str], caller: Caller) -> str | None:
