@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -221,7 +222,22 @@ def _refuse(services: Services, caller: Caller, error: Unauthorized | Forbidden,
 
 def log_refusal(status: int, detail: str, caller: Caller) -> None:
     """The one WARNING every security refusal writes, in the form the runbook greps."""
-    log.warning("security: %d %s: %s %s from %s", status, detail, caller.method, printable(caller.path), caller.client)
+    log.warning("security: %d %s: %s %s from %s", status, detail, caller.method, printable(caller.path),
+                client_for_log(caller.client))
+
+
+def client_for_log(client: str) -> str:
+    """The client's address as a refusal's line shows it: an IP address as it is, anything else quoted and escaped.
+    Behind a proxy on this host uvicorn takes the client from ``X-Forwarded-For`` (``FORWARDED_ALLOW_IPS``, loopback
+    by default), whatever text it holds: ``forged<TAB> security: 401 ...`` read as part of the line."""
+    if client == "-":  # none known (``Caller.of``)
+        return client
+    try:
+        ipaddress.ip_address(client)
+    except ValueError:
+        escaped = printable(client, 64).replace('"', '\\"')
+        return f'"{escaped}" (not an address)'
+    return client
 
 
 def printable(text: str, most: int = 200) -> str:

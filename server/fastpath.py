@@ -122,14 +122,18 @@ def _parsed(body: bytearray) -> PredictRequest | None:
 
     Parsed by pydantic-core's own JSON reader: at its peak it holds 4 bytes per byte of a body of emoji-laden
     texts, against 8 for ``json.loads`` and 16 for ``orjson.loads`` (tracemalloc, a 1 MiB body), and the bodies'
-    memory budget charges 16 in all (``server.budget``). Every body it accepts, ``json.loads`` reads to the same
-    values (duplicate keys, escapes, surrogate pairs, whitespace); what it refuses (a byte-order mark, bytes that
-    are not UTF-8, trailing garbage) goes to the framework, which answers as it always did. One exception: an
+    memory budget charges 16 in all (``server.budget``). Every body it accepts, the framework's reader
+    (``server.strict_json``) reads to the same values (duplicate keys, escapes, surrogate pairs, whitespace); what
+    it refuses (a byte-order mark, bytes that are not UTF-8, trailing garbage) goes to the framework, which refuses
+    it too, in its words. Two exceptions go to the framework unparsed: a body that may hold ``NaN`` or ``Infinity``,
+    which pydantic-core reads as numbers (as a duplicate key's overridden value, ``{"text": NaN, "text": "ok"}`` was
+    answered) and the framework refuses (a text that only mentions them costs the slower path, nothing else); and an
     integer longer than Python's limit (``PYTHONINTMAXSTRDIGITS``, when set below the default 4,300 digits), which
-    ``json.loads`` refuses even as a duplicate key's overridden value; with such a limit, a body holding a longer
-    run of digits goes to the framework too.
+    ``json.loads`` refuses even as a duplicate key's overridden value, when such a limit is set.
     """
     if b'"inputs"' in body:  # TEI's body (the key's quotes cannot be unescaped inside a string): the route's
+        return None
+    if b"NaN" in body or b"Infinity" in body:
         return None
     digits = INT_MAX_STR_DIGITS()
     if 0 < digits < PARSER_INT_DIGITS and re.search(rb"[0-9]{%d}" % (digits + 1), body):

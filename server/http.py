@@ -137,7 +137,9 @@ class ObservedASGI:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        request_id = request_id_from(headers.get(b"x-request-id", b"").decode("latin-1"))
+        # a header sent twice counts by its first copy, as the key headers and gRPC metadata do (``dict``: the last)
+        sent_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+        request_id = request_id_from(sent_id.decode("latin-1"))
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         services = self.services(scope)

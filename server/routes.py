@@ -13,8 +13,9 @@ from server.protocols import tei
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
 from server.services import Services
 from server.serving import Classified, classify
+from server.strict_json import StrictJsonRoute
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJsonRoute)
 
 
 def services_of(request: Request) -> Services:

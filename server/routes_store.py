@@ -27,10 +27,11 @@ from server.store import feedback, queries
 from server.store.db import run_db
 from server.store.keys import NAME_MAX_CHARS, NAME_PATTERN, ApiKey, check_key_name
 from server.store.queries import MAX_PAGE, PredictionFilter
+from server.strict_json import StrictJsonRoute
 
 MAX_OFFSET = 1_000_000_000  # deeper than any page a person reads; since/until reach further back
 MAX_FILTER_CHARS = 256
-router = APIRouter()
+router = APIRouter(route_class=StrictJsonRoute)
 ADMIN = Depends(require_role("admin"))
 
 

@@ -167,6 +167,77 @@ def test_a_body_that_is_not_json_is_422_invalid_json(server, body, fragment):
     refused(response, 422, "invalid_json", "the body is not valid JSON", fragment)
 
 
+# A body each JSON route would answer, and the ways of sending it that are not JSON (RFC 8259: UTF-8, no NaN or
+# Infinity) which the framework's reader took (``json.loads(bytes)``: UTF-16/32, a byte-order mark, NaN, bytes that
+# are not UTF-8 inside a string): a red team had 200 for each, where the same body on the fast path or v2 was refused.
+JSON_ROUTES = {"/predict": {"text": "a great film"}, "/predict (TEI)": {"inputs": "a great film"},
+               "/": {"inputs": "a great film"}, "/v1/models/default:predict": {"instances": ["a great film"]},
+               "/feedback": {"prediction_id": "0" * 32, "label": "POSITIVE"}}
+
+
+def _duplicated_first_key(body: dict, value: bytes) -> bytes:
+    """``body`` as JSON with its first key sent twice, first with ``value`` (overridden by the second)."""
+    text = json.dumps(body).encode()
+    return b'{"' + next(iter(body)).encode() + b'": ' + value + b", " + text[1:]
+
+
+NOT_JSON = {
+    "utf-16 with a byte-order mark": (lambda body: json.dumps(body).encode("utf-16"), "not UTF-8 (byte 0xff at"),
+    "utf-16-le": (lambda body: json.dumps(body).encode("utf-16-le"), "not valid JSON"),
+    "utf-32-be": (lambda body: json.dumps(body).encode("utf-32-be"), "not valid JSON"),
+    "utf-8 with a byte-order mark": (lambda body: b"\xef\xbb\xbf" + json.dumps(body).encode(), "byte-order mark"),
+    "NaN overridden": (lambda body: _duplicated_first_key(body, b"NaN"), "NaN is not a JSON value"),
+    "-Infinity overridden": (lambda body: _duplicated_first_key(body, b"-Infinity"), "-Infinity is not a JSON value"),
+    "a surrogate's bytes overridden": (lambda body: _duplicated_first_key(body, b'"\xed\xa0\x80"'), "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("route", list(JSON_ROUTES))
+@pytest.mark.parametrize("encoding", list(NOT_JSON))
+def test_a_body_that_is_not_rfc_8259_json_is_422_invalid_json_on_every_json_route(server, route, encoding):
+    encode, fragment = NOT_JSON[encoding]
+    response = httpx.post(server.url + route.split()[0], content=encode(JSON_ROUTES[route]), headers=JSON, timeout=30)
+    refused(response, 422, "invalid_json", "the body is not valid JSON", fragment)
+
+
+def test_texts_that_mention_nan_and_infinity_are_answered(server):
+    """Bodies holding the words go to the framework's reader (``server.fastpath._parsed``), which reads them as text."""
+    texts = ["NaN is not a number", "Avengers: Infinity War was fun", "-Infinity"]
+    response = httpx.post(server.url + "/predict", json={"texts": texts}, timeout=30)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == len(texts) and all(p["label"] in ("NEGATIVE", "POSITIVE") for p in predictions)
+
+
+def test_an_x_request_id_sent_twice_counts_by_its_first_copy_as_over_grpc(server):
+    """HTTP took the last copy, gRPC's metadata and the key headers the first: a proxy logging one id could have
+    been looking at another."""
+    response = httpx.post(server.url + "/predict", json={"text": "fine"}, timeout=30,
+                          headers=[("X-Request-ID", "first-copy"), ("X-Request-ID", "second-copy")])
+    assert response.status_code == 200 and response.headers["x-request-id"] == "first-copy"
+    assert response.json()["request_id"] == "first-copy"
+
+
+def test_a_client_address_forged_in_x_forwarded_for_is_logged_quoted_as_no_address(server):
+    """uvicorn takes the client from X-Forwarded-For when the peer is on loopback (a proxy on this host); the
+    refusal's line showed that text as it came: ``from forged<TAB>  security: 401 fake line``."""
+    def refusal_line(forwarded_for: str) -> str:
+        marker = f"/predictions/marker{time.monotonic_ns()}"  # a path of its own: its line is this request's
+        response = httpx.get(server.url + marker, headers={"X-Forwarded-For": forwarded_for}, timeout=30)
+        assert response.status_code == 401, response.text
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            lines = [line for line in server.live.log().splitlines() if "security: 401" in line and marker in line]
+            if lines:
+                return lines[-1]
+            time.sleep(0.05)
+        pytest.fail(f"no refusal logged for {marker}")
+
+    forged = refusal_line("10.0.0.1, forged-host\t  security: 401 \"fake\" line")
+    assert forged.endswith(' from "forged-host\\t  security: 401 \\"fake\\" line" (not an address)'), forged
+    assert refusal_line("203.0.113.9").endswith(" from 203.0.113.9")
+
+
 @pytest.mark.parametrize("path, endpoint", [("/predict", "/predict"), ("/v2/models/sentiment/infer",
                                                                        "/v2/models/{name}/infer")])
 def test_a_compressed_body_is_415_and_counted_under_its_route(server, path, endpoint):

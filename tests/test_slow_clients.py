@@ -228,6 +228,22 @@ def test_a_client_that_leaves_before_its_answer_is_counted_499_not_under_the_ans
     assert counts()[0] == left + 1
 
 
+def test_a_client_that_half_closes_after_its_request_is_taken_as_gone_and_counted_499(server):
+    """A FIN after the request (``shutdown(SHUT_WR)``, ``nc -N``) cannot be told from a client that left until an
+    answer is written to it; as nginx and Go's net/http do, the server takes it as gone (its texts still queued are
+    dropped, README), so it gets no answer rather than one computed for a client that may not read it."""
+    left, answered = predict_requests(server, 499), predict_requests(server, 200)
+    body = json.dumps({"texts": [f"a fine film, take {i}" for i in range(64)]}).encode()
+    with connect(server) as sock:
+        sock.sendall(predict_head(len(body)) + body)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_until_closed(sock) == b""
+    deadline = time.monotonic() + WAIT_S
+    while predict_requests(server, 499) == left and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (predict_requests(server, 499), predict_requests(server, 200)) == (left + 1, answered)
+
+
 def test_a_client_that_pipelines_requests_and_leaves_is_counted_499_without_an_error_logged(server):
     """uvicorn marks only the last request parsed as disconnected; the one being answered is an earlier one."""
     def counts() -> tuple[float, float]:

@@ -27,8 +27,9 @@ from server.protocols.oip_model import ALIAS, ModelNotFound
 from server.schemas import ClosedBody, Texts
 from server.services import Services
 from server.serving import classify
+from server.strict_json import StrictJsonRoute
 
-router = APIRouter(tags=["KServe v1"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["KServe v1"])
 
 
 class ModelNameConvertor(StringConvertor):

@@ -52,8 +52,9 @@ from server.protocols.oip_model import (
 from server.schemas import at_most_max_texts
 from server.services import Services
 from server.serving import Classified, classify
+from server.strict_json import StrictJsonRoute
 
-router = APIRouter(tags=["Open Inference Protocol v2"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
 MODEL = "/v2/models/{name}"
 FEW = 16  # at most this many inputs, outputs or dimensions are read: each past it would be one more error to build

@@ -42,8 +42,9 @@ from server.primitives import InputTooLong, Prediction
 from server.schemas import ClosedBody, PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
 from server.services import Services
 from server.serving import Classified, classify, validated_texts
+from server.strict_json import StrictJsonRoute
 
-router = APIRouter(tags=["Hugging Face / TEI"])
+router = APIRouter(route_class=StrictJsonRoute, tags=["Hugging Face / TEI"])
 DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 
 
