@@ -4,7 +4,9 @@ exactly the served predictions, none twice."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -62,3 +64,61 @@ def test_predictions_survive_a_postgres_outage(pg_store_db, tiny_artifact, tmp_p
         stored = list(connection.execute(select(PREDICTIONS.c.request_id)).scalars())
     engine.dispose()
     assert sorted(stored) == sorted(served) and len(set(served)) == 140  # each served prediction exactly once
+
+
+def _stored_request_ids(database: Path) -> list[str]:
+    engine = create_engine(f"sqlite:///{database}")
+    with engine.connect() as connection:
+        stored = list(connection.execute(select(PREDICTIONS.c.request_id)).scalars())
+    engine.dispose()
+    return stored
+
+
+def _move_database(database: Path, to: Path) -> None:
+    """The SQLite file and its companions, as ``mv`` (or ``rm``, with ``to`` thrown away) does it under a server."""
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{database}{suffix}").exists():
+            os.rename(f"{database}{suffix}", f"{to}{suffix}")
+
+
+@pytest.mark.parametrize("then", ["restored", "restarted"])
+def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_artifact, tmp_path, then):
+    """A red team removed the SQLite file under a running server: SQLite went on committing into the removed file,
+    every record answered after that was released from the spool as stored, /health said ok, and a clean shutdown
+    lost them all (``server.store.sqlite_file``). Now the database is down, saying why, the records wait in the
+    spool, and they reach the file put back, or the new database a restart makes."""
+    database, aside = tmp_path / "predictions.db", tmp_path / "aside.db"
+    env = {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}", "DB_AUTO_MIGRATE": "true",
+           "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
+    (tmp_path / "first").mkdir()
+    server = start_server(env, tmp_path / "first")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            before = stream(client, 0, 5)
+            until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
+            _move_database(database, aside)
+            after = stream(client, 5, 10)
+            down = until(client, lambda health: health["status"] == "degraded" and health["database"]["spool_rows"])
+            metrics = client.get("/metrics").text
+            if then == "restored":
+                _move_database(aside, database)
+                healthy = until(client, lambda h: h["status"] == "ok" and not h["database"]["spool_rows"])
+    finally:
+        assert stop_server(server) == 0
+    assert down["status"] == "degraded", down
+    assert f"the SQLite database {database} was removed" in down["database"]["reason"], down
+    assert down["database"]["spool_rows"] >= len(after)  # and those of ``before`` still in the spool's open segment
+    assert "\nsentiment_store_up 0.0\n" in metrics
+    if then == "restored":
+        assert healthy["status"] == "ok", healthy
+        assert sorted(_stored_request_ids(database)) == sorted(before + after)
+        return
+    (tmp_path / "second").mkdir()
+    server = start_server(env, tmp_path / "second")  # no file at the path: a new database, the spool replayed
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
+    finally:
+        assert stop_server(server) == 0
+    stored = _stored_request_ids(database)  # what only the removed file held went with it
+    assert set(after) <= set(stored) <= set(before + after) and len(stored) == len(set(stored)), stored

@@ -21,6 +21,7 @@ from sqlalchemy.engine import URL
 
 from server.config import ConfigError, Settings
 from server.primitives import ServerError
+from server.store import sqlite_file
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,6 +93,7 @@ def make_engine(settings: Settings) -> Engine:
         engine = create_engine(url, connect_args={"timeout": settings.db_pool_timeout_s,
                                                   "check_same_thread": False}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
+        sqlite_file.watch(engine, Path(url.database))
         return engine
     connect_args: dict[str, Any] = {
         "connect_timeout": max(2, math.ceil(settings.db_pool_timeout_s)),

@@ -28,6 +28,7 @@ from typing import Any
 from server.metrics import Metrics
 from server.store.migrate import SchemaBehind
 from server.store.sink import DatabaseRefuses
+from server.store.sqlite_file import SqliteFileChanged
 
 
 @dataclass(frozen=True)
@@ -136,4 +137,6 @@ def public_reason(error: BaseException) -> str:
     if isinstance(error, OSError) and not hasattr(error, "orig"):
         return f"the spool cannot be read ({type(error).__name__}; details in the log)"
     inner = getattr(error, "orig", None) or error
+    if isinstance(inner, SqliteFileChanged):
+        return str(inner)  # names the local file and what to do, nothing about a connection
     return f"database unavailable ({type(inner).__name__})"

@@ -413,9 +413,10 @@ class Writer:
             self._throttle.reset("down")
         self._drop_cache()  # its records stay on disk and are read back from there
         self.state.publish()
-        self._throttle.log("down", logging.ERROR, "store: %s (%s); spooling predictions to disk until it accepts "
-                           "writes, retrying every %g s", self.state.reason, describe(error),
-                           self._retry_interval_s)
+        detail = describe(error)
+        why = self.state.reason if self.state.reason in detail else f"{self.state.reason} ({detail})"
+        self._throttle.log("down", logging.ERROR, "store: %s; spooling predictions to disk until it accepts writes, "
+                           "retrying every %g s", why, self._retry_interval_s)
 
     def lose(self, count: int, why: str) -> None:
         self.state.lost_rows += count
