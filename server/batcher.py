@@ -311,9 +311,9 @@ class Batcher:
             try:
                 if not self._quiet.is_set():
                     await asyncio.wait_for(self._quiet.wait(), timeout)
-            except TimeoutError:
+            except TimeoutError:  # ``timeout`` is what was left of the drain (0 once the connections' wait used it)
                 abandoned = [request for request in self._pending if not request.future.done()]
-                log.warning("drain: %d requests not answered within %.1f s, failed with 503", len(abandoned), timeout)
+                log.warning("drain: %d requests not answered by the drain's end, failed with 503", len(abandoned))
                 for request in abandoned:
                     request.fail(Draining("the server shut down before this request was answered; "
                                           "retry on another replica"))

@@ -89,6 +89,7 @@ class DrainClock:
     began: float
     stop_listening_at: float
     deadline: float  # for requests to be answered
+    ended_early: bool = False  # by a second signal (``end_now``), not by DRAIN_TIMEOUT_S
 
     @classmethod
     def starting_now(cls, settings: Settings) -> DrainClock:
@@ -97,6 +98,7 @@ class DrainClock:
 
     def end_now(self) -> None:
         now = time.monotonic()
+        self.ended_early = now < self.deadline
         self.stop_listening_at = min(self.stop_listening_at, now)
         self.deadline = min(self.deadline, now)
 
@@ -203,8 +205,9 @@ class DrainingServer(uvicorn.Server):
         unanswered = self.guard.unanswered()
         self.guard.abandon_unanswered()
         if unanswered:
-            log.warning("draining: %d requests not answered %.1f s after the signal (DRAIN_GRACE_S + "
-                        "DRAIN_TIMEOUT_S): answered 503", unanswered, time.monotonic() - clock.began)
+            why = "a second signal ended the drain" if clock.ended_early else "DRAIN_GRACE_S + DRAIN_TIMEOUT_S"
+            log.warning("draining: %d requests not answered %.1f s after the signal (%s): answered 503", unanswered,
+                        time.monotonic() - clock.began, why)
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:

@@ -238,8 +238,35 @@ def test_a_hung_engine_call_is_abandoned_at_the_deadline_and_the_store_still_clo
     log = live.log()
     assert "exiting without waiting for 1 threads still running" in log
     assert "store closed" in log
+    assert "draining: 1 requests not answered" in log and "(DRAIN_GRACE_S + DRAIN_TIMEOUT_S)" in log, log[-3000:]
     with sqlite3.connect(tmp_path / "live.db") as db:
         assert [row[0] for row in db.execute("SELECT text FROM predictions")] == ["answered before the hang"]
+
+
+def test_a_drain_ended_by_a_second_signal_says_so_not_that_its_timeout_ran_out(tiny_artifact, tmp_path):
+    """A red team read "(DRAIN_GRACE_S + DRAIN_TIMEOUT_S)" after its own second SIGTERM, 4 s into a 30 s drain, and
+    the batcher's line "not answered within 0.0 s": an operator would raise DRAIN_TIMEOUT_S for nothing."""
+    hang_file = tmp_path / "hang"
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "DRAIN_GRACE_S": "0", "DRAIN_TIMEOUT_S": "60", "REQUEST_TIMEOUT_S": "120"})
+    try:
+        ran = metric(live, "sentiment_batch_size_count")
+        hang_file.touch()
+        caller = threading.Thread(target=lambda: httpx.post(live.url + "/predict", json={"text": "this one hangs"},
+                                                            timeout=WAIT_S + MARGIN_S))
+        caller.start()
+        wait_for(lambda: metric(live, "sentiment_batch_size_count") > ran, "the hanging engine call to start")
+        live.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining: stopped listening" in live.log(), "the drain to wait for the hung request")
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+        caller.join(WAIT_S)
+    finally:
+        live.process.kill()
+    log = live.log()
+    assert code == ExitCode.RUNTIME, log[-3000:]
+    assert "draining: 1 requests not answered" in log and "(a second signal ended the drain)" in log, log[-3000:]
+    assert "DRAIN_TIMEOUT_S): answered 503" not in log and "within 0.0 s" not in log, log[-3000:]
 
 
 def test_sighup_during_start_up_is_remembered_and_the_reload_runs_once_ready(tiny_artifact, tmp_path):

@@ -6,6 +6,8 @@ whole matrix costs about as much as the slowest case.
 
 from __future__ import annotations
 
+import errno
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +148,43 @@ def test_a_good_start_up_loads_the_model_once_and_warns_of_the_cpu_fallback_once
     assert len([line for line in lines if "memory plan:" in line]) == 1, server.log()
     fallback_warnings = [line for line in lines if " WARNING server.engine" in line]
     assert len(fallback_warnings) == (1 if device == "cpu" else 0), server.log()
+
+
+def fill(volume: Path) -> None:
+    """Write into ``volume`` until it is full (a small tmpfs)."""
+    with open(volume / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+
+
+def test_a_new_spool_dir_on_a_full_volume_stops_start_up_with_one_line_saying_to_free_space(tiny_artifact, tmp_path,
+                                                                                           small_tmpfs):
+    """A red team's full SPOOL_DIR volume ended start-up in a traceback (the lock file's write) with exit 1. A spool
+    that already holds records still starts on a full volume (``test_durability``: replaying them frees it)."""
+    fill(small_tmpfs)
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "SPOOL_DIR": str(small_tmpfs / "spool")}, tmp_path,
+                          wait_ready=False)
+    assert server.process.wait(timeout=120) == ExitCode.FILESYSTEM, server.log()
+    log = server.log()
+    errors = [line for line in log.splitlines() if "ERROR" in line]
+    assert "Traceback" not in log and len(errors) == 1, log
+    assert "No space left on device" in errors[0] and "free space on its volume" in errors[0], errors[0]
+
+
+def test_a_spool_lock_that_cannot_be_written_is_refused_by_name_and_released(tmp_path, monkeypatch):
+    """Behind the start-up probe: the lock file's own write failing (the volume filled in between)."""
+    from server.store.spooldir import SpoolDirectory, SpoolDirUnusable
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("server.store.spooldir.os.pwrite", full)
+    with pytest.raises(SpoolDirUnusable, match="No space left on device.*free space on its volume"):
+        SpoolDirectory(tmp_path / "spool").lock()
+    monkeypatch.undo()
+    again = SpoolDirectory(tmp_path / "spool")
+    again.lock()  # the failed attempt let go of the lock
+    again.unlock()

@@ -20,6 +20,7 @@ read for ever.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -159,8 +160,12 @@ class SpoolDirectory:
             raise self._unusable(error) from error
         fd = self._open_lock_file(os.O_CREAT)
         self._take(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {holder}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {holder}\n".encode(), 0)
+        except OSError as error:  # a full volume (ENOSPC) ended start-up in a traceback
+            os.close(fd)
+            raise self._unusable(error) from error
         self._lock_fd = fd
 
     def check_unlocked(self) -> None:
@@ -193,8 +198,9 @@ class SpoolDirectory:
         return SpoolDirUnusable(f"SPOOL_DIR={self.path} cannot be used: {error}")
 
     def _unusable(self, error: OSError) -> SpoolDirUnusable:
-        return SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable ({error.strerror or error}): point SPOOL_DIR "
-                                "at a directory the server's user can write")
+        fix = "free space on its volume, or point SPOOL_DIR at another" if error.errno in (errno.ENOSPC, errno.EDQUOT) \
+            else "point SPOOL_DIR at a directory the server's user can write"
+        return SpoolDirUnusable(f"SPOOL_DIR={self.path} is not usable ({error.strerror or error}): {fix}")
 
     def _take(self, fd: int) -> None:
         """``flock`` ``fd`` or close it and raise ``SpoolLocked`` naming the holder (pid and what it is)."""
