@@ -171,6 +171,10 @@ class Metrics:
         self.store_queue_depth = Gauge("sentiment_store_queue_depth", "Records waiting to be written", registry=r)
         self.store_spool_rows = Gauge("sentiment_store_spool_rows", "Records spooled to disk awaiting replay",
                                       registry=r)
+        self.store_foreign_spool_rows = Gauge(
+            "sentiment_store_foreign_spool_rows", "Records in spools set aside for another database (DATABASE_URL "
+            "changed): in no database until `sentiment-analyzer spool replay` of each (/health: foreign_spools)",
+            registry=r)
         self.store_written = Counter("sentiment_store_written_rows", "Records written to the database", registry=r)
         self.store_write_errors = Counter("sentiment_store_write_errors", "Failed database writes", registry=r)
         self.store_replayed = Counter("sentiment_store_replayed_rows", "Spooled records replayed into the database",

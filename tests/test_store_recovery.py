@@ -211,9 +211,12 @@ async def test_a_spool_for_another_database_is_kept_apart_until_replayed_on_purp
     engine.dispose()
     other_url = f"sqlite:///{tmp_path}/other.db"
 
-    store = await open_store(store_settings(database_url=other_url))
+    metrics = Metrics()
+    store = await open_store(store_settings(database_url=other_url), metrics)
     health = store.health()
     assert health["status"] == "degraded" and len(health["foreign_spools"]) == 1
+    # records in no database: a red team found /metrics silent (store up, nothing spooled), so no alert could fire
+    assert metrics.store_foreign_spool_rows._value.get() == 20
     foreign = health["foreign_spools"][0]
     assert foreign["rows"] == 20 and foreign["command"].startswith("sentiment-analyzer spool replay --spool-dir")
     assert foreign["path"] in health["reason"]
@@ -232,6 +235,7 @@ async def test_a_spool_for_another_database_is_kept_apart_until_replayed_on_purp
     assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
     assert not Path(foreign["path"]).exists()
     await wait_until(lambda: store.health()["status"] == "ok", what="/health to see the foreign spool gone")
+    await wait_until(lambda: metrics.store_foreign_spool_rows._value.get() == 0, what="the gauge to follow")
     assert len(stored_ids(other_url)) == 1
 
 

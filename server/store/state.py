@@ -87,6 +87,7 @@ class StoreState:
         metrics.store_up.set(1 if self.database_up else 0)
         metrics.store_replaying.set(1 if state == "replaying" else 0)
         metrics.store_spool_rows.set(self.spool_rows)
+        metrics.store_foreign_spool_rows.set(sum(foreign.rows for foreign in self.foreign))
         metrics.store_spool_bytes.set(self._spool_bytes())
         metrics.store_queue_depth.set(self.cached_rows + self.unlogged_rows)
 
