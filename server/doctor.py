@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.config import ConfigError, Settings, load_settings
@@ -68,6 +69,23 @@ class UpgradeRefused(StartupError):
     exit_code = ExitCode.DATABASE
 
 
+def running_server_lost_its_file(sqlite_file: Path, settings: Settings) -> None:
+    """``SqliteUnusable`` when a server runs on SPOOL_DIR while its SQLite file is missing: removed under it (its
+    records wait in the spool, ``server.store.sqlite_file``), not a database yet to be made by a first start."""
+    from server.store.spooldir import SERVER, SpoolDirectory, SpoolDirUnusable, SpoolLocked
+
+    try:
+        SpoolDirectory(settings.spool_dir).check_unlocked()
+    except SpoolLocked as locked:
+        if locked.holder == SERVER:
+            raise SqliteUnusable(f"no SQLite database at {sqlite_file.resolve()}, but a server is running on "
+                                 f"SPOOL_DIR={settings.spool_dir}: the file was removed under it; put it back (the "
+                                 "server's records wait in the spool until then), or restart the server to begin a "
+                                 "new database") from None
+    except SpoolDirUnusable:
+        return  # the disk check says why
+
+
 def check_database_and_schema(settings: Settings) -> str:
     """Reachable (start-up's check), then the schema as the store checks it at start, read-only. A SQLite file that
     is not there yet is not opened: connecting creates it and its folders, which `keys create` (refusing to make a
@@ -79,6 +97,7 @@ def check_database_and_schema(settings: Settings) -> str:
     if sqlite_file is not None:
         check_sqlite_files(sqlite_file)  # first: a link loop does not exist, and resolving it raised RuntimeError
         if not sqlite_file.exists():
+            running_server_lost_its_file(sqlite_file, settings)
             return f"no SQLite database at {sqlite_file.resolve()} yet: the server creates it at its first start"
     reachable = check_database_reachable(settings)
     engine = make_engine(settings)

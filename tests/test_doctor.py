@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from scripts.benchlib.serverproc import ROOT
+from scripts.benchlib.serverproc import ROOT, start_server, stop_server
 from server.cli import main
 from server.doctor import run_doctor
 from tests.broken_artifacts import broken_copy
@@ -149,6 +149,24 @@ def test_a_spool_cap_larger_than_its_volume_is_named_with_what_to_change(monkeyp
 
     code, lines = doctor(monkeypatch, {**env, "SPOOL_DIR": str(tmp_path / "spool")})  # a roomy volume
     assert "warning" not in next(line for line in lines if line.startswith("[ok  ] disk"))
+
+
+def test_a_sqlite_file_removed_under_a_running_server_is_a_failure_not_a_database_to_come(monkeypatch, tiny_artifact,
+                                                                                         tmp_path):
+    """A red team removed the file under a running server; doctor said a first start would create it."""
+    env = good_env(tiny_artifact, tmp_path)
+    (tmp_path / "server").mkdir()
+    server = start_server({key: env[key] for key in ("MODEL_PATH", "DATABASE_URL", "SPOOL_DIR")}, tmp_path / "server")
+    try:
+        (tmp_path / "doctor.db").unlink()
+        code, lines = doctor(monkeypatch, env)
+    finally:
+        stop_server(server)
+    database = next(line for line in lines if " database" in line[:16])
+    assert code != 0 and database.startswith("[FAIL]"), lines
+    assert "a server is running on SPOOL_DIR" in database and "put it back" in database, database
+    code, lines = doctor(monkeypatch, env)  # no server now: a first start makes it
+    assert "yet: the server creates it at its first start" in next(line for line in lines if " database" in line[:16])
 
 
 def test_more_engine_threads_than_cores_is_named_with_what_to_set(monkeypatch, tiny_artifact, tmp_path, caplog):
