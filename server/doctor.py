@@ -70,19 +70,21 @@ class UpgradeRefused(StartupError):
 
 
 def running_server_lost_its_file(sqlite_file: Path, settings: Settings) -> None:
-    """``SqliteUnusable`` when a server runs on SPOOL_DIR while its SQLite file is missing: removed under it (its
-    records wait in the spool, ``server.store.sqlite_file``), not a database yet to be made by a first start."""
-    from server.store.spooldir import SERVER, SpoolDirectory, SpoolDirUnusable, SpoolLocked
+    """``SqliteUnusable`` when a server runs on SPOOL_DIR for this very SQLite file (its ``database.json``) while the
+    file is missing: removed under it (its records wait in the spool, ``server.store.sqlite_file``), not a database
+    yet to be made by a first start. A server on SPOOL_DIR for another database is the port check's to name."""
+    from server.store.spooldir import SERVER, SpoolDirectory, SpoolDirUnusable, SpoolLocked, database_identity
 
+    spool = SpoolDirectory(settings.spool_dir)
     try:
-        SpoolDirectory(settings.spool_dir).check_unlocked()
+        spool.check_unlocked()
     except SpoolLocked as locked:
-        if locked.holder == SERVER:
+        if locked.holder == SERVER and spool.read_identity() == database_identity(settings.database_url):
             raise SqliteUnusable(f"no SQLite database at {sqlite_file.resolve()}, but a server is running on "
                                  f"SPOOL_DIR={settings.spool_dir}: the file was removed under it; put it back (the "
                                  "server's records wait in the spool until then), or restart the server to begin a "
                                  "new database") from None
-    except SpoolDirUnusable:
+    except (SpoolDirUnusable, OSError):
         return  # the disk check says why
 
 
