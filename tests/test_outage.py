@@ -5,6 +5,7 @@ exactly the served predictions, none twice."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -81,12 +82,13 @@ def _move_database(database: Path, to: Path) -> None:
             os.rename(f"{database}{suffix}", f"{to}{suffix}")
 
 
-@pytest.mark.parametrize("then", ["restored", "restarted"])
+@pytest.mark.parametrize("then", ["put back", "replaced", "left out"])
 def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_artifact, tmp_path, then):
     """A red team removed the SQLite file under a running server: SQLite went on committing into the removed file,
     every record answered after that was released from the spool as stored, /health said ok, and a clean shutdown
     lost them all (``server.store.sqlite_file``). Now the database is down, saying why, the records wait in the
-    spool, and they reach the file put back, or the new database a restart makes."""
+    spool, and they reach the file put back, or at a restart whatever file is at the path (a copy put in its place
+    is not joined while the server runs: SQLite would open it with the first file's write-ahead log)."""
     database, aside = tmp_path / "predictions.db", tmp_path / "aside.db"
     env = {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}", "DB_AUTO_MIGRATE": "true",
            "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
@@ -100,21 +102,27 @@ def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_art
             after = stream(client, 5, 10)
             down = until(client, lambda health: health["status"] == "degraded" and health["database"]["spool_rows"])
             metrics = client.get("/metrics").text
-            if then == "restored":
+            if then == "put back":
                 _move_database(aside, database)
                 healthy = until(client, lambda h: h["status"] == "ok" and not h["database"]["spool_rows"])
+            elif then == "replaced":
+                shutil.copyfile(aside, database)  # another file (inode) at the path
+                replaced = until(client, lambda h: "was replaced" in (h["database"]["reason"] or ""))
+                after += stream(client, 15, 5)
     finally:
         assert stop_server(server) == 0
     assert down["status"] == "degraded", down
     assert f"the SQLite database {database} was removed" in down["database"]["reason"], down
     assert down["database"]["spool_rows"] >= len(after)  # and those of ``before`` still in the spool's open segment
     assert "\nsentiment_store_up 0.0\n" in metrics
-    if then == "restored":
+    if then == "put back":
         assert healthy["status"] == "ok", healthy
         assert sorted(_stored_request_ids(database)) == sorted(before + after)
         return
+    if then == "replaced":
+        assert replaced["status"] == "degraded" and "restart the server" in replaced["database"]["reason"], replaced
     (tmp_path / "second").mkdir()
-    server = start_server(env, tmp_path / "second")  # no file at the path: a new database, the spool replayed
+    server = start_server(env, tmp_path / "second")  # whatever is at the path (a new database if none): replayed into
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
@@ -122,3 +130,33 @@ def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_art
         assert stop_server(server) == 0
     stored = _stored_request_ids(database)  # what only the removed file held went with it
     assert set(after) <= set(stored) <= set(before + after) and len(stored) == len(set(stored)), stored
+
+
+def test_predictions_answered_after_the_sqlite_write_ahead_log_is_removed_are_kept(tiny_artifact, tmp_path):
+    """The same through the other file (a red team): with ``-wal`` removed, commits went into the log the
+    connections held open, the spool released them, and a SIGKILL lost them. Now the database is down until a
+    restart, which replays the spool."""
+    database = tmp_path / "predictions.db"
+    env = {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}", "DB_AUTO_MIGRATE": "true",
+           "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
+    (tmp_path / "first").mkdir()
+    server = start_server(env, tmp_path / "first")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            stream(client, 0, 5)
+            until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
+            Path(f"{database}-wal").unlink()
+            after = stream(client, 5, 10)
+            down = until(client, lambda health: health["status"] == "degraded" and health["database"]["spool_rows"])
+    finally:
+        server.process.kill()  # what the log held open goes with the process
+        server.process.wait()
+    assert "write-ahead log" in down["database"]["reason"] and "restart the server" in down["database"]["reason"]
+    (tmp_path / "second").mkdir()
+    server = start_server(env, tmp_path / "second")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
+    finally:
+        assert stop_server(server) == 0
+    assert set(after) <= set(_stored_request_ids(database))

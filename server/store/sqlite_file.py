@@ -1,22 +1,23 @@
-"""The SQLite database file the store writes to must be the one its path names: no commit goes to a file removed or
-replaced under a running server.
+"""The SQLite database the store writes to must be the one its path named when the process first opened it: no
+commit goes to a file removed or replaced under a running server.
 
-SQLite writes through the descriptor it opened: with the file removed (``rm predictions.db``) or replaced (a backup
-moved over it) under a running server, its pooled connections went on committing into the file no path names any
-more. Every record answered after that went there; the spool released them as stored, /health said the database
-was up, and at a clean shutdown they were gone with the file (a red team lost 1,982 of 1,982).
+SQLite writes through the descriptors it opened: with the database file or its write-ahead log (``-wal``) removed
+(``rm predictions.db``) or replaced (a backup moved over it) under a running server, its pooled connections went on
+committing into files no path names any more. Every record answered after that went there; the spool released them
+as stored, /health said the database was up, and at a clean shutdown (or a SIGKILL, for the log) they were gone
+(a red team lost 1,982 of 1,982).
 
-``watch`` hooks an SQLite engine so that:
+``watch`` hooks an SQLite engine so that, once the database file has existed:
 
-* each connection remembers which file (device and inode) it opened;
-* a commit on a connection whose file is no longer at the path fails as the database being unavailable
-  (``SqliteFileChanged``, an ``sqlite3.OperationalError``), before SQLite commits: the writer marks the database
-  down, keeps the records in the spool and retries; a feedback or key write is answered 503;
-* a pooled connection to such a file is discarded at checkout, so a file put back (a restored backup) is written to
-  by new connections from the next retry on;
-* once the file has existed, no connection is opened while the path names none: SQLite would make a new, empty
-  database there, and the store would write records into a file without the operator's history. The database
-  stays down, and says why, until the file is restored or the server is restarted (which makes a new database).
+* the file at the path must stay the one first opened (device and inode), and the write-ahead log the one first
+  committed through: a commit that would go elsewhere fails before SQLite makes it, as the database being
+  unavailable (``SqliteFileChanged``, an ``sqlite3.OperationalError``). The writer marks the database down, keeps
+  the records in the spool and retries; a feedback or key write is answered 503;
+* a pooled connection to another file is discarded at checkout, and no connection is opened while the path names
+  another file or none. SQLite would make a new, empty database at an empty path, and a file put in place of the
+  first one would be opened with the first one's ``-wal`` and ``-shm`` (a red team's restored backup ended up
+  corrupt so). The database stays down, saying why, until the first file is back at the path (``mv`` back) or the
+  server is restarted, which takes whatever the path names then.
 """
 
 from __future__ import annotations
@@ -31,36 +32,51 @@ FILE = "sqlite_file"  # a connection record's info key: the (device, inode) of t
 
 
 class SqliteFileChanged(sqlite3.OperationalError):
-    """The SQLite database file is not the one the store's connection opened: removed or replaced."""
+    """The SQLite database file, or its write-ahead log, is not the one the store first opened: removed, replaced
+    or unreachable."""
 
 
 def identity(path: Path) -> tuple[int, int] | None:
-    """The file at ``path`` as (device, inode), or None when there is none."""
+    """The file at ``path`` as (device, inode), or None when there is none; ``SqliteFileChanged`` when the path
+    cannot be followed (a link loop, a file where a folder was, no permission)."""
     try:
         found = os.stat(path)
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise SqliteFileChanged(f"the SQLite database {path} cannot be reached ({error.strerror}): restore the path "
+                                "(predictions are spooled on disk until it is back)") from None
     return found.st_dev, found.st_ino
 
 
 def watch(engine: Engine, path: Path) -> None:
     """Hook ``engine`` (SQLite, database file ``path``) as the module docstring says."""
-    existed = [identity(path) is not None]
+    log = Path(f"{path}-wal")
+    try:
+        opened = identity(path)
+    except SqliteFileChanged:  # the first connection says why
+        opened = None
+    first = {"file": opened, "log": None}  # what the process opened first; None: not yet
 
-    def removed() -> SqliteFileChanged:
+    def changed(now: tuple[int, int] | None) -> SqliteFileChanged:
+        if now is None:
+            return SqliteFileChanged(
+                f"the SQLite database {path} was removed while the server ran: put it back (predictions are "
+                "spooled on disk until it is back), or restart the server to begin a new, empty database")
         return SqliteFileChanged(
-            f"the SQLite database {path} was removed while the server ran: restore it (predictions are spooled on "
-            "disk until it is back) or restart the server to begin a new, empty database")
+            f"the SQLite database {path} was replaced while the server ran: this server writes only to the file it "
+            "opened (put it back), or restart the server to use the file now there (predictions are spooled on disk "
+            "meanwhile)")
 
     @event.listens_for(engine, "do_connect")
-    def refuse_to_make_a_new_file(_dialect, _record, _args, _kwargs):
-        if existed[0] and identity(path) is None:
-            raise removed()
+    def refuse_another_file(_dialect, _record, _args, _kwargs) -> None:
+        if first["file"] is not None and (now := identity(path)) != first["file"]:
+            raise changed(now)
 
     @event.listens_for(engine, "connect")
     def remember_the_file(_dbapi_connection, record) -> None:
         record.info[FILE] = identity(path)
-        existed[0] = existed[0] or record.info[FILE] is not None
+        first["file"] = first["file"] or record.info[FILE]
 
     @event.listens_for(engine, "checkout")
     def discard_a_connection_to_another_file(_dbapi_connection, record, _proxy) -> None:
@@ -68,11 +84,14 @@ def watch(engine: Engine, path: Path) -> None:
             raise exc.DisconnectionError("the SQLite database file changed since this connection opened it")
 
     @event.listens_for(engine, "commit")
-    def commit_only_to_the_file_at_the_path(connection) -> None:
-        opened, now = connection.connection.info.get(FILE), identity(path)
-        if now is None:
-            raise removed()
-        if now != opened:
+    def commit_only_to_the_files_first_opened(_connection) -> None:
+        if (now := identity(path)) != first["file"]:
+            raise changed(now)
+        now_log = identity(log)
+        if first["log"] is None:
+            first["log"] = now_log
+        elif now_log != first["log"]:
             raise SqliteFileChanged(
-                f"the SQLite database {path} was replaced while the server ran: this commit was not made, and the "
-                "store writes to the file now there from its next connection on")
+                f"the SQLite database's write-ahead log {log} was removed or replaced while the server ran: what "
+                "was committed since is only in the log the server still holds open; restart the server "
+                "(predictions are spooled on disk meanwhile and replayed at the start)")
