@@ -160,3 +160,27 @@ def test_predictions_answered_after_the_sqlite_write_ahead_log_is_removed_are_ke
     finally:
         assert stop_server(server) == 0
     assert set(after) <= set(_stored_request_ids(database))
+
+
+def test_a_sqlite_file_moved_alone_under_a_running_server_holds_what_was_committed_to_it(tiny_artifact, tmp_path):
+    """A red team moved only the database file (``mv p.db p.away``) and stopped the server: SQLite skips its own
+    checkpoint at close for a moved file, so what was committed stayed in the ``-wal`` left at the path; the moved
+    file lacked even its tables, and the restart deleted that log (6 of 6 answered records lost). The server now
+    checkpoints through the connections it drops."""
+    database, aside = tmp_path / "predictions.db", tmp_path / "aside.db"
+    env = {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}", "DB_AUTO_MIGRATE": "true",
+           "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
+    (tmp_path / "first").mkdir()
+    server = start_server(env, tmp_path / "first")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            answered = stream(client, 0, 6)
+            deadline = time.monotonic() + 30  # committed: in the database (its log), not only answered
+            while sorted(_stored_request_ids(database)) != sorted(answered) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os.rename(database, aside)  # not its -wal and -shm
+    finally:
+        assert stop_server(server) == 0
+    assert sorted(_stored_request_ids(aside)) == sorted(answered)  # the moved file alone, no log beside it
+    leftover = Path(f"{database}-wal")
+    assert not leftover.exists() or leftover.stat().st_size == 0

@@ -22,12 +22,14 @@ as stored, /health said the database was up, and at a clean shutdown (or a SIGKI
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from pathlib import Path
 
 from sqlalchemy import Engine, event, exc
 
+log = logging.getLogger(__name__)
 FILE = "sqlite_file"  # a connection record's info key: the (device, inode) of the file the connection opened
 
 
@@ -49,9 +51,22 @@ def identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
+def checkpoint(dbapi_connection: sqlite3.Connection) -> None:
+    """Write what the write-ahead log holds into the database file this connection opened, and empty the log.
+
+    For a connection whose file was moved or removed: SQLite skips its own checkpoint at close then, so what was
+    committed stayed only in the ``-wal`` left at the path. A moved file (``mv p.db p.away``) then lacked it (a red
+    team's held not even its tables); a restart beside an empty path deleted that log, and beside a backup put in
+    its place applied it to the backup, which came out corrupt."""
+    try:
+        dbapi_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as error:  # what stays in the log is still in the spool, unreleased
+        log.warning("store: could not checkpoint the SQLite database that was moved or removed: %s", error)
+
+
 def watch(engine: Engine, path: Path) -> None:
     """Hook ``engine`` (SQLite, database file ``path``) as the module docstring says."""
-    log = Path(f"{path}-wal")
+    wal = Path(f"{path}-wal")
     try:
         opened = identity(path)
     except SqliteFileChanged:  # the first connection says why
@@ -79,19 +94,29 @@ def watch(engine: Engine, path: Path) -> None:
         first["file"] = first["file"] or record.info[FILE]
 
     @event.listens_for(engine, "checkout")
-    def discard_a_connection_to_another_file(_dbapi_connection, record, _proxy) -> None:
+    def discard_a_connection_to_another_file(dbapi_connection, record, _proxy) -> None:
         if record.info.get(FILE) != identity(path):
+            checkpoint(dbapi_connection)
             raise exc.DisconnectionError("the SQLite database file changed since this connection opened it")
+
+    @event.listens_for(engine, "close")
+    def leave_nothing_in_the_log_of_a_moved_file(dbapi_connection, record) -> None:
+        try:
+            moved = record.info.get(FILE) != identity(path)
+        except SqliteFileChanged:
+            moved = True
+        if moved:
+            checkpoint(dbapi_connection)
 
     @event.listens_for(engine, "commit")
     def commit_only_to_the_files_first_opened(_connection) -> None:
         if (now := identity(path)) != first["file"]:
             raise changed(now)
-        now_log = identity(log)
+        now_log = identity(wal)
         if first["log"] is None:
             first["log"] = now_log
         elif now_log != first["log"]:
             raise SqliteFileChanged(
-                f"the SQLite database's write-ahead log {log} was removed or replaced while the server ran: what "
+                f"the SQLite database's write-ahead log {wal} was removed or replaced while the server ran: what "
                 "was committed since is only in the log the server still holds open; restart the server "
                 "(predictions are spooled on disk meanwhile and replayed at the start)")
