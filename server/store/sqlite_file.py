@@ -17,7 +17,9 @@ as stored, /health said the database was up, and at a clean shutdown (or a SIGKI
   another file or none. SQLite would make a new, empty database at an empty path, and a file put in place of the
   first one would be opened with the first one's ``-wal`` and ``-shm`` (a red team's restored backup ended up
   corrupt so). The database stays down, saying why, until the first file is back at the path (``mv`` back) or the
-  server is restarted, which takes whatever the path names then.
+  server is restarted, which takes whatever the path names then;
+* a connection to a moved or removed file checkpoints before it is dropped (``checkpoint``), so the file holds what
+  was committed to it and no log of it is left at the path.
 """
 
 from __future__ import annotations
