@@ -67,6 +67,17 @@ def test_predictions_survive_a_postgres_outage(pg_store_db, tiny_artifact, tmp_p
     assert sorted(stored) == sorted(served) and len(set(served)) == 140  # each served prediction exactly once
 
 
+def _sqlite_env(tiny_artifact: Path, tmp_path: Path) -> dict[str, str]:
+    """A server on ``tmp_path/predictions.db``, its spool beside it."""
+    return {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{tmp_path / 'predictions.db'}",
+            "DB_AUTO_MIGRATE": "true", "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
+
+
+def _start(env: dict[str, str], log_dir: Path):
+    log_dir.mkdir()
+    return start_server(env, log_dir)
+
+
 def _stored_request_ids(database: Path) -> list[str]:
     engine = create_engine(f"sqlite:///{database}")
     with engine.connect() as connection:
@@ -90,10 +101,8 @@ def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_art
     spool, and they reach the file put back, or at a restart whatever file is at the path (a copy put in its place
     is not joined while the server runs: SQLite would open it with the first file's write-ahead log)."""
     database, aside = tmp_path / "predictions.db", tmp_path / "aside.db"
-    env = {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}", "DB_AUTO_MIGRATE": "true",
-           "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
-    (tmp_path / "first").mkdir()
-    server = start_server(env, tmp_path / "first")
+    env = _sqlite_env(tiny_artifact, tmp_path)
+    server = _start(env, tmp_path / "first")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             before = stream(client, 0, 5)
@@ -121,8 +130,7 @@ def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_art
         return
     if then == "replaced":
         assert replaced["status"] == "degraded" and "restart the server" in replaced["database"]["reason"], replaced
-    (tmp_path / "second").mkdir()
-    server = start_server(env, tmp_path / "second")  # whatever is at the path (a new database if none): replayed into
+    server = _start(env, tmp_path / "second")  # whatever is at the path (a new database if none): replayed into
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
@@ -137,10 +145,8 @@ def test_predictions_answered_after_the_sqlite_write_ahead_log_is_removed_are_ke
     connections held open, the spool released them, and a SIGKILL lost them. Now the database is down until a
     restart, which replays the spool."""
     database = tmp_path / "predictions.db"
-    env = {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}", "DB_AUTO_MIGRATE": "true",
-           "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
-    (tmp_path / "first").mkdir()
-    server = start_server(env, tmp_path / "first")
+    env = _sqlite_env(tiny_artifact, tmp_path)
+    server = _start(env, tmp_path / "first")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             stream(client, 0, 5)
@@ -152,8 +158,7 @@ def test_predictions_answered_after_the_sqlite_write_ahead_log_is_removed_are_ke
         server.process.kill()  # what the log held open goes with the process
         server.process.wait()
     assert "write-ahead log" in down["database"]["reason"] and "restart the server" in down["database"]["reason"]
-    (tmp_path / "second").mkdir()
-    server = start_server(env, tmp_path / "second")
+    server = _start(env, tmp_path / "second")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
@@ -168,10 +173,8 @@ def test_a_sqlite_file_moved_alone_under_a_running_server_holds_what_was_committ
     file lacked even its tables, and the restart deleted that log (6 of 6 answered records lost). The server now
     checkpoints through the connections it drops."""
     database, aside = tmp_path / "predictions.db", tmp_path / "aside.db"
-    env = {"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}", "DB_AUTO_MIGRATE": "true",
-           "ENABLE_MODEL_CACHING": "false", "SPOOL_DIR": str(tmp_path / "spool")}
-    (tmp_path / "first").mkdir()
-    server = start_server(env, tmp_path / "first")
+    env = _sqlite_env(tiny_artifact, tmp_path)
+    server = _start(env, tmp_path / "first")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             answered = stream(client, 0, 6)
