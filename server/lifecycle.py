@@ -98,7 +98,7 @@ class DrainClock:
 
     def end_now(self) -> None:
         now = time.monotonic()
-        self.ended_early = now < self.deadline
+        self.ended_early = self.ended_early or now < self.deadline  # a third signal must not undo it
         self.stop_listening_at = min(self.stop_listening_at, now)
         self.deadline = min(self.deadline, now)
 
