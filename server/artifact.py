@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -186,9 +187,20 @@ class Artifact:
         return data
 
     def read_variant(self, variant: str) -> tuple[bytes, dict[str, bytes]]:
-        """The variant's graph and its external-data files by name (``read_verified``)."""
-        graph, *external = self.variant_files(variant)
-        return self.read_verified(graph), {name: self.read_verified(name) for name in external}
+        """The variant's graph and its external-data files (``read_verified``), each under every name its graph
+        gives it: ONNX Runtime looks a location up as the graph spells it, and the manifest may spell the same file
+        otherwise (``sub/d0`` for ``sub/./d0``; ``check_external_data_listed`` compares them normalized)."""
+        graph_name, *external = self.variant_files(variant)
+        graph = self.read_verified(graph_name)
+        spellings: dict[str, list[str]] = {}
+        for location in sorted(external_data_locations_in(graph)):
+            spellings.setdefault(os.path.normpath(location), []).append(location)
+        table: dict[str, bytes] = {}
+        for name in external:
+            data = self.read_verified(name)
+            for spelling in spellings.get(os.path.normpath(name), [name]):
+                table[spelling] = data
+        return graph, table
 
     def variant_files(self, variant: str) -> list[str]:
         """The variant's files: its ``.onnx`` and then its external-data files, if any."""
@@ -281,26 +293,38 @@ def external_data_locations(onnx_path: Path) -> set[str]:
     graph whole took that much more of the container's memory limit just before ONNX Runtime loads the model.
     (Mapping it would hold no memory either, but a file cut short while mapped, a model copied over in place
     during a reload, kills the process with SIGBUS.)"""
+    with onnx_path.open("rb") as handle:
+        fd = handle.fileno()
+        return _locations(lambda at, size: os.pread(fd, size, at))
+
+
+def external_data_locations_in(graph: bytes) -> set[str]:
+    """``external_data_locations`` of a graph's bytes already in memory (the verified copy the engine loads)."""
+    view = memoryview(graph)
+    return _locations(lambda at, size: bytes(view[at : at + size]))
+
+
+def _locations(read: Callable[[int, int], bytes]) -> set[str]:
+    """The locations named in a graph that ``read(at, size)`` reads, ``SCAN_CHUNK`` bytes at a time."""
     found: set[str] = set()
     overlap = len(_LOCATION_ENTRY) - 1  # an entry may straddle two chunks
-    with onnx_path.open("rb") as handle:
-        fd, offset, tail = handle.fileno(), 0, b""
-        while chunk := os.pread(fd, SCAN_CHUNK, offset):
-            window, window_start = tail + chunk, offset - len(tail)
-            at = window.find(_LOCATION_ENTRY)
-            while at >= 0:
-                location = _location_at(fd, window_start + at + len(_LOCATION_ENTRY))
-                if location is not None:
-                    found.add(location)
-                at = window.find(_LOCATION_ENTRY, at + 1)
-            tail, offset = window[-overlap:], offset + len(chunk)
+    offset, tail = 0, b""
+    while chunk := read(offset, SCAN_CHUNK):
+        window, window_start = tail + chunk, offset - len(tail)
+        at = window.find(_LOCATION_ENTRY)
+        while at >= 0:
+            location = _location_at(read, window_start + at + len(_LOCATION_ENTRY))
+            if location is not None:
+                found.add(location)
+            at = window.find(_LOCATION_ENTRY, at + 1)
+        tail, offset = window[-overlap:], offset + len(chunk)
     return found
 
 
-def _location_at(fd: int, at: int) -> str | None:
-    """The entry's value at byte ``at`` of the file: a varint length and that many bytes; None when the length
-    cannot be a file name's."""
-    head = os.pread(fd, 5, at)
+def _location_at(read: Callable[[int, int], bytes], at: int) -> str | None:
+    """The entry's value at byte ``at``: a varint length and that many bytes; None when the length cannot be a
+    file name's."""
+    head = read(at, 5)
     size = 0
     for index, byte in enumerate(head):
         size |= (byte & 0x7F) << (7 * index)
@@ -310,7 +334,7 @@ def _location_at(fd: int, at: int) -> str | None:
         return None
     if size > LOCATION_MAX:
         return None
-    return os.pread(fd, size, at + index + 1).decode("utf-8", "replace")
+    return read(at + index + 1, size).decode("utf-8", "replace")
 
 
 def check_external_data_listed(directory: Path, manifest: dict) -> None:

@@ -24,7 +24,15 @@ from models.layout import MAX_FILE_BYTES, check_external_data, external_data_fil
 from models.manifest import main as manifest_main
 from scripts.benchlib.serverproc import start_server, stop_server, wait_exit
 from server import artifact
-from server.artifact import MANIFEST, TOKENIZER, ArtifactError, external_data_locations, load_artifact, sha256_file
+from server.artifact import (
+    MANIFEST,
+    TOKENIZER,
+    ArtifactError,
+    external_data_locations,
+    external_data_locations_in,
+    load_artifact,
+    sha256_file,
+)
 from server.config import DEFAULT_MODEL_PATH, load_settings
 from server.engine import ModelFileError, OnnxEngine
 from server.exitcodes import ExitCode
@@ -175,6 +183,32 @@ def test_the_data_files_a_graph_names_are_read_from_its_bytes(split_artifact):
         graph = split_artifact / json.loads((split_artifact / MANIFEST).read_text())["variants"][variant]["file"]
         assert external_data_locations(graph) == set(external_data_files(graph))
     assert external_data_locations(Path(DEFAULT_MODEL_PATH) / "model.int8.onnx") == set()  # one file
+
+
+def test_a_data_file_the_graph_spells_otherwise_than_the_manifest_loads(split_copy, tiny_artifact):
+    """ONNX Runtime looks an external-data location up as the graph spells it (``sub/./model.int8.onnx.data-0``),
+    and the manifest may list the same file as ``sub/model.int8.onnx.data-0``: the server refused such a model
+    as unloadable ("not found from the table user provided"), though the manifest check had accepted it."""
+    graph_path = split_copy / "model.int8.onnx"
+    names = data_files(split_copy, "int8")
+    (split_copy / "sub").mkdir()
+    for name in names:
+        (split_copy / name).rename(split_copy / "sub" / name)
+    graph = onnx.load(str(graph_path), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "sub/./" + entry.value
+    onnx.save(graph, str(graph_path))
+    manifest = json.loads((split_copy / MANIFEST).read_text())
+    for name in names:
+        manifest["files"][f"sub/{name}"] = manifest["files"].pop(name)
+    manifest["variants"]["int8"]["external_data"] = [f"sub/{name}" for name in names]
+    manifest["files"]["model.int8.onnx"] = {"sha256": sha256_file(graph_path), "bytes": graph_path.stat().st_size}
+    (split_copy / MANIFEST).write_text(json.dumps(manifest))
+    assert external_data_locations(graph_path) == {f"sub/./{name}" for name in names}
+    assert external_data_locations_in(graph_path.read_bytes()) == external_data_locations(graph_path)
+    assert np.array_equal(logits(split_copy, "int8"), logits(tiny_artifact, "int8"))
 
 
 def test_the_data_files_scan_reads_the_graph_a_chunk_at_a_time(split_artifact, tmp_path, monkeypatch):
