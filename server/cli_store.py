@@ -331,7 +331,7 @@ def spool_replay(args: argparse.Namespace) -> int:
     def run(directory: Path, sink: DatabaseSink) -> ReplayReport:
         report = replay_spool(directory, sink)
         gone = "; the directory was empty and is removed" if report.removed else ""
-        print(f"replayed {report.rows} predictions from {directory}: {report.written} written, {report.rejected} "
+        print(f"replayed {report.rows} predictions from {directory}: {written(report)}, {report.rejected} "
               f"refused (kept in {directory / 'rejected.jsonl'}){gone}")
         return report
 
@@ -341,11 +341,18 @@ def spool_replay(args: argparse.Namespace) -> int:
 def spool_replay_rejected(args: argparse.Namespace) -> int:
     def run(directory: Path, sink: DatabaseSink) -> ReplayReport:
         report = replay_rejected(directory, sink)
-        print(f"offered {report.rows} rejected predictions from {directory} again: {report.written} written, "
+        print(f"offered {report.rows} rejected predictions from {directory} again: {written(report)}, "
               f"{report.rejected} still refused (kept in {directory / 'rejected.jsonl'})")
         return report
 
     return _spool_command(args, run)
+
+
+def written(report: ReplayReport) -> str:
+    """What a replay wrote, and how many of those rows the database held already (each is there once)."""
+    if not report.already:
+        return f"{report.written} written"
+    return f"{report.written - report.already} written, {report.already} already in the database"
 
 
 def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink], ReplayReport]) -> int:
@@ -367,7 +374,7 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
                      f"({describe_identity(target)}): pass --into URL to choose the database to replay them into")
     engine = make_engine(settings)
     try:
-        run(directory, DatabaseSink(engine, settings, RejectedFile(directory)))
+        run(directory, DatabaseSink(engine, settings, RejectedFile(directory), count_already=True))
         return 0
     except SpoolLocked as error:
         return _fail(f"{error}{'; that server replays the spool itself' if error.holder == SERVER else ''}")

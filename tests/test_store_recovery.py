@@ -239,6 +239,22 @@ async def test_a_spool_for_another_database_is_kept_apart_until_replayed_on_purp
     assert len(stored_ids(other_url)) == 1
 
 
+def test_a_replay_counts_rows_the_database_already_holds_apart_from_those_it_wrote(store_db, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """A spool replayed again after an interrupted replay (or a copy of one) offers rows the database holds: they
+    are not inserted twice, and the report used to count them as written."""
+    records = [make_record(f"t{i}") for i in range(20)]
+    migrated(store_db.url)
+    monkeypatch.setenv("DATABASE_URL", store_db.url)
+    leave_spool(tmp_path / "first", store_db.url, records[:15])
+    assert run_cli("spool", "replay", "--spool-dir", str(tmp_path / "first")) == 0
+    assert "replayed 15 predictions from" in capsys.readouterr().out
+    leave_spool(tmp_path / "again", store_db.url, records)
+    assert run_cli("spool", "replay", "--spool-dir", str(tmp_path / "again")) == 0
+    assert ": 5 written, 15 already in the database, 0 refused" in capsys.readouterr().out
+    assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
+
+
 def test_spool_status_says_what_a_spool_holds_and_for_which_database(store_db, tmp_path, monkeypatch, capsys):
     spool_dir = tmp_path / "spool"
     leave_spool(spool_dir, store_db.url, [make_record("a"), make_record("b")])

@@ -32,7 +32,8 @@ CHUNK_ROWS = 1000
 @dataclass
 class ReplayReport:
     rows: int = 0  # records read from the spool
-    written: int = 0  # of those, inserted (or already there)
+    written: int = 0  # of those, in the database now (inserted, or already there)
+    already: int = 0  # of ``written``, already in the database (offered again: not inserted twice)
     rejected: int = 0  # refused for their content, now in rejected.jsonl
     removed: bool = False  # the (foreign) directory was removed, being empty
 
@@ -55,6 +56,7 @@ def replay_spool(directory: Path, sink: DatabaseSink, progress: Callable[[int, i
             wal.release(cursor)
             report.rows += len(lines)
             report.written += outcome.written
+            report.already += outcome.already
             report.rejected += outcome.rejected
             if progress:
                 progress(report.rows, total)
@@ -101,6 +103,7 @@ def _offer(sink: DatabaseSink, rows: list[dict], still: list[dict], report: Repl
     outcome = sink.write(rows, set_aside=False)
     report.rows += len(rows)
     report.written += outcome.written
+    report.already += outcome.already
     report.rejected += outcome.rejected
     still.extend(outcome.refused)
 

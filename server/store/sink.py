@@ -55,8 +55,9 @@ class DatabaseRefuses(Exception):
 
 @dataclass
 class WriteOutcome:
-    written: int = 0
+    written: int = 0  # in the database now: inserted, or there already (offered again: a replay after a crash)
     refused: list[dict[str, Any]] = field(default_factory=list)  # rejected.jsonl entries: {"error", "row"|"line"}
+    already: int = 0  # of ``written``, rows the database held already (counted by a sink asked to)
 
     @property
     def rejected(self) -> int:
@@ -65,16 +66,24 @@ class WriteOutcome:
     def add(self, other: WriteOutcome) -> None:
         self.written += other.written
         self.refused.extend(other.refused)
+        self.already += other.already
 
 
 class DatabaseSink:
-    def __init__(self, engine: Engine, settings: Settings, rejected: RejectedFile) -> None:
+    def __init__(self, engine: Engine, settings: Settings, rejected: RejectedFile, *,
+                 count_already: bool = False) -> None:
+        """``count_already``: tell the rows inserted from those the database held already (``WriteOutcome.
+        already``), for a replay's report. The insert then returns the ids it inserted: the drivers' row count
+        cannot say (psycopg's is -1 for SQLAlchemy's batched inserts), and the server's writer does without."""
         self.engine = engine
         self.settings = settings
         self.rejected = rejected
         self.dialect = engine.dialect.name
         self._insert = (postgresql if self.dialect == "postgresql" else sqlite).insert(PREDICTIONS) \
             .on_conflict_do_nothing(index_elements=["id"])
+        self._count_inserted = count_already
+        if count_already:
+            self._insert = self._insert.returning(PREDICTIONS.c.id)
         self._schema_ok = False
         self._refused_streak = 0
         self._taken: dict[str, Any] | None = None  # a row the database took last (``_takes_rows``)
@@ -119,7 +128,8 @@ class DatabaseSink:
                 pairs.append((row, storable(row, self.dialect)))
             except (KeyError, TypeError, ValueError) as error:
                 refused.append((row, f"not a prediction row ({type(error).__name__}: {error})"))
-        by_database = self._insert_halving(pairs)
+        inserted = [0]
+        by_database = self._insert_halving(pairs, inserted)
         if by_database and len(by_database) == len(pairs):
             self._refused_streak += len(by_database)
             if len(pairs) > 1 and self._takes_rows():
@@ -134,7 +144,8 @@ class DatabaseSink:
         entries = [{"error": reason, "row": row} for row, reason in refused + by_database]
         if entries and set_aside:
             self.rejected.append(entries)
-        return WriteOutcome(written=len(rows) - len(entries), refused=entries)
+        written = len(rows) - len(entries)
+        return WriteOutcome(written=written, refused=entries, already=max(0, written - inserted[0]))
 
     def _takes_rows(self) -> bool:
         """Whether the database takes a row like the last one it took (or, none yet in this process, a plain
@@ -153,13 +164,16 @@ class DatabaseSink:
             return False
         return True
 
-    def _insert_halving(self, pairs: list[tuple[dict, dict]]) -> list[tuple[dict, str]]:
-        """Insert; on a content error split in halves. Returns the refused rows (original form) and why."""
+    def _insert_halving(self, pairs: list[tuple[dict, dict]], inserted: list[int]) -> list[tuple[dict, str]]:
+        """Insert; on a content error split in halves. Returns the refused rows (original form) and why, and adds
+        the rows inserted to ``inserted[0]`` (every row taken, unless the sink counts them)."""
         if not pairs:
             return []
         try:
             with self.engine.begin() as connection:
-                connection.execute(self._insert, [values for _, values in pairs])
+                result = connection.execute(self._insert, [values for _, values in pairs])
+                taken = len(result.all()) if self._count_inserted else len(pairs)  # read before the commit
+            inserted[0] += taken
             return []
         except Exception as error:
             if not content_error(error):
@@ -167,7 +181,7 @@ class DatabaseSink:
             if len(pairs) == 1:
                 return [(pairs[0][0], describe(error))]
         middle = len(pairs) // 2
-        return self._insert_halving(pairs[:middle]) + self._insert_halving(pairs[middle:])
+        return self._insert_halving(pairs[:middle], inserted) + self._insert_halving(pairs[middle:], inserted)
 
 
 def content_error(error: BaseException) -> bool:
