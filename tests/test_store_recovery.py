@@ -184,6 +184,29 @@ async def test_a_refused_row_is_isolated_by_halving_and_replayable_after_a_fix(s
     await wait_until(lambda: store.health()["rejected_rows"] == 0, what="/health to see the replay")
 
 
+async def test_a_damaged_spool_line_is_set_aside_without_blaming_the_database(store_db, store_settings, open_store,
+                                                                              caplog):
+    """A line damaged on disk never reaches the database: the log said "the database refused" it, sending an
+    operator after constraints and schemas."""
+    settings = store_settings()
+    records = [make_record(f"t{i}") for i in range(4)]
+    leave_spool(settings.spool_dir, store_db.url, records[:2])
+    wal = WriteAheadLog(settings.spool_dir, 1 << 30)
+    wal.open()
+    wal.append(b"\x00garbage, not a record\n")
+    wal.append(encode_lines([record_row(r, True) for r in records[2:]]))
+    wal.close()
+    store = await open_store(settings)
+    await wait_until(lambda: len(stored_ids(store_db.url)) == 4, what="the four records around the damaged line")
+    await wait_until(lambda: store.health()["rejected_rows"] == 1, what="/health to count the damaged line")
+    kept = [json.loads(line) for line in (settings.spool_dir / REJECTED).read_text().splitlines()]
+    assert [(entry["error"], entry["line"]) for entry in kept] == [("unreadable spool line",
+                                                                   "\x00garbage, not a record\n")]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("1 predictions could not be written (unreadable spool line)" in m for m in errors), errors
+    assert not any("database refused" in m for m in errors), errors
+
+
 async def test_a_database_that_refuses_every_row_is_down_not_a_reason_to_set_rows_aside(store_db, store_settings,
                                                                                          open_store):
     settings = store_settings()

@@ -390,7 +390,8 @@ class Writer:
         if outcome.rejected:
             self._on_rejected()
             self._metrics.store_rejected.inc(outcome.rejected)
-            self._throttle.log("rejected", logging.ERROR, "store: the database refused %d predictions (%s); kept "
+            # not "the database refused": a spool line damaged on disk never reached it (its reason says which)
+            self._throttle.log("rejected", logging.ERROR, "store: %d predictions could not be written (%s); kept "
                                "in %s for `sentiment-analyzer spool replay-rejected`", outcome.rejected,
                                outcome.refused[0]["error"], self.state.rejected_path)
 
