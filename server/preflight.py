@@ -98,7 +98,7 @@ def check_paths(settings: Settings) -> str:
     from server.store.db import sqlite_path
 
     checked = [writable_directory(Path(settings.spool_dir), "SPOOL_DIR")]
-    short = spool_space_shortfall(Path(settings.spool_dir), settings.spool_max_bytes)
+    short = spool_space_shortfall(Path(settings.spool_dir), settings.spool_max_bytes, settings.store_durability)
     if short:
         log.warning("%s", short)
         checked[0] += f" (warning: {short})"
@@ -374,18 +374,28 @@ def writable_directory(directory: Path, variable: str, label: str | None = None)
     return f"{label} {directory}"
 
 
-def spool_space_shortfall(directory: Path, max_bytes: int) -> str | None:
+FULL_BELOW_BYTES = 16 << 10  # free space under which SPOOL_DIR's volume is full: a few blocks, a group of records
+
+
+def spool_space_shortfall(directory: Path, max_bytes: int, durability: str = "ack") -> str | None:
     """What to change when SPOOL_DIR's volume cannot hold SPOOL_MAX_BYTES of spool (the free space plus what the
-    spool holds already); None when it can. A warning, not a refusal: the disk's free space changes, and a full
-    disk refuses records with 503 ``no_space`` and loses none, as a full spool does. The operator learns at
-    start-up that the cap in force is the disk's, not the setting's."""
+    spool holds already), or is full already; None when it can. A warning, not a refusal: the disk's free space
+    changes, a full disk refuses records with 503 ``no_space`` and loses none, as a full spool does, and a server
+    must start on a full spool volume to replay its spool and so free it. The operator learns at start-up that the
+    cap in force is the disk's, not the setting's, and when the disk is full that requests are refused now."""
     held = 0
     for path in directory.rglob("*") if directory.is_dir() else ():
         try:
             held += path.stat().st_size if path.is_file() else 0
         except OSError:  # gone meanwhile: it holds nothing
             pass
-    room = shutil.disk_usage(nearest_existing(directory)).free + held
+    free = shutil.disk_usage(nearest_existing(directory)).free
+    if free < FULL_BELOW_BYTES:
+        what = "every prediction is refused with 503 no_space" if durability == "ack" else \
+            "while the database is down, records wait in memory and past its bound are lost"
+        return (f"SPOOL_DIR {directory}'s volume is full ({free} bytes free): {what} until space is freed there; "
+                "free space on that volume or give SPOOL_DIR a larger one")
+    room = free + held
     if room >= max_bytes:
         return None
     return (f"SPOOL_MAX_BYTES={max_bytes} is more than SPOOL_DIR {directory}'s volume can hold ({room} bytes: "

@@ -136,6 +136,28 @@ def test_a_check_that_raises_the_unforeseen_is_reported_not_raised(monkeypatch, 
     assert any(line.startswith("[FAIL] port") and "ValueError: something no check foresaw" in line for line in lines)
 
 
+def test_a_full_spool_volume_is_named_as_refusing_every_prediction_now(monkeypatch, tiny_artifact, tmp_path,
+                                                                       small_tmpfs):
+    """The probe file is empty, so the disk check passed on a full volume with at most the cap's warning, which
+    spoke of the disk filling while the database is down: every request would be refused now. Still a warning,
+    not a failure: a server must start on a full spool volume to replay its spool and so free it."""
+    env = {**good_env(tiny_artifact, tmp_path), "SPOOL_DIR": str(small_tmpfs / "spool"),
+           "SPOOL_MAX_BYTES": str(1 << 20)}
+    code, lines = doctor(monkeypatch, env)
+    disk = next(line for line in lines if line.startswith("[ok  ] disk"))
+    assert code == 0 and "is more than SPOOL_DIR" in disk and "is full" not in disk, lines
+    with (small_tmpfs / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError, match="No space left"):
+        while True:
+            filler.write(b"x" * 4096)
+    code, lines = doctor(monkeypatch, env)
+    assert code == 0, lines
+    disk = next(line for line in lines if line.startswith("[ok  ] disk"))
+    assert "volume is full (0 bytes free): every prediction is refused with 503 no_space" in disk, disk
+    code, lines = doctor(monkeypatch, {**env, "STORE_DURABILITY": "async"})
+    disk = next(line for line in lines if line.startswith("[ok  ] disk"))
+    assert "records wait in memory and past its bound are lost" in disk, disk
+
+
 def test_a_spool_cap_larger_than_its_volume_is_named_with_what_to_change(monkeypatch, tiny_artifact, tmp_path,
                                                                          small_tmpfs, caplog):
     """A warning, not a failure: records are still refused (503 no_space) rather than lost when that disk fills."""
