@@ -28,7 +28,7 @@ from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, start_serve
 from server.batcher import Batcher
 from server.config import load_settings
 from server.exitcodes import ExitCode, StartupError
-from server.lifecycle import run_server
+from server.lifecycle import DrainClock, run_server
 from server.metrics import Metrics
 from server.primitives import Draining
 from server.store.migrate import SchemaBehind
@@ -378,3 +378,15 @@ async def test_batcher_drain_answers_everything_within_its_time_limit():
     assert await batcher.drain(timeout=WAIT_S) == 0
     assert len(await request) == 1
 
+
+
+def test_a_third_signal_leaves_the_drain_marked_as_ended_by_a_signal():
+    """The second signal moves the deadline to now; a third one then found "now" past that deadline and unmarked
+    the drain, whose log line then blamed DRAIN_GRACE_S + DRAIN_TIMEOUT_S."""
+    clock = DrainClock.starting_now(load_settings(drain_grace_s=5, drain_timeout_s=30))
+    assert not clock.ended_early
+    clock.end_now()
+    assert clock.ended_early and clock.deadline <= time.monotonic()
+    time.sleep(0.01)
+    clock.end_now()
+    assert clock.ended_early
