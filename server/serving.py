@@ -48,6 +48,7 @@ def validated_texts(raw: list[str], services: Services) -> list[str]:
     settings = services.settings
     if len(raw) > settings.max_texts_per_request:
         raise too_many_texts(len(raw), settings.max_texts_per_request)
+    encoder = services.predictor.runtime.encoder
     texts = []
     for index, text in enumerate(raw):
         if len(text) > settings.max_text_chars:
@@ -56,6 +57,9 @@ def validated_texts(raw: list[str], services: Services) -> list[str]:
         clean = normalize(text)
         if not clean:
             raise EmptyText(f"texts[{index}] is empty or only whitespace; send some text to classify")
+        if encoder.reads_nothing(clean):  # else answered as the model's guess for no text at all, and recorded
+            raise EmptyText(f"texts[{index}] holds no character the model reads (only control, formatting or "
+                            "zero-width characters); send some text to classify")
         texts.append(clean)
     return texts
 

@@ -7,6 +7,7 @@ strict mode.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +26,20 @@ class TextEncoder:
         self._tokenizer.no_padding()
         self.max_length = max_length
         self.strict = strict
+        self._empty_ids = self._tokenizer.encode("").ids  # the template's own tokens ([CLS] [SEP]): no text at all
         if strict:
             self._tokenizer.no_truncation()
         else:
             self._tokenizer.enable_truncation(max_length=max_length)
+
+    def reads_nothing(self, text: str) -> bool:
+        """Whether the model would see ``text`` as an empty one: its tokenizer drops every character of it (a NUL,
+        a zero-width space, a byte-order mark, a lone combining mark or U+FFFD for BERT's). Only a text without a
+        letter, digit, punctuation mark or symbol (U+FFFD aside) is tokenized to find out, so the usual text costs
+        one character's look."""
+        if any(char != "\ufffd" and unicodedata.category(char)[0] in "LNPS" for char in text):
+            return False
+        return self._tokenizer.encode(text).ids == self._empty_ids
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids per text (int64, unpadded, special tokens included).

@@ -16,6 +16,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import OperationalError
 
 from models.data import load_labeled
 from scripts.benchlib.serverproc import ROOT, free_port
@@ -28,6 +29,7 @@ from server.store.db import database_url, make_engine, redact
 from server.store.feedback import UnknownLabel, UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
 from server.store.rows import record_row
+from server.store.state import public_reason
 from server.store.tables import FEEDBACK, PREDICTIONS, Base
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
@@ -409,3 +411,27 @@ def test_cli_says_when_the_database_cannot_be_reached(capsys, tmp_path):
     assert err.startswith("ERROR cannot reach the database postgresql://nobody@127.0.0.1:1/none")
     assert run_cli("db", "current", "--database-url", "oracle://x") == 1
     assert "DATABASE_URL" in capsys.readouterr().err
+
+
+def test_a_sqlite_companion_that_is_not_a_regular_file_is_named(tmp_path):
+    """A FIFO as the -shm file: SQLite says "disk I/O error" and names no file, so /health said only "database
+    unavailable (OperationalError)". A new connection (the pool grows while another is held) names it now, as the
+    reason /health gives (``public_reason``)."""
+    db = tmp_path / "p.db"
+    engine = make_engine(load_settings(database_url=f"sqlite:///{db}", db_pool_timeout_s=1.0))
+    try:
+        with engine.connect() as held:
+            held.execute(text("CREATE TABLE t (x INTEGER)"))
+            held.commit()
+            shm = tmp_path / "p.db-shm"
+            shm.unlink()
+            os.mkfifo(shm)
+            with pytest.raises(OperationalError) as raised, engine.connect():
+                pass
+        assert str(raised.value.orig).startswith(f"the SQLite file {shm} is not a regular file")
+        assert public_reason(raised.value) == str(raised.value.orig)
+        shm.unlink()
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT count(*) FROM t")).scalar() == 0
+    finally:
+        engine.dispose()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 from sqlalchemy import Engine, event, exc
@@ -53,6 +54,21 @@ def identity(path: Path) -> tuple[int, int] | None:
     return found.st_dev, found.st_ino
 
 
+def check_regular(companion: Path) -> None:
+    """A ``-wal`` or ``-shm`` SQLite would open must be a regular file, where there is one: SQLite names neither
+    when it is not (a FIFO as ``-shm`` is its "disk I/O error"), so /health said only "database unavailable"."""
+    try:
+        mode = os.stat(companion).st_mode
+    except FileNotFoundError:  # SQLite makes it
+        return
+    except OSError as error:
+        raise SqliteFileChanged(f"the SQLite file {companion} cannot be reached ({error.strerror}): restore the "
+                                "path (predictions are spooled on disk until it is back)") from None
+    if not stat.S_ISREG(mode):
+        raise SqliteFileChanged(f"the SQLite file {companion} is not a regular file (a FIFO, device or folder): "
+                                "remove it (predictions are spooled on disk until it is gone)")
+
+
 def checkpoint(dbapi_connection: sqlite3.Connection) -> None:
     """Write what the write-ahead log holds into the database file this connection opened, and empty the log.
 
@@ -68,7 +84,7 @@ def checkpoint(dbapi_connection: sqlite3.Connection) -> None:
 
 def watch(engine: Engine, path: Path) -> None:
     """Hook ``engine`` (SQLite, database file ``path``) as the module docstring says."""
-    wal = Path(f"{path}-wal")
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
     try:
         opened = identity(path)
     except SqliteFileChanged:  # the first connection says why
@@ -89,6 +105,8 @@ def watch(engine: Engine, path: Path) -> None:
     def refuse_another_file(_dialect, _record, _args, _kwargs) -> None:
         if first["file"] is not None and (now := identity(path)) != first["file"]:
             raise changed(now)
+        for companion in (wal, shm):
+            check_regular(companion)
 
     @event.listens_for(engine, "connect")
     def remember_the_file(_dbapi_connection, record) -> None:
