@@ -199,7 +199,8 @@ def test_auth_required_reads_the_key_from_metadata(tiny_artifact, tmp_path):
             assert client.infer("sentiment", [text], headers=headers).as_numpy("label").shape == (1,)
     finally:
         stop_server(live)
-    assert "security: 401 missing API key: gRPC /inference.GRPCInferenceService/ModelInfer" in live.log()
+    assert "security: 401 missing API key: gRPC /inference.GRPCInferenceService/ModelInfer from 127.0.0.1" \
+        in live.log()  # the address as HTTP's lines give it, not grpcio's "ipv4:127.0.0.1:<port>"
 
 
 def test_draining_says_not_ready_and_refuses_new_calls_then_stops(tiny_artifact, tmp_path):
@@ -473,5 +474,41 @@ def test_undecodable_messages_log_one_throttled_warning_and_no_error(undecodable
     assert not [line for line in lines if "ERROR" in line or "Traceback" in line], undecodable["log"]
     warnings = [line for line in lines if "answered INVALID_ARGUMENT" in line]
     assert len(warnings) == 1 and "WARNING" in warnings[0], warnings  # the rest within the minute: counted, quiet
-    assert ("gRPC /inference.GRPCInferenceService/ModelInfer from ipv" in warnings[0]
+    assert ("gRPC /inference.GRPCInferenceService/ModelInfer from 127.0.0.1 answered" in warnings[0]
             and "not a valid inference.ModelInferRequest protobuf" in warnings[0]), warnings[0]
+
+
+def h2_call_never_read(address: str, message: bytes, hold_s: float) -> None:
+    """A ModelInfer over raw HTTP/2 from a client that grants no flow-control window (so no answer can be sent to it)
+    and closes its connection after ``hold_s``: no gRPC library lets a client stop reading so."""
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def literal(name: str, value: str) -> bytes:  # HPACK: a literal without indexing, lengths under 127
+        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    headers = b"".join(literal(name, value) for name, value in (
+        (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")))
+    settings = frame(4, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big"))  # SETTINGS_INITIAL_WINDOW_SIZE 0
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + frame(1, 4, 1, headers)
+                           + frame(0, 1, 1, b"\x00" + len(message).to_bytes(4, "big") + message))
+        time.sleep(hold_s)
+
+
+def test_an_answer_its_client_never_reads_is_one_warning_not_an_error_with_a_traceback(tiny_artifact, tmp_path):
+    """grpcio logged an ERROR with a Cython traceback for each answer it could not send (a red team's client that
+    stopped reading): the log of a server one such client can fill, and an alert on ERROR lines set off."""
+    live, address = grpc_server(tiny_artifact, tmp_path)
+    try:
+        for attempt in range(2):
+            h2_call_never_read(address, infer_request(f"never read {attempt}").SerializeToString(), hold_s=1.0)
+        wait_for(lambda: "could not be sent" in live.log(), "the warning")
+        log = live.log()
+        assert "ExecuteBatchError" not in log and "Traceback" not in log and " ERROR " not in log, log[-3000:]
+        assert log.count("gRPC: an answer to /inference.GRPCInferenceService/ModelInfer could not be sent: its client "
+                         "went away or stopped reading") == 1, log[-3000:]  # throttled
+    finally:
+        stop_server(live)

@@ -12,8 +12,10 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   and ModelInfer UNAVAILABLE; the listener closes when the lifespan ends, calls under way get until the drain
   deadline (DRAIN_GRACE_S + DRAIN_TIMEOUT_S after the signal), and those still unanswered then are abandoned as
   over HTTP: answered UNAVAILABLE, ``error-type: draining``, ``retry-after: 1``, and counted in the shutdown line
-  (``Services.drain_abandoned``: the exit status is 1). A port that cannot be bound stops start-up with exit code 5,
-  like PORT (``server.preflight`` checks it before the model loads).
+  (``Services.drain_abandoned``: the exit status is 1). A call is under way once grpcio has its whole message: one
+  whose client stalls mid-message or stops reading its answer is not seen here, holds ``server.stop`` until the
+  deadline and is then cut by grpcio, unanswered and uncounted. A port that cannot be bound stops start-up with
+  exit code 5, like PORT (``server.preflight`` checks it before the model loads).
 - Auth: ModelInfer needs the ``predict`` role, its key in ``authorization: Bearer <key>`` or ``x-api-key``
   metadata (``server.auth.authorize``: the same key cache, messages and security log as HTTP); the other RPCs are
   open like ``/health``.
@@ -33,7 +35,8 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   it, every log line of the call carries it, and the request's OIP ``id`` is echoed in the answer.
 - Metrics: ``sentiment_requests_total{endpoint="/inference.GRPCInferenceService/<RPC>", status="<HTTP status>"}``
   and the request latency histogram, as the HTTP middleware records them; a call the client cancelled (or whose
-  deadline passed: the client gave up) counts as status 499, one abandoned at the drain deadline as 503.
+  deadline passed: the client gave up) counts as status 499, one abandoned at the drain deadline as 503. A call is
+  counted when its handler answers; an answer grpcio then cannot send is one throttled WARNING (``UnsentAnswers``).
 - Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
   in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
 - Memory: a call's message is held in the request bodies' budget (``server.budget.BodyBudget``, shared with HTTP)
@@ -59,6 +62,7 @@ import asyncio
 import functools
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +73,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from server.auth import Caller, authorize
+from server.auth import Caller, authorize, client_for_log
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
@@ -203,11 +207,12 @@ class InferenceService(GRPCInferenceServiceServicer):
             await context.send_initial_metadata((("x-request-id", request_id),))
             api_key_id = None
             if role is not None:  # first: a caller without a valid key learns nothing about its message
-                api_key_id = await authorize(self.services, role, metadata, Caller("gRPC", endpoint, context.peer()))
+                api_key_id = await authorize(self.services, role, metadata,
+                                             Caller("gRPC", endpoint, peer_address(context.peer())))
             if request.__class__ is Undecodable:  # refused before anything else but the key check
                 error = request.error()
                 self._throttle.log("undecodable", logging.WARNING, "gRPC %s from %s answered INVALID_ARGUMENT: %s",
-                                   endpoint, context.peer(), error.message)
+                                   endpoint, client_for_log(peer_address(context.peer())), error.message)
                 raise error
             size = request.ByteSize()
             if not bodies.reserve(size):
@@ -303,6 +308,16 @@ class InferenceService(GRPCInferenceServiceServicer):
         return response
 
 
+def peer_address(peer: str) -> str:
+    """grpcio's peer (``ipv4:127.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``) as the client address HTTP's log lines give:
+    the security lines of gRPC calls said ``"ipv4:127.0.0.1:5000" (not an address)``, which no grep by address
+    found. Another kind of peer (a Unix socket) is given as it is."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    return urllib.parse.unquote(rest).rpartition(":")[0].strip("[]") or peer
+
+
 def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
     """The inputs with their BYTES elements, from ``raw_input_contents`` (one per input) or ``bytes_contents``."""
     raw = request.raw_input_contents
@@ -350,12 +365,38 @@ def add_service(service: InferenceService, server: aio.Server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
+class UnsentAnswers(logging.Filter):
+    """grpcio's ERROR, with a Cython traceback, for each answer it could not send after its handler returned (the
+    client went away, or stopped reading until the stream was cut), as one throttled WARNING of ours. The call was
+    counted when its handler answered: nothing of grpcio's tells the server later (a done callback runs at the
+    handler's return, the call not cancelled)."""
+
+    MESSAGE = "ExecuteBatchError raised in core by servicer method"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = Throttle(log)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.MESSAGE):
+            return True
+        self._throttle.log("unsent", logging.WARNING, "gRPC: an answer to %s could not be sent: its client went away "
+                           "or stopped reading (the call is counted as answered)",
+                           message[len(self.MESSAGE):].strip(" []") or "a call")
+        return False
+
+
+GRPC_CORE_LOG = logging.getLogger("grpc._cython.cygrpc")
+
+
 class GrpcServer:
     """The gRPC listener of one app: started by its lifespan, stopped within the drain."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
         self.service = InferenceService(services)
+        self._unsent = UnsentAnswers()
         settings = services.settings
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.address = f"{host}:{settings.grpc_port}"
@@ -374,6 +415,7 @@ class GrpcServer:
                                "machine); stop the other process, set GRPC_PORT to a free port, or 0 to turn gRPC "
                                "off", ExitCode.PORT) from None
         await self.server.start()
+        GRPC_CORE_LOG.addFilter(self._unsent)
         log.info("gRPC (Open Inference Protocol v2) listening on %s", self.address)
 
     async def stop(self) -> None:
@@ -391,4 +433,5 @@ class GrpcServer:
             if abandoned:
                 log.warning("gRPC: %d calls not answered by the drain deadline: answered UNAVAILABLE", abandoned)
             await closing
+        GRPC_CORE_LOG.removeFilter(self._unsent)
         log.info("gRPC: stopped (%d calls were under way when the listener closed)", under_way)
