@@ -356,7 +356,7 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
     try:
         document = orjson.loads(view[:size])
     except orjson.JSONDecodeError as error:
-        raise InvalidInferRequest(f"the inference request is not valid JSON: {error}") from None
+        raise InvalidInferRequest(f"the inference request is not valid JSON: {not_json(view[:size], error)}") from None
     if not isinstance(document, dict):
         raise InvalidInferRequest("the inference request must be a JSON object with 'inputs'")
     try:
@@ -365,6 +365,17 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
         problems = [f"{location(e['loc'])}: {e['msg']}" for e in error.errors()[:5]]
         raise InvalidInferRequest("invalid inference request: " + "; ".join(problems)) from None
     return parsed, BinarySection(view[size:])
+
+
+def not_json(header: memoryview, error: orjson.JSONDecodeError) -> str:
+    """Why the JSON header is not JSON: orjson says "str is not valid UTF-8: surrogates not allowed" for any bytes
+    that are not UTF-8, which a client sending Latin-1 or UTF-16 cannot act on."""
+    try:
+        str(header, "utf-8")
+    except UnicodeDecodeError as undecodable:
+        return (f"it is not UTF-8 (byte 0x{header[undecodable.start]:02x} at offset {undecodable.start}); send it "
+                "UTF-8 encoded")
+    return str(error)
 
 
 def _input_tensor(tensor: InferInput, binary: BinarySection) -> InputTensor:
