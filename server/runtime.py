@@ -158,6 +158,18 @@ def check_predictions(engine: Engine, encoder: TextEncoder, artifact: Artifact) 
             f"from {MANIFEST}): {first_line(exc)}; set it to what the model supports or rebuild the artifact"
         ) from None
     _check_logits(artifact, logits, 1)
+    highest = encoder.highest_id()
+    probe = encoded[0].copy()
+    probe[len(probe) // 2] = highest
+    try:
+        _check_logits(artifact, engine.run(*pad_batch([probe])), 1)
+    except ModelCheckFailed:
+        raise
+    except Exception as exc:  # a tokenizer with more ids than the model embeds failed each batch holding one
+        raise ModelCheckFailed(
+            f"model {where}: its {TOKENIZER} gives token ids up to {highest}, which the model cannot run "
+            f"({first_line(exc)}): a text with such a token would fail every request in its batch; build the artifact "
+            "with the tokenizer the model was trained with") from None
 
 
 def _check_logits(artifact: Artifact, logits: np.ndarray, rows: int) -> None:

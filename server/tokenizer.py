@@ -32,6 +32,11 @@ class TextEncoder:
         else:
             self._tokenizer.enable_truncation(max_length=max_length)
 
+    def highest_id(self) -> int:
+        """The largest token id the tokenizer can give (its vocabulary's, or an added token's beyond it)."""
+        return max(self._tokenizer.get_vocab_size(with_added_tokens=False) - 1,
+                   *self._tokenizer.get_added_tokens_decoder())
+
     def reads_nothing(self, text: str) -> bool:
         """Whether the model would see ``text`` as an empty one: its tokenizer drops every character of it (a NUL,
         a zero-width space, a byte-order mark, a lone combining mark or U+FFFD for BERT's). Only a text without a

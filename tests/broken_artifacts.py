@@ -110,6 +110,17 @@ def tokenizer_empty_object(d: Path) -> None:
     rehash(d, TOKENIZER)
 
 
+def tokenizer_beyond_the_embeddings(d: Path) -> None:
+    """A token whose id the model has no embedding for: every batch holding it failed, with every other request in it
+    (a red team's reload was accepted, and 40 such requests failed 41 others)."""
+    tokenizer = json.loads((d / TOKENIZER).read_text())
+    # the tokenizer gives it the next free id, 30522: the first the model has no row for
+    tokenizer["added_tokens"].append({"id": 40000, "content": "zapword", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": True, "special": False})
+    (d / TOKENIZER).write_text(json.dumps(tokenizer))
+    rehash(d, TOKENIZER)
+
+
 def missing_manifest(d: Path) -> None:
     (d / MANIFEST).unlink()
 
@@ -210,7 +221,7 @@ BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
     max_length_not_a_number, max_length_zero, max_length_huge, max_length_beyond_the_model, missing_file,
     wrong_sha256, path_outside_the_artifact, manifest_a_fifo, tokenizer_a_fifo, invalid_tokenizer,
-    tokenizer_empty_object, garbage_onnx,
+    tokenizer_empty_object, tokenizer_beyond_the_embeddings, garbage_onnx,
     rehashed_nan_weights, wrong_outputs,
 )}
 

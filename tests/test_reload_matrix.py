@@ -103,6 +103,7 @@ def test_every_broken_artifact_is_refused_logged_and_counted(admin_server, tiny_
     ("max_length_not_a_number", "max_sequence_length"), ("max_length_zero", "max_sequence_length"),
     ("max_length_huge", "max_sequence_length"), ("max_length_beyond_the_model", "max_sequence_length"),
     ("tokenizer_empty_object", "tokenizer.json"), ("rehashed_nan_weights", "non-finite"),
+    ("tokenizer_beyond_the_embeddings", "gives token ids up to 30522, which the model cannot run"),
     ("garbage_onnx", "model.int8.onnx"), ("wrong_outputs", "shape"), ("unknown_variant", "fp64"),
     ("label_with_a_line_break", "control character"), ("too_many_labels", "at most 64"),
     ("tokenizer_a_fifo", "tokenizer.json is not a regular file"), ("manifest_a_fifo", "not a regular file"),

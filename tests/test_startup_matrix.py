@@ -40,6 +40,8 @@ CASES = {
     "manifest not utf-8": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL, ("manifest.json", "UTF-8"),
                                "manifest_not_utf8"),
     "invalid tokenizer": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL, ("tokenizer.json",), "invalid_tokenizer"),
+    "tokenizer beyond the embeddings": Case({"MODEL_PATH": "{broken}"}, ExitCode.MODEL,
+                                            ("token ids up to 30522",), "tokenizer_beyond_the_embeddings"),
     "database url not a url": Case({"DATABASE_URL": "not a url"}, ExitCode.DATABASE, ("DATABASE_URL",)),
     "database url mysql": Case({"DATABASE_URL": "mysql://app:s3cret@db/predictions"}, ExitCode.DATABASE,
                                ("DATABASE_URL", "postgresql")),
