@@ -8,7 +8,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import require_role
 from server.http import error_response, error_responses, json_response
-from server.primitives import Draining
 from server.protocols import tei
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
 from server.services import Services
@@ -71,9 +70,5 @@ async def metrics(request: Request):
              responses=error_responses(409, 503))
 async def reload_model(request: Request, body: ReloadRequest | None = None,
                        _: str | None = Depends(require_role("admin"))):
-    services = services_of(request)
-    if services.draining:  # as for SIGHUP: a replica on its way out loads no model (the drain would wait for it)
-        services.metrics.rejected.labels("draining").inc()
-        raise Draining("the server is draining for shutdown: no model reload; reload the replica that replaces it")
-    outcome = await services.reload(body.model_path if body else None)
+    outcome = await services_of(request).reload(body.model_path if body else None)  # Draining: 503 while draining
     return json_response(outcome, 200 if outcome["reloaded"] else 409)

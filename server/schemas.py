@@ -265,8 +265,8 @@ class PredictResponse(BaseModel):
 
 
 class ReloadRequest(ClosedBody):
-    model_path: UnicodeText | None = Field(None, description="artifact directory; default: the configured "
-                                                             "MODEL_PATH")
+    model_path: UnicodeText | None = Field(None, min_length=1, description="artifact directory; default (absent "
+                                                                          "or null): the configured MODEL_PATH")
 
 
 class ErrorResponse(BaseModel):

@@ -23,8 +23,8 @@ from server.gpu import GpuMonitor
 from server.heap import refreeze
 from server.memory import MemoryGuard
 from server.metrics import Metrics
-from server.predictor import Predictor
-from server.primitives import ModelIdentity
+from server.predictor import Predictor, model_key
+from server.primitives import Draining, ModelIdentity
 from server.runtime import ModelRuntime, load_checked
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class Services:
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _queued_reloads: dict[Path, asyncio.Future] = field(default_factory=dict)  # waiting for the one under way
+    # the labels of each (name, version) this process has served: a version comes back only with its own labels
+    _served_labels: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -135,7 +137,7 @@ class Services:
     def reload_in_background(self) -> None:
         """SIGHUP: reload MODEL_PATH. ``reload`` logs and counts the outcome, as for POST /admin/reload; the task
         is kept until it finishes so it cannot be garbage-collected mid-way."""
-        self._keep_until_done(asyncio.get_running_loop().create_task(self.reload(), name="reload"))
+        self._keep_until_done(asyncio.get_running_loop().create_task(self._reload_in_background(), name="reload"))
 
     async def reload(self, model_path: str | None = None) -> dict[str, Any]:
         """Load, verify, warm and smoke-test a new model; swap it in only if all of that succeeds.
@@ -148,7 +150,8 @@ class Services:
         core each for the default model; the red-team's storm of 30 ran 30 in a row). The one under way is not
         joined: the files may have changed since it read them.
         """
-        path = Path(model_path) if model_path else self.settings.model_path
+        self._refuse_reload_while_draining()
+        path = Path(model_path) if model_path is not None else self.settings.model_path
         queued = self._queued_reloads.get(path)
         if queued is not None:
             return await asyncio.shield(queued)
@@ -156,6 +159,7 @@ class Services:
         try:
             async with self._reload_lock:
                 del self._queued_reloads[path]  # under way: a later request queues a load of its own
+                self._refuse_reload_while_draining()  # queued behind one that ran into the drain
                 result = await self._reload_now(path)
         except BaseException as exc:  # cancelled while waiting or loading: those who joined learn it too
             if self._queued_reloads.get(path) is outcome:
@@ -166,11 +170,26 @@ class Services:
         outcome.set_result(result)
         return result
 
+    def _refuse_reload_while_draining(self) -> None:
+        """A replica on its way out loads no model: the drain would wait for it (a red team's eight queued reloads
+        swapped models seven times while draining and used all of its time)."""
+        if self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise Draining("the server is draining for shutdown: no model reload; reload the replica that replaces "
+                           "it")
+
+    async def _reload_in_background(self) -> None:
+        try:
+            await self.reload()
+        except Draining:
+            log.info("model reload (SIGHUP) dropped: the server is draining for shutdown")
+
     async def _reload_now(self, path: Path) -> dict[str, Any]:
         old, loop = self.runtime.identity, asyncio.get_running_loop()
         try:
             fresh = await loop.run_in_executor(None, self._load_warm, path)
-            same_version_other_labels(self.runtime, fresh)
+            self._served_labels.setdefault(model_key(self.runtime), self.runtime.labels())
+            same_version_other_labels(self._served_labels, fresh)
         except Exception as exc:
             return self._reload_failed(path, old, exc)
         except asyncio.CancelledError:  # shutdown (``close``) cancels a SIGHUP's reload; the load is then dropped
@@ -178,6 +197,7 @@ class Services:
                         old.name, old.version)
             raise
         fresh.batcher.start()
+        self._served_labels.setdefault(model_key(fresh), fresh.labels())
         previous = self.predictor.swap(fresh)
         self.memory_guard.follow(fresh.budget)
         self.publish_model_info()
@@ -213,11 +233,15 @@ class Services:
         return load_checked(self.settings, self.metrics, model_path=path, warm=True)
 
 
-def same_version_other_labels(serving: ModelRuntime, fresh: ModelRuntime) -> None:
-    """``ArtifactError`` when ``fresh`` claims the serving model's version with other labels (a manifest edited by
-    hand): records, feedback and the drift metrics carry the version, and could not tell the two mappings apart."""
-    if fresh.identity.version == serving.identity.version and fresh.labels() != serving.labels():
-        raise ArtifactError(f"{fresh.artifact.directory}: version {fresh.identity.version!r} is the serving model's, "
-                            f"but its labels are {fresh.labels()} and not {serving.labels()}; records and metrics "
-                            "carry the version and could not tell them apart: give the artifact a new version in "
-                            "manifest.json (models.build derives one from the files)")
+def same_version_other_labels(served: dict[tuple[str, str], list[str]], fresh: ModelRuntime) -> None:
+    """``ArtifactError`` when ``fresh`` claims the name and version of a model this process has served, with other
+    labels (a manifest edited by hand): records, feedback and the drift metrics carry the version, and could not
+    tell the two mappings apart. Every model served counts, not only the one serving: a reload to another model in
+    between let a red team's relabelled copy of the first in."""
+    labels = served.get(model_key(fresh))
+    if labels is not None and fresh.labels() != labels:
+        raise ArtifactError(f"{fresh.artifact.directory}: version {fresh.identity.version!r} of "
+                            f"{fresh.identity.name!r} was served with labels {labels}, and this artifact's are "
+                            f"{fresh.labels()}; records and metrics carry the version and could not tell them apart: "
+                            "give the artifact a new version in manifest.json (models.build derives one from the "
+                            "files)")

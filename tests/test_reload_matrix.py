@@ -25,6 +25,7 @@ from server.budget import TokenBudget
 from server.cache import PredictionCache
 from server.memory import MemoryGuard
 from server.metrics import Metrics
+from server.primitives import Draining
 from tests.broken_artifacts import (
     BREAKERS,
     broken_copy,
@@ -251,6 +252,55 @@ def test_an_artifact_claiming_the_serving_version_with_other_labels_is_refused(a
     response = admin_server.client.post("/admin/reload", json={"model_path": str(swapped)})
     assert response.status_code == 200 and admin_server.serving_version() == f"{serving}-relabelled"
     assert admin_server.client.post("/admin/reload", json={"model_path": str(tiny_artifact)}).status_code == 200
+
+
+def test_a_version_served_before_comes_back_only_with_its_own_labels(admin_server, tiny_artifact, tmp_path):
+    """The check compared only with the model serving: a reload to another model in between let a relabelled copy of
+    the first one in, and the store then held that version's records under two label mappings."""
+    serving = admin_server.serving_version()
+    other = copy_artifact(tiny_artifact, tmp_path / "other")
+    edit_manifest(other, lambda manifest: manifest.update(version=f"{serving}-between"))
+    assert admin_server.client.post("/admin/reload", json={"model_path": str(other)}).status_code == 200
+    relabelled = copy_artifact(tiny_artifact, tmp_path / "relabelled")
+    edit_manifest(relabelled, lambda manifest: manifest.update(labels=manifest["labels"][::-1]))
+    response = admin_server.client.post("/admin/reload", json={"model_path": str(relabelled)})
+    assert response.status_code == 409 and f"version {serving!r}" in response.json()["error"], response.text
+    assert "was served with labels" in response.json()["error"]
+    assert admin_server.serving_version() == f"{serving}-between"
+    assert admin_server.client.post("/admin/reload", json={"model_path": str(tiny_artifact)}).status_code == 200
+
+
+def test_reloads_queued_when_the_drain_begins_load_nothing(make_settings, monkeypatch):
+    """Eight reloads queued before a SIGTERM swapped models seven times while the server drained, and used all of its
+    time: the one under way finishes, the rest are refused 503 draining."""
+    with TestClient(create_app(make_settings())) as client:
+        services = client.app.state.services
+        loads: list[Path] = []
+        load = services._load_warm
+
+        def slow_load(path: Path):
+            loads.append(path)
+            time.sleep(0.3)
+            return load(path)
+
+        monkeypatch.setattr(services, "_load_warm", slow_load)
+        model = services.settings.model_path
+
+        async def queue_then_drain() -> list:
+            reloads = [asyncio.ensure_future(services.reload(str(model))) for _ in range(4)]
+            await asyncio.sleep(0.1)  # the first is loading, the second waits for the lock, the others join it
+            services.begin_drain()
+            return await asyncio.gather(*reloads, return_exceptions=True)
+
+        outcomes = client.portal.call(queue_then_drain)
+        assert len(loads) == 1 and outcomes[0]["reloaded"] is True, outcomes
+        assert all(isinstance(outcome, Draining) for outcome in outcomes[1:]), outcomes
+        assert "no model reload" in outcomes[1].message
+
+
+def test_an_empty_model_path_is_refused_not_read_as_the_configured_one(admin_server):
+    response = admin_server.client.post("/admin/reload", json={"model_path": ""})
+    assert response.status_code == 422 and "model_path" in response.json()["error"], response.text
 
 
 def test_an_oip_request_naming_a_version_is_not_answered_by_the_model_a_reload_swapped_in(admin_server, tiny_artifact,
