@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from scripts import bench_onnx, bench_server
+from scripts import bench_batch_effect, bench_onnx, bench_server
 from scripts.benchlib.inputs import fixed_length_batch
 from scripts.benchlib.offline import BenchConfig, cell_result, run_benchmark, time_runner
 from scripts.benchlib.serverproc import ROOT
@@ -188,3 +188,17 @@ def test_bench_grpc_memory_floods_a_real_server_and_prints_its_peak(tiny_artifac
     calls, memory = done.stdout.splitlines()[-2:]
     assert calls.startswith("5 calls of ") and calls.endswith(": 5 OK"), done.stdout
     assert memory.startswith("server resident memory: ") and "MiB idle, peak" in memory, done.stdout
+
+
+def test_the_batch_effect_script_reports_what_batching_changed(tiny_artifact, tmp_path, capsys):
+    """fp32 computes each text on its own: nothing may change (int8's figures are the README's, on the default
+    model)."""
+    data = write_labeled(tmp_path / "texts.tsv", [(f"a {word} film number {n}", 1)
+                                                  for n, word in enumerate(["fine", "dull", "bright", "slow"] * 3)])
+    bench_batch_effect.main(["--artifact", str(tiny_artifact), "--variant", "fp32", "--data", str(data),
+                             "--limit", "8", "--batch", "4"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"fp32, 8 texts of {data}, each alone and in a batch of 4 with random others: 0 labels "
+                          "changed (0.0%); probability moved by p50"), out
+    moved = float(out.rsplit("max ", 1)[1])
+    assert moved < 1e-4
