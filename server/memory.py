@@ -58,6 +58,17 @@ def return_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
 
 
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``), after a large load was dropped: a
+    tokenizer's many small allocations stay with the process when freed (a red team's failed reload of a 42 MB one
+    left RSS 300 MiB up, the server degraded and every later reload refused for want of memory; trimmed, it falls
+    back: 277 to 20 MiB in 17 ms here). Returns False where the C library is not glibc."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    ctypes.CDLL(None).malloc_trim(0)
+    return True
+
+
 def process_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 

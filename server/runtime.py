@@ -25,7 +25,7 @@ import numpy as np
 
 from server.artifact import MANIFEST, TOKENIZER, Artifact, ArtifactError, load_artifact
 from server.batcher import Batcher
-from server.budget import Area, MemoryPlan, TokenBudget, mib, plan_memory
+from server.budget import Area, MemoryDoesNotFit, MemoryPlan, TokenBudget, mib, plan_memory
 from server.cgroup import memory_limit_bytes
 from server.config import Settings
 from server.engine import (
@@ -38,7 +38,7 @@ from server.engine import (
     first_line,
 )
 from server.exitcodes import StartupError
-from server.memory import return_large_blocks
+from server.memory import process_rss_bytes, return_large_blocks
 from server.memory_model import CostModel, DeviceMemory, HostMemory, measure
 from server.metrics import Metrics
 from server.oom import ResilientEngine
@@ -47,6 +47,7 @@ from server.tokenizer import TextEncoder, pad_batch
 
 log = logging.getLogger(__name__)
 SMOKE_TEXTS = ["a wonderful, moving film", "a dull and tedious mess"]
+TOKENIZER_LOAD_FACTOR = 16  # bytes of memory per byte of tokenizer.json while it loads (measured 13-14)
 
 
 def warmup_shapes(device: str, max_batch: int, max_tokens: int, max_length: int) -> list[tuple[int, int]]:
@@ -93,6 +94,7 @@ class ModelRuntime:
         """
         return_large_blocks()  # before anything large is allocated (server.memory), the probes included
         artifact = load_artifact(model_path or settings.model_path)
+        check_tokenizer_fits(artifact, settings)
         encoder = load_encoder(artifact, settings.strict_truncation)
         gpu = DeviceMemory.open(settings.cuda_device_id) if settings.device != "cpu" and cuda_available() else None
         gpu_before = gpu.current() if gpu else 0
@@ -236,6 +238,21 @@ def summary(plan: MemoryPlan) -> str:
 
 class ModelCheckFailed(ArtifactError):
     """The artifact's files verified, but the model cannot be served: it failed to load or to predict."""
+
+
+def check_tokenizer_fits(artifact: Artifact, settings: Settings) -> None:
+    """``MemoryDoesNotFit`` when loading the artifact's tokenizer would take the process past MEMORY_HIGH_WATER x
+    its memory limit. The memory plan measures the engine, not the tokenizer, which takes ~13-14 times its file's
+    size to load (0.7 MB: 10 MiB; a red team's 42 MB, 2-million-word one: 523 MiB, which a reload under a 700 MiB
+    limit with the serving model held took to 925 MiB)."""
+    size = artifact.manifest["files"][TOKENIZER]["bytes"]
+    needed = size * TOKENIZER_LOAD_FACTOR
+    left = settings.memory_high_water * memory_limit_bytes() - process_rss_bytes()
+    if needed > left:
+        raise MemoryDoesNotFit(
+            f"{artifact.directory / TOKENIZER} ({mib(size)}) needs about {mib(needed)} to load, and the server has "
+            f"{mib(max(0, left))} left under MEMORY_HIGH_WATER x its memory limit: use a smaller tokenizer, or give "
+            "the server more memory")
 
 
 def load_encoder(artifact: Artifact, strict: bool) -> TextEncoder:

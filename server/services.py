@@ -8,6 +8,7 @@ answered) -> flush the store -> stop monitors.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from server.engine import EngineStartError
 from server.exitcodes import StartupError
 from server.gpu import GpuMonitor
 from server.heap import refreeze
-from server.memory import MemoryGuard
+from server.memory import MemoryGuard, trim_heap
 from server.metrics import Metrics
 from server.predictor import Predictor, model_key
 from server.primitives import Draining, ModelIdentity
@@ -211,6 +212,7 @@ class Services:
         """Count and log a failed reload; an exception ``load_checked`` did not already explain gets a traceback
         too, since only a bug in the server can raise one."""
         self.metrics.model_reloads.labels("failed").inc()
+        asyncio.get_running_loop().call_soon(release_failed_load)  # once ``exc`` and its frames are let go
         expected = isinstance(exc, ArtifactError | EngineStartError | StartupError)  # StartupError: MemoryDoesNotFit
         reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         log.error("model reload from %s failed, still serving %s %s: %s", path, old.name, old.version, reason,
@@ -228,9 +230,17 @@ class Services:
         await runtime.batcher.drain()
         del runtime
         refreeze()
+        trim_heap()
 
     def _load_warm(self, path: Path) -> ModelRuntime:
         return load_checked(self.settings, self.metrics, model_path=path, warm=True)
+
+
+def release_failed_load() -> None:
+    """What a failed load built (a tokenizer, a session), collected, and its pages given back to the system
+    (``trim_heap``)."""
+    gc.collect()
+    trim_heap()
 
 
 def same_version_other_labels(served: dict[tuple[str, str], list[str]], fresh: ModelRuntime) -> None:

@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, start_server, stop_server
+from server import runtime
 from server.app import create_app
-from server.budget import TokenBudget
+from server.artifact import TOKENIZER
+from server.budget import MemoryDoesNotFit, TokenBudget
 from server.cache import PredictionCache
-from server.memory import MemoryGuard
+from server.memory import MemoryGuard, process_rss_bytes
 from server.metrics import Metrics
 from server.primitives import Draining
 from tests.broken_artifacts import (
@@ -33,6 +36,7 @@ from tests.broken_artifacts import (
     edit_manifest,
     manifest_not_object,
     manifest_of,
+    rehash,
     write_manifest,
 )
 
@@ -301,6 +305,37 @@ def test_reloads_queued_when_the_drain_begins_load_nothing(make_settings, monkey
 def test_an_empty_model_path_is_refused_not_read_as_the_configured_one(admin_server):
     response = admin_server.client.post("/admin/reload", json={"model_path": ""})
     assert response.status_code == 422 and "model_path" in response.json()["error"], response.text
+
+
+def test_a_failed_reload_gives_back_the_memory_its_load_took(admin_server, tiny_artifact, tmp_path):
+    """A tokenizer's many small allocations stayed with the process when a reload failed after loading it: a red
+    team's 42 MB one left RSS 300 MiB up, the server degraded and every later reload refused for want of memory.
+    Here an 8 MB one (400,000 words, ids the model cannot run): +56 MiB stayed before, ~2 MiB now."""
+    big = copy_artifact(tiny_artifact, tmp_path / "big-tokenizer")
+    tokenizer = json.loads((big / TOKENIZER).read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab.update({f"zz{n}": len(vocab) + n for n in range(400_000)})
+    (big / TOKENIZER).write_text(json.dumps(tokenizer))
+    rehash(big, TOKENIZER)
+    process = psutil.Process(admin_server.server.process.pid)
+    before = process.memory_info().rss
+    response = admin_server.client.post("/admin/reload", json={"model_path": str(big)})
+    assert response.status_code == 409 and "which the model cannot run" in response.json()["error"], response.text
+    time.sleep(0.5)
+    grown = (process.memory_info().rss - before) / 2**20
+    assert grown < 25, f"RSS {grown:.0f} MiB above what it was before the failed reload"
+
+
+def test_a_tokenizer_too_large_for_the_memory_left_is_refused_before_it_loads(make_settings, tiny_artifact,
+                                                                               monkeypatch):
+    """Loading one takes ~13-14 times its file's size, outside the memory plan: a 42 MB tokenizer took a reload
+    under a 700 MiB limit to 925 MiB."""
+    settings = make_settings(model_path=tiny_artifact)
+    monkeypatch.setattr(runtime, "memory_limit_bytes",
+                        lambda: (process_rss_bytes() + (1 << 20)) / settings.memory_high_water)
+    with pytest.raises(MemoryDoesNotFit, match=r"tokenizer\.json \(1 MiB\) needs about 11 MiB to load, and the "
+                                               r"server has \d+ MiB left under MEMORY_HIGH_WATER"):
+        runtime.load_checked(settings, Metrics(), warm=False)
 
 
 def test_an_oip_request_naming_a_version_is_not_answered_by_the_model_a_reload_swapped_in(admin_server, tiny_artifact,
