@@ -33,6 +33,10 @@ Policy:
   other (padding 2-15%), 200 cost ~10% more engine time (27% padding); 48 also
   forms fewer, fuller batches than 16 (less loop work per text). A GPU computes
   padding in parallel, so there batches fill to the bounds.
+* An engine error on a batch shared by several requests runs each request's
+  texts again on their own (``_per_request``), so an input the model fails on
+  fails its own request, not its batch-mates' (a WARNING names the first
+  error; the requests that still fail are counted and logged as ever).
 * A full queue (``MAX_QUEUE`` texts) sheds with ``Overloaded`` (503 +
   Retry-After); a request with texts still queued at its deadline fails with
   ``DeadlineExceeded`` (one already running gets a grace period first); every
@@ -165,6 +169,9 @@ class Ran:
     engine_started: float
     engine_ended: float
     handed_back: float
+
+
+Part = tuple[list[WorkItem], np.ndarray | BaseException, np.ndarray | None]  # texts, outcome, unusable rows
 
 
 def select_batch(waiting: list[WorkItem], max_size: int, max_tokens: int | Callable[[int], int],
@@ -409,35 +416,63 @@ class Batcher:
         the engine call cannot stop the process from a worker thread; uncaught here, it would only be lost with
         the slot), and a result whose row count is not the batch's (its callers would wait for missing rows).
         """
-        picked_up = engine_started = time.perf_counter()
-        try:
-            input_ids, attention_mask = pad_batch([item.ids for item in batch])
-            engine_started = time.perf_counter()
-            logits = self.engine.run(input_ids, attention_mask)
+        picked_up = time.perf_counter()
+        outcome, unusable, engine_started, engine_ended = self._run(batch)
+        parts: list[Part] = [(batch, outcome, unusable)]
+        if isinstance(outcome, Exception) and len({id(item.request) for item in batch}) > 1:
+            parts = self._per_request(batch, outcome)  # one request's text must not fail the others'
             engine_ended = time.perf_counter()
-            outcome: np.ndarray | BaseException = softmax(np.asarray(logits, dtype=np.float32))
-            if len(outcome) != len(batch):
-                raise RuntimeError(f"the engine returned {len(outcome)} rows for a batch of {len(batch)} texts")
-            unusable = unusable_rows(outcome)
-        except BaseException as error:  # every outcome must reach the callers, never hang them
-            engine_ended, outcome, unusable = time.perf_counter(), error, None
         after = _follow_up(followed_up, batch, outcome) \
             if followed_up is not None and not isinstance(outcome, BaseException) and unusable is None else None
         ran = Ran(formed, picked_up, engine_started, engine_ended, time.perf_counter())
-        post(self._loop, self._finish, worker, batch, outcome, ran, followed_up is not None, after,  # closed: gone
-             unusable)
+        post(self._loop, self._finish, worker, parts, ran, followed_up is not None, after)  # closed: gone
 
-    def _finish(self, worker: int, batch: list[WorkItem], outcome: np.ndarray | BaseException, ran: Ran,
-                followed_up: bool, after: Callable[[], None] | None, unusable: np.ndarray | None) -> None:
+    def _run(self, batch: list[WorkItem]) -> tuple[np.ndarray | BaseException, np.ndarray | None, float, float]:
+        """On an engine worker: the batch's probabilities and which rows are unusable, or what the engine raised
+        (every outcome must reach the callers, never hang them); and the engine call's start and end."""
+        started = time.perf_counter()
+        try:
+            input_ids, attention_mask = pad_batch([item.ids for item in batch])
+            started = time.perf_counter()
+            logits = self.engine.run(input_ids, attention_mask)
+            ended = time.perf_counter()
+            probabilities = softmax(np.asarray(logits, dtype=np.float32))
+            if len(probabilities) != len(batch):
+                raise RuntimeError(f"the engine returned {len(probabilities)} rows for a batch of {len(batch)} texts")
+            return probabilities, unusable_rows(probabilities), started, ended
+        except BaseException as error:
+            return error, None, started, time.perf_counter()
+
+    def _per_request(self, batch: list[WorkItem], error: Exception) -> list[Part]:
+        """After an engine error on a batch shared by several requests: each request's texts run again on their own,
+        so that an input the model fails on fails its own request only (a red team's tokenizer gave ids the model
+        could not embed, and each text holding one failed its whole batch of other clients' texts)."""
+        by_request: dict[int, list[WorkItem]] = {}
+        for item in batch:
+            by_request.setdefault(id(item.request), []).append(item)
+        log.warning("inference failed on a batch of %d texts from %d requests (%s); each request's texts run again "
+                    "on their own", len(batch), len(by_request), error)
+        return [(items, *self._run(items)[:2]) for items in by_request.values()]
+
+    def _finish(self, worker: int, parts: list[Part], ran: Ran, followed_up: bool,
+                after: Callable[[], None] | None) -> None:
         self._to_loop.observe(time.perf_counter() - ran.handed_back)
         self._idle.append(worker)
         if followed_up:
             self._following_up = False
         if after is not None:
             _run_after(after)
-        m, device = self._metrics, self.engine.device
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)
+        for batch, outcome, unusable in parts:
+            self._answer(batch, outcome, unusable, ran)
+        self._dispatch()
+
+    def _answer(self, batch: list[WorkItem], outcome: np.ndarray | BaseException, unusable: np.ndarray | None,
+                ran: Ran) -> None:
+        """Deliver the rows of ``batch`` (texts the model gave no usable scores for fail their requests), or fail
+        every request with a text in it."""
+        m, device = self._metrics, self.engine.device
         if not isinstance(outcome, BaseException):
             if unusable is not None:
                 self._fail_unusable([item for item, bad in zip(batch, unusable, strict=True) if bad], len(batch))
@@ -453,7 +488,6 @@ class Batcher:
             log.error("inference failed on a batch of %d: %s", len(batch), detail)
             m.inference_errors.labels(device).inc()
             self._fail(batch, InferenceFailed(f"inference failed: {detail}"))
-        self._dispatch()
 
     def _observe_batch(self, batch: list[WorkItem], formed: float) -> None:
         m = self._metrics

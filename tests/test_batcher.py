@@ -740,3 +740,39 @@ async def test_a_finished_request_is_freed_by_reference_counting_alone(outcome):
         assert request() is None
     finally:
         gc.enable()
+
+
+class PoisonEngine(RecordingEngine):
+    """Fails any batch holding token id 99 (an input the model cannot run), answers the rest."""
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        logits = super()._run(input_ids, attention_mask)  # its shape recorded
+        if (input_ids == 99).any():
+            raise RuntimeError("Gather: indices element out of data bounds, idx=99")
+        return logits
+
+
+async def test_an_input_the_engine_fails_on_fails_its_own_request_not_its_batch_mates(caplog):
+    """A red team's tokenizer gave ids the model could not embed: each text holding one failed its whole batch, 41
+    other clients' requests for 40 of its own. Each request's texts now run again on their own after such an
+    error, so that only the request holding the input fails."""
+    engine = PoisonEngine()
+    metrics = Metrics()
+    batcher = Batcher(engine, settings(), metrics)
+    batcher.start()
+    engine.gate.clear()  # hold the one engine worker so that the next three requests share one batch
+    held = asyncio.ensure_future(batcher.submit([np.array([5])]))
+    while engine.running == 0:
+        await asyncio.sleep(0.005)
+    poisoned = asyncio.ensure_future(batcher.submit([np.array([1]), np.array([99])]))
+    others = [asyncio.ensure_future(batcher.submit([np.array([n])])) for n in (3, 4)]
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.wait([held, poisoned, *others]), 30)
+    with pytest.raises(InferenceFailed, match="idx=99"):
+        poisoned.result()
+    for n, other in zip((3, 4), others, strict=True):
+        np.testing.assert_allclose(other.result()[0], expected_probabilities(np.array([n])), rtol=1e-6)
+    assert sorted(engine.shapes) == sorted([(1, 1), (4, 1), (2, 1), (1, 1), (1, 1)])  # the batch, then each request
+    assert metrics.inference_errors.labels("cpu")._value.get() == 1  # the poisoned request's alone
+    assert "inference failed on a batch of 4 texts from 3 requests" in caplog.text
+    await batcher.drain()
