@@ -59,9 +59,21 @@ def label_problem(label: str) -> str | None:
     Python's Unicode tables do not know yet are let through: a build on a newer Python must still load here."""
     if not 0 < len(label) <= MAX_LABEL_CHARS or not label.strip():
         return f"1-{MAX_LABEL_CHARS} characters, not only spaces"
-    if "," in label or any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") for char in label):
+    if "," in label or has_control(label):
         return "no tab, line break, comma or other control character"
+    if label != label.strip():
+        return "no space at its start or end (it would look like the label without it)"
     return None
+
+
+def has_control(text: str) -> bool:
+    """A control or format character (NUL, a right-to-left override), or a line or paragraph separator."""
+    return any(unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") for char in text)
+
+
+def look_alike(label: str) -> str:
+    """What a label is read as: the same letters in another Unicode form or case look the same to a person."""
+    return unicodedata.normalize("NFC", label).casefold()
 
 
 class ArtifactError(RuntimeError):
@@ -109,7 +121,19 @@ class ManifestSchema(_Entry):
             problem = label_problem(label)
             if problem:
                 raise ValueError(f"label {label!r}: each label must have {problem}")
+        if len({look_alike(label) for label in labels}) != len(labels):
+            raise ValueError("labels must differ in more than case or Unicode form (e and e + U+0301 look the same)")
         return labels
+
+    @field_validator("name", "version")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        """Both are in every record, metric and log line, and in OIP v2's URLs (``/v2/models/{name}/versions/
+        {version}``): a slash made a version no URL could name, a right-to-left override one that reads otherwise."""
+        if "/" in value or has_control(value) or value != value.strip():
+            raise ValueError("no slash, control or format character (such as a right-to-left override), or space at "
+                             "the start or end")
+        return value
 
 
 def describe_schema_error(error: ValidationError) -> str:

@@ -29,6 +29,7 @@ from server.predictor import Predictor, low_confidence_threshold
 from server.primitives import Prediction
 from server.runtime import ModelRuntime
 from server.tokenizer import TextEncoder
+from tests.broken_artifacts import copy_artifact, edit_manifest
 from tests.labeled_files import write_labeled
 from tests.own_model_fixtures import one_torch_thread, save_checkpoint
 
@@ -122,10 +123,30 @@ def test_the_default_name_comes_from_the_checkpoint(tmp_path) -> None:
 @pytest.mark.parametrize("label, refused", [
     ("POSITIVE", False), ("très bien", False), ("😀", False), ("\U0001FAE8", False),  # Unicode 15: not refused
     ("", True), ("   ", True), ("x" * 33, True), ("a,b", True), ("a\tb", True), ("a\nb", True), ("a\x00b", True),
-    ("a\u202eb", True), ("a\u2028b", True), ("a\u2029b", True),
+    ("a\u202eb", True), ("a\u2028b", True), ("a\u2029b", True), ("NEGATIVE ", True), (" NEGATIVE", True),
+    ("very good", False),
 ])
 def test_one_rule_decides_which_label_names_the_server_and_the_build_take(label, refused) -> None:
     assert (label_problem(label) is not None) is refused
+
+
+@pytest.mark.parametrize("field, value, refused", [
+    ("labels", ["\u00e9", "e\u0301"], "differ in more than case or Unicode form"),  # é twice, to a reader
+    ("labels", ["good", "GOOD"], "differ in more than case"),
+    ("labels", ["NEGATIVE ", "POSITIVE"], "no space at its start or end"),
+    ("version", "v\u202e1", "right-to-left override"),
+    ("version", '../"x', "no slash"),
+    ("name", "reviews/bert", "no slash"),
+    ("name", " reviews", "space at the start or end"),
+])
+def test_look_alike_labels_and_names_no_url_or_log_line_can_carry_are_refused(tiny_artifact, tmp_path, field, value,
+                                                                                refused) -> None:
+    """A red team's reloads of such manifests were accepted: answers and metrics then showed labels that look the
+    same, and a version no OIP v2 URL could name, or that reads otherwise in a log line."""
+    artifact = copy_artifact(tiny_artifact, tmp_path / "model")
+    edit_manifest(artifact, lambda manifest: manifest.update({field: value}))
+    with pytest.raises(ArtifactError, match=refused):
+        load_artifact(artifact)
 
 
 def test_labels_can_be_named_at_build_and_are_checked(tmp_path) -> None:
