@@ -175,6 +175,12 @@ def max_length_zero(d: Path) -> None:
     edit_manifest(d, lambda m: m.update(max_sequence_length=0))
 
 
+def max_length_two(d: Path) -> None:
+    """Valid by the schema, but [CLS] and [SEP] fill it: every text was answered as the same two tokens (a red
+    team's reload was accepted)."""
+    edit_manifest(d, lambda m: m.update(max_sequence_length=2))
+
+
 def max_length_huge(d: Path) -> None:
     edit_manifest(d, lambda m: m.update(max_sequence_length=100_000))
 
@@ -219,8 +225,8 @@ BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     missing_manifest, manifest_not_json, manifest_not_utf8, manifest_not_object, missing_keys, labels_not_list,
     label_with_a_line_break, too_many_labels,
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
-    max_length_not_a_number, max_length_zero, max_length_huge, max_length_beyond_the_model, missing_file,
-    wrong_sha256, path_outside_the_artifact, manifest_a_fifo, tokenizer_a_fifo, invalid_tokenizer,
+    max_length_not_a_number, max_length_zero, max_length_two, max_length_huge, max_length_beyond_the_model,
+    missing_file, wrong_sha256, path_outside_the_artifact, manifest_a_fifo, tokenizer_a_fifo, invalid_tokenizer,
     tokenizer_empty_object, tokenizer_beyond_the_embeddings, garbage_onnx,
     rehashed_nan_weights, wrong_outputs,
 )}

@@ -106,6 +106,7 @@ def test_every_broken_artifact_is_refused_logged_and_counted(admin_server, tiny_
     ("manifest_not_utf8", "UTF-8"), ("manifest_not_object", "not an object"),
     ("file_entry_without_sha256", "sha256"), ("variants_a_list", "variants"),
     ("max_length_not_a_number", "max_sequence_length"), ("max_length_zero", "max_sequence_length"),
+    ("max_length_two", "leaves no room for a text's own tokens"),
     ("max_length_huge", "max_sequence_length"), ("max_length_beyond_the_model", "max_sequence_length"),
     ("tokenizer_empty_object", "tokenizer.json"), ("rehashed_nan_weights", "non-finite"),
     ("tokenizer_beyond_the_embeddings", "gives token ids up to 30522, which the model cannot run"),
