@@ -508,16 +508,23 @@ class NonFiniteEngine(RecordingEngine):
         return logits
 
 
+async def holding_the_worker(engine: RecordingEngine, metrics: Metrics) -> tuple[Batcher, asyncio.Future]:
+    """A one-worker batcher whose worker is held in the engine by a text of its own (``engine.gate`` cleared: set
+    it to go on), so that the requests submitted next share one batch; the held request's future."""
+    batcher = Batcher(engine, settings(), metrics)
+    batcher.start()
+    engine.gate.clear()
+    held = asyncio.ensure_future(batcher.submit([np.array([5])]))
+    while engine.running == 0:  # the held text is in the engine (a busy machine may take a while to get there)
+        await asyncio.sleep(0.005)
+    return batcher, held
+
+
 async def test_nan_or_infinite_scores_fail_their_requests_and_the_rest_of_the_batch_is_answered(caplog):
     """A model that gives no usable scores for a text (fp16 overflow, damaged weights) must not answer it 200."""
     engine = NonFiniteEngine()
     metrics = Metrics()
-    batcher = Batcher(engine, settings(), metrics)
-    batcher.start()
-    engine.gate.clear()  # hold the one engine worker so that the next three requests share one batch
-    held = asyncio.ensure_future(batcher.submit([np.array([5])]))
-    while engine.running == 0:  # the held text is in the engine (a busy machine may take a while to get there)
-        await asyncio.sleep(0.005)
+    batcher, held = await holding_the_worker(engine, metrics)
     mixed = asyncio.ensure_future(batcher.submit([np.array([1]), np.array([2])]))
     infinite = asyncio.ensure_future(batcher.submit([np.array([3])]))
     fine = asyncio.ensure_future(batcher.submit([np.array([4])]))
@@ -758,12 +765,7 @@ async def test_an_input_the_engine_fails_on_fails_its_own_request_not_its_batch_
     error, so that only the request holding the input fails."""
     engine = PoisonEngine()
     metrics = Metrics()
-    batcher = Batcher(engine, settings(), metrics)
-    batcher.start()
-    engine.gate.clear()  # hold the one engine worker so that the next three requests share one batch
-    held = asyncio.ensure_future(batcher.submit([np.array([5])]))
-    while engine.running == 0:
-        await asyncio.sleep(0.005)
+    batcher, held = await holding_the_worker(engine, metrics)
     poisoned = asyncio.ensure_future(batcher.submit([np.array([1]), np.array([99])]))
     others = [asyncio.ensure_future(batcher.submit([np.array([n])])) for n in (3, 4)]
     engine.gate.set()

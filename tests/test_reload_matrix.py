@@ -212,20 +212,26 @@ def test_a_reload_asked_for_during_the_drain_is_refused_503_as_sighup_is_ignored
     assert "model reloaded" not in server.log()
 
 
+def slow_loads(services, monkeypatch) -> list[Path]:
+    """Each model load takes 0.3 s more, so that reloads pile up behind it; returns the paths loaded, in order."""
+    loads: list[Path] = []
+    load = services._load_warm
+
+    def slow_load(path: Path):
+        loads.append(path)
+        time.sleep(0.3)
+        return load(path)
+
+    monkeypatch.setattr(services, "_load_warm", slow_load)
+    return loads
+
+
 def test_a_storm_of_reloads_costs_two_loads_and_every_caller_gets_the_outcome(make_settings, monkeypatch):
     """One load under way, one queued behind it that every later request joins (the red-team's storm of 30 SIGHUPs
     and POSTs ran 30 loads in a row, 5.5 s of a core each with the default model)."""
     with TestClient(create_app(make_settings())) as client:
         services = client.app.state.services
-        loads: list[Path] = []
-        load = services._load_warm
-
-        def slow_load(path: Path):
-            loads.append(path)
-            time.sleep(0.3)  # the storm arrives while it loads
-            return load(path)
-
-        monkeypatch.setattr(services, "_load_warm", slow_load)
+        loads = slow_loads(services, monkeypatch)  # the storm arrives while one loads
 
         async def storm() -> list[dict]:
             return await asyncio.gather(*(services.reload() for _ in range(10)))
@@ -280,15 +286,7 @@ def test_reloads_queued_when_the_drain_begins_load_nothing(make_settings, monkey
     time: the one under way finishes, the rest are refused 503 draining."""
     with TestClient(create_app(make_settings())) as client:
         services = client.app.state.services
-        loads: list[Path] = []
-        load = services._load_warm
-
-        def slow_load(path: Path):
-            loads.append(path)
-            time.sleep(0.3)
-            return load(path)
-
-        monkeypatch.setattr(services, "_load_warm", slow_load)
+        loads = slow_loads(services, monkeypatch)
         model = services.settings.model_path
 
         async def queue_then_drain() -> list:
