@@ -33,9 +33,9 @@ class TextEncoder:
             self._tokenizer.enable_truncation(max_length=max_length)
 
     def highest_id(self) -> int:
-        """The largest token id the tokenizer can give (its vocabulary's, or an added token's beyond it)."""
-        return max(self._tokenizer.get_vocab_size(with_added_tokens=False) - 1,
-                   *self._tokenizer.get_added_tokens_decoder())
+        """The largest token id the tokenizer can give, its added tokens' included: read from the vocabulary, whose
+        ids need not run from 0 to its size (a red team's mapped one word to 40,000 in a vocabulary of 30,522)."""
+        return max(self._tokenizer.get_vocab(with_added_tokens=True).values())
 
     def reads_nothing(self, text: str) -> bool:
         """Whether the model would see ``text`` as an empty one: its tokenizer drops every character of it (a NUL,

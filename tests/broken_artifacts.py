@@ -121,6 +121,14 @@ def tokenizer_beyond_the_embeddings(d: Path) -> None:
     rehash(d, TOKENIZER)
 
 
+def tokenizer_word_beyond_the_embeddings(d: Path) -> None:
+    """A word of the vocabulary mapped to an id past its size: the vocabulary's size said nothing of it."""
+    tokenizer = json.loads((d / TOKENIZER).read_text())
+    tokenizer["model"]["vocab"]["awful"] = 40000
+    (d / TOKENIZER).write_text(json.dumps(tokenizer))
+    rehash(d, TOKENIZER)
+
+
 def missing_manifest(d: Path) -> None:
     (d / MANIFEST).unlink()
 
@@ -227,7 +235,7 @@ BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
     max_length_not_a_number, max_length_zero, max_length_two, max_length_huge, max_length_beyond_the_model,
     missing_file, wrong_sha256, path_outside_the_artifact, manifest_a_fifo, tokenizer_a_fifo, invalid_tokenizer,
-    tokenizer_empty_object, tokenizer_beyond_the_embeddings, garbage_onnx,
+    tokenizer_empty_object, tokenizer_beyond_the_embeddings, tokenizer_word_beyond_the_embeddings, garbage_onnx,
     rehashed_nan_weights, wrong_outputs,
 )}
 

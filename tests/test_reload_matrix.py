@@ -110,6 +110,7 @@ def test_every_broken_artifact_is_refused_logged_and_counted(admin_server, tiny_
     ("max_length_huge", "max_sequence_length"), ("max_length_beyond_the_model", "max_sequence_length"),
     ("tokenizer_empty_object", "tokenizer.json"), ("rehashed_nan_weights", "non-finite"),
     ("tokenizer_beyond_the_embeddings", "gives token ids up to 30522, which the model cannot run"),
+    ("tokenizer_word_beyond_the_embeddings", "gives token ids up to 40000, which the model cannot run"),
     ("garbage_onnx", "model.int8.onnx"), ("wrong_outputs", "shape"), ("unknown_variant", "fp64"),
     ("label_with_a_line_break", "control character"), ("too_many_labels", "at most 64"),
     ("tokenizer_a_fifo", "tokenizer.json is not a regular file"), ("manifest_a_fifo", "not a regular file"),
@@ -277,6 +278,11 @@ def test_a_version_served_before_comes_back_only_with_its_own_labels(admin_serve
     response = admin_server.client.post("/admin/reload", json={"model_path": str(relabelled)})
     assert response.status_code == 409 and f"version {serving!r}" in response.json()["error"], response.text
     assert "was served with labels" in response.json()["error"]
+    # whatever the name: the cache joins computations by version (a red team's copy under another name got
+    # answers and records in the other model's labels)
+    edit_manifest(relabelled, lambda manifest: manifest.update(name="another-name"))
+    response = admin_server.client.post("/admin/reload", json={"model_path": str(relabelled)})
+    assert response.status_code == 409 and "was served with labels" in response.json()["error"], response.text
     assert admin_server.serving_version() == f"{serving}-between"
     assert admin_server.client.post("/admin/reload", json={"model_path": str(tiny_artifact)}).status_code == 200
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from server.artifact import load_artifact
@@ -79,3 +81,15 @@ def test_strict_mode_encodes_once_and_refuses_by_index(tiny_artifact):
     with pytest.raises(InputTooLong, match=r"texts\[1\]"):
         strict.encode_marking_truncation(["fine", "wonderful " * (artifact.max_length * 2)])
     assert [kind for kind, _ in counting.calls] == ["fast"]
+
+
+def test_the_highest_id_is_read_from_the_vocabulary_whatever_its_layout(tiny_artifact):
+    """With no added tokens it raised a TypeError (a legitimate tokenizer refused at start-up), and a word mapped
+    past the vocabulary's size went unseen (a red team's reload was then accepted)."""
+    original = json.loads((tiny_artifact / "tokenizer.json").read_text())
+    assert TextEncoder((tiny_artifact / "tokenizer.json").read_bytes(), 16).highest_id() == \
+        len(original["model"]["vocab"]) - 1
+    without_added = {**original, "added_tokens": []}
+    assert TextEncoder(json.dumps(without_added).encode(), 16).highest_id() == len(original["model"]["vocab"]) - 1
+    past_the_size = {**original, "model": {**original["model"], "vocab": {**original["model"]["vocab"], "zap": 40000}}}
+    assert TextEncoder(json.dumps(past_the_size).encode(), 16).highest_id() == 40000
