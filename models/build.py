@@ -69,7 +69,14 @@ from models.labels import LabelMismatch, parse_label_map, resolve_labels
 from models.layout import MAX_FILE_BYTES, megabytes, store
 from models.manifest import summary, with_external_data, write_manifest
 from models.quantize import DEFAULT_INT8_RECIPE, INT8_RECIPES, make_variant
-from server.artifact import MAX_LABEL_CHARS, MAX_LABELS, TOKENIZER, VARIANT_FILES, label_problem
+from server.artifact import (
+    MAX_LABEL_CHARS,
+    MAX_LABELS,
+    TOKENIZER,
+    VARIANT_FILES,
+    identity_problem,
+    labels_problem,
+)
 
 # Widths of the prediction store's columns (server/store/tables.py): a longer label, name or version could not
 # be recorded, so the build refuses it rather than the database refusing every prediction later.
@@ -137,6 +144,10 @@ def check_identity(name: str, version: str | None) -> None:
     if version is not None and not 0 < len(version) <= MAX_VERSION_CHARS:
         raise ExportError("arguments", f"--version must be 1-{MAX_VERSION_CHARS} characters (the prediction "
                                        f"store's model_version column), not {len(version)}")
+    for flag, value in (("--name", name), ("--version", version)):
+        problem = identity_problem(value) if value is not None else None
+        if problem:  # the server would refuse the artifact after minutes of export and quantization
+            raise ExportError("arguments", f"{flag} {value!r}: {problem}")
 
 
 def artifact_labels(model, labels: Sequence[str] | None) -> list[str]:
@@ -145,12 +156,13 @@ def artifact_labels(model, labels: Sequence[str] | None) -> list[str]:
     if len(names) != model.config.num_labels:
         raise ExportError("arguments", f"--labels names {len(names)} labels but the model has "
                                        f"{model.config.num_labels} outputs (checkpoint labels: {labels_of(model)})")
-    bad = [label for label in names if label_problem(label)]
-    if bad or len(set(names)) != len(names) or len(names) > MAX_LABELS:
-        raise ExportError("arguments", f"labels {names} must be at most {MAX_LABELS}, distinct, 1-{MAX_LABEL_CHARS} "
-                                       "characters each (the prediction store's label column), without tabs, line "
-                                       "breaks, commas (the feedback export's and --label-map's separators) or other "
-                                       "control characters; rename them with --labels a,b,...")
+    problem = labels_problem(names)
+    if problem or len(names) > MAX_LABELS:
+        raise ExportError("arguments", f"labels {names} must be at most {MAX_LABELS}, distinct in more than case or "
+                                       f"Unicode form, 1-{MAX_LABEL_CHARS} characters each (the prediction store's "
+                                       "label column), without tabs, line breaks, commas (the feedback export's and "
+                                       "--label-map's separators) or other control characters"
+                                       f"{f' ({problem})' if problem else ''}; rename them with --labels a,b,...")
     return names
 
 

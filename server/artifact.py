@@ -115,25 +115,40 @@ class ManifestSchema(_Entry):
     @field_validator("labels")
     @classmethod
     def _distinct(cls, labels: list[str]) -> list[str]:
-        if len(set(labels)) != len(labels):
-            raise ValueError("labels must be distinct names, in logit order")
-        for label in labels:
-            problem = label_problem(label)
-            if problem:
-                raise ValueError(f"label {label!r}: each label must have {problem}")
-        if len({look_alike(label) for label in labels}) != len(labels):
-            raise ValueError("labels must differ in more than case or Unicode form (e and e + U+0301 look the same)")
+        problem = labels_problem(labels)
+        if problem:
+            raise ValueError(problem)
         return labels
 
     @field_validator("name", "version")
     @classmethod
     def _plain(cls, value: str) -> str:
-        """Both are in every record, metric and log line, and in OIP v2's URLs (``/v2/models/{name}/versions/
-        {version}``): a slash made a version no URL could name, a right-to-left override one that reads otherwise."""
-        if "/" in value or has_control(value) or value != value.strip():
-            raise ValueError("no slash, control or format character (such as a right-to-left override), or space at "
-                             "the start or end")
+        problem = identity_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
+
+
+def labels_problem(labels: list[str]) -> str | None:
+    """What makes ``labels`` unusable as a model's labels, or None (the server's rule, and the build's)."""
+    if len(set(labels)) != len(labels):
+        return "labels must be distinct names, in logit order"
+    for label in labels:
+        problem = label_problem(label)
+        if problem:
+            return f"label {label!r}: each label must have {problem}"
+    if len({look_alike(label) for label in labels}) != len(labels):
+        return "labels must differ in more than case or Unicode form (e and e + U+0301 look the same)"
+    return None
+
+
+def identity_problem(value: str) -> str | None:
+    """What makes ``value`` unusable as a model's name or version, or None (the server's rule, and the build's).
+    Both are in every record, metric and log line, and in OIP v2's URLs (``/v2/models/{name}/versions/{version}``):
+    a slash made a version no URL could name, a right-to-left override one that reads otherwise."""
+    if "/" in value or has_control(value) or value != value.strip():
+        return "no slash, control or format character (such as a right-to-left override), or space at the start or end"
+    return None
 
 
 def describe_schema_error(error: ValidationError) -> str:

@@ -164,6 +164,14 @@ def test_labels_can_be_named_at_build_and_are_checked(tmp_path) -> None:
         build(checkpoint, tmp_path / "other", ("fp32",), labels=("a", "b", "c\u202ed"))
     with pytest.raises(ExportError, match=r"must be in 2\.\.32"):
         build(checkpoint, tmp_path / "other", ("fp32",), max_length=64)
+    # the server's own rules, before minutes of export (a red team's build passed them, and the server then refused
+    # the artifact)
+    with pytest.raises(ExportError, match="differ in more than case"):
+        build(checkpoint, tmp_path / "other", ("fp32",), labels=("a", "positive", "Positive"))
+    with pytest.raises(ExportError, match="--name 'acme/sentiment': no slash"):
+        build(checkpoint, tmp_path / "other", ("fp32",), name="acme/sentiment")
+    with pytest.raises(ExportError, match="--version ' v2': .*space at the start or end"):
+        build(checkpoint, tmp_path / "other", ("fp32",), version=" v2")
     assert not (tmp_path / "other").exists()
 
 
