@@ -98,7 +98,7 @@ def check_paths(settings: Settings) -> str:
     from server.store.db import sqlite_path
 
     checked = [writable_directory(Path(settings.spool_dir), "SPOOL_DIR")]
-    short = spool_space_shortfall(Path(settings.spool_dir), settings.spool_max_bytes, settings.store_durability)
+    short = spool_space_shortfall(settings)
     if short:
         log.warning("%s", short)
         checked[0] += f" (warning: {short})"
@@ -374,15 +374,17 @@ def writable_directory(directory: Path, variable: str, label: str | None = None)
     return f"{label} {directory}"
 
 
-FULL_BELOW_BYTES = 16 << 10  # free space under which SPOOL_DIR's volume is full: a few blocks, a group of records
-
-
-def spool_space_shortfall(directory: Path, max_bytes: int, durability: str = "ack") -> str | None:
-    """What to change when SPOOL_DIR's volume cannot hold SPOOL_MAX_BYTES of spool (the free space plus what the
-    spool holds already), or is full already; None when it can. A warning, not a refusal: the disk's free space
+def spool_space_shortfall(settings: Settings) -> str | None:
+    """What to change when SPOOL_DIR's volume is (nearly) full, or cannot hold SPOOL_MAX_BYTES of spool (the free
+    space plus what the spool holds already); None when neither. A warning, not a refusal: the disk's free space
     changes, a full disk refuses records with 503 ``no_space`` and loses none, as a full spool does, and a server
-    must start on a full spool volume to replay its spool and so free it. The operator learns at start-up that the
-    cap in force is the disk's, not the setting's, and when the disk is full that requests are refused now."""
+    must start on a full spool volume to replay its spool and so free it. The operator learns at start-up that
+    requests are refused now, and that the cap in force is the disk's, not the setting's.
+
+    Nearly full: less free space than one request's records may take (``2 x MAX_REQUEST_BYTES``: its texts and
+    about 800 bytes a text beside them). A red team's volume with 32 KiB free, above the 16 KiB first taken as
+    full, refused 10 of 30 requests of ~2,000 characters while only the cap was warned of."""
+    directory, max_bytes = Path(settings.spool_dir), settings.spool_max_bytes
     held = 0
     for path in directory.rglob("*") if directory.is_dir() else ():
         try:
@@ -390,18 +392,21 @@ def spool_space_shortfall(directory: Path, max_bytes: int, durability: str = "ac
         except OSError:  # gone meanwhile: it holds nothing
             pass
     free = shutil.disk_usage(nearest_existing(directory)).free
-    if free < FULL_BELOW_BYTES:
-        what = "every prediction is refused with 503 no_space" if durability == "ack" else \
-            "while the database is down, records wait in memory and past its bound are lost"
-        return (f"SPOOL_DIR {directory}'s volume is full ({free} bytes free): {what} until space is freed there; "
-                "free space on that volume or give SPOOL_DIR a larger one")
+    problems = []
+    if free < 2 * settings.max_request_bytes:
+        what = "predictions whose records do not fit are refused with 503 no_space" \
+            if settings.store_durability == "ack" else \
+            "while the database is down, records that do not fit wait in memory and past its bound are lost"
+        problems.append(f"SPOOL_DIR {directory}'s volume is full or nearly ({free} bytes free, less than one "
+                        f"request's records may take: 2 x MAX_REQUEST_BYTES): {what} until space is freed there; free "
+                        "space on that volume or give SPOOL_DIR a larger one")
     room = free + held
-    if room >= max_bytes:
-        return None
-    return (f"SPOOL_MAX_BYTES={max_bytes} is more than SPOOL_DIR {directory}'s volume can hold ({room} bytes: "
-            f"free space plus the spool's {held}); while the database is down the disk fills first, and records "
-            "are then refused with 503 no_space; free space on that volume, give SPOOL_DIR a larger one, or lower "
-            "SPOOL_MAX_BYTES")
+    if room < max_bytes:
+        problems.append(f"SPOOL_MAX_BYTES={max_bytes} is more than SPOOL_DIR {directory}'s volume can hold ({room} "
+                        f"bytes: free space plus the spool's {held}); while the database is down the disk fills "
+                        "first, and records are then refused with 503 no_space; free space on that volume, give "
+                        "SPOOL_DIR a larger one, or lower SPOOL_MAX_BYTES")
+    return "; ".join(problems) or None
 
 
 def writable_file(path: Path, variable: str, label: str | None = None) -> str:
