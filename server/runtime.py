@@ -47,7 +47,7 @@ from server.tokenizer import TextEncoder, pad_batch
 
 log = logging.getLogger(__name__)
 SMOKE_TEXTS = ["a wonderful, moving film", "a dull and tedious mess"]
-TOKENIZER_LOAD_FACTOR = 16  # bytes of memory per byte of tokenizer.json while it loads (measured 13-14)
+TOKENIZER_LOAD_FACTOR = 20  # bytes of memory per byte of tokenizer.json while it loads (measured 13-19)
 
 
 def warmup_shapes(device: str, max_batch: int, max_tokens: int, max_length: int) -> list[tuple[int, int]]:
@@ -247,17 +247,18 @@ class ModelCheckFailed(ArtifactError):
 
 def check_tokenizer_fits(artifact: Artifact, settings: Settings) -> None:
     """``MemoryDoesNotFit`` when loading the artifact's tokenizer would take the process past MEMORY_HIGH_WATER x
-    its memory limit. The memory plan measures the engine, not the tokenizer, which takes ~13-14 times its file's
-    size to load (0.7 MB: 10 MiB; a red team's 42 MB, 2-million-word one: 523 MiB, which a reload under a 700 MiB
-    limit with the serving model held took to 925 MiB)."""
+    its memory limit. The memory plan measures the engine, not the tokenizer, which takes 13-19 times its file's
+    size to load (0.7 MB: 10 MiB; 19 times for the same re-saved without spaces; a red team's 42 MB, 2-million-word
+    one: 523 MiB, which a reload under a 700 MiB limit with the serving model held took to 925 MiB)."""
     size = artifact.manifest["files"][TOKENIZER]["bytes"]
     needed = size * TOKENIZER_LOAD_FACTOR
-    left = settings.memory_high_water * memory_limit_bytes() - process_rss_bytes()
+    limit = memory_limit_bytes()
+    left = settings.memory_high_water * limit - process_rss_bytes()
     if needed > left:
         raise MemoryDoesNotFit(
             f"{artifact.directory / TOKENIZER} ({mib(size)}) needs about {mib(needed)} to load, and the server has "
-            f"{mib(max(0, left))} left under MEMORY_HIGH_WATER x its memory limit: use a smaller tokenizer, or give "
-            "the server more memory")
+            f"{mib(max(0, left))} left under MEMORY_HIGH_WATER x its memory limit of {mib(limit)}: give the server "
+            "more memory (or use a smaller tokenizer)")
 
 
 def load_encoder(artifact: Artifact, strict: bool) -> TextEncoder:

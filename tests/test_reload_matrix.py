@@ -333,12 +333,12 @@ def test_a_failed_reload_gives_back_the_memory_its_load_took(admin_server, tiny_
 
 def test_a_tokenizer_too_large_for_the_memory_left_is_refused_before_it_loads(make_settings, tiny_artifact,
                                                                                monkeypatch):
-    """Loading one takes ~13-14 times its file's size, outside the memory plan: a 42 MB tokenizer took a reload
+    """Loading one takes 13-19 times its file's size, outside the memory plan: a 42 MB tokenizer took a reload
     under a 700 MiB limit to 925 MiB."""
     settings = make_settings(model_path=tiny_artifact)
     monkeypatch.setattr(runtime, "memory_limit_bytes",
                         lambda: (process_rss_bytes() + (1 << 20)) / settings.memory_high_water)
-    with pytest.raises(MemoryDoesNotFit, match=r"tokenizer\.json \(1 MiB\) needs about 11 MiB to load, and the "
+    with pytest.raises(MemoryDoesNotFit, match=r"tokenizer\.json \(1 MiB\) needs about 14 MiB to load, and the "
                                                r"server has \d+ MiB left under MEMORY_HIGH_WATER"):
         runtime.load_checked(settings, Metrics(), warm=False)
 

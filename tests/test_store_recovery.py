@@ -203,7 +203,8 @@ async def test_a_damaged_spool_line_is_set_aside_without_blaming_the_database(st
     assert [(entry["error"], entry["line"]) for entry in kept] == [("unreadable spool line",
                                                                    "\x00garbage, not a record\n")]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert any("1 predictions could not be written (unreadable spool line)" in m for m in errors), errors
+    assert any("1 spool lines are damaged, not records: set aside in" in m and "no replay can write them" in m
+               for m in errors), errors
     assert not any("database refused" in m for m in errors), errors
 
 

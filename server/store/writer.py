@@ -390,10 +390,14 @@ class Writer:
         if outcome.rejected:
             self._on_rejected()
             self._metrics.store_rejected.inc(outcome.rejected)
-            # not "the database refused": a spool line damaged on disk never reached it (its reason says which)
-            self._throttle.log("rejected", logging.ERROR, "store: %d predictions could not be written (%s); kept "
-                               "in %s for `sentiment-analyzer spool replay-rejected`", outcome.rejected,
-                               outcome.refused[0]["error"], self.state.rejected_path)
+            if all("line" in entry for entry in outcome.refused):  # damaged on disk: the database never saw them
+                self._throttle.log("rejected", logging.ERROR, "store: %d spool lines are damaged, not records: set "
+                                   "aside in %s to be looked at (no replay can write them)", outcome.rejected,
+                                   self.state.rejected_path)
+            else:
+                self._throttle.log("rejected", logging.ERROR, "store: %d predictions could not be written (%s); kept "
+                                   "in %s for `sentiment-analyzer spool replay-rejected`", outcome.rejected,
+                                   outcome.refused[0]["error"], self.state.rejected_path)
 
     def _drop_cache(self) -> None:
         self._cache.clear()
