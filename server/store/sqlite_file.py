@@ -19,7 +19,9 @@ as stored, /health said the database was up, and at a clean shutdown (or a SIGKI
   corrupt so). The database stays down, saying why, until the first file is back at the path (``mv`` back) or the
   server is restarted, which takes whatever the path names then;
 * a connection to a moved or removed file checkpoints before it is dropped (``checkpoint``), so the file holds what
-  was committed to it and no log of it is left at the path.
+  was committed to it and no log of it is left at the path;
+* a new connection is refused, naming the file, while the ``-wal`` or ``-shm`` at the path is not a regular file
+  (``check_regular``): SQLite's own error for a FIFO there names none.
 """
 
 from __future__ import annotations
