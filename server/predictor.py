@@ -74,18 +74,26 @@ STREAM_SAFE_RUN = 30  # Unicode's stream-safe text format (UAX #15): at most 30 
 GRAPHEME_JOINER = "\u034f"  # what that format puts between longer runs: invisible, and a starter for NFC
 
 
+def non_starter(char: str) -> bool:
+    """Whether NFC may reorder ``char`` among its neighbours (UAX #15 counts it as a non-starter)."""
+    return bool(unicodedata.combining(char) or (
+        unicodedata.decomposition(char) and unicodedata.combining(unicodedata.normalize("NFD", char)[0])))
+
+
 def stream_safe(text: str) -> str:
-    """``text`` with a combining grapheme joiner after every 30 combining marks in a row (UAX #15, D4): no
-    language needs more, and NFC then orders each run of at most 30, in linear time overall."""
+    """``text`` with a combining grapheme joiner after every 30 non-starters in a row (UAX #15, D4): no language
+    needs more, and NFC then orders each run of at most 30 characters' marks, in linear time overall."""
     return _long_runs().sub(lambda run: GRAPHEME_JOINER.join(
         run[0][at : at + STREAM_SAFE_RUN] for at in range(0, len(run[0]), STREAM_SAFE_RUN)), text)
 
 
 @functools.cache
 def _long_runs() -> re.Pattern[str]:
-    """Runs of more than ``STREAM_SAFE_RUN`` combining marks (canonical combining class above 0), as a pattern
-    built once from this Python's Unicode tables (~60 ms, on the first text that needs it)."""
-    marks = [code for code in range(sys.maxunicode + 1) if unicodedata.combining(chr(code))]
+    """Runs of more than ``STREAM_SAFE_RUN`` non-starters, as a pattern built once from this Python's Unicode
+    tables (~0.2 s: ``Predictor`` builds it at start-up, not a request). A non-starter is a combining mark, or a
+    character whose decomposition begins with one: U+0F73, U+0F75 and U+0F81 have class 0 but NFD splits each into
+    two marks of different classes, and a red team's 1 MB body of them held the loop 21 s past the first version."""
+    marks = [code for code in range(sys.maxunicode + 1) if non_starter(chr(code))]
     ranges: list[list[int]] = []
     for code in marks:
         if ranges and ranges[-1][1] == code - 1:
@@ -124,6 +132,7 @@ class Predictor:
         self._low_confidence = low_confidence_threshold
         self._series: dict[tuple[str, str], _ModelSeries] = {}
         self._serve(runtime, previous=None)
+        _long_runs()  # built now, not on the loop inside the first request whose text NFC changes
 
     def swap(self, runtime: ModelRuntime) -> ModelRuntime:
         """Serve ``runtime`` from now on; returns the previous one (to drain). The cache is emptied."""
