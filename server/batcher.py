@@ -36,7 +36,8 @@ Policy:
 * An engine error on a batch shared by several requests runs each request's
   texts again on their own (``_per_request``), so an input the model fails on
   fails its own request, not its batch-mates' (a WARNING names the first
-  error; the requests that still fail are counted and logged as ever).
+  error); two reruns in a row that fail stop it (the engine fails on
+  everything), and the errors metric counts the engine batch once.
 * A full queue (``MAX_QUEUE`` texts) sheds with ``Overloaded`` (503 +
   Retry-After); a request with texts still queued at its deadline fails with
   ``DeadlineExceeded`` (one already running gets a grace period first); every
@@ -446,13 +447,20 @@ class Batcher:
     def _per_request(self, batch: list[WorkItem], error: Exception) -> list[Part]:
         """After an engine error on a batch shared by several requests: each request's texts run again on their own,
         so that an input the model fails on fails its own request only (a red team's tokenizer gave ids the model
-        could not embed, and each text holding one failed its whole batch of other clients' texts)."""
+        could not embed, and each text holding one failed its whole batch of other clients' texts). Two reruns in
+        a row that fail mean the engine fails whatever it is given: the rest are not run, and fail with ``error``."""
         by_request: dict[int, list[WorkItem]] = {}
         for item in batch:
             by_request.setdefault(id(item.request), []).append(item)
         log.warning("inference failed on a batch of %d texts from %d requests (%s); each request's texts run again "
                     "on their own", len(batch), len(by_request), error)
-        return [(items, *self._run(items)[:2]) for items in by_request.values()]
+        parts: list[Part] = []
+        failed_in_a_row = 0
+        for items in by_request.values():
+            outcome, unusable = self._run(items)[:2] if failed_in_a_row < 2 else (error, None)
+            failed_in_a_row = failed_in_a_row + 1 if isinstance(outcome, BaseException) else 0
+            parts.append((items, outcome, unusable))
+        return parts
 
     def _finish(self, worker: int, parts: list[Part], ran: Ran, followed_up: bool,
                 after: Callable[[], None] | None) -> None:
@@ -464,30 +472,31 @@ class Batcher:
             _run_after(after)
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)
-        for batch, outcome, unusable in parts:
-            self._answer(batch, outcome, unusable, ran)
+        failed = [self._answer(batch, outcome, unusable, ran) for batch, outcome, unusable in parts]
+        if any(failed):  # once per engine batch, however many of its requests' reruns failed
+            self._metrics.inference_errors.labels(self.engine.device).inc()
         self._dispatch()
 
     def _answer(self, batch: list[WorkItem], outcome: np.ndarray | BaseException, unusable: np.ndarray | None,
-                ran: Ran) -> None:
+                ran: Ran) -> bool:
         """Deliver the rows of ``batch`` (texts the model gave no usable scores for fail their requests), or fail
-        every request with a text in it."""
-        m, device = self._metrics, self.engine.device
+        every request with a text in it; True when that was for an engine error (``_finish`` counts it)."""
         if not isinstance(outcome, BaseException):
             if unusable is not None:
                 self._fail_unusable([item for item, bad in zip(batch, unusable, strict=True) if bad], len(batch))
             for item, row in zip(batch, outcome, strict=True):
                 item.request.deliver(item.index, row, ran)  # a failed request's rows are dropped
-        elif isinstance(outcome, ServerError):
-            if isinstance(outcome, InferenceFailed):
-                log.error("inference failed on a batch of %d: %s", len(batch), outcome)
-                m.inference_errors.labels(device).inc()
+            return False
+        if isinstance(outcome, ServerError):
             self._fail(batch, outcome)
-        else:
-            detail = outcome if isinstance(outcome, Exception) else first_line(outcome)  # SystemExit(3) says "3"
-            log.error("inference failed on a batch of %d: %s", len(batch), detail)
-            m.inference_errors.labels(device).inc()
-            self._fail(batch, InferenceFailed(f"inference failed: {detail}"))
+            if not isinstance(outcome, InferenceFailed):
+                return False
+            log.error("inference failed on a batch of %d: %s", len(batch), outcome)
+            return True
+        detail = outcome if isinstance(outcome, Exception) else first_line(outcome)  # SystemExit(3) says "3"
+        log.error("inference failed on a batch of %d: %s", len(batch), detail)
+        self._fail(batch, InferenceFailed(f"inference failed: {detail}"))
+        return True
 
     def _observe_batch(self, batch: list[WorkItem], formed: float) -> None:
         m = self._metrics

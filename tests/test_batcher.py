@@ -778,3 +778,22 @@ async def test_an_input_the_engine_fails_on_fails_its_own_request_not_its_batch_
     assert metrics.inference_errors.labels("cpu")._value.get() == 1  # the poisoned request's alone
     assert "inference failed on a batch of 4 texts from 3 requests" in caplog.text
     await batcher.drain()
+
+
+async def test_an_engine_that_fails_on_everything_is_not_rerun_for_every_request():
+    """The reruns after a failed shared batch are for an input the model fails on; an engine that fails whatever it
+    is given was called once more per request (9 calls for two batches of 8 requests), holding its worker, and the
+    errors metric counted each request where it counts engine batches."""
+    engine = RecordingEngine()
+    metrics = Metrics()
+    batcher, held = await holding_the_worker(engine, metrics)
+    engine.fail = RuntimeError("the device is gone")
+    waiting = [asyncio.ensure_future(batcher.submit([np.array([n])])) for n in (1, 2, 3, 4)]
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.wait([held, *waiting]), 30)
+    for request in (held, *waiting):
+        with pytest.raises(InferenceFailed, match="the device is gone"):
+            request.result()
+    assert engine.shapes[1:] == [(4, 1), (1, 1), (1, 1)]  # the batch, then two reruns that fail too: no more
+    assert metrics.inference_errors.labels("cpu")._value.get() == 2  # the held one's batch, and this one
+    await batcher.drain()
