@@ -231,6 +231,8 @@ class Artifact:
         otherwise (``sub/d0`` for ``sub/./d0``; ``check_external_data_listed`` compares them normalized)."""
         graph_name, *external = self.variant_files(variant)
         graph = self.read_verified(graph_name)
+        if not external:  # one file (the usual int8): nothing to look up, so no scan of the graph
+            return graph, {}
         spellings: dict[str, list[str]] = {}
         for location in sorted(external_data_locations_in(graph)):
             spellings.setdefault(os.path.normpath(location), []).append(location)

@@ -420,9 +420,8 @@ class Batcher:
         picked_up = time.perf_counter()
         outcome, unusable, engine_started, engine_ended = self._run(batch)
         parts: list[Part] = [(batch, outcome, unusable)]
-        if isinstance(outcome, Exception) and len({id(item.request) for item in batch}) > 1:
-            parts = self._per_request(batch, outcome)  # one request's text must not fail the others'
-            engine_ended = time.perf_counter()
+        if isinstance(outcome, Exception) and (reruns := self._per_request(batch, outcome)):
+            parts, engine_ended = reruns, time.perf_counter()  # one request's text must not fail the others'
         after = _follow_up(followed_up, batch, outcome) \
             if followed_up is not None and not isinstance(outcome, BaseException) and unusable is None else None
         ran = Ran(formed, picked_up, engine_started, engine_ended, time.perf_counter())
@@ -444,14 +443,17 @@ class Batcher:
         except BaseException as error:
             return error, None, started, time.perf_counter()
 
-    def _per_request(self, batch: list[WorkItem], error: Exception) -> list[Part]:
+    def _per_request(self, batch: list[WorkItem], error: Exception) -> list[Part] | None:
         """After an engine error on a batch shared by several requests: each request's texts run again on their own,
         so that an input the model fails on fails its own request only (a red team's tokenizer gave ids the model
         could not embed, and each text holding one failed its whole batch of other clients' texts). Two reruns in
-        a row that fail mean the engine fails whatever it is given: the rest are not run, and fail with ``error``."""
+        a row that fail mean the engine fails whatever it is given: the rest are not run, and fail with ``error``.
+        None for a batch of one request's texts: nothing to rerun."""
         by_request: dict[int, list[WorkItem]] = {}
         for item in batch:
             by_request.setdefault(id(item.request), []).append(item)
+        if len(by_request) == 1:
+            return None
         log.warning("inference failed on a batch of %d texts from %d requests (%s); each request's texts run again "
                     "on their own", len(batch), len(by_request), error)
         parts: list[Part] = []

@@ -150,8 +150,8 @@ class ModelRuntime:
 def check_predictions(engine: Engine, encoder: TextEncoder, artifact: Artifact) -> None:
     """The smoke probes (``ModelRuntime.smoke_test``) through ``engine``: ``ModelCheckFailed`` naming what is wrong."""
     where = artifact.directory
-    frame = len(encoder.encode([""])[0])  # the tokens the tokenizer adds to every text ([CLS] [SEP])
-    if frame >= artifact.max_length:  # every text would be cut to them, and all answered alike
+    frame = encoder.frame_tokens
+    if frame >= artifact.max_length:  # every text would be cut to them ([CLS] [SEP]), and all answered alike
         raise ModelCheckFailed(f"model {where}: max_sequence_length {artifact.max_length} in {MANIFEST} leaves no room "
                                f"for a text's own tokens (its tokenizer adds {frame} to every text); set it to what "
                                "the model was trained with")

@@ -27,6 +27,7 @@ class TextEncoder:
         self.max_length = max_length
         self.strict = strict
         self._empty_ids = self._tokenizer.encode("").ids  # the template's own tokens ([CLS] [SEP]): no text at all
+        self.frame_tokens = len(self._empty_ids)  # what the tokenizer adds to every text
         if strict:
             self._tokenizer.no_truncation()
         else:
