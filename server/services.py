@@ -96,6 +96,7 @@ class Services:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.keys.close()
         await self.store.close(max(self._time_left(), STORE_CLOSE_MIN_S))
+        self.predictor.close()
         self.gpu.close()
 
     def _time_left(self) -> float:

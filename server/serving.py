@@ -72,7 +72,7 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
         error = Draining("server is shutting down; retry on another replica")
         error.headers = {"Connection": "close"}
         raise error
-    texts = validated_texts(raw_texts, services)
+    texts = await services.predictor.text_work(raw_texts, validated_texts, raw_texts, services)
     started = time.perf_counter()
     runtime = services.predictor.runtime
     identity = runtime.identity

@@ -227,3 +227,33 @@ def test_openapi_lists_each_operations_errors_in_the_one_format(client):
     assert statuses["POST /predict"] >= {"200", "401", "403", "413", "415", "422", "500", "503"}
     assert statuses["DELETE /admin/keys/{key_id}"] == {"200", "401", "403", "404", "422", "500", "503"}
     assert set(operations["GET /feedback/export"]["responses"]["200"]["content"]) == {"text/tab-separated-values"}
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/predict", lambda text: {"texts": [text, "fine"]}),
+    ("/predict", lambda text: {"inputs": [[text], ["fine"]], "truncate": False}),  # TEI's refusal reads it too
+])
+def test_a_long_requests_texts_are_checked_on_the_text_thread_and_a_short_ones_on_the_loop(
+        make_settings, monkeypatch, path, body):
+    """Normalizing and checking texts ran on the event loop for any request; a long one's now run beside it."""
+    import threading
+
+    import server.serving
+    from server.predictor import LOOP_TEXT_CHARS
+
+    threads: dict[int, str] = {}
+    real = server.serving.normalize
+
+    def noting(text: str) -> str:
+        threads[len(text)] = threading.current_thread().name
+        return real(text)
+
+    monkeypatch.setattr(server.serving, "normalize", noting)
+    long_text = "word " * (LOOP_TEXT_CHARS // 5 + 1)
+    with TestClient(create_app(make_settings())) as client:
+        answered = client.post(path, json=body(long_text))
+        assert answered.status_code == (422 if "inputs" in body("") else 200), answered.text
+        on_long = threads.pop(len(long_text))
+        assert client.post(path, json=body("a short one")).status_code in (200, 422)
+    assert on_long.startswith("text-work")
+    assert not threads[len("a short one")].startswith("text-work")

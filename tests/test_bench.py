@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from scripts import bench_batch_effect, bench_onnx, bench_server
+from scripts import bench_batch_effect, bench_loop_stall, bench_onnx, bench_server
 from scripts.benchlib.inputs import fixed_length_batch
 from scripts.benchlib.offline import BenchConfig, cell_result, run_benchmark, time_runner
 from scripts.benchlib.serverproc import ROOT
@@ -202,3 +202,19 @@ def test_the_batch_effect_script_reports_what_batching_changed(tiny_artifact, tm
                           "changed (0.0%); probability moved by p50"), out
     moved = float(out.rsplit("max ", 1)[1])
     assert moved < 1e-4
+
+
+def test_the_loop_stall_script_probes_readiness_idle_and_under_large_bodies(tiny_artifact, data_file, capsys):
+    assert bench_loop_stall.main(["--artifact", str(tiny_artifact), "--data", str(data_file), "--texts", "3",
+                                  "--chars", "8000", "--clients", "2", "--seconds", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bodies: 2 clients x 3 texts x 8000 characters") and "answered {200: " in lines[0]
+    for phase, line in zip(("idle", "under the large bodies"), lines[1:], strict=True):
+        p50, p99, peak = (float(line.split(f"{name} ", 1)[1].split(" ms")[0]) for name in ("p50", "p99", "max"))
+        assert line.startswith(f"/ready {phase}: ") and 0 < p50 <= p99 <= peak, line
+
+
+def test_the_loop_stall_script_needs_data(capsys):
+    with pytest.raises(SystemExit):
+        bench_loop_stall.parse_args([])
+    assert "--data is required" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import unicodedata
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import pytest
 from server.batcher import Batcher
 from server.cache import PredictionCache
 from server.metrics import Metrics
-from server.predictor import GRAPHEME_JOINER, STREAM_SAFE_RUN, Predictor, normalize
+from server.predictor import GRAPHEME_JOINER, LOOP_TEXT_CHARS, STREAM_SAFE_RUN, Predictor, normalize
 from server.primitives import InputTooLong, ModelIdentity
 from server.runtime import ModelRuntime
 from tests.test_batcher import RecordingEngine
@@ -166,3 +167,60 @@ def test_normalization_is_nfc_and_stream_safe():
     # loop 1.27 s a text past the first version of this)
     for sign in ("\u0f73", "\u0f75", "\u0f81"):
         assert normalize("a" + sign * 100).count(GRAPHEME_JOINER) == 3, hex(ord(sign))
+
+
+class GatedEncoder:
+    """The runtime's encoder, noting the thread of each call; a call with more than ``LOOP_TEXT_CHARS`` characters
+    waits for ``gate`` first (bounded: on the loop, where nothing could open it, it fails the test late, not never)."""
+
+    def __init__(self, real) -> None:
+        self.real, self.threads = real, []
+        self.gate, self.waiting = threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def _call(self, method: str, texts: list[str]):
+        self.threads.append(threading.current_thread())
+        if sum(map(len, texts)) > LOOP_TEXT_CHARS:
+            self.waiting.set()
+            self.gate.wait(10)
+        return getattr(self.real, method)(texts)
+
+    def encode(self, texts: list[str]):
+        return self._call("encode", texts)
+
+    def encode_marking_truncation(self, texts: list[str]):
+        return self._call("encode_marking_truncation", texts)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_long_request_is_tokenized_off_the_loop_while_a_short_one_is_answered(make_settings, strict) -> None:
+    """A long request's tokenization held the loop (1 MB: 0.2-2 s with no other request or probe answered); it now
+    runs on the text thread, and a short request sent meanwhile is answered before it finishes."""
+    metrics = Metrics()
+    runtime = ModelRuntime.load(make_settings(strict_truncation=strict), metrics)
+    runtime.encoder = gated = GatedEncoder(runtime.encoder)
+    runtime.batcher.start()
+    predictor = Predictor(runtime, PredictionCache(0, metrics), metrics, low_confidence_threshold=0.6)
+    long_text = "word " * (LOOP_TEXT_CHARS // 5 + 1)
+    try:
+        long_one = asyncio.create_task(predictor.predict([long_text]))
+        while not gated.waiting.is_set():
+            await asyncio.sleep(0.01)
+        short = await asyncio.wait_for(predictor.predict(["fine"]), timeout=30)
+        assert not long_one.done(), "the long request was done first: it was tokenized on the loop"
+        gated.gate.set()
+        if strict:  # the long text is past the model's length: refused, as on the loop
+            with pytest.raises(InputTooLong, match="texts\\[0\\] has"):
+                await asyncio.wait_for(long_one, timeout=30)
+        else:
+            assert (await asyncio.wait_for(long_one, timeout=30))[0].truncated
+    finally:
+        gated.gate.set()
+        await runtime.batcher.drain()
+        predictor.close()
+    assert short[0].label in {"NEGATIVE", "POSITIVE"}
+    loop_thread = threading.current_thread()
+    assert gated.threads[0] is not loop_thread and gated.threads[0].name.startswith("text-work")
+    assert gated.threads[1:] == [loop_thread], "a short request is tokenized on the loop (no hand-off)"

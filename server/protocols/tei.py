@@ -177,21 +177,22 @@ async def answer(request: Request, api_key_id: str | None, inputs: str | list, t
     batched = isinstance(inputs, list) and isinstance(inputs[0], list)
     texts = [item[0] for item in inputs] if batched else [inputs[0] if isinstance(inputs, list) else inputs]
     if truncate is False or direction.lower() == "left":
-        refuse_truncation(services, texts, batched, "truncate is false" if truncate is False else
-                          "this server truncates on the right only (truncation_direction left)")
+        await refuse_truncation(services, texts, batched, "truncate is false" if truncate is False else
+                                "this server truncates on the right only (truncation_direction left)")
     classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id)
     ranked = [ranked_labels(p, top_k) for p in classified.predictions]
     return json_response(ranked if batched or nest_single else ranked[0], headers=timing_headers(
         classified, texts, started))
 
 
-def refuse_truncation(services: Services, texts: list[str], batched: bool, why: str) -> None:
+async def refuse_truncation(services: Services, texts: list[str], batched: bool, why: str) -> None:
     """``InputTooLong`` (422) for the first text the model would cut. With STRICT_TRUNCATION=true the predictor
     refuses such texts itself (nothing is ever cut), so they are not tokenized twice."""
     encoder = services.runtime.encoder
     if encoder.strict:
         return
-    _, cut = encoder.encode_marking_truncation(validated_texts(texts, services))
+    _, cut = await services.predictor.text_work(texts, lambda: encoder.encode_marking_truncation(
+        validated_texts(texts, services)))
     if any(cut):
         index = cut.index(True)
         where = f"inputs[{index}]" if batched else "inputs"
