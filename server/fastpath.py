@@ -70,7 +70,7 @@ class PredictFastPath:
         caller = Caller("POST", PATH, client[0] if client else "-")
         try:
             api_key_id = await authorize(services, "predict", credentials(scope["headers"]), caller)
-            answer = await classify(services, request.items(), request_id, api_key_id)
+            answer = await classify(services, request.items(), request_id, api_key_id, request.text_name())
         except ServerError as error:
             return await server_error_response(error)(scope, receive, send)
         body = orjson.dumps(predict_answer(answer, request_id))

@@ -5,7 +5,8 @@ request -> normalize -> cache (per text, single-flight) -> misses tokenized
 
 STRICT_TRUNCATION is judged per request, before the shared computation: a
 request's texts are tokenized up front and a text over the model's maximum
-length fails that request alone with a 422 naming its own ``texts[i]``. A
+length fails that request alone with a 422 naming it by its index in that request (``texts[i]``, or as the
+request's protocol spells it: ``inputs[i]``, ``instances[i]``). A
 text is therefore never refused inside a computation shared with other
 requests (which would fail them too, naming an index in someone else's list).
 Otherwise a text over the maximum length is cut to it, and its prediction
@@ -64,7 +65,7 @@ import numpy as np
 from server.batcher import OnWorker
 from server.cache import PredictionCache
 from server.metrics import Metrics
-from server.primitives import Prediction, StageTimings
+from server.primitives import TEXTS, Prediction, StageTimings, TextName
 from server.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,10 @@ class Predictor:
         log.info("model %s %s: labels %s, low-confidence threshold %.3f", runtime.identity.name,
                  runtime.identity.version, labels, series.threshold)
 
-    async def predict(self, texts: list[str], timeout: float | None = None,
-                      timings: StageTimings | None = None, on_worker: OnWorker | None = None) -> list[Prediction]:
-        """Predictions in input order; ``timings`` (when given) gets what this request computed itself.
+    async def predict(self, texts: list[str], timeout: float | None = None, timings: StageTimings | None = None,
+                      on_worker: OnWorker | None = None, name: TextName = TEXTS) -> list[Prediction]:
+        """Predictions in input order; ``timings`` (when given) gets what this request computed itself; a text
+        strict mode refuses is named by ``name``.
 
         ``on_worker`` (``Batcher.submit``) is passed on only when this request computes all of its texts itself,
         in its own order: no cache hit, no text shared with another request's computation, no repeated text; and
@@ -189,7 +191,7 @@ class Predictor:
         """
         runtime = self.runtime
         timings = timings if timings is not None else StageTimings()
-        encode = await self._strict_encoder(runtime, texts, timings) if runtime.encoder.strict else \
+        encode = await self._strict_encoder(runtime, texts, timings, name) if runtime.encoder.strict else \
             runtime.encoder.encode_marking_truncation
 
         follow_up = [on_worker]  # handed to the first computation only (docstring)
@@ -219,14 +221,16 @@ class Predictor:
         by_text = dict(zip(distinct, await compute(distinct), strict=True))
         return [by_text[text] for text in texts]
 
-    async def _strict_encoder(self, runtime: ModelRuntime, texts: list[str], timings: StageTimings) -> Encode:
-        """Tokenize the request's own texts now (InputTooLong names ``texts[i]`` of this request); misses reuse them.
+    async def _strict_encoder(self, runtime: ModelRuntime, texts: list[str], timings: StageTimings,
+                              name: TextName) -> Encode:
+        """Tokenize the request's own texts now (InputTooLong names the text by ``name``, its index in this request);
+        misses reuse them.
 
         The misses a computation gets are always some of the request's texts, so nothing is tokenized twice.
         Nothing is truncated in strict mode: a text over the maximum length was refused.
         """
         started = time.perf_counter()
-        ids_by_text = dict(zip(texts, await self.text_work(texts, runtime.encoder.encode, texts), strict=True))
+        ids_by_text = dict(zip(texts, await self.text_work(texts, runtime.encoder.encode, texts, name), strict=True))
         timings.tokenization += time.perf_counter() - started
         return lambda misses: ([ids_by_text[text] for text in misses], [False] * len(misses))
 

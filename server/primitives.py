@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -106,6 +107,22 @@ class ServerError(Exception):
 
 class PayloadTooLarge(ServerError):
     status_code = 413
+
+
+TextName = Callable[[int], str]  # how an error names a request's i-th text, spelled as the client's body spells it
+
+
+def in_list(field: str) -> TextName:
+    """``field[i]``: texts sent as a list (``texts``, TEI's ``inputs``, KServe's ``instances``, OIP's ``text``)."""
+    return lambda index: f"{field}[{index}]"
+
+
+def alone(field: str) -> TextName:
+    """``field``: one text sent on its own (``text``, TEI's ``inputs`` as a string)."""
+    return lambda index: field
+
+
+TEXTS = in_list("texts")
 
 
 def too_many_texts(count: int, limit: int) -> PayloadTooLarge:

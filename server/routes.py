@@ -27,7 +27,7 @@ async def predict(body: PredictRequest, request: Request, api_key_id: str | None
     if body.inputs is not None:
         return await tei.predict_tei(body, request, api_key_id)
     request_id = request.scope["state"]["request_id"]
-    answer = await classify(services_of(request), body.items(), request_id, api_key_id)
+    answer = await classify(services_of(request), body.items(), request_id, api_key_id, body.text_name())
     return json_response(predict_answer(answer, request_id))
 
 

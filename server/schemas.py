@@ -25,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from server.primitives import too_many_texts
+from server.primitives import TextName, alone, in_list, too_many_texts
 
 
 def unicode_scalars_only(value: str) -> str:
@@ -237,6 +237,10 @@ class PredictRequest(ClosedBody):
 
     def items(self) -> list[str]:
         return [self.text] if self.text is not None else list(self.texts or [])
+
+    def text_name(self) -> TextName:
+        """How errors name a text: ``text`` or ``texts[i]``, as this body sent it."""
+        return alone("text") if self.text is not None else in_list("texts")
 
 
 class PredictionOut(BaseModel):

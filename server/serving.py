@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 from server.predictor import normalize
 from server.primitives import (
+    TEXTS,
     Draining,
     ModelIdentity,
     PayloadTooLarge,
     Prediction,
     ServerError,
     StageTimings,
+    TextName,
     too_many_texts,
 )
 from server.records import RecordContext, RecordKeys, WorkerRecords, prediction_records
@@ -43,8 +45,9 @@ class Classified:
     timings: StageTimings  # what this request computed itself: tokenization, queue, engine, tokens
 
 
-def validated_texts(raw: list[str], services: Services) -> list[str]:
-    """Normalized texts within the request limits; ``texts[i]`` in messages is the caller's own index."""
+def validated_texts(raw: list[str], services: Services, name: TextName = TEXTS) -> list[str]:
+    """Normalized texts within the request limits; messages name a text by ``name`` (its index in the request, in
+    the request's own spelling)."""
     settings = services.settings
     if len(raw) > settings.max_texts_per_request:
         raise too_many_texts(len(raw), settings.max_texts_per_request)
@@ -52,27 +55,28 @@ def validated_texts(raw: list[str], services: Services) -> list[str]:
     texts = []
     for index, text in enumerate(raw):
         if len(text) > settings.max_text_chars:
-            raise PayloadTooLarge(f"texts[{index}] has {len(text)} characters; at most {settings.max_text_chars} "
+            raise PayloadTooLarge(f"{name(index)} has {len(text)} characters; at most {settings.max_text_chars} "
                                   "(MAX_TEXT_CHARS)")
         clean = normalize(text)
         if not clean:
-            raise EmptyText(f"texts[{index}] is empty or only whitespace; send some text to classify")
+            raise EmptyText(f"{name(index)} is empty or only whitespace; send some text to classify")
         if encoder.reads_nothing(clean):  # else answered as the model's guess for no text at all, and recorded
-            raise EmptyText(f"texts[{index}] holds no character the model reads (only control, formatting or "
+            raise EmptyText(f"{name(index)} holds no character the model reads (only control, formatting or "
                             "zero-width characters); send some text to classify")
         texts.append(clean)
     return texts
 
 
 async def classify(services: Services, raw_texts: list[str], request_id: str,
-                   api_key_id: str | None) -> Classified:
-    """Admit, predict and record ``raw_texts``; raises ``ServerError`` with the status to answer."""
+                   api_key_id: str | None, name: TextName = TEXTS) -> Classified:
+    """Admit, predict and record ``raw_texts``; raises ``ServerError`` with the status to answer, naming a text
+    by ``name``."""
     if services.draining:
         services.metrics.rejected.labels("draining").inc()
         error = Draining("server is shutting down; retry on another replica")
         error.headers = {"Connection": "close"}
         raise error
-    texts = await services.predictor.text_work(raw_texts, validated_texts, raw_texts, services)
+    texts = await services.predictor.text_work(raw_texts, validated_texts, raw_texts, services, name)
     started = time.perf_counter()
     runtime = services.predictor.runtime
     identity = runtime.identity
@@ -82,7 +86,7 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
     keys = RecordKeys.of(texts) if settings.store_predictions else None
     on_worker = WorkerRecords(store, texts, runtime.labels(), started, context, keys) \
         if keys is not None and store.ack else None
-    predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker)
+    predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker, name=name)
     compute_ms = (time.perf_counter() - started - (on_worker.recording_s if on_worker else 0.0)) * 1000
     ids: list[str | None] = [None] * len(predictions)
     if settings.store_predictions:

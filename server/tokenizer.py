@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from server.primitives import InputTooLong
+from server.primitives import TEXTS, InputTooLong, TextName
 
 
 class TextEncoder:
@@ -47,15 +47,16 @@ class TextEncoder:
             return False
         return self._tokenizer.encode(text).ids == self._empty_ids
 
-    def encode(self, texts: list[str]) -> list[np.ndarray]:
+    def encode(self, texts: list[str], name: TextName = TEXTS) -> list[np.ndarray]:
         """Token ids per text (int64, unpadded, special tokens included).
 
-        Strict mode: ``InputTooLong`` names ``texts[i]`` by its index in the list given, so pass one request's
-        own texts (``Predictor.predict`` does, before any computation shared with other requests).
+        Strict mode: ``InputTooLong`` names a text by ``name`` of its index in the list given, so pass one
+        request's own texts (``Predictor.predict`` does, before any computation shared with other requests).
         """
-        return self.encode_marking_truncation(texts)[0]
+        return self.encode_marking_truncation(texts, name)[0]
 
-    def encode_marking_truncation(self, texts: list[str]) -> tuple[list[np.ndarray], list[bool]]:
+    def encode_marking_truncation(self, texts: list[str], name: TextName = TEXTS) -> tuple[list[np.ndarray],
+                                                                                            list[bool]]:
         """``encode`` and, per text, whether it was cut at ``max_length`` (never in strict mode: it refuses)."""
         encodings = self._encodings(texts)
         ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
@@ -65,7 +66,7 @@ class TextEncoder:
             for index, row in enumerate(ids):
                 if len(row) > self.max_length:
                     raise InputTooLong(
-                        f"texts[{index}] has {len(row)} tokens; the model accepts at most {self.max_length} "
+                        f"{name(index)} has {len(row)} tokens; the model accepts at most {self.max_length} "
                         "(shorten it, or run the server with STRICT_TRUNCATION=false to truncate)"
                     )
         return ids, truncated

@@ -27,6 +27,7 @@ from scripts.benchlib.databases import postgres_database, sqlite_database
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
 from server.app import create_app
 from server.primitives import PayloadTooLarge
+from server.protocols.oip_model import ALIAS
 
 MAX_REQUEST_BYTES = 64 * 1024
 JSON = {"content-type": "application/json"}
@@ -96,6 +97,24 @@ def test_a_lone_surrogate_is_422_naming_the_text(server):
     assert server.rejected("invalid") == before + 2
     paired = httpx.post(server.url + "/predict", content=b'{"text": "\\ud83d\\ude00 great"}', headers=JSON, timeout=30)
     assert paired.status_code == 200  # a surrogate pair is one character (U+1F600)
+
+
+V2_PATH = f"/v2/models/{ALIAS}/infer"
+
+
+@pytest.mark.parametrize("path, body, named", [
+    ("/predict", {"text": " "}, "text is empty"),
+    ("/predict", {"texts": ["a", "\u200b"]}, "texts[1] holds no character the model reads"),
+    ("/predict", {"inputs": "x" * 20_001}, "inputs has 20001 characters"),
+    ("/predict", {"inputs": [["a"], [" "]]}, "inputs[1] is empty"),
+    (f"/v1/models/{ALIAS}:predict", {"instances": ["a", "b", "\u200b"]}, "instances[2] holds no character"),
+    (V2_PATH, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a", " "]}]},
+     "text[1] is empty"),
+])
+def test_a_refused_text_is_named_as_its_protocol_spells_it(server, path, body, named):
+    """Every protocol's refusals named the text ``texts[i]``, /predict's spelling, whatever the client had sent."""
+    answer = httpx.post(server.url + path, json=body, timeout=30)
+    assert answer.status_code in (400, 413, 422) and named in answer.json()["error"], answer.text
 
 
 def test_a_lone_surrogate_in_a_reload_path_is_422(server):

@@ -180,18 +180,18 @@ class GatedEncoder:
     def __getattr__(self, name: str):
         return getattr(self.real, name)
 
-    def _call(self, method: str, texts: list[str]):
+    def _call(self, method: str, texts: list[str], *rest):
         self.threads.append(threading.current_thread())
         if sum(map(len, texts)) > LOOP_TEXT_CHARS:
             self.waiting.set()
             self.gate.wait(10)
-        return getattr(self.real, method)(texts)
+        return getattr(self.real, method)(texts, *rest)
 
-    def encode(self, texts: list[str]):
-        return self._call("encode", texts)
+    def encode(self, texts: list[str], *rest):
+        return self._call("encode", texts, *rest)
 
-    def encode_marking_truncation(self, texts: list[str]):
-        return self._call("encode_marking_truncation", texts)
+    def encode_marking_truncation(self, texts: list[str], *rest):
+        return self._call("encode_marking_truncation", texts, *rest)
 
 
 @pytest.mark.parametrize("strict", [False, True])

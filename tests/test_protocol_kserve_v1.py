@@ -71,7 +71,7 @@ def test_predict_agrees_with_the_native_api_in_input_order_and_is_recorded(serve
     ("other", {"instances": ["a"]}, 404, "model 'other' is not served here"),
     (ALIAS, {"instances": []}, 422, "instances: List should have at least 1 item"),
     (ALIAS, {"instances": ["a", 5]}, 422, "instances[1]: Input should be a valid string"),
-    (ALIAS, {"instances": ["a", " "]}, 422, "texts[1] is empty"),
+    (ALIAS, {"instances": ["a", " "]}, 422, "instances[1] is empty"),
     (ALIAS, {"instances": ["\ud800"]}, 422, "unpaired surrogate"),
     (ALIAS, {"inputs": ["a"]}, 422, "inputs: Extra inputs are not permitted"),
     (ALIAS, {"instances": ["a"] * 9}, 413, "MAX_TEXTS_PER_REQUEST"),

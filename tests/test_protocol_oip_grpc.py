@@ -142,6 +142,8 @@ def test_errors_carry_status_message_and_type(served, client):
                  "no model named 'nope'")
     expect_error(lambda: client.infer("sentiment", [text_input([" "])]), grpc.StatusCode.INVALID_ARGUMENT,
                  "empty or only whitespace")
+    expect_error(lambda: client.infer("sentiment", [text_input(["a", "x" * 20_001])]), grpc.StatusCode.INVALID_ARGUMENT,
+                 "text[1] has 20001 characters")  # named as the request's input, not as /predict's texts[1]
     column = triton.InferInput("text", [1, 1], "BYTES")
     column.set_data_from_numpy(np.array([["x"]], dtype=object))
     expect_error(lambda: client.infer("sentiment", [column]), grpc.StatusCode.INVALID_ARGUMENT, "shape [1, 1]")

@@ -173,7 +173,7 @@ def test_a_request_answered_from_the_cache_computed_nothing(server):
     ({"inputs": []}, "must be a string, or a batch"),
     ({"inputs": [["a"], "b"]}, "[1] is not a list of one string"),
     ({"inputs": [["a"], ["\ud800"]]}, "[1][0] contains an unpaired surrogate (U+D800)"),
-    ({"inputs": [["a"], ["  "]]}, "texts[1] is empty"),
+    ({"inputs": [["a"], ["  "]]}, "inputs[1] is empty"),
     ({"inputs": "a", "raw_scores": True}, "raw_scores: true is not supported"),
     ({"inputs": "a", "truncation_direction": "middle"}, "truncation_direction"),
     ({"inputs": "a", "truncate": "yes"}, "truncate: Input should be a valid boolean"),

@@ -22,7 +22,7 @@ from starlette.convertors import StringConvertor, register_url_convertor
 
 from server.auth import require_role
 from server.http import error_responses, json_response
-from server.primitives import Draining
+from server.primitives import Draining, in_list
 from server.protocols.oip_model import ALIAS, ModelNotFound
 from server.schemas import ClosedBody, Texts
 from server.services import Services
@@ -109,7 +109,8 @@ async def model_ready(name: str, request: Request) -> Response:
 async def predict(name: str, body: ModelInstances, request: Request,
                   api_key_id: str | None = Depends(require_role("predict"))) -> Response:
     services = services_for(request, name)
-    classified = await classify(services, body.instances, request.scope["state"]["request_id"], api_key_id)
+    classified = await classify(services, body.instances, request.scope["state"]["request_id"], api_key_id,
+                                in_list("instances"))
     return json_response({"predictions": [
         {"label": p.label, "score": p.score, "probabilities": p.probabilities, "id": record_id}
         for p, record_id in zip(classified.predictions, classified.ids, strict=True)

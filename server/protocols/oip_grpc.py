@@ -77,8 +77,9 @@ from server.auth import Caller, authorize, client_for_log
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
-from server.primitives import Draining, ServerError, request_id_from
+from server.primitives import Draining, ServerError, in_list, request_id_from
 from server.protocols.oip_model import (
+    INPUT,
     InputTensor,
     InvalidInferRequest,
     ModelNotFound,
@@ -297,7 +298,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         resolve(services, request.model_name, request.model_version)
         texts = texts_of(input_tensors(request), services.settings.max_texts_per_request)
         outputs = wanted_outputs(request)
-        classified = await classify(services, texts, call.request_id, api_key_id)
+        classified = await classify(services, texts, call.request_id, api_key_id, in_list(INPUT))
         answered_as_asked(classified.identity, request.model_name, request.model_version)
         response = pb.ModelInferResponse(model_name=classified.identity.name,
                                          model_version=classified.identity.version, id=request.id)

@@ -34,6 +34,7 @@ from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
 from server.http import byte_count, error_response, error_responses, json_response, location
+from server.primitives import in_list
 from server.protocols.oip_model import (
     ALIAS,
     INPUT,
@@ -314,7 +315,7 @@ async def infer_on(request: Request, name: str, version: str | None, api_key_id:
     texts = texts_of(inputs, services.settings.max_texts_per_request)
     binary.check_consumed()
     outputs = planned_outputs(parsed)
-    classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id)
+    classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id, in_list(INPUT))
     answered_as_asked(classified.identity, name, version)
     return infer_response(classified, parsed.id, outputs)
 

@@ -38,7 +38,7 @@ from pydantic_core import PydanticCustomError
 from server import __version__
 from server.auth import require_role
 from server.http import json_response
-from server.primitives import InputTooLong, Prediction
+from server.primitives import InputTooLong, Prediction, TextName, alone, in_list
 from server.schemas import ClosedBody, PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
 from server.services import Services
 from server.serving import Classified, classify, validated_texts
@@ -176,29 +176,28 @@ async def answer(request: Request, api_key_id: str | None, inputs: str | list, t
     services: Services = request.app.state.services
     batched = isinstance(inputs, list) and isinstance(inputs[0], list)
     texts = [item[0] for item in inputs] if batched else [inputs[0] if isinstance(inputs, list) else inputs]
+    name = in_list("inputs") if batched else alone("inputs")
     if truncate is False or direction.lower() == "left":
-        await refuse_truncation(services, texts, batched, "truncate is false" if truncate is False else
+        await refuse_truncation(services, texts, name, "truncate is false" if truncate is False else
                                 "this server truncates on the right only (truncation_direction left)")
-    classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id)
+    classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id, name)
     ranked = [ranked_labels(p, top_k) for p in classified.predictions]
     return json_response(ranked if batched or nest_single else ranked[0], headers=timing_headers(
         classified, texts, started))
 
 
-async def refuse_truncation(services: Services, texts: list[str], batched: bool, why: str) -> None:
+async def refuse_truncation(services: Services, texts: list[str], name: TextName, why: str) -> None:
     """``InputTooLong`` (422) for the first text the model would cut. With STRICT_TRUNCATION=true the predictor
     refuses such texts itself (nothing is ever cut), so they are not tokenized twice."""
     encoder = services.runtime.encoder
     if encoder.strict:
         return
     _, cut = await services.predictor.text_work(texts, lambda: encoder.encode_marking_truncation(
-        validated_texts(texts, services)))
+        validated_texts(texts, services, name)))
     if any(cut):
-        index = cut.index(True)
-        where = f"inputs[{index}]" if batched else "inputs"
-        raise InputTooLong(f"{where} is longer than the model's {encoder.max_length} tokens and {why}: shorten it, or "
-                           "send truncate true and truncation_direction right to classify its first "
-                           f"{encoder.max_length} tokens")
+        raise InputTooLong(f"{name(cut.index(True))} is longer than the model's {encoder.max_length} tokens and "
+                           f"{why}: shorten it, or send truncate true and truncation_direction right to classify "
+                           f"its first {encoder.max_length} tokens")
 
 
 def ranked_labels(prediction: Prediction, top_k: int | None) -> list[dict[str, float | str]]:
