@@ -268,9 +268,19 @@ class PredictResponse(BaseModel):
     request_id: str | None = None
 
 
+def a_path(value: str) -> str:
+    """An empty ``model_path`` names no artifact (it once reloaded MODEL_PATH silently); pydantic's own words for it
+    were "at least 1 character", which does not say what to send."""
+    if not value:
+        raise PydanticCustomError("empty_path", "is empty, which names no artifact: give the artifact's directory, "
+                                  "or leave model_path out (or null) to reload the configured MODEL_PATH")
+    return value
+
+
 class ReloadRequest(ClosedBody):
-    model_path: UnicodeText | None = Field(None, min_length=1, description="artifact directory; default (absent "
-                                                                          "or null): the configured MODEL_PATH")
+    model_path: Annotated[UnicodeText, AfterValidator(a_path)] | None = Field(
+        None, json_schema_extra={"minLength": 1},
+        description="artifact directory; default (absent or null): the configured MODEL_PATH")
 
 
 class ErrorResponse(BaseModel):

@@ -309,7 +309,9 @@ def test_reloads_queued_when_the_drain_begins_load_nothing(make_settings, monkey
 
 def test_an_empty_model_path_is_refused_not_read_as_the_configured_one(admin_server):
     response = admin_server.client.post("/admin/reload", json={"model_path": ""})
-    assert response.status_code == 422 and "model_path" in response.json()["error"], response.text
+    assert response.status_code == 422, response.text
+    assert response.json()["error"].startswith("invalid request: model_path: is empty, which names no artifact: "
+                                               "give the artifact's directory, or leave model_path out"), response.text
 
 
 def test_a_failed_reload_gives_back_the_memory_its_load_took(admin_server, tiny_artifact, tmp_path):
