@@ -179,6 +179,8 @@ def one_text(**extra) -> dict:
      "more than the 1 elements its shape says"),
     (one_text(data=["a"]), b"junk", "4 bytes after the inference header belong to no input"),
     (one_text(data=["a"], parameters={"binary_data_size": 5}), b"\x01\x00\x00\x00a", "both 'data' and"),
+    ({"inputs": [{"name": "text", "datatype": "INT32", "shape": [2], "data": [1, 2]}]}, None,
+     "input 'text' has datatype 'INT32'; send one input named 'text', datatype BYTES"),  # gRPC's words, not pydantic's
 ])
 def test_malformed_requests_are_400_saying_what_to_fix(server, header, binary, fragment):
     encoded = header if isinstance(header, bytes) else json.dumps(header).encode()

@@ -140,7 +140,7 @@ def texts_of(inputs: list[InputTensor], max_texts: int) -> list[str]:
         raise InvalidInferRequest(f"input {INPUT!r} is sent {len(inputs)} times; {SHAPE_HINT}")
     tensor = inputs[0]
     if tensor.datatype != "BYTES":
-        raise InvalidInferRequest(f"input {INPUT!r} has datatype {tensor.datatype[:20]!r}; {SHAPE_HINT}")
+        raise wrong_datatype(tensor.datatype)
     if len(tensor.shape) != 1 or tensor.shape[0] < 1:
         raise InvalidInferRequest(f"input {INPUT!r} has shape {tensor.shape[:8]}; {SHAPE_HINT}, N >= 1")
     if tensor.shape[0] > max_texts:
@@ -151,6 +151,10 @@ def texts_of(inputs: list[InputTensor], max_texts: int) -> list[str]:
         raise InvalidInferRequest(f"input {INPUT!r} has shape [{tensor.shape[0]}] but {len(elements)} elements; the "
                                   "shape must count the texts sent")
     return [element if isinstance(element, str) else utf8(element, index) for index, element in enumerate(elements)]
+
+
+def wrong_datatype(datatype: str) -> InvalidInferRequest:
+    return InvalidInferRequest(f"input {INPUT!r} has datatype {datatype[:20]!r}; {SHAPE_HINT}")
 
 
 def utf8(element: bytes, index: int) -> str:

@@ -49,6 +49,7 @@ from server.protocols.oip_model import (
     resolve,
     server_metadata,
     texts_of,
+    wrong_datatype,
 )
 from server.schemas import at_most_max_texts
 from server.services import Services
@@ -363,9 +364,26 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
     try:
         parsed = InferRequest.model_validate(document)
     except ValidationError as error:
+        datatype = datatype_at_fault(document, error)
+        if datatype is not None:
+            raise wrong_datatype(datatype) from None
         problems = [f"{location(e['loc'])}: {e['msg']}" for e in error.errors()[:5]]
         raise InvalidInferRequest("invalid inference request: " + "; ".join(problems)) from None
     return parsed, BinarySection(view[size:])
+
+
+def datatype_at_fault(document: dict, error: ValidationError) -> str | None:
+    """The datatype of an input whose ``data`` the request model refused, when it is not BYTES: numbers sent as
+    INT32 are refused for that, as over gRPC, not as "Input should be a valid string" once per element."""
+    inputs = document.get("inputs")
+    for problem in error.errors():
+        where = problem["loc"]
+        if len(where) > 2 and where[0] == "inputs" and where[2] == "data" and isinstance(inputs, list) \
+                and isinstance(where[1], int) and where[1] < len(inputs) and isinstance(inputs[where[1]], dict):
+            datatype = inputs[where[1]].get("datatype")
+            if isinstance(datatype, str) and datatype != "BYTES":
+                return datatype
+    return None
 
 
 def not_json(header: memoryview, error: orjson.JSONDecodeError) -> str:
