@@ -331,8 +331,12 @@ def spool_replay(args: argparse.Namespace) -> int:
     def run(directory: Path, sink: DatabaseSink) -> ReplayReport:
         report = replay_spool(directory, sink)
         gone = "; the directory was empty and is removed" if report.removed else ""
-        print(f"replayed {report.rows} predictions from {directory}: {written(report)}, {report.rejected} "
-              f"refused (kept in {directory / 'rejected.jsonl'}){gone}")
+        records = report.rows - report.damaged
+        damaged = f" and {report.damaged} damaged lines that are not records" if report.damaged else ""
+        refused = f"{report.rejected - report.damaged} refused" + (
+            f", {report.damaged} damaged lines" if report.damaged else "")
+        print(f"replayed {records} predictions{damaged} from {directory}: {written(report)}, {refused} "
+              f"(kept in {directory / 'rejected.jsonl'}){gone}")
         return report
 
     return _spool_command(args, run)
@@ -349,10 +353,12 @@ def spool_replay_rejected(args: argparse.Namespace) -> int:
 
 
 def written(report: ReplayReport) -> str:
-    """What a replay wrote, and how many of those rows the database held already (each is there once)."""
+    """What a replay wrote, and how many of those rows the database held already (each is there once): a row offered
+    again, or repeated in the spool (a record's id sent twice), is not inserted twice."""
     if not report.already:
         return f"{report.written} written"
-    return f"{report.written - report.already} written, {report.already} already in the database"
+    return (f"{report.written - report.already} written, {report.already} already in the database or repeated in "
+            "the spool")
 
 
 def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink], ReplayReport]) -> int:

@@ -275,7 +275,28 @@ def test_a_replay_counts_rows_the_database_already_holds_apart_from_those_it_wro
     assert "replayed 15 predictions from" in capsys.readouterr().out
     leave_spool(tmp_path / "again", store_db.url, records)
     assert run_cli("spool", "replay", "--spool-dir", str(tmp_path / "again")) == 0
-    assert ": 5 written, 15 already in the database, 0 refused" in capsys.readouterr().out
+    assert ": 5 written, 15 already in the database or repeated in the spool, 0 refused" in capsys.readouterr().out
+    assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
+
+
+def test_a_replay_reports_damaged_lines_and_a_repeated_record_as_what_they_are(store_db, tmp_path, monkeypatch,
+                                                                              capsys):
+    """A damaged line was counted among the predictions replayed and refused, and a record repeated in the spool as
+    one the database held already."""
+    records = [make_record(f"t{i}") for i in range(2)]
+    migrated(store_db.url)
+    monkeypatch.setenv("DATABASE_URL", store_db.url)
+    leave_spool(tmp_path / "spool", store_db.url, records)
+    wal = WriteAheadLog(tmp_path / "spool", 1 << 30)
+    wal.open()
+    wal.append(b"\x00garbage, not a record\n")
+    wal.append(encode_lines([record_row(records[0], True)]))
+    wal.close()
+    assert run_cli("spool", "replay", "--spool-dir", str(tmp_path / "spool")) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("replayed 3 predictions and 1 damaged lines that are not records from "), out
+    assert ": 2 written, 1 already in the database or repeated in the spool, 0 refused, 1 damaged lines (kept in " \
+           in out, out
     assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
 
 

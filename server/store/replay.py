@@ -31,10 +31,11 @@ CHUNK_ROWS = 1000
 
 @dataclass
 class ReplayReport:
-    rows: int = 0  # records read from the spool
+    rows: int = 0  # lines read from the spool (records, and damaged lines that are not)
     written: int = 0  # of those, in the database now (inserted, or already there)
     already: int = 0  # of ``written``, already in the database (offered again: not inserted twice)
     rejected: int = 0  # refused for their content, now in rejected.jsonl
+    damaged: int = 0  # of ``rejected``, lines that are not records at all (damaged on disk)
     removed: bool = False  # the (foreign) directory was removed, being empty
 
 
@@ -58,6 +59,7 @@ def replay_spool(directory: Path, sink: DatabaseSink, progress: Callable[[int, i
             report.written += outcome.written
             report.already += outcome.already
             report.rejected += outcome.rejected
+            report.damaged += outcome.damaged
             if progress:
                 progress(report.rows, total)
         wal.close()

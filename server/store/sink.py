@@ -58,6 +58,7 @@ class WriteOutcome:
     written: int = 0  # in the database now: inserted, or there already (offered again: a replay after a crash)
     refused: list[dict[str, Any]] = field(default_factory=list)  # rejected.jsonl entries: {"error", "row"|"line"}
     already: int = 0  # of ``written``, rows the database held already (counted by a sink asked to)
+    damaged: int = 0  # of ``refused``, spool lines that are not records at all (``write_lines``)
 
     @property
     def rejected(self) -> int:
@@ -67,6 +68,7 @@ class WriteOutcome:
         self.written += other.written
         self.refused.extend(other.refused)
         self.already += other.already
+        self.damaged += other.damaged
 
 
 class DatabaseSink:
@@ -114,6 +116,7 @@ class DatabaseSink:
         if unreadable:
             self.rejected.append(unreadable)
             outcome.refused.extend(unreadable)
+            outcome.damaged = len(unreadable)
         return outcome
 
     def write(self, rows: list[dict[str, Any]], *, set_aside: bool = True) -> WriteOutcome:
