@@ -83,6 +83,7 @@ from server.primitives import (
     DeadlineExceeded,
     Draining,
     InferenceFailed,
+    InputFailed,
     ModelOutputInvalid,
     Overloaded,
     ServerError,
@@ -448,20 +449,28 @@ class Batcher:
         so that an input the model fails on fails its own request only (a red team's tokenizer gave ids the model
         could not embed, and each text holding one failed its whole batch of other clients' texts). Two reruns in
         a row that fail mean the engine fails whatever it is given: the rest are not run, and fail with ``error``.
-        None for a batch of one request's texts: nothing to rerun."""
+        A request whose own run fails while another's is answered fails with ``InputFailed`` (500, no Retry-After:
+        its input is at fault). None for a batch of one request's texts: nothing to rerun."""
         by_request: dict[int, list[WorkItem]] = {}
         for item in batch:
             by_request.setdefault(id(item.request), []).append(item)
         if len(by_request) == 1:
             return None
-        log.warning("inference failed on a batch of %d texts from %d requests (%s); each request's texts run again "
-                    "on their own", len(batch), len(by_request), error)
+        self._throttle.log("rerun", logging.WARNING, "inference failed on a batch of %d texts from %d requests (%s); "
+                           "each request's texts run again on their own", len(batch), len(by_request), error)
         parts: list[Part] = []
+        failed_alone: list[int] = []  # the parts whose own run the engine failed
         failed_in_a_row = 0
         for items in by_request.values():
             outcome, unusable = self._run(items)[:2] if failed_in_a_row < 2 else (error, None)
             failed_in_a_row = failed_in_a_row + 1 if isinstance(outcome, BaseException) else 0
+            if _engine_fault(outcome) and outcome is not error:
+                failed_alone.append(len(parts))
             parts.append((items, outcome, unusable))
+        if any(isinstance(outcome, np.ndarray) for _, outcome, _ in parts):  # others were answered: these inputs
+            for index in failed_alone:  # are at fault (``InputFailed``)
+                items, outcome, unusable = parts[index]
+                parts[index] = (items, _input_failed(outcome), unusable)
         return parts
 
     def _finish(self, worker: int, parts: list[Part], ran: Ran, followed_up: bool,
@@ -493,10 +502,12 @@ class Batcher:
             self._fail(batch, outcome)
             if not isinstance(outcome, InferenceFailed):
                 return False
-            log.error("inference failed on a batch of %d: %s", len(batch), outcome)
+            self._throttle.log(type(outcome).__name__, logging.ERROR, "inference failed on a batch of %d: %s",
+                               len(batch), outcome)
             return True
         detail = outcome if isinstance(outcome, Exception) else first_line(outcome)  # SystemExit(3) says "3"
-        log.error("inference failed on a batch of %d: %s", len(batch), detail)
+        self._throttle.log("InferenceFailed", logging.ERROR, "inference failed on a batch of %d: %s", len(batch),
+                           detail)
         self._fail(batch, InferenceFailed(f"inference failed: {detail}"))
         return True
 
@@ -535,6 +546,19 @@ def unusable_rows(probabilities: np.ndarray) -> np.ndarray | None:
     usual case, one check of the whole batch)."""
     finite = np.isfinite(probabilities)
     return None if finite.all() else ~finite.all(axis=1)
+
+
+def _engine_fault(outcome: np.ndarray | BaseException) -> bool:
+    """Whether an engine call's outcome is its own failure (an exception, or the ``InferenceFailed`` the engine's
+    wrapper makes of one), not a result or an error with a meaning of its own."""
+    return isinstance(outcome, Exception) and (not isinstance(outcome, ServerError) or type(outcome) is InferenceFailed)
+
+
+def _input_failed(error: Exception) -> InputFailed:
+    """A rerun's failure, when the other requests of its batch were answered (``InputFailed``)."""
+    detail = error.message if isinstance(error, ServerError) else f"inference failed: {error}"
+    return InputFailed(f"{detail}; the other requests of its batch were answered, so the fault is in this request's "
+                       "texts, and sending them again fails again")
 
 
 def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarray) -> Callable[[], None] | None:

@@ -161,6 +161,17 @@ class InferenceFailed(ServerError):
     retry_after = 1.0
 
 
+class InputFailed(InferenceFailed):
+    """The engine failed on one request's texts run on their own, while the other requests of their batch were
+    answered (``Batcher._per_request``): the input is at fault (an id the model cannot embed, a text that needs
+    more memory than there is), and sending it again fails again. A 500 without Retry-After, which invited the
+    client to retry; the batcher logs it (throttled), not each request."""
+
+    status_code = 500
+    retry_after = None
+    logged_where_raised = True
+
+
 class ModelOutputInvalid(ServerError):
     """The model gave NaN or infinite scores for a text (fp16 overflow, damaged weights): no answer to give, and
     retrying the same text gets the same. A 500, counted as an inference error, never cached or recorded."""

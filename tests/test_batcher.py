@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import random
 import threading
 import time
@@ -18,7 +19,15 @@ from hypothesis import strategies as st
 from server.batcher import Batcher, WorkItem, select_batch
 from server.config import load_settings
 from server.metrics import Metrics
-from server.primitives import DeadlineExceeded, Draining, InferenceFailed, ModelOutputInvalid, Overloaded, StageTimings
+from server.primitives import (
+    DeadlineExceeded,
+    Draining,
+    InferenceFailed,
+    InputFailed,
+    ModelOutputInvalid,
+    Overloaded,
+    StageTimings,
+)
 
 
 class RecordingEngine:
@@ -770,13 +779,32 @@ async def test_an_input_the_engine_fails_on_fails_its_own_request_not_its_batch_
     others = [asyncio.ensure_future(batcher.submit([np.array([n])])) for n in (3, 4)]
     engine.gate.set()
     await asyncio.wait_for(asyncio.wait([held, poisoned, *others]), 30)
-    with pytest.raises(InferenceFailed, match="idx=99"):
+    with pytest.raises(InputFailed, match="idx=99.*the fault is in this request's texts") as failed:
         poisoned.result()
+    assert failed.value.status_code == 500 and failed.value.retry_after is None  # a retry would fail the same
     for n, other in zip((3, 4), others, strict=True):
         np.testing.assert_allclose(other.result()[0], expected_probabilities(np.array([n])), rtol=1e-6)
     assert sorted(engine.shapes) == sorted([(1, 1), (4, 1), (2, 1), (1, 1), (1, 1)])  # the batch, then each request
     assert metrics.inference_errors.labels("cpu")._value.get() == 1  # the poisoned request's alone
     assert "inference failed on a batch of 4 texts from 3 requests" in caplog.text
+    await batcher.drain()
+
+
+async def test_a_poisoned_input_sent_again_and_again_logs_one_error_a_minute_not_one_a_request(caplog):
+    """Each failed request logged an ERROR of its own: a client resending an input the model fails on could fill
+    the log. The lines are throttled; the errors metric still counts every engine batch."""
+    engine = PoisonEngine()
+    metrics = Metrics()
+    batcher, held = await holding_the_worker(engine, metrics)
+    engine.gate.set()
+    await held
+    for _ in range(5):
+        failed = await asyncio.gather(batcher.submit([np.array([99])]), batcher.submit([np.array([5])]),
+                                      return_exceptions=True)
+        assert isinstance(failed[0], InferenceFailed)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "inference failed" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert metrics.inference_errors.labels("cpu")._value.get() == 5
     await batcher.drain()
 
 
@@ -792,8 +820,9 @@ async def test_an_engine_that_fails_on_everything_is_not_rerun_for_every_request
     engine.gate.set()
     await asyncio.wait_for(asyncio.wait([held, *waiting]), 30)
     for request in (held, *waiting):
-        with pytest.raises(InferenceFailed, match="the device is gone"):
+        with pytest.raises(InferenceFailed, match="the device is gone") as failed:
             request.result()
+        assert type(failed.value) is InferenceFailed and failed.value.retry_after  # 503: not the input's fault
     assert engine.shapes[1:] == [(4, 1), (1, 1), (1, 1)]  # the batch, then two reruns that fail too: no more
     assert metrics.inference_errors.labels("cpu")._value.get() == 2  # the held one's batch, and this one
     await batcher.drain()
