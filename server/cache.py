@@ -1,4 +1,9 @@
-"""PredictionCache: a byte-bounded LRU of predictions keyed by (model version, text), plus single-flight.
+"""PredictionCache: a byte-bounded LRU of predictions keyed by (model, text), plus single-flight.
+
+The model part of the key is the serving runtime's own (``ModelRuntime.load_key``: one per load, not the version):
+a computation still running on the model a reload replaced is never joined by a request to the new one, whatever
+name, version and labels the two claim (a red team's copy of a model under another name, same version, other
+labels, got 36 of 17,800 answers in the first model's labels while the cache went by the version).
 
 Why bytes and not entries: texts range from a word to ``MAX_TEXT_CHARS``, so an entry count says
 nothing about memory, and the cache must never be what pushes the pod into OOMKilled. Each entry is
@@ -7,10 +12,10 @@ value and its packed numbers. The charge is packed with the entry (no side table
 refunded on eviction, so the figure cannot drift. The ``OrderedDict``'s own tables are charged live
 (``sys.getsizeof``): they swing between ~70 and ~170 bytes per entry as the hash table fills, doubles
 and collects deleted slots under LRU churn, too much to fold into a per-entry constant. Objects
-shared by every entry (the version string, label strings, the labels tuple) are kept once and not
+shared by every entry (the model key, label strings, the labels tuple) are kept once and not
 charged. ``tests/test_cache.py`` checks the figure against ``tracemalloc``.
 
-Single-flight: concurrent misses for one (version, text) share one computation, so a burst of the
+Single-flight: concurrent misses for one (model, text) share one computation, so a burst of the
 same text costs one engine slot. A caller computes the misses no one else is computing in its own task
 (no task, no shield, no extra loop turns), then waits for the ones others are computing (those run
 meanwhile all the same). Should that caller be cancelled (its client disconnected) while others still
@@ -43,7 +48,7 @@ from server.primitives import Prediction
 log = logging.getLogger(__name__)
 _EMPTY_TABLE = sys.getsizeof(OrderedDict())  # the container itself, charged to no one
 
-Key = tuple[str, str]
+Key = tuple[Hashable, str]  # (the model that computes, the text)
 Compute = Callable[[list[str]], Awaitable[list[Prediction]]]
 _Shared = TypeVar("_Shared", bound=Hashable)
 
@@ -91,11 +96,11 @@ class PredictionCache:
     def max_bytes(self) -> int:
         return self._max_bytes
 
-    def get(self, version: str, text: str) -> Prediction | None:
+    def get(self, model: Hashable, text: str) -> Prediction | None:
         """The cached prediction (``cached=True``) or None; counts a hit or a miss while the cache is on."""
         if not self._max_bytes:
             return None
-        key = (version, text)
+        key = (model, text)
         value = self._entries.get(key)
         if value is None:
             self._metrics.cache_misses.inc()
@@ -108,9 +113,9 @@ class PredictionCache:
         return Prediction(label=label, score=score, probabilities=probabilities_by_label, cached=True,
                           truncated=truncated)
 
-    def put(self, version: str, text: str, prediction: Prediction) -> None:
+    def put(self, model: Hashable, text: str, prediction: Prediction) -> None:
         """Store, evicting least recently used entries to stay within max_bytes; too large an entry is not kept."""
-        key = (self._share(version), text)
+        key = (self._share(model), text)
         if key in self._entries:
             self._remove(key)
         size = entry_size(text, prediction)
@@ -157,7 +162,7 @@ class PredictionCache:
         self._generation += 1
         self._export()
 
-    async def get_or_compute(self, version: str, texts: list[str], compute: Compute) -> list[Prediction]:
+    async def get_or_compute(self, model: Hashable, texts: list[str], compute: Compute) -> list[Prediction]:
         """Predictions in input order: hits at once, misses via one ``compute`` call shared with concurrent callers.
 
         ``compute`` gets the distinct texts that no one is computing yet and must return one prediction each,
@@ -168,11 +173,11 @@ class PredictionCache:
         started: dict[Key, asyncio.Future[Prediction]] = {}
         joined: list[asyncio.Future[Prediction]] = []  # someone else's computations this caller waits for
         for index, text in enumerate(texts):
-            hit = self.get(version, text)
+            hit = self.get(model, text)
             if hit is not None:
                 results[index] = hit
                 continue
-            key = (version, text)
+            key = (model, text)
             future = self._inflight.get(key)
             if future is None:
                 future = self._inflight[key] = started[key] = asyncio.get_running_loop().create_future()
@@ -184,7 +189,7 @@ class PredictionCache:
             waiting.append((index, future))
         try:
             if started:
-                await self._fill(version, started, compute, in_caller=True)
+                await self._fill(model, started, compute, in_caller=True)
             for index, future in waiting:
                 # a cancelled caller must not cancel a shared future: shield what is still running
                 results[index] = future.result() if future.done() else await asyncio.shield(future)
@@ -196,12 +201,12 @@ class PredictionCache:
                     self._joiners[future] -= 1
         return results  # type: ignore[return-value]  # every slot is filled above
 
-    def _fill_in_task(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
-        task = asyncio.create_task(self._fill(version, started, compute))
+    def _fill_in_task(self, model: Hashable, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
+        task = asyncio.create_task(self._fill(model, started, compute))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fill(self, version: str, started: dict[Key, asyncio.Future[Prediction]], compute: Compute,
+    async def _fill(self, model: Hashable, started: dict[Key, asyncio.Future[Prediction]], compute: Compute,
                     in_caller: bool = False) -> None:
         """Answer the started futures from one ``compute`` call, then cache the results.
 
@@ -219,11 +224,11 @@ class PredictionCache:
                 future.set_result(prediction)
             if self._max_bytes and generation == self._generation:
                 for (_, text), prediction in zip(started, predictions, strict=True):
-                    self.put(version, text, prediction)
+                    self.put(model, text, prediction)
         except asyncio.CancelledError:
             if in_caller and any(future in self._joiners for future in started.values()):  # others still wait
                 handed_over = True  # for it: they get it from a task
-                self._fill_in_task(version, started, compute)
+                self._fill_in_task(model, started, compute)
             raise
         except Exception as exc:
             if all(future.done() for future in started.values()):  # answered; only caching them failed

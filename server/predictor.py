@@ -210,7 +210,7 @@ class Predictor:
 
         if not self.cache.max_bytes:  # no cache: nothing to share between requests (module docstring)
             return await self._compute_distinct(texts, compute)
-        return await self.cache.get_or_compute(runtime.identity.version, texts, compute)
+        return await self.cache.get_or_compute(runtime.load_key, texts, compute)
 
     @staticmethod
     async def _compute_distinct(texts: list[str], compute: Callable) -> list[Prediction]:

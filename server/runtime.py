@@ -69,6 +69,9 @@ def warmup_shapes(device: str, max_batch: int, max_tokens: int, max_length: int)
     return sorted({grid[0], typical, largest})
 
 
+_LOADS = itertools.count(1)
+
+
 class ModelRuntime:
     def __init__(self, artifact: Artifact, encoder: TextEncoder, engine: Engine, budget: TokenBudget,
                  settings: Settings, metrics: Metrics) -> None:
@@ -83,6 +86,7 @@ class ModelRuntime:
             provider=engine.provider, device=engine.device,
         )
         self.warm = False
+        self.load_key = next(_LOADS)  # this load's own: the prediction cache's model key (``server.cache``)
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics, model_path: Path | None = None,

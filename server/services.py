@@ -24,7 +24,7 @@ from server.gpu import GpuMonitor
 from server.heap import refreeze
 from server.memory import MemoryGuard, trim_heap
 from server.metrics import Metrics
-from server.predictor import Predictor
+from server.predictor import Predictor, model_key
 from server.primitives import Draining, ModelIdentity
 from server.runtime import ModelRuntime, load_checked
 
@@ -51,8 +51,8 @@ class Services:
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _queued_reloads: dict[Path, asyncio.Future] = field(default_factory=dict)  # waiting for the one under way
-    # the labels of each version this process has served: a version comes back only with its own labels
-    _served_labels: dict[str, list[str]] = field(default_factory=dict)
+    # the labels of each model (name, version) this process has served: one comes back only with its own labels
+    _served_labels: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -190,8 +190,8 @@ class Services:
         old, loop = self.runtime.identity, asyncio.get_running_loop()
         try:
             fresh = await loop.run_in_executor(None, self._load_warm, path)
-            self._served_labels.setdefault(self.runtime.identity.version, self.runtime.labels())
-            same_version_other_labels(self._served_labels, fresh)
+            self._served_labels.setdefault(model_key(self.runtime), self.runtime.labels())
+            same_model_other_labels(self._served_labels, fresh)
         except Exception as exc:
             return self._reload_failed(path, old, exc)
         except asyncio.CancelledError:  # shutdown (``close``) cancels a SIGHUP's reload; the load is then dropped
@@ -199,7 +199,7 @@ class Services:
                         old.name, old.version)
             raise
         fresh.batcher.start()
-        self._served_labels.setdefault(fresh.identity.version, fresh.labels())
+        self._served_labels.setdefault(model_key(fresh), fresh.labels())
         previous = self.predictor.swap(fresh)
         self.memory_guard.follow(fresh.budget)
         self.publish_model_info()
@@ -244,16 +244,16 @@ def release_failed_load() -> None:
     trim_heap()
 
 
-def same_version_other_labels(served: dict[str, list[str]], fresh: ModelRuntime) -> None:
-    """``ArtifactError`` when ``fresh`` claims the version of a model this process has served, whatever its name,
-    with other labels (a manifest edited by hand): records, feedback, the drift metrics and the prediction cache
-    (whose in-flight computations a request after the swap joins) go by the version, and could not tell the two
-    mappings apart. Every model served counts, not only the one serving: a reload to another model in between let
-    a red team's relabelled copy of the first in."""
-    labels = served.get(fresh.identity.version)
+def same_model_other_labels(served: dict[tuple[str, str], list[str]], fresh: ModelRuntime) -> None:
+    """``ArtifactError`` when ``fresh`` claims the name and version of a model this process has served, with other
+    labels (a manifest edited by hand): records, feedback and the drift metrics go by the name and version, and
+    could not tell the two mappings apart. Every model served counts, not only the one serving: a reload to another
+    model in between let a red team's relabelled copy of the first in. (The prediction cache goes by the load, not
+    the version: ``server.cache``.)"""
+    labels = served.get(model_key(fresh))
     if labels is not None and fresh.labels() != labels:
-        raise ArtifactError(f"{fresh.artifact.directory}: version {fresh.identity.version!r} was served with "
-                            f"labels {labels}, and this artifact's are "
-                            f"{fresh.labels()}; records and metrics carry the version and could not tell them apart: "
-                            "give the artifact a new version in manifest.json (models.build derives one from the "
-                            "files)")
+        raise ArtifactError(f"{fresh.artifact.directory}: {fresh.identity.name} version {fresh.identity.version!r} "
+                            f"was served with labels {labels}, and this artifact's are "
+                            f"{fresh.labels()}; records and metrics carry the name and version and could not tell them "
+                            "apart: give the artifact a new version in manifest.json (models.build derives one from "
+                            "the files)")

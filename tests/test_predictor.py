@@ -130,15 +130,45 @@ class FakeEncoder:
         return [np.array([len(text)], dtype=np.int64) for text in texts], [False] * len(texts)
 
 
+def fake_runtime(batcher: Batcher, name: str, labels: list[str], version: str = "1") -> SimpleNamespace:
+    """What the predictor reads of a ``ModelRuntime``, over ``batcher`` and ``FakeEncoder``; a load of its own."""
+    fake_runtime.loads += 1
+    return SimpleNamespace(batcher=batcher, encoder=FakeEncoder(), labels=lambda: labels, load_key=fake_runtime.loads,
+                           identity=ModelIdentity(name=name, version=version, variant="fp32", provider="cpu",
+                                                  device="cpu"))
+
+
+fake_runtime.loads = 0
+
+
+async def test_a_request_after_a_swap_never_joins_the_replaced_models_computation() -> None:
+    """The cache joined computations in flight by version: a request to a new model that claimed the version of the
+    one it replaced (another name, other labels) got the replaced model's answer (a red team's 36 of 17,800)."""
+    metrics = Metrics()
+    batchers = [Batcher(RecordingEngine(delay=0.2), batcher_settings(), metrics) for _ in range(2)]
+    for batcher in batchers:
+        batcher.start()
+    first = fake_runtime(batchers[0], "first", ["negative", "positive"])
+    predictor = Predictor(first, PredictionCache(1 << 20, metrics), metrics, low_confidence_threshold=0.6)
+    try:
+        before = asyncio.ensure_future(predictor.predict(["hello"]))
+        await asyncio.sleep(0.05)  # "hello" is on the first model's engine
+        predictor.swap(fake_runtime(batchers[1], "second", ["bad", "good"]))
+        after = await asyncio.wait_for(predictor.predict(["hello"]), 30)
+        assert after[0].label in {"bad", "good"} and not after[0].cached
+        assert (await asyncio.wait_for(before, 30))[0].label in {"negative", "positive"}
+    finally:
+        for batcher in batchers:
+            await batcher.drain()
+
+
 async def test_a_computation_rerun_for_others_does_not_run_the_gone_caller_s_follow_up_again() -> None:
     """The cache reruns a computation for the requests waiting on it when its own caller goes away; the caller's
     follow-up (ack mode: its records synced on the engine worker) must not run a second time with the rerun."""
     metrics = Metrics()
     batcher = Batcher(RecordingEngine(delay=0.05), batcher_settings(engine_workers=3), metrics)
     batcher.start()
-    runtime = SimpleNamespace(batcher=batcher, encoder=FakeEncoder(), labels=lambda: ["negative", "positive"],
-                              identity=ModelIdentity(name="m", version="1", variant="fp32", provider="cpu",
-                                                     device="cpu"))
+    runtime = fake_runtime(batcher, "m", ["negative", "positive"])
     predictor = Predictor(runtime, PredictionCache(1 << 20, metrics), metrics, low_confidence_threshold=0.6)
     follow_ups: list[list] = []
     leader = asyncio.ensure_future(predictor.predict(["hello"], on_worker=follow_ups.append))
