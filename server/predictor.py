@@ -43,7 +43,9 @@ their own. On the loop, four 1 MB bodies of 50 texts of 20,000 characters held i
 probe or gRPC call is answered while the loop tokenizes. The tokenizer lets go of the GIL while it works, so the
 loop runs on meanwhile. One thread, so that long requests are tokenized one at a time, as they were on the loop:
 their transient memory is what the memory plan saw. A short request stays on the loop: the hand-off would cost it
-more than its tokenization (~50 us for a sentence).
+more than its tokenization (~50 us for a sentence). A reload drains the model it replaced only once the predictions
+started on it are done (``finished_with``): one still preparing its texts on the thread would otherwise find that
+model's batcher closed. At shutdown, work still queued for the thread fails with ``Draining``.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ import numpy as np
 from server.batcher import OnWorker
 from server.cache import PredictionCache
 from server.metrics import Metrics
-from server.primitives import TEXTS, Prediction, StageTimings, TextName
+from server.primitives import TEXTS, Draining, Prediction, StageTimings, TextName
 from server.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,12 @@ def _long_runs() -> re.Pattern[str]:
     return re.compile(f"[{members}]{{{STREAM_SAFE_RUN + 1},}}")
 
 
+def timed(work: Callable[..., T], *args) -> tuple[T, float]:
+    """``work(*args)`` and the seconds it took, measured where it runs (on the text thread: not its queue's wait)."""
+    started = time.perf_counter()
+    return work(*args), time.perf_counter() - started
+
+
 def prediction_of(labels: list[str], probabilities: np.ndarray, truncated: bool) -> Prediction:
     """One text's prediction from its label probabilities."""
     values = probabilities.tolist()  # Python floats at once: numpy's argmax and scalars cost more for 2 labels
@@ -147,19 +155,47 @@ class Predictor:
         self._low_confidence = low_confidence_threshold
         self._series: dict[tuple[str, str], _ModelSeries] = {}
         self._text_thread = ThreadPoolExecutor(1, thread_name_prefix="text-work")  # started at its first use
+        self._closed = False
+        self._under_way: dict[int, int] = {}  # predictions under way per runtime (``load_key``)
+        self._finished: dict[int, asyncio.Event] = {}  # set when a runtime awaited by ``finished_with`` has none
         self._serve(runtime, previous=None)
         _long_runs()  # built now, not on the loop inside the first request whose text NFC changes
 
     async def text_work(self, texts: list[str], work: Callable[..., T], *args) -> T:
         """``work(*args)``, the text work of a request holding ``texts``: on the text thread when they are long
-        (module docstring), else here. An awaiting caller that goes away takes its work off the thread's queue."""
+        (module docstring), else here. A caller cancelled while its work waits (a gRPC call whose client left)
+        takes it off the thread's queue; an HTTP request runs to its end, as it would on the loop."""
         if sum(map(len, texts)) <= LOOP_TEXT_CHARS:
             return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._text_thread, work, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._text_thread, self._unless_closed, work, *args)
+
+    def _unless_closed(self, work: Callable[..., T], *args) -> T:
+        if self._closed:  # queued at shutdown: answered by the drain already, or refused here
+            raise Draining("the server shut down before this request's texts were read; retry on another replica")
+        return work(*args)
 
     def close(self) -> None:
-        """Stop the text thread (queued work is dropped: its requests were answered by the drain)."""
-        self._text_thread.shutdown(wait=False, cancel_futures=True)
+        """Stop the text thread once its work under way is done; work still queued fails with ``Draining`` at once
+        (a cancelled future would end each such request in a traceback of the web server's)."""
+        self._closed = True
+        self._text_thread.shutdown(wait=False)
+
+    def _done(self, load_key: int) -> None:
+        left = self._under_way[load_key] - 1
+        if left:
+            self._under_way[load_key] = left
+            return
+        del self._under_way[load_key]
+        finished = self._finished.pop(load_key, None)
+        if finished is not None:
+            finished.set()
+
+    async def finished_with(self, runtime: ModelRuntime) -> None:
+        """Return once no prediction started on ``runtime`` is under way. For a runtime swapped out, which no new
+        prediction can start on: one that had started may still be preparing its texts on the text thread, and
+        draining the runtime's batcher then would refuse its submission (503 ``draining`` in mid-reload)."""
+        if runtime.load_key in self._under_way:
+            await self._finished.setdefault(runtime.load_key, asyncio.Event()).wait()
 
     def swap(self, runtime: ModelRuntime) -> ModelRuntime:
         """Serve ``runtime`` from now on; returns the previous one (to drain). The cache is emptied."""
@@ -190,6 +226,14 @@ class Predictor:
         the rerun is theirs, and the follow-up would record this request's predictions a second time.
         """
         runtime = self.runtime
+        self._under_way[runtime.load_key] = self._under_way.get(runtime.load_key, 0) + 1
+        try:
+            return await self._predict(runtime, texts, timeout, timings, on_worker, name)
+        finally:
+            self._done(runtime.load_key)
+
+    async def _predict(self, runtime: ModelRuntime, texts: list[str], timeout: float | None,
+                       timings: StageTimings | None, on_worker: OnWorker | None, name: TextName) -> list[Prediction]:
         timings = timings if timings is not None else StageTimings()
         encode = await self._strict_encoder(runtime, texts, timings, name) if runtime.encoder.strict else \
             runtime.encoder.encode_marking_truncation
@@ -198,9 +242,8 @@ class Predictor:
 
         async def compute(misses: list[str]) -> list[Prediction]:
             handed = follow_up.pop() if follow_up and misses == texts else None
-            started = time.perf_counter()
-            rows, truncated = await self.text_work(misses, encode, misses)
-            timings.tokenization += time.perf_counter() - started
+            (rows, truncated), took = await self.text_work(misses, timed, encode, misses)
+            timings.tokenization += took
             timings.compute_tokens += sum(len(row) for row in rows)
             probabilities = await runtime.batcher.submit(rows, timeout, timings, handed)
             labels = runtime.labels()
@@ -229,9 +272,9 @@ class Predictor:
         The misses a computation gets are always some of the request's texts, so nothing is tokenized twice.
         Nothing is truncated in strict mode: a text over the maximum length was refused.
         """
-        started = time.perf_counter()
-        ids_by_text = dict(zip(texts, await self.text_work(texts, runtime.encoder.encode, texts, name), strict=True))
-        timings.tokenization += time.perf_counter() - started
+        ids, took = await self.text_work(texts, timed, runtime.encoder.encode, texts, name)
+        timings.tokenization += took
+        ids_by_text = dict(zip(texts, ids, strict=True))
         return lambda misses: ([ids_by_text[text] for text in misses], [False] * len(misses))
 
     def _observe(self, runtime: ModelRuntime, predictions: list[Prediction]) -> None:

@@ -228,6 +228,7 @@ class Services:
 
     async def _retire(self, runtime: ModelRuntime) -> None:
         """Answer everything the previous model accepted, then collect it (see server/heap.py)."""
+        await self.predictor.finished_with(runtime)
         await runtime.batcher.drain()
         del runtime
         refreeze()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import unicodedata
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from server.batcher import Batcher
 from server.cache import PredictionCache
 from server.metrics import Metrics
 from server.predictor import GRAPHEME_JOINER, LOOP_TEXT_CHARS, STREAM_SAFE_RUN, Predictor, normalize
-from server.primitives import InputTooLong, ModelIdentity
+from server.primitives import Draining, InputTooLong, ModelIdentity, StageTimings
 from server.runtime import ModelRuntime
 from tests.test_batcher import RecordingEngine
 from tests.test_batcher import settings as batcher_settings
@@ -254,3 +255,75 @@ async def test_a_long_request_is_tokenized_off_the_loop_while_a_short_one_is_ans
     loop_thread = threading.current_thread()
     assert gated.threads[0] is not loop_thread and gated.threads[0].name.startswith("text-work")
     assert gated.threads[1:] == [loop_thread], "a short request is tokenized on the loop (no hand-off)"
+
+
+async def gated_pair(make_settings) -> tuple[Predictor, GatedEncoder, ModelRuntime]:
+    """A predictor over the tiny model whose encoder is gated (``GatedEncoder``), its batcher started."""
+    metrics = Metrics()
+    runtime = ModelRuntime.load(make_settings(), metrics)
+    runtime.encoder = gated = GatedEncoder(runtime.encoder)
+    runtime.batcher.start()
+    return Predictor(runtime, PredictionCache(0, metrics), metrics, low_confidence_threshold=0.6), gated, runtime
+
+
+async def until_set(event: threading.Event) -> None:
+    deadline = time.monotonic() + 30
+    while not event.is_set():
+        assert time.monotonic() < deadline, "the gated encoder was never reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_reload_lets_a_request_started_on_the_old_model_finish_on_it(make_settings) -> None:
+    """A request still tokenizing on the text thread when a reload swapped models found the old model's batcher
+    drained: 503 draining in mid-reload (a red team: 7 of 177 long requests over five reloads)."""
+    from server.services import Services
+
+    predictor, gated, old = await gated_pair(make_settings)
+    new = ModelRuntime.load(make_settings(), Metrics())
+    new.batcher.start()
+    try:
+        long_one = asyncio.create_task(predictor.predict(["word " * (LOOP_TEXT_CHARS // 5 + 1)]))
+        await until_set(gated.waiting)
+        predictor.swap(new)
+        retired = asyncio.create_task(Services._retire(SimpleNamespace(predictor=predictor), old))
+        await asyncio.sleep(0.1)
+        assert not retired.done(), "the old model was drained with a request started on it still under way"
+        gated.gate.set()
+        assert (await asyncio.wait_for(long_one, 30))[0].truncated
+        await asyncio.wait_for(retired, 30)
+    finally:
+        gated.gate.set()
+        await new.batcher.drain()
+        await old.batcher.drain()
+        predictor.close()
+
+
+async def test_at_shutdown_text_work_still_queued_fails_as_draining_and_its_time_is_its_own(make_settings) -> None:
+    """Closing the text thread cancelled the work queued on it, and each request ended in a CancelledError traceback
+    of the web server's; and a request's tokenization time counted its wait in the thread's queue."""
+    predictor, gated, runtime = await gated_pair(make_settings)
+    long_text = "word " * (LOOP_TEXT_CHARS // 5 + 1)
+    try:
+        first = asyncio.create_task(predictor.predict([long_text]))
+        await until_set(gated.waiting)
+        second_timings = StageTimings()
+        second = asyncio.create_task(predictor.predict([long_text + "more"], timings=second_timings))
+        await asyncio.sleep(0.5)  # the first holds the thread this long; the second waits in its queue
+        gated.gate.set()
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert second_timings.tokenization < 0.25, second_timings  # its own work, not the half second it queued
+
+        gated.gate.clear()
+        gated.waiting.clear()
+        holding = asyncio.create_task(predictor.predict([long_text + "again"]))
+        await until_set(gated.waiting)  # it holds the thread now
+        queued = asyncio.create_task(predictor.predict([long_text + "queued"]))
+        await asyncio.sleep(0.05)
+        predictor.close()
+        gated.gate.set()
+        assert (await asyncio.wait_for(holding, 30))[0].truncated  # work under way finishes
+        with pytest.raises(Draining, match="shut down before this request's texts were read"):
+            await asyncio.wait_for(queued, 30)
+    finally:
+        gated.gate.set()
+        await runtime.batcher.drain()
