@@ -45,7 +45,8 @@ loop runs on meanwhile. One thread, so that long requests are tokenized one at a
 their transient memory is what the memory plan saw. A short request stays on the loop: the hand-off would cost it
 more than its tokenization (~50 us for a sentence). A reload drains the model it replaced only once the predictions
 started on it are done (``finished_with``): one still preparing its texts on the thread would otherwise find that
-model's batcher closed. At shutdown, work still queued for the thread fails with ``Draining``.
+model's batcher closed. At shutdown, requests still waiting for the thread fail with ``Draining``
+(``server.text_thread``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,6 @@ import sys
 import time
 import unicodedata
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -67,8 +67,9 @@ import numpy as np
 from server.batcher import OnWorker
 from server.cache import PredictionCache
 from server.metrics import Metrics
-from server.primitives import TEXTS, Draining, Prediction, StageTimings, TextName
+from server.primitives import TEXTS, Prediction, StageTimings, TextName
 from server.runtime import ModelRuntime
+from server.text_thread import TextThread
 
 log = logging.getLogger(__name__)
 Encode = Callable[[list[str]], tuple[list[np.ndarray], list[bool]]]
@@ -154,8 +155,7 @@ class Predictor:
         self._metrics = metrics
         self._low_confidence = low_confidence_threshold
         self._series: dict[tuple[str, str], _ModelSeries] = {}
-        self._text_thread = ThreadPoolExecutor(1, thread_name_prefix="text-work")  # started at its first use
-        self._closed = False
+        self._text_thread = TextThread()
         self._under_way: dict[int, int] = {}  # predictions under way per runtime (``load_key``)
         self._finished: dict[int, asyncio.Event] = {}  # set when a runtime awaited by ``finished_with`` has none
         self._serve(runtime, previous=None)
@@ -163,22 +163,14 @@ class Predictor:
 
     async def text_work(self, texts: list[str], work: Callable[..., T], *args) -> T:
         """``work(*args)``, the text work of a request holding ``texts``: on the text thread when they are long
-        (module docstring), else here. A caller cancelled while its work waits (a gRPC call whose client left)
-        takes it off the thread's queue; an HTTP request runs to its end, as it would on the loop."""
+        (module docstring), else here."""
         if sum(map(len, texts)) <= LOOP_TEXT_CHARS:
             return work(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._text_thread, self._unless_closed, work, *args)
-
-    def _unless_closed(self, work: Callable[..., T], *args) -> T:
-        if self._closed:  # queued at shutdown: answered by the drain already, or refused here
-            raise Draining("the server shut down before this request's texts were read; retry on another replica")
-        return work(*args)
+        return await self._text_thread.run(work, *args)
 
     def close(self) -> None:
-        """Stop the text thread once its work under way is done; work still queued fails with ``Draining`` at once
-        (a cancelled future would end each such request in a traceback of the web server's)."""
-        self._closed = True
-        self._text_thread.shutdown(wait=False)
+        """At shutdown: requests still waiting for the text thread fail with ``Draining`` (``server.text_thread``)."""
+        self._text_thread.close()
 
     def _done(self, load_key: int) -> None:
         left = self._under_way[load_key] - 1

@@ -95,8 +95,8 @@ class Services:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.keys.close()
-        await self.store.close(max(self._time_left(), STORE_CLOSE_MIN_S))
         self.predictor.close()
+        await self.store.close(max(self._time_left(), STORE_CLOSE_MIN_S))
         self.gpu.close()
 
     def _time_left(self) -> float:

@@ -41,6 +41,16 @@ def post(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: 
         log.debug("event loop closed before a worker thread's result could be delivered")
 
 
+def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    """Resolve ``future`` (on its loop) unless its waiter has given up on it."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class WorkerThreads:
     """``count`` threads, each taking calls from its own queue: the caller says which thread runs a call."""
 

@@ -40,8 +40,7 @@ from typing import Any
 
 from server.store.rows import encode_lines, record_row
 from server.store.wal import SpoolUnavailable, WriteAheadLog
-from server.store.worker import settle
-from server.worker_threads import post
+from server.worker_threads import post, settle
 
 log = logging.getLogger(__name__)
 

@@ -15,19 +15,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from server.worker_threads import post
+from server.worker_threads import post, settle
 
 log = logging.getLogger(__name__)
-
-
-def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    """Resolve ``future`` (on its loop) unless its waiter has given up on it."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 class BlockingWorker:
