@@ -58,7 +58,8 @@ import re
 import sys
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -207,22 +208,32 @@ class Predictor:
         log.info("model %s %s: labels %s, low-confidence threshold %.3f", runtime.identity.name,
                  runtime.identity.version, labels, series.threshold)
 
+    @contextmanager
+    def using(self) -> Iterator[ModelRuntime]:
+        """The serving model, held until the block ends: a reload drains it only after (``finished_with``)."""
+        runtime = self.runtime
+        self._under_way[runtime.load_key] = self._under_way.get(runtime.load_key, 0) + 1
+        try:
+            yield runtime
+        finally:
+            self._done(runtime.load_key)
+
     async def predict(self, texts: list[str], timeout: float | None = None, timings: StageTimings | None = None,
-                      on_worker: OnWorker | None = None, name: TextName = TEXTS) -> list[Prediction]:
+                      on_worker: OnWorker | None = None, name: TextName = TEXTS,
+                      runtime: ModelRuntime | None = None) -> list[Prediction]:
         """Predictions in input order; ``timings`` (when given) gets what this request computed itself; a text
-        strict mode refuses is named by ``name``.
+        strict mode refuses is named by ``name``. ``runtime``: the model the caller holds (``using``); by default the
+        serving one, held for the call.
 
         ``on_worker`` (``Batcher.submit``) is passed on only when this request computes all of its texts itself,
         in its own order: no cache hit, no text shared with another request's computation, no repeated text; and
         only once: should the cache run the computation again (this caller went away while others waited on it),
         the rerun is theirs, and the follow-up would record this request's predictions a second time.
         """
-        runtime = self.runtime
-        self._under_way[runtime.load_key] = self._under_way.get(runtime.load_key, 0) + 1
-        try:
+        if runtime is not None:  # held by the caller (``using``)
             return await self._predict(runtime, texts, timeout, timings, on_worker, name)
-        finally:
-            self._done(runtime.load_key)
+        with self.using() as runtime:
+            return await self._predict(runtime, texts, timeout, timings, on_worker, name)
 
     async def _predict(self, runtime: ModelRuntime, texts: list[str], timeout: float | None,
                        timings: StageTimings | None, on_worker: OnWorker | None, name: TextName) -> list[Prediction]:

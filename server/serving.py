@@ -10,6 +10,7 @@ each adapter turns them into its protocol's error shape.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from server.predictor import normalize
@@ -25,6 +26,7 @@ from server.primitives import (
     too_many_texts,
 )
 from server.records import RecordContext, RecordKeys, WorkerRecords, prediction_records
+from server.runtime import ModelRuntime
 from server.services import Services
 from server.store import SpoolUnavailable
 
@@ -67,18 +69,30 @@ def validated_texts(raw: list[str], services: Services, name: TextName = TEXTS) 
     return texts
 
 
+Check = Callable[[ModelRuntime, list[str]], Awaitable[None]]
+
+
 async def classify(services: Services, raw_texts: list[str], request_id: str,
-                   api_key_id: str | None, name: TextName = TEXTS) -> Classified:
+                   api_key_id: str | None, name: TextName = TEXTS, check: Check | None = None) -> Classified:
     """Admit, predict and record ``raw_texts``; raises ``ServerError`` with the status to answer, naming a text
-    by ``name``."""
+    by ``name``. ``check`` (TEI's refusal to truncate) judges the validated texts by the model that will answer
+    them: the serving model is held from there to the answer, so a reload meanwhile cannot put another model's
+    tokenizer in between (``Predictor.using``)."""
     if services.draining:
         services.metrics.rejected.labels("draining").inc()
         error = Draining("server is shutting down; retry on another replica")
         error.headers = {"Connection": "close"}
         raise error
     texts = await services.predictor.text_work(raw_texts, validated_texts, raw_texts, services, name)
+    with services.predictor.using() as runtime:
+        if check is not None:
+            await check(runtime, texts)
+        return await _classify_on(services, runtime, texts, request_id, api_key_id, name)
+
+
+async def _classify_on(services: Services, runtime: ModelRuntime, texts: list[str], request_id: str,
+                       api_key_id: str | None, name: TextName) -> Classified:
     started = time.perf_counter()
-    runtime = services.predictor.runtime
     identity = runtime.identity
     timings = StageTimings()
     settings, store = services.settings, services.store
@@ -86,7 +100,8 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
     keys = RecordKeys.of(texts) if settings.store_predictions else None
     on_worker = WorkerRecords(store, texts, runtime.labels(), started, context, keys) \
         if keys is not None and store.ack else None
-    predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker, name=name)
+    predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker, name=name,
+                                                   runtime=runtime)
     compute_ms = (time.perf_counter() - started - (on_worker.recording_s if on_worker else 0.0)) * 1000
     ids: list[str | None] = [None] * len(predictions)
     if settings.store_predictions:

@@ -257,3 +257,38 @@ def test_a_long_requests_texts_are_checked_on_the_text_thread_and_a_short_ones_o
         assert client.post(path, json=body("a short one")).status_code in (200, 422)
     assert on_long.startswith("text-work")
     assert not threads[len("a short one")].startswith("text-work")
+
+
+def test_a_check_before_classifying_and_the_prediction_see_the_same_model_across_a_reload(make_settings):
+    """TEI's truncate false was checked with the model serving before its texts were tokenized and answered by the
+    one serving after: a reload in between answered a text the new model cut (a red team: 8 answers in 60 s)."""
+    from server.runtime import ModelRuntime
+    from server.serving import classify
+
+    with TestClient(create_app(make_settings())) as client:
+        services = client.app.state.services
+        predictor = services.predictor
+        other = ModelRuntime.load(make_settings(), services.metrics)
+        client.portal.call(lambda: _started(other))
+        seen = {}
+        real = predictor._predict
+
+        async def check(runtime, texts):
+            seen["checked"] = runtime
+            predictor.swap(other)  # a reload lands while the check runs
+
+        async def predicting(runtime, *args):
+            seen["predicted"] = runtime
+            return await real(runtime, *args)
+
+        predictor._predict = predicting
+        first = predictor.runtime
+        answer = client.portal.call(lambda: classify(services, ["a fine film"], "request", None, check=check))
+        assert seen["predicted"] is seen["checked"] is first and predictor.runtime is other
+        assert answer.identity == first.identity
+        client.portal.call(classify, services, ["a fine film"], "next", None)
+        assert seen["predicted"] is other  # the next request: the model serving now
+
+
+async def _started(runtime) -> None:
+    runtime.batcher.start()

@@ -107,6 +107,7 @@ V2_PATH = f"/v2/models/{ALIAS}/infer"
     ("/predict", {"texts": ["a", "\u200b"]}, "texts[1] holds no character the model reads"),
     ("/predict", {"inputs": "x" * 20_001}, "inputs has 20001 characters"),
     ("/predict", {"inputs": [["a"], [" "]]}, "inputs[1] is empty"),
+    ("/predict", {"inputs": [" "]}, "inputs[0] is empty"),  # a list of one text
     (f"/v1/models/{ALIAS}:predict", {"instances": ["a", "b", "\u200b"]}, "instances[2] holds no character"),
     (V2_PATH, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a", " "]}]},
      "text[1] is empty"),

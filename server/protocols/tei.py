@@ -27,6 +27,7 @@ request answered wholly from the cache reports zeros. Errors are the server's ow
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Annotated, Literal
 
@@ -39,9 +40,10 @@ from server import __version__
 from server.auth import require_role
 from server.http import json_response
 from server.primitives import InputTooLong, Prediction, TextName, alone, in_list
+from server.runtime import ModelRuntime
 from server.schemas import ClosedBody, PredictRequest, RawScores, TeiInputs, Truncate, TruncationDirection
 from server.services import Services
-from server.serving import Classified, classify, validated_texts
+from server.serving import Classified, classify
 from server.strict_json import StrictJsonRoute
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["Hugging Face / TEI"])
@@ -176,24 +178,26 @@ async def answer(request: Request, api_key_id: str | None, inputs: str | list, t
     services: Services = request.app.state.services
     batched = isinstance(inputs, list) and isinstance(inputs[0], list)
     texts = [item[0] for item in inputs] if batched else [inputs[0] if isinstance(inputs, list) else inputs]
-    name = in_list("inputs") if batched else alone("inputs")
+    name = in_list("inputs") if isinstance(inputs, list) else alone("inputs")
+    check = None
     if truncate is False or direction.lower() == "left":
-        await refuse_truncation(services, texts, name, "truncate is false" if truncate is False else
-                                "this server truncates on the right only (truncation_direction left)")
-    classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id, name)
+        check = functools.partial(refuse_truncation, services, name, "truncate is false" if truncate is False else
+                                  "this server truncates on the right only (truncation_direction left)")
+    classified = await classify(services, texts, request.scope["state"]["request_id"], api_key_id, name, check)
     ranked = [ranked_labels(p, top_k) for p in classified.predictions]
     return json_response(ranked if batched or nest_single else ranked[0], headers=timing_headers(
         classified, texts, started))
 
 
-async def refuse_truncation(services: Services, texts: list[str], name: TextName, why: str) -> None:
-    """``InputTooLong`` (422) for the first text the model would cut. With STRICT_TRUNCATION=true the predictor
-    refuses such texts itself (nothing is ever cut), so they are not tokenized twice."""
-    encoder = services.runtime.encoder
+async def refuse_truncation(services: Services, name: TextName, why: str, runtime: ModelRuntime,
+                            texts: list[str]) -> None:
+    """``InputTooLong`` (422) for the first of the (validated) texts that ``runtime``, the model that will answer
+    them, would cut. With STRICT_TRUNCATION=true the predictor refuses such texts itself (nothing is ever cut), so
+    they are not tokenized twice."""
+    encoder = runtime.encoder
     if encoder.strict:
         return
-    _, cut = await services.predictor.text_work(texts, lambda: encoder.encode_marking_truncation(
-        validated_texts(texts, services, name)))
+    _, cut = await services.predictor.text_work(texts, encoder.encode_marking_truncation, texts)
     if any(cut):
         raise InputTooLong(f"{name(cut.index(True))} is longer than the model's {encoder.max_length} tokens and "
                            f"{why}: shorten it, or send truncate true and truncation_direction right to classify "
