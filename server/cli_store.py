@@ -332,9 +332,10 @@ def spool_replay(args: argparse.Namespace) -> int:
         report = replay_spool(directory, sink)
         gone = "; the directory was empty and is removed" if report.removed else ""
         records = report.rows - report.damaged
-        damaged = f" and {report.damaged} damaged lines that are not records" if report.damaged else ""
-        refused = f"{report.rejected - report.damaged} refused" + (
-            f", {report.damaged} damaged lines" if report.damaged else "")
+        lines = f"{report.damaged} damaged line{'' if report.damaged == 1 else 's'}"
+        damaged = f" and {lines} that {'is not a record' if report.damaged == 1 else 'are not records'}" \
+            if report.damaged else ""
+        refused = f"{report.rejected - report.damaged} refused" + (f", {lines}" if report.damaged else "")
         print(f"replayed {records} predictions{damaged} from {directory}: {written(report)}, {refused} "
               f"(kept in {directory / 'rejected.jsonl'}){gone}")
         return report

@@ -269,9 +269,9 @@ class PredictResponse(BaseModel):
 
 
 def a_path(value: str) -> str:
-    """An empty ``model_path`` names no artifact (it once reloaded MODEL_PATH silently); pydantic's own words for it
-    were "at least 1 character", which does not say what to send."""
-    if not value:
+    """An empty (or blank) ``model_path`` names no artifact (it once reloaded MODEL_PATH silently); pydantic's own
+    words for it were "at least 1 character", which does not say what to send."""
+    if not value.strip():
         raise PydanticCustomError("empty_path", "is empty, which names no artifact: give the artifact's directory, "
                                   "or leave model_path out (or null) to reload the configured MODEL_PATH")
     return value

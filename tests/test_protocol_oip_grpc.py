@@ -9,6 +9,7 @@ the same ``inference.*`` names as tritonclient's copy, and one process cannot ho
 from __future__ import annotations
 
 import functools
+import json
 import random
 import signal
 import socket
@@ -514,3 +515,65 @@ def test_an_answer_its_client_never_reads_is_one_warning_not_an_error_with_a_tra
                          "went away or stopped reading") == 1, log[-3000:]  # throttled
     finally:
         stop_server(live)
+
+
+ONE_CALL = """
+import asyncio, json, logging, sys
+import grpc
+from fastapi.testclient import TestClient
+from server.app import create_app
+from server.config import load_settings
+from server.primitives import InputFailed
+from server.protocols.oip_grpc import InferenceService
+from server.protocols.oip_proto import grpc_service_pb2 as pb
+
+class Aborted(Exception):
+    pass
+
+class Context:
+    def invocation_metadata(self):
+        return ()
+    async def send_initial_metadata(self, metadata):
+        pass
+    def peer(self):
+        return "ipv4:127.0.0.1:5000"
+    async def abort(self, code, details, trailing_metadata=()):
+        self.aborted = code.name
+        raise Aborted()
+
+errors = []
+class Collect(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.ERROR:
+            errors.append(record.getMessage())
+
+model, tmp = sys.argv[1:3]
+settings = load_settings(model_path=model, device="cpu", database_url=f"sqlite:///{tmp}/store.db",
+                         spool_dir=f"{tmp}/spool", intra_op_threads=1)
+with TestClient(create_app(settings)) as client:
+    logging.getLogger().addHandler(Collect())
+    services = client.app.state.services
+    async def failing(*args, **kwargs):
+        raise InputFailed("inference failed: on this input; the fault is in this request's texts")
+    services.predictor.predict = failing
+    request = pb.ModelInferRequest(model_name="sentiment")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"hello")
+    context = Context()
+    try:
+        client.portal.call(InferenceService(services).ModelInfer, request, context)
+    except Aborted:
+        pass
+print(json.dumps({"code": context.aborted, "errors": errors}))
+"""
+
+
+def test_a_500_logged_where_it_was_raised_is_not_logged_again_for_each_grpc_call(tiny_artifact, tmp_path):
+    """A failing input's 500 is logged by the batcher, throttled; the gRPC API logged "request failed" for every call
+    as well (a red team: 171 ERROR lines), where HTTP logs none. Run in its own process: the server's protocol
+    module cannot be imported beside tritonclient's copy of the same messages."""
+    done = subprocess.run([sys.executable, "-c", ONE_CALL, str(tiny_artifact), str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["code"] == "INTERNAL"
+    assert not [line for line in outcome["errors"] if "request failed" in line], outcome["errors"]

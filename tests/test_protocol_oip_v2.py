@@ -181,6 +181,9 @@ def one_text(**extra) -> dict:
     (one_text(data=["a"], parameters={"binary_data_size": 5}), b"\x01\x00\x00\x00a", "both 'data' and"),
     ({"inputs": [{"name": "text", "datatype": "INT32", "shape": [2], "data": [1, 2]}]}, None,
      "input 'text' has datatype 'INT32'; send one input named 'text', datatype BYTES"),  # gRPC's words, not pydantic's
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["great"]},
+                 {"name": "mask", "datatype": "INT32", "shape": [1], "data": [1]}]}, None,
+     "inputs[1].data[0]"),  # another input's numbers: not blamed on 'text'
 ])
 def test_malformed_requests_are_400_saying_what_to_fix(server, header, binary, fragment):
     encoded = header if isinstance(header, bytes) else json.dumps(header).encode()

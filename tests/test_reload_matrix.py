@@ -306,8 +306,9 @@ def test_reloads_queued_when_the_drain_begins_load_nothing(make_settings, monkey
         assert "no model reload" in outcomes[1].message
 
 
-def test_an_empty_model_path_is_refused_not_read_as_the_configured_one(admin_server):
-    response = admin_server.client.post("/admin/reload", json={"model_path": ""})
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_model_path_is_refused_not_read_as_the_configured_one(admin_server, path):
+    response = admin_server.client.post("/admin/reload", json={"model_path": path})
     assert response.status_code == 422, response.text
     assert response.json()["error"].startswith("invalid request: model_path: is empty, which names no artifact: "
                                                "give the artifact's directory, or leave model_path out"), response.text

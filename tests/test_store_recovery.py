@@ -294,8 +294,8 @@ def test_a_replay_reports_damaged_lines_and_a_repeated_record_as_what_they_are(s
     wal.close()
     assert run_cli("spool", "replay", "--spool-dir", str(tmp_path / "spool")) == 0
     out = capsys.readouterr().out
-    assert out.startswith("replayed 3 predictions and 1 damaged lines that are not records from "), out
-    assert ": 2 written, 1 already in the database or repeated in the spool, 0 refused, 1 damaged lines (kept in " \
+    assert out.startswith("replayed 3 predictions and 1 damaged line that is not a record from "), out
+    assert ": 2 written, 1 already in the database or repeated in the spool, 0 refused, 1 damaged line (kept in " \
            in out, out
     assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
 

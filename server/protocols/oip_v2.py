@@ -373,15 +373,17 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
 
 
 def datatype_at_fault(document: dict, error: ValidationError) -> str | None:
-    """The datatype of an input whose ``data`` the request model refused, when it is not BYTES: numbers sent as
-    INT32 are refused for that, as over gRPC, not as "Input should be a valid string" once per element."""
+    """The datatype of the ``text`` input, when the request model refused its ``data`` and it is not BYTES: numbers
+    sent as INT32 are refused for that, as over gRPC, not as "Input should be a valid string" once per element.
+    Another input's problems are left to the request model's words (gRPC's "unknown input" is about its name)."""
     inputs = document.get("inputs")
     for problem in error.errors():
         where = problem["loc"]
         if len(where) > 2 and where[0] == "inputs" and where[2] == "data" and isinstance(inputs, list) \
                 and isinstance(where[1], int) and where[1] < len(inputs) and isinstance(inputs[where[1]], dict):
-            datatype = inputs[where[1]].get("datatype")
-            if isinstance(datatype, str) and datatype != "BYTES":
+            tensor = inputs[where[1]]
+            datatype = tensor.get("datatype")
+            if tensor.get("name") == INPUT and isinstance(datatype, str) and datatype != "BYTES":
                 return datatype
     return None
 
