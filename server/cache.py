@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import TypeVar
 
 from server.metrics import Metrics
-from server.primitives import Prediction
+from server.primitives import InputFailed, Prediction
 
 log = logging.getLogger(__name__)
 _EMPTY_TABLE = sys.getsizeof(OrderedDict())  # the container itself, charged to no one
@@ -166,11 +166,14 @@ class PredictionCache:
         """Predictions in input order: hits at once, misses via one ``compute`` call shared with concurrent callers.
 
         ``compute`` gets the distinct texts that no one is computing yet and must return one prediction each,
-        in order. Its exception reaches every caller waiting on those texts, and nothing is cached.
+        in order. Its exception reaches every caller waiting on those texts, and nothing is cached; but for
+        ``InputFailed`` (the input of the request that started it is at fault), a caller that had joined it computes
+        its own texts again (``_compute_again``).
         """
         results: list[Prediction | None] = [None] * len(texts)
         waiting: list[tuple[int, asyncio.Future[Prediction]]] = []
         started: dict[Key, asyncio.Future[Prediction]] = {}
+        own = started.values()  # a failure of these is this caller's own input's
         joined: list[asyncio.Future[Prediction]] = []  # someone else's computations this caller waits for
         for index, text in enumerate(texts):
             hit = self.get(model, text)
@@ -190,9 +193,17 @@ class PredictionCache:
         try:
             if started:
                 await self._fill(model, started, compute, in_caller=True)
+            again: list[int] = []  # joined texts whose computation another request's input failed
             for index, future in waiting:
-                # a cancelled caller must not cancel a shared future: shield what is still running
-                results[index] = future.result() if future.done() else await asyncio.shield(future)
+                try:
+                    # a cancelled caller must not cancel a shared future: shield what is still running
+                    results[index] = future.result() if future.done() else await asyncio.shield(future)
+                except InputFailed:
+                    if future in own:
+                        raise
+                    again.append(index)
+            if again:
+                await self._compute_again(texts, again, results, compute)
         finally:
             for future in joined:  # answered, failed or cancelled: no longer waiting
                 if self._joiners[future] == 1:
@@ -200,6 +211,17 @@ class PredictionCache:
                 else:
                     self._joiners[future] -= 1
         return results  # type: ignore[return-value]  # every slot is filled above
+
+    @staticmethod
+    async def _compute_again(texts: list[str], again: list[int], results: list[Prediction | None],
+                             compute: Compute) -> None:
+        """Compute the texts at ``again`` for this caller alone: the computation it had joined failed for the input
+        of the request that started it (``InputFailed``: its other texts), which says nothing of these (a red team's
+        request holding a text the model fails on failed every request that shared its other text with 500)."""
+        distinct = list(dict.fromkeys(texts[index] for index in again))
+        by_text = dict(zip(distinct, await compute(distinct), strict=True))
+        for index in again:
+            results[index] = by_text[texts[index]]
 
     def _fill_in_task(self, model: Hashable, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
         task = asyncio.create_task(self._fill(model, started, compute))

@@ -15,7 +15,7 @@ from server.batcher import Batcher
 from server.cache import PredictionCache
 from server.metrics import Metrics
 from server.predictor import GRAPHEME_JOINER, LOOP_TEXT_CHARS, STREAM_SAFE_RUN, Predictor, normalize
-from server.primitives import Draining, InputTooLong, ModelIdentity, StageTimings
+from server.primitives import Draining, InputFailed, InputTooLong, ModelIdentity, StageTimings
 from server.runtime import ModelRuntime
 from tests.test_batcher import RecordingEngine
 from tests.test_batcher import settings as batcher_settings
@@ -327,3 +327,30 @@ async def test_at_shutdown_requests_waiting_for_text_work_fail_as_draining_and_i
     finally:
         gated.gate.set()
         await runtime.batcher.drain()
+
+
+async def test_a_request_that_joined_a_computation_failed_by_anothers_input_computes_its_text_itself() -> None:
+    """A red team's request held a text the model fails on beside a common one: every request that had joined the
+    common text's computation got that request's 500, "the fault is in this request's texts"."""
+    from tests.test_batcher import PoisonEngine, holding_the_worker
+
+    metrics = Metrics()
+    engine = PoisonEngine()
+    batcher, held = await holding_the_worker(engine, metrics)
+    predictor = Predictor(fake_runtime(batcher, "m", ["negative", "positive"]), PredictionCache(1 << 20, metrics),
+                          metrics, low_confidence_threshold=0.6)
+    poison = "x" * 99  # FakeEncoder's token is the text's length, and the engine fails on token 99
+    try:
+        attacker = asyncio.ensure_future(predictor.predict(["common", poison]))
+        bystander = asyncio.ensure_future(predictor.predict(["fine"]))  # shares the attacker's batch
+        await asyncio.sleep(0.01)
+        joiner = asyncio.ensure_future(predictor.predict(["common"]))
+        await asyncio.sleep(0.01)
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.wait([held, attacker, bystander, joiner]), 30)
+        with pytest.raises(InputFailed):
+            attacker.result()
+        assert bystander.result()[0].label in {"negative", "positive"}
+        assert joiner.result()[0].label in {"negative", "positive"} and not joiner.result()[0].cached
+    finally:
+        await batcher.drain()
