@@ -41,6 +41,7 @@ class RecordingEngine:
         self.delay = delay
         self.fail = fail
         self.shapes: list[tuple[int, int]] = []
+        self.inputs: list[list[list[int]]] = []  # each call's token ids
         self.gate = threading.Event()
         self.gate.set()
         self.running = self.most_running = 0
@@ -59,6 +60,7 @@ class RecordingEngine:
     def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         self.gate.wait(10)
         self.shapes.append(input_ids.shape)
+        self.inputs.append(input_ids.tolist())
         if self.delay:
             time.sleep(self.delay)
         if self.fail:
@@ -598,7 +600,7 @@ async def test_a_failed_request_s_other_texts_never_reach_the_engine():
     with pytest.raises(InferenceFailed):
         await batcher.submit([np.array([1]), np.array([2]), np.array([3])])
     await batcher.drain()
-    assert len(engine.shapes) == 1 and batcher.depth == 0
+    assert engine.inputs == [[[1]], [[0]]] and batcher.depth == 0  # the failed text, then the canary alone
 
 
 async def test_drain_answers_everything_accepted_then_refuses_new_work():
@@ -784,7 +786,9 @@ async def test_an_input_the_engine_fails_on_fails_its_own_request_not_its_batch_
     assert failed.value.status_code == 500 and failed.value.retry_after is None  # a retry would fail the same
     for n, other in zip((3, 4), others, strict=True):
         np.testing.assert_allclose(other.result()[0], expected_probabilities(np.array([n])), rtol=1e-6)
-    assert sorted(engine.shapes) == sorted([(1, 1), (4, 1), (2, 1), (1, 1), (1, 1)])  # the batch, then each request
+    # the held text, the batch, the canary, then each request's texts
+    assert sorted(engine.shapes) == sorted([(1, 1), (4, 1), (1, 1), (2, 1), (1, 1), (1, 1)])
+    assert [[0]] in engine.inputs
     assert metrics.inference_errors.labels("cpu")._value.get() == 1  # the poisoned request's alone
     assert "inference failed on a batch of 4 texts from 3 requests" in caplog.text
     await batcher.drain()
@@ -808,6 +812,28 @@ async def test_a_poisoned_input_sent_again_and_again_logs_one_error_a_minute_not
     await batcher.drain()
 
 
+async def test_requests_the_engine_fails_on_fail_alone_however_many_share_a_batch():
+    """Reruns stopped after two failed in a row: two or three short failing requests, run first in length order,
+    failed every other request of their batch (a red team: 4-8 % of bystanders). A lone one got 503 and Retry-After,
+    which invites the same request again. The canary tells an input the model fails on from an engine that fails."""
+    engine = PoisonEngine()
+    metrics = Metrics()
+    batcher, held = await holding_the_worker(engine, metrics)
+    poisoned = [asyncio.ensure_future(batcher.submit([np.array([99])])) for _ in range(3)]  # the shortest: first
+    others = [asyncio.ensure_future(batcher.submit([np.array([n, n])])) for n in (3, 4, 6)]
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.wait([held, *poisoned, *others]), 30)
+    for request in poisoned:
+        with pytest.raises(InputFailed):
+            request.result()
+    for n, other in zip((3, 4, 6), others, strict=True):
+        np.testing.assert_allclose(other.result()[0], expected_probabilities(np.array([n, n])), rtol=1e-6)
+    with pytest.raises(InputFailed) as alone:  # a request in a batch of its own: the canary says the engine runs
+        await batcher.submit([np.array([99])])
+    assert alone.value.status_code == 500 and alone.value.retry_after is None
+    await batcher.drain()
+
+
 async def test_an_engine_that_fails_on_everything_is_not_rerun_for_every_request():
     """The reruns after a failed shared batch are for an input the model fails on; an engine that fails whatever it
     is given was called once more per request (9 calls for two batches of 8 requests), holding its worker, and the
@@ -823,6 +849,7 @@ async def test_an_engine_that_fails_on_everything_is_not_rerun_for_every_request
         with pytest.raises(InferenceFailed, match="the device is gone") as failed:
             request.result()
         assert type(failed.value) is InferenceFailed and failed.value.retry_after  # 503: not the input's fault
-    assert engine.shapes[1:] == [(4, 1), (1, 1), (1, 1)]  # the batch, then two reruns that fail too: no more
+    # the held text's canary, the batch, its canary: each fails too, so nothing runs again
+    assert engine.inputs[1:] == [[[0]], [[1], [2], [3], [4]], [[0]]]
     assert metrics.inference_errors.labels("cpu")._value.get() == 2  # the held one's batch, and this one
     await batcher.drain()
