@@ -157,17 +157,25 @@ def test_health_ready_metrics_docs(client):
         assert f'sentiment_requests_total{{endpoint="{endpoint}",status="{status}"}} 1.0' in metrics, endpoint
 
 
-def test_unrecoverable_engine_failure_is_503_never_a_hang(make_settings):
+def test_an_engine_failure_is_an_error_never_a_hang_503_when_the_engine_fails_on_everything(make_settings):
+    """An engine that fails on some inputs only (here: some lengths) answers them 500 without Retry-After, since
+    sending them again fails again; one that fails whatever it is given (its one-token canary too) answers 503 with
+    Retry-After. Either way the request is answered, and the server goes on answering what it can."""
+    failing = {"everything": False}
+
     def broken(engine):  # start-up's smoke test runs the model's max length, which must work: fail only between
-        return FaultInjectingEngine(engine, fail_when=lambda batch, length: 20 < length < TINY_MAX_LENGTH,
-                                    message="CUDA driver exploded")
+        return FaultInjectingEngine(engine, message="CUDA driver exploded", fail_when=lambda batch, length:
+                                    failing["everything"] or 20 < length < TINY_MAX_LENGTH)
 
     with TestClient(create_app(make_settings(warmup=False), wrap_engine=broken)) as c:
         response = c.post("/predict", json={"text": "word " * 30})
-        assert response.status_code == 503 and "inference failed" in response.json()["error"]
-        assert response.json()["type"] == "inference_failed"
-        assert response.headers["retry-after"]
+        assert response.status_code == 500 and "inference failed" in response.json()["error"]
+        assert response.json()["type"] == "inference_failed" and "retry-after" not in response.headers
         assert c.post("/predict", json={"text": "short"}).status_code == 200
+        failing["everything"] = True
+        response = c.post("/predict", json={"text": "not cached"})
+        assert response.status_code == 503 and response.json()["type"] == "inference_failed"
+        assert response.headers["retry-after"]
 
 
 class NanLogitsBetween:
