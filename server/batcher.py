@@ -446,27 +446,27 @@ class Batcher:
             return error, None, started, time.perf_counter()
 
     def _per_request(self, batch: list[WorkItem], error: Exception) -> list[Part] | None:
-        """After the engine failed on a batch: whose input is at fault, if the engine runs at all.
+        """After the engine failed on a batch: each request's texts once more on their own, and whose input is at
+        fault, if the engine runs at all.
 
         The engine first runs a canary, one token that any model embeds (``CANARY``): if that fails too, the engine
-        fails whatever it is given, and None leaves ``error`` (503, Retry-After) for every request of the batch.
-        Otherwise each request's texts run again on their own, so that an input the model fails on fails its own
-        request only (a red team's tokenizer gave ids the model could not embed, and each text holding one failed
-        its whole batch of other clients' texts), and a request whose own run fails gets ``InputFailed`` (500, no
-        Retry-After: sending it again fails again). The canary replaced a rule that stopped the reruns after two
-        failed in a row: two short failing requests, which the length order runs first, then failed every other
-        request of their batch (a red team: 4-8 % of bystanders)."""
+        fails whatever it is given, and None leaves ``error`` (503, Retry-After) for every request of the batch. So
+        does memory running out (``OutOfMemory``: not the input's fault, and a one-token canary would still fit).
+        Otherwise each request's texts run again on their own (a lone request's too: a passing fault then goes
+        unseen), so that an input the model fails on fails its own request only (a red team's tokenizer gave ids
+        the model could not embed, and each text holding one failed its whole batch of other clients' texts), and a
+        request whose texts fail twice gets ``InputFailed`` (500, no Retry-After: sending them again fails again).
+        The canary replaced a rule that stopped the reruns after two failed in a row: two short failing requests,
+        which the length order runs first, then failed every other request of their batch (a red team: 4-8 % of
+        bystanders)."""
         if not _engine_fault(error) or isinstance(self._run([CANARY])[0], BaseException):
             return None
         by_request: dict[int, list[WorkItem]] = {}
         for item in batch:
             by_request.setdefault(id(item.request), []).append(item)
-        if len(by_request) > 1:
-            self._throttle.log("rerun", logging.WARNING, "inference failed on a batch of %d texts from %d requests "
-                               "(%s); each request's texts run again on their own", len(batch), len(by_request), error)
-            reruns = [(items, *self._run([item.ids for item in items])[:2]) for items in by_request.values()]
-        else:
-            reruns = [(batch, error, None)]
+        self._throttle.log("rerun", logging.WARNING, "inference failed on a batch of %d texts from %d requests (%s); "
+                           "each request's texts run again on their own", len(batch), len(by_request), error)
+        reruns = [(items, *self._run([item.ids for item in items])[:2]) for items in by_request.values()]
         return [(items, _input_failed(outcome) if _engine_fault(outcome) else outcome, unusable)
                 for items, outcome, unusable in reruns]
 
@@ -550,15 +550,15 @@ CANARY = np.zeros(1, dtype=np.int64)  # one text of token id 0: every vocabulary
 
 def _engine_fault(outcome: np.ndarray | BaseException) -> bool:
     """Whether an engine call's outcome is its own failure (an exception, or the ``InferenceFailed`` the engine's
-    wrapper makes of one), not a result or an error with a meaning of its own."""
+    wrapper makes of one), not a result or an error with a meaning of its own (``OutOfMemory``)."""
     return isinstance(outcome, Exception) and (not isinstance(outcome, ServerError) or type(outcome) is InferenceFailed)
 
 
 def _input_failed(error: Exception) -> InputFailed:
-    """A rerun's failure, when the other requests of its batch were answered (``InputFailed``)."""
+    """A rerun's failure, when the engine ran its canary (``InputFailed``)."""
     detail = error.message if isinstance(error, ServerError) else f"inference failed: {error}"
-    return InputFailed(f"{detail}; the other requests of its batch were answered, so the fault is in this request's "
-                       "texts, and sending them again fails again")
+    return InputFailed(f"{detail}; it failed again on these texts alone while the engine ran other input, so the "
+                       "fault is in this request's texts, and sending them again fails again")
 
 
 def _follow_up(request: PendingRequest, batch: list[WorkItem], outcome: np.ndarray) -> Callable[[], None] | None:

@@ -4,8 +4,9 @@ ONNX Runtime reports an allocation failure as a plain ``RuntimeException`` (or `
 the allocator, so recognising one means reading the message. A batch that ran out of memory is split in
 two and each half retried (recursively) while the token budget is lowered, so every accepted text is still
 answered and later batches are formed smaller. A single text that still does not fit on the GPU runs on a
-CPU engine, built on first need and then kept. Any other failure becomes ``InferenceFailed`` (503) at once:
-retrying a broken model or input would only add latency.
+CPU engine, built on first need and then kept; memory that runs out even so is ``OutOfMemory`` (503). Any other
+failure becomes ``InferenceFailed`` at once, here: the batcher then tells an input the model fails on (500) from an
+engine that fails on everything (503) (``Batcher._per_request``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 
 from server.budget import TokenBudget
 from server.metrics import Metrics
-from server.primitives import InferenceFailed
+from server.primitives import InferenceFailed, OutOfMemory
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -134,7 +135,7 @@ class ResilientEngine:
             second = self._attempt(input_ids[half:], attention_mask[half:])
             return np.concatenate([first, second])
         if device == "cpu":
-            raise InferenceFailed(
+            raise OutOfMemory(
                 f"out of memory on the CPU for one text of {input_ids.shape[1]} tokens: {_summary(failure)}"
             ) from failure
         return self._run_on_cpu(input_ids, attention_mask)
@@ -146,7 +147,7 @@ class ResilientEngine:
                     self._cpu_engine = self._build_cpu_engine()
             logits = self._cpu_engine.run(input_ids, attention_mask)
         except Exception as exc:
-            raise InferenceFailed(
+            raise OutOfMemory(
                 f"{self.primary.device} ran out of memory for one text of {input_ids.shape[1]} tokens "
                 f"and the CPU fallback failed: {_summary(exc)}"
             ) from exc

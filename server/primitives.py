@@ -161,11 +161,17 @@ class InferenceFailed(ServerError):
     retry_after = 1.0
 
 
+class OutOfMemory(InferenceFailed):
+    """Memory ran out for a text even on its own, or the CPU fallback after a GPU's failed (``server.oom``): a 503 with
+    Retry-After, never blamed on the input (``InputFailed``): memory frees up, and under host memory pressure every
+    real batch failed while a one-token canary still ran."""
+
+
 class InputFailed(InferenceFailed):
-    """The engine failed on one request's texts run on their own, while the other requests of their batch were
-    answered (``Batcher._per_request``): the input is at fault (an id the model cannot embed, a text that needs
-    more memory than there is), and sending it again fails again. A 500 without Retry-After, which invited the
-    client to retry; the batcher logs it (throttled), not each request."""
+    """The engine failed on one request's texts twice, in their batch and run again on their own, while it ran a
+    one-token canary (``Batcher._per_request``): the input is at fault (an id the model cannot embed), and sending it
+    again fails again. A 500 without Retry-After, which invited the client to retry; the batcher logs it
+    (throttled), not each request."""
 
     status_code = 500
     retry_after = None
