@@ -274,6 +274,8 @@ def a_path(value: str) -> str:
     if not value.strip():
         raise PydanticCustomError("empty_path", "is empty, which names no artifact: give the artifact's directory, "
                                   "or leave model_path out (or null) to reload the configured MODEL_PATH")
+    if "\x00" in value:  # no path holds one: it was a 409 "embedded null byte", and a raw NUL in the text log
+        raise PydanticCustomError("nul_character", "contains a NUL character (U+0000), which no path holds")
     return value
 
 

@@ -314,6 +314,11 @@ def test_an_empty_model_path_is_refused_not_read_as_the_configured_one(admin_ser
                                                "give the artifact's directory, or leave model_path out"), response.text
 
 
+def test_a_model_path_holding_a_nul_is_422_not_a_failed_reload(admin_server):
+    response = admin_server.client.post("/admin/reload", json={"model_path": "models/\u0000default"})
+    assert response.status_code == 422 and "contains a NUL character" in response.json()["error"], response.text
+
+
 def test_a_failed_reload_gives_back_the_memory_its_load_took(admin_server, tiny_artifact, tmp_path):
     """A tokenizer's many small allocations stayed with the process when a reload failed after loading it: a red
     team's 42 MB one left RSS 300 MiB up, the server degraded and every later reload refused for want of memory.
