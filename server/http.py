@@ -294,7 +294,7 @@ def internal_error(request_id: str) -> Response:
 def server_error_response(exc: ServerError) -> Response:
     """The answer to a ``ServerError`` (its status, message, type, Retry-After and headers); a 5xx that is not
     shedding (no Retry-After) is logged."""
-    if exc.status_code >= 500 and exc.retry_after is None and not exc.logged_where_raised:
+    if exc.logged_per_request:
         log.error("request failed: %s", exc.message)
     return error_response(exc.status_code, exc.message, exc.retry_after, exc.headers, error_type=exc.error_type,
                           response_class=LoggedError if exc.status_code >= 500 else Response)

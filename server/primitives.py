@@ -104,6 +104,13 @@ class ServerError(Exception):
         if retry_after is not None:
             self.retry_after = retry_after
 
+    @property
+    def logged_per_request(self) -> bool:
+        """Whether answering it logs an ERROR: a 5xx that is not shedding (no Retry-After) and whose cause was not
+        logged where it was raised. Every protocol asks here (gRPC once kept a copy of this test that missed the
+        last part, and logged every such call)."""
+        return self.status_code >= 500 and self.retry_after is None and not self.logged_where_raised
+
 
 class PayloadTooLarge(ServerError):
     status_code = 413

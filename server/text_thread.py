@@ -39,9 +39,10 @@ class TextThread:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
             self._thread.start()
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._waiting.add(future)
-        self._queue.put((asyncio.get_running_loop(), future, work, args))
+        self._queue.put((loop, future, work, args))
         try:
             return await future
         finally:

@@ -225,7 +225,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             return response
         except ServerError as error:
             status = error.status_code
-            if status >= 500 and error.retry_after is None and not error.logged_where_raised:
+            if error.logged_per_request:
                 log.error("request failed: %s", error.message)
             await context.abort(STATUS_CODES.get(status, grpc.StatusCode.UNKNOWN), error.message,
                                 trailing_metadata=trailers(error))
