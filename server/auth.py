@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from server.logging_setup import one_line
 from server.primitives import ServerError
 from server.store.keycache import KeyCheckUnavailable
 from server.store.keys import ROLES, ApiKey
@@ -243,5 +244,5 @@ def client_for_log(client: str) -> str:
 def printable(text: str, most: int = 200) -> str:
     """``text`` as a log line may hold it: unprintable characters escaped (a path cannot start a line of its own,
     or colour a terminal, ``\x1b[31m``), at most ``most`` of them (a 60 KB path in every refusal's line)."""
-    shown = text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    shown = one_line(text)
     return shown if len(shown) <= most else f"{shown[:most]}…"

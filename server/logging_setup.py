@@ -3,6 +3,11 @@
 ERROR lines keep the literal level name in both formats so the runbook's
 ``docker logs sentiment-analyzer | grep ERROR`` finds them.
 
+A text line's message never breaks the line: its unprintable characters (line breaks, tabs, escape sequences)
+are written escaped (``one_line``), so text a client or an admin sent (a reload's ``model_path`` holding a newline
+and a forged timestamp) cannot start a line of its own. A traceback still follows its message on lines of its
+own. JSON lines escape them by JSON's own rules.
+
 ``LOG_FILE`` is rotated by size: past ``LOG_MAX_BYTES`` it becomes
 ``LOG_FILE.1`` (older copies shift to ``.2`` ... up to ``LOG_BACKUPS``, the
 oldest is deleted), so the file and its copies never hold more than about
@@ -52,6 +57,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def one_line(text: str) -> str:
+    """``text`` with its unprintable characters escaped as Python writes them (``\\n``, ``\\t``, ``\\x1b``)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s")
@@ -60,6 +70,9 @@ class TextFormatter(logging.Formatter):
         rid = getattr(record, "request_id", None)
         record.rid = f" [{rid}]" if rid else ""
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        return self._fmt % {**vars(record), "message": one_line(record.message)}
 
 
 class SizeRotatingFileHandler(CountsLostLines, RotatingFileHandler):

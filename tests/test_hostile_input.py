@@ -124,6 +124,21 @@ def test_a_lone_surrogate_in_a_reload_path_is_422(server):
     refused(response, 422, "invalid_input", "model_path: contains an unpaired surrogate")
 
 
+def test_a_line_break_in_a_reload_path_cannot_forge_a_log_line(server):
+    """The text log wrote the path as it came: a newline in it began a line of the attacker's own (red team 59)."""
+    forged = "2026-01-01 00:00:00,000 ERROR server.forged: injected"
+    response = httpx.post(server.url + "/admin/reload", json={"model_path": f"/no/such/artifact\n{forged}\r\t\x1b[2J"},
+                          headers=server.admin, timeout=30)
+    assert response.status_code == 409, response.text
+    escaped = f"/no/such/artifact\\n{forged}\\r\\t\\x1b[2J"
+    deadline = time.monotonic() + 10
+    while escaped not in server.live.log() and time.monotonic() < deadline:  # written by the log writer's thread
+        time.sleep(0.05)
+    lines = server.live.log().splitlines()
+    assert [line for line in lines if escaped in line and "model reload from" in line], server.live.log()[-2000:]
+    assert not [line for line in lines if line.startswith(forged)]
+
+
 @pytest.mark.parametrize("query, fragment", [
     ("offset=99999999999999999999", "offset"),
     ("offset=-1", "offset"),
