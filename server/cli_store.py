@@ -50,7 +50,7 @@ from server.store.spooldir import (
     database_identity,
     describe_identity,
 )
-from server.store.wal import count_spool
+from server.store.wal import SpoolContents, read_spool
 
 DEFAULT_DATABASE_URL = Settings.model_fields["database_url"].default
 
@@ -303,12 +303,10 @@ def spool_status(args: argparse.Namespace) -> int:
         if not directory.is_dir():
             return _fail(f"no spool at {directory}")
         spool = SpoolDirectory(directory)
-        rows, size = count_spool(directory)
-        lines = [f"{directory}: {rows} predictions ({size} bytes) for {describe_identity(spool.read_identity())}; "
+        lines = [f"{directory}: {holds(read_spool(directory))} for {describe_identity(spool.read_identity())}; "
                  f"{RejectedFile(directory).count()} rejected rows in {directory / 'rejected.jsonl'}"]
         for foreign in spool.foreign_spools():
-            rows, size = count_spool(foreign.path)
-            lines.append(f"  set aside: {foreign.path}: {rows} predictions ({size} bytes) for "
+            lines.append(f"  set aside: {foreign.path}: {holds(read_spool(foreign.path))} for "
                          f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay "
                          f"--spool-dir {foreign.path} --into URL`")
     except OSError as error:  # unreadable (permissions): a segment that vanished meanwhile is counted as empty
@@ -318,6 +316,13 @@ def spool_status(args: argparse.Namespace) -> int:
     except OSError as error:
         return output_failed(error, "the spool's status")
     return 0
+
+
+def holds(contents: SpoolContents) -> str:
+    damaged = contents.damaged
+    lines = f", {damaged} damaged line{'' if damaged == 1 else 's'} that {'is' if damaged == 1 else 'are'} not " \
+        f"{'a record' if damaged == 1 else 'records'}" if damaged else ""
+    return f"{contents.records} predictions{lines} ({contents.bytes} bytes)"
 
 
 def _unreadable_spool(directory: Path, error: OSError) -> int:

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, event, select, text
 from server import cli_store
 from server.metrics import Metrics
 from server.store import migrate, prediction_store, sink, writer
+from server.store import wal as wal_module
 from server.store.db import make_engine
 from server.store.rejected import FILENAME as REJECTED
 from server.store.rejected import RejectedFile, read_entries
@@ -298,6 +299,24 @@ def test_a_replay_reports_damaged_lines_and_a_repeated_record_as_what_they_are(s
     assert ": 2 written, 1 already in the database or repeated in the spool, 0 refused, 1 damaged line (kept in " \
            in out, out
     assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
+
+
+def test_spool_status_counts_damaged_lines_apart_from_the_predictions(store_db, tmp_path, monkeypatch, capsys):
+    """Status counted lines, so a damaged one was a prediction there and a damaged line at replay (red team 59)."""
+    records = [make_record(f"t{i}") for i in range(3)]
+    leave_spool(tmp_path / "spool", store_db.url, records[:2])
+    monkeypatch.setattr(wal_module, "LINE_LIMIT", 1000)  # a line longer than this is no record
+    wal = WriteAheadLog(tmp_path / "spool", 1 << 30)
+    wal.open()
+    wal.append(b"\x00garbage, not a record\n")
+    wal.append(b"[1, 2]\n")  # JSON, but not a record
+    wal.append(b"x" * 3000 + b"\n")  # over the limit: skipped to its end, not held
+    wal.append(encode_lines([record_row(records[2], True)]))
+    wal.append(b'{"torn": ')  # no newline: a crash in mid-append, not a line (the server cuts it at start)
+    wal.close()
+    assert run_cli("spool", "status", "--spool-dir", str(tmp_path / "spool")) == 0
+    out = capsys.readouterr().out
+    assert ": 3 predictions, 3 damaged lines that are not records (" in out, out
 
 
 def test_spool_status_says_what_a_spool_holds_and_for_which_database(store_db, tmp_path, monkeypatch, capsys):

@@ -38,10 +38,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from server.primitives import ServerError
 from server.regular_file import open_regular
-from server.store.spooldir import count_lines, fsync_dir, write_all
+from server.store.rows import decode_line
+from server.store.spooldir import READ_CHUNK, count_lines, fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +317,60 @@ def count_spool(directory: Path) -> tuple[int, int]:
             except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
                 continue
     return rows, size
+
+
+@dataclass(frozen=True)
+class SpoolContents:
+    """What the segments of a spool directory hold, read line by line (``read_spool``)."""
+
+    records: int
+    damaged: int  # lines that are not records at all (not a JSON object): a replay sets them aside
+    bytes: int
+
+
+LINE_LIMIT = 64 << 20  # a line longer than this is no record (a text is at most MAX_TEXT_CHARS): damaged, not held
+
+
+def read_spool(directory: Path) -> SpoolContents:
+    """Records, damaged lines and bytes in the segments of a spool directory, each line parsed as a replay would
+    (``spool status``: counting lines called a damaged one a prediction). Streamed: a line at a time."""
+    records = damaged = size = 0
+    for path in Path(directory).iterdir():
+        if is_segment(path.name):
+            try:
+                with open(open_regular(path), "rb") as handle:
+                    size += os.fstat(handle.fileno()).st_size
+                    good, bad = _records_and_damaged(handle)
+            except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
+                continue
+            records, damaged = records + good, damaged + bad
+    return SpoolContents(records, damaged, size)
+
+
+def _records_and_damaged(handle: BinaryIO) -> tuple[int, int]:
+    """The whole lines from ``handle`` that are records and that are not; a torn tail (no newline) is neither,
+    as for ``count_lines``."""
+    records = damaged = 0
+    while line := handle.readline(LINE_LIMIT):
+        if not line.endswith(b"\n"):
+            if len(line) < LINE_LIMIT or not _skip_to_next_line(handle):
+                break
+            damaged += 1
+        elif decode_line(line) is None:
+            damaged += 1
+        else:
+            records += 1
+    return records, damaged
+
+
+def _skip_to_next_line(handle: BinaryIO) -> bool:
+    """Read past the next newline; False at the end of the file without one."""
+    while chunk := handle.read(READ_CHUNK):
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            handle.seek(newline + 1 - len(chunk), os.SEEK_CUR)
+            return True
+    return False
 
 
 def _size_and_lines(path: Path) -> tuple[int, int]:
