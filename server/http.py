@@ -58,7 +58,7 @@ from server.connections import client_left
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError, request_id_from
-from server.schemas import ERRORS_SHOWN, ErrorResponse, max_texts_var
+from server.schemas import AT, ERRORS_SHOWN, ErrorResponse, max_texts_var
 from server.services import Services
 
 log = logging.getLogger("server.http")
@@ -338,10 +338,10 @@ def install_error_handlers(app: FastAPI) -> None:
                 return error_response(422, f"the body is not valid JSON: {err.get('ctx', {}).get('error')} at "
                                            f"character {where}", error_type="invalid_json")
         shown = errors[:ERRORS_SHOWN]  # a body of 100,000 unknown keys has as many errors: a 14 MB answer
-        problems = [f"{location(err.get('loc', ()))}: {err.get('msg')}" for err in shown]
+        problems = [f"{location(error_place(err))}: {err.get('msg')}" for err in shown]
         if len(errors) > len(shown):
             problems.append(f"and {len(errors) - len(shown)} more problems")
-        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in shown]
+        detail = [{"loc": error_place(e), "msg": e.get("msg"), "type": e.get("type")} for e in shown]
         return error_response(422, "invalid request: " + "; ".join(problems), detail=detail)
 
     @app.exception_handler(HTTPException)
@@ -382,6 +382,14 @@ async def key_refusal(request: Request) -> Response | None:
 
 def not_found(path: str) -> Response:
     return error_response(404, f"no such path {path!r}; the API is described at /docs")
+
+
+def error_place(error: dict) -> list[object]:
+    """A validation error's place: its ``loc``, and inside that field the index of the item at fault when the
+    field's own validator names one (``schemas.AT``: TEI's ``inputs`` is one field holding every text)."""
+    loc = list(error.get("loc", ()))
+    at = (error.get("ctx") or {}).get(AT)
+    return loc if at is None else [*loc, at]
 
 
 def location(loc: Iterable[object]) -> str:

@@ -97,6 +97,7 @@ UtcDateTime = Annotated[datetime, BeforeValidator(not_a_timestamp), AfterValidat
 # ------------------------------------------------- Hugging Face / TEI bodies (server/protocols/tei.py)
 
 TEXT_SCHEMA = {"type": "string", "pattern": "\\S"}
+AT = "at"  # an error's context key: the index, inside the field, of the text at fault (``server.http.location``)
 PAIR_HINT = "this model classifies single texts, not pairs: to classify several texts send a batch, [[\"a\"], [\"b\"]]"
 
 
@@ -115,23 +116,24 @@ def tei_inputs(value: object) -> str | list[str] | list[list[str]]:
         if len(value) > 2:
             raise PydanticCustomError("tei_inputs", f"a list of {len(value)} strings is not TEI input (one string is a "
                                       f"text, two are a pair); {PAIR_HINT}")
-        return [_batch_text(value[0], "[0]")]
+        return [_batch_text(value[0], 0)]
     at_most_max_texts(value)
     for index, item in enumerate(value):
         if not isinstance(item, list) or not item or not all(isinstance(text, str) for text in item):
-            raise PydanticCustomError("tei_inputs", f"[{index}] is not a list of one string; a batch is "
-                                      "[[\"a\"], [\"b\"]]")
+            raise PydanticCustomError("tei_inputs", "is not a list of one string; a batch is [[\"a\"], [\"b\"]]",
+                                      {AT: index})
         if len(item) > 1:
-            raise PydanticCustomError("text_pair", f"[{index}] holds {len(item)} strings (a pair in TEI); {PAIR_HINT}")
-        _batch_text(item[0], f"[{index}][0]")
+            raise PydanticCustomError("text_pair", f"holds {len(item)} strings (a pair in TEI); {PAIR_HINT}",
+                                      {AT: index})
+        _batch_text(item[0], index)
     return value
 
 
-def _batch_text(text: str, where: str) -> str:
+def _batch_text(text: str, index: int) -> str:
     try:
         return unicode_scalars_only(text)
     except PydanticCustomError as exc:
-        raise PydanticCustomError(exc.type, f"{where} {exc.message()}") from None
+        raise PydanticCustomError(exc.type, exc.message(), {AT: index}) from None
 
 
 TeiInputs = Annotated[str | list[str] | list[list[str]], PlainValidator(tei_inputs), WithJsonSchema({

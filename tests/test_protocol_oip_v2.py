@@ -184,6 +184,12 @@ def one_text(**extra) -> dict:
     ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["great"]},
                  {"name": "mask", "datatype": "INT32", "shape": [1], "data": [1]}]}, None,
      "inputs[1].data[0]"),  # another input's numbers: not blamed on 'text'
+    # BYTES holding no string: named as a text is (was pydantic's "inputs[0].data[1]: Input should be a valid string")
+    (one_text(data=["a", 2]), None, "text[1] is a number, not a string: BYTES data hold texts"),
+    (one_text(data=[True]), None, "text[0] is a boolean, not a string"),
+    (one_text(data=[["a"], ["b"]]), None, "text[0] is a list, not a string: BYTES data hold texts, each a JSON "
+                                          "string in a flat list"),
+    (one_text(data=[None]), None, "text[0] is null, not a string"),
 ])
 def test_malformed_requests_are_400_saying_what_to_fix(server, header, binary, fragment):
     encoded = header if isinstance(header, bytes) else json.dumps(header).encode()

@@ -168,11 +168,12 @@ def test_a_request_answered_from_the_cache_computed_nothing(server):
 @pytest.mark.parametrize("body, fragment", [
     ({"inputs": ["a", "b"]}, 'one pair of texts in TEI, not two texts; this model classifies single texts, not '
                              'pairs: to classify several texts send a batch, [["a"], ["b"]]'),
-    ({"inputs": [["a"], ["b", "c"]]}, "[1] holds 2 strings (a pair in TEI)"),
+    ({"inputs": [["a"], ["b", "c"]]}, "inputs[1]: holds 2 strings (a pair in TEI)"),
     ({"inputs": ["a", "b", "c"]}, "a list of 3 strings is not TEI input"),
     ({"inputs": []}, "must be a string, or a batch"),
-    ({"inputs": [["a"], "b"]}, "[1] is not a list of one string"),
-    ({"inputs": [["a"], ["\ud800"]]}, "[1][0] contains an unpaired surrogate (U+D800)"),
+    ({"inputs": [["a"], "b"]}, "inputs[1]: is not a list of one string"),
+    ({"inputs": [["a"], ["\ud800"]]}, "inputs[1]: contains an unpaired surrogate (U+D800)"),  # was inputs: [1][0]
+    ({"inputs": ["\ud800"]}, "inputs[0]: contains an unpaired surrogate (U+D800)"),  # a list of one text
     ({"inputs": [["a"], ["  "]]}, "inputs[1] is empty"),
     ({"inputs": "a", "raw_scores": True}, "raw_scores: true is not supported"),
     ({"inputs": "a", "truncation_direction": "middle"}, "truncation_direction"),

@@ -39,6 +39,7 @@ from server.protocols.oip_model import (
     ALIAS,
     INPUT,
     OUTPUTS,
+    SHAPE_HINT,
     InputTensor,
     InvalidInferRequest,
     answered_as_asked,
@@ -367,6 +368,9 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
         datatype = datatype_at_fault(document, error)
         if datatype is not None:
             raise wrong_datatype(datatype) from None
+        element = text_element_at_fault(document, error)
+        if element is not None:
+            raise element from None
         problems = [f"{location(e['loc'])}: {e['msg']}" for e in error.errors()[:5]]
         raise InvalidInferRequest("invalid inference request: " + "; ".join(problems)) from None
     return parsed, BinarySection(view[size:])
@@ -386,6 +390,33 @@ def datatype_at_fault(document: dict, error: ValidationError) -> str | None:
             if tensor.get("name") == INPUT and isinstance(datatype, str) and datatype != "BYTES":
                 return datatype
     return None
+
+
+def text_element_at_fault(document: dict, error: ValidationError) -> InvalidInferRequest | None:
+    """The first element of the BYTES ``text`` input that is not a string, named as the other protocols name a text
+    (``text[i]``): pydantic's words were "inputs[0].data[1]: Input should be a valid string", once per element."""
+    inputs = document.get("inputs")
+    for problem in error.errors():
+        where = problem["loc"]
+        if problem["type"] == "string_type" and len(where) == 4 and where[0] == "inputs" and where[2] == "data" \
+                and isinstance(where[1], int) and isinstance(where[3], int) and isinstance(inputs, list) \
+                and where[1] < len(inputs) and isinstance(inputs[where[1]], dict) \
+                and inputs[where[1]].get("name") == INPUT:
+            value = inputs[where[1]]["data"][where[3]]
+            return InvalidInferRequest(f"{INPUT}[{where[3]}] is {json_kind(value)}, not a string: BYTES data hold "
+                                       f"texts, each a JSON string in a flat list; {SHAPE_HINT}")
+    return None
+
+
+def json_kind(value: object) -> str:
+    """What a JSON value is, in words."""
+    if isinstance(value, bool):  # before numbers: a bool is an int in Python
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "null"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def not_json(header: memoryview, error: orjson.JSONDecodeError) -> str:
