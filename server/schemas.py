@@ -97,7 +97,7 @@ UtcDateTime = Annotated[datetime, BeforeValidator(not_a_timestamp), AfterValidat
 # ------------------------------------------------- Hugging Face / TEI bodies (server/protocols/tei.py)
 
 TEXT_SCHEMA = {"type": "string", "pattern": "\\S"}
-AT = "at"  # an error's context key: the index, inside the field, of the text at fault (``server.http.location``)
+AT = "at"  # an error's context key: the index, inside the field, of the text at fault (``server.http.error_place``)
 PAIR_HINT = "this model classifies single texts, not pairs: to classify several texts send a batch, [[\"a\"], [\"b\"]]"
 
 
