@@ -24,6 +24,7 @@ closed pipe, a full device: ``output_failed``), an unreadable spool; Ctrl-C exit
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -328,8 +329,8 @@ def holds(contents: SpoolContents) -> str:
 def _unreadable_spool(directory: Path, error: OSError) -> int:
     if isinstance(error, NotRegularFile):  # it names the file and says what to do: no user would read a FIFO
         return _fail(f"cannot read the spool: {error}")
-    return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}; run the command "
-                 "as the server's user")
+    hint = "; run the command as the server's user" if error.errno in (errno.EACCES, errno.EPERM) else ""
+    return _fail(f"cannot read the spool {error.filename or directory}: {error.strerror or error}{hint}")
 
 
 def spool_replay(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ ERROR lines keep the literal level name in both formats so the runbook's
 
 A text line's message never breaks the line: its unprintable characters (line breaks, tabs, escape sequences)
 are written escaped (``one_line``), so text a client or an admin sent (a reload's ``model_path`` holding a newline
-and a forged timestamp) cannot start a line of its own. A traceback still follows its message on lines of its
-own. JSON lines escape them by JSON's own rules.
+and a forged timestamp) cannot start a line of its own. A traceback follows its message on lines of its own,
+each indented (``indented``), so no line of it starts as a log line does. JSON lines escape them by JSON's own
+rules.
 
 ``LOG_FILE`` is rotated by size: past ``LOG_MAX_BYTES`` it becomes
 ``LOG_FILE.1`` (older copies shift to ``.2`` ... up to ``LOG_BACKUPS``, the
@@ -67,12 +68,24 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        """``logging.Formatter.format`` with the message on one line and a traceback's lines indented."""
         rid = getattr(record, "request_id", None)
         record.rid = f" [{rid}]" if rid else ""
-        return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self._fmt % {**vars(record), "message": one_line(record.message)}
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for more in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if more:
+                text += "\n" + indented(more)
+        return text
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
-        return self._fmt % {**vars(record), "message": one_line(record.message)}
+
+def indented(text: str) -> str:
+    """A traceback's lines, each indented and on one line: an exception's message holding a line break and a
+    forged timestamp would otherwise start a line of its own (red team helper-61)."""
+    return "\n".join("  " + one_line(line) for line in text.splitlines())
 
 
 class SizeRotatingFileHandler(CountsLostLines, RotatingFileHandler):

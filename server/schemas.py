@@ -123,8 +123,8 @@ def tei_inputs(value: object) -> str | list[str] | list[list[str]]:
             raise PydanticCustomError("tei_inputs", "is not a list of one string; a batch is [[\"a\"], [\"b\"]]",
                                       {AT: index})
         if len(item) > 1:
-            raise PydanticCustomError("text_pair", f"holds {len(item)} strings (a pair in TEI); {PAIR_HINT}",
-                                      {AT: index})
+            held = "a pair in TEI" if len(item) == 2 else "TEI takes one text or a pair"
+            raise PydanticCustomError("text_pair", f"holds {len(item)} strings ({held}); {PAIR_HINT}", {AT: index})
         _batch_text(item[0], index)
     return value
 

@@ -206,6 +206,18 @@ def test_spool_status_on_an_unreadable_spool_is_one_line(tmp_path):
     one_error_line(result, f"cannot read the spool {spool}", "Permission denied")
 
 
+def test_spool_status_names_a_segment_that_links_to_nothing(tmp_path):
+    """It was counted as a segment released meanwhile (nothing), where a replay of the same spool fails on it."""
+    spool = tmp_path / "spool"
+    leave_spool(spool, database_identity(f"sqlite:///{tmp_path}/p.db"))
+    dangling = spool / "wal-00000000000099999999.jsonl"
+    dangling.symlink_to(tmp_path / "gone")
+    result = cli("spool", "status", "--spool-dir", str(spool))
+    assert result.returncode == 1, result
+    err = one_error_line(result, f"cannot read the spool {dangling}", "No such file or directory")
+    assert "server's user" not in err  # not a permission problem
+
+
 def test_spool_status_counts_a_segment_released_while_it_looks_as_empty(tmp_path, monkeypatch, capsys):
     """A replay (or the server) releases a segment between the listing and its reading: FileNotFoundError."""
     import server.store.wal as wal

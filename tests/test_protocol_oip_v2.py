@@ -190,6 +190,8 @@ def one_text(**extra) -> dict:
     (one_text(data=[["a"], ["b"]]), None, "text[0] is a list, not a string: BYTES data hold texts, each a JSON "
                                           "string in a flat list"),
     (one_text(data=[None]), None, "text[0] is null, not a string"),
+    ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]},  # which 'text' is meant?
+                 {"name": "text", "datatype": "BYTES", "shape": [2], "data": ["c", 2]}]}, None, "inputs[1].data[1]"),
 ])
 def test_malformed_requests_are_400_saying_what_to_fix(server, header, binary, fragment):
     encoded = header if isinstance(header, bytes) else json.dumps(header).encode()

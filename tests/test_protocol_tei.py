@@ -169,6 +169,7 @@ def test_a_request_answered_from_the_cache_computed_nothing(server):
     ({"inputs": ["a", "b"]}, 'one pair of texts in TEI, not two texts; this model classifies single texts, not '
                              'pairs: to classify several texts send a batch, [["a"], ["b"]]'),
     ({"inputs": [["a"], ["b", "c"]]}, "inputs[1]: holds 2 strings (a pair in TEI)"),
+    ({"inputs": [["a"], ["b", "c", "d", "e"]]}, "inputs[1]: holds 4 strings (TEI takes one text or a pair)"),
     ({"inputs": ["a", "b", "c"]}, "a list of 3 strings is not TEI input"),
     ({"inputs": []}, "must be a string, or a batch"),
     ({"inputs": [["a"], "b"]}, "inputs[1]: is not a list of one string"),

@@ -185,24 +185,30 @@ async def test_a_refused_row_is_isolated_by_halving_and_replayable_after_a_fix(s
     await wait_until(lambda: store.health()["rejected_rows"] == 0, what="/health to see the replay")
 
 
+NESTED = b'{"a":' + b"[" * 200_000 + b"\\ud800" + b"]" * 200_000 + b"}\n"  # past json's recursion limit
+
+
+@pytest.mark.parametrize("damaged", [b"\x00garbage, not a record\n", NESTED],
+                         ids=["garbage", "nested-past-the-recursion-limit"])
 async def test_a_damaged_spool_line_is_set_aside_without_blaming_the_database(store_db, store_settings, open_store,
-                                                                              caplog):
+                                                                              caplog, damaged):
     """A line damaged on disk never reaches the database: the log said "the database refused" it, sending an
-    operator after constraints and schemas."""
+    operator after constraints and schemas. A line nested past ``json``'s recursion limit raised RecursionError in
+    the writer, which held the database down for good (red team helper-61)."""
     settings = store_settings()
     records = [make_record(f"t{i}") for i in range(4)]
     leave_spool(settings.spool_dir, store_db.url, records[:2])
     wal = WriteAheadLog(settings.spool_dir, 1 << 30)
     wal.open()
-    wal.append(b"\x00garbage, not a record\n")
+    wal.append(damaged)
     wal.append(encode_lines([record_row(r, True) for r in records[2:]]))
     wal.close()
     store = await open_store(settings)
     await wait_until(lambda: len(stored_ids(store_db.url)) == 4, what="the four records around the damaged line")
     await wait_until(lambda: store.health()["rejected_rows"] == 1, what="/health to count the damaged line")
+    assert store.health()["status"] == "ok", store.health()
     kept = [json.loads(line) for line in (settings.spool_dir / REJECTED).read_text().splitlines()]
-    assert [(entry["error"], entry["line"]) for entry in kept] == [("unreadable spool line",
-                                                                   "\x00garbage, not a record\n")]
+    assert [(entry["error"], entry["line"]) for entry in kept] == [("unreadable spool line", damaged.decode())]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("1 spool lines are damaged, not records: set aside in" in m and "no replay can write them" in m
                for m in errors), errors
@@ -310,13 +316,14 @@ def test_spool_status_counts_damaged_lines_apart_from_the_predictions(store_db, 
     wal.open()
     wal.append(b"\x00garbage, not a record\n")
     wal.append(b"[1, 2]\n")  # JSON, but not a record
+    wal.append(NESTED)  # read again by json, whose recursion limit it passes
     wal.append(b"x" * 3000 + b"\n")  # over the limit: skipped to its end, not held
     wal.append(encode_lines([record_row(records[2], True)]))
     wal.append(b'{"torn": ')  # no newline: a crash in mid-append, not a line (the server cuts it at start)
     wal.close()
     assert run_cli("spool", "status", "--spool-dir", str(tmp_path / "spool")) == 0
     out = capsys.readouterr().out
-    assert ": 3 predictions, 3 damaged lines that are not records (" in out, out
+    assert ": 3 predictions, 4 damaged lines that are not records (" in out, out
 
 
 def test_spool_status_says_what_a_spool_holds_and_for_which_database(store_db, tmp_path, monkeypatch, capsys):

@@ -396,12 +396,13 @@ def text_element_at_fault(document: dict, error: ValidationError) -> InvalidInfe
     """The first element of the BYTES ``text`` input that is not a string, named as the other protocols name a text
     (``text[i]``): pydantic's words were "inputs[0].data[1]: Input should be a valid string", once per element."""
     inputs = document.get("inputs")
+    if not isinstance(inputs, list) or sum(isinstance(i, dict) and i.get("name") == INPUT for i in inputs) != 1:
+        return None  # no text input, or several: which one is meant is the first thing to fix (pydantic names both)
     for problem in error.errors():
         where = problem["loc"]
         if problem["type"] == "string_type" and len(where) == 4 and where[0] == "inputs" and where[2] == "data" \
-                and isinstance(where[1], int) and isinstance(where[3], int) and isinstance(inputs, list) \
-                and where[1] < len(inputs) and isinstance(inputs[where[1]], dict) \
-                and inputs[where[1]].get("name") == INPUT:
+                and isinstance(where[1], int) and isinstance(where[3], int) and where[1] < len(inputs) \
+                and isinstance(inputs[where[1]], dict) and inputs[where[1]].get("name") == INPUT:
             value = inputs[where[1]]["data"][where[3]]
             return InvalidInferRequest(f"{INPUT}[{where[3]}] is {json_kind(value)}, not a string: BYTES data hold "
                                        f"texts, each a JSON string in a flat list; {SHAPE_HINT}")

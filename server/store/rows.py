@@ -55,13 +55,20 @@ def _encode_one(row: dict[str, Any]) -> bytes:
 
 
 def decode_line(line: bytes) -> dict[str, Any] | None:
-    """A spool line back as a row; None when it is not a JSON object."""
+    """A spool line back as a row; None when it is not a JSON object.
+
+    orjson refuses an escaped lone surrogate, which ``_encode_one`` writes for a text holding one: only such a line
+    is read again by ``json``, so a damaged line costs one parse (junk lines cost 5 us each through both), and
+    ``json``'s recursion limit is caught: a line of 200,000 nested brackets raised ``RecursionError`` from the
+    store's writer, which held the database "down" for good (red team helper-61)."""
     try:
         row = orjson.loads(line)
     except orjson.JSONDecodeError:
+        if b"\\u" not in line:
+            return None
         try:
             row = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return row if isinstance(row, dict) else None
 

@@ -342,6 +342,8 @@ def read_spool(directory: Path) -> SpoolContents:
                     size += os.fstat(handle.fileno()).st_size
                     good, bad = _records_and_damaged(handle)
             except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
+                if os.path.lexists(path):  # still there: a link to nothing, which a replay cannot read either
+                    raise
                 continue
             records, damaged = records + good, damaged + bad
     return SpoolContents(records, damaged, size)
