@@ -307,7 +307,8 @@ def _unavailable(error: OSError) -> SpoolUnavailable:
 
 
 def count_spool(directory: Path) -> tuple[int, int]:
-    """Records and bytes in the segments of a spool directory (streamed; for reports and the CLI)."""
+    """Lines and bytes in the segments of a spool directory (streamed, not parsed: the server's report of a spool it
+    set aside; ``read_spool`` tells records from damaged lines, for ``spool status``)."""
     rows = size = 0
     for path in Path(directory).iterdir():
         if is_segment(path.name):
@@ -328,7 +329,7 @@ class SpoolContents:
     bytes: int
 
 
-LINE_LIMIT = 64 << 20  # a line longer than this is no record (a text is at most MAX_TEXT_CHARS): damaged, not held
+LINE_LIMIT = 64 << 20  # a longer line is counted damaged, never held (a record needs MAX_TEXT_CHARS in the millions)
 
 
 def read_spool(directory: Path) -> SpoolContents:
