@@ -31,6 +31,9 @@ A request line and headers over ``HEAD_MAX_BYTES`` or ``HEAD_MAX_FIELDS`` get 41
 after ``REFUSAL_LINGER_S`` of reading and discarding, so the close does not reset it before the answer is read.
 uvicorn's own WARNING for each such request is let through once a minute, with a count of the rest.
 
+At most ``PIPELINE_MAX`` requests wait behind the one being answered on a connection, and nothing more is read
+while any wait; the next is refused with 429 once they are answered (``_stop_pipelining``).
+
 A request asking to upgrade (``Upgrade: h2c``, a WebSocket) is answered as HTTP/1.1, as RFC 9110 lets a server
 that switches to no other protocol do (``data_received``).
 
@@ -79,8 +82,10 @@ ANSWERING = "sentiment.answering"  # scope key: the uvicorn cycle answering the 
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 HEAD_MAX_BYTES = 64 * 1024  # a request's URL and header names and values together (414 / 431 beyond)
 HEAD_MAX_FIELDS = 100  # header fields per request, as Apache's LimitRequestFields (431 beyond)
+PIPELINE_MAX = 64  # requests read and waiting behind the one being answered, per connection (429 beyond)
 INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs (and answers) for what httptools refuses
 Phase = Literal["headers", "body", "app", "refused"]
+RefusalReason = Literal["malformed_http", "too_many_pipelined"]  # what a refusal made here is counted as
 
 
 class RequestTimeout(HTTPException):
@@ -94,6 +99,10 @@ class RequestTimeout(HTTPException):
 
 class HeadTooLarge(Exception):
     """Raised in a parser callback to stop parsing a request whose line or headers are over the bounds."""
+
+
+class TooManyPipelined(Exception):
+    """Raised in a parser callback to stop parsing a request pipelined behind ``PIPELINE_MAX`` others."""
 
 
 class MalformedBody(ServerError):
@@ -271,7 +280,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
         self._not_reading = False  # httptools refused what the client sent, or a refusal lingers: nothing more is read
         self._head_bytes = self._head_fields = 0  # the request line and headers parsed so far (``_count_head``)
-        self._oversized: tuple[int, str, str] | None = None  # the refusal of a request whose head is too large
+        self._oversized: tuple[int, str, str] | None = None  # the refusal of a request over a bound of the head
+        # or of the pipeline, and the reason it is counted under
+        self._refusal_reason: RefusalReason = "malformed_http"
         self._upgrade_body_left: int | None = None  # body bytes still due from a request that asked to upgrade
         self._refusal_after_answer: bytes | None = None  # a 400 for garbage pipelined behind the request under way
         self._answering: Callable[[], object] = lambda: None  # the cycle of the request being answered (weakly)
@@ -360,9 +371,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # parser and response events
 
     def on_message_begin(self) -> None:
+        if len(self.pipeline) >= PIPELINE_MAX:
+            self._stop_pipelining()
         super().on_message_begin()
         self._request_begun = True
         self._head_bytes = self._head_fields = 0
+
+    def _stop_pipelining(self) -> None:
+        """Refuse a request pipelined behind ``PIPELINE_MAX`` others, once they are answered, and read nothing more.
+
+        uvicorn parses every request of what it reads and queues them; after each answer it read on, whatever was
+        still queued: one client pipelining ``GET /ready`` grew the server by 100 MB/s (~2 KB a queued request)
+        and held other clients' /ready up to 2 s (red team helper-63). Besides this bound, reading stays paused
+        while requests are queued (``on_response_complete``), so what one connection holds unanswered is at most
+        one read of its socket. RFC 9112 (9.3.2) lets a server close a connection with pipelined requests
+        unanswered: the client sends them again."""
+        self._oversized = (429, f"more than {PIPELINE_MAX} requests pipelined on one connection behind the one being "
+                                "answered; the requests from this one on were not read: wait for answers before "
+                                "sending more, or open another connection", "too_many_pipelined")
+        self._refusal_reason = "too_many_pipelined"
+        raise TooManyPipelined()
 
     def on_url(self, url: bytes) -> None:
         self._count_head(len(url), 0, 414, "the request URL")
@@ -446,12 +474,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._responses += 1
         if self.guard.draining:
             self.guard.answered += 1
-        if self._refusal_after_answer is not None and not self.pipeline:  # after the requests parsed before it
+        refusing = self._refusal_after_answer is not None and not self.pipeline  # after the requests before it
+        if refusing:
             self._refuse_malformed(self._refusal_after_answer)
-        super().on_response_complete()
+        super().on_response_complete()  # starts the next request queued, if any, and reads on
+        if self.pipeline:  # more are queued behind the one it started: nothing more is read until they are answered
+            self.flow.pause_reading()
         if self.timeout_keep_alive_task is None:  # the connection is closing, or a pipelined request started
             return
         self._unset_keepalive_if_required()  # uvicorn's keep-alive timer: the header deadline replaces it
+        if refusing:  # the refusal's linger closes the connection: a header deadline armed here replaced that
+            return  # timer, and what the client sent was read and discarded for HEADER_TIMEOUT_S (780 MB in 6 s)
         if self.phase == "app":
             self._await_headers()
         # phase "body": answered before its body had all arrived; the body deadline still runs
@@ -565,7 +598,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _refuse_malformed(self, response: bytes) -> None:
         self._refusal_after_answer = None
-        self.guard.metrics.rejected.labels("malformed_http").inc()
+        self.guard.metrics.rejected.labels(self._refusal_reason).inc()
         if self.transport.is_closing():  # the answer before it closed the connection (Connection: close)
             return
         if self.guard.draining:

@@ -68,6 +68,7 @@ REJECTION_REASONS = (  # rejected: why a request was refused
     "key_unverifiable",  # 503: an API key this server does not know, while the database is unavailable
     "body_memory_full",  # 503: request bodies in flight hold the memory plan's share for them
     "malformed_http",  # 400: a request httptools cannot parse (request line, headers, chunked framing)
+    "too_many_pipelined",  # 429: a request pipelined behind PIPELINE_MAX others on one connection
 )
 
 

@@ -7,6 +7,7 @@ that a deadline is not enforced early and that what must end does end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -16,7 +17,14 @@ import httpx
 import pytest
 
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
-from server.connections import CONTINUE, HEAD_MAX_BYTES, HEAD_MAX_FIELDS, HeadWithBody, RepeatedClientWarnings
+from server.connections import (
+    CONTINUE,
+    HEAD_MAX_BYTES,
+    HEAD_MAX_FIELDS,
+    PIPELINE_MAX,
+    HeadWithBody,
+    RepeatedClientWarnings,
+)
 
 HEADER_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 2.0
@@ -307,13 +315,25 @@ def test_a_client_that_pipelines_requests_and_never_reads_the_answers_is_cut_off
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
         sock.connect((host, int(port)))
-        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n" * 200)
+        sock.setblocking(False)
+        request, unsent = b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n", b""
         deadline = time.monotonic() + WAIT_S
         while metric(server, SLOW) == slow and time.monotonic() < deadline:
-            time.sleep(0.2)
+            # a batch within the pipeline's bound at a time, each read once the one before it is answered, until
+            # the answers fill the buffers (else it would be refused for pipelining, not for leaving them unread)
+            unsent = unsent or request * (PIPELINE_MAX // 2)
+            try:
+                unsent = unsent[sock.send(unsent):]
+            except BlockingIOError:  # the server has stopped reading: its buffers are full
+                pass
+            time.sleep(0.5)
         assert metric(server, SLOW) == slow + 1
         sock.settimeout(WAIT_S)
-        read_until_closed(sock)  # what the kernel still held for it, then the end of the connection
+        # what the kernel still held for it, then the end of the connection: a reset, as requests it had not read
+        # were left behind (reading stops while requests are queued)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(65536):
+                pass
 
 
 def test_connections_beyond_max_connections_are_refused_with_503_json_and_the_gauge_counts(tiny_artifact, tmp_path):
@@ -401,6 +421,48 @@ def test_garbage_pipelined_after_requests_is_refused_once_they_are_answered(serv
     status, headers, body = parse(raw)
     assert status == 400 and headers["connection"] == "close" and json.loads(body)["type"] == "malformed_http"
     assert metric(server, MALFORMED) == malformed + 1
+
+
+def test_requests_pipelined_past_the_bound_are_refused_after_those_before_them_and_nothing_more_is_read(server):
+    """One client pipelining GET /ready grew the server by 100 MB/s: uvicorn read on after each answer and queued
+    every request it parsed (red team helper-63)."""
+    pipelined = 'sentiment_rejected_requests_total{reason="too_many_pipelined"}'
+    before = metric(server, pipelined)
+    ready = b"GET /ready HTTP/1.1\r\nHost: test\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(ready * (PIPELINE_MAX + 10))  # one read: the first is answered, PIPELINE_MAX wait behind it
+        raw = read_until_closed(sock)
+    for _ in range(1 + PIPELINE_MAX):
+        status, headers, rest = parse(raw)
+        assert status == 200, raw[:300]
+        raw = rest[int(headers["content-length"]):]
+    status, headers, body = parse(raw)
+    assert status == 429 and headers["connection"] == "close", raw[:300]
+    refusal = json.loads(body)
+    assert refusal["type"] == "too_many_pipelined" and f"more than {PIPELINE_MAX} requests pipelined" in \
+        refusal["error"], refusal
+    assert metric(server, pipelined) == before + 1
+
+
+def test_a_refused_connection_is_closed_after_its_linger_however_long_the_header_deadline(tiny_artifact, tmp_path):
+    """The refusal after the answers armed its linger, and then the header deadline replaced it: a client that went
+    on sending had its bytes read and discarded (780 MB in 6 s) until HEADER_TIMEOUT_S."""
+    live = start_server({"MODEL_PATH": str(tiny_artifact), "HEADER_TIMEOUT_S": "60", "DRAIN_GRACE_S": "0"},
+                        tmp_path)
+    try:
+        with connect(live) as sock:
+            sock.sendall(b"GET /ready HTTP/1.1\r\nHost: test\r\n\r\n" * (PIPELINE_MAX + 2))
+            raw = read_until_closed(sock)  # the answers, then the end of the server's sending
+            started = time.monotonic()
+            with pytest.raises(OSError):  # the client goes on sending: the closed connection refuses it
+                while time.monotonic() - started < 10:
+                    sock.sendall(b"x" * 65536)
+                    time.sleep(0.05)
+            closed_after = time.monotonic() - started
+        assert raw.count(b"HTTP/1.1 200 ") == PIPELINE_MAX + 1 and raw.count(b"HTTP/1.1 429 ") == 1
+        assert closed_after < 5, closed_after  # the linger (1 s), not the header deadline (60 s)
+    finally:
+        assert stop_server(live) == 0
 
 
 def upgrade_head(upgrade: str, length: int = len(BODY)) -> bytes:
