@@ -577,3 +577,38 @@ def test_a_500_logged_where_it_was_raised_is_not_logged_again_for_each_grpc_call
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["code"] == "INTERNAL"
     assert not [line for line in outcome["errors"] if "request failed" in line], outcome["errors"]
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
+
+
+def test_grpc_connections_are_bounded_by_max_connections_and_idle_ones_do_not_starve_http(tiny_artifact, tmp_path):
+    """Idle connections that sent the HTTP/2 preface and nothing more took every file descriptor the process had:
+    HTTP, the spool and the database failed with them (red team helper-63)."""
+    live, address = grpc_server(tiny_artifact, tmp_path, MAX_CONNECTIONS="3")
+    host, port = address.rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection((host, int(port)), timeout=TIMEOUT_S)
+            sock.sendall(HTTP2_PREFACE)
+            assert sock.recv(9)[3:4] == b"\x04"  # the server's SETTINGS frame: the connection is taken
+            held.append(sock)
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as refused:
+            refused.sendall(HTTP2_PREFACE)
+            assert refused.recv(9) == b""  # closed, not handshaken
+        assert httpx.get(live.url + "/ready", timeout=TIMEOUT_S).status_code == 200  # HTTP has its own bound
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # the slots are freed once the server has seen the connections close
+            try:
+                assert BoundedClient(address).is_server_ready()
+                break
+            except InferenceServerException:
+                assert time.monotonic() < deadline, "a freed gRPC connection slot was never reused"
+                time.sleep(0.2)
+    finally:
+        for sock in held:
+            sock.close()
+        assert stop_server(live) == 0

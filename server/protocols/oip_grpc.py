@@ -389,6 +389,7 @@ class UnsentAnswers(logging.Filter):
 
 
 GRPC_CORE_LOG = logging.getLogger("grpc._cython.cygrpc")
+GRPC_IDLE_MS = 5 * 60 * 1000  # a gRPC connection without a call for this long is closed (gracefully, GOAWAY)
 
 
 class GrpcServer:
@@ -404,6 +405,11 @@ class GrpcServer:
         self.server = aio.server(options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),  # else a second server binds a port in use, and they share its calls
+            # Connections as for HTTP: idle ones that had sent nothing but the HTTP/2 preface took every file
+            # descriptor the process had (HTTP, the spool and the database then failed: red team helper-63).
+            ("grpc.max_allowed_incoming_connections", settings.max_connections),  # refused before the handshake
+            ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", GRPC_IDLE_MS),  # no call for that long: GOAWAY (clients reconnect)
         ])
         add_service(self.service, self.server)
 
