@@ -207,6 +207,12 @@ def manifest_a_fifo(d: Path) -> None:
     os.mkfifo(d / MANIFEST)
 
 
+def manifest_huge(d: Path) -> None:
+    """1.5 GB, sparse: read whole, it took 3 GB and held the event loop 5 s."""
+    with (d / MANIFEST).open("r+b") as handle:
+        handle.truncate(1536 << 20)
+
+
 def tokenizer_a_fifo(d: Path) -> None:
     """It exists, so "missing" would mislead; reading it would block."""
     (d / TOKENIZER).unlink()
@@ -234,9 +240,9 @@ BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     label_with_a_line_break, too_many_labels,
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
     max_length_not_a_number, max_length_zero, max_length_two, max_length_huge, max_length_beyond_the_model,
-    missing_file, wrong_sha256, path_outside_the_artifact, manifest_a_fifo, tokenizer_a_fifo, invalid_tokenizer,
-    tokenizer_empty_object, tokenizer_beyond_the_embeddings, tokenizer_word_beyond_the_embeddings, garbage_onnx,
-    rehashed_nan_weights, wrong_outputs,
+    missing_file, wrong_sha256, path_outside_the_artifact, manifest_a_fifo, manifest_huge, tokenizer_a_fifo,
+    invalid_tokenizer, tokenizer_empty_object, tokenizer_beyond_the_embeddings, tokenizer_word_beyond_the_embeddings,
+    garbage_onnx, rehashed_nan_weights, wrong_outputs,
 )}
 
 
