@@ -140,10 +140,13 @@ def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_art
     assert set(after) <= set(stored) <= set(before + after) and len(stored) == len(set(stored)), stored
 
 
-def test_predictions_answered_after_the_sqlite_write_ahead_log_is_removed_are_kept(tiny_artifact, tmp_path):
-    """The same through the other file (a red team): with ``-wal`` removed, commits went into the log the
-    connections held open, the spool released them, and a SIGKILL lost them. Now the database is down until a
-    restart, which replays the spool."""
+@pytest.mark.parametrize("companion, named", [("-wal", "write-ahead log"), ("-shm", "shared index")])
+def test_predictions_answered_after_the_sqlite_write_ahead_log_is_removed_are_kept(tiny_artifact, tmp_path,
+                                                                                 companion, named):
+    """The same through the other files (red teams): with ``-wal`` removed, commits went into the log the
+    connections held open, the spool released them, and a SIGKILL lost them; with ``-shm`` removed, a key created
+    beside the server was overwritten by the server's next commits. Now the database is down until a restart,
+    which replays the spool."""
     database = tmp_path / "predictions.db"
     env = _sqlite_env(tiny_artifact, tmp_path)
     server = _start(env, tmp_path / "first")
@@ -151,13 +154,13 @@ def test_predictions_answered_after_the_sqlite_write_ahead_log_is_removed_are_ke
         with httpx.Client(base_url=server.url, timeout=30) as client:
             stream(client, 0, 5)
             until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
-            Path(f"{database}-wal").unlink()
+            Path(f"{database}{companion}").unlink()
             after = stream(client, 5, 10)
             down = until(client, lambda health: health["status"] == "degraded" and health["database"]["spool_rows"])
     finally:
         server.process.kill()  # what the log held open goes with the process
         server.process.wait()
-    assert "write-ahead log" in down["database"]["reason"] and "restart the server" in down["database"]["reason"]
+    assert named in down["database"]["reason"] and "restart the server" in down["database"]["reason"], down
     server = _start(env, tmp_path / "second")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:

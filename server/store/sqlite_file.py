@@ -21,7 +21,11 @@ as stored, /health said the database was up, and at a clean shutdown (or a SIGKI
 * a connection to a moved or removed file checkpoints before it is dropped (``checkpoint``), so the file holds what
   was committed to it and no log of it is left at the path;
 * a new connection is refused, naming the file, while the ``-wal`` or ``-shm`` at the path is not a regular file
-  (``check_regular``): SQLite's own error for a FIFO there names none.
+  (``check_regular``): SQLite's own error for a FIFO there names none;
+* a commit fails, as for the log, once the ``-shm`` (the index the processes using the database share) is not the
+  one first committed through: with it removed, ``keys create`` beside the server printed a key and the server's
+  later commits overwrote it (red team helper-62). A ``-shm`` truncated under a running server is beyond this:
+  SQLite maps it into memory, and the process dies of SIGBUS at its next access (README: the files not to touch).
 """
 
 from __future__ import annotations
@@ -134,11 +138,17 @@ def watch(engine: Engine, path: Path) -> None:
     def commit_only_to_the_files_first_opened(_connection) -> None:
         if (now := identity(path)) != first["file"]:
             raise changed(now)
-        now_log = identity(wal)
+        now_log = identity(wal), identity(shm)
         if first["log"] is None:
             first["log"] = now_log
-        elif now_log != first["log"]:
+        elif now_log[0] != first["log"][0]:
             raise SqliteFileChanged(
                 f"the SQLite database's write-ahead log {wal} was removed or replaced while the server ran: what "
                 "was committed since is only in the log the server still holds open; restart the server "
                 "(predictions are spooled on disk meanwhile and replayed at the start)")
+        elif now_log[1] != first["log"][1]:
+            raise SqliteFileChanged(
+                f"the SQLite database's shared index {shm} was removed or replaced while the server ran: its "
+                "commits and another process's (sentiment-analyzer keys) would no longer see each other, and one "
+                "overwrites the other's; restart the server (predictions are spooled on disk meanwhile and replayed "
+                "at the start)")
