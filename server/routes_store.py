@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import io
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, StringConstraints
 
 from server.auth import Caller, log_refusal, require_key, require_role
 from server.http import error_responses
@@ -31,6 +31,9 @@ from server.strict_json import StrictJsonRoute
 
 MAX_OFFSET = 1_000_000_000  # deeper than any page a person reads; since/until reach further back
 MAX_FILTER_CHARS = 256
+# The bound on the string itself, before StorableText's checks: given to Query, or after them, pydantic's words were
+# "Value should have at most 256 items after validation"
+FilterText = Annotated[(str, StringConstraints(max_length=MAX_FILTER_CHARS), *get_args(StorableText)[1:])]
 router = APIRouter(route_class=StrictJsonRoute)
 ADMIN = Depends(require_role("admin"))
 
@@ -66,8 +69,8 @@ class KeyIn(ClosedBody):
 @router.get("/predictions", summary="Stored predictions, newest first (admin)")
 async def list_predictions(
     request: Request,
-    label: StorableText | None = Query(None, max_length=MAX_FILTER_CHARS),
-    model_version: StorableText | None = Query(None, max_length=MAX_FILTER_CHARS),
+    label: FilterText | None = Query(None),
+    model_version: FilterText | None = Query(None),
     since: UtcDateTime | None = Query(None, description="ISO 8601, inclusive; no offset means UTC"),
     until: UtcDateTime | None = Query(None, description="ISO 8601, exclusive; no offset means UTC"),
     limit: int = Query(100, ge=1, le=MAX_PAGE),
