@@ -408,7 +408,7 @@ class GrpcServer:
             # Connections as for HTTP: idle ones that had sent nothing but the HTTP/2 preface took every file
             # descriptor the process had (HTTP, the spool and the database then failed: red team helper-63).
             ("grpc.max_allowed_incoming_connections", settings.max_connections),  # refused before the handshake
-            ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", max(1, int(settings.header_timeout_s * 1000))),
             ("grpc.max_connection_idle_ms", GRPC_IDLE_MS),  # no call for that long: GOAWAY (clients reconnect)
         ])
         add_service(self.service, self.server)
