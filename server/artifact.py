@@ -283,17 +283,6 @@ def _read_regular_file(path: Path, size: int | None) -> bytes | None:
     return data if len(data) == found.st_size else None
 
 
-def read_bounded(path: Path, most: int) -> bytes:
-    """The bytes of a file of at most ``most`` bytes (one grown past it since it was measured raises ``OSError``):
-    a reload of a directory whose 1.5 GB ``manifest.json`` took 3 GB and held the event loop 5 s (red team
-    helper-63)."""
-    with path.open("rb") as handle:
-        data = handle.read(most + 1)
-    if len(data) > most:
-        raise OSError(f"it grew past {most >> 20} MiB while it was read")
-    return data
-
-
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The manifest as a dict, checked against ``ManifestSchema``; raises ``ArtifactError`` naming the problem."""
     manifest_path = directory / MANIFEST
@@ -306,12 +295,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
                                 f"`python -m models.build --checkpoint {directory} --out ARTIFACT` and serve ARTIFACT")
         raise ArtifactError(f"model manifest missing: {manifest_path} (build the artifact with `python -m models.build "
                             f"--checkpoint CHECKPOINT --out {directory}`, or `make model` for the bundled one)")
-    size = manifest_path.stat().st_size
-    if size > MANIFEST_MAX_BYTES:
-        raise ArtifactError(f"model manifest too large: {manifest_path} holds {size} bytes, far more than any manifest "
-                            f"(at most {MANIFEST_MAX_BYTES >> 20} MiB): restore it or rebuild the artifact")
     try:
-        manifest = json.loads(read_bounded(manifest_path, MANIFEST_MAX_BYTES).decode("utf-8"))
+        with manifest_path.open("rb") as handle:  # read whole, a 1.5 GB one took 3 GB and held the event loop 5 s
+            data = handle.read(MANIFEST_MAX_BYTES + 1)  # one byte more: a larger one is refused, the rest unread
+        if len(data) > MANIFEST_MAX_BYTES:
+            raise ArtifactError(f"model manifest too large: {manifest_path} holds more than "
+                                f"{MANIFEST_MAX_BYTES >> 20} MiB, far more than any manifest: restore it or rebuild "
+                                "the artifact")
+        manifest = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"model manifest unreadable: {manifest_path}: {exc} "
                             "(it must be UTF-8 JSON; restore it or rebuild the artifact)") from None
