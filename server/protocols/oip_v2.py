@@ -24,6 +24,7 @@ shared-memory tensors, Triton's classification extension; compressed request bod
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import orjson
@@ -376,19 +377,27 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
     return parsed, BinarySection(view[size:])
 
 
+def text_data_problems(document: dict, error: ValidationError) -> Iterator[tuple[dict, dict]]:
+    """Each of the request model's problems with the ``data`` of an input named ``text``, and that input."""
+    inputs = document.get("inputs")
+    if not isinstance(inputs, list):
+        return
+    for problem in error.errors():
+        where = problem["loc"]
+        if len(where) > 2 and where[0] == "inputs" and where[2] == "data" and isinstance(where[1], int) \
+                and where[1] < len(inputs) and isinstance(inputs[where[1]], dict) \
+                and inputs[where[1]].get("name") == INPUT:
+            yield problem, inputs[where[1]]
+
+
 def datatype_at_fault(document: dict, error: ValidationError) -> str | None:
     """The datatype of the ``text`` input, when the request model refused its ``data`` and it is not BYTES: numbers
     sent as INT32 are refused for that, as over gRPC, not as "Input should be a valid string" once per element.
     Another input's problems are left to the request model's words (gRPC's "unknown input" is about its name)."""
-    inputs = document.get("inputs")
-    for problem in error.errors():
-        where = problem["loc"]
-        if len(where) > 2 and where[0] == "inputs" and where[2] == "data" and isinstance(inputs, list) \
-                and isinstance(where[1], int) and where[1] < len(inputs) and isinstance(inputs[where[1]], dict):
-            tensor = inputs[where[1]]
-            datatype = tensor.get("datatype")
-            if tensor.get("name") == INPUT and isinstance(datatype, str) and datatype != "BYTES":
-                return datatype
+    for _, tensor in text_data_problems(document, error):
+        datatype = tensor.get("datatype")
+        if isinstance(datatype, str) and datatype != "BYTES":
+            return datatype
     return None
 
 
@@ -398,14 +407,11 @@ def text_element_at_fault(document: dict, error: ValidationError) -> InvalidInfe
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or sum(isinstance(i, dict) and i.get("name") == INPUT for i in inputs) != 1:
         return None  # no text input, or several: which one is meant is the first thing to fix (pydantic names both)
-    for problem in error.errors():
+    for problem, tensor in text_data_problems(document, error):
         where = problem["loc"]
-        if problem["type"] == "string_type" and len(where) == 4 and where[0] == "inputs" and where[2] == "data" \
-                and isinstance(where[1], int) and isinstance(where[3], int) and where[1] < len(inputs) \
-                and isinstance(inputs[where[1]], dict) and inputs[where[1]].get("name") == INPUT:
-            value = inputs[where[1]]["data"][where[3]]
-            return InvalidInferRequest(f"{INPUT}[{where[3]}] is {json_kind(value)}, not a string: BYTES data hold "
-                                       f"texts, each a JSON string in a flat list; {SHAPE_HINT}")
+        if problem["type"] == "string_type" and len(where) == 4 and isinstance(where[3], int):
+            return InvalidInferRequest(f"{INPUT}[{where[3]}] is {json_kind(tensor['data'][where[3]])}, not a string: "
+                                       f"BYTES data hold texts, each a JSON string in a flat list; {SHAPE_HINT}")
     return None
 
 
