@@ -106,7 +106,8 @@ class Settings(BaseSettings):
         "ack", description="ack: a prediction's record is fsynced to the local spool before its 200 is sent; "
         "async: recorded in the background (a crash can lose the last ~0.25 s of records)")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 20, description="cap on the spool's size on disk; when full, "
-                                 "ack mode answers /predict with 503 + Retry-After instead of serving unrecorded")
+                                 "ack mode answers /predict with 503 + Retry-After instead of serving unrecorded "
+                                 "(413 for one request whose records alone are larger)")
     key_cache_ttl_s: float = Field(30.0, gt=0, description="API keys are checked against an in-process cache "
                                    "reloaded every half of this; a revocation made elsewhere takes effect within it, "
                                    "and keys the server has loaded keep working while the database is down")

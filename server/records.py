@@ -82,7 +82,8 @@ class WorkerRecords:
     """A request's records, synced on the engine worker that computed all its texts (module docstring).
 
     After the predictions, on the loop: ``records`` holds them once they are durable, ``refused`` says why they
-    may not be (answer 503: the spool refused them, or the sync failed in a way that leaves it unknown), and
+    may not be (answer 503: the spool refused them, or the sync failed in a way that leaves it unknown; 413: they
+    are larger than the whole spool), and
     both are None when the follow-up did not run (the caller then records the predictions itself);
     ``recording_s`` is how long the worker spent on them after the predictions were ready (not compute time:
     ``classify`` leaves it out of the request's). The worker sets them before it hands the batch back to the

@@ -28,7 +28,7 @@ from server.primitives import (
 from server.records import RecordContext, RecordKeys, WorkerRecords, prediction_records
 from server.runtime import ModelRuntime
 from server.services import Services
-from server.store import SpoolUnavailable
+from server.store import RecordsTooLarge, SpoolUnavailable
 
 
 class EmptyText(ServerError):
@@ -112,6 +112,8 @@ async def _classify_on(services: Services, runtime: ModelRuntime, texts: list[st
             if records is None:
                 records = prediction_records(texts, predictions, context, keys, compute_ms)
                 await store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
+        except RecordsTooLarge:  # 413: no retry can fit them (counted as too_large with the other 413s)
+            raise
         except SpoolUnavailable as error:  # never a 200 without its record
             services.metrics.rejected.labels("spool_full").inc()
             raise SpoolUnavailable(error.cause, f"the predictions could not be recorded: {error.message}; retry "

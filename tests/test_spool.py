@@ -16,7 +16,7 @@ from server.metrics import Metrics
 from server.store.rejected import FILENAME as REJECTED
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
-from server.store.wal import SpoolUnavailable, WriteAheadLog, segment_name
+from server.store.wal import RecordsTooLarge, SpoolUnavailable, WriteAheadLog, segment_name
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
 
@@ -146,9 +146,31 @@ def test_an_append_past_spool_max_bytes_is_refused_as_full(tmp_path):
     with pytest.raises(SpoolUnavailable) as failure:
         wal.append(lines("c"))
     assert failure.value.cause == "full" and "SPOOL_MAX_BYTES=30" in str(failure.value)
-    with pytest.raises(SpoolUnavailable, match="larger than the whole prediction spool"):
-        wal.append(lines("a very long id that could never fit"))
+    assert failure.value.status_code == 503 and failure.value.retry_after
     assert read_ids(wal) == ["a", "b"]
+
+
+def test_records_larger_than_the_whole_spool_are_too_large_to_retry_not_a_full_spool(tmp_path):
+    wal = open_wal(tmp_path, max_bytes=30)
+    with pytest.raises(RecordsTooLarge) as failure:
+        wal.append(lines("a very long id that could never fit"))
+    assert failure.value.cause == "too_large" and failure.value.status_code == 413
+    assert failure.value.retry_after is None  # no retry can fit them
+    assert "larger than the whole prediction spool (SPOOL_MAX_BYTES=30)" in failure.value.message
+    assert wal.append(lines("a", "b")) == (0, 22)  # the spool itself takes what fits
+
+
+def test_segments_already_in_the_database_make_room_before_an_append_is_refused(tmp_path):
+    """The active segment is kept while appends may come (``IDLE_RETIRE_S``), even once wholly in the database:
+    after one append of most of the cap, every append for that long was refused as full, the database up."""
+    wal = open_wal(tmp_path, max_bytes=30)  # one segment: the cap is under the smallest segment size
+    _, end = wal.append(lines("a", "b"))
+    assert wal.release(end) == 0 and wal.bytes == 22  # in the database, still on disk: idle for less than 30 s
+    assert wal.append(lines("c")) == (end, end + 11)  # its room was taken back first
+    assert read_ids(wal, position=end) == ["c"] and wal.bytes == 11
+    with pytest.raises(SpoolUnavailable) as failure:  # what is not in the database yet is never dropped
+        wal.append(lines("d", "e"))
+    assert failure.value.cause == "full" and read_ids(wal, position=end) == ["c"]
 
 
 def test_a_real_full_disk_refuses_appends_and_leaves_only_whole_records(small_tmpfs):

@@ -29,7 +29,7 @@ from server.exitcodes import ExitCode
 from server.metrics import Metrics
 from server.store import PredictionStore, SpoolLocked, SpoolUnavailable
 from server.store import committer as committer_module
-from server.store.committer import Commit, GroupCommitter
+from server.store.committer import Commit, Encoded, GroupCommitter, runs_within
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
 from server.store.tables import PREDICTIONS
@@ -175,13 +175,14 @@ async def test_a_spool_refusal_on_another_thread_raises_there_and_reaches_the_lo
     reports: list[tuple] = []
     committer = GroupCommitter(wal, True, lambda commit, error: reports.append((commit, error)))
     committer.start(asyncio.get_running_loop())
+    wal.append(encode_lines([record_row(make_record("not in the database yet"), True)]))
     wal.max_bytes = wal.bytes  # full
     with pytest.raises(SpoolUnavailable) as refused:
         await asyncio.to_thread(committer.commit_here, [make_record("no room")])
     assert refused.value.cause == "full"
     assert reports == []  # no wake-up of the loop of its own: it comes with the caller's hand-off
     committer.deliver()
-    assert reports == [(None, refused.value)] and spooled_ids(tmp_path) == []
+    assert reports == [(None, refused.value)] and len(spooled_ids(tmp_path)) == 1
     assert await asyncio.to_thread(committer.stop, 30)
     wal.close()
 
@@ -295,12 +296,14 @@ async def test_sigkill_right_after_acknowledgements_loses_none_of_them(store_db,
 
 
 @pytest.mark.parametrize("engine_workers", [1, 2], ids=["synced-by-the-committer", "synced-on-the-engine-worker"])
-def test_predict_answers_503_rather_than_200_without_a_record(make_settings, engine_workers):
+def test_predict_answers_503_rather_than_200_without_a_record(make_settings, engine_workers, monkeypatch):
     """Both ways a record is synced: through the committer thread, and on the engine worker that computed a lone
     request (only while another worker is free: with one worker, never)."""
     settings = make_settings(engine_workers=engine_workers)
     with TestClient(create_app(settings)) as client:
         services = client.app.state.services
+        # the spool keeps every record as if the database had not confirmed them yet: a full spool frees nothing
+        monkeypatch.setattr(services.store._wal, "release", lambda upto, force=False: 0)
         answered = client.post("/predict", json={"texts": ["a fine film", "a dull film"]})
         assert answered.status_code == 200
         ids = [p["id"] for p in answered.json()["predictions"]]
@@ -324,6 +327,83 @@ def test_predict_answers_503_rather_than_200_without_a_record(make_settings, eng
         stored = dict(connection.execute(select(PREDICTIONS.c.id, PREDICTIONS.c.text)).all())
     engine.dispose()
     assert sorted(stored) == sorted(ids) and "no room for this one" not in stored.values()
+
+
+def long_texts(count: int, chars: int = 20_000) -> list[str]:
+    """``count`` distinct texts of ``chars`` characters: about ``chars`` bytes each in a record."""
+    return [(f"film {n} " * chars)[:chars] for n in range(count)]
+
+
+@pytest.mark.parametrize("engine_workers", [1, 2], ids=["synced-by-the-committer", "synced-on-the-engine-worker"])
+def test_a_request_whose_records_are_larger_than_the_whole_spool_is_413_not_a_retry(make_settings, engine_workers,
+                                                                                    caplog):
+    """At SPOOL_MAX_BYTES=1 MiB, one request of 52 texts of 20,000 characters (a 1 MB body, within
+    MAX_REQUEST_BYTES) has records of about 1.06 MB: they can never fit, so a 503 with Retry-After had the client
+    retry for ever. The spool is not at fault and takes the next request."""
+    settings = make_settings(engine_workers=engine_workers, spool_max_bytes=1 << 20)
+    with TestClient(create_app(settings)) as client:
+        services = client.app.state.services
+        refused = client.post("/predict", json={"texts": long_texts(52)})
+        assert refused.status_code == 413 and "retry-after" not in refused.headers
+        assert refused.json()["type"] == "too_large"
+        assert "larger than the whole prediction spool (SPOOL_MAX_BYTES=1048576)" in refused.json()["error"]
+        assert services.metrics.rejected.labels("too_large")._value.get() == 1
+        assert services.metrics.rejected.labels("spool_full")._value.get() == 0
+        assert client.get("/health").json()["database"]["reason"] is None  # the spool takes records
+        assert "that request was answered 413 (raise SPOOL_MAX_BYTES" in caplog.text  # the operator hears of it
+        answered = client.post("/predict", json={"texts": long_texts(20)})
+        assert answered.status_code == 200
+    engine = create_engine(settings.database_url)
+    with engine.connect() as connection:
+        stored = connection.execute(select(PREDICTIONS.c.id)).scalars().all()
+    engine.dispose()
+    assert sorted(stored) == sorted(p["id"] for p in answered.json()["predictions"])
+
+
+def test_the_room_of_records_already_in_the_database_is_taken_back_before_a_refusal(make_settings):
+    """One request of 40 texts of 20,000 characters fills most of a 1 MiB spool. Once its records are in the
+    database, the next request fits: the segment holding them was kept for IDLE_RETIRE_S (30 s) as the active one,
+    and every request that did not fit beside it was answered 503 meanwhile, the database up."""
+    settings = make_settings(spool_max_bytes=1 << 20)
+    with TestClient(create_app(settings)) as client:
+        wal = client.app.state.services.store._wal
+        assert client.post("/predict", json={"texts": long_texts(40)}).status_code == 200
+        assert wal.bytes > 800_000
+        deadline = time.monotonic() + 15
+        while wal._released < wal.end:  # the writer has them in the database (and told the spool)
+            assert time.monotonic() < deadline, "the records never reached the database"
+            time.sleep(0.05)
+        answered = client.post("/predict", json={"texts": long_texts(15)})
+        assert answered.status_code == 200, answered.text
+        assert wal.bytes < 400_000
+
+
+async def test_a_group_larger_than_the_spool_is_appended_in_runs_that_fit(tmp_path):
+    """Four requests finishing together, their records together larger than SPOOL_MAX_BYTES though each fits:
+    appended as one group, all four were refused; in runs within the cap, the first three are taken."""
+    size = len(encode_lines([record_row(make_record("r0"), True)]))
+    wal = WriteAheadLog(tmp_path, 3 * size + size // 2)
+    wal.open()
+    reports: list[tuple] = []
+    committer = GroupCommitter(wal, True, lambda commit, error: reports.append((commit, error)))
+    committer._loop = asyncio.get_running_loop()  # queued before the thread starts: one group of four
+    futures = [committer.append([make_record(f"r{n}")]) for n in range(4)]
+    committer.start(asyncio.get_running_loop())
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 30)
+    assert outcomes[:3] == [None, None, None]
+    assert isinstance(outcomes[3], SpoolUnavailable) and outcomes[3].cause == "full"
+    assert len(spooled_ids(tmp_path)) == 3 and [len(c.rows) for c, _ in reports if c] == [3]
+    assert await asyncio.to_thread(committer.stop, 30)
+    wal.close()
+
+
+def test_runs_within_keeps_order_and_gives_a_request_over_the_limit_a_run_of_its_own():
+    def item(size: int) -> Encoded:
+        return Encoded([], b"x" * size, None)
+
+    sizes = [[len(i.chunk) for i in run] for run in runs_within([item(s) for s in (4, 5, 12, 3, 3, 3, 1)], 10)]
+    assert sizes == [[4, 5], [12], [3, 3, 3, 1]]
+    assert runs_within([], 10) == []
 
 
 def test_predictions_carry_no_id_when_they_are_not_stored(make_settings):
@@ -525,7 +605,8 @@ async def test_a_second_store_on_the_same_spool_dir_refuses_to_start(store_setti
 
 
 async def test_a_spool_that_cannot_take_a_record_fails_only_that_request(store_settings, open_store):
-    store = await open_store(store_settings())
+    store = await open_store(store_settings(), flush_interval_s=60)  # nothing reaches the database meanwhile
+    await store.record([make_record("spooled, not in the database yet")])
     store._wal.max_bytes = store._wal.bytes
     with pytest.raises(SpoolUnavailable) as refused:
         await store.record([make_record()])

@@ -7,6 +7,6 @@ migrations and the same idempotent inserts. See ``prediction_store`` for how the
 from server.store.keys import ApiKey, KeyStore
 from server.store.prediction_store import PredictionStore
 from server.store.spooldir import SpoolLocked
-from server.store.wal import SpoolUnavailable
+from server.store.wal import RecordsTooLarge, SpoolUnavailable
 
-__all__ = ["ApiKey", "KeyStore", "PredictionStore", "SpoolLocked", "SpoolUnavailable"]
+__all__ = ["ApiKey", "KeyStore", "PredictionStore", "RecordsTooLarge", "SpoolLocked", "SpoolUnavailable"]

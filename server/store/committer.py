@@ -13,8 +13,9 @@ holds. The committer therefore blocks in C (``SimpleQueue.get``, not ``threading
 wake-up run Python code while the loop wants the GIL back) and posts the outcome as the last thing before
 blocking again.
 
-A record that cannot be encoded fails only its own request. An append the WAL refuses (full, ENOSPC,
-I/O error) fails every request of the group with ``SpoolUnavailable``: none of them is answered 200.
+A record that cannot be encoded fails only its own request. A group larger than the spool's cap is appended
+in runs within it (``runs_within``). An append the WAL refuses (full, ENOSPC, I/O error) fails every request of
+its run with ``SpoolUnavailable``: none of them is answered 200.
 
 ``commit_here`` is the same append on the calling thread, for records ready on a thread that is awake anyway
 (an engine worker that just computed them: ``server.records``): no hand-off at all. Its outcome does not wake
@@ -52,6 +53,30 @@ class Commit:
     rows: list[dict[str, Any]]
     start: int
     end: int
+
+
+@dataclass
+class Encoded:
+    """One request's rows, their spool lines, and its future."""
+
+    rows: list[dict[str, Any]]
+    chunk: bytes
+    future: asyncio.Future
+
+
+def runs_within(group: list[Encoded], limit: int) -> list[list[Encoded]]:
+    """The group in order, cut into runs of at most ``limit`` bytes each (a request larger than that alone in
+    its own): one append each. Appended whole, a group larger than the spool failed every request in it, though
+    each one fitted; and a request larger than the spool fails alone (``RecordsTooLarge``)."""
+    runs: list[list[Encoded]] = []
+    size = 0
+    for item in group:
+        if not runs or size + len(item.chunk) > limit:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += len(item.chunk)
+    return runs
 
 
 class GroupCommitter:
@@ -140,24 +165,21 @@ class GroupCommitter:
                 return
 
     def _commit(self, group: list[tuple[list[Any], bool, asyncio.Future]]) -> None:
-        rows: list[dict[str, Any]] = []
-        chunks: list[bytes] = []
-        futures: list[asyncio.Future] = []
+        encoded: list[Encoded] = []
         for items, ready, future in group:
             try:
                 converted = items if ready else [record_row(r, self._store_text) for r in items]
-                chunks.append(encode_lines(converted))
+                encoded.append(Encoded(converted, encode_lines(converted), future))
             except Exception as error:  # a record that is not one: fail its request alone
                 log.exception("store: a prediction record could not be encoded")
                 post(self._loop, settle, future, None, error)
-                continue
-            rows.extend(converted)
-            futures.append(future)
-        if not futures:
+        if not encoded:
             return
         with self._order:
-            span, error = self._append(b"".join(chunks))
-            self._outcomes.append((Commit(rows, *span) if span else None, error, futures))
+            for run in runs_within(encoded, self._wal.max_bytes):
+                span, error = self._append(b"".join(item.chunk for item in run))
+                rows = [row for item in run for row in item.rows]
+                self._outcomes.append((Commit(rows, *span) if span else None, error, [item.future for item in run]))
         post(self._loop, self.deliver)
 
     def _append(self, chunk: bytes) -> tuple[tuple[int, int] | None, SpoolUnavailable | None]:

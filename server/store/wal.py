@@ -14,7 +14,10 @@ the database".
   ``SpoolUnavailable``. Should the truncation fail as well, the segment is
   sealed (its readable end remembered). Either way the next append starts a new segment, so the failed
   one is deleted as soon as its records are in the database (a disk smaller than a segment frees up).
-- **Capacity**: an append that would take the log past ``SPOOL_MAX_BYTES`` fails with cause ``full``.
+- **Capacity**: an append that would take the log past ``SPOOL_MAX_BYTES`` fails with cause ``full``, once the
+  segments already wholly in the database are deleted (the active one too: a single large append kept it, and
+  the cap with it, filled for ``IDLE_RETIRE_S`` with the database up). An append larger than the whole cap can
+  never fit: it fails with ``RecordsTooLarge`` (413, no Retry-After), not as a full spool to retry.
 - **Rotation and release**: a new segment when the active one would pass ``SEGMENT_BYTES`` (at most a
   quarter of ``SPOOL_MAX_BYTES``, so a full spool always holds segments the database can free). A segment is
   deleted, and the directory fsynced, once every line in it is in the database; the active one too once
@@ -53,7 +56,7 @@ _SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.jsonl$")
 
 
 class SpoolUnavailable(ServerError):
-    """The write-ahead log cannot take records; ``cause`` is ``full``, ``no_space`` or ``io_error``.
+    """The write-ahead log cannot take records; ``cause`` is ``full``, ``no_space``, ``io_error`` or ``too_large``.
 
     ``message`` is the client's answer and names no file (where the server keeps its files is its own business);
     ``str()``, what the log and /health say, is ``detail`` when given: it names the file at fault, so that the
@@ -71,6 +74,19 @@ class SpoolUnavailable(ServerError):
 
     def __str__(self) -> str:
         return self.detail
+
+
+class RecordsTooLarge(SpoolUnavailable):
+    """One request's records are larger than the whole spool (``SPOOL_MAX_BYTES``): no retry can fit them, so
+    the answer is 413 without Retry-After, and the spool itself is not refusing anything (cause ``too_large``)."""
+
+    status_code = 413
+    error_type = "too_large"
+    retry_after = None
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        super().__init__("too_large", f"these records ({size} bytes) are larger than the whole prediction spool "
+                                      f"(SPOOL_MAX_BYTES={max_bytes}): send fewer or shorter texts per request")
 
 
 def segment_name(lsn: int) -> str:
@@ -105,6 +121,7 @@ class WriteAheadLog:
         self._fd: int | None = None  # open on the last segment while it takes appends
         self._bytes = 0
         self._end_lsn = 0  # the next append's LSN; kept when every segment has been released
+        self._released = 0  # everything before this LSN is in the database (the latest ``release``)
         self._last_append = 0.0
 
     @property
@@ -153,8 +170,9 @@ class WriteAheadLog:
         """Write and sync ``payload`` (whole lines); returns its (start, end) LSN. Raises ``SpoolUnavailable``."""
         with self._lock:
             if len(payload) > self.max_bytes:
-                raise SpoolUnavailable("full", f"these records ({len(payload)} bytes) are larger than the whole "
-                                               f"prediction spool (SPOOL_MAX_BYTES={self.max_bytes})")
+                raise RecordsTooLarge(len(payload), self.max_bytes)
+            if self._bytes + len(payload) > self.max_bytes:
+                self._drop_released(force=True)
             if self._bytes + len(payload) > self.max_bytes:
                 raise SpoolUnavailable("full", f"the prediction spool is full ({self._bytes} bytes of "
                                                f"SPOOL_MAX_BYTES={self.max_bytes})")
@@ -218,22 +236,28 @@ class WriteAheadLog:
         The active segment goes too when fully released and idle for ``IDLE_RETIRE_S`` (or ``force``).
         """
         with self._lock:
-            freed = 0
-            while self._segments and self._segments[0].end <= upto:
-                segment = self._segments[0]
-                active = len(self._segments) == 1 and self._fd is not None
-                if active and not force and time.monotonic() - self._last_append < self._idle_retire_s:
-                    break
-                if active:
-                    os.close(self._fd)
-                    self._fd = None
-                segment.path.unlink(missing_ok=True)
-                self._segments.pop(0)
-                freed += segment.size
-            if freed:
-                fsync_dir(self.directory)
-                self._bytes -= freed
-            return freed
+            self._released = max(self._released, upto)
+            return self._drop_released(force)
+
+    def _drop_released(self, force: bool) -> int:
+        """Delete the segments wholly before ``_released`` (the active one only when idle, or ``force``); the
+        bytes freed. Under the lock."""
+        freed = 0
+        while self._segments and self._segments[0].end <= self._released:
+            segment = self._segments[0]
+            active = len(self._segments) == 1 and self._fd is not None
+            if active and not force and time.monotonic() - self._last_append < self._idle_retire_s:
+                break
+            if active:
+                os.close(self._fd)
+                self._fd = None
+            segment.path.unlink(missing_ok=True)
+            self._segments.pop(0)
+            freed += segment.size
+        if freed:
+            fsync_dir(self.directory)
+            self._bytes -= freed
+        return freed
 
     def close(self) -> None:
         with self._lock:

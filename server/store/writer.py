@@ -43,7 +43,7 @@ from server.store.sink import DatabaseSink, WriteOutcome
 from server.store.state import StoreState
 from server.store.throttle import Throttle
 from server.store.unlogged import UnloggedQueue
-from server.store.wal import SpoolUnavailable, WriteAheadLog
+from server.store.wal import RecordsTooLarge, SpoolUnavailable, WriteAheadLog
 from server.store.worker import BlockingWorker
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,12 @@ class Writer:
     def committed(self, commit: Commit | None, error: SpoolUnavailable | None) -> None:
         """The committer's report (on the loop, in commit order): rows now durable, or why the spool refused."""
         state = self.state
+        if isinstance(error, RecordsTooLarge) and state.durability == "ack":
+            # one request's size, answered 413, not the spool's state: it takes the others (in async mode records
+            # that can never be spooled are lost while the database is down, as /health then says)
+            self._throttle.log("too_large", logging.WARNING, "store: %s; that request was answered 413 (raise "
+                               "SPOOL_MAX_BYTES for requests this large)", error)
+            return
         if error is not None:
             state.append_error = str(error)
             self._bytes_at_refusal = self._wal.bytes
