@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from server.metrics import Metrics
+from server.store import wal as wal_module
 from server.store.rejected import FILENAME as REJECTED
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
@@ -59,6 +60,20 @@ def test_segments_rotate_and_are_released_only_when_wholly_in_the_database(tmp_p
     assert wal.release(ends[5]) == 24  # the active segment stays while appends may still come
     assert wal.release(ends[5], force=True) == 24 and wal.bytes == 0 and not list(tmp_path.glob("wal-*"))
     assert wal.append(lines("next"))[0] == ends[5]  # positions keep growing after everything was released
+
+
+def test_a_release_whose_directory_sync_fails_still_counts_the_segments_it_deleted(tmp_path, monkeypatch):
+    """The bytes were counted down only after the directory's fsync: when it failed, the deleted segments stayed
+    counted, and the spool read fuller than it was, for good (refusing appends as full at the end)."""
+    wal = open_wal(tmp_path, segment_bytes=30, idle_retire_s=3600)
+    ends = [wal.append(lines(f"r{i}"))[1] for i in range(4)]  # two segments of two lines
+    def failing_fsync_dir(path: Path) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(wal_module, "fsync_dir", failing_fsync_dir)
+    with pytest.raises(OSError):
+        wal.release(ends[1])
+    assert wal.bytes == sum(p.stat().st_size for p in tmp_path.glob("wal-*")) == 24
 
 
 def test_a_torn_tail_is_cut_off_at_open_and_never_glued_to_the_next_record(tmp_path):

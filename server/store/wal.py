@@ -33,6 +33,7 @@ thread) and the CLI never see it half-changed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -172,7 +173,8 @@ class WriteAheadLog:
             if len(payload) > self.max_bytes:
                 raise RecordsTooLarge(len(payload), self.max_bytes)
             if self._bytes + len(payload) > self.max_bytes:
-                self._drop_released(force=True)
+                with contextlib.suppress(OSError):  # what could not be deleted stays counted; the writer's next
+                    self._drop_released(force=True)  # release reports why
             if self._bytes + len(payload) > self.max_bytes:
                 raise SpoolUnavailable("full", f"the prediction spool is full ({self._bytes} bytes of "
                                                f"SPOOL_MAX_BYTES={self.max_bytes})")
@@ -253,10 +255,10 @@ class WriteAheadLog:
                 self._fd = None
             segment.path.unlink(missing_ok=True)
             self._segments.pop(0)
+            self._bytes -= segment.size  # counted as it goes: a failing unlink or directory sync leaves it exact
             freed += segment.size
         if freed:
             fsync_dir(self.directory)
-            self._bytes -= freed
         return freed
 
     def close(self) -> None:
