@@ -276,6 +276,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._write_stall: asyncio.TimerHandle | None = None  # the client has not read its answers since then
         self._request_begun = False  # a byte of the next request has arrived
+        self._in_trailers = False  # the request's headers are parsed: a field now is a chunked body's trailer
         self._responses = 0
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
         self._not_reading = False  # httptools refused what the client sent, or a refusal lingers: nothing more is read
@@ -375,6 +376,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._stop_pipelining()
         super().on_message_begin()
         self._request_begun = True
+        self._in_trailers = False
         self._head_bytes = self._head_fields = 0
 
     def _stop_pipelining(self) -> None:
@@ -397,6 +399,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """A header field; a trailer field (after a chunked body) is dropped. uvicorn added trailers to the request's
+        headers, which the app reads once the body is in: an API key or a Content-Type sent in a trailer was taken
+        as if sent in the head (red team helper-65; RFC 9110 6.5.1: a trailer is not to be merged into the header
+        section), where proxies that check or replace keys do not look."""
+        if self._in_trailers:
+            return
         self._count_head(len(name) + len(value), 1, 431, "the request headers")
         super().on_header(name, value)
 
@@ -415,6 +423,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
+        self._in_trailers = True
         self._request_begun = False  # until the next request's first byte, which may come before this one's answer
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own

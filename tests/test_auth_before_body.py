@@ -10,6 +10,8 @@ that could not be decoded was refused INVALID_ARGUMENT before the key was checke
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Iterator
 
 import grpc
@@ -158,6 +160,50 @@ def unauthorized(metrics: str) -> float:
     line = next(line for line in metrics.splitlines()
                 if line.startswith('sentiment_rejected_requests_total{reason="unauthorized"}'))
     return float(line.rsplit(" ", 1)[1])
+
+
+def chunked_with_trailer(live: LiveServer, path: str, head: str, body: bytes, trailer: str) -> tuple[int, dict]:
+    """POST ``body`` as one chunk with ``trailer`` after the last chunk, over a raw socket: status and JSON body."""
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as connection:
+        connection.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{head}\r\n".encode()
+                           + f"{len(body):x}\r\n".encode() + body + f"\r\n0\r\n{trailer}\r\n".encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < int(
+                answer.lower().partition(b"content-length: ")[2].partition(b"\r\n")[0] or 0):
+            answer += connection.recv(65536)
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head_bytes.split(b" ", 2)[1]), json.loads(payload)
+
+
+@pytest.mark.parametrize("content_type", [JSON, FRAMEWORK])
+@pytest.mark.parametrize("trailer", ["Authorization: Bearer {predict}", "X-API-Key: {predict}"])
+def test_a_key_sent_in_a_chunked_body_s_trailer_is_not_a_key(keyed, trailer, content_type):
+    """uvicorn added trailer fields to the request's headers, which are read once the body is in: a key sent after
+    the body was accepted (red team helper-65), out of sight of a proxy that checks or replaces keys in the head."""
+    live, _, issued = keyed
+    body = b'{"text": "sent with its key in a trailer"}'
+    status, answer = chunked_with_trailer(live, "/predict", f"Content-Type: {content_type}\r\n", body,
+                                          trailer.format(**issued) + "\r\n")
+    assert (status, answer["type"]) == (401, "unauthorized"), answer
+    status, answer = chunked_with_trailer(live, "/predict", f"Content-Type: {content_type}\r\n"
+                                          f"Authorization: Bearer {issued['predict']}\r\n", body, "X-Note: fine\r\n")
+    assert status == 200 and len(answer["predictions"]) == 1  # a trailer of anything else is ignored
+
+
+def test_an_admin_key_in_a_trailer_does_not_lift_a_predict_key_to_admin(keyed):
+    live, _, issued = keyed
+    status, answer = chunked_with_trailer(live, "/admin/keys", f"Content-Type: {JSON}\r\nX-API-Key: "
+                                          f"{issued['predict']}\r\n", b'{"name": "escalated", "role": "admin"}',
+                                          f"Authorization: Bearer {issued['admin']}\r\n")
+    assert (status, answer["type"]) == (403, "forbidden"), answer
+
+
+def test_a_content_type_sent_in_a_trailer_is_not_the_request_s(keyed):
+    live, _, issued = keyed
+    status, answer = chunked_with_trailer(live, "/predict", f"Authorization: Bearer {issued['predict']}\r\n",
+                                          b'{"text": "no content type in the head"}', f"Content-Type: {JSON}\r\n")
+    assert (status, answer["type"]) == (415, "unsupported_media_type"), answer
 
 
 # -- gRPC ----------------------------------------------------------------------------------------------------------
