@@ -154,6 +154,32 @@ async def test_a_revocation_through_the_cache_is_at_once_and_survives_a_reload_r
     assert (await cache.authenticate(key)).revoked_at is not None
 
 
+async def test_a_key_read_just_before_its_revocation_through_the_cache_is_refused_at_once(engine):
+    """A key created elsewhere since the last reload, so not cached: a check reads it from the database, the
+    revocation through this cache commits meanwhile, then the read is cached. The revocation found no entry to
+    change, and the stale read was cached unrevoked until the next reload (red team helper-65: 13 s)."""
+    store = FlakyKeyStore(engine)
+    cache = await started(store)
+    record, key = store.create("created elsewhere", "predict")  # after the cache's load
+    real_find = store.find
+    read, revoked = threading.Event(), threading.Event()
+
+    def find_then_wait(digest):
+        found = real_find(digest)
+        read.set()
+        revoked.wait(10)  # the revocation commits after this read and before the cache takes it
+        return found
+
+    store.find = find_then_wait
+    checking = asyncio.ensure_future(cache.authenticate(key))
+    await asyncio.to_thread(read.wait, 10)
+    await asyncio.to_thread(cache.revoke, record.id)
+    revoked.set()
+    await checking  # the check under way read the key before it was revoked
+    store.find = real_find
+    assert (await cache.authenticate(key)).revoked_at is not None
+
+
 async def test_during_an_outage_known_keys_are_judged_from_the_cache_counted_and_logged_once(engine, caplog):
     store = FlakyKeyStore(engine)
     good, good_key = store.create("client", "predict")

@@ -102,11 +102,16 @@ class KeyStore:
         Running servers see it within KEY_CACHE_TTL_S; the server that revokes through its own
         ``DELETE /admin/keys/{id}`` at once (its key cache is updated by the same call).
         """
+        revoked = self.revoke_with_digest(key_id)
+        return revoked[0] if revoked else None
+
+    def revoke_with_digest(self, key_id: str) -> tuple[ApiKey, str] | None:
+        """``revoke``, with the sha256 of the key: what a key cache needs to refuse it at once."""
         with self.engine.begin() as connection:
             connection.execute(update(API_KEYS).where(API_KEYS.c.id == key_id, API_KEYS.c.revoked_at.is_(None))
                                .values(revoked_at=_now()))
             row = connection.execute(select(API_KEYS).where(API_KEYS.c.id == key_id)).first()
-        return _api_key(row) if row else None
+        return (_api_key(row), row.key_sha256) if row else None
 
     def find(self, digest: str) -> ApiKey | None:
         """The record of the key with this sha256 (revoked ones too, so callers can say so), or None."""
