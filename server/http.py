@@ -136,8 +136,7 @@ class ObservedASGI:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        # a header sent twice counts by its first copy, as the key headers and gRPC metadata do (``dict``: the last)
+        # a header sent twice counts by its first copy, as the key headers and gRPC metadata do
         sent_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
         request_id = request_id_from(sent_id.decode("latin-1"))
         token = request_id_var.set(request_id)
@@ -181,13 +180,13 @@ class ObservedASGI:
         try:
             if scope["path"].endswith("\n"):  # the routes' patterns end in "$", which matches before a final "\n"
                 return await not_found(scope["path"])(scope, receive, observed_send)
-            refusal = self.refusal(headers)
+            refusal = self.refusal(scope["headers"])
             if refusal is None and bodies is not None:
                 # A declared body that cannot fit now is refused before it is read; one that can is held as its
                 # bytes arrive (``limited_receive``), not in full at once: a client that declares a large body and
                 # sends nothing would otherwise hold its share until REQUEST_TIMEOUT_S, and a few such connections
                 # (five at a 1g limit) refused every other body.
-                declared = int(headers.get(b"content-length", b"0").strip() or 0)  # a number: refusal() checked
+                declared = int(every_copy(scope["headers"], b"content-length").strip() or 0)  # refusal() checked
                 if not bodies.has_room(declared):
                     self.metrics.rejected.labels("body_memory_full").inc()
                     refusal = server_error_response(BodyMemoryFull(bodies_full_message(bodies)))
@@ -215,20 +214,21 @@ class ObservedASGI:
             request_id_var.reset(token)
             max_texts_var.reset(limit_token)
 
-    def refusal(self, headers: dict[bytes, bytes]) -> Response | None:
-        """The answer to a request refused on its headers alone, before the app sees it; None to go on."""
-        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
-        if encoding not in ("", "identity"):
-            return error_response(415, f"Content-Encoding {encoding!r} is not supported: send the body "
+    def refusal(self, headers: list[tuple[bytes, bytes]]) -> Response | None:
+        """The answer to a request refused on its headers alone, before the app sees it; None to go on. A coding
+        header sent twice is read whole, every copy (RFC 9110 5.3: they make one list): by its last copy alone,
+        ``gzip`` then ``identity`` was taken as an uncompressed body (red team helper-65)."""
+        encodings = codings(every_copy(headers, b"content-encoding"))
+        if any(coding != "identity" for coding in encodings):
+            return error_response(415, f"Content-Encoding {', '.join(encodings)!r} is not supported: send the body "
                                        "uncompressed (identity)")
-        transfer = [coding.strip().lower() for coding in headers.get(b"transfer-encoding", b"").decode("latin-1")
-                    .split(",") if coding.strip()]
+        transfer = codings(every_copy(headers, b"transfer-encoding"))
         if any(coding != "chunked" for coding in transfer):
             # RFC 9112 would have 501; a 400 keeps a client's coding out of the server-error rate operators alert on
             return error_response(400, f"Transfer-Encoding {', '.join(transfer)!r} is not supported: send the body "
                                        "with Content-Length or as plain chunked, uncompressed",
                                   headers={"Connection": "close"})
-        declared = headers.get(b"content-length", b"0").decode("latin-1").strip() or "0"
+        declared = every_copy(headers, b"content-length").strip() or "0"  # two copies: refused by the parser
         if byte_count(declared) is None:
             return error_response(400, f"Content-Length {declared[:20]!r} is not a number of bytes")
         if int(declared) > self.max_body_bytes:
@@ -236,6 +236,16 @@ class ObservedASGI:
                                        "(MAX_REQUEST_BYTES); send fewer or shorter texts",
                                   headers={"Connection": "close"})
         return None
+
+
+def every_copy(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    """Every copy of header ``name``, joined as one list (``a, b``), as text."""
+    return ", ".join(value.decode("latin-1") for field, value in headers if field == name)
+
+
+def codings(value: str) -> list[str]:
+    """The codings a Content-Encoding or Transfer-Encoding list names, lowercased."""
+    return [coding.strip().lower() for coding in value.split(",") if coding.strip()]
 
 
 def byte_count(text: str) -> int | None:

@@ -286,6 +286,18 @@ def test_a_compressed_body_is_415_and_counted_under_its_route(server, path, endp
                                                                                             before[1] + 1)
 
 
+def test_a_content_encoding_sent_twice_is_read_as_one_list_not_by_its_last_copy(server):
+    """``gzip`` then ``identity`` as two headers was taken as an uncompressed body by its last copy alone (a gzipped
+    body then got 422 "not UTF-8", a plain one 200) (red team helper-65)."""
+    for copies in (["gzip", "identity"], ["identity", "gzip"]):
+        response = httpx.post(server.url + "/predict", content=b'{"text": "fine"}', timeout=30, headers=[
+            ("Content-Type", "application/json"), *(("Content-Encoding", copy) for copy in copies)])
+        refused(response, 415, "unsupported_media_type", f"Content-Encoding '{', '.join(copies)}'")
+    response = httpx.post(server.url + "/predict", content=b'{"text": "fine"}', timeout=30, headers=[
+        ("Content-Type", "application/json"), ("Content-Encoding", "identity"), ("Content-Encoding", "identity")])
+    assert response.status_code == 200
+
+
 MANY = 15_000  # items of a list past MAX_TEXTS_PER_REQUEST that fit MAX_REQUEST_BYTES
 
 
