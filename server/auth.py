@@ -40,6 +40,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOW_TO_SEND = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+SCHEME_SEPARATOR = re.compile(r"[ \t]+")  # RFC 9110 11.4 has spaces; a tab is taken too, not called "no scheme"
+KNOWN_SCHEMES = frozenset({  # HTTP authentication schemes (IANA's registry and common others): safe to name back
+    "basic", "digest", "hoba", "mutual", "negotiate", "ntlm", "oauth", "scram-sha-1", "scram-sha-256", "vapid",
+    "dpop", "privatetoken", "concealed", "token", "apikey", "api-key", "aws4-hmac-sha256"})
 _FINGERPRINT_SECRET = secrets.token_bytes(32)
 
 
@@ -195,8 +200,8 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     authorization = headers.get("authorization", "").strip()
     if not authorization:
         return headers.get("x-api-key", "").strip() or None
-    scheme, _, credentials = authorization.partition(" ")
-    credentials = credentials.strip()
+    scheme, *rest = SCHEME_SEPARATOR.split(authorization, maxsplit=1)
+    credentials = rest[0].strip() if rest else ""
     if scheme.lower() == "bearer":
         if not credentials:
             raise MalformedCredentials(f"the Authorization header has no key after 'Bearer': {HOW_TO_SEND}",
@@ -205,8 +210,11 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     if not credentials:
         raise MalformedCredentials(f"the Authorization header has no scheme: {HOW_TO_SEND}",
                                    "Authorization header without a scheme (not checked, not fingerprinted)")
-    raise MalformedCredentials(f"the Authorization scheme {scheme[:20]!r} is not accepted: {HOW_TO_SEND}",
-                               f"Authorization scheme {scheme[:20]!r} (not checked, not fingerprinted)")
+    # A scheme is named back only when it is a known one: what stands there may be the key itself, sent without
+    # 'Bearer ' and followed by something else (its first 20 characters were echoed and logged, helper-65).
+    named = repr(scheme) if scheme.lower() in KNOWN_SCHEMES else "(not a known scheme, not repeated)"
+    raise MalformedCredentials(f"the Authorization scheme {named} is not accepted: {HOW_TO_SEND}",
+                               f"Authorization scheme {named} (not checked, not fingerprinted)")
 
 
 def fingerprint(key: str) -> str:

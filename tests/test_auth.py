@@ -161,6 +161,8 @@ async def test_either_header_carries_the_key_and_any_other_form_is_refused_with_
     assert (await api.call("GET", "/admin/keys", key=admin, header="bearer")).status_code == 200
     lowercase = await api.client.get("/admin/keys", headers={"Authorization": f"bearer  {admin} "})
     assert lowercase.status_code == 200
+    tab = await api.client.get("/admin/keys", headers={"Authorization": f"Bearer\t{admin}"})
+    assert tab.status_code == 200  # was "the Authorization header has no scheme"
     for authorization in (f"Basic {admin}", admin, "Bearer", "Bearer   "):  # another scheme, a bare key, no key
         refused = await api.client.get("/admin/keys", headers={"Authorization": authorization})
         assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
@@ -192,8 +194,12 @@ async def test_refusals_are_security_log_events_that_never_show_the_key(make_api
         await api.call("GET", "/admin/keys", key=api.keys["predict key"])
         await api.client.get("/admin/keys", headers={"Authorization": "Basic dXNlcjpodW50ZXIy"})
         await api.client.get("/admin/keys", headers={"Authorization": guessed})
+        # the key without 'Bearer ' and with something after it: its first characters were named as the scheme
+        with_more = await api.client.get("/admin/keys", headers={"Authorization": f"{guessed} and more"})
     lines = [r.getMessage() for r in caplog.records if r.name == "server.auth"]
-    assert len(lines) == 5 and all(line.startswith(("security: 401", "security: 403")) for line in lines)
+    assert len(lines) == 6 and all(line.startswith(("security: 401", "security: 403")) for line in lines)
+    assert "not a known scheme, not repeated" in lines[5] and "not a known scheme" in with_more.json()["error"]
+    assert guessed[:8] not in with_more.text
     assert lines[0].startswith("security: 401 invalid API key (fingerprint ") and "/admin/keys" in lines[0]
     fingerprint = re.search(r"fingerprint (\w+)", lines[0]).group(1)
     assert f"fingerprint {fingerprint}" in lines[1]  # the same wrong key, sent either way, reads the same
@@ -204,7 +210,7 @@ async def test_refusals_are_security_log_events_that_never_show_the_key(make_api
         assert "fingerprint " not in line and not re.search(r"[0-9a-f]{8}", line), line
     assert guessed not in caplog.text and "dXNlcjpodW50ZXIy" not in caplog.text
     assert api.keys["predict key"] not in caplog.text
-    assert api.rejected("unauthorized") == 4 and api.rejected("forbidden") == 1
+    assert api.rejected("unauthorized") == 5 and api.rejected("forbidden") == 1
 
 
 async def test_a_revoked_key_is_refused_on_its_next_request(make_api):
