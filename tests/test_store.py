@@ -278,11 +278,14 @@ def test_cli_migrates_manages_keys_and_exports_feedback(store_db, tmp_path, caps
 
 
 @pytest.mark.parametrize("name, problem", [("ops\nfake-id\tfake\tadmin", "one line of text"),
-                                           ("x" * 200, "at most 128"), ("  ", "must not be empty")])
+                                           ("x" * 200, "at most 128"), ("  ", "must not be empty"),
+                                           ("ops-\u202etpircs\u202c-bot", "invisible formatting characters"),
+                                           ("\u200b", "invisible formatting characters")])
 def test_a_key_name_that_would_garble_keys_list_or_not_fit_is_refused_with_one_line(store_db, capsys, monkeypatch,
                                                                                       name, problem):
     """A line break or tab forged rows and columns in ``keys list``; 200 characters crashed on PostgreSQL with a
-    55-line traceback (and were stored on SQLite, which does not enforce the width)."""
+    55-line traceback (and were stored on SQLite, which does not enforce the width); a right-to-left override
+    listed ``ops-\u202etpircs\u202c-bot`` as "ops-script-bot" (red team helper-65)."""
     monkeypatch.setenv("DATABASE_URL", store_db.url)
     assert run_cli("db", "upgrade") == 0
     capsys.readouterr()

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -64,12 +65,21 @@ def check_key_name(name: str) -> str:
         raise ValueError(f"name has {len(name)} characters; at most {NAME_MAX_CHARS}")
     if _BREAKS_A_LINE.search(name):
         raise ValueError("name must be one line of text: no line breaks, tabs or other control characters")
+    if invisible(name):
+        raise ValueError("name must not hold invisible formatting characters (zero-width or direction marks such "
+                         "as U+200B or U+202E): a name must read as what it is")
     return name
+
+
+def invisible(text: str) -> bool:
+    """Whether ``text`` holds a format character (Unicode category Cf): zero-width, or one that reorders the text
+    around it, so that ``ops-\u202etpircs\u202c-bot`` was listed as "ops-script-bot" (red team helper-65)."""
+    return not text.isascii() and any(unicodedata.category(c) == "Cf" for c in text)
 
 
 def one_line(text: str) -> str:
     """``text`` as is, or quoted when it holds a character ``check_key_name`` refuses (a name stored before it)."""
-    return repr(text) if _BREAKS_A_LINE.search(text) else text
+    return repr(text) if _BREAKS_A_LINE.search(text) or invisible(text) else text
 
 
 class KeyStore:
