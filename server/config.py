@@ -87,6 +87,10 @@ class Settings(BaseSettings):
 
     # cache and memory
     enable_model_caching: bool = Field(True, description="cache predictions by (model version, text)")
+    cache_scope: Literal["key", "shared"] = Field(
+        "key", description="key: a text's cached prediction serves only requests made with the same API key (or "
+        "with none), so that no key can tell from a cache hit, the timing headers or a shared computation that "
+        "another key sent that text; shared: one cache for every caller (more hits, for a single tenant)")
     cache_max_bytes: int = Field(64 * 1024 * 1024, ge=0, description="prediction cache bound in bytes (0 disables)")
     memory_high_water: float = Field(0.85, gt=0, le=1, description="RSS/limit ratio where the cache sheds")
     memory_low_water: float = Field(0.75, gt=0, le=1, description="RSS/limit ratio where shedding stops")

@@ -220,10 +220,11 @@ class Predictor:
 
     async def predict(self, texts: list[str], timeout: float | None = None, timings: StageTimings | None = None,
                       on_worker: OnWorker | None = None, name: TextName = TEXTS,
-                      runtime: ModelRuntime | None = None) -> list[Prediction]:
+                      runtime: ModelRuntime | None = None, scope: str | None = None) -> list[Prediction]:
         """Predictions in input order; ``timings`` (when given) gets what this request computed itself; a text
         strict mode refuses is named by ``name``. ``runtime``: the model the caller holds (``using``); by default the
-        serving one, held for the call.
+        serving one, held for the call. ``scope``: only cached predictions, and computations under way, of requests
+        of the same scope serve this one (``serving.cache_scope``); None: those of any request.
 
         ``on_worker`` (``Batcher.submit``) is passed on only when this request computes all of its texts itself,
         in its own order: no cache hit, no text shared with another request's computation, no repeated text; and
@@ -231,12 +232,13 @@ class Predictor:
         the rerun is theirs, and the follow-up would record this request's predictions a second time.
         """
         if runtime is not None:  # held by the caller (``using``)
-            return await self._predict(runtime, texts, timeout, timings, on_worker, name)
+            return await self._predict(runtime, texts, timeout, timings, on_worker, name, scope)
         with self.using() as runtime:
-            return await self._predict(runtime, texts, timeout, timings, on_worker, name)
+            return await self._predict(runtime, texts, timeout, timings, on_worker, name, scope)
 
     async def _predict(self, runtime: ModelRuntime, texts: list[str], timeout: float | None,
-                       timings: StageTimings | None, on_worker: OnWorker | None, name: TextName) -> list[Prediction]:
+                       timings: StageTimings | None, on_worker: OnWorker | None, name: TextName,
+                       scope: str | None) -> list[Prediction]:
         timings = timings if timings is not None else StageTimings()
         encode = await self._strict_encoder(runtime, texts, timings, name) if runtime.encoder.strict else \
             runtime.encoder.encode_marking_truncation
@@ -256,7 +258,7 @@ class Predictor:
 
         if not self.cache.max_bytes:  # no cache: nothing to share between requests (module docstring)
             return await self._compute_distinct(texts, compute)
-        return await self.cache.get_or_compute(runtime.load_key, texts, compute)
+        return await self.cache.get_or_compute((runtime.load_key, scope), texts, compute)
 
     @staticmethod
     async def _compute_distinct(texts: list[str], compute: Callable) -> list[Prediction]:

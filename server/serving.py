@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from server.config import Settings
 from server.predictor import normalize
 from server.primitives import (
     TEXTS,
@@ -72,6 +73,12 @@ def validated_texts(raw: list[str], services: Services, name: TextName = TEXTS) 
 Check = Callable[[ModelRuntime, list[str]], Awaitable[None]]
 
 
+def cache_scope(settings: Settings, api_key_id: str | None) -> str | None:
+    """Whose cached predictions a request may be answered from and share computations with (``CACHE_SCOPE``):
+    its key's (requests without a key share theirs), or everyone's (None)."""
+    return (api_key_id or "") if settings.cache_scope == "key" else None
+
+
 async def classify(services: Services, raw_texts: list[str], request_id: str,
                    api_key_id: str | None, name: TextName = TEXTS, check: Check | None = None) -> Classified:
     """Admit, predict and record ``raw_texts``; raises ``ServerError`` with the status to answer, naming a text
@@ -101,7 +108,7 @@ async def _classify_on(services: Services, runtime: ModelRuntime, texts: list[st
     on_worker = WorkerRecords(store, texts, runtime.labels(), started, context, keys) \
         if keys is not None and store.ack else None
     predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker, name=name,
-                                                   runtime=runtime)
+                                                   runtime=runtime, scope=cache_scope(settings, api_key_id))
     compute_ms = (time.perf_counter() - started - (on_worker.recording_s if on_worker else 0.0)) * 1000
     ids: list[str | None] = [None] * len(predictions)
     if settings.store_predictions:

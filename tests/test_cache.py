@@ -7,12 +7,16 @@ import gc
 import tracemalloc
 
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy import create_engine
 
+from server.app import create_app
 from server.cache import PredictionCache, entry_size
 from server.metrics import Metrics
 from server.primitives import Prediction
+from server.store.keys import KeyStore
 
 LABELS = ("NEGATIVE", "POSITIVE")
 
@@ -424,3 +428,27 @@ async def test_a_cancelled_caller_that_also_joined_hands_its_computation_to_thos
     assert await asyncio.wait_for(waiter, timeout=30) == [prediction(0.02)]
     assert await asyncio.wait_for(other, timeout=30) == [prediction(0.01)] and both.cancelled()
     assert compute.calls[-1] == ["bb"] and cache.entries == 2  # computed for the waiter, and cached
+
+
+@pytest.mark.parametrize("scope", ["key", "shared"])
+def test_a_cached_prediction_serves_another_api_key_only_with_a_shared_cache_scope(make_settings, scope):
+    """With one cache for all callers, any key could tell that another key had sent a text: ``"cached": true``,
+    TEI's zero timing headers, or a share of its computation (red team helper-65). By default (``key``) each key,
+    and the requests without one, has a scope of its own."""
+    settings = make_settings(auth_mode="required", db_auto_migrate=True, cache_scope=scope)
+    with TestClient(create_app(settings)) as client:
+        keys = KeyStore(create_engine(settings.database_url))
+        first, second = (keys.create(name, "predict")[1] for name in ("tenant one", "tenant two"))
+
+        def cached(key: str, text: str) -> bool:
+            answer = client.post("/predict", json={"text": text}, headers={"Authorization": f"Bearer {key}"})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["predictions"][0]["cached"]
+
+        assert not cached(first, "a text only the first tenant sent")
+        assert cached(first, "a text only the first tenant sent")  # its own scope: a hit
+        assert cached(second, "  a text only the first tenant sent ") is (scope == "shared")
+        assert not cached(first, "another text only the first tenant sent")
+        tei = client.post("/predict", json={"inputs": "another text only the first tenant sent"},
+                          headers={"Authorization": f"Bearer {second}"})
+        assert tei.status_code == 200 and (tei.headers["x-compute-tokens"] == "0") is (scope == "shared")
