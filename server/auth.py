@@ -141,6 +141,39 @@ def route_role(route: object) -> str | None:
     return None
 
 
+CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
+
+
+def credentials(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The key headers of an ASGI scope as ``authorize`` reads them: the first of each name, decoded as the
+    framework does."""
+    found: dict[str, str] = {}
+    for name, value in headers:
+        if name in CREDENTIAL_HEADERS:
+            found.setdefault(name.decode(), value.decode("latin-1"))
+    return found
+
+
+async def refusal_before_body(services: Services, scope: dict) -> ServerError | None:
+    """For a request about to send a body (``server.http``): the 401 (or 503 ``key_check_unavailable``) its key
+    gets, before a byte of the body is read; None to read it. Every route that takes a body needs a key with at
+    least the predict role, which every key has; the route's own check still decides the role (403).
+
+    The bodies' memory budget is shared: 17 connections without a key, each declaring a 1 MB body and sending most
+    of it, held all of it for REQUEST_TIMEOUT_S, and every keyed request got 503 ``body_memory_full`` meanwhile
+    (red team helper-65). With no byte read, no ``100 Continue`` goes to a client that asked for one either."""
+    sent = credentials(scope["headers"])
+    if not sent and services.settings.auth_mode == "open":
+        return None
+    client = scope.get("client")
+    caller = Caller(scope["method"], scope["path"], client[0] if client else "-")
+    try:
+        await authenticate_caller(services, "predict", sent, caller)
+    except (Unauthorized, KeyCheckUnavailable) as refused:
+        return refused
+    return None
+
+
 async def check_key_before_body(request: Request) -> None:
     """The key check of the request's route, if the route needs a key and its dependency has not made it yet:
     raises 401/403 (or 503 ``key_check_unavailable``) as that dependency would.

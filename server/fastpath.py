@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import orjson
 
-from server.auth import Caller, authorize
+from server.auth import Caller, authorize, credentials
 from server.http import server_error_response
 from server.primitives import ServerError
 from server.routes import predict_answer
@@ -37,7 +37,6 @@ from server.services import Services
 from server.serving import classify
 
 PATH = "/predict"
-CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 PARSER_INT_DIGITS = 4300  # pydantic-core reads integers of up to this many digits, whatever Python's own limit
 # Python's own limit (0: none); Python 3.10 before 3.10.7 has no limit and no function to ask.
 INT_MAX_STR_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 0)
@@ -152,12 +151,3 @@ def is_plain_json(headers: list[tuple[bytes, bytes]]) -> bool:
         if name == b"content-type":
             return value.split(b";", 1)[0].strip().lower() == b"application/json"
     return False
-
-
-def credentials(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The key headers as ``authorize`` reads them: the first of each name, decoded as the framework does."""
-    found: dict[str, str] = {}
-    for name, value in headers:
-        if name in CREDENTIAL_HEADERS:
-            found.setdefault(name.decode(), value.decode("latin-1"))
-    return found

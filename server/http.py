@@ -52,7 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from server.auth import check_key_before_body
+from server.auth import check_key_before_body, refusal_before_body
 from server.budget import BodyBudget
 from server.connections import client_left
 from server.logging_setup import request_id_var
@@ -181,6 +181,11 @@ class ObservedASGI:
             if scope["path"].endswith("\n"):  # the routes' patterns end in "$", which matches before a final "\n"
                 return await not_found(scope["path"])(scope, receive, observed_send)
             refusal = self.refusal(scope["headers"])
+            if refusal is None and services is not None and sends_body(scope):
+                refused = await refusal_before_body(services, scope)
+                if refused is not None:  # its body is never read: the connection goes
+                    refused.headers = {**(refused.headers or {}), "Connection": "close"}
+                    refusal = server_error_response(refused)
             if refusal is None and bodies is not None:
                 # A declared body that cannot fit now is refused before it is read; one that can is held as its
                 # bytes arrive (``limited_receive``), not in full at once: a client that declares a large body and
@@ -236,6 +241,14 @@ class ObservedASGI:
                                        "(MAX_REQUEST_BYTES); send fewer or shorter texts",
                                   headers={"Connection": "close"})
         return None
+
+
+def sends_body(scope) -> bool:
+    """Whether a request other than GET or HEAD declares a body (a Content-Length over 0, or chunked)."""
+    if scope["method"] in ("GET", "HEAD"):
+        return False
+    return any(name == b"transfer-encoding" or (name == b"content-length" and value.strip(b" \t0"))
+               for name, value in scope["headers"])
 
 
 def every_copy(headers: list[tuple[bytes, bytes]], name: bytes) -> str:

@@ -206,6 +206,44 @@ def test_a_content_type_sent_in_a_trailer_is_not_the_request_s(keyed):
     assert (status, answer["type"]) == (415, "unsupported_media_type"), answer
 
 
+def read_head(connection: socket.socket) -> bytes:
+    """The status line and headers of the answer on ``connection``."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        more = connection.recv(65536)
+        if not more:
+            break
+        answer += more
+    return answer.partition(b"\r\n\r\n")[0]
+
+
+@pytest.mark.parametrize("key", ["no key", "unknown bearer", "revoked"])
+def test_a_body_without_a_valid_key_is_refused_before_a_byte_of_it_is_read(keyed, key):
+    """The bodies' memory budget is shared: 17 connections without a key, each declaring a 1 MB body and sending most
+    of it, held the whole budget and every keyed request got 503 ``body_memory_full`` (red team helper-65). Now the
+    401 comes at the head, the connection closes, and nothing is held."""
+    live, _, issued = keyed
+    host, port = live.url.removeprefix("http://").split(":")
+    sent_key = "".join(f"{name}: {value.format(**issued)}\r\n" for name, value in BAD_KEYS[key].items())
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as connection:
+        connection.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{sent_key}"
+                           "Content-Length: 1000000\r\n\r\n".encode() + b'{"text": "' + b"a" * 100_000)
+        head = read_head(connection).lower()
+        assert head.startswith(b"http/1.1 401") and b"connection: close" in head, head
+        health = httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()
+        assert health["memory"]["bodies_in_flight_bytes"] == 0
+
+
+def test_a_client_that_expects_100_continue_without_a_valid_key_gets_its_401_instead(keyed):
+    """It got ``100 Continue`` first, then sent its whole body to be refused."""
+    live, _, _ = keyed
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Expect: 100-continue\r\nContent-Length: 20\r\n\r\n")
+        assert read_head(connection).startswith(b"HTTP/1.1 401")
+
+
 # -- gRPC ----------------------------------------------------------------------------------------------------------
 
 def model_infer(address: str, payload: bytes, metadata: tuple) -> grpc.RpcError | grpc.Call:

@@ -20,8 +20,9 @@ from sqlalchemy.exc import OperationalError
 
 from scripts.benchlib.serverproc import start_server, stop_server
 from server.app import create_app
+from server.auth import credentials
 from server.budget import BODY_PARSED_PER_BYTE, BodyBudget
-from server.fastpath import PredictFastPath, credentials, is_plain_json
+from server.fastpath import PredictFastPath, is_plain_json
 from server.http import BodyTooLarge
 from server.store.keys import KeyStore
 from tests.test_memory_bodies import app_in_thread, max_size_body

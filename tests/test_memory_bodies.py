@@ -60,7 +60,7 @@ def serve_held(limit: int) -> Iterator[tuple[str, BodyBudget, Holding, Metrics]]
     metrics, holding, bodies = Metrics(), Holding(), BodyBudget(limit)
     app = FastAPI()
     app.state.services = SimpleNamespace(memory_guard=SimpleNamespace(bodies=bodies),
-                                         settings=SimpleNamespace(max_texts_per_request=256))
+                                         settings=SimpleNamespace(max_texts_per_request=256, auth_mode="open"))
 
     @app.post("/hold")
     async def hold(body: dict):
