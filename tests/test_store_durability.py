@@ -449,7 +449,10 @@ async def test_async_mode_counts_what_neither_database_nor_spool_would_take(stor
     await asyncio.to_thread(store_db.down)
     metrics = Metrics()
     store = await open_store(store_settings(store_durability="async", db_pool_timeout_s=0.3), metrics, max_queue=4)
-    store._wal.max_bytes = 0  # and the spool is full
+    held = make_record("spooled during the outage")
+    store.submit(held)
+    await wait_until(lambda: store.health()["spool_rows"] == 1, what="the first record spooled")
+    store._wal.max_bytes = store._wal.bytes  # and the spool is full
     records = [make_record(f"t{i}") for i in range(10)]
     for record in records:
         store.submit(record)
@@ -460,7 +463,7 @@ async def test_async_mode_counts_what_neither_database_nor_spool_would_take(stor
     await asyncio.to_thread(store_db.up)  # the spool still refuses, but no record needs it: /health ok again
     await wait_until(lambda: store.health()["status"] == "ok" and store.health()["queue_depth"] == 0, timeout=30,
                      what="/health ok once records go to the database directly")
-    assert sorted(await asyncio.to_thread(stored_ids, store_db.url)) == sorted(r.id for r in records[:4])
+    assert sorted(await asyncio.to_thread(stored_ids, store_db.url)) == sorted(r.id for r in [held, *records[:4]])
 
 
 def test_the_async_memory_queue_counts_bytes_and_keeps_the_oldest_records():
@@ -614,6 +617,62 @@ async def test_a_spool_that_cannot_take_a_record_fails_only_that_request(store_s
     store._wal.max_bytes = 1 << 30
     await store.record([make_record("fine again")])
     assert store.health()["reason"] is None
+
+
+async def test_a_refusal_is_reported_only_until_every_record_is_in_the_database(store_settings, open_store):
+    """With every record written after a refusal, /health said "the spool cannot take records ... /predict answers
+    503" for IDLE_RETIRE_S (30 s): the active segment holding them was kept that long (red team helper-64)."""
+    store = await open_store(store_settings(), flush_interval_s=60)
+    await store.record([make_record("spooled, not in the database yet")])
+    store._wal.max_bytes = store._wal.bytes
+    with pytest.raises(SpoolUnavailable):
+        await store.record([make_record("no room")])
+    assert store.health()["status"] == "degraded"
+    store._writer._wakeup.set()  # the next flush writes the first record
+    await wait_until(lambda: store.health()["status"] == "ok", timeout=10, what="/health ok with all written")
+    assert store._wal.bytes == 0
+
+
+async def test_records_of_a_quarter_of_the_spool_wake_the_writer_without_waiting_for_a_flush(store_db, store_settings,
+                                                                                            open_store):
+    """The writer woke only for 256 records: a few large ones waited for the next flush, and meanwhile the spool
+    refused requests that would have fitted once they were written (red team helper-64)."""
+    store = await open_store(store_settings(spool_max_bytes=1 << 20), flush_interval_s=60)
+    await store.record([make_record(f"{n} " + "x" * 20_000) for n in range(15)])  # about 300 KB
+    await wait_until(lambda: len(stored_ids(store_db.url)) == 15, timeout=10, what="the records in the database")
+
+
+async def test_a_run_refused_as_full_takes_each_request_that_fits_the_room_left(tmp_path):
+    """A small request and a large one finishing together: appended as one, both were refused though the small one
+    fitted (red team helper-64)."""
+    size = len(encode_lines([record_row(make_record("r0"), True)]))
+    wal = WriteAheadLog(tmp_path, 10 * size)
+    wal.open()
+    wal.append(encode_lines([record_row(make_record(f"held {n}"), True) for n in range(8)]))  # not in the database
+    committer = GroupCommitter(wal, True, lambda commit, error: None)
+    committer._loop = asyncio.get_running_loop()  # queued before the thread starts: one group
+    large = committer.append([make_record(f"l{n}") for n in range(3)])
+    small = committer.append([make_record("s0")])
+    committer.start(asyncio.get_running_loop())
+    outcomes = await asyncio.wait_for(asyncio.gather(large, small, return_exceptions=True), 30)
+    assert isinstance(outcomes[0], SpoolUnavailable) and outcomes[0].cause == "full" and outcomes[1] is None
+    assert len(spooled_ids(tmp_path)) == 9  # the 8 held and the small request's
+    assert await asyncio.to_thread(committer.stop, 30)
+    wal.close()
+
+
+async def test_async_a_record_larger_than_the_spool_is_counted_lost_and_the_rest_are_spooled(store_db, store_settings,
+                                                                                              open_store):
+    """It went back to the front of the memory queue at every flush, and nothing behind it was spooled while the
+    database was down: a SIGKILL lost them all (red team helper-64)."""
+    await asyncio.to_thread(store_db.down)
+    store = await open_store(store_settings(store_durability="async", spool_max_bytes=1 << 20,
+                                            db_pool_timeout_s=0.3))
+    store.submit(make_record("\U0001f600" * 300_000))  # 1.2 MB as a spool line
+    for n in range(10):
+        store.submit(make_record(f"behind it {n}"))
+    await wait_until(lambda: store.health()["spool_rows"] == 10, timeout=15, what="the others spooled")
+    assert store.health()["lost_rows"] == 1
 
 
 def write_large_spool(directory: Path, rows: int, database_url: str) -> int:

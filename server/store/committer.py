@@ -14,8 +14,9 @@ wake-up run Python code while the loop wants the GIL back) and posts the outcome
 blocking again.
 
 A record that cannot be encoded fails only its own request. A group larger than the spool's cap is appended
-in runs within it (``runs_within``). An append the WAL refuses (full, ENOSPC, I/O error) fails every request of
-its run with ``SpoolUnavailable``: none of them is answered 200.
+in runs within it (``runs_within``); a run refused as full is tried again request by request, so that those
+that fit the room left are taken (small requests had failed beside a large one). An append the WAL refuses
+otherwise (ENOSPC, I/O error) fails every request of its run with ``SpoolUnavailable``: none is answered 200.
 
 ``commit_here`` is the same append on the calling thread, for records ready on a thread that is awake anyway
 (an engine worker that just computed them: ``server.records``): no hand-off at all. Its outcome does not wake
@@ -178,9 +179,17 @@ class GroupCommitter:
         with self._order:
             for run in runs_within(encoded, self._wal.max_bytes):
                 span, error = self._append(b"".join(item.chunk for item in run))
-                rows = [row for item in run for row in item.rows]
-                self._outcomes.append((Commit(rows, *span) if span else None, error, [item.future for item in run]))
+                if error is not None and error.cause == "full" and len(run) > 1:
+                    for item in run:  # each one that fits the room left is taken
+                        self._append_outcome([item], *self._append(item.chunk))
+                else:
+                    self._append_outcome(run, span, error)
         post(self._loop, self.deliver)
+
+    def _append_outcome(self, run: list[Encoded], span: tuple[int, int] | None, error: SpoolUnavailable | None) -> None:
+        """Queue a run's outcome for ``deliver``. Call holding ``_order``, right after its append."""
+        rows = [row for item in run for row in item.rows]
+        self._outcomes.append((Commit(rows, *span) if span else None, error, [item.future for item in run]))
 
     def _append(self, chunk: bytes) -> tuple[tuple[int, int] | None, SpoolUnavailable | None]:
         """Append and sync ``chunk``: its (start, end) LSN, or why not. Call holding ``_order``."""

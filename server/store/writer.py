@@ -105,11 +105,10 @@ class Writer:
     def committed(self, commit: Commit | None, error: SpoolUnavailable | None) -> None:
         """The committer's report (on the loop, in commit order): rows now durable, or why the spool refused."""
         state = self.state
-        if isinstance(error, RecordsTooLarge) and state.durability == "ack":
-            # one request's size, answered 413, not the spool's state: it takes the others (in async mode records
-            # that can never be spooled are lost while the database is down, as /health then says)
-            self._throttle.log("too_large", logging.WARNING, "store: %s; that request was answered 413 (raise "
-                               "SPOOL_MAX_BYTES for requests this large)", error)
+        if isinstance(error, RecordsTooLarge):  # their size, not the spool's state: it takes the others
+            if state.durability == "ack":  # (async mode counts such a record lost: ``_spool_unlogged``)
+                self._throttle.log("too_large", logging.WARNING, "store: %s; that request was answered 413 (raise "
+                                   "SPOOL_MAX_BYTES for requests this large)", error)
             return
         if error is not None:
             state.append_error = str(error)
@@ -132,8 +131,8 @@ class Writer:
             if commit.end - commit.start <= self._cache_bytes:
                 self._cache.append(commit)
                 state.cached_rows += len(commit.rows)
-            if state.cached_rows >= self._batch_rows:
-                self._wakeup.set()
+            if state.cached_rows >= self._batch_rows or self.wal_end - self.cursor >= self._wal.max_bytes // 4:
+                self._wakeup.set()  # by bytes too: a few large records had the spool refuse others until a flush
         state.publish()
 
     def queue(self, records: list[PredictionRecord]) -> None:
@@ -218,9 +217,11 @@ class Writer:
                 self.mark_down(error)
         if self._unlogged and (not state.database_up or state.pending_rows):
             await self._spool_unlogged()
-        if not state.pending_rows and self._wal.bytes and time.monotonic() >= self._release_at:
+        if not state.pending_rows and self._wal.bytes and (state.append_error or time.monotonic() >= self._release_at):
             self._release_at = time.monotonic() + self._retry_interval_s
-            await self._worker.call(self._release, self.cursor)  # an idle server's last segment goes too
+            # an idle server's last segment goes too; at once after a refusal, which /health reports until room is
+            # made (the active segment was kept IDLE_RETIRE_S, the refusal reported that long with all written)
+            await self._worker.call(self._release, self.cursor, state.append_error is not None)
         if state.append_error and self._wal.bytes < self._bytes_at_refusal:
             # Segments were freed since the refusal: /health must not go on saying the spool is full on a
             # server with no traffic to prove otherwise (the next append says so again if it still is). Not a
@@ -346,6 +347,15 @@ class Writer:
                 # once, where one taken out of memory and not spooled would be lost uncounted.
                 self._put_back(rows, "the memory queue is full at shutdown")
                 raise
+            except RecordsTooLarge:
+                if len(rows) == 1:  # it can never be spooled: waiting in front, it kept every record behind it out
+                    self.lose(1, "a record larger than the whole spool (SPOOL_MAX_BYTES) while the database cannot "
+                                 "take it")
+                    budget -= 1
+                    continue
+                self._put_back(rows, "the spool refuses records and the memory queue is full")
+                chunk = len(rows) // 2
+                continue
             except SpoolUnavailable:
                 self._put_back(rows, "the spool refuses records and the memory queue is full")
                 if len(rows) == 1:
@@ -368,9 +378,9 @@ class Writer:
         self._release(upto)
         return outcome
 
-    def _release(self, upto: int) -> None:
+    def _release(self, upto: int, force: bool = False) -> None:
         try:
-            self._wal.release(upto)
+            self._wal.release(upto, force=force)
         except OSError as error:  # the records are in the database; the file stays until the next release
             self._throttle.log("release", logging.ERROR, "store: could not delete a spooled segment: %s", error)
 
