@@ -188,6 +188,19 @@ def test_segments_already_in_the_database_make_room_before_an_append_is_refused(
     assert failure.value.cause == "full" and read_ids(wal, position=end) == ["c"]
 
 
+def test_a_full_disk_first_frees_the_segments_already_in_the_database(small_tmpfs):
+    """On a 64 KiB disk, a segment of 40 KB already in the database (kept as the active one for IDLE_RETIRE_S) made
+    the next append of 40 KB fail for want of space, though deleting it made room (red team helper-64)."""
+    wal = open_wal(small_tmpfs / "spool")
+    _, end = wal.append(lines("x" * 40_000))
+    wal.release(end)  # in the database, still on disk
+    start, _ = wal.append(lines("y" * 40_000))
+    assert start == end and read_ids(wal, position=end) == ["y" * 40_000]
+    with pytest.raises(SpoolUnavailable) as failure:  # what is not in the database yet is never dropped for room
+        wal.append(lines("z" * 40_000))
+    assert failure.value.cause == "no_space" and read_ids(wal, position=end) == ["y" * 40_000]
+
+
 def test_a_real_full_disk_refuses_appends_and_leaves_only_whole_records(small_tmpfs):
     wal = open_wal(small_tmpfs / "spool")
     appended: list[str] = []

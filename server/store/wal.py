@@ -17,7 +17,8 @@ the database".
 - **Capacity**: an append that would take the log past ``SPOOL_MAX_BYTES`` fails with cause ``full``, once the
   segments already wholly in the database are deleted (the active one too: a single large append kept it, and
   the cap with it, filled for ``IDLE_RETIRE_S`` with the database up). An append larger than the whole cap can
-  never fit: it fails with ``RecordsTooLarge`` (413, no Retry-After), not as a full spool to retry.
+  never fit: it fails with ``RecordsTooLarge`` (413, no Retry-After), not as a full spool to retry. An append the
+  disk refuses for want of space (ENOSPC) is tried once more after the same deletion.
 - **Rotation and release**: a new segment when the active one would pass ``SEGMENT_BYTES`` (at most a
   quarter of ``SPOOL_MAX_BYTES``, so a full spool always holds segments the database can free). A segment is
   deleted, and the directory fsynced, once every line in it is in the database; the active one too once
@@ -52,6 +53,7 @@ from server.store.spooldir import READ_CHUNK, count_lines, fsync_dir, write_all
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 4 << 20
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 IDLE_RETIRE_S = 30.0  # long enough that a quiet server does not create and sync a new segment per request
 _SEGMENT_NAME = re.compile(r"^wal-(\d{20})\.jsonl$")
 
@@ -173,28 +175,43 @@ class WriteAheadLog:
             if len(payload) > self.max_bytes:
                 raise RecordsTooLarge(len(payload), self.max_bytes)
             if self._bytes + len(payload) > self.max_bytes:
-                with contextlib.suppress(OSError):  # what could not be deleted stays counted; the writer's next
-                    self._drop_released(force=True)  # release reports why
+                self._make_room()
             if self._bytes + len(payload) > self.max_bytes:
                 raise SpoolUnavailable("full", f"the prediction spool is full ({self._bytes} bytes of "
                                                f"SPOOL_MAX_BYTES={self.max_bytes})")
             try:
-                segment, fd = self._writable(len(payload))
+                return self._write(payload)
+            except OSError as error:
+                if error.errno not in NO_SPACE or not self._make_room():
+                    raise _unavailable(error) from error
+            try:  # once more, in the room segments already in the database left on the disk (red team helper-64)
+                return self._write(payload)
             except OSError as error:
                 raise _unavailable(error) from error
-            begin = segment.size
-            try:
-                write_all(fd, payload)
-                os.fdatasync(fd)
-            except OSError as error:
-                self._cut_back(segment, fd, begin)
-                self._retire_active()
-                raise _unavailable(error) from error
-            segment.size += len(payload)
-            self._bytes += len(payload)
-            self._end_lsn = segment.end
-            self._last_append = time.monotonic()
-            return segment.start + begin, segment.end
+
+    def _make_room(self) -> int:
+        """Delete the segments already in the database, the active one too; the bytes freed. What cannot be
+        deleted stays counted, and the writer's next release reports why."""
+        with contextlib.suppress(OSError):
+            return self._drop_released(force=True)
+        return 0
+
+    def _write(self, payload: bytes) -> tuple[int, int]:
+        """Append and sync ``payload`` under the lock; an ``OSError`` leaves no part of it in the log."""
+        segment, fd = self._writable(len(payload))
+        begin = segment.size
+        try:
+            write_all(fd, payload)
+            os.fdatasync(fd)
+        except OSError:
+            self._cut_back(segment, fd, begin)
+            self._retire_active()
+            raise
+        segment.size += len(payload)
+        self._bytes += len(payload)
+        self._end_lsn = segment.end
+        self._last_append = time.monotonic()
+        return segment.start + begin, segment.end
 
     def read(self, position: int, stop: int, max_lines: int) -> tuple[list[bytes], int]:
         """Up to ``max_lines`` whole lines from ``position`` (an LSN) up to ``stop``; returns them and the next LSN.
@@ -326,7 +343,7 @@ class WriteAheadLog:
 
 def _unavailable(error: OSError) -> SpoolUnavailable:
     """The client's message names no file; the log's (``detail``) names the one the error is about, if any."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in NO_SPACE:
         return SpoolUnavailable("no_space", "no space left on the prediction spool's disk (SPOOL_DIR)")
     said, why = "the prediction spool (SPOOL_DIR) cannot be written: ", error.strerror or type(error).__name__
     return SpoolUnavailable("io_error", said + why, f"{said}{error.filename}: {why}" if error.filename else None)
