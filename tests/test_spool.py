@@ -201,6 +201,24 @@ def test_a_full_disk_first_frees_the_segments_already_in_the_database(small_tmpf
     assert failure.value.cause == "no_space" and read_ids(wal, position=end) == ["y" * 40_000]
 
 
+def test_the_room_made_on_a_full_disk_counts_even_when_the_directory_sync_fails(small_tmpfs, monkeypatch):
+    """The segment was deleted, but a failing directory fsync had the room read as none, and no second try."""
+    wal = open_wal(small_tmpfs / "spool")
+    _, end = wal.append(lines("x" * 40_000))
+    wal.release(end)
+
+    real_fsync_dir, failed = wal_module.fsync_dir, []
+
+    def fsync_dir_failing_once(path: Path) -> None:  # the deletion's; the new segment's succeeds
+        if not failed:
+            failed.append(path)
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(wal_module, "fsync_dir", fsync_dir_failing_once)
+    assert wal.append(lines("y" * 40_000))[0] == end and failed
+
+
 def test_a_real_full_disk_refuses_appends_and_leaves_only_whole_records(small_tmpfs):
     wal = open_wal(small_tmpfs / "spool")
     appended: list[str] = []

@@ -192,9 +192,10 @@ class WriteAheadLog:
     def _make_room(self) -> int:
         """Delete the segments already in the database, the active one too; the bytes freed. What cannot be
         deleted stays counted, and the writer's next release reports why."""
+        before = self._bytes  # counted down per segment deleted, also when a later one or the directory sync fails
         with contextlib.suppress(OSError):
-            return self._drop_released(force=True)
-        return 0
+            self._drop_released(force=True)
+        return before - self._bytes
 
     def _write(self, payload: bytes) -> tuple[int, int]:
         """Append and sync ``payload`` under the lock; an ``OSError`` leaves no part of it in the log."""
