@@ -187,6 +187,9 @@ class Metrics:
                                      registry=r)
         self.store_spool_bytes = Gauge("sentiment_store_spool_bytes", "Bytes of the spool file on disk", registry=r)
         self.store_spool_limit = Gauge("sentiment_store_spool_limit_bytes", "SPOOL_MAX_BYTES", registry=r)
+        self.store_call_age = Gauge("sentiment_store_database_call_seconds", "How long the store's database call "
+                                    "under way has run (0 when none): a lock or a stalled database holds one until "
+                                    "its timeout", registry=r)
         self.store_ack_latency = Histogram("sentiment_store_ack_seconds", "Wait for a request's records to be "
                                            "fsynced before its answer (STORE_DURABILITY=ack)",
                                            buckets=LATENCY_BUCKETS, registry=r)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import OperationalError
 
 from models.data import load_labeled
@@ -31,7 +33,7 @@ from server.store.queries import PredictionFilter, get_prediction, list_predicti
 from server.store.rows import record_row
 from server.store.state import public_reason
 from server.store.tables import FEEDBACK, PREDICTIONS, Base
-from tests.store_fixtures import make_record, stored_ids, wait_until
+from tests.store_fixtures import SqliteLock, make_record, stored_ids, wait_until
 
 
 @pytest.fixture
@@ -178,6 +180,50 @@ async def test_health_reports_backend_and_status(store_db, store_settings, open_
         "queue_depth": 0, "spool_rows": 0, "spool_bytes": 0, "spool_limit_bytes": settings.spool_max_bytes,
         "replay": None, "rejected_rows": 0, "rejected_path": str(settings.spool_dir / "rejected.jsonl"),
         "lost_rows": 0, "foreign_spools": []}
+
+
+@contextlib.contextmanager
+def predictions_locked(store_db):
+    """Another session holds the predictions table: PostgreSQL's exclusive table lock (a migration, a long
+    transaction), or SQLite's write lock. A write then waits, neither answered nor failed."""
+    if store_db.backend == "sqlite":
+        lock = SqliteLock(Path(store_db.url.removeprefix("sqlite:///")))
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+        return
+    engine = create_engine(store_db.url)
+    try:
+        with engine.connect() as connection, connection.begin():
+            connection.execute(text("LOCK TABLE predictions IN ACCESS EXCLUSIVE MODE"))
+            yield
+    finally:
+        engine.dispose()
+
+
+async def test_a_database_that_stops_answering_reads_degraded_while_its_call_waits(store_db, store_settings,
+                                                                                   open_store):
+    """A write waiting on a lock is a database not answering: /health says so once the call has run
+    ``stalled_after_s``, not only when it fails (PostgreSQL's statement timeout is 30 s, during which /health said
+    ok); the metric shows the wait; once the lock goes the record is written and /health is ok again."""
+    metrics = Metrics()
+    store = await open_store(store_settings(db_pool_timeout_s=5.0), metrics, stalled_after_s=0.3)
+    wait_s = lambda: metrics.registry.get_sample_value("sentiment_store_database_call_seconds")  # noqa: E731
+    assert store.health()["status"] == "ok" and wait_s() == 0
+    record = make_record("held")
+    with predictions_locked(store_db):
+        store.submit(record)
+        await wait_until(lambda: "has not answered" in (store.health()["reason"] or ""), timeout=4,
+                         what="/health to say the database has not answered")
+        health = store.health()
+        assert health["status"] == "degraded" and health["state"] == "up", health
+        assert "records are kept in the spool meanwhile" in health["reason"]
+        assert wait_s() >= 0.3
+    await wait_until(lambda: store.health()["status"] == "ok", what="/health ok once the lock is gone")
+    assert wait_s() == 0
+    await wait_until(lambda: stored_ids(store_db.url) == [record.id], what="the held record, written")
 
 
 # queries

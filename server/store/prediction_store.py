@@ -57,13 +57,14 @@ from server.store.writer import CACHE_BYTES, QUEUE_BYTES, Writer
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 5.0
+STALLED_AFTER_S = 5.0  # a database call running longer makes /health degraded until it ends
 WATCH_INTERVAL_S = 5.0  # how often rejected rows and foreign spools on disk are looked at again
 
 
 class PredictionStore:
     def __init__(self, settings: Settings, metrics: Metrics, *, batch_rows: int = 256, flush_interval_s: float = 0.25,
                  retry_interval_s: float = 2.0, max_queue: int = 100_000, max_queue_bytes: int = QUEUE_BYTES,
-                 cache_bytes: int = CACHE_BYTES) -> None:
+                 cache_bytes: int = CACHE_BYTES, stalled_after_s: float = STALLED_AFTER_S) -> None:
         self.settings = settings
         self.metrics = metrics
         self.engine = make_engine(settings)
@@ -75,7 +76,8 @@ class PredictionStore:
         self._sink = DatabaseSink(self.engine, settings, self._rejected)
         self.state = StoreState(metrics, backend=self.backend, durability=settings.store_durability,
                                 spool_limit=settings.spool_max_bytes, rejected_path=self._rejected.path,
-                                spool_bytes=lambda: self._wal.bytes)
+                                spool_bytes=lambda: self._wal.bytes, call_age_s=self._call_age_s,
+                                stalled_after_s=stalled_after_s)
         self._committer = GroupCommitter(self._wal, settings.store_text, self._on_commit)
         self._writer = Writer(state=self.state, wal=self._wal, sink=self._sink, committer=self._committer,
                               metrics=metrics, store_text=settings.store_text, batch_rows=batch_rows,
@@ -102,6 +104,7 @@ class PredictionStore:
             raise
         loop = asyncio.get_running_loop()
         self._worker = BlockingWorker("store-database")
+        self.metrics.store_call_age.set_function(self._call_age_s)
         self._committer.start(loop)
         self._writer.begin(self._worker, self._wal.start, self._wal.end, rows)
         if rows:
@@ -118,6 +121,9 @@ class PredictionStore:
             self._writer.mark_down(error)
         self._tasks = [loop.create_task(self._writer.run(), name="prediction-store-writer"),
                        loop.create_task(self._watch_disk(), name="prediction-store-disk-watch")]
+
+    def _call_age_s(self) -> float:
+        return self._worker.call_age_s() if self._worker is not None else 0.0
 
     async def record(self, records: list[PredictionRecord]) -> None:
         """Record predictions. Ack mode: returns once they are synced to the spool, or raises

@@ -41,13 +41,16 @@ class ForeignReport:
 
 class StoreState:
     def __init__(self, metrics: Metrics, *, backend: str, durability: str, spool_limit: int,
-                 rejected_path: Path, spool_bytes: Callable[[], int]) -> None:
+                 rejected_path: Path, spool_bytes: Callable[[], int], call_age_s: Callable[[], float],
+                 stalled_after_s: float) -> None:
         self._metrics = metrics
         self.backend = backend
         self.durability = durability
         self.spool_limit = spool_limit
         self.rejected_path = rejected_path
         self._spool_bytes = spool_bytes  # sampled from the WAL, which owns its size
+        self._call_age_s = call_age_s  # how long the store's database call under way has run
+        self.stalled_after_s = stalled_after_s  # a call running longer reads as a database not answering
         self.database_up = False
         self.reason: str | None = "not started"
         self.pending_rows = 0  # records in the spool not yet in the database
@@ -99,6 +102,12 @@ class StoreState:
         elif state == "replaying":
             reasons.append(f"replaying spooled predictions into the database: {self.replayed_rows} written, "
                            f"{spooled} to go")
+        waited = self._call_age_s()
+        if state != "down" and waited >= self.stalled_after_s:
+            kept = ("records are kept in the spool meanwhile" if self.durability == "ack" else
+                    "records wait in memory meanwhile (a crash would lose them), and in the spool once it fails")
+            reasons.append(f"the database has not answered for {waited:.0f} s (a lock, or a stalled server or "
+                           f"network; the call fails at its timeout): {kept}")
         if self.append_error:
             consequence = ("/predict answers 503 until it can" if self.durability == "ack"
                            else "predictions are served but their records are lost")

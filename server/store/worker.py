@@ -12,6 +12,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 class BlockingWorker:
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._call_started: float | None = None  # time.monotonic() when the call under way began
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -33,6 +35,12 @@ class BlockingWorker:
         self._queue.put((loop, future, fn, args))
         return future
 
+    def call_age_s(self) -> float:
+        """How long the call under way has been running (0 when none): a database that stopped answering holds
+        one until its timeouts end it (PostgreSQL's statement timeout: 30 s), and /health says so meanwhile."""
+        started = self._call_started
+        return 0.0 if started is None else time.monotonic() - started
+
     def stop(self) -> None:
         """Finish the calls already queued, then end; does not wait (a hung call must not hold shutdown)."""
         self._queue.put(None)
@@ -40,8 +48,10 @@ class BlockingWorker:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             loop, future, fn, args = item
+            self._call_started = time.monotonic()
             try:
                 result, error = fn(*args), None
             except BaseException as exc:  # delivered to the caller, who decides
                 result, error = None, exc
+            self._call_started = None
             post(loop, settle, future, result, error)
