@@ -49,9 +49,10 @@ ifeq ($(MODEL_ID),minilm)
 	  --base minilm --train $(SST2)/train.tsv --dev $(SST2)/dev.tsv --out $(FINETUNE_DIR) --epochs 3 --lr 1e-4 --seed 42 \
 	  --eval-every 300 --ema-decay 0.999
 	$(BIN)/python -m models.build --checkpoint $(FINETUNE_DIR)/best --out $(MODEL_OUT) --eval-file $(SST2)/dev.tsv \
-	  --name sentiment-distilbert-minilm --max-length 512
+	  --calibration-file $(SST2)/train.tsv --name sentiment-distilbert-minilm --max-length 512
 else
-	$(BIN)/python -m models.build --checkpoint $(MODEL_ID) --out $(MODEL_OUT) --eval-file $(SST2)/dev.tsv
+	$(BIN)/python -m models.build --checkpoint $(MODEL_ID) --out $(MODEL_OUT) --eval-file $(SST2)/dev.tsv \
+	  --calibration-file $(SST2)/train.tsv
 endif
 
 bench: $(VENV)/.dev                ## offline ONNX benchmark of the default artifact

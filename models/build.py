@@ -37,6 +37,11 @@ Defaults come from the checkpoint:
 (``models.labels``; ``--label-map 0=negative,1=positive`` when the names
 differ) and refuses to build when they cannot match, so no manifest records
 an accuracy against the wrong labels.
+
+``--calibration-file`` (training data, not the eval file) fixes the int8
+variant's activation scales from 1,000 of its texts (``models.calibrate``), so
+a text gets the same answer whatever it is batched with; without it they are
+computed per engine call, and a few answers move with the batch.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from models.calibrate import calibrate_int8, calibration_entry, calibration_rows
 from models.data import load_labeled
 from models.evaluate import agreement, evaluate_onnx
 from models.export import (
@@ -100,11 +106,14 @@ def build(
     labels: Sequence[str] | None = None,
     label_map: dict[str, str] | None = None,
     max_file_bytes: int = MAX_FILE_BYTES,
+    calibration_file: Path | None = None,
 ) -> dict:
     """Write the artifact to ``out`` (replacing it) and return its manifest.
 
     ``max_length``, ``name`` and ``labels`` default to the checkpoint's (module docstring); a variant larger
-    than ``max_file_bytes`` is stored as graph + external-data files (``models.layout``).
+    than ``max_file_bytes`` is stored as graph + external-data files (``models.layout``). With
+    ``calibration_file`` the int8 variant's activation scales are fixed from its texts (``models.calibrate``):
+    its answers then do not depend on the batch; without, they are computed per engine call.
     """
     unknown = sorted(set(variants) - set(VARIANT_FILES))
     if unknown or not variants:
@@ -117,7 +126,7 @@ def build(
     work.chmod(0o755)  # mkdtemp's 0700 would hide the model from a server running as another user
     try:
         manifest = _assemble(checkpoint, work, variants, eval_file, max_length, int8_recipe, name, version, threads,
-                             labels, label_map, max_file_bytes)
+                             labels, label_map, max_file_bytes, calibration_file)
         _replace(out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -167,8 +176,9 @@ def artifact_labels(model, labels: Sequence[str] | None) -> list[str]:
 
 
 def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_recipe, name, version, threads,
-              labels, label_map, max_file_bytes) -> dict:
+              labels, label_map, max_file_bytes, calibration_file) -> dict:
     reduced = [v for v in ("int8", "fp16") if v in variants]
+    activations: dict | str = "dynamic"  # the int8 variant's activation scales (models.calibrate)
     with tqdm(total=2 + len(reduced) + bool(eval_file), desc="build", unit="step") as steps:
         steps.set_postfix_str("export fp32")
         exported = export(checkpoint, work, max_length)
@@ -183,6 +193,8 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
         for variant in reduced:
             steps.set_postfix_str(variant)
             built[variant] = make_variant(variant, built["fp32"], work, int8_recipe)
+            if variant == "int8":
+                activations = _calibrate(built[variant], calibration_file, work / TOKENIZER, max_length)
             external[variant] = _store(built[variant], max_file_bytes)
             parity[variant] = measure_parity(model, ort_session(built[variant], threads), batches).as_dict()
             steps.update()
@@ -205,8 +217,8 @@ def _assemble(checkpoint, work: Path, variants, eval_file, max_length, int8_reci
             max_sequence_length=max_length,
             source=provenance(checkpoint),
             opset=OPSET,
-            variants={v: _variant_entry(v, path, external.get(v, []), parity[v], results.get(v), int8_recipe)
-                      for v, path in built.items()},
+            variants={v: _variant_entry(v, path, external.get(v, []), parity[v], results.get(v), int8_recipe,
+                                        activations) for v, path in built.items()},
             parity={"reference": "PyTorch fp32 logits", "tolerance": PARITY_TOLERANCE, **parity},
             evaluation={"data": str(eval_file), "label_map": label_map, "results": results} if eval_file else {},
         )
@@ -258,11 +270,23 @@ def _store(path: Path, max_file_bytes: int) -> list[str]:
         raise ExportError("layout", f"{path}: {type(exc).__name__}: {exc}") from exc
 
 
+def _calibrate(int8: Path, calibration_file: Path | None, tokenizer: Path, max_length: int) -> dict | str:
+    """Fix the int8 variant's activation scales from ``calibration_file``'s texts; what its manifest entry says."""
+    if calibration_file is None:
+        return "dynamic"
+    try:
+        rows = calibration_rows(Path(calibration_file), tokenizer, max_length)
+        inputs = calibrate_int8(int8, int8, rows)
+    except Exception as exc:  # onnx / onnxruntime / a malformed data file raise assorted types
+        raise ExportError("calibrate-int8", f"{int8} with {calibration_file}: {type(exc).__name__}: {exc}") from exc
+    return calibration_entry(Path(calibration_file), len(rows), inputs)
+
+
 def _variant_entry(variant: str, path: Path, external_data: list[str], parity: dict, result: dict | None,
-                   int8_recipe: str) -> dict:
+                   int8_recipe: str, activations: dict | str) -> dict:
     entry = {"file": path.name, "precision": variant, "parity": parity, "accuracy": result and result["accuracy"]}
     if variant == "int8":
-        entry["recipe"] = {"name": int8_recipe, **asdict(INT8_RECIPES[int8_recipe])}
+        entry["recipe"] = {"name": int8_recipe, **asdict(INT8_RECIPES[int8_recipe]), "activations": activations}
     return with_external_data(entry, external_data)
 
 
@@ -288,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", help="comma-separated label names in logit order (default: the checkpoint's)")
     parser.add_argument("--max-length", type=int, help="cap on tokens per text (default: what the model takes)")
     parser.add_argument("--int8-recipe", default=DEFAULT_INT8_RECIPE, choices=sorted(INT8_RECIPES))
+    parser.add_argument("--calibration-file", type=Path,
+                        help="labeled TSV/CSV (training data) whose texts fix int8's activation scales, so that a "
+                             "text's answer does not depend on its batch (default: scales per engine call)")
     parser.add_argument("--name", help="model name in /predict, /health and metrics (default: from the checkpoint)")
     parser.add_argument("--version", help="default: a digest of the artifact's files")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
@@ -306,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         manifest = build(
             args.checkpoint, args.out, variants, args.eval_file, args.max_length, args.int8_recipe, args.name,
-            args.version, args.threads, labels, label_map, args.max_file_mb,
+            args.version, args.threads, labels, label_map, args.max_file_mb, args.calibration_file,
         )
     except ExportError as exc:
         raise SystemExit(str(exc)) from None

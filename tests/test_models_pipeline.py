@@ -17,6 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import models.export
 from models.build import build
+from models.calibrate import main as calibrate_main
 from models.evaluate import evaluate_checkpoint, evaluate_onnx
 from models.evaluate import main as evaluate_main
 from models.export import ExportError, export
@@ -262,3 +263,55 @@ def test_int8_node_groups_match_the_exported_graph(artifact, tmp_path):
     integer = {node.name for node in quantized.graph.node if node.op_type == "MatMulInteger"}
     assert not [name for name in integer if "classifier/" in name or "/layer.0/" in name]
     assert [name for name in integer if "/layer.1/ffn/lin2/" in name]
+
+
+def int8_alone_and_batched(artifact: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 variant's logits for ``texts``: each alone, and all in one padded batch."""
+    loaded = load_artifact(artifact)
+    session = ort.InferenceSession(str(loaded.variant_path("int8")), providers=["CPUExecutionProvider"])
+    rows = TextEncoder(loaded.tokenizer_path, loaded.max_length).encode(texts)
+
+    def logits(batch):
+        input_ids, attention_mask = pad_batch(batch)
+        return session.run(["logits"], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    return np.concatenate([logits([row]) for row in rows]), logits(rows)
+
+
+def test_a_calibrated_build_s_int8_answers_a_text_the_same_whatever_its_batch(tuned, labeled, tmp_path):
+    """``--calibration-file``: no activation scale is computed per call any more (the graph has no
+    DynamicQuantizeLinear), so a text's logits are the same alone as beside others; the manifest says so."""
+    texts = [text for text, _ in ROWS] + SAMPLE
+    dynamic = build(tuned, tmp_path / "dynamic", ("int8",), max_length=TINY_MAX_LENGTH)
+    assert dynamic["variants"]["int8"]["recipe"]["activations"] == "dynamic"
+    manifest = build(tuned, tmp_path / "calibrated", ("int8",), max_length=TINY_MAX_LENGTH, calibration_file=labeled)
+    assert manifest["variants"]["int8"]["recipe"]["activations"] == {
+        "scales": "calibrated", "data": str(labeled), "texts": len(ROWS), "inputs": manifest["variants"]["int8"][
+            "recipe"]["activations"]["inputs"]}
+    graph = onnx.load(str(tmp_path / "calibrated" / "model.int8.onnx"))
+    ops = {node.op_type for node in graph.graph.node}
+    assert "DynamicQuantizeLinear" not in ops and {"QuantizeLinear", "MatMulIntegerToFloat"} <= ops
+    alone, batched = int8_alone_and_batched(tmp_path / "calibrated", texts)
+    dynamic_alone, dynamic_batched = int8_alone_and_batched(tmp_path / "dynamic", texts)
+    moved, dynamic_moved = np.abs(alone - batched).max(), np.abs(dynamic_alone - dynamic_batched).max()
+    assert moved < 1e-6 < dynamic_moved  # what calibration removes, on the same model
+    assert np.abs(alone - dynamic_alone).max() < 0.05 * np.abs(dynamic_alone).max()  # whose answers it keeps
+
+
+def test_calibrating_a_built_artifact_rewrites_its_int8_and_manifest(artifact_copy, labeled):
+    """``python -m models.calibrate``: the int8 file replaced, every hash and the version renewed (a different
+    model must not share cached predictions or records), parity measured against the fp32 variant, accuracy on
+    the eval file; the artifact loads, and its int8 answers do not depend on the batch."""
+    before = json.loads((artifact_copy / MANIFEST).read_text())
+    mode = (artifact_copy / "model.int8.onnx").stat().st_mode
+    calibrate_main(["--artifact", str(artifact_copy), "--data", str(labeled), "--eval-file", str(labeled)])
+    after = load_artifact(artifact_copy).manifest  # every sha256 checked
+    assert after["version"] != before["version"]
+    assert (artifact_copy / "model.int8.onnx").stat().st_mode == mode  # readable as before, not a temp file's 0600
+    assert after["files"]["model.int8.onnx"]["sha256"] != before["files"]["model.int8.onnx"]["sha256"]
+    int8 = after["variants"]["int8"]
+    assert int8["recipe"]["activations"]["scales"] == "calibrated"
+    assert int8["parity"]["reference"] == "the fp32 variant" and int8["parity"]["argmax_agreement"] >= 0.9
+    assert int8["accuracy"] == after["evaluation"]["results"]["int8"]["accuracy"]
+    alone, batched = int8_alone_and_batched(artifact_copy, [text for text, _ in ROWS] + SAMPLE)
+    assert np.abs(alone - batched).max() < 1e-5
