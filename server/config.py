@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="bind port")
     grpc_port: int = Field(0, ge=0, le=65535, description="Open Inference Protocol v2 gRPC port on HOST (0 = no "
                            "gRPC server)")
+    grpc_max_connection_age_s: float = Field(60.0, gt=0, description="a gRPC connection this old is asked to go "
+                                             "(GOAWAY: clients reconnect) and closed REQUEST_TIMEOUT_S later, its "
+                                             "calls finished or not")
     max_request_bytes: int = Field(1_048_576, ge=1024, le=2**31 - 1, description="largest accepted request body "
                                    "(413 beyond); at most 2 GiB - 1, gRPC's limit on a message")
     max_texts_per_request: int = Field(256, ge=1, description="largest 'texts' list accepted")
@@ -133,8 +136,8 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at most 2**53 ({MAX_INTEGER})")
         return value
 
-    @field_validator("request_timeout_s", "header_timeout_s", "drain_grace_s", "drain_timeout_s", "db_pool_timeout_s",
-                     "key_cache_ttl_s", "max_wait_ms")
+    @field_validator("request_timeout_s", "header_timeout_s", "grpc_max_connection_age_s", "drain_grace_s",
+                     "drain_timeout_s", "db_pool_timeout_s", "key_cache_ttl_s", "max_wait_ms")
     @classmethod
     def _at_most_a_day(cls, value: float, info: ValidationInfo) -> float:
         """Finite is not enough: a timer beyond threading's TIMEOUT_MAX raises OverflowError where it is used."""

@@ -481,23 +481,36 @@ def test_undecodable_messages_log_one_throttled_warning_and_no_error(undecodable
             and "not a valid inference.ModelInferRequest protobuf" in warnings[0]), warnings[0]
 
 
-def h2_call_never_read(address: str, message: bytes, hold_s: float) -> None:
-    """A ModelInfer over raw HTTP/2 from a client that grants no flow-control window (so no answer can be sent to it)
-    and closes its connection after ``hold_s``: no gRPC library lets a client stop reading so."""
-    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
-    def literal(name: str, value: str) -> bytes:  # HPACK: a literal without indexing, lengths under 127
-        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
 
-    headers = b"".join(literal(name, value) for name, value in (
-        (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
-        (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")))
-    settings = frame(4, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big"))  # SETTINGS_INITIAL_WINDOW_SIZE 0
+def h2_infer_headers() -> bytes:
+    """ModelInfer's request headers, HPACK literals without indexing (every length under 127)."""
+    return b"".join(b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+                    for name, value in ((":method", "POST"), (":scheme", "http"),
+                                        (":path", "/inference.GRPCInferenceService/ModelInfer"),
+                                        (":authority", "localhost"), ("content-type", "application/grpc"),
+                                        ("te", "trailers")))
+
+
+def h2_connection(address: str) -> socket.socket:
+    """A raw HTTP/2 connection that grants no flow-control window: no answer's data can be sent on it."""
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as connection:
-        connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings + frame(1, 4, 1, headers)
-                           + frame(0, 1, 1, b"\x00" + len(message).to_bytes(4, "big") + message))
+    connection = socket.create_connection((host, int(port)), timeout=TIMEOUT_S)
+    settings = h2_frame(4, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big"))  # SETTINGS_INITIAL_WINDOW_SIZE 0
+    connection.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings)
+    return connection
+
+
+def h2_calls_never_read(address: str, messages: list[bytes], hold_s: float) -> None:
+    """ModelInfer calls over raw HTTP/2 on one connection from a client that never lets their answers be sent, and
+    closes the connection after ``hold_s``: no gRPC library lets a client stop reading so."""
+    with h2_connection(address) as connection:
+        for index, message in enumerate(messages):
+            stream = 1 + 2 * index
+            connection.sendall(h2_frame(1, 4, stream, h2_infer_headers())
+                               + h2_frame(0, 1, stream, b"\x00" + len(message).to_bytes(4, "big") + message))
         time.sleep(hold_s)
 
 
@@ -507,7 +520,7 @@ def test_an_answer_its_client_never_reads_is_one_warning_not_an_error_with_a_tra
     live, address = grpc_server(tiny_artifact, tmp_path)
     try:
         for attempt in range(2):
-            h2_call_never_read(address, infer_request(f"never read {attempt}").SerializeToString(), hold_s=1.0)
+            h2_calls_never_read(address, [infer_request(f"never read {attempt}").SerializeToString()], hold_s=1.0)
         wait_for(lambda: "could not be sent" in live.log(), "the warning")
         log = live.log()
         assert "ExecuteBatchError" not in log and "Traceback" not in log and " ERROR " not in log, log[-3000:]
@@ -540,6 +553,8 @@ class Context:
     async def abort(self, code, details, trailing_metadata=()):
         self.aborted = code.name
         raise Aborted()
+    def done(self):
+        return hasattr(self, "aborted")
 
 errors = []
 class Collect(logging.Handler):
@@ -612,3 +627,53 @@ def test_grpc_connections_are_bounded_by_max_connections_and_idle_ones_do_not_st
         for sock in held:
             sock.close()
         assert stop_server(live) == 0
+
+
+def test_answers_a_client_never_reads_count_in_the_bodies_budget_until_its_connection_goes(tiny_artifact, tmp_path):
+    """grpcio holds a call's message and answer until the answer is sent: a red team's one connection of 400 unread
+    calls of 1 MB (an echoed ``id``) held 1.8 GB outside the memory plan, /health saying no body was in flight.
+    They count in the bodies' budget until the call ends, and leave it when the connection goes."""
+    live, address = grpc_server(tiny_artifact, tmp_path)
+    request = infer_request("never read")
+    request.id = "i" * 10_000  # echoed in the answer; 5 calls of it fit HTTP/2's first frame and window sizes
+    calls, each = 5, 2 * request.ByteSize()
+
+    def in_flight() -> int:
+        return httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()["memory"]["bodies_in_flight_bytes"]
+
+    try:
+        holder = threading.Thread(target=h2_calls_never_read,
+                                  args=(address, [request.SerializeToString()] * calls, 4.0), daemon=True)
+        holder.start()
+        wait_for(lambda: in_flight() >= calls * each, "the unread answers to be counted", timeout=TIMEOUT_S)
+        holder.join()
+        wait_for(lambda: in_flight() == 0, "the budget back once the connection went", timeout=TIMEOUT_S)
+    finally:
+        stop_server(live)
+
+
+def test_a_connection_whose_call_stalls_mid_message_is_closed_at_its_age(tiny_artifact, tmp_path):
+    """A call whose message never completes is not seen by any handler, and held its connection for good: 20 such
+    connections took every slot of the gRPC port (red team helper-66). Every connection is closed at
+    GRPC_MAX_CONNECTION_AGE_S + REQUEST_TIMEOUT_S, and its slot is free again."""
+    live, address = grpc_server(tiny_artifact, tmp_path, MAX_CONNECTIONS="1", GRPC_MAX_CONNECTION_AGE_S="1",
+                                REQUEST_TIMEOUT_S="1")
+    message = infer_request("stalled").SerializeToString()
+    try:
+        with h2_connection(address) as stalled:
+            stalled.sendall(h2_frame(1, 4, 1, h2_infer_headers())  # declares 10 bytes more than it will ever send
+                            + h2_frame(0, 0, 1, b"\x00" + (len(message) + 10).to_bytes(4, "big") + message))
+            started = time.monotonic()
+            while stalled.recv(65536):  # the server's frames, until it closes the connection
+                assert time.monotonic() - started < TIMEOUT_S, "the stalled connection was never closed"
+            assert time.monotonic() - started < 10
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # its slot is free again (the server frees it once it has seen the connection go)
+            try:
+                assert BoundedClient(address).is_server_ready()
+                break
+            except InferenceServerException:
+                assert time.monotonic() < deadline, "the closed connection's slot was never freed"
+                time.sleep(0.2)
+    finally:
+        stop_server(live)

@@ -14,8 +14,9 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   over HTTP: answered UNAVAILABLE, ``error-type: draining``, ``retry-after: 1``, and counted in the shutdown line
   (``Services.drain_abandoned``: the exit status is 1). A call is under way once grpcio has its whole message: one
   whose client stalls mid-message or stops reading its answer is not seen here, holds ``server.stop`` until the
-  deadline and is then cut by grpcio, unanswered and uncounted. A port that cannot be bound stops start-up with
-  exit code 5, like PORT (``server.preflight`` checks it before the model loads).
+  deadline and is then cut by grpcio, unanswered and uncounted. Outside a drain such a call is cut with its
+  connection, which every connection is at GRPC_MAX_CONNECTION_AGE_S + REQUEST_TIMEOUT_S. A port that cannot be
+  bound stops start-up with exit code 5, like PORT (``server.preflight`` checks it before the model loads).
 - Auth: ModelInfer needs the ``predict`` role, its key in ``authorization: Bearer <key>`` or ``x-api-key``
   metadata (``server.auth.authorize``: the same key cache, messages and security log as HTTP); the other RPCs are
   open like ``/health``.
@@ -39,9 +40,10 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   counted when its handler answers; an answer grpcio then cannot send is one throttled WARNING (``UnsentAnswers``).
 - Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
   in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
-- Memory: a call's message is held in the request bodies' budget (``server.budget.BodyBudget``, shared with HTTP)
-  from when its handler starts until it is answered, so parsing, tokenizing and answering calls stay within the
-  plan as HTTP bodies do; beyond the budget, UNAVAILABLE with ``error-type: body_memory_full`` and
+- Memory: a call's message, and then its answer too, are held in the request bodies' budget
+  (``server.budget.BodyBudget``, shared with HTTP) from when its handler starts until the call ends, its answer
+  sent (``held_until_sent``), so parsing, tokenizing, answering and unread answers stay within the plan as HTTP
+  bodies do; beyond the budget, UNAVAILABLE with ``error-type: body_memory_full`` and
   ``retry-after: 1``, counted as HTTP's 503. Not bounded: what gRPC reads before a handler runs. grpcio accepts
   calls without limit and reads each accepted call's whole message first, so a flood of large calls is held in
   memory before any can be refused (1,000 concurrent calls of ~1 MB raised the peak by 800-840 MiB,
@@ -74,6 +76,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from server.auth import Caller, authorize, client_for_log
+from server.budget import BodyBudget
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
@@ -185,6 +188,16 @@ def keyed(role: str) -> Callable[[Handler], Rpc]:
     return functools.partial(observed, role=role)
 
 
+def held_until_sent(context: aio.ServicerContext, bodies: BodyBudget, reserved: int) -> None:
+    """Release a call's share of the bodies' budget when the call ends, not when its handler returns: grpcio holds
+    the message and the answer until the answer is sent, and a client that stops reading holds them until it
+    goes (a red team's one connection of 400 such calls of 1 MB held 1.8 GB, outside the plan)."""
+    if reserved and not context.done():
+        context.add_done_callback(lambda _: bodies.release(reserved))
+    else:
+        bodies.release(reserved)
+
+
 class InferenceService(GRPCInferenceServiceServicer):
     def __init__(self, services: Services) -> None:
         self.services = services
@@ -221,6 +234,10 @@ class InferenceService(GRPCInferenceServiceServicer):
                 raise BodyMemoryFull(bodies_full_message(bodies))
             reserved = size
             response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer(), api_key_id))
+            if not bodies.reserve(answer := response.ByteSize()):  # it could be held unsent past the budget
+                self.services.metrics.rejected.labels("body_memory_full").inc()
+                raise BodyMemoryFull(bodies_full_message(bodies))
+            reserved += answer
             status = 200
             return response
         except ServerError as error:
@@ -241,7 +258,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; it is logged under request id "
                                 f"{request_id}: quote it when you report this")
         finally:
-            bodies.release(reserved)
+            held_until_sent(context, bodies, reserved)
             self.under_way.discard(task)
             if self.services.draining and status != CLIENT_CANCELLED and task not in self._abandoned:
                 self.services.drain_answered += 1  # as over HTTP: every answer sent after the drain signal
@@ -390,6 +407,7 @@ class UnsentAnswers(logging.Filter):
 
 GRPC_CORE_LOG = logging.getLogger("grpc._cython.cygrpc")
 GRPC_IDLE_MS = 5 * 60 * 1000  # a gRPC connection without a call for this long is closed (gracefully, GOAWAY)
+GRPC_STREAMS = 100  # calls one gRPC connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
 
 
 class GrpcServer:
@@ -410,6 +428,13 @@ class GrpcServer:
             ("grpc.max_allowed_incoming_connections", settings.max_connections),  # refused before the handshake
             ("grpc.server_handshake_timeout_ms", max(1, int(settings.header_timeout_s * 1000))),
             ("grpc.max_connection_idle_ms", GRPC_IDLE_MS),  # no call for that long: GOAWAY (clients reconnect)
+            # A client that stalls mid-message, or stops reading its answers, held its connection (and the answers'
+            # memory) for good: 20 such connections took every slot (red team helper-66). Every connection now gets
+            # GOAWAY at GRPC_MAX_CONNECTION_AGE_S (clients reconnect for their next call) and is closed once its
+            # calls have had REQUEST_TIMEOUT_S more to finish; and one connection opens at most GRPC_STREAMS calls.
+            ("grpc.max_connection_age_ms", max(1, int(settings.grpc_max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", max(1, int(settings.request_timeout_s * 1000))),
+            ("grpc.max_concurrent_streams", GRPC_STREAMS),
         ])
         add_service(self.service, self.server)
 
