@@ -41,8 +41,8 @@ from onnx import TensorProto, helper, numpy_helper
 from models.data import load_labeled
 from models.evaluate import evaluate_onnx
 from models.export import Parity, ort_session, parity_batches
-from models.manifest import content_version, file_entries
-from server.artifact import MANIFEST, TOKENIZER, load_artifact
+from models.manifest import content_version
+from server.artifact import MANIFEST, TOKENIZER, load_artifact, sha256_file
 from server.tokenizer import TextEncoder, pad_batch
 
 CALIBRATION_TEXTS = 1000  # sentences drawn from the calibration file (about 25 s on this VM's two cores)
@@ -197,7 +197,8 @@ def calibrate_artifact(directory: Path, data_file: Path, limit: int = CALIBRATIO
     finally:
         written.unlink(missing_ok=True)
     manifest = json.loads((directory / MANIFEST).read_text())
-    manifest["files"] = file_entries(directory)
+    # the int8 file's entry only: another file in the directory (a profile, an editor's backup) is no part of it
+    manifest["files"][entry["file"]] = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
     manifest["version"] = content_version(manifest["files"])
     recipe = manifest["variants"]["int8"].setdefault("recipe", {})
     recipe["activations"] = calibration_entry(data_file, len(rows), sites)

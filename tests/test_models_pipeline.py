@@ -304,11 +304,13 @@ def test_calibrating_a_built_artifact_rewrites_its_int8_and_manifest(artifact_co
     the eval file; the artifact loads, and its int8 answers do not depend on the batch."""
     before = json.loads((artifact_copy / MANIFEST).read_text())
     mode = (artifact_copy / "model.int8.onnx").stat().st_mode
+    (artifact_copy / "model.int8.onnx.opt.onnx").write_bytes(b"a profile's leftover")  # not the artifact's
     calibrate_main(["--artifact", str(artifact_copy), "--data", str(labeled), "--eval-file", str(labeled)])
     after = load_artifact(artifact_copy).manifest  # every sha256 checked
     assert after["version"] != before["version"]
     assert (artifact_copy / "model.int8.onnx").stat().st_mode == mode  # readable as before, not a temp file's 0600
     assert after["files"]["model.int8.onnx"]["sha256"] != before["files"]["model.int8.onnx"]["sha256"]
+    assert set(after["files"]) == set(before["files"])
     int8 = after["variants"]["int8"]
     assert int8["recipe"]["activations"]["scales"] == "calibrated"
     assert int8["parity"]["reference"] == "the fp32 variant" and int8["parity"]["argmax_agreement"] >= 0.9
