@@ -59,6 +59,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HOW_TO_SEND = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+GRPC = "gRPC"  # the method a gRPC call's Caller names
+HOW_TO_SEND_GRPC = ("send it as metadata 'authorization: Bearer <key>' or 'x-api-key: <key>' (lower-case names: gRPC "
+                    "refuses others)")
 SCHEME_SEPARATOR = re.compile(r"[ \t]+")  # RFC 9110 11.4 has spaces; a tab is taken too, not called "no scheme"
 KNOWN_SCHEMES = frozenset({  # HTTP authentication schemes (IANA's registry and common others): safe to name back
     "basic", "digest", "hoba", "mutual", "negotiate", "ntlm", "oauth", "scram-sha-1", "scram-sha-256", "vapid",
@@ -256,6 +259,10 @@ def fingerprint(key: str) -> str:
 
 
 def _refuse(services: Services, caller: Caller, error: Unauthorized | Forbidden, detail: str) -> ServerError:
+    """Count and log a refusal; over gRPC its advice names metadata as gRPC spells it (a client that followed
+    'Authorization: Bearer <key>' to the letter had grpcio refuse its own call: "Invalid metadata")."""
+    if caller.method == GRPC and HOW_TO_SEND in error.message:
+        error = type(error)(error.message.replace(HOW_TO_SEND, HOW_TO_SEND_GRPC))
     reason = "unauthorized" if error.status_code == 401 else "forbidden"
     services.metrics.rejected.labels(reason).inc()
     log_refusal(error.status_code, detail, caller)

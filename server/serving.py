@@ -36,6 +36,14 @@ class EmptyText(ServerError):
     status_code = 422
 
 
+class UnpairedSurrogate(ServerError):
+    """A text no UTF-8 encoder, tokenizer or database takes. The JSON bodies' models refuse it at the door
+    (``server.schemas.unicode_scalars_only``); OIP v2's header, read again by ``json`` after orjson refused it,
+    reaches this check instead (the tokenizer raised TypeError: a 500)."""
+
+    status_code = 422
+
+
 @dataclass(frozen=True)
 class Classified:
     """The answer to one request: predictions in input order, their record ids, the model that made them."""
@@ -60,6 +68,14 @@ def validated_texts(raw: list[str], services: Services, name: TextName = TEXTS) 
         if len(text) > settings.max_text_chars:
             raise PayloadTooLarge(f"{name(index)} has {len(text)} characters; at most {settings.max_text_chars} "
                                   "(MAX_TEXT_CHARS)")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                code = ord(text[error.start])
+                raise UnpairedSurrogate(f"{name(index)}: contains an unpaired surrogate (U+{code:04X}) at character "
+                                        f"{error.start}; send valid Unicode text (a JSON \\uD800-\\uDFFF escape "
+                                        "must be half of a pair)") from None
         clean = normalize(text)
         if not clean:
             raise EmptyText(f"{name(index)} is empty or only whitespace; send some text to classify")

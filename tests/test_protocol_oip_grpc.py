@@ -153,6 +153,10 @@ def test_errors_carry_status_message_and_type(served, client):
     expect_error(lambda: client.infer("sentiment", [number]), grpc.StatusCode.INVALID_ARGUMENT, "datatype 'FP32'")
     expect_error(lambda: client.infer("sentiment", [text_input(["x"])], outputs=[triton.InferRequestedOutput("z")]),
                  grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'z'")
+    into_region = triton.InferRequestedOutput("score")
+    into_region.set_shared_memory("out0", 4)  # was answered inline, OK: the client read its region for nothing
+    expect_error(lambda: client.infer("sentiment", [text_input(["x"])], outputs=[into_region]),
+                 grpc.StatusCode.INVALID_ARGUMENT, "shared-memory tensors are not supported")
     request = service_pb2.ModelInferRequest(model_name="sentiment", raw_input_contents=[b"\x09\x00\x00\x00ab"])
     request.inputs.add(name="text", datatype="BYTES", shape=[1])
     _, call = raw_infer(served[1], request)
@@ -195,7 +199,8 @@ def test_auth_required_reads_the_key_from_metadata(tiny_artifact, tmp_path):
         assert client.is_server_ready() and client.get_model_metadata("sentiment").name  # open, like /health
         text = text_input(TEXTS[:1])
         expect_error(lambda: client.infer("sentiment", [text]), grpc.StatusCode.UNAUTHENTICATED,
-                     "an API key with role predict is required")
+                     "an API key with role predict is required: send it as metadata 'authorization: Bearer <key>' "
+                     "or 'x-api-key: <key>' (lower-case names")  # 'Authorization: ...' as said: grpcio refuses it
         expect_error(lambda: client.infer("sentiment", [text], headers={"authorization": "Basic abc"}),
                      grpc.StatusCode.UNAUTHENTICATED, "scheme 'Basic' is not accepted")
         for headers in ({"authorization": f"Bearer {key}"}, {"x-api-key": key}):

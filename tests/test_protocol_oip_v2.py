@@ -172,6 +172,10 @@ def one_text(**extra) -> dict:
     ({**one_text(data=["a"]), "outputs": [{"name": "label"}, {"name": "label"}]}, None, "requested twice"),
     ({**one_text(data=["a"]), "outputs": [{"name": "label", "parameters": {"classification": 2}}]}, None,
      "classification extension"),
+    # an output into a shared-memory region was answered inline with 200 (red team helper-66)
+    ({**one_text(data=["a"]), "outputs": [{"name": "score", "parameters": {"shared_memory_region": "out0",
+                                                                            "shared_memory_byte_size": 4}}]}, None,
+     "shared-memory tensors are not supported: leave out the output's shared_memory_region"),
     (one_text(parameters={"binary_data_size": 7}), b"\x05\x00\x00\x00abc", "declares 5 bytes but 3 remain"),
     (one_text(parameters={"binary_data_size": 9}), b"\x01\x00\x00\x00a", "claims 9 bytes"),
     (one_text(parameters={"binary_data_size": 5}), b"\x01\x00\x00\x00\xff", "is not UTF-8"),
@@ -200,6 +204,30 @@ def test_malformed_requests_are_400_saying_what_to_fix(server, header, binary, f
                           headers=headers, timeout=30)
     assert response.status_code == 400, response.text
     assert fragment in response.json()["error"], response.json()
+
+
+@pytest.mark.parametrize("length, fragment", [  # a bare parser error named neither the header nor the fix
+    (None, "must say the header's length in Inference-Header-Content-Length"),
+    (4, "(Inference-Header-Content-Length) are not valid JSON: unexpected content after document"),
+    (-1, "(Inference-Header-Content-Length) are not valid JSON: unexpected end of data"),
+])
+def test_a_binary_body_whose_header_length_is_missing_or_wrong_says_so(server, length, fragment):
+    header = json.dumps(one_text(parameters={"binary_data_size": 8})).encode()
+    headers = {} if length is None else {"Inference-Header-Content-Length": str(len(header) + length)}
+    response = httpx.post(server.url + "/v2/models/sentiment/infer", content=header + b"\x04\x00\x00\x00good",
+                          headers=headers, timeout=30)
+    assert response.status_code == 400 and fragment in response.json()["error"], response.json()
+
+
+def test_a_lone_surrogate_is_a_422_naming_the_text_as_on_every_other_route(server):
+    """orjson refuses the escape ("not valid JSON: no low surrogate in string", 400): the header is read again as
+    the other routes read JSON, and the text refused by name (red team helper-66)."""
+    response = httpx.post(server.url + "/v2/models/sentiment/infer", timeout=30,
+                          content=b'{"inputs":[{"name":"text","datatype":"BYTES","shape":[2],"data":["ok","\\ud800"]}]}')
+    assert response.status_code == 422, response.text
+    assert response.json() == {"error": "text[1]: contains an unpaired surrogate (U+D800) at character 0; send "
+                                        "valid Unicode text (a JSON \\uD800-\\uDFFF escape must be half of a pair)",
+                               "type": "invalid_input"}
 
 
 @pytest.mark.parametrize("declared", ["99", "-1", "x", b"\xb2", "1" * 5000])  # '²' and 5000 digits were a 500

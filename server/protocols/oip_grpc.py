@@ -75,7 +75,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from server.auth import Caller, authorize, client_for_log
+from server.auth import GRPC, Caller, authorize, client_for_log
 from server.budget import BodyBudget
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
@@ -94,6 +94,7 @@ from server.protocols.oip_model import (
     resolve,
     server_metadata,
     texts_of,
+    unsupported_output,
 )
 from server.protocols.oip_proto import grpc_service_pb2 as pb
 from server.protocols.oip_proto.grpc_service_pb2_grpc import GRPCInferenceServiceServicer
@@ -222,7 +223,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             api_key_id = None
             if role is not None:  # first: a caller without a valid key learns nothing about its message
                 api_key_id = await authorize(self.services, role, metadata,
-                                             Caller("gRPC", endpoint, peer_address(context.peer())))
+                                             Caller(GRPC, endpoint, peer_address(context.peer())))
             if request.__class__ is Undecodable:  # refused before anything else but the key check
                 error = request.error()
                 self._throttle.log("undecodable", logging.WARNING, "gRPC %s from %s answered INVALID_ARGUMENT: %s",
@@ -357,9 +358,7 @@ def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
 
 def wanted_outputs(request: pb.ModelInferRequest) -> list[str]:
     for output in request.outputs:
-        if "classification" in output.parameters:
-            raise InvalidInferRequest("the classification extension is not supported: request 'label', 'score' "
-                                      "or 'probabilities'")
+        unsupported_output(output.parameters)
     return requested_outputs([output.name for output in request.outputs])
 
 

@@ -16,6 +16,7 @@ their messages are the same over HTTP and gRPC.
 from __future__ import annotations
 
 import struct
+from collections.abc import Container
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,6 +164,17 @@ def utf8(element: bytes, index: int) -> str:
     except UnicodeDecodeError as error:
         raise InvalidInferRequest(f"{INPUT}[{index}] is not UTF-8 (byte 0x{element[error.start]:02x} at offset "
                                   f"{error.start}); send the text UTF-8 encoded") from None
+
+
+def unsupported_output(parameters: Container[str]) -> None:
+    """Refuse an output's parameters that ask for what is not served (HTTP and gRPC alike): an output written to
+    a shared-memory region was answered inline with 200, the client reading its region for nothing."""
+    if "classification" in parameters:
+        raise InvalidInferRequest("the classification extension is not supported: request 'label', 'score' "
+                                  "or 'probabilities'")
+    if "shared_memory_region" in parameters:
+        raise InvalidInferRequest("shared-memory tensors are not supported: leave out the output's "
+                                  "shared_memory_region and read the answer from the response")
 
 
 def requested_outputs(names: list[str] | None) -> list[str]:

@@ -51,12 +51,13 @@ from server.protocols.oip_model import (
     resolve,
     server_metadata,
     texts_of,
+    unsupported_output,
     wrong_datatype,
 )
 from server.schemas import at_most_max_texts
 from server.services import Services
 from server.serving import Classified, classify
-from server.strict_json import StrictJsonRoute
+from server.strict_json import StrictJsonRoute, strict_json
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -360,7 +361,7 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
     try:
         document = orjson.loads(view[:size])
     except orjson.JSONDecodeError as error:
-        raise InvalidInferRequest(f"the inference request is not valid JSON: {not_json(view[:size], error)}") from None
+        document = readable_elsewhere(view[:size], error, header_length is not None)
     if not isinstance(document, dict):
         raise InvalidInferRequest("the inference request must be a JSON object with 'inputs'")
     try:
@@ -426,6 +427,23 @@ def json_kind(value: object) -> str:
     return "a list" if isinstance(value, list) else "an object"
 
 
+def readable_elsewhere(header: memoryview, error: orjson.JSONDecodeError, declared: bool) -> Any:
+    """A header orjson refuses but the other routes' reader takes: a text with an unpaired surrogate escape
+    (``"\\ud800"``) is then refused by the text checks, naming it (``text[1]``), as on every other route; before,
+    it was "not valid JSON: no low surrogate in string". Anything else is not JSON, said as such."""
+    try:
+        return strict_json(bytes(header))
+    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        pass
+    if declared:  # a wrong length cuts the header short or runs into the binary data
+        raise InvalidInferRequest(f"the body's first {len(header)} bytes (Inference-Header-Content-Length) are not "
+                                  f"valid JSON: {not_json(header, error)}; send the JSON header's exact length in "
+                                  "bytes") from None
+    hint = ("; a body with binary data after its JSON header (the binary-data extension) must say the header's "
+            "length in Inference-Header-Content-Length") if "after document" in str(error) else ""
+    raise InvalidInferRequest(f"the inference request is not valid JSON: {not_json(header, error)}{hint}") from None
+
+
 def not_json(header: memoryview, error: orjson.JSONDecodeError) -> str:
     """Why the JSON header is not JSON: orjson says "str is not valid UTF-8: surrogates not allowed" for any bytes
     that are not UTF-8, which a client sending Latin-1 or UTF-16 cannot act on."""
@@ -461,9 +479,7 @@ def planned_outputs(parsed: InferRequest) -> list[tuple[str, bool]]:
     planned = []
     for name in requested_outputs([output.name for output in parsed.outputs or []]):
         parameters = own.get(name)
-        if parameters is not None and "classification" in (parameters.model_extra or {}):
-            raise InvalidInferRequest("the classification extension is not supported: request 'label', 'score' "
-                                      "or 'probabilities'")
+        unsupported_output(parameters.model_extra or {} if parameters is not None else {})
         binary = parameters.binary_data if parameters is not None and parameters.binary_data is not None \
             else binary_default
         planned.append((name, binary))
