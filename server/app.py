@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import inspect
@@ -30,6 +29,7 @@ from server.routes_store import router as store_router
 from server.services import Services
 from server.store import KeyStore, PredictionStore
 from server.store.keycache import KeyCache
+from server.worker_threads import on_own_thread
 
 log = logging.getLogger(__name__)
 # FastAPI 0.16x asks on every request whether OpenTelemetry is configured (environment lookups: ~5% of the event
@@ -43,8 +43,8 @@ async def build_services(settings: Settings, metrics: Metrics,
                          wrap_engine: Callable[[Engine], Engine] | None = None) -> Services:
     """The model (start-up's one load of it, ``server.preflight.load_model``: a failure is a ``StartupError``
     with its exit code), then the cache, store and key cache around it."""
-    runtime = await asyncio.get_running_loop().run_in_executor(
-        None, functools.partial(load_model, settings, metrics, warm=settings.warmup, wrap_engine=wrap_engine))
+    runtime = await on_own_thread(functools.partial(load_model, settings, metrics, warm=settings.warmup,
+                                                    wrap_engine=wrap_engine), name="model-load")
     cache_bytes = runtime.settings.cache_max_bytes if settings.enable_model_caching else 0  # as the memory plan says
     cache = PredictionCache(cache_bytes, metrics)
     store = PredictionStore(settings, metrics)
@@ -83,9 +83,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
             except StartupError:
                 await services.close()
                 raise
-        freeze_long_lived()
-        log.info("ready: %s %s on %s, listening on %s:%d", services.runtime.identity.name,
-                 services.runtime.identity.version, services.runtime.identity.provider, settings.host, settings.port)
+        freeze_long_lived()  # the "ready" line is server.lifecycle's: it says so only when it will listen
         try:
             yield
         finally:  # signals (SIGHUP reload, the drain) belong to whoever runs the app: server/lifecycle.py

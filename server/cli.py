@@ -16,13 +16,19 @@ import logging
 import math
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from server.config import ConfigError, Settings, load_settings
+from server.early_signals import remember_early_hangups
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 log = logging.getLogger("server.cli")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    from server.config import Settings
+
     group = parser.add_argument_group("settings (each also an environment variable)")
     for name, field in Settings.model_fields.items():
         group.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, metavar=name.upper(),
@@ -30,15 +36,16 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
+    from server.config import Settings
+
     return {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
 
 
 def serve(settings: Settings) -> int:
     """Check everything that can be checked before listening (one line and an exit code per failure), then run."""
-    from server.lifecycle import remember_early_hangups, run_server
+    from server.lifecycle import run_server
     from server.preflight import preflight
 
-    remember_early_hangups()  # a SIGHUP (reload) during start-up must not kill the process
     code = preflight(settings)  # configures logging first (once LOG_FILE is known to be writable)
     if code:
         return code
@@ -103,6 +110,10 @@ def add_status_command(commands: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+        remember_early_hangups()  # first: a SIGHUP (reload) during start-up must not kill the process
+    from server.config import ConfigError, load_settings
+
     parser = argparse.ArgumentParser(prog="sentiment-analyzer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)

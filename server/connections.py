@@ -285,6 +285,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # or of the pipeline, and the reason it is counted under
         self._refusal_reason: RefusalReason = "malformed_http"
         self._upgrade_body_left: int | None = None  # body bytes still due from a request that asked to upgrade
+        self._abandoned = False  # answered 503 at the drain's deadline (``abandon``)
         self._refusal_after_answer: bytes | None = None  # a 400 for garbage pipelined behind the request under way
         self._answering: Callable[[], object] = lambda: None  # the cycle of the request being answered (weakly)
 
@@ -507,7 +508,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 raise self._failed_body[1]
             return message
 
-        await self._application(scope, receive_in_time, send)
+        try:
+            await self._application(scope, receive_in_time, send)
+        except asyncio.CancelledError:
+            if not self._abandoned:
+                raise
+            # Answered 503 at the drain's deadline (``abandon``); the loop closing cancels what the application
+            # still awaited (a model reload under way): uvicorn logged that as an ERROR with a traceback.
 
     # drain
 
@@ -530,6 +537,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         can no longer answer matters to no one.
         """
         cycle = self.cycle
+        self._abandoned = True
         if not cycle.response_started:
             cycle.disconnected = True  # cycle.send() now drops the application's answer
             cycle.message_event.set()  # and a receive() it waits in returns http.disconnect

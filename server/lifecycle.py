@@ -60,6 +60,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from server.config import Settings
 from server.connections import ConnectionGuard
+from server.early_signals import remember_early_hangups, take_early_hangup
 from server.exitcodes import ExitCode, StartupError
 from server.worker_threads import threads_in_call
 
@@ -69,19 +70,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("server.lifecycle")
 POLL_S = 0.05  # how often the drain looks at the clock and the connections
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_hangup_before_loop = False  # set by the handler remember_early_hangups installs
-
-
-def remember_early_hangups() -> None:
-    """Until the event loop handles signals, a SIGHUP only sets a flag: its default action is to kill the process."""
-    signal.signal(signal.SIGHUP, _remember_hangup)
-
-
-def _remember_hangup(signum: int, frame: object) -> None:
-    global _hangup_before_loop
-    _hangup_before_loop = True
-
-
 @dataclass
 class DrainClock:
     """The drain's two moments, in ``time.monotonic()`` seconds."""
@@ -131,7 +119,12 @@ class DrainingServer(uvicorn.Server):
                     log.info("ready: running the model reload the SIGHUP during start-up asked for")
                     self.services.reload_in_background()
                 if not self.should_exit:
+                    identity, settings = self.services.runtime.identity, self.settings
+                    log.info("ready: %s %s on %s, listening on %s:%d", identity.name, identity.version,
+                             identity.provider, settings.host, settings.port)
                     await super().serve(sockets)
+                else:  # a SIGTERM during start-up (a "ready ... listening" line logged here had nothing listen)
+                    log.info("stopping: the model has loaded, and the server stops without listening")
 
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:
         """uvicorn's own handlers run in the signal's context; ``serve`` installs loop handlers instead."""
@@ -142,12 +135,10 @@ class DrainingServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield  # signals reach only the main thread: a server run in a thread is stopped with begin_drain()
             return
-        global _hangup_before_loop
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self.begin_drain, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.hangup)
-        if _hangup_before_loop:
-            _hangup_before_loop = False
+        if take_early_hangup():
             loop.call_soon(self.hangup)
         try:
             yield

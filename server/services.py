@@ -27,6 +27,7 @@ from server.metrics import Metrics
 from server.predictor import Predictor, model_key
 from server.primitives import Draining, ModelIdentity
 from server.runtime import ModelRuntime, load_checked
+from server.worker_threads import on_own_thread
 
 log = logging.getLogger(__name__)
 STORE_CLOSE_MIN_S = 5.0  # the store's shutdown always gets this long, however little of the drain's time is left
@@ -189,7 +190,7 @@ class Services:
     async def _reload_now(self, path: Path) -> dict[str, Any]:
         old, loop = self.runtime.identity, asyncio.get_running_loop()
         try:
-            fresh = await loop.run_in_executor(None, self._load_warm, path)
+            fresh = await on_own_thread(self._load_warm, path, name="model-reload")
             self._served_labels.setdefault(model_key(self.runtime), self.runtime.labels())
             same_model_other_labels(self._served_labels, fresh)
         except Exception as exc:

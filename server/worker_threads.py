@@ -51,6 +51,32 @@ def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> 
         future.set_result(result)
 
 
+async def on_own_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
+    """``fn(*args)`` on a daemon thread of its own, awaited on the loop; for long one-off work (a model load).
+
+    Not the loop's default executor: its threads are joined when the loop closes (``asyncio.run`` waits for them
+    without a time limit), so a model load under way held the process past the drain deadline and a second
+    SIGTERM (red team helper-67: 24-28 s after the signal, for a 15 s load). A daemon thread is not waited for;
+    while it runs it is among ``threads_in_call``, so the process then ends with ``os._exit`` rather than tear
+    ONNX Runtime down under it (``server.lifecycle``). Cancelling the await leaves the work to finish unheard."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def run() -> None:
+        me = threading.current_thread()
+        _IN_CALL.add(me)
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # delivered to the awaiting task
+            result, error = None, exc
+        finally:
+            _IN_CALL.discard(me)
+        post(loop, settle, future, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
+
+
 class WorkerThreads:
     """``count`` threads, each taking calls from its own queue: the caller says which thread runs a call."""
 

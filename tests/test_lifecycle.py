@@ -32,6 +32,7 @@ from server.lifecycle import DrainClock, run_server
 from server.metrics import Metrics
 from server.primitives import Draining
 from server.store.migrate import SchemaBehind
+from tests.test_protocol_oip_v2 import create_key
 
 WAIT_S = 30.0
 MARGIN_S = 30.0  # beyond DRAIN_GRACE_S + DRAIN_TIMEOUT_S: the store's close, process exit, a loaded machine
@@ -286,6 +287,37 @@ def test_sighup_during_start_up_is_remembered_and_the_reload_runs_once_ready(tin
     assert live.log().count("SIGHUP during start-up: the model reload will run once the server is ready") == 1
 
 
+def test_a_sighup_in_the_first_second_of_serve_is_remembered_not_fatal(tiny_artifact, tmp_path):
+    """The handler was installed after the settings and the web stack were imported: a SIGHUP 0.3-1.3 s after
+    `serve` began ended the process with 129 and an empty log (red team helper-67)."""
+    live = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path, wait_ready=False)
+    try:
+        time.sleep(0.7)
+        live.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: live.process.poll() is not None or probe_ready(live.url) == 200, "the server to be ready")
+        assert live.process.poll() is None, f"an early SIGHUP killed the server ({live.process.returncode}):\n" \
+                                            f"{live.log()}"
+        wait_for(lambda: metric(live, 'sentiment_model_reloads_total{result="ok"}') >= 1, "the deferred reload")
+    finally:
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+    assert code == 0
+
+
+def test_sigterm_during_start_up_stops_without_saying_it_listens(tiny_artifact, tmp_path):
+    """"ready: ... listening on HOST:PORT" was logged though the server, stopped during start-up, never listened."""
+    live = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path, wait_ready=False)
+    try:
+        wait_for(lambda: live.process.poll() is not None or "starting:" in live.log(), "the start-up line")
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+    finally:
+        live.process.kill()
+    log = live.log()
+    assert code == 0 and "during start-up: stopping once the model has loaded, without listening" in log, log
+    assert "listening on" not in log and "stopping: the model has loaded" in log, log
+
+
 def test_a_reload_under_way_at_sigterm_is_said_to_be_abandoned(tmp_path):
     """Shutdown cancels a SIGHUP's reload: the model it was loading was dropped without a word, after a "warm"
     line that read as if it had been swapped in. (The default model: its load outlasts the signal's handling.)"""
@@ -299,6 +331,33 @@ def test_a_reload_under_way_at_sigterm_is_said_to_be_abandoned(tmp_path):
     assert re.search(r"WARNING .*model reload from \S+ abandoned: the server is shutting down \(still serving "
                      r"sentiment-distilbert-minilm ", log), log
     assert "model reloaded" not in log
+
+
+def test_a_model_load_under_way_holds_neither_the_exit_nor_the_log_clean(tmp_path):
+    """A reload asked over HTTP, still loading at the drain's deadline: the client gets 503, the process ends
+    without waiting for the load (it ran on the loop's default executor, which the loop's close waits for: 24-28 s
+    past the signal for a 15 s load, a second SIGTERM or not), and the log has no ERROR "Exception in ASGI
+    application" with a traceback for the cancelled handler (red team helper-67)."""
+    database = f"sqlite:///{tmp_path}/live.db"
+    live = start_server({"DRAIN_GRACE_S": "0", "DRAIN_TIMEOUT_S": "0.2", "DATABASE_URL": database}, tmp_path)
+    key = create_key(database, "admin")
+    answers: list[httpx.Response] = []
+    reload = threading.Thread(target=lambda: answers.append(httpx.post(
+        live.url + "/admin/reload", headers={"Authorization": f"Bearer {key}"}, json={}, timeout=WAIT_S)))
+    try:
+        reload.start()
+        wait_for(lambda: live.log().count("memory plan:") == 2, "the reload's model to be warming up (~3 s)",
+                 timeout=WAIT_S)
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+        reload.join(WAIT_S)
+    finally:
+        live.process.kill()
+    log = live.log()
+    assert answers and answers[0].status_code == 503 and answers[0].json()["type"] == "draining", answers
+    assert "exiting without waiting for 1 threads still running" in log and "model-reload" in log, log[-3000:]
+    assert "Exception in ASGI application" not in log and "Traceback" not in log, log[-3000:]
+    assert "model reloaded" not in log and code == ExitCode.RUNTIME, (code, log[-3000:])
 
 
 @pytest.mark.parametrize("error, code", [
