@@ -101,6 +101,7 @@ def check_paths(settings: Settings) -> str:
     from server.store.db import sqlite_path
 
     checked = [writable_directory(Path(settings.spool_dir), "SPOOL_DIR")]
+    room_for_a_new_spool(Path(settings.spool_dir))
     short = spool_space_shortfall(settings)
     if short:
         log.warning("%s", short)
@@ -375,6 +376,32 @@ def writable_directory(directory: Path, variable: str, label: str | None = None)
         raise StartupError(f"{label} {directory}: cannot create a file in {existing} ({exc.strerror}); fix its "
                            f"permissions or change {variable}", ExitCode.FILESYSTEM) from None
     return f"{label} {directory}"
+
+
+NEW_SPOOL_BYTES = 8192  # what a new spool writes before its first record (database.json, the lock), with room
+
+
+def room_for_a_new_spool(directory: Path) -> None:
+    """A SPOOL_DIR not used yet must write its identity file (``database.json``) before the store can start: on a
+    full volume that failed once the model had loaded (exit 8), while the empty probe file of
+    ``writable_directory`` and ``doctor`` said ok (red team helper-67). Some bytes are written and synced here,
+    in a file without a name. A spool already in use needs none to start: it must start on a full volume, to
+    replay its records and so free it."""
+    from server.store.spooldir import IDENTITY_FILE
+
+    if (directory / IDENTITY_FILE).exists():
+        return
+    existing = nearest_existing(directory)
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".sentiment-analyzer-probe-") as probe:
+            probe.write(bytes(NEW_SPOOL_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        free = shutil.disk_usage(existing).free
+        raise StartupError(f"SPOOL_DIR {directory} is new, and {existing} has no room to set it up ({exc.strerror}; "
+                           f"{free} bytes free): free space on its volume or give SPOOL_DIR another one",
+                           ExitCode.FILESYSTEM) from None
 
 
 def spool_space_shortfall(settings: Settings) -> str | None:

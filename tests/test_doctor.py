@@ -13,7 +13,11 @@ import pytest
 
 from scripts.benchlib.serverproc import ROOT, start_server, stop_server
 from server.cli import main
+from server.config import load_settings
 from server.doctor import run_doctor
+from server.exitcodes import ExitCode, StartupError
+from server.preflight import check_paths
+from server.store.spooldir import SpoolDirectory, database_identity
 from tests.broken_artifacts import broken_copy
 from tests.test_startup_matrix import CASES, environment
 
@@ -140,12 +144,28 @@ def test_a_full_spool_volume_is_named_as_refusing_every_prediction_now(monkeypat
                                                                        small_tmpfs):
     """The probe file is empty, so the disk check passed on a full volume with at most the cap's warning, which
     spoke of the disk filling while the database is down: every request would be refused now. Still a warning,
-    not a failure: a server must start on a full spool volume to replay its spool and so free it."""
+    not a failure, for a spool in use: a server must start on a full spool volume to replay its spool and so free
+    it. A new spool must write its identity file first: on a full volume serve exited 8 once the model had
+    loaded, and doctor said ok (red team helper-67); both now refuse it at once, saying so."""
     env = {**good_env(tiny_artifact, tmp_path), "SPOOL_DIR": str(small_tmpfs / "spool"),
            "SPOOL_MAX_BYTES": str(1 << 20), "MAX_REQUEST_BYTES": "16384"}  # 32 KiB of records: the 64 KiB volume fits
     code, lines = doctor(monkeypatch, env)
     disk = next(line for line in lines if line.startswith("[ok  ] disk"))
     assert code == 0 and "is more than SPOOL_DIR" in disk and "full or nearly" not in disk, lines
+    with (small_tmpfs / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError, match="No space left"):
+        while True:
+            filler.write(b"x" * 4096)
+    code, lines = doctor(monkeypatch, env)
+    disk = next(line for line in lines if line.startswith("[FAIL] disk"))
+    assert code == 1 and f"SPOOL_DIR {small_tmpfs / 'spool'} is new, and {small_tmpfs} has no room to set it up " \
+        "(No space left on device; 0 bytes free): free space on its volume" in disk, lines
+    settings = load_settings(model_path=tiny_artifact, spool_dir=small_tmpfs / "spool")
+    with pytest.raises(StartupError) as refused:  # serve's own check, before the model loads
+        check_paths(settings)
+    assert refused.value.exit_code == ExitCode.FILESYSTEM
+    (small_tmpfs / "filler").unlink()
+    (small_tmpfs / "spool").mkdir()
+    SpoolDirectory(small_tmpfs / "spool").write_identity(database_identity(env["DATABASE_URL"]))  # in use now
     with (small_tmpfs / "filler").open("wb", buffering=0) as filler, pytest.raises(OSError, match="No space left"):
         while True:
             filler.write(b"x" * 4096)

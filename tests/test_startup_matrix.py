@@ -165,7 +165,8 @@ def fill(volume: Path) -> None:
 def test_a_new_spool_dir_on_a_full_volume_stops_start_up_with_one_line_saying_to_free_space(tiny_artifact, tmp_path,
                                                                                            small_tmpfs):
     """A red team's full SPOOL_DIR volume ended start-up in a traceback (the lock file's write) with exit 1. A spool
-    that already holds records still starts on a full volume (``test_durability``: replaying them frees it)."""
+    that already holds records still starts on a full volume (``test_durability``: replaying them frees it). A new
+    one is refused before the model loads (it was after: red team helper-67)."""
     fill(small_tmpfs)
     server = start_server({"MODEL_PATH": str(tiny_artifact), "SPOOL_DIR": str(small_tmpfs / "spool")}, tmp_path,
                           wait_ready=False)
@@ -174,6 +175,7 @@ def test_a_new_spool_dir_on_a_full_volume_stops_start_up_with_one_line_saying_to
     errors = [line for line in log.splitlines() if "ERROR" in line]
     assert "Traceback" not in log and len(errors) == 1, log
     assert "No space left on device" in errors[0] and "free space on its volume" in errors[0], errors[0]
+    assert "loading the model" not in log and "is new, and" in errors[0], log
 
 
 def test_a_spool_lock_that_cannot_be_written_is_refused_by_name_and_released(tmp_path, monkeypatch):
