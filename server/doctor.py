@@ -58,7 +58,8 @@ UPGRADE_FIX = ("run `sentiment-analyzer db upgrade` as a role that may create ta
 SPOOL_DIR_FIX = "give the server's user read and write access to SPOOL_DIR and its files, or point SPOOL_DIR elsewhere"
 SPOOL_FILE_FIX = "remove the file named above, or point SPOOL_DIR at a directory of the server's own"
 SQLITE_FIX = ("check that the SQLite file and the -wal and -shm files beside it, where they exist, are regular files "
-              "the server's user can read and write (remove a FIFO, device or link loop under their names), or point "
+              "the server's user can read and write (remove a FIFO or link loop planted under their names; never a "
+              "device under /dev), or point "
               "DATABASE_URL at a new path (the server creates the database)")
 SPOOL_FIX = "stop the process named above (or wait for its replay to end), or give this server its own SPOOL_DIR"
 

@@ -452,7 +452,11 @@ def writable_file(path: Path, variable: str, label: str | None = None) -> str:
         try:
             os.close(open_regular(path, os.O_WRONLY | os.O_APPEND))
         except NotRegularFile as exc:
-            raise StartupError(f"{label} {exc}, or change {variable}", ExitCode.FILESYSTEM) from None
+            if not exc.system:
+                raise StartupError(f"{label} {exc}, or change {variable}", ExitCode.FILESYSTEM) from None
+            unset = " (or unset it: the log goes to standard output)" if variable == "LOG_FILE" else ""
+            raise StartupError(f"{label} {path} is {exc.kind}, a system file, not a regular one: point {variable} at "
+                               f"a regular file{unset}", ExitCode.FILESYSTEM) from None
         except FileNotFoundError:  # a link to a file yet to be made: opening it for appending makes that file
             pass
         except OSError as exc:

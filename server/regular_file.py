@@ -25,10 +25,25 @@ class NotRegularFile(OSError):
         kind = _KINDS.get(stat.S_IFMT(mode), "a special file")
         if Path(path).is_symlink():
             kind = f"a link to {kind}"
-        super().__init__(errno.EINVAL, f"not a regular file but {kind}: remove it", str(path))
+        self.kind = kind
+        self.system = system_file(Path(path), mode)
+        what_to_do = "a system file, not to be removed: name a regular file instead" if self.system else "remove it"
+        super().__init__(errno.EINVAL, f"not a regular file but {kind}: {what_to_do}", str(path))
 
     def __str__(self) -> str:
         return f"{self.filename} is {self.strerror}"
+
+
+SYSTEM_TREES = ("/dev/", "/proc/", "/sys/")
+
+
+def system_file(path: Path, mode: int) -> bool:
+    """Whether it is the system's, not one planted in the server's places (those are to be removed, a link to a
+    device too): a device itself, or anything under /dev, /proc or /sys (``LOG_FILE=/dev/stdout``, a container
+    habit, was told "remove it": as root, that deletes /dev/stdout)."""
+    if str(path.absolute()).startswith(SYSTEM_TREES):
+        return True
+    return not path.is_symlink() and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode))
 
 
 def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:

@@ -53,6 +53,11 @@ CASES = {
     "variant not shipped": Case({"MODEL_VARIANT": "fp16"}, ExitCode.CONFIG, ("'fp16'", "MODEL_VARIANT")),
     "log file under a regular file": Case({"LOG_FILE": "{tmp}/regular-file/server.log"}, ExitCode.FILESYSTEM,
                                           ("LOG_FILE", "regular-file", "not a directory")),
+    # a device named where a regular file must be: "remove it" was the advice (as root: rm /dev/full)
+    "log file a device": Case({"LOG_FILE": "/dev/full"}, ExitCode.FILESYSTEM,
+                              ("LOG_FILE /dev/full is a character device, a system file", "unset it")),
+    "sqlite file a device": Case({"DATABASE_URL": "sqlite:////dev/null"}, ExitCode.FILESYSTEM,
+                                 ("/dev/null is a character device, a system file", "point DATABASE_URL at a regular")),
     "spool dir under a regular file": Case({"SPOOL_DIR": "{tmp}/regular-file/spool"}, ExitCode.FILESYSTEM,
                                            ("SPOOL_DIR", "regular-file", "not a directory")),
     "queue smaller than a request": Case({"MAX_QUEUE": "64", "MAX_TEXTS_PER_REQUEST": "128"}, ExitCode.CONFIG,
