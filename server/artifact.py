@@ -421,6 +421,10 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
         if not path.is_file():
             raise ArtifactError(f"model file {path} is not a regular file (a folder, FIFO or device): restore the "
                                 "file or rebuild the artifact")
+        listed, found = info.get("bytes"), path.stat().st_size
+        if listed is not None and found != listed:  # read_verified would call it a file changed since it loaded
+            raise ArtifactError(f"model file corrupt: {path} has {found} bytes, {listed} in {MANIFEST} (restore it or "
+                                "rebuild; a manifest edited by hand: correct its bytes)")
         if verify and sha256_file(path) != info["sha256"]:
             raise ArtifactError(
                 f"model file corrupt: {path} does not match its sha256 in {MANIFEST} (restore it or rebuild)"

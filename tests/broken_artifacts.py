@@ -230,6 +230,11 @@ def wrong_sha256(d: Path) -> None:
     flip_a_byte(d / "model.int8.onnx")
 
 
+def wrong_bytes(d: Path) -> None:
+    """The size off by one, the sha256 right: it was called a file changed after the artifact was loaded."""
+    edit_manifest(d, lambda m: m["files"]["model.int8.onnx"].update(bytes=m["files"]["model.int8.onnx"]["bytes"] + 1))
+
+
 def path_outside_the_artifact(d: Path) -> None:
     edit_manifest(d, lambda m: m["files"].update({"../outside.bin": {"sha256": "0" * 64}}))
 
@@ -240,9 +245,9 @@ BREAKERS: dict[str, Callable[[Path], None]] = {f.__name__: f for f in (
     label_with_a_line_break, too_many_labels,
     file_entry_without_sha256, variants_a_list, variants_empty, unknown_variant, variant_file_unlisted,
     max_length_not_a_number, max_length_zero, max_length_two, max_length_huge, max_length_beyond_the_model,
-    missing_file, wrong_sha256, path_outside_the_artifact, manifest_a_fifo, manifest_huge, tokenizer_a_fifo,
-    invalid_tokenizer, tokenizer_empty_object, tokenizer_beyond_the_embeddings, tokenizer_word_beyond_the_embeddings,
-    garbage_onnx, rehashed_nan_weights, wrong_outputs,
+    missing_file, wrong_sha256, wrong_bytes, path_outside_the_artifact, manifest_a_fifo, manifest_huge,
+    tokenizer_a_fifo, invalid_tokenizer, tokenizer_empty_object, tokenizer_beyond_the_embeddings,
+    tokenizer_word_beyond_the_embeddings, garbage_onnx, rehashed_nan_weights, wrong_outputs,
 )}
 
 

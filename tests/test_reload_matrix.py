@@ -115,6 +115,7 @@ def test_every_broken_artifact_is_refused_logged_and_counted(admin_server, tiny_
     ("label_with_a_line_break", "control character"), ("too_many_labels", "at most 64"),
     ("tokenizer_a_fifo", "tokenizer.json is not a regular file"), ("manifest_a_fifo", "not a regular file"),
     ("manifest_huge", "model manifest too large"),
+    ("wrong_bytes", "in manifest.json (restore it or rebuild; a manifest edited by hand: correct its bytes)"),
 ])
 def test_the_409_names_the_reason(admin_server, tiny_artifact, tmp_path, breaker, reason):
     """The cases that answered 500 or an unlogged 503 before: now each 409 says what is wrong."""
