@@ -602,6 +602,18 @@ def test_a_500_logged_where_it_was_raised_is_not_logged_again_for_each_grpc_call
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
 
 
+def answered_once_a_slot_is_free(address: str, what: str) -> None:
+    """A call answered once the server has seen a held connection go and freed its slot."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            assert BoundedClient(address).is_server_ready()
+            return
+        except InferenceServerException:
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+
 def test_grpc_connections_are_bounded_by_max_connections_and_idle_ones_do_not_starve_http(tiny_artifact, tmp_path):
     """Idle connections that sent the HTTP/2 preface and nothing more took every file descriptor the process had:
     HTTP, the spool and the database failed with them (red team helper-63)."""
@@ -620,14 +632,7 @@ def test_grpc_connections_are_bounded_by_max_connections_and_idle_ones_do_not_st
         assert httpx.get(live.url + "/ready", timeout=TIMEOUT_S).status_code == 200  # HTTP has its own bound
         for sock in held:
             sock.close()
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:  # the slots are freed once the server has seen the connections close
-            try:
-                assert BoundedClient(address).is_server_ready()
-                break
-            except InferenceServerException:
-                assert time.monotonic() < deadline, "a freed gRPC connection slot was never reused"
-                time.sleep(0.2)
+        answered_once_a_slot_is_free(address, "a freed gRPC connection slot was never reused")
     finally:
         for sock in held:
             sock.close()
@@ -672,13 +677,6 @@ def test_a_connection_whose_call_stalls_mid_message_is_closed_at_its_age(tiny_ar
             while stalled.recv(65536):  # the server's frames, until it closes the connection
                 assert time.monotonic() - started < TIMEOUT_S, "the stalled connection was never closed"
             assert time.monotonic() - started < 10
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:  # its slot is free again (the server frees it once it has seen the connection go)
-            try:
-                assert BoundedClient(address).is_server_ready()
-                break
-            except InferenceServerException:
-                assert time.monotonic() < deadline, "the closed connection's slot was never freed"
-                time.sleep(0.2)
+        answered_once_a_slot_is_free(address, "the closed connection's slot was never freed")
     finally:
         stop_server(live)
