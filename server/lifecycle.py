@@ -70,6 +70,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("server.lifecycle")
 POLL_S = 0.05  # how often the drain looks at the clock and the connections
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @dataclass
 class DrainClock:
     """The drain's two moments, in ``time.monotonic()`` seconds."""

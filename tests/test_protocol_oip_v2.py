@@ -166,6 +166,7 @@ def one_text(**extra) -> dict:
     ({"inputs": []}, None, "no inputs"),
     (one_text(), None, "no 'data'"),
     (b'{"inputs": [', None, "not valid JSON"),
+    (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, "not valid JSON: depth limit"),  # json.loads: a 500
     (b'\xff\xfe{"inputs": []}', None, "not UTF-8 (byte 0xff at offset 0)"),  # was orjson's "surrogates not allowed"
     (b"[1]", None, "JSON object"),
     (one_text(data=["a"], parameters={"shared_memory_region": "r"}), None, "shared-memory"),

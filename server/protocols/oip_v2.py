@@ -433,7 +433,7 @@ def readable_elsewhere(header: memoryview, error: orjson.JSONDecodeError, declar
     it was "not valid JSON: no low surrogate in string". Anything else is not JSON, said as such."""
     try:
         return strict_json(bytes(header))
-    except ValueError:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nested past Python's stack
         pass
     if declared:  # a wrong length cuts the header short or runs into the binary data
         raise InvalidInferRequest(f"the body's first {len(header)} bytes (Inference-Header-Content-Length) are not "
