@@ -41,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models.data import load_labeled
 from models.evaluate import evaluate_onnx
 from models.export import Parity, ort_session, parity_batches
-from models.manifest import content_version
+from models.manifest import content_version, record_evaluation
 from server.artifact import MANIFEST, TOKENIZER, load_artifact, sha256_file
 from server.tokenizer import TextEncoder, pad_batch
 
@@ -177,8 +177,9 @@ def _only_user(node, users, op_type: str):
 
 def calibrate_artifact(directory: Path, data_file: Path, limit: int = CALIBRATION_TEXTS,
                        eval_file: Path | None = None) -> dict:
-    """Calibrate an artifact's int8 variant in place: the file, its manifest entry (recipe, accuracy) and the
-    artifact's version (a different model must not share cached predictions or records with the one before)."""
+    """Calibrate an artifact's int8 variant in place: the file, its manifest entry (recipe, parity, accuracy) and
+    the artifact's version (a different model must not share cached predictions or records with the one before).
+    Everything is measured on the new file before it replaces the old one, then the manifest is written at once."""
     artifact = load_artifact(directory)
     entry = artifact.manifest["variants"].get("int8")
     if entry is None:
@@ -187,32 +188,33 @@ def calibrate_artifact(directory: Path, data_file: Path, limit: int = CALIBRATIO
         raise SystemExit(f"{directory}'s int8 variant is stored as external data; calibrate it when it is built "
                          "(python -m models.build --calibration-file FILE)")
     target = directory / entry["file"]
+    if not any(node.op_type == "DynamicQuantizeLinear" for node in onnx.load(str(target)).graph.node):
+        raise SystemExit(f"{target} has no activation scale computed per call: nothing to calibrate (calibrated "
+                         "already?)")
     rows = calibration_rows(data_file, directory / TOKENIZER, artifact.max_length, limit)
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".onnx.tmp", delete=False) as handle:
         written = Path(handle.name)
     try:
-        sites = calibrate_int8(target, written, rows)
+        inputs = calibrate_int8(target, written, rows)
         written.chmod(target.stat().st_mode)  # not the temporary file's 0600: a server may run as another user
+        parity = parity_against_variant(artifact, written)
+        result = None if eval_file is None else evaluate_onnx(
+            written, eval_file, labels=artifact.labels,
+            label_map=(artifact.manifest.get("evaluation") or {}).get("label_map"))[0]
+        manifest = json.loads((directory / MANIFEST).read_text())
+        # the int8 file's entry only: another file in the directory (a profile, an editor's backup) is no part of it
+        manifest["files"][entry["file"]] = {"sha256": sha256_file(written), "bytes": written.stat().st_size}
+        manifest["version"] = content_version(manifest["files"])
+        manifest["variants"]["int8"].setdefault("recipe", {})["activations"] = calibration_entry(
+            data_file, len(rows), inputs)
+        manifest["variants"]["int8"]["parity"] = parity
         os.replace(written, target)
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     finally:
         written.unlink(missing_ok=True)
-    manifest = json.loads((directory / MANIFEST).read_text())
-    # the int8 file's entry only: another file in the directory (a profile, an editor's backup) is no part of it
-    manifest["files"][entry["file"]] = {"sha256": sha256_file(target), "bytes": target.stat().st_size}
-    manifest["version"] = content_version(manifest["files"])
-    recipe = manifest["variants"]["int8"].setdefault("recipe", {})
-    recipe["activations"] = calibration_entry(data_file, len(rows), sites)
-    manifest["variants"]["int8"]["parity"] = parity_against_variant(artifact, target)
-    if eval_file is not None:
-        result, _ = evaluate_onnx(target, eval_file, labels=manifest["labels"],
-                                  label_map=(manifest.get("evaluation") or {}).get("label_map"))
-        manifest["variants"]["int8"]["accuracy"] = result["accuracy"]
-        manifest.setdefault("evaluation", {"data": str(eval_file), "results": {}})
-        if manifest["evaluation"].get("data") == str(eval_file):
-            manifest["evaluation"]["results"]["int8"] = result
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    load_artifact(directory)  # every hash checked again
-    return manifest
+    if result is not None:  # on another file than the manifest's evaluation, that one's results are dropped
+        record_evaluation(directory, "int8", result, eval_file, (manifest.get("evaluation") or {}).get("label_map"))
+    return load_artifact(directory).manifest  # every hash checked again
 
 
 def parity_against_variant(artifact, int8: Path) -> dict:

@@ -317,3 +317,6 @@ def test_calibrating_a_built_artifact_rewrites_its_int8_and_manifest(artifact_co
     assert int8["accuracy"] == after["evaluation"]["results"]["int8"]["accuracy"]
     alone, batched = int8_alone_and_batched(artifact_copy, [text for text, _ in ROWS] + SAMPLE)
     assert np.abs(alone - batched).max() < 1e-5
+    with pytest.raises(SystemExit, match="nothing to calibrate"):  # again: it would only rename the same model
+        calibrate_main(["--artifact", str(artifact_copy), "--data", str(labeled)])
+    assert load_artifact(artifact_copy).manifest["version"] == after["version"]
