@@ -40,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models.data import load_labeled
 from models.evaluate import evaluate_onnx
-from models.export import Parity, ort_session, parity_batches
+from models.export import compare_logits, ort_session, parity_batches, session_logits
 from models.manifest import content_version, record_evaluation
 from server.artifact import MANIFEST, TOKENIZER, load_artifact, sha256_file
 from server.tokenizer import TextEncoder, pad_batch
@@ -224,15 +224,7 @@ def parity_against_variant(artifact, int8: Path) -> dict:
     expected = ort_session(artifact.variant_path(reference), 0)
     got = ort_session(int8, 0)
     batches = list(parity_batches(artifact.tokenizer_path, artifact.max_length))
-    worst, agree, count = 0.0, 0, 0
-    for input_ids, attention_mask in batches:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask}
-        want, have = (session.run(["logits"], feed)[0].astype(np.float32) for session in (expected, got))
-        worst = max(worst, float(np.abs(want - have).max()))
-        agree += int((want.argmax(-1) == have.argmax(-1)).sum())
-        count += len(input_ids)
-    sizes = tuple(sorted({len(ids) for ids, _ in batches}))
-    measured = Parity(max_abs_diff=worst, texts=count, batch_sizes=sizes, argmax_agreement=agree / max(count, 1))
+    measured = compare_logits(session_logits(expected), session_logits(got), batches)
     return {"reference": f"the {reference} variant", **measured.as_dict()}
 
 

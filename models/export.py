@@ -33,6 +33,7 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -276,26 +277,47 @@ def torch_logits(model: PreTrainedModel, input_ids: np.ndarray, attention_mask: 
     return out.logits.float().numpy()
 
 
-def measure_parity(model: PreTrainedModel, session: ort.InferenceSession, batches: list) -> Parity:
-    """Compare ``session`` to the PyTorch model on ``batches`` of (input_ids, attention_mask)."""
+Logits = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (input_ids, attention_mask) -> float32 logits
+
+
+def compare_logits(reference: Logits, candidate: Logits, batches: list) -> Parity:
+    """``candidate``'s logits against ``reference``'s on ``batches`` of (input_ids, attention_mask): the largest
+    |difference| and how often both pick the same label."""
     worst, agree, count = 0.0, 0, 0
     for ids, mask in batches:
+        want, got = reference(ids, mask), candidate(ids, mask)
+        worst = max(worst, float(np.abs(want - got).max()))
+        agree += int((want.argmax(-1) == got.argmax(-1)).sum())
+        count += len(ids)
+    sizes = tuple(sorted({len(ids) for ids, _ in batches}))
+    return Parity(max_abs_diff=worst, texts=count, batch_sizes=sizes, argmax_agreement=agree / max(count, 1))
+
+
+def session_logits(session: ort.InferenceSession) -> Logits:
+    """An ONNX Runtime session as a ``Logits`` function."""
+    return lambda ids, mask: session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
+
+
+def measure_parity(model: PreTrainedModel, session: ort.InferenceSession, batches: list) -> Parity:
+    """Compare ``session`` to the PyTorch model on ``batches`` of (input_ids, attention_mask)."""
+    run_session = session_logits(session)
+
+    def pytorch(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         try:
-            ref = torch_logits(model, ids, mask)
+            return torch_logits(model, ids, mask)
         except Exception as exc:  # e.g. IndexError: a position beyond the model's table
             raise ExportError("parity", f"PyTorch cannot run the checkpoint on a batch of shape {ids.shape}: "
                                         f"{type(exc).__name__}: {_first_line(exc)} (a shorter --max-length?)") from exc
+
+    def exported(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         try:
-            got = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float32)
+            return run_session(ids, mask)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ExportError("parity", f"ONNX Runtime cannot run the exported model on a batch of shape "
                                         f"{ids.shape}: {_first_line(exc)[:300]}; this architecture does not export "
                                         "faithfully") from exc
-        worst = max(worst, float(np.abs(ref - got).max()))
-        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        count += len(ids)
-    sizes = tuple(sorted({len(ids) for ids, _ in batches}))
-    return Parity(max_abs_diff=worst, texts=count, batch_sizes=sizes, argmax_agreement=agree / max(count, 1))
+
+    return compare_logits(pytorch, exported, batches)
 
 
 @dataclass(frozen=True)
