@@ -508,15 +508,17 @@ def h2_connection(address: str) -> socket.socket:
     return connection
 
 
-def h2_calls_never_read(address: str, messages: list[bytes], hold_s: float) -> None:
+def h2_calls_never_read(address: str, messages: list[bytes], hold_s: float,
+                        released: threading.Event | None = None) -> None:
     """ModelInfer calls over raw HTTP/2 on one connection from a client that never lets their answers be sent, and
-    closes the connection after ``hold_s``: no gRPC library lets a client stop reading so."""
+    closes the connection after ``hold_s``, or once ``released`` is set: no gRPC library lets a client stop reading
+    so."""
     with h2_connection(address) as connection:
         for index, message in enumerate(messages):
             stream = 1 + 2 * index
             connection.sendall(h2_frame(1, 4, stream, h2_infer_headers())
                                + h2_frame(0, 1, stream, b"\x00" + len(message).to_bytes(4, "big") + message))
-        time.sleep(hold_s)
+        (released or threading.Event()).wait(hold_s)
 
 
 def test_an_answer_its_client_never_reads_is_one_warning_not_an_error_with_a_traceback(tiny_artifact, tmp_path):
@@ -652,10 +654,15 @@ def test_answers_a_client_never_reads_count_in_the_bodies_budget_until_its_conne
         return httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()["memory"]["bodies_in_flight_bytes"]
 
     try:
+        counted = threading.Event()  # the connection is held until then: a fixed hold could end first on a slow machine
         holder = threading.Thread(target=h2_calls_never_read,
-                                  args=(address, [request.SerializeToString()] * calls, 4.0), daemon=True)
+                                  args=(address, [request.SerializeToString()] * calls, TIMEOUT_S, counted),
+                                  daemon=True)
         holder.start()
-        wait_for(lambda: in_flight() >= calls * each, "the unread answers to be counted", timeout=TIMEOUT_S)
+        try:
+            wait_for(lambda: in_flight() >= calls * each, "the unread answers to be counted", timeout=TIMEOUT_S)
+        finally:
+            counted.set()
         holder.join()
         wait_for(lambda: in_flight() == 0, "the budget back once the connection went", timeout=TIMEOUT_S)
     finally:
