@@ -35,7 +35,8 @@ requests finishing, the 503s refusing new ones, health checks, 408s, gRPC
 calls); M the requests answered 503 at the deadline, and the gRPC calls
 answered UNAVAILABLE then (server/protocols/oip_grpc.py). The exit status is 0
 when M is 0, ``ExitCode.RUNTIME`` (1) otherwise. A second SIGTERM/SIGINT ends the waiting at
-once (what is unanswered then is abandoned). A thread that never returns (a
+once (what is unanswered then is abandoned); during start-up, it stops the process without waiting for the model
+load under way. A thread that never returns (a
 hung engine call) does not hold the exit: the process ends without joining it.
 """
 
@@ -103,6 +104,7 @@ class DrainingServer(uvicorn.Server):
         self.drain: DrainClock | None = None
         self.hangup_pending = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._starting: asyncio.Task | None = None  # serve() until the app has started: a second signal cancels it
         super().__init__(uvicorn.Config(
             app, host=settings.host, port=settings.port, http=self.guard.protocol_factory(), ws="none",
             lifespan="off",  # entered by serve(), before the port opens
@@ -115,18 +117,29 @@ class DrainingServer(uvicorn.Server):
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
+        self._starting = asyncio.current_task()
         with self._signals_handled(self.loop):
-            async with self.app.router.lifespan_context(self.app):
-                if self.hangup_pending and not self.should_exit:
-                    log.info("ready: running the model reload the SIGHUP during start-up asked for")
-                    self.services.reload_in_background()
-                if not self.should_exit:
-                    identity, settings = self.services.runtime.identity, self.settings
-                    log.info("ready: %s %s on %s, listening on %s:%d", identity.name, identity.version,
-                             identity.provider, settings.host, settings.port)
-                    await super().serve(sockets)
-                else:  # a SIGTERM during start-up (a "ready ... listening" line logged here had nothing listen)
-                    log.info("stopping: the model has loaded, and the server stops without listening")
+            try:
+                async with self.app.router.lifespan_context(self.app):
+                    self._starting = None
+                    await self._serve_started(sockets)
+            except asyncio.CancelledError:
+                if self._starting is None:  # not ours: cancelled from outside
+                    raise
+                log.warning("stopping now, during start-up: the model load under way is abandoned")
+
+    async def _serve_started(self, sockets: list[socket.socket] | None) -> None:
+        """Once the app has started: listen, unless a signal during start-up asked to stop."""
+        if self.hangup_pending and not self.should_exit:
+            log.info("ready: running the model reload the SIGHUP during start-up asked for")
+            self.services.reload_in_background()
+        if not self.should_exit:
+            identity, settings = self.services.runtime.identity, self.settings
+            log.info("ready: %s %s on %s, listening on %s:%d", identity.name, identity.version,
+                     identity.provider, settings.host, settings.port)
+            await super().serve(sockets)
+        else:  # a SIGTERM during start-up (a "ready ... listening" line logged here had nothing listen)
+            log.info("stopping: the model has loaded, and the server stops without listening")
 
     def capture_signals(self) -> contextlib.AbstractContextManager[None]:
         """uvicorn's own handlers run in the signal's context; ``serve`` installs loop handlers instead."""
@@ -164,6 +177,10 @@ class DrainingServer(uvicorn.Server):
     def begin_drain(self, reason: str = "shutdown requested") -> None:
         """Stop being ready and start the drain's clock; a second call ends the waiting at once."""
         if self.drain is not None:
+            if self._starting is not None:  # nothing is served yet: the start-up (a model load) is not waited for
+                log.warning("%s again during start-up: stopping now", reason)
+                self._starting.cancel()
+                return
             log.warning("%s again: ending the drain now; requests not answered yet are abandoned", reason)
             self.drain.end_now()
             if self.services is not None:  # the batcher's and gRPC's wait end now too
@@ -227,8 +244,8 @@ def run_server(settings: Settings) -> int:
         return ExitCode.PORT
     stuck = threads_still_running(grace_s=1.0)
     if stuck:
-        log.warning("exiting without waiting for %d threads still running (a hung engine call?): %s",
-                    len(stuck), ", ".join(stuck))
+        log.warning("exiting without waiting for %d threads still running (a model load abandoned, or a hung engine "
+                    "call): %s", len(stuck), ", ".join(stuck))
     services = server.services  # its counts are the gRPC calls'
     answered = server.guard.answered + (services.drain_answered if services else 0)
     abandoned = server.guard.abandoned + (services.drain_abandoned if services else 0)

@@ -318,6 +318,26 @@ def test_sigterm_during_start_up_stops_without_saying_it_listens(tiny_artifact, 
     assert "listening on" not in log and "stopping: the model has loaded" in log, log
 
 
+def test_a_second_sigterm_during_start_up_stops_without_waiting_for_the_model_load(tmp_path):
+    """Ctrl-C twice during start-up waited for the whole model load (17 s for a red team's 10 GB artifact) before
+    the process ended. The second signal now stops it at once: the default model's warm-up (~2 s after its
+    memory plan is logged) never finishes, and nothing listens."""
+    live = start_server({}, tmp_path, wait_ready=False)
+    try:
+        wait_for(lambda: live.process.poll() is not None or "memory plan:" in live.log(), "the model's warm-up",
+                 timeout=WAIT_S)
+        live.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "during start-up: stopping once the model has loaded" in live.log(), "the first signal")
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+    finally:
+        live.process.kill()
+    log = live.log()
+    assert code == 0 and "SIGTERM again during start-up: stopping now" in log, log[-3000:]
+    assert "the model load under way is abandoned" in log and "model-load" in log, log[-3000:]
+    assert " warm on " not in log and "listening on" not in log and "Traceback" not in log, log[-3000:]
+
+
 def test_a_reload_under_way_at_sigterm_is_said_to_be_abandoned(tmp_path):
     """Shutdown cancels a SIGHUP's reload: the model it was loading was dropped without a word, after a "warm"
     line that read as if it had been swapped in. (The default model: its load outlasts the signal's handling.)"""
