@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from server.early_signals import remember_early_hangups
+from server.early_signals import handle_early_signals
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -43,12 +43,15 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def serve(settings: Settings) -> int:
     """Check everything that can be checked before listening (one line and an exit code per failure), then run."""
-    from server.lifecycle import run_server
+    from server.exitcodes import ExitCode
+    from server.lifecycle import run_server, stop_asked_before_the_load
     from server.preflight import preflight
 
     code = preflight(settings)  # configures logging first (once LOG_FILE is known to be writable)
     if code:
         return code
+    if stop_asked_before_the_load():
+        return ExitCode.OK
     return run_server(settings)
 
 
@@ -111,7 +114,7 @@ def add_status_command(commands: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
-        remember_early_hangups()  # first: a SIGHUP (reload) during start-up must not kill the process
+        handle_early_signals()  # first: a SIGHUP or SIGTERM during start-up must not kill the process silently
     from server.config import ConfigError, load_settings
 
     parser = argparse.ArgumentParser(prog="sentiment-analyzer", description=__doc__,

@@ -61,7 +61,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from server.config import Settings
 from server.connections import ConnectionGuard
-from server.early_signals import remember_early_hangups, take_early_hangup
+from server.early_signals import remember_early_hangups, take_early_hangup, take_early_stop
 from server.exitcodes import ExitCode, StartupError
 from server.worker_threads import threads_in_call
 
@@ -119,6 +119,8 @@ class DrainingServer(uvicorn.Server):
         self.loop = asyncio.get_running_loop()
         self._starting = asyncio.current_task()
         with self._signals_handled(self.loop):
+            if stop_asked_before_the_load():
+                return
             try:
                 async with self.app.router.lifespan_context(self.app):
                     self._starting = None
@@ -218,6 +220,15 @@ class DrainingServer(uvicorn.Server):
             why = "a second signal ended the drain" if clock.ended_early else "DRAIN_GRACE_S + DRAIN_TIMEOUT_S"
             log.warning("draining: %d requests not answered %.1f s after the signal (%s): answered 503", unanswered,
                         time.monotonic() - clock.began, why)
+
+
+def stop_asked_before_the_load() -> bool:
+    """Whether a SIGTERM or SIGINT came before the event loop handled signals (``server.early_signals``); if so,
+    it is logged, and start-up stops here."""
+    stop = take_early_stop()
+    if stop is not None:
+        log.info("%s during start-up, before the model load: stopping now", stop)
+    return stop is not None
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
