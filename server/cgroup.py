@@ -1,8 +1,13 @@
 """The container's limits as its cgroup states them (v2 first, then v1), not the host's.
 
-Memory: v2 ``memory.max`` or v1 ``memory.limit_in_bytes``. "max", or a number above physical RAM (v1 writes
-~2**63 for "unlimited"), means no cgroup limit, and physical RAM is the limit then. Its peak: v2
-``memory.peak`` (Linux 5.19+) or v1 ``memory.max_usage_in_bytes``.
+Memory: v2 ``memory.max`` or v1 ``memory.limit_in_bytes``, of the process's own cgroup (``/proc/self/cgroup``)
+and of each one above it, the lowest binding: a server in a limited cgroup without a namespace of its own (a
+systemd unit's ``MemoryMax=``, ``docker run --cgroupns=host``, a cgroup made by hand) sees the whole hierarchy
+at the mount, whose root has no limit; read there alone, its memory plan was the machine's RAM and one legitimate
+request got it OOM-killed (red team helper-69). In a container with its own cgroup namespace, its cgroup is the
+mount's root. "max", or a number above physical RAM (v1 writes ~2**63 for "unlimited"), means no limit, and
+physical RAM is the limit then. Its peak, in the cgroup whose limit binds: v2 ``memory.peak`` (Linux 5.19+) or
+v1 ``memory.max_usage_in_bytes``.
 CPU: v2 ``cpu.max`` ("quota period") or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
 """
 
@@ -14,6 +19,7 @@ from pathlib import Path
 import psutil
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 
 def _read_limit(path: Path) -> int | None:
@@ -29,28 +35,76 @@ def _read_limit(path: Path) -> int | None:
         return None
 
 
-def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
-    """The container's memory limit in bytes (cgroup v2, then v1), or physical RAM when there is none."""
-    physical = psutil.virtual_memory().total
-    for path in (cgroup_root / "memory.max", cgroup_root / "memory" / "memory.limit_in_bytes"):
-        limit = _read_limit(path)
-        if limit is not None and 0 < limit < physical:
-            return limit
-    return physical
+def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = PROC_SELF_CGROUP) -> int:
+    """The memory limit binding this process in bytes (cgroup v2, then v1), or physical RAM when there is none."""
+    binding = _binding_memory_limit(cgroup_root, own_cgroups)
+    return binding[0] if binding else psutil.virtual_memory().total
 
 
-def memory_peak_bytes(cgroup_root: Path = CGROUP_ROOT) -> int | None:
-    """The container's peak memory use as its cgroup counts it: what the OOM killer holds against the limit, page
-    cache included (the kernel reclaims that before it kills). None outside a memory-limited cgroup, or where
-    the kernel keeps no peak."""
+def memory_peak_bytes(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = PROC_SELF_CGROUP) -> int | None:
+    """The peak memory use of the cgroup whose limit binds, as it counts it: what the OOM killer holds against the
+    limit, page cache included (the kernel reclaims that before it kills). None outside a memory-limited cgroup,
+    or where the kernel keeps no peak."""
+    binding = _binding_memory_limit(cgroup_root, own_cgroups)
+    return _read_limit(binding[1]) if binding else None
+
+
+def _binding_memory_limit(cgroup_root: Path, own_cgroups: Path) -> tuple[int, Path] | None:
+    """The lowest memory limit below physical RAM over the process's cgroups and their ancestors, with the file
+    holding that cgroup's peak; None when no level sets one."""
     physical = psutil.virtual_memory().total
-    v1 = cgroup_root / "memory"
-    for limit_file, peak_file in ((cgroup_root / "memory.max", cgroup_root / "memory.peak"),
-                                  (v1 / "memory.limit_in_bytes", v1 / "memory.max_usage_in_bytes")):
+    found = []
+    for limit_file, peak_file in _memory_files(cgroup_root, own_cgroups):
         limit = _read_limit(limit_file)
         if limit is not None and 0 < limit < physical:
-            return _read_limit(peak_file)
-    return None
+            found.append((limit, peak_file))
+    return min(found, key=lambda pair: pair[0]) if found else None
+
+
+def _memory_files(cgroup_root: Path, own_cgroups: Path) -> list[tuple[Path, Path]]:
+    """(limit file, peak file) of each cgroup level that can bind this process: v2 first, then v1's memory
+    controller, each from the process's own cgroup up to the mount's root (the root alone when the process's
+    cgroup is not under this mount: a container that mounts its own cgroup at the root without a namespace)."""
+    v2_path, v1_path = _own_cgroup_paths(own_cgroups)
+    levels = []
+    for mount, path, limit_name, peak_name in ((cgroup_root, v2_path, "memory.max", "memory.peak"),
+                                               (cgroup_root / "memory", v1_path, "memory.limit_in_bytes",
+                                                "memory.max_usage_in_bytes")):
+        for directory in _up_to(mount, path):
+            levels.append((directory / limit_name, directory / peak_name))
+    return levels
+
+
+def _own_cgroup_paths(own_cgroups: Path) -> tuple[str, str]:
+    """The process's cgroup paths, v2 and v1's memory controller ("/" where unknown)."""
+    v2 = v1 = "/"
+    try:
+        lines = own_cgroups.read_text().splitlines()
+    except OSError:
+        return v2, v1
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and not controllers:
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _up_to(mount: Path, path: str) -> list[Path]:
+    """``mount``/``path`` and each directory above it up to ``mount``; ``mount`` alone when that one is not there
+    (or ``path`` leads above the mount: a cgroup outside this namespace)."""
+    parts = [part for part in path.split("/") if part]
+    own = mount.joinpath(*parts)
+    if ".." in parts or not own.is_dir():
+        return [mount]
+    levels = [own]
+    while levels[-1] != mount:
+        levels.append(levels[-1].parent)
+    return levels
 
 
 def cpu_quota_cores(cgroup_root: Path = CGROUP_ROOT) -> int | None:

@@ -4,6 +4,7 @@ readers."""
 from __future__ import annotations
 
 import asyncio
+import os
 import platform
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from server.budget import Area, TokenBudget, plan_memory
 from server.cache import PredictionCache
-from server.cgroup import memory_limit_bytes, memory_peak_bytes
+from server.cgroup import CGROUP_ROOT, memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
 from server.memory import MemoryGuard, process_rss_bytes
 from server.memory_model import CostModel
@@ -51,6 +52,67 @@ def cgroup(tmp_path: Path, v2: str | None = None, v1: str | None = None) -> Path
 )
 def test_memory_limit(tmp_path: Path, v2: str | None, v1: str | None, expected: int) -> None:
     assert memory_limit_bytes(cgroup(tmp_path, v2, v1)) == expected
+
+
+def own_cgroups(tmp_path: Path, *lines: str) -> Path:
+    """A ``/proc/self/cgroup`` naming the process's cgroups."""
+    path = tmp_path / "proc-self-cgroup"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_a_limit_on_the_process_s_own_v1_cgroup_binds_though_the_mount_s_root_has_none(tmp_path: Path) -> None:
+    """Read at the mount's root alone, a server in a limited cgroup without a namespace of its own (systemd's
+    MemoryMax=, docker --cgroupns=host) planned for the machine's RAM and was OOM-killed (red team helper-69)."""
+    root = cgroup(tmp_path, v1="9223372036854771712\n")
+    (root / "memory" / "system.slice" / "sentiment.service").mkdir(parents=True)
+    own = root / "memory" / "system.slice" / "sentiment.service"
+    (own / "memory.limit_in_bytes").write_text(f"{GIB}\n")
+    (own / "memory.max_usage_in_bytes").write_text(f"{700 << 20}\n")
+    (own.parent / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    where = own_cgroups(tmp_path, "5:cpu,cpuacct:/system.slice", "4:memory:/system.slice/sentiment.service", "0::/")
+    assert memory_limit_bytes(root, where) == GIB
+    assert memory_peak_bytes(root, where) == 700 << 20
+    assert memory_limit_bytes(root) == PHYSICAL  # this process's own cgroup is not in that tree: the root's
+
+
+def test_the_lowest_limit_above_the_process_s_v2_cgroup_binds_with_its_peak(tmp_path: Path) -> None:
+    (tmp_path / "parent" / "child").mkdir(parents=True)
+    (tmp_path / "parent" / "memory.max").write_text(f"{GIB // 2}\n")
+    (tmp_path / "parent" / "memory.peak").write_text(f"{300 << 20}\n")
+    (tmp_path / "parent" / "child" / "memory.max").write_text("max\n")
+    where = own_cgroups(tmp_path, "0::/parent/child")
+    assert memory_limit_bytes(tmp_path, where) == GIB // 2
+    assert memory_peak_bytes(tmp_path, where) == 300 << 20
+
+
+@pytest.mark.parametrize("path", ["/docker/0123abcd", "/../outside"], ids=["not-mounted", "outside-namespace"])
+def test_a_cgroup_not_under_the_mount_falls_back_to_the_mount_s_root(tmp_path: Path, path: str) -> None:
+    """A container that mounts its own cgroup at the root without a namespace names the host's path."""
+    root = cgroup(tmp_path, v2=f"{GIB // 4}\n")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "memory.max").write_text(f"{GIB // 8}\n")
+    assert memory_limit_bytes(root, own_cgroups(tmp_path, f"0::{path}")) == GIB // 4
+
+
+def test_a_real_memory_cgroup_s_limit_is_what_a_process_in_it_reads(tmp_path: Path) -> None:
+    """A cgroup made as an operator would (root, no namespace of its own): the process inside reads its limit."""
+    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
+    group = (CGROUP_ROOT if v2 else CGROUP_ROOT / "memory") / f"sentiment-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(1200 << 20))
+    except OSError as error:
+        pytest.skip(f"cannot make a memory cgroup here: {error}")
+    try:
+        reader = subprocess.run(
+            ["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "
+                         "'from server.cgroup import memory_limit_bytes; print(memory_limit_bytes())'"],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert reader.returncode == 0, reader.stderr
+        assert int(reader.stdout) == 1200 << 20
+    finally:
+        group.rmdir()
 
 
 def test_real_readers_return_plausible_numbers() -> None:
