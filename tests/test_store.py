@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,11 +28,12 @@ from server import cli_store
 from server.cli import main as cli_main
 from server.config import ConfigError, load_settings
 from server.metrics import Metrics
-from server.store import PredictionStore, migrate
+from server.store import PredictionStore, db, migrate
 from server.store.db import database_url, make_engine, redact
 from server.store.feedback import UnknownLabel, UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
 from server.store.rows import record_row
+from server.store.spooldir import database_identity
 from server.store.state import public_reason
 from server.store.tables import FEEDBACK, PREDICTIONS, Base
 from tests.store_fixtures import SqliteLock, make_record, stored_ids, wait_until
@@ -70,6 +73,69 @@ def test_a_database_password_is_never_in_a_message(url, capsys, monkeypatch):
     assert cli_main(["db", "current"]) != 0
     printed = capsys.readouterr()
     assert "ERROR" in printed.err and "S3cret" not in printed.out + printed.err
+
+
+def test_a_spool_s_database_identity_reads_the_address_libpq_reads_from_the_url_s_query():
+    """Two servers on one port with different socket directories had one identity (the address alone was read),
+    and one's spool was replayed into the other (red team helper-68)."""
+    first = database_identity("postgresql://postgres@/sap?host=/run/pg-a&port=19050")
+    second = database_identity("postgresql://postgres@/sap?host=/run/pg-b&port=19050")
+    assert first != second and first["host"] == "/run/pg-a" and first["port"] == 19050
+    assert database_identity("postgresql://u@h/db?options=-csearch_path%3Dtenant_b")["options"] == \
+        "-csearch_path=tenant_b"
+    assert database_identity("postgresql:///?dbname=x&user=u&host=db")["database"] == "x"
+    # a plain address records what it always did: spools written before still match it
+    assert database_identity("postgresql://u:secret@db:5433/x") == {"dialect": "postgresql", "host": "db",
+                                                                      "port": 5433, "database": "x", "user": "u"}
+
+
+@pytest.mark.postgres
+def test_the_url_s_libpq_options_reach_the_server_beside_the_statement_timeout(pg_store_db, tmp_path):
+    """The statement timeout set in connect_args replaced the URL's ``options``: a ``search_path`` was dropped
+    and every record went to the public schema (red team helper-68)."""
+    with create_engine(pg_store_db.url).begin() as connection:
+        connection.execute(text("CREATE SCHEMA tenant_b"))
+    url = f"{pg_store_db.url}?options=-csearch_path%3Dtenant_b"
+    engine = make_engine(load_settings(database_url=url, spool_dir=tmp_path / "spool"))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SHOW search_path")).scalar() == "tenant_b"
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "30s"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_call_to_a_server_that_stops_answering_fails_instead_of_waiting_for_good(pg_store_db, tmp_path,
+                                                                                    monkeypatch):
+    """A stopped (SIGSTOP) or frozen server answers no statement and enforces no statement timeout, and its kernel
+    keeps the connection alive: a call waited as long as the stall (red team helper-68: 80 s; the store never
+    turned down). Its connection is now shut down under it once it has waited ``UNANSWERED_AFTER_S``."""
+    monkeypatch.setattr(db, "UNANSWERED_AFTER_S", 1.0)
+    engine = make_engine(load_settings(database_url=pg_store_db.url, spool_dir=tmp_path / "spool"))
+    outcome: list[BaseException | None] = []
+    with engine.connect() as connection:
+        backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+        os.kill(backend, signal.SIGSTOP)
+        try:
+            def stalled_call() -> None:
+                try:
+                    connection.execute(text("SELECT 1"))
+                    outcome.append(None)
+                except BaseException as error:
+                    outcome.append(error)
+
+            caller = threading.Thread(target=stalled_call, daemon=True)
+            caller.start()
+            caller.join(30)
+        finally:
+            os.kill(backend, signal.SIGCONT)
+        connection.rollback()  # the failed call's transaction, as ``engine.begin()`` would
+    engine.dispose()
+    assert outcome, "the call to the stopped server never returned"
+    assert isinstance(outcome[0], OperationalError), outcome
+    with make_engine(load_settings(database_url=pg_store_db.url, spool_dir=tmp_path / "spool")).connect() as fresh:
+        assert fresh.execute(text("SELECT 1")).scalar() == 1  # the server itself was never at fault
 
 
 # migrations

@@ -3,8 +3,9 @@
 Blocking SQLAlchemy calls run in threads (``run_db``) rather than through an
 async driver: SQLite has none worth the dependency, and the writer batches
 anyway. Every PostgreSQL call is bounded in time (connect timeout, statement
-timeout, TCP keepalives), so a hung network turns into an error the writer can
-spool around instead of a stalled thread.
+timeout, TCP keepalives and user timeout, and ``server.store.stall`` for a
+server that stops answering without failing), so a hung network or server
+turns into an error the writer can spool around instead of a stalled thread.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from sqlalchemy.engine import URL
 from server.config import ConfigError, Settings
 from server.primitives import ServerError
 from server.store import sqlite_file
+from server.store.stall import StallBreaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STATEMENT_TIMEOUT_MS = 30_000
+UNANSWERED_AFTER_S = STATEMENT_TIMEOUT_MS / 1000 + 2  # a call still waiting then: the server has stopped answering
 # Errors that mean "the database is not answering", as opposed to a bug in a statement.
 UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
 
@@ -97,10 +100,21 @@ def make_engine(settings: Settings) -> Engine:
         return engine
     connect_args: dict[str, Any] = {
         "connect_timeout": max(2, math.ceil(settings.db_pool_timeout_s)),
-        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+        "options": with_statement_timeout(url.query.get("options")),
         "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+        "tcp_user_timeout": STATEMENT_TIMEOUT_MS,  # data sent and never acknowledged: a network that drops it
     }
-    return create_engine(url, connect_args=connect_args, **pool)
+    engine = create_engine(url, connect_args=connect_args, **{**pool, "pool_pre_ping": False})  # StallBreaker pings
+    StallBreaker(UNANSWERED_AFTER_S).install(engine)
+    return engine
+
+
+def with_statement_timeout(options: str | tuple[str, ...] | None) -> str:
+    """libpq's ``options`` with the statement timeout first: the URL's own (a ``search_path``, a longer timeout)
+    come after it and win. Set in ``connect_args`` alone, it replaced the URL's, and records went to another
+    schema than the one the URL names (red team helper-68)."""
+    own = " ".join(options) if isinstance(options, tuple) else (options or "")
+    return f"-c statement_timeout={STATEMENT_TIMEOUT_MS} {own}".strip()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -117,15 +117,29 @@ def make_dir(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
+# libpq parameters of a URL's query that choose another database, server or schema than its address alone
+TARGET_PARAMETERS = ("service", "options")
+
+
 def database_identity(raw_url: str) -> dict[str, Any]:
-    """What a spool records about its database: enough to tell two apart, nothing secret."""
+    """What a spool records about its database: enough to tell two apart, nothing secret. libpq also takes the
+    host, port, database and user from the URL's query (``?host=/run/postgresql&port=5433``, a socket directory):
+    read from the address alone, two servers on the same port but different socket directories had the same
+    identity, and one's spool was replayed into the other (red team helper-68)."""
     url: URL = database_url(raw_url)
     backend = url.get_backend_name()
     if backend == "sqlite":
         return {"dialect": "sqlite", "host": None, "port": None, "user": None,
                 "database": str(Path(url.database).resolve())}
-    return {"dialect": backend, "host": url.host or "localhost", "port": url.port or 5432,
-            "database": url.database, "user": url.username}
+    query = {name: value[-1] if isinstance(value, tuple) else value for name, value in url.query.items()}
+    port = url.port or query.get("port") or 5432
+    identity = {"dialect": backend, "host": url.host or query.get("host") or query.get("hostaddr") or "localhost",
+                "port": int(port) if str(port).isdigit() else port,
+                "database": url.database or query.get("dbname"), "user": url.username or query.get("user")}
+    for name in TARGET_PARAMETERS:  # present only when set: spools written before they were recorded still match
+        if query.get(name):
+            identity[name] = query[name]
+    return identity
 
 
 def describe_identity(identity: dict[str, Any] | None) -> str:
@@ -135,7 +149,9 @@ def describe_identity(identity: dict[str, Any] | None) -> str:
     if identity["dialect"] == "sqlite":
         return f"sqlite:///{identity['database']}"
     user = f"{identity['user']}@" if identity.get("user") else ""
-    return f"{identity['dialect']}://{user}{identity['host']}:{identity['port']}/{identity['database']}"
+    query = "&".join(f"{name}={identity[name]}" for name in TARGET_PARAMETERS if identity.get(name))
+    return (f"{identity['dialect']}://{user}{identity['host']}:{identity['port']}/{identity['database']}"
+            + (f"?{query}" if query else ""))
 
 
 @dataclass(frozen=True)
