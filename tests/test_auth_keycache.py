@@ -333,3 +333,33 @@ def test_keys_are_stored_hashed_and_revoked_idempotently(engine):
         keys.create("x", "root")
     with pytest.raises(ValueError, match="name"):
         keys.create("  ", "predict")
+
+
+class StalledKeyStore(FlakyKeyStore):
+    """Its key reads wait until ``answer`` is set: a database server that stopped answering."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.answer = threading.Event()
+
+    def find(self, digest):
+        self.answer.wait(30)
+        return super().find(digest)
+
+
+async def test_a_key_lookup_the_database_never_answers_is_a_503_not_a_request_held_for_good(engine):
+    """A lookup whose connection went to a stopped server held its request with no answer (red team helper-68:
+    one of four requests with a new key still waiting when its client gave up at 100 s)."""
+    store = StalledKeyStore(engine)
+    cache = KeyCache(store, Metrics(), ttl_s=60, lookup_timeout_s=0.2)
+    await cache.start()
+    try:
+        record, key = KeyStore(engine).create("made elsewhere a moment ago", "predict")
+        with pytest.raises(KeyCheckUnavailable):
+            await asyncio.wait_for(cache.authenticate(key), 10)
+        with pytest.raises(KeyCheckUnavailable):  # taken as down: no further read waits
+            await asyncio.wait_for(cache.authenticate("sk-another-unknown-key"), 10)
+    finally:
+        store.answer.set()
+    assert await cache.refresh()  # the database answers again
+    assert (await cache.authenticate(key)).id == record.id

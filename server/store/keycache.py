@@ -15,7 +15,8 @@ AUTH_MODE=required a database outage was a full outage. What it promises
   the database once and cached. A key the database does not know either is
   remembered as unknown for ``KEY_CACHE_TTL_S`` (at most ``MAX_UNKNOWN``
   digests, oldest dropped first), and at most ``LOOKUP_CONCURRENCY`` reads run
-  at once, so a flood of bad keys costs the database little.
+  at once, so a flood of bad keys costs the database little. A read that gets
+  no answer within ``LOOKUP_TIMEOUT_S`` counts as the database being down.
 - While the database cannot be read, a key the cache knows is judged by the
   state last read (counted in ``sentiment_auth_key_cache_fallbacks_total``, one
   WARNING a minute); a key it does not know can be neither accepted nor
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MAX_UNKNOWN = 10_000
 LOOKUP_CONCURRENCY = 2
+LOOKUP_TIMEOUT_S = 5.0  # a key read from the database that takes longer: the database is taken as down
 DOWN_RETRY_S = 1.0
 MIN_RELOAD_S = 0.1  # a tiny KEY_CACHE_TTL_S means "read the database per request", not "reload in a busy loop"
 WARNING_EVERY_S = 60.0
@@ -85,9 +87,11 @@ MISS = _Miss()
 class KeyCache:
     """Checks keys from memory; create/list/revoke go to the ``KeyStore`` and keep the cache in step."""
 
-    def __init__(self, store: KeyStore, metrics: Metrics, ttl_s: float) -> None:
+    def __init__(self, store: KeyStore, metrics: Metrics, ttl_s: float,
+                 lookup_timeout_s: float = LOOKUP_TIMEOUT_S) -> None:
         self.store = store
         self.ttl_s = ttl_s
+        self.lookup_timeout_s = lookup_timeout_s
         self._metrics = metrics
         self._known: dict[str, _Entry] = {}  # sha256 of the key -> its record as last read
         self._unknown: OrderedDict[str, float] = OrderedDict()  # sha256 -> monotonic time the verdict expires
@@ -133,10 +137,11 @@ class KeyCache:
 
     async def _read(self, digest: str) -> ApiKey | None:
         started = time.monotonic()
-        try:
-            found = await asyncio.to_thread(self.store.find, digest)
-        except SQLAlchemyError as error:
-            self._mark_down(error)
+        try:  # bounded: a connection to a server that stopped answering held its request for good (helper-68)
+            found = await asyncio.wait_for(asyncio.to_thread(self.store.find, digest), self.lookup_timeout_s)
+        except (SQLAlchemyError, TimeoutError) as error:
+            self._mark_down(describe(error) if isinstance(error, SQLAlchemyError) else
+                            f"a key lookup got no answer within {self.lookup_timeout_s:.0f} s")
             entry = self._known.get(digest)
             if entry is not None:
                 return self._fallback(entry, time.monotonic())
@@ -224,7 +229,7 @@ class KeyCache:
         try:
             snapshot = await asyncio.to_thread(self.store.all_by_digest)
         except SQLAlchemyError as error:
-            self._mark_down(error)
+            self._mark_down(describe(error))
             return False
         with self._lock:
             self._changes = [(d, entry) for d, entry in self._changes if entry.read_at >= started]
@@ -260,8 +265,8 @@ class KeyCache:
                 log.warning("API key uses since the last reload not recorded: the database did not answer within "
                             "%.0f s", CLOSE_WRITE_TIMEOUT_S)
 
-    def _mark_down(self, error: SQLAlchemyError) -> None:
+    def _mark_down(self, reason: str) -> None:
         if not self._down:
             log.warning("API keys cannot be read from the database: %s; keys this server knows are judged from "
-                        "its cache until it can", describe(error))
-        self._down = describe(error)
+                        "its cache until it can", reason)
+        self._down = reason
