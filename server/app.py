@@ -29,6 +29,8 @@ from server.routes_store import router as store_router
 from server.services import Services
 from server.store import KeyStore, PredictionStore
 from server.store.keycache import KeyCache
+from server.store.keysnapshot import KeySnapshot
+from server.store.spooldir import database_identity
 from server.worker_threads import on_own_thread
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ async def build_services(settings: Settings, metrics: Metrics,
     cache = PredictionCache(cache_bytes, metrics)
     store = PredictionStore(settings, metrics)
     await store.start()  # StartupError (SchemaBehind, SpoolLocked, SpoolDirUnusable): one line and its exit code
-    keys = KeyCache(KeyStore(store.engine), metrics, settings.key_cache_ttl_s)
+    keys = KeyCache(KeyStore(store.engine), metrics, settings.key_cache_ttl_s,
+                    snapshot=KeySnapshot(settings.spool_dir, database_identity(settings.database_url)))
     await keys.start()
     if settings.auth_mode == "open":
         log.warning("AUTH_MODE=open: /predict accepts requests without an API key")

@@ -19,6 +19,7 @@ from server.store import keycache
 from server.store.db import make_engine
 from server.store.keycache import KeyCache, KeyCheckUnavailable
 from server.store.keys import KeyStore, key_digest
+from server.store.keysnapshot import KeySnapshot
 from server.store.migrate import prepare_schema
 from server.store.tables import API_KEYS
 
@@ -363,3 +364,32 @@ async def test_a_key_lookup_the_database_never_answers_is_a_503_not_a_request_he
         store.answer.set()
     assert await cache.refresh()  # the database answers again
     assert (await cache.authenticate(key)).id == record.id
+
+
+async def test_a_start_while_the_database_is_down_judges_keys_by_the_last_run_s_snapshot(engine, tmp_path):
+    """A server that started during an outage knew no keys and answered every keyed request 503 (red team
+    helper-68), against "the database being down never stops predictions (keyed ones included)"."""
+    record, key = KeyStore(engine).create("in use", "predict")
+    revoked, revoked_key = KeyStore(engine).create("leaked", "predict")
+    KeyStore(engine).revoke(revoked.id)
+    snapshot = KeySnapshot(tmp_path, {"dialect": "sqlite", "database": "the one"})
+    await started_with(KeyStore(engine), snapshot)  # the last run, while the database could be read
+    assert snapshot.path.stat().st_mode & 0o777 == 0o600
+
+    down = FlakyKeyStore(engine)
+    down.failing = True
+    cache = await started_with(down, snapshot)
+    assert (await cache.authenticate(key)).id == record.id
+    assert (await cache.authenticate(revoked_key)).revoked_at is not None  # still refused
+    with pytest.raises(KeyCheckUnavailable):  # a key the snapshot does not hold cannot be judged
+        await cache.authenticate("sk-never-seen")
+
+    elsewhere = await started_with(down, KeySnapshot(tmp_path, {"dialect": "sqlite", "database": "another"}))
+    with pytest.raises(KeyCheckUnavailable):  # another database's keys are not taken
+        await elsewhere.authenticate(key)
+
+
+async def started_with(store: KeyStore, snapshot: KeySnapshot) -> KeyCache:
+    cache = KeyCache(store, Metrics(), ttl_s=60, snapshot=snapshot)
+    await cache.start()
+    return cache

@@ -17,6 +17,8 @@ AUTH_MODE=required a database outage was a full outage. What it promises
   digests, oldest dropped first), and at most ``LOOKUP_CONCURRENCY`` reads run
   at once, so a flood of bad keys costs the database little. A read that gets
   no answer within ``LOOKUP_TIMEOUT_S`` counts as the database being down.
+- A start while the database cannot be read takes the keys of the snapshot
+  a previous run left in ``SPOOL_DIR`` (``server.store.keysnapshot``).
 - While the database cannot be read, a key the cache knows is judged by the
   state last read (counted in ``sentiment_auth_key_cache_fallbacks_total``, one
   WARNING a minute); a key it does not know can be neither accepted nor
@@ -50,12 +52,14 @@ from server.metrics import Metrics
 from server.primitives import ServerError
 from server.store.db import describe
 from server.store.keys import ApiKey, KeyStore, key_digest
+from server.store.keysnapshot import KeySnapshot
 from server.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
 MAX_UNKNOWN = 10_000
 LOOKUP_CONCURRENCY = 2
+SNAPSHOT_EVERY_S = 3600.0  # the key snapshot is rewritten this often even when no key changed
 LOOKUP_TIMEOUT_S = 5.0  # a key read from the database that takes longer: the database is taken as down
 DOWN_RETRY_S = 1.0
 MIN_RELOAD_S = 0.1  # a tiny KEY_CACHE_TTL_S means "read the database per request", not "reload in a busy loop"
@@ -88,10 +92,12 @@ class KeyCache:
     """Checks keys from memory; create/list/revoke go to the ``KeyStore`` and keep the cache in step."""
 
     def __init__(self, store: KeyStore, metrics: Metrics, ttl_s: float,
-                 lookup_timeout_s: float = LOOKUP_TIMEOUT_S) -> None:
+                 lookup_timeout_s: float = LOOKUP_TIMEOUT_S, snapshot: KeySnapshot | None = None) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.lookup_timeout_s = lookup_timeout_s
+        self._snapshot = snapshot  # for a start during an outage (``server.store.keysnapshot``)
+        self._kept: tuple[frozenset, float] | None = None  # what the snapshot holds, and when it was written
         self._metrics = metrics
         self._known: dict[str, _Entry] = {}  # sha256 of the key -> its record as last read
         self._unknown: OrderedDict[str, float] = OrderedDict()  # sha256 -> monotonic time the verdict expires
@@ -207,10 +213,22 @@ class KeyCache:
             self._changes.append((digest, entry))
 
     async def start(self) -> None:
-        """The first load; a database that cannot be read leaves the cache empty (and logged) until it can."""
-        if not await self.refresh():
+        """The first load; a database that cannot be read leaves the cache with the snapshot's keys (or empty:
+        logged) until it can."""
+        if await self.refresh():
+            return
+        kept = await asyncio.to_thread(self._snapshot.read) if self._snapshot is not None else None
+        if kept is None:
             log.warning("API keys could not be loaded (%s): keyed requests get 503 until the database can be "
                         "read; the key cache retries every %.0f s", self._down, DOWN_RETRY_S)
+            return
+        keys, read_at = kept
+        age_s = max(0.0, time.time() - read_at)
+        with self._lock:
+            self._known = {digest: _Entry(key, time.monotonic() - age_s) for digest, key in keys.items()}
+        log.warning("API keys could not be loaded (%s): the %d keys of %s, read from the database %.0f s ago, "
+                    "judge keyed requests until it can be read (a key revoked since is accepted meanwhile); the "
+                    "key cache retries every %.0f s", self._down, len(keys), self._snapshot.path, age_s, DOWN_RETRY_S)
 
     async def run(self) -> None:
         """Reload every KEY_CACHE_TTL_S / 2 (every second while the database is down) and write key uses."""
@@ -227,13 +245,13 @@ class KeyCache:
         """Reload every key from the database; False (and the cache kept as it was) if it cannot be read."""
         started = time.monotonic()
         try:
-            snapshot = await asyncio.to_thread(self.store.all_by_digest)
+            stored = await asyncio.to_thread(self.store.all_by_digest)
         except SQLAlchemyError as error:
             self._mark_down(describe(error))
             return False
         with self._lock:
             self._changes = [(d, entry) for d, entry in self._changes if entry.read_at >= started]
-            known = {digest: _Entry(record, started) for digest, record in snapshot.items()}
+            known = {digest: _Entry(record, started) for digest, record in stored.items()}
             known.update(self._changes)
             self._known = known
         for digest in known.keys() & self._unknown.keys():
@@ -241,7 +259,24 @@ class KeyCache:
         if self._down:
             log.info("API keys can be read from the database again: %d keys loaded", len(known))
             self._down = None
+        await self._keep(stored)
         return True
+
+    async def _keep(self, keys: dict[str, ApiKey]) -> None:
+        """Write the snapshot when the keys changed (their use times aside), and hourly, so that its age is what a
+        start in an outage reports."""
+        if self._snapshot is None:
+            return
+        held = frozenset((digest, key.id, key.role, key.revoked_at) for digest, key in keys.items())
+        if self._kept is not None and self._kept[0] == held and time.monotonic() - self._kept[1] < SNAPSHOT_EVERY_S:
+            return
+        try:
+            await asyncio.to_thread(self._snapshot.write, keys, time.time())
+        except OSError as error:
+            self._throttle.log("snapshot", logging.WARNING, "API key snapshot %s not written (%s): a start while "
+                               "the database is down would know no keys", self._snapshot.path, error)
+            return
+        self._kept = (held, time.monotonic())
 
     async def write_uses(self) -> None:
         """Write the uses collected since the last call; kept for the next call if the database fails."""
