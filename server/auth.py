@@ -52,11 +52,15 @@ from server.logging_setup import one_line
 from server.primitives import ServerError
 from server.store.keycache import KeyCheckUnavailable
 from server.store.keys import ROLES, ApiKey
+from server.store.throttle import LineBudget
 
 if TYPE_CHECKING:
     from server.services import Services
 
 log = logging.getLogger(__name__)
+REFUSAL_LINES_PER_MINUTE = 120
+_refusal_lines = LineBudget(log, REFUSAL_LINES_PER_MINUTE, "security: %d more refusals in the last %.0f s were not "
+                            "logged one by one (at most %d a minute; sentiment_rejected_total counts them all)")
 
 HOW_TO_SEND = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 GRPC = "gRPC"  # the method a gRPC call's Caller names
@@ -270,9 +274,10 @@ def _refuse(services: Services, caller: Caller, error: Unauthorized | Forbidden,
 
 
 def log_refusal(status: int, detail: str, caller: Caller) -> None:
-    """The one WARNING every security refusal writes, in the form the runbook greps."""
-    log.warning("security: %d %s: %s %s from %s", status, detail, caller.method, printable(caller.path),
-                client_for_log(caller.client))
+    """The one WARNING every security refusal writes, in the form the runbook greps (up to
+    ``REFUSAL_LINES_PER_MINUTE``; every refusal is counted in ``sentiment_rejected_total`` regardless)."""
+    _refusal_lines.log(logging.WARNING, "security: %d %s: %s %s from %s", status, detail, caller.method,
+                       printable(caller.path), client_for_log(caller.client))
 
 
 def client_for_log(client: str) -> str:

@@ -13,10 +13,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from server import auth
 from server.http import install_error_handlers
 from server.metrics import Metrics
 from server.routes_store import router
-from server.store import KeyStore
+from server.store import KeyStore, throttle
 from server.store.keycache import KeyCache
 from tests.store_fixtures import make_record, stored_ids, wait_until
 
@@ -265,3 +266,20 @@ async def test_key_checks_while_the_database_is_down(make_api, store_db):
         assert api.rejected("unauthorized") == 0  # a known key was let through, not refused
     else:  # a locked SQLite still answers reads: keys and the list keep working
         assert listed.status_code == 200 and unknown.status_code == 401
+
+
+def test_a_flood_of_refusals_is_logged_up_to_a_budget_then_counted_in_one_line(monkeypatch, caplog):
+    """Every 401 wrote its own WARNING: 56 clients sending bad keys wrote 9,171 lines in 20 s (red team
+    helper-69), enough to rotate the security lines that matter out of LOG_FILE in minutes."""
+    now = [1000.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(auth, "_refusal_lines", throttle.LineBudget(auth.log, 3, "security: %d more in %.0f s (%d)"))
+    caller = auth.Caller("POST", "/predict", "198.51.100.7")
+    with caplog.at_level(logging.WARNING, logger="server.auth"):
+        for _ in range(10):
+            auth.log_refusal(401, "invalid API key", caller)
+        now[0] += 61
+        auth.log_refusal(401, "invalid API key", caller)
+    lines = [record.getMessage() for record in caplog.records]
+    refusal = "security: 401 invalid API key: POST /predict from 198.51.100.7"
+    assert lines == [refusal] * 3 + ["security: 7 more in 61 s (3)", refusal]

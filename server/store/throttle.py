@@ -1,4 +1,5 @@
-"""Log a recurring trouble at most once per period, saying how many times it happened meanwhile."""
+"""Log a recurring trouble at most once per period, saying how many times it happened meanwhile (``Throttle``),
+or events each on a line of its own up to a number of lines per period (``LineBudget``)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,32 @@ class Throttle:
         """The trouble is over: its next occurrence is logged at once."""
         self._last.pop(kind, None)
         self._quiet.pop(kind, None)
+
+
+class LineBudget:
+    """Each event on a line of its own, at most ``lines`` per period; past that they are counted, and the first
+    line logged in a later period says how many were not. For lines worth reading one by one (a security refusal
+    names its client and key fingerprint) that a flood must not turn into the whole log: 56 clients sending bad
+    keys wrote 9,171 lines in 20 s (red team helper-69), and a rotated LOG_FILE keeps only so many bytes."""
+
+    def __init__(self, logger: logging.Logger, lines: int, unlogged: str, period_s: float = PERIOD_S) -> None:
+        """``unlogged``: the line that counts what was not logged, formatted with that number, the seconds it
+        spans and ``lines``."""
+        self._log = logger
+        self._lines = lines
+        self._unlogged_line = unlogged
+        self._period_s = period_s
+        self._period_began = -period_s
+        self._logged = self._unlogged = 0
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._period_began >= self._period_s:
+            if self._unlogged:
+                self._log.log(level, self._unlogged_line, self._unlogged, now - self._period_began, self._lines)
+            self._period_began, self._logged, self._unlogged = now, 0, 0
+        if self._logged >= self._lines:
+            self._unlogged += 1
+            return
+        self._logged += 1
+        self._log.log(level, message, *args)
