@@ -126,6 +126,22 @@ class MemoryGuard:
             self.bodies.limit = budget.plan.body_bytes
             self._export_plan(budget.plan)
 
+    def plan_outgrown(self) -> str | None:
+        """Why the serving model's memory plan no longer fits, if it does not: the limit fell below the one it was
+        made for (``docker update --memory``, a cgroup changed by hand) and its peak is above the new high-water
+        mark. The plan is made at start (and at a reload); /health said ``ok`` and the server was then OOM-killed
+        by requests the plan admitted (red team helper-69)."""
+        plan = self._budget.plan
+        if plan is None:
+            return None
+        limit = self._limit_reader()
+        high = int(self._high * limit)
+        if limit >= plan.host.limit or plan.host_peak <= high:
+            return None
+        return (f"the memory limit fell from {plan.host.limit >> 20} MiB to {limit >> 20} MiB after the memory plan "
+                f"was made; its peak of {plan.host_peak >> 20} MiB is above the new high-water mark of {high >> 20} "
+                "MiB: restart the server (or reload the model) so that it plans for the new limit")
+
     def describe(self) -> dict[str, Any]:
         """For ``/health``: the memory now, its limit and headroom, and the serving model's plan and cost model."""
         rss, limit = self._rss_reader(), self._limit_reader()

@@ -119,6 +119,8 @@ class Services:
             reasons.append(f"database: {database.get('reason', 'unavailable')}")
         if self.memory_guard.under_pressure:
             reasons.append("memory: above the high-water mark, cache shedding")
+        if outgrown := self.memory_guard.plan_outgrown():
+            reasons.append(f"memory: {outgrown}")
         if self.draining:
             reasons.append("draining")
         identity = self.runtime.identity

@@ -283,3 +283,20 @@ def test_freed_large_blocks_go_back_to_the_system() -> None:
         assert out[0] == ("True" if mode == "on" else "None")
     assert kept["off"] > 64 * 2**20, kept  # glibc's default keeps them: what the setting is for
     assert kept["on"] < 16 * 2**20, kept
+
+
+def test_a_limit_lowered_below_the_plan_s_peak_makes_health_say_so() -> None:
+    """The plan is made for the limit at start: lowered at run time (docker update --memory), /health still said
+    ok, and the server was OOM-killed by requests the plan admitted (red team helper-69)."""
+    readers = Readers(rss=1 * GIB)
+    metrics = Metrics()
+    budget = planned_budget(metrics)
+    guard = MemoryGuard(Settings(memory_high_water=0.8, memory_low_water=0.6), metrics, PredictionCache(0, metrics),
+                        budget, rss_reader=readers.read_rss, limit_reader=readers.read_limit)
+    peak = budget.plan.host_peak
+    assert guard.plan_outgrown() is None
+    readers.limit = int(peak / 0.8) + (1 << 20)  # lower, and the peak still fits under its high water
+    assert guard.plan_outgrown() is None
+    readers.limit = peak  # its high water is now below the peak
+    why = guard.plan_outgrown()
+    assert why is not None and f"fell from {10 * 1024} MiB to {peak >> 20} MiB" in why and "restart" in why
