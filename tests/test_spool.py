@@ -370,3 +370,35 @@ async def test_a_malformed_spool_line_is_set_aside_and_replay_goes_on(store_db, 
     kept = (settings.spool_dir / REJECTED).read_text()
     assert '"id":"broken"' in kept and '"line":"not json\\n"' in kept
     assert store.health()["rejected_rows"] == 2
+
+
+# A segment that is not the last cut short or removed on disk: acknowledged records lost, never a torn append
+
+
+def test_a_segment_removed_between_two_others_is_reported_as_a_loss_not_skipped_silently(tmp_path, caplog):
+    wal = open_wal(tmp_path, segment_bytes=30, idle_retire_s=3600)
+    for i in range(6):
+        wal.append(lines(f"r{i}"))  # 12 bytes a line: segments at 0, 24 and 48
+    wal.close()
+    (tmp_path / segment_name(24)).unlink()
+    again = WriteAheadLog(tmp_path, 1 << 30)
+    assert again.open() == 4
+    (gap,) = again.gaps
+    assert (gap.path, gap.lost_bytes, gap.cut_bytes, gap.estimated_rows) == (tmp_path / segment_name(0), 24, 0, 2)
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert str(tmp_path / segment_name(0)) in error.getMessage() and "24 bytes" in error.getMessage()
+    assert read_ids(again) == ["r0", "r1", "r4", "r5"]
+
+
+def test_a_torn_append_sealed_in_a_segment_is_not_a_gap(tmp_path):
+    """A failed append whose cut also failed leaves its fragment in a segment the next one starts right after
+    (``WriteAheadLog._cut_back``): never acknowledged, so nothing was lost."""
+    wal = open_wal(tmp_path, segment_bytes=30, idle_retire_s=3600)
+    wal.append(lines("a"))
+    wal.close()
+    with (tmp_path / segment_name(0)).open("ab") as handle:
+        handle.write(b'{"id": "to')  # 10 bytes: the next segment starts after them
+    (tmp_path / segment_name(21)).write_bytes(lines("b"))
+    again = WriteAheadLog(tmp_path, 1 << 30)
+    assert again.open() == 2 and again.gaps == []
+    assert read_ids(again) == ["a", "b"]
