@@ -402,3 +402,36 @@ def test_a_torn_append_sealed_in_a_segment_is_not_a_gap(tmp_path):
     again = WriteAheadLog(tmp_path, 1 << 30)
     assert again.open() == 2 and again.gaps == []
     assert read_ids(again) == ["a", "b"]
+
+
+def cut_short_spool(spool_dir: Path, database_url: str) -> tuple[Path, int, int]:
+    """A spool of 40 records in several segments, as a previous process left it, the second segment then cut in
+    mid-line at about half its size, as the red team did; returns that segment, the bytes removed and the records
+    they held (the one cut in two, and those after it)."""
+    spool_dir.mkdir(parents=True)
+    (spool_dir / "database.json").write_text(json.dumps(database_identity(database_url)))
+    wal = WriteAheadLog(spool_dir, 1 << 30, segment_bytes=4000)
+    wal.open()
+    for i in range(40):  # records of one size: the estimate can be checked
+        wal.append(encode_lines([record_row(make_record(f"t{i:03d}"), True)]))
+    wal.close()
+    segments = sorted(spool_dir.glob("wal-*"))
+    assert len(segments) >= 3
+    damaged = segments[1]
+    data = damaged.read_bytes()
+    cut = data.rfind(b"\n", 0, len(data) // 2) + 30
+    os.truncate(damaged, cut)
+    return damaged, len(data) - cut, data[cut:].count(b"\n")
+
+
+def test_spool_status_reports_a_segment_cut_short(tmp_path, capsys):
+    """`spool status` said "35 predictions" of a spool that had lost 5 answered ones in a cut segment."""
+    from server.cli import main
+
+    spool = tmp_path / "spool"
+    damaged, lost, lost_records = cut_short_spool(spool, f"sqlite:///{tmp_path}/p.db")
+    assert main(["spool", "status", "--spool-dir", str(spool)]) == 0
+    status = capsys.readouterr().out
+    assert f"{40 - lost_records} predictions, {lost} bytes of acknowledged predictions missing" in status
+    assert f"missing: {damaged} ends {lost} bytes before the next segment begins" in status
+    assert f"about {lost_records} records" in status and "spool replay" in status
