@@ -435,3 +435,23 @@ def test_spool_status_reports_a_segment_cut_short(tmp_path, capsys):
     assert f"{40 - lost_records} predictions, {lost} bytes of acknowledged predictions missing" in status
     assert f"missing: {damaged} ends {lost} bytes before the next segment begins" in status
     assert f"about {lost_records} records" in status and "spool replay" in status
+
+
+async def test_a_segment_cut_short_is_reported_as_lost_records_in_the_log_and_on_health(
+        store_db, store_settings, open_store, caplog):
+    """Red team 68: segment 2 of several cut in mid-line lost 228 answered records, yet the log said "a torn append
+    ... (never acknowledged)" and /health said ok with lost_rows 0."""
+    settings = store_settings()
+    damaged, lost, lost_records = cut_short_spool(settings.spool_dir, settings.database_url)
+    metrics = Metrics()
+    store = await open_store(settings, metrics)
+    await wait_until(lambda: store.health()["state"] == "up", what="the spool to be replayed")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and str(damaged) in r.getMessage()]
+    assert errors and f"ends {lost} bytes before the next segment begins" in errors[0]
+    assert not [r for r in caplog.records if "never acknowledged" in r.getMessage()]
+    health = store.health()
+    assert health["status"] == "degraded" and health["lost_bytes"] == lost
+    assert f"{lost} bytes" in health["reason"] and "spool replay" in health["reason"]
+    assert health["spool_damage"] == [{"path": str(damaged), "lost_bytes": lost, "estimated_rows": lost_records}]
+    assert metrics.store_spool_lost_bytes._value.get() == lost
+    assert len(stored_ids(store_db.url)) == 40 - lost_records
