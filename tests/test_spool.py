@@ -437,6 +437,19 @@ def test_spool_status_reports_a_segment_cut_short(tmp_path, capsys):
     assert f"about {lost_records} records" in status and "spool replay" in status
 
 
+def test_spool_replay_reports_a_segment_cut_short(tmp_path, capsys):
+    """A replay of a spool that lost records says so, beside what it replayed, rather than only "replayed 35"."""
+    from server.cli import main
+
+    spool, url = tmp_path / "spool", f"sqlite:///{tmp_path}/p.db"
+    damaged, lost, lost_records = cut_short_spool(spool, url)
+    assert main(["spool", "replay", "--spool-dir", str(spool), "--into", url]) == 0
+    said = capsys.readouterr().out
+    assert f"replayed {40 - lost_records} predictions" in said
+    assert f"missing: {damaged} ends {lost} bytes before the next segment begins" in said
+    assert len(stored_ids(url)) == 40 - lost_records
+
+
 async def test_a_segment_cut_short_is_reported_as_lost_records_in_the_log_and_on_health(
         store_db, store_settings, open_store, caplog):
     """Red team 68: segment 2 of several cut in mid-line lost 228 answered records, yet the log said "a torn append
