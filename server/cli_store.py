@@ -28,7 +28,7 @@ import errno
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -51,7 +51,7 @@ from server.store.spooldir import (
     database_identity,
     describe_identity,
 )
-from server.store.wal import SpoolContents, read_spool
+from server.store.wal import GAP_ADVICE, SpoolContents, SpoolGap, read_spool
 
 DEFAULT_DATABASE_URL = Settings.model_fields["database_url"].default
 
@@ -303,13 +303,16 @@ def spool_status(args: argparse.Namespace) -> int:
     try:
         if not directory.is_dir():
             return _fail(f"no spool at {directory}")
-        spool = SpoolDirectory(directory)
-        lines = [f"{directory}: {holds(read_spool(directory))} for {describe_identity(spool.read_identity())}; "
+        spool, contents = SpoolDirectory(directory), read_spool(directory)
+        lines = [f"{directory}: {holds(contents)} for {describe_identity(spool.read_identity())}; "
                  f"{RejectedFile(directory).count()} rejected rows in {directory / 'rejected.jsonl'}"]
+        lines += missing(contents.gaps)
         for foreign in spool.foreign_spools():
-            lines.append(f"  set aside: {foreign.path}: {holds(read_spool(foreign.path))} for "
+            contents = read_spool(foreign.path)
+            lines.append(f"  set aside: {foreign.path}: {holds(contents)} for "
                          f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay "
                          f"--spool-dir {foreign.path} --into URL`")
+            lines += missing(contents.gaps)
     except OSError as error:  # unreadable (permissions): a segment that vanished meanwhile is counted as empty
         return _unreadable_spool(directory, error)
     try:  # written once all is read: a full or closed standard output is not the spool's fault
@@ -323,7 +326,15 @@ def holds(contents: SpoolContents) -> str:
     damaged = contents.damaged
     lines = f", {damaged} damaged line{'' if damaged == 1 else 's'} that {'is' if damaged == 1 else 'are'} not " \
         f"{'a record' if damaged == 1 else 'records'}" if damaged else ""
-    return f"{contents.records} predictions{lines} ({contents.bytes} bytes)"
+    lost = sum(gap.lost_bytes for gap in contents.gaps)
+    gaps = f", {lost} bytes of acknowledged predictions missing (damage on disk)" if lost else ""
+    return f"{contents.records} predictions{lines}{gaps} ({contents.bytes} bytes)"
+
+
+def missing(gaps: Iterable[SpoolGap]) -> list[str]:
+    """A line for each range of acknowledged records missing from the spool, naming the file, the bytes and what
+    to do (a replay skips the range: the records are not in it)."""
+    return [f"  missing: {gap.describe()}. {GAP_ADVICE}" for gap in gaps]
 
 
 def _unreadable_spool(directory: Path, error: OSError) -> int:
@@ -344,6 +355,8 @@ def spool_replay(args: argparse.Namespace) -> int:
         refused = f"{report.rejected - report.damaged} refused" + (f", {lines}" if report.damaged else "")
         print(f"replayed {records} predictions{damaged} from {directory}: {written(report)}, {refused} "
               f"(kept in {directory / 'rejected.jsonl'}){gone}")
+        for line in missing(report.gaps):
+            print(line)
         return report
 
     return _spool_command(args, run)

@@ -186,6 +186,9 @@ class Metrics:
         self.store_replaying = Gauge("sentiment_store_replaying", "1 while spooled records are being replayed",
                                      registry=r)
         self.store_spool_bytes = Gauge("sentiment_store_spool_bytes", "Bytes of the spool file on disk", registry=r)
+        self.store_spool_lost_bytes = Gauge(
+            "sentiment_store_spool_lost_bytes", "Bytes of acknowledged records found missing from the spool at start "
+            "(a segment cut short or removed on disk): lost, not replayed (/health: spool_damage)", registry=r)
         self.store_spool_limit = Gauge("sentiment_store_spool_limit_bytes", "SPOOL_MAX_BYTES", registry=r)
         self.store_call_age = Gauge("sentiment_store_database_call_seconds", "How long the store's database call "
                                     "under way has run (0 when none): a lock or a stalled database holds one until "

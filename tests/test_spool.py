@@ -370,3 +370,101 @@ async def test_a_malformed_spool_line_is_set_aside_and_replay_goes_on(store_db, 
     kept = (settings.spool_dir / REJECTED).read_text()
     assert '"id":"broken"' in kept and '"line":"not json\\n"' in kept
     assert store.health()["rejected_rows"] == 2
+
+
+# A segment that is not the last cut short or removed on disk: acknowledged records lost, never a torn append
+
+
+def test_a_segment_removed_between_two_others_is_reported_as_a_loss_not_skipped_silently(tmp_path, caplog):
+    wal = open_wal(tmp_path, segment_bytes=30, idle_retire_s=3600)
+    for i in range(6):
+        wal.append(lines(f"r{i}"))  # 12 bytes a line: segments at 0, 24 and 48
+    wal.close()
+    (tmp_path / segment_name(24)).unlink()
+    again = WriteAheadLog(tmp_path, 1 << 30)
+    assert again.open() == 4
+    (gap,) = again.gaps
+    assert (gap.path, gap.lost_bytes, gap.cut_bytes, gap.estimated_rows) == (tmp_path / segment_name(0), 24, 0, 2)
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert str(tmp_path / segment_name(0)) in error.getMessage() and "24 bytes" in error.getMessage()
+    assert read_ids(again) == ["r0", "r1", "r4", "r5"]
+
+
+def test_a_torn_append_sealed_in_a_segment_is_not_a_gap(tmp_path):
+    """A failed append whose cut also failed leaves its fragment in a segment the next one starts right after
+    (``WriteAheadLog._cut_back``): never acknowledged, so nothing was lost."""
+    wal = open_wal(tmp_path, segment_bytes=30, idle_retire_s=3600)
+    wal.append(lines("a"))
+    wal.close()
+    with (tmp_path / segment_name(0)).open("ab") as handle:
+        handle.write(b'{"id": "to')  # 10 bytes: the next segment starts after them
+    (tmp_path / segment_name(21)).write_bytes(lines("b"))
+    again = WriteAheadLog(tmp_path, 1 << 30)
+    assert again.open() == 2 and again.gaps == []
+    assert read_ids(again) == ["a", "b"]
+
+
+def cut_short_spool(spool_dir: Path, database_url: str) -> tuple[Path, int, int]:
+    """A spool of 40 records in several segments, as a previous process left it, the second segment then cut in
+    mid-line at about half its size, as the red team did; returns that segment, the bytes removed and the records
+    they held (the one cut in two, and those after it)."""
+    spool_dir.mkdir(parents=True)
+    (spool_dir / "database.json").write_text(json.dumps(database_identity(database_url)))
+    wal = WriteAheadLog(spool_dir, 1 << 30, segment_bytes=4000)
+    wal.open()
+    for i in range(40):  # records of one size: the estimate can be checked
+        wal.append(encode_lines([record_row(make_record(f"t{i:03d}"), True)]))
+    wal.close()
+    segments = sorted(spool_dir.glob("wal-*"))
+    assert len(segments) >= 3
+    damaged = segments[1]
+    data = damaged.read_bytes()
+    cut = data.rfind(b"\n", 0, len(data) // 2) + 30
+    os.truncate(damaged, cut)
+    return damaged, len(data) - cut, data[cut:].count(b"\n")
+
+
+def test_spool_status_reports_a_segment_cut_short(tmp_path, capsys):
+    """`spool status` said "35 predictions" of a spool that had lost 5 answered ones in a cut segment."""
+    from server.cli import main
+
+    spool = tmp_path / "spool"
+    damaged, lost, lost_records = cut_short_spool(spool, f"sqlite:///{tmp_path}/p.db")
+    assert main(["spool", "status", "--spool-dir", str(spool)]) == 0
+    status = capsys.readouterr().out
+    assert f"{40 - lost_records} predictions, {lost} bytes of acknowledged predictions missing" in status
+    assert f"missing: {damaged} ends {lost} bytes before the next segment begins" in status
+    assert f"about {lost_records} records" in status and "spool replay" in status
+
+
+def test_spool_replay_reports_a_segment_cut_short(tmp_path, capsys):
+    """A replay of a spool that lost records says so, beside what it replayed, rather than only "replayed 35"."""
+    from server.cli import main
+
+    spool, url = tmp_path / "spool", f"sqlite:///{tmp_path}/p.db"
+    damaged, lost, lost_records = cut_short_spool(spool, url)
+    assert main(["spool", "replay", "--spool-dir", str(spool), "--into", url]) == 0
+    said = capsys.readouterr().out
+    assert f"replayed {40 - lost_records} predictions" in said
+    assert f"missing: {damaged} ends {lost} bytes before the next segment begins" in said
+    assert len(stored_ids(url)) == 40 - lost_records
+
+
+async def test_a_segment_cut_short_is_reported_as_lost_records_in_the_log_and_on_health(
+        store_db, store_settings, open_store, caplog):
+    """Red team 68: segment 2 of several cut in mid-line lost 228 answered records, yet the log said "a torn append
+    ... (never acknowledged)" and /health said ok with lost_rows 0."""
+    settings = store_settings()
+    damaged, lost, lost_records = cut_short_spool(settings.spool_dir, settings.database_url)
+    metrics = Metrics()
+    store = await open_store(settings, metrics)
+    await wait_until(lambda: store.health()["state"] == "up", what="the spool to be replayed")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and str(damaged) in r.getMessage()]
+    assert errors and f"ends {lost} bytes before the next segment begins" in errors[0]
+    assert not [r for r in caplog.records if "never acknowledged" in r.getMessage()]
+    health = store.health()
+    assert health["status"] == "degraded" and health["lost_bytes"] == lost
+    assert f"{lost} bytes" in health["reason"] and "spool replay" in health["reason"]
+    assert health["spool_damage"] == [{"path": str(damaged), "lost_bytes": lost, "estimated_rows": lost_records}]
+    assert metrics.store_spool_lost_bytes._value.get() == lost
+    assert len(stored_ids(store_db.url)) == 40 - lost_records

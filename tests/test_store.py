@@ -245,7 +245,7 @@ async def test_health_reports_backend_and_status(store_db, store_settings, open_
         "status": "ok", "state": "up", "reason": None, "backend": store_db.backend, "durability": "ack",
         "queue_depth": 0, "spool_rows": 0, "spool_bytes": 0, "spool_limit_bytes": settings.spool_max_bytes,
         "replay": None, "rejected_rows": 0, "rejected_path": str(settings.spool_dir / "rejected.jsonl"),
-        "lost_rows": 0, "foreign_spools": []}
+        "lost_rows": 0, "lost_bytes": 0, "spool_damage": [], "foreign_spools": []}
 
 
 @contextlib.contextmanager

@@ -186,6 +186,7 @@ class PredictionStore:
             identity = database_identity(self.settings.database_url)
             self._set_aside_foreign(directory.read_identity(), identity)
             rows = self._wal.open()
+            self.state.gaps = self._wal.gaps
             self.state.rejected_rows = self._rejected.count()
             self._rejected_seen = self._rejected.signature()
             self.state.foreign = self._foreign_reports()

@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.store.rejected import RejectedFile, read_entries
 from server.store.sink import DatabaseSink
 from server.store.spooldir import FOREIGN_PREFIX, IDENTITY_FILE, LOCK_FILE, REPLAY, SpoolDirectory, fsync_dir
-from server.store.wal import WriteAheadLog
+from server.store.wal import SpoolGap, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class ReplayReport:
     rejected: int = 0  # refused for their content, now in rejected.jsonl
     damaged: int = 0  # of ``rejected``, lines that are not records at all (damaged on disk)
     removed: bool = False  # the (foreign) directory was removed, being empty
+    gaps: list[SpoolGap] = field(default_factory=list)  # acknowledged records missing from the spool: not replayed
 
 
 def replay_spool(directory: Path, sink: DatabaseSink, progress: Callable[[int, int], None] | None = None
@@ -49,6 +50,7 @@ def replay_spool(directory: Path, sink: DatabaseSink, progress: Callable[[int, i
     try:
         wal = WriteAheadLog(directory, max_bytes=0)
         total = wal.open()
+        report.gaps = wal.gaps
         cursor, end = wal.start, wal.end
         while cursor < end:
             lines, after = wal.read(cursor, end, CHUNK_ROWS)

@@ -14,7 +14,10 @@ States of the database (``state``):
 
 Counts: ``queue_depth`` is records held in memory waiting for the database (in ack mode they are also
 in the spool already); ``spool_rows`` is records on disk that must be read back (the backlog);
-``spool_bytes`` is the spool's size on disk, capped by ``SPOOL_MAX_BYTES``. The database section never
+``spool_bytes`` is the spool's size on disk, capped by ``SPOOL_MAX_BYTES``; ``lost_rows`` is records dropped, each
+counted; ``lost_bytes`` is acknowledged records found missing from the spool at start (a segment cut short or removed
+on disk, ``wal.SpoolGap``): their bytes are gone, so they can only be estimated (``spool_damage``), and /health stays
+degraded for the life of the process, saying what to do. The database section never
 shows connection details or a driver's error text (those go to the log).
 """
 
@@ -29,6 +32,7 @@ from server.metrics import Metrics
 from server.store.migrate import SchemaBehind
 from server.store.sink import DatabaseRefuses
 from server.store.sqlite_file import SqliteFileChanged
+from server.store.wal import GAP_ADVICE, SpoolGap
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class StoreState:
         self.replayed_rows = 0  # read back from disk since the current backlog began
         self.rejected_rows = 0
         self.lost_rows = 0
+        self.gaps: list[SpoolGap] = []  # acknowledged records found missing from the spool at start
         self.append_error: str | None = None  # the spool refused the last append (cleared by the next success)
         self.foreign: list[ForeignReport] = []
         metrics.store_spool_limit.set(spool_limit)
@@ -92,7 +97,12 @@ class StoreState:
         metrics.store_spool_rows.set(self.spool_rows)
         metrics.store_foreign_spool_rows.set(sum(foreign.rows for foreign in self.foreign))
         metrics.store_spool_bytes.set(self._spool_bytes())
+        metrics.store_spool_lost_bytes.set(self.lost_bytes)
         metrics.store_queue_depth.set(self.cached_rows + self.unlogged_rows)
+
+    @property
+    def lost_bytes(self) -> int:
+        return sum(gap.lost_bytes for gap in self.gaps)
 
     def health(self) -> dict[str, Any]:
         state, spooled = self.state, self.spool_rows
@@ -112,6 +122,9 @@ class StoreState:
             consequence = ("/predict answers 503 until it can" if self.durability == "ack"
                            else "predictions are served but their records are lost")
             reasons.append(f"the spool cannot take records ({self.append_error}): {consequence}")
+        if self.gaps:
+            reasons.append(f"acknowledged predictions were missing from the spool at start, {self.lost_bytes} bytes "
+                           f"({damage(self.gaps)}): lost to damage on disk, not replayed. {GAP_ADVICE}")
         for foreign in self.foreign:
             reasons.append(f"a spool of {foreign.rows} predictions for another database was set aside in "
                            f"{foreign.path}: {replay_command(foreign.path)}")
@@ -129,9 +142,18 @@ class StoreState:
             "rejected_rows": self.rejected_rows,
             "rejected_path": str(self.rejected_path),
             "lost_rows": self.lost_rows,
+            "lost_bytes": self.lost_bytes,
+            "spool_damage": [{"path": str(gap.path), "lost_bytes": gap.lost_bytes,
+                              "estimated_rows": gap.estimated_rows} for gap in self.gaps],
             "foreign_spools": [{"path": str(f.path), "rows": f.rows, "bytes": f.bytes, "rejected_rows": f.rejected_rows,
                                 "command": replay_command(f.path)} for f in self.foreign],
         }
+
+
+def damage(gaps: list[SpoolGap]) -> str:
+    """Where the spool lost records and about how many: "after wal-….jsonl, about 228 records (estimated)"."""
+    return "; ".join(f"after {gap.path.name}, " + (f"about {gap.estimated_rows} records (estimated from the average "
+                     "record size)" if gap.estimated_rows else "records that cannot be counted") for gap in gaps)
 
 
 def replay_command(path: Path) -> str:

@@ -24,7 +24,10 @@ the database".
   deleted, and the directory fsynced, once every line in it is in the database; the active one too once
   it is fully released and has had no append for ``IDLE_RETIRE_S``, so an idle server's spool is empty.
 - **Open**: segments are found by name; a torn tail on the last one (a crash in mid-append: those
-  records were never acknowledged) is cut off; lines are counted by streaming the files, so the memory
+  records were never acknowledged) is cut off. Any other segment must run up to where the next one starts (its
+  name): one that ends short of it, mid-line or not, lost acknowledged records to damage on disk (a cut, a
+  removal by hand), which is reported as such (``SpoolGap``: an ERROR naming the file and the bytes missing,
+  /health degraded, ``spool status``), never as a torn append; lines are counted by streaming the files, so the memory
   a start needs does not depend on the spool's size. A FIFO or device (or a link to one) named like a segment
   is refused with ``NotRegularFile`` naming it (the server does not start), never waited on, read or deleted.
 
@@ -106,6 +109,7 @@ class Segment:
     path: Path
     size: int
     readable_end: int | None = None  # set when a failed append could not be cut off: read no further
+    cut_short: bool = False  # ends mid-record before the next segment's start: its last bytes are a lost record's
 
     @property
     def end(self) -> int:
@@ -126,6 +130,7 @@ class WriteAheadLog:
         self._end_lsn = 0  # the next append's LSN; kept when every segment has been released
         self._released = 0  # everything before this LSN is in the database (the latest ``release``)
         self._last_append = 0.0
+        self.gaps: list[SpoolGap] = []  # acknowledged records found missing at ``open``
 
     @property
     def bytes(self) -> int:
@@ -146,19 +151,24 @@ class WriteAheadLog:
         return self._end_lsn
 
     def open(self) -> int:
-        """Find the segments a previous process left, cut off a torn tail; returns how many lines they hold."""
+        """Find the segments a previous process left, report missing ranges (``gaps``), cut off a torn tail;
+        returns how many lines they hold."""
         with self._lock:
             found = sorted((int(m.group(1)), p) for p in self.directory.iterdir()
                            if (m := _SEGMENT_NAME.match(p.name)))
+            scans = [_scan(start, path) for start, path in found]
+            self.gaps = find_gaps(scans)
+            for gap in self.gaps:
+                log.error("spool: %s; they cannot be replayed. %s", gap.describe(), GAP_ADVICE)
+            cut_short = {gap.path for gap in self.gaps if gap.cut_bytes}
             segments, removed, lines = [], False, 0
-            for start, path in found:
-                size, newlines = _size_and_lines(path)  # a torn tail holds no newline: the count stands after its cut
-                if size == 0:
-                    path.unlink()
+            for scan in scans:  # a torn tail holds no newline: the count stands after its cut
+                if scan.size == 0:
+                    scan.path.unlink()
                     removed = True
                 else:
-                    segments.append(Segment(start, path, size))
-                    lines += newlines
+                    segments.append(Segment(scan.start, scan.path, scan.size, cut_short=scan.path in cut_short))
+                    lines += scan.lines
             if segments and not _cut_torn_tail(segments[-1]):
                 segments.pop()
                 removed = True
@@ -221,12 +231,12 @@ class WriteAheadLog:
         append that wrote it ever returned. Memory is bounded by ``max_lines``, not by the segment.
         """
         with self._lock:
-            plan = [(s.start, s.path, min(stop, s.readable_end or s.end)) for s in self._segments]
+            plan = [(s.start, s.path, min(stop, s.readable_end or s.end), s.cut_short) for s in self._segments]
         lines: list[bytes] = []
-        for start, path, limit in plan:
+        for start, path, limit, cut_short in plan:
             if limit <= position:
                 continue
-            position = max(position, start)  # a gap (a segment removed by hand) is skipped
+            position = max(position, start)  # a gap, reported as lost at ``open`` (``gaps``), is skipped
             try:
                 with open(open_regular(path), "rb") as handle:
                     handle.seek(position - start)
@@ -240,6 +250,9 @@ class WriteAheadLog:
                         position += len(line)
                         if line.endswith(b"\n"):
                             lines.append(line)
+                        elif cut_short:
+                            log.error("spool: skipping %d bytes of an acknowledged record cut short at the end of "
+                                      "%s (lost: reported at start)", len(line), path)
                         else:
                             log.warning("spool: skipping %d bytes of a torn append at the end of %s (never "
                                         "acknowledged)", len(line), path)
@@ -371,27 +384,94 @@ class SpoolContents:
     records: int
     damaged: int  # lines that are not records at all (not a JSON object): a replay sets them aside
     bytes: int
+    gaps: tuple[SpoolGap, ...] = ()  # acknowledged records missing between segments (damage on disk)
 
 
 LINE_LIMIT = 64 << 20  # a longer line is counted damaged, never held (a record needs MAX_TEXT_CHARS in the millions)
 
 
 def read_spool(directory: Path) -> SpoolContents:
-    """Records, damaged lines and bytes in the segments of a spool directory, each line parsed as a replay would
-    (``spool status``: counting lines called a damaged one a prediction). Streamed: a line at a time."""
-    records = damaged = size = 0
+    """Records, damaged lines, bytes and missing ranges (``find_gaps``) in the segments of a spool directory, each
+    line parsed as a replay would (``spool status``: counting lines called a damaged one a prediction, and a segment
+    cut short went unmentioned). Streamed: a line at a time."""
+    records = damaged = 0
+    scans = []
     for path in Path(directory).iterdir():
         if is_segment(path.name):
             try:
                 with open(open_regular(path), "rb") as handle:
-                    size += os.fstat(handle.fileno()).st_size
+                    size = os.fstat(handle.fileno()).st_size
+                    whole = _last_line_end(handle, size)
+                    handle.seek(0)
                     good, bad = _records_and_damaged(handle)
             except FileNotFoundError:  # released (replayed into the database) since the listing: nothing left
                 if os.path.lexists(path):  # still there: a link to nothing, which a replay cannot read either
                     raise
                 continue
             records, damaged = records + good, damaged + bad
-    return SpoolContents(records, damaged, size)
+            scans.append(_Scan(int(_SEGMENT_NAME.match(path.name).group(1)), path, size, good + bad, size - whole))
+    scans.sort(key=lambda scan: scan.start)
+    return SpoolContents(records, damaged, sum(scan.size for scan in scans), tuple(find_gaps(scans)))
+
+
+GAP_ADVICE = ("Check SPOOL_DIR's disk (dmesg, fsck) and whatever else writes there; if a backup or snapshot holds "
+              "the segment whole, copy it into an empty directory and run `sentiment-analyzer spool replay "
+              "--spool-dir DIR --into DATABASE_URL` (records already stored are not inserted twice); otherwise "
+              "those predictions are lost: their ids are not in the database")
+
+
+@dataclass(frozen=True)
+class SpoolGap:
+    """Bytes missing between a segment and the next one's start (its name): acknowledged records lost to damage on
+    disk (a cut, a removal by hand). Never a torn append: only the last segment takes appends, so only it can end
+    in one. The records cannot be counted, their bytes being gone: ``estimated_rows`` is an estimate."""
+
+    path: Path  # the segment that ends short
+    lost_bytes: int  # from its end to where the next segment starts
+    cut_bytes: int  # the head of a record it ends with, cut mid-line (unreadable: its rest is in the lost bytes)
+    estimated_rows: int | None  # records lost, from the spool's average line; None with no whole line to go by
+    average_bytes: int | None  # that average
+
+    def describe(self) -> str:
+        cut = f", in the middle of a record ({self.cut_bytes} bytes of it left)" if self.cut_bytes else ""
+        about = (f"about {self.estimated_rows} records (an estimate from the spool's average record of "
+                 f"{self.average_bytes} bytes)" if self.estimated_rows else "records that cannot be counted")
+        return (f"{self.path} ends {self.lost_bytes} bytes before the next segment begins{cut}: acknowledged "
+                f"predictions are missing from the spool (the file was cut short or removed on disk): {about}")
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One segment as found on disk."""
+
+    start: int
+    path: Path
+    size: int
+    lines: int  # whole lines
+    cut_bytes: int  # bytes after its last newline
+
+
+def _scan(start: int, path: Path) -> _Scan:
+    """A segment's bytes, lines and unterminated tail, read once it is known to be a regular file: a FIFO or a link to
+    a device has size 0, and was deleted as an empty segment, hiding what had been planted there."""
+    with open(open_regular(path), "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        whole = _last_line_end(handle, size)
+        handle.seek(0)
+        return _Scan(start, path, size, count_lines(handle), size - whole)
+
+
+def find_gaps(scans: list[_Scan]) -> list[SpoolGap]:
+    """Every segment but the last that ends before the next one starts (``scans`` in log order)."""
+    lines = sum(scan.lines for scan in scans)
+    average = round(sum(scan.size - scan.cut_bytes for scan in scans) / lines) if lines else None
+    gaps = []
+    for scan, after in zip(scans, scans[1:], strict=False):
+        lost = after.start - (scan.start + scan.size)
+        if lost > 0:
+            estimate = max(1, round((lost + scan.cut_bytes) / average)) if average else None
+            gaps.append(SpoolGap(scan.path, lost, scan.cut_bytes, estimate, average))
+    return gaps
 
 
 def _records_and_damaged(handle: BinaryIO) -> tuple[int, int]:
@@ -421,29 +501,36 @@ def _skip_to_next_line(handle: BinaryIO) -> bool:
 
 
 def _size_and_lines(path: Path) -> tuple[int, int]:
-    """A segment's bytes and newlines, read once it is known to be a regular file: a FIFO or a link to a device has
-    size 0, and was deleted as an empty segment, hiding what had been planted there."""
-    with open(open_regular(path), "rb") as handle:
-        return os.fstat(handle.fileno()).st_size, count_lines(handle)
+    """A segment's bytes and newlines (``_scan``)."""
+    scan = _scan(0, path)
+    return scan.size, scan.lines
+
+
+def _last_line_end(handle: BinaryIO, size: int) -> int:
+    """The offset just after the file's last newline (0 without one), read backwards a block at a time."""
+    if size == 0:
+        return 0
+    handle.seek(size - 1)
+    if handle.read(1) == b"\n":
+        return size
+    position = size
+    while position > 0:
+        step = min(64 * 1024, position)
+        position -= step
+        handle.seek(position)
+        found = handle.read(step).rfind(b"\n")
+        if found >= 0:
+            return position + found + 1
+    return 0
 
 
 def _cut_torn_tail(segment: Segment) -> bool:
     """Truncate the segment after its last newline; False if nothing whole is left (the file is removed)."""
     with open(open_regular(segment.path, os.O_RDWR), "rb+") as handle:
         end = segment.size
-        handle.seek(end - 1)
-        if handle.read(1) == b"\n":
+        keep = _last_line_end(handle, end)
+        if keep == end:
             return True
-        keep = 0
-        position = end
-        while position > 0:
-            step = min(64 * 1024, position)
-            position -= step
-            handle.seek(position)
-            found = handle.read(step).rfind(b"\n")
-            if found >= 0:
-                keep = position + found + 1
-                break
         log.warning("spool %s: cutting off a torn last line of %d bytes (a crash in mid-append; never acknowledged)",
                     segment.path, end - keep)
         handle.truncate(keep)
