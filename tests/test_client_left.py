@@ -131,6 +131,31 @@ def test_a_client_that_leaves_while_its_texts_are_queued_is_counted_499_at_once_
     assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
 
 
+@pytest.mark.parametrize("path, key", [("/", "inputs"), ("/v1/models/{model}:predict", "instances")],
+                         ids=["tei", "kserve-v1"])
+def test_a_request_through_the_framework_routes_is_cancelled_too_when_its_client_leaves(busy, path, key):
+    live, hang = busy
+    model = httpx.get(live.url + "/v1/models", timeout=WAIT_S).json()["models"][0]
+    path = path.format(model=model)
+    endpoint = f'sentiment_requests_total{{endpoint="{path if key == "inputs" else "/v1/models/{name}:predict"}"'
+    left, computed = metric(live, endpoint + ',status="499"}'), metric(live, ENGINE_TEXTS)
+    texts = [f"take {i}: a fine film" for i in range(TEXTS)]
+    body = json.dumps({key: [[text] for text in texts] if key == "inputs" else texts}).encode()  # TEI: a batch
+    hang.touch()
+    try:
+        with socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])), timeout=WAIT_S) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_for(lambda: metric(live, ENGINE_TEXTS) > computed and metric(live, QUEUED) > 0, "texts queued")
+        wait_for(lambda: metric(live, endpoint + ',status="499"}') == left + 1, "the request counted 499")
+        assert metric(live, QUEUED) == 0
+        assert metric(live, ENGINE_TEXTS) - computed < TEXTS / 2
+    finally:
+        hang.unlink(missing_ok=True)
+    log = live.log()
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
+
+
 def test_clients_that_stay_are_answered_keep_alive_and_pipelined_while_the_engine_is_slow(busy):
     live, hang = busy
     answered = metric(live, ANSWERED)
