@@ -37,6 +37,25 @@ while any wait; the next is refused with 429 once they are answered (``_stop_pip
 A request asking to upgrade (``Upgrade: h2c``, a WebSocket) is answered as HTTP/1.1, as RFC 9110 lets a server
 that switches to no other protocol do (``data_received``).
 
+A client that leaves while its request is answered (the connection ends: a close, a reset, or a half-close, below)
+is seen at once, whatever the request's size: once a request is all read, its connection is read again while it is
+answered (``_message_complete``); uvicorn stops reading when more than 64 KiB of a body arrive between two reads of
+the application, and an application that has its whole body does not read again, so a client leaving after a large
+request was seen only when its answer was written (its socket in CLOSE-WAIT meanwhile, its request counted as
+answered). A request that asked for it (``cancel_when_client_leaves``: those that classify texts) is then cancelled
+(``connection_lost``): its texts not yet on the engine leave the queue (``Batcher.submit``), a batch already running
+finishes with its results unused, and it is counted 499 (``client_left``) when it leaves, not when its answer would
+have been ready. Other requests run to their end (a key created, a model reloaded) and are counted 499 then.
+While requests are pipelined behind the one answered, the connection is not read (``PIPELINE_MAX``), so a client
+that leaves then is seen when the request before them is answered.
+
+A client that half-closes its connection after its request (``shutdown(SHUT_WR)``, ``nc -N``) is taken as one that
+left (uvicorn's ``eof_received`` closes the transport): HTTP/1.1 lets a client half-close and still read its answer,
+but until an answer is written a half-close cannot be told from a close (both are a FIN; only a write would show
+which, by a reset), few clients half-close (curl, browsers and the HTTP libraries do not), and dropping the queued
+texts of clients that left is what keeps an overloaded server answering those still waiting; nginx
+(``proxy_ignore_client_abort off``) and Go's ``net/http`` take a FIN while a request is answered the same way.
+
 Slow clients are counted in ``sentiment_rejected_requests_total{reason="slow_client"}``.
 Above ``MAX_CONNECTIONS`` open connections a new one is answered 503 +
 Retry-After at once, without reading its request, and closed after a short
@@ -79,6 +98,8 @@ from server.store.throttle import Throttle
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn writes for ``Expect: 100-continue``
 ANSWERING = "sentiment.answering"  # scope key: the uvicorn cycle answering the request (``client_left``)
+CANCEL_ON_LEAVE = "sentiment.cancel_on_leave"  # scope key: cancel the request if its client leaves
+CANCELLED_ON_LEAVE = "sentiment.cancelled_on_leave"  # scope key: it was cancelled so (``_run_application``)
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 HEAD_MAX_BYTES = 64 * 1024  # a request's URL and header names and values together (414 / 431 beyond)
 HEAD_MAX_FIELDS = 100  # header fields per request, as Apache's LimitRequestFields (431 beyond)
@@ -157,10 +178,28 @@ def client_left(scope: dict) -> bool:
     """Whether the client closed the connection before the request's answer was all written to it (uvicorn then
     drops what the application still sends): ``ObservedASGI`` counts such a request as 499, as nginx logs it and as
     the gRPC API counts a cancelled call, not under the status nobody received. A request a drain gave up on
-    (``abandon``: the server wrote its 503) counts so too if the application still finishes before the process
-    exits. False outside a real connection (tests' in-process clients)."""
+    (``abandon``: the server wrote its 503) counts so too: at once when it is cancelled so
+    (``cancel_when_client_leaves``), else if the application still finishes before the process exits. False
+    outside a real connection (tests' in-process clients)."""
     cycle = scope.get(ANSWERING, lambda: None)()
     return cycle is not None and cycle.disconnected and not cycle.response_complete
+
+
+def cancel_when_client_leaves(scope: dict) -> None:
+    """Have the request's handler cancelled if its client leaves before its answer is written (module docstring):
+    for a handler whose work is for its answer alone, so that a client that left costs no more of it. Called by the
+    handler from its own task (the request's). Its texts not yet on the engine are dropped (``Batcher.submit``);
+    records synced before it left are kept (``server.records``); it is counted 499. A client already gone cancels it
+    now. Nothing outside a real connection (tests' in-process clients)."""
+    cycle = scope.get(ANSWERING, lambda: None)()
+    if cycle is None:
+        return
+    cycle.scope[CANCEL_ON_LEAVE] = True
+    if cycle.disconnected and not cycle.response_complete and not cycle.scope.get(CANCELLED_ON_LEAVE):
+        cycle.scope[CANCELLED_ON_LEAVE] = True
+        task = asyncio.current_task()
+        if task is not None:
+            task.cancel()  # raised at its next wait
 
 
 class HeadWithBody:
@@ -288,6 +327,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._abandoned = False  # answered 503 at the drain's deadline (``abandon``)
         self._refusal_after_answer: bytes | None = None  # a 400 for garbage pipelined behind the request under way
         self._answering: Callable[[], object] = lambda: None  # the cycle of the request being answered (weakly)
+        self._answering_task: asyncio.Task | None = None  # the task running it, until it returns
 
     # connection events
 
@@ -337,8 +377,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if answering is not None and not answering.response_complete:
             answering.disconnected = True
             answering.message_event.set()
+            self._cancel_on_leave(answering)
         super().connection_lost(exc)
         self._drop_unread_bodies(answering)
+
+    def _cancel_on_leave(self, cycle) -> None:
+        """The client left while ``cycle`` was answered: cancel its handler if it asked (``cancel_when_client_leaves``),
+        at once, rather than compute an answer no one will read (module docstring)."""
+        task = self._answering_task
+        scope = cycle.scope
+        if task is None or task.done() or not scope.get(CANCEL_ON_LEAVE) or scope.get(CANCELLED_ON_LEAVE):
+            return
+        scope[CANCELLED_ON_LEAVE] = True
+        task.cancel()
 
     def _drop_unread_bodies(self, answering: object) -> None:
         """Drop the body bytes received but never read: the answer came first (a 404, a 401, a 415), and after the
@@ -454,6 +505,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             self.phase = "app"
             self._cancel_deadline()
+            if not self.pipeline and not self._not_reading:
+                # read on while it is answered, so that a client leaving is seen (module docstring); what arrives
+                # meanwhile is the next request, pipelined, which stops reading again (uvicorn's on_headers_complete)
+                self.flow.resume_reading()
 
     def _declared_body_length(self) -> int:
         """The ``Content-Length`` of the request whose headers were just parsed (0 without one); a chunked body,
@@ -501,6 +556,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     async def _run_application(self, scope, receive, send) -> None:
         self._answering = scope[ANSWERING]  # pipelined requests are answered one at a time, in order
+        task = self._answering_task = asyncio.current_task()
 
         async def receive_in_time():
             message = await receive()
@@ -511,10 +567,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         try:
             await self._application(scope, receive_in_time, send)
         except asyncio.CancelledError:
+            if scope.get(CANCELLED_ON_LEAVE):  # its client left (``_cancel_on_leave``): counted 499, nothing to log
+                return
             if not self._abandoned:
                 raise
             # Answered 503 at the drain's deadline (``abandon``); the loop closing cancels what the application
             # still awaited (a model reload under way): uvicorn logged that as an ERROR with a traceback.
+        finally:
+            if self._answering_task is task:
+                self._answering_task = None  # the task holds this protocol: no cycle left for the collector
 
     # drain
 
@@ -534,7 +595,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Answer 503 here, in place of the application (its own answer, if one ever comes, is dropped), and close.
 
         Only at the end of a drain: the process is about to exit, so how the application counts the request it
-        can no longer answer matters to no one.
+        can no longer answer matters to no one. A request that asked to be cancelled when its client leaves is
+        cancelled here too (``connection_lost``), as the batcher's drain fails what it still holds.
         """
         cycle = self.cycle
         self._abandoned = True

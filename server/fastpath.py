@@ -29,6 +29,7 @@ from collections.abc import Callable
 import orjson
 
 from server.auth import Caller, authorize, credentials
+from server.connections import cancel_when_client_leaves
 from server.http import server_error_response
 from server.primitives import ServerError
 from server.routes import predict_answer
@@ -63,6 +64,7 @@ class PredictFastPath:
         return await self.app(scope, _replay(body, end, error, receive), send)
 
     async def _answer(self, scope, receive, request: PredictRequest, send) -> None:
+        cancel_when_client_leaves(scope)  # as the route does: a client that leaves drops its texts still queued
         services = self._services()
         request_id = scope["state"]["request_id"]
         client = scope.get("client")

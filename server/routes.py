@@ -7,6 +7,7 @@ from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import require_role
+from server.connections import cancel_when_client_leaves
 from server.http import error_response, error_responses, json_response
 from server.protocols import tei
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
@@ -26,6 +27,7 @@ def services_of(request: Request) -> Services:
 async def predict(body: PredictRequest, request: Request, api_key_id: str | None = Depends(require_role("predict"))):
     if body.inputs is not None:
         return await tei.predict_tei(body, request, api_key_id)
+    cancel_when_client_leaves(request.scope)  # its texts still queued are dropped if its client leaves
     request_id = request.scope["state"]["request_id"]
     answer = await classify(services_of(request), body.items(), request_id, api_key_id, body.text_name())
     return json_response(predict_answer(answer, request_id))

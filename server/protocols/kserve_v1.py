@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from server.auth import require_role
+from server.connections import cancel_when_client_leaves
 from server.http import error_responses, json_response
 from server.primitives import Draining, in_list
 from server.protocols.oip_model import ALIAS, ModelNotFound
@@ -109,6 +110,7 @@ async def model_ready(name: str, request: Request) -> Response:
 async def predict(name: str, body: ModelInstances, request: Request,
                   api_key_id: str | None = Depends(require_role("predict"))) -> Response:
     services = services_for(request, name)
+    cancel_when_client_leaves(request.scope)  # its texts still queued are dropped if its client leaves
     classified = await classify(services, body.instances, request.scope["state"]["request_id"], api_key_id,
                                 in_list("instances"))
     return json_response({"predictions": [

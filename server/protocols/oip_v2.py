@@ -34,6 +34,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
+from server.connections import cancel_when_client_leaves
 from server.http import byte_count, error_response, error_responses, json_response, location
 from server.primitives import in_list
 from server.protocols.oip_model import (
@@ -314,6 +315,7 @@ async def infer_on(request: Request, name: str, version: str | None, api_key_id:
         body = await request.body()
     except ClientDisconnect:
         raise InvalidInferRequest("the client closed the connection before the body ended") from None
+    cancel_when_client_leaves(request.scope)  # its texts still queued are dropped if its client leaves
     parsed, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
     inputs = [_input_tensor(tensor, binary) for tensor in parsed.inputs]
     texts = texts_of(inputs, services.settings.max_texts_per_request)

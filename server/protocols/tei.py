@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 
 from server import __version__
 from server.auth import require_role
+from server.connections import cancel_when_client_leaves
 from server.http import json_response
 from server.primitives import InputTooLong, Prediction, TextName, alone, in_list
 from server.runtime import ModelRuntime
@@ -174,6 +175,7 @@ async def answer(request: Request, api_key_id: str | None, inputs: str | list, t
                  direction: str, top_k: int | None, *, nest_single: bool) -> Response:
     """Classify TEI's ``inputs`` and answer every text's ranked labels; one text is answered flat (TEI's
     ``/predict``) or, with ``nest_single``, as a list of one (the Inference API's ``POST /``)."""
+    cancel_when_client_leaves(request.scope)  # its texts still queued are dropped if its client leaves
     started = time.perf_counter()
     services: Services = request.app.state.services
     batched = isinstance(inputs, list) and isinstance(inputs[0], list)
