@@ -92,8 +92,7 @@ class MemoryDoesNotFit(StartupError):
     exit_code = ExitCode.CONFIG
 
     def __init__(self, problem: str, fix: str) -> None:
-        super().__init__(f"{problem}; {fix}")
-        self.fix = fix
+        super().__init__(f"{problem}; {fix}", fix=fix)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.budget import MemoryDoesNotFit
 from server.config import ConfigError, Settings, load_settings
 from server.engine import first_line
 from server.exitcodes import ExitCode, StartupError
@@ -174,13 +173,14 @@ CHECKS = [replace(check, run=EXTENDED.get(check.name, check.run)) for check in D
 
 
 def fix_for(check: Check, error: StartupError) -> str:
-    """The check's general remedy, or the failure's own: those the store finds (module docstring), a SQLite
-    file's, which is no server to reach (`pg_isready`), and the memory plan's, which the model check meets with an
-    artifact that is fine (its remedy is serve's own: more memory or lower settings, never a rebuilt model)."""
+    """The check's general remedy, or the failure's own: one the failure carries (``StartupError.fix``: the memory
+    plan's and a model variant's, which the model check meets with an artifact that is fine, so never "rebuild the
+    model"), those the store finds (module docstring), and a SQLite file's, which is no server to reach
+    (`pg_isready`)."""
     from server.store.migrate import SchemaBehind
     from server.store.spooldir import SpoolDirUnusable, SpoolLocked
 
-    if isinstance(error, MemoryDoesNotFit):
+    if error.fix:
         return error.fix
     if isinstance(error, SchemaBehind):
         return SCHEMA_FIX

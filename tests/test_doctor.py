@@ -312,3 +312,12 @@ def test_a_memory_limit_too_small_for_the_settings_is_fixed_by_memory_not_by_the
     fix = lines[failure + 1]
     assert fix.startswith("       fix: give it at least ") and "or lower MAX_BATCH_TOKENS" in fix, fix
     assert lines[failure].endswith(fix.removeprefix("       fix: ")), "doctor's remedy is serve's own"
+
+
+def test_a_model_variant_the_artifact_does_not_ship_is_fixed_by_the_setting(monkeypatch, tiny_artifact, tmp_path):
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "MODEL_VARIANT": "fp16"})
+    assert code == 1
+    failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL] model"))
+    assert "'fp16'" in lines[failure], lines
+    fix = lines[failure + 1]
+    assert fix.startswith("       fix: set MODEL_VARIANT to one of the variants listed above or auto"), fix
