@@ -86,9 +86,13 @@ MIB = 1 << 20
 
 
 class MemoryDoesNotFit(StartupError):
-    """The settings, or one max-length text, cannot stay under MEMORY_HIGH_WATER x the memory limit."""
+    """The settings, or one max-length text, cannot stay under MEMORY_HIGH_WATER x the memory limit. One line: what
+    does not fit, then ``fix`` (more memory, or lower settings), which doctor repeats as its remedy."""
 
     exit_code = ExitCode.CONFIG
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}", fix=fix)
 
 
 @dataclass(frozen=True)
@@ -215,9 +219,9 @@ class MemoryPlan:
     def _lengths(self) -> list[int]:
         return [n for n in (64, 128, 256) if n < self.max_length] + [self.max_length]
 
-    def does_not_fit(self, area: Area, peak: int, needed: int) -> str:
-        """One line: what does not fit, its parts, and the limit (``needed`` MiB) or the settings that would make
-        it fit."""
+    def does_not_fit(self, area: Area, peak: int, needed: int) -> MemoryDoesNotFit:
+        """What does not fit and its parts, and the limit (``needed`` MiB) or the settings that would make it
+        fit."""
         parts = [f"the model and server {mib(area.base)}"]
         if area is self.host:
             parts += [f"the cache {mib(self.cache_max_bytes)} (CACHE_MAX_BYTES)",
@@ -240,8 +244,9 @@ class MemoryPlan:
         if user_set:
             them = "them" if len(user_set) > 1 else "it"
             fix += f", or lower {' / '.join(user_set)} or leave {them} unset to have {them} derived from the limit"
-        return (f"{area.name} ({mib(area.limit)}) cannot hold {what}: {' + '.join(parts)} = {mib(peak)} at the "
-                f"peak, above MEMORY_HIGH_WATER={area.high_water:g} of it ({mib(area.ceiling)}); {fix}")
+        return MemoryDoesNotFit(f"{area.name} ({mib(area.limit)}) cannot hold {what}: {' + '.join(parts)} = "
+                                f"{mib(peak)} at the peak, above MEMORY_HIGH_WATER={area.high_water:g} of it "
+                                f"({mib(area.ceiling)})", fix)
 
 
 def plan_memory(settings: Settings, host: Area, model: CostModel, max_length: int, auto_workers: int,
@@ -265,7 +270,7 @@ def plan_memory(settings: Settings, host: Area, model: CostModel, max_length: in
         needed = smallest(fits, math.ceil(peak / host.high_water / MIB))
     else:
         needed = math.ceil(peak / area.high_water / MIB)
-    raise MemoryDoesNotFit(plan.does_not_fit(area, peak, needed))
+    raise plan.does_not_fit(area, peak, needed)
 
 
 def smallest(fits: Callable[[int], bool], start: int, most: int = 1 << 40) -> int:

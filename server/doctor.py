@@ -173,11 +173,15 @@ CHECKS = [replace(check, run=EXTENDED.get(check.name, check.run)) for check in D
 
 
 def fix_for(check: Check, error: StartupError) -> str:
-    """The check's general remedy, or the failure's own: those the store finds (module docstring), and a SQLite
-    file's, which is no server to reach (`pg_isready`)."""
+    """The check's general remedy, or the failure's own: one the failure carries (``StartupError.fix``: the memory
+    plan's and a model variant's, which the model check meets with an artifact that is fine, so never "rebuild the
+    model"), those the store finds (module docstring), and a SQLite file's, which is no server to reach
+    (`pg_isready`)."""
     from server.store.migrate import SchemaBehind
     from server.store.spooldir import SpoolDirUnusable, SpoolLocked
 
+    if error.fix:
+        return error.fix
     if isinstance(error, SchemaBehind):
         return SCHEMA_FIX
     if isinstance(error, UpgradeRefused):

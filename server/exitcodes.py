@@ -22,11 +22,13 @@ class ExitCode(IntEnum):
 
 
 class StartupError(Exception):
-    """The server cannot start; ``str(error)`` is the one line to log."""
+    """The server cannot start; ``str(error)`` is the one line to log. ``fix``, where the failure knows its own
+    remedy better than its check's general one (doctor prints it), is also said in that line."""
 
     exit_code: ExitCode = ExitCode.RUNTIME
 
-    def __init__(self, message: str, exit_code: ExitCode | None = None) -> None:
+    def __init__(self, message: str, exit_code: ExitCode | None = None, fix: str | None = None) -> None:
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        self.fix = fix

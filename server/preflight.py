@@ -264,8 +264,9 @@ def load_model(settings: Settings, metrics: Metrics, warm: bool,
 
     try:
         return load_checked(settings, metrics, warm=warm, wrap_engine=wrap_engine)
-    except VariantNotShipped as exc:
-        raise StartupError(str(exc), ExitCode.CONFIG) from None
+    except VariantNotShipped as exc:  # a setting, not a broken artifact
+        raise StartupError(str(exc), ExitCode.CONFIG, fix="set MODEL_VARIANT to one of the variants listed above "
+                           "or auto, or point MODEL_PATH at an artifact that ships it") from None
     except (ArtifactError, ModelFileError) as exc:
         raise StartupError(str(exc), ExitCode.MODEL) from None
     except EngineStartError as exc:

@@ -267,8 +267,8 @@ def check_tokenizer_fits(artifact: Artifact, settings: Settings) -> None:
     if needed > left:
         raise MemoryDoesNotFit(
             f"{artifact.directory / TOKENIZER} ({mib(size)}) needs about {mib(needed)} to load, and the server has "
-            f"{mib(max(0, left))} left under MEMORY_HIGH_WATER x its memory limit of {mib(limit)}: give the server "
-            "more memory (or use a smaller tokenizer)")
+            f"{mib(max(0, left))} left under MEMORY_HIGH_WATER x its memory limit of {mib(limit)}",
+            "give the server more memory (or use a smaller tokenizer)")
 
 
 def load_encoder(artifact: Artifact, strict: bool) -> TextEncoder:

@@ -140,17 +140,22 @@ def rules_by_name() -> dict[str, dict]:
     return {rule["alert"]: rule for rule in alert_rules()}
 
 
-def firing(alert: str, value: str) -> dict:
-    """The alert as alerts.yml has it, its annotations' `$value` rendered as promtool renders `value`."""
+def firing(alert: str, value: str, labels: dict[str, str]) -> dict:
+    """The alert as alerts.yml has it, with the series' `labels` its expression keeps, its annotations' `$value`
+    and `$labels.<name>` rendered as promtool renders `value` and `labels`."""
     rule = rules_by_name()[alert]
-    annotations = {k: re.sub(r"{{\s*\$value\b[^}]*}}", value, v) for k, v in rule["annotations"].items()}
+    annotations = {}
+    for key, text in rule["annotations"].items():
+        text = re.sub(r"{{\s*\$value\b[^}]*}}", value, text)
+        annotations[key] = re.sub(r"{{\s*\$labels\.(\w+)\s*}}", lambda m: labels[m.group(1)], text)
     assert not any("{{" in v for v in annotations.values()), annotations
-    return {"exp_labels": dict(rule["labels"]), "exp_annotations": annotations}
+    return {"exp_labels": {**rule["labels"], **labels}, "exp_annotations": annotations}
 
 
-def expect(eval_time: str, alert: str, value: str | None = None) -> dict:
-    """`alert` fires at `eval_time`, or (value None) does not."""
-    return {"eval_time": eval_time, "alertname": alert, "exp_alerts": [] if value is None else [firing(alert, value)]}
+def expect(eval_time: str, alert: str, value: str | None = None, **labels: str) -> dict:
+    """`alert` fires at `eval_time` (with `labels` besides the rule's), or (value None) does not."""
+    return {"eval_time": eval_time, "alertname": alert,
+            "exp_alerts": [] if value is None else [firing(alert, value, labels)]}
 
 
 def protocol_cases(endpoint: str) -> list[dict]:
@@ -164,14 +169,14 @@ def protocol_cases(endpoint: str) -> list[dict]:
              expect("10m", "SentimentAnalyzerLoadShedding", "10%"),
              expect("10m", "SentimentAnalyzerHighLatencyP99", "9.95s"),
              expect("15m", "SentimentAnalyzerSlowP99", "9.95s"),
-             expect("15m", "SentimentAnalyzerSheddingRequests", ""),
+             expect("15m", "SentimentAnalyzerSheddingRequests", "500", instance="a:8000", reason="queue_full"),
          ]},
         {"name": f"{endpoint} only: 2% shed, p99 between 1 and 2.5 s (the P2 alerts, not the P1)",
          "input_series": (requests(endpoint, **{"200": 980, "503": 20}) + latency(endpoint, INFERENCE_RATE, "2.5")
                           + shed(20) + side_traffic(everything_else)),
          "alert_rule_test": [
              expect("15m", "SentimentAnalyzerSlowP99", "2.485s"),
-             expect("15m", "SentimentAnalyzerSheddingRequests", ""),
+             expect("15m", "SentimentAnalyzerSheddingRequests", "100", instance="a:8000", reason="queue_full"),
              expect("15m", "SentimentAnalyzerHighLatencyP99"),
              expect("15m", "SentimentAnalyzerLoadShedding"),
          ]},
@@ -252,11 +257,13 @@ def test_a_healthy_server_is_quiet_for_every_alert() -> None:
     assert not missing, f"the healthy case does not check {sorted(missing)}"
 
 
-# counters of rare events: their alert fires on the first one (see the header of alerts.yml)
+# counters whose alert fires on the first event: rare events, and the first request shed (see the header of
+# alerts.yml)
 FIRST_EVENT_ALERTS = {
     "SentimentAnalyzerHostOOM", "SentimentAnalyzerGpuOOM", "SentimentAnalyzerInferenceErrors",
     "SentimentAnalyzerModelReloadFailed", "SentimentAnalyzerSpoolFullRefusing", "SentimentAnalyzerStoreRejectedRows",
     "SentimentAnalyzerKeyCacheFallback", "SentimentAnalyzerConnectionsRefused", "SentimentAnalyzerLogLinesLost",
+    "SentimentAnalyzerSheddingRequests",
 }
 
 

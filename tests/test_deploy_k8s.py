@@ -15,6 +15,7 @@ objects are validated and checked for what the runbook relies on.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import shutil
 import subprocess
@@ -35,6 +36,9 @@ OVERLAYS = {"cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 NAME = "sentiment-analyzer"
 WORKLOAD = ("StatefulSet", NAME)
+# the pod's one container, named as docs/RUNBOOK.md's commands and the operators' incident runbook's strategic-merge
+# patch name it (a patch naming a container the pod does not have adds a second container)
+CONTAINER = NAME
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 
@@ -216,8 +220,9 @@ def test_rendered_overlay_is_valid_kubernetes(overlay) -> None:
 
 
 def server_container(docs) -> dict:
-    workload = docs[WORKLOAD]
-    (container,) = [c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
+    """The pod's one container; an overlay's patch naming another container would have added a second."""
+    (container,) = docs[WORKLOAD]["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == CONTAINER
     return container
 
 
@@ -378,6 +383,28 @@ def test_python_renderer_matches_kustomize(name: str) -> None:
     assert server_container(ours) == server_container(theirs)
     config = ("ConfigMap", "sentiment-analyzer-config")
     assert ours[config]["data"] == theirs[config]["data"]
+
+
+def runbook_commands() -> list[str]:
+    """The lines of docs/RUNBOOK.md's ``bash`` blocks, and its inline `kubectl ...` spans."""
+    runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
+    fenced = [line for block in re.findall(r"```bash\n(.*?)```", runbook, re.S) for line in block.splitlines()]
+    return fenced + re.findall(r"`(kubectl [^`]+)`", runbook)
+
+
+def test_runbook_commands_name_the_container(overlay) -> None:
+    """Every container the runbook's kubectl commands name (``-c``/``--container``, a strategic-merge patch's
+    ``containers`` entry) is the pod's: such a patch changes the container, it adds none."""
+    _, docs = overlay
+    kubectl_flags = [line.split(" -- ")[0] for line in runbook_commands() if line.lstrip().startswith("kubectl")]
+    named = [m for flags in kubectl_flags for m in re.findall(r"(?:\s-c|--container)[= ](\S+)", flags)]
+    patches = [json.loads(body) for line in runbook_commands()
+               for body in re.findall(rf"kubectl patch statefulset {NAME} -p '(\{{.*\}})'", line)]
+    assert named and patches, "the runbook names no container: the patterns above find nothing"
+    assert set(named) == {CONTAINER}, named
+    for patch in patches:
+        patched = strategic_merge(docs[WORKLOAD], patch)
+        assert [c["name"] for c in patched["spec"]["template"]["spec"]["containers"]] == [CONTAINER], patch
 
 
 def test_runbook_commands_name_the_workload_kind() -> None:

@@ -19,7 +19,18 @@ import pytest
 
 from server.config import Settings
 from server.protocols.kserve_v1 import ALIAS
-from tests.test_deploy_k8s import K8S, OVERLAYS, ROOT, WORKLOAD, key, load_docs, quantity_bytes, render, validate
+from tests.test_deploy_k8s import (
+    K8S,
+    OVERLAYS,
+    ROOT,
+    WORKLOAD,
+    key,
+    load_docs,
+    quantity_bytes,
+    render,
+    server_container,
+    validate,
+)
 from tests.test_dockerfiles import DOCKERFILES, env_of, parse
 
 KSERVE = K8S / "kserve"
@@ -74,11 +85,6 @@ def runtime_container(docs: dict) -> dict:
     return container
 
 
-def statefulset_container(docs: dict) -> dict:
-    (container,) = [c for c in docs[WORKLOAD]["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
-    return container
-
-
 def configmap_of(container: dict, docs: dict) -> dict[str, str]:
     (name,) = [e["configMapRef"]["name"] for e in container["envFrom"] if "configMapRef" in e]
     return docs[("ConfigMap", name)]["data"]
@@ -106,7 +112,7 @@ def test_the_validation_refuses_what_kserve_would_not_take(kserve, break_it, exp
 
 
 def test_the_runtime_runs_the_server_the_cpu_overlay_runs(kserve, cpu) -> None:
-    ours, theirs = runtime_container(kserve), statefulset_container(cpu)
+    ours, theirs = runtime_container(kserve), server_container(cpu)
     for field in ("image", "args", "resources", "lifecycle"):
         assert ours[field] == theirs[field], field
     port = int(configmap_of(ours, kserve)["PORT"])
@@ -126,7 +132,7 @@ def test_the_runtime_runs_the_server_the_cpu_overlay_runs(kserve, cpu) -> None:
 
 def test_the_settings_are_the_cpu_overlays_but_port_and_spool_cap(kserve, cpu) -> None:
     ours = configmap_of(runtime_container(kserve), kserve)
-    theirs = configmap_of(statefulset_container(cpu), cpu)
+    theirs = configmap_of(server_container(cpu), cpu)
     assert ours.keys() == theirs.keys()
     assert {name for name in ours if ours[name] != theirs[name]} == DIFFERENCES
     assert ours["PORT"] == "8080", "the port KServe routes to"

@@ -293,3 +293,31 @@ def test_a_broken_sqlite_file_or_companion_is_named_with_a_sqlite_fix(monkeypatc
     failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL] database"))
     assert lines[failure].startswith(f"[FAIL] database: {said}"), lines
     assert "-wal and -shm" in lines[failure + 1] and "pg_isready" not in "\n".join(lines), lines
+
+
+def test_a_memory_limit_too_small_for_the_settings_is_fixed_by_memory_not_by_the_artifact(monkeypatch, tiny_artifact,
+                                                                                          tmp_path):
+    """The model check fails on the memory plan (serve's exit 2, its own line), not on the artifact: the fix is
+    the setting or the limit that line names, never restoring or rebuilding a model that is fine."""
+    import server.runtime
+    from server.memory_model import HostMemory
+
+    limit = int(HostMemory().current() / 0.85) + (16 << 20)  # 13.6 MiB under MEMORY_HIGH_WATER: less than a batch
+    monkeypatch.setattr(server.runtime, "memory_limit_bytes", lambda: limit)
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "MAX_BATCH_TOKENS": "8192"})
+    assert code == 1
+    failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL] model"))
+    assert "the memory limit" in lines[failure] and "cannot hold this server with MAX_BATCH_TOKENS as set" in (
+        lines[failure]), lines
+    fix = lines[failure + 1]
+    assert fix.startswith("       fix: give it at least ") and "or lower MAX_BATCH_TOKENS" in fix, fix
+    assert lines[failure].endswith(fix.removeprefix("       fix: ")), "doctor's remedy is serve's own"
+
+
+def test_a_model_variant_the_artifact_does_not_ship_is_fixed_by_the_setting(monkeypatch, tiny_artifact, tmp_path):
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "MODEL_VARIANT": "fp16"})
+    assert code == 1
+    failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL] model"))
+    assert "'fp16'" in lines[failure], lines
+    fix = lines[failure + 1]
+    assert fix.startswith("       fix: set MODEL_VARIANT to one of the variants listed above or auto"), fix
