@@ -59,8 +59,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 REFUSAL_LINES_PER_MINUTE = 600  # 10 a second: a flood (27,000 a minute seen) is cut 45-fold
-_refusal_lines = LineBudget(log, REFUSAL_LINES_PER_MINUTE, "security: %d more refusals in the last %.0f s were not "
-                            "logged one by one (at most %d a minute; sentiment_rejected_total counts them all)")
+_refusal_lines = LineBudget(
+    log, REFUSAL_LINES_PER_MINUTE,
+    "security: %d refusals logged in this %.0f s: the rest are counted (sentiment_rejected_total), not logged one "
+    "by one",
+    "security: %d more refusals in the last %.0f s were not logged one by one (at most %d a minute)")
 
 HOW_TO_SEND = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
 GRPC = "gRPC"  # the method a gRPC call's Caller names

@@ -273,7 +273,8 @@ def test_a_flood_of_refusals_is_logged_up_to_a_budget_then_counted_in_one_line(m
     helper-69), enough to rotate the security lines that matter out of LOG_FILE in minutes."""
     now = [1000.0]
     monkeypatch.setattr(throttle.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(auth, "_refusal_lines", throttle.LineBudget(auth.log, 3, "security: %d more in %.0f s (%d)"))
+    monkeypatch.setattr(auth, "_refusal_lines", throttle.LineBudget(auth.log, 3, "security: %d in %.0f s, no more",
+                                                                    "security: %d more in %.0f s (%d)"))
     caller = auth.Caller("POST", "/predict", "198.51.100.7")
     with caplog.at_level(logging.WARNING, logger="server.auth"):
         for _ in range(10):
@@ -282,4 +283,4 @@ def test_a_flood_of_refusals_is_logged_up_to_a_budget_then_counted_in_one_line(m
         auth.log_refusal(401, "invalid API key", caller)
     lines = [record.getMessage() for record in caplog.records]
     refusal = "security: 401 invalid API key: POST /predict from 198.51.100.7"
-    assert lines == [refusal] * 3 + ["security: 7 more in 61 s (3)", refusal]
+    assert lines == [refusal] * 3 + ["security: 3 in 60 s, no more", "security: 7 more in 61 s (3)", refusal]

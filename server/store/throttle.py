@@ -35,16 +35,20 @@ class Throttle:
 
 
 class LineBudget:
-    """Each event on a line of its own, at most ``lines`` per period; past that they are counted, and the first
-    line logged in a later period says how many were not. For lines worth reading one by one (a security refusal
-    names its client and key fingerprint) that a flood must not turn into the whole log: 56 clients sending bad
-    keys wrote 9,171 lines in 20 s (red team helper-69), and a rotated LOG_FILE keeps only so many bytes."""
+    """Each event on a line of its own, at most ``lines`` per period; past that one line says so and the rest are
+    counted, and the first line logged in a later period says how many were not. For lines worth reading one by one
+    (a security refusal names its client and key fingerprint) that a flood must not turn into the whole log: 56
+    clients sending bad keys wrote 9,171 lines in 20 s (red team helper-69), and a rotated LOG_FILE keeps only so
+    many bytes."""
 
-    def __init__(self, logger: logging.Logger, lines: int, unlogged: str, period_s: float = PERIOD_S) -> None:
-        """``unlogged``: the line that counts what was not logged, formatted with that number, the seconds it
-        spans and ``lines``."""
+    def __init__(self, logger: logging.Logger, lines: int, over: str, unlogged: str,
+                 period_s: float = PERIOD_S) -> None:
+        """``over``: the line when a period's budget runs out, formatted with ``lines`` and the period's seconds;
+        ``unlogged``: the line that counts what was not logged, formatted with that number, the seconds it spans
+        and ``lines``."""
         self._log = logger
         self._lines = lines
+        self._over_line = over
         self._unlogged_line = unlogged
         self._period_s = period_s
         self._period_began = -period_s
@@ -56,8 +60,10 @@ class LineBudget:
             if self._unlogged:
                 self._log.log(level, self._unlogged_line, self._unlogged, now - self._period_began, self._lines)
             self._period_began, self._logged, self._unlogged = now, 0, 0
-        if self._logged >= self._lines:
-            self._unlogged += 1
+        if self._logged < self._lines:
+            self._logged += 1
+            self._log.log(level, message, *args)
             return
-        self._logged += 1
-        self._log.log(level, message, *args)
+        if not self._unlogged:
+            self._log.log(level, self._over_line, self._lines, self._period_s)
+        self._unlogged += 1
