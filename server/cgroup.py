@@ -13,6 +13,7 @@ CPU: v2 ``cpu.max`` ("quota period") or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_peri
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -38,7 +39,13 @@ def _read_limit(path: Path) -> int | None:
 def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = PROC_SELF_CGROUP) -> int:
     """The memory limit binding this process in bytes (cgroup v2, then v1), or physical RAM when there is none."""
     binding = _binding_memory_limit(cgroup_root, own_cgroups)
-    return binding[0] if binding else psutil.virtual_memory().total
+    return binding[0] if binding else _physical_bytes()
+
+
+@functools.cache
+def _physical_bytes() -> int:
+    """Physical RAM, read once (/health and every scrape read the limit: 36 us a time for this part alone)."""
+    return psutil.virtual_memory().total
 
 
 def memory_peak_bytes(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = PROC_SELF_CGROUP) -> int | None:
@@ -52,7 +59,7 @@ def memory_peak_bytes(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = PROC_
 def _binding_memory_limit(cgroup_root: Path, own_cgroups: Path) -> tuple[int, Path] | None:
     """The lowest memory limit below physical RAM over the process's cgroups and their ancestors, with the file
     holding that cgroup's peak; None when no level sets one."""
-    physical = psutil.virtual_memory().total
+    physical = _physical_bytes()
     found = []
     for limit_file, peak_file in _memory_files(cgroup_root, own_cgroups):
         limit = _read_limit(limit_file)
@@ -94,6 +101,7 @@ def _own_cgroup_paths(own_cgroups: Path) -> tuple[str, str]:
     return v2, v1
 
 
+@functools.lru_cache(maxsize=16)  # the directories change only when the process moves to another cgroup
 def _up_to(mount: Path, path: str) -> list[Path]:
     """``mount``/``path`` and each directory above it up to ``mount``; ``mount`` alone when that one is not there
     (or ``path`` leads above the mount: a cgroup outside this namespace)."""
