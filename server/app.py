@@ -31,7 +31,7 @@ from server.store import KeyStore, PredictionStore
 from server.store.keycache import KeyCache
 from server.store.keysnapshot import KeySnapshot
 from server.store.spooldir import database_identity
-from server.worker_threads import on_own_thread
+from server.worker_threads import MODEL_LOAD_THREAD, on_own_thread
 
 log = logging.getLogger(__name__)
 # FastAPI 0.16x asks on every request whether OpenTelemetry is configured (environment lookups: ~5% of the event
@@ -46,7 +46,7 @@ async def build_services(settings: Settings, metrics: Metrics,
     """The model (start-up's one load of it, ``server.preflight.load_model``: a failure is a ``StartupError``
     with its exit code), then the cache, store and key cache around it."""
     runtime = await on_own_thread(functools.partial(load_model, settings, metrics, warm=settings.warmup,
-                                                    wrap_engine=wrap_engine), name="model-load")
+                                                    wrap_engine=wrap_engine), name=MODEL_LOAD_THREAD)
     cache_bytes = runtime.settings.cache_max_bytes if settings.enable_model_caching else 0  # as the memory plan says
     cache = PredictionCache(cache_bytes, metrics)
     store = PredictionStore(settings, metrics)

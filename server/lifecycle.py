@@ -63,7 +63,7 @@ from server.config import Settings
 from server.connections import ConnectionGuard
 from server.early_signals import remember_early_hangups, take_early_hangup, take_early_stop
 from server.exitcodes import ExitCode, StartupError
-from server.worker_threads import threads_in_call
+from server.worker_threads import MODEL_LOAD_THREAD, threads_in_call
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -179,9 +179,12 @@ class DrainingServer(uvicorn.Server):
     def begin_drain(self, reason: str = "shutdown requested") -> None:
         """Stop being ready and start the drain's clock; a second call ends the waiting at once."""
         if self.drain is not None:
-            if self._starting is not None:  # nothing is served yet: the start-up (a model load) is not waited for
-                log.warning("%s again during start-up: stopping now", reason)
-                self._starting.cancel()
+            if self._starting is not None:  # nothing is served yet: a model load is not waited for
+                if any(thread.name == MODEL_LOAD_THREAD for thread in threads_in_call()):
+                    log.warning("%s again during start-up: stopping now", reason)
+                    self._starting.cancel()  # raised where start-up awaits the load, before the store starts
+                else:  # the store is starting (a schema migration, a spool replay): not cut in the middle
+                    log.warning("%s again during start-up: stopping once the store has started", reason)
                 return
             log.warning("%s again: ending the drain now; requests not answered yet are abandoned", reason)
             self.drain.end_now()

@@ -51,6 +51,9 @@ def settle(future: asyncio.Future, result: Any, error: BaseException | None) -> 
         future.set_result(result)
 
 
+MODEL_LOAD_THREAD = "model-load"  # start-up's model load (``server.app``): the one step a second SIGTERM cuts
+
+
 async def on_own_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
     """``fn(*args)`` on a daemon thread of its own, awaited on the loop; for long one-off work (a model load).
 

@@ -28,7 +28,7 @@ from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, start_serve
 from server.batcher import Batcher
 from server.config import load_settings
 from server.exitcodes import ExitCode, StartupError
-from server.lifecycle import DrainClock, run_server
+from server.lifecycle import DrainClock, DrainingServer, run_server
 from server.metrics import Metrics
 from server.primitives import Draining
 from server.store.migrate import SchemaBehind
@@ -362,6 +362,22 @@ def test_a_second_sigterm_during_start_up_stops_without_waiting_for_the_model_lo
     assert code == 0 and "SIGTERM again during start-up: stopping now" in log, log[-3000:]
     assert "the model load under way is abandoned" in log and "model-load" in log, log[-3000:]
     assert " warm on " not in log and "listening on" not in log and "Traceback" not in log, log[-3000:]
+
+
+async def test_a_second_sigterm_while_the_store_starts_waits_for_it(make_settings, caplog):
+    """A second signal cuts start-up only while the model loads: a schema migration or a spool replay under way is
+    not cut in the middle (SQLite's DDL is not transactional)."""
+    settings = make_settings()
+    draining = DrainingServer(server.app.create_app(settings), settings)
+    starting = asyncio.get_running_loop().create_task(asyncio.sleep(60))  # start-up, past the model load
+    draining._starting = starting
+    with caplog.at_level(logging.WARNING, logger="server.lifecycle"):
+        draining.begin_drain("SIGTERM")
+        draining.begin_drain("SIGTERM")
+    await asyncio.sleep(0)
+    assert not starting.cancelled(), "start-up was cut while the store started"
+    assert "SIGTERM again during start-up: stopping once the store has started" in caplog.text
+    starting.cancel()
 
 
 def test_a_reload_under_way_at_sigterm_is_said_to_be_abandoned(tmp_path):
