@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, stop_server
+from tests.test_slow_clients import metric
 
 WAIT_S = 30.0
 ENGINE_CALL_S = 0.5  # each engine call while the hang file exists: 64 texts in batches of 4 take 8 s
@@ -57,13 +58,6 @@ def busy(tiny_artifact, tmp_path_factory):
     yield live, hang
     hang.unlink(missing_ok=True)
     assert stop_server(live) == 0, live.log()[-3000:]
-
-
-def metric(live: LiveServer, line_start: str) -> float:
-    for line in httpx.get(live.url + "/metrics", timeout=WAIT_S).text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 LEFT = 'sentiment_requests_total{endpoint="/predict",status="499"}'
