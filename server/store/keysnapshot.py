@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from server.regular_file import open_regular
 from server.store.keys import ApiKey
-from server.store.spooldir import fsync_dir
+from server.store.spooldir import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +37,8 @@ class KeySnapshot:
 
     def write(self, keys: dict[str, ApiKey], read_at: float) -> None:
         """Blocking: ``keys`` by digest, read at ``read_at`` (``time.time()``), replacing the file atomically."""
-        body = {"database": self.identity, "read_at": read_at,
-                "keys": {digest: key.as_dict() for digest, key in keys.items()}}
-        partial = self.path.with_name(SNAPSHOT_FILE + ".partial")
-        with open(open_regular(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-            json.dump(body, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, self.path)
-        fsync_dir(self.path.parent)
+        write_json_atomically(self.path, {"database": self.identity, "read_at": read_at,
+                                          "keys": {digest: key.as_dict() for digest, key in keys.items()}}, 0o600)
 
     def read(self) -> tuple[dict[str, ApiKey], float] | None:
         """Blocking: the keys by digest and when they were read, or None (no snapshot, another database's, or one

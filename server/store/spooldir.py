@@ -121,6 +121,18 @@ def make_dir(path: Path) -> None:
 TARGET_PARAMETERS = ("service", "options")
 
 
+def write_json_atomically(target: Path, value: Any, mode: int) -> None:
+    """``value`` as JSON in ``target`` (created with ``mode``): a crash leaves the old file or the new one, never
+    half of one."""
+    partial = target.with_name(target.name + ".partial")
+    with open(open_regular(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as handle:
+        json.dump(value, handle, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, target)
+    fsync_dir(target.parent)
+
+
 def database_identity(raw_url: str) -> dict[str, Any]:
     """What a spool records about its database: enough to tell two apart, nothing secret. libpq also takes the
     host, port, database and user from the URL's query (``?host=/run/postgresql&port=5433``, a socket directory):
@@ -252,15 +264,7 @@ class SpoolDirectory:
         return None
 
     def write_identity(self, identity: dict[str, Any]) -> None:
-        """Atomically: a crash leaves the old file or the new one, never half of one."""
-        target = self.path / IDENTITY_FILE
-        partial = target.with_name(IDENTITY_FILE + ".partial")
-        with open(open_regular(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "w") as handle:
-            json.dump(identity, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, target)
-        fsync_dir(self.path)
+        write_json_atomically(self.path / IDENTITY_FILE, identity, 0o666)
 
     def set_aside(self, names: list[str], identity: dict[str, Any] | None) -> ForeignSpool:
         """Move ``names`` into a new ``foreign-<time>`` subdirectory, unchanged, with ``identity`` recorded there."""
