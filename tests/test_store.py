@@ -28,7 +28,7 @@ from server import cli_store
 from server.cli import main as cli_main
 from server.config import ConfigError, load_settings
 from server.metrics import Metrics
-from server.store import PredictionStore, db, migrate
+from server.store import PredictionStore, db, migrate, stall
 from server.store.db import database_url, make_engine, redact
 from server.store.feedback import UnknownLabel, UnknownPrediction, add_feedback, export_feedback
 from server.store.queries import PredictionFilter, get_prediction, list_predictions
@@ -110,9 +110,11 @@ def test_a_call_to_a_server_that_stops_answering_fails_instead_of_waiting_for_go
                                                                                     monkeypatch):
     """A stopped (SIGSTOP) or frozen server answers no statement and enforces no statement timeout, and its kernel
     keeps the connection alive: a call waited as long as the stall (red team helper-68: 80 s; the store never
-    turned down). Its connection is now shut down under it once it has waited ``UNANSWERED_AFTER_S``."""
-    monkeypatch.setattr(db, "UNANSWERED_AFTER_S", 1.0)
-    engine = make_engine(load_settings(database_url=pg_store_db.url, spool_dir=tmp_path / "spool"))
+    turned down). Its connection is now shut down under it once it has waited its statement timeout (here the
+    URL's, 1 s) and ``MARGIN_S``."""
+    monkeypatch.setattr(stall, "MARGIN_S", 0.5)
+    url = f"{pg_store_db.url}?options=-cstatement_timeout%3D1000"
+    engine = make_engine(load_settings(database_url=url, spool_dir=tmp_path / "spool"))
     outcome: list[BaseException | None] = []
     with engine.connect() as connection:
         backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
@@ -137,6 +139,23 @@ def test_a_call_to_a_server_that_stops_answering_fails_instead_of_waiting_for_go
     with make_engine(load_settings(database_url=pg_store_db.url, spool_dir=tmp_path / "spool")).connect() as fresh:
         assert fresh.execute(text("SELECT 1")).scalar() == 1  # the server itself was never at fault
 
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("timeout_ms", [10_000, 0])
+def test_a_statement_may_run_as_long_as_the_url_s_statement_timeout_allows(pg_store_db, tmp_path, monkeypatch,
+                                                                            timeout_ms):
+    """The README says a URL's ``options`` win over the server's 30 s statement timeout (a long migration), but
+    the stall breaker cut every call at a fixed 32 s whatever the server enforced. It now allows each connection
+    the timeout its server enforces (none when 0); the fixed allowance, shortened here, is only the fallback."""
+    monkeypatch.setattr(db, "UNANSWERED_AFTER_S", 1.0)
+    url = f"{pg_store_db.url}?options=-cstatement_timeout%3D{timeout_ms}"
+    engine = make_engine(load_settings(database_url=url, spool_dir=tmp_path / "spool"))
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT pg_sleep(2.5)")).scalar() == ""
+    finally:
+        engine.dispose()
 
 # migrations
 

@@ -23,13 +23,14 @@ from sqlalchemy.engine import URL
 from server.config import ConfigError, Settings
 from server.primitives import ServerError
 from server.store import sqlite_file
-from server.store.stall import StallBreaker
+from server.store.stall import MARGIN_S, StallBreaker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STATEMENT_TIMEOUT_MS = 30_000
-UNANSWERED_AFTER_S = STATEMENT_TIMEOUT_MS / 1000 + 2  # a call still waiting then: the server has stopped answering
+# A call still waiting then has a server that stopped answering (when the connection's own timeout is unknown).
+UNANSWERED_AFTER_S = STATEMENT_TIMEOUT_MS / 1000 + MARGIN_S
 # Errors that mean "the database is not answering", as opposed to a bug in a statement.
 UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
 
