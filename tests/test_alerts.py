@@ -263,7 +263,7 @@ FIRST_EVENT_ALERTS = {
     "SentimentAnalyzerHostOOM", "SentimentAnalyzerGpuOOM", "SentimentAnalyzerInferenceErrors",
     "SentimentAnalyzerModelReloadFailed", "SentimentAnalyzerSpoolFullRefusing", "SentimentAnalyzerStoreRejectedRows",
     "SentimentAnalyzerKeyCacheFallback", "SentimentAnalyzerConnectionsRefused", "SentimentAnalyzerLogLinesLost",
-    "SentimentAnalyzerSheddingRequests",
+    "SentimentAnalyzerSheddingRequests", "SentimentAnalyzerRecordsLost",
 }
 
 
@@ -296,6 +296,7 @@ INCIDENT_METRICS = {
     "spool filling": "sentiment_store_spool_bytes",
     "spool cap": "sentiment_store_spool_limit_bytes",
     "records refused by the database": "sentiment_store_rejected_rows_total",
+    "answered records lost": "sentiment_store_lost_records_total",
     "replay stuck": "sentiment_store_replaying",
     "slow spool disk": "sentiment_store_ack_seconds_bucket",
     "keys checked from the cache": "sentiment_auth_key_cache_fallbacks_total",

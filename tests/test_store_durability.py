@@ -460,6 +460,7 @@ async def test_async_mode_counts_what_neither_database_nor_spool_would_take(stor
     health = store.health()
     assert health["lost_rows"] == 6 and health["queue_depth"] == 4  # the first four wait in memory
     assert metrics.store_write_errors._value.get() >= 6
+    assert metrics.store_lost._value.get() == 6  # what the alert on lost records watches
     await asyncio.to_thread(store_db.up)  # the spool still refuses, but no record needs it: /health ok again
     await wait_until(lambda: store.health()["status"] == "ok" and store.health()["queue_depth"] == 0, timeout=30,
                      what="/health ok once records go to the database directly")

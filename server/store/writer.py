@@ -442,4 +442,5 @@ class Writer:
     def lose(self, count: int, why: str) -> None:
         self.state.lost_rows += count
         self._metrics.store_write_errors.inc(count)
+        self._metrics.store_lost.inc(count)
         self._throttle.log("lost", logging.ERROR, "store: %d prediction records lost: %s", count, why)
