@@ -55,7 +55,7 @@ from server.protocols.oip_model import (
     unsupported_output,
     wrong_datatype,
 )
-from server.schemas import at_most_max_texts
+from server.schemas import UnicodeText, at_most_max_texts
 from server.services import Services
 from server.serving import Classified, classify
 from server.strict_json import StrictJsonRoute, strict_json
@@ -109,7 +109,8 @@ class InferRequest(BaseModel):
     """An OIP v2 inference request (its JSON part, when the binary-data extension is used)."""
 
     model_config = ConfigDict(strict=True)
-    id: str | None = Field(None, description="echoed in the answer")
+    id: UnicodeText | None = Field(None, description="echoed in the answer (so valid Unicode: the answer's JSON "
+                                   "could not carry an unpaired surrogate)")
     parameters: RequestParameters | None = None
     inputs: list[InferInput] = Field(max_length=FEW, json_schema_extra={"minItems": 1, "maxItems": 1})
     outputs: list[RequestedOutput] | None = Field(None, max_length=FEW, description="the outputs to answer; all "
