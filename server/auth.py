@@ -164,10 +164,13 @@ def credentials(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return found
 
 
-async def refusal_before_body(services: Services, scope: dict) -> ServerError | None:
+async def refusal_before_body(services: Services, scope: dict,
+                              route_of: Callable[[dict], object | None]) -> ServerError | None:
     """For a request about to send a body (``server.http``): the 401 (or 503 ``key_check_unavailable``) its key
     gets, before a byte of the body is read; None to read it. Every route that takes a body needs a key with at
-    least the predict role, which every key has; the route's own check still decides the role (403).
+    least the predict role, which every key has; the route's own check still decides the role (403). A request
+    without a key is refused naming the role its route (``route_of``) needs (an admin route's was told "predict"),
+    and one no route takes is left to the router's 404.
 
     The bodies' memory budget is shared: 17 connections without a key, each declaring a 1 MB body and sending most
     of it, held all of it for REQUEST_TIMEOUT_S, and every keyed request got 503 ``body_memory_full`` meanwhile
@@ -175,10 +178,15 @@ async def refusal_before_body(services: Services, scope: dict) -> ServerError | 
     sent = credentials(scope["headers"])
     if not sent and services.settings.auth_mode == "open":
         return None
+    role = "predict"
+    if not sent:
+        role = route_role(route_of(scope))
+        if role is None:  # no route, or none that needs a key: nothing the body could be refused for here
+            return None
     client = scope.get("client")
     caller = Caller(scope["method"], scope["path"], client[0] if client else "-")
     try:
-        await authenticate_caller(services, "predict", sent, caller)
+        await authenticate_caller(services, role, sent, caller)
     except (Unauthorized, KeyCheckUnavailable) as refused:
         return refused
     return None

@@ -182,7 +182,7 @@ class ObservedASGI:
                 return await not_found(scope["path"])(scope, receive, observed_send)
             refusal = self.refusal(scope["headers"])
             if refusal is None and services is not None and sends_body(scope):
-                refused = await refusal_before_body(services, scope)
+                refused = await refusal_before_body(services, scope, route_of)
                 if refused is not None:  # its body is never read: the connection goes
                     refused.headers = {**(refused.headers or {}), "Connection": "close"}
                     refusal = server_error_response(refused)

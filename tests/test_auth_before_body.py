@@ -118,6 +118,23 @@ def test_an_admin_route_refuses_a_caller_without_a_key_before_its_body(keyed, ca
 
 
 @pytest.mark.parametrize("case", list(ADMIN_CASES))
+def test_an_admin_route_without_a_key_names_the_admin_role(keyed, case):
+    """The refusal before the body named the predict role on every route (red team helper-73); without a body the
+    route's own check named admin."""
+    live, _, issued = keyed
+    answer = post(live, issued, ADMIN_CASES[case], {})
+    assert answer.status_code == 401 and "an API key with role admin is required" in answer.json()["error"]
+
+
+def test_a_body_sent_to_no_route_is_404_not_401(keyed):
+    """No route takes it, so no key is asked for it: it was refused 401 naming the predict role (red team
+    helper-73)."""
+    live, issued = keyed[0], keyed[2]
+    answer = post(live, issued, ("/no/such/path", JSON, b'{"text": "a"}', {}, None), {})
+    assert answer.status_code == 404, answer.text
+
+
+@pytest.mark.parametrize("case", list(ADMIN_CASES))
 def test_a_key_without_the_role_gets_403_whatever_the_body(keyed, case):
     live, _, issued = keyed
     assert_refused(post(live, issued, ADMIN_CASES[case], {"Authorization": "Bearer {predict}"}), 403)
