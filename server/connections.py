@@ -468,9 +468,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_bytes += size
         self._head_fields += fields
         if self._head_bytes > HEAD_MAX_BYTES or self._head_fields > HEAD_MAX_FIELDS:
-            self._oversized = (status, f"{what} exceed this server's limit ({HEAD_MAX_BYTES // 1024} KiB for the "
-                                       f"request line and headers together, {HEAD_MAX_FIELDS} header fields); "
-                                       "send a shorter URL or fewer headers", "head_too_large")
+            self._oversized = (status, f"{what} took the request past this server's limit ({HEAD_MAX_BYTES // 1024} "
+                                       f"KiB for the request line and headers together, {HEAD_MAX_FIELDS} header "
+                                       "fields); send a shorter URL or fewer headers", "head_too_large")
             raise HeadTooLarge(what)
 
     def on_headers_complete(self) -> None:

@@ -358,8 +358,10 @@ def install_error_handlers(app: FastAPI) -> None:
         for err in errors:
             if err.get("type") == "json_invalid":
                 where = err.get("loc", ("body", "?"))[-1]
-                return error_response(422, f"the body is not valid JSON: {err.get('ctx', {}).get('error')} at "
-                                           f"character {where}", error_type="invalid_json")
+                # Python's own message may end in "at" already ("Invalid control character at")
+                said = str(err.get("ctx", {}).get("error")).removesuffix(" at")
+                return error_response(422, f"the body is not valid JSON: {said} at character {where}",
+                                      error_type="invalid_json")
         shown = errors[:ERRORS_SHOWN]  # a body of 100,000 unknown keys has as many errors: a 14 MB answer
         problems = [f"{location(error_place(err))}: {err.get('msg')}" for err in shown]
         if len(errors) > len(shown):

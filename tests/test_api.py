@@ -117,6 +117,15 @@ def test_invalid_json_is_422_invalid_json(client):
                                         "quotes at character 1", "type": "invalid_json"}
 
 
+
+def test_a_control_character_in_a_json_string_is_worded_once(client):
+    """Python's message ends in "at" already: it read "Invalid control character at at character 10" (red team
+    helper-73)."""
+    response = client.post("/predict", content=b'{"text":"a\x01b"}', headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"] == "the body is not valid JSON: Invalid control character at character 10"
+
+
 def test_oversized_inputs_are_413(make_settings):
     settings = make_settings(max_texts_per_request=3, max_text_chars=50, max_request_bytes=2048)
     with TestClient(create_app(settings)) as c:
