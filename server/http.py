@@ -363,10 +363,10 @@ def install_error_handlers(app: FastAPI) -> None:
                 return error_response(422, f"the body is not valid JSON: {said} at character {where}",
                                       error_type="invalid_json")
         shown = errors[:ERRORS_SHOWN]  # a body of 100,000 unknown keys has as many errors: a 14 MB answer
-        problems = [f"{location(error_place(err))}: {err.get('msg')}" for err in shown]
+        problems = [f"{location(error_place(err))}: {problem_message(err)}" for err in shown]
         if len(errors) > len(shown):
             problems.append(f"and {len(errors) - len(shown)} more problems")
-        detail = [{"loc": error_place(e), "msg": e.get("msg"), "type": e.get("type")} for e in shown]
+        detail = [{"loc": error_place(e), "msg": problem_message(e), "type": e.get("type")} for e in shown]
         return error_response(422, "invalid request: " + "; ".join(problems), detail=detail)
 
     @app.exception_handler(HTTPException)
@@ -415,6 +415,19 @@ def error_place(error: dict) -> list[object]:
     loc = list(error.get("loc", ()))
     at = (error.get("ctx") or {}).get(AT)
     return loc if at is None else [*loc, at]
+
+
+def problem_message(error: dict) -> str:
+    """A validation error's words, pydantic's unless they do not say what to fix: a string holding an unpaired
+    surrogate escape where no validator of ours looks (an object's key, a label, an option's value) is
+    "Input should be a valid string, unable to parse raw data as a unicode string"."""
+    if error.get("type") == "string_unicode":
+        return UNPAIRED_SURROGATE
+    return str(error.get("msg"))
+
+
+UNPAIRED_SURROGATE = ("contains an unpaired surrogate (a JSON \\uD800-\\uDFFF escape must be half of a pair, in a "
+                      "name as in a value); send valid Unicode")
 
 
 def location(loc: Iterable[object]) -> str:

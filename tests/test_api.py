@@ -118,6 +118,20 @@ def test_invalid_json_is_422_invalid_json(client):
 
 
 
+@pytest.mark.parametrize(("path", "body", "where"), [
+    ("/predict", b'{"text": "good", "\\ud800": 1}', "body"),  # a key: pydantic names no field
+    ("/predict", b'{"inputs": "good", "truncation_direction": "\\udfff"}', "truncation_direction"),
+    ("/feedback", b'{"prediction_id": "x", "label": "\\ud800"}', "label"),
+])
+def test_an_unpaired_surrogate_anywhere_says_so(client, path, body, where):
+    """Where no validator of ours looks, pydantic said "Input should be a valid string, unable to parse raw data as
+    a unicode string", which does not say what to fix (red team helper-73)."""
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith(f"invalid request: {where}: contains an unpaired surrogate"), \
+        response.json()
+
+
 def test_a_control_character_in_a_json_string_is_worded_once(client):
     """Python's message ends in "at" already: it read "Invalid control character at at character 10" (red team
     helper-73)."""

@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
 from server.connections import cancel_when_client_leaves
-from server.http import byte_count, error_response, error_responses, json_response, location
+from server.http import byte_count, error_response, error_responses, json_response, location, problem_message
 from server.primitives import in_list
 from server.protocols.oip_model import (
     ALIAS,
@@ -376,7 +376,7 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
         element = text_element_at_fault(document, error)
         if element is not None:
             raise element from None
-        problems = [f"{location(e['loc'])}: {e['msg']}" for e in error.errors()[:5]]
+        problems = [f"{location(e['loc'])}: {problem_message(e)}" for e in error.errors()[:5]]
         raise InvalidInferRequest("invalid inference request: " + "; ".join(problems)) from None
     return parsed, BinarySection(view[size:])
 
