@@ -42,7 +42,7 @@ import ipaddress
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -130,7 +130,8 @@ def require_key(role: str) -> Callable[[Request], Awaitable[ApiKey | None]]:
         raise ValueError(f"unknown role {role!r}")
 
     async def check(request: Request) -> ApiKey | None:
-        found = await authenticate_caller(request.app.state.services, role, request.headers, Caller.of(request))
+        found = await authenticate_caller(request.app.state.services, role, credentials(request.scope["headers"]),
+                                          Caller.of(request))
         request.scope.setdefault("state", {})[KEY_CHECKED] = True
         return found
 
@@ -154,14 +155,23 @@ def route_role(route: object) -> str | None:
 CREDENTIAL_HEADERS = (b"authorization", b"x-api-key")
 
 
-def credentials(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The key headers of an ASGI scope as ``authorize`` reads them: the first of each name, decoded as the
-    framework does."""
+def credentials(headers: Iterable[tuple[bytes, bytes]] | Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The key headers of an ASGI scope (or gRPC metadata) as ``authorize`` reads them, decoded as the framework
+    does. One sent more than once is its values joined by ", " (RFC 9110 5.3), which ``presented_key`` refuses: the
+    first copy was taken, so a key a proxy appends was overridden by the client's own (red team helper-73)."""
     found: dict[str, str] = {}
     for name, value in headers:
-        if name in CREDENTIAL_HEADERS:
-            found.setdefault(name.decode(), value.decode("latin-1"))
+        if isinstance(name, bytes):
+            if name not in CREDENTIAL_HEADERS:
+                continue
+            name, value = name.decode(), value.decode("latin-1")
+        elif name.encode() not in CREDENTIAL_HEADERS or not isinstance(value, str):
+            continue
+        found[name] = f"{found[name]}{SENT_TWICE}{value}" if name in found else value
     return found
+
+
+SENT_TWICE = ", "  # between the values of a key header sent more than once: no key holds it
 
 
 async def refusal_before_body(services: Services, scope: dict,
@@ -246,8 +256,13 @@ async def authenticate_caller(services: Services, role: str, headers: Mapping[st
 def presented_key(headers: Mapping[str, str]) -> str | None:
     """The key from ``Authorization: Bearer <key>`` or ``X-API-Key``; None when neither is sent.
 
-    Raises ``MalformedCredentials`` for an ``Authorization`` header in any other form.
+    Raises ``MalformedCredentials`` for an ``Authorization`` header in any other form, and for either sent twice
+    (``credentials``).
     """
+    for name in ("authorization", "x-api-key"):
+        if SENT_TWICE in headers.get(name, ""):
+            raise MalformedCredentials(f"send one key, in one header: {HOW_TO_SEND}",
+                                       f"{name} sent more than once (not checked, not fingerprinted)")
     authorization = headers.get("authorization", "").strip()
     if not authorization:
         return headers.get("x-api-key", "").strip() or None

@@ -308,17 +308,29 @@ def test_grpc_with_a_valid_key_and_an_empty_message_is_answered_as_before(keyed)
     assert answer.code() == grpc.StatusCode.NOT_FOUND, (answer.code(), answer.details())
 
 
-def test_grpc_takes_the_first_of_two_keys_as_http_does(keyed):
-    """A key header sent twice: HTTP judged the first copy and gRPC the last, so a proxy in front that checks one
-    copy could be judging another than the server."""
+@pytest.mark.parametrize("name", ["authorization", "x-api-key"])
+def test_a_key_header_sent_twice_is_refused_whichever_copy_is_valid(keyed, name):
+    """The first copy was taken, over HTTP and gRPC alike (before that, HTTP judged the first and gRPC the last):
+    a key a proxy appends was overridden by the client's own (red team helper-73). Both copies are refused now,
+    on every path: the fast path, the framework's routes, an admin route without a body, gRPC."""
     live, address, issued = keyed
-    bad, good = ("authorization", "Bearer sap_not-a-key"), ("authorization", f"Bearer {issued['predict']}")
-    assert model_infer(address, b"", (bad, good)).code() == grpc.StatusCode.UNAUTHENTICATED
-    assert model_infer(address, b"", (good, bad)).code() == grpc.StatusCode.NOT_FOUND  # the key passed
-    twice = [(b"content-type", b"application/json"), (b"authorization", bad[1].encode()),
-             (b"authorization", good[1].encode())]
-    answer = httpx.post(live.url + "/predict", content=b'{"text": "fine"}', headers=twice, timeout=TIMEOUT_S)
-    assert answer.status_code == 401, answer.text
+
+    def sent(key: str) -> str:
+        return f"Bearer {key}" if name == "authorization" else key
+
+    bad, predict, admin = sent("sap_not-a-key"), sent(issued["predict"]), sent(issued["admin"])
+    for pair in ((bad, predict), (predict, bad), (predict, predict)):
+        answer = model_infer(address, b"", tuple((name, value) for value in pair))
+        assert answer.code() == grpc.StatusCode.UNAUTHENTICATED, (answer.code(), answer.details())
+        assert answer.details().startswith("send one key, in one header")
+        for content_type in (JSON, FRAMEWORK):
+            twice = [(b"content-type", content_type.encode()), *((name.encode(), value.encode()) for value in pair)]
+            answer = httpx.post(live.url + "/predict", content=b'{"text": "fine"}', headers=twice, timeout=TIMEOUT_S)
+            assert answer.status_code == 401 and answer.json()["error"].startswith("send one key"), answer.text
+    answer = httpx.get(live.url + "/admin/keys", headers=[(name.encode(), value.encode()) for value in (admin, bad)],
+                       timeout=TIMEOUT_S)
+    assert answer.status_code == 401 and answer.json()["error"].startswith("send one key"), answer.text
+    assert httpx.get(live.url + "/admin/keys", headers={name: admin}, timeout=TIMEOUT_S).status_code == 200
 
 
 # -- AUTH_MODE=open ------------------------------------------------------------------------------------------------

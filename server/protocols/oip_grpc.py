@@ -75,7 +75,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from server.auth import GRPC, Caller, authorize, client_for_log
+from server.auth import GRPC, Caller, authorize, client_for_log, credentials
 from server.budget import BodyBudget
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
@@ -208,10 +208,12 @@ class InferenceService(GRPCInferenceServiceServicer):
 
     async def observe(self, endpoint: str, handler: Handler, request: Any, context: aio.ServicerContext,
                       role: str | None = None) -> Any:
+        sent = context.invocation_metadata() or ()
         metadata: dict[str, str] = {}
-        for key, value in context.invocation_metadata() or ():
-            if isinstance(value, str):  # a name sent twice: its first copy counts, as over HTTP (fastpath.credentials)
+        for key, value in sent:
+            if isinstance(value, str):  # a name sent twice: its first copy counts (a key's: ``credentials``)
                 metadata.setdefault(key, value)
+        metadata.update(credentials(sent))
         request_id = request_id_from(metadata.get("x-request-id", ""))
         token = request_id_var.set(request_id)
         started, status = time.perf_counter(), 500
