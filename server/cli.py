@@ -74,19 +74,26 @@ def positive_number(most: float, least: float = 0.0) -> Callable[[str], float]:
 
 def base_url(text: str) -> str:
     """An argparse type for ``status --url``: no ``user:password@`` (status sends none, the URL would not even
-    resolve, and every message echoes the URL); refused without repeating the password (``redact``)."""
+    resolve, and every message echoes the URL); refused without repeating the password (``redact``). An address
+    without a scheme (``localhost:8000``, as curl takes it) is http: it was read as the scheme "localhost", and
+    status called a healthy server unreachable, a P0 (red team helper-74)."""
     from urllib.parse import urlsplit
 
+    if "://" not in text:
+        text = f"http://{text}"
     try:
-        netloc = urlsplit(text).netloc
+        parts = urlsplit(text)
     except ValueError:  # argparse would repeat the value, password and all
         raise argparse.ArgumentTypeError("not a URL (not repeated here: it may hold a password); give the server's "
                                          "base URL, e.g. http://127.0.0.1:8000") from None
-    if "@" in netloc:
+    if "@" in parts.netloc:
         from server.store.db import redact
 
         raise argparse.ArgumentTypeError(f"{redact(text)} holds credentials: give the server's base URL without "
                                          "them (status sends none; /health and /metrics need no key)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host; give the server's "
+                                         "base URL, e.g. http://127.0.0.1:8000")
     return text
 
 

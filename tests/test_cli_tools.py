@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from scripts.benchlib.serverproc import ROOT
-from server.cli import main
+from server.cli import base_url, main
 from server.config import load_settings
 from server.exitcodes import ExitCode
 from server.metrics import Metrics
@@ -427,6 +427,22 @@ def test_a_database_url_whose_port_is_not_a_number_is_one_line(argv):
     result = cli(*argv, "--database-url", "postgresql://ops:s3cret@db:notaport/sentiment")
     assert result.returncode != 0 and "s3cret" not in result.stderr
     one_error_line(result, "DATABASE_URL")
+
+
+@pytest.mark.parametrize(("given", "taken"), [("localhost:8000", "http://localhost:8000"),
+                                              ("127.0.0.1:8000/", "http://127.0.0.1:8000/"),
+                                              ("https://sa.example:443", "https://sa.example:443")])
+def test_status_takes_an_address_without_a_scheme_as_http(given, taken):
+    """``localhost:8000`` (as curl and the runbook write it) was read as the scheme "localhost": a healthy server
+    was reported unreachable, "Outage of every replica: P0" (red team helper-74)."""
+    assert base_url(given) == taken
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:8000", "http://", "file:///tmp/x"])
+def test_status_refuses_a_url_it_cannot_ask_as_an_argument_error(url):
+    result = cli("status", "--url", url, "--timeout", "1")
+    assert result.returncode == 2 and "not an http:// or https:// URL" in result.stderr, result.stderr
+    assert "P0" not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("url", ["http://admin:s3cret@host:notaport/", "http://admin:s3cret@[::1/"])
