@@ -150,8 +150,8 @@ def check_database_url(settings: Settings) -> str:
 
     try:
         url = database_url(settings.database_url)
-    except ConfigError as exc:
-        raise StartupError(str(exc), ExitCode.DATABASE) from None
+    except ConfigError as exc:  # a URL to correct: no server to check (doctor's general fix would say pg_isready)
+        raise StartupError(str(exc), ExitCode.DATABASE, fix="correct DATABASE_URL as the line above says") from None
     try:
         url.get_dialect().import_dbapi()
     except Exception as exc:  # NoSuchModuleError for an unknown driver, ImportError for one not installed

@@ -79,6 +79,18 @@ def test_unreachable_database_fails_without_leaking_the_password(monkeypatch, ti
     assert "s3cret" not in "\n".join(lines) and "pg_isready" in "\n".join(lines)
 
 
+def test_a_database_url_with_an_unknown_option_is_a_url_to_correct_not_a_server_to_check(monkeypatch, tiny_artifact,
+                                                                                          tmp_path):
+    """``?sslmod=require`` failed every connection before the network; doctor said "check the server
+    (`pg_isready`)" (red team helper-74)."""
+    env = {**good_env(tiny_artifact, tmp_path),
+           "DATABASE_URL": "postgresql://app:s3cret@127.0.0.1:1/predictions?sslmod=require"}
+    code, lines = doctor(monkeypatch, env)
+    failed = lines.index(next(line for line in lines if line.startswith("[FAIL] database")))
+    assert code == 1 and 'invalid connection option "sslmod"' in lines[failed]
+    assert "pg_isready" not in lines[failed + 1] and "correct DATABASE_URL" in lines[failed + 1]
+
+
 def test_invalid_environment_value_is_named(monkeypatch, tiny_artifact, tmp_path):
     code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "MAX_QUEUE": "-3"})
     assert code == 1 and "MAX_QUEUE='-3'" in lines[0]

@@ -61,7 +61,28 @@ def database_url(raw: str) -> URL:
                           "must be written %40")
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() == "postgresql":
+        unknown = unknown_connection_option(url)
+        if unknown:
+            raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r}: {unknown}; use libpq's names "
+                              "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)")
     return url
+
+
+def unknown_connection_option(url: URL) -> str | None:
+    """What psycopg says of a URL query parameter that is no libpq connection option (``?sslmod=require``), or None.
+    Every connection fails on it, before the network: the server started and reported the database down for ever
+    (red team helper-74), where the URL itself is wrong. None without psycopg (the driver check says that)."""
+    try:
+        from psycopg import ProgrammingError
+        from psycopg.conninfo import make_conninfo
+    except ImportError:
+        return None
+    try:
+        make_conninfo("", **{name: value if isinstance(value, str) else value[-1] for name, value in url.query.items()})
+    except ProgrammingError as error:
+        return str(error).strip()
+    return None
 
 
 def sqlite_path(raw: str) -> Path | None:
