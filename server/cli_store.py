@@ -61,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     db = _group(subparsers, "db", "database schema migrations")
     _command(db, "upgrade", "apply pending migrations (PostgreSQL: before starting a new release)", db_upgrade,
              creates=ANY_PATH)
-    _command(db, "current", "show the schema revision; exit 1 unless it is this release's", db_current)
+    _command(db, "current", "show the schema revision; exit 1 unless it is this release's (or a newer one's)",
+             db_current)
 
     keys = _group(subparsers, "keys", "API keys")
     create = _command(keys, "create", "create a key and print it (the only time it is shown)", keys_create,
@@ -178,14 +179,14 @@ def db_current(settings: Settings, engine: Engine, args: argparse.Namespace) -> 
     current, head = migrate.current_revision(engine), migrate.head_revision()
     if current == head:
         state = "up to date"
-    elif migrate.is_newer(current):
+    elif migrate.is_newer(engine, current):  # or raises ForeignSchema: another application's database
         state = ("newer than this release (written by a newer server): this release reads and writes it as it is; "
                  "upgrade this installation rather than the database")
     else:
         state = "not this release's: run `sentiment-analyzer db upgrade`"
     print(f"{redact(settings.database_url)}: schema at revision {current or 'none'}, this release needs {head}: "
           f"{state}")
-    return 0 if current == head or migrate.is_newer(current) else 1
+    return 0 if current == head or state.startswith("newer") else 1
 
 
 def keys_create(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:

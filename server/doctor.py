@@ -107,7 +107,7 @@ def check_database_and_schema(settings: Settings) -> str:
     try:
         if migrate.migrates_at_start(engine, settings):
             current = migrate.current_revision(engine)
-            if current != migrate.head_revision() and not migrate.is_newer(current):
+            if current != migrate.head_revision() and not migrate.is_newer(engine, current):
                 return f"{reachable}; {upgrade_at_start(engine, current, redact(settings.database_url))}"
         return f"{reachable}; schema at revision {migrate.check_schema(engine)}"
     finally:

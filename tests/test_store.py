@@ -27,6 +27,7 @@ from scripts.benchlib.serverproc import ROOT, free_port
 from server import cli_store
 from server.cli import main as cli_main
 from server.config import ConfigError, load_settings
+from server.exitcodes import ExitCode
 from server.metrics import Metrics
 from server.store import PredictionStore, db, migrate, stall
 from server.store.db import database_url, make_engine, redact
@@ -192,6 +193,29 @@ def test_a_schema_newer_than_this_release_is_tolerated_for_rollbacks(engine, sto
     assert run_cli("db", "current", "--database-url", store_settings().database_url) == 0
     said = capsys.readouterr().out
     assert "newer than this release" in said and "db upgrade`" not in said, said
+
+
+async def test_an_unknown_revision_without_this_server_s_tables_is_another_application_s_database(
+        store_settings, capsys):
+    """It was taken for a newer release's schema: `db current` said fine (exit 0), `db upgrade` did nothing, and
+    the server started and reported the database down for ever (UndefinedTable) (red team helper-74)."""
+    settings = store_settings(db_auto_migrate=True)
+    engine = make_engine(settings)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            connection.execute(text("INSERT INTO alembic_version VALUES ('9f1c2d3e4a5b')"))
+        for check in (lambda: migrate.prepare_schema(engine, settings), lambda: migrate.check_schema(engine)):
+            with pytest.raises(migrate.ForeignSchema, match="9f1c2d3e4a5b.*another application's database"):
+                check()
+        assert "predictions" not in inspect(engine).get_table_names()  # nothing created in someone else's database
+    finally:
+        engine.dispose()
+    with pytest.raises(migrate.ForeignSchema) as refused:
+        await PredictionStore(settings, Metrics()).start()
+    assert refused.value.exit_code == ExitCode.DATABASE
+    assert run_cli("db", "current", "--database-url", settings.database_url) == 1
+    assert "another application's database" in capsys.readouterr().err
 
 
 # writer

@@ -18,7 +18,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from server.config import Settings
 from server.exitcodes import ExitCode, StartupError
@@ -33,6 +33,16 @@ class SchemaBehind(StartupError):
     """The database schema is older than this server needs."""
 
     exit_code = ExitCode.DATABASE
+
+
+class ForeignSchema(SchemaBehind):
+    """A revision this release does not know, on a database holding none of its tables: another application's
+    database, not a newer release's. Refused wherever a schema behind is (the server cannot write there), where it
+    was taken for a newer release's: the server started and reported the database down for ever (UndefinedTable),
+    ``db current`` said it was fine (red team helper-74)."""
+
+
+OWN_TABLES = ("predictions", "api_keys", "feedback")  # every release's schema holds them
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -76,7 +86,7 @@ def _upgrade_in(connection: Connection) -> str:
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY})
     current = MigrationContext.configure(connection).get_current_revision()
-    if current is not None and not _known(current):
+    if is_newer(connection, current):
         log.warning("database schema is at revision %s, newer than this server's %s; leaving it as it is",
                     current, head_revision())
         return current
@@ -104,7 +114,7 @@ def check_schema(engine: Engine) -> str:
     current, head = current_revision(engine), head_revision()
     if current == head:
         return current
-    if current is not None and not _known(current):
+    if is_newer(engine, current):
         log.warning("database schema is at revision %s, newer than this server's %s; continuing", current, head)
         return current
     raise SchemaBehind(
@@ -113,9 +123,18 @@ def check_schema(engine: Engine) -> str:
     )
 
 
-def is_newer(revision: str | None) -> bool:
-    """A revision this release does not know: written by a newer server (a rollback, or a rollout under way)."""
-    return revision is not None and not _known(revision)
+def is_newer(connectable: Engine | Connection, revision: str | None) -> bool:
+    """A revision this release does not know, on a database holding this server's tables: written by a newer server
+    (a rollback, or a rollout under way). Raises ``ForeignSchema`` for one without them."""
+    if revision is None or _known(revision):
+        return False
+    missing = sorted(set(OWN_TABLES) - set(inspect(connectable).get_table_names()))
+    if missing:
+        raise ForeignSchema(
+            f"database schema is at revision {revision}, which no release of this server wrote, and has no "
+            f"{', '.join(missing)} table: DATABASE_URL names another application's database",
+            fix="point DATABASE_URL at this server's database, or at an empty one (the server creates its tables)")
+    return True
 
 
 def _known(revision: str) -> bool:
