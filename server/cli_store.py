@@ -399,6 +399,11 @@ def _spool_command(args: argparse.Namespace, run: Callable[[Path, DatabaseSink],
     if args.into is None and recorded != target:
         return _fail(f"{directory} holds predictions for {describe_identity(recorded)}, not for DATABASE_URL "
                      f"({describe_identity(target)}): pass --into URL to choose the database to replay them into")
+    sqlite_file = sqlite_path(settings.database_url)
+    if sqlite_file is not None and not sqlite_file.exists():  # connecting would create it, and a typo hide the rows
+        return _fail(f"no SQLite database at {sqlite_file.resolve()}: a replay writes into an existing database; "
+                     "check the path, or create the database first (`sentiment-analyzer db upgrade --database-url "
+                     "URL`); the spool is untouched")
     engine = make_engine(settings)
     try:
         run(directory, DatabaseSink(engine, settings, RejectedFile(directory), count_already=True))

@@ -42,7 +42,7 @@ from scripts.benchlib.databases import Database as StoreDatabase
 from server.config import Settings, load_settings
 from server.metrics import Metrics
 from server.primitives import PredictionRecord
-from server.store import PredictionStore
+from server.store import PredictionStore, migrate
 from server.store.tables import PREDICTIONS
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -124,6 +124,17 @@ def make_record(text: str = "a fine film", **overrides) -> PredictionRecord:
     }
     values.update(overrides)
     return PredictionRecord(**values)
+
+
+def created_database(url: str) -> str:
+    """``url``'s database with this release's schema (``db upgrade``): a spool replay writes only into one that
+    exists."""
+    engine = create_engine(url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    return url
 
 
 def stored_ids(url: str) -> list[str]:

@@ -28,7 +28,7 @@ from server.store import PredictionStore, SpoolLocked, migrate
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
 from server.store.wal import WriteAheadLog
-from tests.store_fixtures import make_record
+from tests.store_fixtures import created_database, make_record
 from tests.test_doctor import doctor, good_env
 
 
@@ -480,9 +480,21 @@ def test_a_lock_file_that_is_not_a_file_is_one_line_for_doctor_and_serve(tiny_ar
     assert "Traceback" not in output and f"SPOOL_DIR={spool} is not usable" in output
 
 
+def test_spool_replay_into_a_sqlite_file_that_is_not_there_creates_nothing(tmp_path):
+    """It created the file (a typo's name) and moved the records there, where no server reads them (red team
+    helper-74)."""
+    spool, into = tmp_path / "spool", f"sqlite:///{tmp_path / 'predictions-typo.db'}"
+    leave_spool(spool, database_identity(into))
+    result = cli("spool", "replay", "--spool-dir", str(spool), "--into", into)
+    assert result.returncode == 1
+    one_error_line(result, f"no SQLite database at {tmp_path / 'predictions-typo.db'}")
+    assert not (tmp_path / "predictions-typo.db").exists()
+    assert "3 predictions" in cli("spool", "status", "--spool-dir", str(spool)).stdout  # still there
+
+
 def test_spool_replay_on_a_spool_it_cannot_write_is_one_line(tmp_path):
     """Its lock file could not be opened (``SpoolDirUnusable``): a traceback."""
-    spool, into = tmp_path / "spool", f"sqlite:///{tmp_path / 'p.db'}"
+    spool, into = tmp_path / "spool", created_database(f"sqlite:///{tmp_path / 'p.db'}")
     leave_spool(spool, database_identity(into))
     (spool / ".lock").mkdir()  # as unusable as a lock file without write permission, and root cannot be refused
     result = cli("spool", "replay", "--spool-dir", str(spool), "--into", into)

@@ -18,7 +18,7 @@ from server.store.rejected import FILENAME as REJECTED
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
 from server.store.wal import RecordsTooLarge, SpoolUnavailable, WriteAheadLog, segment_name
-from tests.store_fixtures import make_record, stored_ids, wait_until
+from tests.store_fixtures import created_database, make_record, stored_ids, wait_until
 
 
 def lines(*ids: str) -> bytes:
@@ -441,7 +441,7 @@ def test_spool_replay_reports_a_segment_cut_short(tmp_path, capsys):
     """A replay of a spool that lost records says so, beside what it replayed, rather than only "replayed 35"."""
     from server.cli import main
 
-    spool, url = tmp_path / "spool", f"sqlite:///{tmp_path}/p.db"
+    spool, url = tmp_path / "spool", created_database(f"sqlite:///{tmp_path}/p.db")
     damaged, lost, lost_records = cut_short_spool(spool, url)
     assert main(["spool", "replay", "--spool-dir", str(spool), "--into", url]) == 0
     said = capsys.readouterr().out

@@ -29,6 +29,7 @@ from server.store.rejected import FILENAME as REJECTED
 from server.store.rejected import RejectedFile
 from server.store.spooldir import IDENTITY_FILE, LEGACY_SPOOL
 from server.store.wal import SpoolUnavailable, WriteAheadLog, segment_name
+from tests.store_fixtures import created_database
 
 SEGMENT = segment_name(0)
 TIMEOUT_S = 30
@@ -79,7 +80,8 @@ def test_spool_replays_refuse_a_special_file_in_one_line(tmp_path, command, name
     """replay-rejected hung on the FIFO it had renamed aside; replay deleted it as an empty segment."""
     planted = tmp_path / "spool" / name
     plant(planted, kind)
-    refused_in_one_line(cli(tmp_path, "spool", command, "--into", f"sqlite:///{tmp_path}/x.db"), planted)
+    into = created_database(f"sqlite:///{tmp_path}/x.db")
+    refused_in_one_line(cli(tmp_path, "spool", command, "--into", into), planted)
     assert os.path.lexists(planted)  # left where it was, for the operator to look at and remove
 
 
