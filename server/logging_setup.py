@@ -14,7 +14,7 @@ rules.
 oldest is deleted), so the file and its copies never hold more than about
 ``LOG_MAX_BYTES × (LOG_BACKUPS + 1)``. ``LOG_BACKUPS=0`` starts the file
 afresh at the size (no copy kept); ``LOG_MAX_BYTES=0`` never rotates (for an
-external logrotate using ``copytruncate``). One process writes the file: the
+external logrotate: a file it moves or removes is written again at its path). One process writes the file: the
 server runs its engine workers as threads, never as processes.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 from datetime import datetime, timezone
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -91,13 +92,40 @@ def indented(text: str) -> str:
 class SizeRotatingFileHandler(CountsLostLines, RotatingFileHandler):
     """The stdlib's size rotation, which also bounds the file with no backups (the stdlib then never rotates).
     A line it cannot write (a full disk, a removed folder) is counted (``CountsLostLines``); every line still goes
-    to standard output."""
+    to standard output. A file removed or renamed under it (``rm``, a logrotate that moves it) is opened again at
+    its path before the next line, as the stdlib's ``WatchedFileHandler`` does: lines went on into the removed
+    file, which nobody could read and whose space was never freed (red team helper-74)."""
 
     remedy = "they are on standard output; free space there or point LOG_FILE elsewhere"
+    _written: tuple[int, int] | None = None  # (device, inode) of the file the stream writes
 
     @property
     def output(self) -> str:
         return f"LOG_FILE {self.baseFilename}"
+
+    def _open(self):
+        return self._remembered(super()._open())
+
+    def _remembered(self, stream):
+        status = os.fstat(stream.fileno())
+        self._written = (status.st_dev, status.st_ino)
+        return stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None and not self._still_at_its_path():
+            stream, self.stream = self.stream, None  # FileHandler.emit opens it again (or counts the line lost)
+            try:
+                stream.close()
+            except OSError:
+                self.handleError(record)
+        super().emit(record)
+
+    def _still_at_its_path(self) -> bool:
+        try:
+            status = os.stat(self.baseFilename)
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) == self._written
 
     def flush(self) -> None:
         """Also where a write fails (the stream buffers): handled here, as in ``close``, so neither can raise."""
@@ -118,7 +146,8 @@ class SizeRotatingFileHandler(CountsLostLines, RotatingFileHandler):
             return
         if self.stream:
             self.stream.close()
-        self.stream = open(self.baseFilename, "w", encoding=self.encoding, errors=self.errors)  # noqa: SIM115
+        self.stream = self._remembered(open(self.baseFilename, "w", encoding=self.encoding,  # noqa: SIM115
+                                            errors=self.errors))
 
 
 def file_handler(path: Path, max_bytes: int, backups: int) -> logging.Handler:

@@ -98,3 +98,23 @@ def test_a_log_file_that_cannot_be_written_costs_one_stderr_line_a_minute_not_a_
     assert "line 00199" in captured.out  # standard output still has every line
     (handler,) = [h for h in logging.getLogger().handlers[0].writer.targets if isinstance(h, SizeRotatingFileHandler)]
     assert handler.lost >= 150  # the file's buffer took a few
+
+
+@pytest.mark.parametrize("how", ["removed", "renamed"])
+def test_a_log_file_removed_or_renamed_while_the_server_runs_is_written_again_at_its_path(tmp_path, restore_logging,
+                                                                                          how) -> None:
+    """Lines went on into the removed file (open, unlinked: unreadable, its space never freed), and a logrotate
+    that renames the file left the new one empty (red team helper-74)."""
+    log = tmp_path / "server.log"
+    log_lines(log, 3, log_max_bytes=0)
+    if how == "removed":
+        log.unlink()
+    else:
+        log.rename(tmp_path / "server.log.old")
+    logger = logging.getLogger("test.rotation")
+    for n in range(3, 6):
+        logger.warning("line %05d %s", n, LINE)
+    flush_logging()
+    assert numbers(log) == [3, 4, 5]
+    if how == "renamed":
+        assert numbers(tmp_path / "server.log.old") == [0, 1, 2]
