@@ -51,6 +51,7 @@ from server.store.spooldir import (
     database_identity,
     describe_identity,
 )
+from server.store.state import replay_command
 from server.store.wal import GAP_ADVICE, SpoolContents, SpoolGap, read_spool
 
 DEFAULT_DATABASE_URL = Settings.model_fields["database_url"].default
@@ -311,8 +312,8 @@ def spool_status(args: argparse.Namespace) -> int:
         for foreign in spool.foreign_spools():
             contents = read_spool(foreign.path)
             lines.append(f"  set aside: {foreign.path}: {holds(contents)} for "
-                         f"{describe_identity(foreign.identity)}; replay with `sentiment-analyzer spool replay "
-                         f"--spool-dir {foreign.path} --into URL`")
+                         f"{describe_identity(foreign.identity)}; replay it there with `{replay_command(foreign.path)}`"
+                         ", with that database's URL")
             lines += missing(contents.gaps)
     except OSError as error:  # unreadable (permissions): a segment that vanished meanwhile is counted as empty
         return _unreadable_spool(directory, error)

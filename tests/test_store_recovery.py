@@ -22,7 +22,7 @@ from server.store.rejected import FILENAME as REJECTED
 from server.store.rejected import RejectedFile, read_entries
 from server.store.rows import encode_lines, record_row
 from server.store.sink import DatabaseSink
-from server.store.spooldir import database_identity
+from server.store.spooldir import database_identity, describe_identity
 from server.store.tables import PREDICTIONS
 from server.store.wal import WriteAheadLog
 from tests.store_fixtures import make_record, stored_ids, wait_until
@@ -250,6 +250,9 @@ async def test_a_spool_for_another_database_is_kept_apart_until_replayed_on_purp
     assert metrics.store_foreign_spool_rows._value.get() == 20
     foreign = health["foreign_spools"][0]
     assert foreign["rows"] == 20 and foreign["command"].startswith("sentiment-analyzer spool replay --spool-dir")
+    # the database to replay it into is named, never as this server's DATABASE_URL (which is the wrong one)
+    assert foreign["command"].endswith("--into URL") and "DATABASE_URL" not in foreign["command"]
+    assert foreign["database"] == describe_identity(database_identity(store_db.url)), foreign
     assert foreign["path"] in health["reason"]
     assert any(r.levelname == "ERROR" and "not for this DATABASE_URL" in r.getMessage() for r in caplog.records)
     await store.record([make_record("for the other one")])  # keeps serving, into its own database

@@ -219,8 +219,8 @@ class PredictionStore:
     def _report_set_aside(self, foreign: ForeignSpool, recorded: dict | None, identity: dict) -> None:
         log.error("store: SPOOL_DIR holds predictions for %s, not for this DATABASE_URL (%s); they are kept, "
                   "untouched, in %s and will not be replayed here. To replay them into the database they belong "
-                  "to: %s", describe_identity(recorded), describe_identity(identity), foreign.path,
-                  replay_command(foreign.path).replace("DATABASE_URL", "<its URL>"))
+                  "to, with its URL: %s", describe_identity(recorded), describe_identity(identity), foreign.path,
+                  replay_command(foreign.path))
 
     def _foreign_reports(self) -> list[ForeignReport]:
         """Set-aside spools that still hold records (or rejected rows) bound for another database.
@@ -234,7 +234,8 @@ class PredictionStore:
             known = self._foreign_counted.get(foreign.path)
             if known is None or known[0] != signature:
                 rows, size = count_spool(foreign.path)
-                known = (signature, ForeignReport(foreign.path, rows, size, RejectedFile(foreign.path).count()))
+                known = (signature, ForeignReport(foreign.path, rows, size, RejectedFile(foreign.path).count(),
+                                                  describe_identity(foreign.identity)))
                 self._foreign_counted[foreign.path] = known
             if known[1].rows or known[1].rejected_rows:
                 reports.append(known[1])

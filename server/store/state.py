@@ -41,6 +41,7 @@ class ForeignReport:
     rows: int  # records in its write-ahead log
     bytes: int
     rejected_rows: int  # rows its database had refused
+    database: str  # the database it was written for, as ``describe_identity`` names it (no password)
 
 
 class StoreState:
@@ -126,8 +127,8 @@ class StoreState:
             reasons.append(f"acknowledged predictions were missing from the spool at start, {self.lost_bytes} bytes "
                            f"({damage(self.gaps)}): lost to damage on disk, not replayed. {GAP_ADVICE}")
         for foreign in self.foreign:
-            reasons.append(f"a spool of {foreign.rows} predictions for another database was set aside in "
-                           f"{foreign.path}: {replay_command(foreign.path)}")
+            reasons.append(f"a spool of {foreign.rows} predictions for another database ({foreign.database}) was set "
+                           f"aside in {foreign.path}: replay it there with `{replay_command(foreign.path)}`")
         return {
             "status": "degraded" if reasons else "ok",
             "state": state,
@@ -146,7 +147,7 @@ class StoreState:
             "spool_damage": [{"path": str(gap.path), "lost_bytes": gap.lost_bytes,
                               "estimated_rows": gap.estimated_rows} for gap in self.gaps],
             "foreign_spools": [{"path": str(f.path), "rows": f.rows, "bytes": f.bytes, "rejected_rows": f.rejected_rows,
-                                "command": replay_command(f.path)} for f in self.foreign],
+                                "database": f.database, "command": replay_command(f.path)} for f in self.foreign],
         }
 
 
@@ -157,7 +158,9 @@ def damage(gaps: list[SpoolGap]) -> str:
 
 
 def replay_command(path: Path) -> str:
-    return f"sentiment-analyzer spool replay --spool-dir {path} --into DATABASE_URL"
+    """Said the same in /health, the log and `spool status`, each beside the database the spool was written for,
+    whose URL is the one to give: it said DATABASE_URL in /health, which names this server's, the wrong one."""
+    return f"sentiment-analyzer spool replay --spool-dir {path} --into URL"
 
 
 def public_reason(error: BaseException) -> str:
