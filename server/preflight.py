@@ -405,10 +405,13 @@ def room_for_a_new_spool(directory: Path) -> None:
                            ExitCode.FILESYSTEM) from None
 
 
+SPOOL_REFUSAL = '503 "store_unavailable" (counted as sentiment_rejected_requests_total{reason="spool_full"})'
+
+
 def spool_space_shortfall(settings: Settings) -> str | None:
     """What to change when SPOOL_DIR's volume is (nearly) full, or cannot hold SPOOL_MAX_BYTES of spool (the free
     space plus what the spool holds already); None when neither. A warning, not a refusal: the disk's free space
-    changes, a full disk refuses records with 503 ``no_space`` and loses none, as a full spool does, and a server
+    changes, a full disk refuses records (``SPOOL_REFUSAL``) and loses none, as a full spool does, and a server
     must start on a full spool volume to replay its spool and so free it. The operator learns at start-up that
     requests are refused now, and that the cap in force is the disk's, not the setting's.
 
@@ -424,10 +427,11 @@ def spool_space_shortfall(settings: Settings) -> str | None:
             pass
     free = shutil.disk_usage(nearest_existing(directory)).free
     problems = []
+    refused = (f"predictions whose records do not fit are refused with {SPOOL_REFUSAL}"
+               if settings.store_durability == "ack" else
+               "records that do not fit wait in memory and past its bound are lost")
     if free < 2 * settings.max_request_bytes:
-        what = "predictions whose records do not fit are refused with 503 no_space" \
-            if settings.store_durability == "ack" else \
-            "while the database is down, records that do not fit wait in memory and past its bound are lost"
+        what = refused if settings.store_durability == "ack" else f"while the database is down, {refused}"
         problems.append(f"SPOOL_DIR {directory}'s volume is full or nearly ({free} bytes free, less than one "
                         f"request's records may take: 2 x MAX_REQUEST_BYTES): {what} until space is freed there; free "
                         "space on that volume or give SPOOL_DIR a larger one")
@@ -435,8 +439,8 @@ def spool_space_shortfall(settings: Settings) -> str | None:
     if room < max_bytes:
         problems.append(f"SPOOL_MAX_BYTES={max_bytes} is more than SPOOL_DIR {directory}'s volume can hold ({room} "
                         f"bytes: free space plus the spool's {held}); while the database is down the disk fills "
-                        "first, and records are then refused with 503 no_space; free space on that volume, give "
-                        "SPOOL_DIR a larger one, or lower SPOOL_MAX_BYTES")
+                        f"first, and then {refused}; free space on that volume, give SPOOL_DIR a larger one, or "
+                        "lower SPOOL_MAX_BYTES")
     return "; ".join(problems) or None
 
 

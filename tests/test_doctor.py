@@ -185,7 +185,8 @@ def test_a_full_spool_volume_is_named_as_refusing_every_prediction_now(monkeypat
     assert code == 0, lines
     disk = next(line for line in lines if line.startswith("[ok  ] disk"))
     assert "volume is full or nearly (0 bytes free, less than one request's records may take: 2 x " \
-        "MAX_REQUEST_BYTES): predictions whose records do not fit are refused with 503 no_space" in disk, disk
+        "MAX_REQUEST_BYTES): predictions whose records do not fit are refused with 503 \"store_unavailable\"" \
+        in disk, disk
     code, lines = doctor(monkeypatch, {**env, "STORE_DURABILITY": "async"})
     disk = next(line for line in lines if line.startswith("[ok  ] disk"))
     assert "records that do not fit wait in memory and past its bound are lost" in disk, disk
@@ -193,7 +194,7 @@ def test_a_full_spool_volume_is_named_as_refusing_every_prediction_now(monkeypat
 
 def test_a_spool_cap_larger_than_its_volume_is_named_with_what_to_change(monkeypatch, tiny_artifact, tmp_path,
                                                                          small_tmpfs, caplog):
-    """A warning, not a failure: records are still refused (503 no_space) rather than lost when that disk fills."""
+    """A warning, not a failure: records are still refused (503) rather than lost when that disk fills."""
     env = {**good_env(tiny_artifact, tmp_path), "SPOOL_DIR": str(small_tmpfs / "spool"),
            "SPOOL_MAX_BYTES": str(1 << 20), "MAX_REQUEST_BYTES": "16384"}  # the 64 KiB volume holds its records
     code, lines = doctor(monkeypatch, env)
