@@ -404,6 +404,9 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
     The directory is resolved once: every file is read from the same one, even while a symlink to it is swapped
     (the runbook's ``mv -T``), which made a reload read half its files from each artifact."""
     directory = Path(directory).resolve()
+    if directory.exists() and not directory.is_dir():  # "not found" sent the operator looking for a missing path
+        raise ArtifactError(f"{directory} is a file, not a model directory: set MODEL_PATH to the artifact directory "
+                            f"that holds {MANIFEST}" + (f" ({directory.parent})" if directory.name == MANIFEST else ""))
     if not directory.is_dir():
         raise ArtifactError(f"model directory not found: {directory} (set MODEL_PATH to an artifact directory)")
     manifest = read_manifest(directory)

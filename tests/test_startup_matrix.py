@@ -70,6 +70,9 @@ CASES = {
     "empty host": Case({"HOST": ""}, ExitCode.CONFIG, ("HOST",)),
     "in-memory sqlite": Case({"DATABASE_URL": "sqlite://"}, ExitCode.DATABASE, ("DATABASE_URL", "in-memory")),
     "in-memory sqlite, named": Case({"DATABASE_URL": "sqlite:///:memory:"}, ExitCode.DATABASE, ("in-memory",)),
+    "empty database url": Case({"DATABASE_URL": ""}, ExitCode.DATABASE, ("DATABASE_URL is empty",)),
+    "model path a manifest file": Case({"MODEL_PATH": "{tiny}/manifest.json"}, ExitCode.MODEL,
+                                       ("manifest.json is a file, not a model directory", "MODEL_PATH")),
     # every connection failed on it before the network: the server started and reported the database down for ever
     "postgresql url with an unknown option": Case({"DATABASE_URL": "postgresql://app:s3cret@127.0.0.1:1/db?sslmod=require"},
                                                   ExitCode.DATABASE, ('invalid connection option "sslmod"',

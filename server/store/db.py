@@ -44,6 +44,10 @@ class StoreUnavailable(ServerError):
 
 def database_url(raw: str) -> URL:
     """Parse DATABASE_URL; bare ``postgresql://`` / ``postgres://`` mean the psycopg 3 driver."""
+    if not raw.strip():  # said as '<unparseable>' by ``redact``
+        raise ConfigError("invalid configuration: DATABASE_URL is empty: unset it for the default "
+                          f"({Settings.model_fields['database_url'].default}), or use sqlite:///path/to/file.db or "
+                          "postgresql://user:password@host:5432/dbname")
     try:
         url = make_url(raw.replace("postgres://", "postgresql://", 1) if raw.startswith("postgres://") else raw)
     except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
