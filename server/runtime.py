@@ -230,6 +230,12 @@ def fit_memory(engine: Engine, encoder: TextEncoder, artifact: Artifact, setting
     plan = plan_memory(settings, Area("the memory limit", host_limit, host_base, high), model, max_length, auto,
                        device_area)
     log.info("memory plan: %s", summary(plan))
+    if "max_batch_tokens" in settings.model_fields_set and settings.max_batch_tokens < max_length:
+        # a batch always holds one text: below the max length the cap is not flat (red team helper-74)
+        log.warning("MAX_BATCH_TOKENS=%d is below the model's max length (%d tokens): a batch always holds at least "
+                    "one text, so a text of more than %d tokens runs alone, past it; set %d or more for a cap that "
+                    "holds at every length", settings.max_batch_tokens, max_length, settings.max_batch_tokens,
+                    max_length)
     return plan
 
 

@@ -221,6 +221,25 @@ def test_on_cuda_without_nvml_the_batch_budget_is_not_derived_nor_the_peak_exact
     assert "peak_exact false" in warnings[0]
 
 
+@pytest.mark.parametrize(("set_tokens", "warned"), [(None, False), (1, True), (4096, False)])
+def test_a_max_batch_tokens_below_the_max_length_is_said_not_to_hold_for_long_texts(tiny_artifact, make_settings,
+                                                                                      caplog, set_tokens, warned):
+    """A batch always holds one text: MAX_BATCH_TOKENS=1 started silently, and a text of the max length ran past it
+    while /info and the README said it was a flat cap (red team helper-74)."""
+    from server.artifact import load_artifact
+    from server.runtime import load_encoder
+
+    artifact = load_artifact(tiny_artifact)
+    engine = FakeCudaEngine(FakeNvml(0, 0), CostModel(40_000, 300))
+    settings = make_settings(**({} if set_tokens is None else {"max_batch_tokens": set_tokens}))
+    with caplog.at_level(logging.INFO, logger="server.runtime"):
+        fit_memory(engine, load_encoder(artifact, False), artifact, settings, None, 0, 0)
+    said = [r.getMessage() for r in caplog.records if "is below the model's max length" in r.getMessage()]
+    assert len(said) == warned, said
+    if warned:
+        assert said[0].startswith(f"MAX_BATCH_TOKENS=1 is below the model's max length ({artifact.max_length} tokens)")
+
+
 class ConstantMeter:
     """A host meter that reads ``rise`` bytes above ``base`` at every probe's peak; ``exact``: as a meter says."""
 
