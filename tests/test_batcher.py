@@ -621,6 +621,25 @@ async def test_drain_answers_everything_accepted_then_refuses_new_work():
         await batcher.submit([np.array([1])])
 
 
+async def test_a_drain_cut_short_by_an_engine_call_nobody_waits_for_says_so(caplog):
+    """It logged "0 requests not answered by the drain's end" beside the shutdown's "abandoned 1" (red team
+    helper-74): the request had gone, its engine call had not."""
+    engine = RecordingEngine()
+    engine.gate.clear()  # the call hangs (up to 10 s)
+    batcher = Batcher(engine, settings(), Metrics())
+    batcher.start()
+    caller = asyncio.ensure_future(batcher.submit([np.array([1])]))
+    while not engine.running:
+        await asyncio.sleep(0.01)
+    caller.cancel()  # its client left; the engine call runs on
+    with caplog.at_level(logging.WARNING, logger="server.batcher"):
+        await batcher.drain(timeout=0.2)
+    engine.gate.set()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain:")]
+    assert said == ["drain: the engine was still busy at the drain's end with work no request waits for (requests "
+                    "already answered or failed); its workers are not waited for"], said
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_engine_workers_bound_the_batches_running_at_once(workers):
     engine = RecordingEngine(delay=0.05)
