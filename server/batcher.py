@@ -16,14 +16,34 @@ Policy:
   ``MAX_WAIT_MS`` at the request deadline every later request timed out).
 * A batch holds at most ``MAX_BATCH_SIZE`` texts and ``MAX_BATCH_TOKENS``
   padded tokens (the budget may be lowered by OOM or memory pressure).
-* Length grouping: the batch is the oldest waiting text plus its nearest
+* Serving order: fair between requests, by tokens (self-clocked fair queuing,
+  each request a flow). A request's first text takes the turn the queue has
+  reached (``_virtual``: how far the texts served so far go, in tokens), each
+  next text of it one turn later by the length of the text before it; texts
+  are served in turn order, arrival order between equal turns. A stream of
+  lone texts is served in arrival order, as before; but a request of many
+  long texts no longer holds a short request that arrives after it behind all
+  of them: they share the engine, token for token (two clients of 52 texts of
+  512 tokens each held a one-word request 4-16 s, red team helper-73). The
+  turn reached grows with every batch, so every text is served in the end.
+* Length grouping: the batch is the next text in turn plus its nearest
   neighbours by token length, grown greedily to whichever side adds the least
-  padding. The oldest text is always served next, so nothing starves.
+  padding.
 * On the CPU a batch also stops growing when the next text would raise the
   engine time per real token: a call costs about ``CPU_CALL_COST_TOKENS``
   tokens' worth of fixed work (ONNX Runtime's per-run cost, the hand-offs and
   the loop's work per batch) plus one unit per padded token, and on a CPU a
-  padded token costs as much as a real one. Measured with the default int8
+  padded token costs as much as a real one. It also stops at
+  ``CPU_MOST_PADDED_TOKENS`` (2,048) padded tokens, whatever the memory
+  budget allows: past that a call costs no less per token, and it holds its
+  worker for longer (16 texts of 512 tokens took 1.3-2.5 s, and a one-word
+  request waited for such calls, then ran in one: 2.2-3.9 s p50 beside two
+  clients of 52 such texts, 0.57 s with the bound). And its width (the
+  longest text, to which the others are padded) is at most 4 times its
+  first text's length, or 64 tokens: a short text is not padded to the
+  length of long ones it happens to wait beside (the one-word request above
+  then ran in a batch of three 512-token texts, 0.46 s), while batches of
+  sentences (SST-2: 4 to 66 tokens) group as before. Measured with the default int8
   model on one thread of this 2-core VM: 0.06 ms per token; 1 x 8 tokens 1.2 ms
   against 0.51 ms per text in 32 x 8 (~0.7 ms, ~11 tokens, fixed per call);
   batches of SST-2 sentences in arrival order cost 2.8 (4 texts, 42% padding)
@@ -69,7 +89,9 @@ batch's own hand-off.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +121,8 @@ OnWorker = Callable[[list[np.ndarray]], Callable[[], None] | None]
 GROUPING_WINDOW = 16  # batches' worth of waiting texts considered when grouping by length
 RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are all running still waits
 CPU_CALL_COST_TOKENS = 48  # an engine call's fixed cost on the CPU, in padded tokens' worth (module docstring)
+CPU_MOST_PADDED_TOKENS = 2048  # a CPU batch's padded tokens at most: its engine call's time is bounded (docstring)
+CPU_WIDTH_GROWTH, CPU_WIDTH_ANY_TEXT_MAY_JOIN = 4, 64  # a CPU batch's width: at most 4x its first text's, or 64
 
 
 class PendingRequest:
@@ -155,6 +179,7 @@ class WorkItem:
     index: int = 0  # position in its request
     enqueued: float = field(default_factory=time.perf_counter)
     dispatched: bool = False
+    turn: int = 0  # its place in the serving order (module docstring: fair between requests, in tokens)
 
     @property
     def length(self) -> int:
@@ -178,20 +203,22 @@ Part = tuple[list[WorkItem], np.ndarray | BaseException, np.ndarray | None]  # t
 
 def select_batch(waiting: list[WorkItem], max_size: int, max_tokens: int | Callable[[int], int],
                  call_cost_tokens: float | None = None) -> list[WorkItem]:
-    """The next batch: the oldest item and its length neighbours within size and padded-token bounds.
+    """The next batch: the first item and its length neighbours within size and padded-token bounds.
 
     ``max_tokens``: the padded tokens a batch may hold, or a function of the batch's padded width that says so
     (``server.budget.TokenBudget.at``: a batch of short texts may hold more tokens than one of long texts).
 
-    ``waiting`` is in arrival order. At least one item is always returned (a text longer than the budget runs
-    alone). With ``call_cost_tokens`` (an engine call's fixed cost in padded tokens' worth) the batch grows only
-    while each text added lowers the cost per real token, ``(call_cost_tokens + padded) / real``.
+    ``waiting`` is in serving order (``Batcher``: turn, then arrival). At least one item is always returned (a
+    text longer than the budget runs alone). With ``call_cost_tokens`` (an engine call's fixed cost in padded
+    tokens' worth) the batch grows only while each text added lowers the cost per real token,
+    ``(call_cost_tokens + padded) / real``.
     """
     window = waiting[: max_size * GROUPING_WINDOW]
     ordered = sorted(window, key=lambda item: item.length)
     pos = ordered.index(window[0])
     left = right = pos
     width = real = ordered[pos].length
+    widest = math.inf if call_cost_tokens is None else max(CPU_WIDTH_ANY_TEXT_MAY_JOIN, CPU_WIDTH_GROWTH * width)
     while right - left + 1 < max_size:
         count = right - left + 1
         options = []
@@ -200,8 +227,8 @@ def select_batch(waiting: list[WorkItem], max_size: int, max_tokens: int | Calla
         if right + 1 < len(ordered):
             new_width = ordered[right + 1].length
             options.append(((new_width - width) * count, "right", new_width))
-        options = [o for o in sorted(options)
-                   if (count + 1) * o[2] <= (max_tokens(o[2]) if callable(max_tokens) else max_tokens)]
+        options = [o for o in sorted(options) if o[2] <= widest
+                   and (count + 1) * o[2] <= (max_tokens(o[2]) if callable(max_tokens) else max_tokens)]
         if not options:
             break
         _, side, new_width = options[0]
@@ -229,11 +256,14 @@ class Batcher:
         self.engine = engine
         self._settings = settings
         self._metrics = metrics
-        self._token_budget = token_budget or (lambda width: settings.max_batch_tokens)
-        self._call_cost_tokens = CPU_CALL_COST_TOKENS if engine.device == "cpu" else None
+        budget = token_budget or (lambda width: settings.max_batch_tokens)
+        on_cpu = engine.device == "cpu"
+        self._token_budget = (lambda width: min(budget(width), CPU_MOST_PADDED_TOKENS)) if on_cpu else budget
+        self._call_cost_tokens = CPU_CALL_COST_TOKENS if on_cpu else None
         self._engine_time = metrics.inference_latency.labels(engine.device)
         self._to_worker, self._to_loop = (metrics.engine_handoff.labels(way) for way in ("to_worker", "to_loop"))
-        self._waiting: list[WorkItem] = []
+        self._waiting: list[WorkItem] = []  # in serving order: by turn, arrival order between equal turns
+        self._virtual = 0  # the turn the queue has reached: a new request's first text takes it
         self._pending: set[PendingRequest] = set()  # submitted and not yet answered (a drain's time limit fails them)
         self._workers = engine_workers(settings, engine.device)
         self._idle = list(reversed(range(self._workers)))  # engine threads free, the most recently freed last
@@ -285,8 +315,7 @@ class Batcher:
         timeout = self._settings.request_timeout_s if timeout is None else timeout
         now = time.perf_counter()
         request = PendingRequest(loop.create_future(), len(encodings), timeout, now, on_worker)
-        request.items = [WorkItem(ids, request, index, now) for index, ids in enumerate(encodings)]
-        self._waiting.extend(request.items)
+        request.items = self._queue(request, encodings, now)
         self._pending.add(request)
         request.timer = loop.call_later(timeout, self._deadline_passed, request, True)
         try:
@@ -337,6 +366,19 @@ class Batcher:
         self._threads.shutdown(wait=True)
         return 0
 
+    def _queue(self, request: PendingRequest, encodings: list[np.ndarray], now: float) -> list[WorkItem]:
+        """Its texts' work items, each put in the waiting list at its turn (the module docstring's fair order)."""
+        items, turn = [], self._virtual
+        for index, ids in enumerate(encodings):
+            items.append(WorkItem(ids, request, index, now, turn=turn))
+            turn += len(ids)
+        if not self._waiting or self._waiting[-1].turn <= self._virtual:  # the usual case: nothing waits beyond
+            self._waiting.extend(items)
+        else:
+            for item in items:
+                bisect.insort_right(self._waiting, item, key=_turn)
+        return items
+
     def _forget(self, items: list[WorkItem]) -> None:
         gone = set(map(id, items))
         self._waiting = [i for i in self._waiting if id(i) not in gone]
@@ -370,6 +412,8 @@ class Batcher:
     def _dispatch(self) -> None:
         """Start batches while an engine worker is free and texts wait."""
         while self._idle and self._waiting and not self._wait_to_fill():
+            first = self._waiting[0]
+            self._virtual = max(self._virtual, first.turn + first.length)  # grows with each batch: none starves
             batch = select_batch(self._waiting, self._settings.max_batch_size, self._token_budget,
                                  self._call_cost_tokens)
             self._forget(batch)
@@ -377,7 +421,8 @@ class Batcher:
         self._settle()
 
     def _wait_to_fill(self) -> bool:
-        """Under load, hold a part-full batch until ``MAX_WAIT_MS`` after its oldest text arrived."""
+        """Under load, hold a part-full batch until ``MAX_WAIT_MS`` after its first text (the next in turn)
+        arrived."""
         if not self._under_load or len(self._waiting) >= self._settings.max_batch_size:
             return False
         remaining = self._waiting[0].enqueued + self._settings.max_wait_ms / 1000 - time.perf_counter()
@@ -541,6 +586,10 @@ class Batcher:
         for request in requests:
             request.fail(error)
         self._forget([item for request in requests for item in request.items])
+
+
+def _turn(item: WorkItem) -> int:
+    return item.turn
 
 
 def unusable_rows(probabilities: np.ndarray) -> np.ndarray | None:

@@ -135,6 +135,33 @@ def test_on_the_cpu_a_batch_stops_growing_where_padding_would_cost_more_than_ano
     assert len(select_batch(same, max_size=8, max_tokens=10_000, call_cost_tokens=16)) == 6  # no padding: all
 
 
+def test_on_the_cpu_a_short_text_is_not_padded_to_long_ones_it_waits_beside():
+    """A one-word text ran padded to 512 tokens with three 512-token texts (0.46 s, where alone it took ~2 ms): on
+    the CPU a batch is at most 4 times as wide as its first text, or 64 tokens."""
+    waiting = [item(6)] + [item(512) for _ in range(8)]
+    assert [w.length for w in select_batch(waiting, max_size=32, max_tokens=10_000, call_cost_tokens=48)] == [6]
+    sentences = [item(n) for n in (9, 30, 52, 14, 60)]  # SST-2's lengths group as before
+    assert len(select_batch(sentences, max_size=32, max_tokens=10_000, call_cost_tokens=48)) == 5
+    assert len(select_batch(waiting, max_size=32, max_tokens=10_000)) == 9  # a GPU pads in parallel: fill
+
+
+async def test_on_the_cpu_a_batch_holds_at_most_2048_padded_tokens_whatever_the_budget():
+    """16 texts of 512 tokens took 1.3-2.5 s in one call, and every text arriving meanwhile waited for it."""
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, settings(max_batch_size=32, max_batch_tokens=16_384), Metrics())
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit([np.full(512, 7)]))  # takes the idle worker
+    while not engine.running:
+        await asyncio.sleep(0.01)
+    rest = asyncio.ensure_future(batcher.submit([np.full(512, 7) for _ in range(16)]))
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(first, rest)
+    assert [shape for shape in engine.shapes] == [(1, 512)] + [(4, 512)] * 4
+    await batcher.drain()
+
+
 async def test_a_request_at_an_idle_engine_is_dispatched_within_submit():
     engine = RecordingEngine()
     engine.gate.clear()
@@ -606,6 +633,48 @@ async def test_a_failed_request_s_other_texts_never_reach_the_engine():
         await batcher.submit([np.array([1]), np.array([2]), np.array([3])])
     await batcher.drain()
     assert engine.inputs == [[[1]], [[0]]] and batcher.depth == 0  # the failed text, then the canary alone
+
+
+async def test_a_short_request_is_not_held_behind_every_text_of_a_long_one_queued_before_it():
+    """Texts were served in arrival order: two clients of 52 long texts each held a one-word request 4-16 s (red team
+    helper-73). Requests now share the engine token for token: the short one runs in the next batch."""
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, settings(max_batch_size=4), Metrics())
+    batcher.start()
+    long_request = asyncio.ensure_future(batcher.submit([np.full(50, 7) for _ in range(20)]))
+    while not engine.running:  # its first batch is on the engine
+        await asyncio.sleep(0.01)
+    short_request = asyncio.ensure_future(batcher.submit([np.array([3, 4, 5])]))
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(long_request, short_request)
+    calls = [[row[:3] for row in call] for call in engine.inputs]
+    assert len(calls) == 6 and any(row == [3, 4, 5] for row in calls[1]), calls  # the second of six batches
+    await batcher.drain()
+
+
+async def test_a_long_request_among_a_stream_of_short_ones_is_served_in_the_end():
+    """Its later texts take later turns; the turn the queue has reached grows with every batch, so a stream of new
+    requests cannot keep them waiting for good."""
+    engine = RecordingEngine(delay=0.005)
+    batcher = Batcher(engine, settings(max_batch_size=4), Metrics())
+    batcher.start()
+    long_request = asyncio.ensure_future(batcher.submit([np.full(10, 7) for _ in range(12)]))
+    stop = asyncio.Event()
+
+    async def stream() -> int:
+        sent = 0
+        while not stop.is_set():
+            await asyncio.gather(*(batcher.submit([np.full(10, 1)]) for _ in range(8)))
+            sent += 8
+        return sent
+
+    streaming = asyncio.ensure_future(stream())
+    await asyncio.wait_for(long_request, 10)
+    stop.set()
+    assert await streaming > 0
+    await batcher.drain()
 
 
 async def test_drain_answers_everything_accepted_then_refuses_new_work():
