@@ -33,17 +33,7 @@ Policy:
   engine time per real token: a call costs about ``CPU_CALL_COST_TOKENS``
   tokens' worth of fixed work (ONNX Runtime's per-run cost, the hand-offs and
   the loop's work per batch) plus one unit per padded token, and on a CPU a
-  padded token costs as much as a real one. It also stops at
-  ``CPU_MOST_PADDED_TOKENS`` (2,048) padded tokens, whatever the memory
-  budget allows: past that a call costs no less per token, and it holds its
-  worker for longer (16 texts of 512 tokens took 1.3-2.5 s, and a one-word
-  request waited for such calls, then ran in one: 2.2-3.9 s p50 beside two
-  clients of 52 such texts, 0.57 s with the bound). And its width (the
-  longest text, to which the others are padded) is at most 4 times its
-  first text's length, or 64 tokens: a short text is not padded to the
-  length of long ones it happens to wait beside (the one-word request above
-  then ran in a batch of three 512-token texts, 0.46 s), while batches of
-  sentences (SST-2: 4 to 66 tokens) group as before. Measured with the default int8
+  padded token costs as much as a real one. Measured with the default int8
   model on one thread of this 2-core VM: 0.06 ms per token; 1 x 8 tokens 1.2 ms
   against 0.51 ms per text in 32 x 8 (~0.7 ms, ~11 tokens, fixed per call);
   batches of SST-2 sentences in arrival order cost 2.8 (4 texts, 42% padding)
@@ -53,6 +43,16 @@ Policy:
   other (padding 2-15%), 200 cost ~10% more engine time (27% padding); 48 also
   forms fewer, fuller batches than 16 (less loop work per text). A GPU computes
   padding in parallel, so there batches fill to the bounds.
+* On the CPU a batch also stops at ``CPU_MOST_PADDED_TOKENS`` (2,048) padded
+  tokens, whatever the memory budget allows: past that a call costs no less
+  per token, and it holds its worker longer (16 texts of 512 tokens took
+  1.3-2.5 s, and a one-word request waited for such calls, then ran in one:
+  2.2-3.9 s p50 beside two clients of 52 such texts, 0.57 s with the bound).
+  And its width (the longest text, to which the others are padded) is at most
+  4 times its first text's length, or 64 tokens: a short text is not padded
+  to the length of the long ones it waits beside (the one-word request then
+  ran with three 512-token texts, 0.46 s; now 48-50 ms p50), while batches of
+  sentences (SST-2: 4 to 66 tokens) group as before.
 * An engine error on a batch shared by several requests runs each request's
   texts again on their own (``_per_request``), so an input the model fails on
   fails its own request, not its batch-mates' (a WARNING names the first

@@ -178,16 +178,17 @@ def _named(settings: Settings) -> str:
 
 def db_current(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
     current, head = migrate.current_revision(engine), migrate.head_revision()
+    newer = current != head and migrate.is_newer(engine, current)  # or raises ForeignSchema: another app's database
     if current == head:
         state = "up to date"
-    elif migrate.is_newer(engine, current):  # or raises ForeignSchema: another application's database
+    elif newer:
         state = ("newer than this release (written by a newer server): this release reads and writes it as it is; "
                  "upgrade this installation rather than the database")
     else:
         state = "not this release's: run `sentiment-analyzer db upgrade`"
     print(f"{redact(settings.database_url)}: schema at revision {current or 'none'}, this release needs {head}: "
           f"{state}")
-    return 0 if current == head or state.startswith("newer") else 1
+    return 0 if current == head or newer else 1
 
 
 def keys_create(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:

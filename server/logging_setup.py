@@ -14,8 +14,9 @@ rules.
 oldest is deleted), so the file and its copies never hold more than about
 ``LOG_MAX_BYTES × (LOG_BACKUPS + 1)``. ``LOG_BACKUPS=0`` starts the file
 afresh at the size (no copy kept); ``LOG_MAX_BYTES=0`` never rotates (for an
-external logrotate: a file it moves or removes is written again at its path). One process writes the file: the
-server runs its engine workers as threads, never as processes.
+external logrotate: a file it moves or removes is written again at its path).
+One process writes the file: the server runs its engine workers as threads,
+never as processes.
 """
 
 from __future__ import annotations
