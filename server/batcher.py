@@ -26,6 +26,12 @@ Policy:
   of them: they share the engine, token for token (two clients of 52 texts of
   512 tokens each held a one-word request 4-16 s, red team helper-73). The
   turn reached grows with every batch, so every text is served in the end.
+  Bulk requests (more than ``BULK_TOKENS`` tokens) share the engine with
+  the others, but not among themselves: each starts its turns after the
+  bulk requests waiting before it, so they finish in arrival order. Shared
+  among them, four requests of 256 texts of 500 tokens (9.7 s each alone)
+  all finished at about four times that, past the 30 s deadline, and all
+  failed, where in arrival order two were answered (red team helper-75).
 * Length grouping: the batch is the next text in turn plus its nearest
   neighbours by token length, grown greedily to whichever side adds the least
   padding.
@@ -121,6 +127,7 @@ OnWorker = Callable[[list[np.ndarray]], Callable[[], None] | None]
 GROUPING_WINDOW = 16  # batches' worth of waiting texts considered when grouping by length
 RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are all running still waits
 CPU_CALL_COST_TOKENS = 48  # an engine call's fixed cost on the CPU, in padded tokens' worth (module docstring)
+BULK_TOKENS = 2048  # a request of more tokens is bulk: served after the bulk requests before it (docstring)
 CPU_MOST_PADDED_TOKENS = 2048  # a CPU batch's padded tokens at most: its engine call's time is bounded (docstring)
 CPU_WIDTH_GROWTH, CPU_WIDTH_ANY_TEXT_MAY_JOIN = 4, 64  # a CPU batch's width: at most 4x its first text's, or 64
 
@@ -180,6 +187,7 @@ class WorkItem:
     enqueued: float = field(default_factory=time.perf_counter)
     dispatched: bool = False
     turn: int = 0  # its place in the serving order (module docstring: fair between requests, in tokens)
+    bulk: bool = False  # its request holds more than ``BULK_TOKENS``
 
     @property
     def length(self) -> int:
@@ -368,9 +376,13 @@ class Batcher:
 
     def _queue(self, request: PendingRequest, encodings: list[np.ndarray], now: float) -> list[WorkItem]:
         """Its texts' work items, each put in the waiting list at its turn (the module docstring's fair order)."""
-        items, turn = [], self._virtual
+        bulk = sum(len(ids) for ids in encodings) > BULK_TOKENS
+        turn = self._virtual
+        if bulk:  # after the bulk requests waiting already: among themselves they are served in arrival order
+            turn = max([turn, *(item.turn + item.length for item in self._waiting if item.bulk)])
+        items = []
         for index, ids in enumerate(encodings):
-            items.append(WorkItem(ids, request, index, now, turn=turn))
+            items.append(WorkItem(ids, request, index, now, turn=turn, bulk=bulk))
             turn += len(ids)
         if not self._waiting or self._waiting[-1].turn <= self._virtual:  # the usual case: nothing waits beyond
             self._waiting.extend(items)

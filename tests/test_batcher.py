@@ -654,6 +654,27 @@ async def test_a_short_request_is_not_held_behind_every_text_of_a_long_one_queue
     await batcher.drain()
 
 
+async def test_bulk_requests_are_served_in_arrival_order_and_a_short_one_still_goes_between():
+    """Shared token for token among themselves, four requests of 256 texts of 500 tokens all finished past the
+    deadline and all failed, where in arrival order two were answered (red team helper-75): requests of more than
+    BULK_TOKENS run one after another, and a short request still runs in the next batch."""
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, settings(max_batch_size=4, max_batch_tokens=100_000), Metrics())
+    batcher.start()
+    bulk = [asyncio.ensure_future(batcher.submit([np.full(300, n) for _ in range(8)])) for n in (1, 2, 3)]
+    while not engine.running:
+        await asyncio.sleep(0.01)
+    short = asyncio.ensure_future(batcher.submit([np.array([9, 9])]))
+    await asyncio.sleep(0)
+    engine.gate.set()
+    await asyncio.gather(*bulk, short)
+    served = [row[0] for call in engine.inputs for row in call]
+    assert [n for n in served if n != 9] == [1] * 8 + [2] * 8 + [3] * 8, served  # in arrival order, not shared
+    assert 9 in [row[0] for row in engine.inputs[1]], engine.inputs  # the short one in the second batch
+    await batcher.drain()
+
+
 async def test_a_long_request_among_a_stream_of_short_ones_is_served_in_the_end():
     """Its later texts take later turns; the turn the queue has reached grows with every batch, so a stream of new
     requests cannot keep them waiting for good."""
