@@ -195,20 +195,33 @@ def test_a_schema_newer_than_this_release_is_tolerated_for_rollbacks(engine, sto
     assert "newer than this release" in said and "db upgrade`" not in said, said
 
 
-async def test_an_unknown_revision_without_this_server_s_tables_is_another_application_s_database(
-        store_settings, capsys):
-    """It was taken for a newer release's schema: `db current` said fine (exit 0), `db upgrade` did nothing, and
-    the server started and reported the database down for ever (UndefinedTable) (red team helper-74)."""
+FOREIGN_SCHEMAS = {  # what another application's database holds, and what the refusal says of it
+    "an unknown revision": (["CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)",
+                             "INSERT INTO alembic_version VALUES ('9f1c2d3e4a5b')"], "9f1c2d3e4a5b.*another"),
+    "a predictions table, no revision": (["CREATE TABLE predictions (id INTEGER, note TEXT)"],
+                                         "a predictions table but no schema revision"),
+}
+
+
+@pytest.mark.parametrize("kind", list(FOREIGN_SCHEMAS))
+async def test_another_application_s_database_is_refused_at_start_not_reported_down_for_ever(store_settings, capsys,
+                                                                                           kind):
+    """An unknown revision was taken for a newer release's schema: `db current` said fine (exit 0), `db upgrade`
+    did nothing, and the server started and reported the database down for ever (UndefinedTable) (red team
+    helper-74). A predictions table without a revision failed the upgrade ("already exists") at every retry, the
+    same way (helper-75)."""
+    statements, said = FOREIGN_SCHEMAS[kind]
     settings = store_settings(db_auto_migrate=True)
     engine = make_engine(settings)
     try:
         with engine.begin() as connection:
-            connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
-            connection.execute(text("INSERT INTO alembic_version VALUES ('9f1c2d3e4a5b')"))
+            for statement in statements:
+                connection.execute(text(statement))
+        tables = set(inspect(engine).get_table_names())
         for check in (lambda: migrate.prepare_schema(engine, settings), lambda: migrate.check_schema(engine)):
-            with pytest.raises(migrate.ForeignSchema, match="9f1c2d3e4a5b.*another application's database"):
+            with pytest.raises(migrate.ForeignSchema, match=said):
                 check()
-        assert "predictions" not in inspect(engine).get_table_names()  # nothing created in someone else's database
+        assert set(inspect(engine).get_table_names()) == tables  # nothing created in someone else's database
     finally:
         engine.dispose()
     with pytest.raises(migrate.ForeignSchema) as refused:

@@ -125,8 +125,19 @@ def check_schema(engine: Engine) -> str:
 
 def is_newer(connectable: Engine | Connection, revision: str | None) -> bool:
     """A revision this release does not know, on a database holding this server's tables: written by a newer server
-    (a rollback, or a rollout under way). Raises ``ForeignSchema`` for one without them."""
-    if revision is None or _known(revision):
+    (a rollback, or a rollout under way). Raises ``ForeignSchema`` for one without them, and for no revision on a
+    database that holds a table of this server's name (the upgrade failed on it, "already exists", at every retry,
+    and the server reported the database down for ever: red team helper-75)."""
+    if revision is None:
+        taken = sorted(set(OWN_TABLES) & set(inspect(connectable).get_table_names()))
+        if taken:
+            raise ForeignSchema(
+                f"database has a {', '.join(taken)} table but no schema revision (alembic_version): it is not this "
+                "server's schema, and DATABASE_URL may name another application's database",
+                fix="point DATABASE_URL at this server's database, or at an empty one (the server creates its "
+                    "tables)")
+        return False
+    if _known(revision):
         return False
     missing = sorted(set(OWN_TABLES) - set(inspect(connectable).get_table_names()))
     if missing:
