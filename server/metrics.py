@@ -179,8 +179,8 @@ class Metrics:
         self.store_written = Counter("sentiment_store_written_rows", "Records written to the database", registry=r)
         self.store_write_errors = Counter("sentiment_store_write_errors", "Failed database writes", registry=r)
         self.store_lost = Counter("sentiment_store_lost_records", "Records of answered predictions dropped, in no "
-                                  "database and no spool (the memory queue full while the spool cannot take them, "
-                                  "or a closed store) (/health: lost_rows)", registry=r)
+                                  "database and no spool (the memory queue full while the spool cannot take them) "
+                                  "(/health: lost_rows)", registry=r)
         self.store_replayed = Counter("sentiment_store_replayed_rows", "Spooled records replayed into the database",
                                       registry=r)
         self.store_rejected = Counter("sentiment_store_rejected_rows", "Records the database refused for their "

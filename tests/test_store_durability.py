@@ -528,6 +528,25 @@ async def test_async_close_spools_what_fits_of_a_queue_larger_than_the_spool(sto
     assert store.health()["lost_rows"] == len(records) - len(spooled)
 
 
+async def test_records_not_spooled_within_the_shutdown_deadline_are_counted_lost(store_db, store_settings,
+                                                                                   open_store, monkeypatch):
+    """The shutdown's spooling ran past its deadline (a stalled disk): its records were lost and counted nowhere,
+    one ERROR line without a number (red team helper-75)."""
+    await asyncio.to_thread(store_db.down)
+    metrics = Metrics()
+    settings = store_settings(store_durability="async", db_pool_timeout_s=0.3)
+    store = await open_store(settings, metrics, flush_interval_s=60)  # they stay in memory
+    for i in range(5):
+        store.submit(make_record(f"held {i}", request_id=f"r{i}"))
+
+    async def stalled() -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(store._writer, "_spool_unlogged", stalled)
+    await store.close(timeout_s=1)
+    assert store.health()["lost_rows"] == 5 and metrics.store_lost._value.get() == 5
+
+
 async def test_async_memory_queue_is_bounded_and_what_it_drops_is_counted(store_db, store_settings, open_store):
     """Database down, spool full: records wait in memory up to the byte bound; every one beyond it is counted in
     lost_rows, so stored + lost is exactly what was submitted once the database is back."""

@@ -196,9 +196,13 @@ class Writer:
             self._in_flight = []
         if self._unlogged:
             await self._spool_unlogged()
+        self.drop_unlogged("the spool cannot take them at shutdown")
+
+    def drop_unlogged(self, why: str) -> None:
+        """At shutdown: what memory still holds is lost, counted (``lose``)."""
         left = len(self._unlogged.take_all())
         if left:
-            self.lose(left, "the spool cannot take them at shutdown")
+            self.lose(left, why)
         self.state.unlogged_rows = 0
 
     def forget_tail(self) -> None:
