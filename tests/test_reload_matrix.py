@@ -190,9 +190,11 @@ def test_memory_guard_follow_applies_the_present_pressure_to_the_new_budget(make
 
 def test_reload_of_a_path_that_is_not_a_directory_is_refused(admin_server, tmp_path):
     (tmp_path / "a-file").write_text("x")
-    for path in (tmp_path / "a-file", tmp_path / "nowhere", Path("relative/nowhere")):
+    for path, said in ((tmp_path / "a-file", "a-file is a file, not a model directory"),
+                       (tmp_path / "nowhere", "model directory not found"),
+                       (Path("relative/nowhere"), "model directory not found")):
         response = admin_server.client.post("/admin/reload", json={"model_path": str(path)})
-        assert response.status_code == 409 and "model directory not found" in response.json()["error"], response.text
+        assert response.status_code == 409 and said in response.json()["error"], response.text
 
 
 def test_a_reload_asked_for_during_the_drain_is_refused_503_as_sighup_is_ignored(tiny_artifact, tmp_path):
