@@ -384,7 +384,7 @@ class Batcher:
         for index, ids in enumerate(encodings):
             items.append(WorkItem(ids, request, index, now, turn=turn, bulk=bulk))
             turn += len(ids)
-        if not self._waiting or self._waiting[-1].turn <= self._virtual:  # the usual case: nothing waits beyond
+        if not self._waiting or self._waiting[-1].turn <= items[0].turn:  # the usual case: nothing waits beyond
             self._waiting.extend(items)
         else:
             for item in items:

@@ -91,14 +91,19 @@ def base_url(text: str) -> str:
 
         raise argparse.ArgumentTypeError(f"{redact(text)} holds credentials: give the server's base URL without "
                                          "them (status sends none; /health and /metrics need no key)")
-    try:
-        parts.port  # noqa: B018 (raises for a port that is not a number from 0 to 65535)
-    except ValueError:
-        parts = parts._replace(scheme="")  # refused below: a traceback, or "unreachable: P0", before
-    if parts.scheme not in ("http", "https") or parts.hostname in (None, "", "http", "https"):  # "https//host"
+    if parts.scheme not in ("http", "https") or parts.hostname in (None, "", "http", "https") \
+            or not _usable_port(parts):  # "https//host"; a bad port was a traceback, or "unreachable: P0"
         raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host and a port from "
                                          "1 to 65535; give the server's base URL, e.g. http://127.0.0.1:8000")
     return text
+
+
+def _usable_port(parts) -> bool:
+    """No port (the scheme's), or one from 1 to 65535."""
+    try:
+        return parts.port != 0
+    except ValueError:  # not a number, or past 65535
+        return False
 
 
 def add_status_command(commands: argparse._SubParsersAction) -> None:

@@ -439,7 +439,7 @@ def test_status_takes_an_address_without_a_scheme_as_http(given, taken):
 
 
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:8000", "http://", "file:///tmp/x", "localhost:notaport",
-                                 "http://localhost:99999", "https//localhost:8000"])
+                                 "http://localhost:99999", "https//localhost:8000", "localhost:0"])
 def test_status_refuses_a_url_it_cannot_ask_as_an_argument_error(url):
     result = cli("status", "--url", url, "--timeout", "1")
     assert result.returncode == 2 and "not an http:// or https:// URL" in result.stderr, result.stderr
