@@ -104,6 +104,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server import idle_spin
 from server.config import Settings
 from server.engine import Engine, engine_workers, first_line, softmax
 from server.metrics import Metrics
@@ -459,6 +460,7 @@ class Batcher:
         if followed_up is not None:
             self._following_up = True  # until its batch is handed back (``_finish``)
         self._threads.submit(worker, self._infer, worker, batch, formed, followed_up)
+        idle_spin.touch()
 
     def _request_to_follow_up(self, batch: list[WorkItem]) -> PendingRequest | None:
         """The request whose ``on_worker`` runs after this batch (already counted as running): one whose every text
@@ -536,6 +538,7 @@ class Batcher:
                 after: Callable[[], None] | None) -> None:
         self._to_loop.observe(time.perf_counter() - ran.handed_back)
         self._idle.append(worker)
+        idle_spin.touch()
         if followed_up:
             self._following_up = False
         if after is not None:

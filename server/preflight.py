@@ -37,9 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from server.cgroup import cpu_quota_cores
 from server.config import ConfigError, Settings, check_relationships
 from server.engine import cpu_oversubscription, first_line
 from server.exitcodes import ExitCode, StartupError
+from server.idle_spin import refusal as idle_spin_refusal
 from server.regular_file import NotRegularFile, open_regular
 
 if TYPE_CHECKING:
@@ -63,6 +65,9 @@ def check_configuration(settings: Settings) -> str:
         check_relationships(settings)
     except ConfigError as exc:
         raise StartupError(str(exc), ExitCode.CONFIG) from None
+    spin_refused = idle_spin_refusal(settings.idle_spin_ms, cpu_quota_cores())
+    if spin_refused:
+        raise StartupError(f"invalid configuration: {spin_refused}", ExitCode.CONFIG)
     oversubscribed = cpu_oversubscription(settings)
     if oversubscribed:
         log.warning("%s", oversubscribed)

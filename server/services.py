@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server import idle_spin
 from server.artifact import ArtifactError
 from server.cache import PredictionCache
 from server.config import Settings
-from server.engine import EngineStartError
+from server.engine import EngineStartError, available_cores
 from server.exitcodes import StartupError
 from server.gpu import GpuMonitor
 from server.heap import refreeze
@@ -64,6 +65,7 @@ class Services:
         self._tasks.append(asyncio.get_running_loop().create_task(self.memory_guard.run(5.0), name="memory-guard"))
         self._tasks.append(asyncio.get_running_loop().create_task(self.keys.run(), name="key-cache"))
         self.publish_model_info()
+        idle_spin.start(self.settings.idle_spin_ms, available_cores())
         self.metrics.ready.set(1)
 
     def is_ready(self) -> bool:
@@ -99,6 +101,7 @@ class Services:
         self.predictor.close()
         await self.store.close(max(self._time_left(), STORE_CLOSE_MIN_S))
         self.gpu.close()
+        idle_spin.stop()
 
     def _time_left(self) -> float:
         return max(0.0, self.drain_deadline - time.monotonic())

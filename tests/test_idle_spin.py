@@ -1,0 +1,175 @@
+"""IDLE_SPIN_MS: spinner processes that keep the CPUs awake for a window after each batch, and end with the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from scripts.benchlib.serverproc import start_server, stop_server
+from server import idle_spin
+from server.batcher import Batcher
+from server.engine import available_cores
+from server.exitcodes import ExitCode, StartupError
+from server.idle_spin import IdleSpin, refusal
+from server.metrics import Metrics
+from server.preflight import check_configuration
+from tests.test_batcher import RecordingEngine, settings
+
+
+def spinning(pid: int) -> bool:
+    """Runnable: in its busy loop (whether or not the kernel gives it a CPU now); parked, it sleeps on the pipe."""
+    return psutil.Process(pid).status() == psutil.STATUS_RUNNING
+
+
+def parked(pid: int) -> bool:
+    return psutil.Process(pid).status() == psutil.STATUS_SLEEPING
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture
+def spin():
+    spinning = IdleSpin(window_s=0.3, spinners=2)
+    yield spinning
+    spinning.close()
+
+
+def test_spinners_run_at_idle_priority_spin_for_the_window_after_a_touch_then_park(spin):
+    # never ahead of the server's own threads (each sets it first thing, once its interpreter has started)
+    assert wait_for(lambda: all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in spin.pids))
+    assert wait_for(lambda: all(parked(pid) for pid in spin.pids))  # no touch yet
+    time.sleep(0.1)
+    assert all(parked(pid) for pid in spin.pids)
+    spin.touch()
+    assert wait_for(lambda: all(spinning(pid) for pid in spin.pids), timeout=0.25)
+    assert wait_for(lambda: all(parked(pid) for pid in spin.pids), timeout=2)  # the 0.3 s window is over
+
+
+def test_a_touch_within_the_window_extends_it(spin):
+    assert wait_for(lambda: all(parked(pid) for pid in spin.pids))
+    spin.touch()
+    for _ in range(6):  # 0.6 s of touches every 0.1 s: the 0.3 s window never runs out
+        time.sleep(0.1)
+        assert all(spinning(pid) for pid in spin.pids)
+        spin.touch()
+    assert wait_for(lambda: all(parked(pid) for pid in spin.pids), timeout=2)
+
+
+def test_close_ends_the_spinners_even_mid_window():
+    spinning = IdleSpin(window_s=30, spinners=2)
+    spinning.touch()
+    started = time.monotonic()
+    spinning.close()
+    assert time.monotonic() - started < 2
+    assert all(gone(pid) for pid in spinning.pids)
+
+
+def test_spinners_end_when_the_server_is_killed(tmp_path):
+    """SIGKILL leaves no chance to close them: the pipe's end closing with the process is what stops them."""
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time
+        from server.idle_spin import IdleSpin
+        spin = IdleSpin(window_s=0.5, spinners=2)
+        spin.touch()
+        print(*spin.pids, flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    pids = [int(pid) for pid in owner.stdout.readline().split()]
+    assert len(pids) == 2 and not any(gone(pid) for pid in pids)
+    owner.kill()
+    owner.wait()
+    assert wait_for(lambda: all(gone(pid) for pid in pids), timeout=5), "spinners outlived their server"
+
+
+def test_touch_after_every_spinner_was_killed_only_warns_once(caplog):
+    spinning = IdleSpin(window_s=0.05, spinners=1)
+    try:
+        os.kill(spinning.pids[0], signal.SIGKILL)
+        assert wait_for(lambda: spinning._processes[0].poll() is not None)
+        time.sleep(0.06)  # past the window: the next touch writes to the pipe
+        spinning.touch()
+        time.sleep(0.06)
+        spinning.touch()
+        assert [r.message for r in caplog.records].count(
+            "IDLE_SPIN_MS: the spinner processes are gone; the CPUs idle between requests from now") == 1
+    finally:
+        spinning.close()
+
+
+async def test_the_batcher_touches_at_each_dispatch_and_each_finished_batch(monkeypatch):
+    touches: list[float] = []
+    monkeypatch.setattr(idle_spin, "touch", lambda: touches.append(time.monotonic()))
+    batcher = Batcher(RecordingEngine(), settings(), Metrics())
+    batcher.start()
+    await batcher.submit([np.array([1, 2])])
+    assert len(touches) == 2
+    await asyncio.gather(*(batcher.submit([np.array([1, n])]) for n in range(3)))
+    assert len(touches) >= 4  # at least one more batch, dispatched and finished
+    await batcher.drain()
+
+
+def test_refusal_under_a_cpu_quota_or_off_linux_names_the_setting_and_the_fix(monkeypatch):
+    assert refusal(0, 2) is None
+    assert refusal(5, None) is None
+    under_quota = refusal(5, 2)
+    assert "IDLE_SPIN_MS=5" in under_quota and "set IDLE_SPIN_MS=0" in under_quota and "2 core(s)" in under_quota
+    monkeypatch.delattr(os, "SCHED_IDLE")
+    assert refusal(5, None) == "IDLE_SPIN_MS=5 needs Linux (SCHED_IDLE, memfd); set IDLE_SPIN_MS=0"
+    assert refusal(0, None) is None
+
+
+def test_spinners_that_cannot_start_are_a_warning_and_the_server_goes_on(monkeypatch, caplog):
+    def no_processes(*args, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(idle_spin.subprocess, "Popen", no_processes)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    assert idle_spin.start(20, 2) is None
+    idle_spin.touch()  # nothing to touch: no error
+    assert "cannot start the spinner processes" in caplog.text
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # the pipe and shared memory were closed
+
+
+def test_start_up_refuses_idle_spin_under_a_cpu_quota(make_settings, monkeypatch):
+    monkeypatch.setattr("server.preflight.cpu_quota_cores", lambda: 2)
+    with pytest.raises(StartupError) as refused:
+        check_configuration(make_settings(idle_spin_ms=5))
+    assert refused.value.exit_code == ExitCode.CONFIG and "IDLE_SPIN_MS=5" in str(refused.value)
+    assert check_configuration(make_settings()).startswith("every value is valid")
+
+
+def test_a_server_with_idle_spin_runs_one_spinner_per_core_and_ends_them_at_shutdown(tiny_artifact, tmp_path):
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "IDLE_SPIN_MS": "20"}, tmp_path)
+    try:
+        spinners = [child for child in psutil.Process(server.process.pid).children()
+                    if "sched_setscheduler" in " ".join(child.cmdline())]
+        assert len(spinners) == available_cores()
+        assert httpx.post(server.url + "/predict", json={"text": "fine"}, timeout=10).status_code == 200
+    finally:
+        assert stop_server(server) == 0
+    assert all(gone(child.pid) for child in spinners)
+    assert "spinner process(es) keep the CPUs awake" in server.log()
