@@ -17,6 +17,8 @@ Prints, for the default artifact on this machine's CPU:
       after a lone request's idle gap, tokenization, the spool disk's fdatasync, the engine's CPU per text at the
       server's batches and the generator's; from them the lowest lone overhead and the highest saturation
       fraction this machine allows whatever the server does,
+  (g) with --beside NAME=VALUE: (b) and (c) for a server of the first mode with that setting too, measured in
+      alternation with the others, so a setting's effect is read within one run (the VM's speed moves by the hour),
   and issue 17's targets: lone overhead <= 1.0 ms over one raw engine call (p50), saturation >= 0.80 of the
   length-sorted raw engine. The server runs with its defaults (STORE_DURABILITY=ack) unless --env says otherwise.
 
@@ -413,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--durability", type=names, default=None, metavar="MODES",
                         help="a server per STORE_DURABILITY mode (e.g. ack,async), measured in alternation; reports "
                         "what ack costs against async")
+    parser.add_argument("--beside", action="append", default=[], metavar="NAME=VALUE",
+                        help="also a server of the first durability mode with this setting, measured in alternation "
+                        "with the others (e.g. --beside IDLE_SPIN_MS=20; repeatable): its effect within one run")
     args = parser.parse_args(argv)
     if args.durability and not set(args.durability) <= set(DURABILITY_MODES):
         parser.error(f"--durability {','.join(args.durability)}: choose from {', '.join(DURABILITY_MODES)}")
@@ -423,18 +428,22 @@ def main(argv: list[str] | None = None) -> None:
                        if args.skip_raw else raw_engine(args.artifact, data.texts, args.batch, args.seconds))
     print("raw engine:", json.dumps(raw))
     modes = args.durability or [""]  # "": the server's default, not named
+    beside = {f"{modes[0] or 'default'} {setting}": setting for setting in args.beside}
     artifact = load_artifact(args.artifact)
     encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
     with tempfile.TemporaryDirectory() as tmp, floor.fsync_probe(Path(tmp)) as fsync_beside_spools:
         servers, bare, bare_engine = {}, None, None
         try:
-            for mode in modes:
-                (Path(tmp) / (mode or "default")).mkdir()
-                servers[mode] = start_server({
+            for index, (name, mode, extra) in enumerate([*((mode, mode, []) for mode in modes),
+                                                         *((name, modes[0], [setting]) for name, setting in
+                                                           beside.items())]):
+                (Path(tmp) / str(index)).mkdir()
+                servers[name] = start_server({
                     "MODEL_PATH": str(args.artifact.resolve()), "ENABLE_MODEL_CACHING": "false",
                     "MAX_BATCH_SIZE": str(args.batch), "INTRA_OP_THREADS": "0",
                     **dict(item.split("=", 1) for item in args.env), **({"STORE_DURABILITY": mode} if mode else {}),
-                }, Path(tmp) / (mode or "default"))
+                    **dict(item.split("=", 1) for item in extra),
+                }, Path(tmp) / str(index))
             bare = floor.start_bare_server(Path(tmp))
             concurrency = [int(c) for c in args.concurrency.split(",")]
             engine = None if args.skip_raw else floor.default_cpu_engine(args.artifact)
@@ -467,6 +476,8 @@ def main(argv: list[str] | None = None) -> None:
                                             "met": report["a_server_vs_raw_length_sorted_beside"] >= SATURATION_TARGET},
     }
     report["f_floor"] = found
+    if beside:
+        report["beside"] = {name: {**measured[name], "server_says": said[name]} for name in beside}
     if args.durability:
         report["durability"] = {mode: {**measured[mode], "server_says": said[mode]} for mode in modes}
         if set(modes) == set(DURABILITY_MODES):
@@ -495,6 +506,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"(d) STORE_DURABILITY={mode} (/health says {said[mode]}): lone p50 "
               f"{measured[mode]['lone_request_p50_ms']:.2f} ms, saturation "
               f"{measured[mode]['saturation_texts_per_s']:.1f} texts/s")
+    for name in beside:
+        server = measured[name]
+        fraction = server["by_concurrency"][str(server["saturated_at_concurrency"])].get("vs_raw_length_sorted_beside",
+                                                                                          float("nan"))
+        print(f"(g) {name} (/health says {said[name]}): lone p50 {server['lone_request_p50_ms']:.2f} ms (overhead "
+              f"{server['lone_request_p50_ms'] - server['lone_raw_call_p50_ms']:.2f} ms), saturation "
+              f"{server['saturation_texts_per_s']:.1f} texts/s, {fraction:.2f} of the length-sorted raw engine "
+              "beside it")
     if "ack_cost" in report.get("durability", {}):
         cost = report["durability"]["ack_cost"]
         print(f"(d) ack costs {cost['saturation_cost_pct']:.1f}% of saturation (target <= "

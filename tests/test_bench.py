@@ -172,6 +172,17 @@ def test_bench_server_compares_durability_modes_in_one_run(tiny_artifact, data_f
     assert "(f) the server's own CPU per text beside the engine" in out
 
 
+def test_bench_server_measures_a_setting_beside_the_first_mode_in_the_same_run(tiny_artifact, data_file, tmp_path,
+                                                                                capsys):
+    bench_server.main(["--artifact", str(tiny_artifact), "--data", str(data_file), "--skip-raw", "--seconds", "0.5",
+                       "--concurrency", "2", "--durability", "async", "--beside", "STORE_DURABILITY=ack",
+                       "--out", str(tmp_path)])
+    beside = json.loads((tmp_path / "bench_server.json").read_text())["beside"]
+    assert list(beside) == ["async STORE_DURABILITY=ack"]
+    assert beside["async STORE_DURABILITY=ack"]["saturation_texts_per_s"] > 0
+    assert "(g) async STORE_DURABILITY=ack (/health says ack): lone p50" in capsys.readouterr().out  # its setting won
+
+
 def test_bench_server_refuses_an_unknown_durability_mode(capsys):
     with pytest.raises(SystemExit):
         bench_server.main(["--durability", "ack,fast"])
