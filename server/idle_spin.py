@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 _DEADLINE = struct.Struct("d")
 
 # The spinner: its own interpreter (-I: no site, no environment), nothing imported beyond the standard library.
-# SIGINT ignored: a terminal's Ctrl-C reaches the whole process group, and the server's own drain decides.
+# Stop signals ignored: a terminal's Ctrl-C or hang-up, or a service manager's SIGTERM to every process of the
+# service, reaches the spinners too, and the server drains for a while after it; they end when the server does.
 SPINNER = """
 import mmap, os, signal, struct, sys, time
-signal.signal(signal.SIGINT, signal.SIG_IGN)
+for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(stop, signal.SIG_IGN)
 shared_fd, wake_fd = int(sys.argv[1]), int(sys.argv[2])
 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 deadline = struct.Struct("d").unpack_from

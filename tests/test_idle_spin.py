@@ -105,6 +105,19 @@ def test_spinners_end_when_the_server_is_killed(tmp_path):
     assert wait_for(lambda: all(gone(pid) for pid in pids), timeout=5), "spinners outlived their server"
 
 
+def test_stop_signals_to_the_whole_process_group_leave_the_spinners_to_end_with_the_server(spin):
+    """A service manager's SIGTERM (or a terminal's SIGINT, SIGHUP) to every process: the server drains for a while
+    after it, and its batches still touch the spinners, which must not be gone (a warning would say so)."""
+    assert wait_for(lambda: all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in spin.pids))  # started
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for pid in spin.pids:
+            os.kill(pid, stop)
+    time.sleep(0.2)
+    assert not any(gone(pid) for pid in spin.pids)
+    spin.touch()
+    assert wait_for(lambda: all(spinning(pid) for pid in spin.pids), timeout=1)
+
+
 def test_touch_after_every_spinner_was_killed_only_warns_once(caplog):
     spinning = IdleSpin(window_s=0.05, spinners=1)
     try:
