@@ -8,7 +8,7 @@ request got it OOM-killed (red team helper-69). In a container with its own cgro
 mount's root. "max", or a number above physical RAM (v1 writes ~2**63 for "unlimited"), means no limit, and
 physical RAM is the limit then. Its peak, in the cgroup whose limit binds: v2 ``memory.peak`` (Linux 5.19+) or
 v1 ``memory.max_usage_in_bytes``.
-CPU: v2 ``cpu.max`` ("quota period") or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``.
+CPU: v2 ``cpu.max`` ("quota period") or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, over the same levels.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def _memory_files(cgroup_root: Path, own_cgroups: Path) -> list[tuple[Path, Path
     return levels
 
 
-def _own_cgroup_paths(own_cgroups: Path) -> tuple[str, str]:
-    """The process's cgroup paths, v2 and v1's memory controller ("/" where unknown)."""
+def _own_cgroup_paths(own_cgroups: Path, v1_controller: str = "memory") -> tuple[str, str]:
+    """The process's cgroup paths, v2 and v1's ``v1_controller`` ("/" where unknown)."""
     v2 = v1 = "/"
     try:
         lines = own_cgroups.read_text().splitlines()
@@ -96,7 +96,7 @@ def _own_cgroup_paths(own_cgroups: Path) -> tuple[str, str]:
         hierarchy, controllers, path = parts
         if hierarchy == "0" and not controllers:
             v2 = path
-        elif "memory" in controllers.split(","):
+        elif v1_controller in controllers.split(","):
             v1 = path
     return v2, v1
 
@@ -115,23 +115,35 @@ def _up_to(mount: Path, path: str) -> list[Path]:
     return levels
 
 
-def cpu_quota_cores(cgroup_root: Path = CGROUP_ROOT) -> int | None:
-    """The container's CPU limit in whole cores (cgroup v2 ``cpu.max``, then v1 CFS quota), rounded up, or None.
+def cpu_quota_cores(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = PROC_SELF_CGROUP) -> int | None:
+    """The CPU limit binding this process in whole cores, rounded up, or None: the lowest quota over its own cgroup
+    and each one above it (cgroup v2 ``cpu.max``, then v1's CFS quota), as for memory (a systemd unit's
+    ``CPUQuota=`` or ``docker run --cgroupns=host --cpus`` sets it below the mount's root; read there alone it was
+    missed: red team helper-76).
 
     A container limited to 2 CPUs still sees every host core in its affinity mask; sizing thread pools by
     the mask would oversubscribe the quota and get the process throttled.
     """
+    v2_path, v1_path = _own_cgroup_paths(own_cgroups, "cpu")
     v1 = cgroup_root / "cpu"
-    for quota_file, period_file in ((cgroup_root / "cpu.max", None),
-                                    (v1 / "cpu.cfs_quota_us", v1 / "cpu.cfs_period_us")):
-        try:
-            fields = quota_file.read_text().split()
-            if period_file is not None:
-                fields.append(period_file.read_text().strip())
-            quota, period = fields[0], int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if quota in ("max", "-1") or period <= 0:
-            return None
+    levels = [(directory / "cpu.max", None) for directory in _up_to(cgroup_root, v2_path)]
+    levels += [(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us") for directory in _up_to(v1, v1_path)]
+    found = [cores for quota_file, period_file in levels if (cores := _quota_cores(quota_file, period_file))]
+    return min(found, default=None)
+
+
+def _quota_cores(quota_file: Path, period_file: Path | None) -> int | None:
+    """One level's quota in whole cores (v2: "quota period" in one file; v1: two files), None when it sets none."""
+    try:
+        fields = quota_file.read_text().split()
+        if period_file is not None:
+            fields.append(period_file.read_text().strip())
+        quota, period = fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    if quota in ("max", "-1") or period <= 0:
+        return None
+    try:
         return max(1, math.ceil(int(quota) / period))
-    return None
+    except ValueError:
+        return None

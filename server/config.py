@@ -47,8 +47,8 @@ class Settings(BaseSettings):
         False, description="let ONNX Runtime's CPU threads busy-wait between operators (burns the cores the server's "
         "own event loop needs; worth it only when cores are otherwise idle)"
     )
-    idle_spin_ms: float = Field(
-        0.0, ge=0, le=1000, description="keep the CPUs busy this many ms after each batch (server/idle_spin.py), so "
+    idle_spin_ms: int = Field(
+        0, ge=0, le=1000, description="keep the CPUs busy this many ms after each batch (server/idle_spin.py), so "
         "a lone client's next request finds them awake: on a VM without a polling idle driver, 0.14-0.6 ms off a lone "
         "request; spends the idle cycles meanwhile; refused under a CPU quota (0 = off)"
     )

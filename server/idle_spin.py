@@ -9,15 +9,19 @@ busy loops beside the server, its lone p50 went from 2.39-2.45 to 1.67-1.72 ms a
 to 1.23-1.28 ms (the back-to-back raw call's), a bare ASGI app's with the same engine call from 1.52 to 1.37 ms.
 
 With ``IDLE_SPIN_MS`` > 0 the server starts one spinner process per usable core. A spinner runs under
-``SCHED_IDLE``: the kernel gives it a CPU only when nothing else wants one, and takes it back at once for any
-thread that wakes. Each batch dispatched or finished (``touch``) moves a deadline in shared memory to
-``IDLE_SPIN_MS`` from now; the spinners busy-wait until it passes, then block on a pipe until the next batch
-after it. Processes rather than threads: a spinning Python thread would take the interpreter lock at every turn,
-and the event loop would wait for it. A spinner ends when the pipe's other end closes: at shutdown, or when the
-server dies however it dies.
+``SCHED_IDLE``: within its cgroup the kernel gives it a CPU only when no other task of the cgroup wants one, and
+takes it back at once for any of them that wakes, the server's threads included. Between cgroups (another container,
+another systemd service) the policy does not reach: there the server's cgroup competes at its usual weight, so
+spinning takes CPU from them as any load would (red team helper-76 measured a SCHED_IDLE busy loop in a sibling
+cgroup getting half of a CPU beside a normal one). Each batch dispatched or finished (``touch``) moves a deadline in
+shared memory to ``IDLE_SPIN_MS`` from now; the spinners busy-wait until it passes, then block on a pipe until the
+next batch after it. Processes rather than threads: a spinning Python thread would take the interpreter lock at
+every turn, and the event loop would wait for it. A spinner ends when the pipe's other end closes: at shutdown, or
+when the server dies however it dies.
 
 The price: while requests keep coming within the window, every idle cycle of the machine is spent spinning, so
-CPU usage reads as full, and a machine that shares its cores with other work gives them less. With a CPU quota
+CPU usage reads as full, and a machine that shares its cores with other work gives them less. Each spinner is an
+interpreter of its own, about 11 MiB resident (5 MiB its own), outside the memory plan. With a CPU quota
 (a container's CPU limit) the spinning would be billed against the quota and the server throttled for it, so
 the setting is refused there (``refusal``), as it is off Linux. Off by default.
 """
@@ -56,7 +60,7 @@ while os.read(wake_fd, 1):
 """
 
 
-def refusal(idle_spin_ms: float, quota_cores: int | None) -> str | None:
+def refusal(idle_spin_ms: int, quota_cores: int | None) -> str | None:
     """Why ``IDLE_SPIN_MS`` cannot be used here, with a CPU quota of ``quota_cores`` (None: it can, or it is off)."""
     if not idle_spin_ms:
         return None
@@ -80,15 +84,19 @@ class IdleSpin:
         shared_fd = os.memfd_create("idle-spin", os.MFD_CLOEXEC)
         wake_read, self._wake = os.pipe()
         self._shared: mmap.mmap | None = None
+        self._processes: list[subprocess.Popen] = []
         try:
             os.ftruncate(shared_fd, _DEADLINE.size)
             self._shared = mmap.mmap(shared_fd, _DEADLINE.size)
             os.set_blocking(self._wake, False)  # a full pipe (spinners gone) must never block the loop
-            self._processes = [subprocess.Popen([sys.executable, "-I", "-c", SPINNER, str(shared_fd), str(wake_read)],
-                                                pass_fds=(shared_fd, wake_read), stdin=subprocess.DEVNULL)
-                               for _ in range(spinners)]
+            for _ in range(spinners):
+                self._processes.append(subprocess.Popen(
+                    [sys.executable, "-I", "-c", SPINNER, str(shared_fd), str(wake_read)],
+                    pass_fds=(shared_fd, wake_read), stdin=subprocess.DEVNULL))
         except BaseException:
-            os.close(self._wake)  # any spinner already started sees end-of-file and ends
+            os.close(self._wake)  # any spinner already started sees end-of-file and ends: reaped here
+            for process in self._processes:
+                process.wait()
             if self._shared is not None:
                 self._shared.close()
             raise
@@ -100,17 +108,22 @@ class IdleSpin:
     def pids(self) -> list[int]:
         return [process.pid for process in self._processes]
 
+    def describe(self) -> dict[str, int]:
+        """For /health: the window, and how many spinners were started and still run (a killed one is not
+        restarted; spinning goes on with the others)."""
+        return {"window_ms": round(self._window_s * 1000), "spinners": self._count,
+                "running": sum(process.poll() is None for process in self._processes)}
+
     def touch(self) -> None:
         """Spin for the window from now: move the deadline, then wake the spinners if they may have parked.
 
-        In that order, and the spinners read the clock before the deadline: a spinner parks only once the clock
-        has passed the latest deadline, so the touch after that sees the window over and wakes it (a wake-up
-        written before the deadline let a spinner read the old one and park while the server thought it awake)."""
-        now = time.monotonic()
-        parked = now >= self._until
-        self._until = now + self._window_s
+        A spinner reads the clock before the deadline and parks only once the clock has passed the deadline it read.
+        So after the new deadline is written, a clock still short of the old one means none has parked since; past
+        it, they may have, and are woken (bytes left unread by a spinner still spinning only wake it once more)."""
+        earlier = self._until
+        self._until = time.monotonic() + self._window_s
         self._shared[:_DEADLINE.size] = _DEADLINE.pack(self._until)
-        if not parked or self._gone:
+        if time.monotonic() < earlier or self._gone:
             return
         try:
             os.write(self._wake, b"s" * self._count)
@@ -120,23 +133,22 @@ class IdleSpin:
             log.warning("IDLE_SPIN_MS: the spinner processes are gone; the CPUs idle between requests from now")
             self._gone = True
 
-    def close(self, timeout_s: float = 2.0) -> None:
-        """Stop the spinners: the deadline is past and the pipe closed, so each ends at once."""
+    def close(self) -> None:
+        """Stop the spinners at once: they hold nothing to save, so they are killed rather than waited for (one
+        stopped by SIGSTOP held the shutdown for the wait's limit), then reaped."""
         self._shared[:_DEADLINE.size] = _DEADLINE.pack(0.0)
         os.close(self._wake)
         for process in self._processes:
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.kill()
+        for process in self._processes:
+            process.wait()
         self._shared.close()
 
 
 _active: IdleSpin | None = None
 
 
-def start(window_ms: float, spinners: int) -> IdleSpin | None:
+def start(window_ms: int, spinners: int) -> IdleSpin | None:
     """Start the process's spinners (none when ``window_ms`` is 0); ``touch`` reaches them from then on. Spinners
     that cannot start (no processes left to the user, say) are a warning: the server serves without them."""
     global _active
@@ -156,6 +168,11 @@ def touch() -> None:
     """A batch was dispatched or finished: spin for the window from now (nothing when spinning is off)."""
     if _active is not None:
         _active.touch()
+
+
+def describe() -> dict[str, int]:
+    """For /health: ``IdleSpin.describe``, or a window of 0 when spinning is off."""
+    return _active.describe() if _active is not None else {"window_ms": 0, "spinners": 0, "running": 0}
 
 
 def stop() -> None:

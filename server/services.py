@@ -139,6 +139,7 @@ class Services:
             "cache": {"enabled": self.cache.max_bytes > 0, "entries": self.cache.entries,
                       "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes},
             "database": database,
+            "idle_spin": idle_spin.describe(),
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 

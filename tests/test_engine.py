@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from server import engine as engine_module
 from server.artifact import load_artifact
-from server.cgroup import cpu_quota_cores
+from server.cgroup import CGROUP_ROOT, cpu_quota_cores
 from server.engine import (
     EngineStartError,
     available_cores,
@@ -137,6 +141,49 @@ def test_container_cpu_quota_caps_the_cores(tmp_path, files, cores):
         (tmp_path / name).write_text(text)
     assert cpu_quota_cores(tmp_path) == cores
     assert available_cores(tmp_path) == min(cores or 10**6, available_cores(tmp_path / "none"))
+
+
+def test_a_cpu_quota_on_the_process_s_own_cgroup_or_above_binds_though_the_mount_s_root_has_none(tmp_path):
+    """systemd's CPUQuota=, docker --cgroupns=host --cpus: read at the mount's root alone, the quota was missed, so
+    IDLE_SPIN_MS was not refused under it and thread pools were sized past it (red team helper-76)."""
+    proc_self = tmp_path / "proc-self-cgroup"
+    (tmp_path / "v2" / "system.slice" / "sentiment.service").mkdir(parents=True)
+    (tmp_path / "v2" / "system.slice" / "cpu.max").write_text("300000 100000\n")
+    (tmp_path / "v2" / "system.slice" / "sentiment.service" / "cpu.max").write_text("max 100000\n")
+    proc_self.write_text("0::/system.slice/sentiment.service\n")
+    assert cpu_quota_cores(tmp_path / "v2", proc_self) == 3  # the parent's, the lowest over the levels
+    (tmp_path / "v1" / "cpu" / "docker" / "abc").mkdir(parents=True)
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "v1" / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "v1" / "cpu" / "docker" / "abc" / "cpu.cfs_quota_us").write_text("50000\n")
+    (tmp_path / "v1" / "cpu" / "docker" / "abc" / "cpu.cfs_period_us").write_text("100000\n")
+    proc_self.write_text("4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n")
+    assert cpu_quota_cores(tmp_path / "v1", proc_self) == 1
+    proc_self.write_text("3:cpu,cpuacct:/elsewhere\n")  # not under this mount: the root's, which sets none
+    assert cpu_quota_cores(tmp_path / "v1", proc_self) is None
+
+
+def test_a_real_cpu_cgroup_s_quota_is_what_a_process_in_it_reads(tmp_path):
+    """A cgroup made as an operator would (root, no namespace of its own): the process inside reads its quota."""
+    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
+    group = (CGROUP_ROOT if v2 else CGROUP_ROOT / "cpu") / f"sentiment-cpu-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        if v2:
+            (group / "cpu.max").write_text("100000 100000")
+        else:
+            (group / "cpu.cfs_quota_us").write_text("100000")
+    except OSError as error:
+        pytest.skip(f"cannot make a CPU cgroup here: {error}")
+    try:
+        reader = subprocess.run(
+            ["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "
+                         "'from server.cgroup import cpu_quota_cores; print(cpu_quota_cores())'"],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert reader.returncode == 0, reader.stderr
+        assert reader.stdout.strip() == "1"
+    finally:
+        group.rmdir()
 
 
 def test_cuda_provider_options_are_deliberate(make_settings):

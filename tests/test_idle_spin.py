@@ -88,6 +88,39 @@ def test_close_ends_the_spinners_even_mid_window():
     assert all(gone(pid) for pid in spinning.pids)
 
 
+def test_close_kills_a_stopped_spinner_at_once_rather_than_wait_for_it():
+    """A spinner frozen by SIGSTOP held the shutdown for a 2 s wait per spinner (red team helper-76)."""
+    spinning = IdleSpin(window_s=30, spinners=2)
+    assert wait_for(lambda: all(parked(pid) for pid in spinning.pids))
+    os.kill(spinning.pids[0], signal.SIGSTOP)
+    started = time.monotonic()
+    spinning.close()
+    assert time.monotonic() - started < 1
+    assert all(gone(pid) for pid in spinning.pids)
+
+
+def test_a_start_that_fails_part_way_reaps_the_spinners_it_started(monkeypatch):
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def second_fails(*args, **kwargs):
+        if started:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        started.append(real_popen(*args, **kwargs))
+        return started[0]
+
+    monkeypatch.setattr(idle_spin.subprocess, "Popen", second_fails)
+    with pytest.raises(BlockingIOError):
+        IdleSpin(window_s=0.02, spinners=2)
+    assert started[0].returncode == 0  # it saw the pipe close, ended, and was waited for: no zombie left
+
+
+def test_health_says_how_many_spinners_run(spin):
+    assert spin.describe() == {"window_ms": 300, "spinners": 2, "running": 2}
+    os.kill(spin.pids[0], signal.SIGKILL)
+    assert wait_for(lambda: spin.describe()["running"] == 1)
+
+
 def test_spinners_end_when_the_server_is_killed(tmp_path):
     """SIGKILL leaves no chance to close them: the pipe's end closing with the process is what stops them."""
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
@@ -167,6 +200,18 @@ def test_spinners_that_cannot_start_are_a_warning_and_the_server_goes_on(monkeyp
     assert len(os.listdir("/proc/self/fd")) == descriptors  # the pipe and shared memory were closed
 
 
+def test_a_window_is_whole_milliseconds_from_1_to_1000_or_0(make_settings):
+    """A window of a microsecond passed as on: each batch then woke every spinner for nothing (red team helper-76)."""
+    for bad in ("0.5", "1e-300", "-1", "1001", "nan"):
+        with pytest.raises(ValueError, match="IDLE_SPIN_MS"):
+            make_settings(idle_spin_ms=bad)
+    assert make_settings(idle_spin_ms="1").idle_spin_ms == 1
+
+
+def test_health_shows_spinning_off_by_default(make_settings):
+    assert idle_spin.describe() == {"window_ms": 0, "spinners": 0, "running": 0}
+
+
 def test_start_up_refuses_idle_spin_under_a_cpu_quota(make_settings, monkeypatch):
     monkeypatch.setattr("server.preflight.cpu_quota_cores", lambda: 2)
     with pytest.raises(StartupError) as refused:
@@ -182,6 +227,8 @@ def test_a_server_with_idle_spin_runs_one_spinner_per_core_and_ends_them_at_shut
                     if "sched_setscheduler" in " ".join(child.cmdline())]
         assert len(spinners) == available_cores()
         assert httpx.post(server.url + "/predict", json={"text": "fine"}, timeout=10).status_code == 200
+        assert httpx.get(server.url + "/health", timeout=10).json()["idle_spin"] == {
+            "window_ms": 20, "spinners": available_cores(), "running": available_cores()}
     finally:
         assert stop_server(server) == 0
     assert all(gone(child.pid) for child in spinners)
