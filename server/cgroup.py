@@ -138,12 +138,7 @@ def _quota_cores(quota_file: Path, period_file: Path | None) -> int | None:
         fields = quota_file.read_text().split()
         if period_file is not None:
             fields.append(period_file.read_text().strip())
-        quota, period = fields[0], int(fields[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    if quota in ("max", "-1") or period <= 0:
-        return None
-    try:
-        return max(1, math.ceil(int(quota) / period))
-    except ValueError:
+        quota, period = int(fields[0]) if fields[0] != "max" else -1, int(fields[1])
+        return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
+    except (OSError, IndexError, ValueError, OverflowError):  # unreadable, or no number a kernel would write
         return None

@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+import psutil
+
 log = logging.getLogger(__name__)
 
 # time.monotonic() until which the spinners spin (CLOCK_MONOTONIC: one per machine). Written by slice assignment,
@@ -112,7 +114,7 @@ class IdleSpin:
         """For /health: the window, and how many spinners were started and still run (a killed one is not
         restarted; spinning goes on with the others)."""
         return {"window_ms": round(self._window_s * 1000), "spinners": self._count,
-                "running": sum(process.poll() is None for process in self._processes)}
+                "running": sum(process.poll() is None and not _stopped(process.pid) for process in self._processes)}
 
     def touch(self) -> None:
         """Spin for the window from now: move the deadline, then wake the spinners if they may have parked.
@@ -143,6 +145,14 @@ class IdleSpin:
         for process in self._processes:
             process.wait()
         self._shared.close()
+
+
+def _stopped(pid: int) -> bool:
+    """Frozen by SIGSTOP (or a debugger): alive, but spinning no more (red team helper-77)."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
 
 
 _active: IdleSpin | None = None

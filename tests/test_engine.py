@@ -134,6 +134,10 @@ def test_gpu_oom_fallback_session_gets_every_core(tiny_artifact, make_settings, 
     ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
     ({}, None),
+    ({"cpu.max": "1" + "0" * 400 + " 100000\n"}, None),  # no number a kernel writes: OverflowError before
+    ({"cpu.max": "0 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "-5\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "abc 100000\n"}, None),
 ])
 def test_container_cpu_quota_caps_the_cores(tmp_path, files, cores):
     for name, text in files.items():

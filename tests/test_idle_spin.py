@@ -117,8 +117,10 @@ def test_a_start_that_fails_part_way_reaps_the_spinners_it_started(monkeypatch):
 
 def test_health_says_how_many_spinners_run(spin):
     assert spin.describe() == {"window_ms": 300, "spinners": 2, "running": 2}
-    os.kill(spin.pids[0], signal.SIGKILL)
+    os.kill(spin.pids[1], signal.SIGSTOP)  # alive, but spinning no more (red team helper-77)
     assert wait_for(lambda: spin.describe()["running"] == 1)
+    os.kill(spin.pids[0], signal.SIGKILL)
+    assert wait_for(lambda: spin.describe()["running"] == 0)
 
 
 def test_spinners_end_when_the_server_is_killed(tmp_path):
