@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from server import engine as engine_module
 from server.artifact import load_artifact
-from server.cgroup import CGROUP_ROOT, cpu_quota_cores
+from server.cgroup import cpu_quota_cores
 from server.engine import (
     EngineStartError,
     available_cores,
@@ -27,6 +23,7 @@ from server.engine import (
 )
 from server.runtime import warmup_shapes
 from server.tokenizer import TextEncoder, pad_batch
+from tests.cgroup_fixtures import is_v2, read_inside_new_cgroup
 
 
 def test_cpu_engine_runs_the_tiny_artifact(tiny_artifact, make_settings):
@@ -167,27 +164,10 @@ def test_a_cpu_quota_on_the_process_s_own_cgroup_or_above_binds_though_the_mount
     assert cpu_quota_cores(tmp_path / "v1", proc_self) is None
 
 
-def test_a_real_cpu_cgroup_s_quota_is_what_a_process_in_it_reads(tmp_path):
+def test_a_real_cpu_cgroup_s_quota_is_what_a_process_in_it_reads():
     """A cgroup made as an operator would (root, no namespace of its own): the process inside reads its quota."""
-    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
-    group = (CGROUP_ROOT if v2 else CGROUP_ROOT / "cpu") / f"sentiment-cpu-test-{os.getpid()}"
-    try:
-        group.mkdir()
-        if v2:
-            (group / "cpu.max").write_text("100000 100000")
-        else:
-            (group / "cpu.cfs_quota_us").write_text("100000")
-    except OSError as error:
-        pytest.skip(f"cannot make a CPU cgroup here: {error}")
-    try:
-        reader = subprocess.run(
-            ["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "
-                         "'from server.cgroup import cpu_quota_cores; print(cpu_quota_cores())'"],
-            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
-        assert reader.returncode == 0, reader.stderr
-        assert reader.stdout.strip() == "1"
-    finally:
-        group.rmdir()
+    quota = {"cpu.max": "100000 100000"} if is_v2() else {"cpu.cfs_quota_us": "100000"}
+    assert read_inside_new_cgroup("cpu", quota, "c.cpu_quota_cores()") == "1"
 
 
 def test_cuda_provider_options_are_deliberate(make_settings):

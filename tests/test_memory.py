@@ -4,7 +4,6 @@ readers."""
 from __future__ import annotations
 
 import asyncio
-import os
 import platform
 import subprocess
 import sys
@@ -15,12 +14,13 @@ import pytest
 
 from server.budget import Area, TokenBudget, plan_memory
 from server.cache import PredictionCache
-from server.cgroup import CGROUP_ROOT, memory_limit_bytes, memory_peak_bytes
+from server.cgroup import memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
 from server.memory import MemoryGuard, process_rss_bytes
 from server.memory_model import CostModel
 from server.metrics import Metrics
 from server.primitives import Prediction
+from tests.cgroup_fixtures import is_v2, read_inside_new_cgroup
 
 PHYSICAL = psutil.virtual_memory().total
 GIB = 1 << 30
@@ -95,24 +95,10 @@ def test_a_cgroup_not_under_the_mount_falls_back_to_the_mount_s_root(tmp_path: P
     assert memory_limit_bytes(root, own_cgroups(tmp_path, f"0::{path}")) == GIB // 4
 
 
-def test_a_real_memory_cgroup_s_limit_is_what_a_process_in_it_reads(tmp_path: Path) -> None:
+def test_a_real_memory_cgroup_s_limit_is_what_a_process_in_it_reads() -> None:
     """A cgroup made as an operator would (root, no namespace of its own): the process inside reads its limit."""
-    v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
-    group = (CGROUP_ROOT if v2 else CGROUP_ROOT / "memory") / f"sentiment-test-{os.getpid()}"
-    try:
-        group.mkdir()
-        (group / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(1200 << 20))
-    except OSError as error:
-        pytest.skip(f"cannot make a memory cgroup here: {error}")
-    try:
-        reader = subprocess.run(
-            ["sh", "-c", f"echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "
-                         "'from server.cgroup import memory_limit_bytes; print(memory_limit_bytes())'"],
-            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
-        assert reader.returncode == 0, reader.stderr
-        assert int(reader.stdout) == 1200 << 20
-    finally:
-        group.rmdir()
+    limit = {"memory.max" if is_v2() else "memory.limit_in_bytes": str(1200 << 20)}
+    assert int(read_inside_new_cgroup("memory", limit, "c.memory_limit_bytes()")) == 1200 << 20
 
 
 def test_real_readers_return_plausible_numbers() -> None:
