@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     )
     idle_spin_ms: int = Field(
         0, ge=0, le=1000, description="keep the CPUs busy this many ms after each batch (server/idle_spin.py), so "
-        "a lone client's next request finds them awake: on a VM without a polling idle driver, up to ~0.6 ms off a lone "
-        "request (README); spends the idle cycles meanwhile; refused under a CPU quota (0 = off)"
+        "a lone client's next request finds them awake: on a VM without a polling idle driver, up to ~0.6 ms off a "
+        "lone request (README); spends the idle cycles meanwhile; refused under a CPU quota (0 = off)"
     )
     engine_workers: int = Field(
         0, ge=0, le=64,
