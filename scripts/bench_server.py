@@ -429,14 +429,13 @@ def main(argv: list[str] | None = None) -> None:
     print("raw engine:", json.dumps(raw))
     modes = args.durability or [""]  # "": the server's default, not named
     beside = {f"{modes[0] or 'default'} {setting}": setting for setting in args.beside}
+    plans = {mode: (mode, []) for mode in modes} | {name: (modes[0], [setting]) for name, setting in beside.items()}
     artifact = load_artifact(args.artifact)
     encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
     with tempfile.TemporaryDirectory() as tmp, floor.fsync_probe(Path(tmp)) as fsync_beside_spools:
         servers, bare, bare_engine = {}, None, None
         try:
-            for index, (name, mode, extra) in enumerate([*((mode, mode, []) for mode in modes),
-                                                         *((name, modes[0], [setting]) for name, setting in
-                                                           beside.items())]):
+            for index, (name, (mode, extra)) in enumerate(plans.items()):
                 (Path(tmp) / str(index)).mkdir()
                 servers[name] = start_server({
                     "MODEL_PATH": str(args.artifact.resolve()), "ENABLE_MODEL_CACHING": "false",

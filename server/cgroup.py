@@ -72,17 +72,18 @@ def _memory_files(cgroup_root: Path, own_cgroups: Path) -> list[tuple[Path, Path
     """(limit file, peak file) of each cgroup level that can bind this process: v2 first, then v1's memory
     controller, each from the process's own cgroup up to the mount's root (the root alone when the process's
     cgroup is not under this mount: a container that mounts its own cgroup at the root without a namespace)."""
-    v2_path, v1_path = _own_cgroup_paths(own_cgroups)
-    levels = []
-    for mount, path, limit_name, peak_name in ((cgroup_root, v2_path, "memory.max", "memory.peak"),
-                                               (cgroup_root / "memory", v1_path, "memory.limit_in_bytes",
-                                                "memory.max_usage_in_bytes")):
-        for directory in _up_to(mount, path):
-            levels.append((directory / limit_name, directory / peak_name))
-    return levels
+    v2, v1 = _own_levels(cgroup_root, own_cgroups, "memory")
+    return [(directory / "memory.max", directory / "memory.peak") for directory in v2] + \
+        [(directory / "memory.limit_in_bytes", directory / "memory.max_usage_in_bytes") for directory in v1]
 
 
-def _own_cgroup_paths(own_cgroups: Path, v1_controller: str = "memory") -> tuple[str, str]:
+def _own_levels(cgroup_root: Path, own_cgroups: Path, v1_controller: str) -> tuple[list[Path], list[Path]]:
+    """The directories of the process's cgroup and of each one above it: v2's, then v1's ``v1_controller``'s."""
+    v2_path, v1_path = _own_cgroup_paths(own_cgroups, v1_controller)
+    return _up_to(cgroup_root, v2_path), _up_to(cgroup_root / v1_controller, v1_path)
+
+
+def _own_cgroup_paths(own_cgroups: Path, v1_controller: str) -> tuple[str, str]:
     """The process's cgroup paths, v2 and v1's ``v1_controller`` ("/" where unknown)."""
     v2 = v1 = "/"
     try:
@@ -124,10 +125,9 @@ def cpu_quota_cores(cgroup_root: Path = CGROUP_ROOT, own_cgroups: Path = PROC_SE
     A container limited to 2 CPUs still sees every host core in its affinity mask; sizing thread pools by
     the mask would oversubscribe the quota and get the process throttled.
     """
-    v2_path, v1_path = _own_cgroup_paths(own_cgroups, "cpu")
-    v1 = cgroup_root / "cpu"
-    levels = [(directory / "cpu.max", None) for directory in _up_to(cgroup_root, v2_path)]
-    levels += [(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us") for directory in _up_to(v1, v1_path)]
+    v2, v1 = _own_levels(cgroup_root, own_cgroups, "cpu")
+    levels = [(directory / "cpu.max", None) for directory in v2] + \
+        [(directory / "cpu.cfs_quota_us", directory / "cpu.cfs_period_us") for directory in v1]
     found = [cores for quota_file, period_file in levels if (cores := _quota_cores(quota_file, period_file))]
     return min(found, default=None)
 

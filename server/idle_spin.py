@@ -80,7 +80,6 @@ class IdleSpin:
 
     def __init__(self, window_s: float, spinners: int) -> None:
         self._window_s = window_s
-        self._count = spinners
         self._until = 0.0  # the deadline last written: past it, the spinners are parked on the pipe
         self._gone = False  # every spinner has ended (the pipe has no reader): touch does nothing
         shared_fd = os.memfd_create("idle-spin", os.MFD_CLOEXEC)
@@ -113,7 +112,7 @@ class IdleSpin:
     def describe(self) -> dict[str, int]:
         """For /health: the window, and how many spinners were started and still run (a killed one is not
         restarted; spinning goes on with the others)."""
-        return {"window_ms": round(self._window_s * 1000), "spinners": self._count,
+        return {"window_ms": round(self._window_s * 1000), "spinners": len(self._processes),
                 "running": sum(process.poll() is None and not _stopped(process.pid) for process in self._processes)}
 
     def touch(self) -> None:
@@ -128,7 +127,7 @@ class IdleSpin:
         if time.monotonic() < earlier or self._gone:
             return
         try:
-            os.write(self._wake, b"s" * self._count)
+            os.write(self._wake, b"s" * len(self._processes))
         except BlockingIOError:  # bytes not yet read are waking them anyway
             pass
         except OSError:  # every spinner is gone (killed): spinning ends, serving goes on
@@ -138,7 +137,6 @@ class IdleSpin:
     def close(self) -> None:
         """Stop the spinners at once: they hold nothing to save, so they are killed rather than waited for (one
         stopped by SIGSTOP held the shutdown for the wait's limit), then reaped."""
-        self._shared[:_DEADLINE.size] = _DEADLINE.pack(0.0)
         os.close(self._wake)
         for process in self._processes:
             process.kill()

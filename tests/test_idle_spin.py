@@ -210,7 +210,7 @@ def test_a_window_is_whole_milliseconds_from_1_to_1000_or_0(make_settings):
     assert make_settings(idle_spin_ms="1").idle_spin_ms == 1
 
 
-def test_health_shows_spinning_off_by_default(make_settings):
+def test_health_shows_spinning_off_by_default():
     assert idle_spin.describe() == {"window_ms": 0, "spinners": 0, "running": 0}
 
 
