@@ -124,7 +124,7 @@ def raw_engine(artifact_dir: Path, texts: list[str], batch: int, seconds: float)
 
 async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurrency: list[int], seconds: float,
                       raw_call: Callable[[], None] | None, raw_sorted: RawRate | None = None,
-                      bare_url: str | None = None, probes: dict[str, Callable[[], object]] | None = None,
+                      bare_url: str | None = None, probes: dict[str, Callable[[], float]] | None = None,
                       bare_engine_url: str | None = None) -> dict[str, dict]:
     """For each server (name -> URL): lone-request latency, alternating with the other servers and with lone raw
     engine calls, then closed-loop texts/s at each concurrency, the servers in turn (first one way, then the
@@ -136,7 +136,9 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
     the raw call alone drifted 0.75-1.9 ms between runs, more than the overhead being measured. So do the lone
     requests to a bare ASGI app (``bare_url``: the floor's transport; ``bare_engine_url``: the same app calling
     the engine on a worker thread, the floor measured) and blocks of each of ``probes`` (the
-    floor's tokenization and fdatasync: the spool disk's speed moves with other sessions' writes), and each
+    floor's tokenization and fdatasync: the spool disk's speed moves with other sessions' writes; each returns the
+    ms it measured, and each call follows a pause as long as the bare app's p50 in that round, the idle time a
+    server whose own code cost nothing would leave between two lone requests), and each
     server's own engine time per lone request is read from its /metrics (the gap between two lone engine calls is
     the lone p50 less that time).
     """
@@ -153,8 +155,9 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
         for round_ in range(LONE_ROUNDS + 1):  # the first round warms up and is not kept
             if round_ == 1:
                 engine_before = {name: scrape(url) for name, url in urls.items()}
+            block_of: dict[str, list[float]] = {}
             for name, client in _in_turn(lone_clients, round_):
-                block = []
+                block = block_of[name] = []
                 for _ in range(LONE_BLOCK):
                     sample = await client.request("/predict", Draw([SHORT], [1], 0), time.perf_counter())
                     block.append((sample.done - sample.due) * 1000)
@@ -167,8 +170,9 @@ async def server_side(servers: dict[str, LiveServer], data: LabeledData, concurr
                 raw_block.append((time.perf_counter() - started) * 1000)
             if round_:
                 raw += raw_block
+            pause = statistics.median(block_of[BARE]) / 1000 if BARE in block_of else 0.0
             for probe, call in probes.items():
-                probe_block = [_timed_ms(call) for _ in range(LONE_BLOCK)]
+                probe_block = [_after_pause(pause, call) for _ in range(LONE_BLOCK)]
                 if round_:
                     probed[probe] += probe_block
         lone_engine = {name: engine_ms_per_call(engine_before[name], scrape(url)) for name, url in urls.items()}
@@ -211,6 +215,11 @@ def _timed_ms(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
     return (time.perf_counter() - started) * 1000
+
+
+def _after_pause(pause_s: float, probe: Callable[[], float]) -> float:
+    time.sleep(pause_s)
+    return probe()
 
 
 def engine_ms_per_call(before: Samples, after: Samples) -> float:
@@ -432,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     plans = {mode: (mode, []) for mode in modes} | {name: (modes[0], [setting]) for name, setting in beside.items()}
     artifact = load_artifact(args.artifact)
     encoder = TextEncoder(artifact.tokenizer_path, artifact.max_length)
-    with tempfile.TemporaryDirectory() as tmp, floor.fsync_probe(Path(tmp)) as fsync_beside_spools:
+    with tempfile.TemporaryDirectory() as tmp:
         servers, bare, bare_engine = {}, None, None
         try:
             for index, (name, (mode, extra)) in enumerate(plans.items()):
@@ -448,9 +457,11 @@ def main(argv: list[str] | None = None) -> None:
             engine = None if args.skip_raw else floor.default_cpu_engine(args.artifact)
             bare_engine = None if args.skip_raw else floor.start_bare_server(Path(tmp), engine=(args.artifact, SHORT))
             raw_call = floor.lone_call(engine[0], encoder, SHORT) if engine else None  # (b) compares like with like
-            probes = {"tokenization": lambda: encoder.encode([SHORT]), "fsync": fsync_beside_spools}
-            measured = run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
-                                       bare.url, probes, bare_engine.url if bare_engine else None))
+            with floor.fsync_probe(Path(tmp), before=raw_call) as fsync_beside_spools:
+                probes = {"tokenization": lambda: _timed_ms(lambda: encoder.encode([SHORT])),
+                          "fsync": fsync_beside_spools}
+                measured = run(server_side(servers, data, concurrency, args.seconds, raw_call, raw_sorted,
+                                           bare.url, probes, bare_engine.url if bare_engine else None))
             said = {mode: server_durability(server.url) for mode, server in servers.items()}
         finally:
             for server in [*servers.values(), *(server for server in (bare, bare_engine) if server)]:

@@ -167,8 +167,16 @@ def test_a_bare_app_with_the_engine_runs_one_engine_call_per_request(tmp_path, t
 
 def test_fsync_smoke_appends_and_syncs_in_the_directory_and_cleans_up(tmp_path):
     with floor.fsync_probe(tmp_path, size=300) as append:
-        for _ in range(20):
-            append()
+        took = [append() for _ in range(20)]
         (probe,) = tmp_path.iterdir()
         assert probe.stat().st_size == 20 * 300 and probe.read_bytes().count(b"\n") == 20
     assert list(tmp_path.iterdir()) == []  # the probe file is gone
+    assert all(0 < ms < 10_000 for ms in took)  # each call says what its sync took, in ms
+
+
+def test_the_fsync_probe_runs_what_precedes_the_sync_untimed(tmp_path):
+    """As in the server, the sync follows the lone engine call (``before``), whose time is not the sync's."""
+    calls = []
+    with floor.fsync_probe(tmp_path, before=lambda: (calls.append(1), time.sleep(0.2))) as append:
+        took = append()
+    assert calls == [1] and took < 200  # the sleep timed would make it 200 or more

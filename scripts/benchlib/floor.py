@@ -22,7 +22,9 @@ fdatasync; the sum of the parts where the engine is not measured) and the highes
 raw engine it could reach if its own HTTP and event-loop code cost nothing. Choices the issue is silent on:
 - transport, tokenization and fdatasync are sampled in blocks between the lone requests' blocks (bench_server's
   lone rounds), so they see the same minutes: the disk's fdatasync moved 0.2 -> 3.9 ms within minutes while
-  other sessions wrote;
+  other sessions wrote. Each sample follows a pause of the bare app's p50 (a lone request's idle time), and the
+  fdatasync follows the lone engine call, as the server's does (``fsync_probe``: back to back it read 0.07 ms
+  where the server's own took 0.3-0.4);
 - the engine is timed after two idle gaps: the lone loop's (its p50 less the server's own engine time per lone
   request: the time between two lone engine calls) and the floor's (transport + tokenization (+ fsync): all a
   server whose own code cost nothing would idle between them). The floor uses the second, as a faster server
@@ -162,16 +164,25 @@ def start_bare_server(log_dir: Path, timeout: float = 60.0, engine: tuple[Path, 
 
 
 @contextmanager
-def fsync_probe(directory: Path, size: int = 300) -> Iterator[Callable[[], None]]:
-    """A call that appends a ``size``-byte line to a new file in ``directory`` and fdatasyncs it, as the spool does
-    for each record under ``STORE_DURABILITY=ack`` (a lone request waits for one such sync); the file is removed
-    on exit."""
+def fsync_probe(directory: Path, size: int = 300,
+                before: Callable[[], object] | None = None) -> Iterator[Callable[[], float]]:
+    """A call that appends a ``size``-byte line to a new file in ``directory``, fdatasyncs it and returns the
+    sync's ms, as the spool does for each record under ``STORE_DURABILITY=ack`` (a lone request waits for one such
+    sync); the file is removed on exit. ``before`` (the lone raw engine call) runs first, untimed: in the server a
+    lone request's record is synced on the engine worker right after its engine call. On this project's VM
+    (2026-12-06) a sync took 0.06-0.07 ms back to back, 0.11-0.58 ms after the engine call and a 0.3 ms pause,
+    0.32-0.41 ms in the server (timed inside it, lone requests) and 0.8-1.0 ms after a 3 ms sleep: measured back
+    to back, the floor left out most of what the sync costs a lone request."""
     fd, path = tempfile.mkstemp(dir=directory, prefix="fsync-probe-")
     line = b"x" * (size - 1) + b"\n"
 
-    def append() -> None:
+    def append() -> float:
+        if before is not None:
+            before()
+        started = time.perf_counter()
         os.write(fd, line)
         os.fdatasync(fd)
+        return (time.perf_counter() - started) * 1000
 
     try:
         yield append
