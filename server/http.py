@@ -222,7 +222,13 @@ class ObservedASGI:
     def refusal(self, headers: list[tuple[bytes, bytes]]) -> Response | None:
         """The answer to a request refused on its headers alone, before the app sees it; None to go on. A coding
         header sent twice is read whole, every copy (RFC 9110 5.3: they make one list): by its last copy alone,
-        ``gzip`` then ``identity`` was taken as an uncompressed body (red team helper-65)."""
+        ``gzip`` then ``identity`` was taken as an uncompressed body (red team helper-65). Content-Type holds one
+        value, not a list: sent twice, the first copy was read here and a proxy in front may read the last, so the
+        request is refused rather than guessed at."""
+        types = sum(name == b"content-type" for name, _ in headers)
+        if types > 1:
+            return error_response(400, f"Content-Type sent {types} times: send it once, as "
+                                       "'Content-Type: application/json'")
         encodings = codings(every_copy(headers, b"content-encoding"))
         if any(coding != "identity" for coding in encodings):
             return error_response(415, f"Content-Encoding {', '.join(encodings)!r} is not supported: send the body "

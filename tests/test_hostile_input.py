@@ -298,6 +298,24 @@ def test_a_content_encoding_sent_twice_is_read_as_one_list_not_by_its_last_copy(
     assert response.status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/predict", "/v2/models/sentiment/infer"])
+@pytest.mark.parametrize("types", [["application/json", "text/plain"], ["text/plain", "application/json"],
+                                   ["application/json", "application/json"]])
+def test_a_content_type_sent_twice_is_400_whatever_the_copies_say(server, path, types):
+    """The first copy was read: ``application/json`` then ``text/plain`` was answered 200 and the other order 415,
+    where a proxy reading the last copy would judge the request the other way."""
+    body = b'{"text": "fine"}' if path == "/predict" else \
+        b'{"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["fine"]}]}'
+    before = server.rejected("invalid")
+    response = httpx.post(server.url + path, content=body, timeout=30,
+                          headers=[("Content-Type", value) for value in types])
+    refused(response, 400, "bad_request", "Content-Type sent 2 times: send it once")
+    assert server.rejected("invalid") == before + 1
+    response = httpx.post(server.url + path, content=body, timeout=30, headers=[("Content-Type", types[0])])
+    judged_by_type = path == "/predict"  # the OIP route reads its body as JSON whatever the type says
+    assert response.status_code == (415 if judged_by_type and types[0] != "application/json" else 200)
+
+
 MANY = 15_000  # items of a list past MAX_TEXTS_PER_REQUEST that fit MAX_REQUEST_BYTES
 
 
