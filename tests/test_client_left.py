@@ -19,6 +19,7 @@ import pytest
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, stop_server
 from tests.test_slow_clients import metric
+from tests.waiting import wait_for
 
 WAIT_S = 30.0
 ENGINE_CALL_S = 0.5  # each engine call while the hang file exists: 64 texts in batches of 4 take 8 s
@@ -64,15 +65,6 @@ LEFT = 'sentiment_requests_total{endpoint="/predict",status="499"}'
 ANSWERED = 'sentiment_requests_total{endpoint="/predict",status="200"}'
 ENGINE_TEXTS = "sentiment_batch_size_sum"  # texts handed to the engine
 QUEUED = "sentiment_queue_depth"
-
-
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"{what}: not within {WAIT_S} s")
 
 
 def predict_request(text_chars: int) -> bytes:

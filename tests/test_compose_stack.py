@@ -40,6 +40,7 @@ from tests.docker_fixtures import (
 )
 from tests.docker_fixtures import shell as plain_shell
 from tests.test_dashboard_metrics import GRAFANA_VARIABLES, dashboard_exprs
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.container
 
@@ -49,6 +50,8 @@ FILES = [DOCKER_DIR / "compose.yaml", DOCKER_DIR / "compose.local.yaml"]
 PROJECT = "sentiment-analyzer-test"
 CONTAINERS = ("sentiment-analyzer", "sentiment-postgres", "sentiment-prometheus")
 ALERTS = DOCKER_DIR / "prometheus" / "alerts.yml"
+WAIT_S = 120  # how long a step of the stack may take, unless it says otherwise
+POLL_S = 0.5  # docker and Prometheus, asked no more often than this
 
 
 def compose_cli() -> str | None:
@@ -101,16 +104,6 @@ class Stack:
         return body["data"]
 
 
-def wait_for(condition, what: str, timeout: float = 120, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(every)
-
-
 def foreign_containers() -> list[str]:
     """Containers holding the stack's fixed names that are not this test project's."""
     foreign = []
@@ -156,7 +149,8 @@ def test_stack_is_wired_as_compose_yaml_says(stack) -> None:
     assert re.search(r"^sentiment_memory_limit_bytes 2\.147483648e\+09$", metrics, re.M), "mem_limit 2g not seen"
     assert "5432" in stack.ok("docker exec sentiment-analyzer netstat -an | grep 5432")  # the runbook, as written
     assert "accepting connections" in stack.ok("docker exec sentiment-postgres pg_isready -U sentiment -d sentiment")
-    wait_for(lambda: "(healthy)" in stack.ok("docker compose -f docker/compose.yaml ps postgres"), "postgres healthy")
+    wait_for(lambda: "(healthy)" in stack.ok("docker compose -f docker/compose.yaml ps postgres"), "postgres healthy",
+             timeout=WAIT_S, every=POLL_S)
     stack.server.wait_healthy(timeout=120)  # the compose healthcheck, on the PORT the server listens on
     stack.predict("Compose stack, first prediction.")
 
@@ -167,7 +161,7 @@ def test_prometheus_scrapes_the_server_and_loads_every_rule_group(stack) -> None
         found = [t for t in targets if t["labels"]["job"] == "sentiment-analyzer" and t["health"] == "up"]
         return found[0] if found else None
 
-    target = wait_for(server_target, "Prometheus scraping sentiment-analyzer:8000", timeout=90)
+    target = wait_for(server_target, "Prometheus scraping sentiment-analyzer:8000", timeout=90, every=POLL_S)
     assert target["scrapeUrl"] == "http://sentiment-analyzer:8000/metrics", target
     expected = {group["name"]: len(group["rules"]) for group in yaml.safe_load(ALERTS.read_text())["groups"]}
 
@@ -187,7 +181,7 @@ def test_every_dashboard_query_evaluates_in_prometheus(stack) -> None:
     """The dashboard is otherwise only schema-checked: each panel's query, Grafana variables filled in as Grafana
     would, must be accepted and evaluated by this Prometheus over the live server's series."""
     wait_for(lambda: stack.prometheus("/api/v1/query", query="count(sentiment_ready)")["result"],
-             "sentiment_ready scraped")
+             "sentiment_ready scraped", timeout=WAIT_S, every=POLL_S)
     errors, with_data, exprs = [], 0, dashboard_exprs()
     for expr in exprs:
         if expr.startswith("label_values("):  # a Grafana function: the series it lists
@@ -222,7 +216,7 @@ def test_database_outage_spools_and_replays_every_prediction_once(stack) -> None
             degraded_at.append(time.monotonic())
         return health if health["database"]["state"] == "down" else None
 
-    health = wait_for(down, "/health saying the database is down with PostgreSQL stopped", timeout=120)
+    health = wait_for(down, "/health saying the database is down with PostgreSQL stopped", timeout=120, every=POLL_S)
     detected_s = degraded_at[0] - stopped_at
     assert any("database" in reason for reason in health["reasons"]), health
     assert health["database"]["state"] == "down" and health["database"]["spool_rows"] > 0, health
@@ -233,7 +227,7 @@ def test_database_outage_spools_and_replays_every_prediction_once(stack) -> None
     started_at = time.monotonic()
     stack.ok("docker-compose start postgres")
     wait_for(lambda: (h := stack.health())["status"] == "ok" and h["database"]["spool_rows"] == 0,
-             "spool replayed into PostgreSQL", timeout=180)
+             "spool replayed into PostgreSQL", timeout=180, every=POLL_S)
     replayed_s = time.monotonic() - started_at
     ids = ",".join(f"'{i}'" for i in stack.answered)
     total, distinct, ours = stack.psql(f"select count(*), count(distinct id), count(*) filter (where id in ({ids})) "
@@ -258,6 +252,6 @@ def test_compose_restart_comes_back_ready(stack) -> None:
     stack.predict("After the restart.")
     rows = stack.psql("select count(*) from predictions").strip()
     wait_for(lambda: stack.psql("select count(*) from predictions").strip() == str(len(stack.answered)),
-             f"the prediction after the restart in PostgreSQL (had {rows})")
+             f"the prediction after the restart in PostgreSQL (had {rows})", timeout=WAIT_S, every=POLL_S)
     problems = json_log_problems(stack.server.logs())
     assert not problems, "non-JSON lines in docker logs:\n" + "\n".join(problems[:10])

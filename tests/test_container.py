@@ -39,6 +39,7 @@ from tests.docker_fixtures import (
     require_docker,
     shell,
 )
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.container
 
@@ -48,6 +49,8 @@ NAME = "sentiment-analyzer"
 LOG_FILE = "/app/logs/sentiment_analyzer.log"
 MEMORY_LIMIT = 2 * 2**30
 MAX_IMAGE_BYTES = {"cpu": 1 * 2**30, "cuda": 2 * 2**30}  # on the Debian base; the CUDA base adds its libraries
+WAIT_S = 60  # how long a container step may take
+POLL_S = 0.5  # docker and the server, asked no more often than this
 
 
 def run_container(name: str, image: str, port: int, *extra: str) -> Container:
@@ -90,13 +93,6 @@ def metric(container: Container, sample: str) -> float:
     match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
     assert match, f"/metrics has no {sample}"
     return float(match.group(1))
-
-
-def wait_for(condition, what: str, timeout: float = 60, every: float = 0.5) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(every)
 
 
 # ------------------------------------------------------------------ the image
@@ -156,7 +152,7 @@ def test_docker_logs_grep_error_finds_an_injected_error(server) -> None:
                         headers={"Authorization": f"Bearer {key}"})
     assert failed.status_code == 409, failed.text
     injected = "model reload from /app/models/missing failed"
-    wait_for(lambda: injected in server.logs(), "the failed reload in docker logs")
+    wait_for(lambda: injected in server.logs(), "the failed reload in docker logs", timeout=WAIT_S, every=POLL_S)
     assert injected in ok(shell("docker logs sentiment-analyzer 2>&1 | grep ERROR"))
     assert injected in ok(shell("docker logs sentiment-analyzer 2>&1 | grep ERROR | tail -20"))
     assert injected in ok(shell(f"docker exec sentiment-analyzer grep ERROR {LOG_FILE} | tail -20"))
@@ -222,7 +218,7 @@ def test_old_stack_equivalents_work(server) -> None:
     reloads = 'sentiment_model_reloads_total{result="ok"}'
     before = metric(server, reloads)
     ok(shell("docker kill --signal=HUP sentiment-analyzer"))
-    wait_for(lambda: metric(server, reloads) == before + 1, "a model reload after SIGHUP")
+    wait_for(lambda: metric(server, reloads) == before + 1, "a model reload after SIGHUP", timeout=WAIT_S, every=POLL_S)
     assert server.state()["Status"] == "running"
 
 
@@ -265,7 +261,8 @@ def test_docker_kill_then_start_keeps_every_answered_prediction(server) -> None:
                  "sys.argv[1:]).fetchone()[0])")
         return int(docker("exec", NAME, "python", "-c", query, *ids).stdout)
 
-    wait_for(lambda: stored() == len(ids), f"all {len(ids)} predictions answered before the kill in the database")
+    wait_for(lambda: stored() == len(ids), f"all {len(ids)} predictions answered before the kill in the database",
+             timeout=WAIT_S, every=POLL_S)
 
 
 def test_docker_stop_answers_in_flight_requests_and_exits_0(server) -> None:

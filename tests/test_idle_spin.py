@@ -24,6 +24,10 @@ from server.idle_spin import IdleSpin, refusal
 from server.metrics import Metrics
 from server.preflight import check_configuration
 from tests.test_batcher import RecordingEngine, settings
+from tests.waiting import wait_for
+
+WAIT_S = 10.0  # wait_for's bound unless a test says otherwise
+POLL_S = 0.02  # fine enough to see a 0.3 s window
 
 
 def spinning(pid: int) -> bool:
@@ -33,15 +37,6 @@ def spinning(pid: int) -> bool:
 
 def parked(pid: int) -> bool:
     return psutil.Process(pid).status() == psutil.STATUS_SLEEPING
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def gone(pid: int) -> bool:
@@ -60,23 +55,28 @@ def spin():
 
 def test_spinners_run_at_idle_priority_spin_for_the_window_after_a_touch_then_park(spin):
     # never ahead of the server's own threads (each sets it first thing, once its interpreter has started)
-    assert wait_for(lambda: all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in spin.pids))
-    assert wait_for(lambda: all(parked(pid) for pid in spin.pids))  # no touch yet
+    wait_for(lambda: all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in spin.pids), "SCHED_IDLE spinners",
+             timeout=WAIT_S, every=POLL_S)
+    wait_for(lambda: all(parked(pid) for pid in spin.pids), "the spinners parked before any touch",
+             timeout=WAIT_S, every=POLL_S)
     time.sleep(0.1)
     assert all(parked(pid) for pid in spin.pids)
     spin.touch()
-    assert wait_for(lambda: all(spinning(pid) for pid in spin.pids), timeout=0.25)
-    assert wait_for(lambda: all(parked(pid) for pid in spin.pids), timeout=2)  # the 0.3 s window is over
+    wait_for(lambda: all(spinning(pid) for pid in spin.pids), "the spinners spinning after a touch", timeout=0.25,
+             every=POLL_S)
+    wait_for(lambda: all(parked(pid) for pid in spin.pids), "the spinners parked once the 0.3 s window is over",
+             timeout=2, every=POLL_S)
 
 
 def test_a_touch_within_the_window_extends_it(spin):
-    assert wait_for(lambda: all(parked(pid) for pid in spin.pids))
+    wait_for(lambda: all(parked(pid) for pid in spin.pids), "the spinners parked", timeout=WAIT_S, every=POLL_S)
     spin.touch()
     for _ in range(6):  # 0.6 s of touches every 0.1 s: the 0.3 s window never runs out
         time.sleep(0.1)
         assert all(spinning(pid) for pid in spin.pids)
         spin.touch()
-    assert wait_for(lambda: all(parked(pid) for pid in spin.pids), timeout=2)
+    wait_for(lambda: all(parked(pid) for pid in spin.pids), "the spinners parked once the touches stop", timeout=2,
+             every=POLL_S)
 
 
 def test_close_ends_the_spinners_even_mid_window():
@@ -91,7 +91,7 @@ def test_close_ends_the_spinners_even_mid_window():
 def test_close_kills_a_stopped_spinner_at_once_rather_than_wait_for_it():
     """A spinner frozen by SIGSTOP held the shutdown for a 2 s wait per spinner (red team helper-76)."""
     spinning = IdleSpin(window_s=30, spinners=2)
-    assert wait_for(lambda: all(parked(pid) for pid in spinning.pids))
+    wait_for(lambda: all(parked(pid) for pid in spinning.pids), "the spinners parked", timeout=WAIT_S, every=POLL_S)
     os.kill(spinning.pids[0], signal.SIGSTOP)
     started = time.monotonic()
     spinning.close()
@@ -118,9 +118,9 @@ def test_a_start_that_fails_part_way_reaps_the_spinners_it_started(monkeypatch):
 def test_health_says_how_many_spinners_run(spin):
     assert spin.describe() == {"window_ms": 300, "spinners": 2, "running": 2}
     os.kill(spin.pids[1], signal.SIGSTOP)  # alive, but spinning no more (red team helper-77)
-    assert wait_for(lambda: spin.describe()["running"] == 1)
+    wait_for(lambda: spin.describe()["running"] == 1, "one spinner counted running", timeout=WAIT_S, every=POLL_S)
     os.kill(spin.pids[0], signal.SIGKILL)
-    assert wait_for(lambda: spin.describe()["running"] == 0)
+    wait_for(lambda: spin.describe()["running"] == 0, "no spinner counted running", timeout=WAIT_S, every=POLL_S)
 
 
 def test_spinners_end_when_the_server_is_killed(tmp_path):
@@ -137,27 +137,30 @@ def test_spinners_end_when_the_server_is_killed(tmp_path):
     assert len(pids) == 2 and not any(gone(pid) for pid in pids)
     owner.kill()
     owner.wait()
-    assert wait_for(lambda: all(gone(pid) for pid in pids), timeout=5), "spinners outlived their server"
+    wait_for(lambda: all(gone(pid) for pid in pids), "the spinners to end with their server", timeout=5, every=POLL_S)
 
 
 def test_stop_signals_to_the_whole_process_group_leave_the_spinners_to_end_with_the_server(spin):
     """A service manager's SIGTERM (or a terminal's SIGINT, SIGHUP) to every process: the server drains for a while
     after it, and its batches still touch the spinners, which must not be gone (a warning would say so)."""
-    assert wait_for(lambda: all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in spin.pids))  # started
+    wait_for(lambda: all(os.sched_getscheduler(pid) == os.SCHED_IDLE for pid in spin.pids), "the spinners started",
+             timeout=WAIT_S, every=POLL_S)
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         for pid in spin.pids:
             os.kill(pid, stop)
     time.sleep(0.2)
     assert not any(gone(pid) for pid in spin.pids)
     spin.touch()
-    assert wait_for(lambda: all(spinning(pid) for pid in spin.pids), timeout=1)
+    wait_for(lambda: all(spinning(pid) for pid in spin.pids), "the spinners spinning after the touch", timeout=1,
+             every=POLL_S)
 
 
 def test_touch_after_every_spinner_was_killed_only_warns_once(caplog):
     spinning = IdleSpin(window_s=0.05, spinners=1)
     try:
         os.kill(spinning.pids[0], signal.SIGKILL)
-        assert wait_for(lambda: spinning._processes[0].poll() is not None)
+        wait_for(lambda: spinning._processes[0].poll() is not None, "the killed spinner reaped", timeout=WAIT_S,
+                 every=POLL_S)
         time.sleep(0.06)  # past the window: the next touch writes to the pipe
         spinning.touch()
         time.sleep(0.06)

@@ -33,20 +33,11 @@ from server.metrics import Metrics
 from server.primitives import Draining
 from server.store.migrate import SchemaBehind
 from tests.test_protocol_oip_v2 import create_key
+from tests.waiting import wait_for  # also imported from here by test_protocol_oip_grpc
 
 WAIT_S = 30.0
 MARGIN_S = 30.0  # beyond DRAIN_GRACE_S + DRAIN_TIMEOUT_S: the store's close, process exit, a loaded machine
 SHUTDOWN_LINE = re.compile(r"shutdown: answered (\d+) requests during drain, abandoned (\d+)$")
-
-
-def wait_for(condition, what: str, timeout: float = WAIT_S, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"{what}: not within {timeout} s")
 
 
 def wait_exit(live: LiveServer, timeout: float) -> tuple[int, float]:
@@ -311,7 +302,7 @@ def test_a_sigterm_before_the_loop_handles_signals_stops_at_once_with_a_line_and
     live = start_server({"MODEL_PATH": str(tiny_artifact)}, tmp_path, wait_ready=False)
     try:
         wait_for(lambda: live.process.poll() is not None or catches(live.process.pid, signal.SIGTERM),
-                 "the process to catch SIGTERM", interval=0.001)
+                 "the process to catch SIGTERM", every=0.001)
         live.process.send_signal(signal.SIGTERM)
         code, _ = wait_exit(live, WAIT_S)
     finally:

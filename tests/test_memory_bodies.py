@@ -29,9 +29,11 @@ from server.config import load_settings
 from server.http import ObservedASGI, install_error_handlers
 from server.metrics import Metrics
 from tests.asgi_thread import serve_in_thread
+from tests.waiting import wait_for
 
 LIMIT = 1000
 WAIT_S = 30
+POLL_S = 0.01
 
 
 class Holding:
@@ -81,13 +83,6 @@ def body_of(size: int) -> bytes:
     return json.dumps({"pad": "x" * (size - 11)}).encode()
 
 
-def wait_until(condition, timeout: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def refused(metrics: Metrics) -> float:
     return metrics.registry.get_sample_value("sentiment_rejected_requests_total", {"reason": "body_memory_full"}) or 0
 
@@ -108,7 +103,7 @@ def post_in_background(url: str, content) -> tuple[threading.Thread, dict]:
 def test_a_declared_body_past_the_budget_is_refused_before_it_is_read_and_admitted_once_room_is_freed(held_app):
     url, bodies, holding, metrics = held_app
     first, result = post_in_background(url, body_of(600))
-    wait_until(lambda: holding.arrived == 1)
+    wait_for(lambda: holding.arrived == 1, "the first request held", timeout=WAIT_S, every=POLL_S)
     assert bodies.held == 600
     with httpx.Client(timeout=WAIT_S) as client:
         response = client.post(f"{url}/hold", content=body_of(600), headers={"Content-Type": "application/json"})
@@ -119,7 +114,7 @@ def test_a_declared_body_past_the_budget_is_refused_before_it_is_read_and_admitt
         holding.released.set()
         first.join(WAIT_S)
         assert result["response"].status_code == 200
-        wait_until(lambda: bodies.held == 0)
+        wait_for(lambda: bodies.held == 0, "every body's bytes given back", timeout=WAIT_S, every=POLL_S)
         assert client.post(f"{url}/hold", content=body_of(600), headers={"Content-Type": "application/json"}
                            ).status_code == 200  # room again: the same body is taken, on the same connection
     assert bodies.held == 0
@@ -133,18 +128,18 @@ def test_a_declared_body_that_does_not_arrive_holds_only_its_bytes_so_it_cannot_
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
         sock.sendall(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900"
                      b"\r\n\r\n" + body_of(900)[:1])
-        wait_until(lambda: bodies.held == 1)
+        wait_for(lambda: bodies.held == 1, "the one byte sent held", timeout=WAIT_S, every=POLL_S)
         with httpx.Client(timeout=WAIT_S) as client:
             assert client.post(f"{url}/hold", content=body_of(600), headers={"Content-Type": "application/json"}
                                ).status_code == 200
         assert refused(metrics) == 0 and bodies.held == 1
-    wait_until(lambda: bodies.held == 0)
+    wait_for(lambda: bodies.held == 0, "every body's bytes given back", timeout=WAIT_S, every=POLL_S)
 
 
 def test_a_chunked_body_is_held_as_it_arrives_and_refused_when_it_would_pass_the_budget(held_app):
     url, bodies, holding, metrics = held_app
     first, _ = post_in_background(url, body_of(600))
-    wait_until(lambda: holding.arrived == 1)
+    wait_for(lambda: holding.arrived == 1, "the first request held", timeout=WAIT_S, every=POLL_S)
     chunks = [body_of(800)[i:i + 100] for i in range(0, 800, 100)]
     with httpx.Client(timeout=WAIT_S) as client:
         response = client.post(f"{url}/hold", content=iter(chunks), headers={"Content-Type": "application/json"})
@@ -153,7 +148,7 @@ def test_a_chunked_body_is_held_as_it_arrives_and_refused_when_it_would_pass_the
     assert bodies.held == 600  # what the refused body had taken was given back
     holding.released.set()
     first.join(WAIT_S)
-    wait_until(lambda: bodies.held == 0)
+    wait_for(lambda: bodies.held == 0, "every body's bytes given back", timeout=WAIT_S, every=POLL_S)
     with httpx.Client(timeout=WAIT_S) as client:
         assert client.post(f"{url}/hold", content=iter(chunks), headers={"Content-Type": "application/json"}
                            ).status_code == 200
@@ -163,7 +158,7 @@ def test_a_client_still_sending_a_large_refused_body_reads_its_503_not_a_reset_c
     size = 4 << 20  # more than the sockets' buffers hold: the client is still sending when the server decides
     with serve_held(6 << 20) as (url, bodies, holding, metrics):
         first, _ = post_in_background(url, body_of(size))
-        wait_until(lambda: holding.arrived == 1)
+        wait_for(lambda: holding.arrived == 1, "the first request held", timeout=WAIT_S, every=POLL_S)
         with httpx.Client(timeout=WAIT_S) as client:
             for content in (body_of(size), iter([body_of(size)[i:i + 65536] for i in range(0, size, 65536)])):
                 response = client.post(f"{url}/hold", content=content, headers={"Content-Type": "application/json"})
@@ -171,7 +166,7 @@ def test_a_client_still_sending_a_large_refused_body_reads_its_503_not_a_reset_c
         assert refused(metrics) == 2 and bodies.held == size
         holding.released.set()
         first.join(WAIT_S)
-        wait_until(lambda: bodies.held == 0)
+        wait_for(lambda: bodies.held == 0, "every body's bytes given back", timeout=WAIT_S, every=POLL_S)
 
 
 def test_every_way_a_request_ends_gives_its_bytes_back(held_app):
@@ -187,8 +182,9 @@ def test_every_way_a_request_ends_gives_its_bytes_back(held_app):
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:  # gone mid-body
         sock.sendall(b"POST /hold HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 900\r\n\r\n"
                      + body_of(900)[:300])
-        wait_until(lambda: bodies.held == 300)  # what arrived, not what was declared
-    wait_until(lambda: bodies.held == 0)
+        wait_for(lambda: bodies.held == 300, "the 300 bytes sent held, not the 900 declared",
+                 timeout=WAIT_S, every=POLL_S)
+    wait_for(lambda: bodies.held == 0, "every body's bytes given back", timeout=WAIT_S, every=POLL_S)
 
 
 # --- what a parsed body costs, through the real app ---
@@ -202,7 +198,7 @@ def app_in_thread(app) -> Iterator[int]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: server.started or not thread.is_alive(), timeout=120)
+        wait_for(lambda: server.started or not thread.is_alive(), "the app to start", timeout=120, every=POLL_S)
         assert server.started, "the app did not start"
         yield sock.getsockname()[1]
     finally:

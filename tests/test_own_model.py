@@ -25,7 +25,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from scripts.bench_onnx import main as bench_main
 from scripts.benchlib.serverproc import LiveServer, start_server, stop_server
 from tests.labeled_files import write_labeled
 from tests.own_model_fixtures import one_torch_thread, save_checkpoint
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Serve your own model"
@@ -49,6 +49,8 @@ TEXTS = ["a gorgeous , witty , seductive movie .", "the movie fails to live up t
          "one of the year 's best films", "unflinchingly bleak and desperate", "not bad at all .",
          "I want my money back", "warm , funny and beautifully acted", "dull , lifeless and far too long"]
 LONG_TEXT = "word " * 300  # > 256 tokens: truncated by the 3-label artifact (--max-length 256)
+WAIT_S = 60.0  # for the server to reload, or the database to catch up
+POLL_S = 0.2
 _one_torch_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
@@ -209,15 +211,6 @@ def prediction_series(server: LiveServer) -> dict[tuple, float]:
                           "sentiment_low_confidence_predictions_total")}
 
 
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def give_feedback(command: str, server: LiveServer, prediction_id: str, label: str) -> tuple[int, dict]:
     """The README's feedback command; a prediction not yet in the database (404) is retried, as its error says."""
     command = command.replace('"label": "neutral"', f'"label": "{label}"')
@@ -226,7 +219,7 @@ def give_feedback(command: str, server: LiveServer, prediction_id: str, label: s
         status, body = curl(command, server, {"ID": prediction_id})
         return None if status == 404 else (status, json.loads(body))
 
-    return wait_for(answered, "the prediction to reach the database")
+    return wait_for(answered, "the prediction to reach the database", timeout=WAIT_S, every=POLL_S)
 
 
 def test_the_readme_flow_serves_reloads_and_takes_feedback_in_each_models_labels(built, workspace, capsys,
@@ -287,7 +280,7 @@ def test_the_readme_flow_serves_reloads_and_takes_feedback_in_each_models_labels
         assert argv(readme("kill"), {"SERVER_PID": pid}) == ["kill", "-HUP", str(pid)]
         server.process.send_signal(signal.SIGHUP)
         wait_for(lambda: httpx.get(server.url + "/health", timeout=10).json()["model"]["name"] == "distilbert-2",
-                 "the SIGHUP reload of MODEL_PATH")
+                 "the SIGHUP reload of MODEL_PATH", timeout=WAIT_S, every=POLL_S)
         assert httpx.get(server.url + "/health", timeout=10).json()["model"]["labels"] == ["NEGATIVE", "POSITIVE"]
 
         export = tmp_path / "corrections.tsv"

@@ -30,8 +30,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, start_server, stop_server
-from tests.test_lifecycle import metric, start_with_hanging_engine, wait_for
+from tests.test_lifecycle import metric, start_with_hanging_engine
 from tests.test_protocol_oip_v2 import TEXTS, create_key, native
+from tests.waiting import wait_for
 
 PROTO = "server/protocols/oip_proto/grpc_service.proto"
 TIMEOUT_S = 30
@@ -287,7 +288,7 @@ def test_calls_cancelled_by_their_client_are_499_and_unanswered_at_the_drain_dea
     refused 503-like (UNAVAILABLE, error type draining) and counted in the shutdown line's abandoned, and the exit
     status says so (1); a call whose client gave up (its deadline passed) is the client's doing: counted as 499,
     not abandoned."""
-    from tests.test_lifecycle import MARGIN_S, metric, shutdown_counts, start_with_hanging_engine, wait_exit, wait_for
+    from tests.test_lifecycle import MARGIN_S, metric, shutdown_counts, start_with_hanging_engine, wait_exit
 
     grace_s, port = 1.0, free_port()
     drain_timeout_s = 3.0 if drain_ends_by == "its deadline" else 600.0
