@@ -308,6 +308,17 @@ def test_grpc_with_a_valid_key_and_an_empty_message_is_answered_as_before(keyed)
     assert answer.code() == grpc.StatusCode.NOT_FOUND, (answer.code(), answer.details())
 
 
+def test_a_content_type_sent_twice_is_refused_before_the_key_as_a_body_s_encoding_is(keyed):
+    """Like a Content-Encoding, a header that makes the body unreadable is judged first, whoever sends it; the
+    answer names the header, nothing of the body."""
+    live, _, issued = keyed
+    for key in ({}, {"Authorization": f"Bearer {issued['predict']}"}):
+        headers = [("Content-Type", JSON), ("Content-Type", JSON), *key.items()]
+        answer = httpx.post(live.url + "/predict", content=NOT_JSON, headers=headers, timeout=TIMEOUT_S)
+        assert (answer.status_code, answer.json()["type"]) == (400, "bad_request"), answer.text
+        assert answer.json()["error"].startswith("Content-Type sent 2 times") and "body" not in answer.text
+
+
 @pytest.mark.parametrize("name", ["authorization", "x-api-key"])
 def test_a_key_header_sent_twice_is_refused_whichever_copy_is_valid(keyed, name):
     """The first copy was taken, over HTTP and gRPC alike (before that, HTTP judged the first and gRPC the last):
