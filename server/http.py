@@ -148,7 +148,7 @@ class ObservedASGI:
         if head:  # RFC 9110 9.3.2: the GET without its body (the server still sends GET's Content-Length)
             scope = {**scope, "method": "GET"}
         started = time.perf_counter()
-        response = {"status": 500, "started": False}
+        response = {"status": 500, "started": False, "body_asked": False}
         limit = self.max_body_bytes
         received = reserved = 0
         guard = getattr(services, "memory_guard", None)
@@ -156,6 +156,7 @@ class ObservedASGI:
 
         async def limited_receive():
             nonlocal received, reserved
+            response["body_asked"] = True  # (``100 Continue`` goes out now, if the client waits for it)
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -171,7 +172,13 @@ class ObservedASGI:
         async def observed_send(message):
             if message["type"] == "http.response.start":
                 response.update(status=message["status"], started=True)
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                headers = message.setdefault("headers", [])
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                if not response["body_asked"] and awaits_continue(scope) and not closes(headers):
+                    # RFC 9110 10.1.1: answered without ``100 Continue``, the client may send its body or not, so
+                    # what comes next on the connection is unknown: read on, a next request was taken for that
+                    # body (red team helper-79: a 404 or 415 on such a request swallowed the request after it)
+                    headers.append((b"connection", b"close"))
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
             await send(message)
@@ -181,6 +188,8 @@ class ObservedASGI:
             if scope["path"].endswith("\n"):  # the routes' patterns end in "$", which matches before a final "\n"
                 return await not_found(scope["path"])(scope, receive, observed_send)
             refusal = self.refusal(scope["headers"])
+            if refusal is not None and sends_body(scope):  # its body is never read: the connection goes (below)
+                refusal.headers["Connection"] = "close"
             if refusal is None and services is not None and sends_body(scope):
                 refused = await refusal_before_body(services, scope, route_of)
                 if refused is not None:  # its body is never read: the connection goes
@@ -247,6 +256,16 @@ class ObservedASGI:
                                        "(MAX_REQUEST_BYTES); send fewer or shorter texts",
                                   headers={"Connection": "close"})
         return None
+
+
+def awaits_continue(scope) -> bool:
+    """Whether the client waits for ``100 Continue`` before it sends its body (``Expect: 100-continue``)."""
+    return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in scope["headers"])
+
+
+def closes(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a response's headers already end its connection."""
+    return any(name.lower() == b"connection" and b"close" in value.lower() for name, value in headers)
 
 
 def sends_body(scope) -> bool:

@@ -213,6 +213,54 @@ def test_a_client_that_expects_100_continue_gets_it_before_sending_the_body_and_
     assert len(json.loads(body)["predictions"]) == 1
 
 
+def ends(sock: socket.socket) -> bool:
+    """Whether the server ends the connection (a close or a reset) within WAIT_S; what it sends first is dropped."""
+    deadline = time.monotonic() + WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+TWO_TYPES = b"Content-Type: application/json\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("head, status", [
+    (TWO_TYPES + b"Content-Length: 10000000000\r\n\r\n", 400),
+    (TWO_TYPES + b"Transfer-Encoding: gzip, chunked\r\n\r\nc\r\n{\"text\":\"a\"}\r\n0\r\n\r\n", 400),
+    (b"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: 10000000000\r\n\r\n", 415),
+], ids=["two-types-10-gb", "two-types-gzip-chunked", "gzip-10-gb"])
+def test_a_request_refused_on_its_headers_ends_the_connection_its_body_was_coming_on(server, head, status):
+    """Refused on its headers, the body is never read, so the connection goes with the answer. A Content-Type sent
+    twice (judged first) kept it open where the 413 for a body too large or the 400 for an unsupported transfer
+    coding closed it: a declared 10 GB body was read and thrown away until the body deadline, and after the
+    coding the server answered the next request (red team helper-79); a Content-Encoding's 415 kept it open too."""
+    with connect(server) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n" + head + b"GET /ready HTTP/1.1\r\nHost: test\r\n\r\n")
+        answered, headers, _ = read_response(sock)
+        assert (answered, headers.get("connection")) == (status, "close"), headers
+        assert ends(sock)
+
+
+@pytest.mark.parametrize("path, extra", [("/no-such-route", b""), ("/predict", b"Content-Encoding: gzip\r\n"),
+                                         ("/predict", b"Content-Type: text/plain\r\n")],
+                         ids=["404", "415-coding", "400-two-types"])
+def test_an_answer_given_before_100_continue_ends_the_connection(server, path, extra):
+    """Answered without ``100 Continue``, a client may send its body or not (RFC 9110 10.1.1); the server read on and
+    took the next request for that body: a GET of exactly the declared length was swallowed (red team helper-79)."""
+    with connect(server) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n".encode() + extra
+                     + b"Expect: 100-continue\r\nContent-Length: 32\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert status in (400, 404, 415) and headers.get("connection") == "close", (status, headers)
+        assert ends(sock)
+
+
 def predict_requests(server: LiveServer, status: int) -> float:
     return metric(server, f'sentiment_requests_total{{endpoint="/predict",status="{status}"}}')
 
