@@ -217,12 +217,14 @@ class HeadWithBody:
     drop it.
     """
 
-    __slots__ = ("_transport", "_head", "_head_seen")
+    __slots__ = ("_transport", "_head", "_head_seen", "_close")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None] | None = None) -> None:
+        """``close``: how the connection ends after an answer that closes it (default: the transport's close)."""
         self._transport = transport
         self._head: bytes | None = None
         self._head_seen = False
+        self._close = close or transport.close
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
@@ -238,7 +240,7 @@ class HeadWithBody:
         if self._head is not None:
             head, self._head = self._head, None
             self._transport.write(head)
-        self._transport.close()
+        self._close()
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
@@ -481,7 +483,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own
             cycle.scope[ANSWERING] = weakref.ref(cycle)  # weak: the cycle holds the scope (``client_left``)
             if cycle.scope["method"] != "HEAD":  # a HEAD response has no body write to carry its head
-                cycle.transport = HeadWithBody(self.transport)
+                cycle.transport = HeadWithBody(self.transport, self._close_answered)
         if self.guard.draining:
             self.cycle.keep_alive = False
         self.phase = "body"
@@ -683,6 +685,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.guard.draining:
             self.guard.answered += 1
         self._close_lingering(response)
+
+    def _close_answered(self) -> None:
+        """The close after an answer that ends its connection. One given before its request's body had all arrived
+        (``server.http.ObservedASGI`` closes those: a refusal on the headers, a 404, a 401) lingers as a refusal
+        does: closed at once, the body still arriving reset the connection, and a client that writes its body before
+        reading lost the answer (red team helper-80: an 8 MB body to a 415, a reset in 10 tries of 10)."""
+        if self.phase == "body" and not self.transport.is_closing():
+            self._not_reading = True
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self._arm(REFUSAL_LINGER_S, self.transport.close)
+            return
+        self.transport.close()
 
     def _close_lingering(self, response: bytes) -> None:
         """Write ``response``, then close after ``REFUSAL_LINGER_S`` of reading and discarding what the client still

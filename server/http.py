@@ -148,7 +148,7 @@ class ObservedASGI:
         if head:  # RFC 9110 9.3.2: the GET without its body (the server still sends GET's Content-Length)
             scope = {**scope, "method": "GET"}
         started = time.perf_counter()
-        response = {"status": 500, "started": False, "body_asked": False}
+        response = {"status": 500, "started": False, "body_read": False}
         limit = self.max_body_bytes
         received = reserved = 0
         guard = getattr(services, "memory_guard", None)
@@ -156,8 +156,9 @@ class ObservedASGI:
 
         async def limited_receive():
             nonlocal received, reserved
-            response["body_asked"] = True  # (``100 Continue`` goes out now, if the client waits for it)
             message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                response["body_read"] = True  # all of it, or the client left
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -174,10 +175,12 @@ class ObservedASGI:
                 response.update(status=message["status"], started=True)
                 headers = message.setdefault("headers", [])
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
-                if not response["body_asked"] and awaits_continue(scope) and not closes(headers):
-                    # RFC 9110 10.1.1: answered without ``100 Continue``, the client may send its body or not, so
-                    # what comes next on the connection is unknown: read on, a next request was taken for that
-                    # body (red team helper-79: a 404 or 415 on such a request swallowed the request after it)
+                if not response["body_read"] and sends_body(scope) and not closes(headers):
+                    # Answered before all its body was read (refused on its headers, a 404, a 401): the connection
+                    # goes. Kept, it read and discarded the body until the body deadline (a declared 10 GB, a
+                    # chunked one that never ends: 105 GB in 30 s) or, when the client waited for ``100 Continue``
+                    # and so may never send it (RFC 9110 10.1.1), took the next request for it (red teams
+                    # helper-79 and helper-80). The close lingers (``server.connections``), so the answer is read.
                     headers.append((b"connection", b"close"))
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
@@ -188,8 +191,6 @@ class ObservedASGI:
             if scope["path"].endswith("\n"):  # the routes' patterns end in "$", which matches before a final "\n"
                 return await not_found(scope["path"])(scope, receive, observed_send)
             refusal = self.refusal(scope["headers"])
-            if refusal is not None and sends_body(scope):  # its body is never read: the connection goes (below)
-                refusal.headers["Connection"] = "close"
             if refusal is None and services is not None and sends_body(scope):
                 refused = await refusal_before_body(services, scope, route_of)
                 if refused is not None:  # its body is never read: the connection goes
@@ -256,11 +257,6 @@ class ObservedASGI:
                                        "(MAX_REQUEST_BYTES); send fewer or shorter texts",
                                   headers={"Connection": "close"})
         return None
-
-
-def awaits_continue(scope) -> bool:
-    """Whether the client waits for ``100 Continue`` before it sends its body (``Expect: 100-continue``)."""
-    return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in scope["headers"])
 
 
 def closes(headers: list[tuple[bytes, bytes]]) -> bool:
