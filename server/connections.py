@@ -210,7 +210,8 @@ class HeadWithBody:
     7% less loop CPU per request; a lone request's wait did not change measurably).
 
     The first write that is not ``100 Continue`` (written while the client waits to send its body: never held) is
-    the head: uvicorn writes nothing else before it. Closing writes a held head first. Everything else is the
+    the head: uvicorn writes nothing else before it. Closing writes a held head first, then ends the connection as
+    the protocol says (``close``: lingering when the request's body is still arriving). Everything else is the
     transport's own. Not used for HEAD requests, whose responses have no body write. It suits responses whose body
     follows the head at once, as every one here does; a streaming response would hold its head until its first
     chunk, and a deadline closing the connection meanwhile (which writes to the connection's own transport) would
