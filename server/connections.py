@@ -691,8 +691,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """The close after an answer that ends its connection. One given before its request's body had all arrived
         (``server.http.ObservedASGI`` closes those: a refusal on the headers, a 404, a 401) lingers as a refusal
         does: closed at once, the body still arriving reset the connection, and a client that writes its body before
-        reading lost the answer (red team helper-80: an 8 MB body to a 415, a reset in 10 tries of 10)."""
-        if self.phase == "body" and not self.transport.is_closing():
+        reading lost the answer (red team helper-80: an 8 MB body to a 415, a reset in 10 tries of 10). Only the
+        newest request's body can still be arriving, and its answer is then the one complete: a request pipelined
+        behind the answered one is never started (red team helper-81: lingering there, it ran unanswered)."""
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and cycle.more_body and not self.transport.is_closing():
             self._not_reading = True
             if self.transport.can_write_eof():
                 self.transport.write_eof()

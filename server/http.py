@@ -95,6 +95,7 @@ class BodyTooLarge(HTTPException):
 
 
 BODY_RETRY_AFTER_S = 1  # bodies in flight are answered within a request's time: soon there is room again
+SKIPPED_BODY_MAX_BYTES = 64 * 1024  # an unread body up to this (declared) is skipped, the connection kept
 
 
 class BodiesFull(HTTPException):
@@ -175,12 +176,14 @@ class ObservedASGI:
                 response.update(status=message["status"], started=True)
                 headers = message.setdefault("headers", [])
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
-                if not response["body_read"] and sends_body(scope) and not closes(headers):
-                    # Answered before all its body was read (refused on its headers, a 404, a 401): the connection
-                    # goes. Kept, it read and discarded the body until the body deadline (a declared 10 GB, a
-                    # chunked one that never ends: 105 GB in 30 s) or, when the client waited for ``100 Continue``
-                    # and so may never send it (RFC 9110 10.1.1), took the next request for it (red teams
-                    # helper-79 and helper-80). The close lingers (``server.connections``), so the answer is read.
+                if not response["body_read"] and unbounded_body(scope) and not closes(headers):
+                    # Answered before its body was read (refused on its headers, a 404, a 401), and that body is
+                    # not a small one the connection can skip: the connection goes. Kept, it read and discarded
+                    # the body until the body deadline (a declared 10 GB; a chunked one that never ends, 105 GB in
+                    # 30 s) or, when the client waited for ``100 Continue`` and so may never send it (RFC 9110
+                    # 10.1.1), took the next request for it (red teams helper-79 to helper-81). A small declared
+                    # body is skipped, as before: the requests pipelined behind it are answered. The close lingers
+                    # while the body still arrives (``server.connections``), so the answer is read.
                     headers.append((b"connection", b"close"))
             elif head and message["type"] == "http.response.body":
                 message = {**message, "body": b""}
@@ -234,11 +237,8 @@ class ObservedASGI:
         header sent twice is read whole, every copy (RFC 9110 5.3: they make one list): by its last copy alone,
         ``gzip`` then ``identity`` was taken as an uncompressed body (red team helper-65). Content-Type holds one
         value, not a list: sent twice, the first copy was read here and a proxy in front may read the last, so the
-        request is refused rather than guessed at."""
-        types = sum(name == b"content-type" for name, _ in headers)
-        if types > 1:
-            return error_response(400, f"Content-Type sent {types} times: send it once, as "
-                                       "'Content-Type: application/json'")
+        request is refused rather than guessed at (after the refusals of the body's framing and size, which end
+        the connection)."""
         encodings = codings(every_copy(headers, b"content-encoding"))
         if any(coding != "identity" for coding in encodings):
             return error_response(415, f"Content-Encoding {', '.join(encodings)!r} is not supported: send the body "
@@ -256,7 +256,26 @@ class ObservedASGI:
             return error_response(413, f"request body of {declared} bytes exceeds {self.max_body_bytes} "
                                        "(MAX_REQUEST_BYTES); send fewer or shorter texts",
                                   headers={"Connection": "close"})
+        types = sum(name == b"content-type" for name, _ in headers)
+        if types > 1:
+            return error_response(400, f"Content-Type sent {types} times: send it once, as "
+                                       "'Content-Type: application/json'")
         return None
+
+
+def unbounded_body(scope) -> bool:
+    """Whether a request's body, left unread, could not be skipped in bounded time and memory: chunked, declared
+    over ``SKIPPED_BODY_MAX_BYTES``, or awaited by a client that waits for ``100 Continue`` (it may never come)."""
+    chunked = waits = False
+    declared = 0
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            chunked = True
+        elif name == b"expect" and b"100-continue" in value.lower():
+            waits = True
+        elif name == b"content-length" and value.strip().isdigit():  # refusal() answered any other spelling
+            declared = int(value)
+    return chunked or declared > SKIPPED_BODY_MAX_BYTES or (waits and declared > 0)
 
 
 def closes(headers: list[tuple[bytes, bytes]]) -> bool:
