@@ -212,7 +212,8 @@ class HeadWithBody:
     The first write that is not ``100 Continue`` (written while the client waits to send its body: never held) is
     the head: uvicorn writes nothing else before it. Closing writes a held head first, then ends the connection as
     the protocol says (``close``: lingering when the request's body is still arriving). Everything else is the
-    transport's own. Not used for HEAD requests, whose responses have no body write. It suits responses whose body
+    transport's own. A HEAD response, which has no body write, has its head written at once (``hold_head``
+    False); it still closes as the protocol says. It suits responses whose body
     follows the head at once, as every one here does; a streaming response would hold its head until its first
     chunk, and a deadline closing the connection meanwhile (which writes to the connection's own transport) would
     drop it.
@@ -220,11 +221,12 @@ class HeadWithBody:
 
     __slots__ = ("_transport", "_head", "_head_seen", "_close")
 
-    def __init__(self, transport: asyncio.Transport, close: Callable[[], None] | None = None) -> None:
+    def __init__(self, transport: asyncio.Transport, close: Callable[[], None] | None = None,
+                 hold_head: bool = True) -> None:
         """``close``: how the connection ends after an answer that closes it (default: the transport's close)."""
         self._transport = transport
         self._head: bytes | None = None
-        self._head_seen = False
+        self._head_seen = not hold_head
         self._close = close or transport.close
 
     def write(self, data: bytes) -> None:
@@ -483,8 +485,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own
             cycle.scope[ANSWERING] = weakref.ref(cycle)  # weak: the cycle holds the scope (``client_left``)
-            if cycle.scope["method"] != "HEAD":  # a HEAD response has no body write to carry its head
-                cycle.transport = HeadWithBody(self.transport, self._close_answered)
+            # a HEAD response has no body write to carry its head
+            cycle.transport = HeadWithBody(self.transport, self._close_answered, cycle.scope["method"] != "HEAD")
         if self.guard.draining:
             self.cycle.keep_alive = False
         self.phase = "body"

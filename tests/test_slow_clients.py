@@ -307,6 +307,31 @@ def test_a_body_sent_with_a_get_ends_the_connection_with_its_answer(server):
         assert ends(sock)
 
 
+def test_a_head_request_that_writes_its_whole_body_before_reading_gets_its_answer_not_a_reset(server):
+    """A HEAD answer's transport closed at once: an 8 MB body after it reset the connection, and http.client lost
+    the 413 in 5 tries of 5 (red team helper-82)."""
+    with connect(server) as sock:
+        sock.sendall(b"HEAD /ready HTTP/1.1\r\nHost: test\r\nContent-Length: 8000000\r\n\r\n")
+        time.sleep(0.2)  # the answer is on its way before the body is
+        sock.sendall(b"x" * 8_000_000)
+        head = b""
+        while b"\r\n\r\n" not in head:  # a HEAD answer is its head alone
+            head += sock.recv(65536) or pytest.fail(f"connection closed mid-head: {head!r}")
+    status, headers, _ = parse(head)
+    assert (status, headers.get("connection")) == (413, "close"), headers
+
+
+def test_a_content_length_padded_past_4300_digits_is_a_400_not_a_500(server):
+    """The parser takes any number of leading zeros; reading the count to decide whether the unread body could be
+    skipped raised ``ValueError`` (Python's 4,300-digit limit), and the refusal became uvicorn's plain 500
+    (red team helper-82)."""
+    with connect(server) as sock:
+        sock.sendall(b"POST /no-such-route HTTP/1.1\r\nHost: test\r\nContent-Length: " + b"0" * 4301 + b"5\r\n\r\n"
+                     + b"xxxxx")
+        status, headers, body = read_response(sock)
+    assert (status, json.loads(body)["type"], headers.get("connection")) == (400, "bad_request", "close")
+
+
 def test_a_request_without_a_body_that_expects_100_continue_keeps_its_connection(server):
     with connect(server) as sock:
         for _ in range(2):
