@@ -485,8 +485,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own
             cycle.scope[ANSWERING] = weakref.ref(cycle)  # weak: the cycle holds the scope (``client_left``)
-            # a HEAD response has no body write to carry its head
-            cycle.transport = HeadWithBody(self.transport, self._close_answered, cycle.scope["method"] != "HEAD")
+            cycle.transport = HeadWithBody(self.transport, self._close_answered,
+                                           hold_head=cycle.scope["method"] != "HEAD")  # HEAD: no body write
         if self.guard.draining:
             self.cycle.keep_alive = False
         self.phase = "body"
@@ -698,19 +698,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         behind the answered one is never started (red team helper-81: lingering there, it ran unanswered)."""
         cycle = self.cycle
         if cycle is not None and cycle.response_complete and cycle.more_body and not self.transport.is_closing():
-            self._not_reading = True
-            if self.transport.can_write_eof():
-                self.transport.write_eof()
-            self._arm(REFUSAL_LINGER_S, self.transport.close)
+            self._linger()
             return
         self.transport.close()
 
     def _close_lingering(self, response: bytes) -> None:
-        """Write ``response``, then close after ``REFUSAL_LINGER_S`` of reading and discarding what the client still
-        sends (``data_received``): closing with its bytes unread resets the connection, and the client can lose the
+        """Write ``response``, then close lingering (``_linger``)."""
+        self.transport.write(response)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close, then close after ``REFUSAL_LINGER_S`` of reading and discarding what the client still sends
+        (``data_received``): closing with its bytes unread resets the connection, and the client can lose the
         answer (a client trickling its headers had sent one more byte as its 408 went out)."""
         self._not_reading = True
-        self.transport.write(response)
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self._arm(REFUSAL_LINGER_S, self.transport.close)
@@ -721,9 +722,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.phase = "refused"
         self.transport = transport
         self.guard.metrics.rejected.labels("too_many_connections").inc()
-        transport.write(error_bytes(503, f"the server has {self.guard.max_connections} connections open "
-                                         "(MAX_CONNECTIONS); retry after the Retry-After delay",
-                                    "too_many_connections", retry_after=1))
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._deadline = self.loop.call_later(REFUSAL_LINGER_S, transport.close)
+        self._close_lingering(error_bytes(503, f"the server has {self.guard.max_connections} connections open "
+                                               "(MAX_CONNECTIONS); retry after the Retry-After delay",
+                                          "too_many_connections", retry_after=1))
