@@ -77,6 +77,9 @@ to the engine thread freed last (``server.worker_threads``: a lone client's
 requests keep to one thread, and its core's caches); the worker thread pads,
 runs the engine and the softmax, and hands the batch back through one
 ``call_soon_threadsafe``; a request awaits one future for all its texts.
+A batch that starts with nothing else running or waiting has the loop wake
+itself shortly before it is expected back (``server.wake_ahead``), so the
+hand-back does not wait for an idle CPU to wake.
 The engine's time is measured on the worker around the engine call alone
 (``sentiment_inference_latency_seconds``); the hand-offs, to the worker and
 back to the loop, are ``sentiment_engine_handoff_seconds`` (a stalled loop shows
@@ -120,6 +123,7 @@ from server.primitives import (
 )
 from server.store.throttle import Throttle
 from server.tokenizer import pad_batch
+from server.wake_ahead import WakeAhead
 from server.worker_threads import WorkerThreads, post
 
 log = logging.getLogger(__name__)
@@ -283,6 +287,8 @@ class Batcher:
         self._draining = False
         self._under_load = False  # the last batch served several requests, and the batcher was not idle since
         self._following_up = False  # a batch with a follow-up is running (``_request_to_follow_up``)
+        self._wake_ahead: WakeAhead | None = None
+        self._alone_on: int | None = None  # the worker running a batch that started with nothing else
         self._throttle = Throttle(log)
 
     @property
@@ -292,6 +298,7 @@ class Batcher:
     def start(self) -> None:
         """Bind to the running event loop: finished batches are handed back to it."""
         self._loop = asyncio.get_running_loop()
+        self._wake_ahead = WakeAhead(self._loop)
 
     async def submit(self, encodings: list[np.ndarray], timeout: float | None = None,
                      timings: StageTimings | None = None, on_worker: OnWorker | None = None) -> list[np.ndarray]:
@@ -450,6 +457,7 @@ class Batcher:
         self._dispatch()
 
     def _start(self, batch: list[WorkItem]) -> None:
+        alone = not self._waiting and len(self._idle) == self._workers
         worker = self._idle.pop()
         self._under_load = any(item.request is not batch[0].request for item in batch)
         for item in batch:
@@ -460,6 +468,9 @@ class Batcher:
         if followed_up is not None:
             self._following_up = True  # until its batch is handed back (``_finish``)
         self._threads.submit(worker, self._infer, worker, batch, formed, followed_up)
+        if alone:
+            self._alone_on = worker
+            self._wake_ahead.started_alone()
         idle_spin.touch()
 
     def _request_to_follow_up(self, batch: list[WorkItem]) -> PendingRequest | None:
@@ -537,6 +548,9 @@ class Batcher:
     def _finish(self, worker: int, parts: list[Part], ran: Ran, followed_up: bool,
                 after: Callable[[], None] | None) -> None:
         self._to_loop.observe(time.perf_counter() - ran.handed_back)
+        self._wake_ahead.back(ran.handed_back - ran.formed, alone=worker == self._alone_on)
+        if worker == self._alone_on:
+            self._alone_on = None
         self._idle.append(worker)
         idle_spin.touch()
         if followed_up:
