@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import httpx
@@ -336,6 +336,42 @@ def test_calls_cancelled_by_their_client_are_499_and_unanswered_at_the_drain_dea
     assert "DRAIN_TIMEOUT_S" in unanswered.details()
 
 
+def bodies_in_flight(live: LiveServer) -> int:
+    return httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()["memory"]["bodies_in_flight_bytes"]
+
+
+def hold_calls(live: LiveServer, address: str, request: service_pb2.ModelInferRequest,
+               count: Callable[[int], int]) -> tuple[int, int]:
+    """ModelInfer calls of ``request`` in the bodies' budget, each waiting for the hung engine until the server is
+    killed: one, then as many more as ``count(what one holds)`` says in all. Returns what each holds (its message
+    and its answer's share, taken ahead) and how many are held."""
+    threading.Thread(target=raw_infer, args=(address, request), daemon=True).start()
+    wait_for(lambda: bodies_in_flight(live) > 0, "the first call to be held", timeout=TIMEOUT_S)
+    each = bodies_in_flight(live)
+    assert each > request.ByteSize(), each  # the answer's share too
+    calls = count(each)
+    assert 1 <= calls <= 64, (each, calls)
+    for _ in range(calls - 1):
+        threading.Thread(target=raw_infer, args=(address, request), daemon=True).start()
+    wait_for(lambda: bodies_in_flight(live) == calls * each, f"{calls} calls to be held", timeout=TIMEOUT_S)
+    return each, calls
+
+
+def bodies_limit(live: LiveServer) -> int:
+    return httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()["memory"]["plan"]["bodies"]["max_bytes"]
+
+
+def refused_for_memory(live: LiveServer, error: grpc.Call) -> None:
+    """UNAVAILABLE with HTTP's body_memory_full type and Retry-After, counted once as a 503."""
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+    assert "request bodies" in error.details() and "retry after" in error.details(), error.details()
+    trailing = dict(error.trailing_metadata())
+    assert trailing["error-type"] == "body_memory_full" and trailing["retry-after"] == "1", trailing
+    assert metric(live, 'sentiment_rejected_requests_total{reason="body_memory_full"}') == 1
+    assert metric(live, 'sentiment_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",'
+                        'status="503"}') == 1
+
+
 def test_messages_are_held_in_the_bodies_budget_and_a_call_past_it_is_refused_and_counted(tiny_artifact, tmp_path):
     """A call's message counts in the request bodies' budget (shared with HTTP) until it is answered: with the
     engine hung, calls that fill the budget wait, and the next one is refused at once, UNAVAILABLE with HTTP's
@@ -344,30 +380,41 @@ def test_messages_are_held_in_the_bodies_budget_and_a_call_past_it_is_refused_an
     live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
         "GRPC_PORT": str(port), "MAX_REQUEST_BYTES": "65536", "ENABLE_MODEL_CACHING": "false"})
     address = f"127.0.0.1:{port}"
-
-    def memory() -> dict:
-        return httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()["memory"]
-
     try:
-        request = service_pb2.ModelInferRequest(model_name="sentiment")
-        tensor = request.inputs.add(name="text", datatype="BYTES", shape=[12])
-        tensor.contents.bytes_contents.extend([b"a fine film " * 400] * 12)  # ~58 KB
-        size, limit = request.ByteSize(), memory()["plan"]["bodies"]["max_bytes"]
-        fits = limit // size
-        assert 1 <= fits <= 64, (size, limit)
+        request = infer_request(*["a fine film " * 400] * 12)  # ~58 KB
         hang_file.touch()
-        for _ in range(fits):  # each waits for the hung engine until the server is killed
-            threading.Thread(target=raw_infer, args=(address, request), daemon=True).start()
-        wait_for(lambda: memory()["bodies_in_flight_bytes"] == fits * size, "the bodies budget to fill",
-                 timeout=TIMEOUT_S)
+        hold_calls(live, address, request, lambda each: bodies_limit(live) // each)  # the budget is full
         answer, error = raw_infer(address, request)
-        assert answer is None and error.code() == grpc.StatusCode.UNAVAILABLE, error
-        assert "request bodies" in error.details() and "retry after" in error.details(), error.details()
-        trailing = dict(error.trailing_metadata())
-        assert trailing["error-type"] == "body_memory_full" and trailing["retry-after"] == "1", trailing
-        assert metric(live, 'sentiment_rejected_requests_total{reason="body_memory_full"}') == 1
-        assert metric(live, 'sentiment_requests_total{endpoint="/inference.GRPCInferenceService/ModelInfer",'
-                            'status="503"}') == 1
+        assert answer is None
+        refused_for_memory(live, error)
+    finally:
+        live.process.kill()
+        live.process.wait(timeout=TIMEOUT_S)
+
+
+def test_an_infer_call_whose_answer_cannot_fit_is_refused_before_its_texts_are_classified(tiny_artifact, tmp_path):
+    """ModelInfer takes its answer's share of the bodies' budget before it classifies: taken after, a full budget
+    refused calls whose predictions were recorded already, and a client retrying as told (UNAVAILABLE,
+    retry-after) recorded them twice (red team helper-83: a 960,000-character ``id``, echoed in the answer). With
+    the engine hung, a call whose message fits in the room left but whose answer would not is refused at once:
+    classifying it would have waited for the engine."""
+    hang_file, port = tmp_path / "hang", free_port()
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "GRPC_PORT": str(port), "MAX_REQUEST_BYTES": "65536", "ENABLE_MODEL_CACHING": "false"})
+    address = f"127.0.0.1:{port}"
+    try:
+        limit = bodies_limit(live)
+        hang_file.touch()
+        request = infer_request(*["a fine film " * 400] * 12)
+        each, calls = hold_calls(live, address, request, lambda each: limit // each - 1)
+        room = limit - calls * each  # one call's or two
+        probe = infer_request("a fine film")
+        probe.id = "i" * (room * 55 // 100 - probe.ByteSize())  # the answer echoes it: it cannot fit beside it
+        assert probe.ByteSize() <= min(room, 65536) < 2 * probe.ByteSize(), (probe.ByteSize(), room)
+        answer, error = raw_infer(address, probe)
+        assert answer is None
+        refused_for_memory(live, error)
+        assert bodies_in_flight(live) == calls * each  # the refused call holds nothing
     finally:
         live.process.kill()
         live.process.wait(timeout=TIMEOUT_S)

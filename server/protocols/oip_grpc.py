@@ -44,9 +44,11 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   (``server.budget.BodyBudget``, shared with HTTP) from when its handler starts until the call ends, its answer
   sent (``held_until_sent``), so parsing, tokenizing, answering and unread answers stay within the plan as HTTP
   bodies do; beyond the budget, UNAVAILABLE with ``error-type: body_memory_full`` and
-  ``retry-after: 1``, counted as HTTP's 503. Not bounded: what gRPC reads before a handler runs. grpcio accepts
-  calls without limit and reads each accepted call's whole message first, so a flood of large calls is held in
-  memory before any can be refused (1,000 concurrent calls of ~1 MB raised the peak by 800-840 MiB,
+  ``retry-after: 1``, counted as HTTP's 503. ModelInfer takes its answer's share before it classifies, for the
+  most its answer can take (``AnswerRoom``): refused after, its predictions were recorded already, and a client
+  retrying as told recorded them twice (red team helper-83). Not bounded: what gRPC reads before a handler runs.
+  grpcio accepts calls without limit and reads each accepted call's whole message first, so a flood of large
+  calls is held in memory before any can be refused (1,000 concurrent calls of ~1 MB raised the peak by 800-840 MiB,
   ``scripts/bench_grpc_memory.py``). Turning off HTTP/2's bandwidth-delay probe lowered that to 420-530 MiB but
   added a round trip to every call over 64 KiB from a distant client, and ``maximum_concurrent_rpcs=16`` barely
   lowered it (+706 MiB: refused calls' messages were read too), so neither is set: expose GRPC_PORT to clients
@@ -80,7 +82,7 @@ from server.budget import BodyBudget
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
-from server.primitives import Draining, ServerError, in_list, request_id_from
+from server.primitives import Draining, ModelIdentity, ServerError, in_list, request_id_from
 from server.protocols.oip_model import (
     INPUT,
     InputTensor,
@@ -90,6 +92,7 @@ from server.protocols.oip_model import (
     model_config,
     model_metadata,
     output_tensor,
+    outputs_bytes_at_most,
     requested_outputs,
     resolve,
     server_metadata,
@@ -165,6 +168,7 @@ class Call:
     request_id: str
     metadata: dict[str, str]
     peer: str
+    answer_room: AnswerRoom
     api_key_id: str | None = None  # the caller's key, for an RPC that needs one (None: keyless in open mode)
 
 
@@ -187,6 +191,54 @@ def observed(handler: Handler, role: str | None = None) -> Rpc:
 def keyed(role: str) -> Callable[[Handler], Rpc]:
     """``observed``, for an RPC that needs an API key with ``role``."""
     return functools.partial(observed, role=role)
+
+
+RAW_FRAMING = 11  # the most a ``raw_output_contents`` entry adds to its bytes: a tag and a length (a varint)
+
+
+class AnswerRoom:
+    """A call's answer's share of the bodies' budget. Taken when the answer is built (``settle``), or by an RPC
+    that records predictions, before it computes them, for the most its answer can take (``ahead``): a refusal then
+    comes before anything is recorded, and ``settle`` only gives back what the answer did not need."""
+
+    def __init__(self, bodies: BodyBudget, rejected) -> None:
+        self._bodies = bodies
+        self._rejected = rejected  # sentiment_rejected_requests_total{reason="body_memory_full"}
+        self._ahead = False
+        self.held = 0
+
+    def ahead(self, at_most: int) -> None:
+        """Hold ``at_most`` bytes for the answer to come, or refuse the call (``BodyMemoryFull``)."""
+        self._take(at_most)
+        self._ahead = True
+
+    def settle(self, size: int) -> None:
+        """Hold the answer's ``size`` bytes. Taken ahead, what it did not need goes back; should it need more (a
+        reload changed the labels in between), the answer is sent whatever the budget says: its predictions are
+        recorded."""
+        if not self._ahead:
+            self._take(size)
+        elif size <= self.held:
+            self._bodies.release(self.held - size)
+            self.held = size
+        elif self._bodies.reserve(size - self.held):
+            self.held = size
+
+    def _take(self, size: int) -> None:
+        if not self._bodies.reserve(size):
+            self._rejected.inc()
+            raise BodyMemoryFull(bodies_full_message(self._bodies))
+        self.held += size
+
+
+def answer_bytes_at_most(identity: ModelIdentity, request: pb.ModelInferRequest, outputs: list[str], texts: int,
+                         labels: list[str]) -> int:
+    """The most ModelInfer's answer to ``request`` can take: its frame, each output's header at its longest and its
+    raw contents (``oip_model.outputs_bytes_at_most``)."""
+    frame = pb.ModelInferResponse(model_name=identity.name, model_version=identity.version, id=request.id)
+    for name in outputs:
+        frame.outputs.add(name=name, datatype="BYTES", shape=[texts, len(labels)])
+    return frame.ByteSize() + RAW_FRAMING * len(outputs) + outputs_bytes_at_most(outputs, texts, labels)
 
 
 def held_until_sent(context: aio.ServicerContext, bodies: BodyBudget, reserved: int) -> None:
@@ -220,6 +272,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         task = asyncio.current_task()
         self.under_way.add(task)
         bodies, reserved = self.services.memory_guard.bodies, 0
+        room = AnswerRoom(bodies, self.services.metrics.rejected.labels("body_memory_full"))
         try:
             await context.send_initial_metadata((("x-request-id", request_id),))
             api_key_id = None
@@ -236,11 +289,9 @@ class InferenceService(GRPCInferenceServiceServicer):
                 self.services.metrics.rejected.labels("body_memory_full").inc()
                 raise BodyMemoryFull(bodies_full_message(bodies))
             reserved = size
-            response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer(), api_key_id))
-            if not bodies.reserve(answer := response.ByteSize()):  # it could be held unsent past the budget
-                self.services.metrics.rejected.labels("body_memory_full").inc()
-                raise BodyMemoryFull(bodies_full_message(bodies))
-            reserved += answer
+            response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer(), room,
+                                                         api_key_id))
+            room.settle(response.ByteSize())  # it could be held unsent past the budget
             status = 200
             return response
         except ServerError as error:
@@ -261,7 +312,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; it is logged under request id "
                                 f"{request_id}: quote it when you report this")
         finally:
-            held_until_sent(context, bodies, reserved)
+            held_until_sent(context, bodies, reserved + room.held)
             self.under_way.discard(task)
             if self.services.draining and status != CLIENT_CANCELLED and task not in self._abandoned:
                 self.services.drain_answered += 1  # as over HTTP: every answer sent after the drain signal
@@ -315,9 +366,10 @@ class InferenceService(GRPCInferenceServiceServicer):
     @keyed("predict")
     async def ModelInfer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
         services, api_key_id = self.services, call.api_key_id
-        resolve(services, request.model_name, request.model_version)
+        identity = resolve(services, request.model_name, request.model_version)
         texts = texts_of(input_tensors(request), services.settings.max_texts_per_request)
         outputs = wanted_outputs(request)
+        call.answer_room.ahead(answer_bytes_at_most(identity, request, outputs, len(texts), services.runtime.labels()))
         classified = await classify(services, texts, call.request_id, api_key_id, in_list(INPUT))
         answered_as_asked(classified.identity, request.model_name, request.model_version)
         response = pb.ModelInferResponse(model_name=classified.identity.name,

@@ -203,6 +203,14 @@ def output_tensor(name: str, predictions: list[Prediction]) -> OutputTensor:
                         [p.probabilities[label] for p in predictions for label in labels])
 
 
+def outputs_bytes_at_most(names: list[str], texts: int, labels: list[str]) -> int:
+    """The most the raw contents of the outputs ``names`` (``output_tensor``'s) take for ``texts`` texts of a model
+    with ``labels``: known before the texts are classified."""
+    per_text = {"label": LENGTH.size + max(len(label.encode()) for label in labels), "score": 4,
+                "probabilities": 4 * len(labels)}
+    return texts * sum(per_text[name] for name in names)
+
+
 def decode_bytes_elements(raw: bytes | memoryview, where: str, at_most: int) -> list[bytes]:
     """A BYTES tensor's elements from the binary form (each a 4-byte little-endian length, then its bytes); more
     than ``at_most`` is refused as soon as it shows."""
