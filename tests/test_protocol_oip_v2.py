@@ -257,6 +257,15 @@ def test_a_header_length_that_is_not_within_the_body_is_400(server, declared):
     assert response.status_code == 400 and "Inference-Header-Content-Length" in response.json()["error"]
 
 
+def test_a_header_length_sent_twice_is_400_whichever_copy_is_right(server):
+    header = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["good"]}]}).encode()
+    for copies in ([str(len(header)), "3"], ["3", str(len(header))], [str(len(header))] * 2):
+        response = httpx.post(server.url + "/v2/models/sentiment/infer", content=header, timeout=30,
+                              headers=[("Inference-Header-Content-Length", copy) for copy in copies])
+        assert response.status_code == 400, (copies, response.text)
+        assert "Inference-Header-Content-Length is sent 2 times" in response.json()["error"], response.text
+
+
 def test_too_many_texts_or_too_large_a_body_is_413(server):
     too_many = {"name": "text", "datatype": "BYTES", "shape": [257], "parameters": {"binary_data_size": 0}}
     encoded = json.dumps({"inputs": [too_many]}).encode()
