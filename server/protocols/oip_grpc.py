@@ -42,10 +42,10 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
 - Memory: a call's message, and then its answer too, are held in the request bodies' budget
   (``server.budget.BodyBudget``, shared with HTTP) from when its handler starts until the call ends, its answer
-  sent (``held_until_sent``), so parsing, tokenizing, answering and unread answers stay within the plan as HTTP
-  bodies do; beyond the budget, UNAVAILABLE with ``error-type: body_memory_full`` and
+  sent (``BodiesShare.release_when_sent``), so parsing, tokenizing, answering and unread answers stay within the
+  plan as HTTP bodies do; beyond the budget, UNAVAILABLE with ``error-type: body_memory_full`` and
   ``retry-after: 1``, counted as HTTP's 503. ModelInfer takes its answer's share before it classifies, for the
-  most its answer can take (``AnswerRoom``): refused after, its predictions were recorded already, and a client
+  most its answer can take (``BodiesShare``): refused after, its predictions were recorded already, and a client
   retrying as told recorded them twice (red team helper-83). Not bounded: what gRPC reads before a handler runs.
   grpcio accepts calls without limit and reads each accepted call's whole message first, so a flood of large
   calls is held in memory before any can be refused (1,000 concurrent calls of ~1 MB raised the peak by 800-840 MiB,
@@ -82,6 +82,7 @@ from server.budget import BodyBudget
 from server.exitcodes import ExitCode, StartupError
 from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
+from server.metrics import Metrics
 from server.primitives import Draining, ModelIdentity, ServerError, in_list, request_id_from
 from server.protocols.oip_model import (
     INPUT,
@@ -168,7 +169,7 @@ class Call:
     request_id: str
     metadata: dict[str, str]
     peer: str
-    answer_room: AnswerRoom
+    bodies: BodiesShare
     api_key_id: str | None = None  # the caller's key, for an RPC that needs one (None: keyless in open mode)
 
 
@@ -196,39 +197,50 @@ def keyed(role: str) -> Callable[[Handler], Rpc]:
 RAW_FRAMING = 11  # the most a ``raw_output_contents`` entry adds to its bytes: a tag and a length (a varint)
 
 
-class AnswerRoom:
-    """A call's answer's share of the bodies' budget. Taken when the answer is built (``settle``), or by an RPC
-    that records predictions, before it computes them, for the most its answer can take (``ahead``): a refusal then
-    comes before anything is recorded, and ``settle`` only gives back what the answer did not need."""
+class BodiesShare:
+    """A call's share of the bodies' budget: its message's bytes, then its answer's. The answer's are taken when it
+    is built (``answer``), or by an RPC that records predictions before it computes them, for the most the answer
+    can take (``answer_ahead``): a refusal then comes before anything is recorded, and ``answer`` only gives back
+    what the answer did not need."""
 
-    def __init__(self, bodies: BodyBudget, rejected) -> None:
+    def __init__(self, bodies: BodyBudget, metrics: Metrics) -> None:
         self._bodies = bodies
-        self._rejected = rejected  # sentiment_rejected_requests_total{reason="body_memory_full"}
-        self._ahead = False
+        self._metrics = metrics
+        self._ahead: int | None = None  # the answer's bytes taken ahead
         self.held = 0
 
-    def ahead(self, at_most: int) -> None:
-        """Hold ``at_most`` bytes for the answer to come, or refuse the call (``BodyMemoryFull``)."""
-        self._take(at_most)
-        self._ahead = True
+    def take(self, size: int) -> None:
+        """Hold ``size`` bytes more, or refuse the call (``BodyMemoryFull``, counted)."""
+        if not self._bodies.reserve(size):
+            self._metrics.rejected.labels("body_memory_full").inc()
+            raise BodyMemoryFull(bodies_full_message(self._bodies))
+        self.held += size
 
-    def settle(self, size: int) -> None:
+    def answer_ahead(self, at_most: int) -> None:
+        self.take(at_most)
+        self._ahead = at_most
+
+    def answer(self, size: int) -> None:
         """Hold the answer's ``size`` bytes. Taken ahead, what it did not need goes back; should it need more (a
         reload changed the labels in between), the answer is sent whatever the budget says: its predictions are
         recorded."""
-        if not self._ahead:
-            self._take(size)
-        elif size <= self.held:
-            self._bodies.release(self.held - size)
-            self.held = size
-        elif self._bodies.reserve(size - self.held):
-            self.held = size
+        if self._ahead is None:
+            self.take(size)
+        elif size <= self._ahead:
+            self._bodies.release(self._ahead - size)
+            self.held -= self._ahead - size
+        elif self._bodies.reserve(size - self._ahead):
+            self.held += size - self._ahead
 
-    def _take(self, size: int) -> None:
-        if not self._bodies.reserve(size):
-            self._rejected.inc()
-            raise BodyMemoryFull(bodies_full_message(self._bodies))
-        self.held += size
+    def release_when_sent(self, context: aio.ServicerContext) -> None:
+        """Give the share back when the call ends, not when its handler returns: grpcio holds the message and the
+        answer until the answer is sent, and a client that stops reading holds them until it goes (a red team's
+        one connection of 400 such calls of 1 MB held 1.8 GB, outside the plan)."""
+        held, self.held = self.held, 0
+        if held and not context.done():
+            context.add_done_callback(lambda _: self._bodies.release(held))
+        else:
+            self._bodies.release(held)
 
 
 def answer_bytes_at_most(identity: ModelIdentity, request: pb.ModelInferRequest, outputs: list[str], texts: int,
@@ -239,16 +251,6 @@ def answer_bytes_at_most(identity: ModelIdentity, request: pb.ModelInferRequest,
     for name in outputs:
         frame.outputs.add(name=name, datatype="BYTES", shape=[texts, len(labels)])
     return frame.ByteSize() + RAW_FRAMING * len(outputs) + outputs_bytes_at_most(outputs, texts, labels)
-
-
-def held_until_sent(context: aio.ServicerContext, bodies: BodyBudget, reserved: int) -> None:
-    """Release a call's share of the bodies' budget when the call ends, not when its handler returns: grpcio holds
-    the message and the answer until the answer is sent, and a client that stops reading holds them until it
-    goes (a red team's one connection of 400 such calls of 1 MB held 1.8 GB, outside the plan)."""
-    if reserved and not context.done():
-        context.add_done_callback(lambda _: bodies.release(reserved))
-    else:
-        bodies.release(reserved)
 
 
 class InferenceService(GRPCInferenceServiceServicer):
@@ -271,8 +273,7 @@ class InferenceService(GRPCInferenceServiceServicer):
         started, status = time.perf_counter(), 500
         task = asyncio.current_task()
         self.under_way.add(task)
-        bodies, reserved = self.services.memory_guard.bodies, 0
-        room = AnswerRoom(bodies, self.services.metrics.rejected.labels("body_memory_full"))
+        bodies = BodiesShare(self.services.memory_guard.bodies, self.services.metrics)
         try:
             await context.send_initial_metadata((("x-request-id", request_id),))
             api_key_id = None
@@ -284,14 +285,10 @@ class InferenceService(GRPCInferenceServiceServicer):
                 self._throttle.log("undecodable", logging.WARNING, "gRPC %s from %s answered INVALID_ARGUMENT: %s",
                                    endpoint, client_for_log(peer_address(context.peer())), error.message)
                 raise error
-            size = request.ByteSize()
-            if not bodies.reserve(size):
-                self.services.metrics.rejected.labels("body_memory_full").inc()
-                raise BodyMemoryFull(bodies_full_message(bodies))
-            reserved = size
-            response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer(), room,
+            bodies.take(request.ByteSize())
+            response = await handler(self, request, Call(endpoint, request_id, metadata, context.peer(), bodies,
                                                          api_key_id))
-            room.settle(response.ByteSize())  # it could be held unsent past the budget
+            bodies.answer(response.ByteSize())  # it could be held unsent past the budget
             status = 200
             return response
         except ServerError as error:
@@ -312,7 +309,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"internal server error; it is logged under request id "
                                 f"{request_id}: quote it when you report this")
         finally:
-            held_until_sent(context, bodies, reserved + room.held)
+            bodies.release_when_sent(context)
             self.under_way.discard(task)
             if self.services.draining and status != CLIENT_CANCELLED and task not in self._abandoned:
                 self.services.drain_answered += 1  # as over HTTP: every answer sent after the drain signal
@@ -369,7 +366,8 @@ class InferenceService(GRPCInferenceServiceServicer):
         identity = resolve(services, request.model_name, request.model_version)
         texts = texts_of(input_tensors(request), services.settings.max_texts_per_request)
         outputs = wanted_outputs(request)
-        call.answer_room.ahead(answer_bytes_at_most(identity, request, outputs, len(texts), services.runtime.labels()))
+        labels = services.runtime.labels()
+        call.bodies.answer_ahead(answer_bytes_at_most(identity, request, outputs, len(texts), labels))
         classified = await classify(services, texts, call.request_id, api_key_id, in_list(INPUT))
         answered_as_asked(classified.identity, request.model_name, request.model_version)
         response = pb.ModelInferResponse(model_name=classified.identity.name,
