@@ -8,6 +8,7 @@ the same ``inference.*`` names as tritonclient's copy, and one process cannot ho
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import random
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -372,24 +374,31 @@ def refused_for_memory(live: LiveServer, error: grpc.Call) -> None:
                         'status="503"}') == 1
 
 
+@contextlib.contextmanager
+def hung_engine_grpc(tiny_artifact, tmp_path) -> Iterator[tuple[LiveServer, str, Path]]:
+    """A server with gRPC whose engine hangs once the yielded file exists (killed after), its message bodies
+    bounded by a 64 KiB MAX_REQUEST_BYTES: the server, its gRPC address and the file."""
+    hang_file, port = tmp_path / "hang", free_port()
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "GRPC_PORT": str(port), "MAX_REQUEST_BYTES": "65536", "ENABLE_MODEL_CACHING": "false"})
+    try:
+        yield live, f"127.0.0.1:{port}", hang_file
+    finally:
+        live.process.kill()
+        live.process.wait(timeout=TIMEOUT_S)
+
+
 def test_messages_are_held_in_the_bodies_budget_and_a_call_past_it_is_refused_and_counted(tiny_artifact, tmp_path):
     """A call's message counts in the request bodies' budget (shared with HTTP) until it is answered: with the
     engine hung, calls that fill the budget wait, and the next one is refused at once, UNAVAILABLE with HTTP's
     body_memory_full type and Retry-After, and counted."""
-    hang_file, port = tmp_path / "hang", free_port()
-    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
-        "GRPC_PORT": str(port), "MAX_REQUEST_BYTES": "65536", "ENABLE_MODEL_CACHING": "false"})
-    address = f"127.0.0.1:{port}"
-    try:
+    with hung_engine_grpc(tiny_artifact, tmp_path) as (live, address, hang_file):
         request = infer_request(*["a fine film " * 400] * 12)  # ~58 KB
         hang_file.touch()
         hold_calls(live, address, request, lambda each: bodies_limit(live) // each)  # the budget is full
         answer, error = raw_infer(address, request)
         assert answer is None
         refused_for_memory(live, error)
-    finally:
-        live.process.kill()
-        live.process.wait(timeout=TIMEOUT_S)
 
 
 def test_an_infer_call_whose_answer_cannot_fit_is_refused_before_its_texts_are_classified(tiny_artifact, tmp_path):
@@ -398,11 +407,7 @@ def test_an_infer_call_whose_answer_cannot_fit_is_refused_before_its_texts_are_c
     retry-after) recorded them twice (red team helper-83: a 960,000-character ``id``, echoed in the answer). With
     the engine hung, a call whose message fits in the room left but whose answer would not is refused at once:
     classifying it would have waited for the engine."""
-    hang_file, port = tmp_path / "hang", free_port()
-    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
-        "GRPC_PORT": str(port), "MAX_REQUEST_BYTES": "65536", "ENABLE_MODEL_CACHING": "false"})
-    address = f"127.0.0.1:{port}"
-    try:
+    with hung_engine_grpc(tiny_artifact, tmp_path) as (live, address, hang_file):
         limit = bodies_limit(live)
         hang_file.touch()
         request = infer_request(*["a fine film " * 400] * 12)
@@ -415,9 +420,6 @@ def test_an_infer_call_whose_answer_cannot_fit_is_refused_before_its_texts_are_c
         assert answer is None
         refused_for_memory(live, error)
         assert bodies_in_flight(live) == calls * each  # the refused call holds nothing
-    finally:
-        live.process.kill()
-        live.process.wait(timeout=TIMEOUT_S)
 
 
 RPCS = ["ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig", "ModelInfer"]
@@ -697,10 +699,6 @@ def test_answers_a_client_never_reads_count_in_the_bodies_budget_until_its_conne
     request = infer_request("never read")
     request.id = "i" * 10_000  # echoed in the answer; 5 calls of it fit HTTP/2's first frame and window sizes
     calls, each = 5, 2 * request.ByteSize()
-
-    def in_flight() -> int:
-        return httpx.get(live.url + "/health", timeout=TIMEOUT_S).json()["memory"]["bodies_in_flight_bytes"]
-
     try:
         counted = threading.Event()  # the connection is held until then: a fixed hold could end first on a slow machine
         holder = threading.Thread(target=h2_calls_never_read,
@@ -708,11 +706,12 @@ def test_answers_a_client_never_reads_count_in_the_bodies_budget_until_its_conne
                                   daemon=True)
         holder.start()
         try:
-            wait_for(lambda: in_flight() >= calls * each, "the unread answers to be counted", timeout=TIMEOUT_S)
+            wait_for(lambda: bodies_in_flight(live) >= calls * each, "the unread answers to be counted",
+                     timeout=TIMEOUT_S)
         finally:
             counted.set()
         holder.join()
-        wait_for(lambda: in_flight() == 0, "the budget back once the connection went", timeout=TIMEOUT_S)
+        wait_for(lambda: bodies_in_flight(live) == 0, "the budget back once the connection went", timeout=TIMEOUT_S)
     finally:
         stop_server(live)
 
