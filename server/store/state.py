@@ -32,6 +32,7 @@ from server.metrics import Metrics
 from server.store.migrate import SchemaBehind
 from server.store.sink import DatabaseRefuses
 from server.store.sqlite_file import SqliteFileChanged
+from server.store.trouble import trouble_kind
 from server.store.wal import GAP_ADVICE, SpoolGap
 
 
@@ -174,4 +175,5 @@ def public_reason(error: BaseException) -> str:
     inner = getattr(error, "orig", None) or error
     if isinstance(inner, SqliteFileChanged):
         return str(inner)  # names the local file and what to do, nothing about a connection
-    return f"database unavailable ({type(inner).__name__})"
+    kind = trouble_kind(inner)
+    return f"database unavailable ({type(inner).__name__}" + (f": {kind})" if kind else ")")
