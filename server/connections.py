@@ -103,6 +103,7 @@ CANCELLED_ON_LEAVE = "sentiment.cancelled_on_leave"  # scope key: it was cancell
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 HEAD_MAX_BYTES = 64 * 1024  # a request's URL and header names and values together (414 / 431 beyond)
 HEAD_MAX_FIELDS = 100  # header fields per request, as Apache's LimitRequestFields (431 beyond)
+UNPARSED_MAX_BYTES = HEAD_MAX_BYTES  # bytes the parser may take without finishing anything (``_feed``)
 PIPELINE_MAX = 64  # requests read and waiting behind the one being answered, per connection (429 beyond)
 INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs (and answers) for what httptools refuses
 Phase = Literal["headers", "body", "app", "refused"]
@@ -133,6 +134,13 @@ class MalformedBody(ServerError):
     status_code = 400
     error_type = "malformed_http"
     headers = {"Connection": "close"}
+
+    @classmethod
+    def of(cls, status: int, message: str, kind: str) -> MalformedBody:
+        """One answered with another status and type: a body's trailer fields or chunk-size line over a bound."""
+        error = cls(message)
+        error.status_code, error.error_type = status, kind
+        return error
 
 
 def malformed_message(reason: str) -> str:
@@ -325,6 +333,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._failed_body: tuple[dict, Exception] | None = None  # a request whose body failed, and how
         self._not_reading = False  # httptools refused what the client sent, or a refusal lingers: nothing more is read
         self._head_bytes = self._head_fields = 0  # the request line and headers parsed so far (``_count_head``)
+        self._unparsed = 0  # bytes given to the parser since it last finished something (``_feed``)
+        self._parsed_any = False  # the parser finished something in the piece it is given (``_feed``)
+        self._fed_before = 0  # of the data ``_feed`` is giving, the bytes given before the piece being parsed
         self._oversized: tuple[int, str, str] | None = None  # the refusal of a request over a bound of the head
         # or of the pipeline, and the reason it is counted under
         self._refusal_reason: RefusalReason = "malformed_http"
@@ -353,13 +364,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.phase == "refused" or self._not_reading:
             return
         self._unset_keepalive_if_required()
+        data = memoryview(data)  # fed in pieces (``_feed``): slices without copies
         while data and not self._not_reading:
             if self._upgrade_body_left:
                 data = self._read_upgrade_body(data)
                 continue
             try:
-                self.parser.feed_data(data)
-                return
+                data = self._feed(data)
+                continue
             except httptools.HttpParserError:
                 self.logger.warning(INVALID_REQUEST)
                 self.send_400_response(INVALID_REQUEST)
@@ -369,7 +381,40 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     self.handle_websocket_upgrade()
                     return
                 self._unsupported_upgrade_warning()
-                data = data[upgrade.args[0]:]  # the parser resumes at the next request
+                data = data[self._fed_before + upgrade.args[0]:]  # the parser resumes at the next request
+
+    def _feed(self, data: memoryview) -> memoryview:
+        """Give the parser ``data`` a piece of at most ``UNPARSED_MAX_BYTES`` at a time; returns what is left when
+        it stops reading. Past ``UNPARSED_MAX_BYTES`` given with nothing parsed (no field, chunk or body piece
+        finished), the request is refused (``_refuse_unending``): httptools keeps a header field, or skips a chunk's
+        size line and a trailer, until it ends, and nothing is told before then. One header value sent without end
+        grew the process by 145 MiB and held the event loop for 3.5 s (httptools joins its pieces by copying the
+        whole at each piece), and a chunk size with an endless extension or leading zeros took 17 GB in 30 s,
+        counted against no bound (red team helper-86)."""
+        self._fed_before = 0
+        while data and not self._not_reading:
+            piece = data[:UNPARSED_MAX_BYTES]
+            self._parsed_any = False
+            self.parser.feed_data(piece)
+            self._fed_before += len(piece)
+            data = data[len(piece):]
+            self._unparsed = 0 if self._parsed_any else self._unparsed + len(piece)
+            if self._unparsed > UNPARSED_MAX_BYTES:
+                self._refuse_unending()
+        return data
+
+    def _refuse_unending(self) -> None:
+        """Refuse a request whose header field, trailer field or chunk-size line runs past ``UNPARSED_MAX_BYTES``
+        (``_feed``), as the parser's own refusals are (``send_400_response``); nothing more is read."""
+        if not self._in_trailers:  # a request's head (the next one's, pipelined, while one is answered)
+            self._oversized = (431, f"a header field of more than {UNPARSED_MAX_BYTES // 1024} KiB took the request "
+                                    f"past this server's limit ({HEAD_MAX_BYTES // 1024} KiB for the request line and "
+                                    "headers together); send shorter headers", "head_too_large")
+        else:
+            self._oversized = (400, f"a chunk-size line or a trailer field of more than {UNPARSED_MAX_BYTES // 1024} "
+                                    "KiB; send the body in plain chunks (no extensions, no padding) or with "
+                                    "Content-Length, and short trailers", "malformed_http")
+        self.send_400_response(INVALID_REQUEST)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -429,6 +474,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # parser and response events
 
     def on_message_begin(self) -> None:
+        self._parsed_any = True
         if len(self.pipeline) >= PIPELINE_MAX:
             self._stop_pipelining()
         super().on_message_begin()
@@ -452,6 +498,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         raise TooManyPipelined()
 
     def on_url(self, url: bytes) -> None:
+        self._parsed_any = True
         self._count_head(len(url), 0, 414, "the request URL")
         super().on_url(url)
 
@@ -459,11 +506,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """A header field; a trailer field (after a chunked body) is dropped. uvicorn added trailers to the request's
         headers, which the app reads once the body is in: an API key or a Content-Type sent in a trailer was taken
         as if sent in the head (red team helper-65; RFC 9110 6.5.1: a trailer is not to be merged into the header
-        section), where proxies that check or replace keys do not look."""
+        section), where proxies that check or replace keys do not look. Trailer fields are bounded as header
+        fields are (they were not: 500 trailer fields of 1 KB were read)."""
+        self._parsed_any = True
         if self._in_trailers:
+            self._count_head(len(name) + len(value), 1, 431, "the trailer fields")
             return
         self._count_head(len(name) + len(value), 1, 431, "the request headers")
         super().on_header(name, value)
+
+    def on_body(self, body: bytes) -> None:
+        self._parsed_any = True
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._parsed_any = True
+
+    def on_chunk_complete(self) -> None:
+        self._parsed_any = True
 
     def _count_head(self, size: int, fields: int, status: int, what: str) -> None:
         """Bound a request's line and headers (``HEAD_MAX_BYTES``, ``HEAD_MAX_FIELDS``): uvicorn keeps them all,
@@ -475,12 +535,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._head_bytes > HEAD_MAX_BYTES or self._head_fields > HEAD_MAX_FIELDS:
             self._oversized = (status, f"{what} took the request past this server's limit ({HEAD_MAX_BYTES // 1024} "
                                        f"KiB for the request line and headers together, {HEAD_MAX_FIELDS} header "
-                                       "fields); send a shorter URL or fewer headers", "head_too_large")
+                                       "fields; the same for a chunked body's trailer fields); send a shorter URL or "
+                                       "fewer headers", "head_too_large")
             raise HeadTooLarge(what)
 
     def on_headers_complete(self) -> None:
+        self._parsed_any = True
         super().on_headers_complete()
         self._in_trailers = True
+        self._head_bytes = self._head_fields = 0  # trailer fields count from here (``on_header``)
         self._request_begun = False  # until the next request's first byte, which may come before this one's answer
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own
@@ -493,6 +556,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.guard.body_timeout_s, self._body_overdue)
 
     def on_message_complete(self) -> None:
+        self._parsed_any = True
         if self.parser.should_upgrade() and not self._should_upgrade() and self._upgrade_body_left is None:
             # httptools' end of a request asking to upgrade comes at its headers (``data_received``)
             self._upgrade_body_left = self._declared_body_length()
@@ -671,7 +735,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if cycle is None or cycle.response_complete and self.phase != "body":
             self._refuse_malformed(refusal)
         elif self.phase == "body" and not cycle.response_started:
-            self._fail_body(MalformedBody(message))
+            self._fail_body(MalformedBody(message) if self._oversized is None else MalformedBody.of(*self._oversized))
         elif self.phase == "body":  # answered already: the rest of its body is what broke; nothing to answer
             if cycle.response_complete:
                 self.transport.close()

@@ -22,6 +22,7 @@ from server.connections import (
     HEAD_MAX_BYTES,
     HEAD_MAX_FIELDS,
     PIPELINE_MAX,
+    UNPARSED_MAX_BYTES,
     HeadWithBody,
     RepeatedClientWarnings,
 )
@@ -685,6 +686,75 @@ def test_a_request_with_headers_within_the_bounds_is_answered_and_one_over_them_
     assert status == 200 and len(json.loads(rest[:length])["predictions"]) == 1
     status, headers, body = parse(rest[length:])
     assert status == 431 and json.loads(body)["type"] == "head_too_large"
+
+
+def send_in_pieces(sock: socket.socket, data: bytes, piece: int = 1000) -> None:
+    """``data`` in pieces, as a client streaming it would; stops where the server has refused and closed."""
+    for start in range(0, len(data), piece):
+        try:
+            sock.sendall(data[start:start + piece])
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+
+CHUNKED_HEAD = predict_head().replace(f"Content-Length: {len(BODY)}".encode(), b"Transfer-Encoding: chunked")
+ENDLESS = 3 * UNPARSED_MAX_BYTES  # more than the parser may take without finishing anything
+
+
+@pytest.mark.parametrize("head", [
+    predict_head().replace(b"Host: test\r\n", b"Host: test\r\nX-Endless: " + b"v" * ENDLESS),
+    predict_head().replace(b"Host: test\r\n", b"Host: test\r\nX-" + b"n" * ENDLESS),
+], ids=["value", "name"])
+def test_a_header_field_without_end_is_refused_once_past_the_bound_not_buffered_whole(server, head):
+    """httptools keeps a header field until it ends and tells nothing before: one value streamed without end grew
+    the process by 145 MiB and held the event loop for seconds, and was answered 408 at the header deadline (red
+    team helper-86). The refusal comes as soon as the bound is passed: before the header deadline, not a 408."""
+    malformed = metric(server, MALFORMED)
+    with connect(server) as sock:
+        send_in_pieces(sock, head)
+        status, headers, body = parse(read_until_closed(sock))
+    error = json.loads(body)
+    assert status == 431 and headers["connection"] == "close" and error["type"] == "head_too_large"
+    assert "header field of more than 64 KiB" in error["error"]
+    assert metric(server, MALFORMED) == malformed + 1
+
+
+@pytest.mark.parametrize("framing", [
+    f"{len(BODY):x};ext=".encode() + b"e" * ENDLESS,  # a chunk extension without end
+    b"0" * ENDLESS + f"{len(BODY):x}".encode(),  # a chunk size padded with zeros
+    f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\nX-Trailer: " + b"t" * ENDLESS,  # a trailer without end
+], ids=["extension", "zeros", "trailer"])
+def test_chunk_framing_without_end_gets_a_400_saying_what_to_send(server, framing):
+    """The parser skips a chunk's extensions, a size's leading zeros and the trailer fields, counting them against
+    no bound: one request took 17 GB in 30 s, then got a 408 (red team helper-86)."""
+    with connect(server) as sock:
+        sock.sendall(CHUNKED_HEAD)
+        send_in_pieces(sock, framing)
+        status, headers, body = parse(read_until_closed(sock))
+    error = json.loads(body)
+    assert status == 400 and headers["connection"] == "close" and error["type"] == "malformed_http"
+    assert "chunk-size line or a trailer field of more than 64 KiB" in error["error"]
+
+
+def test_trailer_fields_are_bounded_as_header_fields_are(server):
+    trailers = "".join(f"X-Trailer-{i}: v\r\n" for i in range(HEAD_MAX_FIELDS + 1)).encode()
+    with connect(server) as sock:
+        sock.sendall(CHUNKED_HEAD + f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n" + trailers + b"\r\n")
+        status, headers, body = parse(read_until_closed(sock))
+    error = json.loads(body)
+    assert status == 431 and headers["connection"] == "close" and error["type"] == "head_too_large"
+    assert "trailer fields" in error["error"]
+
+
+def test_a_chunk_and_a_header_section_longer_than_the_bound_in_all_are_answered(server):
+    """The bound is on what the parser takes without finishing anything: a chunk of any size is body as it comes
+    (here one of 200 KiB, JSON padded with spaces), and a head of many short fields near 64 KiB is read whole."""
+    padded = BODY[:-1] + b" " * (200 * 1024) + b"}"
+    head = head_with(HEAD_MAX_FIELDS - 6, 600).replace(f"Content-Length: {len(BODY)}".encode(), b"Transfer-Encoding: chunked")
+    with connect(server) as sock:
+        send_in_pieces(sock, head + f"{len(padded):x}\r\n".encode() + padded + b"\r\n0\r\nX-T: 1\r\n\r\n", 70_000)
+        status, _, body = read_response(sock)
+    assert status == 200 and len(json.loads(body)["predictions"]) == 1
 
 
 @pytest.mark.parametrize("coding", ["gzip, chunked", "deflate,chunked", "gzip\r\nTransfer-Encoding: chunked"])
