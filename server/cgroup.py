@@ -13,6 +13,7 @@ CPU: v2 ``cpu.max`` ("quota period") or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_peri
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 from pathlib import Path
@@ -23,10 +24,18 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
 
 
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)
+
+
 def _read_limit(path: Path) -> int | None:
+    """The number in ``path``; None where it says "max", holds no number or cannot be read (a level without the
+    file). Out of file descriptors is raised, not taken for "no limit": the memory guard would then have weighed
+    the RSS against the machine's RAM, and lifted its pressure in the middle of a flood of connections."""
     try:
         text = path.read_text().strip()
-    except OSError:
+    except OSError as error:
+        if error.errno in OUT_OF_FILES:
+            raise
         return None
     if text == "max":
         return None

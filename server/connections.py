@@ -105,6 +105,7 @@ HEAD_MAX_BYTES = 64 * 1024  # a request's URL and header names and values togeth
 HEAD_MAX_FIELDS = 100  # header fields per request, as Apache's LimitRequestFields (431 beyond)
 UNPARSED_MAX_BYTES = HEAD_MAX_BYTES  # bytes the parser may take without finishing anything (``_feed``)
 PIPELINE_MAX = 64  # requests read and waiting behind the one being answered, per connection (429 beyond)
+REFUSED_LINGERING_MAX = 128  # connections refused above MAX_CONNECTIONS that linger at once (``_refuse``)
 INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs (and answers) for what httptools refuses
 Phase = Literal["headers", "body", "app", "refused"]
 RefusalReason = Literal["malformed_http", "too_many_pipelined"]  # what a refusal made here is counted as
@@ -266,6 +267,7 @@ class ConnectionGuard:
         self.max_connections = settings.max_connections
         self.metrics = metrics
         self.open: set[GuardedHttpProtocol] = set()
+        self.refused_lingering: set[GuardedHttpProtocol] = set()  # refused above MAX_CONNECTIONS, not yet closed
         self.draining = False
         self.answered = 0  # requests answered since the drain began, the abandoned ones excluded
         self.abandoned = 0  # requests still unanswered when the drain's time ran out (answered 503 here)
@@ -421,6 +423,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._cancel_write_stall()
         if self.phase != "refused":
             self.guard.closed(self)
+        else:
+            self.guard.refused_lingering.discard(self)
         # uvicorn marks only the last request parsed as disconnected; with requests pipelined behind it, the one
         # being answered is an earlier one, which would write to the closed transport and be counted as answered
         answering = self._answering()
@@ -783,9 +787,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     # refusal above MAX_CONNECTIONS
 
     def _refuse(self, transport: asyncio.Transport) -> None:
+        """Answer 503 and close, lingering (``_linger``) while at most ``REFUSED_LINGERING_MAX`` others do. Every
+        lingering connection holds a file descriptor beside the ``MAX_CONNECTIONS`` open ones: a flood of new
+        connections (1,000 a second, never sending) used up the process's files, and /health, /metrics and the
+        spool failed with EMFILE (red team helper-86). Past the bound the 503 is written and the connection closed
+        at once (a client still sending may then see a reset instead of its 503)."""
         self.phase = "refused"
         self.transport = transport
         self.guard.metrics.rejected.labels("too_many_connections").inc()
-        self._close_lingering(error_bytes(503, f"the server has {self.guard.max_connections} connections open "
-                                               "(MAX_CONNECTIONS); retry after the Retry-After delay",
-                                          "too_many_connections", retry_after=1))
+        refusal = error_bytes(503, f"the server has {self.guard.max_connections} connections open (MAX_CONNECTIONS); "
+                                   "retry after the Retry-After delay", "too_many_connections", retry_after=1)
+        if len(self.guard.refused_lingering) >= REFUSED_LINGERING_MAX:
+            transport.write(refusal)
+            transport.close()
+            return
+        self.guard.refused_lingering.add(self)
+        self._close_lingering(refusal)

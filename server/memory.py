@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import platform
 from collections.abc import Callable
 from typing import Any
@@ -39,8 +40,10 @@ from server.cache import PredictionCache
 from server.cgroup import memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
 from server.metrics import Metrics
+from server.store.throttle import Throttle
 
 log = logging.getLogger(__name__)
+CHECK_FAILURES = Throttle(log)
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 LARGE_BLOCK_BYTES = 1 << 20
@@ -69,8 +72,26 @@ def trim_heap() -> bool:
     return True
 
 
-def process_rss_bytes() -> int:
-    return psutil.Process().memory_info().rss
+class ProcessRss:
+    """The process's RSS from ``/proc/self/statm``, kept open and read again from its start each time: a read
+    needs no new file descriptor. With psutil each read opened ``/proc/<pid>/stat``; a flood of connections that
+    used up the process's files made every read fail, so the guard went blind, and /health and /metrics answered
+    500 (red team helper-86). psutil where there is no procfs."""
+
+    def __init__(self, path: str = "/proc/self/statm") -> None:
+        try:
+            self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __call__(self) -> int:
+        if self._fd is None:
+            return psutil.Process().memory_info().rss
+        return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+
+
+process_rss_bytes = ProcessRss()
 
 
 class MemoryGuard:
@@ -143,8 +164,13 @@ class MemoryGuard:
                 "MiB: restart the server (or reload the model) so that it plans for the new limit")
 
     def describe(self) -> dict[str, Any]:
-        """For ``/health``: the memory now, its limit and headroom, and the serving model's plan and cost model."""
-        rss, limit = self._rss_reader(), self._limit_reader()
+        """For ``/health``: the memory now, its limit and headroom, and the serving model's plan and cost model; what
+        failed instead of the figures when they cannot be read (``unreadable``: /health says it, never a 500)."""
+        try:
+            rss, limit = self._rss_reader(), self._limit_reader()
+        except OSError as error:
+            return {"unreadable": f"{type(error).__name__}: {error.strerror or error}", "pressure": self.under_pressure,
+                    "bodies_in_flight_bytes": self.bodies.held}
         high = int(self._high * limit)
         figures: dict[str, Any] = {
             "limit_bytes": limit, "rss_bytes": rss, "high_water_bytes": high, "headroom_bytes": high - rss,
@@ -176,6 +202,8 @@ class MemoryGuard:
         while True:
             try:
                 self.check()
+            except OSError as error:  # out of file descriptors (a flood of connections): a line a minute, no trace
+                CHECK_FAILURES.log("unreadable", logging.WARNING, "memory check failed: %s", error)
             except Exception:
                 log.exception("memory check failed")
             await asyncio.sleep(interval_s)

@@ -80,21 +80,25 @@ FILES_BESIDE_CONNECTIONS = 128  # the database pool, spool segments, log, model 
 
 def check_open_files(settings: Settings) -> str:
     """MAX_CONNECTIONS open connections (on each of the HTTP and gRPC ports) need as many file descriptors, plus
-    the server's own: the soft limit is
+    those refused above it while they linger (``server.connections.REFUSED_LINGERING_MAX``) and the server's own:
+    the soft limit is
     raised toward the hard one when it is lower (as nginx's worker_rlimit_nofile does; container runtimes often
     set a soft 1024 below a high hard limit); a hard limit too low stops start-up. Past the limit ``accept`` fails
     with EMFILE before the connection bound can answer 503, and the spool or the database pool can fail with it."""
     import resource
 
+    from server.connections import REFUSED_LINGERING_MAX
+
     listeners = 2 if settings.grpc_port else 1  # the gRPC port takes up to MAX_CONNECTIONS of its own
-    needed = listeners * settings.max_connections + FILES_BESIDE_CONNECTIONS
+    beside = REFUSED_LINGERING_MAX + FILES_BESIDE_CONNECTIONS
+    needed = listeners * settings.max_connections + beside
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
         if hard != resource.RLIM_INFINITY and hard < needed:
             raise StartupError(
                 f"MAX_CONNECTIONS={settings.max_connections} needs about {needed} open files"
                 f"{' (HTTP and gRPC each)' if listeners > 1 else ''}, and this process may open at most {hard} "
-                f"(ulimit -Hn); lower MAX_CONNECTIONS to {max(1, (hard - FILES_BESIDE_CONNECTIONS) // listeners)} or "
+                f"(ulimit -Hn); lower MAX_CONNECTIONS to {max(1, (hard - beside) // listeners)} or "
                 "less, or raise the limit (docker run --ulimit nofile=N:N, LimitNOFILE= in systemd)",
                 ExitCode.CONFIG)
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

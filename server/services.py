@@ -8,6 +8,7 @@ answered) -> flush the store -> stop monitors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -111,8 +112,10 @@ class Services:
         self.metrics.model_info.labels(**vars(self.runtime.identity)).set(1)
 
     def refresh_gauges(self) -> None:
-        """Gauges sampled at scrape time (memory, GPU)."""
-        self.memory_guard.check()
+        """Gauges sampled at scrape time (memory, GPU). Memory figures that cannot be read keep their last values (the
+        guard's own checks log why): a scrape still answers."""
+        with contextlib.suppress(OSError):
+            self.memory_guard.check()
         self.gpu.update()
 
     def health(self) -> dict[str, Any]:
@@ -124,6 +127,9 @@ class Services:
             reasons.append("memory: above the high-water mark, cache shedding")
         if outgrown := self.memory_guard.plan_outgrown():
             reasons.append(f"memory: {outgrown}")
+        memory = self.memory_guard.describe()
+        if "unreadable" in memory:
+            reasons.append(f"memory: the figures cannot be read ({memory['unreadable']})")
         if self.draining:
             reasons.append("draining")
         identity = self.runtime.identity
@@ -135,7 +141,7 @@ class Services:
             "provider": identity.provider,
             "queue_depth": self.runtime.batcher.depth,
             "token_budget": self.runtime.budget.current,
-            "memory": self.memory_guard.describe(),
+            "memory": memory,
             "cache": {"enabled": self.cache.max_bytes > 0, "entries": self.cache.entries,
                       "bytes": self.cache.bytes, "max_bytes": self.cache.max_bytes},
             "database": database,

@@ -286,3 +286,65 @@ def test_a_limit_lowered_below_the_plan_s_peak_makes_health_say_so() -> None:
     readers.limit = peak  # its high water is now below the peak
     why = guard.plan_outgrown()
     assert why is not None and f"fell from {10 * 1024} MiB to {peak >> 20} MiB" in why and "restart" in why
+
+
+OUT_OF_FILES = """
+import os, resource, psutil
+from server.memory import process_rss_bytes
+open_now = len(os.listdir("/proc/self/fd")) - 1  # the listing had one of its own
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    psutil.Process().memory_info()
+    print("psutil read it")
+except OSError as error:
+    print("psutil failed", error.errno)
+print("rss", process_rss_bytes())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="procfs only")
+def test_rss_is_read_with_no_file_descriptor_to_spare():
+    """A flood of connections that used up the process's files made every RSS read fail (psutil opens a file
+    per read): the guard went blind and /health, /metrics answered 500 (red team helper-86)."""
+    done = subprocess.run([sys.executable, "-c", OUT_OF_FILES], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "psutil failed 24" in done.stdout  # the situation is real: no file can be opened
+    rss = int(done.stdout.split("rss ")[1])
+    assert 10 * 2**20 < rss < 2 * GIB
+    assert abs(process_rss_bytes() - psutil.Process().memory_info().rss) < 16 * 2**20  # the same figure as psutil's
+
+
+def test_health_says_the_memory_figures_cannot_be_read_instead_of_failing():
+    metrics = Metrics()
+
+    def out_of_files() -> int:
+        raise OSError(24, "Too many open files")
+
+    guard = MemoryGuard(Settings(), metrics, PredictionCache(0, metrics), planned_budget(metrics),
+                        rss_reader=out_of_files, limit_reader=lambda: 10 * GIB)
+    described = guard.describe()
+    assert described["unreadable"] == "OSError: Too many open files" and described["pressure"] is False
+    with pytest.raises(OSError):
+        guard.check()  # the guard's loop logs it (a line a minute); a scrape keeps the last figures
+
+
+def test_a_cgroup_limit_that_cannot_be_read_for_want_of_files_is_not_taken_for_no_limit(tmp_path, monkeypatch):
+    """Taken for "no limit", the machine's RAM would have been the limit, and the guard would have lifted its
+    pressure in the middle of the flood."""
+    level = tmp_path / "cg"
+    level.mkdir()
+    (level / "memory.max").write_text(str(512 * 2**20))
+    cgroups = tmp_path / "cgroup"
+    cgroups.write_text("0::/\n")
+    assert memory_limit_bytes(level, cgroups) == 512 * 2**20
+    read_text = Path.read_text
+
+    def out_of_files(path: Path, *args, **kwargs) -> str:
+        if path.name == "memory.max":
+            raise OSError(24, "Too many open files")
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", out_of_files)
+    with pytest.raises(OSError):
+        memory_limit_bytes(level, cgroups)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import time
 
@@ -22,6 +23,7 @@ from server.connections import (
     HEAD_MAX_BYTES,
     HEAD_MAX_FIELDS,
     PIPELINE_MAX,
+    REFUSED_LINGERING_MAX,
     UNPARSED_MAX_BYTES,
     HeadWithBody,
     RepeatedClientWarnings,
@@ -487,6 +489,42 @@ def test_connections_beyond_max_connections_are_refused_with_503_json_and_the_ga
         assert stop_server(live) == 0
 
 
+def open_files(process) -> int:
+    return len(os.listdir(f"/proc/{process.pid}/fd"))
+
+
+def test_a_flood_of_refused_connections_holds_at_most_the_bounded_lingerers_open(tiny_artifact, tmp_path):
+    """Each connection refused above MAX_CONNECTIONS lingered a second, a file descriptor each, uncounted: 1,000 new
+    connections a second used up the process's files and /health, /metrics and the spool failed with EMFILE (red
+    team helper-86). At most REFUSED_LINGERING_MAX linger; past them the 503 is written and the connection closed
+    at once. Every refused client still gets its 503."""
+    limit, flood = 2, REFUSED_LINGERING_MAX + 200
+    live = start_server({"MODEL_PATH": str(tiny_artifact), "MAX_CONNECTIONS": str(limit),
+                         "HEADER_TIMEOUT_S": "60", "DRAIN_GRACE_S": "0"}, tmp_path)
+    held, refused = [], []
+    try:
+        for _ in range(limit):
+            sock = connect(live)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert read_response(sock)[0] == 200
+            held.append(sock)
+        before = open_files(live.process)
+        peak = before
+        for _ in range(flood):  # faster than the 1 s linger lets them go
+            refused.append(connect(live))
+            peak = max(peak, open_files(live.process))
+        for sock in refused:
+            status, headers, body = parse(read_until_closed(sock))
+            assert status == 503 and json.loads(body)["type"] == "too_many_connections"
+        assert peak <= before + REFUSED_LINGERING_MAX + 8, (before, peak)  # 8: accepts under way as it is read
+        held[0].sendall(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert read_response(held[0])[0] == 200
+    finally:
+        for sock in held + refused:
+            sock.close()
+        assert stop_server(live) == 0
+
+
 MALFORMED = 'sentiment_rejected_requests_total{reason="malformed_http"}'
 
 
@@ -750,7 +788,8 @@ def test_a_chunk_and_a_header_section_longer_than_the_bound_in_all_are_answered(
     """The bound is on what the parser takes without finishing anything: a chunk of any size is body as it comes
     (here one of 200 KiB, JSON padded with spaces), and a head of many short fields near 64 KiB is read whole."""
     padded = BODY[:-1] + b" " * (200 * 1024) + b"}"
-    head = head_with(HEAD_MAX_FIELDS - 6, 600).replace(f"Content-Length: {len(BODY)}".encode(), b"Transfer-Encoding: chunked")
+    head = head_with(HEAD_MAX_FIELDS - 6, 600).replace(f"Content-Length: {len(BODY)}".encode(),
+                                                        b"Transfer-Encoding: chunked")
     with connect(server) as sock:
         send_in_pieces(sock, head + f"{len(padded):x}\r\n".encode() + padded + b"\r\n0\r\nX-T: 1\r\n\r\n", 70_000)
         status, _, body = read_response(sock)
