@@ -61,8 +61,8 @@ log = logging.getLogger(__name__)
 REFUSAL_LINES_PER_MINUTE = 600  # 10 a second: a flood (27,000 a minute seen) is cut 45-fold
 _refusal_lines = LineBudget(
     log, REFUSAL_LINES_PER_MINUTE,
-    "security: %d refusals logged in this %.0f s: the rest are counted (sentiment_rejected_total), not logged one "
-    "by one",
+    "security: %d refusals logged in this %.0f s: the rest are counted (sentiment_rejected_requests_total), not "
+    "logged one by one",
     "security: %d more refusals in the last %.0f s were not logged one by one (at most %d a minute)")
 
 HOW_TO_SEND = "send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
@@ -301,7 +301,7 @@ def _refuse(services: Services, caller: Caller, error: Unauthorized | Forbidden,
 
 def log_refusal(status: int, detail: str, caller: Caller) -> None:
     """The one WARNING every security refusal writes, in the form the runbook greps (up to
-    ``REFUSAL_LINES_PER_MINUTE``; every refusal is counted in ``sentiment_rejected_total`` regardless)."""
+    ``REFUSAL_LINES_PER_MINUTE``; every refusal is counted in ``sentiment_rejected_requests_total`` regardless)."""
     _refusal_lines.log(logging.WARNING, "security: %d %s: %s %s from %s", status, detail, caller.method,
                        printable(caller.path), client_for_log(caller.client))
 

@@ -135,7 +135,8 @@ def test_a_standard_output_nobody_reads_does_not_stop_the_server(tiny_artifact, 
     assert server.process.returncode == 0
     lines = output.decode().splitlines()  # refusals past the minute's budget are counted, not logged (server.auth)
     assert sum("security: 401" in line for line in lines) == auth.REFUSAL_LINES_PER_MINUTE
-    assert sum("the rest are counted (sentiment_rejected_total)" in line for line in lines) == 1
+    assert sum("the rest are counted (sentiment_rejected_requests_total)" in line for line in lines) == 1
+    assert "sentiment_rejected_requests_total" in Metrics().registry._names_to_collectors  # the line names a real one
     assert "shutdown: answered" in lines[-1] and not any("dropped" in line for line in lines)
 
 
