@@ -127,15 +127,18 @@ class ModelRuntime:
         return self.artifact.labels
 
     def warm_up(self) -> float:
-        """A smoke prediction (first: its failures say the most), then every warm-up shape once; returns seconds
-        spent."""
+        """A smoke prediction (first: its failures say the most), then every warm-up shape once, whose logits are
+        checked as the smoke prediction's are; returns seconds spent. Unchecked, a model that gave two rows (or NaN)
+        for batches of three texts or more passed start-up, doctor and reload, then failed live requests with 500s
+        that blamed their texts (red team helper-85)."""
         started = time.monotonic()
         self.smoke_test()
         shapes = warmup_shapes(self.engine.device, self.settings.max_batch_size, self.settings.max_batch_tokens,
                                self.artifact.max_length)
         for batch, length in shapes:
             ids = np.full((batch, length), 1000, dtype=np.int64)
-            self.engine.run(ids, np.ones_like(ids))
+            _check_logits(self.artifact, self.engine.run(ids, np.ones_like(ids)), batch,
+                          f"a warm-up batch of {batch} x {length} tokens")
         self.warm = True
         elapsed = time.monotonic() - started
         log.info("model %s %s warm on %s (%d shapes, %.2f s)", self.identity.name, self.identity.version,
@@ -184,13 +187,13 @@ def check_predictions(engine: Engine, encoder: TextEncoder, artifact: Artifact) 
             "with the tokenizer the model was trained with") from None
 
 
-def _check_logits(artifact: Artifact, logits: np.ndarray, rows: int) -> None:
+def _check_logits(artifact: Artifact, logits: np.ndarray, rows: int, what: str = "a smoke prediction") -> None:
     logits, where, expected = np.asarray(logits), artifact.directory, (rows, len(artifact.labels))
     if logits.shape != expected:
-        raise ModelCheckFailed(f"model {where}: a smoke prediction gave logits of shape {logits.shape}, expected "
+        raise ModelCheckFailed(f"model {where}: {what} gave logits of shape {logits.shape}, expected "
                                f"{expected} (one per label in {MANIFEST}): the ONNX file does not fit the manifest")
     if not np.isfinite(logits).all():
-        raise ModelCheckFailed(f"model {where}: a smoke prediction gave non-finite logits (NaN or inf): the "
+        raise ModelCheckFailed(f"model {where}: {what} gave non-finite logits (NaN or inf): the "
                                "weights are damaged; restore or rebuild the artifact")
 
 

@@ -9,7 +9,9 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.artifact import load_artifact
 from server.engine import create_engine, softmax
+from server.metrics import Metrics
 from server.oom import FaultInjectingEngine
+from server.runtime import ModelCheckFailed, load_checked
 from server.tokenizer import TextEncoder, pad_batch
 from tests.model_fixtures import TINY_MAX_LENGTH
 from tests.store_fixtures import stored_ids
@@ -228,6 +230,32 @@ def test_nan_scores_are_a_500_never_a_200_and_never_cached_or_recorded(make_sett
     assert sum("NaN or infinite scores" in line for line in said) == 1  # once a minute: input can repeat it
     assert not any(line.startswith("request failed") or "-> 500" in line for line in said), said
     assert len(stored_ids(settings.database_url)) == 1  # only the short text's record
+
+
+class WrongFromBatchesOf:
+    """An engine that gives NaN logits, or a row too few, for batches of ``rows`` texts or more (and is right below:
+    the smoke prediction's two texts pass)."""
+
+    def __init__(self, inner, rows: int, fault: str) -> None:
+        self.inner, self.rows, self.fault = inner, rows, fault
+        self.device, self.provider, self.variant = inner.device, inner.provider, inner.variant
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        logits = self.inner.run(input_ids, attention_mask)
+        if len(logits) < self.rows:
+            return logits
+        return np.full_like(logits, np.nan) if self.fault == "nan" else logits[:-1]
+
+
+@pytest.mark.parametrize("fault, said", [("nan", "non-finite logits"), ("rows", "logits of shape")])
+def test_a_model_wrong_only_for_larger_batches_is_refused_by_its_warm_up(make_settings, fault, said):
+    """It passed start-up, doctor and reload (the smoke prediction runs two texts; warm-up ran the larger batches
+    and threw their logits away), then failed live requests of three texts or more with 500s that blamed their
+    texts (red team helper-85)."""
+    settings = make_settings(warmup=True)
+    with pytest.raises(ModelCheckFailed, match=f"a warm-up batch of \\d+ x \\d+ tokens gave {said}"):
+        load_checked(settings, Metrics(), wrap_engine=lambda e: WrongFromBatchesOf(e, 3, fault))
+    assert load_checked(settings, Metrics()).warm  # the same model, right at every batch, passes
 
 
 def test_oom_on_batches_splits_and_answers_every_text(make_settings):
