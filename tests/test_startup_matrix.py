@@ -71,6 +71,14 @@ CASES = {
     "in-memory sqlite": Case({"DATABASE_URL": "sqlite://"}, ExitCode.DATABASE, ("DATABASE_URL", "in-memory")),
     "in-memory sqlite, named": Case({"DATABASE_URL": "sqlite:///:memory:"}, ExitCode.DATABASE, ("in-memory",)),
     "empty database url": Case({"DATABASE_URL": ""}, ExitCode.DATABASE, ("DATABASE_URL is empty",)),
+    # SQLite's own options and URIs: a traceback after the model load, or checks passed by a file: URI whose file was
+    # no database, then a store down for ever (red team helper-85)
+    "sqlite uri in memory": Case({"DATABASE_URL": "sqlite:///file:db?mode=memory&uri=true"}, ExitCode.DATABASE,
+                                 ("no ?options, no file: URI",)),
+    "sqlite option": Case({"DATABASE_URL": "sqlite:///{tmp}/p.db?timeout=abc"}, ExitCode.DATABASE,
+                          ("a SQLite URL names a file and nothing else",)),
+    "sqlite file uri": Case({"DATABASE_URL": "sqlite:///file:{tmp}/p.db?uri=true"}, ExitCode.DATABASE,
+                            ("no ?options, no file: URI",)),
     "model path a manifest file": Case({"MODEL_PATH": "{tiny}/manifest.json"}, ExitCode.MODEL,
                                        ("manifest.json is a file, not a model directory", "MODEL_PATH")),
     # every connection failed on it before the network: the server started and reported the database down for ever

@@ -60,6 +60,13 @@ def database_url(raw: str) -> URL:
         # does: nothing the spool replays could be checked against it.
         raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r} is an in-memory SQLite database, "
                           "which keeps no record past the process; name a file: sqlite:///path/to/file.db")
+    if url.get_backend_name() == "sqlite" and (url.query or url.database.startswith("file:")):
+        # The server sets the driver's options itself (its timeout, threads): one given here failed start-up with a
+        # traceback after the model load, and a ``file:`` URI was read by the file checks as a relative path, so a
+        # file that is no database (or a read-only one) passed them and the store stayed down (red team helper-85).
+        raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r}: a SQLite URL names a file and "
+                          "nothing else (no ?options, no file: URI); use sqlite:///relative/path.db or "
+                          "sqlite:////absolute/path.db")
     if url.host and "@" in url.host:  # the host would be the password's end: every error message would show it
         raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw)!r}: an @ in the user name or password "
                           "must be written %40")
