@@ -176,6 +176,18 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("model_path", "spool_dir", "log_file", mode="before")
+    @classmethod
+    def _no_surrounding_whitespace(cls, value: object) -> object:
+        """A space at either end (an ``--env-file`` slip) named another file: ``SPOOL_DIR="/data/spool "`` made a
+        folder ``spool `` beside the one meant, and the records went to a database no one reads (red team
+        helper-85). Such names are refused rather than trimmed: which file was meant is the operator's to say.
+        DATABASE_URL is checked where it is parsed, whose message hides its password (``server.store.db``)."""
+        if isinstance(value, str) and value.strip() and value != value.strip():
+            raise ValueError("starts or ends with whitespace, which would name another file: remove it (or quote "
+                             "the value without it)")
+        return value
+
 
 def describe_error(error: ValidationError) -> str:
     """One line: the variable, the value it had, and what is allowed."""

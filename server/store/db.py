@@ -48,6 +48,9 @@ def database_url(raw: str) -> URL:
         raise ConfigError("invalid configuration: DATABASE_URL is empty: unset it for the default "
                           f"({Settings.model_fields['database_url'].default}), or use sqlite:///path/to/file.db or "
                           "postgresql://user:password@host:5432/dbname")
+    if raw != raw.strip():  # an --env-file slip: another file, or a database name with a space (config's check)
+        raise ConfigError(f"invalid configuration: DATABASE_URL={redact(raw.strip())!r} starts or ends with "
+                          "whitespace, which would name another database: remove it")
     try:
         url = make_url(raw.replace("postgres://", "postgresql://", 1) if raw.startswith("postgres://") else raw)
     except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
