@@ -227,7 +227,9 @@ def check_relationships(settings: Settings) -> None:
             f"{settings.request_timeout_s!r} in milliseconds, or under load a text held to fill a batch would reach "
             "its deadline first; lower MAX_WAIT_MS (a few milliseconds) or raise REQUEST_TIMEOUT_S"
         )
-    if settings.max_queue < settings.max_texts_per_request:
+    if "max_queue" in settings.model_fields_set and settings.max_queue < settings.max_texts_per_request:
+        # unset, it is derived and never below MAX_TEXTS_PER_REQUEST (``server.budget``): MAX_TEXTS_PER_REQUEST=3000
+        # alone was refused for a MAX_QUEUE no one had set (red team helper-85)
         raise ConfigError(
             f"invalid configuration: MAX_QUEUE={settings.max_queue!r}: must be at least "
             f"MAX_TEXTS_PER_REQUEST={settings.max_texts_per_request!r}, or a request of that many texts could "

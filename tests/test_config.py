@@ -91,6 +91,17 @@ def test_a_queue_that_cannot_hold_one_request_is_refused_naming_both_variables()
     check_relationships(load_settings())  # the defaults fit together
 
 
+def test_requests_larger_than_the_default_queue_are_fine_when_the_queue_is_derived(make_settings):
+    """Unset, MAX_QUEUE is derived from the memory limit and never below MAX_TEXTS_PER_REQUEST: the check refused
+    MAX_TEXTS_PER_REQUEST=3000 alone, naming a MAX_QUEUE no one had set (red team helper-85)."""
+    from server.metrics import Metrics
+    from server.runtime import load_checked
+
+    settings = make_settings(max_texts_per_request=3000)
+    check_relationships(settings)
+    assert load_checked(settings, Metrics(), warm=False).settings.max_queue >= 3000
+
+
 def test_max_wait_ms_at_or_past_the_request_deadline_is_refused_naming_both():
     with pytest.raises(ConfigError) as error:
         check_relationships(load_settings(max_wait_ms=10_000, request_timeout_s=5))
