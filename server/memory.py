@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
 import os
 import platform
@@ -79,16 +80,26 @@ class ProcessRss:
     500 (red team helper-86). psutil where there is no procfs."""
 
     def __init__(self, path: str = "/proc/self/statm") -> None:
-        try:
-            self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._fd = None
+        self._path = path
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._fd: int | None = None
+        self._pid = 0  # whose statm ``_fd`` reads: a forked child reopens it (``/proc/self`` was its parent's)
 
     def __call__(self) -> int:
+        if self._pid != os.getpid():
+            self._reopen()
         if self._fd is None:
             return psutil.Process().memory_info().rss
         return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+
+    def _reopen(self) -> None:
+        try:
+            self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:  # no procfs: psutil's way; no file to spare: that too, and again next time
+            self._fd = None
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                return
+        self._pid = os.getpid()
 
 
 process_rss_bytes = ProcessRss()
