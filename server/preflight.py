@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from server.cgroup import cpu_quota_cores
 from server.config import ConfigError, Settings, check_relationships
@@ -230,15 +230,17 @@ def check_port(settings: Settings) -> str:
     """PORT, and GRPC_PORT when gRPC is on: each must be free on HOST (and HOST an address of this machine)."""
     problem = port_problem(settings.host, settings.port)
     if problem:
-        fix = "stop the other process or set PORT to a free port" if problem.in_use else HOST_FIX
-        raise StartupError(f"{problem}; {fix}", ExitCode.PORT)
+        fix = {"in_use": "stop the other process or set PORT to a free port",
+               "denied": "set PORT to a port this process may bind (1024 or above)"}.get(problem.kind, HOST_FIX)
+        raise StartupError(f"{problem}; {fix}", ExitCode.PORT, fix=fix)
     if not settings.grpc_port:
         return f"{settings.host}:{settings.port} is free"
     problem = port_problem(settings.host, settings.grpc_port)
     if problem:
-        fix = "stop the other process, set GRPC_PORT to a free port, or 0 to turn gRPC off" if problem.in_use \
-            else HOST_FIX
-        raise StartupError(f"GRPC_PORT: {problem}; {fix}", ExitCode.PORT)
+        fix = {"in_use": "stop the other process, set GRPC_PORT to a free port, or 0 to turn gRPC off",
+               "denied": "set GRPC_PORT to a port this process may bind (1024 or above), or 0 to turn gRPC off"
+               }.get(problem.kind, HOST_FIX)
+        raise StartupError(f"GRPC_PORT: {problem}; {fix}", ExitCode.PORT, fix=fix)
     return f"{settings.host}:{settings.port} (PORT) and {settings.host}:{settings.grpc_port} (GRPC_PORT) are free"
 
 
@@ -338,10 +340,11 @@ def preflight(settings: Settings) -> int:
 
 @dataclass(frozen=True)
 class PortProblem:
-    """Why ``host:port`` cannot be bound; ``in_use``: another process holds the port (else HOST is the problem)."""
+    """Why ``host:port`` cannot be bound; ``kind``: another process holds the port (``in_use``), this process may
+    not bind it (``denied``: a port below the unprivileged range, run as non-root), or HOST is the problem."""
 
     message: str
-    in_use: bool = False
+    kind: Literal["in_use", "denied", "host"] = "host"
 
     def __str__(self) -> str:
         return self.message
@@ -356,7 +359,11 @@ def port_problem(host: str, port: int) -> PortProblem | None:
             sock.bind((host, port))
         except OSError as exc:  # socket.gaierror too: a HOST that does not resolve
             if exc.errno == errno.EADDRINUSE:
-                return PortProblem(f"port {port} is already in use on {host}", in_use=True)
+                return PortProblem(f"port {port} is already in use on {host}", "in_use")
+            if exc.errno == errno.EACCES:  # HOST is fine: the advice to change it was wrong (red team helper-85)
+                return PortProblem(f"this process may not bind port {port} on {host} ({exc.strerror}: ports below "
+                                   "1024, or below net.ipv4.ip_unprivileged_port_start, need root or "
+                                   "CAP_NET_BIND_SERVICE)", "denied")
             return PortProblem(f"cannot bind {host}:{port}: {exc.strerror}")
     return None
 

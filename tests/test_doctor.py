@@ -57,6 +57,23 @@ def test_port_in_use_fails(monkeypatch, tiny_artifact, tmp_path):
     assert any(line.startswith("[FAIL] port") and "already in use" in line for line in lines)
 
 
+def test_a_port_this_process_may_not_bind_is_told_so_not_to_change_host(monkeypatch, tiny_artifact, tmp_path):
+    """Run as non-root with PORT=80: serve said to set HOST (it was 0.0.0.0 already) and doctor to stop the process
+    holding the port (red team helper-85)."""
+    bind = socket.socket.bind
+
+    def denied(sock, address):
+        if address[1] == 80:
+            raise PermissionError(13, "Permission denied")
+        return bind(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", denied)
+    code, lines = doctor(monkeypatch, {**good_env(tiny_artifact, tmp_path), "PORT": "80"})
+    failure = next(i for i, line in enumerate(lines) if line.startswith("[FAIL] port"))
+    assert code == 1 and "may not bind port 80" in lines[failure] and "CAP_NET_BIND_SERVICE" in lines[failure]
+    assert lines[failure + 1] == "       fix: set PORT to a port this process may bind (1024 or above)", lines
+
+
 def test_a_grpc_port_in_use_fails_naming_grpc_port(monkeypatch, tiny_artifact, tmp_path):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
