@@ -4,6 +4,8 @@ The plan. What the process holds at its peak is, measured or bounded term by ter
 
     base (the loaded model and the server, measured)  +  cache (CACHE_MAX_BYTES)
     +  request bodies in flight (``body_bytes`` x what a byte of body costs once parsed)
+    +  the tokenizer's peak (``TEXT_WORK_BYTES``, whatever the requests' size: it takes a bounded number of
+       characters at a time, ``server.tokenizer.ENCODE_CHARS_AT_ONCE``)
     +  queued texts (MAX_QUEUE x what one holds)  +  ENGINE_WORKERS x the largest batch (the cost model)
 
 and ``plan_memory`` chooses the settings the user left unset so that this stays under MEMORY_HIGH_WATER x
@@ -72,6 +74,7 @@ from server.config import Settings
 from server.exitcodes import ExitCode, StartupError
 from server.memory_model import CostModel
 from server.metrics import Metrics
+from server.tokenizer import ENCODE_CHARS_AT_ONCE, TOKENIZER_PEAK_PER_CHAR
 
 CACHE_SHARE = 0.10  # of the room above the base, at most, for a derived CACHE_MAX_BYTES
 QUEUE_SHARE = 0.15  # of the room above the base, at most, for a derived MAX_QUEUE
@@ -80,6 +83,9 @@ BODY_MOST_REQUESTS = 16  # bodies of MAX_REQUEST_BYTES in flight at most (twice 
 BODY_PARSED_PER_BYTE = 11  # Python objects a request holds per byte of its body (measured 10.0 at worst)
 BODY_NATIVE_PER_BYTE = 5  # the tokenizer's and the store's encoding's memory per byte of body (2 + 2-3)
 BODY_COST_PER_BYTE = BODY_PARSED_PER_BYTE + BODY_NATIVE_PER_BYTE
+# The tokenizer's own peak beside the bodies, whatever their size: it takes at most ENCODE_CHARS_AT_ONCE characters
+# at a time on the text thread, and a request of at most that many on the event loop (server.predictor).
+TEXT_WORK_BYTES = 2 * ENCODE_CHARS_AT_ONCE * TOKENIZER_PEAK_PER_CHAR
 QUEUED_TEXT_OVERHEAD = 1024  # a queued text's objects besides its characters and ids (work item, array, list slots)
 PLANNED = ("max_batch_tokens", "engine_workers", "max_queue", "cache_max_bytes")  # batches first, then host-only
 MIB = 1 << 20
@@ -173,7 +179,7 @@ class MemoryPlan:
     @property
     def host_peak(self) -> int:
         batches = 0 if self.device else self.engine_workers * self.batch_bytes
-        return self.host.base + self.cache_max_bytes + self.bodies_peak + self.queue_bytes + batches
+        return self.host.base + self.cache_max_bytes + self.bodies_peak + TEXT_WORK_BYTES + self.queue_bytes + batches
 
     @property
     def device_peak(self) -> int | None:
@@ -204,6 +210,7 @@ class MemoryPlan:
             "base_bytes": self.host.base,
             "bodies": {"max_bytes": self.body_bytes, "cost_per_byte": BODY_COST_PER_BYTE,
                        "peak_bytes": self.bodies_peak},
+            "tokenizer_bytes": TEXT_WORK_BYTES,
             "queue_bytes": self.queue_bytes,
             "batch_bytes": self.batch_bytes,
             "peak_bytes": self.host_peak,
@@ -227,6 +234,7 @@ class MemoryPlan:
             parts += [f"the cache {mib(self.cache_max_bytes)} (CACHE_MAX_BYTES)",
                       f"request bodies of {mib(self.body_bytes)} in flight {mib(self.bodies_peak)} parsed "
                       "(MAX_REQUEST_BYTES)",
+                      f"the tokenizer {mib(TEXT_WORK_BYTES)}",
                       f"{self.max_queue} queued texts {mib(self.queue_bytes)} (MAX_QUEUE, MAX_TEXT_CHARS)"]
         if area is self.batch_area:
             texts = self.batch_tokens_at_peak // self.max_length
@@ -320,7 +328,8 @@ def _plan(settings: Settings, host: Area, model: CostModel, max_length: int, aut
     least_batch = least_tokens * token_bytes
 
     def batch_room() -> float:
-        return device.ceiling - device.base if device else room - cache - bodies * BODY_COST_PER_BYTE - queue * per_text
+        return device.ceiling - device.base if device else \
+            room - cache - bodies * BODY_COST_PER_BYTE - TEXT_WORK_BYTES - queue * per_text
 
     if "engine_workers" in derived and batch_room() < workers * least_batch:
         workers = 1

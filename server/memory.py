@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 
-from server.budget import BodyBudget, MemoryPlan, TokenBudget
+from server.budget import TEXT_WORK_BYTES, BodyBudget, MemoryPlan, TokenBudget
 from server.cache import PredictionCache
 from server.cgroup import memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
@@ -198,6 +198,7 @@ class MemoryGuard:
         m.memory_plan.labels("host", "base").set(plan.host.base)
         m.memory_plan.labels("host", "cache").set(plan.cache_max_bytes)
         m.memory_plan.labels("host", "bodies").set(plan.bodies_peak)
+        m.memory_plan.labels("host", "tokenizer").set(TEXT_WORK_BYTES)
         m.memory_plan.labels("host", "queue").set(plan.queue_bytes)
         batches = plan.engine_workers * plan.batch_bytes
         if plan.device is None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from server.artifact import MANIFEST, TOKENIZER, Artifact, ArtifactError, load_artifact
 from server.batcher import Batcher
-from server.budget import Area, MemoryDoesNotFit, MemoryPlan, TokenBudget, mib, plan_memory
+from server.budget import TEXT_WORK_BYTES, Area, MemoryDoesNotFit, MemoryPlan, TokenBudget, mib, plan_memory
 from server.cgroup import memory_limit_bytes
 from server.config import Settings
 from server.engine import (
@@ -247,7 +247,8 @@ def summary(plan: MemoryPlan) -> str:
     area, model, n = plan.batch_area, plan.model, plan.max_length
     derived = ", ".join(name.upper() for name in plan.derived) or "none"
     return (f"limit {mib(plan.host.limit)}, high water {mib(plan.host.ceiling)}; model and server "
-            f"{mib(plan.host.base)}, cache {mib(plan.cache_max_bytes)}, {plan.max_queue} queued texts "
+            f"{mib(plan.host.base)}, cache {mib(plan.cache_max_bytes)}, tokenizer {mib(TEXT_WORK_BYTES)}, "
+            f"{plan.max_queue} queued texts "
             f"{mib(plan.queue_bytes)}, {plan.engine_workers} engine worker(s) x a batch of up to "
             f"{plan.batch_tokens_at_peak // n} x {n} tokens (MAX_BATCH_TOKENS={plan.batch_tokens}) "
             f"{mib(plan.batch_bytes)} in {area.name}; peak {mib(plan.device_peak or plan.host_peak)} of "

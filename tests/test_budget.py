@@ -12,6 +12,7 @@ from server.budget import (
     BODY_COST_PER_BYTE,
     BODY_MOST_REQUESTS,
     BODY_SHARE,
+    TEXT_WORK_BYTES,
     Area,
     BodyBudget,
     MemoryDoesNotFit,
@@ -138,8 +139,8 @@ def test_a_derived_plan_peaks_under_high_water_and_its_batches_are_as_large_as_f
     assert plan.host_peak <= plan.host.ceiling < plan.host_peak + plan.engine_workers * token  # one token more: over
     assert plan.batch_bytes == math.ceil(plan.batch_tokens * token)
     assert plan.bodies_peak == plan.body_bytes * BODY_COST_PER_BYTE
-    assert plan.host_peak == (plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes
-                              + 2 * plan.batch_bytes)
+    assert plan.host_peak == (plan.host.base + plan.cache_max_bytes + plan.bodies_peak + TEXT_WORK_BYTES
+                              + plan.queue_bytes + 2 * plan.batch_bytes)
     assert MAX_LENGTH * 2 < plan.batch_tokens < 8192  # several long texts, but less than the default allows
 
 
@@ -162,7 +163,7 @@ def test_a_tight_limit_drops_to_one_worker_then_squeezes_queue_and_cache_before_
     one_text = MODEL.batch_bytes(1, MAX_LENGTH)
     minimum_queue = settings.max_texts_per_request * queued_text_bytes(settings, MAX_LENGTH)
     one_body = settings.max_request_bytes * BODY_COST_PER_BYTE
-    just_enough = (200 * MIB + one_body + minimum_queue + one_text) / 0.85 / MIB + 1
+    just_enough = (200 * MIB + one_body + TEXT_WORK_BYTES + minimum_queue + one_text) / 0.85 / MIB + 1
     plan = plan_for(just_enough)
     assert (plan.engine_workers, plan.cache_max_bytes, plan.max_queue) == (1, 0, settings.max_texts_per_request)
     assert plan.body_bytes == settings.max_request_bytes  # one body of the largest size, no more
@@ -228,7 +229,8 @@ def test_the_costliest_batch_is_capped_by_batch_size_and_a_lone_long_text_still_
 def test_on_a_gpu_the_batches_are_planned_in_its_memory() -> None:
     gpu = Area("GPU 0's memory", 2048 * MIB, 500 * MIB, 0.85)
     plan = plan_for(600, device=gpu)
-    assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes  # no batches
+    assert plan.host_peak == (plan.host.base + plan.cache_max_bytes + plan.bodies_peak + TEXT_WORK_BYTES
+                              + plan.queue_bytes)  # no batches
     assert plan.device_peak == gpu.base + plan.engine_workers * plan.batch_bytes <= gpu.ceiling
     with pytest.raises(MemoryDoesNotFit, match=r"GPU 0's memory .* set CUDA_MEM_LIMIT to at least \d+") as failure:
         plan_for(600, Settings(max_batch_tokens=16384, max_batch_size=64, engine_workers=2, max_queue=512), device=gpu)
@@ -322,3 +324,15 @@ def test_the_body_budget_refuses_what_would_pass_its_limit_and_holds_nothing_the
     assert not bodies.reserve(1)
     assert bodies.reserve(0)  # but a request without a body is not refused
     assert BodyBudget().reserve(1 << 40)  # no plan yet: nothing refused
+
+
+def test_the_tokenizers_part_covers_the_text_thread_and_the_event_loop_at_once():
+    """The text thread tokenizes ENCODE_CHARS_AT_ONCE characters at a time while the loop may tokenize a request
+    of up to LOOP_TEXT_CHARS: TEXT_WORK_BYTES charges the larger twice, so the loop's must not be the larger."""
+    from server.predictor import LOOP_TEXT_CHARS
+    from server.tokenizer import ENCODE_CHARS_AT_ONCE, TOKENIZER_PEAK_PER_CHAR
+
+    assert LOOP_TEXT_CHARS <= ENCODE_CHARS_AT_ONCE
+    assert TEXT_WORK_BYTES >= (LOOP_TEXT_CHARS + ENCODE_CHARS_AT_ONCE) * TOKENIZER_PEAK_PER_CHAR
+    plan = plan_for(1024)
+    assert plan.describe()["tokenizer_bytes"] == TEXT_WORK_BYTES

@@ -220,7 +220,7 @@ def test_guard_exports_headroom_and_the_plan_of_the_budget_it_drives() -> None:
     assert gauge(metrics, "sentiment_memory_cost_bytes_per_token") == 10_000
     assert gauge(metrics, "sentiment_memory_cost_bytes_per_token_length") == 100
     parts = {part: metrics.registry.get_sample_value("sentiment_memory_plan_bytes", {"memory": "host", "part": part})
-             for part in ("base", "cache", "bodies", "queue", "batches")}
+             for part in ("base", "cache", "bodies", "tokenizer", "queue", "batches")}
     assert sum(parts.values()) == plan.host_peak and parts["base"] == 300 * 2**20
     assert guard.bodies.limit == plan.body_bytes and parts["bodies"] == plan.bodies_peak
     guard.check()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
+from scripts.benchlib.serverproc import ROOT
+from server import tokenizer
 from server.artifact import load_artifact
 from server.primitives import InputTooLong
-from server.tokenizer import TextEncoder
+from server.tokenizer import TextEncoder, char_groups
 
 
 class Counting:
@@ -93,3 +97,51 @@ def test_the_highest_id_is_read_from_the_vocabulary_whatever_its_layout(tiny_art
     assert TextEncoder(json.dumps(without_added).encode(), 16).highest_id() == len(original["model"]["vocab"]) - 1
     past_the_size = {**original, "model": {**original["model"], "vocab": {**original["model"]["vocab"], "zap": 40000}}}
     assert TextEncoder(json.dumps(past_the_size).encode(), 16).highest_id() == 40000
+
+
+def test_char_groups_keep_the_order_and_bound_each_group():
+    texts = ["a" * 5, "b" * 3, "c" * 4, "d" * 20, "e"]
+    groups = char_groups(texts, 8)
+    assert groups == [["a" * 5, "b" * 3], ["c" * 4], ["d" * 20], ["e"]]  # a text over the bound goes alone
+    assert [text for group in groups for text in group] == texts
+    assert char_groups([], 8) == [[]]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_texts_tokenized_in_groups_give_what_one_call_gives(tiny_artifact, monkeypatch, strict):
+    artifact = load_artifact(tiny_artifact)
+    encoder = TextEncoder(artifact.directory / "tokenizer.json", artifact.max_length, strict=strict)
+    texts = ["dull", "a fine film", "!!", "word word", "a"] * 3
+    if not strict:  # texts the model's max length cuts too (strict mode refuses them)
+        texts += ["a fine film " * 40, "!" * 300, "word " * 200]
+    monkeypatch.setattr(tokenizer, "ENCODE_CHARS_AT_ONCE", 10 ** 9)
+    expected, cut = encoder.encode_marking_truncation(texts)
+    monkeypatch.setattr(tokenizer, "ENCODE_CHARS_AT_ONCE", 12)  # a group per text or two
+    ids, truncated = encoder.encode_marking_truncation(texts)
+    assert [row.tolist() for row in ids] == [row.tolist() for row in expected] and truncated == cut
+    assert strict or any(cut)
+
+
+PEAK = """
+import resource, sys
+from server.artifact import load_artifact
+from server.config import Settings
+from server.tokenizer import TextEncoder
+artifact = load_artifact(Settings().model_path)
+encoder = TextEncoder(artifact.directory / "tokenizer.json", artifact.max_length)
+encoder.encode(["!"])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ids = encoder.encode(["!" * 20_000] * 256)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, len(ids), len(ids[0]))
+"""
+
+
+def test_the_tokenizers_peak_does_not_grow_with_the_request():
+    """256 texts of 20,000 "!" (a token per character) took 790 MiB at once: the server was OOM-killed at 480 MiB
+    by requests of the default sizes, and at 1 GiB by one with MAX_REQUEST_BYTES raised (red team helper-87).
+    In groups of ENCODE_CHARS_AT_ONCE characters: ~45-70 MiB here, the allocator's slack included."""
+    done = subprocess.run([sys.executable, "-c", PEAK], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    peak_mib, rows, width = map(int, done.stdout.split())
+    assert rows == 256 and width > 100  # cut at the model's max length
+    assert peak_mib < 150, peak_mib
