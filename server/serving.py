@@ -9,6 +9,7 @@ each adapter turns them into its protocol's error shape.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -113,6 +114,13 @@ async def classify(services: Services, raw_texts: list[str], request_id: str,
         return await _classify_on(services, runtime, texts, request_id, api_key_id, name)
 
 
+def spool_refusal(services: Services, error: SpoolUnavailable) -> SpoolUnavailable:
+    """The client's 503 for records the spool refused (counted as ``spool_full``, whatever the cause)."""
+    services.metrics.rejected.labels("spool_full").inc()
+    return SpoolUnavailable(error.cause, f"the predictions could not be recorded: {error.message}; retry shortly "
+                            "(see /health)")
+
+
 async def _classify_on(services: Services, runtime: ModelRuntime, texts: list[str], request_id: str,
                        api_key_id: str | None, name: TextName) -> Classified:
     started = time.perf_counter()
@@ -121,26 +129,29 @@ async def _classify_on(services: Services, runtime: ModelRuntime, texts: list[st
     settings, store = services.settings, services.store
     context = RecordContext(request_id, api_key_id, identity, settings.store_text)
     keys = RecordKeys.of(texts) if settings.store_predictions else None
-    on_worker = WorkerRecords(store, texts, runtime.labels(), started, context, keys) \
-        if keys is not None and store.ack else None
-    predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker, name=name,
-                                                   runtime=runtime, scope=cache_scope(settings, api_key_id))
-    compute_ms = (time.perf_counter() - started - (on_worker.recording_s if on_worker else 0.0)) * 1000
-    ids: list[str | None] = [None] * len(predictions)
-    if settings.store_predictions:
-        records = on_worker.records if on_worker else None
-        try:
-            if on_worker and on_worker.refused:
-                raise on_worker.refused
-            if records is None:
-                records = prediction_records(texts, predictions, context, keys, compute_ms)
-                await store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
-        except RecordsTooLarge:  # 413: no retry can fit them (counted as too_large with the other 413s)
-            raise
-        except SpoolUnavailable as error:  # never a 200 without its record
-            services.metrics.rejected.labels("spool_full").inc()
-            raise SpoolUnavailable(error.cause, f"the predictions could not be recorded: {error.message}; retry "
-                                   "shortly (see /health)") from None
-        ids = [record.id for record in records]
+    try:  # before anything is computed for records that could not be kept
+        room = store.room_for(texts) if keys is not None else contextlib.nullcontext()
+    except SpoolUnavailable as error:
+        raise spool_refusal(services, error) from None
+    with room:
+        on_worker = WorkerRecords(store, texts, runtime.labels(), started, context, keys) \
+            if keys is not None and store.ack else None
+        predictions = await services.predictor.predict(texts, timings=timings, on_worker=on_worker, name=name,
+                                                       runtime=runtime, scope=cache_scope(settings, api_key_id))
+        compute_ms = (time.perf_counter() - started - (on_worker.recording_s if on_worker else 0.0)) * 1000
+        ids: list[str | None] = [None] * len(predictions)
+        if settings.store_predictions:
+            records = on_worker.records if on_worker else None
+            try:
+                if on_worker and on_worker.refused:
+                    raise on_worker.refused
+                if records is None:
+                    records = prediction_records(texts, predictions, context, keys, compute_ms)
+                    await store.record(records)  # STORE_DURABILITY=ack: synced to the spool before the answer
+            except RecordsTooLarge:  # 413: no retry can fit them (counted as too_large with the other 413s)
+                raise
+            except SpoolUnavailable as error:  # never a 200 without its record
+                raise spool_refusal(services, error) from None
+            ids = [record.id for record in records]
     return Classified(predictions=predictions, ids=ids, identity=identity, labels=runtime.labels(),
                       compute_ms=compute_ms, timings=timings)

@@ -28,6 +28,7 @@ the rest, and is bounded in time: a disk backlog is left for the next start rath
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ from server.store.worker import BlockingWorker
 from server.store.writer import CACHE_BYTES, QUEUE_BYTES, Writer
 
 log = logging.getLogger(__name__)
+RECORD_LINE_BYTES_AT_LEAST = 256  # a record's spool line without its text: its keys, id, hash and time alone
 
 CLOSE_TIMEOUT_S = 5.0
 STALLED_AFTER_S = 5.0  # a database call running longer makes /health degraded until it ends
@@ -70,6 +72,7 @@ class PredictionStore:
         self.engine = make_engine(settings)
         self.backend = self.engine.dialect.name
         self.ack = settings.store_durability == "ack"
+        self._promised = 0  # spool bytes promised to requests under way (``room_for``; on the loop only)
         self._directory = SpoolDirectory(settings.spool_dir)
         self._wal = WriteAheadLog(settings.spool_dir, settings.spool_max_bytes)
         self._rejected = RejectedFile(settings.spool_dir)
@@ -134,6 +137,24 @@ class PredictionStore:
         started = time.perf_counter()
         await self._committer.append(records)
         self.metrics.store_ack_latency.observe(time.perf_counter() - started)
+
+    def room_for(self, texts: list[str]) -> contextlib.AbstractContextManager:
+        """Ack mode: the spool's room for the records of ``texts``, promised until the block ends; raises the
+        spool's ``full`` now, before anything is computed, when the spool cannot hold them beside the records of
+        the requests under way (``WriteAheadLog.bytes_kept``, what ``append`` finds once every segment the database
+        took is deleted, and their promises). With the spool full, requests of many cached texts were each answered
+        503 only after their records were built, encoded and refused one by one, all at once: 256 such clients
+        OOM-killed a server at 800 MiB within seconds (red team helper-87). A record is promised the least its line
+        can take (``RECORD_LINE_BYTES_AT_LEAST`` and its text), so the append still decides at the margin."""
+        if not self.ack:
+            return contextlib.nullcontext()
+        need = len(texts) * RECORD_LINE_BYTES_AT_LEAST + (sum(map(len, texts)) if self.settings.store_text else 0)
+        kept = self._wal.bytes_kept()
+        if kept + self._promised + need > self._wal.max_bytes:
+            raise SpoolUnavailable("full", f"the prediction spool is full ({kept} bytes of SPOOL_MAX_BYTES="
+                                           f"{self._wal.max_bytes}, and records of requests under way)")
+        self._promised += need
+        return _Promise(self, need)
 
     def record_here(self, records: list[PredictionRecord]) -> None:
         """Ack mode, on a thread other than the loop that has the records ready (an engine worker,
@@ -318,3 +339,15 @@ class PredictionStore:
             self.engine.dispose()
         self._directory.unlock()
 
+
+class _Promise:
+    """``PredictionStore.room_for``'s promise, given back when the request's block ends."""
+
+    def __init__(self, store: PredictionStore, size: int) -> None:
+        self._store, self._size = store, size
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self._store._promised -= self._size

@@ -150,6 +150,12 @@ class WriteAheadLog:
     def _end(self) -> int:
         return self._end_lsn
 
+    def bytes_kept(self) -> int:
+        """Bytes on disk once every segment wholly in the database is deleted: what the next append finds at best
+        (``_make_room``)."""
+        with self._lock:
+            return self._bytes - sum(s.size for s in self._segments if s.end <= self._released)
+
     def open(self) -> int:
         """Find the segments a previous process left, report missing ranges (``gaps``), cut off a torn tail;
         returns how many lines they hold."""
