@@ -71,3 +71,11 @@ async def test_without_ack_nothing_is_promised(store_settings, open_store):
     store = await open_store(store_settings(store_durability="async"))
     with store.room_for(["a"] * 100_000):
         pass
+
+
+@pytest.mark.parametrize("store_db", ["sqlite"], indirect=True)
+async def test_records_larger_than_the_whole_spool_are_left_to_the_append_to_refuse_413(store_settings, open_store):
+    """Refused here they would have been a 503 to retry for ever; the append refuses them as too large (413)."""
+    store = await open_store(store_settings(spool_max_bytes=MIB))
+    with store.room_for(["x" * 20_000] * 60):
+        pass

@@ -149,10 +149,14 @@ class PredictionStore:
         if not self.ack:
             return contextlib.nullcontext()
         need = len(texts) * RECORD_LINE_BYTES_AT_LEAST + (sum(map(len, texts)) if self.settings.store_text else 0)
+        if need > self._wal.max_bytes:  # never fits, whatever is under way: the append says so (413, RecordsTooLarge)
+            return contextlib.nullcontext()
         kept = self._wal.bytes_kept()
         if kept + self._promised + need > self._wal.max_bytes:
-            raise SpoolUnavailable("full", f"the prediction spool is full ({kept} bytes of SPOOL_MAX_BYTES="
-                                           f"{self._wal.max_bytes}, and records of requests under way)")
+            error = SpoolUnavailable("full", f"the prediction spool is full ({kept} bytes of SPOOL_MAX_BYTES="
+                                             f"{self._wal.max_bytes}, and records of requests under way)")
+            self._writer.committed(None, error)  # /health and the log say it as for a refused append
+            raise error
         self._promised += need
         return _Promise(self, need)
 
