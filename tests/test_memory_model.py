@@ -16,7 +16,7 @@ import pytest
 
 from scripts.benchlib.serverproc import start_server, stop_server
 from server import runtime as runtime_module
-from server.budget import MemoryDoesNotFit
+from server.budget import TEXT_WORK_BYTES, MemoryDoesNotFit
 from server.exitcodes import ExitCode
 from server.memory_model import (
     CostModel,
@@ -202,7 +202,8 @@ def test_on_cuda_the_batches_are_measured_and_planned_in_gpu_memory(tiny_artifac
     fitted = plan.model
     assert fitted.token_bytes(artifact.max_length) == pytest.approx(truth.token_bytes(artifact.max_length), rel=0.05)
     assert plan.device_peak <= plan.device.ceiling
-    assert plan.host_peak == plan.host.base + plan.cache_max_bytes + plan.bodies_peak + plan.queue_bytes
+    assert plan.host_peak == (plan.host.base + plan.cache_max_bytes + plan.bodies_peak + TEXT_WORK_BYTES
+                              + plan.queue_bytes)
 
 
 def test_on_cuda_without_nvml_the_batch_budget_is_not_derived_nor_the_peak_exact(tiny_artifact, make_settings,
