@@ -107,6 +107,7 @@ UNPARSED_MAX_BYTES = HEAD_MAX_BYTES  # bytes the parser may take without finishi
 PIPELINE_MAX = 64  # requests read and waiting behind the one being answered, per connection (429 beyond)
 REFUSED_LINGERING_MAX = 128  # connections refused above MAX_CONNECTIONS that linger at once (``_refuse``)
 INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs (and answers) for what httptools refuses
+UPGRADE_REFUSED = "A request asked to switch protocols (Upgrade)"  # ``_unsupported_upgrade_warning``
 Phase = Literal["headers", "body", "app", "refused"]
 RefusalReason = Literal["malformed_http", "too_many_pipelined"]  # what a refusal made here is counted as
 
@@ -163,9 +164,8 @@ class RepeatedClientWarnings(logging.Filter):
     log at the rate it sends; these lines go out at most once a minute each, with how many they stand for (the
     metric ``reason="malformed_http"`` counts every one)."""
 
-    # how the lines start: the last follows every upgrade request (``Upgrade: websocket``), as no WebSocket is served
-    MESSAGES = (INVALID_REQUEST, "Unsupported upgrade request.",
-                "No supported WebSocket library detected.")
+    # how the lines start (``UPGRADE_REFUSED``: ``GuardedHttpProtocol._unsupported_upgrade_warning``)
+    MESSAGES = (INVALID_REQUEST, UPGRADE_REFUSED)
 
     def __init__(self) -> None:
         super().__init__()
@@ -384,6 +384,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     return
                 self._unsupported_upgrade_warning()
                 data = data[self._fed_before + upgrade.args[0]:]  # the parser resumes at the next request
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """One line for a request asking to upgrade (throttled: ``RepeatedClientWarnings``). uvicorn's advised
+        installing a WebSocket library, for a server that serves no WebSocket at all (red team helper-86)."""
+        self.logger.warning(f"{UPGRADE_REFUSED}; this server speaks HTTP/1.1 (and gRPC on GRPC_PORT) and serves no "
+                            "WebSocket or h2c: answered as HTTP/1.1")
 
     def _feed(self, data: memoryview) -> memoryview:
         """Give the parser ``data`` a piece of at most ``UNPARSED_MAX_BYTES`` at a time; returns what is left when
