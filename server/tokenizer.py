@@ -17,7 +17,7 @@ from server.primitives import TEXTS, InputTooLong, TextName
 
 ENCODE_CHARS_AT_ONCE = 65_536  # characters tokenized at once (encode_marking_truncation)
 TOKENIZER_PEAK_PER_CHAR = 180  # the tokenizer's memory per character at its worst: a token per character of
-# punctuation, its ids, offsets and strings, truncated tokens included (measured 162-180, tokenizers 0.21)
+# punctuation, its ids, offsets and strings, truncated tokens included (measured 162-180, tokenizers 0.22)
 
 
 class TextEncoder:
