@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import errno
 import logging
 import os
 import platform
@@ -38,7 +37,7 @@ import psutil
 
 from server.budget import TEXT_WORK_BYTES, BodyBudget, MemoryPlan, TokenBudget
 from server.cache import PredictionCache
-from server.cgroup import memory_limit_bytes, memory_peak_bytes
+from server.cgroup import OUT_OF_FILES, memory_limit_bytes, memory_peak_bytes
 from server.config import Settings
 from server.metrics import Metrics
 from server.store.throttle import Throttle
@@ -97,7 +96,7 @@ class ProcessRss:
             self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as error:  # no procfs: psutil's way; no file to spare: that too, and again next time
             self._fd = None
-            if error.errno in (errno.EMFILE, errno.ENFILE):
+            if error.errno in OUT_OF_FILES:
                 return
         self._pid = os.getpid()
 
