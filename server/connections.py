@@ -338,8 +338,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._unparsed = 0  # bytes given to the parser since it last finished something (``_feed``)
         self._parsed_any = False  # the parser finished something in the piece it is given (``_feed``)
         self._fed_before = 0  # of the data ``_feed`` is giving, the bytes given before the piece being parsed
-        self._oversized: tuple[int, str, str] | None = None  # the refusal of a request over a bound of the head
-        # or of the pipeline, and the reason it is counted under
+        # (status, message, type) of a request refused over a bound of the head or of the pipeline, or for its
+        # target (``_refuse_target``), and the reason it is counted under
+        self._refusal: tuple[int, str, str] | None = None
         self._refusal_reason: RefusalReason = "malformed_http"
         self._upgrade_body_left: int | None = None  # body bytes still due from a request that asked to upgrade
         self._abandoned = False  # answered 503 at the drain's deadline (``abandon``)
@@ -415,13 +416,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Refuse a request whose header field, trailer field or chunk-size line runs past ``UNPARSED_MAX_BYTES``
         (``_feed``), as the parser's own refusals are (``send_400_response``); nothing more is read."""
         if not self._in_trailers:  # a request's head (the next one's, pipelined, while one is answered)
-            self._oversized = (431, f"a header field of more than {UNPARSED_MAX_BYTES // 1024} KiB took the request "
-                                    f"past this server's limit ({HEAD_MAX_BYTES // 1024} KiB for the request line and "
-                                    "headers together); send shorter headers", "head_too_large")
+            self._refusal = (431, f"a header field of more than {UNPARSED_MAX_BYTES // 1024} KiB took the request "
+                                  f"past this server's limit ({HEAD_MAX_BYTES // 1024} KiB for the request line and "
+                                  "headers together); send shorter headers", "head_too_large")
         else:
-            self._oversized = (400, f"a chunk-size line or a trailer field of more than {UNPARSED_MAX_BYTES // 1024} "
-                                    "KiB; send the body in plain chunks (no extensions, no padding) or with "
-                                    "Content-Length, and short trailers", "malformed_http")
+            self._refusal = (400, f"a chunk-size line or a trailer field of more than {UNPARSED_MAX_BYTES // 1024} "
+                                  "KiB; send the body in plain chunks (no extensions, no padding) or with "
+                                  "Content-Length, and short trailers", "malformed_http")
         self.send_400_response(INVALID_REQUEST)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -501,9 +502,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         while requests are queued (``on_response_complete``), so what one connection holds unanswered is at most
         one read of its socket. RFC 9112 (9.3.2) lets a server close a connection with pipelined requests
         unanswered: the client sends them again."""
-        self._oversized = (429, f"more than {PIPELINE_MAX} requests pipelined on one connection behind the one being "
-                                "answered; the requests from this one on were not read: wait for answers before "
-                                "sending more, or open another connection", "too_many_pipelined")
+        self._refusal = (429, f"more than {PIPELINE_MAX} requests pipelined on one connection behind the one being "
+                              "answered; the requests from this one on were not read: wait for answers before "
+                              "sending more, or open another connection", "too_many_pipelined")
         self._refusal_reason = "too_many_pipelined"
         raise TooManyPipelined()
 
@@ -539,19 +540,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         """Bound a request's line and headers (``HEAD_MAX_BYTES``, ``HEAD_MAX_FIELDS``): uvicorn keeps them all,
         so one connection sending headers for its whole header deadline grew the process by gigabytes, and a URL
         arriving in pieces is copied whole at each piece (seconds of the event loop for a URL of 80 MB). Past
-        either bound the parser stops (``send_400_response`` answers ``_oversized``) and nothing more is read."""
+        either bound the parser stops (``send_400_response`` answers ``_refusal``) and nothing more is read."""
         self._head_bytes += size
         self._head_fields += fields
         if self._head_bytes > HEAD_MAX_BYTES or self._head_fields > HEAD_MAX_FIELDS:
-            self._oversized = (status, f"{what} took the request past this server's limit ({HEAD_MAX_BYTES // 1024} "
-                                       f"KiB for the request line and headers together, {HEAD_MAX_FIELDS} header "
-                                       "fields; the same for a chunked body's trailer fields); send a shorter URL or "
-                                       "fewer headers", "head_too_large")
+            self._refusal = (status, f"{what} took the request past this server's limit ({HEAD_MAX_BYTES // 1024} "
+                                     f"KiB for the request line and headers together, {HEAD_MAX_FIELDS} header "
+                                     "fields; the same for a chunked body's trailer fields); send a shorter URL or "
+                                     "fewer headers", "head_too_large")
             raise HeadTooLarge(what)
 
     def on_headers_complete(self) -> None:
         self._parsed_any = True
-        super().on_headers_complete()
+        try:
+            super().on_headers_complete()
+        except httptools.HttpParserInvalidURLError:
+            self._refuse_target()
         self._in_trailers = True
         self._head_bytes = self._head_fields = 0  # trailer fields count from here (``on_header``)
         self._request_begun = False  # until the next request's first byte, which may come before this one's answer
@@ -564,6 +568,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         self.phase = "body"
         self._arm(self.guard.body_timeout_s, self._body_overdue)
+
+    def _refuse_target(self) -> None:
+        """A request target that is neither a path nor an absolute http URL (``CONNECT host:port``, a port out of
+        range): the parser's error says only "User callback error" (red team helper-86)."""
+        target = self.url[:100].decode("latin-1")
+        if self.parser.get_method() == b"CONNECT":
+            message = (f"CONNECT {target!r} asks for a tunnel, which proxies make; this server is not a proxy: send "
+                       "your requests to it directly (POST /predict)")
+        else:
+            message = f"the request target {target!r} is not a path: send one such as /predict (or http://host/predict)"
+        self._refusal = (400, message, "malformed_http")
+        raise httptools.HttpParserError(message)
 
     def on_message_complete(self) -> None:
         self._parsed_any = True
@@ -740,12 +756,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._not_reading = True
         error = sys.exc_info()[1]  # the HttpParserError being handled: its reason is more use than uvicorn's msg
         message = malformed_message(str(error) if error is not None and str(error) else "unparseable")
-        refusal = error_bytes(*self._oversized) if self._oversized else error_bytes(400, message, "malformed_http")
+        refusal = error_bytes(*self._refusal) if self._refusal else error_bytes(400, message, "malformed_http")
         cycle = self.cycle
         if cycle is None or cycle.response_complete and self.phase != "body":
             self._refuse_malformed(refusal)
         elif self.phase == "body" and not cycle.response_started:
-            self._fail_body(MalformedBody(message) if self._oversized is None else MalformedBody.of(*self._oversized))
+            self._fail_body(MalformedBody(message) if self._refusal is None else MalformedBody.of(*self._refusal))
         elif self.phase == "body":  # answered already: the rest of its body is what broke; nothing to answer
             if cycle.response_complete:
                 self.transport.close()

@@ -532,7 +532,9 @@ MALFORMED = 'sentiment_rejected_requests_total{reason="malformed_http"}'
     (b"GET /health HTTP/1.1\r\nHost: test\r\nBad Header: x\r\n\r\n", "Invalid header token"),
     (b"GET /health HTTP/1.1\r\nHost: test\r\nX-Ok: a\x01b\r\n\r\n", "Invalid header value"),
     (b"GET /health HTTP/9.9\r\nHost: test\r\n\r\n", "Invalid HTTP version"),
-], ids=["garbage", "header-name", "header-value", "version"])
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "this server is not a proxy"),
+    (b"GET http://test:99999/health HTTP/1.1\r\nHost: test\r\n\r\n", "'http://test:99999/health' is not a path"),
+], ids=["garbage", "header-name", "header-value", "version", "connect", "target"])
 def test_an_unparseable_request_gets_a_json_400_and_the_connection_closes(server, request_bytes, reason):
     """uvicorn answers these in plain text ("Invalid HTTP request received."); every error here is JSON."""
     malformed = metric(server, MALFORMED)
