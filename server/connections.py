@@ -77,10 +77,12 @@ answered) and the ``app`` it runs; tests/test_slow_clients.py pins the behaviour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http
 import logging
 import math
+import socket
 import sys
 import weakref
 from collections.abc import Callable
@@ -100,6 +102,8 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn writes for ``Expect:
 ANSWERING = "sentiment.answering"  # scope key: the uvicorn cycle answering the request (``client_left``)
 CANCEL_ON_LEAVE = "sentiment.cancel_on_leave"  # scope key: cancel the request if its client leaves
 CANCELLED_ON_LEAVE = "sentiment.cancelled_on_leave"  # scope key: it was cancelled so (``_run_application``)
+WRITTEN_OUT = "sentiment.written_out"  # scope key: the connection's flow control, weakly (``written_out``)
+SEND_BUFFER_BYTES = 64 * 1024  # a connection's kernel send buffer (SO_SNDBUF; Linux doubles it): ``connection_made``
 REFUSAL_LINGER_S = 1.0  # how long a refused connection is read (and discarded) before it is closed
 HEAD_MAX_BYTES = 64 * 1024  # a request's URL and header names and values together (414 / 431 beyond)
 HEAD_MAX_FIELDS = 100  # header fields per request, as Apache's LimitRequestFields (431 beyond)
@@ -192,6 +196,15 @@ def client_left(scope: dict) -> bool:
     outside a real connection (tests' in-process clients)."""
     cycle = scope.get(ANSWERING, lambda: None)()
     return cycle is not None and cycle.disconnected and not cycle.response_complete
+
+
+async def written_out(scope: dict) -> None:
+    """Wait until the connection the request came on has taken its answer: nothing, or less than the transport's
+    high-water mark, waits unsent in the process (``pause_writing``), or the connection is gone (a client that
+    stops reading is cut at ``REQUEST_TIMEOUT_S``). Outside a real connection, at once."""
+    flow = scope.get(WRITTEN_OUT, lambda: None)()
+    if flow is not None:
+        await flow.drain()
 
 
 def cancel_when_client_leaves(scope: dict) -> None:
@@ -355,8 +368,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._refuse(transport)
             return
         super().connection_made(transport)
+        self._bound_send_buffer(transport)
         self.guard.opened(self)
         self._await_headers()
+
+    @staticmethod
+    def _bound_send_buffer(transport: asyncio.Transport) -> None:
+        """Give the connection a kernel send buffer of ``SEND_BUFFER_BYTES``: the kernel grows one by itself up to
+        4 MiB (``tcp_wmem``), memory of the server's cgroup that no plan counts, and a client that never reads
+        left its answers there, the server taking them as sent (red team helper-86: 300 connections each asking
+        for an answer of 1 MB held 311 MB). An answer larger than it waits in the process instead, where its
+        request's share of the bodies' budget holds it (``server.http``, ``written_out``)."""
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # not a TCP socket, or one closed already
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, except after a request asking for a protocol this server does not switch to (``Upgrade: h2c``
@@ -562,6 +588,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # else uvicorn took it as an upgrade: no cycle of its own
             cycle.scope[ANSWERING] = weakref.ref(cycle)  # weak: the cycle holds the scope (``client_left``)
+            cycle.scope[WRITTEN_OUT] = weakref.ref(self.flow)  # weak, as the cycle's: the flow leads to the scope
             cycle.transport = HeadWithBody(self.transport, self._close_answered,
                                            hold_head=cycle.scope["method"] != "HEAD")  # HEAD: no body write
         if self.guard.draining:

@@ -12,10 +12,12 @@ ASGI rather than ``BaseHTTPMiddleware``: it adds microseconds, not a task per re
   connection is closed rather than read to the end);
 - holds all the bodies in memory at once to the memory plan's ``body_bytes`` (``server.budget.BodyBudget``, from
   ``services.memory_guard.bodies``): a body is counted from its first byte until its request is answered (the
-  body, its parse and its texts live that long), as its bytes arrive. Beyond it, 503 ``body_memory_full`` +
-  Retry-After: before the app runs for a declared length that cannot fit now, else from inside the body's
-  reading; uvicorn reads the rest of the body and drops it, so a client still
-  sending reads its answer, and the connection stays open;
+  body, its parse and its texts live that long), as its bytes arrive, and on until its answer is written out
+  when more than the transport's high-water mark of it waits unsent (``server.connections.written_out``: its
+  client is not reading; an answer is at most its body's size and a few tens of KB). Beyond it, 503
+  ``body_memory_full`` + Retry-After: before the app runs for a declared length that cannot fit now, else from
+  inside the body's reading; uvicorn reads the rest of the body and drops it, so a client still sending reads its
+  answer, and the connection stays open;
 - answers ``HEAD`` on every ``GET`` route as that ``GET`` without the body;
 - turns any exception nothing else handled into a JSON 500 carrying the request id, and logs its traceback at
   ERROR: a client never sees a traceback or a plain-text body;
@@ -54,7 +56,7 @@ from starlette.routing import Match
 
 from server.auth import check_key_before_body, refusal_before_body
 from server.budget import BodyBudget
-from server.connections import client_left
+from server.connections import client_left, written_out
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import ServerError, request_id_from
@@ -152,6 +154,7 @@ class ObservedASGI:
         response = {"status": 500, "started": False, "body_read": False}
         limit = self.max_body_bytes
         received = reserved = 0
+        answered_at: float | None = None
         guard = getattr(services, "memory_guard", None)
         bodies: BodyBudget | None = None if guard is None else guard.bodies  # the memory plan's body budget
 
@@ -211,7 +214,10 @@ class ObservedASGI:
             if refusal is not None:
                 scope["route"] = route_of(scope)  # counted under the route it was sent to, not ``unmatched``
                 return await refusal(scope, receive, observed_send)
-            return await self.app(scope, limited_receive, observed_send)
+            await self.app(scope, limited_receive, observed_send)
+            if reserved:  # the body's share holds its answer too while that waits unsent in the process
+                answered_at = time.perf_counter()
+                await written_out(scope)
         except Exception:
             logged = True
             log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
@@ -221,7 +227,7 @@ class ObservedASGI:
             if bodies is not None:
                 bodies.release(reserved)
             endpoint = endpoint_label(scope)
-            elapsed = time.perf_counter() - started
+            elapsed = (answered_at or time.perf_counter()) - started  # not the client's reading of its answer
             status = CLIENT_LEFT if client_left(scope) else response["status"]
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_latency.labels(endpoint).observe(elapsed)

@@ -24,11 +24,13 @@ from server.connections import (
     HEAD_MAX_FIELDS,
     PIPELINE_MAX,
     REFUSED_LINGERING_MAX,
+    SEND_BUFFER_BYTES,
     UNPARSED_MAX_BYTES,
     UPGRADE_REFUSED,
     HeadWithBody,
     RepeatedClientWarnings,
 )
+from tests.waiting import wait_for
 
 HEADER_TIMEOUT_S = 1.0
 REQUEST_TIMEOUT_S = 2.0
@@ -456,6 +458,46 @@ def test_a_client_that_pipelines_requests_and_never_reads_the_answers_is_cut_off
         with contextlib.suppress(ConnectionResetError):
             while sock.recv(65536):
                 pass
+
+
+def send_queue(server_port: int, client_port: int) -> int:
+    """Bytes the kernel holds unsent (or unacknowledged) on the server's end of a loopback connection."""
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return int(queues.split(":")[0], 16)
+    raise AssertionError(f"no connection from port {client_port} to {server_port}")
+
+
+def bodies_held(server: LiveServer) -> int:
+    return httpx.get(server.url + "/health", timeout=WAIT_S).json()["memory"]["bodies_in_flight_bytes"]
+
+
+def test_an_answer_its_client_does_not_read_is_held_in_the_bodies_budget_not_in_the_kernel(tiny_artifact, tmp_path):
+    """The kernel grew a connection's send buffer to take a whole answer of 1 MB, memory no plan counts, and the
+    server took it as sent: 300 connections that never read held 311 MB (red team helper-86). The kernel now holds
+    at most its bounded buffer, and the rest waits in the process, in its request's share of the bodies' budget,
+    until it is read."""
+    live = start_server({"MODEL_PATH": str(tiny_artifact), "REQUEST_TIMEOUT_S": "60"}, tmp_path)
+    try:
+        body = json.dumps({"id": "x" * 900_000, "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                                             "data": ["a fine film"]}]}).encode()
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+            sock.connect((host, int(port)))
+            sock.settimeout(WAIT_S)
+            sock.sendall(f"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json"
+                         f"\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert sock.recv(12, socket.MSG_PEEK) == b"HTTP/1.1 200"  # the answer is written: its head has come
+            assert bodies_held(live) >= len(body)
+            assert send_queue(int(port), sock.getsockname()[1]) <= 4 * SEND_BUFFER_BYTES
+            status, headers, answer = read_response(sock)
+        assert status == 200 and json.loads(answer)["id"] == "x" * 900_000
+        wait_for(lambda: bodies_held(live) == 0, "the share given back once the answer is read", timeout=WAIT_S)
+    finally:
+        assert stop_server(live) == 0
 
 
 def test_connections_beyond_max_connections_are_refused_with_503_json_and_the_gauge_counts(tiny_artifact, tmp_path):
