@@ -121,6 +121,20 @@ async def test_an_idle_store_sees_the_database_come_back(store_db, store_setting
     assert metrics.store_up._value.get() == 1
 
 
+async def test_an_idle_store_sees_the_database_go_down(store_db, store_settings, open_store):
+    """It said "up" for as long as no record came to find the outage (red team helper-89)."""
+    metrics = Metrics()
+    store = await open_store(store_settings(db_pool_timeout_s=0.3), metrics, check_interval_s=0.2)
+    await wait_until(lambda: store.health()["status"] == "ok", what="the store up")
+    await asyncio.to_thread(store_db.down)
+    try:
+        await wait_until(lambda: store.health()["state"] == "down", timeout=30, what="the outage seen without traffic")
+        assert metrics.store_up._value.get() == 0
+    finally:
+        await asyncio.to_thread(store_db.up)
+    await wait_until(lambda: store.health()["status"] == "ok", timeout=30, what="recovery")
+
+
 @pytest.mark.postgres
 async def test_health_names_the_trouble_not_the_connection(pg_store_db, tmp_path, open_store):
     from server.config import load_settings

@@ -53,7 +53,7 @@ from server.store.spooldir import (
 from server.store.state import ForeignReport, StoreState, replay_command
 from server.store.wal import SpoolUnavailable, WriteAheadLog, count_spool, is_segment
 from server.store.worker import BlockingWorker
-from server.store.writer import CACHE_BYTES, QUEUE_BYTES, Writer
+from server.store.writer import CACHE_BYTES, CHECK_INTERVAL_S, QUEUE_BYTES, Writer
 
 log = logging.getLogger(__name__)
 RECORD_LINE_BYTES_AT_LEAST = 256  # a record's spool line without its text: its keys, id, hash and time alone
@@ -66,7 +66,8 @@ WATCH_INTERVAL_S = 5.0  # how often rejected rows and foreign spools on disk are
 class PredictionStore:
     def __init__(self, settings: Settings, metrics: Metrics, *, batch_rows: int = 256, flush_interval_s: float = 0.25,
                  retry_interval_s: float = 2.0, max_queue: int = 100_000, max_queue_bytes: int = QUEUE_BYTES,
-                 cache_bytes: int = CACHE_BYTES, stalled_after_s: float = STALLED_AFTER_S) -> None:
+                 cache_bytes: int = CACHE_BYTES, stalled_after_s: float = STALLED_AFTER_S,
+                 check_interval_s: float = CHECK_INTERVAL_S) -> None:
         self.settings = settings
         self.metrics = metrics
         self.engine = make_engine(settings)
@@ -86,6 +87,7 @@ class PredictionStore:
                               metrics=metrics, store_text=settings.store_text, batch_rows=batch_rows,
                               flush_interval_s=flush_interval_s, retry_interval_s=retry_interval_s,
                               max_queue=max_queue, max_queue_bytes=max_queue_bytes, cache_bytes=cache_bytes,
+                              check_interval_s=check_interval_s,
                               on_rejected=lambda: self._disk_changed.set())
         self._worker: BlockingWorker | None = None
         self._tasks: list[asyncio.Task] = []

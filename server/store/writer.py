@@ -20,7 +20,9 @@ after is taken from the cheapest place that holds it:
 Segments whose records are all in the database are released (deleted) after each write. A flush runs
 every ``flush_interval_s`` or as soon as ``batch_rows`` records wait, and back to back while a backlog
 remains. When a database call fails the database is marked down and retried every
-``retry_interval_s``, with a ping when there is nothing to write, so an idle server notices recovery.
+``retry_interval_s``, with a ping when there is nothing to write, so an idle server notices recovery; while
+it is up, a ping after ``check_interval_s`` without a database call, so an idle server notices an outage too
+(it said "up" for as long as no record came: red team helper-89).
 The state lives in ``StoreState`` and is changed only here, on the loop.
 """
 
@@ -52,6 +54,7 @@ CACHE_ROWS = 16_384  # the most committed records held in memory for the writer 
 CACHE_BYTES = 32 << 20  # and the most spool bytes they may span (the memory plan's margin holds it)
 REPLAY_BUDGET_S = 1.0  # disk backlog read back per flush, in seconds of work
 QUEUE_BYTES = 32 << 20  # async mode: the most memory records held in memory only may take (estimated)
+CHECK_INTERVAL_S = 5.0  # an idle writer asks the database this often whether it still takes writes
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Writer:
                  metrics: Metrics, store_text: bool, batch_rows: int, flush_interval_s: float,
                  retry_interval_s: float, max_queue: int, on_rejected: Callable[[], None],
                  cache_rows: int = CACHE_ROWS, cache_bytes: int = CACHE_BYTES,
-                 max_queue_bytes: int = QUEUE_BYTES) -> None:
+                 max_queue_bytes: int = QUEUE_BYTES, check_interval_s: float = CHECK_INTERVAL_S) -> None:
         self.state = state
         self._on_rejected = on_rejected  # rejected.jsonl changed: /health recounts it
         self._wal = wal
@@ -79,6 +82,8 @@ class Writer:
         self._batch_rows = batch_rows
         self._flush_interval_s = flush_interval_s
         self._retry_interval_s = retry_interval_s
+        self._check_interval_s = check_interval_s
+        self._answered_at = 0.0  # when the database last answered a call (monotonic)
         self._cache_rows = cache_rows
         self._cache_bytes = cache_bytes
         self._worker: BlockingWorker | None = None
@@ -250,8 +255,8 @@ class Writer:
             await self._write_tail()
         if self._unlogged and not self.state.pending_rows:
             await self._write_unlogged()
-        if not self.state.database_up:  # nothing to write was tried: ask, so an idle server sees recovery
-            await self._worker.call(self._sink.ping)
+        if not self.state.database_up or time.monotonic() - self._answered_at >= self._check_interval_s:
+            await self._worker.call(self._sink.ping)  # idle: ask, so that recovery, or an outage, is seen
             self.mark_up()
 
     async def _replay_backlog(self) -> None:
@@ -425,6 +430,7 @@ class Writer:
 
     def mark_up(self) -> None:
         """After every successful step: the state, and the gauges with it, change in the same loop step."""
+        self._answered_at = time.monotonic()
         if self.state.mark_up():
             log.info("store: the %s database accepts writes%s", self.state.backend,
                      f"; replaying {self.state.spool_rows} spooled predictions" if self.state.spool_rows else "")
