@@ -42,7 +42,7 @@ from server.config import ConfigError, Settings, check_relationships
 from server.engine import cpu_oversubscription, first_line
 from server.exitcodes import ExitCode, StartupError
 from server.idle_spin import refusal as idle_spin_refusal
-from server.regular_file import NotRegularFile, open_regular
+from server.regular_file import NotRegularFile, open_regular, process_descriptor
 
 if TYPE_CHECKING:
     from server.engine import Engine
@@ -468,6 +468,11 @@ def writable_file(path: Path, variable: str, label: str | None = None) -> str:
     label = label or variable
     if path.is_dir():
         raise StartupError(f"{label} {path} is a directory; {variable} must name a file", ExitCode.FILESYSTEM)
+    descriptor = process_descriptor(path)
+    if descriptor is not None:
+        unset = " (or unset it: the log goes to standard output)" if variable == "LOG_FILE" else ""
+        raise StartupError(f"{label} {path} is {descriptor}, a process's open file (standard output or another), not a "
+                           f"file of its own: point {variable} at a regular file{unset}", ExitCode.FILESYSTEM)
     writable_directory(path.parent, variable, f"{label}'s folder")
     if os.path.lexists(path):
         try:

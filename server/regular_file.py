@@ -46,6 +46,23 @@ def system_file(path: Path, mode: int) -> bool:
     return not path.is_symlink() and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode))
 
 
+def process_descriptor(path: Path, hops: int = 40) -> str | None:
+    """The ``/proc/...`` name ``path`` leads to, itself or through links (``/dev/stdout`` is a link to
+    ``/proc/self/fd/1``), or None. Such a name is a process's open file, not a file of its own: with standard
+    output sent to a regular file, ``LOG_FILE=/dev/stdout`` passed as a regular file, and rotating it renamed the
+    system's ``/dev/stdout`` (red team helper-90)."""
+    current = Path(os.path.abspath(path))
+    for _ in range(hops):
+        if str(current).startswith("/proc/"):
+            return str(current)
+        try:
+            target = os.readlink(current)
+        except OSError:  # not a link (or not there): the end of the chain
+            return None
+        current = Path(os.path.abspath(current.parent / target))
+    return None
+
+
 def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
     """``os.open`` for a file that must be a regular one, else ``NotRegularFile``: with ``O_NONBLOCK`` a
     FIFO's open returns at once instead of waiting for its other end (a no-op for a regular file), and ``fstat``

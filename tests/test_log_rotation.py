@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from server.config import load_settings
+from server.exitcodes import StartupError
 from server.logging_setup import SizeRotatingFileHandler, configure_logging
+from server.preflight import writable_file
 
 LINE = "x" * 100
 
@@ -118,3 +120,18 @@ def test_a_log_file_removed_or_renamed_while_the_server_runs_is_written_again_at
     assert numbers(log) == [3, 4, 5]
     if how == "renamed":
         assert numbers(tmp_path / "server.log.old") == [0, 1, 2]
+
+
+def test_a_log_file_that_is_a_processs_open_file_is_refused_so_rotation_never_renames_it(tmp_path):
+    """With standard output sent to a regular file, LOG_FILE=/dev/stdout passed as a regular file, and rotating it
+    renamed the system's /dev/stdout (a link to /proc/self/fd/1) and left a regular file in its place (red team
+    helper-90)."""
+    with open(tmp_path / "output.txt", "w") as output:
+        descriptor = Path(f"/proc/self/fd/{output.fileno()}")
+        link = tmp_path / "stdout"
+        link.symlink_to(descriptor)
+        for path in (Path("/dev/stdout"), descriptor, link):
+            with pytest.raises(StartupError, match="a process's open file"):
+                writable_file(path, "LOG_FILE")
+    assert link.is_symlink()
+    writable_file(tmp_path / "server.log", "LOG_FILE")  # a file of its own is still taken
