@@ -15,14 +15,16 @@ States of the database (``state``):
 Counts: ``queue_depth`` is records held in memory waiting for the database (in ack mode they are also
 in the spool already); ``spool_rows`` is records on disk that must be read back (the backlog);
 ``spool_bytes`` is the spool's size on disk, capped by ``SPOOL_MAX_BYTES``; ``lost_rows`` is records dropped, each
-counted; ``lost_bytes`` is acknowledged records found missing from the spool at start (a segment cut short or removed
-on disk, ``wal.SpoolGap``): their bytes are gone, so they can only be estimated (``spool_damage``), and /health stays
-degraded for the life of the process, saying what to do. The database section never
-shows connection details or a driver's error text (those go to the log).
+counted, and /health says degraded for ``LOST_SHOWN_S`` after the last one (it said ok while an async server dropped
+thousands: red team helper-89); ``lost_bytes`` is acknowledged records found missing from the spool at start (a
+segment cut short or removed on disk, ``wal.SpoolGap``): their bytes are gone, so they can only be estimated
+(``spool_damage``), and /health stays degraded for the life of the process, saying what to do. The database section
+never shows connection details or a driver's error text (those go to the log).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from server.store.sink import DatabaseRefuses
 from server.store.sqlite_file import SqliteFileChanged
 from server.store.trouble import trouble_kind
 from server.store.wal import GAP_ADVICE, SpoolGap
+
+LOST_SHOWN_S = 600.0  # /health says records were lost this long after the last one (the counter keeps them all)
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class StoreState:
         self.replayed_rows = 0  # read back from disk since the current backlog began
         self.rejected_rows = 0
         self.lost_rows = 0
+        self.lost_at: float | None = None  # when the last record was lost (monotonic)
         self.gaps: list[SpoolGap] = []  # acknowledged records found missing from the spool at start
         self.append_error: str | None = None  # the spool refused the last append (cleared by the next success)
         self.foreign: list[ForeignReport] = []
@@ -90,6 +95,10 @@ class StoreState:
         changed = self.database_up
         self.database_up, self.reason = False, public_reason(error)
         return changed
+
+    def lost(self, count: int) -> None:
+        self.lost_rows += count
+        self.lost_at = time.monotonic()
 
     def publish(self) -> None:
         metrics = self._metrics
@@ -124,6 +133,10 @@ class StoreState:
             consequence = ("/predict answers 503 until it can" if self.durability == "ack"
                            else "predictions are served but their records are lost")
             reasons.append(f"the spool cannot take records ({self.append_error}): {consequence}")
+        if self.lost_at is not None and time.monotonic() - self.lost_at < LOST_SHOWN_S:
+            reasons.append(f"{self.lost_rows} answered predictions' records lost since start, the last "
+                           f"{time.monotonic() - self.lost_at:.0f} s ago: in no database and no spool (the log's "
+                           "'records lost' lines say why)")
         if self.gaps:
             reasons.append(f"acknowledged predictions were missing from the spool at start, {self.lost_bytes} bytes "
                            f"({damage(self.gaps)}): lost to damage on disk, not replayed. {GAP_ADVICE}")

@@ -42,6 +42,9 @@ class UnloggedQueue:
         self.bytes += size
         return True
 
+    def half_full(self) -> bool:
+        return len(self._rows) >= self.max_rows // 2 or self.bytes >= self.max_bytes // 2
+
     def take(self, max_rows: int, max_bytes: int | None = None) -> list[dict[str, Any]]:
         """Up to ``max_rows`` rows (and ``max_bytes``, at least one row) from the front."""
         taken: list[dict[str, Any]] = []

@@ -14,8 +14,11 @@ after is taken from the cheapest place that holds it:
   second of work per flush, so a large backlog never stalls the writer or the records behind it;
 - in async mode, records kept in memory only (``unlogged``, bounded: ``unlogged.UnloggedQueue``): written
   directly while the spool is empty and the database up, otherwise appended to the spool behind what is
-  there, so order is kept, a chunk at a time (a queue larger than the spool still fills it). What the spool
-  refuses waits in memory up to the queue's bound; beyond it records are dropped and counted lost.
+  there, so order is kept, a chunk at a time (a queue larger than the spool still fills it). While a database
+  call hangs (a lock, a stalled server: until its timeout) the queue is spooled as soon as it is half full, not
+  at the next flush, which waits for the call (``_spill``): a 5 s lock on an async server's SQLite file dropped
+  18,262 of 20,000 records with the spool empty (red team helper-89). What the spool refuses waits in memory up
+  to the queue's bound; beyond it records are dropped and counted lost.
 
 Segments whose records are all in the database are released (deleted) after each write. A flush runs
 every ``flush_interval_s`` or as soon as ``batch_rows`` records wait, and back to back while a backlog
@@ -92,6 +95,7 @@ class Writer:
         self._cache: deque[Commit] = deque()
         self._unlogged = UnloggedQueue(max_queue, max_queue_bytes)
         self._in_flight: list[dict[str, Any]] = []  # unlogged rows inside a database call right now
+        self._spill: asyncio.Task | None = None  # spooling the queue while that call hangs (``queue``)
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._retry_at = 0.0
@@ -159,6 +163,16 @@ class Writer:
         self._metrics.store_queue_depth.set(self.state.cached_rows + self.state.unlogged_rows)
         if len(self._unlogged) >= self._batch_rows:
             self._wakeup.set()
+        if self._in_flight and self._spill is None and self._unlogged.half_full() and not self._stopping:
+            self._spill = asyncio.get_running_loop().create_task(self._spill_beside_the_call(), name="store-spill")
+
+    async def _spill_beside_the_call(self) -> None:
+        """The flush is held by a database call and the memory queue is half full: spool it now (module docstring).
+        What it spools puts the records queued after it behind it, in the spool, as a backlog does."""
+        try:
+            await self._spool_unlogged()
+        finally:
+            self._spill = None
 
     # the task
 
@@ -196,6 +210,8 @@ class Writer:
     async def spool_leftovers(self) -> None:
         """At shutdown: records in memory only (async mode, or a write still hanging) go to the spool, in chunks
         as at a flush, so a nearly full spool still takes what fits; the rest is lost, counted."""
+        if self._spill is not None:
+            await asyncio.wait({self._spill})
         if self._in_flight:
             self._put_back(self._in_flight, "the memory queue is full at shutdown")
             self._in_flight = []
@@ -403,9 +419,11 @@ class Writer:
         state = self.state
         reached = self.cursor >= (self._cache[0].start if self._cache else self.wal_end)
         if reached and state.pending_rows != state.cached_rows:
-            if state.pending_rows > state.cached_rows:
-                log.error("store: %d spooled records the count expected were not found in the spool",
-                          state.pending_rows - state.cached_rows)
+            if state.pending_rows > state.cached_rows:  # acknowledged, and now in no database and no spool
+                self.lose(state.pending_rows - state.cached_rows, "spooled records were not found in the spool "
+                          "(segments removed, moved or cut while the server ran, or another process writing "
+                          "SPOOL_DIR); look for the files and replay them with `sentiment-analyzer spool replay "
+                          "--spool-dir DIR`")
             state.pending_rows = state.cached_rows
         if reached:
             state.replayed_rows = 0
@@ -450,7 +468,10 @@ class Writer:
                            "retrying every %g s", why, self._retry_interval_s)
 
     def lose(self, count: int, why: str) -> None:
-        self.state.lost_rows += count
+        """Records of answered predictions that will never reach the database: counted, on /health for a while
+        (``StoreState.lost``), and logged with the total, as the line is throttled."""
+        self.state.lost(count)
         self._metrics.store_write_errors.inc(count)
         self._metrics.store_lost.inc(count)
-        self._throttle.log("lost", logging.ERROR, "store: %d prediction records lost: %s", count, why)
+        self._throttle.log("lost", logging.ERROR, "store: %d prediction records lost (%d since start): %s", count,
+                           self.state.lost_rows, why)
