@@ -29,10 +29,11 @@ from server.exitcodes import ExitCode
 from server.metrics import Metrics
 from server.store import PredictionStore, SpoolLocked, SpoolUnavailable
 from server.store import committer as committer_module
+from server.store import prediction_store as prediction_store_module
 from server.store.committer import Commit, Encoded, GroupCommitter, runs_within
 from server.store.rows import encode_lines, record_row
 from server.store.sink import DatabaseSink
-from server.store.spooldir import database_identity
+from server.store.spooldir import SpoolDirectory, database_identity
 from server.store.tables import PREDICTIONS
 from server.store.unlogged import UnloggedQueue, row_bytes
 from server.store.wal import WriteAheadLog, segment_name
@@ -659,6 +660,38 @@ async def test_a_second_store_on_the_same_spool_dir_refuses_to_start(store_setti
     message = str(refused.value)
     assert refused.value.exit_code == ExitCode.SPOOL_LOCKED
     assert f"pid {os.getpid()}" in message and "own SPOOL_DIR" in message and "\n" not in message
+
+
+async def test_a_lock_file_removed_under_a_running_store_is_taken_again_so_a_second_store_still_refuses(
+        store_settings, open_store, monkeypatch, caplog):
+    """Removed as a "stale lock", it let a second server start on the same spool, and records both wrote were lost
+    (red team helper-88)."""
+    monkeypatch.setattr(prediction_store_module, "WATCH_INTERVAL_S", 0.05)
+    settings = store_settings()
+    store = await open_store(settings)
+    lock = settings.spool_dir / ".lock"
+    lock.unlink()
+    await wait_until(lambda: lock.exists(), what="the lock file taken again")
+    with pytest.raises(SpoolLocked):
+        await PredictionStore(settings, Metrics()).start()
+    assert any("taken again" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert store.health()["status"] == "ok"
+
+
+async def test_a_lock_file_replaced_and_held_by_another_process_is_on_health(store_settings, open_store, monkeypatch):
+    monkeypatch.setattr(prediction_store_module, "WATCH_INTERVAL_S", 3600.0)  # looked at when the test says
+    settings = store_settings()
+    store = await open_store(settings)
+    (settings.spool_dir / ".lock").unlink()
+    other = SpoolDirectory(settings.spool_dir)
+    other.lock()  # a second process, started meanwhile (flock: another open file, so another lock)
+    try:
+        store._disk_changed.set()
+        await wait_until(lambda: "two processes writing one spool" in (store.health()["reason"] or ""),
+                         what="the stolen lock on /health")
+        assert store.health()["status"] == "degraded"
+    finally:
+        other.unlock()
 
 
 async def test_a_spool_that_cannot_take_a_record_fails_only_that_request(store_settings, open_store):

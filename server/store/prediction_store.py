@@ -60,7 +60,7 @@ RECORD_LINE_BYTES_AT_LEAST = 256  # a record's spool line without its text: its 
 
 CLOSE_TIMEOUT_S = 5.0
 STALLED_AFTER_S = 5.0  # a database call running longer makes /health degraded until it ends
-WATCH_INTERVAL_S = 5.0  # how often rejected rows and foreign spools on disk are looked at again
+WATCH_INTERVAL_S = 5.0  # how often rejected rows, foreign spools and the lock on disk are looked at again
 
 
 class PredictionStore:
@@ -270,7 +270,8 @@ class PredictionStore:
 
     async def _watch_disk(self) -> None:
         """Keep /health's rejected and foreign counts true: counted from the files (the one source), again when the
-        writer sets rows aside and every ``WATCH_INTERVAL_S`` (the CLI works on them beside the server)."""
+        writer sets rows aside and every ``WATCH_INTERVAL_S`` (the CLI works on them beside the server); and keep
+        SPOOL_DIR's lock (``SpoolDirectory.keep_lock``)."""
         while not self._closed:
             try:
                 await asyncio.wait_for(self._disk_changed.wait(), WATCH_INTERVAL_S)
@@ -286,6 +287,7 @@ class PredictionStore:
                     self._rejected_seen = seen
                 if self.state.foreign:
                     self.state.foreign = await asyncio.to_thread(self._foreign_reports)
+                self.state.lock_problem = await asyncio.to_thread(self._directory.keep_lock)
             except OSError as error:
                 log.warning("store: could not look at SPOOL_DIR: %s", error)
 

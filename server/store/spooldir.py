@@ -2,7 +2,11 @@
 
 - **Lock.** One process at a time: ``fcntl.flock`` on ``SPOOL_DIR/.lock`` (released by the kernel when the
   process dies, so a SIGKILLed server never leaves a stale lock). A second server on the same directory
-  refuses to start with ``SpoolLocked`` (exit code SPOOL_LOCKED).
+  refuses to start with ``SpoolLocked`` (exit code SPOOL_LOCKED). A lock file can be removed under its holder
+  (a "stale lock" cleanup, a tmp cleaner): a second server then started on the same spool, and records both
+  wrote were lost (red team helper-88). So the lock taken is the file at the path once locked (checked after
+  the ``flock``), and a running server looks again (``keep_lock``): a lock file removed or replaced is taken
+  again, and one another process holds by then is reported, never ignored.
 - **Identity.** ``SPOOL_DIR/database.json`` names the database the records are bound for: dialect, host,
   port, database, user; never the password. SQLite's database is the file's absolute path.
 - **Foreign spools.** A non-empty spool whose identity is not DATABASE_URL's (or unknown: a spool of an
@@ -46,6 +50,7 @@ LEGACY_SPOOL = "predictions.jsonl"  # the single spool file of releases before t
 
 
 SERVER, REPLAY = "server", "replay"  # what holds the lock, written after its pid in the lock file
+LOCK_ATTEMPTS = 5  # tries to lock the lock file that is at the path, should it be replaced meanwhile
 
 
 class SpoolLocked(StartupError):
@@ -186,15 +191,55 @@ class SpoolDirectory:
             make_dir(self.path)
         except OSError as error:
             raise self._unusable(error) from error
-        fd = self._open_lock_file(os.O_CREAT)
-        self._take(fd)
+        self._lock_fd = self._take_at_path(holder)
+
+    def _take_at_path(self, holder: str) -> int:
+        """The lock file at the path, opened, locked and holding our pid; ``SpoolLocked`` / ``SpoolDirUnusable``."""
+        for _ in range(LOCK_ATTEMPTS):
+            fd = self._open_lock_file(os.O_CREAT)
+            self._take(fd)
+            if self._at_path(fd):
+                break
+            os.close(fd)  # removed or replaced between its open and its lock: lock the one there now
+        else:
+            raise SpoolDirUnusable(f"SPOOL_DIR={self.path}: its lock file {LOCK_FILE} kept being replaced while it "
+                                   "was taken: stop whatever removes it")
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {holder}\n".encode(), 0)
         except OSError as error:  # a full volume (ENOSPC) ended start-up in a traceback
             os.close(fd)
             raise self._unusable(error) from error
+        return fd
+
+    def _at_path(self, fd: int) -> bool:
+        """Whether ``fd`` is the file now at ``SPOOL_DIR/.lock``."""
+        try:
+            at_path = os.stat(self.path / LOCK_FILE)
+        except OSError:
+            return False
+        held = os.fstat(fd)
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+    def keep_lock(self, holder: str = SERVER) -> str | None:
+        """While the lock is held: None when its file is still the one at the path (or was taken again, logged at
+        ERROR), else what is wrong, for /health: another process holds the lock file now there, or it cannot be
+        made. Blocking (a few system calls)."""
+        if self._lock_fd is None or self._at_path(self._lock_fd):
+            return None
+        try:
+            fd = self._take_at_path(holder)
+        except SpoolLocked as locked:
+            return (f"SPOOL_DIR's lock file {self.path / LOCK_FILE} was removed or replaced while this server held it, "
+                    f"and {locked}: two processes writing one spool lose records; stop one of them")
+        except SpoolDirUnusable as error:
+            return f"SPOOL_DIR's lock file was removed while this server held it and cannot be made again: {error}"
+        os.close(self._lock_fd)
         self._lock_fd = fd
+        log.error("store: SPOOL_DIR's lock file %s was removed or replaced while this server held it: taken again. "
+                  "Another server could have started on SPOOL_DIR meanwhile: make sure none writes it, and never "
+                  "remove the lock file of a running server", self.path / LOCK_FILE)
+        return None
 
     def check_unlocked(self) -> None:
         """Raise what ``lock`` would (``SpoolLocked``: another process holds SPOOL_DIR; ``SpoolDirUnusable``: its

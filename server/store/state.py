@@ -73,6 +73,7 @@ class StoreState:
         self.gaps: list[SpoolGap] = []  # acknowledged records found missing from the spool at start
         self.append_error: str | None = None  # the spool refused the last append (cleared by the next success)
         self.foreign: list[ForeignReport] = []
+        self.lock_problem: str | None = None  # SPOOL_DIR's lock is no longer this process's (``keep_lock``)
         metrics.store_spool_limit.set(spool_limit)
 
     @property
@@ -137,6 +138,8 @@ class StoreState:
             reasons.append(f"{self.lost_rows} answered predictions' records lost since start, the last "
                            f"{time.monotonic() - self.lost_at:.0f} s ago: in no database and no spool (the log's "
                            "'records lost' lines say why)")
+        if self.lock_problem:
+            reasons.append(self.lock_problem)
         if self.gaps:
             reasons.append(f"acknowledged predictions were missing from the spool at start, {self.lost_bytes} bytes "
                            f"({damage(self.gaps)}): lost to damage on disk, not replayed. {GAP_ADVICE}")
