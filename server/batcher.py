@@ -560,32 +560,35 @@ class Batcher:
         self._engine_time.observe(ran.engine_ended - ran.engine_started)
         self._to_worker.observe(ran.picked_up - ran.formed)
         failed = [self._answer(batch, outcome, unusable, ran) for batch, outcome, unusable in parts]
-        if any(failed):  # once per engine batch, however many of its requests' reruns failed
-            self._metrics.inference_errors.labels(self.engine.device).inc()
+        device = next(filter(None, failed), None)
+        if device is not None:  # once per engine batch, however many of its requests' reruns failed
+            self._metrics.inference_errors.labels(device).inc()
         self._dispatch()
 
     def _answer(self, batch: list[WorkItem], outcome: np.ndarray | BaseException, unusable: np.ndarray | None,
-                ran: Ran) -> bool:
+                ran: Ran) -> str | None:
         """Deliver the rows of ``batch`` (texts the model gave no usable scores for fail their requests), or fail
-        every request with a text in it; True when that was for an engine error (``_finish`` counts it)."""
+        every request with a text in it; when that was for an engine error, the device it failed on (``_finish``
+        counts it), else None. An error may say which device failed (``server.oom.CpuFallbackFailed``: the CPU
+        fallback of a CUDA engine); otherwise it is the engine's."""
         if not isinstance(outcome, BaseException):
             if unusable is not None:
                 self._fail_unusable([item for item, bad in zip(batch, unusable, strict=True) if bad], len(batch))
             for item, row in zip(batch, outcome, strict=True):
                 item.request.deliver(item.index, row, ran)  # a failed request's rows are dropped
-            return False
+            return None
         if isinstance(outcome, ServerError):
             self._fail(batch, outcome)
             if not isinstance(outcome, InferenceFailed):
-                return False
+                return None
             self._throttle.log(type(outcome).__name__, logging.ERROR, "inference failed on a batch of %d: %s",
                                len(batch), outcome)
-            return True
+            return getattr(outcome, "device", None) or self.engine.device
         detail = outcome if isinstance(outcome, Exception) else first_line(outcome)  # SystemExit(3) says "3"
         self._throttle.log("InferenceFailed", logging.ERROR, "inference failed on a batch of %d: %s", len(batch),
                            detail)
         self._fail(batch, InferenceFailed(f"inference failed: {detail}"))
-        return True
+        return self.engine.device
 
     def _observe_batch(self, batch: list[WorkItem], formed: float) -> None:
         m = self._metrics

@@ -4,7 +4,8 @@ ONNX Runtime reports an allocation failure as a plain ``RuntimeException`` (or `
 the allocator, so recognising one means reading the message. A batch that ran out of memory is split in
 two and each half retried (recursively) while the token budget is lowered, so every accepted text is still
 answered and later batches are formed smaller. A single text that still does not fit on the GPU runs on a
-CPU engine, built on first need and then kept; memory that runs out even so is ``OutOfMemory`` (503). Any other
+CPU engine, built on first need and then kept; memory that runs out even so is ``OutOfMemory`` (503), counted
+on the device it ran out on (``CpuFallbackFailed``: the host's, when the CPU fallback's did). Any other
 failure becomes ``InferenceFailed`` at once, here: the batcher then tells an input the model fails on (500) from an
 engine that fails on everything (503) (``Batcher._per_request``).
 """
@@ -64,6 +65,15 @@ def is_oom_error(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+class CpuFallbackFailed(OutOfMemory):
+    """``OutOfMemory`` for a text whose CPU fallback failed too: ``device`` says where, so the batcher counts the
+    failure under ``device="cpu"`` (``sentiment_inference_errors_total``), not under the primary's device. Host
+    memory running out in the fallback was counted as a CUDA failure: the alert that watches the CPU
+    (SentimentAnalyzerHostOOM) never fired, and the runbook pointed at the GPU (red team helper-89)."""
+
+    device = "cpu"
 
 
 def _summary(exc: BaseException, limit: int = 300) -> str:
@@ -141,19 +151,25 @@ class ResilientEngine:
         return self._run_on_cpu(input_ids, attention_mask)
 
     def _run_on_cpu(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The text on the CPU engine. It counts as a fallback once sent to that engine, whether or not the run
+        succeeds (``sentiment_cpu_fallbacks_total``: texts run on the CPU); memory running out there, or in
+        building it (``_build_cpu_engine``), is an OOM event of the CPU's, the host's, not of the primary's."""
+        cpu_engine = None
         try:
             with self._cpu_lock:
                 if self._cpu_engine is None:
                     self._cpu_engine = self._build_cpu_engine()
-            logits = self._cpu_engine.run(input_ids, attention_mask)
+                cpu_engine = self._cpu_engine
+            self._metrics.cpu_fallbacks.inc()
+            return cpu_engine.run(input_ids, attention_mask)
         except Exception as exc:
-            raise OutOfMemory(
-                f"{self.primary.device} ran out of memory for one text of {input_ids.shape[1]} tokens "
-                f"and the CPU fallback failed: {_summary(exc)}"
-            ) from exc
-        self._metrics.cpu_fallbacks.inc()
-        return logits
-
+            failure = exc
+        if cpu_engine is not None and is_oom_error(failure):  # a failed build counts its own, once per attempt
+            self._metrics.oom_events.labels(device="cpu").inc()
+        raise CpuFallbackFailed(
+            f"{self.primary.device} ran out of memory for one text of {input_ids.shape[1]} tokens "
+            f"and the CPU fallback failed: {_summary(failure)}"
+        ) from failure
 
     def _build_cpu_engine(self) -> Engine:
         """The CPU engine, or the error its build raised, again without a new attempt for ``CPU_REBUILD_AFTER_S``:
@@ -165,6 +181,8 @@ class ResilientEngine:
             return self._cpu_engine_factory()
         except Exception as exc:
             self._cpu_failure = (time.monotonic(), exc)
+            if is_oom_error(exc):
+                self._metrics.oom_events.labels(device="cpu").inc()
             raise
 
 

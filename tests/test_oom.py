@@ -10,10 +10,12 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
 from server import oom
 from server.artifact import ArtifactError
+from server.batcher import Batcher
 from server.budget import TokenBudget
+from server.config import load_settings
 from server.metrics import Metrics
 from server.oom import BFC_ARENA_OOM, FaultInjectingEngine, ResilientEngine, is_oom_error
-from server.primitives import InferenceFailed
+from server.primitives import InferenceFailed, OutOfMemory
 
 
 class FakeEngine:
@@ -215,6 +217,53 @@ def test_a_failing_cpu_fallback_raises_inference_failed(factory: Factory) -> Non
     ids, mask = batch(2)
     with pytest.raises(InferenceFailed, match="cuda ran out of memory for one text of 8 tokens and the CPU fallback"):
         engine.run(ids, mask)
+
+
+def test_host_memory_running_out_in_the_cpu_fallback_is_counted_on_the_cpu() -> None:
+    """The CPU fallback's own OOM (ORT's CPU arena) was counted under device="cuda", with no fallback counted: the
+    host OOM alert (device="cpu") never fired, and the runbook pointed at the GPU (a red team)."""
+    cpu = FaultInjectingEngine(FakeEngine("cpu"), lambda b, t: True)
+    engine, inner, factory, _, metrics = resilient(lambda b, t: True, factory=Factory(engine=cpu))
+    with pytest.raises(OutOfMemory, match="cuda ran out of memory .* CPU fallback failed: .*BFCArena") as info:
+        engine.run(*batch(1))
+    assert cpu.injected == 1
+    assert count(metrics, "sentiment_oom_events_total", device="cpu") == 1
+    assert count(metrics, "sentiment_oom_events_total", device="cuda") == 1
+    assert count(metrics, "sentiment_cpu_fallbacks_total") == 1  # the text was sent to the CPU
+    assert info.value.device == "cpu"  # for the batcher's sentiment_inference_errors_total
+
+
+def test_only_memory_running_out_in_the_cpu_fallback_counts_as_a_host_oom() -> None:
+    factory = Factory(engine=FakeEngine("cpu", error=RuntimeException("[ONNXRuntimeError] : 2 : bad input_ids")))
+    engine, inner, factory, _, metrics = resilient(lambda b, t: True, factory=factory)
+    with pytest.raises(OutOfMemory) as info:
+        engine.run(*batch(1))
+    assert count(metrics, "sentiment_oom_events_total", device="cpu") == 0
+    assert count(metrics, "sentiment_cpu_fallbacks_total") == 1
+    assert info.value.device == "cpu"
+
+    engine, inner, factory, _, metrics = resilient(lambda b, t: True, factory=Factory(error=MemoryError()))
+    for _ in range(3):  # the failed build is not tried again for a minute, nor counted again
+        with pytest.raises(OutOfMemory):
+            engine.run(*batch(1))
+    assert count(metrics, "sentiment_oom_events_total", device="cpu") == 1  # building it ran out of host memory
+    assert count(metrics, "sentiment_cpu_fallbacks_total") == 0  # no text reached a CPU engine
+
+
+async def test_the_batcher_counts_a_failed_cpu_fallback_as_an_inference_error_of_the_cpu() -> None:
+    """The batcher labelled every engine failure with the engine's device: a CUDA engine's failed CPU fallback
+    counted as sentiment_inference_errors_total{device="cuda"}."""
+    cpu = FaultInjectingEngine(FakeEngine("cpu"), lambda b, t: True)
+    engine, inner, factory, _, metrics = resilient(lambda b, t: True, factory=Factory(engine=cpu))
+    settings = load_settings(max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=0, max_queue=100,
+                             request_timeout_s=5, engine_workers=1)
+    batcher = Batcher(engine, settings, metrics)
+    batcher.start()
+    with pytest.raises(OutOfMemory):
+        await batcher.submit([np.arange(1, 9, dtype=np.int64)])
+    await batcher.drain()
+    assert count(metrics, "sentiment_inference_errors_total", device="cpu") == 1
+    assert count(metrics, "sentiment_inference_errors_total", device="cuda") == 0
 
 
 def test_a_failed_cpu_fallback_build_is_not_tried_again_for_a_minute(monkeypatch) -> None:
