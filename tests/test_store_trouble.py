@@ -33,6 +33,7 @@ class WithSqlstate(Exception):
     ("3D000", "no such database"),
     ("53300", "too many connections"),
     ("57P03", "database starting up or shutting down"),
+    ("57014", "statement timeout (a lock held elsewhere, or a stalled server)"),  # told as "SQLSTATE 57014" before
     ("08006", "connection failure"),
     ("XX000", "SQLSTATE XX000"),  # an unknown code is still told, as itself
 ])

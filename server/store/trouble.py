@@ -19,6 +19,7 @@ SQLSTATE_KINDS = {  # the code, or its class (the first two characters)
     "42501": "permission denied",
     "53300": "too many connections",
     "53100": "database disk full",
+    "57014": "statement timeout (a lock held elsewhere, or a stalled server)",  # query_canceled
     "57P01": "database shutting down",
     "57P02": "database shutting down",
     "57P03": "database starting up or shutting down",
