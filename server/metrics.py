@@ -52,6 +52,10 @@ CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.9
 DEVICES = ("cpu", "cuda")  # oom_events, batch_splits, inference_errors
 RELOAD_RESULTS = ("ok", "failed")  # model_reloads
 HANDOFF_DIRECTIONS = ("to_worker", "to_loop")  # engine_handoff
+PREDICTION_ENDPOINTS = ("/predict", "/", "/v1/models/{name}:predict", "/v2/models/{name}/infer",  # requests, with
+                        "/v2/models/{name}/versions/{version}/infer",  # PREDICTION_STATUSES: the shedding and error
+                        "/inference.GRPCInferenceService/ModelInfer")  # alerts divide by them, and a 503 series
+PREDICTION_STATUSES = ("200", "500", "503")  # born at the first 503 left its scrape's 503s out (106.8 % shed)
 REJECTION_REASONS = (  # rejected: why a request was refused
     "queue_full",  # 503: the batcher's queue is full
     "deadline",  # 503: a request waited past its deadline
@@ -222,6 +226,9 @@ class Metrics:
             self.model_reloads.labels(result)
         for direction in HANDOFF_DIRECTIONS:
             self.engine_handoff.labels(direction)
+        for endpoint in PREDICTION_ENDPOINTS:
+            for status in PREDICTION_STATUSES:
+                self.requests.labels(endpoint, status)
 
     def serving_model(self, name: str, version: str, labels: list[str]) -> None:
         """The model now serving: its series of the model families start at 0; the previous model's are kept until

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
-from server.metrics import REJECTION_REASONS, Metrics
+from server.metrics import PREDICTION_ENDPOINTS, PREDICTION_STATUSES, REJECTION_REASONS, Metrics
 from server.oom import FaultInjectingEngine
 
 SERVER = Path(__file__).resolve().parent.parent / "server"
@@ -38,6 +38,14 @@ def test_a_fresh_metrics_renders_every_known_child_at_zero() -> None:
             assert exported[(family, (("device", device),))] == 0, (family, device)
     for result in ("ok", "failed"):
         assert exported[("sentiment_model_reloads_total", (("result", result),))] == 0
+    # the shedding and error-rate alerts divide by these: a 503 series born at the first 503 left that scrape's 503s
+    # out of the denominator, and the shedding ratio read 106.8 % (red team helper-89)
+    assert {"/predict", "/inference.GRPCInferenceService/ModelInfer"} <= set(PREDICTION_ENDPOINTS)
+    assert {"200", "503"} <= set(PREDICTION_STATUSES)
+    for endpoint in PREDICTION_ENDPOINTS:
+        for status in PREDICTION_STATUSES:
+            key = ("sentiment_requests_total", (("endpoint", endpoint), ("status", status)))
+            assert exported[key] == 0, key
 
 
 def test_the_model_families_hold_the_serving_and_the_previous_models_series() -> None:
