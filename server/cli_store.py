@@ -336,8 +336,10 @@ def holds(contents: SpoolContents) -> str:
 
 def missing(gaps: Iterable[SpoolGap]) -> list[str]:
     """A line for each range of acknowledged records missing from the spool, naming the file, the bytes and what
-    to do (a replay skips the range: the records are not in it)."""
-    return [f"  missing: {gap.describe()}. {GAP_ADVICE}" for gap in gaps]
+    to do (a replay skips the range: the records are not in it); and for each segment that runs past the next
+    one's start (nothing missing: its extra lines are read, then the next segment)."""
+    return [f"  overlapping: {gap.describe()}" if gap.overlap_bytes else f"  missing: {gap.describe()}. {GAP_ADVICE}"
+            for gap in gaps]
 
 
 def _unreadable_spool(directory: Path, error: OSError) -> int:

@@ -465,6 +465,7 @@ async def test_a_segment_cut_short_is_reported_as_lost_records_in_the_log_and_on
     health = store.health()
     assert health["status"] == "degraded" and health["lost_bytes"] == lost
     assert f"{lost} bytes" in health["reason"] and "spool replay" in health["reason"]
-    assert health["spool_damage"] == [{"path": str(damaged), "lost_bytes": lost, "estimated_rows": lost_records}]
+    assert health["spool_damage"] == [{"path": str(damaged), "lost_bytes": lost, "estimated_rows": lost_records,
+                                       "overlap_bytes": 0}]
     assert metrics.store_spool_lost_bytes._value.get() == lost
     assert len(stored_ids(store_db.url)) == 40 - lost_records

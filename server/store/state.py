@@ -140,9 +140,12 @@ class StoreState:
                            "'records lost' lines say why)")
         if self.lock_problem:
             reasons.append(self.lock_problem)
-        if self.gaps:
+        lost = [gap for gap in self.gaps if not gap.overlap_bytes]
+        if lost:
             reasons.append(f"acknowledged predictions were missing from the spool at start, {self.lost_bytes} bytes "
-                           f"({damage(self.gaps)}): lost to damage on disk, not replayed. {GAP_ADVICE}")
+                           f"({damage(lost)}): lost to damage on disk, not replayed. {GAP_ADVICE}")
+        reasons.extend(f"the spool was written by something else: {gap.describe()}" for gap in self.gaps
+                       if gap.overlap_bytes)
         for foreign in self.foreign:
             reasons.append(f"a spool of {foreign.rows} predictions for another database ({foreign.database}) was set "
                            f"aside in {foreign.path}: replay it there with `{replay_command(foreign.path)}`")
@@ -161,8 +164,8 @@ class StoreState:
             "rejected_path": str(self.rejected_path),
             "lost_rows": self.lost_rows,
             "lost_bytes": self.lost_bytes,
-            "spool_damage": [{"path": str(gap.path), "lost_bytes": gap.lost_bytes,
-                              "estimated_rows": gap.estimated_rows} for gap in self.gaps],
+            "spool_damage": [{"path": str(gap.path), "lost_bytes": gap.lost_bytes, "estimated_rows": gap.estimated_rows,
+                              "overlap_bytes": gap.overlap_bytes} for gap in self.gaps],
             "foreign_spools": [{"path": str(f.path), "rows": f.rows, "bytes": f.bytes, "rejected_rows": f.rejected_rows,
                                 "database": f.database, "command": replay_command(f.path)} for f in self.foreign],
         }

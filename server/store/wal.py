@@ -27,9 +27,14 @@ the database".
   records were never acknowledged) is cut off. Any other segment must run up to where the next one starts (its
   name): one that ends short of it, mid-line or not, lost acknowledged records to damage on disk (a cut, a
   removal by hand), which is reported as such (``SpoolGap``: an ERROR naming the file and the bytes missing,
-  /health degraded, ``spool status``), never as a torn append; lines are counted by streaming the files, so the memory
-  a start needs does not depend on the spool's size. A FIFO or device (or a link to one) named like a segment
-  is refused with ``NotRegularFile`` naming it (the server does not start), never waited on, read or deleted.
+  /health degraded, ``spool status``), never as a torn append. One that runs past it (lines appended to it by hand,
+  or by a second process writing the same spool) is reported there too (``SpoolGap.overlap_bytes``), and the
+  segments after it are given positions moved up by as much, so every byte on disk has a position of its own: the
+  reader finishes that segment and reads the next from its first byte (positions in its name's range would have
+  sought into the middle of the next one, skipping acknowledged records unsaid: red team). Lines are counted by
+  streaming the files, so the memory a start needs does not depend on the spool's size. A FIFO or device (or a
+  link to one) named like a segment is refused with ``NotRegularFile`` naming it (the server does not start), never
+  waited on, read or deleted.
 
 One lock covers the segment list: appends (committer or engine worker), reads and releases (the store's database
 thread) and the CLI never see it half-changed.
@@ -105,7 +110,7 @@ def is_segment(name: str) -> bool:
 
 @dataclass
 class Segment:
-    start: int
+    start: int  # the LSN of its first byte: its name's, moved up past a segment that overlaps it (``open``)
     path: Path
     size: int
     readable_end: int | None = None  # set when a failed append could not be cut off: read no further
@@ -128,9 +133,10 @@ class WriteAheadLog:
         self._fd: int | None = None  # open on the last segment while it takes appends
         self._bytes = 0
         self._end_lsn = 0  # the next append's LSN; kept when every segment has been released
+        self._shift = 0  # a new segment's LSN less the one in its name: what overlaps moved the last segment by
         self._released = 0  # everything before this LSN is in the database (the latest ``release``)
         self._last_append = 0.0
-        self.gaps: list[SpoolGap] = []  # acknowledged records found missing at ``open``
+        self.gaps: list[SpoolGap] = []  # acknowledged records found missing at ``open`` (or segments overlapping)
 
     @property
     def bytes(self) -> int:
@@ -165,16 +171,22 @@ class WriteAheadLog:
             scans = [_scan(start, path) for start, path in found]
             self.gaps = find_gaps(scans)
             for gap in self.gaps:
-                log.error("spool: %s; they cannot be replayed. %s", gap.describe(), GAP_ADVICE)
+                if gap.overlap_bytes:
+                    log.error("spool: %s", gap.describe())
+                else:
+                    log.error("spool: %s; they cannot be replayed. %s", gap.describe(), GAP_ADVICE)
             cut_short = {gap.path for gap in self.gaps if gap.cut_bytes}
-            segments, removed, lines = [], False, 0
+            overlaps = {gap.path: gap.overlap_bytes for gap in self.gaps if gap.overlap_bytes}
+            segments, removed, lines, shift = [], False, 0, 0
             for scan in scans:  # a torn tail holds no newline: the count stands after its cut
                 if scan.size == 0:
                     scan.path.unlink()
                     removed = True
                 else:
-                    segments.append(Segment(scan.start, scan.path, scan.size, cut_short=scan.path in cut_short))
+                    segments.append(Segment(scan.start + shift, scan.path, scan.size,
+                                            cut_short=scan.path in cut_short))
                     lines += scan.lines
+                shift += overlaps.get(scan.path, 0)  # the segments after one that overlaps start where it ends
             if segments and not _cut_torn_tail(segments[-1]):
                 segments.pop()
                 removed = True
@@ -183,6 +195,8 @@ class WriteAheadLog:
             self._segments = segments
             self._bytes = sum(s.size for s in segments)
             self._end_lsn = segments[-1].end if segments else 0
+            # New segments are named on from the last one's name, where its bytes end: a reopen finds no gap there.
+            self._shift = segments[-1].start - _name_lsn(segments[-1].path) if segments else 0
         return lines
 
     def append(self, payload: bytes) -> tuple[int, int]:
@@ -318,7 +332,7 @@ class WriteAheadLog:
             os.close(self._fd)
             self._fd = None
         if self._fd is None:
-            segment = Segment(self._end(), self.directory / segment_name(self._end()), 0)
+            segment = Segment(self._end(), self.directory / segment_name(self._end() - self._shift), 0)
             self._fd = open_regular(segment.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             try:
                 fsync_dir(self.directory)
@@ -415,7 +429,7 @@ def read_spool(directory: Path) -> SpoolContents:
                     raise
                 continue
             records, damaged = records + good, damaged + bad
-            scans.append(_Scan(int(_SEGMENT_NAME.match(path.name).group(1)), path, size, good + bad, size - whole))
+            scans.append(_Scan(_name_lsn(path), path, size, good + bad, size - whole))
     scans.sort(key=lambda scan: scan.start)
     return SpoolContents(records, damaged, sum(scan.size for scan in scans), tuple(find_gaps(scans)))
 
@@ -430,15 +444,26 @@ GAP_ADVICE = ("Check SPOOL_DIR's disk (dmesg, fsck) and whatever else writes the
 class SpoolGap:
     """Bytes missing between a segment and the next one's start (its name): acknowledged records lost to damage on
     disk (a cut, a removal by hand). Never a torn append: only the last segment takes appends, so only it can end
-    in one. The records cannot be counted, their bytes being gone: ``estimated_rows`` is an estimate."""
+    in one. The records cannot be counted, their bytes being gone: ``estimated_rows`` is an estimate.
 
-    path: Path  # the segment that ends short
+    Or the opposite, ``overlap_bytes``: the segment runs that many bytes past the next one's start (lines appended
+    to it by hand, or by a second process writing the same spool). Damage all the same (something other than this
+    spool's writer wrote there), reported where gaps are, but nothing is missing: ``lost_bytes``, ``cut_bytes`` and
+    ``estimated_rows`` are 0, so /health's lost bytes stay a sum of bytes lost, and the reader skips none of it."""
+
+    path: Path  # the segment that ends short (or runs past)
     lost_bytes: int  # from its end to where the next segment starts
     cut_bytes: int  # the head of a record it ends with, cut mid-line (unreadable: its rest is in the lost bytes)
     estimated_rows: int | None  # records lost, from the spool's average line; None with no whole line to go by
     average_bytes: int | None  # that average
+    overlap_bytes: int = 0  # from where the next segment starts to its end (then lost_bytes is 0)
 
     def describe(self) -> str:
+        if self.overlap_bytes:
+            return (f"{self.path} runs {self.overlap_bytes} bytes past where the next segment begins: written there by "
+                    "something other than this spool's writer (by hand, or a second process on the same SPOOL_DIR). "
+                    "Nothing is skipped: its lines are read to its end, then the next segment's from its first byte; "
+                    "find what else writes SPOOL_DIR")
         cut = f", in the middle of a record ({self.cut_bytes} bytes of it left)" if self.cut_bytes else ""
         about = (f"about {self.estimated_rows} records (an estimate from the spool's average record of "
                  f"{self.average_bytes} bytes)" if self.estimated_rows else "records that cannot be counted")
@@ -468,7 +493,8 @@ def _scan(start: int, path: Path) -> _Scan:
 
 
 def find_gaps(scans: list[_Scan]) -> list[SpoolGap]:
-    """Every segment but the last that ends before the next one starts (``scans`` in log order)."""
+    """Every segment but the last that ends before the next one starts, or after it (``overlap_bytes``), in log
+    order (``scans`` too)."""
     lines = sum(scan.lines for scan in scans)
     average = round(sum(scan.size - scan.cut_bytes for scan in scans) / lines) if lines else None
     gaps = []
@@ -477,6 +503,8 @@ def find_gaps(scans: list[_Scan]) -> list[SpoolGap]:
         if lost > 0:
             estimate = max(1, round((lost + scan.cut_bytes) / average)) if average else None
             gaps.append(SpoolGap(scan.path, lost, scan.cut_bytes, estimate, average))
+        elif lost < 0:
+            gaps.append(SpoolGap(scan.path, 0, 0, 0, average, overlap_bytes=-lost))
     return gaps
 
 
@@ -504,6 +532,11 @@ def _skip_to_next_line(handle: BinaryIO) -> bool:
             handle.seek(newline + 1 - len(chunk), os.SEEK_CUR)
             return True
     return False
+
+
+def _name_lsn(path: Path) -> int:
+    """The LSN a segment's name gives."""
+    return int(_SEGMENT_NAME.match(path.name).group(1))
 
 
 def _size_and_lines(path: Path) -> tuple[int, int]:
