@@ -115,7 +115,7 @@ def add_status_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=positive_number(600, least=0.1), default=5.0,
                         help="seconds to wait for each answer (0.1 to 600)")
     parser.add_argument("--slo-p99-ms", type=positive_number(3_600_000), default=250.0,
-                        help="the /predict p99 latency objective")
+                        help="the inference p99 objective: over it is noted (P3); P2 above 1 s, P1 above 5 s")
     parser.add_argument("--template", choices=("alert", "update", "resolved"),
                         help="print the runbook's communication template filled with the figures")
     parser.add_argument("--json", action="store_true", help="machine-readable output")

@@ -2,16 +2,19 @@
 
 It reads ``/health`` and ``/ready`` once and ``/metrics`` twice, ``--interval`` seconds
 apart, so rates and latency percentiles describe the last few seconds rather than
-the process's whole life. From those figures it proposes a severity on the runbook's
-P0-P3 scale (a proposal: the incident commander decides) and can fill the runbook's
-communication templates. Only the standard library and prometheus-client's text
-parser are used, so the command works from inside the slim server image.
+the process's whole life. The figures are over the series the alert rules select
+(docker/prometheus/alerts.yml): prediction traffic on every protocol's inference endpoint, the
+error rate of every request but the probes and the scrape, 503 included. From them it proposes
+a severity on the runbook's P0-P3 scale, at the rules' thresholds (a proposal: the incident
+commander decides), and can fill the runbook's communication templates. It needs only the standard library and
+prometheus-client, so the command works from inside the slim server image.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +24,20 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-PREDICT = "/predict"
+from server.metrics import PREDICTION_ENDPOINTS
+
 Samples = dict[tuple[str, frozenset], float]
+
+# The series the alert rules (docker/prometheus/alerts.yml) select, as their regexes (PromQL's are fully anchored:
+# ``re.fullmatch``). Inference: every protocol's prediction route and RPC (server/http.py ``endpoint_label``), as
+# SentimentAnalyzerHighLatencyP99 and SentimentAnalyzerLoadShedding select them; the error rate counts every request
+# but the liveness and readiness probes of each protocol and the scrape, as SentimentAnalyzerHighErrorRate does.
+INFERENCE_RE = (r"/predict|/|/v1/models/\{name\}:predict|/v2/models/\{name\}(/versions/\{version\})?/infer"
+                r"|/inference\.GRPCInferenceService/ModelInfer")
+NOT_AN_ERROR_RATE_RE = (r"/health|/ready|/metrics|/v2/health/(live|ready)|/v2/models/\{name\}(/versions/\{version\})?"
+                        r"/ready|/v1/models/\{name\}|/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)")
+SHED_REASONS = ("queue_full", "deadline", "body_memory_full")  # SentimentAnalyzerLoadShedding's reason=~
+RECORDS_LOST_WINDOW_S = 900  # SentimentAnalyzerRecordsLost: increase over 15m, or any in a process younger than that
 
 
 class Unreachable(RuntimeError):
@@ -83,14 +98,17 @@ def by_label(samples: Samples, name: str, label: str, **labels: str) -> dict[str
     return dict(values)
 
 
-def quantile(q: float, before: Samples, after: Samples, name: str, **labels: str) -> float | None:
-    """``histogram_quantile`` over the increase between two scrapes (linear within a bucket), in seconds."""
+def quantile(q: float, before: Samples, after: Samples, name: str, *, endpoints: str | None = None,
+             **labels: str) -> float | None:
+    """``histogram_quantile`` over the increase between two scrapes (linear within a bucket), in seconds; with
+    ``endpoints``, over the series whose ``endpoint`` label fully matches that regex, summed by bucket."""
     wanted = set(labels.items())
     buckets: dict[float, float] = {}
     for (n, ls), v in after.items():
-        if n == f"{name}_bucket" and wanted <= ls:
+        if n == f"{name}_bucket" and wanted <= ls and (
+                endpoints is None or re.fullmatch(endpoints, dict(ls).get("endpoint", ""))):
             le = float(dict(ls)["le"])
-            buckets[le] = buckets.get(le, 0.0) + v - before.get((n, ls), 0.0)
+            buckets[le] = buckets.get(le, 0.0) + max(0.0, v - before.get((n, ls), 0.0))
     bounds = sorted(buckets)
     if not bounds or buckets[bounds[-1]] <= 0:
         return None
@@ -127,29 +145,51 @@ def increase(before: Samples, after: Samples, name: str, **labels: str) -> float
     return max(0.0, total(after, name, **labels) - total(before, name, **labels))
 
 
+def increases(before: Samples, after: Samples, name: str) -> dict[frozenset, float]:
+    """How much each series of a counter grew between two scrapes (a series new in the window grew from 0)."""
+    return {ls: max(0.0, v - before.get((n, ls), 0.0)) for (n, ls), v in after.items() if n == name}
+
+
 def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
-    """Rates, percentiles and gauges an on-call engineer asks for first."""
+    """Rates, percentiles and gauges an on-call engineer asks for first, over the series the alert rules select."""
     def increase_by(name: str, label: str, **labels: str) -> dict[str, float]:
         earlier = by_label(before, name, label, **labels)
         return {value: max(0.0, v - earlier.get(value, 0.0))
                 for value, v in by_label(after, name, label, **labels).items()}
 
-    status_counts = increase_by("sentiment_requests_total", "status", endpoint=PREDICT)
-    requests = sum(status_counts.values())
-    errors = sum(v for code, v in status_counts.items() if code.startswith("5") and code != "503")
+    inference: dict[str, float] = defaultdict(float)  # requests by endpoint, every protocol's prediction route
+    inference_status: dict[str, float] = defaultdict(float)  # their status codes
+    api = api_errors = 0.0  # every request but the probes and the scrape, and those answered 5xx
+    for labels, grew in increases(before, after, "sentiment_requests_total").items():
+        endpoint, status = dict(labels).get("endpoint", ""), dict(labels).get("status", "")
+        if re.fullmatch(INFERENCE_RE, endpoint):
+            inference[endpoint] += grew
+            inference_status[status] += grew
+        if not re.fullmatch(NOT_AN_ERROR_RATE_RE, endpoint):
+            api += grew
+            api_errors += grew if re.fullmatch(r"5..", status) else 0.0
+    requests = sum(inference.values())
+    answered = sum(v for code, v in inference_status.items() if code.startswith("2"))
+    failed = sum(v for code, v in inference_status.items() if re.fullmatch(r"5..", code))
     rejected = {reason: round(v) for reason, v in increase_by("sentiment_rejected_requests_total", "reason").items()}
+    shed = sum(rejected.get(reason, 0) for reason in SHED_REASONS)
     hits = increase(before, after, "sentiment_cache_hits_total")
     misses = increase(before, after, "sentiment_cache_misses_total")
-    p50 = quantile(0.5, before, after, "sentiment_request_latency_seconds", endpoint=PREDICT)
-    p99 = quantile(0.99, before, after, "sentiment_request_latency_seconds", endpoint=PREDICT)
+    p50 = quantile(0.5, before, after, "sentiment_request_latency_seconds", endpoints=INFERENCE_RE)
+    p99 = quantile(0.99, before, after, "sentiment_request_latency_seconds", endpoints=INFERENCE_RE)
     limit = total(after, "sentiment_memory_limit_bytes")
     rss = total(after, "sentiment_process_resident_memory_bytes")
     gpu_used = total(after, "sentiment_gpu_memory_used_bytes")
     gpu_total = total(after, "sentiment_gpu_memory_total_bytes")
+    spool_limit = total(after, "sentiment_store_spool_limit_bytes")
     return {
-        "predict_rate_per_s": round(requests / seconds, 2),
-        "error_rate": round(errors / requests, 4) if requests else 0.0,
-        "shed_rate": round(status_counts.get("503", 0.0) / requests, 4) if requests else 0.0,
+        "predict_rate_per_s": round(requests / seconds, 2),  # every inference endpoint, not /predict alone
+        "predict_endpoints": {endpoint: round(v / seconds, 2) for endpoint, v in sorted(inference.items()) if v},
+        "predict_requests": round(requests), "predict_answered": round(answered), "predict_5xx": round(failed),
+        "api_rate_per_s": round(api / seconds, 2),
+        "error_rate": round(api_errors / api, 4) if api else 0.0,
+        "shed": shed,
+        "shed_rate": round(shed / requests, 4) if requests else 0.0,
         "rejected": {reason: count for reason, count in rejected.items() if count},
         "predict_p50_ms": None if p50 is None else round(p50 * 1000, 1),
         "predict_p99_ms": None if p99 is None else round(p99 * 1000, 1),
@@ -157,6 +197,7 @@ def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
         "rss_bytes": rss, "memory_limit_bytes": limit,
         "memory_ratio": round(rss / limit, 3) if limit else None,
         "oom_events": increase(before, after, "sentiment_oom_events_total"),
+        "host_oom_events": increase(before, after, "sentiment_oom_events_total", device="cpu"),
         "batch_splits": increase(before, after, "sentiment_batch_splits_total"),
         "cpu_fallbacks": increase(before, after, "sentiment_cpu_fallbacks_total"),
         "inference_errors": increase(before, after, "sentiment_inference_errors_total"),
@@ -166,37 +207,56 @@ def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
         "store_up": bool(total(after, "sentiment_store_up")),
         "store_queue_depth": total(after, "sentiment_store_queue_depth"),
         "store_spool_rows": total(after, "sentiment_store_spool_rows"),
+        "store_spool_ratio": round(total(after, "sentiment_store_spool_bytes") / spool_limit, 3) if spool_limit
+        else None,
+        "store_lost_records": increase(before, after, "sentiment_store_lost_records_total"),
+        "store_lost_records_total": total(after, "sentiment_store_lost_records_total"),
+        "store_spool_lost_bytes": total(after, "sentiment_store_spool_lost_bytes"),
     }
 
 
 def assess(snapshot: Snapshot, slo_p99_ms: float) -> None:
-    """Propose a severity with the runbook's definitions, and say which figures led there."""
+    """Propose a severity with the runbook's Incident classes and the alert rules' thresholds (the rules' ``>``, over
+    the series they select), and say which figures led there. Notes below P2 are listed without raising it."""
     f, findings = snapshot.figures, snapshot.findings
-    p0, p1, p2 = [], [], []
+    p0, p1, p2, notes = [], [], [], []
     if not snapshot.ready:
-        p0.append("not ready: this replica takes no traffic (draining, or the model is not loaded)")
-    if f["error_rate"] >= 0.5:
-        p0.append(f"{f['error_rate']:.0%} of requests fail with 5xx: the service is effectively down")
-    elif f["error_rate"] >= 0.01:
-        p1.append(f"{f['error_rate']:.1%} of requests fail with 5xx")
-    if f["shed_rate"] >= 0.1:
-        p1.append(f"{f['shed_rate']:.0%} of requests shed with 503 (overload, deadlines or draining)")
-    elif f["shed_rate"] > 0:
-        p2.append(f"{f['shed_rate']:.1%} of requests shed with 503")
+        p0.append("not ready: this replica takes no traffic (draining, or the model is not loaded); P0 when no "
+                  "other instance is ready")
+    if f["predict_requests"] and not f["predict_answered"] and f["predict_5xx"]:
+        p0.append(f"no prediction answered: {f['predict_requests']} inference requests, 0 answered 2xx, "
+                  f"{f['predict_5xx']} answered 5xx ({f['shed']} shed): the service answers no predictions")
+    elif f["error_rate"] >= 1:
+        p0.append("every API request fails with 5xx: the service is down")
+    elif f["error_rate"] > 0.05:
+        p1.append(f"{f['error_rate']:.1%} of API requests fail with 5xx (above 5 %)")
+    elif f["error_rate"] > 0.01:
+        p2.append(f"{f['error_rate']:.1%} of API requests fail with 5xx (above 1 %)")
+    if f["shed_rate"] > 0.05:
+        p1.append(f"{f['shed_rate']:.1%} of inference requests shed with 503 (queue full, deadline or request bodies "
+                  "at their memory budget; above 5 %)")
+    elif f["shed"]:
+        p2.append(f"{f['shed']} inference requests shed with 503 ({f['shed_rate']:.1%})")
     p99 = f["predict_p99_ms"]
-    if p99 is not None and p99 > 1.5 * slo_p99_ms:
-        p1.append(f"/predict p99 {p99:.0f} ms is over 1.5x the {slo_p99_ms:.0f} ms SLO (degradation > 50%)")
+    if p99 is not None and p99 > 5000:
+        p1.append(f"inference p99 {p99:.0f} ms is above 5 s")
+    elif p99 is not None and p99 > 1000:
+        p2.append(f"inference p99 {p99:.0f} ms is above 1 s")
     elif p99 is not None and p99 > slo_p99_ms:
-        p2.append(f"/predict p99 {p99:.0f} ms is over the {slo_p99_ms:.0f} ms SLO (degradation < 50%)")
-    if not f["store_up"]:
-        p1.append(f"prediction database down: {f['store_spool_rows']:.0f} records spooled to local disk")
-    if f["memory_ratio"] is not None and f["memory_ratio"] >= 0.9:
+        notes.append(f"inference p99 {p99:.0f} ms is over the {slo_p99_ms:.0f} ms objective (P2 above 1 s)")
+    if f["memory_ratio"] is not None and f["memory_ratio"] > 0.9:
         p1.append(f"memory at {f['memory_ratio']:.0%} of the limit: OOMKilled is next")
-    if f["oom_events"] or f["inference_errors"]:
-        p2.append(f"{f['oom_events']:.0f} OOM events, {f['inference_errors']:.0f} inference errors in the window")
+    if f["host_oom_events"]:
+        p1.append(f"{f['host_oom_events']:.0f} host (CPU) OOM events in the window")
+    if f["oom_events"] - f["host_oom_events"] or f["inference_errors"] or f["cpu_fallbacks"]:
+        p2.append(f"{f['oom_events'] - f['host_oom_events']:.0f} GPU OOM events, {f['cpu_fallbacks']:.0f} CPU "
+                  f"fallbacks, {f['inference_errors']:.0f} inference errors in the window")
+    assess_store(snapshot, p1, p2, notes)
     reasons = snapshot.health.get("reasons") or []
     if reasons and not (p0 or p1 or p2):
         p2.append("health degraded: " + "; ".join(reasons))
+    if len(p2) >= 2 and not (p0 or p1):
+        p1.append(f"{len(p2)} P2 conditions at once on this instance: one class up")
     for level, items in (("P0", p0), ("P1", p1), ("P2", p2)):
         if items:
             snapshot.severity = level
@@ -204,7 +264,40 @@ def assess(snapshot: Snapshot, slo_p99_ms: float) -> None:
     else:
         snapshot.severity = "P3"
         findings.append("no impact seen in the window: P3 at most (cosmetic, documentation, enhancement)")
-    findings.extend(p0 + p1 + p2)
+    findings.extend(p0 + p1 + p2 + notes)
+
+
+def assess_store(snapshot: Snapshot, p1: list[str], p2: list[str], notes: list[str]) -> None:
+    """The prediction store's findings: records lost or at risk are P1, a database down P2 (predictions continue)."""
+    f = snapshot.figures
+    database = snapshot.health.get("database")
+    database = database if isinstance(database, dict) else {}
+    lost = max(f["store_lost_records_total"], number(database.get("lost_rows")))
+    uptime = number(snapshot.health.get("uptime_s"), default=math.inf)
+    said = "records lost" in str(database.get("reason") or "")  # /health says so for 10 minutes after the last
+    if f["store_lost_records"] or lost and (said or uptime < RECORDS_LOST_WINDOW_S):
+        p1.append(f"{lost:.0f} answered predictions' records lost since start ({f['store_lost_records']:.0f} in the "
+                  "window): in no database and no spool")
+    elif lost:
+        notes.append(f"{lost:.0f} answered predictions' records lost since start, none in the last 10 minutes")
+    if f["store_spool_lost_bytes"]:
+        p1.append(f"{f['store_spool_lost_bytes']:.0f} bytes of acknowledged records missing from the spool at start "
+                  "(damage on disk): lost")
+    refused = f["rejected"].get("spool_full", 0)
+    if refused:
+        p1.append(f"{refused} requests refused with 503: the spool cannot take their records")
+    if f["store_spool_ratio"] is not None and f["store_spool_ratio"] > 0.8:
+        p1.append(f"spool {f['store_spool_ratio']:.0%} full: predictions are refused when it is full")
+    if f["store_spool_rows"] > 1e6:
+        p1.append(f"{f['store_spool_rows']:.0f} records spooled: above a million")
+    if not f["store_up"]:
+        p2.append(f"prediction database down: {f['store_spool_rows']:.0f} records spooled to local disk "
+                  "(predictions continue)")
+
+
+def number(value: Any, default: float = 0.0) -> float:
+    """A figure from /health's JSON, or ``default`` when it is missing or not a number."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
 
 
 def take_snapshot(url: str, interval_s: float, timeout: float, slo_p99_ms: float) -> Snapshot:
@@ -234,9 +327,12 @@ def render_text(snapshot: Snapshot) -> str:
         f"{snapshot.url}: proposed severity {snapshot.severity}",
         f"  ready {'yes' if snapshot.ready else 'NO'}; health {snapshot.health.get('status')}"
         + "".join(f"\n    - {r}" for r in snapshot.health.get("reasons") or []),
-        f"  /predict over {snapshot.interval_s:g} s: {f['predict_rate_per_s']} req/s, 5xx {f['error_rate']:.1%}, "
-        f"shed (503) {f['shed_rate']:.1%}, rejected {f['rejected'] or 'none'}",
-        f"  /predict p50 / p99: {ms}; queue depth {f['queue_depth']:.0f}",
+        f"  predictions on every inference endpoint over {snapshot.interval_s:g} s: {f['predict_rate_per_s']} req/s "
+        f"({by_endpoint(f)}), {f['predict_answered']} of {f['predict_requests']} answered 2xx, "
+        f"shed (503) {f['shed_rate']:.1%}",
+        f"  API requests (all but probes and /metrics): {f['api_rate_per_s']} req/s, 5xx {f['error_rate']:.1%}; "
+        f"rejected {f['rejected'] or 'none'}",
+        f"  predictions p50 / p99: {ms}; queue depth {f['queue_depth']:.0f}",
         f"  memory: {memory}; OOM events {f['oom_events']:.0f}, batch splits {f['batch_splits']:.0f}, "
         f"CPU fallbacks {f['cpu_fallbacks']:.0f}, inference errors {f['inference_errors']:.0f}",
     ]
@@ -244,9 +340,17 @@ def render_text(snapshot: Snapshot) -> str:
         lines.append(f"  GPU: memory {f['gpu_memory_ratio']:.0%}, utilisation {f['gpu_utilization']:.0%}")
     hit_rate = "n/a" if f["cache_hit_rate"] is None else f"{f['cache_hit_rate']:.0%}"
     lines.append(f"  cache hit rate {hit_rate}; store {'up' if f['store_up'] else 'DOWN'}, "
-                 f"{f['store_queue_depth']:.0f} queued, {f['store_spool_rows']:.0f} spooled")
+                 f"{f['store_queue_depth']:.0f} queued, {f['store_spool_rows']:.0f} spooled"
+                 + (f", {f['store_lost_records_total']:.0f} records lost" if f["store_lost_records_total"] else ""))
     lines.append("  why: " + "; ".join(snapshot.findings))
     return "\n".join(lines)
+
+
+def by_endpoint(f: dict[str, Any]) -> str:
+    """Which inference endpoints had traffic, with their rates; all of them named when none had."""
+    if not f["predict_endpoints"]:
+        return "none on " + ", ".join(PREDICTION_ENDPOINTS)
+    return ", ".join(f"{endpoint} {rate}" for endpoint, rate in f["predict_endpoints"].items())
 
 
 TEMPLATES = {
@@ -266,9 +370,10 @@ def render_template(snapshot: Snapshot, kind: str) -> str:
     f = snapshot.figures
     summary = (f"{snapshot.url} health {snapshot.health.get('status')}, ready {'yes' if snapshot.ready else 'no'}: "
                + "; ".join(snapshot.findings))
-    impact = (f"/predict {f['predict_rate_per_s']} req/s, {f['error_rate']:.1%} failing (5xx), "
-              f"{f['shed_rate']:.1%} shed (503), /predict p99 {f['predict_p99_ms'] or 'n/a'} ms, "
-              f"store {'up' if f['store_up'] else 'down'} ({f['store_spool_rows']:.0f} records spooled)")
+    impact = (f"predictions {f['predict_rate_per_s']} req/s ({by_endpoint(f)}), {f['error_rate']:.1%} of API "
+              f"requests failing (5xx), {f['shed_rate']:.1%} of predictions shed (503), prediction p99 "
+              f"{f['predict_p99_ms'] or 'n/a'} ms, store {'up' if f['store_up'] else 'down'} "
+              f"({f['store_spool_rows']:.0f} records spooled, {f['store_lost_records_total']:.0f} lost)")
     return TEMPLATES[kind].format(severity=snapshot.severity, summary=summary, impact=impact)
 
 

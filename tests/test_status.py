@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -12,9 +13,10 @@ import httpx
 import pytest
 
 from scripts.benchlib.serverproc import ROOT, free_port, start_server, stop_server
-from server.metrics import Metrics
+from server.metrics import PREDICTION_ENDPOINTS, Metrics
 from server.status import Snapshot, assess, figures, parse_metrics, quantile, render_template, render_text
 from tests.store_fixtures import SqliteLock
+from tests.test_alerts import INFERENCE_ENDPOINTS
 
 
 def scrape(metrics: Metrics):
@@ -61,7 +63,7 @@ def test_first_oom_in_the_window_is_reported_and_raises_the_severity():
     snap = snapshot_from(before, scrape(metrics))
     assert snap.figures["oom_events"] == 1 and snap.figures["batch_splits"] == 1
     assert snap.figures["predict_rate_per_s"] == 25.0
-    assert snap.severity == "P2" and any("1 OOM events" in f for f in snap.findings)
+    assert snap.severity == "P2" and any("1 GPU OOM events" in f for f in snap.findings)
 
 
 def test_failures_and_shedding_map_to_the_runbook_levels():
@@ -75,8 +77,12 @@ def test_failures_and_shedding_map_to_the_runbook_levels():
     assert shed.severity == "P1" and shed.figures["shed_rate"] == 0.6 and shed.figures["rejected"] == {
         "queue_full": 60}
     metrics.requests.labels("/predict", "500").inc(200)
-    down = snapshot_from(before, scrape(metrics))
-    assert down.severity == "P0" and down.figures["error_rate"] == round(200 / 300, 4)
+    failing = snapshot_from(before, scrape(metrics))  # 40 predictions answered: P1 (P0 answers none)
+    assert failing.severity == "P1" and failing.figures["error_rate"] == round(260 / 300, 4)
+    down = Metrics()
+    down.store_up.set(1)
+    down.requests.labels("/predict", "500").inc(10)
+    assert snapshot_from(before, scrape(down)).severity == "P0"
     quiet = snapshot_from(before, before)
     assert quiet.severity == "P3"
     assert snapshot_from(before, before, ready=False).severity == "P0"
@@ -88,7 +94,8 @@ def test_template_is_the_runbooks_filled_with_the_figures():
     metrics.requests.labels("/predict", "200").inc(10)
     snap = snapshot_from(before, scrape(metrics), health={"status": "degraded", "reasons": ["database: down"]})
     alert = render_template(snap, "alert")
-    assert alert.startswith(f"**INCIDENT ALERT - {snap.severity}**") and "**Impact:** /predict 5.0 req/s" in alert
+    assert alert.startswith(f"**INCIDENT ALERT - {snap.severity}**")
+    assert "**Impact:** predictions 5.0 req/s (/predict 5.0)" in alert
     assert "prediction database down" in alert  # store_up was never set: the store is down
     assert render_template(snap, "resolved").startswith("**INCIDENT RESOLVED")
     assert "database: down" in render_text(snap)
@@ -141,7 +148,7 @@ def test_another_programs_metrics_are_not_read_as_this_servers(tmp_path):
         result.stdout)
 
 
-def test_live_server_with_its_database_down_is_p1_with_the_backlog(tiny_artifact, tmp_path):
+def test_live_server_with_its_database_down_is_p2_with_the_backlog(tiny_artifact, tmp_path):
     database = tmp_path / "live.db"
     server = start_server({"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": f"sqlite:///{database}",
                            "ENABLE_MODEL_CACHING": "false", "DB_POOL_TIMEOUT_S": "0.5"}, tmp_path)
@@ -172,7 +179,7 @@ def test_live_server_with_its_database_down_is_p1_with_the_backlog(tiny_artifact
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["status"] == "degraded" and report["ready"] is True
-    assert report["store_up"] is False and report["severity"] == "P1"
+    assert report["store_up"] is False and report["severity"] == "P2"  # predictions continue: the runbook's P2
     assert report["predict_rate_per_s"] > 0 and report["error_rate"] == 0.0
     assert any("prediction database down" in finding for finding in report["findings"])
 
@@ -183,3 +190,195 @@ def test_templates_from_the_command_line(live_server, template):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"**INCIDENT {template.upper()}") and "**Summary:** " + live_server.url in (
         result.stdout)
+
+
+# ------------------------------------------------ the runbook's classes and the alert rules' series (red team)
+
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def healthy_metrics() -> Metrics:
+    metrics = Metrics()
+    metrics.store_up.set(1)
+    return metrics
+
+
+def test_the_figures_select_the_series_the_alert_rules_do():
+    """status read /predict alone and left 503 out of the 5xx: its regexes are now the rules' own, character for
+    character, and classify every endpoint of the server as tests/test_alert_series.py does."""
+    from server import status
+    from tests import test_alert_series as series
+
+    matchers: dict[str, set[tuple[str, str, str]]] = {}
+    for alert, _, found in series.alert_selectors():
+        matchers.setdefault(alert, set()).update((label, op, series.promql_string(v)) for label, op, v in found)
+    for alert in ("SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevatedErrorRate"):
+        assert {("endpoint", "!~", status.NOT_AN_ERROR_RATE_RE), ("status", "=~", "5..")} <= matchers[alert], alert
+    for alert in ("SentimentAnalyzerHighLatencyP99", "SentimentAnalyzerSlowP99", "SentimentAnalyzerLoadShedding"):
+        assert ("endpoint", "=~", status.INFERENCE_RE) in matchers[alert], alert
+    assert ("reason", "=~", "|".join(status.SHED_REASONS)) in matchers["SentimentAnalyzerLoadShedding"]
+    everything = series.INFERENCE | series.NOT_COUNTED_IN_ERRORS | series.OTHER_ENDPOINTS
+    assert {e for e in everything if re.fullmatch(status.INFERENCE_RE, e)} == series.INFERENCE == set(
+        PREDICTION_ENDPOINTS)
+    assert {e for e in everything if re.fullmatch(status.NOT_AN_ERROR_RATE_RE, e)} == series.NOT_COUNTED_IN_ERRORS
+
+
+def test_grpc_calls_shed_are_seen_and_p1():
+    """600 gRPC ModelInfer calls, 582 shed: status said "/predict 0.0 req/s, shed 0.0%" and proposed P2."""
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels(GRPC_INFER, "200").inc(18)
+    metrics.requests.labels(GRPC_INFER, "503").inc(582)
+    metrics.rejected.labels("queue_full").inc(582)
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.figures["predict_rate_per_s"] == 300.0 and snap.figures["shed_rate"] == 0.97
+    assert snap.figures["predict_endpoints"] == {GRPC_INFER: 300.0}
+    assert snap.severity == "P1" and any("97.0% of inference requests shed" in f for f in snap.findings)
+    text = render_text(snap)
+    assert f"predictions on every inference endpoint over 2 s: 300.0 req/s ({GRPC_INFER} 300.0)" in text, text
+    quiet = render_text(snapshot_from(before, before))
+    assert "none on /predict, /, /v1/models/{name}:predict, /v2/models/{name}/infer, " in quiet, quiet
+
+
+@pytest.mark.parametrize("endpoint", sorted(INFERENCE_ENDPOINTS.values()))
+def test_every_inference_endpoint_counts_for_rate_shedding_and_latency(endpoint):
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels(endpoint, "200").inc(900)
+    metrics.requests.labels(endpoint, "503").inc(100)
+    metrics.rejected.labels("deadline").inc(100)
+    for _ in range(100):
+        metrics.request_latency.labels(endpoint).observe(7.0)
+    metrics.requests.labels("/health", "200").inc(5000)  # probes are no prediction
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.figures["predict_rate_per_s"] == 500.0 and snap.figures["shed_rate"] == 0.1
+    assert snap.figures["predict_p99_ms"] is not None and snap.figures["predict_p99_ms"] > 5000
+    assert snap.severity == "P1" and any("p99" in f and "above 5 s" in f for f in snap.findings)
+
+
+def test_error_rate_is_the_alerts_503_included_probes_left_out():
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels("/predict", "200").inc(90)
+    metrics.requests.labels("/predict", "503").inc(6)  # draining: a 5xx, not shed
+    metrics.rejected.labels("draining").inc(6)
+    metrics.requests.labels("/predictions", "200").inc(4)
+    metrics.requests.labels("/ready", "503").inc(1000)  # readiness answers 503 by design: no error
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.figures["error_rate"] == 0.06 and snap.figures["shed_rate"] == 0.0
+    assert snap.severity == "P1" and any("6.0% of API requests fail with 5xx" in f for f in snap.findings)
+
+
+@pytest.mark.parametrize("errors, severity", [(1, "P3"), (2, "P2"), (5, "P2"), (6, "P1")])
+def test_5xx_is_p1_above_5_percent_and_p2_above_1(errors, severity):
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels("/predict", "200").inc(100 - errors)
+    metrics.requests.labels("/predict", "500").inc(errors)
+    assert snapshot_from(before, scrape(metrics)).severity == severity
+
+
+@pytest.mark.parametrize("shed, severity", [(1, "P2"), (5, "P2"), (6, "P1")])
+def test_shedding_is_p1_above_5_percent(shed, severity):
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels("/v2/models/{name}/infer", "200").inc(100 - shed)
+    metrics.requests.labels("/v2/models/{name}/infer", "503").inc(shed)
+    metrics.rejected.labels("queue_full").inc(shed)
+    # every 503 is also a 5xx of the error rate (the rule's): below its 1 % only with other traffic beside
+    metrics.requests.labels("/predictions", "200").inc(900)
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.severity == severity, snap.findings
+
+
+def test_database_down_is_p2_predictions_continue():
+    metrics = Metrics()  # sentiment_store_up 0
+    before = scrape(metrics)
+    metrics.requests.labels("/predict", "200").inc(100)
+    metrics.store_spool_rows.set(100)
+    snap = snapshot_from(before, scrape(metrics), health={"status": "degraded", "reasons": ["database: down"]})
+    assert snap.severity == "P2" and any("prediction database down" in f for f in snap.findings)
+
+
+def test_two_p2s_at_once_are_one_class_up():
+    """Incident classes: escalate when two P2s hit the same instance at once (for example OOM and database down)."""
+    metrics = Metrics()
+    before = scrape(metrics)
+    metrics.requests.labels("/predict", "200").inc(100)
+    metrics.oom_events.labels("cuda").inc()
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.severity == "P1" and any("2 P2 conditions at once" in f for f in snap.findings)
+
+
+def lost_health(lost_rows: int, recent: bool, uptime_s: float = 86_400.0) -> dict:
+    reason = (f"{lost_rows} answered predictions' records lost since start, the last 4 s ago: in no database and no "
+              "spool (the log's 'records lost' lines say why)")
+    return {"status": "degraded" if recent else "ok", "reasons": [f"database: {reason}"] if recent else [],
+            "uptime_s": uptime_s,
+            "database": {"status": "degraded" if recent else "ok", "reason": reason if recent else None,
+                         "lost_rows": lost_rows}}
+
+
+def test_records_lost_are_p1():
+    """/health showing lost_rows and the counter rising: status said "no impact seen ... P3"."""
+    metrics = healthy_metrics()
+    metrics.store_lost.inc(40)
+    before = scrape(metrics)
+    metrics.requests.labels("/predict", "200").inc(100)
+    metrics.store_lost.inc(12)
+    snap = snapshot_from(before, scrape(metrics), health=lost_health(52, recent=True))
+    assert snap.severity == "P1" and any("52 answered predictions' records lost" in f for f in snap.findings)
+    assert snap.figures["store_lost_records"] == 12
+    assert "52 records lost" in render_text(snap) and "52 lost" in render_template(snap, "alert")
+    # no loss in the window, but /health says the last was minutes ago: still P1 (the alert holds 15 minutes)
+    assert snapshot_from(scrape(metrics), scrape(metrics), health=lost_health(52, recent=True)).severity == "P1"
+    # a process younger than the alert's window that lost any (the rule's second clause)
+    young = lost_health(52, recent=False, uptime_s=120)
+    assert snapshot_from(scrape(metrics), scrape(metrics), health=young).severity == "P1"
+    # long ago in an old process: said, but no P1 any more
+    old = snapshot_from(scrape(metrics), scrape(metrics), health=lost_health(52, recent=False))
+    assert old.severity == "P3" and any("none in the last 10 minutes" in f for f in old.findings)
+
+
+def test_spool_damage_and_a_full_spool_are_p1():
+    metrics = healthy_metrics()
+    metrics.store_spool_lost_bytes.set(4096)
+    assert snapshot_from(scrape(metrics), scrape(metrics)).severity == "P1"
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels("/predict", "200").inc(1000)
+    metrics.requests.labels("/predict", "503").inc(2)
+    metrics.rejected.labels("spool_full").inc(2)
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.severity == "P1" and any("spool cannot take their records" in f for f in snap.findings)
+
+
+def test_an_engine_that_answers_nothing_is_p0():
+    """Every /predict 503 deadline, none answered: status printed "5xx 0.0%, shed 100%" and proposed P1."""
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels("/predict", "503").inc(40)
+    metrics.rejected.labels("deadline").inc(40)
+    metrics.requests.labels("/info", "200").inc(10)  # something answers, but no prediction
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.severity == "P0" and any("no prediction answered" in f for f in snap.findings), snap.findings
+    assert "0 of 40 answered 2xx" in render_text(snap)
+    refused = healthy_metrics()  # a client whose every request is refused 401 is no outage
+    before = scrape(refused)
+    refused.requests.labels("/predict", "401").inc(40)
+    refused.rejected.labels("unauthorized").inc(40)
+    assert snapshot_from(before, scrape(refused)).severity == "P3"
+
+
+@pytest.mark.parametrize("seconds, severity", [(0.4, "P3"), (2.0, "P2"), (7.0, "P1")])
+def test_latency_classes_are_the_runbooks(seconds, severity):
+    """p99 over 1.5x the 250 ms default objective was P1; the runbook says P1 above 5 s, P2 above 1 s."""
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels("/", "200").inc(100)
+    for _ in range(100):
+        metrics.request_latency.labels("/").observe(seconds)
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.severity == severity, snap.findings
+    if severity == "P3":
+        assert any("over the 250 ms objective" in f for f in snap.findings)
