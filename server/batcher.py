@@ -269,6 +269,7 @@ class Batcher:
         self.engine = engine
         self._settings = settings
         self._metrics = metrics
+        metrics.queue_limit.set(settings.max_queue)
         budget = token_budget or (lambda width: settings.max_batch_tokens)
         on_cpu = engine.device == "cpu"
         self._token_budget = (lambda width: min(budget(width), CPU_MOST_PADDED_TOKENS)) if on_cpu else budget

@@ -92,6 +92,8 @@ class Metrics:
 
         # batching and inference
         self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the engine", registry=r)
+        self.queue_limit = Gauge("sentiment_queue_limit", "Texts the batch queue holds at most (MAX_QUEUE, set or "
+                                 "derived from the memory limit); past it requests are refused 503", registry=r)
         self.queue_wait = Histogram("sentiment_queue_wait_seconds", "Time a text waited before its batch ran",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.inference_latency = Histogram("sentiment_inference_latency_seconds", "Engine time per batch, measured "
