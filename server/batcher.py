@@ -99,6 +99,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import math
 import time
@@ -134,6 +135,7 @@ RUNNING_GRACE_S = 5.0  # how long past its deadline a request whose texts are al
 CPU_CALL_COST_TOKENS = 48  # an engine call's fixed cost on the CPU, in padded tokens' worth (module docstring)
 BULK_TOKENS = 2048  # a request of more tokens is bulk: served after the bulk requests before it (docstring)
 CPU_MOST_PADDED_TOKENS = 2048  # a CPU batch's padded tokens at most: its engine call's time is bounded (docstring)
+DRAIN_POLL_S = 0.1  # how often a drain looks whether every request it waits for is answered
 CPU_WIDTH_GROWTH, CPU_WIDTH_ANY_TEXT_MAY_JOIN = 4, 64  # a CPU batch's width: at most 4x its first text's, or 64
 
 
@@ -281,6 +283,7 @@ class Batcher:
         self._pending: set[PendingRequest] = set()  # submitted and not yet answered (a drain's time limit fails them)
         self._workers = engine_workers(settings, engine.device)
         self._idle = list(reversed(range(self._workers)))  # engine threads free, the most recently freed last
+        self._busy_since: dict[int, float] = {}  # worker -> when its batch was handed to it (time.monotonic())
         self._threads = WorkerThreads(self._workers, "engine")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fill_timer: asyncio.TimerHandle | None = None
@@ -295,6 +298,18 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self._waiting)
+
+    def stuck_workers(self, longer_than_s: float) -> tuple[int, float]:
+        """How many engine workers have been on one batch for more than ``longer_than_s``, and the longest time: an
+        engine that hangs answered every request 503 ``deadline`` while /health said ok and /ready 200 (red team
+        helper-90)."""
+        now = time.monotonic()
+        running = [now - since for since in self._busy_since.values()]
+        return sum(1 for seconds in running if seconds > longer_than_s), max(running, default=0.0)
+
+    @property
+    def workers(self) -> int:
+        return self._workers
 
     def start(self) -> None:
         """Bind to the running event loop: finished batches are handed back to it."""
@@ -365,15 +380,17 @@ class Batcher:
             self._dispatch()
             try:
                 if not self._quiet.is_set():
-                    await asyncio.wait_for(self._quiet.wait(), timeout)
+                    await asyncio.wait_for(self._awaited_work_done(), timeout)
+                if not self._quiet.is_set():  # answered: the engine is still on work nobody waits for
+                    raise TimeoutError
             except TimeoutError:  # ``timeout`` is what was left of the drain (0 once the connections' wait used it)
                 abandoned = [request for request in self._pending if not request.future.done()]
                 if abandoned:
                     log.warning("drain: %d requests not answered by the drain's end, failed with 503",
                                 len(abandoned))
                 else:  # it said "0 requests not answered" beside the shutdown's "abandoned 1" (red team helper-74)
-                    log.warning("drain: the engine was still busy at the drain's end with work no request waits "
-                                "for (requests already answered or failed); its workers are not waited for")
+                    log.warning("drain: the engine is still busy with work no request waits for (requests already "
+                                "answered or failed); its workers are not waited for")
                 for request in abandoned:
                     request.fail(Draining("the server shut down before this request was answered; "
                                           "retry on another replica"))
@@ -382,6 +399,16 @@ class Batcher:
                 return len(abandoned)
         self._threads.shutdown(wait=True)
         return 0
+
+    async def _awaited_work_done(self) -> None:
+        """Until nothing waits and nothing runs, or every request accepted is answered (or failed): a batch still on
+        the engine then is work nobody waits for, and the drain need not wait for it (an engine hung on requests
+        failed at their deadline held shutdown for the whole drain timeout: red team helper-90)."""
+        while not self._quiet.is_set():
+            if not self._waiting and all(request.future.done() for request in self._pending):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), DRAIN_POLL_S)
 
     def _queue(self, request: PendingRequest, encodings: list[np.ndarray], now: float) -> list[WorkItem]:
         """Its texts' work items, each put in the waiting list at its turn (the module docstring's fair order)."""
@@ -460,6 +487,7 @@ class Batcher:
     def _start(self, batch: list[WorkItem]) -> None:
         alone = not self._waiting and len(self._idle) == self._workers
         worker = self._idle.pop()
+        self._busy_since[worker] = time.monotonic()
         self._under_load = any(item.request is not batch[0].request for item in batch)
         for item in batch:
             item.dispatched = True
@@ -552,6 +580,7 @@ class Batcher:
         self._wake_ahead.back(ran.handed_back - ran.formed, alone=worker == self._alone_on)
         if worker == self._alone_on:
             self._alone_on = None
+        self._busy_since.pop(worker, None)
         self._idle.append(worker)
         idle_spin.touch()
         if followed_up:

@@ -57,7 +57,10 @@ async def ready(request: Request):
     services = services_of(request)
     if services.is_ready():
         return json_response({"ready": True})
-    # The port opens only after the model is loaded and warm, so "not ready" here means draining.
+    # The port opens only after the model is loaded and warm, so "not ready" here means draining or a stuck engine.
+    if not services.draining:
+        return error_response(503, "not ready: every engine worker is stuck on one batch (see /health)", retry_after=5,
+                              error_type="engine_stuck", ready=False)
     return error_response(503, "not ready: draining for shutdown", retry_after=5, error_type="draining", ready=False)
 
 

@@ -70,7 +70,20 @@ class Services:
         self.metrics.ready.set(1)
 
     def is_ready(self) -> bool:
-        return self.runtime.warm and not self.draining
+        """Warm, not draining, and not every engine worker stuck on one batch (``engine_stuck``)."""
+        return self.runtime.warm and not self.draining and not self.engine_stuck()[0]
+
+    def engine_stuck(self) -> tuple[bool, str | None]:
+        """(every engine worker stuck, why: for /health) after one batch ran past ``REQUEST_TIMEOUT_S``, which no
+        request waits for: requests then time out (503 ``deadline``) while the server said ok and ready."""
+        batcher = self.runtime.batcher
+        stuck, longest = batcher.stuck_workers(self.settings.request_timeout_s)
+        if not stuck:
+            return False, None
+        return stuck == batcher.workers, (
+            f"engine: {stuck} of {batcher.workers} engine workers on one batch for more than REQUEST_TIMEOUT_S "
+            f"({longest:.0f} s): the engine may be stuck; requests time out (503 deadline) meanwhile"
+            + ("; not ready" if stuck == batcher.workers else "") + ". Restart the instance if it does not end")
 
     def begin_drain(self, deadline: float | None = None) -> None:
         """Not ready from now on (/ready and new /predict answer 503).
@@ -117,6 +130,8 @@ class Services:
         with contextlib.suppress(OSError):
             self.memory_guard.check()
         self.gpu.update()
+        if self.runtime.warm:  # sentiment_ready says what /ready says: a stuck engine too
+            self.metrics.ready.set(1 if self.is_ready() else 0)
 
     def health(self) -> dict[str, Any]:
         database = self.store.health()
@@ -132,6 +147,8 @@ class Services:
             reasons.append(f"memory: the figures cannot be read ({memory['unreadable']})")
         if self.draining:
             reasons.append("draining")
+        if stuck := self.engine_stuck()[1]:
+            reasons.append(stuck)
         identity = self.runtime.identity
         return {
             "status": "degraded" if reasons else "ok",

@@ -726,8 +726,8 @@ async def test_a_drain_cut_short_by_an_engine_call_nobody_waits_for_says_so(capl
         await batcher.drain(timeout=0.2)
     engine.gate.set()
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("drain:")]
-    assert said == ["drain: the engine was still busy at the drain's end with work no request waits for (requests "
-                    "already answered or failed); its workers are not waited for"], said
+    assert said == ["drain: the engine is still busy with work no request waits for (requests already answered or "
+                    "failed); its workers are not waited for"], said
 
 
 @pytest.mark.parametrize("workers", [1, 2])

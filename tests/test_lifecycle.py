@@ -235,6 +235,36 @@ def test_a_hung_engine_call_is_abandoned_at_the_deadline_and_the_store_still_clo
         assert [row[0] for row in db.execute("SELECT text FROM predictions")] == ["answered before the hang"]
 
 
+def test_an_engine_stuck_past_the_request_timeout_is_on_health_not_ready_and_not_waited_for_by_the_drain(
+        tiny_artifact, tmp_path):
+    """A hung engine answered every request 503 deadline while /health said ok and /ready 200, and the drain then
+    waited its whole timeout for work no request waited for (red team helper-90)."""
+    drain_timeout_s = 60.0
+    hang_file = tmp_path / "hang"
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "REQUEST_TIMEOUT_S": "1", "ENGINE_WORKERS": "1", "DRAIN_GRACE_S": "0", "DRAIN_TIMEOUT_S": str(drain_timeout_s)})
+    try:
+        hang_file.touch()
+        response = httpx.post(live.url + "/predict", json={"text": "the engine hangs on this"}, timeout=WAIT_S)
+        assert response.status_code == 503 and response.json()["type"] == "deadline"
+
+        def stuck() -> dict | None:
+            health = httpx.get(live.url + "/health", timeout=WAIT_S).json()
+            return health if any(r.startswith("engine: 1 of 1 engine workers") for r in health["reasons"]) else None
+
+        health = wait_for(stuck, "/health to say the engine is stuck")
+        assert health["status"] == "degraded"
+        ready = httpx.get(live.url + "/ready", timeout=WAIT_S)
+        assert ready.status_code == 503 and ready.json()["type"] == "engine_stuck"
+        assert metric(live, "sentiment_ready") == 0
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, drain_timeout_s / 2)  # not the drain's timeout: no request waits for the engine
+    finally:
+        live.process.kill()
+    assert code == 0, live.log()[-3000:]
+    assert "work no request waits for" in live.log()
+
+
 def test_a_drain_ended_by_a_second_signal_says_so_not_that_its_timeout_ran_out(tiny_artifact, tmp_path):
     """A red team read "(DRAIN_GRACE_S + DRAIN_TIMEOUT_S)" after its own second SIGTERM, 4 s into a 30 s drain, and
     the batcher's line "not answered within 0.0 s": an operator would raise DRAIN_TIMEOUT_S for nothing."""
@@ -478,6 +508,23 @@ async def test_batcher_drain_fails_what_is_unanswered_at_its_time_limit_without_
     finally:
         engine.gate.set()
         await asyncio.sleep(0.2)  # the released engine call hands its batch back while this loop still runs
+
+
+async def test_batcher_counts_workers_on_one_batch_past_a_time_and_its_drain_leaves_work_nobody_waits_for():
+    engine = GatedEngine()
+    batcher = Batcher(engine, load_settings(engine_workers=1, max_wait_ms=0), Metrics())
+    batcher.start()
+    left = asyncio.ensure_future(batcher.submit([np.array([101, 7, 102])]))
+    try:
+        await asyncio.sleep(0.2)
+        stuck, longest = batcher.stuck_workers(0.1)
+        assert stuck == 1 and longest >= 0.2 and batcher.stuck_workers(WAIT_S)[0] == 0
+        left.cancel()  # its client went: the engine call runs on for nobody
+        assert await asyncio.wait_for(batcher.drain(timeout=10 * WAIT_S), WAIT_S / 3) == 0  # the call runs WAIT_S
+    finally:
+        engine.gate.set()
+        await asyncio.sleep(0.2)
+    assert batcher.stuck_workers(0.0) == (0, 0.0)
 
 
 async def test_batcher_drain_answers_everything_within_its_time_limit():
