@@ -355,6 +355,12 @@ def error_response(status: int, message: str, retry_after: float | None = None,
     return json_response(body, status, headers or None, response_class)
 
 
+def not_ready_response(refusal: ServerError, **extra) -> Response:
+    """A readiness probe's 503 (``Services.not_ready``), with the probe's own fields."""
+    return error_response(refusal.status_code, refusal.message, refusal.retry_after, error_type=refusal.error_type,
+                          **extra)
+
+
 def internal_error(request_id: str) -> Response:
     return error_response(500, f"internal server error; it is logged under request id {request_id}: quote it "
                                "when you report this", request_id=request_id)

@@ -160,6 +160,14 @@ class Draining(ServerError):
     retry_after = 5.0
 
 
+class EngineStuck(ServerError):
+    """Every engine worker has been on one batch past REQUEST_TIMEOUT_S: not ready (``Services.not_ready``)."""
+
+    status_code = 503
+    error_type = "engine_stuck"
+    retry_after = 5.0
+
+
 class InferenceFailed(ServerError):
     """The engine failed in a way the server could not recover from."""
 

@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.auth import require_role
 from server.connections import cancel_when_client_leaves
-from server.http import error_response, error_responses, json_response
+from server.http import error_responses, json_response, not_ready_response
 from server.protocols import tei
 from server.schemas import PredictRequest, PredictResponse, ReloadRequest
 from server.services import Services
@@ -54,14 +54,10 @@ async def health(request: Request):
 @router.get("/ready", summary="200 when the model is loaded and warm and the server is not draining",
             responses=error_responses(503))
 async def ready(request: Request):
-    services = services_of(request)
-    if services.is_ready():
+    refusal = services_of(request).not_ready()
+    if refusal is None:
         return json_response({"ready": True})
-    # The port opens only after the model is loaded and warm, so "not ready" here means draining or a stuck engine.
-    if not services.draining:
-        return error_response(503, "not ready: every engine worker is stuck on one batch (see /health)", retry_after=5,
-                              error_type="engine_stuck", ready=False)
-    return error_response(503, "not ready: draining for shutdown", retry_after=5, error_type="draining", ready=False)
+    return not_ready_response(refusal, ready=False)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)

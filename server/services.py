@@ -27,7 +27,7 @@ from server.heap import refreeze
 from server.memory import MemoryGuard, trim_heap
 from server.metrics import Metrics
 from server.predictor import Predictor, model_key
-from server.primitives import Draining, ModelIdentity
+from server.primitives import Draining, EngineStuck, ModelIdentity, ServerError
 from server.runtime import ModelRuntime, load_checked
 from server.worker_threads import on_own_thread
 
@@ -72,6 +72,15 @@ class Services:
     def is_ready(self) -> bool:
         """Warm, not draining, and not every engine worker stuck on one batch (``engine_stuck``)."""
         return self.runtime.warm and not self.draining and not self.engine_stuck()[0]
+
+    def not_ready(self) -> ServerError | None:
+        """Why the readiness probes of every protocol answer 503, or None when ready. The port opens only once the
+        model is warm, so it is draining or a stuck engine."""
+        if self.draining:
+            return Draining("not ready: draining for shutdown")
+        if self.engine_stuck()[0]:
+            return EngineStuck("not ready: every engine worker is stuck on one batch (see /health)")
+        return None
 
     def engine_stuck(self) -> tuple[bool, str | None]:
         """(every engine worker stuck, why: for /health) after one batch ran past ``REQUEST_TIMEOUT_S``, which no

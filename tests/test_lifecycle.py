@@ -254,8 +254,9 @@ def test_an_engine_stuck_past_the_request_timeout_is_on_health_not_ready_and_not
 
         health = wait_for(stuck, "/health to say the engine is stuck")
         assert health["status"] == "degraded"
-        ready = httpx.get(live.url + "/ready", timeout=WAIT_S)
-        assert ready.status_code == 503 and ready.json()["type"] == "engine_stuck"
+        for probe in ("/ready", "/v2/health/ready"):  # every protocol's readiness says why
+            ready = httpx.get(live.url + probe, timeout=WAIT_S)
+            assert ready.status_code == 503 and ready.json()["type"] == "engine_stuck", probe
         assert metric(live, "sentiment_ready") == 0
         live.process.send_signal(signal.SIGTERM)
         code, _ = wait_exit(live, drain_timeout_s / 2)  # not the drain's timeout: no request waits for the engine

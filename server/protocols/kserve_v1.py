@@ -23,7 +23,7 @@ from starlette.convertors import StringConvertor, register_url_convertor
 from server.auth import require_role
 from server.connections import cancel_when_client_leaves
 from server.http import error_responses, json_response
-from server.primitives import Draining, in_list
+from server.primitives import in_list
 from server.protocols.oip_model import ALIAS, ModelNotFound
 from server.schemas import ClosedBody, Texts
 from server.services import Services
@@ -100,8 +100,9 @@ async def models(request: Request) -> Response:
             summary="Whether the model is ready (KServe v1); 503 while the server drains")
 async def model_ready(name: str, request: Request) -> Response:
     services = services_for(request, name)
-    if not services.is_ready():
-        raise Draining(f"model {name[:100]!r} is not ready: the server is draining for shutdown")
+    refusal = services.not_ready()
+    if refusal is not None:
+        raise type(refusal)(f"model {name[:100]!r} is {refusal.message}")
     return json_response({"name": name, "ready": True})
 
 

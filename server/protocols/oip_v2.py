@@ -35,7 +35,7 @@ from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
 from server.connections import cancel_when_client_leaves
-from server.http import byte_count, error_response, error_responses, json_response, location, problem_message
+from server.http import byte_count, error_responses, json_response, location, not_ready_response, problem_message
 from server.primitives import in_list
 from server.protocols.oip_model import (
     ALIAS,
@@ -232,9 +232,10 @@ async def live():
 @router.get("/v2/health/ready", response_model=Ready, responses=error_responses(503),
             summary="OIP v2 readiness: 200 when the model is warm and the server is not draining, else 503")
 async def ready(request: Request):
-    if services_of(request).is_ready():
+    refusal = services_of(request).not_ready()
+    if refusal is None:
         return json_response({"ready": True})
-    return _draining(ready=False)
+    return not_ready_response(refusal, ready=False)
 
 
 ModelName = Annotated[str, Path(description=f"the artifact's name, or the alias {ALIAS!r}", examples=[ALIAS])]
@@ -273,9 +274,10 @@ async def versioned_model_ready(request: Request, name: ModelName, version: Vers
 def readiness_of(request: Request, name: str, version: str | None) -> Response:
     services = services_of(request)
     identity = resolve(services, name, version)
-    if services.is_ready():
+    refusal = services.not_ready()
+    if refusal is None:
         return json_response({"name": identity.name, "ready": True})
-    return _draining(name=identity.name, ready=False)
+    return not_ready_response(refusal, name=identity.name, ready=False)
 
 
 @router.get(MODEL + "/config", response_model=dict[str, Any], responses=error_responses(404),
@@ -523,6 +525,4 @@ def infer_response(classified: Classified, request_id: str | None, outputs: list
                     headers={"Inference-Header-Content-Length": str(len(encoded))})
 
 
-def _draining(**extra) -> Response:
-    # The port opens only after the model is warm, so "not ready" here means draining (as for /ready).
-    return error_response(503, "not ready: draining for shutdown", retry_after=5, error_type="draining", **extra)
+
