@@ -51,6 +51,8 @@ class Services:
     drain_answered: int = 0
     drain_abandoned: int = 0
     started_at: float = field(default_factory=time.time)
+    # MODEL_PATH's own artifact failed its last reload: a restart would not start (/health says so until one passes)
+    model_path_failed: str | None = None
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _queued_reloads: dict[Path, asyncio.Future] = field(default_factory=dict)  # waiting for the one under way
@@ -158,6 +160,8 @@ class Services:
             reasons.append("draining")
         if stuck := self.engine_stuck()[1]:
             reasons.append(stuck)
+        if self.model_path_failed:
+            reasons.append(self.model_path_failed)
         identity = self.runtime.identity
         return {
             "status": "degraded" if reasons else "ok",
@@ -244,6 +248,8 @@ class Services:
         self.publish_model_info()
         self._keep_until_done(loop.create_task(self._retire(previous), name="retire-previous-model"))
         self.metrics.model_reloads.labels("ok").inc()
+        if path == self.settings.model_path:
+            self.model_path_failed = None
         log.info("model reloaded from %s: %s %s -> %s %s", path, old.name, old.version,
                  fresh.identity.name, fresh.identity.version)
         return {"reloaded": True, "serving": vars(fresh.identity), "previous": vars(old)}
@@ -255,6 +261,12 @@ class Services:
         asyncio.get_running_loop().call_soon(release_failed_load)  # once ``exc`` and its frames are let go
         expected = isinstance(exc, ArtifactError | EngineStartError | StartupError)  # StartupError: MemoryDoesNotFit
         reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        if path == self.settings.model_path:  # a SIGHUP's: after a failed reload /health said ok, the pod then
+            # failing to start at its next restart (red team helper-89)
+            self.model_path_failed = (f"model: MODEL_PATH {path} failed to reload at "
+                                      f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} ({reason[:300]}); "
+                                      f"still serving {old.name} {old.version}, but a restart would not start: fix "
+                                      "the artifact, then reload")
         log.error("model reload from %s failed, still serving %s %s: %s", path, old.name, old.version, reason,
                   exc_info=None if expected else exc)
         return {"reloaded": False, "error": f"model reload failed, still serving {old.name} {old.version}: {reason}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ from tests.broken_artifacts import (
     rehash,
     write_manifest,
 )
+from tests.waiting import wait_for
 
 FAILED = 'sentiment_model_reloads_total{result="failed"}'
 DONE = 'sentiment_model_reloads_total{result="ok"}'
@@ -100,6 +102,7 @@ def test_every_broken_artifact_is_refused_logged_and_counted(admin_server, tiny_
                  if " ERROR server.services " in line and f": model reload from {broken} failed" in line]
         assert len(lines) == 1 and "still serving tiny-test" in lines[0], f"{name}:\n{log[-3000:]}"
     assert "Traceback" not in log
+    assert admin_server.client.get("/health").json()["status"] == "ok"  # MODEL_PATH is fine: a restart would start
 
 
 @pytest.mark.parametrize("breaker, reason", [
@@ -147,6 +150,14 @@ def test_a_failed_sighup_reload_is_logged_and_counted(tiny_artifact, tmp_path):
             time.sleep(0.1)
         assert failed == 1
         assert httpx.post(server.url + "/predict", json={"text": "still serving"}).status_code == 200
+        # MODEL_PATH itself is broken: a restart would not start, which /health said nothing of (red team helper-89)
+        health = httpx.get(server.url + "/health").json()
+        said = [r for r in health["reasons"] if r.startswith(f"model: MODEL_PATH {model} failed to reload at ")]
+        assert health["status"] == "degraded" and len(said) == 1 and "a restart would not start" in said[0], health
+        shutil.rmtree(model)
+        copy_artifact(tiny_artifact, model)  # mended
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: httpx.get(server.url + "/health").json()["status"] == "ok", "the mended reload", timeout=60)
     finally:
         assert stop_server(server) == 0
     errors = [line for line in server.log().splitlines() if "ERROR" in line]
