@@ -403,9 +403,14 @@ def load_artifact(directory: str | Path, verify: bool = True) -> Artifact:
 
     The directory is resolved once: every file is read from the same one, even while a symlink to it is swapped
     (the runbook's ``mv -T``), which made a reload read half its files from each artifact."""
-    directory = Path(directory).resolve()
+    try:
+        directory = Path(directory).resolve()
+    except (RuntimeError, OSError) as error:  # a link that loops: Python 3.11 raises RuntimeError, "cannot serve"
+        raise ArtifactError(f"{directory} cannot be followed to a directory ({error}): set MODEL_PATH to the "
+                            "artifact directory") from None
     if directory.exists() and not directory.is_dir():  # "not found" sent the operator looking for a missing path
-        raise ArtifactError(f"{directory} is a file, not a model directory: set MODEL_PATH to the artifact directory "
+        what = "a file" if directory.is_file() else NotRegularFile(directory, directory.stat().st_mode).kind
+        raise ArtifactError(f"{directory} is {what}, not a model directory: set MODEL_PATH to the artifact directory "
                             f"that holds {MANIFEST}" + (f" ({directory.parent})" if directory.name == MANIFEST else ""))
     if not directory.is_dir():
         raise ArtifactError(f"model directory not found: {directory} (set MODEL_PATH to an artifact directory)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -201,7 +202,11 @@ def test_memory_guard_follow_applies_the_present_pressure_to_the_new_budget(make
 
 def test_reload_of_a_path_that_is_not_a_directory_is_refused(admin_server, tmp_path):
     (tmp_path / "a-file").write_text("x")
+    os.mkfifo(tmp_path / "a-fifo")
+    (tmp_path / "a-loop").symlink_to(tmp_path / "a-loop")
     for path, said in ((tmp_path / "a-file", "a-file is a file, not a model directory"),
+                       (tmp_path / "a-fifo", "a-fifo is a named pipe (FIFO), not a model directory"),  # "a file"
+                       (tmp_path / "a-loop", "a-loop cannot be followed to a directory"),  # "cannot serve: Runtime..."
                        (tmp_path / "nowhere", "model directory not found"),
                        (Path("relative/nowhere"), "model directory not found")):
         response = admin_server.client.post("/admin/reload", json={"model_path": str(path)})
