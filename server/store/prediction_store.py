@@ -113,8 +113,9 @@ class PredictionStore:
         self._committer.start(loop)
         self._writer.begin(self._worker, self._wal.start, self._wal.end, rows)
         if rows:
-            log.warning("store: %d predictions spooled by a previous process in %s; replaying them", rows,
-                        self.settings.spool_dir)
+            log.warning("store: %d predictions spooled by a previous process in %s; replaying them (some may be in "
+                        "the database already, from segments not yet deleted when it stopped: each is stored once)",
+                        rows, self.settings.spool_dir)
         try:
             await self._worker.call(self._sink.ping)
             self._writer.mark_up()
