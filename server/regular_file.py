@@ -53,6 +53,7 @@ def process_descriptor(path: Path, hops: int = 40) -> str | None:
     system's ``/dev/stdout`` (red team helper-90)."""
     current = Path(os.path.abspath(path))
     for _ in range(hops):
+        current = Path(os.path.realpath(current.parent)) / current.name  # /dev/fd is itself a link into /proc
         if str(current).startswith("/proc/"):
             return str(current)
         try:

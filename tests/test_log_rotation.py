@@ -130,7 +130,9 @@ def test_a_log_file_that_is_a_processs_open_file_is_refused_so_rotation_never_re
         descriptor = Path(f"/proc/self/fd/{output.fileno()}")
         link = tmp_path / "stdout"
         link.symlink_to(descriptor)
-        for path in (Path("/dev/stdout"), descriptor, link):
+        through_dev_fd = tmp_path / "app.log"
+        through_dev_fd.symlink_to(f"/dev/fd/{output.fileno()}")  # /dev/fd is a link to /proc/self/fd (red team)
+        for path in (Path("/dev/stdout"), descriptor, link, through_dev_fd, Path(f"/dev/fd/{output.fileno()}")):
             with pytest.raises(StartupError, match="a process's open file"):
                 writable_file(path, "LOG_FILE")
     assert link.is_symlink()
