@@ -466,11 +466,11 @@ def writable_file(path: Path, variable: str, label: str | None = None) -> str:
     (``server.regular_file``), so serve and doctor hung on a FIFO as LOG_FILE or as the SQLite file; a link
     looping on itself is refused here too, not by the first write."""
     label = label or variable
+    unset = " (or unset it: the log goes to standard output)" if variable == "LOG_FILE" else ""
     if path.is_dir():
         raise StartupError(f"{label} {path} is a directory; {variable} must name a file", ExitCode.FILESYSTEM)
     descriptor = process_descriptor(path)
     if descriptor is not None:
-        unset = " (or unset it: the log goes to standard output)" if variable == "LOG_FILE" else ""
         raise StartupError(f"{label} {path} is {descriptor}, a process's open file (standard output or another), not a "
                            f"file of its own: point {variable} at a regular file{unset}", ExitCode.FILESYSTEM)
     writable_directory(path.parent, variable, f"{label}'s folder")
@@ -480,7 +480,6 @@ def writable_file(path: Path, variable: str, label: str | None = None) -> str:
         except NotRegularFile as exc:
             if not exc.system:
                 raise StartupError(f"{label} {exc}, or change {variable}", ExitCode.FILESYSTEM) from None
-            unset = " (or unset it: the log goes to standard output)" if variable == "LOG_FILE" else ""
             raise StartupError(f"{label} {path} is {exc.kind}, a system file, not a regular one: point {variable} at "
                                f"a regular file{unset}", ExitCode.FILESYSTEM) from None
         except FileNotFoundError:  # a link to a file yet to be made: opening it for appending makes that file

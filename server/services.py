@@ -72,8 +72,8 @@ class Services:
         self.metrics.ready.set(1)
 
     def is_ready(self) -> bool:
-        """Warm, not draining, and not every engine worker stuck on one batch (``engine_stuck``)."""
-        return self.runtime.warm and not self.draining and not self.engine_stuck()[0]
+        """Warm, and nothing in ``not_ready``: not draining, not every engine worker stuck on one batch."""
+        return self.runtime.warm and self.not_ready() is None
 
     def not_ready(self) -> ServerError | None:
         """Why the readiness probes of every protocol answer 503, or None when ready. The port opens only once the
