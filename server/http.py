@@ -196,6 +196,8 @@ class ObservedASGI:
         try:
             if scope["path"].endswith("\n"):  # the routes' patterns end in "$", which matches before a final "\n"
                 return await not_found(scope["path"])(scope, receive, observed_send)
+            if scope["path"] == "*":
+                return await server_wide(scope)(scope, receive, observed_send)
             refusal = self.refusal(scope["headers"])
             if refusal is None and services is not None and sends_body(scope):
                 refused = await refusal_before_body(services, scope, route_of)
@@ -459,6 +461,19 @@ async def key_refusal(request: Request) -> Response | None:
 
 def not_found(path: str) -> Response:
     return error_response(404, f"no such path {path!r}; the API is described at /docs")
+
+
+def server_wide(scope: dict) -> Response:
+    """The answer to the request target ``*`` (RFC 9112 3.2.4, asterisk-form: the server as a whole, not a path):
+    to OPTIONS, 204 with every method some operation of the API accepts (read from its OpenAPI document, built once);
+    any other method has nothing to act on, so 400 (both were a 404 naming the path '/*')."""
+    operations = scope["app"].openapi()["paths"].values()
+    methods = sorted({method.upper() for path in operations for method in path} | {"HEAD"})  # HEAD: any GET's
+    if scope["method"] == "OPTIONS":
+        return Response(status_code=204, headers={"Allow": ", ".join(methods)})
+    return error_response(400, f"the request target '*' names no resource: it is for OPTIONS only (which methods "
+                               f"this server accepts: {', '.join(methods)}); send {scope['method']} to a path such "
+                               "as /predict")
 
 
 def error_place(error: dict) -> list[object]:

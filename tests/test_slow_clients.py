@@ -590,6 +590,23 @@ def test_an_unparseable_request_gets_a_json_400_and_the_connection_closes(server
     assert server.log().count("Invalid HTTP request received.") <= 1  # a burst of garbage is one log line
 
 
+def test_the_asterisk_target_is_answered_for_the_server_as_a_whole(server):
+    """``OPTIONS *`` asks what the server supports (RFC 9112 3.2.4): 204 with the methods the API accepts; any other
+    method with target ``*`` is a 400 saying so. Both were a 404 naming the path '/*'."""
+    with connect(server) as sock:
+        sock.sendall(b"OPTIONS * HTTP/1.1\r\nHost: test\r\n\r\n")
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += sock.recv(65536) or pytest.fail(f"connection closed: {raw!r}")
+        status, headers, body = parse(raw)
+        assert status == 204 and body == b"" and "content-length" not in headers
+        assert set(headers["allow"].split(", ")) == {"DELETE", "GET", "HEAD", "POST"}
+        sock.sendall(b"GET * HTTP/1.1\r\nHost: test\r\n\r\n")  # the connection stays open
+        status, headers, body = read_response(sock)
+    error = json.loads(body)
+    assert status == 400 and error["type"] == "bad_request" and "for OPTIONS only" in error["error"], error
+
+
 def test_a_broken_chunked_body_is_answered_json_400_by_the_application_and_counted_as_a_400(server):
     """The body's framing breaks after the application took the request: it answers, as for any bad body."""
     before = metric(server, 'sentiment_requests_total{endpoint="/predict",status="400"}')
