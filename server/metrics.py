@@ -53,9 +53,9 @@ DEVICES = ("cpu", "cuda")  # oom_events, batch_splits, inference_errors
 RELOAD_RESULTS = ("ok", "failed")  # model_reloads
 HANDOFF_DIRECTIONS = ("to_worker", "to_loop")  # engine_handoff
 PREDICTION_ENDPOINTS = ("/predict", "/", "/v1/models/{name}:predict", "/v2/models/{name}/infer",  # requests, with
-                        "/v2/models/{name}/versions/{version}/infer",  # PREDICTION_STATUSES: the shedding and error
-                        "/inference.GRPCInferenceService/ModelInfer")  # alerts divide by them, and a 503 series
-PREDICTION_STATUSES = ("200", "500", "503")  # born at the first 503 left its scrape's 503s out (106.8 % shed)
+                        "/v2/models/{name}/versions/{version}/infer",  # PREDICTION_STATUSES: the shedding, error
+                        "/inference.GRPCInferenceService/ModelInfer")  # and giving-up alerts divide by them, and a
+PREDICTION_STATUSES = ("200", "499", "500", "503")  # 503 series born at its first 503 left them out (106.8 % shed)
 REJECTION_REASONS = (  # rejected: why a request was refused
     "queue_full",  # 503: the batcher's queue is full
     "deadline",  # 503: a request waited past its deadline

@@ -37,6 +37,7 @@ INFERENCE_RE = (r"/predict|/|/v1/models/\{name\}:predict|/v2/models/\{name\}(/ve
 NOT_AN_ERROR_RATE_RE = (r"/health|/ready|/metrics|/v2/health/(live|ready)|/v2/models/\{name\}(/versions/\{version\})?"
                         r"/ready|/v1/models/\{name\}|/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)")
 SHED_REASONS = ("queue_full", "deadline", "body_memory_full")  # SentimentAnalyzerLoadShedding's reason=~
+CLIENT_LEFT = "499"  # SentimentAnalyzerClientsGivingUp's status: a client gone before its answer (server.http)
 RECORDS_LOST_WINDOW_S = 900  # SentimentAnalyzerRecordsLost: increase over 15m, or any in a process younger than that
 
 
@@ -171,6 +172,7 @@ def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
     requests = sum(inference.values())
     answered = sum(v for code, v in inference_status.items() if code.startswith("2"))
     failed = sum(v for code, v in inference_status.items() if re.fullmatch(r"5..", code))
+    gave_up = inference_status.get(CLIENT_LEFT, 0.0)
     rejected = {reason: round(v) for reason, v in increase_by("sentiment_rejected_requests_total", "reason").items()}
     shed = sum(rejected.get(reason, 0) for reason in SHED_REASONS)
     hits = increase(before, after, "sentiment_cache_hits_total")
@@ -190,6 +192,8 @@ def figures(before: Samples, after: Samples, seconds: float) -> dict[str, Any]:
         "error_rate": round(api_errors / api, 4) if api else 0.0,
         "shed": shed,
         "shed_rate": round(shed / requests, 4) if requests else 0.0,
+        "gave_up": round(gave_up),
+        "gave_up_rate": round(gave_up / requests, 4) if requests else 0.0,
         "rejected": {reason: count for reason, count in rejected.items() if count},
         "predict_p50_ms": None if p50 is None else round(p50 * 1000, 1),
         "predict_p99_ms": None if p99 is None else round(p99 * 1000, 1),
@@ -237,6 +241,12 @@ def assess(snapshot: Snapshot, slo_p99_ms: float) -> None:
                   "at their memory budget; above 5 %)")
     elif f["shed"]:
         p2.append(f"{f['shed']} inference requests shed with 503 ({f['shed_rate']:.1%})")
+    if f["gave_up_rate"] > 0.05:
+        p1.append(f"{f['gave_up_rate']:.1%} of inference requests' clients left before their answer (499; above "
+                  "5 %): answers come later than clients wait")
+    elif f["gave_up"]:
+        notes.append(f"{f['gave_up']} inference requests' clients left before their answer (499, "
+                     f"{f['gave_up_rate']:.1%}; P1 above 5 %)")
     p99 = f["predict_p99_ms"]
     if p99 is not None and p99 > 5000:
         p1.append(f"inference p99 {p99:.0f} ms is above 5 s")
@@ -329,7 +339,7 @@ def render_text(snapshot: Snapshot) -> str:
         + "".join(f"\n    - {r}" for r in snapshot.health.get("reasons") or []),
         f"  predictions on every inference endpoint over {snapshot.interval_s:g} s: {f['predict_rate_per_s']} req/s "
         f"({by_endpoint(f)}), {f['predict_answered']} of {f['predict_requests']} answered 2xx, "
-        f"shed (503) {f['shed_rate']:.1%}",
+        f"shed (503) {f['shed_rate']:.1%}, client left (499) {f['gave_up_rate']:.1%}",
         f"  API requests (all but probes and /metrics): {f['api_rate_per_s']} req/s, 5xx {f['error_rate']:.1%}; "
         f"rejected {f['rejected'] or 'none'}",
         f"  predictions p50 / p99: {ms}; queue depth {f['queue_depth']:.0f}",
@@ -371,7 +381,8 @@ def render_template(snapshot: Snapshot, kind: str) -> str:
     summary = (f"{snapshot.url} health {snapshot.health.get('status')}, ready {'yes' if snapshot.ready else 'no'}: "
                + "; ".join(snapshot.findings))
     impact = (f"predictions {f['predict_rate_per_s']} req/s ({by_endpoint(f)}), {f['error_rate']:.1%} of API "
-              f"requests failing (5xx), {f['shed_rate']:.1%} of predictions shed (503), prediction p99 "
+              f"requests failing (5xx), {f['shed_rate']:.1%} of predictions shed (503), "
+              f"{f['gave_up_rate']:.1%} left by their clients (499), prediction p99 "
               f"{f['predict_p99_ms'] or 'n/a'} ms, store {'up' if f['store_up'] else 'down'} "
               f"({f['store_spool_rows']:.0f} records spooled, {f['store_lost_records_total']:.0f} lost)")
     return TEMPLATES[kind].format(severity=snapshot.severity, summary=summary, impact=impact)

@@ -11,7 +11,7 @@ and is scraped. Then:
   label names are still checked against the family's; and the children a request creates (its
   ``endpoint`` and ``status``), which must differ from a scraped child only in those labels, and,
   since a ``status`` child is created by its first request, must not start at 0 in a case (except the
-  prediction endpoints' 200, 500 and 503, which a server exports at 0: ``metrics.PREDICTION_STATUSES``);
+  prediction endpoints' 200, 499, 500 and 503, which a server exports at 0: ``metrics.PREDICTION_STATUSES``);
 - every series an alert selects is a family the scrape declares, and each ``label="value"`` of the
   selector (each alternative of ``label=~"a|b"``) is a value the scrape holds: a rule waiting for a
   reason, device or result the server never records (``result="error"`` when the server says
@@ -250,7 +250,8 @@ OTHER_ENDPOINTS = {
 INFERENCE = set(INFERENCE_ENDPOINTS.values())
 NOT_COUNTED_IN_ERRORS = set(PROBE_ENDPOINTS) | {"/metrics"}
 # the alerts on inference traffic, and the error-rate alerts (every API request but the probes and the scrape)
-INFERENCE_ALERTS = {"SentimentAnalyzerHighLatencyP99", "SentimentAnalyzerSlowP99", "SentimentAnalyzerLoadShedding"}
+INFERENCE_ALERTS = {"SentimentAnalyzerHighLatencyP99", "SentimentAnalyzerSlowP99", "SentimentAnalyzerLoadShedding",
+                    "SentimentAnalyzerClientsGivingUp"}
 ERROR_RATE_ALERTS = {"SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevatedErrorRate"}
 
 

@@ -69,8 +69,8 @@ def test_promtool_unit_tests() -> None:
 # ------------------------------------------------- inference traffic of every protocol
 #
 # A deployment may serve one protocol only (the KServe InferenceService of docker/k8s/kserve speaks OIP v2, over
-# HTTP or gRPC), so the latency, shedding and error-rate alerts are checked with inference traffic on one endpoint
-# at a time, beside a flood of fast probes, scrapes and metadata calls that must not dilute them. The endpoint
+# HTTP or gRPC), so the latency, shedding, error-rate and giving-up alerts are checked with inference traffic on one
+# endpoint at a time, beside a flood of fast probes, scrapes and metadata calls that must not dilute them. The endpoint
 # labels are the server's (tests/test_alert_series.py holds the rules' lists to its routes and RPCs); the cases
 # are promtool unit tests in the form of alerts_test.yml, generated here, one file per protocol.
 
@@ -180,6 +180,12 @@ def protocol_cases(endpoint: str) -> list[dict]:
              expect("15m", "SentimentAnalyzerHighLatencyP99"),
              expect("15m", "SentimentAnalyzerLoadShedding"),
          ]},
+        {"name": f"{endpoint} only: clients leave 10% before their answer (499), beside a flood of probes",
+         "input_series": requests(endpoint, **{"200": 900, "499": 100}) + shed(0) + side_traffic(everything_else),
+         "alert_rule_test": [
+             expect("10m", "SentimentAnalyzerClientsGivingUp", "10%"),
+             expect("10m", "SentimentAnalyzerHighErrorRate"),
+         ]},
         {"name": f"{endpoint} only: 10% answered 500, beside a flood of readiness and liveness probes",
          "input_series": requests(endpoint, **{"200": 900, "500": 100}) + shed(0) + side_traffic(PROBE_ENDPOINTS),
          "alert_rule_test": [
@@ -193,7 +199,8 @@ def protocol_cases(endpoint: str) -> list[dict]:
                           + shed(0) + side_traffic(everything_else, not_ready=FLOOD)),
          "alert_rule_test": [expect(f"{MINUTES - 1}m", alert) for alert in (
              "SentimentAnalyzerLoadShedding", "SentimentAnalyzerSheddingRequests", "SentimentAnalyzerHighLatencyP99",
-             "SentimentAnalyzerSlowP99", "SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevatedErrorRate")]},
+             "SentimentAnalyzerSlowP99", "SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevatedErrorRate",
+             "SentimentAnalyzerClientsGivingUp")]},
     ]
 
 

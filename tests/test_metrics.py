@@ -41,7 +41,7 @@ def test_a_fresh_metrics_renders_every_known_child_at_zero() -> None:
     # the shedding and error-rate alerts divide by these: a 503 series born at the first 503 left that scrape's 503s
     # out of the denominator, and the shedding ratio read 106.8 % (red team helper-89)
     assert {"/predict", "/inference.GRPCInferenceService/ModelInfer"} <= set(PREDICTION_ENDPOINTS)
-    assert {"200", "503"} <= set(PREDICTION_STATUSES)
+    assert {"200", "499", "503"} <= set(PREDICTION_STATUSES)
     for endpoint in PREDICTION_ENDPOINTS:
         for status in PREDICTION_STATUSES:
             key = ("sentiment_requests_total", (("endpoint", endpoint), ("status", status)))

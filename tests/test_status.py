@@ -214,8 +214,10 @@ def test_the_figures_select_the_series_the_alert_rules_do():
         matchers.setdefault(alert, set()).update((label, op, series.promql_string(v)) for label, op, v in found)
     for alert in ("SentimentAnalyzerHighErrorRate", "SentimentAnalyzerElevatedErrorRate"):
         assert {("endpoint", "!~", status.NOT_AN_ERROR_RATE_RE), ("status", "=~", "5..")} <= matchers[alert], alert
-    for alert in ("SentimentAnalyzerHighLatencyP99", "SentimentAnalyzerSlowP99", "SentimentAnalyzerLoadShedding"):
+    for alert in ("SentimentAnalyzerHighLatencyP99", "SentimentAnalyzerSlowP99", "SentimentAnalyzerLoadShedding",
+                  "SentimentAnalyzerClientsGivingUp"):
         assert ("endpoint", "=~", status.INFERENCE_RE) in matchers[alert], alert
+    assert ("status", "=", status.CLIENT_LEFT) in matchers["SentimentAnalyzerClientsGivingUp"]
     assert ("reason", "=~", "|".join(status.SHED_REASONS)) in matchers["SentimentAnalyzerLoadShedding"]
     everything = series.INFERENCE | series.NOT_COUNTED_IN_ERRORS | series.OTHER_ENDPOINTS
     assert {e for e in everything if re.fullmatch(status.INFERENCE_RE, e)} == series.INFERENCE == set(
@@ -289,6 +291,20 @@ def test_shedding_is_p1_above_5_percent(shed, severity):
     metrics.requests.labels("/predictions", "200").inc(900)
     snap = snapshot_from(before, scrape(metrics))
     assert snap.severity == severity, snap.findings
+
+
+@pytest.mark.parametrize("left, severity", [(0, "P3"), (5, "P3"), (6, "P1")])
+def test_clients_giving_up_is_p1_above_5_percent(left, severity):
+    """Clients that leave before their answer (499) are failures to them that the 5xx rate does not count."""
+    metrics = healthy_metrics()
+    before = scrape(metrics)
+    metrics.requests.labels(GRPC_INFER, "200").inc(100 - left)
+    metrics.requests.labels(GRPC_INFER, "499").inc(left)
+    metrics.requests.labels("/health", "499").inc(50)  # a probe's client leaving is no prediction given up
+    snap = snapshot_from(before, scrape(metrics))
+    assert snap.severity == severity and snap.figures["gave_up"] == left, snap.findings
+    assert snap.figures["error_rate"] == 0.0
+    assert any(f"{left / 100:.1%} of inference requests' clients left" in f for f in snap.findings) == (left > 5)
 
 
 def test_database_down_is_p2_predictions_continue():
