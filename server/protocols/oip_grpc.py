@@ -39,7 +39,14 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   deadline passed: the client gave up) counts as status 499, one abandoned at the drain deadline as 503. A call is
   counted when its handler answers; an answer grpcio then cannot send is one throttled WARNING (``UnsentAnswers``).
 - Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
-  in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP.
+  in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP. One
+  connection has at most GRPC_STREAMS calls open at once (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS); a client's
+  further calls on it wait in the client until one ends, then are served (every gRPC library does so). gRPC core's
+  ``grpc.http.overload_protection`` (on by default) is off: it counted a call against that limit until Python had
+  freed it, after its answer was sent, so the next call the client opened at once was refused (RST_STREAM
+  REFUSED_STREAM, the client's UNAVAILABLE "Stream removed") before any handler saw it, in no metric and no log:
+  of a red team's 400 calls at once over one connection, 158 were refused so (``tests/test_grpc_refusals.py``).
+  What gRPC core still refuses unseen: streams past the limit from a client that ignores it (a protocol error).
 - Memory: a call's message, and then its answer too, are held in the request bodies' budget
   (``server.budget.BodyBudget``, shared with HTTP) from when its handler starts until the call ends, its answer
   sent (``BodiesShare.release_when_sent``), so parsing, tokenizing, answering and unread answers stay within the
@@ -486,6 +493,9 @@ class GrpcServer:
             ("grpc.max_connection_age_ms", max(1, int(settings.grpc_max_connection_age_s * 1000))),
             ("grpc.max_connection_age_grace_ms", max(1, int(settings.request_timeout_s * 1000))),
             ("grpc.max_concurrent_streams", GRPC_STREAMS),
+            # Counted as HTTP/2 counts them (open streams), not until Python frees each call after its answer: else
+            # the call a client opens as one ends was refused unseen (REFUSED_STREAM; module docstring, "Limits").
+            ("grpc.http.overload_protection", 0),
         ])
         add_service(self.service, self.server)
 
