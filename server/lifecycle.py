@@ -263,7 +263,10 @@ def run_server(settings: Settings) -> int:
     services = server.services  # its counts are the gRPC calls'
     answered = server.guard.answered + (services.drain_answered if services else 0)
     abandoned = server.guard.abandoned + (services.drain_abandoned if services else 0)
-    log.info("shutdown: answered %d requests during drain, abandoned %d", answered, abandoned)
+    if server.started or answered or abandoned:
+        log.info("shutdown: answered %d requests during drain, abandoned %d", answered, abandoned)
+    else:  # stopped during start-up: there was no drain to tell of
+        log.info("shutdown: stopped during start-up, before listening; no request was taken")
     code = ExitCode.RUNTIME if abandoned else ExitCode.OK
     if stuck:
         logging.shutdown()

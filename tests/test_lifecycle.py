@@ -341,6 +341,10 @@ def test_a_sigterm_before_the_loop_handles_signals_stops_at_once_with_a_line_and
     log = live.log()
     assert code == 0 and "SIGTERM during start-up, before the model load: stopping now" in log, (code, log)
     assert "Traceback" not in log and "listening on" not in log, log
+    assert STOPPED_DURING_START_UP in log and "during drain" not in log, log  # there was no drain
+
+
+STOPPED_DURING_START_UP = "shutdown: stopped during start-up, before listening; no request was taken"
 
 
 def catches(pid: int, sig: signal.Signals) -> bool:
@@ -364,6 +368,7 @@ def test_sigterm_during_start_up_stops_without_saying_it_listens(tmp_path):
     log = live.log()
     assert code == 0 and "during start-up: stopping once the model has loaded, without listening" in log, log
     assert "listening on" not in log and "stopping: the model has loaded" in log, log
+    assert STOPPED_DURING_START_UP in log and "during drain" not in log, log
 
 
 def test_a_second_sigterm_during_start_up_stops_without_waiting_for_the_model_load(tmp_path):
@@ -384,6 +389,7 @@ def test_a_second_sigterm_during_start_up_stops_without_waiting_for_the_model_lo
     assert code == 0 and "SIGTERM again during start-up: stopping now" in log, log[-3000:]
     assert "the model load under way is abandoned" in log and "model-load" in log, log[-3000:]
     assert " warm on " not in log and "listening on" not in log and "Traceback" not in log, log[-3000:]
+    assert STOPPED_DURING_START_UP in log and "during drain" not in log, log[-3000:]
 
 
 async def test_a_second_sigterm_while_the_store_starts_waits_for_it(make_settings, caplog):
