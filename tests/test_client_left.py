@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, free_port, stop_server
-from tests.test_slow_clients import metric
+from tests.test_slow_clients import metric, read_responses
 from tests.waiting import wait_for
 
 WAIT_S = 30.0
@@ -159,19 +159,3 @@ def test_clients_that_stay_are_answered_keep_alive_and_pipelined_while_the_engin
     finally:
         hang.unlink(missing_ok=True)
     assert metric(live, ANSWERED) == answered + 3
-
-
-def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
-    raw, answers = b"", []
-    while len(answers) < count:
-        while b"\r\n\r\n" not in raw:
-            raw += sock.recv(65536) or pytest.fail(f"connection closed: {raw[:200]!r}")
-        head, _, raw = raw.partition(b"\r\n\r\n")
-        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(
-            b"content-length:"))
-        while len(raw) < length:
-            raw += sock.recv(65536) or pytest.fail("connection closed mid-body")
-        answers.append((int(head.split()[1]), raw[:length]))
-        raw = raw[length:]
-    return answers
-
