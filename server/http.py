@@ -321,13 +321,19 @@ def route_of(scope) -> object | None:
                 None)
 
 
+ROOT_LIVENESS = "GET /"  # KServe v1's liveness probe, on the path of TEI's inference (``POST /``)
+
+
 def endpoint_label(scope) -> str:
     """The request metrics' ``endpoint``: the matched route's path as documented (without convertors); the path
     itself for the framework's own routes without parameters (``/openapi.json``, ``/docs``: matched, but their
-    scope names no route); ``unmatched`` for anything else, so a client cannot add label values."""
+    scope names no route); ``unmatched`` for anything else, so a client cannot add label values. The one path two
+    routes share, ``/``, is told apart by method: counted together, KServe's liveness probes (``GET /``) diluted the
+    inference alerts' ratios of TEI's predictions (``POST /``): a probe at 2/s hid 10 % of clients giving up."""
     route = scope.get("route")
     if route is not None:
-        return getattr(route, "path_format", "unmatched")
+        path = getattr(route, "path_format", "unmatched")
+        return ROOT_LIVENESS if path == "/" and "POST" not in getattr(route, "methods", ()) else path
     return scope["path"] if "endpoint" in scope and not scope.get("path_params") else "unmatched"
 
 

@@ -34,8 +34,9 @@ Samples = dict[tuple[str, frozenset], float]
 # but the liveness and readiness probes of each protocol and the scrape, as SentimentAnalyzerHighErrorRate does.
 INFERENCE_RE = (r"/predict|/|/v1/models/\{name\}:predict|/v2/models/\{name\}(/versions/\{version\})?/infer"
                 r"|/inference\.GRPCInferenceService/ModelInfer")
-NOT_AN_ERROR_RATE_RE = (r"/health|/ready|/metrics|/v2/health/(live|ready)|/v2/models/\{name\}(/versions/\{version\})?"
-                        r"/ready|/v1/models/\{name\}|/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)")
+NOT_AN_ERROR_RATE_RE = (r"GET /|/health|/ready|/metrics|/v2/health/(live|ready)"
+                        r"|/v2/models/\{name\}(/versions/\{version\})?/ready|/v1/models/\{name\}"
+                        r"|/inference\.GRPCInferenceService/(ServerLive|ServerReady|ModelReady)")
 SHED_REASONS = ("queue_full", "deadline", "body_memory_full")  # SentimentAnalyzerLoadShedding's reason=~
 CLIENT_LEFT = "499"  # SentimentAnalyzerClientsGivingUp's status: a client gone before its answer (server.http)
 RECORDS_LOST_WINDOW_S = 900  # SentimentAnalyzerRecordsLost: increase over 15m, or any in a process younger than that

@@ -84,7 +84,7 @@ INFERENCE_ENDPOINTS = {
 }
 # liveness and readiness of every protocol (readiness answers 503 while an instance is not ready or drains)
 PROBE_ENDPOINTS = [
-    "/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}/ready",
+    "GET /", "/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/{name}/ready",
     "/v2/models/{name}/versions/{version}/ready", "/v1/models/{name}", "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady", "/inference.GRPCInferenceService/ModelReady",
 ]
