@@ -231,6 +231,7 @@ class Services:
 
     async def _reload_now(self, path: Path) -> dict[str, Any]:
         old, loop = self.runtime.identity, asyncio.get_running_loop()
+        log.info("model reload from %s: loading (serving %s %s meanwhile)", path, old.name, old.version)
         try:
             fresh = await on_own_thread(self._load_warm, path, name="model-reload")
             self._served_labels.setdefault(model_key(self.runtime), self.runtime.labels())

@@ -340,8 +340,7 @@ def test_a_sigterm_before_the_loop_handles_signals_stops_at_once_with_a_line_and
         live.process.kill()
     log = live.log()
     assert code == 0 and "SIGTERM during start-up, before the model load: stopping now" in log, (code, log)
-    assert "Traceback" not in log and "listening on" not in log, log
-    assert STOPPED_DURING_START_UP in log and "during drain" not in log, log  # there was no drain
+    assert "Traceback" not in log and "listening on" not in log and "during drain" not in log, log
 
 
 STOPPED_DURING_START_UP = "shutdown: stopped during start-up, before listening; no request was taken"
@@ -436,8 +435,10 @@ def test_a_model_load_under_way_holds_neither_the_exit_nor_the_log_clean(tmp_pat
         live.url + "/admin/reload", headers={"Authorization": f"Bearer {key}"}, json={}, timeout=WAIT_S)))
     try:
         reload.start()
-        wait_for(lambda: live.log().count("memory plan:") == 2, "the reload's model to be warming up (~3 s)",
-                 timeout=WAIT_S)
+        # at once when the reload starts: its load (~2 s on the development VM) outlasts the drain (0.2 s) and the
+        # exit's grace for threads (1 s); sent at its warm-up (the last ~1.3 s), the load ended within the grace
+        wait_for(lambda: ": loading (serving " in live.log(), "the reload to start",
+                 timeout=WAIT_S, every=0.001)
         live.process.send_signal(signal.SIGTERM)
         code, _ = wait_exit(live, WAIT_S + MARGIN_S)
         reload.join(WAIT_S)
