@@ -52,6 +52,17 @@ def connect(server: LiveServer) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=WAIT_S)
 
 
+def small_window(server: LiveServer) -> socket.socket:
+    """A connection whose client reads into a 4 KiB buffer (set before connecting: the window stays small), so the
+    server's answers wait in its own buffers."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    sock.settimeout(WAIT_S)
+    return sock
+
+
 def predict_head(length: int = len(BODY)) -> bytes:
     return (f"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n\r\n").encode()
@@ -455,11 +466,7 @@ def test_a_request_pipelined_behind_an_unsent_answer_starts_once_that_answer_is_
     out, and is answered then."""
     health = 'sentiment_requests_total{endpoint="/health",status="200"}'
     answered = metric(server, health)
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
-        sock.connect((host, int(port)))
-        sock.settimeout(WAIT_S)
+    with small_window(server) as sock:
         sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n" * 2
                      + b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n")
         time.sleep(1.0)
@@ -474,10 +481,7 @@ def test_a_client_that_pipelines_requests_and_never_reads_the_answers_is_cut_off
     """Its answers fill the socket's buffers; past REQUEST_TIMEOUT_S of that the connection is aborted (it held its
     connection, and its place under MAX_CONNECTIONS, forever)."""
     slow = metric(server, SLOW)
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
-        sock.connect((host, int(port)))
+    with small_window(server) as sock:
         sock.setblocking(False)
         request, unsent = b"GET /openapi.json HTTP/1.1\r\nHost: test\r\n\r\n", b""
         deadline = time.monotonic() + WAIT_S
