@@ -17,8 +17,9 @@ Every connection is under one deadline at a time, by phase:
 * the application answering: no deadline here (the batcher's per-request
   deadline and the drain bound it).
 
-Besides, in any phase: a client not reading its answers (the transport's buffer full) for ``REQUEST_TIMEOUT_S``
-has its connection aborted and is counted as a slow client (``pause_writing``).
+Besides, in any phase: a client not reading its answers (an answer waiting unsent in the transport's buffer)
+for ``REQUEST_TIMEOUT_S`` has its connection aborted and is counted as a slow client (``pause_writing``); a
+request pipelined behind such an answer starts only once it is written out (``on_response_complete``).
 
 A request httptools cannot parse (a garbage request line, an invalid header, a broken chunked encoding) gets
 400 in the server's error format (``"type": "malformed_http"``, the parser's reason in ``error``) and
