@@ -86,6 +86,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
             except StartupError:
                 await services.close()
                 raise
+        app.openapi()  # built now, not on the loop inside the first request that reads it (``document_errors``)
         freeze_long_lived()  # the "ready" line is server.lifecycle's: it says so only when it will listen
         try:
             yield
