@@ -433,8 +433,7 @@ class Batcher:
         self._settle()
 
     def _settle(self) -> None:
-        """Export the queue depth; the batcher is quiet (drain waits for it) when nothing waits or runs."""
-        self._metrics.queue_depth.set(len(self._waiting))
+        """The batcher is quiet (drain waits for it) when nothing waits or runs."""
         if not self._waiting and len(self._idle) == self._workers:
             self._quiet.set()
             self._under_load = False

@@ -136,11 +136,14 @@ class Services:
         self.metrics.model_info.labels(**vars(self.runtime.identity)).set(1)
 
     def refresh_gauges(self) -> None:
-        """Gauges sampled at scrape time (memory, GPU). Memory figures that cannot be read keep their last values (the
-        guard's own checks log why): a scrape still answers."""
+        """Gauges sampled at scrape time (memory, GPU, the engine's queue, the store): set at each change instead,
+        the queue's and the store's cost the loop ~10 sets per lone request. Memory figures that cannot be read keep
+        their last values (the guard's own checks log why): a scrape still answers."""
         with contextlib.suppress(OSError):
             self.memory_guard.check()
         self.gpu.update()
+        self.metrics.queue_depth.set(self.runtime.batcher.depth)  # the serving model's (a reload's old one drains)
+        self.store.state.publish()
         if self.runtime.warm:  # sentiment_ready says what /ready says: a stuck engine too
             self.metrics.ready.set(1 if self.is_ready() else 0)
 

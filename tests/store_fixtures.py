@@ -122,6 +122,13 @@ def ok_but_for_lost_records(health: dict) -> bool:
     return health["lost_rows"] > 0 and "records lost since start" in reason and ";" not in reason
 
 
+def scraped(store: PredictionStore, gauge) -> float:
+    """A store gauge's value as a scrape of /metrics reads it: the gauges are set from the store's state at scrape
+    time (``Services.refresh_gauges``), not at each change."""
+    store.state.publish()
+    return gauge._value.get()
+
+
 def make_record(text: str = "a fine film", **overrides) -> PredictionRecord:
     values: dict[str, object] = {
         "request_id": "req-1", "text": text, "text_sha256": hashlib.sha256(text.encode()).hexdigest(),

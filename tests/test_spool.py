@@ -18,7 +18,7 @@ from server.store.rejected import FILENAME as REJECTED
 from server.store.rows import encode_lines, record_row
 from server.store.spooldir import database_identity
 from server.store.wal import RecordsTooLarge, SpoolUnavailable, WriteAheadLog, segment_name
-from tests.store_fixtures import created_database, make_record, stored_ids, wait_until
+from tests.store_fixtures import created_database, make_record, scraped, stored_ids, wait_until
 
 
 def lines(*ids: str) -> bytes:
@@ -251,7 +251,7 @@ async def submit_stream(store, store_db, count: int, *, down_at: int, up_at: int
             await asyncio.to_thread(store_db.down)
         if i == up_at:
             await wait_until(lambda: store.health()["spool_rows"] > 0, what="records to be spooled")
-            outage_seen = store.health()["status"] == "degraded" and metrics.store_up._value.get() == 0
+            outage_seen = store.health()["status"] == "degraded" and scraped(store, metrics.store_up) == 0
             await asyncio.to_thread(store_db.up)
         await asyncio.sleep(0.003)
     return submitted, outage_seen
@@ -275,8 +275,8 @@ async def test_outage_in_mid_stream_loses_nothing_and_duplicates_nothing(store_d
     assert metrics.store_write_errors._value.get() >= 1
     assert metrics.store_replayed._value.get() >= 1
     assert metrics.store_written._value.get() + metrics.store_replayed._value.get() == len(submitted)
-    assert metrics.store_up._value.get() == 1 and metrics.store_spool_rows._value.get() == 0
-    assert metrics.store_replaying._value.get() == 0
+    assert scraped(store, metrics.store_up) == 1 and scraped(store, metrics.store_spool_rows) == 0
+    assert scraped(store, metrics.store_replaying) == 0
 
 
 @pytest.mark.parametrize("durability", ["ack", "async"])
@@ -467,5 +467,5 @@ async def test_a_segment_cut_short_is_reported_as_lost_records_in_the_log_and_on
     assert f"{lost} bytes" in health["reason"] and "spool replay" in health["reason"]
     assert health["spool_damage"] == [{"path": str(damaged), "lost_bytes": lost, "estimated_rows": lost_records,
                                        "overlap_bytes": 0}]
-    assert metrics.store_spool_lost_bytes._value.get() == lost
+    assert scraped(store, metrics.store_spool_lost_bytes) == lost
     assert len(stored_ids(store_db.url)) == 40 - lost_records

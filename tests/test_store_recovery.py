@@ -25,7 +25,7 @@ from server.store.sink import DatabaseSink
 from server.store.spooldir import database_identity, describe_identity
 from server.store.tables import PREDICTIONS
 from server.store.wal import WriteAheadLog
-from tests.store_fixtures import make_record, ok_but_for_lost_records, stored_ids, wait_until
+from tests.store_fixtures import make_record, ok_but_for_lost_records, scraped, stored_ids, wait_until
 
 
 def run_cli(*argv: str) -> int:
@@ -100,7 +100,7 @@ async def test_a_backlog_is_replayed_in_bounded_chunks_in_order_before_new_recor
     health = store.health()
     assert health["state"] == "replaying" and health["status"] == "degraded"
     assert 0 < health["replay"]["rows_left"] == health["spool_rows"] < 600
-    assert metrics.store_up._value.get() == 1 and metrics.store_replaying._value.get() == 1
+    assert scraped(store, metrics.store_up) == 1 and scraped(store, metrics.store_replaying) == 1
     fresh = [make_record(f"new {i}") for i in range(20)]
     for record in fresh:
         store.submit(record)  # async mode: must go behind the backlog, not before it
@@ -108,17 +108,17 @@ async def test_a_backlog_is_replayed_in_bounded_chunks_in_order_before_new_recor
     await wait_until(lambda: len(written) >= 620, what="the new records")
     assert written[:600] == [r.id for r in backlog]
     assert sorted(written[600:]) == sorted(r.id for r in fresh)
-    assert metrics.store_replaying._value.get() == 0 and store.health()["replay"] is None
+    assert scraped(store, metrics.store_replaying) == 0 and store.health()["replay"] is None
 
 
 async def test_an_idle_store_sees_the_database_come_back(store_db, store_settings, open_store):
     await asyncio.to_thread(store_db.down)
     metrics = Metrics()
     store = await open_store(store_settings(db_pool_timeout_s=0.3), metrics)
-    assert store.health()["state"] == "down" and metrics.store_up._value.get() == 0
+    assert store.health()["state"] == "down" and scraped(store, metrics.store_up) == 0
     await asyncio.to_thread(store_db.up)
     await wait_until(lambda: store.health()["status"] == "ok", what="recovery without any traffic")
-    assert metrics.store_up._value.get() == 1
+    assert scraped(store, metrics.store_up) == 1
 
 
 async def test_an_idle_store_sees_the_database_go_down(store_db, store_settings, open_store):
@@ -129,7 +129,7 @@ async def test_an_idle_store_sees_the_database_go_down(store_db, store_settings,
     await asyncio.to_thread(store_db.down)
     try:
         await wait_until(lambda: store.health()["state"] == "down", timeout=30, what="the outage seen without traffic")
-        assert metrics.store_up._value.get() == 0
+        assert scraped(store, metrics.store_up) == 0
     finally:
         await asyncio.to_thread(store_db.up)
     await wait_until(lambda: store.health()["status"] == "ok", timeout=30, what="recovery")
@@ -261,7 +261,7 @@ async def test_a_spool_for_another_database_is_kept_apart_until_replayed_on_purp
     health = store.health()
     assert health["status"] == "degraded" and len(health["foreign_spools"]) == 1
     # records in no database: a red team found /metrics silent (store up, nothing spooled), so no alert could fire
-    assert metrics.store_foreign_spool_rows._value.get() == 20
+    assert scraped(store, metrics.store_foreign_spool_rows) == 20
     foreign = health["foreign_spools"][0]
     assert foreign["rows"] == 20 and foreign["command"].startswith("sentiment-analyzer spool replay --spool-dir")
     # the database to replay it into is named, never as this server's DATABASE_URL (which is the wrong one)
@@ -283,7 +283,7 @@ async def test_a_spool_for_another_database_is_kept_apart_until_replayed_on_purp
     assert sorted(stored_ids(store_db.url)) == sorted(r.id for r in records)
     assert not Path(foreign["path"]).exists()
     await wait_until(lambda: store.health()["status"] == "ok", what="/health to see the foreign spool gone")
-    await wait_until(lambda: metrics.store_foreign_spool_rows._value.get() == 0, what="the gauge to follow")
+    await wait_until(lambda: scraped(store, metrics.store_foreign_spool_rows) == 0, what="the gauge to follow")
     assert len(stored_ids(other_url)) == 1
 
 

@@ -335,7 +335,6 @@ class PredictionStore:
             log.error("store: a database call was still hanging at the shutdown deadline; its records are in "
                       "the spool and will be offered again at the next start (duplicates are ignored)")
         await asyncio.to_thread(self._finish, writer_free, committer_stopped)
-        self.state.publish()
         spooled = self.state.spool_rows
         log.info("store closed: %s", f"{spooled} predictions left in the spool for the next start" if spooled
                  else "every prediction is in the database")

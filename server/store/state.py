@@ -1,10 +1,11 @@
 """``StoreState``: what the store reports on /health and /metrics, owned by the event loop.
 
 Worker threads never write it: their results come back to the loop (futures resolved with
-``call_soon_threadsafe``) and the loop applies them here, then publishes the gauges. /health, the
-metrics and the writer therefore read one consistent picture: the state and ``spool_rows`` change in
-the same step, so /health cannot say "degraded" about a backlog it reports as 0 (the race behind
-tests/test_outage.py's rare failure).
+``call_soon_threadsafe``) and the loop applies them here. /health, the metrics and the writer therefore
+read one consistent picture: the state and ``spool_rows`` change in the same step, so /health cannot say
+"degraded" about a backlog it reports as 0 (the race behind tests/test_outage.py's rare failure). The
+gauges are set from it when /metrics is scraped (``publish``, on the loop too), not at each change: a lone
+request's commit set seven of them, ~30 us of the loop's time per request on a 2-core VM.
 
 States of the database (``state``):
 - ``up``: the last database call succeeded and no spooled record waits on disk;
@@ -102,6 +103,7 @@ class StoreState:
         self.lost_at = time.monotonic()
 
     def publish(self) -> None:
+        """Set the store's gauges from the state (at scrape time: ``Services.refresh_gauges``)."""
         metrics = self._metrics
         state = self.state
         metrics.store_up.set(1 if self.database_up else 0)

@@ -124,7 +124,6 @@ class Writer:
             self._bytes_at_refusal = self._wal.bytes
             self._throttle.log("spool", logging.ERROR, "store: the spool refused %s: %s",
                                "records" if error.cause != "closed" else "records at shutdown", error)
-            state.publish()
             return
         if state.append_error:
             # Not a reset of the refusal's throttle: filling the last bytes of a full spool alternates refusals
@@ -142,7 +141,6 @@ class Writer:
                 state.cached_rows += len(commit.rows)
             if state.cached_rows >= self._batch_rows or self.wal_end - self.cursor >= self._wal.max_bytes // 4:
                 self._wakeup.set()  # by bytes too: a few large records had the spool refuse others until a flush
-        state.publish()
 
     def queue(self, records: list[PredictionRecord]) -> None:
         """Async mode: keep records in memory for the next flush (never blocks, never raises)."""
@@ -160,7 +158,6 @@ class Writer:
                              f"{self._unlogged.bytes >> 20} MiB): records come faster than the database or the spool "
                              f"take them")
         self.state.unlogged_rows = len(self._unlogged) + len(self._in_flight)
-        self._metrics.store_queue_depth.set(self.state.cached_rows + self.state.unlogged_rows)
         if len(self._unlogged) >= self._batch_rows:
             self._wakeup.set()
         if self._in_flight and self._spill is None and self._unlogged.half_full() and not self._stopping:
@@ -229,7 +226,6 @@ class Writer:
     def forget_tail(self) -> None:
         """At shutdown: the tail in memory is on disk as well; count it as backlog for the next start."""
         self._drop_cache()
-        self.state.publish()
 
     # one flush
 
@@ -262,7 +258,6 @@ class Writer:
                      "loses records")
             state.append_error = None
             self._throttle.reset("spool")
-        state.publish()
 
     async def _to_database(self) -> None:
         if self._backlog_to_replay() or (self.state.spool_rows and not self.state.database_up):
@@ -447,13 +442,12 @@ class Writer:
         self.state.cached_rows = 0
 
     def mark_up(self) -> None:
-        """After every successful step: the state, and the gauges with it, change in the same loop step."""
+        """After every successful step."""
         self._answered_at = time.monotonic()
         if self.state.mark_up():
             log.info("store: the %s database accepts writes%s", self.state.backend,
                      f"; replaying {self.state.spool_rows} spooled predictions" if self.state.spool_rows else "")
             self._throttle.reset("down")
-        self.state.publish()
 
     def mark_down(self, error: BaseException) -> None:
         self._metrics.store_write_errors.inc()
@@ -461,7 +455,6 @@ class Writer:
         if self.state.mark_down(error):
             self._throttle.reset("down")
         self._drop_cache()  # its records stay on disk and are read back from there
-        self.state.publish()
         detail = describe(error)
         why = self.state.reason if self.state.reason in detail else f"{self.state.reason} ({detail})"
         self._throttle.log("down", logging.ERROR, "store: %s; spooling predictions to disk until it accepts writes, "
