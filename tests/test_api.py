@@ -173,6 +173,7 @@ def test_health_ready_metrics_docs(client):
     client.post("/predict", json={"texts": ["one", "two"]})
     metrics = client.get("/metrics").text
     assert 'sentiment_requests_total{endpoint="/predict",status="200"} 1.0' in metrics
+    assert "\nsentiment_store_up 1.0\n" in metrics  # the store's gauges are set at the scrape, from its state
     assert 'sentiment_model_info{device="cpu",name="tiny-test"' in metrics
     assert "sentiment_batch_size_count" in metrics
     assert client.get("/docs").status_code == 200

@@ -5,6 +5,7 @@ exactly the served predictions, none twice."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -125,6 +126,8 @@ def test_predictions_answered_after_the_sqlite_file_is_removed_are_kept(tiny_art
     assert f"the SQLite database {database} was removed" in down["database"]["reason"], down
     assert down["database"]["spool_rows"] >= answered_while_down  # and those of ``before`` still in the open segment
     assert "\nsentiment_store_up 0.0\n" in metrics
+    spooled = re.search(r"\nsentiment_store_spool_rows (\S+)\n", metrics)  # set at the scrape, from the store's state
+    assert spooled and float(spooled.group(1)) >= answered_while_down, spooled
     if then == "put back":
         assert healthy["status"] == "ok", healthy
         assert sorted(_stored_request_ids(database)) == sorted(before + after)
