@@ -136,9 +136,9 @@ class Services:
         self.metrics.model_info.labels(**vars(self.runtime.identity)).set(1)
 
     def refresh_gauges(self) -> None:
-        """Gauges sampled at scrape time (memory, GPU, the engine's queue, the store): set at each change instead,
-        the queue's and the store's cost the loop ~10 sets per lone request. Memory figures that cannot be read keep
-        their last values (the guard's own checks log why): a scrape still answers."""
+        """Gauges sampled at scrape time (memory, GPU, the engine's queue, the store). The queue's and the store's
+        were set at each change, ~10 sets on the event loop per lone request. Memory figures that cannot be read
+        keep their last values (the guard's own checks log why): a scrape still answers."""
         with contextlib.suppress(OSError):
             self.memory_guard.check()
         self.gpu.update()
