@@ -9,7 +9,8 @@
 that ours serves the weights the peers serve; the script refuses a pair that does not match.
 Each peer is installed into its own venv outside the project (``--peers-root``, default /work/peers/<name>;
 torch pinned to the local CPU wheel), started, warmed up, measured and stopped; the load levels run
-round-robin across the servers. A server that fails to start is tried again with fresh ports
+round-robin across the servers, each measured with the others stopped (SIGSTOP; ``--keep-others-running`` to
+leave them be). A server that fails to start is tried again with fresh ports
 (``--start-attempts``, 3), each failed attempt's log kept. Prints one line per phase and the three targets
 (issue 17), each met / not met / not judged:
   ours >= 1.5x the best peer at every concurrency level swept (the ratio at equal concurrency),
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "them, or none")
     parser.add_argument("--start-attempts", type=int, default=START_ATTEMPTS,
                         help="tries to start each server, each with fresh ports (failed attempts' logs are kept)")
+    parser.add_argument("--keep-others-running", dest="pause_others", action="store_false",
+                        help="leave the servers not being measured running (by default they are stopped meanwhile: "
+                        "their idle CPU, Ray's daemons above all, was taken from the one measured)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny random model built here, concurrency 1,8, 2 s per phase: does everything work?")
@@ -146,7 +150,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         concurrency=args.concurrency, duration=args.duration, warmup=args.warmup, server_warmup=args.server_warmup,
         open_fractions=args.open_fractions, peers_root=args.peers_root, python=args.python, reinstall=args.reinstall,
         install=args.install, overrides=overrides, max_length=args.max_length, timeout=args.timeout, seed=args.seed,
-        perf_analyzer=args.perf_analyzer, start_attempts=args.start_attempts,
+        perf_analyzer=args.perf_analyzer, start_attempts=args.start_attempts, pause_others=args.pause_others,
     )
 
 

@@ -7,6 +7,7 @@ the CSV perf_analyzer writes, so the plumbing around it is tested without instal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import stat
 import sys
@@ -84,12 +85,21 @@ def test_measure_reads_the_csv_and_reports_a_failure_with_the_tools_words(tool, 
 
 def test_sweep_rotates_the_targets_and_settles_after_each(tool, tmp_path):
     targets = [Target("ours", "http", "a:1", "sentiment"), Target("triton", "grpc", "b:2", "sentiment")]
-    settled = []
+    events = []
+
+    @contextlib.contextmanager
+    def alone(server):
+        events.append(f"alone {server}")
+        yield
+        events.append("others back")
+
     results = list(perf_analyzer.sweep(tool, targets, [1, 8], 1.0, tmp_path / "in.json", tmp_path / "w",
-                                       cpu_seconds=lambda name: 0.0, between=settled.append, log=lambda _: None))
+                                       cpu_seconds=lambda name: 0.0, between=lambda name: events.append(f"settled "
+                                       f"{name}"), alone=alone, log=lambda _: None))
     assert [(r["server"], r["concurrency"]) for r in results] == [("ours", 1), ("triton", 1), ("triton", 8),
                                                                     ("ours", 8)]
-    assert settled == ["ours", "triton", "triton", "ours"]
+    assert events == [event for server in ("ours", "triton", "triton", "ours")
+                      for event in (f"alone {server}", f"settled {server}", "others back")]
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert "-i grpc" in calls[1] and "-u b:2" in calls[1] and "--concurrency-range 8:8" in calls[2]
 

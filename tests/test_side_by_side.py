@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -498,6 +499,47 @@ def test_start_probes_and_stop_ends_the_process_group(tmp_path):
     assert running.process.returncode == -signal.SIGTERM
     assert not helper.is_running() or helper.status() == psutil.STATUS_ZOMBIE
     assert not (ctx.workdir / "scratch").exists()
+
+
+def fake_spec(name: str) -> ServerSpec:
+    def launch(ctx: Context) -> Launch:
+        return Launch([sys.executable, "-c", FAKE_SERVER, str(ctx.port)], dict(os.environ), ctx.workdir)
+
+    return ServerSpec(name, name, [], [], {}, OursAdapter, launch, ready_timeout=20)
+
+
+def stopped(procs: list[psutil.Process]) -> list[bool]:
+    """Whether each process is stopped, once the signals sent have had up to 5 s to arrive."""
+    deadline = time.monotonic() + 5
+    while True:
+        states = [proc.status() == psutil.STATUS_STOPPED for proc in procs]
+        if len(set(states)) == 1 or time.monotonic() > deadline:
+            return states
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("pause_others", [True, False])
+def test_a_server_is_measured_alone_the_others_stopped_meanwhile(tmp_path, pause_others):
+    """Idle servers took CPU from the one measured (Ray's daemons: 17 % of a CPU); each whole process tree but the
+    measured server's is stopped inside ``alone`` and continued after it, also when the block fails."""
+    config = RunConfig(checkpoint=tmp_path, artifact=tmp_path, data=tmp_path / "d.tsv", out=tmp_path / "out",
+                       servers=["a", "b"], concurrency=[1], pause_others=pause_others)
+    run = SideBySide(config, log=lambda _: None)
+    try:
+        for name in ("a", "b"):
+            ctx = Context(python=Path(sys.executable), checkpoint=tmp_path, artifact=None, max_length=8,
+                          port=free_port(), spare_ports=[], workdir=tmp_path / name, settings={})
+            run.running[name] = start(fake_spec(name), ctx, log=lambda _: None)
+        trees = {name: running.tree() for name, running in run.running.items()}
+        assert all(len(tree) == 2 for tree in trees.values())  # the server and its helper process
+        with pytest.raises(RuntimeError, match="the phase failed"), run.alone("a"):
+            assert stopped(trees["a"]) == [False, False]
+            assert stopped(trees["b"]) == [pause_others, pause_others]
+            raise RuntimeError("the phase failed")
+        assert stopped(trees["a"]) + stopped(trees["b"]) == [False] * 4
+    finally:
+        for running in run.running.values():
+            stop(running, timeout=10)
 
 
 def test_start_reports_a_server_that_exits(tmp_path):

@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,15 +161,18 @@ def line(result: dict) -> str:
 
 
 def sweep(tool: Tool, targets: list[Target], levels: list[int], duration_s: float, input_data: Path, workdir: Path,
-          cpu_seconds: Callable[[str], float], between: Callable[[str], None], log=print) -> Iterator[dict]:
+          cpu_seconds: Callable[[str], float], between: Callable[[str], None],
+          alone: Callable[[str], AbstractContextManager] = lambda _server: nullcontext(), log=print) -> Iterator[dict]:
     """Every target at every level, the targets in turn per level (rotated by one each level); yields each result
-    as it comes, so an interrupted run keeps what it measured."""
+    as it comes, so an interrupted run keeps what it measured. Each measurement and the wait for its server to
+    be idle again (``between``) run inside ``alone(server)``."""
     workdir.mkdir(parents=True, exist_ok=True)
     for index, level in enumerate(levels):
         shift = index % len(targets) if targets else 0
         for target in targets[shift:] + targets[:shift]:
-            result = measure(tool, target, level, max(1.0, duration_s / WINDOWS), input_data, workdir,
-                             lambda server=target.server: cpu_seconds(server))
-            log(line(result))
+            with alone(target.server):
+                result = measure(tool, target, level, max(1.0, duration_s / WINDOWS), input_data, workdir,
+                                 lambda server=target.server: cpu_seconds(server))
+                log(line(result))
+                between(target.server)
             yield result
-            between(target.server)

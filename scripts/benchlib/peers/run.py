@@ -17,7 +17,10 @@ Order of a run:
   7. Triton's perf_analyzer at each concurrency on the servers that speak OIP v2 (ours, Triton), over HTTP
      and gRPC (``perf_analyzer`` module);
   8. stop everything; compare; write JSON, markdown and PNG.
-All servers stay up during the whole sweep (each one's idle CPU is in the report).
+All servers stay up during the whole sweep (each one's idle CPU is in the report), but while one is measured
+(its phases, the generator's ceiling, perf_analyzer) the others are stopped (SIGSTOP, their whole process trees)
+unless ``--keep-others-running``: idling, Ray's daemons took 17 % of a CPU, and every other server's phases
+showed 10-17 % of "other CPU" taken from it (2026-12-07, 2-vCPU VM).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import shutil
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,7 +53,9 @@ from scripts.benchlib.peers.servers import (
     Running,
     StartFailed,
     git_revision,
+    pause,
     reported_versions,
+    resume,
     server_info,
     start_with_retries,
     stop,
@@ -87,6 +94,7 @@ class RunConfig:
     settle_timeout: float = 120.0
     perf_analyzer: list[str] = field(default_factory=lambda: list(perf_analyzer.PROTOCOLS))  # [] = not run
     start_attempts: int = START_ATTEMPTS  # per server, each with fresh ports; failed attempts' logs are kept
+    pause_others: bool = True  # the servers not measured are stopped meanwhile (module docstring)
 
 
 def artifact_max_length(artifact: Path) -> int:
@@ -262,6 +270,20 @@ class SideBySide:
         info.setdefault("versions", {}).update(reported_versions(name, info["server_info"]))
 
     # -- measuring ---------------------------------------------------------------------------------------
+    @contextmanager
+    def alone(self, name: str) -> Iterator[None]:
+        """While the block runs, every running server but ``name`` is stopped (``pause_others``), so that what
+        one measures is that server's, not the others' idling too; they are continued however the block ends."""
+        paused: list[psutil.Process] = []
+        try:
+            if self.config.pause_others:
+                for other, server in self.running.items():
+                    if other != name:
+                        paused += pause(server)
+            yield
+        finally:
+            resume(paused)
+
     def loadtest(self, name: str, mode: str, level: float, duration: float, warmup: float) -> dict:
         server = self.running[name]
         adapter = server.adapter
@@ -269,19 +291,22 @@ class SideBySide:
             url=server.url, data=self.config.data, mode=mode, levels=[level], duration=duration, warmup=warmup,
             predict_path=adapter.path, baseline_path=None, max_connections=self.config.max_connections,
             timeout=self.config.timeout, seed=self.config.seed, protocol=adapter)
-        cpu0, own0, busy0, t0 = server.cpu_seconds(), own_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
-        report = run_loadtest(config, log=lambda _line: None)
-        phase = report["phases"][0]
-        wall = time.perf_counter() - t0
-        server_cpu, own_cpu = server.cpu_seconds() - cpu0, own_cpu_seconds() - own0
+        with self.alone(name):
+            cpu0, own0, busy0, t0 = (server.cpu_seconds(), own_cpu_seconds(), machine_busy_seconds(),
+                                     time.perf_counter())
+            report = run_loadtest(config, log=lambda _line: None)
+            phase = report["phases"][0]
+            wall = time.perf_counter() - t0
+            server_cpu, own_cpu = server.cpu_seconds() - cpu0, own_cpu_seconds() - own0
+            # Everything else the machine ran meanwhile (servers left running, anything not ours): interference.
+            busy = machine_busy_seconds() - busy0
+            phase["settle_seconds"], phase["settled"] = settle(server, self.config.settle_cpu_percent,
+                                                               self.config.settle_timeout)
         phase["server"] = name
         phase["server_cpu_percent"] = 100.0 * server_cpu / wall
-        # Everything else the machine ran meanwhile (the other servers idling, anything not ours): interference.
-        phase["other_cpu_percent"] = max(0.0, 100.0 * (machine_busy_seconds() - busy0 - server_cpu - own_cpu) / wall)
+        phase["other_cpu_percent"] = max(0.0, 100.0 * (busy - server_cpu - own_cpu) / wall)
         phase["overloaded"] = overloaded(phase)
         phase["disturbed"] = disturbance(phase)
-        phase["settle_seconds"], phase["settled"] = settle(server, self.config.settle_cpu_percent,
-                                                           self.config.settle_timeout)
         if not phase["settled"]:
             self.log(f"{name}: still busy {phase['settle_seconds']:.0f} s after the phase (a backlog it keeps "
                      "working on after the clients gave up); the next phase may be disturbed")
@@ -311,7 +336,8 @@ class SideBySide:
         server = self.running[name]
         config = LoadTestConfig(url=server.url, data=self.config.data, levels=[], protocol=server.adapter,
                                 baseline_path=server.adapter.health_path, baseline_duration=3.0)
-        baseline = run_loadtest(config, log=lambda _line: None)["baseline"]
+        with self.alone(name):
+            baseline = run_loadtest(config, log=lambda _line: None)["baseline"]
         self.log(f"generator: {baseline['throughput_rps']:.0f} req/s on GET {baseline['path']} of {name} "
                  f"({baseline['client_cpu_ms_per_request']:.2f} ms client CPU per request)")
         return baseline
@@ -416,7 +442,7 @@ class SideBySide:
                 tool, targets, cfg.concurrency, cfg.duration, input_data, workdir,
                 cpu_seconds=lambda name: self.running[name].cpu_seconds(),
                 between=lambda name: settle(self.running[name], cfg.settle_cpu_percent, cfg.settle_timeout),
-                log=self.log):
+                alone=self.alone, log=self.log):
             self.perf_report["results"].append(result)
 
     def server_warmup(self, name: str) -> None:

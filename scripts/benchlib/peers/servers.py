@@ -482,6 +482,28 @@ def stop(running: Running, timeout: float = 30.0) -> int | None:
     return running.process.returncode
 
 
+def pause(running: Running) -> list[psutil.Process]:
+    """Stop (SIGSTOP) every process of the server's tree, so that it takes no CPU while another server is measured;
+    returns those stopped, for ``resume``."""
+    stopped = []
+    for proc in running.tree():
+        try:
+            proc.suspend()
+        except psutil.Error:  # gone meanwhile
+            continue
+        stopped.append(proc)
+    return stopped
+
+
+def resume(procs: list[psutil.Process]) -> None:
+    """Continue (SIGCONT) the processes ``pause`` stopped."""
+    for proc in procs:
+        try:
+            proc.resume()  # psutil checks the pid still names the same process
+        except psutil.Error:
+            continue
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
