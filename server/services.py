@@ -58,6 +58,7 @@ class Services:
     _queued_reloads: dict[Path, asyncio.Future] = field(default_factory=dict)  # waiting for the one under way
     # the labels of each model (name, version) this process has served: one comes back only with its own labels
     _served_labels: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _retiring: list[ModelRuntime] = field(default_factory=list)  # swapped out by a reload, answering what they took
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -142,10 +143,15 @@ class Services:
         with contextlib.suppress(OSError):
             self.memory_guard.check()
         self.gpu.update()
-        self.metrics.queue_depth.set(self.runtime.batcher.depth)  # the serving model's (a reload's old one drains)
+        self.metrics.queue_depth.set(self.queue_depth())
         self.store.state.publish()
         if self.runtime.warm:  # sentiment_ready says what /ready says: a stuck engine too
             self.metrics.ready.set(1 if self.is_ready() else 0)
+
+    def queue_depth(self) -> int:
+        """Texts waiting for an engine: the serving model's, and those a reload's previous model took before the
+        swap and still has to answer (its drain may take up to REQUEST_TIMEOUT_S; they counted for nothing)."""
+        return self.runtime.batcher.depth + sum(runtime.batcher.depth for runtime in self._retiring)
 
     def health(self) -> dict[str, Any]:
         database = self.store.health()
@@ -172,7 +178,7 @@ class Services:
             "model": {**vars(identity), "labels": self.runtime.labels(), "warm": self.runtime.warm},
             "device": identity.device,
             "provider": identity.provider,
-            "queue_depth": self.runtime.batcher.depth,
+            "queue_depth": self.queue_depth(),
             "token_budget": self.runtime.budget.current,
             "memory": memory,
             "cache": {"enabled": self.cache.max_bytes > 0, "entries": self.cache.entries,
@@ -248,6 +254,7 @@ class Services:
         fresh.batcher.start()
         self._served_labels.setdefault(model_key(fresh), fresh.labels())
         previous = self.predictor.swap(fresh)
+        self._retiring.append(previous)
         self.memory_guard.follow(fresh.budget)
         self.publish_model_info()
         self._keep_until_done(loop.create_task(self._retire(previous), name="retire-previous-model"))
@@ -285,6 +292,7 @@ class Services:
         """Answer everything the previous model accepted, then collect it (see server/heap.py)."""
         await self.predictor.finished_with(runtime)
         await runtime.batcher.drain()
+        self._retiring.remove(runtime)
         del runtime
         refreeze()
         trim_heap()

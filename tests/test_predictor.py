@@ -285,7 +285,7 @@ async def test_a_reload_lets_a_request_started_on_the_old_model_finish_on_it(mak
         long_one = asyncio.create_task(predictor.predict(["word " * (LOOP_TEXT_CHARS // 5 + 1)]))
         await until_set(gated.waiting)
         predictor.swap(new)
-        retired = asyncio.create_task(Services._retire(SimpleNamespace(predictor=predictor), old))
+        retired = asyncio.create_task(Services._retire(SimpleNamespace(predictor=predictor, _retiring=[old]), old))
         await asyncio.sleep(0.1)
         assert not retired.done(), "the old model was drained with a request started on it still under way"
         gated.gate.set()

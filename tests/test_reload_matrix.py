@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,6 +185,50 @@ async def test_reload_tasks_are_dropped_when_done_and_the_memory_guard_follows_t
                 break
             await asyncio.sleep(0.05)
         assert len(services._tasks) == background
+
+
+class ShutAfterStart:
+    """The engine of the model served at start-up, which holds every call once ``shut`` is cleared."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.device, self.provider, self.variant = engine, engine.device, engine.provider, engine.variant
+        self.open = threading.Event()
+        self.open.set()
+
+    def run(self, input_ids, attention_mask):
+        self.open.wait(60)
+        return self.engine.run(input_ids, attention_mask)
+
+
+async def test_texts_a_reloads_previous_model_still_has_queued_count_in_the_queue_depth(make_settings):
+    """After a swap, texts the previous model took are answered by it while it drains (up to REQUEST_TIMEOUT_S):
+    the queue's gauge and /health counted the serving model's queue only, so a full queue read empty."""
+    held: list[ShutAfterStart] = []
+    app = create_app(make_settings(engine_workers=1, max_batch_size=1, max_wait_ms=0, enable_model_caching=False),
+                     wrap_engine=lambda engine: held.append(ShutAfterStart(engine)) or held[-1])
+    async with app.router.lifespan_context(app):
+        services = app.state.services
+        first, engine = services.runtime, held[0]
+        engine.open.clear()
+        texts = [f"text number {i}" for i in range(6)]
+        asking = [asyncio.create_task(services.predictor.predict([text])) for text in texts]
+        while first.batcher.depth < 5:  # one in the held engine call, five queued
+            await asyncio.sleep(0.01)
+        try:
+            assert (await services.reload())["reloaded"] is True
+            assert services.runtime is not first and services.runtime.batcher.depth == 0
+            services.refresh_gauges()
+            assert services.metrics.queue_depth._value.get() == 5
+            assert services.health()["queue_depth"] == 5
+        finally:
+            engine.open.set()
+        assert len(await asyncio.gather(*asking)) == len(texts)
+        for _ in range(600):  # the previous model drained and let go
+            if not services._retiring:
+                break
+            await asyncio.sleep(0.05)
+        services.refresh_gauges()
+        assert not services._retiring and services.metrics.queue_depth._value.get() == 0
 
 
 def test_memory_guard_follow_applies_the_present_pressure_to_the_new_budget(make_settings):
