@@ -150,7 +150,7 @@ class Services:
 
     def queue_depth(self) -> int:
         """Texts waiting for an engine: the serving model's, and those a reload's previous model took before the
-        swap and still has to answer (its drain may take up to REQUEST_TIMEOUT_S; they counted for nothing)."""
+        swap and still has to answer (its drain may take up to REQUEST_TIMEOUT_S; they were not counted)."""
         return self.runtime.batcher.depth + sum(runtime.batcher.depth for runtime in self._retiring)
 
     def health(self) -> dict[str, Any]:
@@ -254,9 +254,9 @@ class Services:
         fresh.batcher.start()
         self._served_labels.setdefault(model_key(fresh), fresh.labels())
         previous = self.predictor.swap(fresh)
-        self._retiring.append(previous)
         self.memory_guard.follow(fresh.budget)
         self.publish_model_info()
+        self._retiring.append(previous)
         self._keep_until_done(loop.create_task(self._retire(previous), name="retire-previous-model"))
         self.metrics.model_reloads.labels("ok").inc()
         if path == self.settings.model_path:
@@ -290,9 +290,11 @@ class Services:
 
     async def _retire(self, runtime: ModelRuntime) -> None:
         """Answer everything the previous model accepted, then collect it (see server/heap.py)."""
-        await self.predictor.finished_with(runtime)
-        await runtime.batcher.drain()
-        self._retiring.remove(runtime)
+        try:
+            await self.predictor.finished_with(runtime)
+            await runtime.batcher.drain()
+        finally:  # cancelled by ``close`` too: the list must not hold the model for the process's life
+            self._retiring.remove(runtime)
         del runtime
         refreeze()
         trim_heap()

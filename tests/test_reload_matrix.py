@@ -188,7 +188,7 @@ async def test_reload_tasks_are_dropped_when_done_and_the_memory_guard_follows_t
 
 
 class ShutAfterStart:
-    """The engine of the model served at start-up, which holds every call once ``shut`` is cleared."""
+    """The engine of the model served at start-up, which holds every call while ``open`` is cleared."""
 
     def __init__(self, engine) -> None:
         self.engine, self.device, self.provider, self.variant = engine, engine.device, engine.provider, engine.variant
@@ -212,8 +212,11 @@ async def test_texts_a_reloads_previous_model_still_has_queued_count_in_the_queu
         engine.open.clear()
         texts = [f"text number {i}" for i in range(6)]
         asking = [asyncio.create_task(services.predictor.predict([text])) for text in texts]
-        while first.batcher.depth < 5:  # one in the held engine call, five queued
+        for _ in range(3000):  # one in the held engine call, five queued
+            if first.batcher.depth == 5:
+                break
             await asyncio.sleep(0.01)
+        assert first.batcher.depth == 5
         try:
             assert (await services.reload())["reloaded"] is True
             assert services.runtime is not first and services.runtime.batcher.depth == 0

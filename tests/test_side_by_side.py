@@ -44,6 +44,7 @@ from scripts.benchlib.peers.servers import (
     Launch,
     ServerSpec,
     StartFailed,
+    pause,
     start,
     start_with_retries,
     stop,
@@ -540,6 +541,22 @@ def test_a_server_is_measured_alone_the_others_stopped_meanwhile(tmp_path, pause
     finally:
         for running in run.running.values():
             stop(running, timeout=10)
+
+
+def test_a_server_left_stopped_is_still_ended_by_its_sigterm(tmp_path):
+    """An interrupt between ``pause`` and ``resume`` leaves a server stopped; ``stop`` continues it, so it ends on
+    SIGTERM (a stopped process holds the signal: SIGKILL only, after the whole timeout)."""
+    ctx = Context(python=Path(sys.executable), checkpoint=tmp_path, artifact=None, max_length=8, port=free_port(),
+                  spare_ports=[], workdir=tmp_path / "a", settings={})
+    running = start(fake_spec("a"), ctx, log=lambda _: None)
+    tree = running.tree()
+    try:
+        pause(running, [])
+        assert stopped(tree) == [True, True]
+    finally:
+        stop(running, timeout=10)
+    assert running.process.returncode == -signal.SIGTERM
+    assert not any(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE for proc in tree)
 
 
 def test_start_reports_a_server_that_exits(tmp_path):

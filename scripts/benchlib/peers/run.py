@@ -279,10 +279,10 @@ class SideBySide:
             if self.config.pause_others:
                 for other, server in self.running.items():
                     if other != name:
-                        paused += pause(server)
+                        pause(server, paused)
             yield
         finally:
-            resume(paused)
+            resume(paused)  # an interrupt that cuts it short: ``stop`` continues every server it ends
 
     def loadtest(self, name: str, mode: str, level: float, duration: float, warmup: float) -> dict:
         server = self.running[name]

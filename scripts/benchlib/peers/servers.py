@@ -463,6 +463,8 @@ def stop(running: Running, timeout: float = 30.0) -> int | None:
     running.tree()
     pgid = running.process.pid  # start_new_session: the group id is the leader's pid
     _signal_group(pgid, signal.SIGTERM)
+    _signal_group(pgid, signal.SIGCONT)  # a stopped process (``pause`` cut short by an interrupt) holds SIGTERM
+    resume(list(running.procs.values()))  # and the helpers that left the group
     try:
         running.process.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -482,17 +484,15 @@ def stop(running: Running, timeout: float = 30.0) -> int | None:
     return running.process.returncode
 
 
-def pause(running: Running) -> list[psutil.Process]:
+def pause(running: Running, stopped: list[psutil.Process]) -> None:
     """Stop (SIGSTOP) every process of the server's tree, so that it takes no CPU while another server is measured;
-    returns those stopped, for ``resume``."""
-    stopped = []
+    each is added to ``stopped`` (for ``resume``) before its signal is sent, so an interrupt meanwhile loses none."""
     for proc in running.tree():
+        stopped.append(proc)
         try:
             proc.suspend()
-        except psutil.Error:  # gone meanwhile
+        except psutil.Error:  # gone meanwhile: resume skips it too
             continue
-        stopped.append(proc)
-    return stopped
 
 
 def resume(procs: list[psutil.Process]) -> None:
