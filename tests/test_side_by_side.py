@@ -528,9 +528,7 @@ def test_a_server_is_measured_alone_the_others_stopped_meanwhile(tmp_path, pause
     run = SideBySide(config, log=lambda _: None)
     try:
         for name in ("a", "b"):
-            ctx = Context(python=Path(sys.executable), checkpoint=tmp_path, artifact=None, max_length=8,
-                          port=free_port(), spare_ports=[], workdir=tmp_path / name, settings={})
-            run.running[name] = start(fake_spec(name), ctx, log=lambda _: None)
+            run.running[name] = start(fake_spec(name), fresh_contexts(tmp_path / name)(), log=lambda _: None)
         trees = {name: running.tree() for name, running in run.running.items()}
         assert all(len(tree) == 2 for tree in trees.values())  # the server and its helper process
         with pytest.raises(RuntimeError, match="the phase failed"), run.alone("a"):
@@ -546,9 +544,7 @@ def test_a_server_is_measured_alone_the_others_stopped_meanwhile(tmp_path, pause
 def test_a_server_left_stopped_is_still_ended_by_its_sigterm(tmp_path):
     """An interrupt between ``pause`` and ``resume`` leaves a server stopped; ``stop`` continues it, so it ends on
     SIGTERM (a stopped process holds the signal: SIGKILL only, after the whole timeout)."""
-    ctx = Context(python=Path(sys.executable), checkpoint=tmp_path, artifact=None, max_length=8, port=free_port(),
-                  spare_ports=[], workdir=tmp_path / "a", settings={})
-    running = start(fake_spec("a"), ctx, log=lambda _: None)
+    running = start(fake_spec("a"), fresh_contexts(tmp_path / "a")(), log=lambda _: None)
     tree = running.tree()
     try:
         pause(running, [])
