@@ -44,7 +44,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -131,16 +130,6 @@ class ObservedASGI:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        # each (endpoint, status)'s request counter and latency histogram, looked up once: ``labels`` takes a lock
-        # and builds its key on every call (both labels are bounded: ``endpoint_label``, the statuses answered)
-        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-    def _series_of(self, endpoint: str, status: int) -> tuple[Any, Any]:
-        series = self._series.get((endpoint, status))
-        if series is None:
-            series = self._series[endpoint, status] = (self.metrics.requests.labels(endpoint, str(status)),
-                                                       self.metrics.request_latency.labels(endpoint))
-        return series
 
     @staticmethod
     def services(scope) -> Services | None:
@@ -242,9 +231,7 @@ class ObservedASGI:
             endpoint = endpoint_label(scope)
             elapsed = (answered_at or time.perf_counter()) - started  # not the client's reading of its answer
             status = CLIENT_LEFT if client_left(scope) else response["status"]
-            counted, latency = self._series_of(endpoint, status)
-            counted.inc()
-            latency.observe(elapsed)
+            self.metrics.count_request(endpoint, status, elapsed)
             if status in REJECTED_BY_STATUS:
                 self.metrics.rejected.labels(REJECTED_BY_STATUS[status]).inc()
             if status >= 500 and status != 503 and not logged and not scope["state"].get("error_logged"):

@@ -89,6 +89,9 @@ class Metrics:
                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.rejected = Counter("sentiment_rejected_requests", "Requests refused, by reason "
                                 f"({', '.join(REJECTION_REASONS)})", ["reason"], registry=r)
+        # each (endpoint, status)'s request counter and latency histogram, looked up once: ``labels`` takes a lock
+        # and builds its key on every call (both labels are bounded: the endpoints served, the statuses answered)
+        self._request_series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
         # batching and inference
         self.queue_depth = Gauge("sentiment_queue_depth", "Texts waiting for the engine", registry=r)
@@ -231,6 +234,15 @@ class Metrics:
         for endpoint in PREDICTION_ENDPOINTS:
             for status in PREDICTION_STATUSES:
                 self.requests.labels(endpoint, status)
+
+    def count_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One request answered (HTTP or gRPC): counted by endpoint and status, its latency observed."""
+        series = self._request_series.get((endpoint, status))
+        if series is None:
+            series = self._request_series[endpoint, status] = (self.requests.labels(endpoint, str(status)),
+                                                               self.request_latency.labels(endpoint))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def serving_model(self, name: str, version: str, labels: list[str]) -> None:
         """The model now serving: its series of the model families start at 0; the previous model's are kept until

@@ -322,8 +322,7 @@ class InferenceService(GRPCInferenceServiceServicer):
                 self.services.drain_answered += 1  # as over HTTP: every answer sent after the drain signal
             self._abandoned.discard(task)
             metrics = self.services.metrics
-            metrics.requests.labels(endpoint, str(status)).inc()
-            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
+            metrics.count_request(endpoint, status, time.perf_counter() - started)
             if status in REJECTED_BY_STATUS:
                 metrics.rejected.labels(REJECTED_BY_STATUS[status]).inc()
             request_id_var.reset(token)
