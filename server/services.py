@@ -113,13 +113,16 @@ class Services:
             self.drain_deadline = time.monotonic() + self.settings.drain_timeout_s
 
     async def close(self) -> None:
-        """Answer what the batcher accepted (until the drain deadline), stop the monitors, close the store.
+        """Answer what the batchers accepted (until the drain deadline), stop the monitors, close the store.
 
         The store gets the time left until the deadline, and at least ``STORE_CLOSE_MIN_S``: even after a drain
         that used all its time, what it holds is written or spooled rather than lost.
         """
         self.begin_drain()
-        await self.runtime.batcher.drain(timeout=self._time_left())
+        # with the models a reload swapped out and still answering: cancelling their own drain (``_retire``) left
+        # their queued texts to no deadline, unanswered and unfailed
+        left = self._time_left()
+        await asyncio.gather(*(runtime.batcher.drain(timeout=left) for runtime in (self.runtime, *self._retiring)))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

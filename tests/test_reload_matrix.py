@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from scripts.benchlib.serverproc import ROOT, LiveServer, start_server, stop_server
@@ -200,23 +201,36 @@ class ShutAfterStart:
         return self.engine.run(input_ids, attention_mask)
 
 
+def app_holding_its_first_engine(make_settings, **overrides) -> tuple[FastAPI, list[ShutAfterStart]]:
+    """An app whose engines are each wrapped in ``ShutAfterStart`` (the first model's is ``held[0]``), one text per
+    batch on one worker: held, it runs one text and queues the rest."""
+    held: list[ShutAfterStart] = []
+    app = create_app(make_settings(engine_workers=1, max_batch_size=1, max_wait_ms=0, enable_model_caching=False,
+                                   **overrides),
+                     wrap_engine=lambda engine: held.append(ShutAfterStart(engine)) or held[-1])
+    return app, held
+
+
+async def five_queued_on_the_held_first_model(services, engine: ShutAfterStart) -> list[asyncio.Task]:
+    """Six one-text predictions: one in the held engine call, five queued behind it."""
+    engine.open.clear()
+    asking = [asyncio.create_task(services.predictor.predict([f"text number {i}"])) for i in range(6)]
+    for _ in range(3000):
+        if services.runtime.batcher.depth == 5:
+            break
+        await asyncio.sleep(0.01)
+    assert services.runtime.batcher.depth == 5
+    return asking
+
+
 async def test_texts_a_reloads_previous_model_still_has_queued_count_in_the_queue_depth(make_settings):
     """After a swap, texts the previous model took are answered by it while it drains (up to REQUEST_TIMEOUT_S):
     the queue's gauge and /health counted the serving model's queue only, so a full queue read empty."""
-    held: list[ShutAfterStart] = []
-    app = create_app(make_settings(engine_workers=1, max_batch_size=1, max_wait_ms=0, enable_model_caching=False),
-                     wrap_engine=lambda engine: held.append(ShutAfterStart(engine)) or held[-1])
+    app, held = app_holding_its_first_engine(make_settings)
     async with app.router.lifespan_context(app):
         services = app.state.services
         first, engine = services.runtime, held[0]
-        engine.open.clear()
-        texts = [f"text number {i}" for i in range(6)]
-        asking = [asyncio.create_task(services.predictor.predict([text])) for text in texts]
-        for _ in range(3000):  # one in the held engine call, five queued
-            if first.batcher.depth == 5:
-                break
-            await asyncio.sleep(0.01)
-        assert first.batcher.depth == 5
+        asking = await five_queued_on_the_held_first_model(services, engine)
         try:
             assert (await services.reload())["reloaded"] is True
             assert services.runtime is not first and services.runtime.batcher.depth == 0
@@ -225,13 +239,30 @@ async def test_texts_a_reloads_previous_model_still_has_queued_count_in_the_queu
             assert services.health()["queue_depth"] == 5
         finally:
             engine.open.set()
-        assert len(await asyncio.gather(*asking)) == len(texts)
+        assert len(await asyncio.gather(*asking)) == len(asking)
         for _ in range(600):  # the previous model drained and let go
             if not services._retiring:
                 break
             await asyncio.sleep(0.05)
         services.refresh_gauges()
         assert not services._retiring and services.metrics.queue_depth._value.get() == 0
+
+
+async def test_shutdown_fails_what_a_reloads_previous_model_has_not_answered_by_the_drain_deadline(make_settings):
+    """Shutdown drained the serving model only and cancelled the previous model's own drain: the texts that model
+    still held were neither answered nor failed at the drain's deadline (each caller waited on, past it)."""
+    app, held = app_holding_its_first_engine(make_settings, drain_timeout_s=0.5)
+    try:
+        async with app.router.lifespan_context(app):
+            services = app.state.services
+            asking = await five_queued_on_the_held_first_model(services, held[0])
+            assert (await services.reload())["reloaded"] is True
+        # the lifespan's end closed the services: every caller has its answer, the engine still held
+        outcomes = await asyncio.wait_for(asyncio.gather(*asking, return_exceptions=True), 5)
+        assert [type(outcome) for outcome in outcomes] == [Draining] * len(asking), outcomes
+    finally:
+        for engine in held:
+            engine.open.set()
 
 
 def test_memory_guard_follow_applies_the_present_pressure_to_the_new_budget(make_settings):
