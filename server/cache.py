@@ -18,13 +18,17 @@ charged. ``tests/test_cache.py`` checks the figure against ``tracemalloc``.
 Single-flight: concurrent misses for one (model, text) share one computation, so a burst of the
 same text costs one engine slot. A caller computes the misses no one else is computing in its own task
 (no task, no shield, no extra loop turns), then waits for the ones others are computing (those run
-meanwhile all the same). Should that caller be cancelled (its client disconnected) while others still
-wait for its computation, the computation is started again in a task of its own, so a joiner never
-inherits the cancellation. A cancelled caller that no one waits for leaves nothing behind: its texts
-are not computed for nobody. A joiner counts as waiting until it leaves, answered or cancelled
-(``_joiners``), so one cancelled before its starter does not make that starter's cancellation compute
-for no one. Whatever happens to a computation (an error, a cancellation, a failure while filling the
-cache), every future it started is settled and leaves the in-flight table: a waiter is never left pending.
+meanwhile all the same). It joins only a computation of no more texts than its own request holds: a
+computation answers all its texts at once, and a red team's one-text request that shared its text with a
+request of 200 long ones waited 30 s for all of them (503 ``deadline``; 0.05 s alone). A smaller one
+computes its text itself instead, and later callers join that one. Should a caller be cancelled (its client
+disconnected) while others still wait for some of its texts, those texts (and no others) are computed again
+in a task of its own, so a joiner never inherits the cancellation. A cancelled caller that no one waits for
+leaves nothing behind: its texts are not computed for nobody. A joiner counts as waiting until it leaves,
+answered or cancelled (``_joiners``), so one cancelled before its starter does not make that starter's
+cancellation compute for no one. Whatever happens to a computation (an error, a cancellation, a failure
+while filling the cache), every future it started is settled and leaves the in-flight table: a waiter is
+never left pending.
 
 Hits and misses are counted only while the cache is on (``max_bytes`` > 0): a disabled cache is never
 looked up, so ``sentiment_cache_misses_total`` does not climb with every text it could never have held.
@@ -50,6 +54,7 @@ _EMPTY_TABLE = sys.getsizeof(OrderedDict())  # the container itself, charged to 
 
 Key = tuple[Hashable, str]  # (the model that computes, the text)
 Compute = Callable[[list[str]], Awaitable[list[Prediction]]]
+Computation = dict[Key, asyncio.Future[Prediction]]  # the texts one ``compute`` call answers, each's future
 _Shared = TypeVar("_Shared", bound=Hashable)
 
 
@@ -77,7 +82,8 @@ class PredictionCache:
         self._entries: OrderedDict[Key, tuple[str, tuple[str, ...], bytes]] = OrderedDict()
         self._payload = 0  # sum of entry_size over the entries
         self._shared: dict[Hashable, Hashable] = {}
-        self._inflight: dict[Key, asyncio.Future[Prediction]] = {}
+        # each text's future in flight and the computation it is part of (how many texts it waits for)
+        self._inflight: dict[Key, tuple[asyncio.Future[Prediction], Computation]] = {}
         self._joiners: dict[asyncio.Future[Prediction], int] = {}  # in flight: callers waiting that did not start it
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by clear(): computations started before it are not stored
@@ -163,7 +169,8 @@ class PredictionCache:
         self._export()
 
     async def get_or_compute(self, model: Hashable, texts: list[str], compute: Compute) -> list[Prediction]:
-        """Predictions in input order: hits at once, misses via one ``compute`` call shared with concurrent callers.
+        """Predictions in input order: hits at once, misses via one ``compute`` call shared with concurrent callers
+        (a computation under way is joined only when it holds no more texts than ``texts``: module docstring).
 
         ``compute`` gets the distinct texts that no one is computing yet and must return one prediction each,
         in order. Its exception reaches every caller waiting on those texts, and nothing is cached; but for
@@ -172,7 +179,7 @@ class PredictionCache:
         """
         results: list[Prediction | None] = [None] * len(texts)
         waiting: list[tuple[int, asyncio.Future[Prediction]]] = []
-        started: dict[Key, asyncio.Future[Prediction]] = {}
+        started: Computation = {}
         own = started.values()  # a failure of these is this caller's own input's
         joined: list[asyncio.Future[Prediction]] = []  # someone else's computations this caller waits for
         for index, text in enumerate(texts):
@@ -181,14 +188,18 @@ class PredictionCache:
                 results[index] = hit
                 continue
             key = (model, text)
-            future = self._inflight.get(key)
-            if future is None:
-                future = self._inflight[key] = started[key] = asyncio.get_running_loop().create_future()
-                # Mark the exception retrieved: a waiter that stopped at an earlier failure never awaits this one.
-                future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            elif key not in started:
+            flight = self._inflight.get(key)
+            if key in started:  # repeated in this request
+                future = started[key]
+            elif flight is not None and len(flight[1]) <= len(texts):  # not held behind a larger request
+                future = flight[0]
                 joined.append(future)
                 self._joiners[future] = self._joiners.get(future, 0) + 1
+            else:
+                future = started[key] = asyncio.get_running_loop().create_future()
+                self._inflight[key] = future, started
+                # Mark the exception retrieved: a waiter that stopped at an earlier failure never awaits this one.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
             waiting.append((index, future))
         try:
             if started:
@@ -223,13 +234,17 @@ class PredictionCache:
         for index in again:
             results[index] = by_text[texts[index]]
 
-    def _fill_in_task(self, model: Hashable, started: dict[Key, asyncio.Future[Prediction]], compute: Compute) -> None:
+    def _fill_in_task(self, model: Hashable, started: Computation, compute: Compute) -> None:
+        """Compute ``started`` (texts a cancelled caller had started that others wait for) in a task of its own; a
+        later caller joins it by its own size."""
+        for key, future in started.items():
+            if self._in_flight(key) is future:
+                self._inflight[key] = future, started
         task = asyncio.create_task(self._fill(model, started, compute))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fill(self, model: Hashable, started: dict[Key, asyncio.Future[Prediction]], compute: Compute,
-                    in_caller: bool = False) -> None:
+    async def _fill(self, model: Hashable, started: Computation, compute: Compute, in_caller: bool = False) -> None:
         """Answer the started futures from one ``compute`` call, then cache the results.
 
         The ``finally`` settles whatever is still pending (cancelled, or a bug in settling or caching), so no
@@ -248,9 +263,11 @@ class PredictionCache:
                 for (_, text), prediction in zip(started, predictions, strict=True):
                     self.put(model, text, prediction)
         except asyncio.CancelledError:
-            if in_caller and any(future in self._joiners for future in started.values()):  # others still wait
-                handed_over = True  # for it: they get it from a task
-                self._fill_in_task(model, started, compute)
+            awaited = {key: future for key, future in started.items() if future in self._joiners}
+            if in_caller and awaited:  # others still wait for these: they get them from a task
+                handed_over = True
+                self._release({key: future for key, future in started.items() if key not in awaited}, None)
+                self._fill_in_task(model, awaited, compute)
             raise
         except Exception as exc:
             if all(future.done() for future in started.values()):  # answered; only caching them failed
@@ -260,10 +277,10 @@ class PredictionCache:
             if not handed_over:
                 self._release(started, None)  # cancelled (loop shutdown): waiters must not hang either
 
-    def _release(self, started: dict[Key, asyncio.Future[Prediction]], exc: Exception | None) -> None:
+    def _release(self, started: Computation, exc: Exception | None) -> None:
         """Take a computation's keys out of flight; fail (or, with no exception, cancel) its futures still pending."""
         for key, future in started.items():
-            if self._inflight.get(key) is future:
+            if self._in_flight(key) is future:
                 del self._inflight[key]
             if future.done():
                 continue
@@ -271,6 +288,10 @@ class PredictionCache:
                 future.cancel()
             else:
                 future.set_exception(exc)
+
+    def _in_flight(self, key: Key) -> asyncio.Future[Prediction] | None:
+        flight = self._inflight.get(key)
+        return None if flight is None else flight[0]
 
     def _remove(self, key: Key) -> None:
         (size,) = struct.unpack_from("Q", self._entries.pop(key)[2])

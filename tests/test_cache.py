@@ -430,6 +430,43 @@ async def test_a_cancelled_caller_that_also_joined_hands_its_computation_to_thos
     assert compute.calls[-1] == ["bb"] and cache.entries == 2  # computed for the waiter, and cached
 
 
+async def test_a_request_is_not_held_behind_a_larger_one_that_shares_its_text() -> None:
+    """A computation answers all its texts at once: a red team's one-text request that joined a request of 200 long
+    texts for its one shared text waited 30 s for all of them and got 503 deadline (0.05 s alone)."""
+    cache = PredictionCache(100_000, Metrics())
+    large, small = Computer(), Computer()
+    small.gate.set()
+    held = asyncio.create_task(cache.get_or_compute("v1", ["shared", "long 1", "long 2"], large))
+    await settle()
+    alone = await asyncio.wait_for(cache.get_or_compute("v1", ["shared"], small), timeout=30)
+    assert alone == [prediction(0.06)] and small.calls == [["shared"]] and not held.done()
+    joined = asyncio.create_task(cache.get_or_compute("v1", ["other", "shared", "more", "yet more"], large))
+    await settle()
+    assert large.calls == [["shared", "long 1", "long 2"], ["other", "more", "yet more"]]  # a larger one joins
+    large.gate.set()
+    assert [p.score for p in await joined][1] == prediction(0.06).score
+    await held
+
+
+async def test_a_cancelled_caller_hands_over_only_the_texts_others_wait_for() -> None:
+    """The whole computation was started again for one joined text: a request cancelled with 200 texts queued 200
+    texts again for another's one."""
+    cache = PredictionCache(100_000, Metrics())
+    compute = Computer()
+    leaver = asyncio.create_task(cache.get_or_compute("v1", ["a", "b", "c"], compute))
+    await settle()
+    stayer = asyncio.create_task(cache.get_or_compute("v1", ["a", "x", "y"], compute))  # joins "a"
+    await settle()
+    leaver.cancel()
+    await settle()
+    assert compute.calls[-1] == ["a"]  # computed again for the stayer alone
+    compute.gate.set()
+    assert await asyncio.wait_for(stayer, timeout=30) == [prediction(0.01)] * 3 and leaver.cancelled()
+    assert cache.get("v1", "b") is None and cache.get("v1", "c") is None and cache.get("v1", "a") is not None
+    later = await asyncio.wait_for(cache.get_or_compute("v1", ["b"], compute), timeout=30)
+    assert later[0].cached is False and compute.calls[-1] == ["b"]  # nothing of the leaver's left in flight
+
+
 @pytest.mark.parametrize("scope", ["key", "shared"])
 def test_a_cached_prediction_serves_another_api_key_only_with_a_shared_cache_scope(make_settings, scope):
     """With one cache for all callers, any key could tell that another key had sent a text: ``"cached": true``,
