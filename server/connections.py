@@ -584,6 +584,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._parsed_any = True
+        self._refuse_version_or_host()
         try:
             super().on_headers_complete()
         except httptools.HttpParserInvalidURLError:
@@ -601,6 +602,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         self.phase = "body"
         self._arm(self.guard.body_timeout_s, self._body_overdue)
+
+    def _refuse_version_or_host(self) -> None:
+        """A request line saying HTTP/2.0 (httptools takes it as 1.x: it was answered as HTTP/1.1), or an HTTP/1.1
+        request without exactly one Host field, which RFC 9112 (3.2) says a server MUST refuse with 400: a proxy
+        before this server may have routed or checked it by another Host than the one read here (red team
+        helper-100: both were answered 200)."""
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            message = (f"HTTP/{version} is not spoken on this port: send HTTP/1.1 (gRPC, over HTTP/2, is served on "
+                       "GRPC_PORT)")
+        elif version == "1.1" and sum(name == b"host" for name, _ in self.headers) != 1:
+            message = "an HTTP/1.1 request must carry exactly one Host header field (RFC 9112 3.2)"
+        else:
+            return
+        self._refusal = (400, message, "malformed_http")
+        raise httptools.HttpParserError(message)
 
     def _refuse_target(self) -> None:
         """A request target that is neither a path nor an absolute http URL (``CONNECT host:port``, a port out of
