@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -31,7 +32,7 @@ from server.store import KeyStore, PredictionStore
 from server.store.keycache import KeyCache
 from server.store.keysnapshot import KeySnapshot
 from server.store.spooldir import database_identity
-from server.worker_threads import MODEL_LOAD_THREAD, on_own_thread
+from server.worker_threads import MODEL_LOAD_THREAD, UnjoinedExecutor, on_own_thread
 
 log = logging.getLogger(__name__)
 # FastAPI 0.16x asks on every request whether OpenTelemetry is configured (environment lookups: ~5% of the event
@@ -73,6 +74,7 @@ def create_app(settings: Settings, wrap_engine: Callable[[Engine], Engine] | Non
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        asyncio.get_running_loop().set_default_executor(UnjoinedExecutor(thread_name_prefix="blocking-call"))
         services = await build_services(settings, metrics, wrap_engine)
         app.state.services = services
         services.start_background()

@@ -258,8 +258,8 @@ def run_server(settings: Settings) -> int:
         return ExitCode.PORT
     stuck = threads_still_running(grace_s=1.0)
     if stuck:
-        log.warning("exiting without waiting for %d threads still running (a model load abandoned, or a hung engine "
-                    "call): %s", len(stuck), ", ".join(stuck))
+        log.warning("exiting without waiting for %d threads still running (a model load abandoned, a hung engine "
+                    "call, or a database call hung on an unanswering database): %s", len(stuck), ", ".join(stuck))
     services = server.services  # its counts are the gRPC calls'
     answered = server.guard.answered + (services.drain_answered if services else 0)
     abandoned = server.guard.abandoned + (services.drain_abandoned if services else 0)

@@ -235,6 +235,26 @@ def test_a_hung_engine_call_is_abandoned_at_the_deadline_and_the_store_still_clo
         assert [row[0] for row in db.execute("SELECT text FROM predictions")] == ["answered before the hang"]
 
 
+def test_a_blocking_call_hung_in_the_loops_executor_does_not_hold_the_loops_end(make_settings):
+    """``asyncio.run`` waits for its default executor's threads at the loop's end: an API key lookup hung on a
+    frozen database held a drained server's exit 26 s past "store closed" (red team helper-99). The app's
+    executor is not waited for (``server.lifecycle`` then ends the process without joining what still runs)."""
+    app = server.app.create_app(make_settings())
+    release = threading.Event()
+
+    async def serve_while_a_call_hangs() -> None:
+        async with app.router.lifespan_context(app):
+            asyncio.get_running_loop().run_in_executor(None, release.wait, 120)
+
+    started = time.monotonic()
+    try:
+        asyncio.run(serve_while_a_call_hangs())
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert took < 60, took  # start-up and shutdown of the tiny model: seconds; waiting for the call: 120
+
+
 def test_an_engine_stuck_past_the_request_timeout_is_on_health_not_ready_and_not_waited_for_by_the_drain(
         tiny_artifact, tmp_path):
     """A hung engine answered every request 503 deadline while /health said ok and /ready 200, and the drain then
