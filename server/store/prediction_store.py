@@ -288,7 +288,8 @@ class PredictionStore:
                     self._rejected_seen = seen
                 if self.state.foreign:
                     self.state.foreign = await asyncio.to_thread(self._foreign_reports)
-                self.state.lock_problem = await asyncio.to_thread(self._directory.keep_lock)
+                self.state.lock_problem = await asyncio.to_thread(
+                    self._directory.keep_lock, database_identity(self.settings.database_url))
             except OSError as error:
                 log.warning("store: could not look at SPOOL_DIR: %s", error)
 
