@@ -168,6 +168,15 @@ class EngineStuck(ServerError):
     retry_after = 5.0
 
 
+class KeysUnknown(ServerError):
+    """AUTH_MODE=required, and no API key has been read yet, from the database or a snapshot: every prediction would
+    be refused 503 (``Services.not_ready``)."""
+
+    status_code = 503
+    error_type = "keys_unknown"
+    retry_after = 5.0
+
+
 class InferenceFailed(ServerError):
     """The engine failed in a way the server could not recover from."""
 

@@ -27,7 +27,7 @@ from server.heap import refreeze
 from server.memory import MemoryGuard, trim_heap
 from server.metrics import Metrics
 from server.predictor import Predictor, model_key
-from server.primitives import Draining, EngineStuck, ModelIdentity, ServerError
+from server.primitives import Draining, EngineStuck, KeysUnknown, ModelIdentity, ServerError
 from server.runtime import ModelRuntime, load_checked
 from server.worker_threads import on_own_thread
 
@@ -78,12 +78,23 @@ class Services:
 
     def not_ready(self) -> ServerError | None:
         """Why the readiness probes of every protocol answer 503, or None when ready. The port opens only once the
-        model is warm, so it is draining or a stuck engine."""
+        model is warm, so it is draining, a stuck engine, or keys required and none known."""
         if self.draining:
             return Draining("not ready: draining for shutdown")
         if self.engine_stuck()[0]:
             return EngineStuck("not ready: every engine worker is stuck on one batch (see /health)")
+        if reason := self.keys_unknown():
+            return KeysUnknown(f"not ready: {reason}")
         return None
+
+    def keys_unknown(self) -> str | None:
+        """Why no prediction can be answered for want of API keys, or None. A replica started while the database was
+        down, with no key snapshot in SPOOL_DIR (a new one: scaled out in the outage, an emptyDir after a restart),
+        said ready and refused every keyed request 503 ``key_check_unavailable`` (red team helper-99)."""
+        if self.settings.auth_mode != "required" or self.keys.loaded:
+            return None
+        return ("AUTH_MODE=required and no API key is known yet: the database that holds them cannot be read and "
+                "SPOOL_DIR holds no key snapshot; every prediction would be refused until it can be read")
 
     def engine_stuck(self) -> tuple[bool, str | None]:
         """(every engine worker stuck, why: for /health) after one batch ran past ``REQUEST_TIMEOUT_S``, which no
@@ -172,6 +183,8 @@ class Services:
             reasons.append("draining")
         if stuck := self.engine_stuck()[1]:
             reasons.append(stuck)
+        if keys := self.keys_unknown():
+            reasons.append(f"keys: {keys}")
         if self.model_path_failed:
             reasons.append(self.model_path_failed)
         identity = self.runtime.identity

@@ -91,6 +91,30 @@ def test_in_process_keyed_predict_survives_key_reads_failing(make_settings):
         assert predict(client, key).status_code == 401
 
 
+@pytest.mark.parametrize("auth_mode", ["required", "open"])
+def test_a_replica_started_in_an_outage_knowing_no_keys_is_not_ready_when_keys_are_required(make_settings,
+                                                                                          monkeypatch, auth_mode):
+    """Started while the database was down, with no key snapshot in SPOOL_DIR (a replica scaled out in the outage),
+    it said ready and refused every keyed prediction 503 (red team helper-99): the balancer sent it traffic that it
+    all refused. Without keys required it serves as ever."""
+    def refused(*_args):
+        raise OperationalError("SELECT", {}, ConnectionRefusedError("connection refused (injected)"))
+
+    monkeypatch.setattr(KeyStore, "all_by_digest", refused)
+    with TestClient(create_app(make_settings(auth_mode=auth_mode))) as client:
+        reasons = client.get("/health").json()["reasons"]
+        if auth_mode == "open":
+            assert client.get("/ready").status_code == 200 and not any(r.startswith("keys:") for r in reasons)
+            return
+        for probe in ("/ready", "/v2/health/ready"):
+            refusal = client.get(probe)
+            assert refusal.status_code == 503 and refusal.json()["type"] == "keys_unknown", probe
+        assert any(r.startswith("keys: AUTH_MODE=required and no API key is known yet") for r in reasons), reasons
+        monkeypatch.undo()  # the database is back: the key cache's next read loads them
+        assert client.portal.call(client.app.state.services.keys.refresh)
+        assert client.get("/ready").status_code == 200 and client.get("/v2/health/ready").status_code == 200
+
+
 @pytest.fixture
 def auth_server(store_db, tiny_artifact, tmp_path):
     server = start_server({"MODEL_PATH": str(tiny_artifact), "DATABASE_URL": store_db.url, "DB_AUTO_MIGRATE": "true",

@@ -106,6 +106,7 @@ class KeyCache:
         self._lookups = asyncio.Semaphore(LOOKUP_CONCURRENCY)
         self._used: dict[str, float] = {}  # key id -> time.time() of its last use, not yet written
         self._down: str | None = None  # the database error while keys cannot be read, else None
+        self.loaded = False  # keys read once, from the database or the snapshot: until then none can be judged
         self._throttle = Throttle(log, WARNING_EVERY_S)
 
     # the request path
@@ -226,6 +227,7 @@ class KeyCache:
         age_s = max(0.0, time.time() - read_at)
         with self._lock:
             self._known = {digest: _Entry(key, time.monotonic() - age_s) for digest, key in keys.items()}
+        self.loaded = True
         log.warning("API keys could not be loaded (%s): the %d keys of %s, read from the database %.0f s ago, "
                     "judge keyed requests until it can be read (a key revoked since is accepted meanwhile); the "
                     "key cache retries every %.0f s", self._down, len(keys), self._snapshot.path, age_s, DOWN_RETRY_S)
@@ -254,6 +256,7 @@ class KeyCache:
             known = {digest: _Entry(record, started) for digest, record in stored.items()}
             known.update(self._changes)
             self._known = known
+        self.loaded = True
         for digest in known.keys() & self._unknown.keys():
             del self._unknown[digest]
         if self._down:
