@@ -15,20 +15,19 @@ and collects deleted slots under LRU churn, too much to fold into a per-entry co
 shared by every entry (the model key, label strings, the labels tuple) are kept once and not
 charged. ``tests/test_cache.py`` checks the figure against ``tracemalloc``.
 
-Single-flight: concurrent misses for one (model, text) share one computation, so a burst of the
-same text costs one engine slot. A caller computes the misses no one else is computing in its own task
-(no task, no shield, no extra loop turns), then waits for the ones others are computing (those run
-meanwhile all the same). It joins only a computation of no more texts than its own request holds: a
-computation answers all its texts at once, and a red team's one-text request that shared its text with a
-request of 200 long ones waited 30 s for all of them (503 ``deadline``; 0.05 s alone). A smaller one
-computes its text itself instead, and later callers join that one. Should a caller be cancelled (its client
-disconnected) while others still wait for some of its texts, those texts (and no others) are computed again
-in a task of its own, so a joiner never inherits the cancellation. A cancelled caller that no one waits for
-leaves nothing behind: its texts are not computed for nobody. A joiner counts as waiting until it leaves,
-answered or cancelled (``_joiners``), so one cancelled before its starter does not make that starter's
-cancellation compute for no one. Whatever happens to a computation (an error, a cancellation, a failure
-while filling the cache), every future it started is settled and leaves the in-flight table: a waiter is
-never left pending.
+Single-flight: concurrent misses for one (model, text) share one computation, so a burst of the same text costs
+one engine slot. A caller computes the misses no one else is computing in its own task (no task, no shield, no
+extra loop turns), then waits for the ones others are computing (those run meanwhile all the same). It joins
+only a computation of no more characters (what the engine's work, and so the wait, goes by) than its own misses
+hold: a computation answers all its texts at once, and a red team's one-text request that shared its text with a
+request of 200 long ones waited 30 s for all of them (503 ``deadline``; 0.05 s alone). A smaller one computes
+the text itself instead, and later callers join that one. Should a caller be cancelled (its client disconnected)
+while others still wait for some of its texts, those texts (and no others) are computed again in a task of its
+own, so a joiner never inherits the cancellation. A cancelled caller that no one waits for leaves nothing
+behind: its texts are not computed for nobody. A joiner counts as waiting until it leaves, answered or cancelled
+(``_joiners``), so one cancelled before its starter does not make that starter's cancellation compute for no
+one. Whatever happens to a computation (an error, a cancellation, a failure while filling the cache), every
+future it started is settled and leaves the in-flight table: a waiter is never left pending.
 
 Hits and misses are counted only while the cache is on (``max_bytes`` > 0): a disabled cache is never
 looked up, so ``sentiment_cache_misses_total`` does not climb with every text it could never have held.
@@ -55,6 +54,7 @@ _EMPTY_TABLE = sys.getsizeof(OrderedDict())  # the container itself, charged to 
 Key = tuple[Hashable, str]  # (the model that computes, the text)
 Compute = Callable[[list[str]], Awaitable[list[Prediction]]]
 Computation = dict[Key, asyncio.Future[Prediction]]  # the texts one ``compute`` call answers, each's future
+Flight = tuple[asyncio.Future[Prediction], int]  # a text's future, and its computation's characters
 _Shared = TypeVar("_Shared", bound=Hashable)
 
 
@@ -82,8 +82,7 @@ class PredictionCache:
         self._entries: OrderedDict[Key, tuple[str, tuple[str, ...], bytes]] = OrderedDict()
         self._payload = 0  # sum of entry_size over the entries
         self._shared: dict[Hashable, Hashable] = {}
-        # each text's future in flight and the computation it is part of (how many texts it waits for)
-        self._inflight: dict[Key, tuple[asyncio.Future[Prediction], Computation]] = {}
+        self._inflight: dict[Key, Flight] = {}
         self._joiners: dict[asyncio.Future[Prediction], int] = {}  # in flight: callers waiting that did not start it
         self._tasks: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by clear(): computations started before it are not stored
@@ -170,7 +169,8 @@ class PredictionCache:
 
     async def get_or_compute(self, model: Hashable, texts: list[str], compute: Compute) -> list[Prediction]:
         """Predictions in input order: hits at once, misses via one ``compute`` call shared with concurrent callers
-        (a computation under way is joined only when it holds no more texts than ``texts``: module docstring).
+        (a computation under way is joined only when it holds no more characters than this call's own misses:
+        module docstring).
 
         ``compute`` gets the distinct texts that no one is computing yet and must return one prediction each,
         in order. Its exception reaches every caller waiting on those texts, and nothing is cached; but for
@@ -182,25 +182,26 @@ class PredictionCache:
         started: Computation = {}
         own = started.values()  # a failure of these is this caller's own input's
         joined: list[asyncio.Future[Prediction]] = []  # someone else's computations this caller waits for
+        misses: dict[Key, list[int]] = {}  # each distinct text not cached, at its indexes
         for index, text in enumerate(texts):
             hit = self.get(model, text)
-            if hit is not None:
+            if hit is None:
+                misses.setdefault((model, text), []).append(index)
+            else:
                 results[index] = hit
-                continue
-            key = (model, text)
+        own_chars = sum(len(text) for _, text in misses)
+        for key, indexes in misses.items():
             flight = self._inflight.get(key)
-            if key in started:  # repeated in this request
-                future = started[key]
-            elif flight is not None and len(flight[1]) <= len(texts):  # not held behind a larger request
+            if flight is not None and flight[1] <= own_chars:  # not held behind more work than its own
                 future = flight[0]
                 joined.append(future)
                 self._joiners[future] = self._joiners.get(future, 0) + 1
             else:
                 future = started[key] = asyncio.get_running_loop().create_future()
-                self._inflight[key] = future, started
                 # Mark the exception retrieved: a waiter that stopped at an earlier failure never awaits this one.
                 future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            waiting.append((index, future))
+            waiting += [(index, future) for index in indexes]
+        self._take_off(started)
         try:
             if started:
                 await self._fill(model, started, compute, in_caller=True)
@@ -237,9 +238,7 @@ class PredictionCache:
     def _fill_in_task(self, model: Hashable, started: Computation, compute: Compute) -> None:
         """Compute ``started`` (texts a cancelled caller had started that others wait for) in a task of its own; a
         later caller joins it by its own size."""
-        for key, future in started.items():
-            if self._in_flight(key) is future:
-                self._inflight[key] = future, started
+        self._take_off({key: future for key, future in started.items() if self._in_flight(key) is future})
         task = asyncio.create_task(self._fill(model, started, compute))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -288,6 +287,12 @@ class PredictionCache:
                 future.cancel()
             else:
                 future.set_exception(exc)
+
+    def _take_off(self, computation: Computation) -> None:
+        """Put each text of ``computation`` in flight, with its characters: what a joiner would wait for."""
+        chars = sum(len(text) for _, text in computation)
+        for key, future in computation.items():
+            self._inflight[key] = future, chars
 
     def _in_flight(self, key: Key) -> asyncio.Future[Prediction] | None:
         flight = self._inflight.get(key)

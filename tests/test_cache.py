@@ -448,6 +448,23 @@ async def test_a_request_is_not_held_behind_a_larger_one_that_shares_its_text() 
     await held
 
 
+@pytest.mark.parametrize("request_texts", [["shared", "cached"], ["shared", "shared", "shared"]],
+                         ids=["a-hit-beside", "repeated"])
+async def test_what_a_request_finds_cached_or_repeats_does_not_let_it_join_a_longer_computation(request_texts):
+    """The computation's size was compared with the request's texts, hits and repeats included: a request with one
+    miss beside 199 hits still waited for a computation of 200 (review helper-101)."""
+    cache = PredictionCache(100_000, Metrics())
+    cache.put("v1", "cached", prediction(0.5))
+    large, small = Computer(), Computer()
+    small.gate.set()
+    held = asyncio.create_task(cache.get_or_compute("v1", ["shared", "a longer text beside it"], large))
+    await settle()
+    answered = await asyncio.wait_for(cache.get_or_compute("v1", request_texts, small), timeout=30)
+    assert answered[0] == prediction(0.06) and small.calls == [["shared"]] and not held.done()
+    large.gate.set()
+    await held
+
+
 async def test_a_cancelled_caller_hands_over_only_the_texts_others_wait_for() -> None:
     """The whole computation was started again for one joined text: a request cancelled with 200 texts queued 200
     texts again for another's one."""
