@@ -678,17 +678,21 @@ async def test_a_lock_file_removed_under_a_running_store_is_taken_again_so_a_sec
     assert store.health()["status"] == "ok"
 
 
-async def test_a_spool_dir_removed_and_made_again_under_a_running_store_gets_its_database_back(
-        store_settings, open_store, monkeypatch):
+@pytest.mark.parametrize("removed", ["the directory", "its files"])
+async def test_a_spool_dir_emptied_under_a_running_store_gets_its_database_back(store_settings, open_store,
+                                                                              monkeypatch, removed):
     """Without its identity file the next start set every record spooled since aside, as bound for an unknown
-    database (red team helper-99: 318 answered predictions, until ``spool replay`` by hand)."""
+    database (red team helper-99: 318 answered predictions, until ``spool replay`` by hand): SPOOL_DIR removed and
+    made again, or ``rm SPOOL_DIR/*`` (the lock file, a dotfile, kept: review helper-101)."""
     monkeypatch.setattr(prediction_store_module, "WATCH_INTERVAL_S", 0.05)
     settings = store_settings()
     await open_store(settings)
     for entry in settings.spool_dir.iterdir():
-        entry.unlink()
-    settings.spool_dir.rmdir()
-    settings.spool_dir.mkdir()
+        if removed == "the directory" or not entry.name.startswith("."):
+            entry.unlink()
+    if removed == "the directory":
+        settings.spool_dir.rmdir()
+        settings.spool_dir.mkdir()
     await wait_until(lambda: (settings.spool_dir / ".lock").exists(), what="the lock file taken again")
     await wait_until(lambda: SpoolDirectory(settings.spool_dir).read_identity() is not None, what="the identity")
     assert SpoolDirectory(settings.spool_dir).read_identity() == database_identity(settings.database_url)

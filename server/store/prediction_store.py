@@ -75,6 +75,7 @@ class PredictionStore:
         self.ack = settings.store_durability == "ack"
         self._promised = 0  # spool bytes promised to requests under way (``room_for``; on the loop only)
         self._directory = SpoolDirectory(settings.spool_dir)
+        self._identity = database_identity(settings.database_url)  # the database its records are bound for
         self._wal = WriteAheadLog(settings.spool_dir, settings.spool_max_bytes)
         self._rejected = RejectedFile(settings.spool_dir)
         self._sink = DatabaseSink(self.engine, settings, self._rejected)
@@ -211,8 +212,7 @@ class PredictionStore:
         directory = self._directory
         directory.lock()
         try:
-            identity = database_identity(self.settings.database_url)
-            self._set_aside_foreign(directory.read_identity(), identity)
+            self._set_aside_foreign(directory.read_identity(), self._identity)
             rows = self._wal.open()
             self.state.gaps = self._wal.gaps
             self.state.rejected_rows = self._rejected.count()
@@ -288,8 +288,8 @@ class PredictionStore:
                     self._rejected_seen = seen
                 if self.state.foreign:
                     self.state.foreign = await asyncio.to_thread(self._foreign_reports)
-                self.state.lock_problem = await asyncio.to_thread(
-                    self._directory.keep_lock, database_identity(self.settings.database_url))
+                self.state.lock_problem = await asyncio.to_thread(self._directory.keep_lock)
+                await asyncio.to_thread(self._directory.keep_identity, self._identity)
             except OSError as error:
                 log.warning("store: could not look at SPOOL_DIR: %s", error)
 

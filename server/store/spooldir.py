@@ -221,12 +221,10 @@ class SpoolDirectory:
         held = os.fstat(fd)
         return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
 
-    def keep_lock(self, identity: dict[str, Any], holder: str = SERVER) -> str | None:
+    def keep_lock(self, holder: str = SERVER) -> str | None:
         """While the lock is held: None when its file is still the one at the path (or was taken again, logged at
         ERROR), else what is wrong, for /health: another process holds the lock file now there, or it cannot be
-        made. Taken again, the directory also gets back its ``identity`` file if that is gone: SPOOL_DIR removed and
-        made again under a running server lost it, and the next start set every record spooled since aside as bound
-        for an unknown database (red team helper-99). Blocking (a few system calls)."""
+        made. Blocking (a few system calls)."""
         if self._lock_fd is None or self._at_path(self._lock_fd):
             return None
         try:
@@ -238,8 +236,6 @@ class SpoolDirectory:
             return f"SPOOL_DIR's lock file was removed while this server held it and cannot be made again: {error}"
         os.close(self._lock_fd)
         self._lock_fd = fd
-        if not (self.path / IDENTITY_FILE).exists():
-            self.write_identity(identity)
         log.error("store: SPOOL_DIR's lock file %s was removed or replaced while this server held it: taken again. "
                   "Another server could have started on SPOOL_DIR meanwhile: make sure none writes it, and never "
                   "remove the lock file of a running server", self.path / LOCK_FILE)
@@ -314,6 +310,14 @@ class SpoolDirectory:
 
     def write_identity(self, identity: dict[str, Any]) -> None:
         write_json_atomically(self.path / IDENTITY_FILE, identity, 0o666)
+
+    def keep_identity(self, identity: dict[str, Any]) -> None:
+        """Write ``identity`` again if its file is gone: removed under a running server (``rm SPOOL_DIR/*``, or the
+        directory removed and made again), the next start set every record spooled since aside as bound for an
+        unknown database (red team helper-99, review helper-101). Blocking."""
+        if not (self.path / IDENTITY_FILE).exists():
+            self.write_identity(identity)
+            log.warning("store: %s was removed under the running server: written again", self.path / IDENTITY_FILE)
 
     def set_aside(self, names: list[str], identity: dict[str, Any] | None) -> ForeignSpool:
         """Move ``names`` into a new ``foreign-<time>`` subdirectory, unchanged, with ``identity`` recorded there."""
