@@ -71,11 +71,13 @@ MODEL_LOAD_THREAD = "model-load"  # start-up's model load (``server.app``): the 
 async def on_own_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
     """``fn(*args)`` on a daemon thread of its own, awaited on the loop; for long one-off work (a model load).
 
-    Not the loop's default executor: its threads are joined when the loop closes (``asyncio.run`` waits for them
-    without a time limit), so a model load under way held the process past the drain deadline and a second
-    SIGTERM (red team helper-67: 24-28 s after the signal, for a 15 s load). A daemon thread is not waited for;
-    while it runs it is among ``threads_in_call``, so the process then ends with ``os._exit`` rather than tear
-    ONNX Runtime down under it (``server.lifecycle``). Cancelling the await leaves the work to finish unheard."""
+    Not the loop's default executor: its threads were joined when the loop closed (``asyncio.run`` waits for them;
+    ``UnjoinedExecutor`` now), so a model load under way held the process past the drain deadline and a second
+    SIGTERM (red team helper-67: 24-28 s after the signal, for a 15 s load); and its workers may all be held by
+    database calls that hang, with a call queued behind them (the store's close: review helper-101). A daemon thread
+    is not waited for; while it runs it is among ``threads_in_call``, so the process then ends with ``os._exit``
+    rather than tear ONNX Runtime down under it (``server.lifecycle``). Cancelling the await leaves the work to
+    finish unheard."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
 

@@ -54,6 +54,7 @@ from server.store.state import ForeignReport, StoreState, replay_command
 from server.store.wal import SpoolUnavailable, WriteAheadLog, count_spool, is_segment
 from server.store.worker import BlockingWorker
 from server.store.writer import CACHE_BYTES, CHECK_INTERVAL_S, QUEUE_BYTES, Writer
+from server.worker_threads import on_own_thread
 
 log = logging.getLogger(__name__)
 RECORD_LINE_BYTES_AT_LEAST = 256  # a record's spool line without its text: its keys, id, hash and time alone
@@ -314,7 +315,8 @@ class PredictionStore:
             await asyncio.wait_for(self._writer.spool_leftovers(), left())
         except TimeoutError:  # they went uncounted (red team helper-75)
             self._writer.drop_unlogged("they could not be spooled within the shutdown deadline")
-        committer_stopped = await asyncio.to_thread(self._committer.stop, left())
+        # its own threads, not the loop's executor, whose workers may all be held by database calls that hang
+        committer_stopped = await on_own_thread(self._committer.stop, left(), name="store-close")
         self._committer.deliver()  # an engine worker's last appends, should their batch's hand-off not have come
         if not committer_stopped:
             log.error("store: the spool's committer (or an append on an engine worker) did not finish within the "
@@ -335,7 +337,7 @@ class PredictionStore:
         if not writer_free:
             log.error("store: a database call was still hanging at the shutdown deadline; its records are in "
                       "the spool and will be offered again at the next start (duplicates are ignored)")
-        await asyncio.to_thread(self._finish, writer_free, committer_stopped)
+        await on_own_thread(self._finish, writer_free, committer_stopped, name="store-close")
         spooled = self.state.spool_rows
         log.info("store closed: %s", f"{spooled} predictions left in the spool for the next start" if spooled
                  else "every prediction is in the database")
