@@ -46,6 +46,7 @@ class Services:
     memory_guard: MemoryGuard
     gpu: GpuMonitor
     draining: bool = False
+    closing: bool = False  # ``close`` has begun: a model loaded from now on is not swapped in (``_reload_now``)
     drain_deadline: float | None = None  # time.monotonic() by which accepted requests must be answered
     # gRPC calls answered after the drain began, and abandoned at its deadline (HTTP's: server.connections)
     drain_answered: int = 0
@@ -130,6 +131,7 @@ class Services:
         that used all its time, what it holds is written or spooled rather than lost.
         """
         self.begin_drain()
+        self.closing = True
         # with the models a reload swapped out and still answering: cancelling their own drain (``_retire``) left
         # their queued texts to no deadline, unanswered and unfailed
         left = self._time_left()
@@ -267,6 +269,10 @@ class Services:
             log.warning("model reload from %s abandoned: the server is shutting down (still serving %s %s)", path,
                         old.name, old.version)
             raise
+        if self.closing:  # swapped in now, it would miss the drain of the models ``close`` is draining
+            log.warning("model reload from %s dropped: the server began shutting down while it loaded (still "
+                        "serving %s %s)", path, old.name, old.version)
+            self._refuse_reload_while_draining()
         fresh.batcher.start()
         self._served_labels.setdefault(model_key(fresh), fresh.labels())
         previous = self.predictor.swap(fresh)

@@ -405,6 +405,25 @@ def test_reloads_queued_when_the_drain_begins_load_nothing(make_settings, monkey
         assert "no model reload" in outcomes[1].message
 
 
+def test_a_reload_whose_load_ends_once_shutdown_has_begun_swaps_nothing_in(make_settings, monkeypatch):
+    """Swapped in during ``close``, the new model missed the drain of the models ``close`` drains, and the reload
+    answered "reloaded" to a server shutting down (review helper-101)."""
+    with TestClient(create_app(make_settings())) as client:
+        services = client.app.state.services
+        slow_loads(services, monkeypatch)
+        serving = services.runtime
+
+        async def reload_then_close() -> BaseException | dict:
+            reload = asyncio.ensure_future(services.reload())
+            await asyncio.sleep(0.1)  # loading
+            services.begin_drain()
+            services.closing = True  # what ``close`` sets first
+            return (await asyncio.gather(reload, return_exceptions=True))[0]
+
+        outcome = client.portal.call(reload_then_close)
+        assert isinstance(outcome, Draining) and services.runtime is serving, outcome
+
+
 @pytest.mark.parametrize("path", ["", "  "])
 def test_an_empty_model_path_is_refused_not_read_as_the_configured_one(admin_server, path):
     response = admin_server.client.post("/admin/reload", json={"model_path": path})
