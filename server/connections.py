@@ -83,6 +83,7 @@ import functools
 import http
 import logging
 import math
+import re
 import socket
 import sys
 import weakref
@@ -113,6 +114,8 @@ PIPELINE_MAX = 64  # requests read and waiting behind the one being answered, pe
 REFUSED_LINGERING_MAX = 128  # connections refused above MAX_CONNECTIONS that linger at once (``_refuse``)
 INVALID_REQUEST = "Invalid HTTP request received."  # what uvicorn logs (and answers) for what httptools refuses
 UPGRADE_REFUSED = "A request asked to switch protocols (Upgrade)"  # ``_unsupported_upgrade_warning``
+# RFC 9112 3.2's Host: uri-host [ ":" port ], an IP literal or a reg-name (RFC 3986), possibly empty
+HOST_VALUE = re.compile(rb"(?:\[[0-9A-Za-z:.%]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 Phase = Literal["headers", "body", "app", "refused"]
 RefusalReason = Literal["malformed_http", "too_many_pipelined"]  # what a refusal made here is counted as
 
@@ -604,16 +607,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm(self.guard.body_timeout_s, self._body_overdue)
 
     def _refuse_version_or_host(self) -> None:
-        """A request line saying HTTP/2.0 (httptools takes it as 1.x: it was answered as HTTP/1.1), or an HTTP/1.1
-        request without exactly one Host field, which RFC 9112 (3.2) says a server MUST refuse with 400: a proxy
-        before this server may have routed or checked it by another Host than the one read here (red team
-        helper-100: both were answered 200)."""
+        """A request line saying HTTP/2.0 (httptools takes it as 1.x: it was answered as HTTP/1.1) or 0.9, or a Host
+        that RFC 9112 (3.2) says a server MUST refuse with 400: more than one, one that is not a host[:port], or none
+        in HTTP/1.1. A proxy before this server may have routed or checked the request by another Host than the one
+        read here (red team helper-100: answered 200; review helper-101: a proxy that merges two Host fields makes
+        ``a, b``)."""
         version = self.parser.get_http_version()
+        hosts = [value for name, value in self.headers if name == b"host"]
         if version not in ("1.1", "1.0"):
-            message = (f"HTTP/{version} is not spoken on this port: send HTTP/1.1 (gRPC, over HTTP/2, is served on "
-                       "GRPC_PORT)")
-        elif version == "1.1" and sum(name == b"host" for name, _ in self.headers) != 1:
-            message = "an HTTP/1.1 request must carry exactly one Host header field (RFC 9112 3.2)"
+            message = f"HTTP/{version} is not spoken on this port: send HTTP/1.1"
+        elif len(hosts) > 1 or (version == "1.1" and not hosts):
+            message = (f"the request carries {len(hosts)} Host header fields; send exactly one (RFC 9112 3.2: "
+                       "HTTP/1.1 requires one)")
+        elif hosts and not HOST_VALUE.fullmatch(hosts[0]):
+            message = f"Host {hosts[0][:100].decode('latin-1')!r} is not a host[:port] (RFC 9112 3.2)"
         else:
             return
         self._refusal = (400, message, "malformed_http")
