@@ -74,7 +74,8 @@ class Services:
         self.metrics.ready.set(1)
 
     def is_ready(self) -> bool:
-        """Warm, and nothing in ``not_ready``: not draining, not every engine worker stuck on one batch."""
+        """Warm, and nothing in ``not_ready``: not draining, not every engine worker stuck on one batch, not keys
+        required and none known."""
         return self.runtime.warm and self.not_ready() is None
 
     def not_ready(self) -> ServerError | None:
@@ -95,7 +96,8 @@ class Services:
         if self.settings.auth_mode != "required" or self.keys.loaded:
             return None
         return ("AUTH_MODE=required and no API key is known yet: the database that holds them cannot be read and "
-                "SPOOL_DIR holds no key snapshot; every prediction would be refused until it can be read")
+                "SPOOL_DIR holds no key snapshot of it; every prediction would be refused until it can be read (the "
+                "server is ready within a second of reading it)")
 
     def engine_stuck(self) -> tuple[bool, str | None]:
         """(every engine worker stuck, why: for /health) after one batch ran past ``REQUEST_TIMEOUT_S``, which no
