@@ -153,6 +153,9 @@ class MalformedBody(ServerError):
         return error
 
 
+H2_PREFACE_PAUSE = "Pause on PRI/Upgrade"  # httptools' error at HTTP/2's prior-knowledge preface (``PRI * HTTP/2.0``)
+
+
 def malformed_message(reason: str) -> str:
     return f"malformed HTTP request ({reason}); send a valid HTTP/1.1 request"
 
@@ -407,7 +410,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             try:
                 data = self._feed(data)
                 continue
-            except httptools.HttpParserError:
+            except httptools.HttpParserError as error:
+                if str(error) == H2_PREFACE_PAUSE and self._refusal is None:
+                    self._refusal = (400, "HTTP/2 is not spoken on this port (the request began with its preface, "
+                                          "'PRI * HTTP/2.0'): send HTTP/1.1 here; gRPC goes to GRPC_PORT",
+                                     "malformed_http")
                 self.logger.warning(INVALID_REQUEST)
                 self.send_400_response(INVALID_REQUEST)
                 return

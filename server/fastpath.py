@@ -22,8 +22,6 @@ document's operation and the fallback.
 
 from __future__ import annotations
 
-import re
-import sys
 from collections.abc import Callable
 
 import orjson
@@ -36,11 +34,9 @@ from server.routes import predict_answer
 from server.schemas import PredictRequest
 from server.services import Services
 from server.serving import classify
+from server.strict_json import repeats_a_key
 
 PATH = "/predict"
-PARSER_INT_DIGITS = 4300  # pydantic-core reads integers of up to this many digits, whatever Python's own limit
-# Python's own limit (0: none); Python 3.10 before 3.10.7 has no limit and no function to ask.
-INT_MAX_STR_DIGITS = getattr(sys, "get_int_max_str_digits", lambda: 0)
 
 
 class PredictFastPath:
@@ -124,26 +120,23 @@ def _parsed(body: bytearray) -> PredictRequest | None:
     Parsed by pydantic-core's own JSON reader: at its peak it holds 4 bytes per byte of a body of emoji-laden
     texts, against 8 for ``json.loads`` and 16 for ``orjson.loads`` (tracemalloc, a 1 MiB body), and the bodies'
     memory budget charges 16 in all (``server.budget``). Every body it accepts, the framework's reader
-    (``server.strict_json``) reads to the same values (duplicate keys, escapes, surrogate pairs, whitespace); what
-    it refuses (a byte-order mark, bytes that are not UTF-8, trailing garbage) goes to the framework, which refuses
-    it too, in its words. Two exceptions go to the framework unparsed: a body that may hold ``NaN`` or ``Infinity``,
-    which pydantic-core reads as numbers (as a duplicate key's overridden value, ``{"text": NaN, "text": "ok"}`` was
-    answered) and the framework refuses (a text that only mentions them costs the slower path, nothing else); and an
-    integer longer than Python's limit (``PYTHONINTMAXSTRDIGITS``, when set below the default 4,300 digits), which
-    ``json.loads`` refuses even as a duplicate key's overridden value, when such a limit is set.
+    (``server.strict_json``) reads to the same values (escapes, surrogate pairs, whitespace); what it refuses (a
+    byte-order mark, bytes that are not UTF-8, trailing garbage) goes to the framework, which refuses it too, in its
+    words. So does a body that writes a key twice, which pydantic-core reads by its last copy and the framework
+    refuses (``server.strict_json.repeats_a_key``: a colon count, and a regex only for texts that hold colons). That
+    check also covers what pydantic-core reads and the framework does not: ``NaN``, ``Infinity``, and integers
+    longer than Python's limit (``PYTHONINTMAXSTRDIGITS``) are no text, so a body the request model accepts holds
+    one only as a key's overridden copy (``{"text": NaN, "text": "ok"}`` was answered before either check).
     """
     if b'"inputs"' in body:  # TEI's body (the key's quotes cannot be unescaped inside a string): the route's
-        return None
-    if b"NaN" in body or b"Infinity" in body:
-        return None
-    digits = INT_MAX_STR_DIGITS()
-    if 0 < digits < PARSER_INT_DIGITS and re.search(rb"[0-9]{%d}" % (digits + 1), body):
         return None
     try:
         request = PredictRequest.model_validate_json(body)
     except Exception:  # not JSON, or not a valid request: the framework's handlers answer it
         return None
-    return request if request.inputs is None else None  # TEI's body: its parse is not held while the route's runs
+    if request.inputs is not None or repeats_a_key(body, len(request.model_fields_set)):
+        return None  # TEI's body (its parse is not held while the route's runs), or a key sent twice (refused there)
+    return request
 
 
 def is_plain_json(headers: list[tuple[bytes, bytes]]) -> bool:

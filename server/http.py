@@ -40,6 +40,7 @@ redirect built its ``Location`` from the client's ``Host`` header).
 from __future__ import annotations
 
 import email.message
+import email.utils
 import logging
 import math
 import time
@@ -267,6 +268,10 @@ class ObservedASGI:
         if types > 1:
             return error_response(400, f"Content-Type sent {types} times: send it once, as "
                                        "'Content-Type: application/json'")
+        charset = declared_charset(every_copy(headers, b"content-type")) if types else None
+        if charset is not None and charset not in UTF8_NAMES:
+            return error_response(415, f"Content-Type says charset={charset[:40]!r}, but bodies are read as UTF-8 "
+                                       "(RFC 8259): send the body in UTF-8, with charset=utf-8 or no charset")
         return None
 
 
@@ -301,6 +306,21 @@ def sends_body(scope) -> bool:
 def every_copy(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
     """Every copy of header ``name``, joined as one list (``a, b``), as text."""
     return ", ".join(value.decode("latin-1") for field, value in headers if field == name)
+
+
+UTF8_NAMES = ("utf-8", "utf8", "us-ascii", "ascii")  # charsets a UTF-8 reader reads as sent (ASCII is within it)
+
+
+def declared_charset(content_type: str) -> str | None:
+    """The ``charset`` parameter of a Content-Type, lowercased, or None without one. A JSON body in another
+    charset (``application/json; charset=utf-16``) was read as UTF-8 and refused for its bytes (422 "not UTF-8"),
+    or, in a charset whose ASCII bytes agree, read as other text than the client sent (red team helper-100)."""
+    if "charset" not in content_type.lower():  # the usual request: no parameter to parse
+        return None
+    message = email.message.Message()
+    message["content-type"] = content_type
+    charset = message.get_param("charset")
+    return None if charset is None else str(email.utils.collapse_rfc2231_value(charset)).strip().lower()
 
 
 def codings(value: str) -> list[str]:

@@ -101,6 +101,15 @@ def test_a_plain_request_is_answered_here_and_the_framework_never_sees_it(runnin
     assert scope["route"] == "the-route"  # ObservedASGI labels the request's metrics with it
 
 
+def test_texts_holding_colons_and_escaped_quotes_are_answered_here(running):
+    """A colon in a text is not a key's: only the body's colons outside strings count (``repeats_a_key``)."""
+    inner = RecordingApp()
+    app = PredictFastPath(inner, lambda: running.services, route=None)
+    sent, _ = drive(app, running, [body(b'{"texts": ["rating: 4/5", "\\"a\\": b", "x\\\\", ":"]}')])
+    assert inner.calls == [] and sent[0]["status"] == 200
+    assert len(json.loads(sent[1]["body"])["predictions"]) == 4
+
+
 def test_a_body_in_several_chunks_is_joined(running):
     inner = RecordingApp()
     app = PredictFastPath(inner, lambda: running.services, route=None)
@@ -113,11 +122,14 @@ def test_a_body_in_several_chunks_is_joined(running):
     ([body(b'{"text": "a", "extra": 1}')], JSON),  # refused by PredictRequest: the framework words the 422
     ([body(b'{"text": "a"}x')], JSON),  # not JSON
     ([body(b'\xef\xbb\xbf{"text": "a"}')], JSON),  # a byte-order mark: json.loads reads it, pydantic does not
+    ([body(b'{"text": "a", "text": "b"}')], JSON),  # pydantic-core keeps the last copy: the framework refuses it
+    ([body(b'{"texts": ["a: b"], "t\\u0065xts": ["c"]}')], JSON),  # the same key, escaped, and texts with colons
     ([body(b'{"text": "a"}')], [(b"content-type", b"text/plain")]),
     ([body(b'{"text": "a"}')], [(b"content-type", b"application/vnd.x+json")]),
     ([body(b'{"text": "a"}')], []),
     ([body(b'{"text": ', more=True), {"type": "http.disconnect"}], JSON),
-], ids=["tei", "extra-field", "garbage", "bom", "text-plain", "plus-json", "no-content-type", "disconnect"])
+], ids=["tei", "extra-field", "garbage", "bom", "key-twice", "key-twice-escaped", "text-plain", "plus-json",
+        "no-content-type", "disconnect"])
 def test_anything_else_reaches_the_framework_with_its_body_replayed(running, messages, headers):
     inner = RecordingApp()
     app = PredictFastPath(inner, lambda: running.services, route=None)
@@ -379,20 +391,21 @@ def test_every_key_is_judged_and_logged_as_the_route_judges_it(keyed_server, hea
 
 def test_a_number_past_a_lowered_python_digit_limit_is_refused_as_the_route_refuses_it(make_settings):
     """pydantic-core reads integers of up to 4,300 digits whatever PYTHONINTMAXSTRDIGITS says; json.loads obeys
-    it. Before: 200 here, 422 invalid_json from the route, for a number the body's last "text" overrides."""
-    content = b'{"text": ' + b"1" * 1000 + b', "text": "a fine film"}'
+    it. Before: 200 here, 422 invalid_json from the route, for a number the body's last "text" overrides. Such a
+    body writes a key twice, so it reaches the framework, whose reader refuses the number first."""
     default = sys.get_int_max_str_digits()
     sys.set_int_max_str_digits(640)  # what PYTHONINTMAXSTRDIGITS=640 sets at start-up
     try:
         with TestClient(create_app(make_settings())) as client:
-            answers = [client.post("/predict", content=content, headers={"Content-Type": kind})
-                       for kind in ("application/json", FRAMEWORK)]
-            assert client.post("/predict", content=b'{"text": ' + b"1" * 600 + b', "text": "a"}',
-                               headers={"Content-Type": "application/json"}).status_code == 200
+            answers = {digits: [client.post("/predict", content=b'{"text": ' + b"1" * digits + b', "text": "a"}',
+                                            headers={"Content-Type": kind}) for kind in ("application/json", FRAMEWORK)]
+                       for digits in (1000, 600)}
     finally:
         sys.set_int_max_str_digits(default)
-    assert [a.status_code for a in answers] == [422, 422] and answers[0].json() == answers[1].json()
-    assert "640 digits" in answers[0].json()["error"]
+    for digits, fragment in ((1000, "640 digits"), (600, "'text' is sent twice")):
+        fast, framework = answers[digits]
+        assert [fast.status_code, framework.status_code] == [422, 422] and fast.json() == framework.json()
+        assert fragment in fast.json()["error"], fast.json()
 
 
 def keyless_predictions_fail(services) -> None:

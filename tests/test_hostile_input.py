@@ -211,10 +211,13 @@ JSON_ROUTES = {"/predict": {"text": "a great film"}, "/predict (TEI)": {"inputs"
                "/feedback": {"prediction_id": "0" * 32, "label": "POSITIVE"}}
 
 
-def _duplicated_first_key(body: dict, value: bytes) -> bytes:
-    """``body`` as JSON with its first key sent twice, first with ``value`` (overridden by the second)."""
+def _duplicated_first_key(body: dict, value: bytes, escaped: bool = False) -> bytes:
+    """``body`` as JSON with its first key sent twice, first with ``value`` (overridden by the second); ``escaped``:
+    that first copy's first letter written as a ``\\u`` escape (the same key to a JSON reader)."""
     text = json.dumps(body).encode()
-    return b'{"' + next(iter(body)).encode() + b'": ' + value + b", " + text[1:]
+    key = next(iter(body))
+    written = (b"\\u%04x" % ord(key[0]) + key[1:].encode()) if escaped else key.encode()
+    return b'{"' + written + b'": ' + value + b", " + text[1:]
 
 
 NOT_JSON = {
@@ -225,6 +228,10 @@ NOT_JSON = {
     "NaN overridden": (lambda body: _duplicated_first_key(body, b"NaN"), "NaN is not a JSON value"),
     "-Infinity overridden": (lambda body: _duplicated_first_key(body, b"-Infinity"), "-Infinity is not a JSON value"),
     "a surrogate's bytes overridden": (lambda body: _duplicated_first_key(body, b'"\xed\xa0\x80"'), "not UTF-8"),
+    # every reader kept the last copy, where a proxy reading the first would judge another request (helper-100)
+    "a key sent twice": (lambda body: _duplicated_first_key(body, b'"a: first copy"'), "is sent twice in one object"),
+    "a key sent twice, once escaped": (lambda body: _duplicated_first_key(body, b'"other"', escaped=True),
+                                       "is sent twice in one object"),
 }
 
 
@@ -236,8 +243,29 @@ def test_a_body_that_is_not_rfc_8259_json_is_422_invalid_json_on_every_json_rout
     refused(response, 422, "invalid_json", "the body is not valid JSON", fragment)
 
 
+@pytest.mark.parametrize("route", list(JSON_ROUTES) + ["/v2/models/sentiment/infer"])
+@pytest.mark.parametrize("charset, encoding", [("utf-16", "utf-16"), ("ISO-8859-1", "latin-1"), ('"cp1252"', "cp1252")])
+def test_a_body_declared_in_a_charset_other_than_utf_8_is_415_naming_it(server, route, charset, encoding):
+    """It was read as UTF-8 whatever it said: UTF-16 got "not UTF-8", Latin-1's "é" the same, and a charset whose
+    ASCII bytes agree with UTF-8 would have been read as other text than the client sent (red team helper-100)."""
+    payload = JSON_ROUTES.get(route, {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": ["ok"]}]})
+    before = server.rejected("unsupported_media_type")
+    response = httpx.post(server.url + route.split()[0], content=json.dumps(payload).encode(encoding), timeout=30,
+                          headers={"content-type": f"application/json; charset={charset}"})
+    named = charset.strip('"').lower()
+    refused(response, 415, "unsupported_media_type", f"charset={named!r}", "send the body in UTF-8")
+    assert server.rejected("unsupported_media_type") == before + 1
+
+
+@pytest.mark.parametrize("charset", ["utf-8", "UTF-8", '"utf-8"', "us-ascii"])
+def test_a_body_declared_as_utf_8_or_ascii_is_answered(server, charset):
+    response = httpx.post(server.url + "/predict", content=json.dumps({"text": "café au lait"}).encode(), timeout=30,
+                          headers={"content-type": f"application/json; charset={charset}"})
+    assert response.status_code == 200, response.text
+
+
 def test_texts_that_mention_nan_and_infinity_are_answered(server):
-    """Bodies holding the words go to the framework's reader (``server.fastpath._parsed``), which reads them as text."""
+    """Texts holding the words are texts: only a number (``NaN``) is refused (``server.fastpath._parsed``)."""
     texts = ["NaN is not a number", "Avengers: Infinity War was fun", "-Infinity"]
     response = httpx.post(server.url + "/predict", json={"texts": texts}, timeout=30)
     assert response.status_code == 200, response.text

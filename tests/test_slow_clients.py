@@ -620,12 +620,14 @@ MALFORMED = 'sentiment_rejected_requests_total{reason="malformed_http"}'
     (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "this server is not a proxy"),
     (b"GET http://test:99999/health HTTP/1.1\r\nHost: test\r\n\r\n", "'http://test:99999/health' is not a path"),
     (b"GET /health HTTP/2.0\r\nHost: test\r\n\r\n", "HTTP/2.0 is not spoken on this port"),
+    # ``curl --http2-prior-knowledge``: was "malformed HTTP request (Pause on PRI/Upgrade)"
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00", "HTTP/2 is not spoken on this port"),
     (b"GET /health HTTP/1.1\r\n\r\n", "carries 0 Host header fields"),
     (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "carries 2 Host header fields"),
     (b"GET /health HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", "carries 2 Host header fields"),
     (b"GET /health HTTP/1.1\r\nHost: a, b\r\n\r\n", "Host 'a, b' is not a host[:port]"),
     (b"GET /health HTTP/1.1\r\nHost: user@evil\r\n\r\n", "is not a host[:port]"),
-], ids=["garbage", "header-name", "header-value", "version", "connect", "target", "http2-line", "no-host",
+], ids=["garbage", "header-name", "header-value", "version", "connect", "target", "http2-line", "h2-preface", "no-host",
         "two-hosts", "two-hosts-1.0", "merged-hosts", "userinfo"])
 def test_an_unparseable_request_gets_a_json_400_and_the_connection_closes(server, request_bytes, reason):
     """uvicorn answers these in plain text ("Invalid HTTP request received."); every error here is JSON."""

@@ -35,7 +35,15 @@ from starlette.requests import ClientDisconnect
 
 from server.auth import require_role
 from server.connections import cancel_when_client_leaves
-from server.http import byte_count, error_responses, json_response, location, not_ready_response, problem_message
+from server.http import (
+    byte_count,
+    error_responses,
+    json_response,
+    location,
+    not_ready_response,
+    problem_message,
+    unparseable,
+)
 from server.primitives import in_list
 from server.protocols.oip_model import (
     ALIAS,
@@ -58,7 +66,7 @@ from server.protocols.oip_model import (
 from server.schemas import UnicodeText, at_most_max_texts
 from server.services import Services
 from server.serving import Classified, classify
-from server.strict_json import StrictJsonRoute, strict_json
+from server.strict_json import StrictJsonRoute, keys_in, repeats_a_key, strict_json
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -378,6 +386,8 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
         document = orjson.loads(view[:size])
     except orjson.JSONDecodeError as error:
         document = readable_elsewhere(view[:size], error, header_length is not None)
+    if repeats_a_key(view[:size], keys_in(document)):  # orjson kept the last copy (``server.strict_json``)
+        raise key_sent_twice(view[:size])
     if not isinstance(document, dict):
         raise InvalidInferRequest("the inference request must be a JSON object with 'inputs'")
     try:
@@ -441,6 +451,15 @@ def json_kind(value: object) -> str:
     if value is None:
         return "null"
     return "a list" if isinstance(value, list) else "an object"
+
+
+def key_sent_twice(header: memoryview) -> InvalidInferRequest:
+    """The refusal of a header that writes a key twice in an object, naming the key as the other routes do."""
+    try:
+        strict_json(header.tobytes())
+    except (ValueError, RecursionError) as error:
+        return InvalidInferRequest(f"the inference request is not valid JSON: {unparseable(error)}")
+    return InvalidInferRequest("the inference request is not valid JSON: it sends a key twice in one object")
 
 
 def readable_elsewhere(header: memoryview, error: orjson.JSONDecodeError, declared: bool) -> Any:
