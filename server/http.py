@@ -575,7 +575,7 @@ ERROR_DESCRIPTIONS = {
     404: "Not found",
     409: "Conflict",
     413: "Body over MAX_REQUEST_BYTES, or too many or too long texts",
-    415: "The body is not sent as application/json, or is compressed",
+    415: "The body is not sent as application/json, is compressed, or is declared in a charset other than UTF-8",
     422: "The body or a parameter is not what the operation accepts",
     500: "Unexpected server error, logged under the request id in the body",
     503: "Unavailable: draining, overloaded, or the database is down; retry after Retry-After",
