@@ -16,7 +16,6 @@ without ``strict_json`` (the fast path's pydantic-core, v2's orjson) ask ``repea
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
@@ -24,7 +23,6 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 BYTE_ORDER_MARK = b"\xef\xbb\xbf"
-JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # one string, its escapes included
 
 
 def strict_json(body: bytes) -> Any:
@@ -50,9 +48,19 @@ def repeats_a_key(body: bytes | bytearray | memoryview, keys_read: int) -> bool:
     """Whether JSON ``body``, which a reader took as holding ``keys_read`` keys in all its objects, writes more: a
     key repeated in an object, of which the reader kept one copy. Each key written is followed by a colon outside
     any string, so no more colons than keys read answers at once (the usual body: its texts hold no colon);
-    otherwise the colons left once its strings are taken out are counted."""
+    otherwise the colons outside strings are counted (``colons_outside_strings``)."""
     body = body.tobytes() if isinstance(body, memoryview) else body
-    return body.count(b":") > keys_read and JSON_STRING.sub(b"", body).count(b":") > keys_read
+    return body.count(b":") > keys_read and colons_outside_strings(body) > keys_read
+
+
+def colons_outside_strings(body: bytes | bytearray) -> int:
+    """The colons of valid JSON ``body`` that are not inside a string. A backslash occurs only in a string, where
+    it escapes the next character: with the escaped backslashes taken out (pairs from the left, as a reader pairs
+    them) and then the escaped quotes, every quote left opens or closes a string, and what lies between a closing
+    and the next opening quote is outside. 3.5 ms for 0.8 MiB of escaped texts on the 2-core VM, where a regex over
+    the strings took 12.6."""
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return sum(part.count(b":") for part in unescaped.split(b'"')[::2])
 
 
 def keys_in(document: Any) -> int:
