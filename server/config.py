@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     )
     strict_truncation: bool = Field(False, description="reject (422) texts longer than the model's max length")
     warmup: bool = Field(True, description="run every batch shape bucket once before reporting ready")
+    reload_timeout_s: float = Field(600.0, gt=0, description="longest a hot reload may take to load, verify, warm "
+                                    "and smoke-test its model; past it the reload answers 409, and later reloads "
+                                    "are refused at once until that load ends (its thread cannot be stopped)")
 
     # HTTP
     host: str = Field("0.0.0.0", min_length=1, description="bind address")
@@ -142,7 +145,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("request_timeout_s", "header_timeout_s", "grpc_max_connection_age_s", "drain_grace_s",
-                     "drain_timeout_s", "db_pool_timeout_s", "key_cache_ttl_s", "max_wait_ms")
+                     "drain_timeout_s", "db_pool_timeout_s", "key_cache_ttl_s", "max_wait_ms", "reload_timeout_s")
     @classmethod
     def _at_most_a_day(cls, value: float, info: ValidationInfo) -> float:
         """Finite is not enough: a timer beyond threading's TIMEOUT_MAX raises OverflowError where it is used."""

@@ -60,6 +60,7 @@ class Services:
     # the labels of each model (name, version) this process has served: one comes back only with its own labels
     _served_labels: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     _retiring: list[ModelRuntime] = field(default_factory=list)  # swapped out by a reload, answering what they took
+    _overdue_load: asyncio.Future | None = None  # a reload's load still running past RELOAD_TIMEOUT_S
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -226,6 +227,8 @@ class Services:
         """
         self._refuse_reload_while_draining()
         path = Path(model_path) if model_path is not None else self.settings.model_path
+        if self._overdue_load is not None:
+            return self._reload_failed(path, self.runtime.identity, self._overdue_load_refusal())
         queued = self._queued_reloads.get(path)
         if queued is not None:
             return await asyncio.shield(queued)
@@ -234,7 +237,8 @@ class Services:
             async with self._reload_lock:
                 del self._queued_reloads[path]  # under way: a later request queues a load of its own
                 self._refuse_reload_while_draining()  # queued behind one that ran into the drain
-                result = await self._reload_now(path)
+                result = await self._reload_now(path) if self._overdue_load is None else \
+                    self._reload_failed(path, self.runtime.identity, self._overdue_load_refusal())
         except BaseException as exc:  # cancelled while waiting or loading: those who joined learn it too
             if self._queued_reloads.get(path) is outcome:
                 del self._queued_reloads[path]
@@ -261,8 +265,16 @@ class Services:
     async def _reload_now(self, path: Path) -> dict[str, Any]:
         old, loop = self.runtime.identity, asyncio.get_running_loop()
         log.info("model reload from %s: loading (serving %s %s meanwhile)", path, old.name, old.version)
+        load = asyncio.ensure_future(on_own_thread(self._load_warm, path, name="model-reload"))
         try:
-            fresh = await on_own_thread(self._load_warm, path, name="model-reload")
+            try:
+                fresh = await asyncio.wait_for(asyncio.shield(load), self.settings.reload_timeout_s)
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+                self._overdue(load, path)
+                raise ReloadOverdue(f"the load of {path} did not finish within RELOAD_TIMEOUT_S "
+                                    f"({self.settings.reload_timeout_s:g} s): its files or the engine may hang; it "
+                                    "goes on in the background, and reloads are refused until it ends (its model is "
+                                    "then dropped), or restart the server") from None
             self._served_labels.setdefault(model_key(self.runtime), self.runtime.labels())
             same_model_other_labels(self._served_labels, fresh)
         except Exception as exc:
@@ -294,7 +306,8 @@ class Services:
         too, since only a bug in the server can raise one."""
         self.metrics.model_reloads.labels("failed").inc()
         asyncio.get_running_loop().call_soon(release_failed_load)  # once ``exc`` and its frames are let go
-        expected = isinstance(exc, ArtifactError | EngineStartError | StartupError)  # StartupError: MemoryDoesNotFit
+        # StartupError: MemoryDoesNotFit
+        expected = isinstance(exc, ArtifactError | EngineStartError | StartupError | ReloadOverdue)
         reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
         if path == self.settings.model_path:  # a SIGHUP's: after a failed reload /health said ok, the pod then
             # failing to start at its next restart (red team helper-89)
@@ -306,6 +319,29 @@ class Services:
                   exc_info=None if expected else exc)
         return {"reloaded": False, "error": f"model reload failed, still serving {old.name} {old.version}: {reason}",
                 "type": "model_reload_failed", "serving": vars(old)}
+
+    def _overdue(self, load: asyncio.Future, path: Path) -> None:
+        """A load past RELOAD_TIMEOUT_S: its thread cannot be stopped, and a second load beside it would hold a
+        second model's memory where the memory plan has room for one, so reloads are refused until it ends. What
+        it loaded is dropped then; the next reload loads afresh. A load that hung (an artifact on a stalled network
+        file system, a warm-up hung in the engine) held the reload lock for good: every later reload and SIGHUP
+        waited behind it, their callers without an answer."""
+        started = time.monotonic()
+        self._overdue_load = load
+
+        def ended(done: asyncio.Future) -> None:
+            self._overdue_load = None
+            outcome = "failed: " + str(done.exception()) if not done.cancelled() and done.exception() else "loaded"
+            log.warning("model reload from %s ended %.0f s after its RELOAD_TIMEOUT_S (%s); its model is dropped "
+                        "and reloads are taken again", path, time.monotonic() - started, outcome[:300])
+            asyncio.get_running_loop().call_soon(release_failed_load)
+
+        load.add_done_callback(ended)
+
+    def _overdue_load_refusal(self) -> ReloadOverdue:
+        return ReloadOverdue("an earlier reload's load is still running past RELOAD_TIMEOUT_S (its files or the "
+                             "engine may hang); no other load runs beside it: reload again once it ends (logged), "
+                             "or restart the server")
 
     def _keep_until_done(self, task: asyncio.Task) -> None:
         """Hold a reference to ``task`` while it runs and drop it when done, so repeated reloads do not pile up."""
@@ -325,6 +361,10 @@ class Services:
 
     def _load_warm(self, path: Path) -> ModelRuntime:
         return load_checked(self.settings, self.metrics, model_path=path, warm=True)
+
+
+class ReloadOverdue(Exception):
+    """A reload's load ran past RELOAD_TIMEOUT_S, or one still does (``Services._overdue``)."""
 
 
 def release_failed_load() -> None:

@@ -345,6 +345,43 @@ def test_a_storm_of_reloads_costs_two_loads_and_every_caller_gets_the_outcome(ma
         assert len(loads) == 3
 
 
+def test_a_load_that_hangs_is_answered_at_reload_timeout_s_and_no_load_runs_beside_it(make_settings, monkeypatch,
+                                                                                       caplog):
+    """A load hung on its files or in the engine held the reload lock for good: every later POST and SIGHUP waited
+    behind it without an answer. Now the reload answers 409 at ``RELOAD_TIMEOUT_S``; while that load still runs,
+    reloads are refused at once (a second model's memory beside it is not planned for); once it ends its model is
+    dropped and reloads load again."""
+    with TestClient(create_app(make_settings(reload_timeout_s=0.5))) as client:
+        services = client.app.state.services
+        serving = services.runtime.identity
+        release = threading.Event()
+        load = services._load_warm
+        loads: list[Path] = []
+
+        def hung_load(path: Path):
+            loads.append(path)
+            if len(loads) == 1:
+                release.wait(60)
+            return load(path)
+
+        monkeypatch.setattr(services, "_load_warm", hung_load)
+        started = time.monotonic()
+        first = client.portal.call(services.reload)
+        assert time.monotonic() - started < 5 and not first["reloaded"], first
+        assert "did not finish within RELOAD_TIMEOUT_S (0.5 s)" in first["error"] and first["serving"] == vars(serving)
+        again = client.portal.call(services.reload)  # refused at once: the hung load still runs
+        assert not again["reloaded"] and "still running past RELOAD_TIMEOUT_S" in again["error"], again
+        assert len(loads) == 1 and f"{FAILED} 2.0" in client.get("/metrics").text
+        assert "MODEL_PATH" in " ".join(client.get("/health").json()["reasons"])
+        assert client.post("/predict", json={"text": "still serving"}).status_code == 200
+        with caplog.at_level("WARNING", logger="server.services"):
+            release.set()
+            wait_for(lambda: services._overdue_load is None, timeout=60, what="the overdue load's end")
+        assert "ended" in caplog.text and "its model is dropped" in caplog.text
+        assert services.runtime.identity == serving  # what it loaded late was not swapped in
+        assert client.portal.call(services.reload)["reloaded"] and len(loads) == 2
+
+
 def test_an_artifact_claiming_the_serving_version_with_other_labels_is_refused(admin_server, tiny_artifact, tmp_path):
     """A manifest whose labels were edited by hand kept the version: records, feedback and the drift metrics before
     and after the reload carried the same version for two label mappings."""
