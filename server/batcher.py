@@ -383,8 +383,8 @@ class Batcher:
                 if not self._quiet.is_set():
                     await asyncio.wait_for(self._awaited_work_done(), timeout)
                 if not self._quiet.is_set():  # answered: the engine is still on work nobody waits for
-                    raise asyncio.TimeoutError
-            except asyncio.TimeoutError:  # ``timeout``: what the connections' wait left of the drain (or 0)
+                    raise TimeoutError
+            except TimeoutError:  # ``timeout`` is what was left of the drain (0 once the connections' wait used it)
                 abandoned = [request for request in self._pending if not request.future.done()]
                 if abandoned:
                     log.warning("drain: %d requests not answered by the drain's end, failed with 503",
@@ -408,7 +408,7 @@ class Batcher:
         while not self._quiet.is_set():
             if not self._waiting and all(request.future.done() for request in self._pending):
                 return
-            with contextlib.suppress(asyncio.TimeoutError):
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._quiet.wait(), DRAIN_POLL_S)
 
     def _queue(self, request: PendingRequest, encodings: list[np.ndarray], now: float) -> list[WorkItem]:

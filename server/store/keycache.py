@@ -146,7 +146,7 @@ class KeyCache:
         started = time.monotonic()
         try:  # bounded: a connection to a server that stopped answering held its request for good (helper-68)
             found = await asyncio.wait_for(asyncio.to_thread(self.store.find, digest), self.lookup_timeout_s)
-        except (SQLAlchemyError, asyncio.TimeoutError) as error:
+        except (SQLAlchemyError, TimeoutError) as error:
             self._mark_down(describe(error) if isinstance(error, SQLAlchemyError) else
                             f"a key lookup got no answer within {self.lookup_timeout_s:.0f} s")
             entry = self._known.get(digest)

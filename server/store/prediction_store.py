@@ -277,7 +277,7 @@ class PredictionStore:
         while not self._closed:
             try:
                 await asyncio.wait_for(self._disk_changed.wait(), WATCH_INTERVAL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._disk_changed.clear()
             if self._closed:
@@ -313,7 +313,7 @@ class PredictionStore:
                 await asyncio.wait(pending, timeout=min(1.0, left()))
         try:  # everything held in memory goes to the spool first: the fast, local, bounded part
             await asyncio.wait_for(self._writer.spool_leftovers(), left())
-        except asyncio.TimeoutError:  # they went uncounted (red team helper-75)
+        except TimeoutError:  # they went uncounted (red team helper-75)
             self._writer.drop_unlogged("they could not be spooled within the shutdown deadline")
         # its own threads, not the loop's executor, whose workers may all be held by database calls that hang
         committer_stopped = await on_own_thread(self._committer.stop, left(), name="store-close")
@@ -324,14 +324,14 @@ class PredictionStore:
         if writer_free:  # then, if the database is up, what the writer holds of the spool's tail
             try:
                 await asyncio.wait_for(self._writer.final_flush(), left(reserve=0.5))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 writer_free = False
         self._writer.forget_tail()
         if writer_free:
             try:
                 cursor = self._writer.cursor
                 await asyncio.wait_for(self._worker.call(lambda: self._wal.release(cursor, force=True)), left())
-            except (asyncio.TimeoutError, OSError) as error:
+            except (TimeoutError, OSError) as error:
                 log.warning("store: spool segments not released at shutdown: %r", error)
         self._worker.stop()
         if not writer_free:

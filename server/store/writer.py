@@ -178,7 +178,7 @@ class Writer:
             if not self._backlog_to_replay():
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), self._flush_interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             self._wakeup.clear()
             if self._stopping:
