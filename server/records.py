@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -60,7 +60,7 @@ class RecordKeys:
     @classmethod
     def of(cls, texts: list[str]) -> RecordKeys:
         return cls([new_id() for _ in texts], [hashlib.sha256(text.encode()).hexdigest() for text in texts],
-                   datetime.now(timezone.utc))
+                   datetime.now(UTC))
 
 
 def prediction_records(texts: list[str], predictions: list[Prediction], context: RecordContext, keys: RecordKeys,

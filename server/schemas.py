@@ -9,7 +9,7 @@ up or store are ``StorableText``, which also refuses NUL (PostgreSQL's text cann
 from __future__ import annotations
 
 from contextvars import ContextVar
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -83,12 +83,12 @@ def not_a_timestamp(value: object) -> object:
 def in_utc(value: datetime) -> datetime:
     """``value`` in UTC (no offset means UTC). A bound past what a datetime holds in UTC (9999-12-31T23:00-05:00)
     is clamped to the last or first UTC datetime: as a filter bound it selects exactly the same rows."""
-    aware = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    aware = value if value.tzinfo else value.replace(tzinfo=UTC)
     try:
-        return aware.astimezone(timezone.utc)
+        return aware.astimezone(UTC)
     except OverflowError:
         extreme = datetime.max if value.year == datetime.max.year else datetime.min
-        return extreme.replace(tzinfo=timezone.utc)
+        return extreme.replace(tzinfo=UTC)
 
 
 UtcDateTime = Annotated[datetime, BeforeValidator(not_a_timestamp), AfterValidator(in_utc)]

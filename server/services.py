@@ -269,7 +269,7 @@ class Services:
         try:
             try:
                 fresh = await asyncio.wait_for(asyncio.shield(load), self.settings.reload_timeout_s)
-            except asyncio.TimeoutError:  # TimeoutError from 3.11 on
+            except TimeoutError:
                 self._overdue(load, path)
                 raise ReloadOverdue(f"the load of {path} did not finish within RELOAD_TIMEOUT_S "
                                     f"({self.settings.reload_timeout_s:g} s): its files or the engine may hang; it "

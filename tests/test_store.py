@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -352,7 +352,7 @@ async def test_a_database_that_stops_answering_reads_degraded_while_its_call_wai
 
 
 def test_list_predictions_filters_orders_and_pages(engine):
-    start = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
     rows = [make_record(f"t{i}", label="POSITIVE" if i % 2 else "NEGATIVE", model_version=str(1 + i // 5),
                         created_at=start + timedelta(minutes=i)) for i in range(10)]
     with engine.begin() as connection:
@@ -552,9 +552,9 @@ def test_feedback_export_to_a_reader_that_goes_away_is_one_line(tmp_path):
     engine = make_engine(load_settings(database_url=url))
     rows = [record_row(make_record(f"text number {n} " * 20), store_text=True) for n in range(3000)]
     with engine.begin() as connection:
-        connection.execute(PREDICTIONS.insert(), [{**row, "created_at": datetime.now(timezone.utc)} for row in rows])
+        connection.execute(PREDICTIONS.insert(), [{**row, "created_at": datetime.now(UTC)} for row in rows])
         connection.execute(FEEDBACK.insert(), [{"prediction_id": row["id"], "label": "POSITIVE",
-                                                "created_at": datetime.now(timezone.utc)} for row in rows])
+                                                "created_at": datetime.now(UTC)} for row in rows])
     engine.dispose()
     export = subprocess.Popen([sys.executable, "-m", "server.cli", "feedback", "export", "--out", "-",
                                "--database-url", url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

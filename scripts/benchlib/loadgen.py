@@ -146,7 +146,7 @@ class Client:
             if sample.status == 200 and draw is not None:
                 sample.correct, sample.cached = self.protocol.score(payload, draw.labels)
                 sample.scored = len(draw.labels)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             sample.error = type(exc).__name__
         except (ValueError, KeyError, TypeError, IndexError):  # a 200 whose body is not the contract's
             sample.error = "bad_response"

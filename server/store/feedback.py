@@ -18,7 +18,7 @@ and are counted as skipped.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from sqlalchemy import Engine, select
@@ -56,7 +56,7 @@ def add_feedback(engine: Engine, prediction_id: str, label: str, labels: list[st
     An unknown prediction is reported before a wrong label: whether the id exists is what a client
     retries on (a record is written shortly after its answer), a wrong label never fixes itself.
     """
-    values = {"prediction_id": prediction_id, "label": label, "created_at": datetime.now(timezone.utc)}
+    values = {"prediction_id": prediction_id, "label": label, "created_at": datetime.now(UTC)}
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     upsert = dialect.insert(FEEDBACK).values(values)
     upsert = upsert.on_conflict_do_update(index_elements=["prediction_id"],

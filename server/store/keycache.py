@@ -44,7 +44,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -287,7 +287,7 @@ class KeyCache:
         if not used:
             return
         try:
-            await asyncio.to_thread(self.store.record_use, {key_id: datetime.fromtimestamp(at, timezone.utc)
+            await asyncio.to_thread(self.store.record_use, {key_id: datetime.fromtimestamp(at, UTC)
                                                              for key_id, at in used.items()})
         except SQLAlchemyError as error:
             log.debug("could not record API key use, will retry: %s", describe(error))
@@ -299,7 +299,7 @@ class KeyCache:
         if not self._down:
             try:
                 await asyncio.wait_for(self.write_uses(), CLOSE_WRITE_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("API key uses since the last reload not recorded: the database did not answer within "
                             "%.0f s", CLOSE_WRITE_TIMEOUT_S)
 

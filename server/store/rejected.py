@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class RejectedFile:
     def append(self, entries: list[dict[str, Any]]) -> None:
         """Write ``entries`` ({"error": ..., "row" or "line": ...}) and fsync before returning; ``OSError`` (a
         full disk) when they are not all kept, the file left as it was."""
-        now = datetime.now(timezone.utc).isoformat()
+        now = datetime.now(UTC).isoformat()
         payload = b"".join(orjson.dumps({"rejected_at": now, **entry}, option=orjson.OPT_APPEND_NEWLINE,
                                         default=str) for entry in entries)
         while True:
@@ -115,7 +115,7 @@ class RejectedFile:
         """
         if self.path.exists():
             os.close(open_regular(self.path))
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
             os.rename(self.path, self.directory / f"{TAKEN_PREFIX}{stamp}.jsonl")
             fsync_dir(self.directory)
         taken = sorted(self.directory.glob(f"{TAKEN_PREFIX}*.jsonl"))

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -321,7 +321,7 @@ class SpoolDirectory:
 
     def set_aside(self, names: list[str], identity: dict[str, Any] | None) -> ForeignSpool:
         """Move ``names`` into a new ``foreign-<time>`` subdirectory, unchanged, with ``identity`` recorded there."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         target = self.path / f"{FOREIGN_PREFIX}{stamp}"
         target.mkdir()
         fsync_dir(self.path)

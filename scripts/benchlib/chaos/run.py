@@ -23,7 +23,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from scripts.benchlib.argtypes import names
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/chaos.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     described = machine()
     print(described, flush=True)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     table, records = run_all(args)
     generated = section(table, command, started.strftime("%Y-%m-%d %H:%M UTC"), described)
     print(table.text())

@@ -159,7 +159,7 @@ class Traffic:
                                     headers={"Content-Type": "application/json", "X-Request-Id": request_id}) as answer:
                 payload = await answer.read()
                 status, attempt.retry_after = answer.status, "Retry-After" in answer.headers
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return attempt
         attempt.status = status
         if status == 200:

@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -345,7 +345,7 @@ class SideBySide:
     # -- the whole run -----------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg = self.config
-        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        started = datetime.now(UTC).isoformat(timespec="seconds")
         env = environment()
         self.log(header(env))
         max_length = cfg.max_length or artifact_max_length(cfg.artifact)
