@@ -34,7 +34,7 @@ from server.routes import predict_answer
 from server.schemas import PredictRequest
 from server.services import Services
 from server.serving import classify
-from server.strict_json import repeats_a_key
+from server.strict_json import writes_more_keys
 
 PATH = "/predict"
 
@@ -117,16 +117,16 @@ def _replay(body: bytearray, end: dict | None, error: Exception | None, receive)
 def _parsed(body: bytearray) -> PredictRequest | None:
     """The request, or None for anything the framework should judge (and word the error for) or answer (TEI).
 
-    Parsed by pydantic-core's own JSON reader: at its peak it holds 4 bytes per byte of a body of emoji-laden
-    texts, against 8 for ``json.loads`` and 16 for ``orjson.loads`` (tracemalloc, a 1 MiB body), and the bodies'
-    memory budget charges 16 in all (``server.budget``). Every body it accepts, the framework's reader
+    Parsed by pydantic-core's own JSON reader: at its peak it holds 4 bytes per byte of a body of emoji-laden texts,
+    against 8 for ``json.loads`` and 16 for ``orjson.loads`` (tracemalloc, a 1 MiB body), and the bodies' memory
+    budget charges 16 in all (``server.budget``). Every body it accepts, the framework's reader
     (``server.strict_json``) reads to the same values (escapes, surrogate pairs, whitespace); what it refuses (a
     byte-order mark, bytes that are not UTF-8, trailing garbage) goes to the framework, which refuses it too, in its
     words. So does a body that writes a key twice, which pydantic-core reads by its last copy and the framework
-    refuses (``server.strict_json.repeats_a_key``: a colon count, and a regex only for texts that hold colons). That
-    check also covers what pydantic-core reads and the framework does not: ``NaN``, ``Infinity``, and integers
-    longer than Python's limit (``PYTHONINTMAXSTRDIGITS``) are no text, so a body the request model accepts holds
-    one only as a key's overridden copy (``{"text": NaN, "text": "ok"}`` was answered before either check).
+    refuses (``server.strict_json.writes_more_keys``: a colon count; outside strings only for texts that hold
+    colons). That check also covers what pydantic-core reads and the framework does not: ``NaN``, ``Infinity``, and
+    integers longer than Python's limit (``PYTHONINTMAXSTRDIGITS``) are no text, so a body the request model accepts
+    holds one only as a key's overridden copy (``{"text": NaN, "text": "ok"}`` was answered before either check).
     """
     if b'"inputs"' in body:  # TEI's body (the key's quotes cannot be unescaped inside a string): the route's
         return None
@@ -134,7 +134,7 @@ def _parsed(body: bytearray) -> PredictRequest | None:
         request = PredictRequest.model_validate_json(body)
     except Exception:  # not JSON, or not a valid request: the framework's handlers answer it
         return None
-    if request.inputs is not None or repeats_a_key(body, len(request.model_fields_set)):
+    if request.inputs is not None or writes_more_keys(body, len(request.model_fields_set)):
         return None  # TEI's body (its parse is not held while the route's runs), or a key sent twice (refused there)
     return request
 

@@ -257,10 +257,41 @@ def test_a_body_declared_in_a_charset_other_than_utf_8_is_415_naming_it(server, 
     assert server.rejected("unsupported_media_type") == before + 1
 
 
+@pytest.mark.parametrize("parameters", ["charset*=utf-8''utf-16", "charset*0=utf; charset*1=-16"])
+def test_a_charset_written_as_rfc_2231_says_is_read_as_such(server, parameters):
+    response = httpx.post(server.url + "/predict", content=json.dumps({"text": "fine"}).encode("utf-16"), timeout=30,
+                          headers={"content-type": f"application/json; {parameters}"})
+    refused(response, 415, "unsupported_media_type", "charset='utf-16'")
+
+
+@pytest.mark.parametrize("parameters", ["charset=utf-8; charset=utf-16", "charset=utf-16; charset=utf-8",
+                                        "charset=utf-8; charset*=utf-8''utf-16"])
+def test_a_charset_named_twice_is_400_as_a_content_type_sent_twice_is(server, parameters):
+    """By its first copy, ``utf-8; utf-16`` was read as UTF-8 where another reader could take the other (red team
+    helper-102)."""
+    response = httpx.post(server.url + "/predict", content=b'{"text": "fine"}', timeout=30,
+                          headers={"content-type": f"application/json; {parameters}"})
+    refused(response, 400, "bad_request", "names a charset 2 times")
+
+
 @pytest.mark.parametrize("charset", ["utf-8", "UTF-8", '"utf-8"', "us-ascii"])
 def test_a_body_declared_as_utf_8_or_ascii_is_answered(server, charset):
     response = httpx.post(server.url + "/predict", content=json.dumps({"text": "café au lait"}).encode(), timeout=30,
                           headers={"content-type": f"application/json; charset={charset}"})
+    assert response.status_code == 200, response.text
+
+
+def test_a_charset_is_not_judged_without_a_body_nor_on_a_binary_one(server):
+    """Every GET with a charset was 415, and v2's binary-data extension sent as ``application/octet-stream;
+    charset=binary`` too (red team helper-102)."""
+    for path in ("/ready", "/health", "/v2/models/sentiment"):
+        response = httpx.get(server.url + path, headers={"content-type": "text/plain; charset=latin1"}, timeout=30)
+        assert response.status_code == 200, (path, response.text)
+    header = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    response = httpx.post(server.url + "/v2/models/sentiment/infer", content=header + b"\x04\x00\x00\x00good",
+                          timeout=30, headers={"content-type": "application/octet-stream; charset=binary",
+                                               "Inference-Header-Content-Length": str(len(header))})
     assert response.status_code == 200, response.text
 
 

@@ -174,6 +174,12 @@ def one_text(**extra) -> dict:
      "not valid JSON: the key 'inputs' is sent twice in one object"),
     (b'{"inputs": [{"name": "mask", "name": "text", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}', None,
      "the key 'name' is sent twice in one object"),
+    # was orjson's "no low surrogate in string": the header is read again, and that reader names the repeat
+    (b'{"parameters": {"\\ud800": 1, "\\ud800": 2}, ' + json.dumps(one_text(data=["a"]))[1:].encode(), None,
+     "not valid JSON: the key '\\ud800' is sent twice"),
+    # orjson refuses the number; the other reader took it as inf, the Infinity it refuses (red team helper-102)
+    (b'{"parameters": {"a": 1e999}, ' + json.dumps(one_text(data=["a"]))[1:].encode(), None,
+     "not valid JSON: number is infinity"),
     (one_text(data=["a"], parameters={"shared_memory_region": "r"}), None, "shared-memory"),
     ({**one_text(data=["a"]), "outputs": [{"name": "label"}, {"name": "label"}]}, None, "requested twice"),
     ({**one_text(data=["a"]), "outputs": [{"name": "label", "parameters": {"classification": 2}}]}, None,
@@ -210,6 +216,21 @@ def test_malformed_requests_are_400_saying_what_to_fix(server, header, binary, f
                           headers=headers, timeout=30)
     assert response.status_code == 400, response.text
     assert fragment in response.json()["error"], response.json()
+
+
+@pytest.mark.parametrize("depth", [480, 700, 1000])
+def test_a_header_nested_as_deep_as_orjson_reads_is_answered_not_a_500(server, depth):
+    """A recursive count of its keys ran out of Python's stack from ~480 levels: 500 (red team helper-102). A key
+    sent twice at the bottom is found; without one the request is answered."""
+    rest = json.dumps(one_text(data=["a great film"]))[1:].encode()
+    for innermost, status in ((b'{"k": 1, "k": 2}', 400), (b'{"k": 1}', 200)):
+        body = b'{"parameters": {"z": ' + b"[" * depth + innermost + b"]" * depth + b"}, " + rest
+        response = httpx.post(server.url + "/v2/models/sentiment/infer", content=body, timeout=30)
+        assert response.status_code == status, response.text
+    error = httpx.post(server.url + "/v2/models/sentiment/infer", timeout=30, content=b'{"parameters": {"z": '
+                       + b"[" * depth + b'{"k": 1, "k": 2}' + b"]" * depth + b"}, " + rest).json()["error"]
+    # past Python's own reader's depth (which names the key) the refusal says how deep it is instead
+    assert "the key 'k' is sent twice" in error or (depth == 1000 and "nested too deeply" in error), error
 
 
 @pytest.mark.parametrize("length, fragment", [  # a bare parser error named neither the header nor the fix

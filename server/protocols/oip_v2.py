@@ -66,7 +66,7 @@ from server.protocols.oip_model import (
 from server.schemas import UnicodeText, at_most_max_texts
 from server.services import Services
 from server.serving import Classified, classify
-from server.strict_json import StrictJsonRoute, keys_in, repeats_a_key, strict_json
+from server.strict_json import RepeatedKey, StrictJsonRoute, repeats_a_key, strict_json
 
 router = APIRouter(route_class=StrictJsonRoute, tags=["Open Inference Protocol v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -386,10 +386,10 @@ def parse_body(body: bytes, header_length: str | None) -> tuple[InferRequest, Bi
         document = orjson.loads(view[:size])
     except orjson.JSONDecodeError as error:
         document = readable_elsewhere(view[:size], error, header_length is not None)
-    if repeats_a_key(view[:size], keys_in(document)):  # orjson kept the last copy (``server.strict_json``)
-        raise key_sent_twice(view[:size])
     if not isinstance(document, dict):
         raise InvalidInferRequest("the inference request must be a JSON object with 'inputs'")
+    if repeats_a_key(body if size == len(body) else view[:size], document):  # orjson kept the last copy
+        raise key_sent_twice(view[:size])
     try:
         parsed = InferRequest.model_validate(document)
     except ValidationError as error:
@@ -468,6 +468,8 @@ def readable_elsewhere(header: memoryview, error: orjson.JSONDecodeError, declar
     it was "not valid JSON: no low surrogate in string". Anything else is not JSON, said as such."""
     try:
         return strict_json(bytes(header))
+    except RepeatedKey as repeated:  # named as such, not as what orjson stumbled on first (a surrogate in that key)
+        raise InvalidInferRequest(f"the inference request is not valid JSON: {repeated}") from None
     except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError; nested past Python's stack
         pass
     if declared:  # a wrong length cuts the header short or runs into the binary data
