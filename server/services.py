@@ -282,6 +282,7 @@ class Services:
         except asyncio.CancelledError:  # shutdown (``close``) cancels a SIGHUP's reload; the load is then dropped
             log.warning("model reload from %s abandoned: the server is shutting down (still serving %s %s)", path,
                         old.name, old.version)
+            load.cancel()  # shielded from the cancel: what it loads is not waited for, nor its error reported
             raise
         if self.closing:  # swapped in now, it would miss the drain of the models ``close`` is draining
             log.warning("model reload from %s dropped: the server began shutting down while it loaded (still "
