@@ -308,14 +308,16 @@ class Services:
         self.metrics.model_reloads.labels("failed").inc()
         asyncio.get_running_loop().call_soon(release_failed_load)  # once ``exc`` and its frames are let go
         # StartupError: MemoryDoesNotFit
-        expected = isinstance(exc, ArtifactError | EngineStartError | StartupError | ReloadOverdue)
+        expected = isinstance(exc, ArtifactError | EngineStartError | StartupError | ReloadOverdue | LoadStillRunning)
         reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-        if path == self.settings.model_path:  # a SIGHUP's: after a failed reload /health said ok, the pod then
-            # failing to start at its next restart (red team helper-89)
+        # a SIGHUP's: after a failed reload /health said ok, the pod then failing to start at its next restart (red
+        # team helper-89); a reload refused while another load runs tried nothing
+        if path == self.settings.model_path and not isinstance(exc, LoadStillRunning):
+            outlook = "a restart may hang loading it the same way: look at its storage" \
+                if isinstance(exc, ReloadOverdue) else "a restart would not start: fix the artifact"
             self.model_path_failed = (f"model: MODEL_PATH {path} failed to reload at "
                                       f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} ({reason[:300]}); "
-                                      f"still serving {old.name} {old.version}, but a restart would not start: fix "
-                                      "the artifact, then reload")
+                                      f"still serving {old.name} {old.version}, but {outlook}, then reload")
         log.error("model reload from %s failed, still serving %s %s: %s", path, old.name, old.version, reason,
                   exc_info=None if expected else exc)
         return {"reloaded": False, "error": f"model reload failed, still serving {old.name} {old.version}: {reason}",
@@ -339,8 +341,8 @@ class Services:
 
         load.add_done_callback(ended)
 
-    def _overdue_load_refusal(self) -> ReloadOverdue:
-        return ReloadOverdue("an earlier reload's load is still running past RELOAD_TIMEOUT_S (its files or the "
+    def _overdue_load_refusal(self) -> LoadStillRunning:
+        return LoadStillRunning("an earlier reload's load is still running past RELOAD_TIMEOUT_S (its files or the "
                              "engine may hang); no other load runs beside it: reload again once it ends (logged), "
                              "or restart the server")
 
@@ -365,7 +367,11 @@ class Services:
 
 
 class ReloadOverdue(Exception):
-    """A reload's load ran past RELOAD_TIMEOUT_S, or one still does (``Services._overdue``)."""
+    """A reload's load ran past RELOAD_TIMEOUT_S (``Services._overdue``)."""
+
+
+class LoadStillRunning(Exception):
+    """A reload refused, loading nothing, while an overdue load still runs (``Services._overdue``)."""
 
 
 def release_failed_load() -> None:

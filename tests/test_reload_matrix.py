@@ -372,7 +372,9 @@ def test_a_load_that_hangs_is_answered_at_reload_timeout_s_and_no_load_runs_besi
         again = client.portal.call(services.reload)  # refused at once: the hung load still runs
         assert not again["reloaded"] and "still running past RELOAD_TIMEOUT_S" in again["error"], again
         assert len(loads) == 1 and f"{FAILED} 2.0" in client.get("/metrics").text
-        assert "MODEL_PATH" in " ".join(client.get("/health").json()["reasons"])
+        reasons = " ".join(client.get("/health").json()["reasons"])
+        assert "MODEL_PATH" in reasons and "may hang loading it the same way" in reasons, reasons  # not "fix it"
+        assert "did not finish within RELOAD_TIMEOUT_S" in reasons  # the refusal after it loaded nothing to judge
         assert client.post("/predict", json={"text": "still serving"}).status_code == 200
         with caplog.at_level("WARNING", logger="server.services"):
             release.set()
