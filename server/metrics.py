@@ -50,7 +50,7 @@ CONFIDENCE_BUCKETS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.9
 
 # Label values created at 0 at start (see the module docstring).
 DEVICES = ("cpu", "cuda")  # oom_events, batch_splits, inference_errors
-RELOAD_RESULTS = ("ok", "failed")  # model_reloads
+RELOAD_RESULTS = ("ok", "failed", "refused")  # model_reloads (refused: while an overdue load runs, nothing loaded)
 HANDOFF_DIRECTIONS = ("to_worker", "to_loop")  # engine_handoff
 PREDICTION_ENDPOINTS = ("/predict", "/", "/v1/models/{name}:predict", "/v2/models/{name}/infer",  # requests, with
                         "/v2/models/{name}/versions/{version}/infer",  # PREDICTION_STATUSES: the shedding, error

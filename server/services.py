@@ -60,7 +60,7 @@ class Services:
     # the labels of each model (name, version) this process has served: one comes back only with its own labels
     _served_labels: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     _retiring: list[ModelRuntime] = field(default_factory=list)  # swapped out by a reload, answering what they took
-    _overdue_load: asyncio.Future | None = None  # a reload's load still running past RELOAD_TIMEOUT_S
+    _overdue_load: OverdueLoad | None = None  # a reload's load still running past RELOAD_TIMEOUT_S
 
     @property
     def runtime(self) -> ModelRuntime:
@@ -192,6 +192,10 @@ class Services:
             reasons.append(f"keys: {keys}")
         if self.model_path_failed:
             reasons.append(self.model_path_failed)
+        if overdue := self._overdue_load:
+            reasons.append(f"reload: the load of {overdue.path} has run {time.monotonic() - overdue.started:.0f} s, "
+                           "past RELOAD_TIMEOUT_S (its files or the engine may hang); reloads are refused until it "
+                           "ends (restart the instance if it does not)")
         identity = self.runtime.identity
         return {
             "status": "degraded" if reasons else "ok",
@@ -228,7 +232,7 @@ class Services:
         self._refuse_reload_while_draining()
         path = Path(model_path) if model_path is not None else self.settings.model_path
         if self._overdue_load is not None:
-            return self._reload_failed(path, self.runtime.identity, self._overdue_load_refusal())
+            return self._refuse_while_overdue(path)
         queued = self._queued_reloads.get(path)
         if queued is not None:
             return await asyncio.shield(queued)
@@ -238,7 +242,7 @@ class Services:
                 del self._queued_reloads[path]  # under way: a later request queues a load of its own
                 self._refuse_reload_while_draining()  # queued behind one that ran into the drain
                 result = await self._reload_now(path) if self._overdue_load is None else \
-                    self._reload_failed(path, self.runtime.identity, self._overdue_load_refusal())
+                    self._refuse_while_overdue(path)
         except BaseException as exc:  # cancelled while waiting or loading: those who joined learn it too
             if self._queued_reloads.get(path) is outcome:
                 del self._queued_reloads[path]
@@ -265,12 +269,13 @@ class Services:
     async def _reload_now(self, path: Path) -> dict[str, Any]:
         old, loop = self.runtime.identity, asyncio.get_running_loop()
         log.info("model reload from %s: loading (serving %s %s meanwhile)", path, old.name, old.version)
+        started = time.monotonic()
         load = asyncio.ensure_future(on_own_thread(self._load_warm, path, name="model-reload"))
         try:
             try:
                 fresh = await asyncio.wait_for(asyncio.shield(load), self.settings.reload_timeout_s)
             except TimeoutError:
-                self._overdue(load, path)
+                self._overdue(OverdueLoad(load, path, started))
                 raise ReloadOverdue(f"the load of {path} did not finish within RELOAD_TIMEOUT_S "
                                     f"({self.settings.reload_timeout_s:g} s): its files or the engine may hang; it "
                                     "goes on in the background, and reloads are refused until it ends (its model is "
@@ -308,43 +313,61 @@ class Services:
         self.metrics.model_reloads.labels("failed").inc()
         asyncio.get_running_loop().call_soon(release_failed_load)  # once ``exc`` and its frames are let go
         # StartupError: MemoryDoesNotFit
-        expected = isinstance(exc, ArtifactError | EngineStartError | StartupError | ReloadOverdue | LoadStillRunning)
+        expected = isinstance(exc, ArtifactError | EngineStartError | StartupError | ReloadOverdue)
         reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-        # a SIGHUP's: after a failed reload /health said ok, the pod then failing to start at its next restart (red
-        # team helper-89); a reload refused while another load runs tried nothing
-        if path == self.settings.model_path and not isinstance(exc, LoadStillRunning):
-            outlook = "a restart may hang loading it the same way: look at its storage" \
-                if isinstance(exc, ReloadOverdue) else "a restart would not start: fix the artifact"
-            self.model_path_failed = (f"model: MODEL_PATH {path} failed to reload at "
-                                      f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} ({reason[:300]}); "
-                                      f"still serving {old.name} {old.version}, but {outlook}, then reload")
+        self._note_model_path_failed(path, exc, reason)
         log.error("model reload from %s failed, still serving %s %s: %s", path, old.name, old.version, reason,
                   exc_info=None if expected else exc)
         return {"reloaded": False, "error": f"model reload failed, still serving {old.name} {old.version}: {reason}",
                 "type": "model_reload_failed", "serving": vars(old)}
 
-    def _overdue(self, load: asyncio.Future, path: Path) -> None:
+    def _note_model_path_failed(self, path: Path, exc: BaseException, reason: str) -> None:
+        """/health's reason after ``MODEL_PATH`` itself failed to reload, a SIGHUP's: after a failed reload /health
+        said ok, the pod then failing to start at its next restart (red team helper-89)."""
+        if path != self.settings.model_path:
+            return
+        old = self.runtime.identity
+        outlook = "a restart may hang loading it the same way: look at its storage" if isinstance(exc, ReloadOverdue) \
+            else "a restart would not start: fix the artifact"
+        self.model_path_failed = (f"model: MODEL_PATH {path} failed to reload at "
+                                  f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} ({reason[:300]}); still "
+                                  f"serving {old.name} {old.version}, but {outlook}, then reload")
+
+    def _overdue(self, overdue: OverdueLoad) -> None:
         """A load past RELOAD_TIMEOUT_S: its thread cannot be stopped, and a second load beside it would hold a
         second model's memory where the memory plan has room for one, so reloads are refused until it ends. What
         it loaded is dropped then; the next reload loads afresh. A load that hung (an artifact on a stalled network
         file system, a warm-up hung in the engine) held the reload lock for good: every later reload and SIGHUP
         waited behind it, their callers without an answer."""
-        started = time.monotonic()
-        self._overdue_load = load
+        self._overdue_load, path = overdue, overdue.path
 
         def ended(done: asyncio.Future) -> None:
             self._overdue_load = None
-            outcome = "failed: " + str(done.exception()) if not done.cancelled() and done.exception() else "loaded"
-            log.warning("model reload from %s ended %.0f s after its RELOAD_TIMEOUT_S (%s); its model is dropped "
-                        "and reloads are taken again", path, time.monotonic() - started, outcome[:300])
+            if done.cancelled():  # the loop's end, at shutdown: it did not end (the exit names its thread)
+                return
+            error = done.exception()
+            log.warning("model reload from %s ended after %.0f s, past its RELOAD_TIMEOUT_S (%s); its model is "
+                        "dropped and reloads are taken again", path, time.monotonic() - overdue.started,
+                        f"failed: {error}"[:300] if error else "loaded")
+            if error is not None:
+                self._note_model_path_failed(path, error, str(error))
+            elif path == self.settings.model_path:
+                self.model_path_failed = None  # it loads, if slowly: a restart would start
             asyncio.get_running_loop().call_soon(release_failed_load)
 
-        load.add_done_callback(ended)
+        overdue.task.add_done_callback(ended)
 
-    def _overdue_load_refusal(self) -> LoadStillRunning:
-        return LoadStillRunning("an earlier reload's load is still running past RELOAD_TIMEOUT_S (its files or the "
-                             "engine may hang); no other load runs beside it: reload again once it ends (logged), "
-                             "or restart the server")
+    def _refuse_while_overdue(self, path: Path) -> dict[str, Any]:
+        """A reload refused, loading nothing, while an overdue load runs: counted ``refused``, not ``failed`` (an
+        alert on failed reloads fired for each of a storm of SIGHUPs that tried nothing: red team helper-103)."""
+        self.metrics.model_reloads.labels("refused").inc()
+        old = self.runtime.identity
+        reason = (f"the load of {self._overdue_load.path} is still running past RELOAD_TIMEOUT_S (its files or the "
+                  "engine may hang); no other load runs beside it: reload again once it ends (logged), or restart "
+                  "the server")
+        log.warning("model reload from %s refused, still serving %s %s: %s", path, old.name, old.version, reason)
+        return {"reloaded": False, "error": f"model reload refused, still serving {old.name} {old.version}: {reason}",
+                "type": "model_reload_failed", "serving": vars(old)}
 
     def _keep_until_done(self, task: asyncio.Task) -> None:
         """Hold a reference to ``task`` while it runs and drop it when done, so repeated reloads do not pile up."""
@@ -370,8 +393,14 @@ class ReloadOverdue(Exception):
     """A reload's load ran past RELOAD_TIMEOUT_S (``Services._overdue``)."""
 
 
-class LoadStillRunning(Exception):
-    """A reload refused, loading nothing, while an overdue load still runs (``Services._overdue``)."""
+@dataclass(frozen=True)
+class OverdueLoad:
+    """A reload's load still running past RELOAD_TIMEOUT_S (``Services._overdue``): its task, what it loads, since
+    when (``time.monotonic()``)."""
+
+    task: asyncio.Future
+    path: Path
+    started: float
 
 
 def release_failed_load() -> None:

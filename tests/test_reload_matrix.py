@@ -33,6 +33,7 @@ from server.cache import PredictionCache
 from server.memory import MemoryGuard, process_rss_bytes
 from server.metrics import Metrics
 from server.primitives import Draining
+from server.services import OverdueLoad
 from tests.broken_artifacts import (
     BREAKERS,
     broken_copy,
@@ -47,6 +48,7 @@ from tests.waiting import wait_for
 
 FAILED = 'sentiment_model_reloads_total{result="failed"}'
 DONE = 'sentiment_model_reloads_total{result="ok"}'
+REFUSED = 'sentiment_model_reloads_total{result="refused"}'
 
 
 @dataclass
@@ -371,17 +373,39 @@ def test_a_load_that_hangs_is_answered_at_reload_timeout_s_and_no_load_runs_besi
         assert "did not finish within RELOAD_TIMEOUT_S (0.5 s)" in first["error"] and first["serving"] == vars(serving)
         again = client.portal.call(services.reload)  # refused at once: the hung load still runs
         assert not again["reloaded"] and "still running past RELOAD_TIMEOUT_S" in again["error"], again
-        assert len(loads) == 1 and f"{FAILED} 2.0" in client.get("/metrics").text
+        metrics = client.get("/metrics").text  # a refusal tried nothing: not a failure an alert should count
+        assert len(loads) == 1 and f"{FAILED} 1.0" in metrics and f"{REFUSED} 1.0" in metrics
         reasons = " ".join(client.get("/health").json()["reasons"])
         assert "MODEL_PATH" in reasons and "may hang loading it the same way" in reasons, reasons  # not "fix it"
-        assert "did not finish within RELOAD_TIMEOUT_S" in reasons  # the refusal after it loaded nothing to judge
+        assert "did not finish within RELOAD_TIMEOUT_S" in reasons  # the refusal, which judged nothing, kept it
+        assert "reload: the load of" in reasons and "reloads are refused until it ends" in reasons
         assert client.post("/predict", json={"text": "still serving"}).status_code == 200
         with caplog.at_level("WARNING", logger="server.services"):
             release.set()
             wait_for(lambda: services._overdue_load is None, timeout=60, what="the overdue load's end")
-        assert "ended" in caplog.text and "its model is dropped" in caplog.text
+        assert "ended after" in caplog.text and "(loaded); its model is dropped" in caplog.text
         assert services.runtime.identity == serving  # what it loaded late was not swapped in
+        assert client.get("/health").json()["reasons"] == []  # it loads, if slowly: a restart would start
         assert client.portal.call(services.reload)["reloaded"] and len(loads) == 2
+
+
+def test_an_overdue_load_still_running_at_shutdown_is_not_logged_as_ended(make_settings, caplog):
+    """The loop's end cancels its task: it was logged as "ended ... (loaded) ... reloads are taken again" while its
+    thread still hung (red team helper-103)."""
+    with TestClient(create_app(make_settings())) as client:
+        services = client.app.state.services
+
+        async def overdue_then_cancelled() -> None:
+            load = asyncio.get_running_loop().create_future()
+            services._overdue(OverdueLoad(load, services.settings.model_path, time.monotonic()))
+            with caplog.at_level("WARNING"):
+                load.cancel()
+                await asyncio.sleep(0.05)
+
+        client.portal.call(overdue_then_cancelled)
+        assert services._overdue_load is None
+        said = [r.getMessage() for r in caplog.records if r.name in ("server.services", "asyncio")]
+        assert said == []  # no "ended", and no error raised in the callback
 
 
 def test_an_artifact_claiming_the_serving_version_with_other_labels_is_refused(admin_server, tiny_artifact, tmp_path):
