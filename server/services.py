@@ -12,12 +12,14 @@ import contextlib
 import gc
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from server import idle_spin
 from server.artifact import ArtifactError
+from server.batcher import Batcher
 from server.cache import PredictionCache
 from server.config import Settings
 from server.engine import EngineStartError, available_cores
@@ -60,6 +62,9 @@ class Services:
     # the labels of each model (name, version) this process has served: one comes back only with its own labels
     _served_labels: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     _retiring: list[ModelRuntime] = field(default_factory=list)  # swapped out by a reload, answering what they took
+    # the engines of models a reload swapped out whose drain left a worker in its call (no request waited for it);
+    # weak: a call that ends lets its model go as ``_retire`` meant to
+    _left_running: list[tuple[ModelIdentity, weakref.ref[Batcher]]] = field(default_factory=list)
     _overdue_load: OverdueLoad | None = None  # a reload's load still running past RELOAD_TIMEOUT_S
 
     @property
@@ -111,6 +116,25 @@ class Services:
             f"engine: {stuck} of {batcher.workers} engine workers on one batch for more than REQUEST_TIMEOUT_S "
             f"({longest:.0f} s): the engine may be stuck; requests time out (503 deadline) meanwhile"
             + ("; not ready" if stuck == batcher.workers else "") + ". Restart the instance if it does not end")
+
+    def retired_engines_stuck(self) -> list[str]:
+        """/health's reasons for models a reload swapped out whose engine workers are still on one batch past
+        REQUEST_TIMEOUT_S, draining or left in their call by a drain that gave up (``_retire``): such a call holds
+        its model's threads and memory, and on a GPU its device memory, while the serving model answers, and /health
+        said ok (not a readiness matter: the serving model's workers are free)."""
+        left = [(identity, batcher) for identity, ref in self._left_running if (batcher := ref()) is not None]
+        self._left_running = [(identity, weakref.ref(batcher)) for identity, batcher in left
+                              if batcher.stuck_workers(0.0)[0]]
+        reasons = []
+        engines = [(runtime.identity, runtime.batcher) for runtime in self._retiring] + left
+        for identity, batcher in engines:
+            stuck, longest = batcher.stuck_workers(self.settings.request_timeout_s)
+            if stuck:
+                reasons.append(f"engine: {identity.name} {identity.version}, swapped out by a reload, has {stuck} "
+                               f"engine worker{'s' if stuck > 1 else ''} on one batch for more than "
+                               f"REQUEST_TIMEOUT_S ({longest:.0f} s): its threads and memory are held until the call "
+                               "ends (the serving model answers). Restart the instance if it does not end")
+        return reasons
 
     def begin_drain(self, deadline: float | None = None) -> None:
         """Not ready from now on (/ready and new /predict answer 503).
@@ -188,6 +212,7 @@ class Services:
             reasons.append("draining")
         if stuck := self.engine_stuck()[1]:
             reasons.append(stuck)
+        reasons += self.retired_engines_stuck()
         if keys := self.keys_unknown():
             reasons.append(f"keys: {keys}")
         if self.model_path_failed:
@@ -379,6 +404,8 @@ class Services:
         try:
             await self.predictor.finished_with(runtime)
             await runtime.batcher.drain()
+            if runtime.batcher.stuck_workers(0.0)[0]:  # a call no request waits for, left running (``drain``)
+                self._left_running.append((runtime.identity, weakref.ref(runtime.batcher)))
         finally:  # cancelled by ``close`` too: the list must not hold the model for the process's life
             self._retiring.remove(runtime)
         del runtime

@@ -289,6 +289,40 @@ def test_an_engine_stuck_past_the_request_timeout_is_on_health_not_ready_and_not
     assert "work no request waits for" in live.log()
 
 
+def test_an_engine_call_left_hung_by_a_reload_is_on_health_while_the_new_model_serves(tiny_artifact, tmp_path):
+    """A reload swaps a hung model out: its drain gives up once no request waits (the hung one failed at its
+    deadline) and leaves the worker in its call, holding that model's threads and memory, while /health said ok: the
+    stuck reason looked at the serving model's workers only."""
+    hang_file = tmp_path / "hang"
+    live = start_with_hanging_engine(tiny_artifact, tmp_path, hang_file, {
+        "REQUEST_TIMEOUT_S": "1", "ENGINE_WORKERS": "1", "DRAIN_GRACE_S": "0", "DRAIN_TIMEOUT_S": "60"})
+    try:
+        hang_file.touch()  # the reloaded model's engine is not wrapped: only the first model's call hangs
+        response = httpx.post(live.url + "/predict", json={"text": "the engine hangs on this"}, timeout=WAIT_S)
+        assert response.status_code == 503 and response.json()["type"] == "deadline"
+        live.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: metric(live, 'sentiment_model_reloads_total{result="ok"}') >= 1, "the reload")
+        wait_for(lambda: "its workers are not waited for" in live.log(), "the retired model's drain to give up")
+
+        def retired_stuck() -> dict | None:
+            health = httpx.get(live.url + "/health", timeout=WAIT_S).json()
+            return health if any("swapped out by a reload" in r for r in health["reasons"]) else None
+
+        health = wait_for(retired_stuck, "/health to name the retired model's stuck worker")
+        assert health["status"] == "degraded"
+        reason = next(r for r in health["reasons"] if "swapped out by a reload" in r)
+        assert reason.startswith("engine: ") and "1 engine worker on one batch" in reason and "Restart the instance" in reason, reason
+        assert not any(r.startswith("engine: 1 of 1") for r in health["reasons"])  # the serving model's is free
+        assert probe_ready(live.url) == 200  # the serving model answers: no reason to take the instance out
+        answered = httpx.post(live.url + "/predict", json={"text": "the new model answers"}, timeout=WAIT_S)
+        assert answered.status_code == 200
+        live.process.send_signal(signal.SIGTERM)
+        code, _ = wait_exit(live, WAIT_S + MARGIN_S)
+    finally:
+        live.process.kill()
+    assert code == 0, live.log()[-3000:]
+
+
 def test_a_drain_ended_by_a_second_signal_says_so_not_that_its_timeout_ran_out(tiny_artifact, tmp_path):
     """A red team read "(DRAIN_GRACE_S + DRAIN_TIMEOUT_S)" after its own second SIGTERM, 4 s into a 30 s drain, and
     the batcher's line "not answered within 0.0 s": an operator would raise DRAIN_TIMEOUT_S for nothing."""
