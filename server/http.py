@@ -351,6 +351,7 @@ def route_of(scope) -> object | None:
 
 
 ROOT_LIVENESS = "GET /"  # KServe v1's liveness probe, on the path of TEI's inference (``POST /``)
+UNMATCHED = "unmatched"  # the endpoint of a request no route (no gRPC method) serves
 
 
 def endpoint_label(scope) -> str:
@@ -361,9 +362,9 @@ def endpoint_label(scope) -> str:
     inference alerts' ratios of TEI's predictions (``POST /``): a probe at 2/s hid 10 % of clients giving up."""
     route = scope.get("route")
     if route is not None:
-        path = getattr(route, "path_format", "unmatched")
+        path = getattr(route, "path_format", UNMATCHED)
         return ROOT_LIVENESS if path == "/" and "POST" not in getattr(route, "methods", ()) else path
-    return scope["path"] if "endpoint" in scope and not scope.get("path_params") else "unmatched"
+    return scope["path"] if "endpoint" in scope and not scope.get("path_params") else UNMATCHED
 
 
 def json_response(content: object, status: int = 200, headers: dict[str, str] | None = None,

@@ -181,10 +181,17 @@ def test_counted_by_rpc_and_recorded_under_the_request_id(tiny_artifact, tmp_pat
         assert call.code() == grpc.StatusCode.OK and dict(call.initial_metadata())["x-request-id"] == "oip-grpc-1"
         _, call = raw_infer(address, service_pb2.ModelInferRequest(model_name="nope"))
         assert call.code() == grpc.StatusCode.NOT_FOUND
+        with grpc.insecure_channel(address) as channel:  # methods not served: grpcio answers before any handler
+            for method in ("/inference.GRPCInferenceService/ModelStreamInfer", "/grpc.health.v1.Health/Check",
+                           "/no.such.Service/Anything"):
+                with pytest.raises(grpc.RpcError) as refused:
+                    channel.unary_unary(method)(b"", timeout=30)
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
         metrics = httpx.get(live.url + "/metrics", timeout=30).text
         for status, count in (("200", 1), ("404", 1)):
             assert (f'sentiment_requests_total{{endpoint="/inference.GRPCInferenceService/ModelInfer",'
                     f'status="{status}"}} {count}.0') in metrics
+        assert 'sentiment_requests_total{endpoint="unmatched",status="404"} 3.0' in metrics  # one label value
         assert 'sentiment_request_latency_seconds_count{endpoint="/inference.GRPCInferenceService/ModelInfer"} 2.0' \
             in metrics
     finally:

@@ -38,6 +38,7 @@ The server is grpcio's asyncio server on the app's own event loop, so ModelInfer
   and the request latency histogram, as the HTTP middleware records them; a call the client cancelled (or whose
   deadline passed: the client gave up) counts as status 499, one abandoned at the drain deadline as 503. A call is
   counted when its handler answers; an answer grpcio then cannot send is one throttled WARNING (``UnsentAnswers``).
+  A call of a method not served (UNIMPLEMENTED) counts as ``endpoint="unmatched"``, status 404 (``CountUnmatched``).
 - Limits: a message over MAX_REQUEST_BYTES is refused by gRPC itself (RESOURCE_EXHAUSTED, before any handler: not
   in the metrics); concurrency is bounded by the batcher's queue (UNAVAILABLE when it is full), as for HTTP. One
   connection has at most GRPC_STREAMS calls open at once (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS); a client's
@@ -87,7 +88,7 @@ from grpc import aio
 from server.auth import GRPC, Caller, authorize, client_for_log, credentials
 from server.budget import BodyBudget
 from server.exitcodes import ExitCode, StartupError
-from server.http import REJECTED_BY_STATUS, STATUS_TYPES, BodyMemoryFull, bodies_full_message
+from server.http import REJECTED_BY_STATUS, STATUS_TYPES, UNMATCHED, BodyMemoryFull, bodies_full_message
 from server.logging_setup import request_id_var
 from server.metrics import Metrics
 from server.primitives import Draining, ModelIdentity, ServerError, in_list, request_id_from
@@ -467,6 +468,23 @@ GRPC_IDLE_MS = 5 * 60 * 1000  # a gRPC connection without a call for this long i
 GRPC_STREAMS = 100  # calls one gRPC connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
 
 
+class CountUnmatched(aio.ServerInterceptor):
+    """A call of a method this server does not serve (another RPC of the full service, another service: a gRPC
+    health probe, reflection, a scanner) is answered UNIMPLEMENTED by grpcio before any handler runs, and was in no
+    metric: counted as HTTP counts a path no route matches, ``sentiment_requests_total{endpoint="unmatched",
+    status="404"}`` (one label value, so a client cannot add any)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        started = time.perf_counter()
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            self._metrics.count_request(UNMATCHED, 404, time.perf_counter() - started)
+        return handler
+
+
 class GrpcServer:
     """The gRPC listener of one app: started by its lifespan, stopped within the drain."""
 
@@ -477,7 +495,7 @@ class GrpcServer:
         settings = services.settings
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
         self.address = f"{host}:{settings.grpc_port}"
-        self.server = aio.server(options=[
+        self.server = aio.server(interceptors=[CountUnmatched(services.metrics)], options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),  # else a second server binds a port in use, and they share its calls
             # Connections as for HTTP: idle ones that had sent nothing but the HTTP/2 preface took every file
