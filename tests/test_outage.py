@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, select
 
 from scripts.benchlib.serverproc import start_server, stop_server
 from server.store.tables import PREDICTIONS
+from tests.test_protocol_oip_v2 import create_key
 
 
 def stream(client: httpx.Client, start: int, count: int) -> list[str]:
@@ -194,3 +195,36 @@ def test_a_sqlite_file_moved_alone_under_a_running_server_holds_what_was_committ
     assert sorted(_stored_request_ids(aside)) == sorted(answered)  # the moved file alone, no log beside it
     leftover = Path(f"{database}-wal")
     assert not leftover.exists() or leftover.stat().st_size == 0
+
+
+@pytest.mark.parametrize("companion", ["-wal", "-shm"])
+def test_feedback_and_key_writes_after_the_sqlite_log_is_removed_are_not_500(tiny_artifact, tmp_path, companion):
+    """A red team removed ``-wal`` or ``-shm`` under a running server: every feedback and key write through the API
+    (a revoke of a leaked key too) answered 500 with a traceback, and the key cache logged one at each refresh. The
+    commit hook's ``SqliteFileChanged`` is the driver's own error, not SQLAlchemy's, and the 503 handling looked for
+    SQLAlchemy's only."""
+    database = tmp_path / "predictions.db"
+    admin = create_key(f"sqlite:///{database}", "admin")
+    env = {**_sqlite_env(tiny_artifact, tmp_path), "AUTH_MODE": "required", "KEY_CACHE_TTL_S": "1"}
+    server = _start(env, tmp_path / "first")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {admin}"}) as client:
+            prediction_id = client.post("/predict", json={"text": "a fine film"}).json()["predictions"][0]["id"]
+            key_id = client.post("/admin/keys", json={"name": "to revoke"}).json()["id"]
+            until(client, lambda health: health["status"] == "ok" and not health["database"]["spool_rows"])
+            Path(f"{database}{companion}").unlink()
+            refused = [client.post("/feedback", json={"prediction_id": prediction_id, "label": "POSITIVE"}),
+                       client.post("/admin/keys", json={"name": "later"}), client.delete(f"/admin/keys/{key_id}")]
+            time.sleep(2.5)  # the key cache's refreshes (every KEY_CACHE_TTL_S / 2) meet the same error
+    finally:
+        server.process.kill()
+        server.process.wait()
+    for response in refused:  # refused as the database being down; or, once SQLite has made its files afresh
+        # (every connection closed: its last close checkpoints into the database file), served by them
+        if response.status_code != 503:
+            assert response.status_code in (200, 201), (response.request.url, response.text)
+            continue
+        assert response.headers["retry-after"] and response.json()["type"] == "unavailable", response.text
+    assert refused[0].status_code == 503  # not 404 "no prediction": the feedback's own read found the log changed
+    log = server.log()
+    assert "Traceback" not in log and "API key cache refresh failed" not in log, log[-3000:]

@@ -11,8 +11,11 @@ as stored, /health said the database was up, and at a clean shutdown (or a SIGKI
 
 * the file at the path must stay the one first opened (device and inode), and the write-ahead log the one first
   committed through: a commit that would go elsewhere fails before SQLite makes it, as the database being
-  unavailable (``SqliteFileChanged``, an ``sqlite3.OperationalError``). The writer marks the database down, keeps
-  the records in the spool and retries; a feedback or key write is answered 503;
+  unavailable (``SqliteFileChanged``, an ``sqlite3.OperationalError``, raised as it is: ``db.UNAVAILABLE`` names
+  it beside SQLAlchemy's errors). The writer marks the database down, keeps the records in the spool and retries; a
+  feedback or key call is answered 503 (red team helper-104: 500, with a traceback). Once the log has changed, a
+  connection's checkout fails so too, reads included: one opened after the log's removal saw none of its rows (a
+  feedback on an answered prediction was 404 "no prediction");
 * a pooled connection to another file is discarded at checkout, and no connection is opened while the path names
   another file or none. SQLite would make a new, empty database at an empty path, and a file put in place of the
   first one would be opened with the first one's ``-wal`` and ``-shm`` (a red team's restored backup ended up
@@ -124,6 +127,8 @@ def watch(engine: Engine, path: Path) -> None:
         if record.info.get(FILE) != identity(path):
             checkpoint(dbapi_connection)
             raise exc.DisconnectionError("the SQLite database file changed since this connection opened it")
+        if first["log"] is not None:  # a read too: a connection opened after the log's removal saw none of its rows
+            refuse_another_log((identity(wal), identity(shm)))
 
     @event.listens_for(engine, "close")
     def leave_nothing_in_the_log_of_a_moved_file(dbapi_connection, record) -> None:
@@ -141,12 +146,16 @@ def watch(engine: Engine, path: Path) -> None:
         now_log = identity(wal), identity(shm)
         if first["log"] is None:
             first["log"] = now_log
-        elif now_log[0] != first["log"][0]:
+        refuse_another_log(now_log)
+
+    def refuse_another_log(now_log: tuple) -> None:
+        """``SqliteFileChanged`` when the ``-wal`` or ``-shm`` is not the one first committed through."""
+        if now_log[0] != first["log"][0]:
             raise SqliteFileChanged(
                 f"the SQLite database's write-ahead log {wal} was removed or replaced while the server ran: what "
                 "was committed since is only in the log the server still holds open; restart the server "
                 "(predictions are spooled on disk meanwhile and replayed at the start)")
-        elif now_log[1] != first["log"][1]:
+        if now_log[1] != first["log"][1]:
             raise SqliteFileChanged(
                 f"the SQLite database's shared index {shm} was removed or replaced while the server ran: its "
                 "commits and another process's (sentiment-analyzer keys) would no longer see each other, and one "
