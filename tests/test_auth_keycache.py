@@ -4,6 +4,7 @@ failures injected: which checks read the database, what a reload picks up, what 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -373,8 +374,11 @@ async def test_a_start_while_the_database_is_down_judges_keys_by_the_last_run_s_
     revoked, revoked_key = KeyStore(engine).create("leaked", "predict")
     KeyStore(engine).revoke(revoked.id)
     snapshot = KeySnapshot(tmp_path, {"dialect": "sqlite", "database": "the one"})
+    left = snapshot.path.with_name(snapshot.path.name + ".partial")  # a write cut short before, or put there
+    left.write_text("{}")
+    left.chmod(0o644)  # its mode was kept, and the snapshot read by all (red team helper-104)
     await started_with(KeyStore(engine), snapshot)  # the last run, while the database could be read
-    assert snapshot.path.stat().st_mode & 0o777 == 0o600
+    assert snapshot.path.stat().st_mode & 0o777 == 0o600 and not left.exists()
 
     down = FlakyKeyStore(engine)
     down.failing = True
@@ -393,3 +397,50 @@ async def started_with(store: KeyStore, snapshot: KeySnapshot) -> KeyCache:
     cache = KeyCache(store, Metrics(), ttl_s=60, snapshot=snapshot)
     await cache.start()
     return cache
+
+
+async def test_a_key_revoked_through_the_cache_stays_revoked_in_the_snapshot_at_once(engine, tmp_path):
+    """A key revoked with ``DELETE /admin/keys`` was written to the snapshot only at the next reload (every
+    KEY_CACHE_TTL_S / 2, and only while the database could be read): a SIGKILL and the database stopped within
+    that window, and the restarted server accepted the key for the whole outage (red team helper-104). A reload that
+    read the keys before the revocation must not write it back unrevoked either."""
+    store = FlakyKeyStore(engine)
+    record, key = store.create("leaked", "predict")
+    snapshot = KeySnapshot(tmp_path, {"dialect": "sqlite", "database": "the one"})
+    cache = await started_with(store, snapshot)
+
+    read_before_revoking = store.all_by_digest
+
+    def read_then_revoke():
+        keys = read_before_revoking()
+        store.all_by_digest = read_before_revoking  # the revocation's own read of the keys, for the snapshot
+        cache.revoke(record.id)  # commits, and writes the snapshot, after this reload's read
+        return keys
+
+    store.all_by_digest = read_then_revoke
+    assert await cache.refresh()  # writes what it read only if nothing newer is in the file
+    created, created_key = await asyncio.to_thread(cache.create, "made here", "predict")
+
+    down = FlakyKeyStore(engine)
+    down.failing = True
+    restarted = await started_with(down, snapshot)  # killed, and started again during an outage
+    assert (await restarted.authenticate(key)).revoked_at is not None
+    assert (await restarted.authenticate(created_key)).id == created.id
+
+
+def test_a_snapshot_whose_fields_have_the_wrong_types_is_not_used(tmp_path, caplog):
+    """A hand-edited snapshot with a list for a key's id or role was taken, and every request with such a key was
+    answered 500 (``TypeError: unhashable type``: red team helper-104); it is refused as unreadable, as malformed JSON
+    is."""
+    identity = {"dialect": "sqlite", "database": "the one"}
+    fields = {"id": "k1", "name": "n", "role": "predict", "created_at": "2026-12-07T00:00:00+00:00",
+              "last_used_at": None, "revoked_at": None}
+    snapshot = KeySnapshot(tmp_path, identity)
+    for wrong in ({"id": ["x"]}, {"role": ["admin"]}, {"role": "root"}, {"name": 3}, {"revoked_at": 5}):
+        snapshot.path.write_text(json.dumps({"database": identity, "read_at": 1.0,
+                                             "keys": {"d" * 64: {**fields, **wrong}}}))
+        caplog.clear()
+        assert snapshot.read() is None, wrong
+        assert "cannot be read" in caplog.text, wrong
+    snapshot.path.write_text(json.dumps({"database": identity, "read_at": 1.0, "keys": {"d" * 64: fields}}))
+    assert snapshot.read()[0]["d" * 64].role == "predict"

@@ -40,17 +40,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from server.metrics import Metrics
 from server.primitives import ServerError
-from server.store.db import describe
+from server.store.db import DATABASE_FAILED, describe
 from server.store.keys import ApiKey, KeyStore, key_digest
 from server.store.keysnapshot import KeySnapshot
 from server.store.throttle import Throttle
@@ -98,6 +97,8 @@ class KeyCache:
         self.lookup_timeout_s = lookup_timeout_s
         self._snapshot = snapshot  # for a start during an outage (``server.store.keysnapshot``)
         self._kept: tuple[frozenset, float] | None = None  # what the snapshot holds, and when it was written
+        self._snapshot_lock = threading.Lock()  # reloads (a thread of the loop's) and key changes (``run_db``) write it
+        self._snapshot_read = -math.inf  # when the keys the snapshot holds were read (time.monotonic())
         self._metrics = metrics
         self._known: dict[str, _Entry] = {}  # sha256 of the key -> its record as last read
         self._unknown: OrderedDict[str, float] = OrderedDict()  # sha256 -> monotonic time the verdict expires
@@ -146,8 +147,8 @@ class KeyCache:
         started = time.monotonic()
         try:  # bounded: a connection to a server that stopped answering held its request for good (helper-68)
             found = await asyncio.wait_for(asyncio.to_thread(self.store.find, digest), self.lookup_timeout_s)
-        except (SQLAlchemyError, TimeoutError) as error:
-            self._mark_down(describe(error) if isinstance(error, SQLAlchemyError) else
+        except (*DATABASE_FAILED, TimeoutError) as error:
+            self._mark_down(describe(error) if isinstance(error, DATABASE_FAILED) else
                             f"a key lookup got no answer within {self.lookup_timeout_s:.0f} s")
             entry = self._known.get(digest)
             if entry is not None:
@@ -190,6 +191,7 @@ class KeyCache:
     def create(self, name: str, role: str) -> tuple[ApiKey, str]:
         record, key = self.store.create(name, role)
         self._change(key_digest(key), record)
+        self._snapshot_now()
         return record, key
 
     def list(self) -> list[ApiKey]:
@@ -205,6 +207,7 @@ class KeyCache:
             return None
         record, digest = revoked
         self._change(digest, record)
+        self._snapshot_now()
         return record
 
     def _change(self, digest: str, record: ApiKey) -> None:
@@ -212,6 +215,38 @@ class KeyCache:
         with self._lock:
             self._known[digest] = entry
             self._changes.append((digest, entry))
+
+    def _snapshot_now(self) -> None:
+        """Blocking, after a key changed through this server: the snapshot written at once, not at the next reload. A
+        key revoked here (``DELETE /admin/keys``) was accepted again by a restart during an outage that began before
+        that reload (red team helper-104: a SIGKILL and the database stopped within 15 s of the revoke)."""
+        if self._snapshot is None:
+            return
+        read, read_at = time.monotonic(), time.time()
+        try:
+            keys = self.store.all_by_digest()
+        except DATABASE_FAILED as error:
+            log.warning("API key snapshot %s not rewritten after a key change (the keys cannot be read: %s); the next "
+                        "reload writes it", self._snapshot.path, describe(error))
+            return
+        self._write_snapshot(keys, read, read_at)
+
+    def _write_snapshot(self, keys: dict[str, ApiKey], read: float, read_at: float) -> bool:
+        """Blocking: ``keys``, read at ``read`` (``time.monotonic()``; ``read_at``: ``time.time()``, for the file),
+        into the snapshot, unless it holds a later reading already (a reload that read the keys before a revocation
+        must not write the key back unrevoked after it). False when the file cannot be written (logged)."""
+        with self._snapshot_lock:
+            if read < self._snapshot_read:
+                return True
+            try:
+                self._snapshot.write(keys, read_at)
+            except OSError as error:
+                self._throttle.log("snapshot", logging.WARNING, "API key snapshot %s not written (%s): a start "
+                                   "while the database is down would know only the keys of an older snapshot, or "
+                                   "none", self._snapshot.path, error)
+                return False
+            self._snapshot_read = read
+            return True
 
     async def start(self) -> None:
         """The first load; a database that cannot be read leaves the cache with the snapshot's keys (or empty:
@@ -245,10 +280,10 @@ class KeyCache:
 
     async def refresh(self) -> bool:
         """Reload every key from the database; False (and the cache kept as it was) if it cannot be read."""
-        started = time.monotonic()
+        started, read_at = time.monotonic(), time.time()
         try:
             stored = await asyncio.to_thread(self.store.all_by_digest)
-        except SQLAlchemyError as error:
+        except DATABASE_FAILED as error:
             self._mark_down(describe(error))
             return False
         with self._lock:
@@ -262,10 +297,10 @@ class KeyCache:
         if self._down:
             log.info("API keys can be read from the database again: %d keys loaded", len(known))
             self._down = None
-        await self._keep(stored)
+        await self._keep(stored, started, read_at)
         return True
 
-    async def _keep(self, keys: dict[str, ApiKey]) -> None:
+    async def _keep(self, keys: dict[str, ApiKey], read: float, read_at: float) -> None:
         """Write the snapshot when the keys changed (their use times aside), and hourly, so that its age is what a
         start in an outage reports."""
         if self._snapshot is None:
@@ -273,13 +308,8 @@ class KeyCache:
         held = frozenset((digest, key.id, key.role, key.revoked_at) for digest, key in keys.items())
         if self._kept is not None and self._kept[0] == held and time.monotonic() - self._kept[1] < SNAPSHOT_EVERY_S:
             return
-        try:
-            await asyncio.to_thread(self._snapshot.write, keys, time.time())
-        except OSError as error:
-            self._throttle.log("snapshot", logging.WARNING, "API key snapshot %s not written (%s): a start while "
-                               "the database is down would know no keys", self._snapshot.path, error)
-            return
-        self._kept = (held, time.monotonic())
+        if await asyncio.to_thread(self._write_snapshot, keys, read, read_at):
+            self._kept = (held, time.monotonic())
 
     async def write_uses(self) -> None:
         """Write the uses collected since the last call; kept for the next call if the database fails."""
@@ -289,7 +319,7 @@ class KeyCache:
         try:
             await asyncio.to_thread(self.store.record_use, {key_id: datetime.fromtimestamp(at, UTC)
                                                              for key_id, at in used.items()})
-        except SQLAlchemyError as error:
+        except DATABASE_FAILED as error:
             log.debug("could not record API key use, will retry: %s", describe(error))
             for key_id, at in used.items():
                 self._used[key_id] = max(at, self._used.get(key_id, at))

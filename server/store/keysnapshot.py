@@ -7,7 +7,8 @@ and answered every keyed request 503 until the database came back (red team help
 
 What it holds: each key's sha256 digest, id, name, role and times, revoked ones included (what the ``api_keys``
 table holds; never a key itself), and the database they were read from. It is written (atomically, mode 0600)
-when a reload finds the keys changed, and read only at a start whose first load fails, and only when it names
+when a reload finds the keys changed and at once when a key is created or revoked through this server
+(``KeyCache._snapshot_now``), and read only at a start whose first load fails, and only when it names
 the same database. The keys it holds are then judged as the cache judges them in an outage: by their state when
 it was written, each such request counted as a fallback; a key revoked since is accepted until the database can
 be read again. ``SPOOL_DIR`` is the volume that outlives the process, and it already holds prediction texts.
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from server.regular_file import open_regular
-from server.store.keys import ApiKey
+from server.store.keys import ROLES, ApiKey
 from server.store.spooldir import write_json_atomically
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,15 @@ class KeySnapshot:
 
 
 def _api_key(fields: dict[str, Any]) -> ApiKey:
+    """A key as the snapshot holds it; ``TypeError`` or ``ValueError`` for fields of another type or value (a file
+    edited by hand: a list for an id was taken, and every request with that key answered 500)."""
     def when(name: str) -> datetime | None:
-        return datetime.fromisoformat(fields[name]) if fields[name] else None
+        return datetime.fromisoformat(fields[name]) if fields[name] is not None else None
 
+    if not all(isinstance(fields[name], str) for name in ("id", "name", "role")):
+        raise TypeError("a key's id, name and role must be strings")
+    if fields["role"] not in ROLES:
+        raise ValueError(f"a key's role must be one of {', '.join(ROLES)}, not {fields['role']!r}")
     return ApiKey(id=fields["id"], name=fields["name"], role=fields["role"],
                   created_at=datetime.fromisoformat(fields["created_at"]), last_used_at=when("last_used_at"),
                   revoked_at=when("revoked_at"))

@@ -127,10 +127,12 @@ TARGET_PARAMETERS = ("service", "options")
 
 
 def write_json_atomically(target: Path, value: Any, mode: int) -> None:
-    """``value`` as JSON in ``target`` (created with ``mode``): a crash leaves the old file or the new one, never
-    half of one."""
+    """``value`` as JSON in ``target``, created with ``mode`` (less the umask): a crash leaves the old file or the
+    new one, never half of one. The file written is always a new one: a ``.partial`` left from before (or put
+    there) kept its own mode, and an API key snapshot (mode 0600) became readable by all (red team helper-104)."""
     partial = target.with_name(target.name + ".partial")
-    with open(open_regular(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "w") as handle:
+    partial.unlink(missing_ok=True)
+    with open(open_regular(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as handle:
         json.dump(value, handle, sort_keys=True)
         handle.flush()
         os.fsync(handle.fileno())
