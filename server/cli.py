@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     from server import cli_store
 
     cli_store.register(commands)
+    if undecodable := next((arg for arg in (sys.argv[1:] if argv is None else argv) if not _utf8(arg)), None):
+        # a name or id the database cannot take: it failed with "'utf-8' codec can't encode character '\udcff'"
+        print(f"ERROR the argument {undecodable!r} is not valid UTF-8: give every name, id and path in UTF-8",
+              file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command == "serve":
         try:
@@ -170,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ERROR {error.filename}: {error.strerror or error}", file=sys.stderr)
             return 1
         return cli_store.output_failed(error)
+
+
+def _utf8(arg: str) -> bool:
+    """Whether a command-line argument was valid UTF-8 (Python holds the bytes of one that is not as surrogates)."""
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -75,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.add_argument("id", help="the key id from `keys list`")
 
     feedback = _group(subparsers, "feedback", "feedback on predictions")
-    export = _command(feedback, "export", "write corrected predictions as a training TSV (text, label 1=POSITIVE)",
+    export = _command(feedback, "export", "write corrected predictions as a training TSV (text, label by its name)",
                       feedback_export)
     export.add_argument("--out", required=True, help="TSV file to write (models/finetune.py --train reads it), "
                         "or - for standard output")
@@ -229,10 +230,15 @@ def keys_list(settings: Settings, engine: Engine, args: argparse.Namespace) -> i
 
 def keys_revoke(settings: Settings, engine: Engine, args: argparse.Namespace) -> int:
     migrate.prepare_schema(engine, settings)
+    asked = datetime.now(UTC)
     revoked = KeyStore(engine).revoke(args.id)
     if revoked is None:
         return _fail(f"no API key with id {args.id!r}; `sentiment-analyzer keys list` shows them")
-    print(f"revoked API key id={revoked.id} name={revoked.name!r} at {revoked.revoked_at.isoformat()}")
+    when = revoked.revoked_at.isoformat()
+    if revoked.revoked_at.replace(tzinfo=revoked.revoked_at.tzinfo or UTC) < asked:  # revoking again keeps the time
+        print(f"API key id={revoked.id} name={revoked.name!r} was already revoked, at {when}")
+    else:
+        print(f"revoked API key id={revoked.id} name={revoked.name!r} at {when}")
     return 0
 
 

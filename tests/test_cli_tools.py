@@ -175,6 +175,18 @@ def test_keys_create_makes_no_database_where_it_happens_to_run_and_says_where_it
     assert again.returncode == 0 and "creating" not in again.stderr, again.stderr
 
 
+@pytest.mark.parametrize("argv", [("keys", "revoke", "\udcff"), ("keys", "create", "--name", "caf\udce9")])
+def test_an_argument_that_is_not_utf8_is_named_in_one_line(tmp_path, argv):
+    """``keys revoke $'\\xff'`` said "'utf-8' codec can't encode character '\\udcff' ... surrogates not allowed" (red
+    team helper-104): the bytes of an argument that is not UTF-8 reach Python as lone surrogates."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    refused = subprocess.run([sys.executable, "-m", "server.cli", *(os.fsencode(arg) for arg in argv),
+                              "--database-url", url], cwd=ROOT, capture_output=True, timeout=120)
+    assert refused.returncode == ExitCode.CONFIG and refused.stdout == b""
+    err = refused.stderr.decode("utf-8", "replace").strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "is not valid UTF-8" in err, err
+
+
 def test_keys_create_takes_the_default_path_when_database_url_names_it(tmp_path):
     """Set, DATABASE_URL names the file whatever its spelling: the built-in default's own was refused as if unset
     (the check compared the strings)."""

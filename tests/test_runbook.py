@@ -333,6 +333,8 @@ def keys_list(ctx: Context, run: Run) -> None:
 
 def keys_revoke(ctx: Context, run: Run) -> None:
     assert re.match(r"revoked API key id=\w+ name='runbook-revoke' at \S+$", ok(run()).strip())
+    again = ok(run()).strip()  # it said "revoked ... at" the first time again (red team helper-104)
+    assert re.match(r"API key id=\w+ name='runbook-revoke' was already revoked, at \S+$", again), again
 
 
 HEALTH, READY = r"^curl -s localhost:8000/health \| jq ", r"^curl -s .*localhost:8000/ready"
