@@ -12,9 +12,12 @@ prometheus-client, so the command works from inside the slim server image.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -42,29 +45,76 @@ CLIENT_LEFT = "499"  # SentimentAnalyzerClientsGivingUp's status: a client gone 
 RECORDS_LOST_WINDOW_S = 900  # SentimentAnalyzerRecordsLost: increase over 15m, or any in a process younger than that
 
 
-class Unreachable(RuntimeError):
-    """The server did not answer; the message says where and why."""
+MAX_ANSWER_BYTES = 16 * 2**20  # per fetch: a real /metrics of this server is well under 1 MiB
+CHUNK_BYTES = 2**16
 
 
-class NotThisServer(Unreachable):
-    """Something answered at --url, but not this server's /metrics: a wrong URL, not an outage."""
+class StatusError(RuntimeError):
+    """The snapshot could not be taken; the message says why in one line (exit 2)."""
+
+
+class Unreachable(StatusError):
+    """No answer at all from ``url``: perhaps every replica is down."""
+
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(f"cannot reach {url}: {reason}")
+        self.url, self.reason = url, reason
+
+
+class NotThisServer(StatusError):
+    """Something answered at --url, but not as this server does: a wrong URL, not an outage."""
 
 
 def fetch(url: str, timeout: float) -> tuple[int, bytes]:
-    """(status, body) of a GET; any HTTP status is an answer, no answer at all raises ``Unreachable``."""
+    """(status, body) of a GET; any HTTP status is an answer. ``timeout`` bounds the whole fetch, hence the thread:
+    urlopen's bounds each socket read, and a server trickling a byte a second held status forever. No whole answer
+    in time raises ``Unreachable``."""
+    outcome: list[Any] = []
+
+    def get() -> None:
+        try:
+            outcome.append(read_answer(url, timeout))
+        except Exception as error:  # raised again below, in the caller's thread
+            outcome.append(error)
+
+    worker = threading.Thread(target=get, name="status-fetch", daemon=True)  # left behind on a timeout: status exits
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise Unreachable(url, f"timed out: no whole answer within --timeout {timeout:g} s")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def read_answer(url: str, timeout: float) -> tuple[int, bytes]:
+    """A GET read in chunks up to ``MAX_ANSWER_BYTES``: an endless body was read whole, into the memory of the
+    server's container when status runs there (as the runbook does)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (the operator's own URL)
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise Unreachable(f"cannot reach {url}: {reason}") from None
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (the operator's own URL)
+        except urllib.error.HTTPError as error:
+            response = error
+        with response:
+            body = bytearray()
+            while chunk := response.read(CHUNK_BYTES):
+                body += chunk
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise NotThisServer(f"{url} answered more than {MAX_ANSWER_BYTES // 2**20} MiB, too large to "
+                                        "be this server's (its /metrics is well under 1 MiB): give --url the "
+                                        "server's base URL, e.g. http://127.0.0.1:8000")
+            return response.status, bytes(body)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as error:
+        raise Unreachable(url, getattr(error, "reason", None) or error) from None
 
 
 def scrape(base: str, timeout: float) -> Samples:
-    """``/metrics`` parsed; anything but a 200 in Prometheus' format raises ``Unreachable`` (not this server)."""
+    """``/metrics`` parsed; a 5xx raises ``StatusError`` (the server or a proxy failed), anything else but a 200
+    in Prometheus' format ``NotThisServer``."""
     status, body = fetch(base + "/metrics", timeout)
+    if 500 <= status <= 599:  # a load balancer with no healthy backend answers 503: no wrong URL
+        raise StatusError(f"{base}/metrics answered {status}: the server or something in front of it (a proxy, a "
+                          "load balancer with no healthy backend) failed")
     try:
         if status != 200:
             raise ValueError(f"answered {status}")
@@ -76,6 +126,22 @@ def scrape(base: str, timeout: float) -> Samples:
         why = (str(error).strip().splitlines() or ["unreadable"])[0][:200]
         raise NotThisServer(f"{base}/metrics is not this server's metrics ({why}): give --url the "
                             "server's base URL, e.g. http://127.0.0.1:8000") from None
+
+
+def read_health(base: str, status: int, body: bytes) -> dict[str, Any]:
+    """/health's JSON object. One not JSON is said and the snapshot goes on; JSON that is no such object (``null``,
+    a list, ``reasons`` not a list of strings) is not this server's: it was a traceback further on."""
+    try:
+        health = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deeply
+        return {"status": f"unreadable ({status})", "reasons": ["/health did not answer JSON"]}
+    reasons = (health.get("reasons") or []) if isinstance(health, dict) else None
+    if not (isinstance(reasons, list) and all(isinstance(reason, str) for reason in reasons)):
+        what = "reasons not a list of strings" if isinstance(health, dict) else (
+            f"{json.dumps(health)[:40]}, not an object")
+        raise NotThisServer(f"{base}/health is not this server's health ({what}): give --url the server's base "
+                            "URL, e.g. http://127.0.0.1:8000")
+    return health
 
 
 def parse_metrics(text: str) -> Samples:
@@ -312,17 +378,23 @@ def number(value: Any, default: float = 0.0) -> float:
 
 
 def take_snapshot(url: str, interval_s: float, timeout: float, slo_p99_ms: float) -> Snapshot:
+    """Once /ready answered, a fetch that gets no answer is no outage of every replica: the server is up, and said
+    so (a /metrics that timed out was reported "cannot reach ... P0")."""
     base = url.rstrip("/")
     ready_status, _ = fetch(base + "/ready", timeout)
-    health_status, health_body = fetch(base + "/health", timeout)
+    answered = ["/ready"]
     try:
-        health = json.loads(health_body)
-    except ValueError:
-        health = {"status": f"unreadable ({health_status})", "reasons": ["/health did not answer JSON"]}
-    started = time.monotonic()
-    before = scrape(base, timeout)
-    time.sleep(interval_s)
-    after = scrape(base, timeout)
+        health_status, health_body = fetch(base + "/health", timeout)
+        answered.append("/health")
+        health = read_health(base, health_status, health_body)
+        started = time.monotonic()
+        before = scrape(base, timeout)
+        time.sleep(interval_s)
+        after = scrape(base, timeout)
+    except Unreachable as error:
+        raise StatusError(f"the server answered {' and '.join(answered)} but not {error.url} ({error.reason}): it "
+                          "is up, this is no outage of every replica; try a larger --timeout, else it is stuck or "
+                          "overloaded") from None
     snapshot = Snapshot(url=base, interval_s=interval_s, ready=ready_status == 200, health=health,
                         figures=figures(before, after, max(time.monotonic() - started, 1e-3)))
     assess(snapshot, slo_p99_ms)
@@ -391,15 +463,16 @@ def render_template(snapshot: Snapshot, kind: str) -> str:
 
 def run_status(url: str, interval_s: float = 5.0, timeout: float = 5.0, slo_p99_ms: float = 250.0,
                template: str | None = None, as_json: bool = False) -> int:
-    """Print the snapshot; 0 when it was taken, 2 when the server could not be reached (one line)."""
+    """Print the snapshot; 0 when it was taken, 2 when it could not be (one line on standard error, as every
+    command's errors: ``--json | jq`` reads standard output)."""
     try:
         snapshot = take_snapshot(url, interval_s, timeout, slo_p99_ms)
-    except NotThisServer as error:
-        print(f"ERROR {error}")
-        return 2
     except Unreachable as error:
         print(f"ERROR {error}: is the server running (`docker ps | grep sentiment-analyzer`)? "
-              "Outage of every replica: P0")
+              "Outage of every replica: P0", file=sys.stderr)
+        return 2
+    except StatusError as error:  # an answer, but none to take a snapshot from
+        print(f"ERROR {error}", file=sys.stderr)
         return 2
     if as_json:
         print(json.dumps(snapshot.as_dict(), indent=2))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -101,11 +104,13 @@ def test_template_is_the_runbooks_filled_with_the_figures():
     assert "database: down" in render_text(snap)
 
 
-def test_unreachable_server_is_one_line_and_exit_2():
-    result = status_cli("--url", f"http://127.0.0.1:{free_port()}", "--interval", "0.1", "--timeout", "2")
-    assert result.returncode == 2
-    assert result.stdout.count("\n") == 1 and result.stdout.startswith("ERROR cannot reach") and "P0" in result.stdout
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("output", [[], ["--json"]])
+def test_unreachable_server_is_one_line_on_stderr_and_exit_2(output):
+    """The line was on standard output, with --json too: `status --json | jq` read it."""
+    result = status_cli("--url", f"http://127.0.0.1:{free_port()}", "--interval", "0.1", "--timeout", "2", *output)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("ERROR cannot reach") and "P0" in (
+        result.stderr)
 
 
 @pytest.mark.parametrize("flag, value, said", [
@@ -122,8 +127,8 @@ def test_a_url_that_is_not_the_servers_base_is_one_line_and_exit_2(live_server):
     """A 404 page where /metrics should be crashed in the Prometheus parser."""
     result = status_cli("--url", live_server.url + "/nothing", "--interval", "0.1")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stdout.count("\n") == 1 and "/nothing/metrics is not this server's metrics (answered 404)" in (
-        result.stdout) and "base URL" in result.stdout and "P0" not in result.stdout  # a wrong URL, not an outage
+    assert result.stderr.count("\n") == 1 and "/nothing/metrics is not this server's metrics (answered 404)" in (
+        result.stderr) and "base URL" in result.stderr and "P0" not in result.stderr  # a wrong URL, not an outage
 
 
 def test_another_programs_metrics_are_not_read_as_this_servers(tmp_path):
@@ -144,8 +149,8 @@ def test_another_programs_metrics_are_not_read_as_this_servers(tmp_path):
     finally:
         stub.terminate()
         stub.wait()
-    assert result.returncode == 2 and "not this server's metrics (no sentiment_* metrics)" in result.stdout, (
-        result.stdout)
+    assert result.returncode == 2 and "not this server's metrics (no sentiment_* metrics)" in result.stderr, (
+        result.stderr)
 
 
 def test_live_server_with_its_database_down_is_p2_with_the_backlog(tiny_artifact, tmp_path):
@@ -398,3 +403,134 @@ def test_latency_classes_are_the_runbooks(seconds, severity):
     assert snap.severity == severity, snap.findings
     if severity == "P3":
         assert any("over the 250 ms objective" in f for f in snap.findings)
+
+
+# ------------------------------------------------ answers status cannot take a snapshot from (red team, a fake server)
+
+
+def answer(status: int, body: bytes) -> Callable[[BaseHTTPRequestHandler], None]:
+    def send(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+    return send
+
+
+def this_servers() -> dict[str, Callable[[BaseHTTPRequestHandler], None]]:
+    """/ready, /health and /metrics answered as this server does."""
+    return {"/ready": answer(200, b'{"status": "ready"}'), "/health": answer(200, b'{"status": "ok", "reasons": []}'),
+            "/metrics": answer(200, healthy_metrics().render())}
+
+
+@contextlib.contextmanager
+def fake_server(routes: dict[str, Callable[[BaseHTTPRequestHandler], None]]) -> Iterator[str]:
+    """A server answering each path of ``routes`` with its function (404 elsewhere); yields its base URL."""
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # http.server's name
+            try:
+                routes.get(self.path, answer(404, b"not found"))(self)
+            except OSError:  # status gave up: the client's socket is gone
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def one_error_line(result: subprocess.CompletedProcess, *said: str) -> str:
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result
+    assert all(words in result.stderr for words in said), result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("body, why", [(b"null", "null, not an object"), (b"[1, 2]", "[1, 2], not an object"),
+                                       (b'"ok"', '"ok", not an object'),
+                                       (b'{"status": "ok", "reasons": 5}', "reasons not a list of strings")])
+def test_health_json_that_is_not_its_object_is_not_this_servers(body, why):
+    """/health answering null or [1, 2] beside valid metrics: AttributeError (a traceback) in assess_store, exit 1."""
+    with fake_server({**this_servers(), "/health": answer(200, body)}) as url:
+        result = status_cli("--url", url, "--interval", "0.1", "--timeout", "3")
+    said = one_error_line(result, f"{url}/health is not this server's health ({why})", "base URL")
+    assert "P0" not in said
+
+
+def test_a_health_answered_in_time_and_the_snapshot_taken():
+    """The fake's answers, as this server's, make a snapshot: the tests below differ from it by one answer."""
+    with fake_server(this_servers()) as url:
+        result = status_cli("--url", url, "--interval", "0.1", "--timeout", "3", "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["severity"] == "P3", result
+
+
+def trickle(handler: BaseHTTPRequestHandler) -> None:
+    """A whole answer, status line first, one byte every half second: a minute long."""
+    for byte in b'HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n{"status": "ok", "reasons": []}':
+        handler.wfile.write(bytes([byte]))
+        time.sleep(0.5)
+
+
+def test_timeout_bounds_each_whole_fetch_not_each_read():
+    """A /health trickling a byte a second held `--timeout 3` until killed: urlopen's timeout is per socket read."""
+    with fake_server({**this_servers(), "/health": trickle}) as url:
+        started = time.monotonic()
+        result = status_cli("--url", url, "--interval", "0.1", "--timeout", "1", timeout=30)
+        took = time.monotonic() - started
+    said = one_error_line(result, f"answered /ready but not {url}/health (timed out: no whole answer within "
+                                  "--timeout 1 s)")
+    assert took < 15 and "P0" not in said, (took, said)
+
+
+def test_an_endless_answer_is_read_no_further_than_16_mib():
+    """An answer of no length that goes on (64 MiB here, to end the test's server) was read whole: into the memory
+    of the server's container, where the runbook runs status."""
+    sent: list[int] = []
+
+    def endless(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        try:
+            for _ in range(64):
+                handler.wfile.write(b" " * 2**20)
+                sent.append(2**20)
+        finally:
+            sent.append(0)  # done: status read it all, or left
+
+    with fake_server({**this_servers(), "/metrics": endless}) as url:
+        result = status_cli("--url", url, "--interval", "0.1", "--timeout", "10")
+        deadline = time.monotonic() + 10
+        while 0 not in sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+    one_error_line(result, f"{url}/metrics answered more than 16 MiB, too large to be this server's")
+    assert 0 in sent and sum(sent) < 48 * 2**20, sum(sent)  # what status read, and the sockets' buffers
+
+
+def test_metrics_timing_out_after_health_answered_is_no_outage():
+    """/ready and /health 200, /metrics silent: "cannot reach .../metrics: timed out ... Outage of every replica"."""
+    def silent(handler: BaseHTTPRequestHandler) -> None:
+        time.sleep(5)
+
+    with fake_server({**this_servers(), "/metrics": silent}) as url:
+        result = status_cli("--url", url, "--interval", "0.1", "--timeout", "1")
+    said = one_error_line(result, f"the server answered /ready and /health but not {url}/metrics (timed out",
+                          "no outage of every replica")
+    assert "P0" not in said and "cannot reach" not in said
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_metrics_answering_5xx_is_said_so_not_a_wrong_url(status):
+    """A load balancer with no healthy backend (503) was "not this server's metrics ... give --url the base URL"."""
+    with fake_server({**this_servers(), "/metrics": answer(status, b"no healthy upstream")}) as url:
+        result = status_cli("--url", url, "--interval", "0.1", "--timeout", "3")
+    said = one_error_line(result, f"{url}/metrics answered {status}: the server or something in front of it")
+    assert "base URL" not in said and "not this server's" not in said
