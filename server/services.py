@@ -102,8 +102,9 @@ class Services:
         if self.settings.auth_mode != "required" or self.keys.loaded:
             return None
         return ("AUTH_MODE=required and no API key is known yet: the database that holds them cannot be read and "
-                "SPOOL_DIR holds no key snapshot of it; every prediction would be refused until it can be read (the "
-                "server is ready within a second of reading it)")
+                "SPOOL_DIR holds no key snapshot of it that can be used (the log says why, when one is there: "
+                "another database's, unreadable, not a file); every prediction would be refused until it can be read "
+                "(the server is ready within a second of reading it)")
 
     def engine_stuck(self) -> tuple[bool, str | None]:
         """(every engine worker stuck, why: for /health) after one batch ran past ``REQUEST_TIMEOUT_S``, which no
