@@ -216,6 +216,8 @@ class Services:
         reasons += self.retired_engines_stuck()
         if keys := self.keys_unknown():
             reasons.append(f"keys: {keys}")
+        if snapshot := self.keys.snapshot_trouble:  # only /health knew nothing of it (red team helper-104)
+            reasons.append(f"keys: {snapshot}")
         if self.model_path_failed:
             reasons.append(self.model_path_failed)
         if overdue := self._overdue_load:

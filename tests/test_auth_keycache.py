@@ -444,3 +444,16 @@ def test_a_snapshot_whose_fields_have_the_wrong_types_is_not_used(tmp_path, capl
         assert "cannot be read" in caplog.text, wrong
     snapshot.path.write_text(json.dumps({"database": identity, "read_at": 1.0, "keys": {"d" * 64: fields}}))
     assert snapshot.read()[0]["d" * 64].role == "predict"
+
+
+async def test_a_snapshot_that_cannot_be_written_is_said_until_one_can(engine, tmp_path):
+    """With ``keys.json`` a directory (or the disk full), only a throttled WARNING said so, and /health said ok:
+    ``snapshot_trouble`` is /health's ``keys:`` reason (``Services.health``) until a write passes."""
+    snapshot = KeySnapshot(tmp_path, {"dialect": "sqlite", "database": "the one"})
+    snapshot.path.mkdir()
+    cache = await started_with(KeyStore(engine), snapshot)
+    assert cache.snapshot_trouble is not None and str(snapshot.path) in cache.snapshot_trouble
+    assert "older snapshot, or none" in cache.snapshot_trouble
+    snapshot.path.rmdir()
+    await asyncio.to_thread(cache.create, "a change", "predict")  # written at once, as any change is
+    assert cache.snapshot_trouble is None and snapshot.read() is not None

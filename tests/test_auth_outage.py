@@ -174,3 +174,21 @@ def test_live_keyed_predictions_through_a_database_outage_and_revocation_after_i
     log = auth_server.log()
     assert client_key not in log and admin not in log
     print(f"{store_db.backend}: a revocation made elsewhere took effect after {took:.2f} s (KEY_CACHE_TTL_S=1)")
+
+
+def test_a_key_snapshot_that_cannot_be_written_is_on_health_until_one_is(tiny_artifact, tmp_path):
+    """``keys.json`` made a directory: the snapshot a start in an outage needs could not be written, and only a
+    throttled WARNING said so while /health said ok (red team helper-104)."""
+    snapshot = tmp_path / "spool" / "keys.json"
+    snapshot.mkdir(parents=True)
+    server = start_server({"MODEL_PATH": str(tiny_artifact), "KEY_CACHE_TTL_S": "1"}, tmp_path)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            health = poll(lambda: client.get("/health"), lambda r: r.json()["status"] == "degraded", "degraded")
+            assert any(reason.startswith(f"keys: the API key snapshot {snapshot} cannot be written")
+                       for reason in health.json()["reasons"]), health.text
+            snapshot.rmdir()
+            poll(lambda: client.get("/health"), lambda r: r.json()["status"] == "ok", "the snapshot written")
+    finally:
+        assert stop_server(server) == 0, server.log()[-3000:]
+    assert snapshot.is_file()

@@ -99,6 +99,7 @@ class KeyCache:
         self._kept: tuple[frozenset, float] | None = None  # what the snapshot holds, and when it was written
         self._snapshot_lock = threading.Lock()  # reloads (a thread of the loop's) and key changes (``run_db``) write it
         self._snapshot_read = -math.inf  # when the keys the snapshot holds were read (time.monotonic())
+        self.snapshot_trouble: str | None = None  # why the last snapshot write failed (for /health), till one passes
         self._metrics = metrics
         self._known: dict[str, _Entry] = {}  # sha256 of the key -> its record as last read
         self._unknown: OrderedDict[str, float] = OrderedDict()  # sha256 -> monotonic time the verdict expires
@@ -241,11 +242,12 @@ class KeyCache:
             try:
                 self._snapshot.write(keys, read_at)
             except OSError as error:
-                self._throttle.log("snapshot", logging.WARNING, "API key snapshot %s not written (%s): a start "
-                                   "while the database is down would know only the keys of an older snapshot, or "
-                                   "none", self._snapshot.path, error)
+                self.snapshot_trouble = (f"the API key snapshot {self._snapshot.path} cannot be written ({error}): a "
+                                         "start while the database is down would know only the keys of an older "
+                                         "snapshot, or none")
+                self._throttle.log("snapshot", logging.WARNING, "%s", self.snapshot_trouble)
                 return False
-            self._snapshot_read = read
+            self._snapshot_read, self.snapshot_trouble = read, None
             return True
 
     async def start(self) -> None:
