@@ -93,8 +93,8 @@ class BodyTooLarge(HTTPException):
     (any other exception there becomes a 400 "There was an error parsing the body")."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body exceeds {limit} bytes (MAX_REQUEST_BYTES); send fewer or shorter texts",
-                         headers={"Connection": "close"})
+        super().__init__(413, f"request body exceeds {limit} bytes (MAX_REQUEST_BYTES); send a smaller body (fewer or "
+                         "shorter texts)", headers={"Connection": "close"})
 
 
 BODY_RETRY_AFTER_S = 1  # bodies in flight are answered within a request's time: soon there is room again
@@ -262,7 +262,7 @@ class ObservedASGI:
             return error_response(400, f"Content-Length {declared[:20]!r} is not a number of bytes")
         if int(declared) > self.max_body_bytes:
             return error_response(413, f"request body of {declared} bytes exceeds {self.max_body_bytes} "
-                                       "(MAX_REQUEST_BYTES); send fewer or shorter texts",
+                                       "(MAX_REQUEST_BYTES); send a smaller body (fewer or shorter texts)",
                                   headers={"Connection": "close"})
         types = sum(name == b"content-type" for name, _ in headers)
         if types > 1:
