@@ -4,6 +4,7 @@ failures injected: which checks read the database, what a reload picks up, what 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import threading
@@ -297,6 +298,7 @@ async def test_close_writes_the_last_uses_but_does_not_wait_on_a_database_that_d
     await cache.authenticate(key)
     await cache.close()
     assert store.list()[0].last_used_at is not None
+    cache = await started(store)  # a closed cache's threads are gone
     await cache.authenticate(key)
     answer = threading.Event()
     store.record_use = lambda _used: answer.wait(30)  # a database that hangs
@@ -457,3 +459,22 @@ async def test_a_snapshot_that_cannot_be_written_is_said_until_one_can(engine, t
     snapshot.path.rmdir()
     await asyncio.to_thread(cache.create, "a change", "predict")  # written at once, as any change is
     assert cache.snapshot_trouble is None and snapshot.read() is not None
+
+
+async def test_key_lookups_do_not_wait_behind_slow_calls_on_the_loops_default_threads(engine):
+    """Slow admin listings (``run_db``: the loop's default executor, 6 threads on 2 cores) held every thread, and a
+    valid key made since the last reload was refused 503 "database unavailable" after the lookup's 5 s, the cache
+    then taken as down (red team helper-106): the key cache has threads of its own."""
+    store = KeyStore(engine)
+    cache = KeyCache(store, Metrics(), ttl_s=60, lookup_timeout_s=2.0)
+    await cache.start()
+    record, key = store.create("made after the load", "predict")
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+    release = threading.Event()
+    held = [loop.run_in_executor(None, release.wait, 30) for _ in range(4)]  # every default thread, and a queue
+    try:
+        assert (await cache.authenticate(key)).id == record.id
+    finally:
+        release.set()
+        await asyncio.gather(*held)

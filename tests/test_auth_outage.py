@@ -149,6 +149,8 @@ def test_live_keyed_predictions_through_a_database_outage_and_revocation_after_i
                 assert statuses == {200}
                 assert predict(http, leaked, header="x-api-key").status_code == 200
                 assert_unavailable(predict(http, NEVER_ISSUED))
+                reasons = http.get("/health").json()["reasons"]  # it said ok (red team helper-106)
+                assert any(r.startswith("keys: the API keys cannot be read") for r in reasons), reasons
             else:
                 assert unknown.status_code == 401
                 assert all(predict(http, client_key).status_code == 200 for _ in range(10))
@@ -169,6 +171,8 @@ def test_live_keyed_predictions_through_a_database_outage_and_revocation_after_i
 
             until(lambda: any(k.id == client_record.id and k.last_used_at for k in elsewhere.list()),
                   "the server to write the key's last use")
+            reasons = http.get("/health").json()["reasons"]
+            assert not any(r.startswith("keys: the API keys cannot be read") for r in reasons), reasons
     finally:
         engine.dispose()
     log = auth_server.log()

@@ -39,13 +39,17 @@ the database just before a revocation cannot bring the key back.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from server.metrics import Metrics
 from server.primitives import ServerError
@@ -53,8 +57,10 @@ from server.store.db import DATABASE_FAILED, describe
 from server.store.keys import ApiKey, KeyStore, key_digest
 from server.store.keysnapshot import KeySnapshot
 from server.store.throttle import Throttle
+from server.worker_threads import UnjoinedExecutor
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_UNKNOWN = 10_000
 LOOKUP_CONCURRENCY = 2
@@ -110,6 +116,10 @@ class KeyCache:
         self._down: str | None = None  # the database error while keys cannot be read, else None
         self.loaded = False  # keys read once, from the database or the snapshot: until then none can be judged
         self._throttle = Throttle(log, WARNING_EVERY_S)
+        # Threads of its own, not the loop's default executor: slow admin listings there (``run_db``) held every
+        # thread, and key lookups queued behind them timed out, a valid new key refused 503 as if the database were
+        # down (red team helper-106). Not joined at exit, as the default one is not (``UnjoinedExecutor``).
+        self._threads = UnjoinedExecutor(max_workers=LOOKUP_CONCURRENCY + 2, thread_name_prefix="key-cache")
 
     # the request path
 
@@ -147,7 +157,7 @@ class KeyCache:
     async def _read(self, digest: str) -> ApiKey | None:
         started = time.monotonic()
         try:  # bounded: a connection to a server that stopped answering held its request for good (helper-68)
-            found = await asyncio.wait_for(asyncio.to_thread(self.store.find, digest), self.lookup_timeout_s)
+            found = await asyncio.wait_for(self._in_thread(self.store.find, digest), self.lookup_timeout_s)
         except (*DATABASE_FAILED, TimeoutError) as error:
             self._mark_down(describe(error) if isinstance(error, DATABASE_FAILED) else
                             f"a key lookup got no answer within {self.lookup_timeout_s:.0f} s")
@@ -255,7 +265,7 @@ class KeyCache:
         logged) until it can."""
         if await self.refresh():
             return
-        kept = await asyncio.to_thread(self._snapshot.read) if self._snapshot is not None else None
+        kept = await self._in_thread(self._snapshot.read) if self._snapshot is not None else None
         if kept is None:
             log.warning("API keys could not be loaded (%s): keyed requests get 503 until the database can be "
                         "read; the key cache retries every %.0f s", self._down, DOWN_RETRY_S)
@@ -284,7 +294,7 @@ class KeyCache:
         """Reload every key from the database; False (and the cache kept as it was) if it cannot be read."""
         started, read_at = time.monotonic(), time.time()
         try:
-            stored = await asyncio.to_thread(self.store.all_by_digest)
+            stored = await self._in_thread(self.store.all_by_digest)
         except DATABASE_FAILED as error:
             self._mark_down(describe(error))
             return False
@@ -310,7 +320,7 @@ class KeyCache:
         held = frozenset((digest, key.id, key.role, key.revoked_at) for digest, key in keys.items())
         if self._kept is not None and self._kept[0] == held and time.monotonic() - self._kept[1] < SNAPSHOT_EVERY_S:
             return
-        if await asyncio.to_thread(self._write_snapshot, keys, read, read_at):
+        if await self._in_thread(self._write_snapshot, keys, read, read_at):
             self._kept = (held, time.monotonic())
 
     async def write_uses(self) -> None:
@@ -319,12 +329,17 @@ class KeyCache:
         if not used:
             return
         try:
-            await asyncio.to_thread(self.store.record_use, {key_id: datetime.fromtimestamp(at, UTC)
+            await self._in_thread(self.store.record_use, {key_id: datetime.fromtimestamp(at, UTC)
                                                              for key_id, at in used.items()})
         except DATABASE_FAILED as error:
             log.debug("could not record API key use, will retry: %s", describe(error))
             for key_id, at in used.items():
                 self._used[key_id] = max(at, self._used.get(key_id, at))
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the key cache's threads (``asyncio.to_thread`` on them: the caller's context goes too)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
 
     async def close(self) -> None:
         """Write the last uses, unless the database is known to be down or slow: shutdown must not wait on it."""
@@ -334,6 +349,12 @@ class KeyCache:
             except TimeoutError:
                 log.warning("API key uses since the last reload not recorded: the database did not answer within "
                             "%.0f s", CLOSE_WRITE_TIMEOUT_S)
+        self._threads.shutdown(wait=False)  # idle threads end now; one hung on the database is not waited for
+
+    @property
+    def cannot_read(self) -> bool:
+        """The key table could not be read last time it was tried (``_mark_down``): /health says so."""
+        return self._down is not None
 
     def _mark_down(self, reason: str) -> None:
         if not self._down:
