@@ -47,6 +47,30 @@ class InvalidLabel(ServerError):
     error_type = "invalid_label"
 
 
+class InvalidQuery(ServerError):
+    status_code = 422
+
+
+def query_as_declared(*names: str):
+    """Dependency: 422 for a query parameter the route does not take, or one sent twice, as for a JSON body's
+    unknown or repeated key. ``?lable=NEGATIVE`` (or ``?api_key_id=``, a filter an operator might try) answered an
+    unfiltered page of every key's predictions, and of two copies the framework kept the last where a proxy may
+    judge the first (red team helper-106)."""
+    allowed = frozenset(names)
+
+    def check(request: Request) -> None:
+        seen: set[str] = set()
+        for name, _ in request.query_params.multi_items():
+            if name not in allowed:
+                raise InvalidQuery(f"unknown query parameter {name[:64]!r}; this route takes "
+                                   f"{', '.join(sorted(allowed))}")
+            if name in seen:
+                raise InvalidQuery(f"query parameter {name!r} is sent twice; send it once")
+            seen.add(name)
+
+    return Depends(check)
+
+
 class TsvResponse(PlainTextResponse):
     media_type = "text/tab-separated-values"
 
@@ -76,6 +100,7 @@ async def list_predictions(
     limit: int = Query(100, ge=1, le=MAX_PAGE),
     offset: int = Query(0, ge=0, le=MAX_OFFSET),
     _: str | None = ADMIN,
+    __: None = query_as_declared("label", "model_version", "since", "until", "limit", "offset"),
 ):
     where = PredictionFilter(label=label, model_version=model_version, since=since, until=until)
     return await run_db(queries.list_predictions, _engine(request), where, limit, offset)

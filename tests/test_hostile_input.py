@@ -148,6 +148,12 @@ def test_a_line_break_in_a_reload_path_cannot_forge_a_log_line(server):
     ("label=POS%00ITIVE", "label: contains a NUL character"),
     ("model_version=" + "v" * 257, "model_version: String should have at most 256 characters"),  # was "items"
     ("label=" + "x" * 257, "label: String should have at most 256 characters"),
+    # an unknown one answered every key's predictions unfiltered, and of two copies the last was kept (helper-106)
+    ("lable=NEGATIVE", "unknown query parameter 'lable'; this route takes label, limit, model_version, offset"),
+    ("api_key_id=abc", "unknown query parameter 'api_key_id'"),
+    ("LIMIT=3", "unknown query parameter 'LIMIT'"),
+    ("limit=1&limit=2", "query parameter 'limit' is sent twice"),
+    ("label=POSITIVE&label=NEGATIVE", "query parameter 'label' is sent twice"),
 ])
 def test_query_parameters_out_of_range_are_422_not_500(server, query, fragment):
     response = httpx.get(f"{server.url}/predictions?{query}", headers=server.admin, timeout=30)
