@@ -11,12 +11,11 @@ cannot hold: out of range is a 422, never a 500.
 
 from __future__ import annotations
 
-import io
 from functools import partial
 from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import AfterValidator, Field, StringConstraints
 
 from server.auth import Caller, log_refusal, require_key, require_role
@@ -138,11 +137,23 @@ async def post_feedback(body: FeedbackIn, request: Request, caller: ApiKey | Non
 @router.get("/feedback/export", summary="Corrected predictions as a training TSV: text<TAB>label, the "
                                         "label by name (admin)", response_class=TsvResponse)
 async def export_feedback(request: Request, _: str | None = ADMIN):
-    buffer = io.StringIO()
-    written, skipped = await run_db(feedback.export_feedback, _engine(request), buffer)
-    return TsvResponse(buffer.getvalue(), headers={
-        "Content-Disposition": 'attachment; filename="feedback.tsv"',
-        "X-Rows": str(written), "X-Rows-Skipped": str(skipped)})
+    """Streamed a page at a time (``feedback.export_page``): the whole export was held in memory. The first page is
+    read before the answer starts, so a database that is down is a 503; one that fails later cuts the answer short
+    (an incomplete chunked body, which clients report), never a TSV that merely looks complete."""
+    engine = _engine(request)
+    first = await run_db(feedback.export_page, engine, None)
+
+    async def pages():
+        yield feedback.EXPORT_HEADER
+        page = first
+        while True:
+            yield "".join(page.lines)
+            if page.after is None:
+                return
+            page = await run_db(feedback.export_page, engine, page.after)
+
+    return StreamingResponse(pages(), media_type=TsvResponse.media_type,
+                             headers={"Content-Disposition": 'attachment; filename="feedback.tsv"'})
 
 
 @router.post("/admin/keys", status_code=201, summary="Create an API key; the key is in this response only (admin)")
