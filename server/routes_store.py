@@ -33,6 +33,9 @@ MAX_FILTER_CHARS = 256
 # The bound on the string itself, before StorableText's checks: given to Query, or after them, pydantic's words were
 # "Value should have at most 256 items after validation"
 FilterText = Annotated[(str, StringConstraints(max_length=MAX_FILTER_CHARS), *get_args(StorableText)[1:])]
+# A stored id (32 hex characters; an API key's, 16): a 5,000-character one went to the database and came back
+# whole in the 404 (red team helper-106)
+IdText = Annotated[(str, StringConstraints(max_length=32), *get_args(StorableText)[1:])]
 router = APIRouter(route_class=StrictJsonRoute)
 ADMIN = Depends(require_role("admin"))
 
@@ -107,7 +110,7 @@ async def list_predictions(
 
 @router.get("/predictions/{prediction_id}", summary="One stored prediction and its feedback (admin)",
             responses=error_responses(404))
-async def get_prediction(prediction_id: StorableText, request: Request, _: str | None = ADMIN):
+async def get_prediction(prediction_id: IdText, request: Request, _: str | None = ADMIN):
     found = await run_db(queries.get_prediction, _engine(request), prediction_id)
     if found is None:
         raise NotFound(f"no prediction {prediction_id!r}; a new one is written within a second or so, "
@@ -170,7 +173,7 @@ async def list_keys(request: Request, _: str | None = ADMIN):
 @router.delete("/admin/keys/{key_id}", summary="Revoke an API key: refused at once by this server, by other "
                "replicas within KEY_CACHE_TTL_S (admin)",
                responses=error_responses(404))
-async def revoke_key(key_id: StorableText, request: Request, _: str | None = ADMIN):
+async def revoke_key(key_id: IdText, request: Request, _: str | None = ADMIN):
     revoked = await run_db(_keys(request).revoke, key_id)
     if revoked is None:
         raise NotFound(f"no API key with id {key_id!r}; GET /admin/keys lists them")

@@ -182,6 +182,15 @@ def test_a_nul_in_a_path_parameter_is_422(server):
     refused(response, 422, "invalid_input", "prediction_id: contains a NUL character")
 
 
+@pytest.mark.parametrize("method, path, name", [("GET", "/predictions/", "prediction_id"),
+                                                ("DELETE", "/admin/keys/", "key_id")])
+def test_an_id_longer_than_any_stored_one_is_422_not_looked_up(server, method, path, name):
+    """A 5,000-character id went to the database and came back whole in the 404 (red team helper-106)."""
+    response = httpx.request(method, server.url + path + "a" * 5000, headers=server.admin, timeout=30)
+    refused(response, 422, "invalid_input", f"{name}: String should have at most 32 characters")
+    assert "a" * 100 not in response.text
+
+
 def test_a_chunked_body_over_the_limit_is_413_and_counted(server):
     def chunks() -> Iterator[bytes]:
         yield b'{"text": "'
