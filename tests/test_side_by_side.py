@@ -509,12 +509,13 @@ def fake_spec(name: str) -> ServerSpec:
     return ServerSpec(name, name, [], [], {}, OursAdapter, launch, ready_timeout=20)
 
 
-def stopped(procs: list[psutil.Process]) -> list[bool]:
-    """Whether each process is stopped, once the signals sent have had up to 5 s to arrive."""
+def stopped(procs: list[psutil.Process], expected: bool) -> list[bool]:
+    """Whether each process is stopped, once the signals sent have had up to 5 s to make them all ``expected``. It
+    returned as soon as the states agreed, and before a SIGSTOP had arrived they agreed on running (CI, loaded)."""
     deadline = time.monotonic() + 5
     while True:
         states = [proc.status() == psutil.STATUS_STOPPED for proc in procs]
-        if len(set(states)) == 1 or time.monotonic() > deadline:
+        if states == [expected] * len(procs) or time.monotonic() > deadline:
             return states
         time.sleep(0.05)
 
@@ -532,10 +533,10 @@ def test_a_server_is_measured_alone_the_others_stopped_meanwhile(tmp_path, pause
         trees = {name: running.tree() for name, running in run.running.items()}
         assert all(len(tree) == 2 for tree in trees.values())  # the server and its helper process
         with pytest.raises(RuntimeError, match="the phase failed"), run.alone("a"):
-            assert stopped(trees["a"]) == [False, False]
-            assert stopped(trees["b"]) == [pause_others, pause_others]
+            assert stopped(trees["a"], False) == [False, False]
+            assert stopped(trees["b"], pause_others) == [pause_others, pause_others]
             raise RuntimeError("the phase failed")
-        assert stopped(trees["a"]) + stopped(trees["b"]) == [False] * 4
+        assert stopped(trees["a"], False) + stopped(trees["b"], False) == [False] * 4
     finally:
         for running in run.running.values():
             stop(running, timeout=10)
@@ -548,7 +549,7 @@ def test_a_server_left_stopped_is_still_ended_by_its_sigterm(tmp_path):
     tree = running.tree()
     try:
         pause(running, [])
-        assert stopped(tree) == [True, True]
+        assert stopped(tree, True) == [True, True]
     finally:
         stop(running, timeout=10)
     assert running.process.returncode == -signal.SIGTERM
