@@ -235,7 +235,7 @@ def keys_revoke(settings: Settings, engine: Engine, args: argparse.Namespace) ->
     if revoked is None:
         return _fail(f"no API key with id {args.id!r}; `sentiment-analyzer keys list` shows them")
     when = revoked.revoked_at.isoformat()
-    if revoked.revoked_at.replace(tzinfo=revoked.revoked_at.tzinfo or UTC) < asked:  # revoking again keeps the time
+    if revoked.revoked_at < asked:  # revoking again keeps the first time (UTC-aware: ``tables.UTCDateTime``)
         print(f"API key id={revoked.id} name={revoked.name!r} was already revoked, at {when}")
     else:
         print(f"revoked API key id={revoked.id} name={revoked.name!r} at {when}")

@@ -218,7 +218,7 @@ class Services:
             reasons.append(f"keys: {keys}")
         if snapshot := self.keys.snapshot_trouble:  # only /health knew nothing of it (red team helper-104)
             reasons.append(f"keys: {snapshot}")
-        if self.settings.auth_mode == "required" and self.keys.cannot_read and not self.keys_unknown():
+        if self.settings.auth_mode == "required" and self.keys.cannot_read and not keys:
             # every prediction needs a key then, and /health said ok meanwhile (red team helper-106)
             reasons.append("keys: the API keys cannot be read from the database (the log says why): keys this server "
                            "knows are judged from its cache, one it does not know is answered 503 "

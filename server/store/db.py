@@ -31,9 +31,8 @@ T = TypeVar("T")
 STATEMENT_TIMEOUT_MS = 30_000
 # A call still waiting then has a server that stopped answering (when the connection's own timeout is unknown).
 UNANSWERED_AFTER_S = STATEMENT_TIMEOUT_MS / 1000 + MARGIN_S
-# Errors that mean "the database is not answering", as opposed to a bug in a statement.
-# the database cannot be used now: SQLAlchemy's errors, and the SQLite file check's, raised by its event hooks as
-# the driver's own error (``sqlite_file``), which SQLAlchemy does not wrap
+# Errors that mean "the database is not answering", as opposed to a bug in a statement: SQLAlchemy's, and the SQLite
+# file check's, which its event hooks raise as the driver's own error (``sqlite_file``) and SQLAlchemy does not wrap.
 UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError, sqlite_file.SqliteFileChanged)
 DATABASE_FAILED = (exc.SQLAlchemyError, sqlite_file.SqliteFileChanged)  # any failure of a database call
 
